@@ -1,0 +1,51 @@
+// swift-tools-version: 6.1
+//
+// Build flags used by this package:
+// - Examples/demo is compiled with `-fpatchable-function-entry=5` (unsafeFlags; fine in the root
+//   package, never in a library product others depend on by version).
+// - Test fixtures use `__attribute__((patchable_function_entry(5, 0)))` and need no flag.
+// Environment variables read by the tests (not by the build):
+// - TRACERY_LONG_TESTS=1 runs the storm tests for longer.
+import PackageDescription
+
+let package = Package(
+  name: "Tracery",
+  products: [
+    .library(name: "TraceryELF", targets: ["TraceryELF"]),
+    .library(name: "TraceryX86", targets: ["TraceryX86"]),
+    .library(name: "TraceryCore", targets: ["TraceryCore"]),
+    .executable(name: "tracery", targets: ["tracery"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
+  ],
+  targets: [
+    // C: only what Swift cannot say (syscall(2), getauxval, the SIGTRAP handler that edits ucontext,
+    // dl_iterate_phdr's callback). Never a product.
+    .target(name: "CTraceryShims"),
+    .target(name: "TraceryELF"),
+    .target(name: "TraceryX86"),
+    .target(name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims"]),
+    .executableTarget(
+      name: "tracery",
+      dependencies: ["TraceryCore", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+    ),
+    // The bundled demo program of the README, built by clang with one 5-byte NOP per function entry.
+    .executableTarget(
+      name: "demo",
+      path: "Examples/demo",
+      cSettings: [.unsafeFlags(["-O1", "-fpatchable-function-entry=5", "-fno-omit-frame-pointer"])]
+    ),
+    // A separate single-threaded process the core tests drive (sled conversion needs one thread).
+    .executableTarget(name: "tracery-testhost", dependencies: ["TraceryCore"], path: "Tests/TestHost"),
+    .target(name: "TraceryFixtures", path: "Tests/Fixtures"),
+    .target(name: "TraceryTestSupport", path: "Tests/TraceryTestSupport"),
+    .testTarget(name: "TraceryELFTests", dependencies: ["TraceryELF", "TraceryTestSupport"]),
+    .testTarget(name: "TraceryX86Tests", dependencies: ["TraceryX86", "TraceryTestSupport"]),
+    .testTarget(
+      name: "TraceryCoreTests",
+      dependencies: ["TraceryCore", "TraceryFixtures", "TraceryTestSupport", "tracery-testhost"]
+    ),
+    .testTarget(name: "TraceryCLITests", dependencies: ["tracery", "demo", "TraceryTestSupport"]),
+  ]
+)

@@ -1,0 +1,88 @@
+// C shims for what Swift cannot say on Linux: variadic syscall(2), getauxval, dl_iterate_phdr's
+// callback, and the SIGTRAP handler that edits a ucontext. Names are prefixed `ctracery_`.
+#ifndef CTRACERY_SHIMS_H
+#define CTRACERY_SHIMS_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// MAP_FIXED_NOREPLACE, which Glibc's Swift module does not export.
+static const int ctracery_MAP_FIXED_NOREPLACE = 0x100000;
+
+/// membarrier(2). Returns the syscall's result; -1 with errno set on failure.
+int ctracery_membarrier(int cmd, unsigned int flags);
+/// getauxval(3).
+unsigned long ctracery_getauxval(unsigned long type);
+/// memfd_create(2) with MFD_CLOEXEC.
+int ctracery_memfd_create(const char *name);
+/// gettid(2).
+int ctracery_gettid(void);
+
+/// One object of the running process, as dl_iterate_phdr reports it.
+struct ctracery_object {
+  /// The object's path as the dynamic loader has it; "" for the main program.
+  const char *name;
+  /// Load bias: runtime address = link-time address + bias.
+  uint64_t bias;
+};
+/// Fills `out` with up to `capacity` loaded objects and returns how many there are in all
+/// (which may exceed `capacity`: call again with more room). Names stay valid while the object
+/// stays loaded.
+size_t ctracery_loaded_objects(struct ctracery_object *out, size_t capacity);
+
+// ---------------------------------------------------------------------------------------------
+// The SIGTRAP side of the live patcher (the kernel's smp_text_poke_int3_handler).
+//
+// While a batch is in flight the patcher publishes a table of the sites it is rewriting, sorted
+// by address. A thread that executes an int3 the patcher placed traps here; the handler finds its
+// site and emulates the instruction being installed, so the thread never runs a half-written one.
+//
+// Protocol (patcher thread | trapping thread):
+//   P1 store table, then generation += 1  | T1 in_flight += 1
+//   P2 write 0xCC at every site ...       | T2 load generation, table, then the byte at rip-1
+//   ...                                   | T3 emulate if the table has the site; rewind if the
+//   Pn store NULL, then generation += 1   |    byte is no longer 0xCC; retry if the generation
+//                                         |    moved; else chain. Then in_flight -= 1.
+//   A retired table is freed only after the patcher has seen in_flight == 0 after retiring it.
+// (All of these are sequentially consistent.) A trap whose byte is no longer 0xCC (the patch
+// finished before the handler ran) re-executes the instruction now there (rip -= 1). Any other
+// trap goes to the handler installed before ours.
+// ---------------------------------------------------------------------------------------------
+
+enum ctracery_poke_kind {
+  /// Continue at site + 5 (the new instruction is a NOP).
+  CTRACERY_POKE_SKIP = 0,
+  /// Push site + 5 and continue at target (the new instruction is `call target`).
+  CTRACERY_POKE_CALL = 1,
+  /// Continue at target (the new instruction is `jmp target`).
+  CTRACERY_POKE_JMP = 2,
+};
+
+struct ctracery_poke {
+  uint64_t site;
+  uint64_t target;
+  uint64_t kind;
+};
+
+struct ctracery_poke_table {
+  const struct ctracery_poke *pokes;  // sorted by site, ascending
+  size_t count;
+};
+
+/// Installs the SIGTRAP handler once (later calls do nothing). Returns 0 or -1 with errno.
+int ctracery_install_trap_handler(void);
+/// Publishes `table` (NULL to unpublish), then advances the table generation.
+void ctracery_publish_pokes(const struct ctracery_poke_table *table);
+/// Number of SIGTRAP handlers currently between T1 and T3.
+long ctracery_trap_handlers_in_flight(void);
+/// Traps the handler emulated or rewound since the process started (for tests and statistics).
+uint64_t ctracery_traps_handled(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

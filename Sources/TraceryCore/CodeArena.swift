@@ -1,0 +1,189 @@
+import Synchronization
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Executable memory for generated code, within rel32 reach (±2 GiB) of the code that calls it.
+///
+/// Each slab is one memfd mapped twice: read+execute near the code it serves, and read+write at
+/// an address nobody executes. No mapping is ever writable and executable at once. A block is
+/// written through the alias before anything can branch to it (the patcher publishes the branch
+/// only after its own core-serialising syncs), and never rewritten while it may run: replaced code
+/// goes to a fresh block and the old one is released once no thread can be inside it.
+///
+/// Thread safety: all bookkeeping sits behind one mutex; blocks are value types that any thread
+/// may write into until they are published.
+public final class CodeArena: Sendable {
+  public enum ArenaError: Error, Equatable, CustomStringConvertible {
+    case noSpaceNear(address: UInt64, size: Int)
+    case system(SystemError)
+
+    public var description: String {
+      switch self {
+      case .noSpaceNear(let address, let size):
+        return "no free address space for \(size) bytes of code within ±2 GiB of 0x\(String(address, radix: 16))"
+      case .system(let error): return "cannot map code memory: \(error)"
+      }
+    }
+  }
+
+  /// A piece of executable memory handed out by the arena.
+  public struct Block: Sendable, Equatable {
+    /// Where the code runs (read+execute mapping).
+    public let address: UInt64
+    public let size: Int
+    /// The same bytes, writable.
+    let alias: UInt64
+
+    /// Copies `code` into the block at `offset` (through the writable alias).
+    /// Precondition: no thread can be executing this block yet.
+    public func write(_ code: [UInt8], at offset: Int = 0) {
+      precondition(offset >= 0 && offset + code.count <= size, "code does not fit its block")
+      code.withUnsafeBytes { source in
+        UnsafeMutableRawPointer(bitPattern: UInt(alias + UInt64(offset)))!.copyMemory(
+          from: source.baseAddress!, byteCount: source.count)
+      }
+    }
+
+    /// Whether a rel32 branch at any address in `range` can reach every byte of the block.
+    public func isReachable(from site: UInt64) -> Bool {
+      CodeArena.reaches(site, address) && CodeArena.reaches(site, address + UInt64(size))
+    }
+  }
+
+  struct Slab {
+    let address: UInt64
+    let alias: UInt64
+    let size: Int
+    /// Free ranges as (offset, length), sorted by offset, coalesced.
+    var free: [(offset: Int, length: Int)]
+  }
+
+  /// Default slab size. Trampolines are tens to hundreds of bytes.
+  static let slabSize = 1 << 20
+  /// Margin kept inside ±2 GiB so every byte of a slab is reachable from anywhere near the code.
+  static let reach: UInt64 = (1 << 31) - (1 << 24)
+  static let granule = 16
+
+  public static let shared = CodeArena()
+
+  private let slabs = Mutex<[Slab]>([])
+
+  public init() {}
+
+  static func reaches(_ a: UInt64, _ b: UInt64) -> Bool {
+    (a > b ? a - b : b - a) < reach
+  }
+
+  /// A block of at least `size` bytes, 16-byte aligned, reachable by rel32 from `near`.
+  public func allocate(near: UInt64, size: Int) throws(ArenaError) -> Block {
+    let length = max(Self.granule, (size + Self.granule - 1) / Self.granule * Self.granule)
+    let result: Result<Block, ArenaError> = slabs.withLock { slabs in
+      for index in slabs.indices
+      where Self.reaches(near, slabs[index].address)
+        && Self.reaches(near, slabs[index].address + UInt64(slabs[index].size))
+      {
+        if let block = Self.take(length, from: &slabs[index]) { return .success(block) }
+      }
+      do throws(ArenaError) {
+        var slab = try Self.makeSlab(near: near, size: max(Self.slabSize, Int(System.pageEnd(UInt64(length)))))
+        let block = Self.take(length, from: &slab)!
+        slabs.append(slab)
+        return .success(block)
+      } catch {
+        return .failure(error)
+      }
+    }
+    return try result.get()
+  }
+
+  /// Returns `block` to the arena. Precondition: no thread is inside it or can return into it
+  /// (the caller's grace period has passed).
+  public func release(_ block: Block) {
+    slabs.withLock { slabs in
+      guard let index = slabs.firstIndex(where: { block.address >= $0.address && block.address < $0.address + UInt64($0.size) })
+      else { preconditionFailure("released a block the arena does not own") }
+      let offset = Int(block.address - slabs[index].address)
+      var free = slabs[index].free
+      let at = free.firstIndex { $0.offset > offset } ?? free.count
+      free.insert((offset, block.size), at: at)
+      var merged: [(offset: Int, length: Int)] = []
+      for range in free {
+        if let last = merged.last, last.offset + last.length == range.offset {
+          merged[merged.count - 1].length += range.length
+        } else {
+          merged.append(range)
+        }
+      }
+      slabs[index].free = merged
+    }
+  }
+
+  /// Bytes currently handed out, for tests and statistics.
+  public var bytesInUse: Int {
+    slabs.withLock { slabs in slabs.reduce(0) { $0 + $1.size - $1.free.reduce(0) { $0 + $1.length } } }
+  }
+
+  private static func take(_ length: Int, from slab: inout Slab) -> Block? {
+    guard let index = slab.free.firstIndex(where: { $0.length >= length }) else { return nil }
+    let offset = slab.free[index].offset
+    if slab.free[index].length == length {
+      slab.free.remove(at: index)
+    } else {
+      slab.free[index].offset += length
+      slab.free[index].length -= length
+    }
+    return Block(address: slab.address + UInt64(offset), size: length, alias: slab.alias + UInt64(offset))
+  }
+
+  private static func makeSlab(near: UInt64, size: Int) throws(ArenaError) -> Slab {
+    let fd: Int32
+    do { fd = try System.memfd(name: "tracery-code", size: size) } catch { throw .system(error) }
+    defer { System.close(fd) }
+    // Other threads may map memory between reading the map and mapping: retry a few times.
+    for _ in 0..<8 {
+      guard let hint = placement(near: near, size: UInt64(size)) else { break }
+      let code: UInt64
+      do {
+        code = try System.mmap(
+          at: hint, length: size, protection: PROT_READ | PROT_EXEC, flags: MAP_SHARED, fd: fd, fixedNoReplace: true)
+      } catch {
+        if error.errno == EEXIST { continue }
+        throw .system(error)
+      }
+      do {
+        let alias = try System.mmap(at: nil, length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
+        return Slab(address: code, alias: alias, size: size, free: [(0, size)])
+      } catch {
+        System.munmap(code, size)
+        throw .system(error)
+      }
+    }
+    throw .noSpaceNear(address: near, size: size)
+  }
+
+  /// A page-aligned address for `size` bytes in the unmapped gap nearest to `near`, every byte
+  /// within reach of it.
+  static func placement(near: UInt64, size: UInt64) -> UInt64? {
+    let page = System.pageSize
+    let low = near > reach ? System.pageEnd(near - reach) : page * 16
+    let high = System.pageStart(min(near &+ reach, 0x7fff_ffff_f000) - size)
+    guard high > low else { return nil }
+    var best: UInt64?
+    var bestDistance = UInt64.max
+    for gap in MemoryMap.current().gaps(atLeast: size, within: low..<(high + size)) {
+      // Closest point of the gap to `near`, kept one page away from its neighbours.
+      let first = System.pageEnd(gap.lowerBound) + page
+      let last = System.pageStart(gap.upperBound - size) - page
+      guard last >= first else { continue }
+      let candidate = near <= first ? first : (near >= last ? last : System.pageStart(near))
+      let distance = candidate > near ? candidate - near : near - candidate
+      if distance < bestDistance {
+        best = candidate
+        bestDistance = distance
+      }
+    }
+    return best
+  }
+}

@@ -1,0 +1,105 @@
+import CTraceryShims
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A failed system call: which one and its errno.
+public struct SystemError: Error, Equatable, Sendable, CustomStringConvertible {
+  public let call: String
+  public let errno: Int32
+
+  public var description: String { "\(call): \(String(cString: strerror(errno)))" }
+}
+
+/// Every system call TraceryCore makes goes through here (style R1): one wrapper per call,
+/// EINTR retried in one place, errno turned into `SystemError`.
+enum System {
+  static let pageSize = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+
+  static func pageStart(_ address: UInt64) -> UInt64 { address & ~(pageSize - 1) }
+  static func pageEnd(_ address: UInt64) -> UInt64 { (address + pageSize - 1) & ~(pageSize - 1) }
+
+  static func mprotect(_ start: UInt64, _ length: UInt64, _ protection: Int32) throws(SystemError) {
+    guard Glibc.mprotect(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(length), protection) == 0 else {
+      throw SystemError(call: "mprotect", errno: errno)
+    }
+  }
+
+  /// mmap(2); `fixedNoReplace` maps exactly at `hint` or fails with EEXIST.
+  static func mmap(
+    at hint: UInt64?, length: Int, protection: Int32, flags: Int32, fd: Int32 = -1, fixedNoReplace: Bool = false
+  ) throws(SystemError) -> UInt64 {
+    let extra = fixedNoReplace ? ctracery_MAP_FIXED_NOREPLACE : 0
+    let result = Glibc.mmap(
+      hint.flatMap { UnsafeMutableRawPointer(bitPattern: UInt($0)) }, length, protection, flags | extra, fd, 0)
+    guard let result, result != MAP_FAILED else { throw SystemError(call: "mmap", errno: errno) }
+    let address = UInt64(UInt(bitPattern: result))
+    // Kernels before 4.17 treat MAP_FIXED_NOREPLACE as a plain hint: check we got the address.
+    if fixedNoReplace, let hint, address != hint {
+      Glibc.munmap(result, length)
+      throw SystemError(call: "mmap", errno: EEXIST)
+    }
+    return address
+  }
+
+  static func munmap(_ address: UInt64, _ length: Int) {
+    Glibc.munmap(UnsafeMutableRawPointer(bitPattern: UInt(address)), length)
+  }
+
+  static func memfd(name: String, size: Int) throws(SystemError) -> Int32 {
+    let fd = ctracery_memfd_create(name)
+    guard fd >= 0 else { throw SystemError(call: "memfd_create", errno: errno) }
+    guard ftruncate(fd, off_t(size)) == 0 else {
+      let saved = errno
+      close(fd)
+      throw SystemError(call: "ftruncate", errno: saved)
+    }
+    return fd
+  }
+
+  static func close(_ fd: Int32) { _ = Glibc.close(fd) }
+
+  /// The whole content of a (small, procfs) file, or nil.
+  static func readFile(_ path: String) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { _ = Glibc.close(fd) }
+    // procfs files report size 0: read into a growing buffer.
+    var result = [UInt8](repeating: 0, count: 32768)
+    var used = 0
+    while true {
+      if used == result.count { result.append(contentsOf: repeatElement(0, count: result.count)) }
+      let got = result.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
+      if got < 0 && errno == EINTR { continue }
+      if got <= 0 { break }
+      used += got
+    }
+    result.removeSubrange(used...)
+    return result
+  }
+
+  /// The number of threads in this process (`Threads:` of /proc/self/status).
+  static func threadCount() -> Int {
+    guard let status = readFile("/proc/self/status") else { return Int.max }
+    for line in String(decoding: status, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Threads:") {
+      return Int(line.dropFirst(8).trimmingCharacters(in: " \t")) ?? Int.max
+    }
+    return Int.max
+  }
+
+  static func resolvedPath(_ path: String) -> String {
+    guard let resolved = realpath(path, nil) else { return path }
+    defer { free(resolved) }
+    return String(cString: resolved)
+  }
+}
+
+extension Substring {
+  func trimmingCharacters(in set: String) -> Substring {
+    var result = self
+    while let first = result.first, set.contains(first) { result = result.dropFirst() }
+    while let last = result.last, set.contains(last) { result = result.dropLast() }
+    return result
+  }
+}

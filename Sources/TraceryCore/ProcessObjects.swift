@@ -1,0 +1,69 @@
+import CTraceryShims
+import TraceryELF
+import TraceryX86
+
+/// The ELF objects loaded into this process (`dl_iterate_phdr`), read from their files.
+public enum ProcessObjects {
+  /// One loaded object.
+  public struct Entry: Sendable, Equatable {
+    /// Absolute path of its file ("/proc/self/exe" resolved for the main program).
+    public let path: String
+    /// Runtime address = link-time address + bias.
+    public let bias: UInt64
+  }
+
+  /// Every loaded object that has a file (the vDSO has none and is left out).
+  public static func list() -> [Entry] {
+    var capacity = 64
+    while true {
+      var raw = [ctracery_object](repeating: ctracery_object(name: nil, bias: 0), count: capacity)
+      let count = ctracery_loaded_objects(&raw, capacity)
+      if count > capacity {
+        capacity = count + 16
+        continue
+      }
+      var entries: [Entry] = []
+      for object in raw.prefix(count) {
+        let name = object.name.map { String(cString: $0) } ?? ""
+        let path = name.isEmpty ? System.resolvedPath("/proc/self/exe") : name
+        guard path.hasPrefix("/") else { continue }
+        entries.append(Entry(path: path, bias: object.bias))
+      }
+      return entries
+    }
+  }
+
+  /// The symbol table of the loaded objects `include` accepts, and the objects that could not be
+  /// read (with why).
+  public static func symbolTable(
+    including include: (Entry) -> Bool = { _ in true }
+  ) -> (table: SymbolTable, unreadable: [(path: String, error: ELFError)]) {
+    var inputs: [SymbolTable.Input] = []
+    var unreadable: [(path: String, error: ELFError)] = []
+    for entry in list() where include(entry) {
+      do {
+        inputs.append(SymbolTable.Input(path: entry.path, bias: entry.bias, file: try ELFFile(path: entry.path)))
+      } catch {
+        unreadable.append((entry.path, error))
+      }
+    }
+    // Each input was read and validated above; a table error here is an object whose symbol or
+    // site sections are corrupt: drop it and say so rather than lose every object.
+    var valid: [SymbolTable.Input] = []
+    for input in inputs {
+      do {
+        _ = try SymbolTable([input])
+        valid.append(input)
+      } catch {
+        unreadable.append((input.path, error))
+      }
+    }
+    return ((try? SymbolTable(valid)) ?? (try! SymbolTable([])), unreadable)
+  }
+
+  /// The shape of the live bytes at `site` (which must be mapped readable: a site from a symbol
+  /// table of loaded objects is).
+  public static func shape(at site: UInt64) -> X86Instruction.SiteShape {
+    X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site)
+  }
+}

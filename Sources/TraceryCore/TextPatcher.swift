@@ -1,0 +1,325 @@
+import CTraceryShims
+import Synchronization
+import TraceryX86
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// One 5-byte site to rewrite: the bytes that must be there now and the ones to put there.
+public struct PatchRequest: Sendable, Equatable {
+  public let site: UInt64
+  public let expected: [UInt8]
+  public let replacement: [UInt8]
+
+  public init(site: UInt64, expected: [UInt8], replacement: [UInt8]) {
+    self.site = site
+    self.expected = expected
+    self.replacement = replacement
+  }
+}
+
+/// What a batch did to one site. A site that cannot be patched never stops the others.
+public enum PatchOutcome: Sendable, Equatable, CustomStringConvertible {
+  case patched
+  /// Nothing to do, or deliberately not done; the site is as it was.
+  case skipped(String)
+  /// The request could not be carried out; the site is as it was.
+  case failed(String)
+
+  public var description: String {
+    switch self {
+    case .patched: return "patched"
+    case .skipped(let reason): return "skipped: \(reason)"
+    case .failed(let reason): return "failed: \(reason)"
+    }
+  }
+}
+
+/// Rewrites live 5-byte patch sites while other threads may be executing them: the kernel's
+/// `text_poke_bp_batch` in user space.
+///
+/// One process-wide instance; batches are serialised by its lock. Any thread may call `apply`.
+public final class TextPatcher: Sendable {
+  public static let shared = TextPatcher()
+
+  /// Counters for tests and `tracery bench`.
+  public struct Statistics: Sendable, Equatable {
+    public var batches = 0
+    public var sitesPatched = 0
+    public var mprotectCalls = 0
+  }
+
+  private struct State: ~Copyable {
+    var statistics = Statistics()
+    /// Poke tables unpublished but perhaps still read by a SIGTRAP handler.
+    var retired: [PokeTable] = []
+  }
+
+  private let state = Mutex(State())
+
+  private init() {}
+
+  public var statistics: Statistics { state.withLock { $0.statistics } }
+
+  /// Whether core syncs use membarrier (else the TLB-shootdown fallback).
+  public var usesMembarrier: Bool { CoreSync.usesMembarrier }
+
+  /// Rewrites every site of `requests` in one batch and reports, per request, what happened.
+  ///
+  /// The protocol (other threads may run any site at any moment):
+  ///   1. Verify: each site lies in executable memory and holds `expected` (else failed) or
+  ///      already holds `replacement` (else skipped). Nothing is written for those.
+  ///   2. Make every page holding an accepted site writable, once, keeping it executable.
+  ///   3. Publish the batch to the SIGTRAP handler (sorted by site).
+  ///   4. Write `int3` over the first byte of every site; sync all cores. From here a thread
+  ///      reaching a site traps and the handler emulates the new instruction.
+  ///   5. Write bytes 1...4 of every site; sync. No thread can decode them: byte 0 is int3.
+  ///   6. Write the new first byte of every site; sync. Each site is now whole and new.
+  ///   7. Unpublish the batch and wait for handlers still reading it; a handler that runs later
+  ///      finds the new byte and re-executes it.
+  ///   8. Restore every page's protection, and read each site back.
+  public func apply(_ requests: [PatchRequest]) -> [PatchOutcome] {
+    state.withLock { state in
+      var outcomes = [PatchOutcome](repeating: .patched, count: requests.count)
+      guard !requests.isEmpty else { return outcomes }
+      if ctracery_install_trap_handler() != 0 {
+        let reason = "cannot install the SIGTRAP handler: \(SystemError(call: "sigaction", errno: errno))"
+        return outcomes.map { _ in .failed(reason) }
+      }
+      let map = MemoryMap.current()
+      // Step 1.
+      var accepted = step1Verify(requests, map: map, outcomes: &outcomes)
+      guard !accepted.isEmpty else { return outcomes }
+      // Step 2.
+      let restore = step2MakeWritable(accepted.map { requests[$0].site }, map: map) { site, reason in
+        if let index = accepted.first(where: { requests[$0].site == site }) { outcomes[index] = .failed(reason) }
+      }
+      state.statistics.mprotectCalls += restore.count * 2
+      accepted.removeAll { outcomes[$0] != .patched }
+      // Steps 3-7.
+      step3to7Write(accepted.map { requests[$0] }, retired: &state.retired)
+      // Step 8.
+      for range in restore { try? System.mprotect(range.start, range.length, range.protection) }
+      for index in accepted where Self.read(requests[index].site) != requests[index].replacement {
+        outcomes[index] = .failed("read-back after patching does not match")
+      }
+      state.statistics.batches += 1
+      state.statistics.sitesPatched += accepted.count
+      return outcomes
+    }
+  }
+
+  /// Step 1: the indices of the requests to carry out, sorted by site; outcomes for the others.
+  private func step1Verify(_ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome]) -> [Int] {
+    var accepted: [Int] = []
+    accepted.reserveCapacity(requests.count)
+    for (index, request) in requests.enumerated() {
+      guard request.expected.count == 5, request.replacement.count == 5 else {
+        outcomes[index] = .failed("a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
+        continue
+      }
+      guard Self.pokeKind(request.replacement) != nil else {
+        outcomes[index] = .failed("replacement \(Self.hex(request.replacement)) is not a nop5, call rel32 or jmp rel32")
+        continue
+      }
+      guard map.isExecutable(request.site, count: 5) else {
+        outcomes[index] = .failed("0x\(String(request.site, radix: 16)) is not in readable executable memory")
+        continue
+      }
+      let current = Self.read(request.site)
+      if current == request.replacement {
+        outcomes[index] = .skipped("already holds \(Self.hex(request.replacement))")
+      } else if current != request.expected {
+        outcomes[index] = .failed(
+          "site 0x\(String(request.site, radix: 16)) holds \(Self.hex(current)), expected \(Self.hex(request.expected))")
+      } else {
+        accepted.append(index)
+      }
+    }
+    accepted.sort { requests[$0].site < requests[$1].site }
+    var unique: [Int] = []
+    for index in accepted {
+      if let last = unique.last, requests[last].site == requests[index].site {
+        outcomes[index] = .failed("site 0x\(String(requests[index].site, radix: 16)) appears twice in one batch")
+      } else {
+        unique.append(index)
+      }
+    }
+    return unique
+  }
+
+  struct Protection {
+    let start: UInt64
+    let length: UInt64
+    let protection: Int32
+  }
+
+  /// Step 2: makes the pages of `sites` (sorted) writable+executable in as few calls as possible.
+  /// Returns the ranges to restore; reports sites whose pages could not be made writable.
+  private func step2MakeWritable(
+    _ sites: [UInt64], map: MemoryMap, failed: (UInt64, String) -> Void
+  ) -> [Protection] {
+    // Runs of consecutive pages within one mapping (same original protection).
+    var runs: [(start: UInt64, end: UInt64, protection: Int32, sites: [UInt64])] = []
+    for site in sites {
+      let first = System.pageStart(site)
+      let end = System.pageEnd(site + 5)
+      guard let region = map.region(containing: site) else { continue }
+      if var last = runs.last, last.end >= first, last.protection == region.protection, region.end >= end,
+        map.region(containing: last.start)?.start == region.start
+      {
+        last.end = max(last.end, end)
+        last.sites.append(site)
+        runs[runs.count - 1] = last
+      } else {
+        runs.append((first, end, region.protection, [site]))
+      }
+    }
+    var restore: [Protection] = []
+    for run in runs {
+      do {
+        try System.mprotect(run.start, run.end - run.start, run.protection | PROT_WRITE | PROT_EXEC)
+        restore.append(Protection(start: run.start, length: run.end - run.start, protection: run.protection))
+      } catch {
+        for site in run.sites { failed(site, "cannot make its page writable: \(error)") }
+      }
+    }
+    return restore
+  }
+
+  /// Steps 3-7 on requests already verified, sorted by site, on writable pages.
+  private func step3to7Write(_ requests: [PatchRequest], retired: inout [PokeTable]) {
+    let table = PokeTable(requests)
+    // Step 3. Publishing is sequentially consistent, and the writes below follow an opaque call,
+    // so no int3 can become visible before the table.
+    ctracery_publish_pokes(table.header)
+    // Step 4.
+    for request in requests { Self.pointer(request.site).pointee = 0xcc }
+    CoreSync.syncAllCores()
+    // Step 5.
+    for request in requests {
+      let site = Self.pointer(request.site)
+      for offset in 1..<5 { site[offset] = request.replacement[offset] }
+    }
+    CoreSync.syncAllCores()
+    // Step 6.
+    for request in requests { Self.pointer(request.site).pointee = request.replacement[0] }
+    CoreSync.syncAllCores()
+    // Step 7. A handler may still be reading this table (a trapped thread can be descheduled
+    // anywhere in its handler): retire it, and free every retired table once no handler is in
+    // flight. Waiting here instead could cost a whole scheduler time slice per batch.
+    ctracery_publish_pokes(nil)
+    retired.append(table)
+    if retired.count > 64 {
+      while ctracery_trap_handlers_in_flight() != 0 { sched_yield() }
+    }
+    if ctracery_trap_handlers_in_flight() == 0 { retired.removeAll() }
+  }
+
+  /// Rewrites gcc's five 1-byte NOPs at each of `sites` into one 5-byte NOP.
+  ///
+  /// A thread could be stopped between two of those NOPs, and would resume inside whatever is
+  /// written over them, so this is done only while this thread is the process's only thread
+  /// (when an object is first processed, before other threads start); otherwise every site is
+  /// refused with that reason.
+  public func convertSleds(_ sites: [UInt64]) -> [PatchOutcome] {
+    state.withLock { state in
+      let threads = System.threadCount()
+      guard threads == 1 else {
+        let reason =
+          "gcc 5×1-byte NOP sled: cannot be rewritten while \(threads - 1) other thread(s) run; build with clang "
+          + "-fpatchable-function-entry=5 or gcc -pg -mfentry -mnop-mcount -mrecord-mcount, or preload the agent"
+        return sites.map { _ in .failed(reason) }
+      }
+      let map = MemoryMap.current()
+      let sled: [UInt8] = [0x90, 0x90, 0x90, 0x90, 0x90]
+      var outcomes: [PatchOutcome] = []
+      for site in sites {
+        guard map.isExecutable(site, count: 5) else {
+          outcomes.append(.failed("0x\(String(site, radix: 16)) is not in readable executable memory"))
+          continue
+        }
+        let current = Self.read(site)
+        guard current != X86Instruction.nop5 else {
+          outcomes.append(.skipped("already a 5-byte NOP"))
+          continue
+        }
+        guard current == sled else {
+          outcomes.append(.failed("site 0x\(String(site, radix: 16)) holds \(Self.hex(current)), not a 5×nop sled"))
+          continue
+        }
+        guard let region = map.region(containing: site) else { continue }
+        let start = System.pageStart(site)
+        let length = System.pageEnd(site + 5) - start
+        do {
+          try System.mprotect(start, length, region.protection | PROT_WRITE | PROT_EXEC)
+          let pointer = Self.pointer(site)
+          for (offset, byte) in X86Instruction.nop5.enumerated() { pointer[offset] = byte }
+          try System.mprotect(start, length, region.protection)
+          state.statistics.mprotectCalls += 2
+          outcomes.append(.patched)
+        } catch {
+          outcomes.append(.failed("cannot make its page writable: \(error)"))
+        }
+      }
+      return outcomes
+    }
+  }
+
+  // MARK: - Helpers
+
+  static func pokeKind(_ replacement: [UInt8]) -> ctracery_poke_kind? {
+    switch X86Instruction.SiteShape(bytes: replacement, at: 0) {
+    case .nop5: return CTRACERY_POKE_SKIP
+    case .call: return CTRACERY_POKE_CALL
+    case .jmp: return CTRACERY_POKE_JMP
+    default: return nil
+    }
+  }
+
+  static func pointer(_ address: UInt64) -> UnsafeMutablePointer<UInt8> {
+    UnsafeMutablePointer(bitPattern: UInt(address))!
+  }
+
+  /// The 5 bytes at `site`. Precondition: mapped readable (checked against the memory map).
+  static func read(_ site: UInt64) -> [UInt8] {
+    let pointer = UnsafePointer<UInt8>(bitPattern: UInt(site))!
+    return (0..<5).map { pointer[$0] }
+  }
+
+  static func hex(_ bytes: [UInt8]) -> String {
+    bytes.map { $0 < 16 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined(separator: " ")
+  }
+}
+
+/// How often the SIGTRAP handler caught a thread on a site mid-patch (process lifetime).
+public enum TrapStatistics {
+  public static var handled: UInt64 { ctracery_traps_handled() }
+}
+
+/// A batch's sites as the SIGTRAP handler reads them: one C table, sorted by site.
+///
+/// Invariant: immutable after `init`; freed by `deinit` only once the patcher has retired it and
+/// seen no handler in flight (so no handler holds a pointer into it).
+final class PokeTable: @unchecked Sendable {
+  // @unchecked: immutable after init, and its lifetime is managed by the retire protocol above.
+  let header: UnsafeMutablePointer<ctracery_poke_table>
+  private let pokes: UnsafeMutablePointer<ctracery_poke>
+
+  init(_ requests: [PatchRequest]) {
+    pokes = .allocate(capacity: max(requests.count, 1))
+    for (index, request) in requests.enumerated() {
+      let kind = TextPatcher.pokeKind(request.replacement)!
+      let target = X86Instruction.branchTarget(request.replacement, at: request.site) ?? request.site + 5
+      (pokes + index).initialize(to: ctracery_poke(site: request.site, target: target, kind: UInt64(kind.rawValue)))
+    }
+    header = .allocate(capacity: 1)
+    header.initialize(to: ctracery_poke_table(pokes: pokes, count: requests.count))
+  }
+
+  deinit {
+    header.deallocate()
+    pokes.deallocate()
+  }
+}

@@ -1,0 +1,241 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// An ELF64 x86-64 object (executable, shared object or relocatable file), validated once.
+///
+/// `init(bytes:)` is the only way in: it checks the header, the section and program header
+/// tables and every section's file range, so that all later reads stay inside the bytes. Anything
+/// malformed is an `ELFError`, never a crash.
+public struct ELFFile: Sendable {
+  /// `e_type`.
+  public enum ObjectType: Sendable, Equatable {
+    case relocatable, executable, sharedObject, other(UInt16)
+  }
+
+  /// One section header (`Elf64_Shdr`).
+  public struct Section: Sendable, Equatable {
+    public let index: Int
+    public let name: String
+    public let type: UInt32
+    public let flags: UInt64
+    public let address: UInt64
+    public let offset: UInt64
+    public let size: UInt64
+    public let link: UInt32
+    public let info: UInt32
+    public let entrySize: UInt64
+
+    /// `SHT_NOBITS` (`.bss`): occupies memory, not file bytes.
+    public var hasFileBytes: Bool { type != ELFConstants.SHT_NOBITS }
+  }
+
+  /// One program header (`Elf64_Phdr`).
+  public struct Segment: Sendable, Equatable {
+    public let type: UInt32
+    public let flags: UInt32
+    public let offset: UInt64
+    public let virtualAddress: UInt64
+    public let fileSize: UInt64
+    public let memorySize: UInt64
+  }
+
+  let bytes: ELFBytes
+  public let type: ObjectType
+  public let entry: UInt64
+  public let sections: [Section]
+  public let segments: [Segment]
+
+  /// Reads and validates the file at `path`.
+  public init(path: String) throws(ELFError) {
+    try self.init(bytes: try Self.readFile(path))
+  }
+
+  /// Validates `bytes` as an ELF64 little-endian x86-64 object.
+  public init(bytes raw: [UInt8]) throws(ELFError) {
+    let bytes = ELFBytes(storage: raw)
+    self.bytes = bytes
+    guard bytes.count >= 64 else { throw .tooSmall(size: bytes.count) }
+    guard raw[0] == 0x7f, raw[1] == 0x45, raw[2] == 0x4c, raw[3] == 0x46 else { throw .notELF }
+    guard raw[4] == 2 else { throw .not64Bit(elfClass: raw[4]) }
+    guard raw[5] == 1 else { throw .notLittleEndian }
+    guard raw[6] == 1 else { throw .badVersion(UInt32(raw[6])) }
+    let machine = bytes.u16(18)
+    guard machine == ELFConstants.EM_X86_64 else { throw .notX86_64(machine: machine) }
+    let version = bytes.u32(20)
+    guard version == 1 else { throw .badVersion(version) }
+    switch bytes.u16(16) {
+    case 1: type = .relocatable
+    case 2: type = .executable
+    case 3: type = .sharedObject
+    case let other: type = .other(other)
+    }
+    entry = bytes.u64(24)
+    segments = try Self.readSegments(bytes)
+    sections = try Self.readSections(bytes)
+  }
+
+  /// The first section called `name`.
+  public func section(named name: String) -> Section? { sections.first { $0.name == name } }
+
+  /// Every section called `name` (lld may emit several `__patchable_function_entries`).
+  public func sections(named name: String) -> [Section] { sections.filter { $0.name == name } }
+
+  /// The file bytes of `section` (empty for `SHT_NOBITS`). Validated in `init`.
+  public func contents(of section: Section) -> ArraySlice<UInt8> {
+    guard section.hasFileBytes else { return [] }
+    return bytes.storage[Int(section.offset)..<Int(section.offset + section.size)]
+  }
+
+  /// The file offset that holds link-time address `address`, if a loaded segment has file bytes
+  /// for `count` bytes there.
+  public func fileOffset(ofAddress address: UInt64, count: UInt64 = 1) -> Int? {
+    for segment in segments where segment.type == ELFConstants.PT_LOAD {
+      guard address >= segment.virtualAddress, address - segment.virtualAddress + count <= segment.fileSize
+      else { continue }
+      let offset = segment.offset + (address - segment.virtualAddress)
+      return bytes.contains(offset: offset, size: count) ? Int(offset) : nil
+    }
+    return nil
+  }
+
+  /// `count` bytes of the file image at link-time address `address`, or nil if no segment has them.
+  public func bytes(atAddress address: UInt64, count: Int) -> [UInt8]? {
+    guard count >= 0, let offset = fileOffset(ofAddress: address, count: UInt64(count)) else { return nil }
+    return Array(bytes.storage[offset..<offset + count])
+  }
+
+  static func readFile(_ path: String) throws(ELFError) -> [UInt8] {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw .unreadable(path: path, errno: errno) }
+    defer { close(fd) }
+    var status = stat()
+    guard fstat(fd, &status) == 0 else { throw .unreadable(path: path, errno: errno) }
+    guard (status.st_mode & S_IFMT) == S_IFREG else { throw .unreadable(path: path, errno: EISDIR) }
+    var result = [UInt8](repeating: 0, count: Int(status.st_size))
+    var done = 0
+    while done < result.count {
+      let got = result.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, $0.count - done) }
+      if got < 0 {
+        if errno == EINTR { continue }
+        throw .unreadable(path: path, errno: errno)
+      }
+      if got == 0 { break }
+      done += got
+    }
+    if done < result.count { result.removeLast(result.count - done) }
+    return result
+  }
+
+  private static func checkTable(
+    _ bytes: ELFBytes, name: String, offset: UInt64, count: Int, entrySize: Int, expected: Int
+  ) throws(ELFError) {
+    guard count > 0 else { return }
+    guard entrySize == expected else { throw .badEntrySize(table: name, size: entrySize, expected: expected) }
+    let size = UInt64(count) * UInt64(entrySize)
+    guard bytes.contains(offset: offset, size: size) else {
+      throw .outOfBounds(what: name, offset: offset, size: size, fileSize: bytes.count)
+    }
+  }
+
+  private static func readSegments(_ bytes: ELFBytes) throws(ELFError) -> [Segment] {
+    let offset = bytes.u64(32)
+    let count = Int(bytes.u16(56))
+    try checkTable(
+      bytes, name: "program header table", offset: offset, count: count, entrySize: Int(bytes.u16(54)),
+      expected: 56)
+    return (0..<count).map { index in
+      let base = Int(offset) + index * 56
+      return Segment(
+        type: bytes.u32(base), flags: bytes.u32(base + 4), offset: bytes.u64(base + 8),
+        virtualAddress: bytes.u64(base + 16), fileSize: bytes.u64(base + 32), memorySize: bytes.u64(base + 40))
+    }
+  }
+
+  private static func readSections(_ bytes: ELFBytes) throws(ELFError) -> [Section] {
+    let offset = bytes.u64(40)
+    guard offset != 0 else { return [] }
+    let entrySize = Int(bytes.u16(58))
+    var count = Int(bytes.u16(60))
+    var namesIndex = Int(bytes.u16(62))
+    // More than SHN_LORESERVE sections: the real count and name index live in section 0.
+    if count == 0 || namesIndex == 0xffff {
+      try checkTable(bytes, name: "section header table", offset: offset, count: 1, entrySize: entrySize, expected: 64)
+      if count == 0 { count = Int(clamping: bytes.u64(Int(offset) + 32)) }
+      if namesIndex == 0xffff { namesIndex = Int(bytes.u32(Int(offset) + 40)) }
+    }
+    guard count <= bytes.count / 64 else {
+      throw .outOfBounds(what: "section header table", offset: offset, size: UInt64(count) * 64, fileSize: bytes.count)
+    }
+    try checkTable(bytes, name: "section header table", offset: offset, count: count, entrySize: entrySize, expected: 64)
+    struct Raw {
+      var name: UInt32, type: UInt32, flags: UInt64, address: UInt64, offset: UInt64, size: UInt64
+      var link: UInt32, info: UInt32, entrySize: UInt64
+    }
+    var raws: [Raw] = []
+    raws.reserveCapacity(count)
+    for index in 0..<count {
+      let base = Int(offset) + index * 64
+      let raw = Raw(
+        name: bytes.u32(base), type: bytes.u32(base + 4), flags: bytes.u64(base + 8), address: bytes.u64(base + 16),
+        offset: bytes.u64(base + 24), size: bytes.u64(base + 32), link: bytes.u32(base + 40),
+        info: bytes.u32(base + 44), entrySize: bytes.u64(base + 56))
+      if raw.type != ELFConstants.SHT_NOBITS && raw.type != ELFConstants.SHT_NULL
+        && !bytes.contains(offset: raw.offset, size: raw.size)
+      {
+        throw .outOfBounds(what: "section \(index)", offset: raw.offset, size: raw.size, fileSize: bytes.count)
+      }
+      raws.append(raw)
+    }
+    var nameTable: (start: Int, end: Int)?
+    if namesIndex != 0 {
+      guard namesIndex < count else { throw .badSectionIndex(what: "e_shstrndx", index: namesIndex, count: count) }
+      let names = raws[namesIndex]
+      nameTable = (Int(names.offset), Int(names.offset + names.size))
+    }
+    var sections: [Section] = []
+    sections.reserveCapacity(count)
+    for (index, raw) in raws.enumerated() {
+      var name = ""
+      if let table = nameTable, index != 0 || raw.name != 0 {
+        guard let found = bytes.cString(at: table.start + Int(raw.name), tableStart: table.start, tableEnd: table.end)
+        else { throw .badStringOffset(table: "section names", offset: UInt64(raw.name)) }
+        name = found
+      }
+      sections.append(
+        Section(
+          index: index, name: name, type: raw.type, flags: raw.flags, address: raw.address, offset: raw.offset,
+          size: raw.type == ELFConstants.SHT_NULL ? 0 : raw.size, link: raw.link, info: raw.info,
+          entrySize: raw.entrySize))
+    }
+    return sections
+  }
+}
+
+/// The ELF constants Tracery reads, with the specification's names.
+public enum ELFConstants {
+  public static let EM_X86_64: UInt16 = 62
+  public static let SHT_NULL: UInt32 = 0
+  public static let SHT_PROGBITS: UInt32 = 1
+  public static let SHT_SYMTAB: UInt32 = 2
+  public static let SHT_STRTAB: UInt32 = 3
+  public static let SHT_RELA: UInt32 = 4
+  public static let SHT_DYNAMIC: UInt32 = 6
+  public static let SHT_NOTE: UInt32 = 7
+  public static let SHT_NOBITS: UInt32 = 8
+  public static let SHT_DYNSYM: UInt32 = 11
+  public static let SHF_EXECINSTR: UInt64 = 4
+  public static let PT_LOAD: UInt32 = 1
+  public static let PT_DYNAMIC: UInt32 = 2
+  public static let PT_NOTE: UInt32 = 4
+  public static let PF_X: UInt32 = 1
+  public static let STT_FUNC: UInt8 = 2
+  public static let STT_GNU_IFUNC: UInt8 = 10
+  public static let SHN_UNDEF: UInt16 = 0
+  public static let R_X86_64_64: UInt32 = 1
+  public static let R_X86_64_RELATIVE: UInt32 = 8
+  public static let DT_NEEDED: UInt64 = 1
+  public static let DT_RPATH: UInt64 = 15
+  public static let DT_RUNPATH: UInt64 = 29
+  public static let NT_GNU_BUILD_ID: UInt32 = 3
+}

@@ -1,0 +1,79 @@
+extension X86Writer {
+  /// Group-1 ALU operations with an immediate (`/digit` of opcode 81/83).
+  enum ALU: UInt8 {
+    case add = 0, or = 1, and = 4, sub = 5, xor = 6, cmp = 7
+  }
+
+  mutating func putALU(_ operation: ALU, _ register: Register, immediate: Int32) {
+    rex(w: true, b: register.extended)
+    if let short = Int8(exactly: immediate) {
+      emit(0x83)
+      emit(0xc0 | operation.rawValue << 3 | register.low)
+      emit(UInt8(bitPattern: short))
+    } else {
+      emit(0x81)
+      emit(0xc0 | operation.rawValue << 3 | register.low)
+      emit32(immediate)
+    }
+  }
+
+  /// `add reg, imm` (64-bit; imm8 form when it fits).
+  public mutating func putAdd(_ register: Register, immediate: Int32) { putALU(.add, register, immediate: immediate) }
+  /// `sub reg, imm` (64-bit; imm8 form when it fits).
+  public mutating func putSub(_ register: Register, immediate: Int32) { putALU(.sub, register, immediate: immediate) }
+  /// `and reg, imm` (64-bit; e.g. `and rsp, -16` to align the stack).
+  public mutating func putAnd(_ register: Register, immediate: Int32) { putALU(.and, register, immediate: immediate) }
+  /// `cmp reg, imm` (64-bit).
+  public mutating func putCmp(_ register: Register, immediate: Int32) { putALU(.cmp, register, immediate: immediate) }
+
+  /// `add dst, src` (64-bit).
+  public mutating func putAdd(_ destination: Register, _ source: Register) {
+    rex(w: true, r: source.extended, b: destination.extended)
+    emit(0x01)
+    emit(0xc0 | source.low << 3 | destination.low)
+  }
+
+  /// `sub dst, src` (64-bit).
+  public mutating func putSub(_ destination: Register, _ source: Register) {
+    rex(w: true, r: source.extended, b: destination.extended)
+    emit(0x29)
+    emit(0xc0 | source.low << 3 | destination.low)
+  }
+
+  /// `xor r32, r32` — zeroes the whole 64-bit register in the shortest form.
+  public mutating func putXor32(_ destination: Register, _ source: Register) {
+    rex(w: false, r: source.extended, b: destination.extended)
+    emit(0x31)
+    emit(0xc0 | source.low << 3 | destination.low)
+  }
+
+  /// `test dst, src` (64-bit).
+  public mutating func putTest(_ destination: Register, _ source: Register) {
+    rex(w: true, r: source.extended, b: destination.extended)
+    emit(0x85)
+    emit(0xc0 | source.low << 3 | destination.low)
+  }
+
+  /// `inc qword [memory]`, with a `lock` prefix when `locked`.
+  public mutating func putInc(_ memory: Memory, locked: Bool = false) {
+    if locked { emit(0xf0) }
+    rex(w: true, b: baseExtended(memory))
+    emit(0xff)
+    modRM(reg: 0, memory: memory)
+  }
+
+  /// `add qword [memory], simm32`, with a `lock` prefix when `locked`.
+  public mutating func putAdd(_ memory: Memory, immediate: Int32, locked: Bool = false) {
+    if locked { emit(0xf0) }
+    rex(w: true, b: baseExtended(memory))
+    if let short = Int8(exactly: immediate) {
+      emit(0x83)
+      modRM(reg: 0, memory: memory, trailing: 1)
+      emit(UInt8(bitPattern: short))
+    } else {
+      emit(0x81)
+      modRM(reg: 0, memory: memory, trailing: 4)
+      emit32(immediate)
+    }
+  }
+}

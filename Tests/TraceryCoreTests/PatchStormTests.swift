@@ -1,0 +1,54 @@
+import Foundation
+import Testing
+import TraceryFixtures
+import TraceryTestSupport
+import TraceryX86
+
+@testable import TraceryCore
+
+@Suite(.serialized) struct PatchStormTests {
+  /// Two threads call the four fixtures in a loop and check every result while this thread
+  /// cycles their sites nop → call A → jmp B → nop, one batch per step.
+  @Test func twoThreadsCallWhileSitesAreRewritten() throws {
+    let batches = TestSupport.stormBatches(default: 100_000, long: 2_000_000)
+    let sites = try FixtureSites.sites()
+    let originals = sites.map { TextPatcher.read($0) }
+    let callProbes = try CountingTrampolines(sites: sites, mode: .call)
+    let jmpProbes = try CountingTrampolines(sites: sites, mode: .jmp)
+    func state(_ step: Int, _ index: Int) -> [UInt8] {
+      switch step % 3 {
+      case 0: return originals[index]
+      case 1: return callProbes.branch(index)
+      default: return jmpProbes.branch(index)
+      }
+    }
+    let trapsBefore = TrapStatistics.handled
+    tracery_fixture_hammers_start(2)
+    var failures: [String] = []
+    for step in 0..<batches {
+      let requests = sites.indices.map {
+        PatchRequest(site: sites[$0], expected: state(step, $0), replacement: state(step + 1, $0))
+      }
+      let outcomes = TextPatcher.shared.apply(requests)
+      if outcomes.contains(where: { $0 != .patched }) {
+        failures.append("batch \(step): \(outcomes)")
+        break
+      }
+    }
+    // Leave every site as it was.
+    let last = batches % 3
+    if last != 0 {
+      _ = TextPatcher.shared.apply(
+        sites.indices.map { PatchRequest(site: sites[$0], expected: state(last, $0), replacement: originals[$0]) })
+    }
+    var wrong: UInt64 = 0
+    let calls = tracery_fixture_hammers_stop(&wrong)
+    #expect(failures.isEmpty, "\(failures)")
+    #expect(wrong == 0, "wrong results: \(wrong) of \(calls) calls")
+    #expect(calls > 0)
+    #expect(sites.map { TextPatcher.read($0) } == originals)
+    let counted = sites.indices.reduce(UInt64(0)) { $0 + callProbes.count($1) + jmpProbes.count($1) }
+    #expect(counted > 0 && counted <= calls, "counted \(counted) of \(calls) calls")
+    print("storm: \(batches) batches, \(calls) checked calls, \(counted) counted, \(TrapStatistics.handled - trapsBefore) traps emulated")
+  }
+}

@@ -1,0 +1,136 @@
+import Foundation
+
+/// Helpers shared by the test targets: building C programs with the real compilers, running
+/// processes, and locating the package's own files.
+public enum TestSupport {
+  /// The package root (three levels above this file).
+  public static let packageRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .deletingLastPathComponent().deletingLastPathComponent()
+
+  /// The directory that holds the built products (tracery, demo, tracery-testhost): the test
+  /// bundle's own directory.
+  public static let productsDirectory: URL = {
+    var url = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    while url.path != "/" {
+      if FileManager.default.fileExists(atPath: url.appendingPathComponent("tracery").path) { return url }
+      url = url.deletingLastPathComponent()
+    }
+    return URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+  }()
+
+  /// A fresh temporary directory.
+  public static func temporaryDirectory(_ label: String = "tracery-test") throws -> URL {
+    let url = FileManager.default.temporaryDirectory.appendingPathComponent("\(label)-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    return url
+  }
+
+  public struct ProcessResult: Sendable {
+    public let status: Int32
+    public let stdout: String
+    public let stderr: String
+  }
+
+  /// Runs `executable` with `arguments` and returns its status and output.
+  @discardableResult
+  public static func run(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws
+    -> ProcessResult
+  {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    if let environment { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    // Read both pipes fully before waiting, so a chatty child never blocks on a full pipe.
+    let errData = LockedData()
+    let errThread = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
+    errThread.start()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    while !errData.done { usleep(1000) }
+    return ProcessResult(
+      status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+      stderr: String(decoding: errData.value, as: UTF8.self))
+  }
+
+  /// Finds a tool on PATH.
+  public static func which(_ tool: String) -> String? {
+    for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+      let path = "\(directory)/\(tool)"
+      if FileManager.default.isExecutableFile(atPath: path) { return path }
+    }
+    return nil
+  }
+
+  public struct CompileError: Error, CustomStringConvertible {
+    public let description: String
+  }
+
+  /// Compiles C `sources` with `compiler` (gcc or clang) into `output`.
+  public static func compile(
+    compiler: String, sources: [String], flags: [String], output: String
+  ) throws {
+    guard let path = which(compiler) else { throw CompileError(description: "\(compiler) not found on PATH") }
+    let result = try run(path, flags + sources + ["-o", output])
+    guard result.status == 0 else {
+      throw CompileError(description: "\(compiler) \(flags.joined(separator: " ")) failed:\n\(result.stderr)")
+    }
+  }
+
+  /// Writes a C file of `count` functions `<prefix><i>(long x)` returning `x * (i % 97 + 3) + i`,
+  /// and a table `<prefix>table` of pointers to all of them.
+  public static func writeGeneratedFunctions(count: Int, prefix: String, to path: String) throws {
+    var text = "typedef long (*tracery_fn)(long);\n"
+    text.reserveCapacity(count * 64)
+    for index in 0..<count {
+      text += "long \(prefix)\(index)(long x) { return x * \(index % 97 + 3) + \(index); }\n"
+    }
+    text += "tracery_fn \(prefix)table[\(count)] = {"
+    text += (0..<count).map { "\(prefix)\($0)" }.joined(separator: ",")
+    text += "};\nlong \(prefix)count = \(count);\n"
+    try text.write(toFile: path, atomically: true, encoding: .utf8)
+  }
+
+  /// The value generated function `index` returns for `x`.
+  public static func generatedValue(index: Int, x: Int) -> Int { x * (index % 97 + 3) + index }
+
+  /// Iterations for a storm test: `TRACERY_STORM_ITERATIONS` if set, else `long` under
+  /// `TRACERY_LONG_TESTS`, else `default`.
+  public static func stormBatches(default short: Int, long: Int) -> Int {
+    if let text = ProcessInfo.processInfo.environment["TRACERY_STORM_ITERATIONS"], let value = Int(text) { return value }
+    return longTests ? long : short
+  }
+
+  /// Whether long storm runs were asked for.
+  public static var longTests: Bool { ProcessInfo.processInfo.environment["TRACERY_LONG_TESTS"] != nil }
+}
+
+private final class LockedData: @unchecked Sendable {
+  // @unchecked: every access goes through `lock`.
+  private let lock = NSLock()
+  private var data = Data()
+  private var finished = false
+
+  func set(_ value: Data) {
+    lock.lock()
+    data = value
+    finished = true
+    lock.unlock()
+  }
+
+  var done: Bool {
+    lock.lock()
+    defer { lock.unlock() }
+    return finished
+  }
+
+  var value: Data {
+    lock.lock()
+    defer { lock.unlock() }
+    return data
+  }
+}
