@@ -102,7 +102,10 @@ public final class CodeArena: Sendable {
   /// (the caller's grace period has passed).
   public func release(_ block: Block) {
     slabs.withLock { slabs in
-      guard let index = slabs.firstIndex(where: { block.address >= $0.address && block.address < $0.address + UInt64($0.size) })
+      guard
+        let index = slabs.firstIndex(where: {
+          block.address >= $0.address && block.address < $0.address + UInt64($0.size)
+        })
       else { preconditionFailure("released a block the arena does not own") }
       let offset = Int(block.address - slabs[index].address)
       var free = slabs[index].free
@@ -153,7 +156,8 @@ public final class CodeArena: Sendable {
         throw .system(error)
       }
       do {
-        let alias = try System.mmap(at: nil, length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
+        let alias = try System.mmap(
+          at: nil, length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
         return Slab(address: code, alias: alias, size: size, free: [(0, size)])
       } catch {
         System.munmap(code, size)

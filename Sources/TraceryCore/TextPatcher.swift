@@ -80,46 +80,72 @@ public final class TextPatcher: Sendable {
   ///      finds the new byte and re-executes it.
   ///   8. Restore every page's protection, and read each site back.
   public func apply(_ requests: [PatchRequest]) -> [PatchOutcome] {
+    applyReporting(requests).outcomes
+  }
+
+  /// What one call of `applyReporting` did.
+  public struct BatchReport: Sendable {
+    /// Per request, in request order.
+    public var outcomes: [PatchOutcome]
+    /// Core-serialising syncs issued (3 for any batch that wrote anything, 0 otherwise).
+    public var coreSyncs = 0
+    /// Page ranges made writable (one mprotect each way per range).
+    public var writableRanges = 0
+  }
+
+  /// `apply`, also saying how much work the batch took.
+  public func applyReporting(_ requests: [PatchRequest]) -> BatchReport {
     state.withLock { state in
-      var outcomes = [PatchOutcome](repeating: .patched, count: requests.count)
-      guard !requests.isEmpty else { return outcomes }
+      var report = BatchReport(outcomes: [PatchOutcome](repeating: .patched, count: requests.count))
+      guard !requests.isEmpty else { return report }
       if ctracery_install_trap_handler() != 0 {
         let reason = "cannot install the SIGTRAP handler: \(SystemError(call: "sigaction", errno: errno))"
-        return outcomes.map { _ in .failed(reason) }
+        report.outcomes = report.outcomes.map { _ in .failed(reason) }
+        return report
       }
       let map = MemoryMap.current()
       // Step 1.
-      var accepted = step1Verify(requests, map: map, outcomes: &outcomes)
-      guard !accepted.isEmpty else { return outcomes }
+      var accepted = step1Verify(requests, map: map, outcomes: &report.outcomes)
+      guard !accepted.isEmpty else { return report }
       // Step 2.
-      let restore = step2MakeWritable(accepted.map { requests[$0].site }, map: map) { site, reason in
-        if let index = accepted.first(where: { requests[$0].site == site }) { outcomes[index] = .failed(reason) }
-      }
+      let restore = step2MakeWritable(&accepted, map: map, outcomes: &report.outcomes)
       state.statistics.mprotectCalls += restore.count * 2
-      accepted.removeAll { outcomes[$0] != .patched }
+      report.writableRanges = restore.count
       // Steps 3-7.
-      step3to7Write(accepted.map { requests[$0] }, retired: &state.retired)
+      guard !accepted.isEmpty else { return report }
+      step3to7Write(accepted, retired: &state.retired)
+      report.coreSyncs = 3
       // Step 8.
       for range in restore { try? System.mprotect(range.start, range.length, range.protection) }
-      for index in accepted where Self.read(requests[index].site) != requests[index].replacement {
-        outcomes[index] = .failed("read-back after patching does not match")
+      for site in accepted where SiteBytes(reading: site.address) != site.replacement {
+        report.outcomes[site.request] = .failed("read-back after patching does not match")
       }
       state.statistics.batches += 1
       state.statistics.sitesPatched += accepted.count
-      return outcomes
+      return report
     }
   }
 
-  /// Step 1: the indices of the requests to carry out, sorted by site; outcomes for the others.
-  private func step1Verify(_ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome]) -> [Int] {
-    var accepted: [Int] = []
+  /// A request that passed step 1.
+  struct AcceptedSite {
+    let request: Int
+    let address: UInt64
+    let replacement: SiteBytes
+    let kind: ctracery_poke_kind
+  }
+
+  /// Step 1: the requests to carry out, sorted by site; outcomes for the others.
+  private func step1Verify(_ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome]) -> [AcceptedSite]
+  {
+    var accepted: [AcceptedSite] = []
     accepted.reserveCapacity(requests.count)
     for (index, request) in requests.enumerated() {
-      guard request.expected.count == 5, request.replacement.count == 5 else {
-        outcomes[index] = .failed("a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
+      guard let expected = SiteBytes(request.expected), let replacement = SiteBytes(request.replacement) else {
+        outcomes[index] = .failed(
+          "a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
         continue
       }
-      guard Self.pokeKind(request.replacement) != nil else {
+      guard let kind = replacement.pokeKind else {
         outcomes[index] = .failed("replacement \(Self.hex(request.replacement)) is not a nop5, call rel32 or jmp rel32")
         continue
       }
@@ -127,23 +153,25 @@ public final class TextPatcher: Sendable {
         outcomes[index] = .failed("0x\(String(request.site, radix: 16)) is not in readable executable memory")
         continue
       }
-      let current = Self.read(request.site)
-      if current == request.replacement {
+      let current = SiteBytes(reading: request.site)
+      if current == replacement {
         outcomes[index] = .skipped("already holds \(Self.hex(request.replacement))")
-      } else if current != request.expected {
+      } else if current != expected {
         outcomes[index] = .failed(
-          "site 0x\(String(request.site, radix: 16)) holds \(Self.hex(current)), expected \(Self.hex(request.expected))")
+          "site 0x\(String(request.site, radix: 16)) holds \(Self.hex(current.bytes)), expected \(Self.hex(request.expected))"
+        )
       } else {
-        accepted.append(index)
+        accepted.append(AcceptedSite(request: index, address: request.site, replacement: replacement, kind: kind))
       }
     }
-    accepted.sort { requests[$0].site < requests[$1].site }
-    var unique: [Int] = []
-    for index in accepted {
-      if let last = unique.last, requests[last].site == requests[index].site {
-        outcomes[index] = .failed("site 0x\(String(requests[index].site, radix: 16)) appears twice in one batch")
+    accepted.sort { $0.address < $1.address }
+    var unique: [AcceptedSite] = []
+    unique.reserveCapacity(accepted.count)
+    for site in accepted {
+      if let last = unique.last, last.address == site.address {
+        outcomes[site.request] = .failed("site 0x\(String(site.address, radix: 16)) appears twice in one batch")
       } else {
-        unique.append(index)
+        unique.append(site)
       }
     }
     return unique
@@ -155,56 +183,64 @@ public final class TextPatcher: Sendable {
     let protection: Int32
   }
 
-  /// Step 2: makes the pages of `sites` (sorted) writable+executable in as few calls as possible.
-  /// Returns the ranges to restore; reports sites whose pages could not be made writable.
+  /// Step 2: makes the pages of `sites` (sorted) writable and executable, one mprotect per run of
+  /// consecutive pages within one mapping. Sites whose pages cannot be made writable are marked
+  /// failed and removed. Returns the ranges to restore.
   private func step2MakeWritable(
-    _ sites: [UInt64], map: MemoryMap, failed: (UInt64, String) -> Void
+    _ sites: inout [AcceptedSite], map: MemoryMap, outcomes: inout [PatchOutcome]
   ) -> [Protection] {
-    // Runs of consecutive pages within one mapping (same original protection).
-    var runs: [(start: UInt64, end: UInt64, protection: Int32, sites: [UInt64])] = []
-    for site in sites {
-      let first = System.pageStart(site)
-      let end = System.pageEnd(site + 5)
-      guard let region = map.region(containing: site) else { continue }
-      if var last = runs.last, last.end >= first, last.protection == region.protection, region.end >= end,
-        map.region(containing: last.start)?.start == region.start
-      {
-        last.end = max(last.end, end)
-        last.sites.append(site)
-        runs[runs.count - 1] = last
-      } else {
-        runs.append((first, end, region.protection, [site]))
-      }
-    }
     var restore: [Protection] = []
-    for run in runs {
-      do {
-        try System.mprotect(run.start, run.end - run.start, run.protection | PROT_WRITE | PROT_EXEC)
-        restore.append(Protection(start: run.start, length: run.end - run.start, protection: run.protection))
-      } catch {
-        for site in run.sites { failed(site, "cannot make its page writable: \(error)") }
+    var kept: [AcceptedSite] = []
+    kept.reserveCapacity(sites.count)
+    var runStart = 0
+    while runStart < sites.count {
+      guard let region = map.region(containing: sites[runStart].address) else {
+        outcomes[sites[runStart].request] = .failed("not mapped")
+        runStart += 1
+        continue
       }
+      let first = System.pageStart(sites[runStart].address)
+      var end = System.pageEnd(sites[runStart].address + 5)
+      var runEnd = runStart + 1
+      // Extend over following sites in the same mapping whose pages touch or overlap the run.
+      while runEnd < sites.count, System.pageStart(sites[runEnd].address) <= end,
+        sites[runEnd].address + 5 <= region.end
+      {
+        end = max(end, System.pageEnd(sites[runEnd].address + 5))
+        runEnd += 1
+      }
+      do {
+        try System.mprotect(first, end - first, region.protection | PROT_WRITE | PROT_EXEC)
+        restore.append(Protection(start: first, length: end - first, protection: region.protection))
+        kept.append(contentsOf: sites[runStart..<runEnd])
+      } catch {
+        for site in sites[runStart..<runEnd] {
+          outcomes[site.request] = .failed("cannot make its page writable: \(error)")
+        }
+      }
+      runStart = runEnd
     }
+    sites = kept
     return restore
   }
 
-  /// Steps 3-7 on requests already verified, sorted by site, on writable pages.
-  private func step3to7Write(_ requests: [PatchRequest], retired: inout [PokeTable]) {
-    let table = PokeTable(requests)
+  /// Steps 3-7 on sites already verified, sorted by address, on writable pages.
+  private func step3to7Write(_ sites: [AcceptedSite], retired: inout [PokeTable]) {
+    let table = PokeTable(sites)
     // Step 3. Publishing is sequentially consistent, and the writes below follow an opaque call,
     // so no int3 can become visible before the table.
     ctracery_publish_pokes(table.header)
     // Step 4.
-    for request in requests { Self.pointer(request.site).pointee = 0xcc }
+    for site in sites { Self.pointer(site.address).pointee = 0xcc }
     CoreSync.syncAllCores()
     // Step 5.
-    for request in requests {
-      let site = Self.pointer(request.site)
-      for offset in 1..<5 { site[offset] = request.replacement[offset] }
+    for site in sites {
+      let pointer = Self.pointer(site.address)
+      for offset in 1..<5 { pointer[offset] = site.replacement.byte(offset) }
     }
     CoreSync.syncAllCores()
     // Step 6.
-    for request in requests { Self.pointer(request.site).pointee = request.replacement[0] }
+    for site in sites { Self.pointer(site.address).pointee = site.replacement.byte(0) }
     CoreSync.syncAllCores()
     // Step 7. A handler may still be reading this table (a trapped thread can be descheduled
     // anywhere in its handler): retire it, and free every retired table once no handler is in
@@ -269,21 +305,12 @@ public final class TextPatcher: Sendable {
 
   // MARK: - Helpers
 
-  static func pokeKind(_ replacement: [UInt8]) -> ctracery_poke_kind? {
-    switch X86Instruction.SiteShape(bytes: replacement, at: 0) {
-    case .nop5: return CTRACERY_POKE_SKIP
-    case .call: return CTRACERY_POKE_CALL
-    case .jmp: return CTRACERY_POKE_JMP
-    default: return nil
-    }
-  }
-
   static func pointer(_ address: UInt64) -> UnsafeMutablePointer<UInt8> {
     UnsafeMutablePointer(bitPattern: UInt(address))!
   }
 
   /// The 5 bytes at `site`. Precondition: mapped readable (checked against the memory map).
-  static func read(_ site: UInt64) -> [UInt8] {
+  package static func read(_ site: UInt64) -> [UInt8] {
     let pointer = UnsafePointer<UInt8>(bitPattern: UInt(site))!
     return (0..<5).map { pointer[$0] }
   }
@@ -307,19 +334,61 @@ final class PokeTable: @unchecked Sendable {
   let header: UnsafeMutablePointer<ctracery_poke_table>
   private let pokes: UnsafeMutablePointer<ctracery_poke>
 
-  init(_ requests: [PatchRequest]) {
-    pokes = .allocate(capacity: max(requests.count, 1))
-    for (index, request) in requests.enumerated() {
-      let kind = TextPatcher.pokeKind(request.replacement)!
-      let target = X86Instruction.branchTarget(request.replacement, at: request.site) ?? request.site + 5
-      (pokes + index).initialize(to: ctracery_poke(site: request.site, target: target, kind: UInt64(kind.rawValue)))
+  init(_ sites: [TextPatcher.AcceptedSite]) {
+    pokes = .allocate(capacity: max(sites.count, 1))
+    for (index, site) in sites.enumerated() {
+      let target = site.replacement.branchTarget(at: site.address) ?? site.address + 5
+      (pokes + index).initialize(
+        to: ctracery_poke(site: site.address, target: target, kind: UInt64(site.kind.rawValue)))
     }
     header = .allocate(capacity: 1)
-    header.initialize(to: ctracery_poke_table(pokes: pokes, count: requests.count))
+    header.initialize(to: ctracery_poke_table(pokes: pokes, count: sites.count))
   }
 
   deinit {
     header.deallocate()
     pokes.deallocate()
+  }
+}
+
+/// Five instruction bytes packed into the low 40 bits of a word, so a batch compares and copies
+/// sites without allocating.
+struct SiteBytes: Equatable {
+  let raw: UInt64
+
+  init?(_ bytes: [UInt8]) {
+    guard bytes.count == 5 else { return nil }
+    var raw: UInt64 = 0
+    for (index, byte) in bytes.enumerated() { raw |= UInt64(byte) << (8 * UInt64(index)) }
+    self.raw = raw
+  }
+
+  /// The 5 bytes at `address`. Precondition: mapped readable.
+  init(reading address: UInt64) {
+    let pointer = UnsafePointer<UInt8>(bitPattern: UInt(address))!
+    var raw: UInt64 = 0
+    for index in 0..<5 { raw |= UInt64(pointer[index]) << (8 * UInt64(index)) }
+    self.raw = raw
+  }
+
+  func byte(_ index: Int) -> UInt8 { UInt8(truncatingIfNeeded: raw >> (8 * UInt64(index))) }
+
+  var bytes: [UInt8] { (0..<5).map(byte) }
+
+  /// What the SIGTRAP handler must emulate for these bytes, or nil if it cannot.
+  var pokeKind: ctracery_poke_kind? {
+    switch byte(0) {
+    case 0xe8: return CTRACERY_POKE_CALL
+    case 0xe9: return CTRACERY_POKE_JMP
+    case 0x0f where byte(1) == 0x1f && byte(2) == 0x44 && byte(3) == 0x00: return CTRACERY_POKE_SKIP
+    default: return nil
+    }
+  }
+
+  /// The destination of a `call`/`jmp rel32` placed at `site`.
+  func branchTarget(at site: UInt64) -> UInt64? {
+    guard byte(0) == 0xe8 || byte(0) == 0xe9 else { return nil }
+    let rel = Int32(bitPattern: UInt32(truncatingIfNeeded: raw >> 8))
+    return site &+ 5 &+ UInt64(bitPattern: Int64(rel))
   }
 }

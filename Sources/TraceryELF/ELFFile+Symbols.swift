@@ -34,7 +34,8 @@ extension ELFFile {
       let info = bytes.u8(base + 4)
       var name = ""
       if nameOffset != 0 {
-        guard let found = bytes.cString(at: strings.start + nameOffset, tableStart: strings.start, tableEnd: strings.end)
+        guard
+          let found = bytes.cString(at: strings.start + nameOffset, tableStart: strings.start, tableEnd: strings.end)
         else { throw .badStringOffset(table: "string table of \(section.name)", offset: UInt64(nameOffset)) }
         name = found
       }
@@ -101,11 +102,9 @@ extension ELFFile {
     try dynamicStrings(tag: ELFConstants.DT_NEEDED)
   }
 
-  /// `DT_RUNPATH`, or `DT_RPATH` when there is no runpath, split at `:`.
-  public func librarySearchPath() throws(ELFError) -> [String] {
-    var paths = try dynamicStrings(tag: ELFConstants.DT_RUNPATH)
-    if paths.isEmpty { paths = try dynamicStrings(tag: ELFConstants.DT_RPATH) }
-    return paths.flatMap { $0.split(separator: ":").map(String.init) }
+  /// The strings of every dynamic entry with `tag` (a string-valued tag), each split at `:`.
+  func dynamicPathList(tag: UInt64) throws(ELFError) -> [String] {
+    try dynamicStrings(tag: tag).flatMap { $0.split(separator: ":").map(String.init) }
   }
 
   private func dynamicStrings(tag: UInt64) throws(ELFError) -> [String] {

@@ -55,8 +55,9 @@ public struct ELFFile: Sendable {
   public init(bytes raw: [UInt8]) throws(ELFError) {
     let bytes = ELFBytes(storage: raw)
     self.bytes = bytes
-    guard bytes.count >= 64 else { throw .tooSmall(size: bytes.count) }
+    guard bytes.count >= 4 else { throw .tooSmall(size: bytes.count) }
     guard raw[0] == 0x7f, raw[1] == 0x45, raw[2] == 0x4c, raw[3] == 0x46 else { throw .notELF }
+    guard bytes.count >= 64 else { throw .tooSmall(size: bytes.count) }
     guard raw[4] == 2 else { throw .not64Bit(elfClass: raw[4]) }
     guard raw[5] == 1 else { throw .notLittleEndian }
     guard raw[6] == 1 else { throw .badVersion(UInt32(raw[6])) }
@@ -167,7 +168,8 @@ public struct ELFFile: Sendable {
     guard count <= bytes.count / 64 else {
       throw .outOfBounds(what: "section header table", offset: offset, size: UInt64(count) * 64, fileSize: bytes.count)
     }
-    try checkTable(bytes, name: "section header table", offset: offset, count: count, entrySize: entrySize, expected: 64)
+    try checkTable(
+      bytes, name: "section header table", offset: offset, count: count, entrySize: entrySize, expected: 64)
     struct Raw {
       var name: UInt32, type: UInt32, flags: UInt64, address: UInt64, offset: UInt64, size: UInt64
       var link: UInt32, info: UInt32, entrySize: UInt64

@@ -40,7 +40,8 @@ public enum X86Instruction {
   /// The target of a 5-byte `call`/`jmp rel32` at `site`, or nil for other bytes.
   public static func branchTarget(_ bytes: [UInt8], at site: UInt64) -> UInt64? {
     guard bytes.count == 5, bytes[0] == 0xe8 || bytes[0] == 0xe9 else { return nil }
-    let rel = Int32(bitPattern: UInt32(bytes[1]) | UInt32(bytes[2]) << 8 | UInt32(bytes[3]) << 16 | UInt32(bytes[4]) << 24)
+    let rel = Int32(
+      bitPattern: UInt32(bytes[1]) | UInt32(bytes[2]) << 8 | UInt32(bytes[3]) << 16 | UInt32(bytes[4]) << 24)
     return site &+ 5 &+ UInt64(bitPattern: Int64(rel))
   }
 

@@ -27,7 +27,9 @@ enum FixtureSites {
     let originals = sites.map { TextPatcher.read($0) }
     for original in originals { #expect(X86Instruction.SiteShape(bytes: original, at: 0) == .nop5) }
     let probes = try CountingTrampolines(sites: sites, mode: .call)
-    let patch = sites.indices.map { PatchRequest(site: sites[$0], expected: originals[$0], replacement: probes.branch($0)) }
+    let patch = sites.indices.map {
+      PatchRequest(site: sites[$0], expected: originals[$0], replacement: probes.branch($0))
+    }
     #expect(TextPatcher.shared.apply(patch) == Array(repeating: .patched, count: sites.count))
     #expect(tracery_fixture_add(40, 2) == 42)
     #expect(tracery_fixture_mul3(5) == 15)
@@ -35,7 +37,9 @@ enum FixtureSites {
     #expect(probes.count(0) == 2)
     #expect(probes.count(1) == 1)
     #expect(probes.count(2) == 0)
-    let unpatch = sites.indices.map { PatchRequest(site: sites[$0], expected: probes.branch($0), replacement: originals[$0]) }
+    let unpatch = sites.indices.map {
+      PatchRequest(site: sites[$0], expected: probes.branch($0), replacement: originals[$0])
+    }
     #expect(TextPatcher.shared.apply(unpatch) == Array(repeating: .patched, count: sites.count))
     #expect(tracery_fixture_add(40, 2) == 42)
     #expect(probes.count(0) == 2)
@@ -62,7 +66,9 @@ enum FixtureSites {
     #expect(tracery_fixture_add(2, 3) == 5 && tracery_fixture_mul3(2) == 6 && tracery_fixture_sub(9, 4) == 5)
     #expect(probes.count(0) == 1 && probes.count(1) == 0 && probes.count(3) == 1)
     // Applying the same change again is a skip, not a failure.
-    #expect(TextPatcher.shared.apply([requests[0]]) == [.skipped("already holds \(TextPatcher.hex(requests[0].replacement))")])
+    #expect(
+      TextPatcher.shared.apply([requests[0]]) == [.skipped("already holds \(TextPatcher.hex(requests[0].replacement))")]
+    )
     let undo = [0, 2, 3].map { PatchRequest(site: sites[$0], expected: probes.branch($0), replacement: originals[$0]) }
     #expect(TextPatcher.shared.apply(undo) == [.patched, .patched, .patched])
     #expect(sites.map { TextPatcher.read($0) } == originals)

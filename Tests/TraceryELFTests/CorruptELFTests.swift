@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TraceryTestSupport
 
 @testable import TraceryELF
 
@@ -36,56 +37,115 @@ import Testing
     Case(name: "empty", mutate: { _ in [] }, expected: { e, _ in e == .tooSmall(size: 0) }),
     Case(name: "ten bytes", mutate: { Array($0.prefix(10)) }, expected: { e, _ in e == .tooSmall(size: 10) }),
     Case(
-      name: "bad magic", mutate: { var b = $0; b[1] = 0x45 ^ 0xff; return b }, expected: { e, _ in e == .notELF }),
-    Case(name: "32-bit class", mutate: { var b = $0; b[4] = 1; return b }, expected: { e, _ in e == .not64Bit(elfClass: 1) }),
-    Case(name: "big endian", mutate: { var b = $0; b[5] = 2; return b }, expected: { e, _ in e == .notLittleEndian }),
-    Case(name: "ident version 0", mutate: { var b = $0; b[6] = 0; return b }, expected: { e, _ in e == .badVersion(0) }),
+      name: "bad magic",
+      mutate: {
+        var b = $0; b[1] = 0x45 ^ 0xff; return b
+      }, expected: { e, _ in e == .notELF }),
     Case(
-      name: "i386 machine", mutate: { var b = $0; put(UInt16(3), at: 18, in: &b); return b },
+      name: "32-bit class",
+      mutate: {
+        var b = $0; b[4] = 1; return b
+      }, expected: { e, _ in e == .not64Bit(elfClass: 1) }),
+    Case(
+      name: "big endian",
+      mutate: {
+        var b = $0; b[5] = 2; return b
+      }, expected: { e, _ in e == .notLittleEndian }),
+    Case(
+      name: "ident version 0",
+      mutate: {
+        var b = $0; b[6] = 0; return b
+      }, expected: { e, _ in e == .badVersion(0) }),
+    Case(
+      name: "i386 machine",
+      mutate: {
+        var b = $0; put(UInt16(3), at: 18, in: &b); return b
+      },
       expected: { e, _ in e == .notX86_64(machine: 3) }),
     Case(
       name: "truncated to half", mutate: { Array($0.prefix($0.count / 2)) },
       expected: { e, _ in if case .outOfBounds = e { return true } else { return false } }),
     Case(
       name: "truncated by one byte", mutate: { Array($0.dropLast()) },
-      expected: { e, _ in if case .outOfBounds(let what, _, _, _) = e { return what == "section header table" } else { return false } }),
+      expected: { e, _ in
+        if case .outOfBounds(let what, _, _, _) = e { return what == "section header table" } else { return false }
+      }),
     Case(
-      name: "program header entry size", mutate: { var b = $0; put(UInt16(40), at: 54, in: &b); return b },
+      name: "program header entry size",
+      mutate: {
+        var b = $0; put(UInt16(40), at: 54, in: &b); return b
+      },
       expected: { e, _ in e == .badEntrySize(table: "program header table", size: 40, expected: 56) }),
     Case(
-      name: "section header entry size", mutate: { var b = $0; put(UInt16(32), at: 58, in: &b); return b },
+      name: "section header entry size",
+      mutate: {
+        var b = $0; put(UInt16(32), at: 58, in: &b); return b
+      },
       expected: { e, _ in e == .badEntrySize(table: "section header table", size: 32, expected: 64) }),
     Case(
-      name: "program headers past the end", mutate: { var b = $0; put(UInt64.max - 8, at: 32, in: &b); return b },
-      expected: { e, _ in if case .outOfBounds(let what, _, _, _) = e { return what == "program header table" } else { return false } }),
+      name: "program headers past the end",
+      mutate: {
+        var b = $0; put(UInt64.max - 8, at: 32, in: &b); return b
+      },
+      expected: { e, _ in
+        if case .outOfBounds(let what, _, _, _) = e { return what == "program header table" } else { return false }
+      }),
     Case(
-      name: "section headers past the end", mutate: { var b = $0; put(UInt64(b.count - 10), at: 40, in: &b); return b },
-      expected: { e, _ in if case .outOfBounds(let what, _, _, _) = e { return what == "section header table" } else { return false } }),
+      name: "section headers past the end",
+      mutate: {
+        var b = $0; put(UInt64(b.count - 10), at: 40, in: &b); return b
+      },
+      expected: { e, _ in
+        if case .outOfBounds(let what, _, _, _) = e { return what == "section header table" } else { return false }
+      }),
     Case(
-      name: "huge section count", mutate: { var b = $0; put(UInt16(0xfff0), at: 60, in: &b); return b },
+      name: "huge section count",
+      mutate: {
+        var b = $0; put(UInt16(0xfff0), at: 60, in: &b); return b
+      },
       expected: { e, _ in if case .outOfBounds = e { return true } else { return false } }),
     Case(
-      name: "section name table index", mutate: { var b = $0; put(UInt16(9999), at: 62, in: &b); return b },
-      expected: { e, _ in if case .badSectionIndex(let what, 9999, _) = e { return what == "e_shstrndx" } else { return false } }),
+      name: "section name table index",
+      mutate: {
+        var b = $0; put(UInt16(9999), at: 62, in: &b); return b
+      },
+      expected: { e, _ in
+        if case .badSectionIndex(let what, 9999, _) = e { return what == "e_shstrndx" } else { return false }
+      }),
     Case(
       name: "section data past the end",
-      mutate: { var b = $0; put(UInt64(b.count), at: sectionHeader(named: ".text", in: b) + 24, in: &b); return b },
-      expected: { e, _ in if case .outOfBounds(let what, _, _, _) = e { return what.hasPrefix("section ") } else { return false } }),
+      mutate: {
+        var b = $0; put(UInt64(b.count), at: sectionHeader(named: ".text", in: b) + 24, in: &b); return b
+      },
+      expected: { e, _ in
+        if case .outOfBounds(let what, _, _, _) = e { return what.hasPrefix("section ") } else { return false }
+      }),
     Case(
       name: "section size overflows",
-      mutate: { var b = $0; put(UInt64.max, at: sectionHeader(named: ".text", in: b) + 32, in: &b); return b },
+      mutate: {
+        var b = $0; put(UInt64.max, at: sectionHeader(named: ".text", in: b) + 32, in: &b); return b
+      },
       expected: { e, _ in if case .outOfBounds = e { return true } else { return false } }),
     Case(
-      name: "section name offset", mutate: { var b = $0; put(UInt32(0x7fff_ffff), at: sectionHeader(named: ".text", in: b), in: &b); return b },
+      name: "section name offset",
+      mutate: {
+        var b = $0; put(UInt32(0x7fff_ffff), at: sectionHeader(named: ".text", in: b), in: &b); return b
+      },
       expected: { e, _ in e == .badStringOffset(table: "section names", offset: 0x7fff_ffff) }),
     Case(
       name: "symtab string table link",
-      mutate: { var b = $0; put(UInt32(5000), at: sectionHeader(named: ".symtab", in: b) + 40, in: &b); return b },
-      expected: { e, _ in if case .badSectionIndex(let what, 5000, _) = e { return what == "sh_link of .symtab" } else { return false } },
+      mutate: {
+        var b = $0; put(UInt32(5000), at: sectionHeader(named: ".symtab", in: b) + 40, in: &b); return b
+      },
+      expected: { e, _ in
+        if case .badSectionIndex(let what, 5000, _) = e { return what == "sh_link of .symtab" } else { return false }
+      },
       deep: true),
     Case(
       name: "symtab entry size",
-      mutate: { var b = $0; put(UInt64(16), at: sectionHeader(named: ".symtab", in: b) + 56, in: &b); return b },
+      mutate: {
+        var b = $0; put(UInt64(16), at: sectionHeader(named: ".symtab", in: b) + 56, in: &b); return b
+      },
       expected: { e, _ in e == .badEntrySize(table: ".symtab", size: 16, expected: 24) }, deep: true),
     Case(
       name: "symbol name offset",
@@ -99,7 +159,9 @@ import Testing
       expected: { e, _ in e == .badStringOffset(table: "string table of .symtab", offset: 0x7fff_0000) }, deep: true),
     Case(
       name: "relocation entry size",
-      mutate: { var b = $0; put(UInt64(7), at: sectionHeader(named: ".rela.dyn", in: b) + 56, in: &b); return b },
+      mutate: {
+        var b = $0; put(UInt64(7), at: sectionHeader(named: ".rela.dyn", in: b) + 56, in: &b); return b
+      },
       expected: { e, _ in e == .badEntrySize(table: ".rela.dyn", size: 7, expected: 24) }, deep: true),
   ]
 

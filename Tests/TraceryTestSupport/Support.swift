@@ -68,6 +68,7 @@ public enum TestSupport {
 
   public struct CompileError: Error, CustomStringConvertible {
     public let description: String
+    public init(description: String) { self.description = description }
   }
 
   /// Compiles C `sources` with `compiler` (gcc or clang) into `output`.
@@ -101,7 +102,9 @@ public enum TestSupport {
   /// Iterations for a storm test: `TRACERY_STORM_ITERATIONS` if set, else `long` under
   /// `TRACERY_LONG_TESTS`, else `default`.
   public static func stormBatches(default short: Int, long: Int) -> Int {
-    if let text = ProcessInfo.processInfo.environment["TRACERY_STORM_ITERATIONS"], let value = Int(text) { return value }
+    if let text = ProcessInfo.processInfo.environment["TRACERY_STORM_ITERATIONS"], let value = Int(text) {
+      return value
+    }
     return longTests ? long : short
   }
 

@@ -115,7 +115,9 @@ let forms: [Form] = [
   Form(name: "inc [rax+8]", expected: [0x48, 0xff, 0x40, 0x08], disassembly: "inc QWORD PTR [rax+0x8]") {
     $0.putInc(Memory(.rax, 8))
   },
-  Form(name: "lock add [rdi], 2", expected: [0xf0, 0x48, 0x83, 0x07, 0x02], disassembly: "lock add QWORD PTR [rdi],0x2") {
+  Form(
+    name: "lock add [rdi], 2", expected: [0xf0, 0x48, 0x83, 0x07, 0x02], disassembly: "lock add QWORD PTR [rdi],0x2"
+  ) {
     $0.putAdd(Memory(.rdi), immediate: 2, locked: true)
   },
   Form(
@@ -136,7 +138,10 @@ let forms: [Form] = [
   Form(name: "movq [rsp], xmm0", expected: [0x66, 0x0f, 0xd6, 0x04, 0x24], disassembly: "movq QWORD PTR [rsp],xmm0") {
     $0.putMovq(Memory(.rsp), XMMRegister(0))
   },
-  Form(name: "movq xmm1, [rsp+8]", expected: [0xf3, 0x0f, 0x7e, 0x4c, 0x24, 0x08], disassembly: "movq xmm1,QWORD PTR [rsp+0x8]") {
+  Form(
+    name: "movq xmm1, [rsp+8]", expected: [0xf3, 0x0f, 0x7e, 0x4c, 0x24, 0x08],
+    disassembly: "movq xmm1,QWORD PTR [rsp+0x8]"
+  ) {
     $0.putMovq(XMMRegister(1), Memory(.rsp, 8))
   },
   Form(name: "call rel32", expected: [0xe8, 0xfb, 0x0f, 0, 0], disassembly: "call 0x101000") {
@@ -193,7 +198,10 @@ let forms: [Form] = [
     try Data(writer.bytes).write(to: file)
     let output = try TestSupport.run(
       objdump,
-      ["-D", "-b", "binary", "-m", "i386:x86-64", "-M", "intel", "--adjust-vma=0x\(String(base, radix: 16))", file.path]
+      [
+        "-D", "-b", "binary", "-m", "i386:x86-64", "-M", "intel", "--adjust-vma=0x\(String(base, radix: 16))",
+        file.path,
+      ]
     ).stdout
     var disassembled: [Int: String] = [:]
     for line in output.split(separator: "\n") {
@@ -270,9 +278,12 @@ let forms: [Form] = [
     let call = X86Instruction.call(at: 0x1000, to: 0x2000)!
     #expect(call == [0xe8, 0xfb, 0x0f, 0, 0])
     #expect(X86Instruction.SiteShape(bytes: call, at: 0x1000) == .call(target: 0x2000))
-    #expect(X86Instruction.SiteShape(bytes: X86Instruction.jmp(at: 0x2000, to: 0x1000)!, at: 0x2000) == .jmp(target: 0x1000))
+    #expect(
+      X86Instruction.SiteShape(bytes: X86Instruction.jmp(at: 0x2000, to: 0x1000)!, at: 0x2000) == .jmp(target: 0x1000))
     #expect(X86Instruction.call(at: 0x7f00_0000_0000, to: 0x1000) == nil)
-    #expect(X86Instruction.SiteShape(bytes: [0x55, 0x48, 0x89, 0xe5, 0x90], at: 0) == .unknown([0x55, 0x48, 0x89, 0xe5, 0x90]))
+    #expect(
+      X86Instruction.SiteShape(bytes: [0x55, 0x48, 0x89, 0xe5, 0x90], at: 0)
+        == .unknown([0x55, 0x48, 0x89, 0xe5, 0x90]))
   }
 
   @Test func nopsOfEveryLength() throws {

@@ -1,68 +1,73 @@
 import Foundation
-import TraceryTestSupport
 
 /// Small programs and libraries built once per test run with the real compilers.
-enum ELFFixtures {
-  static let directory: URL = try! TestSupport.temporaryDirectory("tracery-elf")
+public enum ELFFixtures {
+  public static let directory: URL = try! TestSupport.temporaryDirectory("tracery-elf")
 
-  static let demoSource = TestSupport.packageRoot.appendingPathComponent("Examples/demo/demo.c").path
+  public static let demoSource = TestSupport.packageRoot.appendingPathComponent("Examples/demo/demo.c").path
 
   /// The demo built by `compiler` with `flags` (cached per flag set).
-  static func demo(_ name: String, compiler: String, flags: [String]) throws -> String {
+  public static func demo(_ name: String, compiler: String, flags: [String]) throws -> String {
     let output = directory.appendingPathComponent(name).path
     if !FileManager.default.fileExists(atPath: output) {
-      try TestSupport.compile(compiler: compiler, sources: [demoSource], flags: flags, output: output)
+      // Tests run in parallel: build under a private name and rename, so no test ever sees a
+      // half-written file.
+      let temporary = output + ".\(UUID().uuidString)"
+      try TestSupport.compile(compiler: compiler, sources: [demoSource], flags: flags, output: temporary)
+      guard rename(temporary, output) == 0 else { throw TestSupport.CompileError(description: "rename \(temporary)") }
     }
     return output
   }
 
-  static func clangDemo() throws -> String {
+  public static func clangDemo() throws -> String {
     try demo("demo-clang", compiler: "clang", flags: ["-O1", "-fpatchable-function-entry=5"])
   }
 
   /// Linked with an explicit build-id (the default linker here, gold, adds none).
-  static func clangBuildIDDemo() throws -> String {
+  public static func clangBuildIDDemo() throws -> String {
     try demo("demo-clang-buildid", compiler: "clang", flags: ["-O1", "-fpatchable-function-entry=5", "-Wl,--build-id"])
   }
 
-  static func clangLLDDemo() throws -> String {
+  public static func clangLLDDemo() throws -> String {
     try demo("demo-clang-lld", compiler: "clang", flags: ["-O1", "-fpatchable-function-entry=5", "-fuse-ld=lld"])
   }
 
-  static func gccMcountDemo() throws -> String {
+  public static func gccMcountDemo() throws -> String {
     try demo(
       "demo-gcc-mcount", compiler: "gcc",
       flags: ["-O1", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"])
   }
 
-  static func gccSledDemo() throws -> String {
+  public static func gccSledDemo() throws -> String {
     try demo("demo-gcc-sled", compiler: "gcc", flags: ["-O1", "-fpatchable-function-entry=5"])
   }
 
-  static func gccCETDemo() throws -> String {
+  public static func gccCETDemo() throws -> String {
     try demo("demo-gcc-cet", compiler: "gcc", flags: ["-O1", "-fpatchable-function-entry=5", "-fcf-protection=full"])
   }
 }
 
 /// What binutils says about an object: the functions (`nm`) that hold a recorded patch site
 /// (`readelf -x` of the site sections, plus `readelf -r` for lld's RELATIVE-only words).
-enum Binutils {
-  struct Function: Hashable {
-    let name: String
-    let address: UInt64
+public enum Binutils {
+  public struct Function: Hashable, Sendable {
+    public let name: String
+    public let address: UInt64
   }
 
-  static func functions(_ path: String) throws -> [Function] {
+  public static func functions(_ path: String) throws -> [Function] {
     let result = try TestSupport.run(TestSupport.which("nm")!, ["--defined-only", path])
     return result.stdout.split(separator: "\n").compactMap { line in
       let fields = line.split(separator: " ")
-      guard fields.count == 3, "tTwW".contains(fields[1]), let address = UInt64(fields[0], radix: 16) else { return nil }
+      guard fields.count == 3, "tTwW".contains(fields[1]), let address = UInt64(fields[0], radix: 16) else {
+        return nil
+      }
       return Function(name: String(fields[2]), address: address)
     }
   }
 
   /// Addresses recorded in `section` (link-time).
-  static func siteAddresses(_ path: String, section: String) throws -> [UInt64] {
+  public static func siteAddresses(_ path: String, section: String) throws -> [UInt64] {
     let dump = try TestSupport.run(TestSupport.which("readelf")!, ["-x", section, path]).stdout
     var words: [(UInt64, UInt64)] = []
     for line in dump.split(separator: "\n") {
@@ -101,7 +106,7 @@ enum Binutils {
   }
 
   /// Names of the functions whose bytes hold a site recorded in `section`.
-  static func functionsWithSites(_ path: String, section: String) throws -> Set<String> {
+  public static func functionsWithSites(_ path: String, section: String) throws -> Set<String> {
     let functions = try self.functions(path).sorted { $0.address < $1.address }
     var names: Set<String> = []
     for site in try siteAddresses(path, section: section) {

@@ -6,7 +6,8 @@ import TraceryX86
 
 @testable import TraceryCore
 
-@Suite(.serialized) struct PatchStormTests {
+// Part of LivePatchTests (a serialized suite): every test there rewrites the same fixture sites.
+extension LivePatchTests {
   /// Two threads call the four fixtures in a loop and check every result while this thread
   /// cycles their sites nop → call A → jmp B → nop, one batch per step.
   @Test func twoThreadsCallWhileSitesAreRewritten() throws {
@@ -49,6 +50,8 @@ import TraceryX86
     #expect(sites.map { TextPatcher.read($0) } == originals)
     let counted = sites.indices.reduce(UInt64(0)) { $0 + callProbes.count($1) + jmpProbes.count($1) }
     #expect(counted > 0 && counted <= calls, "counted \(counted) of \(calls) calls")
-    print("storm: \(batches) batches, \(calls) checked calls, \(counted) counted, \(TrapStatistics.handled - trapsBefore) traps emulated")
+    print(
+      "storm: \(batches) batches, \(calls) checked calls, \(counted) counted, \(TrapStatistics.handled - trapsBefore) traps emulated"
+    )
   }
 }

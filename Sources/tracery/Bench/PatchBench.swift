@@ -1,0 +1,119 @@
+import Foundation
+import TraceryCore
+import TraceryELF
+import TraceryX86
+
+/// `tracery bench patch`: the cost of finding and rewriting many live sites.
+///
+/// A generated shared object of 50,000 functions (built once with clang and cached) is loaded
+/// into this process; every function gets a counting trampoline; each run patches the first N
+/// sites in one batch and unpatches them in another.
+struct PatchBench {
+  static let functionCount = 50_000
+  static let sizes = [1_000, 10_000, 50_000]
+  let runs: Int
+  let cacheDirectory: String
+
+  func run(_ report: BenchReport) throws {
+    let library = try GeneratedLibrary.path(functions: Self.functionCount, directory: cacheDirectory, report: report)
+
+    // The symbol table of the 50,000-function object, from reading the file to lookups ready.
+    var table: SymbolTable?
+    let tableTime = try medianNanoseconds(runs: runs) {
+      table = try SymbolTable([SymbolTable.Input(path: library, bias: 0, file: try ELFFile(path: library))])
+    }
+    guard let table else { return }
+    report.figure(name: "symbol-table", n: table.functions.count, nsPerItem: tableTime / Double(table.functions.count))
+    let glob = try Glob("tr_f*7")
+    var matched = 0
+    let globTime = medianNanoseconds(runs: runs) { matched = table.functions(matching: glob).count }
+    guard matched == Self.functionCount / 10 else {
+      throw UserError("glob matched \(matched), expected \(Self.functionCount / 10)")
+    }
+    report.figure(name: "glob", n: table.functions.count, nsPerItem: globTime / Double(table.functions.count))
+
+    // Load it and find its live sites.
+    guard let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL) else {
+      throw UserError("cannot load \(library): \(String(cString: dlerror()))")
+    }
+    defer { dlclose(handle) }
+    let resolved = URL(fileURLWithPath: library).resolvingSymlinksInPath().path
+    guard let loaded = ProcessObjects.list().first(where: { $0.path == library || $0.path == resolved }) else {
+      throw UserError("\(library) is loaded but not listed by dl_iterate_phdr")
+    }
+    let live = try SymbolTable([SymbolTable.Input(path: library, bias: loaded.bias, file: try ELFFile(path: library))])
+    let sites = (0..<Self.functionCount).map { index -> UInt64 in
+      let function = live.functions[live.functions(named: "tr_f\(index)")[0]]
+      return function.site!
+    }
+    let original = X86Instruction.nop5Shape(at: sites[0])
+    let probes = try CountingTrampolines(sites: sites, mode: .call)
+    let patcher = TextPatcher.shared
+    if !patcher.usesMembarrier {
+      report.note("note: membarrier SYNC_CORE unavailable; using the TLB-shootdown fallback")
+    }
+    for size in Self.sizes {
+      let patch = (0..<size).map { PatchRequest(site: sites[$0], expected: original, replacement: probes.branch($0)) }
+      let unpatch = (0..<size).map { PatchRequest(site: sites[$0], expected: probes.branch($0), replacement: original) }
+      var patchSamples: [Double] = []
+      var unpatchSamples: [Double] = []
+      for _ in 0..<runs {
+        patchSamples.append(try time { try Self.expectAllPatched(patcher.apply(patch)) })
+        unpatchSamples.append(try time { try Self.expectAllPatched(patcher.apply(unpatch)) })
+      }
+      report.figure(name: "patch", n: size, nsPerItem: Self.median(patchSamples) / Double(size))
+      report.figure(name: "unpatch", n: size, nsPerItem: Self.median(unpatchSamples) / Double(size))
+    }
+  }
+
+  static func expectAllPatched(_ outcomes: [PatchOutcome]) throws {
+    if let bad = outcomes.first(where: { $0 != .patched }) { throw UserError("benchmark batch did not apply: \(bad)") }
+  }
+
+  func time(_ body: () throws -> Void) rethrows -> Double {
+    try medianNanoseconds(runs: 1, body)
+  }
+
+  static func median(_ samples: [Double]) -> Double {
+    let sorted = samples.sorted()
+    return sorted.count % 2 == 1
+      ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
+  }
+}
+
+extension X86Instruction {
+  /// The 5 bytes now at `site` (a live patch site of this process).
+  static func nop5Shape(at site: UInt64) -> [UInt8] {
+    let pointer = UnsafePointer<UInt8>(bitPattern: UInt(site))!
+    return (0..<5).map { pointer[$0] }
+  }
+}
+
+/// Generated C programs for benchmarks, built once with clang and cached by content.
+enum GeneratedLibrary {
+  static func path(functions: Int, directory: String, report: BenchReport) throws -> String {
+    let version = 1
+    let path = "\(directory)/functions-\(functions)-v\(version).so"
+    if FileManager.default.fileExists(atPath: path) { return path }
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    report.note("building \(path) with clang (\(functions) functions; once, then cached)…")
+    var source = "typedef long (*tr_fn)(long);\n"
+    source.reserveCapacity(functions * 64)
+    for index in 0..<functions { source += "long tr_f\(index)(long x) { return x * \(index % 97 + 3) + \(index); }\n" }
+    source += "tr_fn tr_table[\(functions)] = {" + (0..<functions).map { "tr_f\($0)" }.joined(separator: ",") + "};\n"
+    let sourcePath = path + ".c"
+    try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+    let temporary = path + ".tmp"
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = [
+      "clang", "-O1", "-shared", "-fPIC", "-fpatchable-function-entry=5", sourcePath, "-o", temporary,
+    ]
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw UserError("clang failed to build \(sourcePath)") }
+    try FileManager.default.moveItem(atPath: temporary, toPath: path)
+    try? FileManager.default.removeItem(atPath: sourcePath)
+    return path
+  }
+}

@@ -1,0 +1,116 @@
+import ArgumentParser
+import Foundation
+
+struct Bench: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Measure Tracery (run from a release build: swift build -c release).",
+    discussion: """
+      Suites:
+        patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
+      to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
+      Each figure is the median of --runs runs. --json prints one object per line with the keys \
+      suite, name, n, ns_per_item (and baseline_ns_per_item where an untraced baseline applies).
+      """
+  )
+
+  enum Suite: String, ExpressibleByArgument, CaseIterable {
+    case patch
+  }
+
+  @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
+  var suite: Suite
+
+  @Flag(help: "One JSON object per line instead of a table.")
+  var json = false
+
+  @Option(help: "Runs per figure (the median is reported).")
+  var runs = 7
+
+  @Option(help: "Directory for generated benchmark programs (default: ~/.cache/tracery/bench).")
+  var cache: String?
+
+  func validate() throws {
+    guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
+  }
+
+  func run() throws {
+    try reportingUserErrors {
+      let report = BenchReport(suite: suite.rawValue, json: json)
+      #if DEBUG
+        report.note("warning: this is a debug build; figures are only meaningful from `swift build -c release`")
+      #endif
+      switch suite {
+      case .patch: try PatchBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
+      }
+    }
+  }
+
+  var cacheDirectory: String {
+    if let cache { return cache }
+    let environment = ProcessInfo.processInfo.environment
+    let base = environment["XDG_CACHE_HOME"] ?? ((environment["HOME"] ?? NSTemporaryDirectory()) + "/.cache")
+    return base + "/tracery/bench"
+  }
+}
+
+/// Prints benchmark figures as a table for people or as JSON lines for scripts.
+final class BenchReport {
+  let suite: String
+  let json: Bool
+  private var printedHeader = false
+
+  init(suite: String, json: Bool) {
+    self.suite = suite
+    self.json = json
+  }
+
+  /// A line for people (stderr in JSON mode, so stdout stays parseable).
+  func note(_ text: String) {
+    if json {
+      FileHandle.standardError.write(Data((text + "\n").utf8))
+    } else {
+      print(text)
+    }
+  }
+
+  func figure(name: String, n: Int, nsPerItem: Double, baseline: Double? = nil, extra: [String: Double] = [:]) {
+    if json {
+      var fields = [
+        "\"suite\":\"\(suite)\"", "\"name\":\"\(name)\"", "\"n\":\(n)", "\"ns_per_item\":\(Self.number(nsPerItem))",
+      ]
+      if let baseline { fields.append("\"baseline_ns_per_item\":\(Self.number(baseline))") }
+      for (key, value) in extra.sorted(by: { $0.key < $1.key }) { fields.append("\"\(key)\":\(Self.number(value))") }
+      print("{" + fields.joined(separator: ",") + "}")
+      return
+    }
+    if !printedHeader {
+      print("suite \(suite)")
+      print("  name               n          ns/item     total")
+      printedHeader = true
+    }
+    let total = nsPerItem * Double(n)
+    let totalText = total >= 1e6 ? String(format: "%.3f ms", total / 1e6) : String(format: "%.1f µs", total / 1e3)
+    var line = "  " + name.padding(toLength: 18, withPad: " ", startingAt: 0)
+    line += " " + String(n).padding(toLength: 10, withPad: " ", startingAt: 0)
+    line += " " + String(format: "%9.1f", nsPerItem) + "   " + totalText
+    if let baseline { line += String(format: "   (baseline %.1f ns, ratio %.2f)", baseline, nsPerItem / baseline) }
+    print(line)
+  }
+
+  static func number(_ value: Double) -> String { String(format: "%.3f", value) }
+}
+
+/// Median of `runs` timings of `body`, in nanoseconds.
+func medianNanoseconds(runs: Int, _ body: () throws -> Void) rethrows -> Double {
+  var samples: [Double] = []
+  let clock = ContinuousClock()
+  for _ in 0..<runs {
+    let start = clock.now
+    try body()
+    let elapsed = clock.now - start
+    samples.append(Double(elapsed.components.seconds) * 1e9 + Double(elapsed.components.attoseconds) / 1e9)
+  }
+  samples.sort()
+  return samples.count % 2 == 1
+    ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
+}

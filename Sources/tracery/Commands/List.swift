@@ -1,0 +1,145 @@
+import ArgumentParser
+import Foundation
+import TraceryELF
+import TraceryX86
+
+struct List: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "List the patchable functions of a program and its libraries.",
+    discussion: """
+      Reads PROGRAM and every shared object it needs from disk (nothing is run) and prints each \
+      function that starts with a patch site: its site address (link-time, as nm shows it), the \
+      shape of the site, which section recorded it, and the function's name.
+      """
+  )
+
+  @Option(name: .long, help: "Only functions whose name matches this glob (*, ?, [...]).")
+  var match: String?
+
+  @Flag(name: .long, help: "Also list the objects that have no patch sites.")
+  var all = false
+
+  @Argument(help: "The program (a path, or a name looked up in PATH) or a shared object.")
+  var program: String
+
+  func validate() throws {
+    if let match {
+      do { _ = try Glob(match) } catch { throw ValidationError("invalid --match pattern: \(error)") }
+    }
+  }
+
+  func run() throws {
+    try reportingUserErrors {
+      let path = try ProgramLocator.locate(program)
+      let file: ELFFile
+      do { file = try ELFFile(path: path) } catch { throw UserError("\(path): \(error)") }
+      let glob = try match.map { try Glob($0) }
+      var objects: [(name: String, path: String, file: ELFFile)] = [(Self.name(of: path), path, file)]
+      var missing: [String] = []
+      for library in LibraryResolver(environment: ProcessInfo.processInfo.environment).dependencies(
+        of: path, file: file)
+      {
+        guard let libraryPath = library.path, let libraryFile = try? ELFFile(path: libraryPath) else {
+          missing.append(library.name)
+          continue
+        }
+        objects.append((library.name, libraryPath, libraryFile))
+      }
+      var output = ""
+      var totalPatchable = 0
+      var totalMatched = 0
+      var withoutSites: [String] = []
+      for object in objects {
+        let table: SymbolTable
+        do {
+          table = try SymbolTable([SymbolTable.Input(path: object.path, bias: 0, file: object.file)])
+        } catch {
+          throw UserError("\(object.path): \(error)")
+        }
+        let patchable = table.patchableFunctions
+        totalPatchable += patchable.count
+        guard !patchable.isEmpty else {
+          withoutSites.append(object.name)
+          if all { output += "\(object.name) (\(object.path)): no patch sites\n\n" }
+          continue
+        }
+        let selected = glob.map { glob in Set(table.functions(matching: glob)) }
+        let rows = patchable.filter { selected?.contains($0) ?? true }
+        totalMatched += rows.count
+        guard !rows.isEmpty || all else { continue }
+        output += "\(object.name) (\(object.path)): \(patchable.count) patchable function"
+        output += patchable.count == 1 ? "\n" : "s\n"
+        output += "  SITE                KIND      RECORDED IN                   FUNCTION\n"
+        for index in rows {
+          let function = table.functions[index]
+          let site = function.site!
+          let shape = object.file.bytes(atAddress: site, count: 5).map { X86Instruction.SiteShape(bytes: $0, at: site) }
+          output += "  0x\(Self.hex16(site))  \(Self.pad(Self.kind(shape), 8))  "
+          output += "\(Self.pad(function.siteSource?.sectionName ?? "", 28))  \(function.name)\n"
+        }
+        output += "\n"
+      }
+      if totalPatchable == 0 {
+        throw UserError(
+          """
+          \(path) has no patch sites\(objects.count > 1 ? " (nor do the \(objects.count - 1) libraries it needs)" : ""). \
+          Rebuild it with one of:
+            clang -fpatchable-function-entry=5 ...                         (one 5-byte NOP per function)
+            gcc -pg -mfentry -mnop-mcount -mrecord-mcount -fno-pie -no-pie ... (one 5-byte NOP, listed in __mcount_loc)
+            gcc -fpatchable-function-entry=5 ...                           (five 1-byte NOPs, converted when traced)
+          """)
+      }
+      if let match, totalMatched == 0 {
+        throw UserError(
+          "no patchable function matches '\(match)' (\(totalPatchable) patchable functions in \(path) and its libraries)"
+        )
+      }
+      print(output, terminator: "")
+      var summary = "\(glob == nil ? totalPatchable : totalMatched) function(s)"
+      summary += " in \(objects.count - withoutSites.count) of \(objects.count) object(s)"
+      if !withoutSites.isEmpty && !all { summary += "; no patch sites in \(withoutSites.joined(separator: ", "))" }
+      if !missing.isEmpty { summary += "; not found: \(missing.joined(separator: ", "))" }
+      print(summary)
+    }
+  }
+
+  static func kind(_ shape: X86Instruction.SiteShape?) -> String {
+    switch shape {
+    case .nop5: return "nop5"
+    case .nopSled: return "nop-sled"
+    case .call: return "call"
+    case .jmp: return "jmp"
+    case .unknown, nil: return "unknown"
+    }
+  }
+
+  static func name(of path: String) -> String { String(path.split(separator: "/").last ?? Substring(path)) }
+
+  static func hex16(_ value: UInt64) -> String {
+    let digits = String(value, radix: 16)
+    return String(repeating: "0", count: max(0, 16 - digits.count)) + digits
+  }
+
+  static func pad(_ text: String, _ width: Int) -> String {
+    text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
+  }
+}
+
+/// Finds the program the user named: a path as given, or a bare name looked up in PATH.
+enum ProgramLocator {
+  static func locate(_ program: String) throws -> String {
+    let manager = FileManager.default
+    if program.contains("/") {
+      var isDirectory: ObjCBool = false
+      guard manager.fileExists(atPath: program, isDirectory: &isDirectory), !isDirectory.boolValue else {
+        throw UserError("program not found: \(program)")
+      }
+      return URL(fileURLWithPath: program).standardizedFileURL.path
+    }
+    for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") {
+      let candidate = "\(directory)/\(program)"
+      if manager.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    throw UserError("program not found: \(program) (not a path, and not in PATH)")
+  }
+}
