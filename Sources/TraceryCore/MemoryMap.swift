@@ -20,46 +20,49 @@ struct MemoryMap: Sendable {
   }
 
   /// Parses the text of `/proc/PID/maps`: `start-end perms offset dev inode path` per line (only
-  /// the range and permissions are kept). One
-  /// pass over the bytes, no splitting: a batch reads the map every time, so this is on the
-  /// patcher's path.
+  /// the range and permissions are kept). One pass over the bytes with no closures or captured
+  /// state: every batch reads the map, so this is on the patcher's path even in debug builds.
   init(parsing text: [UInt8]) {
     var regions: [Region] = []
+    regions.reserveCapacity(256)
     text.withUnsafeBufferPointer { bytes in
       var at = 0
-      func hex() -> UInt64? {
-        var value: UInt64 = 0
-        var digits = 0
-        while at < bytes.count {
-          let byte = bytes[at]
-          let digit: UInt8
-          switch byte {
-          case UInt8(ascii: "0")...UInt8(ascii: "9"): digit = byte - UInt8(ascii: "0")
-          case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = byte - UInt8(ascii: "a") + 10
-          default: return digits > 0 ? value : nil
-          }
-          value = value << 4 | UInt64(digit)
-          digits += 1
-          at += 1
-        }
-        return digits > 0 ? value : nil
-      }
-      while at < bytes.count {
-        var lineEnd = at
-        while lineEnd < bytes.count && bytes[lineEnd] != UInt8(ascii: "\n") { lineEnd += 1 }
-        defer { at = lineEnd + 1 }
-        guard let start = hex(), at < lineEnd, bytes[at] == UInt8(ascii: "-") else { continue }
+      let count = bytes.count
+      while at < count {
+        let start = Self.hex(bytes, &at)
+        let dash = at
         at += 1
-        guard let end = hex(), at + 4 <= lineEnd, bytes[at] == UInt8(ascii: " ") else { continue }
+        let end = Self.hex(bytes, &at)
         let perms = at + 1
-        regions.append(
-          Region(
-            start: start, end: end, readable: bytes[perms] == UInt8(ascii: "r"),
-            writable: bytes[perms + 1] == UInt8(ascii: "w"), executable: bytes[perms + 2] == UInt8(ascii: "x")))
+        if dash < count, bytes[dash] == 0x2d, perms + 3 <= count {  // '-'
+          regions.append(
+            Region(
+              start: start, end: end, readable: bytes[perms] == 0x72, writable: bytes[perms + 1] == 0x77,
+              executable: bytes[perms + 2] == 0x78))
+        }
+        while at < count && bytes[at] != 0x0a { at += 1 }  // to the end of the line
+        at += 1
       }
     }
     // The kernel lists mappings in address order.
     self.regions = regions
+  }
+
+  /// Lower-case hex digits at `at`, advancing past them.
+  private static func hex(_ bytes: UnsafeBufferPointer<UInt8>, _ at: inout Int) -> UInt64 {
+    var value: UInt64 = 0
+    while at < bytes.count {
+      let byte = bytes[at]
+      if byte >= 0x30 && byte <= 0x39 {
+        value = value << 4 | UInt64(byte - 0x30)
+      } else if byte >= 0x61 && byte <= 0x66 {
+        value = value << 4 | UInt64(byte - 0x57)
+      } else {
+        break
+      }
+      at += 1
+    }
+    return value
   }
 
   /// The region containing `address`.

@@ -4,9 +4,13 @@
 //   tracery-testhost sleds LIBRARY PREFIX COUNT
 //     loads LIBRARY, converts the sleds of PREFIX0..PREFIX<COUNT-1>, patches them all to counting
 //     trampolines, calls each once through PREFIXtable, unpatches, and prints one result line.
+//   tracery-testhost chain
+//     installs a SIGTRAP handler of its own, lets the patcher install its handler on top, then
+//     executes an int3 that is no patch site and raises SIGTRAP: both must reach the first handler.
 import Glibc
 import TraceryCore
 import TraceryELF
+import TraceryX86
 
 typealias Function = @convention(c) (Int) -> Int
 
@@ -15,7 +19,37 @@ func fail(_ message: String) -> Never {
   exit(1)
 }
 
+nonisolated(unsafe) var previousHandlerCalls = 0
+
+func chainTest() -> Never {
+  var action = sigaction()
+  action.__sigaction_handler.sa_handler = { _ in previousHandlerCalls += 1 }
+  sigemptyset(&action.sa_mask)
+  sigaction(SIGTRAP, &action, nil)
+  do {
+    // A batch with one (failing) request installs the patcher's handler over ours.
+    let arena = CodeArena.shared
+    let block = try arena.allocate(near: UInt64(UInt(bitPattern: dlsym(nil, "main"))), size: 16)
+    var writer = X86Writer(base: block.address)
+    writer.putInt3()
+    writer.putMov(.rax, immediate: 7)
+    writer.putRet()
+    block.write(try writer.finish())
+    _ = TextPatcher.shared.apply([
+      PatchRequest(site: block.address, expected: [0, 0, 0, 0, 0], replacement: [0x0f, 0x1f, 0x44, 0, 0])
+    ])
+    let code = unsafeBitCast(UnsafeRawPointer(bitPattern: UInt(block.address))!, to: (@convention(c) () -> Int).self)
+    let value = code()
+    raise(SIGTRAP)
+    print("int3=\(value) previous=\(previousHandlerCalls) handled=\(TrapStatistics.handled)")
+    exit(0)
+  } catch {
+    fail("\(error)")
+  }
+}
+
 let arguments = CommandLine.arguments
+if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
 guard arguments.count == 5, arguments[1] == "sleds", let count = Int(arguments[4]) else {
   fail("usage: tracery-testhost sleds LIBRARY PREFIX COUNT")
 }

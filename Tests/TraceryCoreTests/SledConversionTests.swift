@@ -24,3 +24,13 @@ import TraceryTestSupport
         + "again=skipped: already a 5-byte NOP")
   }
 }
+
+/// Traps that are not at a site being patched go to the SIGTRAP handler installed before ours.
+@Suite struct TrapChainingTests {
+  @Test func foreignTrapsReachThePreviousHandler() throws {
+    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
+    let result = try TestSupport.run(host, ["chain"])
+    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    #expect(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "int3=7 previous=2 handled=0")
+  }
+}

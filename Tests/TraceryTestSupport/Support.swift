@@ -101,7 +101,7 @@ public enum TestSupport {
 
   /// Iterations for a storm test: `TRACERY_STORM_ITERATIONS` if set, else `long` under
   /// `TRACERY_LONG_TESTS`, else `default`.
-  public static func stormBatches(default short: Int, long: Int) -> Int {
+  public static func stormIterations(default short: Int, long: Int) -> Int {
     if let text = ProcessInfo.processInfo.environment["TRACERY_STORM_ITERATIONS"], let value = Int(text) {
       return value
     }
