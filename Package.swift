@@ -14,6 +14,8 @@ let package = Package(
     .library(name: "TraceryELF", targets: ["TraceryELF"]),
     .library(name: "TraceryX86", targets: ["TraceryX86"]),
     .library(name: "TraceryCore", targets: ["TraceryCore"]),
+    // The C handler ABI (tracery.h), for handlers written in C.
+    .library(name: "CTracery", targets: ["CTracery"]),
     .executable(name: "tracery", targets: ["tracery"]),
   ],
   dependencies: [
@@ -23,9 +25,10 @@ let package = Package(
     // C: only what Swift cannot say (syscall(2), getauxval, the SIGTRAP handler that edits ucontext,
     // dl_iterate_phdr's callback). Never a product.
     .target(name: "CTraceryShims"),
+    .target(name: "CTracery"),
     .target(name: "TraceryELF"),
     .target(name: "TraceryX86"),
-    .target(name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims"]),
+    .target(name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims", "CTracery"]),
     .executableTarget(
       name: "tracery",
       dependencies: ["TraceryCore", .product(name: "ArgumentParser", package: "swift-argument-parser")]
@@ -38,13 +41,16 @@ let package = Package(
     ),
     // A separate single-threaded process the core tests drive (sled conversion needs one thread).
     .executableTarget(name: "tracery-testhost", dependencies: ["TraceryCore"], path: "Tests/TestHost"),
-    .target(name: "TraceryFixtures", path: "Tests/Fixtures"),
+    .target(name: "TraceryFixtures", dependencies: ["CTracery"], path: "Tests/Fixtures"),
+    .target(name: "TraceryCxxFixtures", path: "Tests/CxxFixtures"),
     .target(name: "TraceryTestSupport", path: "Tests/TraceryTestSupport"),
     .testTarget(name: "TraceryELFTests", dependencies: ["TraceryELF", "TraceryTestSupport"]),
     .testTarget(name: "TraceryX86Tests", dependencies: ["TraceryX86", "TraceryTestSupport"]),
     .testTarget(
       name: "TraceryCoreTests",
-      dependencies: ["TraceryCore", "TraceryFixtures", "TraceryTestSupport", "tracery-testhost"]
+      dependencies: [
+        "TraceryCore", "TraceryFixtures", "TraceryCxxFixtures", "TraceryTestSupport", "tracery-testhost",
+      ]
     ),
     .testTarget(name: "TraceryCLITests", dependencies: ["tracery", "demo", "TraceryTestSupport"]),
   ]

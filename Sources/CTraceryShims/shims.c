@@ -3,6 +3,7 @@
 
 #include <link.h>
 #include <linux/membarrier.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -10,6 +11,7 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
+#include <time.h>
 #include <unistd.h>
 
 int ctracery_membarrier(int cmd, unsigned int flags) {
@@ -166,3 +168,71 @@ long ctracery_trap_handlers_in_flight(void) {
 }
 
 uint64_t ctracery_traps_handled(void) { return atomic_load_explicit(&traps_handled, memory_order_relaxed); }
+
+// ---- Per-thread state --------------------------------------------------------------------------
+
+static __thread uint8_t recursion_guard __attribute__((tls_model("initial-exec")));
+
+long ctracery_guard_offset(void) {
+  char *thread_pointer;
+  __asm__("mov %%fs:0, %0" : "=r"(thread_pointer));
+  return (long)((char *)&recursion_guard - thread_pointer);
+}
+
+uint8_t ctracery_guard_value(void) { return recursion_guard; }
+
+// ---- Thread snapshots ----------------------------------------------------------------------------
+
+static atomic_int snapshot_tid;
+static _Atomic uint64_t snapshot_rip, snapshot_rsp;
+static atomic_int snapshot_done;
+static atomic_int snapshot_installed;
+
+static void snapshot_handler(int sig, siginfo_t *info, void *context) {
+  (void)sig;
+  (void)info;
+  // A late signal from an earlier, timed-out request finds another tid and does nothing.
+  if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) != (int)syscall(SYS_gettid)) return;
+  ucontext_t *uc = context;
+  atomic_store_explicit(&snapshot_rip, (uint64_t)uc->uc_mcontext.gregs[REG_RIP], memory_order_relaxed);
+  atomic_store_explicit(&snapshot_rsp, (uint64_t)uc->uc_mcontext.gregs[REG_RSP], memory_order_relaxed);
+  // Release: publishes rip and rsp; pairs with the acquire load in ctracery_snapshot_thread.
+  atomic_store_explicit(&snapshot_done, 1, memory_order_release);
+}
+
+int ctracery_snapshot_signal(void) { return SIGRTMAX - 1; }
+
+int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_ms) {
+  int expected = 0;
+  if (atomic_compare_exchange_strong(&snapshot_installed, &expected, 1)) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = snapshot_handler;
+    action.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    sigaction(ctracery_snapshot_signal(), &action, NULL);
+  }
+  atomic_store_explicit(&snapshot_done, 0, memory_order_relaxed);
+  atomic_store_explicit(&snapshot_tid, tid, memory_order_release);
+  if (syscall(SYS_tgkill, getpid(), tid, ctracery_snapshot_signal()) != 0) {
+    atomic_store(&snapshot_tid, 0);
+    return -1;
+  }
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    if (atomic_load_explicit(&snapshot_done, memory_order_acquire)) {
+      *rip = atomic_load_explicit(&snapshot_rip, memory_order_relaxed);
+      *rsp = atomic_load_explicit(&snapshot_rsp, memory_order_relaxed);
+      atomic_store(&snapshot_tid, 0);
+      return 0;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+    if (elapsed > timeout_ms) {
+      atomic_store(&snapshot_tid, 0);
+      return -1;
+    }
+    sched_yield();
+  }
+}

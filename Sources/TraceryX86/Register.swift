@@ -31,6 +31,8 @@ public struct Memory: Sendable, Equatable {
     case register(Register)
     case absolute(UInt64)
     case label(Label)
+    /// `fs:[displacement]`: thread-local storage at a fixed offset from the thread pointer.
+    case fs
   }
 
   let base: Base
@@ -47,6 +49,9 @@ public struct Memory: Sendable, Equatable {
 
   /// `[rip + (label - end of instruction)]`.
   public static func rip(_ label: Label) -> Memory { Memory(base: .label(label), displacement: 0) }
+
+  /// `fs:[offset]`: a thread-local variable at `offset` from the thread pointer.
+  public static func fs(_ offset: Int32) -> Memory { Memory(base: .fs, displacement: offset) }
 
   private init(base: Base, displacement: Int32) {
     self.base = base

@@ -54,9 +54,26 @@ extension X86Writer {
     emit(0xc0 | source.low << 3 | destination.low)
   }
 
+  /// `cmp byte [memory], imm8`.
+  public mutating func putCmpByte(_ memory: Memory, immediate: UInt8) {
+    segmentPrefix(memory)
+    rex(w: false, b: baseExtended(memory))
+    emit(0x80)
+    modRM(reg: 7, memory: memory, trailing: 1)
+    emit(immediate)
+  }
+
+  /// `test eax, eax` (32-bit): the form that checks an `int` result.
+  public mutating func putTest32(_ destination: Register, _ source: Register) {
+    rex(w: false, r: source.extended, b: destination.extended)
+    emit(0x85)
+    emit(0xc0 | source.low << 3 | destination.low)
+  }
+
   /// `inc qword [memory]`, with a `lock` prefix when `locked`.
   public mutating func putInc(_ memory: Memory, locked: Bool = false) {
     if locked { emit(0xf0) }
+    segmentPrefix(memory)
     rex(w: true, b: baseExtended(memory))
     emit(0xff)
     modRM(reg: 0, memory: memory)

@@ -56,6 +56,7 @@ extension X86Writer {
 
   /// `mov reg, qword [memory]`.
   public mutating func putMov(_ destination: Register, _ source: Memory) {
+    segmentPrefix(source)
     rex(w: true, r: destination.extended, b: baseExtended(source))
     emit(0x8b)
     modRM(reg: destination.rawValue, memory: source)
@@ -63,13 +64,24 @@ extension X86Writer {
 
   /// `mov qword [memory], reg`.
   public mutating func putMov(_ destination: Memory, _ source: Register) {
+    segmentPrefix(destination)
     rex(w: true, r: source.extended, b: baseExtended(destination))
     emit(0x89)
     modRM(reg: source.rawValue, memory: destination)
   }
 
+  /// `mov byte [memory], imm8`.
+  public mutating func putMovByte(_ destination: Memory, immediate: UInt8) {
+    segmentPrefix(destination)
+    rex(w: false, b: baseExtended(destination))
+    emit(0xc6)
+    modRM(reg: 0, memory: destination, trailing: 1)
+    emit(immediate)
+  }
+
   /// `mov qword [memory], simm32`.
   public mutating func putMov(_ destination: Memory, immediate: Int32) {
+    segmentPrefix(destination)
     rex(w: true, b: baseExtended(destination))
     emit(0xc7)
     modRM(reg: 0, memory: destination, trailing: 4)

@@ -126,7 +126,17 @@ public struct X86Writer: Sendable {
       let offset = bytes.count
       emit32(0)
       fixups.append(.rel32(offset: offset, end: offset + 4 + trailing, label: label))
+    case .fs:
+      // mod 00, rm 100, SIB (no base, no index) + disp32: an absolute address in the segment.
+      emit((reg & 7) << 3 | 4)
+      emit(0x25)
+      emit32(memory.displacement)
     }
+  }
+
+  /// The segment-override prefix a memory operand needs; it must precede any REX prefix.
+  mutating func segmentPrefix(_ memory: Memory) {
+    if case .fs = memory.base { emit(0x64) }
   }
 
   func baseExtended(_ memory: Memory) -> Bool {

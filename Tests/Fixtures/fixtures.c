@@ -55,3 +55,107 @@ uint64_t tracery_fixture_hammers_stop(uint64_t *wrong) {
   *wrong = atomic_load(&total_wrong);
   return atomic_load(&total_calls);
 }
+
+// ---- Functions of every argument and return shape ----
+#include <execinfo.h>
+#include <stdarg.h>
+#include <string.h>
+#include <unistd.h>
+
+TRACED long tracery_fixture_six(long a, long b, long c, long d, long e, long f) {
+  return a * 100000 + b * 10000 + c * 1000 + d * 100 + e * 10 + f;
+}
+TRACED double tracery_fixture_floats(double a, double b, long c, double d) { return a * 100 + b * 10 + (double)c + d / 10; }
+TRACED long tracery_fixture_varargs(int count, ...) {
+  va_list list;
+  va_start(list, count);
+  long sum = 0;
+  for (int i = 0; i < count; i++) sum += (long)(va_arg(list, double) * 10);
+  va_end(list);
+  return sum;
+}
+TRACED long tracery_fixture_eight(long a, long b, long c, long d, long e, long f, long g, long h) {
+  return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h;
+}
+TRACED struct tracery_pair tracery_fixture_pair(long a, long b) { return (struct tracery_pair){a + b, a - b}; }
+TRACED double tracery_fixture_double(long a) { return (double)a / 4; }
+TRACED long tracery_fixture_calls_add(long a) { return tracery_fixture_add(a, 1) * 2; }
+
+static atomic_int release_flag, blocked_flag;
+TRACED long tracery_fixture_block(long value) {
+  atomic_store(&blocked_flag, 1);
+  while (!atomic_load(&release_flag)) usleep(1000);
+  atomic_store(&blocked_flag, 0);
+  atomic_store(&release_flag, 0);
+  return value + 1;
+}
+void tracery_fixture_release(void) { atomic_store(&release_flag, 1); }
+int tracery_fixture_blocked(void) { return atomic_load(&blocked_flag); }
+
+TRACED long tracery_fixture_backtrace_depth(long unused) {
+  (void)unused;
+  void *frames[64];
+  return backtrace(frames, 64);
+}
+
+// ---- Recording handlers ----
+struct tracery_fixture_record tracery_fixture_records[64];
+int tracery_fixture_record_count;
+
+void tracery_fixture_records_reset(void) {
+  memset(tracery_fixture_records, 0, sizeof tracery_fixture_records);
+  tracery_fixture_record_count = 0;
+}
+
+static void record(tracery_call *call, uint64_t cookie, int kind) {
+  if (tracery_fixture_record_count >= 64) return;
+  struct tracery_fixture_record *r = &tracery_fixture_records[tracery_fixture_record_count++];
+  r->function = call->function;
+  r->cookie = cookie;
+  r->return_address = call->return_address;
+  memcpy(r->arguments, call->arguments, sizeof r->arguments);
+  memcpy(r->return_value, call->return_value, sizeof r->return_value);
+  for (int i = 0; i < 8; i++) memcpy(&r->float_arguments[i], call->float_arguments[i], sizeof(double));
+  memcpy(&r->float_return, call->float_return[0], sizeof(double));
+  r->stack_arguments[0] = call->stack_arguments[0];
+  r->stack_arguments[1] = call->stack_arguments[1];
+  r->kind = kind;
+}
+
+void tracery_fixture_entry_record(tracery_call *call, uint64_t cookie) { record(call, cookie, 1); }
+void tracery_fixture_exit_record(tracery_call *call, uint64_t cookie) { record(call, cookie, 2); }
+int tracery_fixture_modify_record(tracery_call *call, uint64_t cookie) {
+  record(call, cookie, 3);
+  if (cookie == 0) return 0;
+  call->return_value[0] = cookie;
+  return 1;
+}
+void tracery_fixture_entry_set_arg0(tracery_call *call, uint64_t cookie) { call->arguments[0] = cookie; }
+void tracery_fixture_entry_clobber(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+  __asm__ volatile(
+      "xor %%eax, %%eax; mov $-1, %%rcx; mov $-1, %%rdx; mov $-1, %%rsi; mov $-1, %%rdi; mov $-1, %%r8;"
+      "mov $-1, %%r9; mov $-1, %%r10; mov $-1, %%r11; pcmpeqd %%xmm0, %%xmm0; pcmpeqd %%xmm1, %%xmm1;"
+      "pcmpeqd %%xmm2, %%xmm2; pcmpeqd %%xmm3, %%xmm3; pcmpeqd %%xmm4, %%xmm4; pcmpeqd %%xmm5, %%xmm5;"
+      "pcmpeqd %%xmm6, %%xmm6; pcmpeqd %%xmm7, %%xmm7"
+      ::: "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4",
+      "xmm5", "xmm6", "xmm7", "memory");
+}
+void tracery_fixture_entry_reenter(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+  double (*volatile traced)(long) = tracery_fixture_double;
+  traced(8);
+}
+void tracery_fixture_empty_handler(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+}
+int tracery_fixture_records_count(void) { return tracery_fixture_record_count; }
+struct tracery_fixture_record tracery_fixture_record_at(int index) { return tracery_fixture_records[index]; }
+void *tracery_fixture_varargs_address(void) { return (void *)tracery_fixture_varargs; }
+long tracery_fixture_varargs_call(void) {
+  long (*volatile varargs)(int, ...) = tracery_fixture_varargs;
+  return varargs(3, 1.5, 2.5, 3.5);
+}

@@ -144,6 +144,22 @@ let forms: [Form] = [
   ) {
     $0.putMovq(XMMRegister(1), Memory(.rsp, 8))
   },
+  Form(
+    name: "cmp byte fs:[x], 0", expected: [0x64, 0x80, 0x3c, 0x25, 0xf8, 0xff, 0xff, 0xff, 0x00],
+    disassembly: "cmp BYTE PTR fs:0xfffffffffffffff8,0x0"
+  ) { $0.putCmpByte(.fs(-8), immediate: 0) },
+  Form(
+    name: "mov byte fs:[x], 1", expected: [0x64, 0xc6, 0x04, 0x25, 0x10, 0x00, 0x00, 0x00, 0x01],
+    disassembly: "mov BYTE PTR fs:0x10,0x1"
+  ) { $0.putMovByte(.fs(0x10), immediate: 1) },
+  Form(
+    name: "mov r11, fs:[0]", expected: [0x64, 0x4c, 0x8b, 0x1c, 0x25, 0, 0, 0, 0],
+    disassembly: "mov r11,QWORD PTR fs:0x0"
+  ) { $0.putMov(.r11, .fs(0)) },
+  Form(name: "mov byte [rax], 0", expected: [0xc6, 0x00, 0x00], disassembly: "mov BYTE PTR [rax],0x0") {
+    $0.putMovByte(Memory(.rax), immediate: 0)
+  },
+  Form(name: "test eax, eax", expected: [0x85, 0xc0], disassembly: "test eax,eax") { $0.putTest32(.rax, .rax) },
   Form(name: "call rel32", expected: [0xe8, 0xfb, 0x0f, 0, 0], disassembly: "call 0x101000") {
     try $0.putCall(address: base + 0x1000)
   },

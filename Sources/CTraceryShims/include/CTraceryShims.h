@@ -82,6 +82,30 @@ long ctracery_trap_handlers_in_flight(void);
 /// Traps the handler emulated or rewound since the process started (for tests and statistics).
 uint64_t ctracery_traps_handled(void);
 
+// ---------------------------------------------------------------------------------------------
+// Thread snapshots for the trampoline reclaimer (the user-space form of RCU-tasks).
+//
+// The reclaimer frees a retired trampoline only when no thread executes it or holds an address
+// inside it on its stack. For a thread that is running user code it needs that thread's rip and
+// rsp: it sends CTRACERY_SNAPSHOT_SIGNAL, whose handler copies them from the ucontext and
+// acknowledges. One request at a time (the reclaimer holds the tracer's lock).
+
+/// The signal used for snapshots: SIGRTMAX - 1.
+int ctracery_snapshot_signal(void);
+/// Sends the snapshot signal to thread `tid` and waits up to `timeout_ms` for its rip and rsp.
+/// Returns 0 on success, -1 if the thread did not answer (it may have exited or block the signal).
+int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_ms);
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread state that generated code reads and writes at a fixed %fs offset.
+
+/// The offset from the thread pointer (%fs:0) of this thread's recursion guard byte: generated
+/// code tests and sets `byte fs:[offset]`. The variable is initial-exec TLS, so the offset is the
+/// same in every thread.
+long ctracery_guard_offset(void);
+/// This thread's guard byte (for tests).
+uint8_t ctracery_guard_value(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -14,3 +14,56 @@ void tracery_fixture_hammers_start(int count);
 uint64_t tracery_fixture_hammers_stop(uint64_t *wrong);
 
 #endif
+
+// ---- Functions of every argument and return shape, for the trampoline tests ----
+#include <tracery.h>
+
+struct tracery_pair {
+  long low, high;
+};
+
+long tracery_fixture_six(long a, long b, long c, long d, long e, long f);
+double tracery_fixture_floats(double a, double b, long c, double d);
+long tracery_fixture_varargs(int count, ...);
+long tracery_fixture_eight(long a, long b, long c, long d, long e, long f, long g, long h);
+struct tracery_pair tracery_fixture_pair(long a, long b);
+double tracery_fixture_double(long a);
+long tracery_fixture_calls_add(long a);
+/// Blocks until `tracery_fixture_release` is called, then returns `value + 1`.
+long tracery_fixture_block(long value);
+void tracery_fixture_release(void);
+int tracery_fixture_blocked(void);
+/// Frames visible to backtrace() from inside a traced function.
+long tracery_fixture_backtrace_depth(long unused);
+
+// ---- Handlers that record what they see ----
+struct tracery_fixture_record {
+  uint64_t function, cookie, return_address;
+  uint64_t arguments[6];
+  uint64_t return_value[2];
+  double float_arguments[8];
+  double float_return;
+  uint64_t stack_arguments[2];
+  int kind;  // 1 entry, 2 exit, 3 modify-return
+};
+extern struct tracery_fixture_record tracery_fixture_records[64];
+extern int tracery_fixture_record_count;
+void tracery_fixture_records_reset(void);
+void tracery_fixture_entry_record(tracery_call *call, uint64_t cookie);
+void tracery_fixture_exit_record(tracery_call *call, uint64_t cookie);
+/// Records, then skips the body when the cookie is non-zero, returning the cookie.
+int tracery_fixture_modify_record(tracery_call *call, uint64_t cookie);
+/// Sets the first argument to the cookie.
+void tracery_fixture_entry_set_arg0(tracery_call *call, uint64_t cookie);
+/// Clobbers every caller-saved register it may, floating point included.
+void tracery_fixture_entry_clobber(tracery_call *call, uint64_t cookie);
+/// Calls tracery_fixture_double (traced or not) from inside a handler.
+void tracery_fixture_entry_reenter(tracery_call *call, uint64_t cookie);
+void tracery_fixture_empty_handler(tracery_call *call, uint64_t cookie);
+/// Accessors (Swift 6 refuses direct access to mutable C globals).
+int tracery_fixture_records_count(void);
+struct tracery_fixture_record tracery_fixture_record_at(int index);
+/// The varargs fixture's address, and a C call of it: varargs(3, 1.5, 2.5, 3.5) (Swift cannot
+/// call a variadic C function, which needs al set).
+void *tracery_fixture_varargs_address(void);
+long tracery_fixture_varargs_call(void);

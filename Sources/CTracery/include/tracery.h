@@ -1,0 +1,54 @@
+// The C side of Tracery's handler ABI: what a handler written in C (or Swift, through this
+// module) receives for each call of a traced function. Include this header from C handlers.
+#ifndef TRACERY_H
+#define TRACERY_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// One call of a traced function, as its trampoline saved it. Handlers get a pointer to it on
+/// the trampoline's stack: valid only during the handler call.
+///
+///   offset  field
+///        0  function           entry address of the traced function
+///        8  return_address     where the function will return
+///       16  stack_arguments    the caller's stack arguments (7th integer argument onwards)
+///       24  reserved
+///       32  arguments[6]       rdi rsi rdx rcx r8 r9  (entry and modify-return handlers may change them)
+///       80  rax                rax at entry (al = vector registers used, for a varargs call)
+///       88  return_value[2]    rax rdx after the original (exit), or to return (modify-return)
+///      104  (padding)
+///      112  float_arguments    xmm0-xmm7 at entry, 16 bytes each
+///      240  float_return[2]    xmm0 xmm1 after the original, 16 bytes each
+///      272  (size)
+typedef struct tracery_call {
+  uint64_t function;
+  uint64_t return_address;
+  uint64_t *stack_arguments;
+  uint64_t reserved;
+  uint64_t arguments[6];
+  uint64_t rax;
+  uint64_t return_value[2];
+  uint64_t padding;
+  uint64_t float_arguments[8][2] __attribute__((aligned(16)));
+  uint64_t float_return[2][2] __attribute__((aligned(16)));
+} tracery_call;
+
+_Static_assert(sizeof(tracery_call) == 272, "tracery_call layout");
+_Static_assert(__builtin_offsetof(tracery_call, float_arguments) == 112, "tracery_call layout");
+
+/// Runs before the traced function's body.
+typedef void (*tracery_entry_handler)(tracery_call *call, uint64_t cookie);
+/// Runs after the body returned (or was skipped); `call->return_value` holds the result.
+typedef void (*tracery_exit_handler)(tracery_call *call, uint64_t cookie);
+/// Runs before the body, after entry handlers. Return non-zero to skip the body: the function
+/// then returns `call->return_value` (and `call->float_return`), which the handler sets.
+typedef int (*tracery_modify_return_handler)(tracery_call *call, uint64_t cookie);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,168 @@
+import CTraceryShims
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Frees retired trampolines once no thread can be inside them: the user-space form of the
+/// kernel's trampoline image refcount + RCU-tasks, with nothing on the traced call's path.
+///
+/// Why this is enough: a trampoline is retired only after its site stopped pointing at it and
+/// every core was synced, so no thread can enter it again. A thread still "inside" it is running
+/// its code (rip in it), or has an address in it on its stack (a return address: the original
+/// or a handler was called from it, or a signal frame saved a rip in it). A thread can only drop
+/// such references, never gain new ones, so a conservative scan may race with the thread and
+/// still never miss one. Any word that looks like an address inside an image keeps it busy.
+///
+/// Per thread (/proc/self/task): a thread blocked in a system call has its rip and rsp in
+/// /proc/self/task/TID/syscall and is not disturbed; a running thread gets a snapshot signal
+/// whose handler reports them. The stack is scanned from rsp to the end of its mapping. A thread
+/// that does not answer keeps everything busy (try again later). Reclaiming never waits on a
+/// sleeping thread.
+///
+/// Protocol: called only under the tracer's lock.
+struct Reclaimer {
+  /// One retired trampoline and what must live exactly as long as it.
+  struct Retired {
+    let block: CodeArena.Block
+    let unwind: UnwindInfo?
+    let counters: [AttachmentCounters]
+  }
+
+  private(set) var retired: [Retired] = []
+  /// Why the last pass freed nothing although images were retired (nil when it could look).
+  private(set) var lastObstacle: String?
+
+  mutating func retire(_ image: Retired) { retired.append(image) }
+
+  /// Frees every retired trampoline no thread references; returns how many were freed.
+  /// `callerStack` is a stack address of this thread above every frame of Tracer's own (see
+  /// `withCallerStackMarker`): this thread is scanned from there up, so the reclaimer's own
+  /// locals, which hold image addresses, are not mistaken for references.
+  mutating func reclaim(arena: CodeArena, callerStack: UInt64) -> Int {
+    guard !retired.isEmpty else { return 0 }
+    let ranges = retired.map { $0.block.address..<($0.block.address + UInt64($0.block.size)) }
+    let busy: Set<Int>
+    switch Self.busyRanges(ranges, callerStack: callerStack) {
+    case .success(let found):
+      busy = found
+      lastObstacle = nil
+    case .failure(let obstacle):
+      lastObstacle = obstacle.reason
+      return 0
+    }
+    var kept: [Retired] = []
+    var freed = 0
+    for (index, image) in retired.enumerated() {
+      if busy.contains(index) {
+        kept.append(image)
+      } else {
+        image.unwind?.deregister()
+        arena.release(image.block)
+        freed += 1
+      }
+    }
+    retired = kept
+    return freed
+  }
+
+  struct Obstacle: Error {
+    let reason: String
+  }
+
+  /// The indices of `ranges` some thread references, or why a thread could not be inspected.
+  static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<Set<Int>, Obstacle> {
+    let map = MemoryMap.current()
+    var busy: Set<Int> = []
+    let low = ranges.map(\.lowerBound).min()!
+    let high = ranges.map(\.upperBound).max()!
+    func check(_ value: UInt64) {
+      guard value >= low && value < high else { return }
+      for (index, range) in ranges.enumerated() where range.contains(value) { busy.insert(index) }
+    }
+    func scanStack(from rsp: UInt64) -> Bool {
+      guard let region = map.region(containing: rsp), region.readable else { return false }
+      var at = rsp & ~7
+      while at + 8 <= region.end {
+        check(UnsafePointer<UInt64>(bitPattern: UInt(at))!.pointee)
+        at += 8
+      }
+      return true
+    }
+    let me = ctracery_gettid()
+    // This thread, from its caller's frames up: a handler, or a traced function, may be
+    // detaching from inside a trampoline.
+    guard scanStack(from: callerStack) else { return .failure(Obstacle(reason: "own stack not found")) }
+    for tid in threadIDs() where tid != me {
+      guard let (rip, rsp) = registers(of: tid) else {
+        // Exited meanwhile: nothing to scan. Otherwise we cannot tell: keep everything.
+        if access("/proc/self/task/\(tid)", F_OK) != 0 { continue }
+        return .failure(Obstacle(reason: "thread \(tid) did not answer the snapshot signal"))
+      }
+      check(rip)
+      guard scanStack(from: rsp) else {
+        return .failure(Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping"))
+      }
+    }
+    return .success(busy)
+  }
+
+  static func threadIDs() -> [Int32] {
+    guard let directory = opendir("/proc/self/task") else { return [] }
+    defer { closedir(directory) }
+    var result: [Int32] = []
+    while let entry = readdir(directory) {
+      let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+      if let tid = Int32(name) { result.append(tid) }
+    }
+    return result
+  }
+
+  /// rip and rsp of thread `tid`: from procfs when it is blocked in a system call, else from a
+  /// snapshot signal.
+  static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64)? {
+    if let text = System.readFile("/proc/self/task/\(tid)/syscall") {
+      let fields = String(decoding: text, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
+      // "NR arg1 ... arg6 sp pc" (or "-1 sp pc" when blocked outside a system call).
+      if let first = fields.first, first != "running", fields.count >= 3,
+        let sp = UInt64(fields[fields.count - 2].dropFirst(2), radix: 16),
+        let pc = UInt64(fields[fields.count - 1].dropFirst(2), radix: 16)
+      {
+        return (pc, sp)
+      }
+    }
+    var rip: UInt64 = 0
+    var rsp: UInt64 = 0
+    guard ctracery_snapshot_thread(tid, &rip, &rsp, 200) == 0 else { return nil }
+    return (rip, rsp)
+  }
+}
+
+/// Runs `body` with the address of a stack slot in a frame of its own, above (at a higher
+/// address than) every frame `body` creates. Tracer's public entry points call it before any
+/// trampoline address exists in their call, so the reclaimer scans the calling thread from the
+/// marker up and never sees its own bookkeeping.
+@inline(never)
+func withCallerStackMarker<T>(_ body: (UInt64) -> T) -> T {
+  var marker: UInt64 = 0
+  return withUnsafeMutablePointer(to: &marker) { body(UInt64(UInt(bitPattern: $0))) }
+}
+
+/// An attachment's counters, read by `Link` and incremented by generated code: calls at +0,
+/// calls skipped by the recursion guard at +8. Freed when the link and every trampoline that
+/// refers to it are gone.
+final class AttachmentCounters: @unchecked Sendable {
+  // @unchecked: generated code updates the words with `lock inc`; Swift only loads them.
+  let pointer: UnsafeMutablePointer<UInt64>
+
+  init() {
+    pointer = .allocate(capacity: 2)
+    pointer.initialize(repeating: 0, count: 2)
+  }
+
+  deinit { pointer.deallocate() }
+
+  var address: UInt64 { UInt64(UInt(bitPattern: pointer)) }
+  var calls: UInt64 { UnsafeAtomicLoad.relaxed(pointer) }
+  var skipped: UInt64 { UnsafeAtomicLoad.relaxed(pointer + 1) }
+}

@@ -1,0 +1,445 @@
+import CTracery
+import CTraceryShims
+import Synchronization
+import TraceryELF
+import TraceryX86
+
+/// A handler written in C or Swift (`@convention(c)`), as `tracery.h` declares them.
+public typealias EntryHandler = @convention(c) (UnsafeMutablePointer<tracery_call>, UInt64) -> Void
+public typealias ExitHandler = @convention(c) (UnsafeMutablePointer<tracery_call>, UInt64) -> Void
+/// Returns non-zero to skip the function's body; it then returns `call.pointee.return_value`.
+public typealias ModifyReturnHandler = @convention(c) (UnsafeMutablePointer<tracery_call>, UInt64) -> Int32
+
+/// What to run on each call of the traced functions.
+public enum Handler: Sendable {
+  /// Before the body; may read and change the arguments.
+  case entry(EntryHandler)
+  /// After the body; reads the arguments and the return value.
+  case exit(ExitHandler)
+  /// Before the body, after entry handlers (the kernel's fmod_ret): may set the return value
+  /// and skip the body. Runs before exit handlers.
+  case modifyReturn(ModifyReturnHandler)
+
+  var kind: Int {
+    switch self {
+    case .entry: return 0
+    case .modifyReturn: return 1
+    case .exit: return 2
+    }
+  }
+
+  var address: UInt64 {
+    switch self {
+    case .entry(let handler): return UInt64(UInt(bitPattern: unsafeBitCast(handler, to: UnsafeRawPointer.self)))
+    case .exit(let handler): return UInt64(UInt(bitPattern: unsafeBitCast(handler, to: UnsafeRawPointer.self)))
+    case .modifyReturn(let handler):
+      return UInt64(UInt(bitPattern: unsafeBitCast(handler, to: UnsafeRawPointer.self)))
+    }
+  }
+}
+
+/// Which functions to attach to.
+public enum FunctionSelector: Sendable, Equatable {
+  /// The function that starts at this address (its entry, or its patch site).
+  case address(UInt64)
+  /// Every function of the loaded objects with exactly this name.
+  case name(String)
+  /// Every function of the loaded objects whose name matches this glob.
+  case glob(String)
+}
+
+/// Why an attach or detach could not be done.
+public enum AttachError: Error, Equatable, CustomStringConvertible {
+  case noFunctionMatches(String)
+  case invalidPattern(String)
+  /// The function has no patch site Tracery can use (with why: its bytes, or gcc's sled).
+  case noPatchSite(function: String, reason: String)
+  /// The handler kind cannot be attached under this function model.
+  case unsupportedModel(function: String, reason: String)
+  /// Every selected function failed; the report says why for each.
+  case nothingAttached(TransactionReport)
+  case codeMemory(String)
+
+  public var description: String {
+    switch self {
+    case .noFunctionMatches(let what): return "no patchable function matches \(what)"
+    case .invalidPattern(let reason): return reason
+    case .noPatchSite(let function, let reason): return "\(function) has no usable patch site: \(reason)"
+    case .unsupportedModel(let function, let reason): return "cannot attach to \(function): \(reason)"
+    case .nothingAttached(let report): return "nothing attached: \(report)"
+    case .codeMemory(let reason): return reason
+    }
+  }
+}
+
+/// What a transaction did to each function it touched.
+public struct TransactionReport: Sendable, Equatable, CustomStringConvertible {
+  public struct Entry: Sendable, Equatable {
+    public let function: String
+    public let address: UInt64
+    public let outcome: PatchOutcome
+  }
+
+  public var entries: [Entry] = []
+
+  public var failures: [Entry] { entries.filter { if case .failed = $0.outcome { true } else { false } } }
+
+  public var description: String {
+    entries.map { "\($0.function): \($0.outcome)" }.joined(separator: "; ")
+  }
+}
+
+/// One attachment of a handler to a set of functions. Keep it to keep the handler attached;
+/// `detach()` removes it from every function in one batch.
+public final class Link: Sendable {
+  let id: Int
+  let tracer: Tracer
+  let counters: AttachmentCounters
+  public let cookie: UInt64
+
+  init(id: Int, tracer: Tracer, cookie: UInt64) {
+    self.id = id
+    self.tracer = tracer
+    self.cookie = cookie
+    counters = AttachmentCounters()
+  }
+
+  /// Entry addresses of the functions this link is attached to now.
+  public var functions: [UInt64] { tracer.functions(of: self) }
+  /// Calls that ran the handler (counted only with `statistics: true`).
+  public var calls: UInt64 { counters.calls }
+  /// Calls on which the handler did not run because this thread was already inside a handler.
+  public var skippedByRecursionGuard: UInt64 { counters.skipped }
+
+  /// Detaches the handler from every function; the trampolines it leaves are freed once no
+  /// thread is inside them. Detaching twice does nothing.
+  @discardableResult
+  public func detach() -> TransactionReport {
+    tracer.commit([.detach(id)])
+  }
+}
+
+/// The front door: attaches handlers to functions through per-function trampolines (seed
+/// 001's BPF trampoline) and keeps every site, trampoline and attachment consistent.
+///
+/// All changes go through `commit`, under one lock: a change builds the new trampoline of each
+/// touched function, rewrites all their sites in one `TextPatcher` batch (one text update for N
+/// functions, seed 000's batch attach), and retires the images it replaced to the `Reclaimer`.
+public final class Tracer: Sendable {
+  public static let shared = Tracer()
+
+  let arena: CodeArena
+  let patcher: TextPatcher
+  private let state = Mutex(State())
+  private let nextID = Atomic<Int>(1)
+  let guardOffset = Int32(ctracery_guard_offset())
+
+  struct Attachment {
+    let link: Link
+    let handler: Handler
+    let countCalls: Bool
+  }
+
+  struct TracedFunction {
+    let function: UInt64
+    let site: UInt64
+    let name: String
+    let original: [UInt8]
+    var model: FunctionModel
+    var attachments: [Attachment] = []
+    var image: Reclaimer.Retired?
+  }
+
+  struct State: ~Copyable {
+    var functions: [UInt64: TracedFunction] = [:]
+    var reclaimer = Reclaimer()
+    var symbols: SymbolTable?
+  }
+
+  enum Operation {
+    case attach(Attachment, [Target], FunctionModel?)
+    case detach(Int)
+  }
+
+  /// A resolved function: entry address, site, name.
+  struct Target: Equatable {
+    let function: UInt64
+    let site: UInt64
+    let name: String
+  }
+
+  init(arena: CodeArena = .shared, patcher: TextPatcher = .shared) {
+    self.arena = arena
+    self.patcher = patcher
+  }
+
+  // MARK: - Public API
+
+  /// Attaches `handler` to every function `selector` selects, in one batch.
+  ///
+  /// - Parameters:
+  ///   - cookie: handed to the handler on every call.
+  ///   - model: what the functions' trampolines must preserve; default: all that the existing
+  ///     attachments use, or `FunctionModel.unknown`. Exit and modify-return handlers need the
+  ///     stack argument count.
+  ///   - statistics: count the handler's calls (`Link.calls`): one atomic increment per call.
+  /// - Throws: `AttachError` when nothing matches, a function has no usable site, or every
+  ///   function failed. Partial failures are in `Link`'s functions and the returned report.
+  @discardableResult
+  public func attach(
+    _ handler: Handler, to selector: FunctionSelector, cookie: UInt64 = 0, model: FunctionModel? = nil,
+    statistics: Bool = false
+  ) throws(AttachError) -> Link {
+    var transaction = Transaction(tracer: self)
+    let link = try transaction.attach(handler, to: selector, cookie: cookie, model: model, statistics: statistics)
+    let report = transaction.commit()
+    if link.functions.isEmpty { throw .nothingAttached(report) }
+    return link
+  }
+
+  /// Collects attaches and detaches and applies them in one patch batch.
+  public func transaction(_ body: (inout Transaction) throws(AttachError) -> Void) throws(AttachError)
+    -> TransactionReport
+  {
+    var transaction = Transaction(tracer: self)
+    try body(&transaction)
+    return transaction.commit()
+  }
+
+  /// A batch of changes, applied by `commit()` (or at the end of `Tracer.transaction`).
+  public struct Transaction {
+    let tracer: Tracer
+    var operations: [Operation] = []
+
+    /// Queues an attach; the returned link is live once the transaction commits.
+    public mutating func attach(
+      _ handler: Handler, to selector: FunctionSelector, cookie: UInt64 = 0, model: FunctionModel? = nil,
+      statistics: Bool = false
+    ) throws(AttachError) -> Link {
+      let targets = try tracer.resolve(selector)
+      let link = Link(id: tracer.nextID.wrappingAdd(1, ordering: .relaxed).oldValue, tracer: tracer, cookie: cookie)
+      operations.append(.attach(Attachment(link: link, handler: handler, countCalls: statistics), targets, model))
+      return link
+    }
+
+    public mutating func detach(_ link: Link) { operations.append(.detach(link.id)) }
+
+    @discardableResult
+    public mutating func commit() -> TransactionReport {
+      defer { operations = [] }
+      return tracer.commit(operations)
+    }
+  }
+
+  /// Frees every retired trampoline no thread is inside any more; returns how many.
+  @discardableResult
+  public func reclaim() -> Int {
+    withCallerStackMarker { top in state.withLock { $0.reclaimer.reclaim(arena: arena, callerStack: top) } }
+  }
+
+  /// Why the last reclaim pass could not inspect every thread (nil when it could).
+  public var reclaimObstacle: String? { state.withLock { $0.reclaimer.lastObstacle } }
+
+  /// Trampolines replaced or detached but not yet freed.
+  public var retiredTrampolines: Int { state.withLock { $0.reclaimer.retired.count } }
+
+  /// Start addresses of the live trampolines (for tests and diagnostics).
+  public var liveTrampolines: [UInt64] {
+    state.withLock { state in state.functions.values.compactMap { $0.image?.block.address } }
+  }
+
+  /// Whether this thread is inside a handler now (its recursion guard is set).
+  public static var recursionGuardIsSet: Bool { ctracery_guard_value() != 0 }
+
+  /// Reloads the symbol table (after `dlopen`), for name and glob selectors.
+  public func reloadSymbols() { state.withLock { $0.symbols = nil } }
+
+  // MARK: - Resolution
+
+  func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
+    switch selector {
+    case .address(let address):
+      return [try target(at: address, name: nil)]
+    case .name(let name):
+      return try targets(matching: name) { table in table.functions(named: name) }
+    case .glob(let pattern):
+      let glob: Glob
+      do { glob = try Glob(pattern) } catch { throw .invalidPattern("\(error)") }
+      return try targets(matching: "'\(pattern)'") { table in table.functions(matching: glob) }
+    }
+  }
+
+  private func targets(matching what: String, _ select: (SymbolTable) -> [Int]) throws(AttachError) -> [Target] {
+    let table = state.withLock { state in
+      if state.symbols == nil { state.symbols = ProcessObjects.symbolTable().table }
+      return state.symbols!
+    }
+    let chosen = select(table).filter { table.functions[$0].site != nil }
+    guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
+    var result: [Target] = []
+    for index in chosen {
+      let function = table.functions[index]
+      result.append(try target(at: function.site!, name: function.name, entry: function.address))
+    }
+    return result
+  }
+
+  /// The site of the function at `address`: `address` itself when a 5-byte NOP is there, or 4
+  /// bytes on when it starts with `endbr64`.
+  private func target(at address: UInt64, name: String?, entry: UInt64? = nil) throws(AttachError) -> Target {
+    let label = name ?? "0x\(String(address, radix: 16))"
+    if let known = state.withLock({ state in
+      state.functions.values.first { $0.function == address || $0.site == address }
+    }) {
+      return Target(function: known.function, site: known.site, name: known.name)
+    }
+    let map = MemoryMap.current()
+    guard map.isExecutable(address, count: 9) else {
+      throw .noPatchSite(function: label, reason: "not in readable executable memory")
+    }
+    var site = address
+    if SiteBytes(reading: address).bytes.prefix(4) == X86Instruction.endbr64[...] { site += 4 }
+    switch X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site) {
+    case .nop5:
+      return Target(function: entry ?? address, site: site, name: label)
+    case .nopSled:
+      throw .noPatchSite(
+        function: label, reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)"
+      )
+    case let shape:
+      throw .noPatchSite(function: label, reason: "its entry holds \(shape), not a 5-byte NOP")
+    }
+  }
+
+  func functions(of link: Link) -> [UInt64] {
+    state.withLock { state in
+      state.functions.values.filter { $0.attachments.contains { $0.link.id == link.id } }.map(\.function).sorted()
+    }
+  }
+
+  // MARK: - Commit
+
+  /// Applies `operations` in one patch batch (see the type's comment) and reports per function.
+  func commit(_ operations: [Operation]) -> TransactionReport {
+    withCallerStackMarker { top in commit(operations, callerStack: top) }
+  }
+
+  @inline(never)
+  private func commit(_ operations: [Operation], callerStack: UInt64) -> TransactionReport {
+    state.withLock { state in
+      var report = TransactionReport()
+      // 1. The new attachment lists of every touched function.
+      var next: [UInt64: TracedFunction] = [:]
+      func current(_ target: Target) -> TracedFunction {
+        next[target.site] ?? state.functions[target.site]
+          ?? TracedFunction(
+            function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
+            model: .unknown)
+      }
+      for operation in operations {
+        switch operation {
+        case .attach(let attachment, let targets, let model):
+          for target in targets {
+            var function = current(target)
+            if let model { function.model = model }
+            function.attachments.append(attachment)
+            next[target.site] = function
+          }
+        case .detach(let id):
+          let sites = Set(next.keys).union(state.functions.keys)
+          for site in sites {
+            guard var function = next[site] ?? state.functions[site],
+              function.attachments.contains(where: { $0.link.id == id })
+            else { continue }
+            function.attachments.removeAll { $0.link.id == id }
+            next[site] = function
+          }
+        }
+      }
+      // 2. A new trampoline for each (or none when nothing is attached any more).
+      var requests: [PatchRequest] = []
+      var planned: [(site: UInt64, function: TracedFunction)] = []
+      for site in next.keys.sorted() {
+        var function = next[site]!
+        let old = state.functions[site]?.image
+        let oldBytes = old.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
+        function.image = nil
+        if !function.attachments.isEmpty {
+          do {
+            function.image = try makeImage(for: function)
+          } catch {
+            report.entries.append(
+              .init(function: function.name, address: function.function, outcome: .failed("\(error)")))
+            continue
+          }
+        }
+        let newBytes = function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
+        requests.append(PatchRequest(site: site, expected: oldBytes, replacement: newBytes))
+        planned.append((site, function))
+      }
+      // 3. One batch for every site.
+      let outcomes = patcher.apply(requests)
+      // 4. Keep what was patched; undo what was not.
+      for ((site, function), outcome) in zip(planned, outcomes) {
+        let succeeded: Bool
+        switch outcome {
+        case .patched: succeeded = true
+        case .skipped: succeeded = true
+        case .failed: succeeded = false
+        }
+        report.entries.append(.init(function: function.name, address: function.function, outcome: outcome))
+        if succeeded {
+          if let old = state.functions[site]?.image { state.reclaimer.retire(old) }
+          function.image?.unwind?.register()
+          state.functions[site] = function.attachments.isEmpty ? nil : function
+        } else if let image = function.image {
+          arena.release(image.block)
+        }
+      }
+      _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack)
+      return report
+    }
+  }
+
+  private func makeImage(for function: TracedFunction) throws -> Reclaimer.Retired {
+    let model = function.model
+    let exits = function.attachments.filter { $0.handler.kind == 2 }
+    let modifies = function.attachments.filter { $0.handler.kind == 1 }
+    if !exits.isEmpty || !modifies.isEmpty, model.stackArgumentWords == nil {
+      throw AttachError.unsupportedModel(
+        function: function.name,
+        reason: "exit and modify-return handlers call the original, which needs its stack arguments; "
+          + "pass a FunctionModel with stackArgumentWords")
+    }
+    func calls(_ kind: Int) -> [HandlerCall] {
+      function.attachments.filter { $0.handler.kind == kind }.map {
+        HandlerCall(
+          handler: $0.handler.address, cookie: $0.link.cookie, counters: $0.link.counters.address,
+          countCalls: $0.countCalls)
+      }
+    }
+    let emitter = TrampolineEmitter(
+      function: function.function, site: function.site, model: model, entries: calls(0), modifyReturns: calls(1),
+      exits: calls(2), guardOffset: guardOffset)
+    // Emit once at a provisional address for the size, then for real where it will run. A
+    // handler call is 8 bytes longer where the handler is out of rel32 reach: leave room.
+    let size = try emitter.emit(at: function.site).bytes.count + 8 * function.attachments.count
+    let block: CodeArena.Block
+    do { block = try arena.allocate(near: function.site, size: size) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
+    do {
+      let code = try emitter.emit(at: block.address)
+      block.write(code.bytes)
+      let unwind =
+        UnwindInfo.isAvailable
+        ? UnwindInfo(
+          start: block.address, length: code.bytes.count, epilogueStart: code.epilogueStart,
+          epilogueEnd: code.epilogueEnd) : nil
+      return Reclaimer.Retired(block: block, unwind: unwind, counters: function.attachments.map(\.link.counters))
+    } catch {
+      arena.release(block)
+      throw error
+    }
+  }
+}

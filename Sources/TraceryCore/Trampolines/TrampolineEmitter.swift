@@ -1,0 +1,226 @@
+import TraceryX86
+
+/// One handler call a trampoline makes.
+struct HandlerCall: Sendable, Equatable {
+  /// The handler's entry address.
+  let handler: UInt64
+  let cookie: UInt64
+  /// The attachment's counters (`AttachmentCounters`): calls at +0 (only when `countCalls`),
+  /// calls skipped by the recursion guard at +8.
+  let counters: UInt64
+  let countCalls: Bool
+}
+
+/// Generates the per-function trampoline of seed 001 (the BPF trampoline), entered by `jmp`
+/// from the function's patch site:
+///
+///     site:  jmp tramp                      tramp:  push rbp; mov rbp, rsp; sub rsp, 272
+///     site+5: <body of the function>                save the model's argument registers into
+///                                                   the tracery_call at [rsp]
+///                                                   if guard free: entry handlers, then
+///                                                     modify-return handlers (non-zero: skip body)
+///                                          entry-only: restore registers; leave; jmp site+5
+///                                          otherwise:  copy stack arguments; restore registers;
+///                                                      call site+5; save rax/rdx/xmm0/xmm1;
+///                                                      if guard free: exit handlers;
+///                                                      load the results; leave; ret
+///
+/// Frame (rbp = rsp at entry - 8; every handler call sees rsp 16-byte aligned):
+///
+///     rbp+16 ...  caller's stack arguments        rsp+272 = rbp
+///     rbp+8       return address to the caller    rsp+0 ... rsp+271: tracery_call
+///     rbp+0       saved rbp
+///
+/// The recursion guard is a per-thread byte at `fs:[guardOffset]`: set while this thread runs
+/// handlers, so a handler that calls a traced function runs that function untraced (its
+/// attachments' skipped counters say so). It is clear while the body runs.
+///
+/// There is one epilogue, at the end; the out-of-line stubs for the guard paths follow it, which
+/// keeps the unwind table to four rows (`UnwindInfo`).
+struct TrampolineEmitter {
+  static let frameSize: Int32 = 272
+  static let argumentsOffset: Int32 = 32
+  static let raxOffset: Int32 = 80
+  static let returnOffset: Int32 = 88
+  static let floatArgumentsOffset: Int32 = 112
+  static let floatReturnOffset: Int32 = 240
+
+  let function: UInt64
+  let site: UInt64
+  let model: FunctionModel
+  let entries: [HandlerCall]
+  let modifyReturns: [HandlerCall]
+  let exits: [HandlerCall]
+  let guardOffset: Int32
+
+  /// The body of the function: right after its 5-byte site.
+  var body: UInt64 { site + 5 }
+  var callsOriginal: Bool { !exits.isEmpty || !modifyReturns.isEmpty }
+
+  /// The finished code, and where its epilogue starts and ends (for `UnwindInfo`).
+  struct Code {
+    let bytes: [UInt8]
+    let epilogueStart: Int
+    let epilogueEnd: Int
+  }
+
+  func emit(at base: UInt64) throws -> Code {
+    precondition(!callsOriginal || model.stackArgumentWords != nil, "exit trampolines need known stack arguments")
+    var w = X86Writer(base: base)
+    let guardByte = Memory.fs(guardOffset)
+    let entryDone = w.newLabel()
+    let skipEntry = w.newLabel()
+    let skipBody = w.newLabel()
+    let afterBody = w.newLabel()
+    let exitDone = w.newLabel()
+    let skipExit = w.newLabel()
+
+    // Prologue (unwind rows 1 and 2 are at offsets 1 and 4).
+    w.putPush(.rbp)
+    w.putMov(.rbp, .rsp)
+    w.putSub(.rsp, immediate: Self.frameSize)
+    saveArguments(&w)
+    w.putMov(.r11, Memory(.rbp, 8))
+    w.putMov(Memory(.rsp, 8), .r11)
+    w.putLea(.r11, Memory(.rbp, 16))
+    w.putMov(Memory(.rsp, 16), .r11)
+    w.putMov(.r11, immediate: function)
+    w.putMov(Memory(.rsp, 0), .r11)
+    if !modifyReturns.isEmpty {
+      // A modify-return handler that skips the body without setting a result returns 0.
+      w.putMov(Memory(.rsp, Self.returnOffset), immediate: 0)
+      w.putMov(Memory(.rsp, Self.returnOffset + 8), immediate: 0)
+      w.putMov(Memory(.rsp, Self.floatReturnOffset), immediate: 0)
+      w.putMov(Memory(.rsp, Self.floatReturnOffset + 16), immediate: 0)
+    }
+
+    // Entry and modify-return handlers, under the guard.
+    if !entries.isEmpty || !modifyReturns.isEmpty {
+      w.putCmpByte(guardByte, immediate: 0)
+      w.putJcc(.notEqual, skipEntry)
+      w.putMovByte(guardByte, immediate: 1)
+      for call in entries { try putHandlerCall(&w, call) }
+      for call in modifyReturns {
+        try putHandlerCall(&w, call)
+        w.putTest32(.rax, .rax)
+        w.putJcc(.notEqual, skipBody)
+      }
+      w.putMovByte(guardByte, immediate: 0)
+    }
+    w.bind(entryDone)
+
+    let epilogueStart: Int
+    if callsOriginal {
+      let stackWords = model.stackArgumentWords ?? 0
+      let stackBytes = Int32((stackWords * 8 + 15) / 16 * 16)
+      if stackBytes > 0 {
+        w.putSub(.rsp, immediate: stackBytes)
+        for word in 0..<Int32(stackWords) {
+          w.putMov(.r11, Memory(.rbp, 16 + 8 * word))
+          w.putMov(Memory(.rsp, 8 * word), .r11)
+        }
+      }
+      restoreArguments(&w, frame: stackBytes)
+      try w.putCall(address: body)
+      if stackBytes > 0 { w.putAdd(.rsp, immediate: stackBytes) }
+      saveReturn(&w)
+      w.bind(afterBody)
+      if !exits.isEmpty {
+        w.putCmpByte(guardByte, immediate: 0)
+        w.putJcc(.notEqual, skipExit)
+        w.putMovByte(guardByte, immediate: 1)
+        for call in exits { try putHandlerCall(&w, call) }
+        w.putMovByte(guardByte, immediate: 0)
+      }
+      w.bind(exitDone)
+      loadReturn(&w)
+      epilogueStart = w.bytes.count
+      w.putLeave()
+      w.putRet()
+    } else {
+      restoreArguments(&w, frame: 0)
+      epilogueStart = w.bytes.count
+      w.putLeave()
+      try w.putJmp(address: body)
+    }
+    let epilogueEnd = w.bytes.count
+
+    // Out-of-line stubs (still inside the frame: the unwind table restores the frame rows here).
+    w.bind(skipEntry)
+    for call in entries + modifyReturns { putSkipCount(&w, call) }
+    w.putJmp(entryDone)
+    if !modifyReturns.isEmpty {
+      w.bind(skipBody)
+      w.putMovByte(guardByte, immediate: 0)
+      w.putJmp(afterBody)
+    }
+    if !exits.isEmpty {
+      w.bind(skipExit)
+      for call in exits { putSkipCount(&w, call) }
+      w.putJmp(exitDone)
+    }
+    w.putUd2()
+    return Code(bytes: try w.finish(), epilogueStart: epilogueStart, epilogueEnd: epilogueEnd)
+  }
+
+  private func saveArguments(_ w: inout X86Writer) {
+    for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
+      w.putMov(Memory(.rsp, Self.argumentsOffset + 8 * Int32(index)), register)
+    }
+    if model.isVariadic { w.putMov(Memory(.rsp, Self.raxOffset), .rax) }
+    for index in 0..<model.floatArguments {
+      w.putMovaps(Memory(.rsp, Self.floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
+    }
+  }
+
+  /// Reloads the argument registers from the frame (handlers may have changed them); `frame` is
+  /// how far rsp has moved below the tracery_call.
+  private func restoreArguments(_ w: inout X86Writer, frame: Int32) {
+    for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
+      w.putMov(register, Memory(.rsp, frame + Self.argumentsOffset + 8 * Int32(index)))
+    }
+    if model.isVariadic { w.putMov(.rax, Memory(.rsp, frame + Self.raxOffset)) }
+    for index in 0..<model.floatArguments {
+      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, frame + Self.floatArgumentsOffset + 16 * Int32(index)))
+    }
+  }
+
+  private var returnsIntegers: Bool { [.integer, .integerPair, .unknown].contains(model.returns) }
+  private var returnsPair: Bool { [.integerPair, .unknown].contains(model.returns) }
+  private var returnsFloats: Bool { [.double, .doublePair, .unknown].contains(model.returns) }
+  private var returnsFloatPair: Bool { [.doublePair, .unknown].contains(model.returns) }
+
+  private func saveReturn(_ w: inout X86Writer) {
+    if returnsIntegers { w.putMov(Memory(.rsp, Self.returnOffset), .rax) }
+    if returnsPair { w.putMov(Memory(.rsp, Self.returnOffset + 8), .rdx) }
+    if returnsFloats { w.putMovaps(Memory(.rsp, Self.floatReturnOffset), XMMRegister(0)) }
+    if returnsFloatPair { w.putMovaps(Memory(.rsp, Self.floatReturnOffset + 16), XMMRegister(1)) }
+  }
+
+  private func loadReturn(_ w: inout X86Writer) {
+    if returnsIntegers { w.putMov(.rax, Memory(.rsp, Self.returnOffset)) }
+    if returnsPair { w.putMov(.rdx, Memory(.rsp, Self.returnOffset + 8)) }
+    if returnsFloats { w.putMovaps(XMMRegister(0), Memory(.rsp, Self.floatReturnOffset)) }
+    if returnsFloatPair { w.putMovaps(XMMRegister(1), Memory(.rsp, Self.floatReturnOffset + 16)) }
+  }
+
+  private func putHandlerCall(_ w: inout X86Writer, _ call: HandlerCall) throws {
+    if call.countCalls {
+      w.putMov(.r11, immediate: call.counters)
+      w.putInc(Memory(.r11), locked: true)
+    }
+    w.putLea(.rdi, Memory(.rsp))
+    w.putMov(.rsi, immediate: call.cookie)
+    if X86Writer.rel32(from: w.pc + 5, to: call.handler) != nil {
+      try w.putCall(address: call.handler)
+    } else {
+      w.putMov(.r11, immediate: call.handler)
+      w.putCall(.r11)
+    }
+  }
+
+  private func putSkipCount(_ w: inout X86Writer, _ call: HandlerCall) {
+    w.putMov(.r11, immediate: call.counters + 8)
+    w.putInc(Memory(.r11), locked: true)
+  }
+}

@@ -1,0 +1,23 @@
+#include "cxx_fixtures.h"
+
+#include <stdexcept>
+
+struct traced_error {
+  long value;
+};
+
+extern "C" __attribute__((patchable_function_entry(5, 0), noinline)) long tracery_cxx_thrower(long value) {
+  if (value != 0) throw traced_error{value};
+  return 7;
+}
+
+void *tracery_cxx_thrower_address(void) { return reinterpret_cast<void *>(&tracery_cxx_thrower); }
+
+long tracery_cxx_catch(long value) {
+  long (*volatile thrower)(long) = tracery_cxx_thrower;
+  try {
+    return thrower(value) + 1000;
+  } catch (const traced_error &error) {
+    return error.value;
+  }
+}
