@@ -26,12 +26,16 @@ let package = Package(
     // dl_iterate_phdr's callback). Never a product.
     .target(name: "CTraceryShims"),
     .target(name: "CTracery"),
+    // The traced function and empty C handlers of `tracery bench trigger`.
+    .target(name: "CTraceryBench", dependencies: ["CTracery"]),
     .target(name: "TraceryELF"),
     .target(name: "TraceryX86"),
     .target(name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims", "CTracery"]),
     .executableTarget(
       name: "tracery",
-      dependencies: ["TraceryCore", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+      dependencies: [
+        "TraceryCore", "CTraceryBench", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]
     ),
     // The bundled demo program of the README, built by clang with one 5-byte NOP per function entry.
     .executableTarget(

@@ -1,6 +1,7 @@
 #include "fixtures.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 
 #define TRACED __attribute__((patchable_function_entry(5, 0), noinline, used))
@@ -17,7 +18,16 @@ static _Atomic uint64_t total_calls, total_wrong;
 static pthread_t threads[16];
 static int thread_count;
 
+static void unblock_signals(void) {
+  // Threads created from a libdispatch worker inherit its blocked signals; an ordinary program
+  // thread blocks none, and the trampoline reclaimer needs its snapshot signal to get through.
+  sigset_t none;
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, 0);
+}
+
 static void *hammer(void *arg) {
+  unblock_signals();
   long seed = (long)(intptr_t)arg;
   uint64_t calls = 0, wrong = 0;
   // Calls through volatile pointers so the compiler keeps every call.
@@ -158,4 +168,42 @@ void *tracery_fixture_varargs_address(void) { return (void *)tracery_fixture_var
 long tracery_fixture_varargs_call(void) {
   long (*volatile varargs)(int, ...) = tracery_fixture_varargs;
   return varargs(3, 1.5, 2.5, 3.5);
+}
+static int handler_depth;
+void tracery_fixture_entry_backtrace(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+  void *frames[64];
+  handler_depth = backtrace(frames, 64);
+}
+int tracery_fixture_handler_depth(void) { return handler_depth; }
+
+static void *tracer_hammer(void *arg) {
+  unblock_signals();
+  long seed = (long)(intptr_t)arg;
+  uint64_t calls = 0, wrong = 0;
+  long (*volatile six)(long, long, long, long, long, long) = tracery_fixture_six;
+  double (*volatile floats)(double, double, long, double) = tracery_fixture_floats;
+  struct tracery_pair (*volatile pair)(long, long) = tracery_fixture_pair;
+  while (!atomic_load_explicit(&stop_flag, memory_order_relaxed)) {
+    for (long i = 0; i < 1000; i++) {
+      long x = (seed + i) % 9;
+      wrong += six(x, 1, 2, 3, 4, 5) != x * 100000 + 12345;
+      wrong += floats(1.0, 2.0, x, 5.0) != 100.0 + 20.0 + (double)x + 0.5;
+      struct tracery_pair p = pair(x, 3);
+      wrong += p.low != x + 3 || p.high != x - 3;
+      calls += 3;
+    }
+  }
+  atomic_fetch_add(&total_calls, calls);
+  atomic_fetch_add(&total_wrong, wrong);
+  return 0;
+}
+
+void tracery_fixture_tracer_hammers_start(int count) {
+  atomic_store(&stop_flag, 0);
+  atomic_store(&total_calls, 0);
+  atomic_store(&total_wrong, 0);
+  thread_count = count > 16 ? 16 : count;
+  for (int i = 0; i < thread_count; i++) pthread_create(&threads[i], 0, tracer_hammer, (void *)(intptr_t)(i * 7));
 }

@@ -51,6 +51,9 @@ enum Handlers {
   static let clobber = unsafeBitCast(
     tracery_fixture_entry_clobber as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
     to: EntryHandler.self)
+  static let backtrace = unsafeBitCast(
+    tracery_fixture_entry_backtrace as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
+    to: EntryHandler.self)
   static let reenter = unsafeBitCast(
     tracery_fixture_entry_reenter as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
     to: EntryHandler.self)
@@ -210,6 +213,16 @@ func floatWords(_ record: tracery_fixture_record) -> [Double] {
     let traced = tracery_fixture_backtrace_depth(0)
     #expect(untraced >= 4)
     #expect(traced == untraced + 1, "untraced \(untraced) frames, traced \(traced)")
+  }
+
+  /// Unwinding through an entry-only trampoline (no frame pointer): a handler's backtrace sees
+  /// the handler, the trampoline, and then the traced function's callers.
+  @Test func backtraceFromAnEntryHandler() throws {
+    let untraced = tracery_fixture_backtrace_depth(0)
+    let link = try tracer.attach(.entry(Handlers.backtrace), to: .address(Fixture.backtraceDepth))
+    defer { link.detach() }
+    _ = tracery_fixture_backtrace_depth(0)
+    #expect(Int(tracery_fixture_handler_depth()) == untraced + 1)
   }
 
   @Test func blockedThreadSurvivesReplacementAndItsImageIsReclaimedAfter() throws {

@@ -17,8 +17,12 @@ import CTraceryShims
 /// Per thread (/proc/self/task): a thread blocked in a system call has its rip and rsp in
 /// /proc/self/task/TID/syscall and is not disturbed; a running thread gets a snapshot signal
 /// whose handler reports them. The stack is scanned from rsp to the end of its mapping. A thread
-/// that does not answer keeps everything busy (try again later). Reclaiming never waits on a
-/// sleeping thread.
+/// that does not answer within 50 ms keeps everything busy (try again later). Reclaiming never
+/// waits on a sleeping thread.
+///
+/// Limitation: a thread that is running (CPU-bound, never blocking in a system call) and blocks
+/// the snapshot signal (SIGRTMAX - 1) cannot be inspected without ptrace, so while such a thread
+/// exists retired images stay allocated; `Tracer.reclaimObstacle` says which thread.
 ///
 /// Protocol: called only under the tracer's lock.
 struct Reclaimer {
@@ -35,20 +39,42 @@ struct Reclaimer {
 
   mutating func retire(_ image: Retired) { retired.append(image) }
 
+  /// When a commit should also try to reclaim: a pass signals every running thread, so it is
+  /// done once enough has been retired or enough time has passed, not on every change.
+  /// `Tracer.reclaim()` always tries.
+  /// After a pass that could not inspect every thread, automatic passes back off (doubling up
+  /// to `maximumInterval`), so that commits stay prompt in a process whose running threads block
+  /// the snapshot signal.
+  static let retiredThreshold = 64
+  static let interval: Duration = .milliseconds(200)
+  static let maximumInterval: Duration = .seconds(10)
+  private var lastPass = ContinuousClock.now
+  private var backoff: Duration = Reclaimer.interval
+
+  func isDue(now: ContinuousClock.Instant) -> Bool {
+    guard !retired.isEmpty else { return false }
+    if now - lastPass >= backoff { return true }
+    // Many retired images: try at once, unless the last pass failed (then wait out the backoff).
+    return retired.count >= Self.retiredThreshold && backoff == Self.interval
+  }
+
   /// Frees every retired trampoline no thread references; returns how many were freed.
   /// `callerStack` is a stack address of this thread above every frame of Tracer's own (see
   /// `withCallerStackMarker`): this thread is scanned from there up, so the reclaimer's own
   /// locals, which hold image addresses, are not mistaken for references.
   mutating func reclaim(arena: CodeArena, callerStack: UInt64) -> Int {
     guard !retired.isEmpty else { return 0 }
+    lastPass = ContinuousClock.now
     let ranges = retired.map { $0.block.address..<($0.block.address + UInt64($0.block.size)) }
     let busy: Set<Int>
     switch Self.busyRanges(ranges, callerStack: callerStack) {
     case .success(let found):
       busy = found
       lastObstacle = nil
+      backoff = Self.interval
     case .failure(let obstacle):
       lastObstacle = obstacle.reason
+      backoff = min(backoff * 2, Self.maximumInterval)
       return 0
     }
     var kept: [Retired] = []
@@ -118,23 +144,45 @@ struct Reclaimer {
     return result
   }
 
-  /// rip and rsp of thread `tid`: from procfs when it is blocked in a system call, else from a
-  /// snapshot signal.
+  /// rip and rsp of thread `tid`: from procfs while it is blocked (in a system call or
+  /// otherwise), else from a snapshot signal if the thread does not block that signal. A running
+  /// thread that blocks it is polled for up to ~100 ms, until it blocks; then nil.
   static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64)? {
-    if let text = System.readFile("/proc/self/task/\(tid)/syscall") {
-      let fields = String(decoding: text, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
-      // "NR arg1 ... arg6 sp pc" (or "-1 sp pc" when blocked outside a system call).
-      if let first = fields.first, first != "running", fields.count >= 3,
-        let sp = UInt64(fields[fields.count - 2].dropFirst(2), radix: 16),
-        let pc = UInt64(fields[fields.count - 1].dropFirst(2), radix: 16)
-      {
-        return (pc, sp)
+    let signalBlocked = blocksSnapshotSignal(tid)
+    for _ in 0..<20 {
+      if let blocked = blockedRegisters(of: tid) { return blocked }
+      if !signalBlocked {
+        var rip: UInt64 = 0
+        var rsp: UInt64 = 0
+        if ctracery_snapshot_thread(tid, &rip, &rsp, 20) == 0 { return (rip, rsp) }
+      } else {
+        usleep(5000)
       }
     }
-    var rip: UInt64 = 0
-    var rsp: UInt64 = 0
-    guard ctracery_snapshot_thread(tid, &rip, &rsp, 200) == 0 else { return nil }
-    return (rip, rsp)
+    return nil
+  }
+
+  /// "NR arg1 ... arg6 sp pc", or "-1 sp pc" when blocked outside a system call; "running"
+  /// while the thread is runnable.
+  static func blockedRegisters(of tid: Int32) -> (rip: UInt64, rsp: UInt64)? {
+    guard let text = System.readFile("/proc/self/task/\(tid)/syscall") else { return nil }
+    let fields = String(decoding: text, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
+    guard let first = fields.first, first != "running", fields.count >= 3,
+      let sp = UInt64(fields[fields.count - 2].dropFirst(2), radix: 16),
+      let pc = UInt64(fields[fields.count - 1].dropFirst(2), radix: 16)
+    else { return nil }
+    return (pc, sp)
+  }
+
+  /// Whether thread `tid` blocks the snapshot signal (`SigBlk:` of its status). Such a thread is
+  /// never signalled: a blocked real-time signal would stay queued against the process's limit.
+  static func blocksSnapshotSignal(_ tid: Int32) -> Bool {
+    guard let text = System.readFile("/proc/self/task/\(tid)/status") else { return true }
+    for line in String(decoding: text, as: UTF8.self).split(separator: "\n") where line.hasPrefix("SigBlk:") {
+      guard let mask = UInt64(line.dropFirst(7).trimmingCharacters(in: " \t"), radix: 16) else { return true }
+      return mask & (1 << UInt64(ctracery_snapshot_signal() - 1)) != 0
+    }
+    return true
   }
 }
 

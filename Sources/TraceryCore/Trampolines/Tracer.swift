@@ -396,7 +396,7 @@ public final class Tracer: Sendable {
           arena.release(image.block)
         }
       }
-      _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack)
+      if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
       return report
     }
   }
@@ -433,9 +433,7 @@ public final class Tracer: Sendable {
       block.write(code.bytes)
       let unwind =
         UnwindInfo.isAvailable
-        ? UnwindInfo(
-          start: block.address, length: code.bytes.count, epilogueStart: code.epilogueStart,
-          epilogueEnd: code.epilogueEnd) : nil
+        ? UnwindInfo(start: block.address, length: code.bytes.count, frame: code.frame) : nil
       return Reclaimer.Retired(block: block, unwind: unwind, counters: function.attachments.map(\.link.counters))
     } catch {
       arena.release(block)

@@ -57,15 +57,64 @@ struct TrampolineEmitter {
   var body: UInt64 { site + 5 }
   var callsOriginal: Bool { !exits.isEmpty || !modifyReturns.isEmpty }
 
-  /// The finished code, and where its epilogue starts and ends (for `UnwindInfo`).
+  /// The finished code, and the offsets `UnwindInfo` needs.
   struct Code {
     let bytes: [UInt8]
-    let epilogueStart: Int
-    let epilogueEnd: Int
+    let frame: UnwindInfo.Frame
   }
+
+  /// Entry-only trampolines have no frame pointer: the body never runs inside their frame, so
+  /// `sub rsp` / `add rsp` is all the frame they need (three instructions fewer per call).
+  static let entryOnlyFrame: Int32 = frameSize + 8
 
   func emit(at base: UInt64) throws -> Code {
     precondition(!callsOriginal || model.stackArgumentWords != nil, "exit trampolines need known stack arguments")
+    return callsOriginal ? try emitWithOriginal(at: base) : try emitEntryOnly(at: base)
+  }
+
+  /// Entry handlers only: no frame pointer, and the trampoline ends by jumping into the body.
+  ///
+  ///     rsp+288 ...  caller's stack arguments
+  ///     rsp+280      return address to the caller
+  ///     rsp+0 ... rsp+271: tracery_call        (rsp 16-byte aligned)
+  private func emitEntryOnly(at base: UInt64) throws -> Code {
+    var w = X86Writer(base: base)
+    let guardByte = Memory.fs(guardOffset)
+    let entryDone = w.newLabel()
+    let skipEntry = w.newLabel()
+    let frame = Self.entryOnlyFrame
+    w.putSub(.rsp, immediate: frame)
+    let prologueEnd = w.bytes.count
+    saveArguments(&w)
+    w.putMov(.r11, Memory(.rsp, frame))
+    w.putMov(Memory(.rsp, 8), .r11)
+    w.putLea(.r11, Memory(.rsp, frame + 8))
+    w.putMov(Memory(.rsp, 16), .r11)
+    w.putMov(.r11, immediate: function)
+    w.putMov(Memory(.rsp, 0), .r11)
+    w.putCmpByte(guardByte, immediate: 0)
+    w.putJcc(.notEqual, skipEntry)
+    w.putMovByte(guardByte, immediate: 1)
+    for call in entries { try putHandlerCall(&w, call) }
+    w.putMovByte(guardByte, immediate: 0)
+    w.bind(entryDone)
+    restoreArguments(&w, frame: 0)
+    w.putAdd(.rsp, immediate: frame)
+    let afterAdd = w.bytes.count
+    try w.putJmp(address: body)
+    let epilogueEnd = w.bytes.count
+    w.bind(skipEntry)
+    for call in entries { putSkipCount(&w, call) }
+    w.putJmp(entryDone)
+    w.putUd2()
+    return Code(
+      bytes: try w.finish(),
+      frame: .stackPointer(size: Int(frame), prologueEnd: prologueEnd, afterRelease: afterAdd, epilogueEnd: epilogueEnd)
+    )
+  }
+
+  /// Exit or modify-return handlers: a frame-pointer frame around a call of the body.
+  private func emitWithOriginal(at base: UInt64) throws -> Code {
     var w = X86Writer(base: base)
     let guardByte = Memory.fs(guardOffset)
     let entryDone = w.newLabel()
@@ -110,7 +159,7 @@ struct TrampolineEmitter {
     w.bind(entryDone)
 
     let epilogueStart: Int
-    if callsOriginal {
+    do {
       let stackWords = model.stackArgumentWords ?? 0
       let stackBytes = Int32((stackWords * 8 + 15) / 16 * 16)
       if stackBytes > 0 {
@@ -137,11 +186,6 @@ struct TrampolineEmitter {
       epilogueStart = w.bytes.count
       w.putLeave()
       w.putRet()
-    } else {
-      restoreArguments(&w, frame: 0)
-      epilogueStart = w.bytes.count
-      w.putLeave()
-      try w.putJmp(address: body)
     }
     let epilogueEnd = w.bytes.count
 
@@ -160,7 +204,7 @@ struct TrampolineEmitter {
       w.putJmp(exitDone)
     }
     w.putUd2()
-    return Code(bytes: try w.finish(), epilogueStart: epilogueStart, epilogueEnd: epilogueEnd)
+    return Code(bytes: try w.finish(), frame: .framePointer(epilogueStart: epilogueStart, epilogueEnd: epilogueEnd))
   }
 
   private func saveArguments(_ w: inout X86Writer) {

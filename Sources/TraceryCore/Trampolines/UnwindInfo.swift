@@ -6,13 +6,16 @@
 /// (libgcc's `__register_frame`) so that `backtrace()` and C++ exceptions pass through a
 /// function whose exit trampoline is on the stack.
 ///
-/// The rows, for a trampoline laid out by `TrampolineEmitter`:
+/// The rows, for the two frame shapes `TrampolineEmitter` lays out:
 ///
-///     offset 0:                CFA = rsp + 8, return address at CFA - 8
-///     after `push rbp` (1):    CFA = rsp + 16, rbp at CFA - 16
-///     after `mov rbp, rsp` (4): CFA = rbp + 16                     (remember this row)
-///     after `leave`:           CFA = rsp + 8, rbp restored
-///     after the epilogue:      the remembered row again (the out-of-line stubs run in the frame)
+///     frame pointer (exit, modify-return)      stack pointer only (entry)
+///     0:        CFA = rsp + 8, RA at CFA - 8   0:             CFA = rsp + 8, RA at CFA - 8
+///     1:        CFA = rsp + 16, rbp at CFA-16  after sub rsp: CFA = rsp + size + 8  (remember)
+///     4:        CFA = rbp + 16      (remember) after add rsp: CFA = rsp + 8
+///     leave+1:  CFA = rsp + 8, rbp restored    after the jmp: the remembered row
+///     after ret: the remembered row
+///
+/// (After the epilogue come out-of-line stubs, which run inside the frame.)
 ///
 /// Lifetime: the bytes must stay valid until `deregister()`; a registration is undone only
 /// when its trampoline is reclaimed (no thread can be unwinding through it then).
@@ -34,8 +37,14 @@ final class UnwindInfo: @unchecked Sendable {
   /// Whether the process has an unwinder to register with.
   static var isAvailable: Bool { registerFrame != nil && deregisterFrame != nil }
 
-  init(start: UInt64, length: Int, epilogueStart: Int, epilogueEnd: Int) {
-    let bytes = Self.ehFrame(start: start, length: length, epilogueStart: epilogueStart, epilogueEnd: epilogueEnd)
+  /// A trampoline's frame shape, with the code offsets where its rows change.
+  enum Frame: Equatable {
+    case framePointer(epilogueStart: Int, epilogueEnd: Int)
+    case stackPointer(size: Int, prologueEnd: Int, afterRelease: Int, epilogueEnd: Int)
+  }
+
+  init(start: UInt64, length: Int, frame: Frame) {
+    let bytes = Self.ehFrame(start: start, length: length, frame: frame)
     storage = .allocate(byteCount: bytes.count, alignment: 8)
     bytes.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
   }
@@ -72,7 +81,7 @@ final class UnwindInfo: @unchecked Sendable {
   private static let returnAddress: UInt8 = 16
 
   /// A CIE, one FDE and the zero terminator, as `__register_frame` reads an .eh_frame section.
-  static func ehFrame(start: UInt64, length: Int, epilogueStart: Int, epilogueEnd: Int) -> [UInt8] {
+  static func ehFrame(start: UInt64, length: Int, frame: Frame) -> [UInt8] {
     var cie: [UInt8] = [0, 0, 0, 0]  // CIE id 0
     cie += [1]  // version
     cie += Array("zR".utf8) + [0]
@@ -89,14 +98,26 @@ final class UnwindInfo: @unchecked Sendable {
     fde.appendLittleEndian(start)
     fde.appendLittleEndian(UInt64(length))
     fde += [0]  // no augmentation data
-    fde += [DW_CFA_advance_loc | 1, DW_CFA_def_cfa_offset, 16, DW_CFA_offset | rbp, 2]
-    fde += [DW_CFA_advance_loc | 3, DW_CFA_def_cfa_register, rbp, DW_CFA_remember_state]
-    fde += [DW_CFA_advance_loc2]
-    fde.appendLittleEndian(UInt16(epilogueStart + 1 - 4))  // past `leave`
-    fde += [DW_CFA_def_cfa, rsp, 8, DW_CFA_restore | rbp]
-    fde += [DW_CFA_advance_loc2]
-    fde.appendLittleEndian(UInt16(epilogueEnd - (epilogueStart + 1)))
-    fde += [DW_CFA_restore_state]
+    func advance(_ delta: Int) {
+      fde += [DW_CFA_advance_loc2]
+      fde.appendLittleEndian(UInt16(delta))
+    }
+    switch frame {
+    case .framePointer(let epilogueStart, let epilogueEnd):
+      fde += [DW_CFA_advance_loc | 1, DW_CFA_def_cfa_offset, 16, DW_CFA_offset | rbp, 2]
+      fde += [DW_CFA_advance_loc | 3, DW_CFA_def_cfa_register, rbp, DW_CFA_remember_state]
+      advance(epilogueStart + 1 - 4)  // past `leave`
+      fde += [DW_CFA_def_cfa, rsp, 8, DW_CFA_restore | rbp]
+      advance(epilogueEnd - (epilogueStart + 1))
+      fde += [DW_CFA_restore_state]
+    case .stackPointer(let size, let prologueEnd, let afterRelease, let epilogueEnd):
+      advance(prologueEnd)
+      fde += [DW_CFA_def_cfa_offset] + uleb128(size + 8) + [DW_CFA_remember_state]
+      advance(afterRelease - prologueEnd)
+      fde += [DW_CFA_def_cfa_offset, 8]
+      advance(epilogueEnd - afterRelease)
+      fde += [DW_CFA_restore_state]
+    }
     pad(&fde)
 
     var result: [UInt8] = []
@@ -106,6 +127,18 @@ final class UnwindInfo: @unchecked Sendable {
     result += fde
     result += [0, 0, 0, 0]
     return result
+  }
+
+  static func uleb128(_ value: Int) -> [UInt8] {
+    var value = value
+    var bytes: [UInt8] = []
+    repeat {
+      var byte = UInt8(value & 0x7f)
+      value >>= 7
+      if value != 0 { byte |= 0x80 }
+      bytes.append(byte)
+    } while value != 0
+    return bytes
   }
 
   /// Pads a record body with DW_CFA_nop so that length field + body is a multiple of 8.

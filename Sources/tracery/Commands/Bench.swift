@@ -6,6 +6,8 @@ struct Bench: ParsableCommand {
     abstract: "Measure Tracery (run from a release build: swift build -c release).",
     discussion: """
       Suites:
+        trigger ns per call of a traced function for entry, exit, modify-return and entry+exit \
+      trampolines with empty C and Swift handlers, each beside the untraced call measured just before.
         patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
       to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
       Each figure is the median of --runs runs. --json prints one object per line with the keys \
@@ -14,7 +16,7 @@ struct Bench: ParsableCommand {
   )
 
   enum Suite: String, ExpressibleByArgument, CaseIterable {
-    case patch
+    case patch, trigger
   }
 
   @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -41,6 +43,7 @@ struct Bench: ParsableCommand {
       #endif
       switch suite {
       case .patch: try PatchBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
+      case .trigger: try TriggerBench(runs: runs).run(report)
       }
     }
   }

@@ -67,3 +67,8 @@ struct tracery_fixture_record tracery_fixture_record_at(int index);
 /// call a variadic C function, which needs al set).
 void *tracery_fixture_varargs_address(void);
 long tracery_fixture_varargs_call(void);
+/// Entry handler that stores backtrace()'s frame count, read with tracery_fixture_handler_depth.
+void tracery_fixture_entry_backtrace(tracery_call *call, uint64_t cookie);
+int tracery_fixture_handler_depth(void);
+/// Like the hammers above, for the functions the Tracer tests trace (six, floats, pair).
+void tracery_fixture_tracer_hammers_start(int count);

@@ -1,0 +1,24 @@
+#include "tracery_bench.h"
+
+__attribute__((patchable_function_entry(5, 0), noinline)) long tracery_bench_target(long x) { return x + 1; }
+
+long tracery_bench_loop(long iterations) {
+  long (*volatile target)(long) = tracery_bench_target;
+  long sum = 0;
+  for (long i = 0; i < iterations; i++) sum += target(i);
+  return sum;
+}
+
+void tracery_bench_empty_entry(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+}
+void tracery_bench_empty_exit(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+}
+int tracery_bench_empty_modify_return(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  (void)cookie;
+  return 0;
+}

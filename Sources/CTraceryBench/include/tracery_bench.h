@@ -1,0 +1,16 @@
+// The functions `tracery bench trigger` traces, and empty C handlers, compiled as C so that the
+// measured loop contains nothing but the traced call.
+#ifndef TRACERY_BENCH_H
+#define TRACERY_BENCH_H
+#include <stdint.h>
+#include <tracery.h>
+
+/// The traced function: x + 1, with a 5-byte NOP at its entry.
+long tracery_bench_target(long x);
+/// Calls tracery_bench_target `iterations` times through a volatile pointer; returns the sum.
+long tracery_bench_loop(long iterations);
+
+void tracery_bench_empty_entry(tracery_call *call, uint64_t cookie);
+void tracery_bench_empty_exit(tracery_call *call, uint64_t cookie);
+int tracery_bench_empty_modify_return(tracery_call *call, uint64_t cookie);
+#endif
