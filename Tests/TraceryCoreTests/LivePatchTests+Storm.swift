@@ -7,7 +7,7 @@ import TraceryX86
 @testable import TraceryCore
 
 // Part of LivePatchTests (a serialized suite): every test there rewrites the same fixture sites.
-extension LivePatchTests {
+extension PatchingTests.LivePatchTests {
   /// Two threads call the four fixtures in a loop and check every result while this thread
   /// cycles their sites nop → call A → nop → jmp B → nop, one batch per step: 100,000 patches
   /// and 100,000 unpatches by default (TRACERY_LONG_TESTS: 20 times more).

@@ -44,64 +44,66 @@ enum GeneratedLibrary {
   }
 }
 
-@Suite(.serialized) struct TenThousandSitesTests {
-  /// Every one of 10,000 functions patched to its counting trampoline in one batch, called, and
-  /// unpatched in one batch: each call counted exactly once while patched and never after; every
-  /// site's bytes as they were.
-  @Test func patchAndUnpatchTenThousandInOneBatchEach() throws {
-    let library = try GeneratedLibrary.tenThousand.get()
-    let sites = library.sites
-    let originals = sites.map { TextPatcher.read($0) }
-    #expect(originals.allSatisfy { X86Instruction.SiteShape(bytes: $0, at: 0) == .nop5 })
-    let probes = try CountingTrampolines(sites: sites, mode: .call)
+extension PatchingTests {
+  @Suite(.serialized) struct TenThousandSitesTests {
+    /// Every one of 10,000 functions patched to its counting trampoline in one batch, called, and
+    /// unpatched in one batch: each call counted exactly once while patched and never after; every
+    /// site's bytes as they were.
+    @Test func patchAndUnpatchTenThousandInOneBatchEach() throws {
+      let library = try GeneratedLibrary.tenThousand.get()
+      let sites = library.sites
+      let originals = sites.map { TextPatcher.read($0) }
+      #expect(originals.allSatisfy { X86Instruction.SiteShape(bytes: $0, at: 0) == .nop5 })
+      let probes = try CountingTrampolines(sites: sites, mode: .call)
 
-    // One batch: three core syncs and a handful of mprotect ranges for all 10,000 sites.
-    let patched = TextPatcher.shared.applyReporting(
-      sites.indices.map { PatchRequest(site: sites[$0], expected: originals[$0], replacement: probes.branch($0)) })
-    #expect(patched.outcomes.allSatisfy { $0 == .patched })
-    #expect(patched.coreSyncs == 3)
-    #expect(patched.writableRanges >= 1 && patched.writableRanges <= 4)
-    var wrong = 0
-    for (index, function) in library.functions.enumerated() {
-      for x in [1, 2] where function(x) != TestSupport.generatedValue(index: index, x: x) { wrong += 1 }
-      if index % 2 == 0 { _ = function(3) }
-    }
-    #expect(wrong == 0)
-    let miscounted = sites.indices.filter { probes.count($0) != ($0 % 2 == 0 ? 3 : 2) }
-    #expect(miscounted.isEmpty, "first miscounted: \(miscounted.prefix(5).map { ($0, probes.count($0)) })")
-
-    let unpatched = TextPatcher.shared.applyReporting(
-      sites.indices.map { PatchRequest(site: sites[$0], expected: probes.branch($0), replacement: originals[$0]) })
-    #expect(unpatched.outcomes.allSatisfy { $0 == .patched })
-    #expect(unpatched.coreSyncs == 3)
-    for (index, function) in library.functions.enumerated()
-    where function(5) != TestSupport.generatedValue(index: index, x: 5) {
-      wrong += 1
-    }
-    #expect(wrong == 0)
-    #expect(sites.indices.allSatisfy { probes.count($0) == ($0 % 2 == 0 ? 3 : 2) })
-    #expect(sites.map { TextPatcher.read($0) } == originals)
-  }
-
-  /// gcc's 5×1-byte NOP sleds cannot be rewritten while other threads run (the test process has
-  /// many): every site is refused with that reason and left untouched.
-  @Test func sledsAreRefusedWhileOtherThreadsRun() throws {
-    let library = try GeneratedLibrary.load(count: 16, prefix: "sled_f", compiler: "gcc")
-    let before = library.sites.map { TextPatcher.read($0) }
-    #expect(before.allSatisfy { $0 == [0x90, 0x90, 0x90, 0x90, 0x90] })
-    let outcomes = TextPatcher.shared.convertSleds(library.sites)
-    for outcome in outcomes {
-      guard case .failed(let reason) = outcome else {
-        Issue.record("expected a refusal, got \(outcome)")
-        continue
+      // One batch: three core syncs and a handful of mprotect ranges for all 10,000 sites.
+      let patched = TextPatcher.shared.applyReporting(
+        sites.indices.map { PatchRequest(site: sites[$0], expected: originals[$0], replacement: probes.branch($0)) })
+      #expect(patched.outcomes.allSatisfy { $0 == .patched })
+      #expect(patched.coreSyncs == 3)
+      #expect(patched.writableRanges >= 1 && patched.writableRanges <= 4)
+      var wrong = 0
+      for (index, function) in library.functions.enumerated() {
+        for x in [1, 2] where function(x) != TestSupport.generatedValue(index: index, x: x) { wrong += 1 }
+        if index % 2 == 0 { _ = function(3) }
       }
-      #expect(reason.contains("other thread"))
+      #expect(wrong == 0)
+      let miscounted = sites.indices.filter { probes.count($0) != ($0 % 2 == 0 ? 3 : 2) }
+      #expect(miscounted.isEmpty, "first miscounted: \(miscounted.prefix(5).map { ($0, probes.count($0)) })")
+
+      let unpatched = TextPatcher.shared.applyReporting(
+        sites.indices.map { PatchRequest(site: sites[$0], expected: probes.branch($0), replacement: originals[$0]) })
+      #expect(unpatched.outcomes.allSatisfy { $0 == .patched })
+      #expect(unpatched.coreSyncs == 3)
+      for (index, function) in library.functions.enumerated()
+      where function(5) != TestSupport.generatedValue(index: index, x: 5) {
+        wrong += 1
+      }
+      #expect(wrong == 0)
+      #expect(sites.indices.allSatisfy { probes.count($0) == ($0 % 2 == 0 ? 3 : 2) })
+      #expect(sites.map { TextPatcher.read($0) } == originals)
     }
-    #expect(library.sites.map { TextPatcher.read($0) } == before)
-    // A live patch that expects a NOP5 there is refused too, naming the bytes it found.
-    let refused = TextPatcher.shared.apply([
-      PatchRequest(site: library.sites[0], expected: X86Instruction.nop5, replacement: X86Instruction.nop5.reversed())
-    ])
-    #expect(refused.count == 1)
+
+    /// gcc's 5×1-byte NOP sleds cannot be rewritten while other threads run (the test process has
+    /// many): every site is refused with that reason and left untouched.
+    @Test func sledsAreRefusedWhileOtherThreadsRun() throws {
+      let library = try GeneratedLibrary.load(count: 16, prefix: "sled_f", compiler: "gcc")
+      let before = library.sites.map { TextPatcher.read($0) }
+      #expect(before.allSatisfy { $0 == [0x90, 0x90, 0x90, 0x90, 0x90] })
+      let outcomes = TextPatcher.shared.convertSleds(library.sites)
+      for outcome in outcomes {
+        guard case .failed(let reason) = outcome else {
+          Issue.record("expected a refusal, got \(outcome)")
+          continue
+        }
+        #expect(reason.contains("other thread"))
+      }
+      #expect(library.sites.map { TextPatcher.read($0) } == before)
+      // A live patch that expects a NOP5 there is refused too, naming the bytes it found.
+      let refused = TextPatcher.shared.apply([
+        PatchRequest(site: library.sites[0], expected: X86Instruction.nop5, replacement: X86Instruction.nop5.reversed())
+      ])
+      #expect(refused.count == 1)
+    }
   }
 }

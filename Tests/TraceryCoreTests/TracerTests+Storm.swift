@@ -5,7 +5,7 @@ import TraceryTestSupport
 
 @testable import TraceryCore
 
-extension TracerTests {
+extension PatchingTests.TracerTests {
   /// Two threads call three traced functions and check every result while this thread
   /// attaches, replaces and detaches entry, exit and modify-return trampolines on them (each
   /// change one batch), and the reclaimer frees what it can as it goes. At the end every image

@@ -71,252 +71,256 @@ func floatWords(_ record: tracery_fixture_record) -> [Double] {
   withUnsafeBytes(of: record.float_arguments) { Array($0.bindMemory(to: Double.self)) }
 }
 
-/// Every test here attaches through `Tracer.shared` and reads the shared fixture records.
-@Suite(.serialized) struct TracerTests {
-  let tracer = Tracer.shared
+extension PatchingTests {
+  /// Every test here attaches through `Tracer.shared` and reads the shared fixture records.
+  @Suite(.serialized) struct TracerTests {
+    let tracer = Tracer.shared
 
-  init() { tracery_fixture_records_reset() }
+    init() { tracery_fixture_records_reset() }
 
-  @Test func sixIntegerArgumentsSeenAndReturned() throws {
-    let model = FunctionModel(integerArguments: 6)
-    let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.six), cookie: 11, model: model)
-    let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.six), cookie: 12, model: model)
-    defer {
-      entry.detach()
-      exit.detach()
+    @Test func sixIntegerArgumentsSeenAndReturned() throws {
+      let model = FunctionModel(integerArguments: 6)
+      let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.six), cookie: 11, model: model)
+      let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.six), cookie: 12, model: model)
+      defer {
+        entry.detach()
+        exit.detach()
+      }
+      #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 123456)
+      let seen = records()
+      #expect(seen.map(\.kind) == [1, 2])
+      #expect(seen.map(\.cookie) == [11, 12])
+      #expect(seen.allSatisfy { $0.function == Fixture.six })
+      #expect(argumentWords(seen[0]) == [1, 2, 3, 4, 5, 6])
+      #expect(seen[1].return_value.0 == 123456)
+      #expect(entry.functions == [Fixture.six])
     }
-    #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 123456)
-    let seen = records()
-    #expect(seen.map(\.kind) == [1, 2])
-    #expect(seen.map(\.cookie) == [11, 12])
-    #expect(seen.allSatisfy { $0.function == Fixture.six })
-    #expect(argumentWords(seen[0]) == [1, 2, 3, 4, 5, 6])
-    #expect(seen[1].return_value.0 == 123456)
-    #expect(entry.functions == [Fixture.six])
-  }
 
-  @Test func entryHandlerChangesAnArgument() throws {
-    let link = try tracer.attach(.entry(Handlers.setArg0), to: .address(Fixture.six), cookie: 9)
-    defer { link.detach() }
-    #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 923456)
-  }
-
-  @Test func floatArgumentsAndDoubleReturnSurviveAClobberingHandler() throws {
-    let model = FunctionModel(integerArguments: 1, floatArguments: 3, returns: .double)
-    let clobber = try tracer.attach(.entry(Handlers.clobber), to: .address(Fixture.floats), model: model)
-    let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.floats))
-    let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.floats))
-    defer { _ = [clobber, entry, exit].map { $0.detach() } }
-    let result = tracery_fixture_floats(1.5, 2.5, 3, 4.0)
-    #expect(abs(result - 178.4) < 1e-9)
-    let seen = records()
-    #expect(Array(floatWords(seen[0]).prefix(3)) == [1.5, 2.5, 4.0])
-    #expect(abs(seen[1].float_return - 178.4) < 1e-9)
-  }
-
-  @Test func varargsKeepAl() throws {
-    let model = FunctionModel(integerArguments: 6, floatArguments: 8, returns: .integer, isVariadic: true)
-    let clobber = try tracer.attach(.entry(Handlers.clobber), to: .address(Fixture.varargs), model: model)
-    let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.varargs))
-    defer { _ = [clobber, exit].map { $0.detach() } }
-    #expect(tracery_fixture_varargs_call() == 75)
-    #expect(records().last?.return_value.0 == 75)
-  }
-
-  @Test func stackArgumentsAreCopiedForTheOriginal() throws {
-    let model = FunctionModel(integerArguments: 6, stackArgumentWords: 2)
-    let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.eight), model: model)
-    let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.eight))
-    defer { _ = [entry, exit].map { $0.detach() } }
-    #expect(tracery_fixture_eight(1, 2, 3, 4, 5, 6, 7, 8) == 204)
-    let seen = records()
-    #expect(seen[0].stack_arguments.0 == 7 && seen[0].stack_arguments.1 == 8)
-    #expect(seen[1].return_value.0 == 204)
-  }
-
-  @Test func structReturnInRaxRdxAndDoubleReturn() throws {
-    let pair = try tracer.attach(
-      .exit(Handlers.exit), to: .address(Fixture.pair), model: FunctionModel(integerArguments: 2, returns: .integerPair)
-    )
-    let double = try tracer.attach(
-      .exit(Handlers.exit), to: .address(Fixture.double), model: FunctionModel(integerArguments: 1, returns: .double))
-    defer { _ = [pair, double].map { $0.detach() } }
-    let result = tracery_fixture_pair(10, 3)
-    #expect(result.low == 13 && result.high == 7)
-    #expect(tracery_fixture_double(10) == 2.5)
-    let seen = records()
-    #expect(seen[0].return_value.0 == 13 && seen[0].return_value.1 == 7)
-    #expect(seen[1].float_return == 2.5)
-  }
-
-  @Test func modifyReturnSkipsTheBodyAndRunsBeforeExit() throws {
-    let model = FunctionModel(integerArguments: 6)
-    let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.six), cookie: 1, model: model)
-    let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.six), cookie: 2)
-    let modify = try tracer.attach(.modifyReturn(Handlers.modify), to: .address(Fixture.six), cookie: 99)
-    #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 99)
-    #expect(records().map(\.kind) == [1, 3, 2])
-    #expect(records().last?.return_value.0 == 99)
-    modify.detach()
-    let passThrough = try tracer.attach(.modifyReturn(Handlers.modify), to: .address(Fixture.six), cookie: 0)
-    #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 123456)
-    _ = [exit, entry, passThrough].map { $0.detach() }
-    tracery_fixture_records_reset()
-    #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 123456)
-    #expect(records().isEmpty)
-  }
-
-  @Test func handlersRunInAttachOrderAndDetachingOneLeavesTheOthers() throws {
-    let links = try (1...3).map {
-      try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double), cookie: UInt64($0))
+    @Test func entryHandlerChangesAnArgument() throws {
+      let link = try tracer.attach(.entry(Handlers.setArg0), to: .address(Fixture.six), cookie: 9)
+      defer { link.detach() }
+      #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 923456)
     }
-    _ = tracery_fixture_double(1)
-    #expect(records().map(\.cookie) == [1, 2, 3])
-    links[1].detach()
-    links[1].detach()  // twice is harmless
-    tracery_fixture_records_reset()
-    _ = tracery_fixture_double(1)
-    #expect(records().map(\.cookie) == [1, 3])
-    #expect(links[1].functions.isEmpty && links[0].functions == [Fixture.double])
-    links[0].detach()
-    links[2].detach()
+
+    @Test func floatArgumentsAndDoubleReturnSurviveAClobberingHandler() throws {
+      let model = FunctionModel(integerArguments: 1, floatArguments: 3, returns: .double)
+      let clobber = try tracer.attach(.entry(Handlers.clobber), to: .address(Fixture.floats), model: model)
+      let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.floats))
+      let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.floats))
+      defer { _ = [clobber, entry, exit].map { $0.detach() } }
+      let result = tracery_fixture_floats(1.5, 2.5, 3, 4.0)
+      #expect(abs(result - 178.4) < 1e-9)
+      let seen = records()
+      #expect(Array(floatWords(seen[0]).prefix(3)) == [1.5, 2.5, 4.0])
+      #expect(abs(seen[1].float_return - 178.4) < 1e-9)
+    }
+
+    @Test func varargsKeepAl() throws {
+      let model = FunctionModel(integerArguments: 6, floatArguments: 8, returns: .integer, isVariadic: true)
+      let clobber = try tracer.attach(.entry(Handlers.clobber), to: .address(Fixture.varargs), model: model)
+      let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.varargs))
+      defer { _ = [clobber, exit].map { $0.detach() } }
+      #expect(tracery_fixture_varargs_call() == 75)
+      #expect(records().last?.return_value.0 == 75)
+    }
+
+    @Test func stackArgumentsAreCopiedForTheOriginal() throws {
+      let model = FunctionModel(integerArguments: 6, stackArgumentWords: 2)
+      let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.eight), model: model)
+      let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.eight))
+      defer { _ = [entry, exit].map { $0.detach() } }
+      #expect(tracery_fixture_eight(1, 2, 3, 4, 5, 6, 7, 8) == 204)
+      let seen = records()
+      #expect(seen[0].stack_arguments.0 == 7 && seen[0].stack_arguments.1 == 8)
+      #expect(seen[1].return_value.0 == 204)
+    }
+
+    @Test func structReturnInRaxRdxAndDoubleReturn() throws {
+      let pair = try tracer.attach(
+        .exit(Handlers.exit), to: .address(Fixture.pair),
+        model: FunctionModel(integerArguments: 2, returns: .integerPair)
+      )
+      let double = try tracer.attach(
+        .exit(Handlers.exit), to: .address(Fixture.double), model: FunctionModel(integerArguments: 1, returns: .double))
+      defer { _ = [pair, double].map { $0.detach() } }
+      let result = tracery_fixture_pair(10, 3)
+      #expect(result.low == 13 && result.high == 7)
+      #expect(tracery_fixture_double(10) == 2.5)
+      let seen = records()
+      #expect(seen[0].return_value.0 == 13 && seen[0].return_value.1 == 7)
+      #expect(seen[1].float_return == 2.5)
+    }
+
+    @Test func modifyReturnSkipsTheBodyAndRunsBeforeExit() throws {
+      let model = FunctionModel(integerArguments: 6)
+      let exit = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.six), cookie: 1, model: model)
+      let entry = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.six), cookie: 2)
+      let modify = try tracer.attach(.modifyReturn(Handlers.modify), to: .address(Fixture.six), cookie: 99)
+      #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 99)
+      #expect(records().map(\.kind) == [1, 3, 2])
+      #expect(records().last?.return_value.0 == 99)
+      modify.detach()
+      let passThrough = try tracer.attach(.modifyReturn(Handlers.modify), to: .address(Fixture.six), cookie: 0)
+      #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 123456)
+      _ = [exit, entry, passThrough].map { $0.detach() }
+      tracery_fixture_records_reset()
+      #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 123456)
+      #expect(records().isEmpty)
+    }
+
+    @Test func handlersRunInAttachOrderAndDetachingOneLeavesTheOthers() throws {
+      let links = try (1...3).map {
+        try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double), cookie: UInt64($0))
+      }
+      _ = tracery_fixture_double(1)
+      #expect(records().map(\.cookie) == [1, 2, 3])
+      links[1].detach()
+      links[1].detach()  // twice is harmless
+      tracery_fixture_records_reset()
+      _ = tracery_fixture_double(1)
+      #expect(records().map(\.cookie) == [1, 3])
+      #expect(links[1].functions.isEmpty && links[0].functions == [Fixture.double])
+      links[0].detach()
+      links[2].detach()
+    }
+
+    @Test func recursionGuardSkipsHandlersInsideHandlers() throws {
+      let reenter = try tracer.attach(.entry(Handlers.reenter), to: .address(Fixture.six), statistics: true)
+      let inner = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double), statistics: true)
+      defer { _ = [reenter, inner].map { $0.detach() } }
+      #expect(tracery_fixture_six(0, 0, 0, 0, 0, 1) == 1)
+      #expect(reenter.calls == 1)
+      #expect(inner.calls == 0 && inner.skippedByRecursionGuard == 1)
+      #expect(records().isEmpty)
+      _ = tracery_fixture_double(2)
+      #expect(inner.calls == 1 && records().count == 1)
+      #expect(Tracer.recursionGuardIsSet == false)
+    }
+
+    @Test func cxxExceptionUnwindsThroughAnExitTrampoline() throws {
+      let link = try tracer.attach(
+        .exit(Handlers.exit), to: .address(Fixture.thrower), model: FunctionModel(integerArguments: 1))
+      defer { link.detach() }
+      #expect(tracery_cxx_catch(5) == 5)
+      #expect(tracery_cxx_catch(0) == 1007)
+      #expect(records().count == 1)
+      #expect(tracery_cxx_catch(6) == 6)
+    }
+
+    @Test func backtraceSeesCallersThroughAnExitTrampoline() throws {
+      let untraced = tracery_fixture_backtrace_depth(0)
+      let link = try tracer.attach(
+        .exit(Handlers.exit), to: .address(Fixture.backtraceDepth), model: FunctionModel(integerArguments: 1))
+      defer { link.detach() }
+      let traced = tracery_fixture_backtrace_depth(0)
+      #expect(untraced >= 4)
+      #expect(traced == untraced + 1, "untraced \(untraced) frames, traced \(traced)")
+    }
+
+    /// Unwinding through an entry-only trampoline (no frame pointer): a handler's backtrace sees
+    /// the handler, the trampoline, and then the traced function's callers.
+    @Test func backtraceFromAnEntryHandler() throws {
+      let untraced = tracery_fixture_backtrace_depth(0)
+      let link = try tracer.attach(.entry(Handlers.backtrace), to: .address(Fixture.backtraceDepth))
+      defer { link.detach() }
+      _ = tracery_fixture_backtrace_depth(0)
+      #expect(Int(tracery_fixture_handler_depth()) == untraced + 1)
+    }
+
+    @Test func blockedThreadSurvivesReplacementAndItsImageIsReclaimedAfter() throws {
+      _ = tracer.reclaim()
+      let model = FunctionModel(integerArguments: 1)
+      let first = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.block), cookie: 1, model: model)
+      // The reclaimer scans stacks conservatively, this one included: trampoline addresses are
+      // kept on the heap here, never in a local of this frame.
+      let oldImage = AddressBox(tracer.liveTrampolines)
+      let result = ResultBox()
+      let thread = Thread { result.set(tracery_fixture_block(41)) }
+      thread.start()
+      while tracery_fixture_blocked() == 0 { usleep(1000) }
+      // Replace the trampoline (second attachment) and detach the first, while the thread waits
+      // inside the original, called from the old image.
+      let second = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.block), cookie: 2, model: model)
+      first.detach()
+      #expect(oldImage.isDisjoint(with: tracer.liveTrampolines))
+      #expect(tracer.retiredTrampolines >= 1)
+      _ = tracer.reclaim()
+      #expect(tracer.retiredTrampolines >= 1, "the old image must wait for the blocked thread")
+      tracery_fixture_release()
+      while result.value == nil { usleep(1000) }
+      #expect(result.value == 42)
+      // The old image ran the first attachment's exit handler on the way out.
+      #expect(records().map(\.cookie) == [1])
+      // Once the thread has left, the old image can be freed. Reclaiming is eventual (a thread of
+      // another test may be running inside an image, or be slow to answer): retry, boundedly.
+      #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
+      second.detach()
+      #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
+    }
+
+    /// Reclaims until nothing is retired, for at most 5 seconds.
+    func reclaimAll() -> Bool {
+      for _ in 0..<500 {
+        tracer.reclaim()
+        if tracer.retiredTrampolines == 0 { return true }
+        usleep(10000)
+      }
+      return false
+    }
+
+    @Test func typedErrors() throws {
+      #expect(throws: AttachError.self) {
+        try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.pair))  // unknown stack arguments
+      }
+      do {
+        try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.double), model: .unknown)
+        Issue.record("attached an exit handler without knowing the stack arguments")
+      } catch {
+        guard case .nothingAttached(let report) = error else { throw error }
+        #expect(report.description.contains("pass a FunctionModel with stackArgumentWords"))
+      }
+      do {
+        try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.six + 1))
+        Issue.record("attached to the middle of an instruction")
+      } catch {
+        guard case .noPatchSite(let function, let reason) = error else { throw error }
+        #expect(function == "0x\(String(Fixture.six + 1, radix: 16))")
+        #expect(reason.contains("not a 5-byte NOP"))
+      }
+      #expect(throws: AttachError.noFunctionMatches("'tracery_no_such_function_*'")) {
+        try tracer.attach(.entry(Handlers.entry), to: .glob("tracery_no_such_function_*"))
+      }
+      #expect(throws: AttachError.invalidPattern("glob 'a[': '[' without a closing ']'")) {
+        try tracer.attach(.entry(Handlers.entry), to: .glob("a["))
+      }
+      #expect(tracery_fixture_double(4) == 1.0)
+    }
+
+    @Test func namesGlobsAndTransactions() throws {
+      let byName = try tracer.attach(.entry(Handlers.entry), to: .name("tracery_fixture_double"), cookie: 5)
+      #expect(byName.functions == [Fixture.double])
+      byName.detach()
+      var links: [Link] = []
+      let report = try tracer.transaction { (transaction: inout Tracer.Transaction) throws(AttachError) in
+        links.append(try transaction.attach(.entry(Handlers.entry), to: .glob("tracery_fixture_[dp]*"), cookie: 6))
+        links.append(try transaction.attach(.entry(Handlers.entry), to: .address(Fixture.six), cookie: 7))
+      }
+      #expect(report.failures.isEmpty, "\(report)")
+      #expect(Set(report.entries.map(\.function)).isSuperset(of: ["tracery_fixture_double", "tracery_fixture_pair"]))
+      _ = tracery_fixture_double(1)
+      _ = tracery_fixture_six(0, 0, 0, 0, 0, 0)
+      #expect(records().map(\.cookie) == [6, 7])
+      let undo = try tracer.transaction { (transaction: inout Tracer.Transaction) throws(AttachError) in
+        for link in links { transaction.detach(link) }
+      }
+      #expect(undo.failures.isEmpty)
+      #expect(links.allSatisfy { $0.functions.isEmpty })
+      tracery_fixture_records_reset()
+      _ = tracery_fixture_double(1)
+      #expect(records().isEmpty)
+    }
   }
 
-  @Test func recursionGuardSkipsHandlersInsideHandlers() throws {
-    let reenter = try tracer.attach(.entry(Handlers.reenter), to: .address(Fixture.six), statistics: true)
-    let inner = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double), statistics: true)
-    defer { _ = [reenter, inner].map { $0.detach() } }
-    #expect(tracery_fixture_six(0, 0, 0, 0, 0, 1) == 1)
-    #expect(reenter.calls == 1)
-    #expect(inner.calls == 0 && inner.skippedByRecursionGuard == 1)
-    #expect(records().isEmpty)
-    _ = tracery_fixture_double(2)
-    #expect(inner.calls == 1 && records().count == 1)
-    #expect(Tracer.recursionGuardIsSet == false)
-  }
-
-  @Test func cxxExceptionUnwindsThroughAnExitTrampoline() throws {
-    let link = try tracer.attach(
-      .exit(Handlers.exit), to: .address(Fixture.thrower), model: FunctionModel(integerArguments: 1))
-    defer { link.detach() }
-    #expect(tracery_cxx_catch(5) == 5)
-    #expect(tracery_cxx_catch(0) == 1007)
-    #expect(records().count == 1)
-    #expect(tracery_cxx_catch(6) == 6)
-  }
-
-  @Test func backtraceSeesCallersThroughAnExitTrampoline() throws {
-    let untraced = tracery_fixture_backtrace_depth(0)
-    let link = try tracer.attach(
-      .exit(Handlers.exit), to: .address(Fixture.backtraceDepth), model: FunctionModel(integerArguments: 1))
-    defer { link.detach() }
-    let traced = tracery_fixture_backtrace_depth(0)
-    #expect(untraced >= 4)
-    #expect(traced == untraced + 1, "untraced \(untraced) frames, traced \(traced)")
-  }
-
-  /// Unwinding through an entry-only trampoline (no frame pointer): a handler's backtrace sees
-  /// the handler, the trampoline, and then the traced function's callers.
-  @Test func backtraceFromAnEntryHandler() throws {
-    let untraced = tracery_fixture_backtrace_depth(0)
-    let link = try tracer.attach(.entry(Handlers.backtrace), to: .address(Fixture.backtraceDepth))
-    defer { link.detach() }
-    _ = tracery_fixture_backtrace_depth(0)
-    #expect(Int(tracery_fixture_handler_depth()) == untraced + 1)
-  }
-
-  @Test func blockedThreadSurvivesReplacementAndItsImageIsReclaimedAfter() throws {
-    _ = tracer.reclaim()
-    let model = FunctionModel(integerArguments: 1)
-    let first = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.block), cookie: 1, model: model)
-    // The reclaimer scans stacks conservatively, this one included: trampoline addresses are
-    // kept on the heap here, never in a local of this frame.
-    let oldImage = AddressBox(tracer.liveTrampolines)
-    let result = ResultBox()
-    let thread = Thread { result.set(tracery_fixture_block(41)) }
-    thread.start()
-    while tracery_fixture_blocked() == 0 { usleep(1000) }
-    // Replace the trampoline (second attachment) and detach the first, while the thread waits
-    // inside the original, called from the old image.
-    let second = try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.block), cookie: 2, model: model)
-    first.detach()
-    #expect(oldImage.isDisjoint(with: tracer.liveTrampolines))
-    #expect(tracer.retiredTrampolines >= 1)
-    _ = tracer.reclaim()
-    #expect(tracer.retiredTrampolines >= 1, "the old image must wait for the blocked thread")
-    tracery_fixture_release()
-    while result.value == nil { usleep(1000) }
-    #expect(result.value == 42)
-    // The old image ran the first attachment's exit handler on the way out.
-    #expect(records().map(\.cookie) == [1])
-    // Once the thread has left, the old image can be freed. Reclaiming is eventual (a thread of
-    // another test may be running inside an image, or be slow to answer): retry, boundedly.
-    #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
-    second.detach()
-    #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
-  }
-
-  /// Reclaims until nothing is retired, for at most 5 seconds.
-  func reclaimAll() -> Bool {
-    for _ in 0..<500 {
-      tracer.reclaim()
-      if tracer.retiredTrampolines == 0 { return true }
-      usleep(10000)
-    }
-    return false
-  }
-
-  @Test func typedErrors() throws {
-    #expect(throws: AttachError.self) {
-      try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.pair))  // unknown stack arguments
-    }
-    do {
-      try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.double), model: .unknown)
-      Issue.record("attached an exit handler without knowing the stack arguments")
-    } catch {
-      guard case .nothingAttached(let report) = error else { throw error }
-      #expect(report.description.contains("pass a FunctionModel with stackArgumentWords"))
-    }
-    do {
-      try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.six + 1))
-      Issue.record("attached to the middle of an instruction")
-    } catch {
-      guard case .noPatchSite(let function, let reason) = error else { throw error }
-      #expect(function == "0x\(String(Fixture.six + 1, radix: 16))")
-      #expect(reason.contains("not a 5-byte NOP"))
-    }
-    #expect(throws: AttachError.noFunctionMatches("'tracery_no_such_function_*'")) {
-      try tracer.attach(.entry(Handlers.entry), to: .glob("tracery_no_such_function_*"))
-    }
-    #expect(throws: AttachError.invalidPattern("glob 'a[': '[' without a closing ']'")) {
-      try tracer.attach(.entry(Handlers.entry), to: .glob("a["))
-    }
-    #expect(tracery_fixture_double(4) == 1.0)
-  }
-
-  @Test func namesGlobsAndTransactions() throws {
-    let byName = try tracer.attach(.entry(Handlers.entry), to: .name("tracery_fixture_double"), cookie: 5)
-    #expect(byName.functions == [Fixture.double])
-    byName.detach()
-    var links: [Link] = []
-    let report = try tracer.transaction { (transaction: inout Tracer.Transaction) throws(AttachError) in
-      links.append(try transaction.attach(.entry(Handlers.entry), to: .glob("tracery_fixture_[dp]*"), cookie: 6))
-      links.append(try transaction.attach(.entry(Handlers.entry), to: .address(Fixture.six), cookie: 7))
-    }
-    #expect(report.failures.isEmpty, "\(report)")
-    #expect(Set(report.entries.map(\.function)).isSuperset(of: ["tracery_fixture_double", "tracery_fixture_pair"]))
-    _ = tracery_fixture_double(1)
-    _ = tracery_fixture_six(0, 0, 0, 0, 0, 0)
-    #expect(records().map(\.cookie) == [6, 7])
-    let undo = try tracer.transaction { (transaction: inout Tracer.Transaction) throws(AttachError) in
-      for link in links { transaction.detach(link) }
-    }
-    #expect(undo.failures.isEmpty)
-    #expect(links.allSatisfy { $0.functions.isEmpty })
-    tracery_fixture_records_reset()
-    _ = tracery_fixture_double(1)
-    #expect(records().isEmpty)
-  }
 }
 
 final class ResultBox: @unchecked Sendable {
