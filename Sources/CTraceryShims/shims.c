@@ -236,3 +236,9 @@ int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_
     sched_yield();
   }
 }
+
+uint64_t ctracery_rdtsc(void) {
+  uint32_t low, high;
+  __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
+  return ((uint64_t)high << 32) | low;
+}

@@ -94,3 +94,40 @@ extension X86Writer {
     }
   }
 }
+
+extension X86Writer {
+  /// `rdtsc`: the time-stamp counter into edx:eax.
+  public mutating func putRdtsc() { emit([0x0f, 0x31]) }
+
+  /// `shl reg, imm8` (64-bit).
+  public mutating func putShl(_ register: Register, immediate: UInt8) {
+    rex(w: true, b: register.extended)
+    emit(0xc1)
+    emit(0xe0 | register.low)
+    emit(immediate)
+  }
+
+  /// `or dst, src` (64-bit).
+  public mutating func putOr(_ destination: Register, _ source: Register) {
+    rex(w: true, r: source.extended, b: destination.extended)
+    emit(0x09)
+    emit(0xc0 | source.low << 3 | destination.low)
+  }
+
+  /// `sub reg, qword [memory]`.
+  public mutating func putSub(_ destination: Register, _ source: Memory) {
+    segmentPrefix(source)
+    rex(w: true, r: destination.extended, b: baseExtended(source))
+    emit(0x2b)
+    modRM(reg: destination.rawValue, memory: source)
+  }
+
+  /// `add qword [memory], reg`, with a `lock` prefix when `locked`.
+  public mutating func putAdd(_ destination: Memory, _ source: Register, locked: Bool = false) {
+    if locked { emit(0xf0) }
+    segmentPrefix(destination)
+    rex(w: true, r: source.extended, b: baseExtended(destination))
+    emit(0x01)
+    modRM(reg: source.rawValue, memory: destination)
+  }
+}

@@ -185,8 +185,8 @@ extension PatchingTests {
     }
 
     @Test func recursionGuardSkipsHandlersInsideHandlers() throws {
-      let reenter = try tracer.attach(.entry(Handlers.reenter), to: .address(Fixture.six), statistics: true)
-      let inner = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double), statistics: true)
+      let reenter = try tracer.attach(.entry(Handlers.reenter), to: .address(Fixture.six), statistics: .calls)
+      let inner = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double), statistics: .calls)
       defer { _ = [reenter, inner].map { $0.detach() } }
       #expect(tracery_fixture_six(0, 0, 0, 0, 0, 1) == 1)
       #expect(reenter.calls == 1)
@@ -195,6 +195,21 @@ extension PatchingTests {
       _ = tracery_fixture_double(2)
       #expect(inner.calls == 1 && records().count == 1)
       #expect(Tracer.recursionGuardIsSet == false)
+    }
+
+    @Test func handlerTimeIsMeasuredWhenAsked() throws {
+      let slow: EntryHandler = { _, _ in usleep(2000) }
+      let timed = try tracer.attach(.entry(slow), to: .address(Fixture.double), statistics: .callsAndTime)
+      let modify = try tracer.attach(
+        .modifyReturn(Handlers.modify), to: .address(Fixture.six), cookie: 5, model: FunctionModel(integerArguments: 6),
+        statistics: .callsAndTime)
+      defer { _ = [timed, modify].map { $0.detach() } }
+      for _ in 0..<5 { _ = tracery_fixture_double(4) }
+      #expect(timed.calls == 5)
+      #expect(timed.handlerTime >= .milliseconds(10) && timed.handlerTime < .seconds(5), "\(timed.handlerTime)")
+      // A timed modify-return handler's result still decides.
+      #expect(tracery_fixture_six(1, 2, 3, 4, 5, 6) == 5)
+      #expect(modify.calls == 1)
     }
 
     @Test func cxxExceptionUnwindsThroughAnExitTrampoline() throws {

@@ -160,6 +160,19 @@ let forms: [Form] = [
     $0.putMovByte(Memory(.rax), immediate: 0)
   },
   Form(name: "test eax, eax", expected: [0x85, 0xc0], disassembly: "test eax,eax") { $0.putTest32(.rax, .rax) },
+  Form(name: "rdtsc", expected: [0x0f, 0x31], disassembly: "rdtsc") { $0.putRdtsc() },
+  Form(name: "shl rdx, 32", expected: [0x48, 0xc1, 0xe2, 0x20], disassembly: "shl rdx,0x20") {
+    $0.putShl(.rdx, immediate: 32)
+  },
+  Form(name: "or rax, rdx", expected: [0x48, 0x09, 0xd0], disassembly: "or rax,rdx") { $0.putOr(.rax, .rdx) },
+  Form(
+    name: "sub rax, [rsp+104]", expected: [0x48, 0x2b, 0x44, 0x24, 0x68], disassembly: "sub rax,QWORD PTR [rsp+0x68]"
+  ) {
+    $0.putSub(.rax, Memory(.rsp, 104))
+  },
+  Form(name: "lock add [r11], rax", expected: [0xf0, 0x49, 0x01, 0x03], disassembly: "lock add QWORD PTR [r11],rax") {
+    $0.putAdd(Memory(.r11), .rax, locked: true)
+  },
   Form(name: "call rel32", expected: [0xe8, 0xfb, 0x0f, 0, 0], disassembly: "call 0x101000") {
     try $0.putCall(address: base + 0x1000)
   },

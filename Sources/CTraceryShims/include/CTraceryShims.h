@@ -103,6 +103,8 @@ int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_
 /// code tests and sets `byte fs:[offset]`. The variable is initial-exec TLS, so the offset is the
 /// same in every thread.
 long ctracery_guard_offset(void);
+/// The time-stamp counter.
+uint64_t ctracery_rdtsc(void);
 /// This thread's guard byte (for tests).
 uint8_t ctracery_guard_value(void);
 

@@ -197,15 +197,15 @@ func withCallerStackMarker<T>(_ body: (UInt64) -> T) -> T {
 }
 
 /// An attachment's counters, read by `Link` and incremented by generated code: calls at +0,
-/// calls skipped by the recursion guard at +8. Freed when the link and every trampoline that
-/// refers to it are gone.
+/// calls skipped by the recursion guard at +8, time-stamp-counter ticks in the handler at +16.
+/// Freed when the link and every trampoline that refers to it are gone.
 final class AttachmentCounters: @unchecked Sendable {
   // @unchecked: generated code updates the words with `lock inc`; Swift only loads them.
   let pointer: UnsafeMutablePointer<UInt64>
 
   init() {
-    pointer = .allocate(capacity: 2)
-    pointer.initialize(repeating: 0, count: 2)
+    pointer = .allocate(capacity: 3)
+    pointer.initialize(repeating: 0, count: 3)
   }
 
   deinit { pointer.deallocate() }
@@ -213,4 +213,5 @@ final class AttachmentCounters: @unchecked Sendable {
   var address: UInt64 { UInt64(UInt(bitPattern: pointer)) }
   var calls: UInt64 { UnsafeAtomicLoad.relaxed(pointer) }
   var skipped: UInt64 { UnsafeAtomicLoad.relaxed(pointer + 1) }
+  var ticks: UInt64 { UnsafeAtomicLoad.relaxed(pointer + 2) }
 }

@@ -106,8 +106,11 @@ public final class Link: Sendable {
 
   /// Entry addresses of the functions this link is attached to now.
   public var functions: [UInt64] { tracer.functions(of: self) }
-  /// Calls that ran the handler (counted only with `statistics: true`).
+  /// Calls that ran the handler (counted with `statistics: .calls` or `.callsAndTime`).
   public var calls: UInt64 { counters.calls }
+  /// Time spent inside the handler (measured with `statistics: .callsAndTime`), from the
+  /// time-stamp counter.
+  public var handlerTime: Duration { .nanoseconds(Int64(Double(counters.ticks) / TimeStampCounter.ticksPerNanosecond)) }
   /// Calls on which the handler did not run because this thread was already inside a handler.
   public var skippedByRecursionGuard: UInt64 { counters.skipped }
 
@@ -137,7 +140,7 @@ public final class Tracer: Sendable {
   struct Attachment {
     let link: Link
     let handler: Handler
-    let countCalls: Bool
+    let statistics: Statistics
   }
 
   struct TracedFunction {
@@ -182,13 +185,13 @@ public final class Tracer: Sendable {
   ///   - model: what the functions' trampolines must preserve; default: all that the existing
   ///     attachments use, or `FunctionModel.unknown`. Exit and modify-return handlers need the
   ///     stack argument count.
-  ///   - statistics: count the handler's calls (`Link.calls`): one atomic increment per call.
+  ///   - statistics: what to count (`Link.calls`, `Link.handlerTime`); `.none` costs nothing.
   /// - Throws: `AttachError` when nothing matches, a function has no usable site, or every
   ///   function failed. Partial failures are in `Link`'s functions and the returned report.
   @discardableResult
   public func attach(
     _ handler: Handler, to selector: FunctionSelector, cookie: UInt64 = 0, model: FunctionModel? = nil,
-    statistics: Bool = false
+    statistics: Statistics = .none
   ) throws(AttachError) -> Link {
     var transaction = Transaction(tracer: self)
     let link = try transaction.attach(handler, to: selector, cookie: cookie, model: model, statistics: statistics)
@@ -214,11 +217,11 @@ public final class Tracer: Sendable {
     /// Queues an attach; the returned link is live once the transaction commits.
     public mutating func attach(
       _ handler: Handler, to selector: FunctionSelector, cookie: UInt64 = 0, model: FunctionModel? = nil,
-      statistics: Bool = false
+      statistics: Statistics = .none
     ) throws(AttachError) -> Link {
       let targets = try tracer.resolve(selector)
       let link = Link(id: tracer.nextID.wrappingAdd(1, ordering: .relaxed).oldValue, tracer: tracer, cookie: cookie)
-      operations.append(.attach(Attachment(link: link, handler: handler, countCalls: statistics), targets, model))
+      operations.append(.attach(Attachment(link: link, handler: handler, statistics: statistics), targets, model))
       return link
     }
 
@@ -415,7 +418,7 @@ public final class Tracer: Sendable {
       function.attachments.filter { $0.handler.kind == kind }.map {
         HandlerCall(
           handler: $0.handler.address, cookie: $0.link.cookie, counters: $0.link.counters.address,
-          countCalls: $0.countCalls)
+          statistics: $0.statistics)
       }
     }
     let emitter = TrampolineEmitter(
@@ -440,4 +443,18 @@ public final class Tracer: Sendable {
       throw error
     }
   }
+}
+
+/// The time-stamp counter's rate, measured once against the monotonic clock (10 ms).
+enum TimeStampCounter {
+  static let ticksPerNanosecond: Double = {
+    let clock = ContinuousClock()
+    let start = clock.now
+    let startTicks = ctracery_rdtsc()
+    while clock.now - start < .milliseconds(10) {}
+    let ticks = Double(ctracery_rdtsc() - startTicks)
+    let elapsed = clock.now - start
+    let nanoseconds = Double(elapsed.components.seconds) * 1e9 + Double(elapsed.components.attoseconds) / 1e9
+    return max(ticks / nanoseconds, 1e-3)
+  }()
 }

@@ -5,10 +5,21 @@ struct HandlerCall: Sendable, Equatable {
   /// The handler's entry address.
   let handler: UInt64
   let cookie: UInt64
-  /// The attachment's counters (`AttachmentCounters`): calls at +0 (only when `countCalls`),
-  /// calls skipped by the recursion guard at +8.
+  /// The attachment's counters (`AttachmentCounters`): calls at +0 (when counted), calls
+  /// skipped by the recursion guard at +8, time-stamp-counter ticks spent in the handler at +16
+  /// (when timed).
   let counters: UInt64
-  let countCalls: Bool
+  let statistics: Statistics
+}
+
+/// What an attachment counts on each call.
+public enum Statistics: Sendable, Equatable {
+  /// Nothing (the default: no cost).
+  case none
+  /// Calls: one atomic increment per call.
+  case calls
+  /// Calls and the time spent in the handler: two `rdtsc` and two atomic adds per call.
+  case callsAndTime
 }
 
 /// Generates the per-function trampoline of seed 001 (the BPF trampoline), entered by `jmp`
@@ -248,10 +259,20 @@ struct TrampolineEmitter {
     if returnsFloatPair { w.putMovaps(XMMRegister(1), Memory(.rsp, Self.floatReturnOffset + 16)) }
   }
 
+  /// The frame's padding word holds the start time of a timed handler call.
+  static let timerOffset: Int32 = 104
+
+  /// Calls one handler. rax, rdx, r10 and r11 are free here: arguments and results live in the
+  /// frame and are reloaded afterwards. A handler's `int` result stays in eax (moved through r10
+  /// around the timing).
   private func putHandlerCall(_ w: inout X86Writer, _ call: HandlerCall) throws {
-    if call.countCalls {
+    if call.statistics != .none {
       w.putMov(.r11, immediate: call.counters)
       w.putInc(Memory(.r11), locked: true)
+    }
+    if call.statistics == .callsAndTime {
+      putTimestamp(&w)
+      w.putMov(Memory(.rsp, Self.timerOffset), .rax)
     }
     w.putLea(.rdi, Memory(.rsp))
     w.putMov(.rsi, immediate: call.cookie)
@@ -261,6 +282,21 @@ struct TrampolineEmitter {
       w.putMov(.r11, immediate: call.handler)
       w.putCall(.r11)
     }
+    if call.statistics == .callsAndTime {
+      w.putMov(.r10, .rax)
+      putTimestamp(&w)
+      w.putSub(.rax, Memory(.rsp, Self.timerOffset))
+      w.putMov(.r11, immediate: call.counters + 16)
+      w.putAdd(Memory(.r11), .rax, locked: true)
+      w.putMov(.rax, .r10)
+    }
+  }
+
+  /// rax = the time-stamp counter (clobbers rdx).
+  private func putTimestamp(_ w: inout X86Writer) {
+    w.putRdtsc()
+    w.putShl(.rdx, immediate: 32)
+    w.putOr(.rax, .rdx)
   }
 
   private func putSkipCount(_ w: inout X86Writer, _ call: HandlerCall) {

@@ -88,12 +88,12 @@ final class BenchReport {
     }
     if !printedHeader {
       print("suite \(suite)")
-      print("  name               n          ns/item     total")
+      print("  name                 n          ns/item     total")
       printedHeader = true
     }
     let total = nsPerItem * Double(n)
     let totalText = total >= 1e6 ? String(format: "%.3f ms", total / 1e6) : String(format: "%.1f µs", total / 1e3)
-    var line = "  " + name.padding(toLength: 18, withPad: " ", startingAt: 0)
+    var line = "  " + name.padding(toLength: 20, withPad: " ", startingAt: 0)
     line += " " + String(n).padding(toLength: 10, withPad: " ", startingAt: 0)
     line += " " + String(format: "%9.1f", nsPerItem) + "   " + totalText
     if let baseline { line += String(format: "   (baseline %.1f ns, ratio %.2f)", baseline, nsPerItem / baseline) }
