@@ -197,6 +197,27 @@ extension PatchingTests {
       #expect(Tracer.recursionGuardIsSet == false)
     }
 
+    /// The README's example, as written there (with a fixture's name for the glob).
+    @Test func readmeExample() throws {
+      // A handler is a @convention(c) function: written in C (see tracery.h) or in Swift.
+      let onEntry: EntryHandler = { call, cookie in
+        // call.pointee.arguments.0 is rdi; handlers may change arguments before the body runs.
+        let counters = UnsafeMutablePointer<Int>(bitPattern: UInt(cookie))!  // state through the cookie
+        counters.pointee += 1
+      }
+      let counts = UnsafeMutablePointer<Int>.allocate(capacity: 1)
+      counts.initialize(to: 0)
+      defer { counts.deallocate() }
+
+      let link = try Tracer.shared.attach(
+        .entry(onEntry), to: .glob("tracery_fixture_doub*"), cookie: UInt64(UInt(bitPattern: counts)))
+      _ = tracery_fixture_double(1)
+      _ = tracery_fixture_double(2)
+      link.detach()
+      _ = tracery_fixture_double(3)
+      #expect(counts.pointee == 2)
+    }
+
     @Test func handlerTimeIsMeasuredWhenAsked() throws {
       let slow: EntryHandler = { _, _ in usleep(2000) }
       let timed = try tracer.attach(.entry(slow), to: .address(Fixture.double), statistics: .callsAndTime)
