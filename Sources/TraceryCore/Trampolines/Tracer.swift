@@ -260,19 +260,32 @@ public final class Tracer: Sendable {
   // MARK: - Resolution
 
   func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
+    let context = ResolveContext(
+      map: MemoryMap.current(),
+      known: state.withLock { state in
+        var known: [UInt64: Target] = [:]
+        for function in state.functions.values {
+          let target = Target(function: function.function, site: function.site, name: function.name)
+          known[function.function] = target
+          known[function.site] = target
+        }
+        return known
+      })
     switch selector {
     case .address(let address):
-      return [try target(at: address, name: nil)]
+      return [try context.target(at: address, name: nil)]
     case .name(let name):
-      return try targets(matching: name) { table in table.functions(named: name) }
+      return try targets(matching: name, context) { table in table.functions(named: name) }
     case .glob(let pattern):
       let glob: Glob
       do { glob = try Glob(pattern) } catch { throw .invalidPattern("\(error)") }
-      return try targets(matching: "'\(pattern)'") { table in table.functions(matching: glob) }
+      return try targets(matching: "'\(pattern)'", context) { table in table.functions(matching: glob) }
     }
   }
 
-  private func targets(matching what: String, _ select: (SymbolTable) -> [Int]) throws(AttachError) -> [Target] {
+  private func targets(
+    matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
+  ) throws(AttachError) -> [Target] {
     let table = state.withLock { state in
       if state.symbols == nil { state.symbols = ProcessObjects.symbolTable().table }
       return state.symbols!
@@ -280,37 +293,39 @@ public final class Tracer: Sendable {
     let chosen = select(table).filter { table.functions[$0].site != nil }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     var result: [Target] = []
+    result.reserveCapacity(chosen.count)
     for index in chosen {
       let function = table.functions[index]
-      result.append(try target(at: function.site!, name: function.name, entry: function.address))
+      result.append(try context.target(at: function.site!, name: function.name, entry: function.address))
     }
     return result
   }
 
-  /// The site of the function at `address`: `address` itself when a 5-byte NOP is there, or 4
-  /// bytes on when it starts with `endbr64`.
-  private func target(at address: UInt64, name: String?, entry: UInt64? = nil) throws(AttachError) -> Target {
-    let label = name ?? "0x\(String(address, radix: 16))"
-    if let known = state.withLock({ state in
-      state.functions.values.first { $0.function == address || $0.site == address }
-    }) {
-      return Target(function: known.function, site: known.site, name: known.name)
-    }
-    let map = MemoryMap.current()
-    guard map.isExecutable(address, count: 9) else {
-      throw .noPatchSite(function: label, reason: "not in readable executable memory")
-    }
-    var site = address
-    if SiteBytes(reading: address).bytes.prefix(4) == X86Instruction.endbr64[...] { site += 4 }
-    switch X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site) {
-    case .nop5:
-      return Target(function: entry ?? address, site: site, name: label)
-    case .nopSled:
-      throw .noPatchSite(
-        function: label, reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)"
-      )
-    case let shape:
-      throw .noPatchSite(function: label, reason: "its entry holds \(shape), not a 5-byte NOP")
+  /// What resolving one selector reads once: the memory map and the functions already traced.
+  struct ResolveContext {
+    let map: MemoryMap
+    let known: [UInt64: Target]
+
+    /// The site of the function at `address`: `address` itself when a 5-byte NOP is there, or
+    /// 4 bytes on when it starts with `endbr64`.
+    func target(at address: UInt64, name: String?, entry: UInt64? = nil) throws(AttachError) -> Target {
+      if let known = known[address] { return known }
+      let label = name ?? "0x\(String(address, radix: 16))"
+      guard map.isExecutable(address, count: 9) else {
+        throw .noPatchSite(function: label, reason: "not in readable executable memory")
+      }
+      var site = address
+      if SiteBytes(reading: address).bytes.prefix(4) == X86Instruction.endbr64[...] { site += 4 }
+      switch X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site) {
+      case .nop5:
+        return Target(function: entry ?? address, site: site, name: label)
+      case .nopSled:
+        throw .noPatchSite(
+          function: label,
+          reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)")
+      case let shape:
+        throw .noPatchSite(function: label, reason: "its entry holds \(shape), not a 5-byte NOP")
+      }
     }
   }
 
