@@ -46,8 +46,9 @@ public enum Statistics: Sendable, Equatable {
 /// handlers, so a handler that calls a traced function runs that function untraced (its
 /// attachments' skipped counters say so). It is clear while the body runs.
 ///
-/// There is one epilogue, at the end; the out-of-line stubs for the guard paths follow it, which
-/// keeps the unwind table to four rows (`UnwindInfo`).
+/// Entry-only trampolines use a smaller shape without a frame pointer (`emitEntryOnly`). Either
+/// way there is one epilogue; the out-of-line stubs for the guard paths follow it, which keeps
+/// the unwind table to a few rows (`UnwindInfo`).
 struct TrampolineEmitter {
   static let frameSize: Int32 = 272
   static let argumentsOffset: Int32 = 32
@@ -90,24 +91,16 @@ struct TrampolineEmitter {
   ///     rsp+0 ... rsp+271: tracery_call        (rsp 16-byte aligned)
   private func emitEntryOnly(at base: UInt64) throws -> Code {
     var w = X86Writer(base: base)
-    let guardByte = Memory.fs(guardOffset)
     let entryDone = w.newLabel()
     let skipEntry = w.newLabel()
     let frame = Self.entryOnlyFrame
     w.putSub(.rsp, immediate: frame)
     let prologueEnd = w.bytes.count
     saveArguments(&w)
-    w.putMov(.r11, Memory(.rsp, frame))
-    w.putMov(Memory(.rsp, 8), .r11)
-    w.putLea(.r11, Memory(.rsp, frame + 8))
-    w.putMov(Memory(.rsp, 16), .r11)
-    w.putMov(.r11, immediate: function)
-    w.putMov(Memory(.rsp, 0), .r11)
-    w.putCmpByte(guardByte, immediate: 0)
-    w.putJcc(.notEqual, skipEntry)
-    w.putMovByte(guardByte, immediate: 1)
-    for call in entries { try putHandlerCall(&w, call) }
-    w.putMovByte(guardByte, immediate: 0)
+    putCallHeader(&w, returnAddress: Memory(.rsp, frame), stackArguments: Memory(.rsp, frame + 8))
+    try putGuarded(&w, skip: skipEntry) { w in
+      for call in entries { try putHandlerCall(&w, call) }
+    }
     w.bind(entryDone)
     restoreArguments(&w, frame: 0)
     w.putAdd(.rsp, immediate: frame)
@@ -140,12 +133,7 @@ struct TrampolineEmitter {
     w.putMov(.rbp, .rsp)
     w.putSub(.rsp, immediate: Self.frameSize)
     saveArguments(&w)
-    w.putMov(.r11, Memory(.rbp, 8))
-    w.putMov(Memory(.rsp, 8), .r11)
-    w.putLea(.r11, Memory(.rbp, 16))
-    w.putMov(Memory(.rsp, 16), .r11)
-    w.putMov(.r11, immediate: function)
-    w.putMov(Memory(.rsp, 0), .r11)
+    putCallHeader(&w, returnAddress: Memory(.rbp, 8), stackArguments: Memory(.rbp, 16))
     if !modifyReturns.isEmpty {
       // A modify-return handler that skips the body without setting a result returns 0.
       w.putMov(Memory(.rsp, Self.returnOffset), immediate: 0)
@@ -156,16 +144,14 @@ struct TrampolineEmitter {
 
     // Entry and modify-return handlers, under the guard.
     if !entries.isEmpty || !modifyReturns.isEmpty {
-      w.putCmpByte(guardByte, immediate: 0)
-      w.putJcc(.notEqual, skipEntry)
-      w.putMovByte(guardByte, immediate: 1)
-      for call in entries { try putHandlerCall(&w, call) }
-      for call in modifyReturns {
-        try putHandlerCall(&w, call)
-        w.putTest32(.rax, .rax)
-        w.putJcc(.notEqual, skipBody)
+      try putGuarded(&w, skip: skipEntry) { w in
+        for call in entries { try putHandlerCall(&w, call) }
+        for call in modifyReturns {
+          try putHandlerCall(&w, call)
+          w.putTest32(.rax, .rax)
+          w.putJcc(.notEqual, skipBody)  // skipBody clears the guard
+        }
       }
-      w.putMovByte(guardByte, immediate: 0)
     }
     w.bind(entryDone)
 
@@ -186,11 +172,9 @@ struct TrampolineEmitter {
       saveReturn(&w)
       w.bind(afterBody)
       if !exits.isEmpty {
-        w.putCmpByte(guardByte, immediate: 0)
-        w.putJcc(.notEqual, skipExit)
-        w.putMovByte(guardByte, immediate: 1)
-        for call in exits { try putHandlerCall(&w, call) }
-        w.putMovByte(guardByte, immediate: 0)
+        try putGuarded(&w, skip: skipExit) { w in
+          for call in exits { try putHandlerCall(&w, call) }
+        }
       }
       w.bind(exitDone)
       loadReturn(&w)
@@ -216,6 +200,29 @@ struct TrampolineEmitter {
     }
     w.putUd2()
     return Code(bytes: try w.finish(), frame: .framePointer(epilogueStart: epilogueStart, epilogueEnd: epilogueEnd))
+  }
+
+  /// Fills the `tracery_call` header: function, return address, stack arguments (r11 scratch).
+  private func putCallHeader(_ w: inout X86Writer, returnAddress: Memory, stackArguments: Memory) {
+    w.putMov(.r11, returnAddress)
+    w.putMov(Memory(.rsp, 8), .r11)
+    w.putLea(.r11, stackArguments)
+    w.putMov(Memory(.rsp, 16), .r11)
+    w.putMov(.r11, immediate: function)
+    w.putMov(Memory(.rsp, 0), .r11)
+  }
+
+  /// `body` under this thread's recursion guard: if the guard is already set (we are inside a
+  /// handler) jump to `skip`; otherwise set it, run `body`, clear it.
+  private func putGuarded(
+    _ w: inout X86Writer, skip: Label, _ body: (inout X86Writer) throws -> Void
+  ) throws {
+    let guardByte = Memory.fs(guardOffset)
+    w.putCmpByte(guardByte, immediate: 0)
+    w.putJcc(.notEqual, skip)
+    w.putMovByte(guardByte, immediate: 1)
+    try body(&w)
+    w.putMovByte(guardByte, immediate: 0)
   }
 
   private func saveArguments(_ w: inout X86Writer) {
