@@ -100,26 +100,34 @@ public final class CodeArena: Sendable {
 
   /// Returns `block` to the arena. Precondition: no thread is inside it or can return into it
   /// (the caller's grace period has passed).
-  public func release(_ block: Block) {
+  public func release(_ block: Block) { release(contentsOf: [block]) }
+
+  /// Returns many blocks at once: one sort and one coalescing pass per slab.
+  public func release(contentsOf blocks: [Block]) {
+    guard !blocks.isEmpty else { return }
     slabs.withLock { slabs in
-      guard
-        let index = slabs.firstIndex(where: {
-          block.address >= $0.address && block.address < $0.address + UInt64($0.size)
-        })
-      else { preconditionFailure("released a block the arena does not own") }
-      let offset = Int(block.address - slabs[index].address)
-      var free = slabs[index].free
-      let at = free.firstIndex { $0.offset > offset } ?? free.count
-      free.insert((offset, block.size), at: at)
-      var merged: [(offset: Int, length: Int)] = []
-      for range in free {
-        if let last = merged.last, last.offset + last.length == range.offset {
-          merged[merged.count - 1].length += range.length
-        } else {
-          merged.append(range)
-        }
+      var returned = [[(offset: Int, length: Int)]](repeating: [], count: slabs.count)
+      for block in blocks {
+        guard
+          let index = slabs.firstIndex(where: {
+            block.address >= $0.address && block.address < $0.address + UInt64($0.size)
+          })
+        else { preconditionFailure("released a block the arena does not own") }
+        returned[index].append((Int(block.address - slabs[index].address), block.size))
       }
-      slabs[index].free = merged
+      for index in slabs.indices where !returned[index].isEmpty {
+        let all = (slabs[index].free + returned[index]).sorted { $0.offset < $1.offset }
+        var merged: [(offset: Int, length: Int)] = []
+        merged.reserveCapacity(all.count)
+        for range in all {
+          if let last = merged.last, last.offset + last.length == range.offset {
+            merged[merged.count - 1].length += range.length
+          } else {
+            merged.append(range)
+          }
+        }
+        slabs[index].free = merged
+      }
     }
   }
 

@@ -26,10 +26,14 @@ import CTraceryShims
 ///
 /// Protocol: called only under the tracer's lock.
 struct Reclaimer {
-  /// One retired trampoline and what must live exactly as long as it.
+  /// One trampoline, live or retired, and what must live as long as it.
   struct Retired {
     let block: CodeArena.Block
-    let unwind: UnwindInfo?
+    let length: Int
+    let frame: UnwindInfo.Frame
+    /// The unwind table of the commit that made it, which owns `block` (nil: no unwinder, or
+    /// not yet live; then the block is released directly).
+    var unwind: UnwindInfo?
     let counters: [AttachmentCounters]
   }
 
@@ -78,17 +82,19 @@ struct Reclaimer {
       return 0
     }
     var kept: [Retired] = []
-    var freed = 0
+    var released: [CodeArena.Block] = []
     for (index, image) in retired.enumerated() {
       if busy.contains(index) {
         kept.append(image)
-      } else {
-        image.unwind?.deregister()
-        arena.release(image.block)
-        freed += 1
+      } else if image.unwind == nil {
+        released.append(image.block)
       }
+      // With an unwind table, dropping the record is the release: the table returns its blocks
+      // when the last trampoline of its commit is gone.
     }
+    let freed = retired.count - kept.count
     retired = kept
+    arena.release(contentsOf: released)
     return freed
   }
 

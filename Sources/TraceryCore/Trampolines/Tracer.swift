@@ -397,22 +397,27 @@ public final class Tracer: Sendable {
       }
       // 3. One batch for every site.
       let outcomes = patcher.apply(requests)
-      // 4. Keep what was patched; undo what was not.
+      // 4. Keep what was patched; undo what was not. The new live trampolines share one unwind
+      //    table (one registration for the whole commit).
+      var live: [(site: UInt64, function: TracedFunction)] = []
+      var failed: [CodeArena.Block] = []
       for ((site, function), outcome) in zip(planned, outcomes) {
-        let succeeded: Bool
-        switch outcome {
-        case .patched: succeeded = true
-        case .skipped: succeeded = true
-        case .failed: succeeded = false
-        }
         report.entries.append(.init(function: function.name, address: function.function, outcome: outcome))
-        if succeeded {
-          if let old = state.functions[site]?.image { state.reclaimer.retire(old) }
-          function.image?.unwind?.register()
-          state.functions[site] = function.attachments.isEmpty ? nil : function
-        } else if let image = function.image {
-          arena.release(image.block)
+        if case .failed = outcome {
+          if let image = function.image { failed.append(image.block) }
+          continue
         }
+        if let old = state.functions[site]?.image { state.reclaimer.retire(old) }
+        live.append((site, function))
+      }
+      arena.release(contentsOf: failed)
+      let images = live.compactMap(\.function.image)
+      let table =
+        UnwindInfo.isAvailable && !images.isEmpty
+        ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame) }, arena: arena) : nil
+      for (site, var function) in live {
+        function.image?.unwind = table
+        state.functions[site] = function.attachments.isEmpty ? nil : function
       }
       if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
       return report
@@ -449,10 +454,9 @@ public final class Tracer: Sendable {
     do {
       let code = try emitter.emit(at: block.address)
       block.write(code.bytes)
-      let unwind =
-        UnwindInfo.isAvailable
-        ? UnwindInfo(start: block.address, length: code.bytes.count, frame: code.frame) : nil
-      return Reclaimer.Retired(block: block, unwind: unwind, counters: function.attachments.map(\.link.counters))
+      return Reclaimer.Retired(
+        block: block, length: code.bytes.count, frame: code.frame, unwind: nil,
+        counters: function.attachments.map(\.link.counters))
     } catch {
       arena.release(block)
       throw error

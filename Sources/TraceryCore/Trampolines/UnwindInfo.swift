@@ -2,9 +2,16 @@
   import Glibc
 #endif
 
-/// DWARF call-frame information for one generated trampoline, registered with the unwinder
-/// (libgcc's `__register_frame`) so that `backtrace()` and C++ exceptions pass through a
-/// function whose exit trampoline is on the stack.
+/// DWARF call-frame information for the trampolines one commit created (one CIE, one FDE per
+/// trampoline), registered with the unwinder (libgcc's `__register_frame`) so that
+/// `backtrace()` and C++ exceptions pass through a function whose trampoline is on the stack.
+///
+/// One registration per commit, not per trampoline: libgcc keeps registrations in a list that
+/// deregistration and FDE lookup walk, so 50,000 single registrations made detaching quadratic.
+///
+/// The table owns its trampolines' code blocks: they go back to the arena only when the table
+/// is destroyed, i.e. when every trampoline of the commit has been reclaimed. So no FDE of a
+/// live registration ever covers memory that was reused for other code.
 ///
 /// The rows, for the two frame shapes `TrampolineEmitter` lays out:
 ///
@@ -23,6 +30,8 @@ final class UnwindInfo: @unchecked Sendable {
   // @unchecked: immutable after init; registration state changes only under the tracer's lock.
   private let storage: UnsafeMutableRawPointer
   private var registered = false
+  private let arena: CodeArena
+  private let blocks: [CodeArena.Block]
 
   private typealias FrameFunction = @convention(c) (UnsafeMutableRawPointer) -> Void
   private static let registerFrame: FrameFunction? = symbol("__register_frame")
@@ -43,27 +52,30 @@ final class UnwindInfo: @unchecked Sendable {
     case stackPointer(size: Int, prologueEnd: Int, afterRelease: Int, epilogueEnd: Int)
   }
 
-  init(start: UInt64, length: Int, frame: Frame) {
-    let bytes = Self.ehFrame(start: start, length: length, frame: frame)
+  /// One trampoline: its block, the length of its code, its frame shape.
+  struct Entry {
+    let block: CodeArena.Block
+    let length: Int
+    let frame: Frame
+  }
+
+  /// The table of `entries`, registered at once. Their blocks return to `arena` on deinit.
+  init(_ entries: [Entry], arena: CodeArena) {
+    self.arena = arena
+    blocks = entries.map(\.block)
+    let bytes = Self.ehFrame(entries.map { ($0.block.address, $0.length, $0.frame) })
     storage = .allocate(byteCount: bytes.count, alignment: 8)
     bytes.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
-  }
-
-  func register() {
-    guard !registered, let registerFrame = Self.registerFrame else { return }
-    registerFrame(storage)
-    registered = true
-  }
-
-  func deregister() {
-    guard registered, let deregisterFrame = Self.deregisterFrame else { return }
-    deregisterFrame(storage)
-    registered = false
+    if let registerFrame = Self.registerFrame {
+      registerFrame(storage)
+      registered = true
+    }
   }
 
   deinit {
-    deregister()
+    if registered, let deregisterFrame = Self.deregisterFrame { deregisterFrame(storage) }
     storage.deallocate()
+    arena.release(contentsOf: blocks)
   }
 
   // DWARF call-frame instructions (DWARF 4, §6.4.2).
@@ -80,8 +92,9 @@ final class UnwindInfo: @unchecked Sendable {
   private static let rbp: UInt8 = 6
   private static let returnAddress: UInt8 = 16
 
-  /// A CIE, one FDE and the zero terminator, as `__register_frame` reads an .eh_frame section.
-  static func ehFrame(start: UInt64, length: Int, frame: Frame) -> [UInt8] {
+  /// A CIE, one FDE per trampoline and the zero terminator, as `__register_frame` reads an
+  /// .eh_frame section.
+  static func ehFrame(_ entries: [(start: UInt64, length: Int, frame: Frame)]) -> [UInt8] {
     var cie: [UInt8] = [0, 0, 0, 0]  // CIE id 0
     cie += [1]  // version
     cie += Array("zR".utf8) + [0]
@@ -92,8 +105,22 @@ final class UnwindInfo: @unchecked Sendable {
     cie += [DW_CFA_def_cfa, rsp, 8, DW_CFA_offset | returnAddress, 1]
     pad(&cie)
 
+    var result: [UInt8] = []
+    result.appendLittleEndian(UInt32(cie.count))
+    result += cie
+    for entry in entries {
+      let fde = self.fde(
+        start: entry.start, length: entry.length, frame: entry.frame, ciePointer: UInt32(result.count + 4))
+      result.appendLittleEndian(UInt32(fde.count))
+      result += fde
+    }
+    result += [0, 0, 0, 0]
+    return result
+  }
+
+  /// One FDE body; `ciePointer` is the distance from its CIE-pointer field back to the CIE.
+  private static func fde(start: UInt64, length: Int, frame: Frame, ciePointer: UInt32) -> [UInt8] {
     var fde: [UInt8] = []
-    let ciePointer = UInt32(4 + cie.count + 4)  // from this field back to the CIE's start
     fde.appendLittleEndian(ciePointer)
     fde.appendLittleEndian(start)
     fde.appendLittleEndian(UInt64(length))
@@ -119,14 +146,8 @@ final class UnwindInfo: @unchecked Sendable {
       fde += [DW_CFA_restore_state]
     }
     pad(&fde)
+    return fde
 
-    var result: [UInt8] = []
-    result.appendLittleEndian(UInt32(cie.count))
-    result += cie
-    result.appendLittleEndian(UInt32(fde.count))
-    result += fde
-    result += [0, 0, 0, 0]
-    return result
   }
 
   static func uleb128(_ value: Int) -> [UInt8] {

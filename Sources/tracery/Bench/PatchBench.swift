@@ -3,7 +3,8 @@ import TraceryCore
 import TraceryELF
 import TraceryX86
 
-/// `tracery bench patch`: the cost of finding and rewriting many live sites.
+/// `tracery bench patch`: the cost of finding and rewriting many live sites, and of attaching
+/// a handler to all of them through `Tracer`.
 ///
 /// A generated shared object of 50,000 functions (built once with clang and cached) is loaded
 /// into this process; every function gets a counting trampoline; each run patches the first N
@@ -64,6 +65,33 @@ struct PatchBench {
       report.figure(name: "patch", n: size, nsPerItem: Self.median(patchSamples) / Double(size))
       report.figure(name: "unpatch", n: size, nsPerItem: Self.median(unpatchSamples) / Double(size))
     }
+    try attachAll(report)
+  }
+
+  /// One entry handler attached to every generated function by one glob, and detached, through
+  /// `Tracer`: resolve, generate 50,000 trampolines, one patch batch (and back).
+  func attachAll(_ report: BenchReport) throws {
+    let tracer = Tracer.shared
+    tracer.reloadSymbols()
+    let empty: EntryHandler = { _, _ in }
+    let model = FunctionModel(integerArguments: 1)
+    // Loads the symbol table of the whole process once, outside the timing.
+    try tracer.attach(.entry(empty), to: .name("tr_f0"), model: model).detach()
+    var attachSamples: [Double] = []
+    var detachSamples: [Double] = []
+    for _ in 0..<max(1, min(runs, 3)) {
+      var link: Link?
+      attachSamples.append(try time { link = try tracer.attach(.entry(empty), to: .glob("tr_f*"), model: model) })
+      guard let link, link.functions.count == Self.functionCount else {
+        throw UserError("attached to \(link?.functions.count ?? 0) functions, expected \(Self.functionCount)")
+      }
+      detachSamples.append(time { _ = link.detach() })
+      tracer.reclaim()
+    }
+    report.figure(
+      name: "attach", n: Self.functionCount, nsPerItem: Self.median(attachSamples) / Double(Self.functionCount))
+    report.figure(
+      name: "detach", n: Self.functionCount, nsPerItem: Self.median(detachSamples) / Double(Self.functionCount))
   }
 
   static func expectAllPatched(_ outcomes: [PatchOutcome]) throws {
