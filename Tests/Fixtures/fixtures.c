@@ -207,3 +207,23 @@ void tracery_fixture_tracer_hammers_start(int count) {
   thread_count = count > 16 ? 16 : count;
   for (int i = 0; i < thread_count; i++) pthread_create(&threads[i], 0, tracer_hammer, (void *)(intptr_t)(i * 7));
 }
+
+static atomic_int spinner_stop;
+static pthread_t spinner_thread;
+static void *spinner(void *arg) {
+  (void)arg;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, 0);
+  while (!atomic_load_explicit(&spinner_stop, memory_order_relaxed)) {
+  }
+  return 0;
+}
+void tracery_fixture_spinner_start(void) {
+  atomic_store(&spinner_stop, 0);
+  pthread_create(&spinner_thread, 0, spinner, 0);
+}
+void tracery_fixture_spinner_stop(void) {
+  atomic_store(&spinner_stop, 1);
+  pthread_join(spinner_thread, 0);
+}

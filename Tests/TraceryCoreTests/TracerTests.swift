@@ -304,6 +304,22 @@ extension PatchingTests {
       return false
     }
 
+    /// A running thread that blocks the snapshot signal cannot be inspected: retired trampolines
+    /// stay allocated (and the reason is reported) until it can be.
+    @Test func uninspectableThreadKeepsRetiredTrampolines() throws {
+      #expect(reclaimAll())
+      tracery_fixture_spinner_start()
+      let link = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double))
+      link.detach()
+      #expect(tracer.retiredTrampolines == 1)
+      #expect(tracer.reclaim() == 0)
+      #expect(tracer.retiredTrampolines == 1)
+      #expect(tracer.reclaimObstacle?.contains("did not answer") == true, "\(tracer.reclaimObstacle ?? "none")")
+      tracery_fixture_spinner_stop()
+      #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
+      #expect(tracer.reclaimObstacle == nil)
+    }
+
     @Test func typedErrors() throws {
       #expect(throws: AttachError.self) {
         try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.pair))  // unknown stack arguments

@@ -72,3 +72,7 @@ void tracery_fixture_entry_backtrace(tracery_call *call, uint64_t cookie);
 int tracery_fixture_handler_depth(void);
 /// Like the hammers above, for the functions the Tracer tests trace (six, floats, pair).
 void tracery_fixture_tracer_hammers_start(int count);
+/// A thread that blocks every signal and spins (never entering a system call) until stopped:
+/// the one kind of thread the trampoline reclaimer cannot inspect.
+void tracery_fixture_spinner_start(void);
+void tracery_fixture_spinner_stop(void);
