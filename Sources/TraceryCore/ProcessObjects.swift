@@ -47,8 +47,9 @@ public enum ProcessObjects {
         unreadable.append((entry.path, error))
       }
     }
-    // Each input was read and validated above; a table error here is an object whose symbol or
-    // site sections are corrupt: drop it and say so rather than lose every object.
+    if let table = try? SymbolTable(inputs) { return (table, unreadable) }
+    // Some object's symbol or site sections are corrupt: find it, drop it and say so, rather
+    // than lose every object.
     var valid: [SymbolTable.Input] = []
     for input in inputs {
       do {

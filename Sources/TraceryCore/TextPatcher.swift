@@ -310,10 +310,7 @@ public final class TextPatcher: Sendable {
   }
 
   /// The 5 bytes at `site`. Precondition: mapped readable (checked against the memory map).
-  package static func read(_ site: UInt64) -> [UInt8] {
-    let pointer = UnsafePointer<UInt8>(bitPattern: UInt(site))!
-    return (0..<5).map { pointer[$0] }
-  }
+  package static func read(_ site: UInt64) -> [UInt8] { SiteBytes(reading: site).bytes }
 
   static func hex(_ bytes: [UInt8]) -> String {
     bytes.map { $0 < 16 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined(separator: " ")

@@ -91,7 +91,7 @@ public struct X86Writer: Sendable {
   mutating func emit32(_ value: Int32) { bytes.appendLE(value) }
   mutating func emit64(_ value: UInt64) { bytes.appendLE(value) }
 
-  /// REX prefix if any bit is needed (or `force`, for byte registers sil/dil — unused so far).
+  /// The REX prefix, emitted only when some bit of it is set.
   mutating func rex(w: Bool, r: Bool = false, x: Bool = false, b: Bool = false) {
     let value: UInt8 = 0x40 | (w ? 8 : 0) | (r ? 4 : 0) | (x ? 2 : 0) | (b ? 1 : 0)
     if value != 0x40 { emit(value) }

@@ -81,11 +81,17 @@ enum System {
 
   /// The number of threads in this process (`Threads:` of /proc/self/status).
   static func threadCount() -> Int {
-    guard let status = readFile("/proc/self/status") else { return Int.max }
-    for line in String(decoding: status, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Threads:") {
-      return Int(line.dropFirst(8).trimmingCharacters(in: " \t")) ?? Int.max
+    statusField("Threads", of: "/proc/self/status").flatMap { Int($0) } ?? Int.max
+  }
+
+  /// The value of field `name` (`Name:\tvalue`) of a procfs status file, trimmed.
+  static func statusField(_ name: String, of path: String) -> Substring? {
+    guard let status = readFile(path) else { return nil }
+    let prefix = name + ":"
+    for line in String(decoding: status, as: UTF8.self).split(separator: "\n") where line.hasPrefix(prefix) {
+      return line.dropFirst(prefix.count).trimmingCharacters(in: " \t")
     }
-    return Int.max
+    return nil
   }
 
   static func resolvedPath(_ path: String) -> String {

@@ -183,13 +183,12 @@ struct Reclaimer {
   /// Whether thread `tid` blocks the snapshot signal (`SigBlk:` of its status). Such a thread is
   /// never signalled: a blocked real-time signal would stay queued against the process's limit.
   static func blocksSnapshotSignal(_ tid: Int32) -> Bool {
-    guard let text = System.readFile("/proc/self/task/\(tid)/status") else { return true }
-    for line in String(decoding: text, as: UTF8.self).split(separator: "\n") where line.hasPrefix("SigBlk:") {
-      guard let mask = UInt64(line.dropFirst(7).trimmingCharacters(in: " \t"), radix: 16) else { return true }
-      return mask & (1 << UInt64(ctracery_snapshot_signal() - 1)) != 0
-    }
-    return true
+    guard let text = System.statusField("SigBlk", of: "/proc/self/task/\(tid)/status"),
+      let mask = UInt64(text, radix: 16)
+    else { return true }
+    return mask & (1 << UInt64(ctracery_snapshot_signal() - 1)) != 0
   }
+
 }
 
 /// Runs `body` with the address of a stack slot in a frame of its own, above (at a higher

@@ -47,7 +47,7 @@ struct PatchBench {
       let function = live.functions[live.functions(named: "tr_f\(index)")[0]]
       return function.site!
     }
-    let original = X86Instruction.nop5Shape(at: sites[0])
+    let original = TextPatcher.read(sites[0])
     let probes = try CountingTrampolines(sites: sites, mode: .call)
     let patcher = TextPatcher.shared
     if !patcher.usesMembarrier {
@@ -62,8 +62,8 @@ struct PatchBench {
         patchSamples.append(try time { try Self.expectAllPatched(patcher.apply(patch)) })
         unpatchSamples.append(try time { try Self.expectAllPatched(patcher.apply(unpatch)) })
       }
-      report.figure(name: "patch", n: size, nsPerItem: Self.median(patchSamples) / Double(size))
-      report.figure(name: "unpatch", n: size, nsPerItem: Self.median(unpatchSamples) / Double(size))
+      report.figure(name: "patch", n: size, nsPerItem: median(patchSamples) / Double(size))
+      report.figure(name: "unpatch", n: size, nsPerItem: median(unpatchSamples) / Double(size))
     }
     try attachAll(report)
   }
@@ -89,9 +89,9 @@ struct PatchBench {
       tracer.reclaim()
     }
     report.figure(
-      name: "attach", n: Self.functionCount, nsPerItem: Self.median(attachSamples) / Double(Self.functionCount))
+      name: "attach", n: Self.functionCount, nsPerItem: median(attachSamples) / Double(Self.functionCount))
     report.figure(
-      name: "detach", n: Self.functionCount, nsPerItem: Self.median(detachSamples) / Double(Self.functionCount))
+      name: "detach", n: Self.functionCount, nsPerItem: median(detachSamples) / Double(Self.functionCount))
   }
 
   static func expectAllPatched(_ outcomes: [PatchOutcome]) throws {
@@ -100,20 +100,6 @@ struct PatchBench {
 
   func time(_ body: () throws -> Void) rethrows -> Double {
     try medianNanoseconds(runs: 1, body)
-  }
-
-  static func median(_ samples: [Double]) -> Double {
-    let sorted = samples.sorted()
-    return sorted.count % 2 == 1
-      ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
-  }
-}
-
-extension X86Instruction {
-  /// The 5 bytes now at `site` (a live patch site of this process).
-  static func nop5Shape(at site: UInt64) -> [UInt8] {
-    let pointer = UnsafePointer<UInt8>(bitPattern: UInt(site))!
-    return (0..<5).map { pointer[$0] }
   }
 }
 

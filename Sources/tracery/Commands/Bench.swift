@@ -113,7 +113,12 @@ func medianNanoseconds(runs: Int, _ body: () throws -> Void) rethrows -> Double 
     let elapsed = clock.now - start
     samples.append(Double(elapsed.components.seconds) * 1e9 + Double(elapsed.components.attoseconds) / 1e9)
   }
-  samples.sort()
-  return samples.count % 2 == 1
-    ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
+  return median(samples)
+}
+
+/// The median of `samples` (the mean of the middle two for an even count).
+func median(_ samples: [Double]) -> Double {
+  let sorted = samples.sorted()
+  return sorted.count % 2 == 1
+    ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
 }
