@@ -181,6 +181,16 @@ long ctracery_guard_offset(void) {
 
 uint8_t ctracery_guard_value(void) { return recursion_guard; }
 
+static __thread struct ctracery_thread thread_state __attribute__((tls_model("initial-exec")));
+
+long ctracery_thread_offset(void) {
+  char *thread_pointer;
+  __asm__("mov %%fs:0, %0" : "=r"(thread_pointer));
+  return (long)((char *)&thread_state - thread_pointer);
+}
+
+struct ctracery_thread *ctracery_thread_state(void) { return &thread_state; }
+
 // ---- Thread snapshots ----------------------------------------------------------------------------
 
 static atomic_int snapshot_tid;

@@ -131,3 +131,54 @@ extension X86Writer {
     modRM(reg: source.rawValue, memory: destination)
   }
 }
+
+extension X86Writer {
+  /// Group-1 ALU operation on `qword [memory]` with a sign-extended immediate.
+  mutating func putALU(_ operation: ALU, _ memory: Memory, immediate: Int32) {
+    segmentPrefix(memory)
+    rex(w: true, b: baseExtended(memory))
+    if let short = Int8(exactly: immediate) {
+      emit(0x83)
+      modRM(reg: operation.rawValue, memory: memory, trailing: 1)
+      emit(UInt8(bitPattern: short))
+    } else {
+      emit(0x81)
+      modRM(reg: operation.rawValue, memory: memory, trailing: 4)
+      emit32(immediate)
+    }
+  }
+
+  /// `cmp qword [memory], simm32`.
+  public mutating func putCmp(_ memory: Memory, immediate: Int32) { putALU(.cmp, memory, immediate: immediate) }
+  /// `or qword [memory], simm32`.
+  public mutating func putOr(_ memory: Memory, immediate: Int32) { putALU(.or, memory, immediate: immediate) }
+  /// `or reg, simm32` (64-bit).
+  public mutating func putOr(_ register: Register, immediate: Int32) { putALU(.or, register, immediate: immediate) }
+
+  /// `cmp reg, qword [memory]` (flags of reg − memory).
+  public mutating func putCmp(_ register: Register, _ memory: Memory) {
+    segmentPrefix(memory)
+    rex(w: true, r: register.extended, b: baseExtended(memory))
+    emit(0x3b)
+    modRM(reg: register.rawValue, memory: memory)
+  }
+
+  /// `or reg, qword [memory]`.
+  public mutating func putOr(_ register: Register, _ memory: Memory) {
+    segmentPrefix(memory)
+    rex(w: true, r: register.extended, b: baseExtended(memory))
+    emit(0x0b)
+    modRM(reg: register.rawValue, memory: memory)
+  }
+}
+
+extension X86Writer {
+  /// `test qword [memory], simm32`.
+  public mutating func putTest(_ memory: Memory, immediate: Int32) {
+    segmentPrefix(memory)
+    rex(w: true, b: baseExtended(memory))
+    emit(0xf7)
+    modRM(reg: 0, memory: memory, trailing: 4)
+    emit32(immediate)
+  }
+}

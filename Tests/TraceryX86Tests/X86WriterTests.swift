@@ -102,6 +102,27 @@ let forms: [Form] = [
   Form(name: "cmp rax, 1", expected: [0x48, 0x83, 0xf8, 0x01], disassembly: "cmp rax,0x1") {
     $0.putCmp(.rax, immediate: 1)
   },
+  Form(
+    name: "cmp [r11-0x60], 7", expected: [0x49, 0x83, 0x7b, 0xa0, 0x07], disassembly: "cmp QWORD PTR [r11-0x60],0x7"
+  ) { $0.putCmp(Memory(.r11, -0x60), immediate: 7) },
+  Form(
+    name: "or [r11+0x20], 0x100", expected: [0x49, 0x81, 0x4b, 0x20, 0x00, 0x01, 0, 0],
+    disassembly: "or QWORD PTR [r11+0x20],0x100"
+  ) { $0.putOr(Memory(.r11, 0x20), immediate: 0x100) },
+  Form(name: "or rax, 0x4000", expected: [0x48, 0x81, 0xc8, 0x00, 0x40, 0, 0], disassembly: "or rax,0x4000") {
+    $0.putOr(.rax, immediate: 0x4000)
+  },
+  Form(
+    name: "cmp r10, fs:[0x18]", expected: [0x64, 0x4c, 0x3b, 0x14, 0x25, 0x18, 0, 0, 0],
+    disassembly: "cmp r10,QWORD PTR fs:0x18"
+  ) { $0.putCmp(.r10, .fs(0x18)) },
+  Form(name: "or rdx, [r11+0x10]", expected: [0x49, 0x0b, 0x53, 0x10], disassembly: "or rdx,QWORD PTR [r11+0x10]") {
+    $0.putOr(.rdx, Memory(.r11, 0x10))
+  },
+  Form(
+    name: "test [r11+0x20], 4", expected: [0x49, 0xf7, 0x43, 0x20, 0x04, 0, 0, 0],
+    disassembly: "test QWORD PTR [r11+0x20],0x4"
+  ) { $0.putTest(Memory(.r11, 0x20), immediate: 4) },
   Form(name: "add rax, rdx", expected: [0x48, 0x01, 0xd0], disassembly: "add rax,rdx") { $0.putAdd(.rax, .rdx) },
   Form(name: "sub r8, r9", expected: [0x4d, 0x29, 0xc8], disassembly: "sub r8,r9") { $0.putSub(.r8, .r9) },
   Form(name: "xor eax, eax", expected: [0x31, 0xc0], disassembly: "xor eax,eax") { $0.putXor32(.rax, .rax) },

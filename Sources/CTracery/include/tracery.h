@@ -48,6 +48,36 @@ typedef void (*tracery_exit_handler)(tracery_call *call, uint64_t cookie);
 /// then returns `call->return_value` (and `call->float_return`), which the handler sets.
 typedef int (*tracery_modify_return_handler)(tracery_call *call, uint64_t cookie);
 
+/// One frame of a thread's shadow return stack (the function graph). A graph handler gets a
+/// pointer to the frame of the call it sees; valid only during the handler call.
+///
+///   offset  field
+///        0  stack_slot       where the return address lives on the thread's stack
+///        8  return_address   the real return address (the stack slot holds the graph's)
+///       16  site             the function's patch site (its entry, or entry + 4 after endbr64)
+///       24  depth            0 for the outermost traced call of the thread
+///       32  taken            bit i: graph user i asked for this call's exit
+///       40  data[7]          words reserved by graph users (`GraphUser` says which are whose)
+///       96  (size)
+typedef struct tracery_graph_frame {
+  uint64_t stack_slot;
+  uint64_t return_address;
+  uint64_t site;
+  uint64_t depth;
+  uint64_t taken;
+  uint64_t data[7];
+} tracery_graph_frame;
+
+_Static_assert(sizeof(tracery_graph_frame) == 96, "tracery_graph_frame layout");
+
+/// Runs at a traced function's entry. `data` points at this user's reserved words of the frame.
+/// Return non-zero to have the exit handler called for this call.
+typedef int (*tracery_graph_entry_handler)(
+  tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+/// Runs when the call returns; `call->return_value` and `call->float_return` hold the result.
+typedef void (*tracery_graph_exit_handler)(
+  tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+
 #ifdef __cplusplus
 }
 #endif

@@ -108,6 +108,31 @@ uint64_t ctracery_rdtsc(void);
 /// This thread's guard byte (for tests).
 uint8_t ctracery_guard_value(void);
 
+/// Per-thread state of the function graph and its event recorder, read and written by generated
+/// code at `fs:[ctracery_thread_offset() + field offset]` (initial-exec TLS: one offset for
+/// every thread). Only the owning thread touches its struct, except that `TraceryCore` reads
+/// `dropped` and `overflowed` after the thread is gone.
+struct ctracery_thread {
+  /// Next free shadow frame; 0 until the thread's shadow stack is set up.
+  uint64_t shadow_top;
+  /// First address past the shadow stack (0 until set up: `top >= limit` takes the slow path).
+  uint64_t shadow_limit;
+  /// The recorder's next free event slot and the end of its current chunk.
+  uint64_t event_cursor;
+  uint64_t event_end;
+  /// Events the recorder could not store (no chunk to move to).
+  uint64_t dropped;
+  /// Calls not traced because the shadow stack was full.
+  uint64_t overflowed;
+  /// Start of the shadow stack mapping (its sentinel frame) and its size in bytes.
+  uint64_t shadow_base;
+  uint64_t shadow_size;
+  /// For the recorder's owner (the agent's per-thread buffer).
+  uint64_t owner;
+};
+long ctracery_thread_offset(void);
+struct ctracery_thread *ctracery_thread_state(void);
+
 #ifdef __cplusplus
 }
 #endif

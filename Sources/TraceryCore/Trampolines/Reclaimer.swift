@@ -30,7 +30,8 @@ struct Reclaimer {
   struct Retired {
     let block: CodeArena.Block
     let length: Int
-    let frame: UnwindInfo.Frame
+    /// Unwind rows of a per-function trampoline (nil for graph images, which have none).
+    let frame: UnwindInfo.Frame?
     /// The unwind table of the commit that made it, which owns `block` (nil: no unwinder, or
     /// not yet live; then the block is released directly).
     var unwind: UnwindInfo?

@@ -46,6 +46,8 @@ public enum FunctionSelector: Sendable, Equatable {
   case name(String)
   /// Every function of the loaded objects whose name matches this glob.
   case glob(String)
+  /// The functions at these addresses (entries or patch sites); unusable ones are reported.
+  case addresses([UInt64])
 }
 
 /// Why an attach or detach could not be done.
@@ -59,6 +61,10 @@ public enum AttachError: Error, Equatable, CustomStringConvertible {
   /// Every selected function failed; the report says why for each.
   case nothingAttached(TransactionReport)
   case codeMemory(String)
+  /// All 16 function-graph user slots are taken (or a second recorder was asked for).
+  case graphUsersExhausted
+  /// The frame's 7 data words cannot hold another user's reservation.
+  case graphDataExhausted(requested: Int)
 
   public var description: String {
     switch self {
@@ -68,6 +74,9 @@ public enum AttachError: Error, Equatable, CustomStringConvertible {
     case .unsupportedModel(let function, let reason): return "cannot attach to \(function): \(reason)"
     case .nothingAttached(let report): return "nothing attached: \(report)"
     case .codeMemory(let reason): return reason
+    case .graphUsersExhausted: return "no function-graph user slot is free (16 users, one recorder)"
+    case .graphDataExhausted(let requested):
+      return "the function-graph frame has no room for \(requested) more data words (7 in all)"
     }
   }
 }
@@ -133,7 +142,7 @@ public final class Tracer: Sendable {
 
   let arena: CodeArena
   let patcher: TextPatcher
-  private let state = Mutex(State())
+  let state = Mutex(State())
   private let nextID = Atomic<Int>(1)
   let guardOffset = Int32(ctracery_guard_offset())
 
@@ -151,17 +160,28 @@ public final class Tracer: Sendable {
     var model: FunctionModel
     var attachments: [Attachment] = []
     var image: Reclaimer.Retired?
+    /// Function-graph users tracing this function (bit i: user i), and the graph entry its site
+    /// calls now.
+    var graphMask: UInt16 = 0
+    var graphEntry: UInt64?
+
+    var isTraced: Bool { !attachments.isEmpty || graphMask != 0 }
   }
 
   struct State: ~Copyable {
     var functions: [UInt64: TracedFunction] = [:]
     var reclaimer = Reclaimer()
     var symbols: SymbolTable?
+    var graphUsers: [GraphUser?] = Array(repeating: nil, count: 16)
+    /// Graph images for the current users, one per mask (and per ±2 GiB region).
+    var graphImages: [GraphImage] = []
   }
 
   enum Operation {
     case attach(Attachment, [Target], FunctionModel?)
     case detach(Int)
+    case graphAttach(Int, [Target])
+    case graphDetach(Int)
   }
 
   /// A resolved function: entry address, site, name.
@@ -274,6 +294,16 @@ public final class Tracer: Sendable {
     switch selector {
     case .address(let address):
       return [try context.target(at: address, name: nil)]
+    case .addresses(let addresses):
+      let table = symbolTable()
+      var result: [Target] = []
+      result.reserveCapacity(addresses.count)
+      for address in addresses {
+        let name = table.function(containing: address).map { table.functions[$0].name }
+        if let target = try? context.target(at: address, name: name) { result.append(target) }
+      }
+      guard !result.isEmpty else { throw .noFunctionMatches("any of \(addresses.count) addresses") }
+      return result
     case .name(let name):
       return try targets(matching: name, context) { table in table.functions(named: name) }
     case .glob(let pattern):
@@ -286,10 +316,7 @@ public final class Tracer: Sendable {
   private func targets(
     matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
   ) throws(AttachError) -> [Target] {
-    let table = state.withLock { state in
-      if state.symbols == nil { state.symbols = ProcessObjects.symbolTable().table }
-      return state.symbols!
-    }
+    let table = symbolTable()
     let chosen = select(table).filter { table.functions[$0].site != nil }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     var result: [Target] = []
@@ -299,6 +326,13 @@ public final class Tracer: Sendable {
       result.append(try context.target(at: function.site!, name: function.name, entry: function.address))
     }
     return result
+  }
+
+  private func symbolTable() -> SymbolTable {
+    state.withLock { state in
+      if state.symbols == nil { state.symbols = ProcessObjects.symbolTable().table }
+      return state.symbols!
+    }
   }
 
   /// What resolving one selector reads once: the memory map and the functions already traced.
@@ -346,52 +380,97 @@ public final class Tracer: Sendable {
   private func commit(_ operations: [Operation], callerStack: UInt64) -> TransactionReport {
     state.withLock { state in
       var report = TransactionReport()
-      // 1. The new attachment lists of every touched function.
+      // 1. The new attachment lists (and graph masks) of every touched function.
       var next: [UInt64: TracedFunction] = [:]
+      var graphUsersChanged = false
       func current(_ target: Target) -> TracedFunction {
         next[target.site] ?? state.functions[target.site]
           ?? TracedFunction(
             function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
             model: .unknown)
       }
+      func refuseMixing(_ function: TracedFunction) {
+        report.entries.append(
+          .init(
+            function: function.name, address: function.function,
+            outcome: .failed("per-function trampolines and the function graph do not share a function yet")))
+      }
+      func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
+        for site in Set(next.keys).union(state.functions.keys) {
+          guard var function = next[site] ?? state.functions[site], matches(function) else { continue }
+          change(&function)
+          next[site] = function
+        }
+      }
       for operation in operations {
         switch operation {
         case .attach(let attachment, let targets, let model):
           for target in targets {
             var function = current(target)
+            if function.graphMask != 0 {
+              refuseMixing(function)
+              continue
+            }
             if let model { function.model = model }
             function.attachments.append(attachment)
             next[target.site] = function
           }
         case .detach(let id):
-          let sites = Set(next.keys).union(state.functions.keys)
-          for site in sites {
-            guard var function = next[site] ?? state.functions[site],
-              function.attachments.contains(where: { $0.link.id == id })
-            else { continue }
-            function.attachments.removeAll { $0.link.id == id }
-            next[site] = function
+          remove({ $0.attachments.contains { $0.link.id == id } }) { $0.attachments.removeAll { $0.link.id == id } }
+        case .graphAttach(let index, let targets):
+          graphUsersChanged = true
+          for target in targets {
+            var function = current(target)
+            if !function.attachments.isEmpty {
+              refuseMixing(function)
+              continue
+            }
+            function.graphMask |= 1 << index
+            next[target.site] = function
           }
+        case .graphDetach(let index):
+          guard state.graphUsers[index] != nil else { continue }
+          graphUsersChanged = true
+          state.graphUsers[index] = nil
+          // Calls in flight keep their frames but are no longer given to this user's exit.
+          GraphThreads.advanceGeneration(index)
+          remove({ $0.graphMask & (1 << index) != 0 }) { $0.graphMask &= ~(1 << index) }
         }
       }
-      // 2. A new trampoline for each (or none when nothing is attached any more).
+      // New users or users gone: every graph image is remade, so every graph site moves.
+      var retiredGraphImages: [GraphImage] = []
+      if graphUsersChanged {
+        retiredGraphImages = state.graphImages
+        state.graphImages = []
+        for (site, function) in state.functions where function.graphMask != 0 && next[site] == nil {
+          next[site] = function
+        }
+      }
+      // 2. A new trampoline (or graph entry) for each, or the original bytes.
       var requests: [PatchRequest] = []
       var planned: [(site: UInt64, function: TracedFunction)] = []
       for site in next.keys.sorted() {
         var function = next[site]!
-        let old = state.functions[site]?.image
-        let oldBytes = old.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
+        let old = state.functions[site]
+        let oldBytes =
+          old?.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          ?? old?.graphEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         function.image = nil
-        if !function.attachments.isEmpty {
-          do {
+        function.graphEntry = nil
+        do {
+          if !function.attachments.isEmpty {
             function.image = try makeImage(for: function)
-          } catch {
-            report.entries.append(
-              .init(function: function.name, address: function.function, outcome: .failed("\(error)")))
-            continue
+          } else if function.graphMask != 0 {
+            function.graphEntry = try graphEntry(mask: function.graphMask, near: site, state: &state)
           }
+        } catch {
+          report.entries.append(
+            .init(function: function.name, address: function.function, outcome: .failed("\(error)")))
+          continue
         }
-        let newBytes = function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
+        let newBytes =
+          function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          ?? function.graphEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         requests.append(PatchRequest(site: site, expected: oldBytes, replacement: newBytes))
         planned.append((site, function))
       }
@@ -414,10 +493,22 @@ public final class Tracer: Sendable {
       let images = live.compactMap(\.function.image)
       let table =
         UnwindInfo.isAvailable && !images.isEmpty
-        ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame) }, arena: arena) : nil
+        ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame!) }, arena: arena) : nil
       for (site, var function) in live {
         function.image?.unwind = table
-        state.functions[site] = function.attachments.isEmpty ? nil : function
+        state.functions[site] = function.isTraced ? function : nil
+      }
+      // Old graph images are retired once no site calls them (a site that failed to move keeps
+      // its image, and the image stays listed).
+      if !retiredGraphImages.isEmpty {
+        let called = Set(state.functions.values.compactMap(\.graphEntry))
+        for image in retiredGraphImages {
+          if called.contains(image.entry) {
+            state.graphImages.append(image)
+          } else {
+            state.reclaimer.retire(image.image)
+          }
+        }
       }
       if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
       return report

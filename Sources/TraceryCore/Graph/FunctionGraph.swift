@@ -1,0 +1,245 @@
+import CTracery
+import CTraceryShims
+import Synchronization
+import TraceryX86
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A graph user's entry handler (C or Swift): return non-zero to have `GraphExitHandler` called
+/// when this call returns. `data` points at the user's reserved words of the frame.
+public typealias GraphEntryHandler =
+  @convention(c) (
+    UnsafeMutablePointer<tracery_graph_frame>, UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<tracery_call>,
+    UInt64
+  ) -> Int32
+/// A graph user's exit handler: `call.return_value` / `float_return` hold the result (and may be
+/// changed).
+public typealias GraphExitHandler =
+  @convention(c) (
+    UnsafeMutablePointer<tracery_graph_frame>, UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<tracery_call>,
+    UInt64
+  ) -> Void
+
+/// What a function-graph user runs (seed 003: up to 16 users share every frame).
+public enum GraphHandlers: Sendable {
+  /// Handlers; either may be nil. Without an entry handler every call's exit is taken.
+  case handlers(entry: GraphEntryHandler?, exit: GraphExitHandler?)
+  /// The built-in event recorder (at most one per process): writes a 16-byte event at each
+  /// entry and exit into the thread's event buffer (`ctracery_thread.event_cursor..event_end`)
+  /// with no call, and calls `refill` (with the recursion guard held) when the buffer is full.
+  /// The event word: bits 0-47 the site, 48-61 the depth (mod 2^14), 62-63 the kind (1 entry,
+  /// 2 exit); the first word is the time-stamp counter.
+  case recorder(refill: @convention(c) () -> Void)
+}
+
+/// One function-graph user. Keep it to keep the user attached; `detach()` removes it.
+public final class GraphLink: Sendable {
+  let tracer: Tracer
+  /// The user's bit in every frame's `taken` word.
+  public let index: Int
+  /// The user's reserved words: `data[0 ..< dataWords]` in the handlers' `data` argument,
+  /// which points at `frame.data[dataOffset]`.
+  public let dataOffset: Int
+  public let dataWords: Int
+
+  init(tracer: Tracer, index: Int, dataOffset: Int, dataWords: Int) {
+    self.tracer = tracer
+    self.index = index
+    self.dataOffset = dataOffset
+    self.dataWords = dataWords
+  }
+
+  /// Sites (patch-site addresses) this user traces now.
+  public var sites: [UInt64] { tracer.graphSites(of: index) }
+
+  /// Removes the user from every function in one batch. Calls in flight are not given to its
+  /// exit handler any more. Detaching twice does nothing.
+  @discardableResult
+  public func detach() -> TransactionReport { tracer.commit([.graphDetach(index)]) }
+}
+
+/// A user of the graph as the tracer keeps it.
+struct GraphUser {
+  let handlers: GraphHandlers
+  let cookie: UInt64
+  let dataOffset: Int
+  let dataWords: Int
+  let depthLimit: Int?
+
+  func code(index: Int) -> GraphUserCode {
+    let kind: GraphUserCode.Kind
+    switch handlers {
+    case .handlers(let entry, let exit):
+      kind = .handlers(entry: entry.map(address), exit: exit.map(address), cookie: cookie)
+    case .recorder(let refill):
+      kind = .recorder(refill: address(refill))
+    }
+    return GraphUserCode(
+      index: index, kind: kind, dataOffset: dataOffset, depthLimit: depthLimit,
+      generationAddress: GraphThreads.generationAddress(index), generation: GraphThreads.generation(index))
+  }
+
+  var isRecorder: Bool { if case .recorder = handlers { true } else { false } }
+}
+
+private func address<T>(_ function: T) -> UInt64 {
+  UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
+}
+
+/// One graph image (a mask's entry and return handler) and where it lives.
+struct GraphImage {
+  let mask: UInt16
+  let image: Reclaimer.Retired
+  var entry: UInt64 { image.block.address }
+}
+
+/// Per-thread shadow stacks and the user slots' generation words.
+///
+/// Protocol: a thread's `ctracery_thread` is touched only by that thread (generated code and
+/// `setupThread`), and by `releaseThread` when it exits. The generation words are written under
+/// the tracer's lock and read by generated code (plain aligned 64-bit loads and stores).
+enum GraphThreads {
+  /// Frames per thread: 65,536 (6 MiB of address space, touched only as deep as calls go).
+  static let frames = 1 << 16
+  nonisolated(unsafe) static let generations: UnsafeMutablePointer<UInt64> = {
+    let words = UnsafeMutablePointer<UInt64>.allocate(capacity: 16)
+    words.initialize(repeating: 1, count: 16)
+    return words
+  }()
+
+  static func generationAddress(_ index: Int) -> UInt64 { UInt64(UInt(bitPattern: generations + index)) }
+  static func generation(_ index: Int) -> UInt64 { generations[index] }
+  static func advanceGeneration(_ index: Int) { generations[index] &+= 1 }
+
+  static let key: pthread_key_t = {
+    var key = pthread_key_t()
+    pthread_key_create(&key) { _ in GraphThreads.releaseThread() }
+    return key
+  }()
+
+  /// Called by generated code (`void setup(void)`, guard held) on a thread's first traced call.
+  static let setupThread: @convention(c) () -> Void = {
+    let state = ctracery_thread_state()!
+    guard state.pointee.shadow_top == 0 else { return }
+    let size = GraphThreads.frames * Int(GraphEmitter.frameSize)
+    let memory = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    guard let memory, memory != MAP_FAILED else {
+      state.pointee.shadow_top = 1  // disabled: never traced
+      return
+    }
+    let sentinel = memory.assumingMemoryBound(to: tracery_graph_frame.self)
+    sentinel.pointee.stack_slot = .max
+    sentinel.pointee.depth = .max
+    let base = UInt64(UInt(bitPattern: memory))
+    state.pointee.shadow_base = base
+    state.pointee.shadow_size = UInt64(size)
+    state.pointee.shadow_top = base + UInt64(GraphEmitter.frameSize)
+    state.pointee.shadow_limit = base + UInt64(size)
+    pthread_setspecific(GraphThreads.key, UnsafeRawPointer(bitPattern: 1))
+  }
+
+  /// At thread exit: frees the shadow stack and disables tracing for what runs after.
+  static func releaseThread() {
+    let state = ctracery_thread_state()!
+    let base = state.pointee.shadow_base
+    state.pointee.shadow_top = 1
+    state.pointee.shadow_limit = 0
+    if base != 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(state.pointee.shadow_size)) }
+    state.pointee.shadow_base = 0
+  }
+
+  static var setupAddress: UInt64 { address(setupThread) }
+
+  /// This thread's shadow depth: frames on its shadow stack now (for tests).
+  static var depth: Int {
+    let state = ctracery_thread_state()!.pointee
+    guard state.shadow_base != 0, state.shadow_top > state.shadow_base else { return 0 }
+    return Int((state.shadow_top - state.shadow_base) / UInt64(GraphEmitter.frameSize)) - 1
+  }
+}
+
+extension Tracer {
+  /// Adds a function-graph user on every function `selector` selects (one patch batch).
+  ///
+  /// - Parameters:
+  ///   - cookie: handed to the handlers.
+  ///   - dataWords: words of each frame reserved for this user (the kernel's
+  ///     `fgraph_reserve_data`); all users share 7.
+  ///   - depthLimit: calls at this shadow depth or deeper are not given to this user.
+  /// - Throws: `AttachError` when nothing matches, no user slot or data words are left, or a
+  ///   second recorder is asked for.
+  @discardableResult
+  public func attachGraph(
+    _ handlers: GraphHandlers, to selector: FunctionSelector, cookie: UInt64 = 0, dataWords: Int = 0,
+    depthLimit: Int? = nil
+  ) throws(AttachError) -> GraphLink {
+    let targets = try resolve(selector)
+    let link: GraphLink = try state.withLock { state throws(AttachError) in
+      let users = state.graphUsers
+      guard let index = users.firstIndex(where: { $0 == nil }) else {
+        throw .graphUsersExhausted
+      }
+      let user = GraphUser(
+        handlers: handlers, cookie: cookie, dataOffset: 0, dataWords: dataWords, depthLimit: depthLimit)
+      if user.isRecorder, users.contains(where: { $0?.isRecorder == true }) { throw .graphUsersExhausted }
+      // First fit among the words other users hold.
+      var used = [Bool](repeating: false, count: GraphEmitter.dataWords)
+      for case let other? in users {
+        for word in other.dataOffset..<(other.dataOffset + other.dataWords) { used[word] = true }
+      }
+      guard
+        let offset = (0...(GraphEmitter.dataWords - dataWords)).first(where: { start in
+          !used[start..<(start + dataWords)].contains(true)
+        })
+      else { throw .graphDataExhausted(requested: dataWords) }
+      state.graphUsers[index] = GraphUser(
+        handlers: handlers, cookie: cookie, dataOffset: offset, dataWords: dataWords, depthLimit: depthLimit)
+      return GraphLink(tracer: self, index: index, dataOffset: offset, dataWords: dataWords)
+    }
+    let report = commit([.graphAttach(link.index, targets)])
+    if link.sites.isEmpty {
+      _ = commit([.graphDetach(link.index)])
+      throw .nothingAttached(report)
+    }
+    return link
+  }
+
+  func graphSites(of index: Int) -> [UInt64] {
+    state.withLock { state in
+      state.functions.values.filter { $0.graphMask & (1 << index) != 0 }.map(\.site).sorted()
+    }
+  }
+
+  /// The graph image for `mask` that a call at `site` reaches, made when there is none.
+  func graphEntry(mask: UInt16, near site: UInt64, state: inout State) throws -> UInt64 {
+    if let image = state.graphImages.first(where: {
+      $0.mask == mask && X86Instruction.call(at: site, to: $0.entry) != nil
+    }) {
+      return image.entry
+    }
+    let users = (0..<16).compactMap { index in
+      mask & (1 << index) != 0 ? state.graphUsers[index]?.code(index: index) : nil
+    }
+    let emitter = GraphEmitter(
+      users: users, guardOffset: guardOffset, threadOffset: Int32(ctracery_thread_offset()),
+      setupThread: GraphThreads.setupAddress)
+    let size = try emitter.emit(at: site).bytes.count + 16 * users.count
+    let block: CodeArena.Block
+    do { block = try arena.allocate(near: site, size: size) } catch { throw AttachError.codeMemory("\(error)") }
+    do {
+      let code = try emitter.emit(at: block.address)
+      block.write(code.bytes)
+      let image = GraphImage(
+        mask: mask,
+        image: Reclaimer.Retired(
+          block: block, length: code.bytes.count, frame: nil, unwind: nil, counters: []))
+      state.graphImages.append(image)
+      return image.entry
+    } catch {
+      arena.release(block)
+      throw error
+    }
+  }
+}

@@ -1,0 +1,421 @@
+import TraceryX86
+
+/// One graph user as a graph image sees it (see `GraphEmitter`).
+struct GraphUserCode: Equatable {
+  enum Kind: Equatable {
+    /// C or Swift handlers; the entry handler's non-zero result asks for the exit call.
+    case handlers(entry: UInt64?, exit: UInt64?, cookie: UInt64)
+    /// The built-in event recorder: 16-byte events written inline into the thread's event
+    /// buffer; `refill` (a C function without arguments) is called when the buffer is full.
+    case recorder(refill: UInt64)
+  }
+
+  let index: Int
+  let kind: Kind
+  /// First word of the frame's `data` this user reserved.
+  let dataOffset: Int
+  /// Calls at this depth or deeper are not given to this user.
+  let depthLimit: Int?
+  /// The user's slot generation word and its value when the image was made: an exit is given
+  /// only while they are equal, so a user that left (or a new one in its slot) is never called
+  /// for a frame pushed before.
+  let generationAddress: UInt64
+  let generation: UInt64
+}
+
+/// Offsets of `struct ctracery_thread` fields (CTraceryShims.h), added to the thread's TLS offset.
+enum ThreadField: Int32 {
+  case top = 0
+  case limit = 8
+  case cursor = 16
+  case end = 24
+  case dropped = 32
+  case overflowed = 40
+}
+
+/// Generates the two routines of one function-graph image (seed 003's fgraph entry and
+/// return_to_handler), for one fixed set of graph users (a "mask"). Every site whose function
+/// is wanted by exactly that set of users calls the image's entry; sites wanted by another set
+/// call another image. So the entry needs no look-up: which users run is in its code.
+///
+/// Entry, called from the site (`call entry`; [rsp] = site + 5, [rsp+8] = the real return):
+///
+///     if this thread is inside a handler (guard byte): return
+///     frame = shadow top (set up the thread's shadow stack on first use; full: count, return)
+///     drop frames whose stack slot is at or below ours (left by longjmp or an exception)
+///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
+///     run each user's entry (handlers with registers saved; the recorder inline)
+///     if some user wants the exit: [rsp+8] = return handler; else unpublish the frame
+///
+/// Return handler, reached by the traced function's `ret` (rsp = slot + 8, results in
+/// rax/rdx/xmm0/xmm1):
+///
+///     find the frame whose slot is ours (dropping stale ones above it), put the real return
+///     address back into the slot, run each user's exit whose bit the frame has, pop, `ret`.
+///
+/// Shadow frames are `tracery_graph_frame` (96 bytes). Below the first one lies a sentinel frame
+/// whose slot is the highest address and whose depth is -1, so both searches end there.
+///
+/// Signals: a handler may interrupt anywhere and run traced functions. Frames are published
+/// (top moved) before users see them and popped only after the exits ran, so a signal handler
+/// pushes above them; only a frame not yet published can be overwritten, which the entry checks.
+struct GraphEmitter {
+  static let frameSize: Int32 = 96
+  static let slotOffset: Int32 = 0
+  static let returnOffset: Int32 = 8
+  static let siteOffset: Int32 = 16
+  static let depthOffset: Int32 = 24
+  static let takenOffset: Int32 = 32
+  static let dataOffset: Int32 = 40
+  static let dataWords = 7
+
+  /// Event word layout of the recorder (TraceryRecord's `Event` decodes it): bits 0-47 the
+  /// site, 48-61 the depth (modulo 2^14), 62-63 the kind (1 entry, 2 exit).
+  static let depthMask: Int32 = 0x3fff
+
+  let users: [GraphUserCode]
+  let guardOffset: Int32
+  let threadOffset: Int32
+  /// `void setup(void)`: sets up this thread's shadow stack.
+  let setupThread: UInt64
+
+  var hasHandlers: Bool { users.contains { if case .handlers = $0.kind { true } else { false } } }
+
+  struct Code {
+    let bytes: [UInt8]
+    /// Offset of the return handler.
+    let returnHandler: Int
+  }
+
+  func field(_ field: ThreadField) -> Memory { .fs(threadOffset + field.rawValue) }
+
+  func emit(at base: UInt64) throws -> Code {
+    var w = X86Writer(base: base)
+    var cold: [(inout X86Writer) throws -> Void] = []
+    let returnHandler = w.newLabel()
+    try emitEntry(&w, returnHandler: returnHandler, cold: &cold)
+    w.putNop(count: (16 - w.bytes.count % 16) % 16)
+    let returnOffset = w.bytes.count
+    w.bind(returnHandler)
+    try emitReturn(&w, cold: &cold)
+    for stub in cold { try stub(&w) }
+    w.putUd2()
+    return Code(bytes: try w.finish(), returnHandler: returnOffset)
+  }
+
+  // MARK: - Entry
+
+  private func emitEntry(
+    _ w: inout X86Writer, returnHandler: Label, cold: inout [(inout X86Writer) throws -> Void]
+  ) throws {
+    let frame = Self.frameSize
+    let done = w.newLabel()
+    let retry = w.newLabel()
+    let slow = w.newLabel()
+    let popStale = w.newLabel()
+    let push = w.newLabel()
+    let unpublish = w.newLabel()
+
+    w.putCmpByte(.fs(guardOffset), immediate: 0)
+    w.putJcc(.notEqual, done)
+    w.bind(retry)
+    w.putMov(.r11, field(.top))
+    w.putCmp(.r11, field(.limit))
+    w.putJcc(.aboveOrEqual, slow)
+    // Drop stale frames: a live caller's slot is above ours.
+    w.putLea(.r10, Memory(.rsp, 8))
+    w.bind(popStale)
+    w.putCmp(.r10, Memory(.r11, Self.slotOffset - frame))
+    w.putJcc(.below, push)
+    w.putSub(.r11, immediate: frame)
+    w.putJmp(popStale)
+    w.bind(push)
+    putFillFrame(&w)
+    w.putLea(.r10, Memory(.r11, frame))
+    w.putMov(field(.top), .r10)
+    // A signal between filling and publishing may have pushed (and popped) its own frame here.
+    w.putLea(.r10, Memory(.rsp, 8))
+    w.putCmp(.r10, Memory(.r11, Self.slotOffset))
+    w.putJcc(.notEqual, push)
+
+    if hasHandlers {
+      try putEntryWithHandlers(&w, cold: &cold)
+    } else {
+      w.putPush(.rax)
+      w.putPush(.rdx)
+      for user in users { try putUserEntry(&w, user, framePointerAt: nil, guardHeld: false, cold: &cold) }
+      w.putPop(.rdx)
+      w.putPop(.rax)
+    }
+    w.putCmp(Memory(.r11, Self.takenOffset), immediate: 0)
+    w.putJcc(.equal, unpublish)
+    w.putLea(.r10, .rip(returnHandler))
+    w.putMov(Memory(.rsp, 8), .r10)
+    w.bind(done)
+    w.putRet()
+    w.bind(unpublish)
+    w.putMov(field(.top), .r11)
+    w.putRet()
+
+    // Not set up (limit 0, top 0): set up and retry. Disabled (top 1, limit 0): return. Full:
+    // count it and return.
+    let overflow = w.newLabel()
+    cold.append { [self] w in
+      w.bind(slow)
+      w.putCmp(self.field(.limit), immediate: 0)
+      w.putJcc(.notEqual, overflow)
+      w.putCmp(self.field(.top), immediate: 0)
+      w.putJcc(.notEqual, done)
+      try self.putSlowCall(&w, self.setupThread, rspAligned: true, guardHeld: false)
+      w.putJmp(retry)
+      w.bind(overflow)
+      w.putInc(self.field(.overflowed))
+      w.putRet()
+    }
+  }
+
+  /// Fills the frame at r11 (not yet published): slot, real return, site, depth, taken = 0.
+  private func putFillFrame(_ w: inout X86Writer) {
+    w.putLea(.r10, Memory(.rsp, 8))
+    w.putMov(Memory(.r11, Self.slotOffset), .r10)
+    w.putMov(.r10, Memory(.rsp, 8))
+    w.putMov(Memory(.r11, Self.returnOffset), .r10)
+    w.putMov(.r10, Memory(.rsp, 0))
+    w.putSub(.r10, immediate: 5)
+    w.putMov(Memory(.r11, Self.siteOffset), .r10)
+    w.putMov(.r10, Memory(.r11, Self.depthOffset - Self.frameSize))
+    w.putAdd(.r10, immediate: 1)
+    w.putMov(Memory(.r11, Self.depthOffset), .r10)
+    w.putMov(Memory(.r11, Self.takenOffset), immediate: 0)
+  }
+
+  /// The handler frame below the entry's return address: a `tracery_call` (272 bytes) and the
+  /// shadow frame's address at +272; rsp stays 16-byte aligned (it is at the entry).
+  static let handlerFrame: Int32 = 288
+  static let savedFrameOffset: Int32 = 272
+
+  private func putEntryWithHandlers(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
+    let size = Self.handlerFrame
+    w.putSub(.rsp, immediate: size)
+    for (index, register) in Register.arguments.enumerated() {
+      w.putMov(Memory(.rsp, TrampolineEmitter.argumentsOffset + 8 * Int32(index)), register)
+    }
+    w.putMov(Memory(.rsp, TrampolineEmitter.raxOffset), .rax)
+    for index in 0..<8 {
+      w.putMovaps(Memory(.rsp, TrampolineEmitter.floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
+    }
+    putCallHeader(&w, stackArguments: size + 16)
+    w.putMovByte(.fs(guardOffset), immediate: 1)
+    for user in users {
+      try putUserEntry(&w, user, framePointerAt: Self.savedFrameOffset, guardHeld: true, cold: &cold)
+    }
+    w.putMovByte(.fs(guardOffset), immediate: 0)
+    for (index, register) in Register.arguments.enumerated() {
+      w.putMov(register, Memory(.rsp, TrampolineEmitter.argumentsOffset + 8 * Int32(index)))
+    }
+    w.putMov(.rax, Memory(.rsp, TrampolineEmitter.raxOffset))
+    for index in 0..<8 {
+      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, TrampolineEmitter.floatArgumentsOffset + 16 * Int32(index)))
+    }
+    w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
+    w.putAdd(.rsp, immediate: size)
+  }
+
+  /// The `tracery_call` header from the frame at r11; saves r11 at +272.
+  private func putCallHeader(_ w: inout X86Writer, stackArguments: Int32) {
+    w.putMov(Memory(.rsp, Self.savedFrameOffset), .r11)
+    w.putMov(.r10, Memory(.r11, Self.siteOffset))
+    w.putMov(Memory(.rsp, 0), .r10)
+    w.putMov(.r10, Memory(.r11, Self.returnOffset))
+    w.putMov(Memory(.rsp, 8), .r10)
+    w.putLea(.r10, Memory(.rsp, stackArguments))
+    w.putMov(Memory(.rsp, 16), .r10)
+  }
+
+  /// One user's entry part. With handlers, the frame pointer is reloaded from
+  /// `[rsp + framePointerAt]` (calls clobber r11); without, r11 holds it throughout.
+  private func putUserEntry(
+    _ w: inout X86Writer, _ user: GraphUserCode, framePointerAt: Int32?, guardHeld: Bool,
+    cold: inout [(inout X86Writer) throws -> Void]
+  ) throws {
+    let skip = w.newLabel()
+    if let at = framePointerAt { w.putMov(.r11, Memory(.rsp, at)) }
+    if let limit = user.depthLimit {
+      w.putCmp(Memory(.r11, Self.depthOffset), immediate: Int32(clamping: limit))
+      w.putJcc(.aboveOrEqual, skip)
+    }
+    let bit = Int32(1) << Int32(user.index)
+    switch user.kind {
+    case .handlers(let entry, let exit, let cookie):
+      if let entry {
+        putHandlerArguments(&w, user, cookie: cookie)
+        try putCall(&w, entry)
+        if exit != nil {
+          w.putTest32(.rax, .rax)
+          w.putJcc(.equal, skip)
+          w.putMov(.r11, Memory(.rsp, framePointerAt!))
+          w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+        }
+      } else if exit != nil {
+        w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+      }
+    case .recorder(let refill):
+      try putRecord(&w, kind: 1, refill: refill, guardHeld: guardHeld, rspAligned: true, skip: skip, cold: &cold)
+      w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+    }
+    w.bind(skip)
+  }
+
+  /// rdi = frame (r11), rsi = the user's data words, rdx = the tracery_call at rsp, rcx = cookie.
+  private func putHandlerArguments(_ w: inout X86Writer, _ user: GraphUserCode, cookie: UInt64) {
+    w.putMov(.rdi, .r11)
+    w.putLea(.rsi, Memory(.r11, Self.dataOffset + 8 * Int32(user.dataOffset)))
+    w.putMov(.rdx, .rsp)
+    w.putMov(.rcx, immediate: cookie)
+  }
+
+  private func putCall(_ w: inout X86Writer, _ target: UInt64) throws {
+    if X86Writer.rel32(from: w.pc + 5, to: target) != nil {
+      try w.putCall(address: target)
+    } else {
+      w.putMov(.rax, immediate: target)
+      w.putCall(.rax)
+    }
+  }
+
+  /// The recorder's event for the frame at r11: [cursor] = tsc, [cursor+8] = site | depth << 48
+  /// | kind << 62. Clobbers rax, rdx, r10; r11 survives (the refill stub saves it). Jumps to
+  /// `skip` when no room could be found (the event is counted as dropped).
+  private func putRecord(
+    _ w: inout X86Writer, kind: Int32, refill: UInt64, guardHeld: Bool, rspAligned: Bool, skip: Label,
+    cold: inout [(inout X86Writer) throws -> Void]
+  ) throws {
+    let write = w.newLabel()
+    let full = w.newLabel()
+    w.putRdtsc()
+    w.putShl(.rdx, immediate: 32)
+    w.putOr(.rax, .rdx)
+    w.putMov(.r10, field(.cursor))
+    w.putCmp(.r10, field(.end))
+    w.putJcc(.aboveOrEqual, full)
+    w.bind(write)
+    w.putMov(Memory(.r10, 0), .rax)
+    w.putMov(.rax, Memory(.r11, Self.depthOffset))
+    w.putAnd(.rax, immediate: Self.depthMask)
+    w.putOr(.rax, immediate: kind << 14)
+    w.putShl(.rax, immediate: 48)
+    w.putOr(.rax, Memory(.r11, Self.siteOffset))
+    w.putMov(Memory(.r10, 8), .rax)
+    w.putAdd(.r10, immediate: 16)
+    w.putMov(field(.cursor), .r10)
+    cold.append { [self] w in
+      w.bind(full)
+      try self.putSlowCall(&w, refill, rspAligned: rspAligned, guardHeld: guardHeld)
+      w.putMov(.r10, self.field(.cursor))
+      w.putCmp(.r10, self.field(.end))
+      w.putJcc(.below, write)
+      w.putInc(self.field(.dropped))
+      w.putJmp(skip)
+    }
+  }
+
+  /// Calls `void target(void)` preserving every register a C call may clobber (rax, rcx, rdx,
+  /// rsi, rdi, r8-r11, xmm0-7), with the guard held.
+  private func putSlowCall(_ w: inout X86Writer, _ target: UInt64, rspAligned: Bool, guardHeld: Bool) throws {
+    let saved: [Register] = [.rax, .rcx, .rdx, .rsi, .rdi, .r8, .r9, .r10, .r11]
+    let size: Int32 = 9 * 8 + 8 * 16 + (rspAligned ? 8 : 0)  // 200 or 208: rsp aligned at the call
+    w.putSub(.rsp, immediate: size)
+    for (index, register) in saved.enumerated() { w.putMov(Memory(.rsp, 8 * Int32(index)), register) }
+    for index in 0..<8 { w.putMovdqu(Memory(.rsp, 72 + 16 * Int32(index)), XMMRegister(UInt8(index))) }
+    if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 1) }
+    w.putMov(.rax, immediate: target)
+    w.putCall(.rax)
+    if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 0) }
+    for index in 0..<8 { w.putMovdqu(XMMRegister(UInt8(index)), Memory(.rsp, 72 + 16 * Int32(index))) }
+    for (index, register) in saved.enumerated() { w.putMov(register, Memory(.rsp, 8 * Int32(index))) }
+    w.putAdd(.rsp, immediate: size)
+  }
+
+  // MARK: - Return handler
+
+  private func emitReturn(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
+    let find = w.newLabel()
+    let corrupt = w.newLabel()
+    // rsp = slot + 8. Make room for the real return address in the slot, save the results.
+    w.putSub(.rsp, immediate: 8)
+    w.putPush(.rax)
+    w.putPush(.rdx)
+    // rsp = slot - 16: 8 mod 16.
+    w.putMov(.r11, field(.top))
+    w.putLea(.r10, Memory(.rsp, 16))
+    w.bind(find)
+    w.putSub(.r11, immediate: Self.frameSize)
+    w.putCmp(.r10, Memory(.r11, Self.slotOffset))
+    w.putJcc(.above, find)
+    w.putJcc(.notEqual, corrupt)
+    w.putMov(.r10, Memory(.r11, Self.returnOffset))
+    w.putMov(Memory(.rsp, 16), .r10)
+
+    if hasHandlers {
+      // 296 = 8 mod 16: rsp aligned at the calls.
+      let size = Self.handlerFrame + 8
+      w.putSub(.rsp, immediate: size)
+      w.putMov(Memory(.rsp, TrampolineEmitter.returnOffset), .rax)
+      w.putMov(Memory(.rsp, TrampolineEmitter.returnOffset + 8), .rdx)
+      w.putMovaps(Memory(.rsp, TrampolineEmitter.floatReturnOffset), XMMRegister(0))
+      w.putMovaps(Memory(.rsp, TrampolineEmitter.floatReturnOffset + 16), XMMRegister(1))
+      putCallHeader(&w, stackArguments: size + 24)
+      w.putMovByte(.fs(guardOffset), immediate: 1)
+      for user in users { try putUserExit(&w, user, framePointerAt: Self.savedFrameOffset, cold: &cold) }
+      w.putMovByte(.fs(guardOffset), immediate: 0)
+      w.putMov(.rax, Memory(.rsp, TrampolineEmitter.returnOffset))
+      w.putMov(.rdx, Memory(.rsp, TrampolineEmitter.returnOffset + 8))
+      w.putMovaps(XMMRegister(0), Memory(.rsp, TrampolineEmitter.floatReturnOffset))
+      w.putMovaps(XMMRegister(1), Memory(.rsp, TrampolineEmitter.floatReturnOffset + 16))
+      w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
+      w.putAdd(.rsp, immediate: size)
+      w.putMov(Memory(.rsp, 8), .rax)
+      w.putMov(Memory(.rsp, 0), .rdx)
+    } else {
+      for user in users { try putUserExit(&w, user, framePointerAt: nil, cold: &cold) }
+    }
+    w.putMov(field(.top), .r11)
+    w.putPop(.rdx)
+    w.putPop(.rax)
+    w.putRet()
+    cold.append { w in
+      // No frame for this return: the shadow stack is corrupt and the real return address is
+      // unknown. Stop here, visibly, rather than return somewhere wrong.
+      w.bind(corrupt)
+      w.putUd2()
+    }
+  }
+
+  private func putUserExit(
+    _ w: inout X86Writer, _ user: GraphUserCode, framePointerAt: Int32?, cold: inout [(inout X86Writer) throws -> Void]
+  ) throws {
+    let skip = w.newLabel()
+    if let at = framePointerAt { w.putMov(.r11, Memory(.rsp, at)) }
+    let bit = Int32(1) << Int32(user.index)
+    switch user.kind {
+    case .handlers(_, let exit, let cookie):
+      guard let exit else { return }
+      w.putTest(Memory(.r11, Self.takenOffset), immediate: bit)
+      w.putJcc(.equal, skip)
+      w.putMov(.r10, immediate: user.generationAddress)
+      w.putCmp(Memory(.r10), immediate: Int32(truncatingIfNeeded: user.generation))
+      w.putJcc(.notEqual, skip)
+      putHandlerArguments(&w, user, cookie: cookie)
+      try putCall(&w, exit)
+    case .recorder(let refill):
+      if users.count > 1 {
+        w.putTest(Memory(.r11, Self.takenOffset), immediate: bit)
+        w.putJcc(.equal, skip)
+      }
+      try putRecord(
+        &w, kind: 2, refill: refill, guardHeld: framePointerAt != nil, rspAligned: framePointerAt != nil, skip: skip,
+        cold: &cold)
+    }
+    w.bind(skip)
+  }
+}

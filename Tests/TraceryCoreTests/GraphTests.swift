@@ -1,0 +1,117 @@
+import Testing
+import TraceryFixtures
+
+@testable import TraceryCore
+
+private func entryAddress<T>(_ function: T) -> UInt64 {
+  UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
+}
+
+enum GraphFixture {
+  typealias Unary = @convention(c) (Int) -> Int
+  static let outer = entryAddress(tracery_graph_outer as Unary)
+  static let middle = entryAddress(tracery_graph_middle as Unary)
+  static let inner = entryAddress(tracery_graph_inner as Unary)
+  static let recurse = entryAddress(tracery_graph_recurse as Unary)
+  static let longjmp = entryAddress(tracery_graph_longjmp as Unary)
+  static let leaf = entryAddress(tracery_graph_leaf as Unary)
+
+  static let entry = unsafeBitCast(
+    tracery_graph_entry_record
+      as @convention(c) (
+        UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
+        UInt64
+      ) -> Int32, to: GraphEntryHandler.self)
+  static let exit = unsafeBitCast(
+    tracery_graph_exit_record
+      as @convention(c) (
+        UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
+        UInt64
+      ) -> Void, to: GraphExitHandler.self)
+  static let decline = unsafeBitCast(
+    tracery_graph_entry_decline
+      as @convention(c) (
+        UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
+        UInt64
+      ) -> Int32, to: GraphEntryHandler.self)
+
+  static var events: [tracery_graph_event] {
+    (0..<Int(tracery_graph_events_count())).map { tracery_graph_event_at(Int32($0)) }
+  }
+}
+
+extension PatchingTests {
+  @Suite(.serialized) struct GraphTests {
+    let tracer = Tracer()
+
+    @Test func threeUsersGetMatchedPairsAndTheirOwnData() throws {
+      let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner]
+      let links = try (1...3).map { cookie in
+        try tracer.attachGraph(
+          .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions),
+          cookie: UInt64(cookie), dataWords: 2)
+      }
+      defer { for link in links { link.detach() } }
+      #expect(Set(links.map(\.dataOffset)) == [0, 2, 4])
+      tracery_graph_events_reset()
+      #expect(tracery_graph_outer(5) == 17)
+      #expect(GraphThreads.depth == 0)
+      let events = GraphFixture.events
+      #expect(events.count == 18)
+      for cookie in UInt64(1)...3 {
+        let mine = events.filter { $0.cookie == cookie }
+        #expect(mine.map(\.kind) == [1, 1, 1, 2, 2, 2])
+        #expect(mine.map(\.depth) == [0, 1, 2, 2, 1, 0])
+        // The exit sees the data its own entry left, whatever the other users wrote.
+        #expect(mine.filter { $0.kind == 2 }.map(\.data) == [cookie * 1000 + 2, cookie * 1000 + 1, cookie * 1000])
+        #expect(mine.filter { $0.kind == 2 }.map(\.return_value) == [8, 16, 17])
+      }
+    }
+
+    @Test func anEntryThatDeclinesGetsNoExit() throws {
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.decline, exit: GraphFixture.exit), to: .address(GraphFixture.leaf))
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_graph_leaf(4) == 40)
+      #expect(GraphFixture.events.map(\.kind) == [1])
+      #expect(GraphThreads.depth == 0)
+    }
+
+    @Test func longjmpOutOfThreeTracedLevels() throws {
+      let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner, GraphFixture.longjmp]
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 7,
+        dataWords: 1)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_graph_longjmp(0) == 9)
+      #expect(GraphThreads.depth == 0)
+      let events = GraphFixture.events
+      // longjmp: entry, outer, middle, inner (left by longjmp), then outer(1)'s three pairs at
+      // depths 1-3, and longjmp's exit.
+      #expect(events.map(\.kind) == [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+      #expect(events.map(\.depth) == [0, 1, 2, 3, 1, 2, 3, 3, 2, 1, 0])
+      #expect(events.last?.return_value == 9)
+    }
+
+    @Test func recursionTenThousandDeep() throws {
+      let link = try tracer.attachGraph(
+        .handlers(entry: nil, exit: nil), to: .address(GraphFixture.recurse))
+      defer { link.detach() }
+      #expect(tracery_graph_recurse(10_000) == 10_000)
+      #expect(GraphThreads.depth == 0)
+    }
+
+    @Test func detachedUsersLeaveTheOriginalBytes() throws {
+      let before = TextPatcher.read(GraphFixture.leaf)
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: nil), to: .address(GraphFixture.leaf))
+      #expect(TextPatcher.read(GraphFixture.leaf) != before)
+      #expect(link.sites == [GraphFixture.leaf])
+      link.detach()
+      #expect(TextPatcher.read(GraphFixture.leaf) == before)
+      #expect(link.sites.isEmpty)
+    }
+  }
+}
