@@ -17,6 +17,8 @@ let package = Package(
     // The C handler ABI (tracery.h), for handlers written in C.
     .library(name: "CTracery", targets: ["CTracery"]),
     .executable(name: "tracery", targets: ["tracery"]),
+    // The agent `tracery record` preloads (libtracery-agent.so).
+    .library(name: "tracery-agent", type: .dynamic, targets: ["TraceryAgent"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
@@ -31,10 +33,16 @@ let package = Package(
     .target(name: "TraceryELF"),
     .target(name: "TraceryX86"),
     .target(name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims", "CTracery"]),
+    // Event format, per-thread event files, the trace directory reader and its reports. Imports
+    // no other Tracery module (and not Foundation: the agent links it).
+    .target(name: "TraceryRecord"),
+    .target(name: "CTraceryAgent"),
+    .target(name: "TraceryAgent", dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"]),
     .executableTarget(
       name: "tracery",
       dependencies: [
-        "TraceryCore", "CTraceryBench", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        "TraceryCore", "TraceryRecord", "CTraceryBench",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]
     ),
     // The bundled demo program of the README, built by clang with one 5-byte NOP per function entry.

@@ -3,11 +3,27 @@ import Foundation
 
 @main
 struct Tracery: ParsableCommand {
+  /// Like ParsableCommand's main, but a usage error is one line on stderr ("tracery: ...").
+  static func main() {
+    do {
+      var command = try parseAsRoot()
+      try command.run()
+    } catch {
+      let code = exitCode(for: error)
+      if code == .validationFailure {
+        let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
+        FileHandle.standardError.write(Data("tracery: \(message)\n".utf8))
+        Foundation.exit(code.rawValue)
+      }
+      exit(withError: error)
+    }
+  }
+
   static let configuration = CommandConfiguration(
     commandName: "tracery",
     abstract: "Function tracing for native Linux programs: the kernel's ftrace machinery in user space.",
     version: "0.1.0",
-    subcommands: [List.self, Bench.self]
+    subcommands: [Record.self, Replay.self, Report.self, Info.self, Dump.self, Live.self, List.self, Bench.self]
   )
 }
 

@@ -556,8 +556,11 @@ public final class Tracer: Sendable {
 }
 
 /// The time-stamp counter's rate, measured once against the monotonic clock (10 ms).
-enum TimeStampCounter {
-  static let ticksPerNanosecond: Double = {
+public enum TimeStampCounter {
+  /// The counter now.
+  public static var now: UInt64 { ctracery_rdtsc() }
+
+  public static let ticksPerNanosecond: Double = {
     let clock = ContinuousClock()
     let start = clock.now
     let startTicks = ctracery_rdtsc()

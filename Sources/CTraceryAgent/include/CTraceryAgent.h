@@ -1,0 +1,7 @@
+// The agent's C side: only the constructor that starts it before `main` (Swift has no
+// constructor attribute).
+#ifndef CTRACERY_AGENT_H
+#define CTRACERY_AGENT_H
+/// Implemented in Swift (TraceryAgent): reads TRACERY_* from the environment and starts recording.
+void tracery_agent_start(void);
+#endif

@@ -1,0 +1,178 @@
+import CTraceryShims
+import TraceryCore
+import TraceryELF
+import TraceryRecord
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The preloaded agent (`libtracery-agent.so`): started by its constructor before `main`, it
+/// attaches the function graph's event recorder to every patchable function of the program and
+/// its libraries, and gives each thread its own event file in the trace directory.
+///
+/// Environment (set by `tracery record`):
+///   TRACERY_DIR            the trace directory (required; without it the agent does nothing)
+///   TRACERY_MATCH          a glob: trace only the functions whose names match it
+///   TRACERY_DEPTH          record calls only this many levels deep
+///   TRACERY_BUFFER_LIMIT   bytes of events per thread before events are dropped (and counted)
+///
+/// Threads: a thread's first recorded event creates its file (the recorder's refill). `fork`:
+/// the child forgets its parent's files and writes its own under a new session. `exec`: the
+/// new image loads the agent again (LD_PRELOAD is inherited) and records under a new session.
+enum Agent {
+  struct Configuration {
+    let directory: String
+    let match: String?
+    let depth: Int?
+    let bufferLimit: Int
+    static let chunkSize = 1 << 20
+  }
+
+  nonisolated(unsafe) static var configuration: Configuration?
+  nonisolated(unsafe) static var session = ""
+  nonisolated(unsafe) static var recorder: GraphLink?
+  nonisolated(unsafe) static var objects: [ProcessInfo.Object] = []
+  nonisolated(unsafe) static var tracedFunctions = 0
+
+  static func environment(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+
+  static func start() {
+    guard let directory = environment("TRACERY_DIR"), !directory.isEmpty else { return }
+    let configuration = Configuration(
+      directory: directory, match: environment("TRACERY_MATCH"),
+      depth: environment("TRACERY_DEPTH").flatMap { Int($0) },
+      bufferLimit: environment("TRACERY_BUFFER_LIMIT").flatMap { Int($0) } ?? (2 << 30))
+    self.configuration = configuration
+    _ = TimeStampCounter.ticksPerNanosecond
+    let table = ProcessObjects.symbolTable().table
+    objects = table.objects.map { object in
+      ProcessInfo.Object(
+        path: object.path, bias: object.bias,
+        buildID: object.buildID.map { $0.map { String($0, radix: 16).leftPadded(to: 2) }.joined() })
+    }
+    var chosen = table.patchableFunctions
+    if let match = configuration.match, let glob = try? Glob(match) {
+      let wanted = Set(table.functions(matching: glob))
+      chosen = chosen.filter { wanted.contains($0) }
+    }
+    // gcc's 1-byte NOP sleds can be rewritten now: the constructor runs before other threads.
+    let sleds = chosen.compactMap { index -> UInt64? in
+      guard let site = table.functions[index].site, case .nopSled = ProcessObjects.shape(at: site) else { return nil }
+      return site
+    }
+    if !sleds.isEmpty { _ = TextPatcher.shared.convertSleds(sleds) }
+    let addresses = chosen.compactMap { table.functions[$0].site }
+    tracedFunctions = addresses.count
+    writeProcessInfo()
+    pthread_atfork(nil, nil) { Agent.afterFork() }
+    guard !addresses.isEmpty else { return }
+    recorder = try? Tracer.shared.attachGraph(
+      .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
+  }
+
+  /// Claims a new session name (`PID.N`, N counting this pid's images) and writes its process file.
+  static func writeProcessInfo() {
+    guard let configuration else { return }
+    let pid = getpid()
+    var generation = 0
+    var path = ""
+    while true {
+      path = "\(configuration.directory)/process-\(pid).\(generation).info"
+      let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+      if fd >= 0 {
+        close(fd)
+        break
+      }
+      guard errno == EEXIST, generation < 1000 else { return }
+      generation += 1
+    }
+    session = "\(pid).\(generation)"
+    let arguments =
+      Files.read("/proc/self/cmdline").map { bytes in
+        bytes.split(separator: 0, omittingEmptySubsequences: false).dropLast().map {
+          String(decoding: $0, as: UTF8.self)
+        }
+      } ?? []
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    let info = ProcessInfo(
+      session: session, pid: pid, parent: getppid(), executable: resolvedExecutable(), arguments: arguments,
+      ticksPerNanosecond: TimeStampCounter.ticksPerNanosecond, startTicks: TimeStampCounter.now,
+      startRealtimeNanoseconds: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec), objects: objects,
+      tracedFunctions: tracedFunctions)
+    Files.write(info.text, to: path)
+  }
+
+  static func resolvedExecutable() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    return count > 0 ? String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+  }
+
+  /// In the child of a fork: the parent's files are not ours; start a session of our own.
+  static func afterFork() {
+    let state = ctracery_thread_state()!
+    state.pointee.owner = 0
+    state.pointee.event_cursor = 0
+    state.pointee.event_end = 0
+    writeProcessInfo()
+  }
+
+  /// The recorder's refill: called by generated code (recursion guard held, every register
+  /// saved) when this thread's chunk is full, or on its first event.
+  static let refill: @convention(c) () -> Void = {
+    let state = ctracery_thread_state()!
+    let file: EventFile
+    if state.pointee.owner == 0 {
+      guard let configuration = Agent.configuration,
+        let created = EventFile(
+          path: "\(configuration.directory)/\(Agent.session)-\(ctracery_gettid()).events", pid: getpid(),
+          tid: ctracery_gettid(), chunkSize: Configuration.chunkSize, limit: configuration.bufferLimit)
+      else {
+        state.pointee.owner = 1  // no file: this thread's events are dropped (counted in its state)
+        return
+      }
+      state.pointee.owner = UInt64(UInt(bitPattern: Unmanaged.passRetained(created).toOpaque()))
+      pthread_setspecific(Agent.threadKey, UnsafeRawPointer(bitPattern: 1))
+      file = created
+    } else if state.pointee.owner == 1 {
+      return
+    } else {
+      file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
+        .takeUnretainedValue()
+    }
+    if let chunk = file.nextChunk() {
+      let start = UInt64(UInt(bitPattern: chunk.baseAddress))
+      state.pointee.event_cursor = start
+      state.pointee.event_end = start + UInt64(chunk.count)
+    } else {
+      file.countDropped()
+    }
+  }
+
+  /// Closes a thread's file when it exits.
+  static let threadKey: pthread_key_t = {
+    var key = pthread_key_t()
+    pthread_key_create(&key) { _ in
+      let state = ctracery_thread_state()!
+      let owner = state.pointee.owner
+      state.pointee.owner = 1
+      state.pointee.event_cursor = 0
+      state.pointee.event_end = 0
+      if owner > 1 {
+        Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!).takeRetainedValue().close()
+      }
+    }
+    return key
+  }()
+}
+
+@_cdecl("tracery_agent_start")
+public func traceryAgentStart() { Agent.start() }
+
+extension String {
+  func leftPadded(to width: Int) -> String {
+    count >= width ? self : String(repeating: "0", count: width - count) + self
+  }
+}

@@ -1,0 +1,158 @@
+/// One call rebuilt from a thread's entry and exit events.
+public struct Call: Sendable, Equatable {
+  public let name: String
+  public let depth: Int
+  /// Nanoseconds since the first traced process of the recording started.
+  public let start: Double
+  public var end: Double
+  /// The exit was recorded. False for calls left by `longjmp` or an exception, or still running
+  /// when the recording ended (a crash, `kill -9`): `end` is then the last time seen.
+  public var complete: Bool
+  /// Index of the parent call, if any.
+  public let parent: Int?
+  public var children: [Int] = []
+
+  public var duration: Double { end - start }
+}
+
+/// The calls of one thread, in entry order (a pre-order walk of its call trees).
+public struct ThreadCalls: Sendable {
+  public let session: String
+  public let pid: Int32
+  public let tid: Int32
+  public var calls: [Call]
+  public let dropped: UInt64
+}
+
+/// What to show: the read-time filters of uftrace (`-F`, `-N`, `-D`, `-t`).
+public struct CallFilter: Sendable {
+  /// Show only these functions and what they call (-F).
+  public var only: [NameMatcher] = []
+  /// Hide these functions and what they call (-N).
+  public var hide: [NameMatcher] = []
+  /// Show calls at most this deep below the shown root (-D; 1 = the roots only).
+  public var depth: Int?
+  /// Hide calls shorter than this many nanoseconds (-t), with their callees.
+  public var threshold: Double?
+
+  public init() {}
+
+  public var isEmpty: Bool { only.isEmpty && hide.isEmpty && depth == nil && threshold == nil }
+}
+
+/// A function-name pattern: a regular expression (uftrace's default) or a glob.
+public struct NameMatcher: @unchecked Sendable {
+  // @unchecked: Regex is immutable once built.
+  private let regex: Regex<AnyRegexOutput>?
+  private let glob: [Character]?
+  public let pattern: String
+
+  public enum Kind: String, Sendable { case regex, glob }
+
+  public init(_ pattern: String, kind: Kind) throws(TraceError) {
+    self.pattern = pattern
+    switch kind {
+    case .regex:
+      do { regex = try Regex(pattern) } catch { throw .corrupt("invalid regular expression '\(pattern)': \(error)") }
+      glob = nil
+    case .glob:
+      regex = nil
+      glob = Array(pattern)
+    }
+  }
+
+  public func matches(_ name: String) -> Bool {
+    if let regex { return (try? regex.wholeMatch(in: name)) != nil }
+    return Self.globMatch(glob![...], Array(name)[...])
+  }
+
+  private static func globMatch(_ pattern: ArraySlice<Character>, _ text: ArraySlice<Character>) -> Bool {
+    guard let first = pattern.first else { return text.isEmpty }
+    switch first {
+    case "*":
+      var rest = text
+      while true {
+        if globMatch(pattern.dropFirst(), rest) { return true }
+        guard !rest.isEmpty else { return false }
+        rest = rest.dropFirst()
+      }
+    case "?": return !text.isEmpty && globMatch(pattern.dropFirst(), text.dropFirst())
+    default: return text.first == first && globMatch(pattern.dropFirst(), text.dropFirst())
+    }
+  }
+}
+
+extension Trace {
+  /// Every thread's calls, named by `symbolize(session, site)`.
+  public func calls(symbolize: (String, UInt64) -> String) -> [ThreadCalls] {
+    // One time base for every process (fork children, exec'd images): the earliest start.
+    let origin = processes.map(\.startRealtimeNanoseconds).min() ?? 0
+    let clocks = Dictionary(
+      processes.map {
+        ($0.session, ($0.ticksPerNanosecond, $0.startTicks, Double($0.startRealtimeNanoseconds - origin)))
+      }
+    ) { a, _ in a }
+    return threads.map { thread in
+      let (rate, startTicks, offset) = clocks[thread.session] ?? (1, 0, 0)
+      func time(_ ticks: UInt64) -> Double { offset + (Double(ticks) - Double(startTicks)) / rate }
+      var calls: [Call] = []
+      var open: [Int] = []
+      var names: [UInt64: String] = [:]
+      func close(_ index: Int, at end: Double, complete: Bool) {
+        calls[index].end = max(end, calls[index].start)
+        calls[index].complete = complete
+      }
+      for event in thread.events {
+        let now = time(event.timestamp)
+        switch event.kind {
+        case .entry:
+          // Calls as deep or deeper than this entry ended without an exit (longjmp, exception).
+          while open.count > event.depth, let last = open.popLast() { close(last, at: now, complete: false) }
+          let name =
+            names[event.site]
+            ?? {
+              let name = symbolize(thread.session, event.site)
+              names[event.site] = name
+              return name
+            }()
+          let parent = open.last
+          calls.append(
+            Call(name: name, depth: open.count, start: now, end: now, complete: false, parent: parent))
+          if let parent { calls[parent].children.append(calls.count - 1) }
+          open.append(calls.count - 1)
+        case .exit:
+          // The call this exit ends is at its depth; deeper ones were left without one.
+          guard event.depth < open.count || open.count > 0 else { continue }
+          let target = min(event.depth, open.count - 1)
+          while open.count > target + 1, let last = open.popLast() { close(last, at: now, complete: false) }
+          if let last = open.popLast() { close(last, at: now, complete: true) }
+        }
+      }
+      let lastTime = thread.events.last.map { time($0.timestamp) } ?? 0
+      for index in open.reversed() { close(index, at: lastTime, complete: false) }
+      return ThreadCalls(
+        session: thread.session, pid: thread.pid, tid: thread.tid, calls: calls, dropped: thread.dropped)
+    }
+  }
+}
+
+extension ThreadCalls {
+  /// Indices of the calls to show under `filter`, each with the depth to show it at.
+  public func visible(_ filter: CallFilter) -> [(index: Int, depth: Int)] {
+    var result: [(index: Int, depth: Int)] = []
+    func walk(_ index: Int, shownDepth: Int?) {
+      let call = calls[index]
+      if filter.hide.contains(where: { $0.matches(call.name) }) { return }
+      if let threshold = filter.threshold, call.complete, call.duration < threshold { return }
+      var depth = shownDepth
+      if depth == nil && (filter.only.isEmpty || filter.only.contains { $0.matches(call.name) }) { depth = 0 }
+      if let shown = depth {
+        if let limit = filter.depth, shown >= limit { return }
+        result.append((index, shown))
+      }
+      for child in call.children { walk(child, shownDepth: depth.map { $0 + 1 }) }
+    }
+    for (index, call) in calls.enumerated() where call.parent == nil { walk(index, shownDepth: nil) }
+    return result
+  }
+}

@@ -1,0 +1,196 @@
+/// The trace directory's formats (docs/trace-format.md describes them for other readers).
+///
+///     DIR/info                      the recording: command line, options (written by the CLI)
+///     DIR/process-SESSION.info      one traced process image: pid, objects, clock (the agent)
+///     DIR/SESSION-TID.events        one thread's events: a 4 KiB header, then 16-byte events
+///
+/// A SESSION is `PID.GENERATION`: GENERATION counts the `exec`s of that pid under the agent.
+public enum TraceFormat {
+  public static let magic: [UInt8] = Array("TRACERY1".utf8)
+  public static let version: UInt32 = 1
+  /// Events start here in a thread file; the header page before them stays mapped while the
+  /// thread records, so its `dropped` count is always current on disk.
+  public static let headerSize = 4096
+  public static let eventSize = 16
+
+  /// Thread file header fields (little-endian).
+  public enum Header {
+    public static let magic = 0  // 8 bytes
+    public static let version = 8  // u32
+    public static let pid = 12  // u32
+    public static let tid = 16  // u32
+    public static let chunkSize = 24  // u64
+    public static let dropped = 32  // u64: events that found no room
+  }
+}
+
+/// One recorded event: a traced function's entry or exit on one thread.
+///
+/// Bytes: u64 time-stamp counter; u64 word = site (bits 0-47) | depth mod 2^14 (bits 48-61) |
+/// kind (bits 62-63: 1 entry, 2 exit; 0 means "never written": the end of the recorded data).
+public struct Event: Sendable, Equatable {
+  public enum Kind: UInt8, Sendable { case entry = 1, exit = 2 }
+  public let timestamp: UInt64
+  public let site: UInt64
+  public let depth: Int
+  public let kind: Kind
+
+  public init(timestamp: UInt64, site: UInt64, depth: Int, kind: Kind) {
+    self.timestamp = timestamp
+    self.site = site
+    self.depth = depth
+    self.kind = kind
+  }
+
+  /// Decodes one event; nil for an unwritten (zero) slot or an unknown kind.
+  public init?(timestamp: UInt64, word: UInt64) {
+    guard let kind = Kind(rawValue: UInt8(word >> 62)) else { return nil }
+    self.init(timestamp: timestamp, site: word & 0xffff_ffff_ffff, depth: Int((word >> 48) & 0x3fff), kind: kind)
+  }
+
+  public var word: UInt64 { site | UInt64(depth & 0x3fff) << 48 | UInt64(kind.rawValue) << 62 }
+}
+
+/// What the agent writes about one traced process image (`process-SESSION.info`): a text file
+/// of `key value` lines, values percent-escaped where they may hold spaces.
+public struct ProcessInfo: Sendable, Equatable {
+  public struct Object: Sendable, Equatable {
+    public let path: String
+    public let bias: UInt64
+    public let buildID: String?
+
+    public init(path: String, bias: UInt64, buildID: String?) {
+      self.path = path
+      self.bias = bias
+      self.buildID = buildID
+    }
+  }
+
+  public var session: String
+  public var pid: Int32
+  public var parent: Int32
+  public var executable: String
+  public var arguments: [String]
+  /// Time-stamp counter ticks per nanosecond, and a pair of readings taken together.
+  public var ticksPerNanosecond: Double
+  public var startTicks: UInt64
+  public var startRealtimeNanoseconds: UInt64
+  public var objects: [Object]
+  /// Functions whose sites were patched.
+  public var tracedFunctions: Int
+
+  public init(
+    session: String, pid: Int32, parent: Int32, executable: String, arguments: [String], ticksPerNanosecond: Double,
+    startTicks: UInt64, startRealtimeNanoseconds: UInt64, objects: [Object], tracedFunctions: Int
+  ) {
+    self.session = session
+    self.pid = pid
+    self.parent = parent
+    self.executable = executable
+    self.arguments = arguments
+    self.ticksPerNanosecond = ticksPerNanosecond
+    self.startTicks = startTicks
+    self.startRealtimeNanoseconds = startRealtimeNanoseconds
+    self.objects = objects
+    self.tracedFunctions = tracedFunctions
+  }
+
+  public var text: String {
+    var lines = [
+      "tracery-process 1", "session \(session)", "pid \(pid)", "ppid \(parent)",
+      "executable \(TextField.escape(executable))",
+      "ticks-per-ns \(ticksPerNanosecond)", "start-ticks \(startTicks)",
+      "start-realtime-ns \(startRealtimeNanoseconds)",
+      "traced-functions \(tracedFunctions)",
+    ]
+    lines += arguments.map { "argument \(TextField.escape($0))" }
+    lines += objects.map { "object 0x\(String($0.bias, radix: 16)) \($0.buildID ?? "-") \(TextField.escape($0.path))" }
+    return lines.joined(separator: "\n") + "\n"
+  }
+
+  public init(text: String) throws(TraceError) {
+    var fields: [String: String] = [:]
+    var arguments: [String] = []
+    var objects: [Object] = []
+    let lines = text.split(separator: "\n", omittingEmptySubsequences: true)
+    guard lines.first == "tracery-process 1" else { throw .corrupt("not a Tracery process file") }
+    for line in lines.dropFirst() {
+      let parts = line.split(separator: " ", maxSplits: 1).map(String.init)
+      guard parts.count == 2 else { throw .corrupt("malformed line '\(line)'") }
+      switch parts[0] {
+      case "argument": arguments.append(TextField.unescape(parts[1]))
+      case "object":
+        let items = parts[1].split(separator: " ", maxSplits: 2).map(String.init)
+        guard items.count == 3, items[0].hasPrefix("0x"), let bias = UInt64(items[0].dropFirst(2), radix: 16) else {
+          throw .corrupt("malformed object line '\(line)'")
+        }
+        objects.append(
+          Object(path: TextField.unescape(items[2]), bias: bias, buildID: items[1] == "-" ? nil : items[1]))
+      default: fields[parts[0]] = parts[1]
+      }
+    }
+    func field(_ key: String) throws(TraceError) -> String {
+      guard let value = fields[key] else { throw .corrupt("missing '\(key)'") }
+      return value
+    }
+    guard let pid = Int32(try field("pid")), let parent = Int32(try field("ppid")),
+      let rate = Double(try field("ticks-per-ns")), rate > 0, let start = UInt64(try field("start-ticks")),
+      let realtime = UInt64(try field("start-realtime-ns")), let traced = Int(try field("traced-functions"))
+    else { throw .corrupt("malformed numbers") }
+    self.init(
+      session: try field("session"), pid: pid, parent: parent, executable: TextField.unescape(try field("executable")),
+      arguments: arguments, ticksPerNanosecond: rate, startTicks: start, startRealtimeNanoseconds: realtime,
+      objects: objects, tracedFunctions: traced)
+  }
+}
+
+/// Percent-escaping for one-line text fields (space, newline, percent and control characters).
+public enum TextField {
+  public static func escape(_ value: String) -> String {
+    var bytes: [UInt8] = []
+    for byte in value.utf8 {
+      if byte <= 0x20 || byte == UInt8(ascii: "%") || byte == 0x7f {
+        bytes += Array(("%" + String(byte, radix: 16, uppercase: true).leftPadded(to: 2)).utf8)
+      } else {
+        bytes.append(byte)
+      }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+  }
+
+  public static func unescape(_ value: String) -> String {
+    var bytes: [UInt8] = []
+    var iterator = Array(value.utf8).makeIterator()
+    while let byte = iterator.next() {
+      if byte == UInt8(ascii: "%"), let high = iterator.next(), let low = iterator.next(),
+        let decoded = UInt8(String(decoding: [high, low], as: UTF8.self), radix: 16)
+      {
+        bytes.append(decoded)
+      } else {
+        bytes.append(byte)
+      }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+  }
+}
+
+extension String {
+  func leftPadded(to width: Int, with pad: Character = "0") -> String {
+    count >= width ? self : String(repeating: pad, count: width - count) + self
+  }
+}
+
+/// Why a trace directory could not be read.
+public enum TraceError: Error, Equatable, CustomStringConvertible {
+  case notFound(String)
+  case corrupt(String)
+  case empty(String)
+
+  public var description: String {
+    switch self {
+    case .notFound(let what): return "no trace at \(what)"
+    case .corrupt(let what): return "corrupt trace: \(what)"
+    case .empty(let what): return "empty trace: \(what)"
+    }
+  }
+}

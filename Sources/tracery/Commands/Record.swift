@@ -1,0 +1,297 @@
+import ArgumentParser
+import Foundation
+import TraceryELF
+import TraceryRecord
+
+/// Options of `record` and `live` that decide what the agent patches and records.
+struct RecordOptions: ParsableArguments {
+  @Option(
+    name: .shortAndLong, help: "The trace directory (default: tracery.data; an old one becomes tracery.data.old).")
+  var directory: String = "tracery.data"
+
+  @Option(name: .long, help: "Patch only the functions whose name matches this glob.")
+  var patch: String?
+
+  @Option(
+    name: .customLong("buffer-limit"), help: "Megabytes of events per thread; later events are dropped and counted.")
+  var bufferLimit: Int = 2048
+}
+
+/// Read-time filters, as uftrace spells them. At record time they are stored with the trace and
+/// applied by every reader (except -D, which also limits what the agent records).
+struct FilterOptions: ParsableArguments {
+  @Option(name: .customShort("F"), help: "Show only this function and what it calls (pattern; repeatable).")
+  var only: [String] = []
+
+  @Option(name: .customShort("N"), help: "Hide this function and what it calls (pattern; repeatable).")
+  var hide: [String] = []
+
+  @Option(name: .customShort("D"), help: "Show calls at most this many levels deep.")
+  var depth: Int?
+
+  @Option(name: .customShort("t"), help: "Hide calls shorter than this (e.g. 500ns, 10us, 2ms, 1s).")
+  var threshold: String?
+
+  @Option(name: .long, help: "How -F and -N patterns match: regex (default) or glob.")
+  var match: String = "regex"
+
+  func validate() throws {
+    guard NameMatcher.Kind(rawValue: match) != nil else { throw ValidationError("--match must be regex or glob") }
+    if let threshold, Self.nanoseconds(threshold) == nil {
+      throw ValidationError("invalid time threshold '\(threshold)' (use a number with ns, us, ms or s)")
+    }
+    if let depth, depth < 1 { throw ValidationError("-D must be at least 1") }
+    for pattern in only + hide { _ = try filterPattern(pattern) }
+  }
+
+  private func filterPattern(_ pattern: String) throws -> NameMatcher {
+    do { return try NameMatcher(pattern, kind: NameMatcher.Kind(rawValue: match) ?? .regex) } catch {
+      throw ValidationError("\(error)")
+    }
+  }
+
+  static func nanoseconds(_ text: String) -> Double? {
+    let units: [(String, Double)] = [("ns", 1), ("us", 1e3), ("ms", 1e6), ("s", 1e9)]
+    for (suffix, scale) in units where text.hasSuffix(suffix) {
+      return Double(text.dropLast(suffix.count)).map { $0 * scale }
+    }
+    return Double(text)
+  }
+
+  var isEmpty: Bool { only.isEmpty && hide.isEmpty && depth == nil && threshold == nil }
+
+  /// The filter these options give, or (when none is given) the one stored with the trace.
+  func filter(for trace: Trace) throws -> CallFilter {
+    if isEmpty, let stored = trace.value("filter") {
+      let options = try FilterOptions.parse(stored.split(separator: " ").map(String.init))
+      return try options.filter()
+    }
+    return try filter()
+  }
+
+  func filter() throws -> CallFilter {
+    var filter = CallFilter()
+    filter.only = try only.map(filterPattern)
+    filter.hide = try hide.map(filterPattern)
+    filter.depth = depth
+    filter.threshold = threshold.flatMap(Self.nanoseconds)
+    return filter
+  }
+
+  /// The options as arguments, to store with a recording.
+  var arguments: [String] {
+    var result: [String] = []
+    for pattern in only { result += ["-F", pattern] }
+    for pattern in hide { result += ["-N", pattern] }
+    if let depth { result += ["-D", String(depth)] }
+    if let threshold { result += ["-t", threshold] }
+    if !isEmpty { result += ["--match", match] }
+    return result
+  }
+}
+
+struct Record: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Run a program with the agent preloaded and record every call of its patchable functions.",
+    discussion: """
+      The program (and its libraries) must have patch sites: build with clang or gcc \
+      -fpatchable-function-entry=5, or gcc -pg -mfentry -mnop-mcount -mrecord-mcount. The \
+      program's exit status and signals pass through.
+      """
+  )
+
+  @OptionGroup var record: RecordOptions
+  @OptionGroup var filters: FilterOptions
+
+  @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
+  var command: [String] = []
+
+  func run() throws {
+    try reportingUserErrors {
+      let status = try Recorder(options: record, filters: filters, command: command).run(directory: record.directory)
+      try status.passThrough()
+    }
+  }
+}
+
+struct Live: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Record a program into a temporary directory, then replay it.")
+
+  @OptionGroup var record: RecordOptions
+  @OptionGroup var filters: FilterOptions
+
+  @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
+  var command: [String] = []
+
+  func run() throws {
+    try reportingUserErrors {
+      let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-live-\(getpid())").path
+      defer { try? FileManager.default.removeItem(atPath: directory) }
+      let status = try Recorder(options: record, filters: filters, command: command).run(directory: directory)
+      let trace = try TraceReading.open(directory)
+      print(Render.replay(TraceReading.calls(trace), filter: try filters.filter(for: trace)), terminator: "")
+      TraceReading.warnAboutDrops(trace)
+      try status.passThrough()
+    }
+  }
+}
+
+/// How the traced program ended.
+enum ProgramStatus {
+  case exited(Int32)
+  case signaled(Int32)
+
+  /// Ends this process the same way: exit status, or the same signal.
+  func passThrough() throws {
+    switch self {
+    case .exited(0): return
+    case .exited(let code): throw ExitCode(code)
+    case .signaled(let signal):
+      fflush(nil)
+      Foundation.signal(signal, SIG_DFL)
+      kill(getpid(), signal)
+      throw ExitCode(128 + signal)
+    }
+  }
+}
+
+/// Starts the program under the agent and waits for it.
+struct Recorder {
+  let options: RecordOptions
+  let filters: FilterOptions
+  let command: [String]
+
+  func run(directory: String) throws -> ProgramStatus {
+    var command = command
+    if command.first == "--" { command.removeFirst() }
+    guard let program = command.first else {
+      throw UserError("no program given: tracery record [OPTIONS] -- PROGRAM [ARGS...]")
+    }
+    let path = try ProgramLocator.locate(program)
+    try checkPatchSites(path)
+    let agent = try Self.agentPath()
+    let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
+    try prepare(absolute)
+    var info = "tracery-trace 1\n"
+    info += "command \(TextField.escape(command.joined(separator: " ")))\n"
+    info += "program \(TextField.escape(path))\n"
+    info += "start \(TextField.escape(ISO8601DateFormatter().string(from: Date())))\n"
+    if !filters.arguments.isEmpty { info += "filter \(TextField.escape(filters.arguments.joined(separator: " ")))\n" }
+    if let pattern = options.patch { info += "patch \(TextField.escape(pattern))\n" }
+    guard Files.write(info, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
+
+    var environment = Foundation.ProcessInfo.processInfo.environment
+    environment["LD_PRELOAD"] = [agent, environment["LD_PRELOAD"]].compactMap { $0 }.filter { !$0.isEmpty }.joined(
+      separator: ":")
+    environment["TRACERY_DIR"] = absolute
+    environment["TRACERY_MATCH"] = options.patch
+    environment["TRACERY_DEPTH"] = filters.depth.map(String.init)
+    environment["TRACERY_BUFFER_LIMIT"] = String(max(1, options.bufferLimit) << 20)
+    let status = try Self.spawn(path: path, arguments: command, environment: environment)
+    switch status {
+    case .exited(let code): _ = Files.append("exit-status \(code)\n", to: absolute + "/info")
+    case .signaled(let signal): _ = Files.append("signal \(signal)\n", to: absolute + "/info")
+    }
+    return status
+  }
+
+  /// The program or one of its libraries must have patch sites (and match --patch).
+  private func checkPatchSites(_ path: String) throws {
+    let file: ELFFile
+    do { file = try ELFFile(path: path) } catch { throw UserError("\(path): \(error)") }
+    var inputs = [SymbolTable.Input(path: path, bias: 0, file: file)]
+    for library in LibraryResolver(environment: Foundation.ProcessInfo.processInfo.environment).dependencies(
+      of: path, file: file)
+    {
+      if let libraryPath = library.path, let libraryFile = try? ELFFile(path: libraryPath) {
+        inputs.append(SymbolTable.Input(path: libraryPath, bias: 0, file: libraryFile))
+      }
+    }
+    var patchable = 0
+    var matching = 0
+    let glob = try options.patch.map { pattern in
+      do { return try Glob(pattern) } catch { throw UserError("invalid --patch pattern: \(error)") }
+    }
+    for input in inputs {
+      guard let table = try? SymbolTable([input]) else { continue }
+      let functions = table.patchableFunctions
+      patchable += functions.count
+      if let glob { matching += Set(table.functions(matching: glob)).intersection(functions).count }
+    }
+    guard patchable > 0 else {
+      throw UserError(
+        "\(path) has no patch sites: build it with clang or gcc -fpatchable-function-entry=5 "
+          + "(or gcc -pg -mfentry -mnop-mcount -mrecord-mcount)")
+    }
+    if let pattern = options.patch, matching == 0 {
+      throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
+    }
+  }
+
+  private func prepare(_ directory: String) throws {
+    let manager = FileManager.default
+    if manager.fileExists(atPath: directory) {
+      guard
+        manager.fileExists(atPath: directory + "/info")
+          || (try? manager.contentsOfDirectory(atPath: directory))?.isEmpty == true
+      else { throw UserError("\(directory) exists and is not a trace directory; not overwriting it") }
+      let old = directory + ".old"
+      try? manager.removeItem(atPath: old)
+      do { try manager.moveItem(atPath: directory, toPath: old) } catch {
+        throw UserError("cannot move \(directory) aside: \(error)")
+      }
+    }
+    do { try manager.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+      throw UserError("cannot create \(directory): \(error)")
+    }
+  }
+
+  /// libtracery-agent.so next to this executable (SwiftPM builds both into one directory), or
+  /// TRACERY_AGENT.
+  static func agentPath() throws -> String {
+    if let path = Foundation.ProcessInfo.processInfo.environment["TRACERY_AGENT"] { return path }
+    let executable = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    let candidates = [
+      Bundle.main.executableURL?.deletingLastPathComponent().appendingPathComponent("libtracery-agent.so").path,
+      executable.deletingLastPathComponent().appendingPathComponent("libtracery-agent.so").path,
+    ].compactMap { $0 }
+    for candidate in candidates where FileManager.default.fileExists(atPath: candidate) { return candidate }
+    throw UserError("the agent libtracery-agent.so is not next to tracery (\(candidates[0])): run 'swift build' first")
+  }
+
+  /// posix_spawn with the given environment; waits, ignoring SIGINT/SIGQUIT meanwhile (the
+  /// program gets them from the terminal and decides).
+  static func spawn(path: String, arguments: [String], environment: [String: String]) throws -> ProgramStatus {
+    let argv = arguments.map { strdup($0) } + [nil]
+    let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer {
+      for pointer in argv + envp { free(pointer) }
+    }
+    var pid: pid_t = 0
+    let result = posix_spawn(&pid, path, nil, nil, argv, envp)
+    guard result == 0 else { throw UserError("cannot start \(path): \(String(cString: strerror(result)))") }
+    let oldInterrupt = signal(SIGINT, SIG_IGN)
+    let oldQuit = signal(SIGQUIT, SIG_IGN)
+    defer {
+      signal(SIGINT, oldInterrupt)
+      signal(SIGQUIT, oldQuit)
+    }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 {
+      guard errno == EINTR else { throw UserError("waiting for \(path): \(String(cString: strerror(errno)))") }
+    }
+    if status & 0x7f == 0 { return .exited((status >> 8) & 0xff) }
+    return .signaled(status & 0x7f)
+  }
+}
+
+extension Files {
+  static func append(_ text: String, to path: String) -> Bool {
+    guard let handle = FileHandle(forWritingAtPath: path) else { return false }
+    defer { try? handle.close() }
+    handle.seekToEndOfFile()
+    handle.write(Data(text.utf8))
+    return true
+  }
+}

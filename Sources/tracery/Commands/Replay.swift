@@ -1,0 +1,219 @@
+import ArgumentParser
+import Foundation
+import TraceryELF
+import TraceryRecord
+
+/// Opening a trace directory and naming its addresses (symbols are resolved at read time, from
+/// the objects' files as the process file lists them).
+enum TraceReading {
+  static func open(_ directory: String) throws -> Trace {
+    do { return try Trace(directory: directory) } catch { throw UserError("\(error)") }
+  }
+
+  static func calls(_ trace: Trace, tid: Int32? = nil) -> [ThreadCalls] {
+    let symbolizer = Symbolizer(trace)
+    let all = trace.calls { session, site in symbolizer.name(session: session, site: site) }
+    return tid.map { tid in all.filter { $0.tid == tid } } ?? all
+  }
+
+  static func warnAboutDrops(_ trace: Trace) {
+    let dropped = trace.droppedEvents
+    if dropped > 0 {
+      FileHandle.standardError.write(
+        Data("tracery: \(dropped) events were dropped (buffer limit or disk full); the trace is incomplete\n".utf8))
+    }
+  }
+}
+
+/// Site → function name, per session; demangles C++ and Swift names.
+final class Symbolizer {
+  private var tables: [String: SymbolTable] = [:]
+  private var files: [String: ELFFile] = [:]
+
+  init(_ trace: Trace) {
+    for process in trace.processes {
+      var inputs: [SymbolTable.Input] = []
+      for object in process.objects {
+        guard let file = files[object.path] ?? (try? ELFFile(path: object.path)) else { continue }
+        files[object.path] = file
+        inputs.append(SymbolTable.Input(path: object.path, bias: object.bias, file: file))
+      }
+      tables[process.session] = try? SymbolTable(inputs)
+    }
+  }
+
+  func name(session: String, site: UInt64) -> String {
+    guard let table = tables[session], let index = table.function(containing: site) else {
+      return "0x" + String(site, radix: 16)
+    }
+    return Demangler.demangle(table.functions[index].name)
+  }
+}
+
+/// The toolchain's demanglers, found at run time: libstdc++'s `__cxa_demangle` and the Swift
+/// runtime's `swift_demangle`.
+enum Demangler {
+  private typealias CxxDemangle =
+    @convention(c) (
+      UnsafePointer<CChar>, UnsafeMutablePointer<CChar>?, UnsafeMutablePointer<Int>?,
+      UnsafeMutablePointer<Int32>?
+    ) -> UnsafeMutablePointer<CChar>?
+  private typealias SwiftDemangle =
+    @convention(c) (UnsafePointer<CChar>, Int, UnsafeMutablePointer<CChar>?, UnsafeMutablePointer<Int>?, UInt32) ->
+    UnsafeMutablePointer<CChar>?
+
+  private static let cxx: CxxDemangle? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__cxa_demangle").map {
+    unsafeBitCast($0, to: CxxDemangle.self)
+  }
+  private static let swift: SwiftDemangle? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "swift_demangle").map {
+    unsafeBitCast($0, to: SwiftDemangle.self)
+  }
+
+  static func demangle(_ name: String) -> String {
+    if name.hasPrefix("_Z"), let cxx {
+      var status: Int32 = 0
+      if let result = cxx(name, nil, nil, &status), status == 0 {
+        defer { free(result) }
+        return String(cString: result)
+      }
+    }
+    if name.hasPrefix("$s") || name.hasPrefix("_$s") || name.hasPrefix("$S"), let swift {
+      if let result = swift(name, name.utf8.count, nil, nil, 0) {
+        defer { free(result) }
+        return String(cString: result)
+      }
+    }
+    return name
+  }
+}
+
+struct Replay: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Print the recorded calls as a call tree with durations, threads interleaved by time.")
+
+  @Option(name: .shortAndLong, help: "The trace directory.")
+  var directory: String = "tracery.data"
+  @Option(name: .long, help: "Only this thread.")
+  var tid: Int32?
+  @OptionGroup var filters: FilterOptions
+
+  func run() throws {
+    try reportingUserErrors {
+      let trace = try TraceReading.open(directory)
+      print(Render.replay(TraceReading.calls(trace, tid: tid), filter: try filters.filter(for: trace)), terminator: "")
+      TraceReading.warnAboutDrops(trace)
+    }
+  }
+}
+
+struct Report: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Per function: total time, self time, calls, minimum and maximum.")
+
+  @Option(name: .shortAndLong, help: "The trace directory.")
+  var directory: String = "tracery.data"
+  @Option(name: .shortAndLong, help: "Sort by total, self, calls, min, max or name.")
+  var sort: String = "total"
+  @Flag(name: .long, help: "One table per thread.")
+  var threads = false
+  @OptionGroup var filters: FilterOptions
+
+  func validate() throws {
+    guard Render.SortKey(rawValue: sort) != nil else {
+      throw ValidationError("--sort must be one of \(Render.SortKey.allCases.map(\.rawValue).joined(separator: ", "))")
+    }
+  }
+
+  func run() throws {
+    try reportingUserErrors {
+      let trace = try TraceReading.open(directory)
+      let filter = try filters.filter(for: trace)
+      let key = Render.SortKey(rawValue: sort)!
+      let calls = TraceReading.calls(trace)
+      if threads {
+        for thread in calls {
+          print("# thread \(thread.tid) (process \(thread.session))")
+          print(Render.report(Render.sorted(Render.statistics([thread], filter: filter), by: key)))
+        }
+      } else {
+        print(Render.report(Render.sorted(Render.statistics(calls, filter: filter), by: key)), terminator: "")
+      }
+      TraceReading.warnAboutDrops(trace)
+    }
+  }
+}
+
+struct Info: ParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Describe a recording: command, processes, objects.")
+
+  @Option(name: .shortAndLong, help: "The trace directory.")
+  var directory: String = "tracery.data"
+
+  func run() throws {
+    try reportingUserErrors {
+      let trace = try TraceReading.open(directory)
+      var output = ""
+      for (key, value) in trace.info {
+        output += "# \(key.padding(toLength: 16, withPad: " ", startingAt: 0)): \(value)\n"
+      }
+      for process in trace.processes {
+        let threads = trace.threads.filter { $0.session == process.session }
+        output += "# process \(process.session) (pid \(process.pid), parent \(process.parent)): \(process.executable)\n"
+        output += "#   arguments : \(process.arguments.joined(separator: " "))\n"
+        output += "#   traced    : \(process.tracedFunctions) functions\n"
+        output +=
+          "#   threads   : \(threads.count) (\(threads.reduce(0) { $0 + $1.events.count }) events, "
+          + "\(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
+        for object in process.objects {
+          output +=
+            "#   object    : \(object.path) build-id \(object.buildID ?? "-") at 0x\(String(object.bias, radix: 16))\n"
+        }
+      }
+      print(output, terminator: "")
+    }
+  }
+}
+
+struct Dump: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Write the recording as Chrome trace-event JSON, folded stacks, or raw events.")
+
+  @Option(name: .shortAndLong, help: "The trace directory.")
+  var directory: String = "tracery.data"
+  @Flag(name: .long, help: "Chrome trace-event JSON (chrome://tracing, Perfetto).")
+  var chrome = false
+  @Flag(name: .long, help: "Folded stacks with self nanoseconds (flamegraph.pl input).")
+  var folded = false
+  @OptionGroup var filters: FilterOptions
+
+  func validate() throws {
+    if chrome && folded { throw ValidationError("choose one of --chrome and --folded") }
+  }
+
+  func run() throws {
+    try reportingUserErrors {
+      let trace = try TraceReading.open(directory)
+      let filter = try filters.filter(for: trace)
+      if chrome {
+        print(Render.chrome(TraceReading.calls(trace), filter: filter), terminator: "")
+      } else if folded {
+        print(Render.folded(TraceReading.calls(trace), filter: filter), terminator: "")
+      } else {
+        let symbolizer = Symbolizer(trace)
+        var output = ""
+        for thread in trace.threads {
+          output +=
+            "# session \(thread.session) thread \(thread.tid): \(thread.events.count) events, \(thread.dropped) dropped\n"
+          for event in thread.events {
+            let kind = event.kind == .entry ? "entry" : "exit "
+            output +=
+              "\(event.timestamp) \(thread.tid) [\(kind)] depth \(event.depth) "
+              + "\(symbolizer.name(session: thread.session, site: event.site))\n"
+          }
+        }
+        print(output, terminator: "")
+      }
+      TraceReading.warnAboutDrops(trace)
+    }
+  }
+}
