@@ -64,6 +64,8 @@ let package = Package(
         "TraceryCore", "TraceryFixtures", "TraceryCxxFixtures", "TraceryTestSupport", "tracery-testhost",
       ]
     ),
-    .testTarget(name: "TraceryCLITests", dependencies: ["tracery", "demo", "TraceryTestSupport"]),
+    .testTarget(
+      name: "TraceryCLITests", dependencies: ["tracery", "demo", "TraceryTestSupport"],
+      exclude: ["Programs"]),
   ]
 )

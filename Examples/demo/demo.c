@@ -59,7 +59,7 @@ NOINLINE static int child_work(long n) { return (int)(fib(n) % 256); }
 NOINLINE static long run_child(long n) {
   fflush(stdout);
   pid_t pid = fork();
-  if (pid == 0) _exit(child_work(n));
+  if (pid == 0) exit(child_work(n));
   int status = 0;
   waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;

@@ -106,6 +106,8 @@ struct Record: ParsableCommand {
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
 
+  func validate() throws { try Recorder.validate(command) }
+
   func run() throws {
     try reportingUserErrors {
       let status = try Recorder(options: record, filters: filters, command: command).run(directory: record.directory)
@@ -124,13 +126,16 @@ struct Live: ParsableCommand {
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
 
+  func validate() throws { try Recorder.validate(command) }
+
   func run() throws {
     try reportingUserErrors {
       let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-live-\(getpid())").path
       defer { try? FileManager.default.removeItem(atPath: directory) }
       let status = try Recorder(options: record, filters: filters, command: command).run(directory: directory)
       let trace = try TraceReading.open(directory)
-      print(Render.replay(TraceReading.calls(trace), filter: try filters.filter(for: trace)), terminator: "")
+      let filter = try filters.filter(for: trace)
+      print(Render.replay(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
       TraceReading.warnAboutDrops(trace)
       try status.passThrough()
     }
@@ -161,6 +166,13 @@ struct Recorder {
   let options: RecordOptions
   let filters: FilterOptions
   let command: [String]
+
+  /// The passthrough argument also captures options this command does not know: refuse those.
+  static func validate(_ command: [String]) throws {
+    if let first = command.first, first.hasPrefix("-"), first != "--" {
+      throw ValidationError("Unknown option '\(first)'")
+    }
+  }
 
   func run(directory: String) throws -> ProgramStatus {
     var command = command

@@ -16,6 +16,19 @@ enum TraceReading {
     return tid.map { tid in all.filter { $0.tid == tid } } ?? all
   }
 
+  /// The calls `filter` applies to, after checking that each -F / -N pattern names a recorded
+  /// function (a pattern that matches nothing is a mistake worth saying).
+  static func filteredCalls(_ trace: Trace, _ filter: CallFilter, tid: Int32? = nil) throws -> [ThreadCalls] {
+    let threads = calls(trace, tid: tid)
+    let names = Set(threads.flatMap { $0.calls.map(\.name) })
+    for (flag, matchers) in [("-F", filter.only), ("-N", filter.hide)] {
+      for matcher in matchers where !names.contains(where: matcher.matches) {
+        throw UserError("no recorded function matches \(flag) '\(matcher.pattern)'")
+      }
+    }
+    return threads
+  }
+
   static func warnAboutDrops(_ trace: Trace) {
     let dropped = trace.droppedEvents
     if dropped > 0 {
@@ -100,7 +113,8 @@ struct Replay: ParsableCommand {
   func run() throws {
     try reportingUserErrors {
       let trace = try TraceReading.open(directory)
-      print(Render.replay(TraceReading.calls(trace, tid: tid), filter: try filters.filter(for: trace)), terminator: "")
+      let filter = try filters.filter(for: trace)
+      print(Render.replay(try TraceReading.filteredCalls(trace, filter, tid: tid), filter: filter), terminator: "")
       TraceReading.warnAboutDrops(trace)
     }
   }
@@ -129,7 +143,7 @@ struct Report: ParsableCommand {
       let trace = try TraceReading.open(directory)
       let filter = try filters.filter(for: trace)
       let key = Render.SortKey(rawValue: sort)!
-      let calls = TraceReading.calls(trace)
+      let calls = try TraceReading.filteredCalls(trace, filter)
       if threads {
         for thread in calls {
           print("# thread \(thread.tid) (process \(thread.session))")
@@ -195,9 +209,9 @@ struct Dump: ParsableCommand {
       let trace = try TraceReading.open(directory)
       let filter = try filters.filter(for: trace)
       if chrome {
-        print(Render.chrome(TraceReading.calls(trace), filter: filter), terminator: "")
+        print(Render.chrome(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
       } else if folded {
-        print(Render.folded(TraceReading.calls(trace), filter: filter), terminator: "")
+        print(Render.folded(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
       } else {
         let symbolizer = Symbolizer(trace)
         var output = ""

@@ -1,0 +1,247 @@
+import Foundation
+import Testing
+import TraceryTestSupport
+
+/// `tracery record` / `replay` / `report` / `dump` / `info` end to end, on programs this test
+/// builds, compared with what the programs must have done.
+@Suite struct RecordCommandTests {
+  static let tracery = ListCommandTests.tracery
+  static let examples = TestSupport.packageRoot.appendingPathComponent("Examples")
+  static let programs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Programs")
+
+  /// Builds `sources` with patch sites (and the same program with -finstrument-functions when
+  /// `instrumented`), at -O0 so both builds make the same calls.
+  static func build(
+    _ sources: [String], compiler: String = "clang", flags: [String] = [], instrumented: Bool = false,
+    in directory: URL
+  ) throws -> String {
+    let output = directory.appendingPathComponent(instrumented ? "instrumented" : "patched").path
+    let common = ["-O0", "-pthread", "-fno-omit-frame-pointer"] + flags
+    if instrumented {
+      try TestSupport.compile(
+        compiler: compiler, sources: sources + [programs.appendingPathComponent("instrument.c").path],
+        flags: common + ["-finstrument-functions", "-ldl"], output: output)
+    } else {
+      try TestSupport.compile(
+        compiler: compiler, sources: sources, flags: common + ["-fpatchable-function-entry=5"], output: output)
+    }
+    return output
+  }
+
+  static func record(_ directory: URL, _ command: [String], options: [String] = []) throws -> TestSupport.ProcessResult
+  {
+    try TestSupport.run(tracery, ["record", "-d", directory.path] + options + ["--"] + command)
+  }
+
+  /// Replay lines without the duration column, grouped by thread id: "name() {", "name();", "}".
+  static func trees(_ replay: String) -> [Int32: [String]] {
+    var result: [Int32: [String]] = [:]
+    for line in replay.split(separator: "\n") where !line.hasPrefix("#") {
+      guard let open = line.firstIndex(of: "["), let close = line.firstIndex(of: "]"),
+        let tid = Int32(line[line.index(after: open)..<close].trimmingCharacters(in: .whitespaces)),
+        let bar = line.firstIndex(of: "|")
+      else { continue }
+      var text = String(line[line.index(bar, offsetBy: 2)...])
+      if let comment = text.range(of: " /* ") { text = String(text[..<comment.lowerBound]) }
+      result[tid, default: []].append(text)
+    }
+    return result
+  }
+
+  /// The replay lines of fib(n) at `indent` levels, as -O0 code calls it.
+  static func fibTree(_ n: Int, indent: Int) -> [String] {
+    let pad = String(repeating: "  ", count: indent)
+    if n < 2 { return ["\(pad)fib();"] }
+    return ["\(pad)fib() {"] + fibTree(n - 1, indent: indent + 1) + fibTree(n - 2, indent: indent + 1) + ["\(pad)}"]
+  }
+
+  /// Entry counts per function name from `tracery dump` (every process and thread).
+  static func recordedCounts(_ directory: URL) throws -> [String: Int] {
+    let dump = try TestSupport.run(tracery, ["dump", "-d", directory.path])
+    #expect(dump.status == 0, "\(dump.stderr)")
+    var counts: [String: Int] = [:]
+    for line in dump.stdout.split(separator: "\n") where line.contains("[entry]") {
+      // "TIMESTAMP TID [entry] depth D NAME", where NAME may hold spaces.
+      let name = line.split(separator: " ", maxSplits: 5)[5]
+      counts[String(name), default: 0] += 1
+    }
+    return counts
+  }
+
+  /// Entry counts per function of the -finstrument-functions build, named with nm.
+  static func instrumentedCounts(_ binary: String, arguments: [String], in directory: URL) throws -> [String: Int] {
+    let counts = directory.appendingPathComponent("counts")
+    try FileManager.default.createDirectory(at: counts, withIntermediateDirectories: true)
+    let run = try TestSupport.run(binary, arguments, environment: ["TRACERY_COUNTS": counts.path])
+    #expect(run.status == 0, "\(run.stderr)")
+    let names = Dictionary(try Binutils.functions(binary).map { ($0.address, $0.name) }) { a, _ in a }
+    var result: [String: Int] = [:]
+    for file in try FileManager.default.contentsOfDirectory(atPath: counts.path) {
+      let text = try String(contentsOfFile: counts.appendingPathComponent(file).path, encoding: .utf8)
+      for line in text.split(separator: "\n") {
+        let fields = line.split(separator: " ")
+        guard fields.count == 2, let offset = UInt64(fields[0], radix: 16), let count = Int(fields[1]) else { continue }
+        result[names[offset] ?? "0x\(fields[0])", default: 0] += count
+      }
+    }
+    return result
+  }
+
+  @Test func theDemoReplaysAsItRan() throws {
+    let directory = try TestSupport.temporaryDirectory("record-demo")
+    let demo = try Self.build([Self.examples.appendingPathComponent("demo/demo.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try Self.record(trace, [demo, "6"])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout.contains("threads    8"))
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.status == 0, "\(replay.stderr)")
+    let trees = Self.trees(replay.stdout)
+    #expect(trees.count == 4, "main, two workers and the fork child: \(trees.keys.sorted())")
+    let main = trees.values.first { $0.first == "main() {" }
+    let expectedMain =
+      ["main() {", "  parse_number();"] + Self.fibTree(6, indent: 1) + Self.fibTree(3, indent: 1)
+      + ["  distance2() {", "    square();", "    square();", "  }", "  report();", "  report();", "  report();"]
+      + ["  average();", "  run_threads();", "  report();", "  run_child();", "  report();", "}"]
+    #expect(main == expectedMain)
+    let workers = trees.values.filter { $0.first == "worker() {" }.map { Array($0.dropFirst().dropLast()) }
+    #expect(Set(workers) == [Self.fibTree(5, indent: 1), Self.fibTree(4, indent: 1)])
+    let child = trees.values.first { $0.first == "child_work() {" }
+    #expect(child == ["child_work() {"] + Self.fibTree(3, indent: 1) + ["}"])
+
+    // The fork child is its own process in the trace.
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path])
+    #expect(info.stdout.components(separatedBy: "# process ").count - 1 == 2, "\(info.stdout)")
+  }
+
+  @Test(arguments: ["c", "c++"])
+  func callCountsEqualAnInstrumentedBuild(language: String) throws {
+    let directory = try TestSupport.temporaryDirectory("record-counts")
+    let (sources, compiler, arguments) =
+      language == "c"
+      ? ([Self.examples.appendingPathComponent("demo/demo.c").path], "clang", ["7"])
+      : ([Self.examples.appendingPathComponent("cxxdemo/cxxdemo.cpp").path], "clang++", [String]())
+    let patched = try Self.build(sources, compiler: compiler, in: directory)
+    let instrumented = try Self.build(sources, compiler: compiler, instrumented: true, in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try Self.record(trace, [patched] + arguments)
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    var expected = try Self.instrumentedCounts(instrumented, arguments: arguments, in: directory)
+    var actual = try Self.recordedCounts(trace)
+    if language == "c++" {
+      // Compare by demangled name: dump demangles, nm does not.
+      let demangled = try TestSupport.run(TestSupport.which("c++filt")!, Array(expected.keys)).stdout.split(
+        separator: "\n")
+      expected = Dictionary(zip(demangled.map(String.init), expected.values)) { $0 + $1 }
+      actual = actual.filter { !$0.key.hasPrefix("0x") }
+    }
+    #expect(!expected.isEmpty)
+    #expect(actual == expected)
+  }
+
+  @Test func exitStatusAndSignalsPassThroughAndAKilledProgramReplaysUpToTheKill() throws {
+    let directory = try TestSupport.temporaryDirectory("record-kill")
+    let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
+    let exited = try Self.record(directory.appendingPathComponent("exit"), [program, "exit"])
+    #expect(exited.status == 7)
+
+    let trace = directory.appendingPathComponent("kill")
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: Self.tracery)
+    process.arguments = ["record", "-d", trace.path, "--", program, "kill"]
+    process.standardOutput = FileHandle.nullDevice
+    try process.run()
+    process.waitUntilExit()
+    #expect(process.terminationReason == .uncaughtSignal)
+    #expect(process.terminationStatus == SIGKILL)
+
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.status == 0, "\(replay.stderr)")
+    let lines = Self.trees(replay.stdout).values.first ?? []
+    #expect(lines.filter { $0 == "  step();" }.count == 100)
+    #expect(lines.last == "  die();" || lines.suffix(2).contains("  die();"))
+    #expect(replay.stdout.contains("die(); /* no exit recorded */"))
+  }
+
+  @Test func reportAndDumpsAgreeWithTheCalls() throws {
+    let directory = try TestSupport.temporaryDirectory("record-report")
+    let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    #expect(try Self.record(trace, [program, "exit"]).status == 7)
+
+    let report = try TestSupport.run(Self.tracery, ["report", "-d", trace.path, "-s", "calls"])
+    #expect(report.status == 0, "\(report.stderr)")
+    let rows = report.stdout.split(separator: "\n").filter { $0.hasSuffix(" step") || $0.hasSuffix(" main") }
+    #expect(rows.first?.hasSuffix(" step") == true, "sorted by calls: \(report.stdout)")
+    #expect(rows.first?.contains("        100  ") == true)
+
+    let chrome = try TestSupport.run(Self.tracery, ["dump", "--chrome", "-d", trace.path])
+    let json = try JSONSerialization.jsonObject(with: Data(chrome.stdout.utf8)) as? [String: Any]
+    let events = json?["traceEvents"] as? [[String: Any]] ?? []
+    #expect(events.filter { $0["name"] as? String == "step" }.count == 100)
+
+    let folded = try TestSupport.run(Self.tracery, ["dump", "--folded", "-d", trace.path])
+    #expect(
+      folded.stdout.split(separator: "\n").map { $0.split(separator: " ").first! }.sorted() == ["main", "main;step"])
+
+    // Read-time filters: -N hides step, -F shows only it, -D 1 the roots only.
+    let hidden = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-N", "step"])
+    #expect(Self.trees(hidden.stdout).values.first == ["main();"])
+    let only = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-F", "st.p"])
+    #expect(Self.trees(only.stdout).values.first.map { Set($0) } == ["step();"])
+    let glob = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-F", "st*", "--match", "glob"])
+    #expect(Self.trees(glob.stdout).values.first?.allSatisfy { $0 == "step();" } == true)
+    let shallow = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-D", "1"])
+    #expect(Self.trees(shallow.stdout).values.first == ["main();"])
+  }
+
+  /// Every bad input: one line on stderr, "tracery: ...", and a non-zero status.
+  @Test func badInputsSayWhatIsWrong() throws {
+    let directory = try TestSupport.temporaryDirectory("record-bad")
+    let plain = directory.appendingPathComponent("plain").path
+    try TestSupport.compile(
+      compiler: "clang", sources: [Self.programs.appendingPathComponent("killed.c").path], flags: ["-O0"],
+      output: plain)
+    let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    #expect(try Self.record(trace, [program, "exit"]).status == 7)
+    let corrupt = directory.appendingPathComponent("corrupt")
+    try FileManager.default.copyItem(at: trace, to: corrupt)
+    let events = try FileManager.default.contentsOfDirectory(atPath: corrupt.path).first { $0.hasSuffix(".events") }!
+    try Data("TRACERY".utf8).write(to: corrupt.appendingPathComponent(events))
+    let badProcess = directory.appendingPathComponent("bad-process")
+    try FileManager.default.copyItem(at: trace, to: badProcess)
+    let process = try FileManager.default.contentsOfDirectory(atPath: badProcess.path).first {
+      $0.hasPrefix("process-")
+    }!
+    try Data("tracery-process 1\npid x\n".utf8).write(to: badProcess.appendingPathComponent(process))
+
+    let cases: [(arguments: [String], message: String)] = [
+      (["record", "--bogus", "--", program], "Unknown option '--bogus'"),
+      (["record", "-d", directory.appendingPathComponent("t1").path, "--", "/no/such/program"], "program not found"),
+      (
+        ["record", "-d", directory.appendingPathComponent("t2").path, "--", "no-such-program-anywhere"],
+        "program not found"
+      ),
+      (["record", "-d", directory.appendingPathComponent("t3").path, "--", plain], "-fpatchable-function-entry=5"),
+      (
+        ["record", "-d", directory.appendingPathComponent("t4").path, "--patch", "nothing_*", "--", program],
+        "no patchable function matches 'nothing_*'"
+      ),
+      (["replay", "-d", trace.path, "-F", "nothing_here"], "no recorded function matches -F 'nothing_here'"),
+      (["replay", "-d", trace.path, "-F", "(unclosed"], "invalid regular expression"),
+      (["replay", "-d", directory.appendingPathComponent("missing").path], "no trace at"),
+      (["replay", "-d", directory.path], "not a trace directory"),
+      (["replay", "-d", corrupt.path], "truncated"),
+      (["report", "-d", badProcess.path], "corrupt trace"),
+      (["report", "-d", trace.path, "-s", "weight"], "--sort must be one of"),
+    ]
+    for (arguments, message) in cases {
+      let result = try TestSupport.run(Self.tracery, arguments)
+      #expect(result.status != 0, "\(arguments)")
+      let lines = result.stderr.split(separator: "\n")
+      #expect(lines.count == 1, "\(arguments): \(result.stderr)")
+      #expect(result.stderr.hasPrefix("tracery: ") && result.stderr.contains(message), "\(arguments): \(result.stderr)")
+    }
+  }
+}
