@@ -45,7 +45,8 @@ public final class EventFile {
     guard offset + chunkSize <= limit + TraceFormat.headerSize else { return nil }
     // fallocate reserves the blocks now, so a full disk is seen here, not as SIGBUS later.
     guard posix_fallocate(fd, off_t(offset), off_t(chunkSize)) == 0,
-      let mapped = mmap(nil, chunkSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset)), mapped != MAP_FAILED
+      let mapped = mmap(nil, chunkSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, off_t(offset)),
+      mapped != MAP_FAILED
     else { return nil }
     if let chunk { munmap(chunk, chunkSize) }
     chunk = mapped

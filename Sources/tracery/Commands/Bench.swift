@@ -10,13 +10,15 @@ struct Bench: ParsableCommand {
       trampolines with empty C and Swift handlers, each beside the untraced call measured just before.
         patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
       to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
+        record  ns per call of a recursive fib program untraced (the baseline), recorded by \
+      `tracery record` (every function), and recorded by `uftrace record` when installed.
       Each figure is the median of --runs runs. --json prints one object per line with the keys \
       suite, name, n, ns_per_item (and baseline_ns_per_item where an untraced baseline applies).
       """
   )
 
   enum Suite: String, ExpressibleByArgument, CaseIterable {
-    case patch, trigger
+    case patch, trigger, record
   }
 
   @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -44,6 +46,7 @@ struct Bench: ParsableCommand {
       switch suite {
       case .patch: try PatchBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .trigger: try TriggerBench(runs: runs).run(report)
+      case .record: try RecordBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       }
     }
   }
