@@ -37,7 +37,9 @@ let package = Package(
     // no other Tracery module (and not Foundation: the agent links it).
     .target(name: "TraceryRecord"),
     .target(name: "CTraceryAgent"),
-    .target(name: "TraceryAgent", dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"]),
+    .target(
+      name: "TraceryAgent",
+      dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims", "CTracery"]),
     .executableTarget(
       name: "tracery",
       dependencies: [

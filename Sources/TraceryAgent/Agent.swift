@@ -1,3 +1,4 @@
+import CTracery
 import CTraceryShims
 import TraceryCore
 import TraceryELF
@@ -175,4 +176,64 @@ extension String {
   func leftPadded(to width: Int) -> String {
     count >= width ? self : String(repeating: "0", count: width - count) + self
   }
+}
+
+// MARK: - Exceptions through traced frames
+
+/// C++ exceptions and forced unwinds (`pthread_exit`, cancellation) walk the stack with the
+/// unwinder, which cannot step through a return address the graph swapped for its return handler
+/// (the handler has no caller frame to describe). The agent interposes the unwinder's entry
+/// points (it is preloaded, so its definitions come first): before the walk, every live frame of
+/// this thread's shadow stack gets its real return address back and the shadow stack is emptied.
+/// Those calls then return untraced (their exits are missing from the trace and the reader marks
+/// them "no exit recorded"), but the program behaves exactly as untraced.
+enum UnwindGuard {
+  typealias RaiseException = @convention(c) (UnsafeMutableRawPointer?) -> Int32
+  typealias ForcedUnwind =
+    @convention(c) (UnsafeMutableRawPointer?, UnsafeMutableRawPointer?, UnsafeMutableRawPointer?) -> Int32
+
+  static let nextRaise: RaiseException? = next("_Unwind_RaiseException")
+  static let nextForced: ForcedUnwind? = next("_Unwind_ForcedUnwind")
+
+  static func next<T>(_ name: String) -> T? {
+    // RTLD_NEXT: the definition after this library's in the lookup order (libgcc_s).
+    dlsym(UnsafeMutableRawPointer(bitPattern: -1), name).map { unsafeBitCast($0, to: T.self) }
+  }
+
+  /// Puts the real return addresses back into the live stack slots; `stackPointer` is an address
+  /// in the caller's frame: slots below it belong to calls that already ended (longjmp).
+  static func restore(stackPointer: UInt64) {
+    let state = ctracery_thread_state()!
+    let base = state.pointee.shadow_base
+    guard base != 0, state.pointee.shadow_top > base + 96 else { return }
+    var frame = base + 96
+    while frame < state.pointee.shadow_top {
+      let pointer = UnsafeMutablePointer<tracery_graph_frame>(bitPattern: UInt(frame))!
+      if pointer.pointee.stack_slot > stackPointer {
+        UnsafeMutablePointer<UInt64>(bitPattern: UInt(pointer.pointee.stack_slot))!.pointee =
+          pointer.pointee.return_address
+      }
+      frame += 96
+    }
+    state.pointee.shadow_top = base + 96
+  }
+}
+
+@_cdecl("_Unwind_RaiseException")
+public func traceryUnwindRaiseException(_ exception: UnsafeMutableRawPointer?) -> Int32 {
+  withCallerStackMarker { UnwindGuard.restore(stackPointer: $0) }
+  return UnwindGuard.nextRaise?(exception) ?? 5  // _URC_END_OF_STACK
+}
+
+@_cdecl("_Unwind_ForcedUnwind")
+public func traceryUnwindForcedUnwind(
+  _ exception: UnsafeMutableRawPointer?, _ stop: UnsafeMutableRawPointer?, _ argument: UnsafeMutableRawPointer?
+) -> Int32 {
+  withCallerStackMarker { UnwindGuard.restore(stackPointer: $0) }
+  return UnwindGuard.nextForced?(exception, stop, argument) ?? 5
+}
+
+private func withCallerStackMarker(_ body: (UInt64) -> Void) {
+  var marker: UInt64 = 0
+  withUnsafeMutablePointer(to: &marker) { body(UInt64(UInt(bitPattern: $0))) }
 }

@@ -72,7 +72,7 @@ import TraceryTestSupport
 
   @Test func matchFiltersByGlob() throws {
     let path = try ELFFixtures.clangDemo()
-    let result = try TestSupport.run(Self.tracery, ["list", "--match", "[fr]*", path])
+    let result = try TestSupport.run(Self.tracery, ["list", "--match", "[fr][ie]*", path])
     #expect(result.status == 0)
     #expect(Set(Self.rows(result.stdout).map(\.row.name)) == ["fib", "report"])
   }

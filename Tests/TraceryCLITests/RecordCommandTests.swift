@@ -163,6 +163,24 @@ import TraceryTestSupport
     #expect(replay.stdout.contains("die(); /* no exit recorded */"))
   }
 
+  @Test func aCxxExceptionThroughTracedFramesIsCaughtAsUntraced() throws {
+    let directory = try TestSupport.temporaryDirectory("record-throw")
+    let program = try Self.build(
+      [Self.programs.appendingPathComponent("throws.cpp").path], compiler: "clang++", in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try Self.record(trace, [program])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout == "caught 42 then 7\n")
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.status == 0, "\(replay.stderr)")
+    let lines = Self.trees(replay.stdout).values.first ?? []
+    // The calls the exception left have no exit; the ones after it are traced again (names are
+    // demangled).
+    #expect(lines.contains { $0.hasSuffix("after(int)();") }, "\(replay.stdout)")
+    #expect(lines.filter { $0.hasSuffix("deepest(int)();") }.count == 2, "\(replay.stdout)")
+    #expect(replay.stdout.contains("outer(int)() {"))
+  }
+
   @Test func reportAndDumpsAgreeWithTheCalls() throws {
     let directory = try TestSupport.temporaryDirectory("record-report")
     let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
