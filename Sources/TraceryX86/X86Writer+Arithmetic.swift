@@ -56,10 +56,7 @@ extension X86Writer {
 
   /// `cmp byte [memory], imm8`.
   public mutating func putCmpByte(_ memory: Memory, immediate: UInt8) {
-    segmentPrefix(memory)
-    rex(w: false, b: baseExtended(memory))
-    emit(0x80)
-    modRM(reg: 7, memory: memory, trailing: 1)
+    putMemoryForm(0x80, reg: 7, memory: memory, wide: false, trailing: 1)
     emit(immediate)
   }
 
@@ -73,25 +70,13 @@ extension X86Writer {
   /// `inc qword [memory]`, with a `lock` prefix when `locked`.
   public mutating func putInc(_ memory: Memory, locked: Bool = false) {
     if locked { emit(0xf0) }
-    segmentPrefix(memory)
-    rex(w: true, b: baseExtended(memory))
-    emit(0xff)
-    modRM(reg: 0, memory: memory)
+    putMemoryForm(0xff, reg: 0, memory: memory)
   }
 
   /// `add qword [memory], simm32`, with a `lock` prefix when `locked`.
   public mutating func putAdd(_ memory: Memory, immediate: Int32, locked: Bool = false) {
     if locked { emit(0xf0) }
-    rex(w: true, b: baseExtended(memory))
-    if let short = Int8(exactly: immediate) {
-      emit(0x83)
-      modRM(reg: 0, memory: memory, trailing: 1)
-      emit(UInt8(bitPattern: short))
-    } else {
-      emit(0x81)
-      modRM(reg: 0, memory: memory, trailing: 4)
-      emit32(immediate)
-    }
+    putALU(.add, memory, immediate: immediate)
   }
 }
 
@@ -115,35 +100,23 @@ extension X86Writer {
   }
 
   /// `sub reg, qword [memory]`.
-  public mutating func putSub(_ destination: Register, _ source: Memory) {
-    segmentPrefix(source)
-    rex(w: true, r: destination.extended, b: baseExtended(source))
-    emit(0x2b)
-    modRM(reg: destination.rawValue, memory: source)
-  }
+  public mutating func putSub(_ destination: Register, _ source: Memory) { putMemoryForm(0x2b, destination, source) }
 
   /// `add qword [memory], reg`, with a `lock` prefix when `locked`.
   public mutating func putAdd(_ destination: Memory, _ source: Register, locked: Bool = false) {
     if locked { emit(0xf0) }
-    segmentPrefix(destination)
-    rex(w: true, r: source.extended, b: baseExtended(destination))
-    emit(0x01)
-    modRM(reg: source.rawValue, memory: destination)
+    putMemoryForm(0x01, source, destination)
   }
 }
 
 extension X86Writer {
   /// Group-1 ALU operation on `qword [memory]` with a sign-extended immediate.
   mutating func putALU(_ operation: ALU, _ memory: Memory, immediate: Int32) {
-    segmentPrefix(memory)
-    rex(w: true, b: baseExtended(memory))
     if let short = Int8(exactly: immediate) {
-      emit(0x83)
-      modRM(reg: operation.rawValue, memory: memory, trailing: 1)
+      putMemoryForm(0x83, reg: operation.rawValue, memory: memory, trailing: 1)
       emit(UInt8(bitPattern: short))
     } else {
-      emit(0x81)
-      modRM(reg: operation.rawValue, memory: memory, trailing: 4)
+      putMemoryForm(0x81, reg: operation.rawValue, memory: memory, trailing: 4)
       emit32(immediate)
     }
   }
@@ -156,29 +129,14 @@ extension X86Writer {
   public mutating func putOr(_ register: Register, immediate: Int32) { putALU(.or, register, immediate: immediate) }
 
   /// `cmp reg, qword [memory]` (flags of reg − memory).
-  public mutating func putCmp(_ register: Register, _ memory: Memory) {
-    segmentPrefix(memory)
-    rex(w: true, r: register.extended, b: baseExtended(memory))
-    emit(0x3b)
-    modRM(reg: register.rawValue, memory: memory)
-  }
+  public mutating func putCmp(_ register: Register, _ memory: Memory) { putMemoryForm(0x3b, register, memory) }
 
   /// `or reg, qword [memory]`.
-  public mutating func putOr(_ register: Register, _ memory: Memory) {
-    segmentPrefix(memory)
-    rex(w: true, r: register.extended, b: baseExtended(memory))
-    emit(0x0b)
-    modRM(reg: register.rawValue, memory: memory)
-  }
-}
+  public mutating func putOr(_ register: Register, _ memory: Memory) { putMemoryForm(0x0b, register, memory) }
 
-extension X86Writer {
   /// `test qword [memory], simm32`.
   public mutating func putTest(_ memory: Memory, immediate: Int32) {
-    segmentPrefix(memory)
-    rex(w: true, b: baseExtended(memory))
-    emit(0xf7)
-    modRM(reg: 0, memory: memory, trailing: 4)
+    putMemoryForm(0xf7, reg: 0, memory: memory, trailing: 4)
     emit32(immediate)
   }
 }

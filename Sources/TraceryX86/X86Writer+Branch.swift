@@ -63,18 +63,10 @@ extension X86Writer {
   }
 
   /// `call qword [memory]`.
-  public mutating func putCall(_ memory: Memory) {
-    rex(w: false, b: baseExtended(memory))
-    emit(0xff)
-    modRM(reg: 2, memory: memory)
-  }
+  public mutating func putCall(_ memory: Memory) { putMemoryForm(0xff, reg: 2, memory: memory, wide: false) }
 
   /// `jmp qword [memory]`.
-  public mutating func putJmp(_ memory: Memory) {
-    rex(w: false, b: baseExtended(memory))
-    emit(0xff)
-    modRM(reg: 4, memory: memory)
-  }
+  public mutating func putJmp(_ memory: Memory) { putMemoryForm(0xff, reg: 4, memory: memory, wide: false) }
 
   /// `ret`.
   public mutating func putRet() { emit(0xc3) }

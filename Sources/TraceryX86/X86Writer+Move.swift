@@ -55,45 +55,25 @@ extension X86Writer {
   }
 
   /// `mov reg, qword [memory]`.
-  public mutating func putMov(_ destination: Register, _ source: Memory) {
-    segmentPrefix(source)
-    rex(w: true, r: destination.extended, b: baseExtended(source))
-    emit(0x8b)
-    modRM(reg: destination.rawValue, memory: source)
-  }
+  public mutating func putMov(_ destination: Register, _ source: Memory) { putMemoryForm(0x8b, destination, source) }
 
   /// `mov qword [memory], reg`.
-  public mutating func putMov(_ destination: Memory, _ source: Register) {
-    segmentPrefix(destination)
-    rex(w: true, r: source.extended, b: baseExtended(destination))
-    emit(0x89)
-    modRM(reg: source.rawValue, memory: destination)
-  }
+  public mutating func putMov(_ destination: Memory, _ source: Register) { putMemoryForm(0x89, source, destination) }
 
   /// `mov byte [memory], imm8`.
   public mutating func putMovByte(_ destination: Memory, immediate: UInt8) {
-    segmentPrefix(destination)
-    rex(w: false, b: baseExtended(destination))
-    emit(0xc6)
-    modRM(reg: 0, memory: destination, trailing: 1)
+    putMemoryForm(0xc6, reg: 0, memory: destination, wide: false, trailing: 1)
     emit(immediate)
   }
 
   /// `mov qword [memory], simm32`.
   public mutating func putMov(_ destination: Memory, immediate: Int32) {
-    segmentPrefix(destination)
-    rex(w: true, b: baseExtended(destination))
-    emit(0xc7)
-    modRM(reg: 0, memory: destination, trailing: 4)
+    putMemoryForm(0xc7, reg: 0, memory: destination, trailing: 4)
     emit32(immediate)
   }
 
   /// `lea reg, [memory]`.
-  public mutating func putLea(_ destination: Register, _ source: Memory) {
-    rex(w: true, r: destination.extended, b: baseExtended(source))
-    emit(0x8d)
-    modRM(reg: destination.rawValue, memory: source)
-  }
+  public mutating func putLea(_ destination: Register, _ source: Memory) { putMemoryForm(0x8d, destination, source) }
 
   /// `movaps xmm, [memory]` (memory 16-byte aligned).
   public mutating func putMovaps(_ destination: XMMRegister, _ source: Memory) {

@@ -134,6 +134,23 @@ public struct X86Writer: Sendable {
     }
   }
 
+  /// Every one-byte-opcode form with a memory operand: segment prefix, REX (REX.W when `wide`),
+  /// `opcode`, ModRM (+SIB, +displacement). `reg` is the register operand's number or the
+  /// opcode's /digit; `trailing` is the number of immediate bytes the caller emits next.
+  mutating func putMemoryForm(
+    _ opcode: UInt8, reg: UInt8, extended: Bool = false, memory: Memory, wide: Bool = true, trailing: Int = 0
+  ) {
+    segmentPrefix(memory)
+    rex(w: wide, r: extended, b: baseExtended(memory))
+    emit(opcode)
+    modRM(reg: reg, memory: memory, trailing: trailing)
+  }
+
+  /// `opcode register, memory` or `opcode memory, register` (64-bit).
+  mutating func putMemoryForm(_ opcode: UInt8, _ register: Register, _ memory: Memory) {
+    putMemoryForm(opcode, reg: register.rawValue, extended: register.extended, memory: memory)
+  }
+
   /// The segment-override prefix a memory operand needs; it must precede any REX prefix.
   mutating func segmentPrefix(_ memory: Memory) {
     if case .fs = memory.base { emit(0x64) }
