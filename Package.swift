@@ -39,7 +39,7 @@ let package = Package(
     .target(name: "CTraceryAgent"),
     .target(
       name: "TraceryAgent",
-      dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims", "CTracery"]),
+      dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"]),
     .executableTarget(
       name: "tracery",
       dependencies: [

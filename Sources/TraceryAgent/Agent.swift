@@ -1,4 +1,3 @@
-import CTracery
 import CTraceryShims
 import TraceryCore
 import TraceryELF
@@ -46,12 +45,9 @@ enum Agent {
       bufferLimit: environment("TRACERY_BUFFER_LIMIT").flatMap { Int($0) } ?? (2 << 30))
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
-    let table = ProcessObjects.symbolTable().table
-    objects = table.objects.map { object in
-      ProcessInfo.Object(
-        path: object.path, bias: object.bias,
-        buildID: object.buildID.map { $0.map { String($0, radix: 16).leftPadded(to: 2) }.joined() })
-    }
+    // The tracer's table: resolving the chosen sites below reads the same one (built once).
+    let table = Tracer.shared.symbols
+    objects = table.objects.map { ProcessInfo.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
     var chosen = table.patchableFunctions
     if let match = configuration.match, let glob = try? Glob(match) {
       let wanted = Set(table.functions(matching: glob))
@@ -172,12 +168,6 @@ enum Agent {
 @_cdecl("tracery_agent_start")
 public func traceryAgentStart() { Agent.start() }
 
-extension String {
-  func leftPadded(to width: Int) -> String {
-    count >= width ? self : String(repeating: "0", count: width - count) + self
-  }
-}
-
 // MARK: - Exceptions through traced frames
 
 /// C++ exceptions and forced unwinds (`pthread_exit`, cancellation) walk the stack with the
@@ -199,29 +189,11 @@ enum UnwindGuard {
     // RTLD_NEXT: the definition after this library's in the lookup order (libgcc_s).
     dlsym(UnsafeMutableRawPointer(bitPattern: -1), name).map { unsafeBitCast($0, to: T.self) }
   }
-
-  /// Puts the real return addresses back into the live stack slots; `stackPointer` is an address
-  /// in the caller's frame: slots below it belong to calls that already ended (longjmp).
-  static func restore(stackPointer: UInt64) {
-    let state = ctracery_thread_state()!
-    let base = state.pointee.shadow_base
-    guard base != 0, state.pointee.shadow_top > base + 96 else { return }
-    var frame = base + 96
-    while frame < state.pointee.shadow_top {
-      let pointer = UnsafeMutablePointer<tracery_graph_frame>(bitPattern: UInt(frame))!
-      if pointer.pointee.stack_slot > stackPointer {
-        UnsafeMutablePointer<UInt64>(bitPattern: UInt(pointer.pointee.stack_slot))!.pointee =
-          pointer.pointee.return_address
-      }
-      frame += 96
-    }
-    state.pointee.shadow_top = base + 96
-  }
 }
 
 @_cdecl("_Unwind_RaiseException")
 public func traceryUnwindRaiseException(_ exception: UnsafeMutableRawPointer?) -> Int32 {
-  withCallerStackMarker { UnwindGuard.restore(stackPointer: $0) }
+  Tracer.restoreReturnAddresses()
   return UnwindGuard.nextRaise?(exception) ?? 5  // _URC_END_OF_STACK
 }
 
@@ -229,11 +201,6 @@ public func traceryUnwindRaiseException(_ exception: UnsafeMutableRawPointer?) -
 public func traceryUnwindForcedUnwind(
   _ exception: UnsafeMutableRawPointer?, _ stop: UnsafeMutableRawPointer?, _ argument: UnsafeMutableRawPointer?
 ) -> Int32 {
-  withCallerStackMarker { UnwindGuard.restore(stackPointer: $0) }
+  Tracer.restoreReturnAddresses()
   return UnwindGuard.nextForced?(exception, stop, argument) ?? 5
-}
-
-private func withCallerStackMarker(_ body: (UInt64) -> Void) {
-  var marker: UInt64 = 0
-  withUnsafeMutablePointer(to: &marker) { body(UInt64(UInt(bitPattern: $0))) }
 }

@@ -64,6 +64,13 @@ public struct ProcessInfo: Sendable, Equatable {
       self.bias = bias
       self.buildID = buildID
     }
+
+    /// With the build-id's bytes, written as lowercase hex.
+    public init(path: String, bias: UInt64, buildIDBytes: [UInt8]?) {
+      self.init(
+        path: path, bias: bias,
+        buildID: buildIDBytes.map { $0.map { String($0, radix: 16).leftPadded(to: 2) }.joined() })
+    }
   }
 
   public var session: String

@@ -103,6 +103,12 @@ extension PatchingTests {
       #expect(GraphThreads.depth == 0)
     }
 
+    @Test func reservingMoreWordsThanTheFrameHoldsIsAnError() {
+      #expect(throws: AttachError.graphDataExhausted(requested: 8)) {
+        try tracer.attachGraph(.handlers(entry: nil, exit: nil), to: .address(GraphFixture.leaf), dataWords: 8)
+      }
+    }
+
     @Test func detachedUsersLeaveTheOriginalBytes() throws {
       let before = TextPatcher.read(GraphFixture.leaf)
       let link = try tracer.attachGraph(

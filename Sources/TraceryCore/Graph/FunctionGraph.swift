@@ -32,6 +32,8 @@ public enum GraphHandlers: Sendable {
   /// The event word: bits 0-47 the site, 48-61 the depth (mod 2^14), 62-63 the kind (1 entry,
   /// 2 exit); the first word is the time-stamp counter.
   case recorder(refill: @convention(c) () -> Void)
+
+  var isRecorder: Bool { if case .recorder = self { true } else { false } }
 }
 
 /// One function-graph user. Keep it to keep the user attached; `detach()` removes it.
@@ -81,7 +83,6 @@ struct GraphUser {
       generationAddress: GraphThreads.generationAddress(index), generation: GraphThreads.generation(index))
   }
 
-  var isRecorder: Bool { if case .recorder = handlers { true } else { false } }
 }
 
 private func address<T>(_ function: T) -> UInt64 {
@@ -150,6 +151,23 @@ enum GraphThreads {
     state.pointee.shadow_base = 0
   }
 
+  /// Puts the real return address back into every slot of this thread's stack the graph
+  /// swapped, for frames whose slot lies above `stackPointer` (below it: calls that already ended,
+  /// by longjmp), and empties the shadow stack.
+  static func restoreReturnAddresses(above stackPointer: UInt64) {
+    let state = ctracery_thread_state()!
+    let size = UInt64(GraphEmitter.frameSize)
+    let first = state.pointee.shadow_base + size
+    guard state.pointee.shadow_base != 0, state.pointee.shadow_top > first else { return }
+    for frame in stride(from: first, to: state.pointee.shadow_top, by: Int(size)) {
+      let pointer = UnsafeMutablePointer<tracery_graph_frame>(bitPattern: UInt(frame))!
+      guard pointer.pointee.stack_slot > stackPointer else { continue }
+      UnsafeMutablePointer<UInt64>(bitPattern: UInt(pointer.pointee.stack_slot))!.pointee =
+        pointer.pointee.return_address
+    }
+    state.pointee.shadow_top = first
+  }
+
   static var setupAddress: UInt64 { address(setupThread) }
 
   /// This thread's shadow depth: frames on its shadow stack now (for tests).
@@ -181,15 +199,15 @@ extension Tracer {
       guard let index = users.firstIndex(where: { $0 == nil }) else {
         throw .graphUsersExhausted
       }
-      let user = GraphUser(
-        handlers: handlers, cookie: cookie, dataOffset: 0, dataWords: dataWords, depthLimit: depthLimit)
-      if user.isRecorder, users.contains(where: { $0?.isRecorder == true }) { throw .graphUsersExhausted }
+      if handlers.isRecorder, users.contains(where: { $0?.handlers.isRecorder == true }) {
+        throw .graphUsersExhausted
+      }
       // First fit among the words other users hold.
       var used = [Bool](repeating: false, count: GraphEmitter.dataWords)
       for case let other? in users {
         for word in other.dataOffset..<(other.dataOffset + other.dataWords) { used[word] = true }
       }
-      guard
+      guard (0...GraphEmitter.dataWords).contains(dataWords),
         let offset = (0...(GraphEmitter.dataWords - dataWords)).first(where: { start in
           !used[start..<(start + dataWords)].contains(true)
         })
@@ -204,6 +222,14 @@ extension Tracer {
       throw .nothingAttached(report)
     }
     return link
+  }
+
+  /// Call before an unwinder walks this thread's stack (a C++ exception, a forced unwind): the
+  /// unwinder cannot step through a return address the graph swapped for its return handler.
+  /// Every live traced call of this thread gets its real return address back and then returns
+  /// untraced (no exit is given for it); later calls are traced as before.
+  public static func restoreReturnAddresses() {
+    withCallerStackMarker { GraphThreads.restoreReturnAddresses(above: $0) }
   }
 
   func graphSites(of index: Int) -> [UInt64] {

@@ -295,7 +295,7 @@ public final class Tracer: Sendable {
     case .address(let address):
       return [try context.target(at: address, name: nil)]
     case .addresses(let addresses):
-      let table = symbolTable()
+      let table = symbols
       var result: [Target] = []
       result.reserveCapacity(addresses.count)
       for address in addresses {
@@ -316,7 +316,7 @@ public final class Tracer: Sendable {
   private func targets(
     matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
   ) throws(AttachError) -> [Target] {
-    let table = symbolTable()
+    let table = symbols
     let chosen = select(table).filter { table.functions[$0].site != nil }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     var result: [Target] = []
@@ -328,7 +328,9 @@ public final class Tracer: Sendable {
     return result
   }
 
-  private func symbolTable() -> SymbolTable {
+  /// The symbol table of the loaded objects: built on first use and kept (`reloadSymbols()`
+  /// after `dlopen`).
+  public var symbols: SymbolTable {
     state.withLock { state in
       if state.symbols == nil { state.symbols = ProcessObjects.symbolTable().table }
       return state.symbols!
