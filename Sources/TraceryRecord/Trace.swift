@@ -70,14 +70,14 @@ public struct Trace: Sendable {
       throw .corrupt("\(path) is truncated (\(bytes.count) bytes, header is \(TraceFormat.headerSize))")
     }
     guard Array(bytes[0..<8]) == TraceFormat.magic else { throw .corrupt("\(path): bad magic") }
-    let version = bytes.load32(TraceFormat.Header.version)
+    let version = UInt32(bytes.load(TraceFormat.Header.version, count: 4))
     guard version == TraceFormat.version else { throw .corrupt("\(path): format version \(version)") }
-    let dropped = bytes.load64(TraceFormat.Header.dropped)
+    let dropped = bytes.load(TraceFormat.Header.dropped)
     var events: [Event] = []
     events.reserveCapacity((bytes.count - TraceFormat.headerSize) / TraceFormat.eventSize)
     var offset = TraceFormat.headerSize
     while offset + TraceFormat.eventSize <= bytes.count {
-      guard let event = Event(timestamp: bytes.load64(offset), word: bytes.load64(offset + 8)) else { break }
+      guard let event = Event(timestamp: bytes.load(offset), word: bytes.load(offset + 8)) else { break }
       events.append(event)
       offset += TraceFormat.eventSize
     }
@@ -86,15 +86,8 @@ public struct Trace: Sendable {
 }
 
 extension [UInt8] {
-  func load64(_ offset: Int) -> UInt64 {
-    var value: UInt64 = 0
-    for index in (0..<8).reversed() { value = value << 8 | UInt64(self[offset + index]) }
-    return value
-  }
-
-  func load32(_ offset: Int) -> UInt32 { UInt32(truncatingIfNeeded: load64Safe(offset, 4)) }
-
-  private func load64Safe(_ offset: Int, _ count: Int) -> UInt64 {
+  /// The little-endian integer of `count` bytes at `offset`.
+  func load(_ offset: Int, count: Int = 8) -> UInt64 {
     var value: UInt64 = 0
     for index in (0..<count).reversed() { value = value << 8 | UInt64(self[offset + index]) }
     return value

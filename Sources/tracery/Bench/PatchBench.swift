@@ -118,16 +118,20 @@ enum GeneratedLibrary {
     let sourcePath = path + ".c"
     try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
     let temporary = path + ".tmp"
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = [
-      "clang", "-O1", "-shared", "-fPIC", "-fpatchable-function-entry=5", sourcePath, "-o", temporary,
-    ]
-    try process.run()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw UserError("clang failed to build \(sourcePath)") }
+    try clang(
+      ["-O1", "-shared", "-fPIC", "-fpatchable-function-entry=5", sourcePath, "-o", temporary], building: sourcePath)
     try FileManager.default.moveItem(atPath: temporary, toPath: path)
     try? FileManager.default.removeItem(atPath: sourcePath)
     return path
+  }
+
+  /// Runs clang (found on PATH) with `arguments`.
+  static func clang(_ arguments: [String], building source: String) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = ["clang"] + arguments
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw UserError("clang failed to build \(source)") }
   }
 }

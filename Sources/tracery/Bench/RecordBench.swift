@@ -35,7 +35,8 @@ struct RecordBench {
     let sourcePath = directory + "/fib.c"
     let program = directory + "/fib"
     try Self.source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
-    try compile(["-O2", "-fpatchable-function-entry=5", sourcePath, "-o", program])
+    try GeneratedLibrary.clang(
+      ["-O2", "-fpatchable-function-entry=5", sourcePath, "-o", program], building: sourcePath)
     let agent = try Recorder.agentPath()
     let traces = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-bench-\(getpid())").path
     defer { try? FileManager.default.removeItem(atPath: traces) }
@@ -57,12 +58,12 @@ struct RecordBench {
       name: "tracery", n: calls, nsPerItem: median(traced), baseline: baseline,
       extra: ["overhead_ns_per_call": median(traced) - baseline])
 
-    guard let uftrace = Self.which("uftrace") else {
+    guard let uftrace = try? ProgramLocator.locate("uftrace") else {
       report.note("uftrace is not installed (apt-get install uftrace): no uftrace figure")
       return
     }
     let pgProgram = directory + "/fib-pg"
-    try compile(["-O2", "-pg", sourcePath, "-o", pgProgram])
+    try GeneratedLibrary.clang(["-O2", "-pg", sourcePath, "-o", pgProgram], building: sourcePath)
     var uftraced: [Double] = []
     for _ in 0..<runs {
       try? FileManager.default.removeItem(atPath: traces)
@@ -72,15 +73,6 @@ struct RecordBench {
     report.figure(
       name: "uftrace", n: calls, nsPerItem: median(uftraced), baseline: baseline,
       extra: ["overhead_ns_per_call": median(uftraced) - baseline])
-  }
-
-  private func compile(_ arguments: [String]) throws {
-    guard let clang = Self.which("clang") ?? Self.which("gcc") else {
-      throw UserError("bench record needs clang or gcc")
-    }
-    let process = try Process.run(URL(fileURLWithPath: clang), arguments: arguments)
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw UserError("compiling the benchmark program failed") }
   }
 
   private func measure(_ executable: String, arguments: [String] = [], environment: [String: String]) throws -> (
@@ -100,13 +92,5 @@ struct RecordBench {
       let calls = Int(fields[index + 1]), let nanoseconds = Double(fields[index + 3]), calls > 0
     else { throw UserError("the benchmark program failed: \(output)") }
     return (calls, nanoseconds / Double(calls))
-  }
-
-  static func which(_ tool: String) -> String? {
-    for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
-      let path = "\(directory)/\(tool)"
-      if FileManager.default.isExecutableFile(atPath: path) { return path }
-    }
-    return nil
   }
 }
