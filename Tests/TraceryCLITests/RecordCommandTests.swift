@@ -213,6 +213,13 @@ import TraceryTestSupport
     #expect(Self.trees(shallow.stdout).values.first == ["main();"])
   }
 
+  @Test(arguments: ["record", "live"])
+  func helpIsShownNotTakenForTheProgram(command: String) throws {
+    let result = try TestSupport.run(Self.tracery, [command, "--help"])
+    #expect(result.status == 0, "\(result.stderr)")
+    #expect(result.stdout.contains("USAGE: tracery \(command)"))
+  }
+
   /// Every bad input: one line on stderr, "tracery: ...", and a non-zero status.
   @Test func badInputsSayWhatIsWrong() throws {
     let directory = try TestSupport.temporaryDirectory("record-bad")

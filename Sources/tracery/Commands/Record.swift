@@ -3,18 +3,26 @@ import Foundation
 import TraceryELF
 import TraceryRecord
 
-/// Options of `record` and `live` that decide what the agent patches and records.
+/// Options of `record` and `live` that decide what the agent patches and records, and the
+/// program to run.
 struct RecordOptions: ParsableArguments {
-  @Option(
-    name: .shortAndLong, help: "The trace directory (default: tracery.data; an old one becomes tracery.data.old).")
-  var directory: String = "tracery.data"
-
   @Option(name: .long, help: "Patch only the functions whose name matches this glob.")
   var patch: String?
 
   @Option(
     name: .customLong("buffer-limit"), help: "Megabytes of events per thread; later events are dropped and counted.")
   var bufferLimit: Int = 2048
+
+  @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
+  var command: [String] = []
+
+  /// The passthrough argument also captures what the command itself should have parsed: a help
+  /// flag (shown for `command`), or an unknown option (refused).
+  func checkCommand(of command: ParsableCommand.Type) throws {
+    guard let first = self.command.first, first.hasPrefix("-"), first != "--" else { return }
+    if first == "-h" || first == "--help" { throw CleanExit.helpRequest(command) }
+    throw ValidationError("Unknown option '\(first)'")
+  }
 }
 
 /// Read-time filters, as uftrace spells them. At record time they are stored with the trace and
@@ -100,17 +108,17 @@ struct Record: ParsableCommand {
       """
   )
 
-  @OptionGroup var record: RecordOptions
+  @Option(
+    name: .shortAndLong, help: "The trace directory (an old one is kept as DIR.old).")
+  var directory: String = "tracery.data"
   @OptionGroup var filters: FilterOptions
+  @OptionGroup var record: RecordOptions
 
-  @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
-  var command: [String] = []
-
-  func validate() throws { try Recorder.validate(command) }
+  func validate() throws { try record.checkCommand(of: Self.self) }
 
   func run() throws {
     try reportingUserErrors {
-      let status = try Recorder(options: record, filters: filters, command: command).run(directory: record.directory)
+      let status = try Recorder(options: record, filters: filters).run(directory: directory)
       try status.passThrough()
     }
   }
@@ -120,19 +128,16 @@ struct Live: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Record a program into a temporary directory, then replay it.")
 
-  @OptionGroup var record: RecordOptions
   @OptionGroup var filters: FilterOptions
+  @OptionGroup var record: RecordOptions
 
-  @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
-  var command: [String] = []
-
-  func validate() throws { try Recorder.validate(command) }
+  func validate() throws { try record.checkCommand(of: Self.self) }
 
   func run() throws {
     try reportingUserErrors {
       let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-live-\(getpid())").path
       defer { try? FileManager.default.removeItem(atPath: directory) }
-      let status = try Recorder(options: record, filters: filters, command: command).run(directory: directory)
+      let status = try Recorder(options: record, filters: filters).run(directory: directory)
       let trace = try TraceReading.open(directory)
       let filter = try filters.filter(for: trace)
       print(Render.replay(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
@@ -165,17 +170,9 @@ enum ProgramStatus {
 struct Recorder {
   let options: RecordOptions
   let filters: FilterOptions
-  let command: [String]
-
-  /// The passthrough argument also captures options this command does not know: refuse those.
-  static func validate(_ command: [String]) throws {
-    if let first = command.first, first.hasPrefix("-"), first != "--" {
-      throw ValidationError("Unknown option '\(first)'")
-    }
-  }
 
   func run(directory: String) throws -> ProgramStatus {
-    var command = command
+    var command = options.command
     if command.first == "--" { command.removeFirst() }
     guard let program = command.first else {
       throw UserError("no program given: tracery record [OPTIONS] -- PROGRAM [ARGS...]")

@@ -100,19 +100,26 @@ enum Demangler {
   }
 }
 
+/// The trace directory a reading command opens.
+struct TraceLocation: ParsableArguments {
+  @Option(name: .shortAndLong, help: "The trace directory.")
+  var directory: String = "tracery.data"
+
+  func open() throws -> Trace { try TraceReading.open(directory) }
+}
+
 struct Replay: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Print the recorded calls as a call tree with durations, threads interleaved by time.")
 
-  @Option(name: .shortAndLong, help: "The trace directory.")
-  var directory: String = "tracery.data"
+  @OptionGroup var location: TraceLocation
   @Option(name: .long, help: "Only this thread.")
   var tid: Int32?
   @OptionGroup var filters: FilterOptions
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try TraceReading.open(directory)
+      let trace = try location.open()
       let filter = try filters.filter(for: trace)
       print(Render.replay(try TraceReading.filteredCalls(trace, filter, tid: tid), filter: filter), terminator: "")
       TraceReading.warnAboutDrops(trace)
@@ -124,8 +131,7 @@ struct Report: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Per function: total time, self time, calls, minimum and maximum.")
 
-  @Option(name: .shortAndLong, help: "The trace directory.")
-  var directory: String = "tracery.data"
+  @OptionGroup var location: TraceLocation
   @Option(name: .shortAndLong, help: "Sort by total, self, calls, min, max or name.")
   var sort: String = "total"
   @Flag(name: .long, help: "One table per thread.")
@@ -140,7 +146,7 @@ struct Report: ParsableCommand {
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try TraceReading.open(directory)
+      let trace = try location.open()
       let filter = try filters.filter(for: trace)
       let key = Render.SortKey(rawValue: sort)!
       let calls = try TraceReading.filteredCalls(trace, filter)
@@ -160,12 +166,11 @@ struct Report: ParsableCommand {
 struct Info: ParsableCommand {
   static let configuration = CommandConfiguration(abstract: "Describe a recording: command, processes, objects.")
 
-  @Option(name: .shortAndLong, help: "The trace directory.")
-  var directory: String = "tracery.data"
+  @OptionGroup var location: TraceLocation
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try TraceReading.open(directory)
+      let trace = try location.open()
       var output = ""
       for (key, value) in trace.info {
         output += "# \(key.padding(toLength: 16, withPad: " ", startingAt: 0)): \(value)\n"
@@ -192,8 +197,7 @@ struct Dump: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Write the recording as Chrome trace-event JSON, folded stacks, or raw events.")
 
-  @Option(name: .shortAndLong, help: "The trace directory.")
-  var directory: String = "tracery.data"
+  @OptionGroup var location: TraceLocation
   @Flag(name: .long, help: "Chrome trace-event JSON (chrome://tracing, Perfetto).")
   var chrome = false
   @Flag(name: .long, help: "Folded stacks with self nanoseconds (flamegraph.pl input).")
@@ -206,7 +210,7 @@ struct Dump: ParsableCommand {
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try TraceReading.open(directory)
+      let trace = try location.open()
       let filter = try filters.filter(for: trace)
       if chrome {
         print(Render.chrome(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
