@@ -7,6 +7,17 @@ extension X86Writer {
     emit32(rel)
   }
 
+  /// `call rel32` to `address` when it is in reach, else `mov scratch, address; call scratch`.
+  public mutating func putCall(address: UInt64, orThrough scratch: Register) {
+    if let rel = X86Writer.rel32(from: pc &+ 5, to: address) {
+      emit(0xe8)
+      emit32(rel)
+    } else {
+      putMov(scratch, immediate: address)
+      putCall(scratch)
+    }
+  }
+
   /// `jmp rel32` to an absolute address. Throws if the target is out of rel32 reach of `pc`.
   public mutating func putJmp(address: UInt64) throws(WriteError) {
     let from = pc &+ 5

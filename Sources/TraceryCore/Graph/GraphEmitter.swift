@@ -197,26 +197,14 @@ struct GraphEmitter {
   private func putEntryWithHandlers(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
     let size = Self.handlerFrame
     w.putSub(.rsp, immediate: size)
-    for (index, register) in Register.arguments.enumerated() {
-      w.putMov(Memory(.rsp, TrampolineEmitter.argumentsOffset + 8 * Int32(index)), register)
-    }
-    w.putMov(Memory(.rsp, TrampolineEmitter.raxOffset), .rax)
-    for index in 0..<8 {
-      w.putMovaps(Memory(.rsp, TrampolineEmitter.floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
-    }
+    TrampolineEmitter.putSaveArguments(&w, .unknown)
     putCallHeader(&w, stackArguments: size + 16)
     w.putMovByte(.fs(guardOffset), immediate: 1)
     for user in users {
       try putUserEntry(&w, user, framePointerAt: Self.savedFrameOffset, guardHeld: true, cold: &cold)
     }
     w.putMovByte(.fs(guardOffset), immediate: 0)
-    for (index, register) in Register.arguments.enumerated() {
-      w.putMov(register, Memory(.rsp, TrampolineEmitter.argumentsOffset + 8 * Int32(index)))
-    }
-    w.putMov(.rax, Memory(.rsp, TrampolineEmitter.raxOffset))
-    for index in 0..<8 {
-      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, TrampolineEmitter.floatArgumentsOffset + 16 * Int32(index)))
-    }
+    TrampolineEmitter.putRestoreArguments(&w, .unknown)
     w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
     w.putAdd(.rsp, immediate: size)
   }
@@ -249,7 +237,7 @@ struct GraphEmitter {
     case .handlers(let entry, let exit, let cookie):
       if let entry {
         putHandlerArguments(&w, user, cookie: cookie)
-        try putCall(&w, entry)
+        w.putCall(address: entry, orThrough: .rax)
         if exit != nil {
           w.putTest32(.rax, .rax)
           w.putJcc(.equal, skip)
@@ -272,15 +260,6 @@ struct GraphEmitter {
     w.putLea(.rsi, Memory(.r11, Self.dataOffset + 8 * Int32(user.dataOffset)))
     w.putMov(.rdx, .rsp)
     w.putMov(.rcx, immediate: cookie)
-  }
-
-  private func putCall(_ w: inout X86Writer, _ target: UInt64) throws {
-    if X86Writer.rel32(from: w.pc + 5, to: target) != nil {
-      try w.putCall(address: target)
-    } else {
-      w.putMov(.rax, immediate: target)
-      w.putCall(.rax)
-    }
   }
 
   /// The recorder's event for the frame at r11: [cursor] = tsc, [cursor+8] = site | depth << 48
@@ -360,18 +339,12 @@ struct GraphEmitter {
       // 296 = 8 mod 16: rsp aligned at the calls.
       let size = Self.handlerFrame + 8
       w.putSub(.rsp, immediate: size)
-      w.putMov(Memory(.rsp, TrampolineEmitter.returnOffset), .rax)
-      w.putMov(Memory(.rsp, TrampolineEmitter.returnOffset + 8), .rdx)
-      w.putMovaps(Memory(.rsp, TrampolineEmitter.floatReturnOffset), XMMRegister(0))
-      w.putMovaps(Memory(.rsp, TrampolineEmitter.floatReturnOffset + 16), XMMRegister(1))
+      TrampolineEmitter.putSaveReturn(&w, .unknown)
       putCallHeader(&w, stackArguments: size + 24)
       w.putMovByte(.fs(guardOffset), immediate: 1)
       for user in users { try putUserExit(&w, user, framePointerAt: Self.savedFrameOffset, cold: &cold) }
       w.putMovByte(.fs(guardOffset), immediate: 0)
-      w.putMov(.rax, Memory(.rsp, TrampolineEmitter.returnOffset))
-      w.putMov(.rdx, Memory(.rsp, TrampolineEmitter.returnOffset + 8))
-      w.putMovaps(XMMRegister(0), Memory(.rsp, TrampolineEmitter.floatReturnOffset))
-      w.putMovaps(XMMRegister(1), Memory(.rsp, TrampolineEmitter.floatReturnOffset + 16))
+      TrampolineEmitter.putLoadReturn(&w, .unknown)
       w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
       w.putAdd(.rsp, immediate: size)
       w.putMov(Memory(.rsp, 8), .rax)
@@ -406,7 +379,7 @@ struct GraphEmitter {
       w.putCmp(Memory(.r10), immediate: Int32(truncatingIfNeeded: user.generation))
       w.putJcc(.notEqual, skip)
       putHandlerArguments(&w, user, cookie: cookie)
-      try putCall(&w, exit)
+      w.putCall(address: exit, orThrough: .rax)
     case .recorder(let refill):
       if users.count > 1 {
         w.putTest(Memory(.r11, Self.takenOffset), immediate: bit)

@@ -46,6 +46,11 @@ public struct FunctionModel: Sendable, Hashable, CustomStringConvertible {
   public static let unknown = FunctionModel(
     integerArguments: 6, floatArguments: 8, stackArgumentWords: nil, returns: .unknown, isVariadic: true)
 
+  var returnsIntegers: Bool { [.integer, .integerPair, .unknown].contains(returns) }
+  var returnsPair: Bool { [.integerPair, .unknown].contains(returns) }
+  var returnsFloats: Bool { [.double, .doublePair, .unknown].contains(returns) }
+  var returnsFloatPair: Bool { [.doublePair, .unknown].contains(returns) }
+
   public var description: String {
     "\(integerArguments) int, \(floatArguments) float, "
       + "\(stackArgumentWords.map { "\($0) stack words" } ?? "unknown stack arguments"), returns \(returns)"

@@ -225,45 +225,50 @@ struct TrampolineEmitter {
     w.putMovByte(guardByte, immediate: 0)
   }
 
-  private func saveArguments(_ w: inout X86Writer) {
-    for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
-      w.putMov(Memory(.rsp, Self.argumentsOffset + 8 * Int32(index)), register)
-    }
-    if model.isVariadic { w.putMov(Memory(.rsp, Self.raxOffset), .rax) }
-    for index in 0..<model.floatArguments {
-      w.putMovaps(Memory(.rsp, Self.floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
-    }
-  }
-
-  /// Reloads the argument registers from the frame (handlers may have changed them); `frame` is
-  /// how far rsp has moved below the tracery_call.
+  private func saveArguments(_ w: inout X86Writer) { Self.putSaveArguments(&w, model) }
   private func restoreArguments(_ w: inout X86Writer, frame: Int32) {
+    Self.putRestoreArguments(&w, model, frame: frame)
+  }
+  private func saveReturn(_ w: inout X86Writer) { Self.putSaveReturn(&w, model) }
+  private func loadReturn(_ w: inout X86Writer) { Self.putLoadReturn(&w, model) }
+
+  /// Saves the argument registers `model` uses into the tracery_call at rsp.
+  static func putSaveArguments(_ w: inout X86Writer, _ model: FunctionModel) {
     for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
-      w.putMov(register, Memory(.rsp, frame + Self.argumentsOffset + 8 * Int32(index)))
+      w.putMov(Memory(.rsp, argumentsOffset + 8 * Int32(index)), register)
     }
-    if model.isVariadic { w.putMov(.rax, Memory(.rsp, frame + Self.raxOffset)) }
+    if model.isVariadic { w.putMov(Memory(.rsp, raxOffset), .rax) }
     for index in 0..<model.floatArguments {
-      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, frame + Self.floatArgumentsOffset + 16 * Int32(index)))
+      w.putMovaps(Memory(.rsp, floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
     }
   }
 
-  private var returnsIntegers: Bool { [.integer, .integerPair, .unknown].contains(model.returns) }
-  private var returnsPair: Bool { [.integerPair, .unknown].contains(model.returns) }
-  private var returnsFloats: Bool { [.double, .doublePair, .unknown].contains(model.returns) }
-  private var returnsFloatPair: Bool { [.doublePair, .unknown].contains(model.returns) }
-
-  private func saveReturn(_ w: inout X86Writer) {
-    if returnsIntegers { w.putMov(Memory(.rsp, Self.returnOffset), .rax) }
-    if returnsPair { w.putMov(Memory(.rsp, Self.returnOffset + 8), .rdx) }
-    if returnsFloats { w.putMovaps(Memory(.rsp, Self.floatReturnOffset), XMMRegister(0)) }
-    if returnsFloatPair { w.putMovaps(Memory(.rsp, Self.floatReturnOffset + 16), XMMRegister(1)) }
+  /// Reloads the argument registers from the tracery_call (handlers may have changed them);
+  /// `frame` is how far rsp has moved below it.
+  static func putRestoreArguments(_ w: inout X86Writer, _ model: FunctionModel, frame: Int32 = 0) {
+    for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
+      w.putMov(register, Memory(.rsp, frame + argumentsOffset + 8 * Int32(index)))
+    }
+    if model.isVariadic { w.putMov(.rax, Memory(.rsp, frame + raxOffset)) }
+    for index in 0..<model.floatArguments {
+      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, frame + floatArgumentsOffset + 16 * Int32(index)))
+    }
   }
 
-  private func loadReturn(_ w: inout X86Writer) {
-    if returnsIntegers { w.putMov(.rax, Memory(.rsp, Self.returnOffset)) }
-    if returnsPair { w.putMov(.rdx, Memory(.rsp, Self.returnOffset + 8)) }
-    if returnsFloats { w.putMovaps(XMMRegister(0), Memory(.rsp, Self.floatReturnOffset)) }
-    if returnsFloatPair { w.putMovaps(XMMRegister(1), Memory(.rsp, Self.floatReturnOffset + 16)) }
+  /// Saves the result registers `model` returns in into the tracery_call at rsp.
+  static func putSaveReturn(_ w: inout X86Writer, _ model: FunctionModel) {
+    if model.returnsIntegers { w.putMov(Memory(.rsp, returnOffset), .rax) }
+    if model.returnsPair { w.putMov(Memory(.rsp, returnOffset + 8), .rdx) }
+    if model.returnsFloats { w.putMovaps(Memory(.rsp, floatReturnOffset), XMMRegister(0)) }
+    if model.returnsFloatPair { w.putMovaps(Memory(.rsp, floatReturnOffset + 16), XMMRegister(1)) }
+  }
+
+  /// Loads the result registers back from the tracery_call at rsp.
+  static func putLoadReturn(_ w: inout X86Writer, _ model: FunctionModel) {
+    if model.returnsIntegers { w.putMov(.rax, Memory(.rsp, returnOffset)) }
+    if model.returnsPair { w.putMov(.rdx, Memory(.rsp, returnOffset + 8)) }
+    if model.returnsFloats { w.putMovaps(XMMRegister(0), Memory(.rsp, floatReturnOffset)) }
+    if model.returnsFloatPair { w.putMovaps(XMMRegister(1), Memory(.rsp, floatReturnOffset + 16)) }
   }
 
   /// The frame's padding word holds the start time of a timed handler call.
@@ -283,12 +288,7 @@ struct TrampolineEmitter {
     }
     w.putLea(.rdi, Memory(.rsp))
     w.putMov(.rsi, immediate: call.cookie)
-    if X86Writer.rel32(from: w.pc + 5, to: call.handler) != nil {
-      try w.putCall(address: call.handler)
-    } else {
-      w.putMov(.r11, immediate: call.handler)
-      w.putCall(.r11)
-    }
+    w.putCall(address: call.handler, orThrough: .r11)
     if call.statistics == .callsAndTime {
       w.putMov(.r10, .rax)
       putTimestamp(&w)
