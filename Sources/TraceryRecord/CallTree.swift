@@ -122,7 +122,7 @@ extension Trace {
           open.append(calls.count - 1)
         case .exit:
           // The call this exit ends is at its depth; deeper ones were left without one.
-          guard event.depth < open.count || open.count > 0 else { continue }
+          guard !open.isEmpty else { continue }
           let target = min(event.depth, open.count - 1)
           while open.count > target + 1, let last = open.popLast() { close(last, at: now, complete: false) }
           if let last = open.popLast() { close(last, at: now, complete: true) }

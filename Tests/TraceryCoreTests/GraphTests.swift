@@ -16,24 +16,21 @@ enum GraphFixture {
   static let longjmp = entryAddress(tracery_graph_longjmp as Unary)
   static let leaf = entryAddress(tracery_graph_leaf as Unary)
 
-  static let entry = unsafeBitCast(
-    tracery_graph_entry_record
-      as @convention(c) (
-        UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
-        UInt64
-      ) -> Int32, to: GraphEntryHandler.self)
-  static let exit = unsafeBitCast(
-    tracery_graph_exit_record
-      as @convention(c) (
-        UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
-        UInt64
-      ) -> Void, to: GraphExitHandler.self)
-  static let decline = unsafeBitCast(
-    tracery_graph_entry_decline
-      as @convention(c) (
-        UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
-        UInt64
-      ) -> Int32, to: GraphEntryHandler.self)
+  /// The C handlers as Swift imports them (optional pointers), to cast to Tracery's types.
+  typealias CEntry =
+    @convention(c) (
+      UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
+      UInt64
+    ) -> Int32
+  typealias CExit =
+    @convention(c) (
+      UnsafeMutablePointer<tracery_graph_frame>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<tracery_call>?,
+      UInt64
+    ) -> Void
+
+  static let entry = unsafeBitCast(tracery_graph_entry_record as CEntry, to: GraphEntryHandler.self)
+  static let exit = unsafeBitCast(tracery_graph_exit_record as CExit, to: GraphExitHandler.self)
+  static let decline = unsafeBitCast(tracery_graph_entry_decline as CEntry, to: GraphEntryHandler.self)
 
   static var events: [tracery_graph_event] {
     (0..<Int(tracery_graph_events_count())).map { tracery_graph_event_at(Int32($0)) }
