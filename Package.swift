@@ -60,6 +60,7 @@ let package = Package(
     .target(name: "TraceryTestSupport", path: "Tests/TraceryTestSupport"),
     .testTarget(name: "TraceryELFTests", dependencies: ["TraceryELF", "TraceryTestSupport"]),
     .testTarget(name: "TraceryX86Tests", dependencies: ["TraceryX86", "TraceryTestSupport"]),
+    .testTarget(name: "TraceryRecordTests", dependencies: ["TraceryRecord"]),
     .testTarget(
       name: "TraceryCoreTests",
       dependencies: [

@@ -142,7 +142,9 @@ enum Agent {
     if let chunk = file.nextChunk() {
       let start = UInt64(UInt(bitPattern: chunk.baseAddress))
       state.pointee.event_cursor = start
-      state.pointee.event_end = start + UInt64(chunk.count)
+      // The recorder writes while cursor < end: 8 bytes short of the chunk's end leaves room
+      // for a 16-byte entry (the reader skips a chunk's last 8 bytes when they are zero).
+      state.pointee.event_end = start + UInt64(chunk.count - 8)
     } else {
       file.countDropped()
     }

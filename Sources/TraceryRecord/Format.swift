@@ -2,16 +2,16 @@
 ///
 ///     DIR/info                      the recording: command line, options (written by the CLI)
 ///     DIR/process-SESSION.info      one traced process image: pid, objects, clock (the agent)
-///     DIR/SESSION-TID.events        one thread's events: a 4 KiB header, then 16-byte events
+///     DIR/SESSION-TID.events        one thread's events: a 4 KiB header, then entries (16 bytes)
+///                                   and exits (8 bytes)
 ///
 /// A SESSION is `PID.GENERATION`: GENERATION counts the `exec`s of that pid under the agent.
 public enum TraceFormat {
   public static let magic: [UInt8] = Array("TRACERY1".utf8)
-  public static let version: UInt32 = 1
+  public static let version: UInt32 = 2
   /// Events start here in a thread file; the header page before them stays mapped while the
   /// thread records, so its `dropped` count is always current on disk.
   public static let headerSize = 4096
-  public static let eventSize = 16
 
   /// Thread file header fields (little-endian).
   public enum Header {
@@ -26,8 +26,13 @@ public enum TraceFormat {
 
 /// One recorded event: a traced function's entry or exit on one thread.
 ///
-/// Bytes: u64 time-stamp counter; u64 word = site (bits 0-47) | depth mod 2^14 (bits 48-61) |
-/// kind (bits 62-63: 1 entry, 2 exit; 0 means "never written": the end of the recorded data).
+/// Bytes (little-endian words; the first word's bits 62-63 are the kind, 0 = never written):
+///
+///     entry, 16 bytes: site (bits 0-47) | depth mod 2^14 (48-61) | 1 << 62;  time-stamp counter
+///     exit,   8 bytes: counter mod 2^48 (0-47) | depth mod 2^14 (48-61) | 2 << 62
+///
+/// An exit's counter gets its upper bits from the event before it (`Event.Decoder`), and its
+/// site from the open entry at its depth.
 public struct Event: Sendable, Equatable {
   public enum Kind: UInt8, Sendable { case entry = 1, exit = 2 }
   public let timestamp: UInt64
@@ -42,13 +47,48 @@ public struct Event: Sendable, Equatable {
     self.kind = kind
   }
 
-  /// Decodes one event; nil for an unwritten (zero) slot or an unknown kind.
-  public init?(timestamp: UInt64, word: UInt64) {
-    guard let kind = Kind(rawValue: UInt8(word >> 62)) else { return nil }
-    self.init(timestamp: timestamp, site: word & 0xffff_ffff_ffff, depth: Int((word >> 48) & 0x3fff), kind: kind)
+  /// Decodes one thread's events in order.
+  public struct Decoder {
+    private var last: UInt64 = 0
+    private var sites: [UInt64] = []
+
+    public init() {}
+
+    /// The event whose first word is `word` (`next` reads the word after it, for an entry) and
+    /// its size in bytes; nil for an unwritten (zero) word or an unknown kind.
+    public mutating func decode(_ word: UInt64, next: () -> UInt64?) -> (event: Event, size: Int)? {
+      let depth = Int((word >> 48) & 0x3fff)
+      switch word >> 62 {
+      case 1:
+        guard let timestamp = next() else { return nil }
+        let site = word & 0xffff_ffff_ffff
+        last = timestamp
+        if sites.count > depth { sites.removeLast(sites.count - depth) }
+        sites.append(site)
+        return (Event(timestamp: timestamp, site: site, depth: depth, kind: .entry), 16)
+      case 2:
+        let low = word & 0xffff_ffff_ffff
+        var timestamp = last & ~0xffff_ffff_ffff | low
+        if timestamp < last { timestamp &+= 1 << 48 }
+        last = timestamp
+        let site = depth < sites.count ? sites[depth] : 0
+        if sites.count > depth { sites.removeLast(sites.count - depth) }
+        return (Event(timestamp: timestamp, site: site, depth: depth, kind: .exit), 8)
+      default:
+        return nil
+      }
+    }
   }
 
-  public var word: UInt64 { site | UInt64(depth & 0x3fff) << 48 | UInt64(kind.rawValue) << 62 }
+  /// The bytes the recorder writes for this event (for tests and tools).
+  public var bytes: [UInt8] {
+    var words: [UInt64]
+    switch kind {
+    case .entry: words = [site | UInt64(depth & 0x3fff) << 48 | 1 << 62, timestamp]
+    case .exit: words = [timestamp & 0xffff_ffff_ffff | UInt64(depth & 0x3fff) << 48 | 2 << 62]
+    }
+    return words.flatMap { word in (0..<8).map { UInt8(truncatingIfNeeded: word >> (8 * $0)) } }
+  }
 }
 
 /// What the agent writes about one traced process image (`process-SESSION.info`): a text file

@@ -57,7 +57,7 @@ public struct Trace: Sendable {
     self.threads = threads.sorted { ($0.pid, $0.tid) < ($1.pid, $1.tid) }
   }
 
-  private static func readThread(path: String, name: String) throws(TraceError) -> Thread {
+  static func readThread(path: String, name: String) throws(TraceError) -> Thread {
     // SESSION-TID.events, SESSION = PID.GENERATION
     let stem = name.dropLast(".events".count)
     guard let dash = stem.lastIndex(of: "-"), let tid = Int32(stem[stem.index(after: dash)...]) else {
@@ -73,13 +73,27 @@ public struct Trace: Sendable {
     let version = UInt32(bytes.load(TraceFormat.Header.version, count: 4))
     guard version == TraceFormat.version else { throw .corrupt("\(path): format version \(version)") }
     let dropped = bytes.load(TraceFormat.Header.dropped)
+    let chunkSize = Int(bytes.load(TraceFormat.Header.chunkSize))
+    guard chunkSize >= 16, chunkSize % 8 == 0 else { throw .corrupt("\(path): chunk size \(chunkSize)") }
     var events: [Event] = []
-    events.reserveCapacity((bytes.count - TraceFormat.headerSize) / TraceFormat.eventSize)
+    events.reserveCapacity((bytes.count - TraceFormat.headerSize) / 12)
+    var decoder = Event.Decoder()
     var offset = TraceFormat.headerSize
-    while offset + TraceFormat.eventSize <= bytes.count {
-      guard let event = Event(timestamp: bytes.load(offset), word: bytes.load(offset + 8)) else { break }
+    while offset + 8 <= bytes.count {
+      let word = bytes.load(offset)
+      let inChunk = (offset - TraceFormat.headerSize) % chunkSize
+      // A chunk's last 8 bytes stay zero when an entry did not fit there.
+      if word == 0 && inChunk == chunkSize - 8 {
+        offset += 8
+        continue
+      }
+      let entryEnd = offset + 16
+      guard
+        let (event, size) = decoder.decode(
+          word, next: { entryEnd <= bytes.count && inChunk + 16 <= chunkSize ? bytes.load(offset + 8) : nil })
+      else { break }
       events.append(event)
-      offset += TraceFormat.eventSize
+      offset += size
     }
     return Thread(session: session, pid: pid, tid: tid, events: events, dropped: dropped)
   }
@@ -115,11 +129,14 @@ public enum Files {
 
   /// Writes `text` to a new file (replacing any), in full.
   @discardableResult
-  public static func write(_ text: String, to path: String) -> Bool {
+  public static func write(_ text: String, to path: String) -> Bool { write(Array(text.utf8), to: path) }
+
+  /// Writes `bytes` to a new file (replacing any), in full.
+  @discardableResult
+  public static func write(_ bytes: [UInt8], to path: String) -> Bool {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
     guard fd >= 0 else { return false }
     defer { close(fd) }
-    let bytes = Array(text.utf8)
     var written = 0
     while written < bytes.count {
       let count = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }

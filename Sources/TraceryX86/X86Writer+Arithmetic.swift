@@ -92,6 +92,14 @@ extension X86Writer {
     emit(immediate)
   }
 
+  /// `shr reg, imm8` (64-bit, logical).
+  public mutating func putShr(_ register: Register, immediate: UInt8) {
+    rex(w: true, b: register.extended)
+    emit(0xc1)
+    emit(0xe8 | register.low)
+    emit(immediate)
+  }
+
   /// `or dst, src` (64-bit).
   public mutating func putOr(_ destination: Register, _ source: Register) {
     rex(w: true, r: source.extended, b: destination.extended)

@@ -185,6 +185,10 @@ let forms: [Form] = [
   Form(name: "shl rdx, 32", expected: [0x48, 0xc1, 0xe2, 0x20], disassembly: "shl rdx,0x20") {
     $0.putShl(.rdx, immediate: 32)
   },
+  Form(name: "shr r10, 16", expected: [0x49, 0xc1, 0xea, 0x10], disassembly: "shr r10,0x10") {
+    $0.putShr(.r10, immediate: 16)
+  },
+  Form(name: "ret 8", expected: [0xc2, 0x08, 0x00], disassembly: "ret 0x8") { $0.putRet(popping: 8) },
   Form(name: "or rax, rdx", expected: [0x48, 0x09, 0xd0], disassembly: "or rax,rdx") { $0.putOr(.rax, .rdx) },
   Form(
     name: "sub rax, [rsp+104]", expected: [0x48, 0x2b, 0x44, 0x24, 0x68], disassembly: "sub rax,QWORD PTR [rsp+0x68]"

@@ -26,11 +26,11 @@ public typealias GraphExitHandler =
 public enum GraphHandlers: Sendable {
   /// Handlers; either may be nil. Without an entry handler every call's exit is taken.
   case handlers(entry: GraphEntryHandler?, exit: GraphExitHandler?)
-  /// The built-in event recorder (at most one per process): writes a 16-byte event at each
-  /// entry and exit into the thread's event buffer (`ctracery_thread.event_cursor..event_end`)
-  /// with no call, and calls `refill` (with the recursion guard held) when the buffer is full.
-  /// The event word: bits 0-47 the site, 48-61 the depth (mod 2^14), 62-63 the kind (1 entry,
-  /// 2 exit); the first word is the time-stamp counter.
+  /// The built-in event recorder (at most one per process): writes an event at each entry (16
+  /// bytes) and exit (8 bytes) into the thread's event buffer
+  /// (`ctracery_thread.event_cursor..event_end`) with no call, and calls `refill` (with the
+  /// recursion guard held) when `cursor >= end`. The layout is TraceryRecord's `Event` (and
+  /// docs/trace-format.md); `refill` must leave room for a 16-byte entry below every `end`.
   case recorder(refill: @convention(c) () -> Void)
 
   var isRecorder: Bool { if case .recorder = self { true } else { false } }
@@ -92,6 +92,7 @@ private func address<T>(_ function: T) -> UInt64 {
 /// One graph image (a mask's entry and return handler) and where it lives.
 struct GraphImage {
   let mask: UInt16
+  let returnHandler: UInt64
   let image: Reclaimer.Retired
   var entry: UInt64 { image.block.address }
 }
@@ -225,7 +226,7 @@ extension Tracer {
   }
 
   /// Call before an unwinder walks this thread's stack (a C++ exception, a forced unwind): the
-  /// unwinder cannot step through a return address the graph swapped for its return handler.
+  /// unwinder cannot step through a return address the graph swapped for its stub's.
   /// Every live traced call of this thread gets its real return address back and then returns
   /// untraced (no exit is given for it); later calls are traced as before.
   public static func restoreReturnAddresses() {
@@ -238,12 +239,39 @@ extension Tracer {
     }
   }
 
-  /// The graph image for `mask` that a call at `site` reaches, made when there is none.
-  func graphEntry(mask: UInt16, near site: UInt64, state: inout State) throws -> UInt64 {
+  /// A new stub for `function` (see `GraphEmitter`), calling the image of its mask; the image is
+  /// made when none within reach exists. Returns the stub's block and the image's entry.
+  func graphStub(for function: TracedFunction, state: inout State) throws -> (
+    stub: Reclaimer.Retired, image: UInt64
+  ) {
+    let site = function.site
+    let block: CodeArena.Block
+    do {
+      block = try arena.allocate(near: site, size: GraphEmitter.stubSize)
+    } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
+    do {
+      let image = try graphImage(mask: function.graphMask, near: block.address, state: &state)
+      guard
+        let bytes = GraphEmitter.stub(
+          at: block.address, site: site, entry: image.entry, returnHandler: image.returnHandler)
+      else { throw AttachError.codeMemory("graph stub out of reach of 0x\(String(site, radix: 16))") }
+      block.write(bytes)
+      return (Reclaimer.Retired(block: block, length: bytes.count, frame: nil, unwind: nil, counters: []), image.entry)
+    } catch {
+      arena.release(block)
+      throw error
+    }
+  }
+
+  /// The graph image for `mask` that a stub at `stub` reaches, made when there is none.
+  private func graphImage(mask: UInt16, near stub: UInt64, state: inout State) throws -> GraphImage {
+    let end = stub + UInt64(GraphEmitter.stubSize)
     if let image = state.graphImages.first(where: {
-      $0.mask == mask && X86Instruction.call(at: site, to: $0.entry) != nil
+      $0.mask == mask && $0.image.block.isReachable(from: stub) && $0.image.block.isReachable(from: end)
     }) {
-      return image.entry
+      return image
     }
     let users = (0..<16).compactMap { index in
       mask & (1 << index) != 0 ? state.graphUsers[index]?.code(index: index) : nil
@@ -251,18 +279,18 @@ extension Tracer {
     let emitter = GraphEmitter(
       users: users, guardOffset: guardOffset, threadOffset: Int32(ctracery_thread_offset()),
       setupThread: GraphThreads.setupAddress)
-    let size = try emitter.emit(at: site).bytes.count + 16 * users.count
+    let size = try emitter.emit(at: stub).bytes.count + 16 * users.count
     let block: CodeArena.Block
-    do { block = try arena.allocate(near: site, size: size) } catch { throw AttachError.codeMemory("\(error)") }
+    do { block = try arena.allocate(near: stub, size: size) } catch { throw AttachError.codeMemory("\(error)") }
     do {
       let code = try emitter.emit(at: block.address)
       block.write(code.bytes)
       let image = GraphImage(
-        mask: mask,
+        mask: mask, returnHandler: block.address + UInt64(code.returnHandler),
         image: Reclaimer.Retired(
           block: block, length: code.bytes.count, frame: nil, unwind: nil, counters: []))
       state.graphImages.append(image)
-      return image.entry
+      return image
     } catch {
       arena.release(block)
       throw error

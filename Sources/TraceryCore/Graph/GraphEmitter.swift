@@ -5,7 +5,7 @@ struct GraphUserCode: Equatable {
   enum Kind: Equatable {
     /// C or Swift handlers; the entry handler's non-zero result asks for the exit call.
     case handlers(entry: UInt64?, exit: UInt64?, cookie: UInt64)
-    /// The built-in event recorder: 16-byte events written inline into the thread's event
+    /// The built-in event recorder: events (`putRecord`) written inline into the thread's event
     /// buffer; `refill` (a C function without arguments) is called when the buffer is full.
     case recorder(refill: UInt64)
   }
@@ -34,24 +34,42 @@ enum ThreadField: Int32 {
 }
 
 /// Generates the two routines of one function-graph image (seed 003's fgraph entry and
-/// return_to_handler), for one fixed set of graph users (a "mask"). Every site whose function
-/// is wanted by exactly that set of users calls the image's entry; sites wanted by another set
-/// call another image. So the entry needs no look-up: which users run is in its code.
+/// return_to_handler), for one fixed set of graph users (a "mask"). Every function wanted by
+/// exactly that set of users reaches the image's entry; functions wanted by another set reach
+/// another image. So the entry needs no look-up: which users run is in its code.
 ///
-/// Entry, called from the site (`call entry`; [rsp] = site + 5, [rsp+8] = the real return):
+/// A traced site jumps (`jmp`, not `call`) to a 32-byte stub of its own (`stub(at:)`), which
+/// calls the entry, then the function's body, then jumps to the return handler:
 ///
-///     if this thread is inside a handler (guard byte): return
-///     frame = shadow top (set up the thread's shadow stack on first use; full: count, return)
+///     stub:      call entry            ; returns with ZF set: traced (the real return address
+///                jne  untraced         ; is on the shadow stack and was popped: `ret 8`)
+///                call site + 5         ; the body sees its stack arguments where they were
+///                jmp  return_handler
+///     untraced:  jmp  site + 5         ; the stack is as the caller left it
+///                .quad site            ; at stub + 24, read by the entry
+///
+/// Every `call` is paired with its `ret`, so the return-stack predictor stays right: the
+/// return handler's final `ret` goes to the real caller, which is what the caller's own `call`
+/// pushed on the predictor. (Swapping the return address in place, as the kernel does, made
+/// every traced return and every return above it mispredict: 30.8 ns per recorded call.)
+///
+/// Entry (`call` from the stub: [rsp] = stub + 5, [rsp+8] = the real return):
+///
+///     if this thread is inside a handler (guard byte): untraced
+///     frame = shadow top (set up the thread's shadow stack on first use; full: count, untraced)
 ///     drop frames whose stack slot is at or below ours (left by longjmp or an exception)
 ///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
 ///     run each user's entry (handlers with registers saved; the recorder inline)
-///     if some user wants the exit: [rsp+8] = return handler; else unpublish the frame
+///     if some user wants the exit: traced (`ret 8`); else unpublish the frame, untraced (`ret`)
 ///
-/// Return handler, reached by the traced function's `ret` (rsp = slot + 8, results in
-/// rax/rdx/xmm0/xmm1):
+/// Return handler, reached from the stub after the body returned to it (rsp = slot + 8, the
+/// slot holds the stub's return address, results in rax/rdx/xmm0/xmm1):
 ///
 ///     find the frame whose slot is ours (dropping stale ones above it), put the real return
 ///     address back into the slot, run each user's exit whose bit the frame has, pop, `ret`.
+///
+/// While the body runs, its return-address slot holds an address in the stub: an unwinder or
+/// `backtrace()` stops there unless `Tracer.restoreReturnAddresses()` ran first.
 ///
 /// Shadow frames are `tracery_graph_frame` (96 bytes). Below the first one lies a sentinel frame
 /// whose slot is the highest address and whose depth is -1, so both searches end there.
@@ -69,8 +87,7 @@ struct GraphEmitter {
   static let dataOffset: Int32 = 40
   static let dataWords = 7
 
-  /// Event word layout of the recorder (TraceryRecord's `Event` decodes it): bits 0-47 the
-  /// site, 48-61 the depth (modulo 2^14), 62-63 the kind (1 entry, 2 exit).
+  /// The recorder's events keep the depth modulo 2^14 (see `putRecord`).
   static let depthMask: Int32 = 0x3fff
 
   let users: [GraphUserCode]
@@ -87,16 +104,39 @@ struct GraphEmitter {
     let returnHandler: Int
   }
 
+  /// Size of a function's stub, and where in it the site address is kept.
+  static let stubSize = 32
+  static let stubSiteOffset: Int32 = 24
+
+  /// The stub of the function whose patch site is `site` (see the type's comment), placed at
+  /// `base`; nil when `site`, `entry` or `returnHandler` is out of rel32 reach.
+  static func stub(at base: UInt64, site: UInt64, entry: UInt64, returnHandler: UInt64) -> [UInt8]? {
+    var w = X86Writer(base: base)
+    let untraced = w.newLabel()
+    do {
+      try w.putCall(address: entry)
+      w.putJcc(.notEqual, untraced, short: true)
+      try w.putCall(address: site + 5)
+      try w.putJmp(address: returnHandler)
+      w.bind(untraced)
+      try w.putJmp(address: site + 5)
+      var bytes = try w.finish()
+      bytes += [UInt8](repeating: 0xcc, count: Int(stubSiteOffset) - bytes.count)
+      withUnsafeBytes(of: site.littleEndian) { bytes += $0 }
+      return bytes
+    } catch {
+      return nil
+    }
+  }
+
   func field(_ field: ThreadField) -> Memory { .fs(threadOffset + field.rawValue) }
 
   func emit(at base: UInt64) throws -> Code {
     var w = X86Writer(base: base)
     var cold: [(inout X86Writer) throws -> Void] = []
-    let returnHandler = w.newLabel()
-    try emitEntry(&w, returnHandler: returnHandler, cold: &cold)
+    try emitEntry(&w, cold: &cold)
     w.putNop(count: (16 - w.bytes.count % 16) % 16)
     let returnOffset = w.bytes.count
-    w.bind(returnHandler)
     try emitReturn(&w, cold: &cold)
     for stub in cold { try stub(&w) }
     w.putUd2()
@@ -106,7 +146,7 @@ struct GraphEmitter {
   // MARK: - Entry
 
   private func emitEntry(
-    _ w: inout X86Writer, returnHandler: Label, cold: inout [(inout X86Writer) throws -> Void]
+    _ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
     let frame = Self.frameSize
     let done = w.newLabel()
@@ -149,12 +189,14 @@ struct GraphEmitter {
     }
     w.putCmp(Memory(.r11, Self.takenOffset), immediate: 0)
     w.putJcc(.equal, unpublish)
-    w.putLea(.r10, .rip(returnHandler))
-    w.putMov(Memory(.rsp, 8), .r10)
-    w.bind(done)
-    w.putRet()
+    // Traced: ZF set, and the real return address (now in the frame) leaves the stack.
+    w.putXor32(.r10, .r10)
+    w.putRet(popping: 8)
     w.bind(unpublish)
     w.putMov(field(.top), .r11)
+    w.bind(done)
+    // Untraced: ZF clear (rsp is never 0), the stack as it was.
+    w.putTest(.rsp, .rsp)
     w.putRet()
 
     // Not set up (limit 0, top 0): set up and retry. Disabled (top 1, limit 0): return. Full:
@@ -170,7 +212,7 @@ struct GraphEmitter {
       w.putJmp(retry)
       w.bind(overflow)
       w.putInc(self.field(.overflowed))
-      w.putRet()
+      w.putJmp(done)
     }
   }
 
@@ -181,7 +223,7 @@ struct GraphEmitter {
     w.putMov(.r10, Memory(.rsp, 8))
     w.putMov(Memory(.r11, Self.returnOffset), .r10)
     w.putMov(.r10, Memory(.rsp, 0))
-    w.putSub(.r10, immediate: 5)
+    w.putMov(.r10, Memory(.r10, Self.stubSiteOffset - 5))
     w.putMov(Memory(.r11, Self.siteOffset), .r10)
     w.putMov(.r10, Memory(.r11, Self.depthOffset - Self.frameSize))
     w.putAdd(.r10, immediate: 1)
@@ -262,9 +304,17 @@ struct GraphEmitter {
     w.putMov(.rcx, immediate: cookie)
   }
 
-  /// The recorder's event for the frame at r11: [cursor] = tsc, [cursor+8] = site | depth << 48
-  /// | kind << 62. Clobbers rax, rdx, r10; r11 survives (the refill stub saves it). Jumps to
-  /// `skip` when no room could be found (the event is counted as dropped).
+  /// The recorder's event for the frame at r11 (TraceryRecord's `Event` decodes them):
+  ///
+  ///     entry (16 bytes): [cursor] = site | depth << 48 | 1 << 62, [cursor+8] = tsc
+  ///     exit   (8 bytes): [cursor] = tsc mod 2^48 | depth << 48 | 2 << 62
+  ///
+  /// (depth mod 2^14). An exit needs no site (it closes the entry at its depth), and its upper
+  /// time bits are the previous event's: 24 bytes per call, and fewer bytes per call is fewer
+  /// fresh pages, which cost more than the code that fills them. The refill leaves 8 bytes of
+  /// each chunk out of `end`, so `cursor < end` means room for either kind.
+  /// Clobbers rax, rdx, r10; r11 survives (the refill stub saves it). Jumps to `skip` when no
+  /// room could be found (the event is counted as dropped).
   private func putRecord(
     _ w: inout X86Writer, kind: Int32, refill: UInt64, guardHeld: Bool, rspAligned: Bool, skip: Label,
     cold: inout [(inout X86Writer) throws -> Void]
@@ -278,14 +328,22 @@ struct GraphEmitter {
     w.putCmp(.r10, field(.end))
     w.putJcc(.aboveOrEqual, full)
     w.bind(write)
-    w.putMov(Memory(.r10, 0), .rax)
-    w.putMov(.rax, Memory(.r11, Self.depthOffset))
-    w.putAnd(.rax, immediate: Self.depthMask)
-    w.putOr(.rax, immediate: kind << 14)
-    w.putShl(.rax, immediate: 48)
-    w.putOr(.rax, Memory(.r11, Self.siteOffset))
-    w.putMov(Memory(.r10, 8), .rax)
-    w.putAdd(.r10, immediate: 16)
+    w.putMov(.rdx, Memory(.r11, Self.depthOffset))
+    w.putAnd(.rdx, immediate: Self.depthMask)
+    w.putOr(.rdx, immediate: kind << 14)
+    w.putShl(.rdx, immediate: 48)
+    if kind == 1 {
+      w.putMov(Memory(.r10, 8), .rax)
+      w.putOr(.rdx, Memory(.r11, Self.siteOffset))
+      w.putMov(Memory(.r10, 0), .rdx)
+      w.putAdd(.r10, immediate: 16)
+    } else {
+      w.putShl(.rax, immediate: 16)
+      w.putShr(.rax, immediate: 16)
+      w.putOr(.rax, .rdx)
+      w.putMov(Memory(.r10, 0), .rax)
+      w.putAdd(.r10, immediate: 8)
+    }
     w.putMov(field(.cursor), .r10)
     cold.append { [self] w in
       w.bind(full)

@@ -107,11 +107,22 @@ struct Reclaimer {
   static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<Set<Int>, Obstacle> {
     let map = MemoryMap.current()
     var busy: Set<Int> = []
-    let low = ranges.map(\.lowerBound).min()!
+    // Retired blocks never overlap (the arena hands each byte out once): sorted by start, the
+    // only candidate for a value is the last block starting at or below it. Thousands of
+    // retired graph stubs stay cheap to check.
+    let order = ranges.indices.sorted { ranges[$0].lowerBound < ranges[$1].lowerBound }
+    let starts = order.map { ranges[$0].lowerBound }
+    let low = starts.first!
     let high = ranges.map(\.upperBound).max()!
     func check(_ value: UInt64) {
       guard value >= low && value < high else { return }
-      for (index, range) in ranges.enumerated() where range.contains(value) { busy.insert(index) }
+      var lower = 0
+      var upper = starts.count
+      while upper - lower > 1 {
+        let middle = (lower + upper) / 2
+        if starts[middle] <= value { lower = middle } else { upper = middle }
+      }
+      if ranges[order[lower]].contains(value) { busy.insert(order[lower]) }
     }
     func scanStack(from rsp: UInt64) -> Bool {
       guard let region = map.region(containing: rsp), region.readable else { return false }

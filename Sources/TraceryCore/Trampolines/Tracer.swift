@@ -160,10 +160,11 @@ public final class Tracer: Sendable {
     var model: FunctionModel
     var attachments: [Attachment] = []
     var image: Reclaimer.Retired?
-    /// Function-graph users tracing this function (bit i: user i), and the graph entry its site
-    /// calls now.
+    /// Function-graph users tracing this function (bit i: user i), the stub its site jumps to
+    /// now, and the entry of the graph image that stub calls.
     var graphMask: UInt16 = 0
-    var graphEntry: UInt64?
+    var graphStub: Reclaimer.Retired?
+    var graphImage: UInt64?
 
     var isTraced: Bool { !attachments.isEmpty || graphMask != 0 }
   }
@@ -456,14 +457,15 @@ public final class Tracer: Sendable {
         let old = state.functions[site]
         let oldBytes =
           old?.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? old?.graphEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
+          ?? old?.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
         function.image = nil
-        function.graphEntry = nil
+        function.graphStub = nil
+        function.graphImage = nil
         do {
           if !function.attachments.isEmpty {
             function.image = try makeImage(for: function)
           } else if function.graphMask != 0 {
-            function.graphEntry = try graphEntry(mask: function.graphMask, near: site, state: &state)
+            (function.graphStub, function.graphImage) = try graphStub(for: function, state: &state)
           }
         } catch {
           report.entries.append(
@@ -472,7 +474,7 @@ public final class Tracer: Sendable {
         }
         let newBytes =
           function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? function.graphEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
+          ?? function.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
         requests.append(PatchRequest(site: site, expected: oldBytes, replacement: newBytes))
         planned.append((site, function))
       }
@@ -485,10 +487,11 @@ public final class Tracer: Sendable {
       for ((site, function), outcome) in zip(planned, outcomes) {
         report.entries.append(.init(function: function.name, address: function.function, outcome: outcome))
         if case .failed = outcome {
-          if let image = function.image { failed.append(image.block) }
+          failed += [function.image, function.graphStub].compactMap { $0?.block }
           continue
         }
         if let old = state.functions[site]?.image { state.reclaimer.retire(old) }
+        if let old = state.functions[site]?.graphStub { state.reclaimer.retire(old) }
         live.append((site, function))
       }
       arena.release(contentsOf: failed)
@@ -503,7 +506,7 @@ public final class Tracer: Sendable {
       // Old graph images are retired once no site calls them (a site that failed to move keeps
       // its image, and the image stays listed).
       if !retiredGraphImages.isEmpty {
-        let called = Set(state.functions.values.compactMap(\.graphEntry))
+        let called = Set(state.functions.values.compactMap(\.graphImage))
         for image in retiredGraphImages {
           if called.contains(image.entry) {
             state.graphImages.append(image)
