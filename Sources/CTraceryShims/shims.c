@@ -10,6 +10,7 @@
 #include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <ucontext.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,6 +24,12 @@ unsigned long ctracery_getauxval(unsigned long type) { return getauxval(type); }
 int ctracery_memfd_create(const char *name) { return (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC); }
 
 int ctracery_gettid(void) { return (int)syscall(SYS_gettid); }
+
+long ctracery_read_memory(void *buffer, const void *address, unsigned long size) {
+  struct iovec local = {buffer, size};
+  struct iovec remote = {(void *)address, size};
+  return (long)process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+}
 
 struct collect_state {
   struct ctracery_object *out;

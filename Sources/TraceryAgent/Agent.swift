@@ -16,6 +16,8 @@ import TraceryRecord
 ///   TRACERY_MATCH          a glob: trace only the functions whose names match it
 ///   TRACERY_DEPTH          record calls only this many levels deep
 ///   TRACERY_BUFFER_LIMIT   bytes of events per thread before events are dropped (and counted)
+///   TRACERY_ARGUMENTS      `-A` / `-R` specs, one per line as `A SPEC` or `R SPEC` (ValueRecorder)
+///   TRACERY_PATTERN_KIND   how their patterns match: regex (default) or glob
 ///
 /// Threads: a thread's first recorded event creates its file (the recorder's refill). `fork`:
 /// the child forgets its parent's files and writes its own under a new session. `exec`: the
@@ -66,6 +68,13 @@ enum Agent {
     guard !addresses.isEmpty else { return }
     recorder = try? Tracer.shared.attachGraph(
       .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
+    if recorder != nil, let text = environment("TRACERY_ARGUMENTS") {
+      let kind = environment("TRACERY_PATTERN_KIND").flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
+      let functions = chosen.compactMap { index in
+        table.functions[index].site.map { (name: table.functions[index].name, site: $0) }
+      }
+      ValueRecorder.attach(ValueRecorder.specs(text), kind: kind, functions: functions, depth: configuration.depth)
+    }
   }
 
   /// Claims a new session name (`PID.N`, N counting this pid's images) and writes its process file.

@@ -11,6 +11,16 @@ public struct Call: Sendable, Equatable {
   /// Index of the parent call, if any.
   public let parent: Int?
   public var children: [Int] = []
+  /// Values recorded with `-A` (arguments) and `-R` (the return value).
+  public var arguments: [RecordedValue] = []
+  public var returnValues: [RecordedValue] = []
+
+  /// `name(arguments)` as uftrace shows it.
+  public var signature: String { "\(name)(\(arguments.map(\.text).joined(separator: ", ")))" }
+  /// ` = value` when the return value was recorded.
+  public var returnSuffix: String {
+    returnValues.isEmpty ? "" : " = " + returnValues.map(\.text).joined(separator: ", ")
+  }
 
   public var duration: Double { end - start }
 }
@@ -116,8 +126,9 @@ extension Trace {
               return name
             }()
           let parent = open.last
-          calls.append(
-            Call(name: name, depth: open.count, start: now, end: now, complete: false, parent: parent))
+          var call = Call(name: name, depth: open.count, start: now, end: now, complete: false, parent: parent)
+          call.arguments = event.values
+          calls.append(call)
           if let parent { calls[parent].children.append(calls.count - 1) }
           open.append(calls.count - 1)
         case .exit:
@@ -125,7 +136,10 @@ extension Trace {
           guard !open.isEmpty else { continue }
           let target = min(event.depth, open.count - 1)
           while open.count > target + 1, let last = open.popLast() { close(last, at: now, complete: false) }
-          if let last = open.popLast() { close(last, at: now, complete: true) }
+          if let last = open.popLast() {
+            close(last, at: now, complete: true)
+            calls[last].returnValues = event.values
+          }
         }
       }
       let lastTime = thread.events.last.map { time($0.timestamp) } ?? 0

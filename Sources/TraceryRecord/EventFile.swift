@@ -30,6 +30,11 @@ public final class EventFile: @unchecked Sendable {
   private var prepared: (index: Int, address: UInt) = (-1, 0)
   private var closed = false
 
+  deinit {
+    pthread_mutex_destroy(lock)
+    lock.deallocate()
+  }
+
   /// Creates the file and its header. nil when it cannot be created or mapped.
   public init?(path: String, pid: Int32, tid: Int32, chunkSize: Int, limit: Int) {
     fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

@@ -32,13 +32,16 @@ public enum TraceFormat {
 ///     exit,   8 bytes: counter mod 2^48 (0-47) | depth mod 2^14 (48-61) | 2 << 62
 ///
 /// An exit's counter gets its upper bits from the event before it (`Event.Decoder`), and its
-/// site from the open entry at its depth.
+/// site from the open entry at its depth. A data event (kind 3, `DataEvent`) may follow an
+/// entry or an exit: its values belong to that event.
 public struct Event: Sendable, Equatable {
   public enum Kind: UInt8, Sendable { case entry = 1, exit = 2 }
   public let timestamp: UInt64
   public let site: UInt64
   public let depth: Int
   public let kind: Kind
+  /// Recorded arguments (of an entry) or return value (of an exit), from `-A` / `-R`.
+  public var values: [RecordedValue] = []
 
   public init(timestamp: UInt64, site: UInt64, depth: Int, kind: Kind) {
     self.timestamp = timestamp
@@ -54,18 +57,27 @@ public struct Event: Sendable, Equatable {
 
     public init() {}
 
-    /// The event whose first word is `word` (`next` reads the word after it, for an entry) and
-    /// its size in bytes; nil for an unwritten (zero) word or an unknown kind.
-    public mutating func decode(_ word: UInt64, next: () -> UInt64?) -> (event: Event, size: Int)? {
+    public enum Decoded {
+      case event(Event)
+      /// A data event: the values of the event before it (`DataEvent`).
+      case values([RecordedValue])
+    }
+
+    /// The event whose first word is `word`, and its size in bytes. `load(n)` and `byteAt(n)`
+    /// read at byte n from the event's start, nil past the data. nil: an unwritten (zero) word,
+    /// an unknown kind, or an event cut short.
+    public mutating func decode(_ word: UInt64, load: (Int) -> UInt64?, byteAt: (Int) -> UInt8?) -> (
+      decoded: Decoded, size: Int
+    )? {
       let depth = Int((word >> 48) & 0x3fff)
       switch word >> 62 {
       case 1:
-        guard let timestamp = next() else { return nil }
+        guard let timestamp = load(8) else { return nil }
         let site = word & 0xffff_ffff_ffff
         last = timestamp
         if sites.count > depth { sites.removeLast(sites.count - depth) }
         sites.append(site)
-        return (Event(timestamp: timestamp, site: site, depth: depth, kind: .entry), 16)
+        return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .entry)), 16)
       case 2:
         let low = word & 0xffff_ffff_ffff
         var timestamp = last & ~0xffff_ffff_ffff | low
@@ -73,7 +85,13 @@ public struct Event: Sendable, Equatable {
         last = timestamp
         let site = depth < sites.count ? sites[depth] : 0
         if sites.count > depth { sites.removeLast(sites.count - depth) }
-        return (Event(timestamp: timestamp, site: site, depth: depth, kind: .exit), 8)
+        return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .exit)), 8)
+      case 3:
+        let payload = Int(word & 0xffff_ffff)
+        guard payload % 8 == 0,
+          let values = DataEvent.values({ load(8 + $0) }, byteAt: { byteAt(8 + $0) }, payload: payload)
+        else { return nil }
+        return (.values(values), 8 + payload)
       default:
         return nil
       }

@@ -44,13 +44,17 @@ public enum Render {
         let hasChildren = call.children.contains { shownSet.contains($0) }
         order += 1
         if hasChildren {
-          lines.append(Line(time: call.start, order: order, text: "\(blank) \(tid) | \(indent)\(call.name)() {"))
-          let closing = call.complete ? "} /* \(call.name) */" : "} /* \(call.name): no exit recorded */"
+          lines.append(Line(time: call.start, order: order, text: "\(blank) \(tid) | \(indent)\(call.signature) {"))
+          let closing =
+            call.complete
+            ? "}\(call.returnValues.isEmpty ? "" : call.returnSuffix + ";") /* \(call.name) */"
+            : "} /* \(call.name): no exit recorded */"
           // Closing lines sort after every line of the subtree.
           lines.append(Line(time: call.end, order: order + 1_000_000_000, text: "\(time) \(tid) | \(indent)\(closing)"))
         } else {
-          let suffix = call.complete ? "();" : "(); /* no exit recorded */"
-          lines.append(Line(time: call.start, order: order, text: "\(time) \(tid) | \(indent)\(call.name)\(suffix)"))
+          let suffix = call.complete ? "\(call.returnSuffix);" : "; /* no exit recorded */"
+          lines.append(
+            Line(time: call.start, order: order, text: "\(time) \(tid) | \(indent)\(call.signature)\(suffix)"))
         }
       }
     }

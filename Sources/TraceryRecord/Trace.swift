@@ -81,18 +81,26 @@ public struct Trace: Sendable {
     var offset = TraceFormat.headerSize
     while offset + 8 <= bytes.count {
       let word = bytes.load(offset)
-      let inChunk = (offset - TraceFormat.headerSize) % chunkSize
-      // A chunk's last 8 bytes stay zero when an entry did not fit there.
-      if word == 0 && inChunk == chunkSize - 8 {
-        offset += 8
+      let chunkStart = offset - (offset - TraceFormat.headerSize) % chunkSize
+      let chunkEnd = min(chunkStart + chunkSize, bytes.count)
+      if word == 0 {
+        // Unwritten: the end of the data, unless the writer left this chunk's tail for the next
+        // chunk (an event that did not fit), which then has data.
+        guard chunkEnd + 8 <= bytes.count, bytes.load(chunkEnd) != 0 else { break }
+        offset = chunkEnd
         continue
       }
-      let entryEnd = offset + 16
+      let start = offset
       guard
-        let (event, size) = decoder.decode(
-          word, next: { entryEnd <= bytes.count && inChunk + 16 <= chunkSize ? bytes.load(offset + 8) : nil })
+        let (decoded, size) = decoder.decode(
+          word, load: { start + $0 + 8 <= chunkEnd ? bytes.load(start + $0) : nil },
+          byteAt: { start + $0 < chunkEnd ? bytes[start + $0] : nil })
       else { break }
-      events.append(event)
+      switch decoded {
+      case .event(let event): events.append(event)
+      case .values(let values):
+        if !events.isEmpty { events[events.count - 1].values = values }
+      }
       offset += size
     }
     return Thread(session: session, pid: pid, tid: tid, events: events, dropped: dropped)

@@ -181,6 +181,61 @@ import TraceryTestSupport
     #expect(replay.stdout.contains("outer(int)() {"))
   }
 
+  @Test func argumentsAndReturnValuesAsUftraceShowsThem() throws {
+    let directory = try TestSupport.temporaryDirectory("record-values")
+    let program = try Self.build([Self.programs.appendingPathComponent("values.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let options = [
+      "-A", "add@arg1,arg2/x", "-R", "add@retval", "-A", "^greet$@arg1/s,arg2/u", "-R", "greet@retval/x",
+      "-A", "fib@arg1", "-R", "fib@retval",
+    ]
+    let recorded = try Self.record(trace, [program], options: options)
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout == "38 42 -1 99 2\n")
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.status == 0, "\(replay.stderr)")
+    let long = "\"" + String(repeating: "a", count: 64) + "\"..."
+    let expected = [
+      "main() {",
+      "  add(40, 0xfffffffffffffffe) = 38;",
+      "  greet(\"world \\\"quoted\\\"\", 3) = 0x2a;",
+      "  greet(<bad address 0x10>, 1) = 0xffffffff;",
+      "  greet(\(long), 1) = 0x63;",
+      "  fib(3) {",
+      "    fib(2) {",
+      "      fib(1) = 1;",
+      "      fib(0) = 0;",
+      "    } = 1;",
+      "    fib(1) = 1;",
+      "  } = 2;",
+      "}",
+    ]
+    #expect(Self.trees(replay.stdout).values.first == expected, "\(replay.stdout)")
+    // Functions without a spec keep their plain lines; `dump` shows the values too.
+    let dump = try TestSupport.run(Self.tracery, ["dump", "-d", trace.path])
+    #expect(dump.stdout.contains("[entry] depth 1 add 40, 0xfffffffffffffffe"), "\(dump.stdout)")
+    #expect(dump.stdout.contains("[exit ] depth 1 add 38"), "\(dump.stdout)")
+  }
+
+  @Test func anExecdImageIsRecordedAsANewSession() throws {
+    let directory = try TestSupport.temporaryDirectory("record-exec")
+    let program = try Self.build([Self.programs.appendingPathComponent("execs.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try Self.record(trace, [program])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout == "before 2\nafter 42\n")
+    let files = try FileManager.default.contentsOfDirectory(atPath: trace.path)
+    #expect(files.filter { $0.hasPrefix("process-") }.count == 2, "\(files)")
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    // One pid, two images: the first main never returns (exec replaced it).
+    #expect(
+      Self.trees(replay.stdout).values.first == [
+        "main() {", "  before_exec();", "}", "main() {", "  after_exec();", "}",
+      ],
+      "\(replay.stdout)")
+    #expect(replay.stdout.contains("} /* main: no exit recorded */"))
+  }
+
   @Test func reportAndDumpsAgreeWithTheCalls() throws {
     let directory = try TestSupport.temporaryDirectory("record-report")
     let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
@@ -252,6 +307,14 @@ import TraceryTestSupport
       (
         ["record", "-d", directory.appendingPathComponent("t4").path, "--patch", "nothing_*", "--", program],
         "no patchable function matches 'nothing_*'"
+      ),
+      (["record", "-A", "fib", "--", program], "-A 'fib': expected PATTERN@arg1,arg2,..."),
+      (["record", "-A", "fib@arg7", "--", program], "'arg7' is not arg1 ... arg6"),
+      (["record", "-R", "fib@arg1", "--", program], "'arg1' is not retval"),
+      (["record", "-A", "fib@arg1/q", "--", program], "format 'q' is not d, u, x or s"),
+      (
+        ["record", "-d", directory.appendingPathComponent("t5").path, "-R", "nothing_here@retval", "--", program],
+        "-R: no patchable function matches 'nothing_here'"
       ),
       (["replay", "-d", trace.path, "-F", "nothing_here"], "no recorded function matches -F 'nothing_here'"),
       (["replay", "-d", trace.path, "-F", "(unclosed"], "invalid regular expression"),

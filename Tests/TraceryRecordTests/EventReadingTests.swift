@@ -51,6 +51,39 @@ import Testing
     #expect(thread.events == events)
   }
 
+  /// A data event of one value (as the agent's ValueRecorder writes it).
+  func data(_ item: ValueSpec.Item, _ integer: UInt64, string: [UInt8]? = nil, truncated: Bool = false) -> [UInt8] {
+    var payload = [UInt8](repeating: 0, count: DataEvent.size(stringLengths: [string?.count ?? 0]))
+    payload.withUnsafeMutableBytes { buffer in
+      let written =
+        string.map { bytes in
+          bytes.withUnsafeBytes {
+            DataEvent.write(item, integer: integer, string: $0, truncated: truncated, to: buffer.baseAddress! + 8)
+          }
+        } ?? DataEvent.write(item, integer: integer, string: nil, truncated: false, to: buffer.baseAddress! + 8)
+      buffer.storeBytes(of: DataEvent.header(payload: written), as: UInt64.self)
+    }
+    return payload
+  }
+
+  @Test func valuesBelongToTheEventBeforeThemAcrossALongChunkTail() throws {
+    var entry = Event(timestamp: 500, site: 0x4000, depth: 0, kind: .entry)
+    var exit = Event(timestamp: 900, site: 0x4000, depth: 0, kind: .exit)
+    let name = Array("tracery".utf8)
+    entry.values = [
+      RecordedValue(source: 1, format: .string, integer: 0x1234, string: name, truncated: false)
+    ]
+    exit.values = [RecordedValue(source: 0, format: .hex, integer: 0x2a, string: nil, truncated: false)]
+    var body = entry.bytes + data(.init(source: 1, format: .string), 0x1234, string: name)
+    body += [UInt8](repeating: 0, count: 64 - body.count)  // 24 bytes: the next data event did not fit
+    body += exit.bytes + data(.init(source: 0, format: .hex), 0x2a)
+    body += [UInt8](repeating: 0, count: 128 - body.count)
+    let thread = try read(header(chunkSize: 64) + body)
+    #expect(thread.events == [entry, exit])
+    #expect(thread.events.first?.values.first?.text == "\"tracery\"")
+    #expect(thread.events.last?.values.first?.text == "0x2a")
+  }
+
   @Test func aFileCutInsideAnEntryEndsBeforeIt() throws {
     let entry = Event(timestamp: 1000, site: 0x1000, depth: 0, kind: .entry)
     let exit = Event(timestamp: 1010, site: 0x1000, depth: 0, kind: .exit)

@@ -22,6 +22,11 @@ int ctracery_memfd_create(const char *name);
 /// gettid(2).
 int ctracery_gettid(void);
 
+/// Copies up to `size` bytes at `address` of this process into `buffer` without faulting on an
+/// unmapped address (process_vm_readv, which Glibc's Swift module lacks). Returns the bytes
+/// copied (fewer at the end of a mapping), or -1.
+long ctracery_read_memory(void *buffer, const void *address, unsigned long size);
+
 /// One object of the running process, as dl_iterate_phdr reports it.
 struct ctracery_object {
   /// The object's path as the dynamic loader has it; "" for the main program.

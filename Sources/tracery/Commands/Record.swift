@@ -13,8 +13,36 @@ struct RecordOptions: ParsableArguments {
     name: .customLong("buffer-limit"), help: "Megabytes of events per thread; later events are dropped and counted.")
   var bufferLimit: Int = 2048
 
+  @Option(
+    name: [.customShort("A"), .customLong("argument")],
+    help: "Record arguments: PATTERN@arg1[/FMT][,arg2...] (FMT d, u, x or s; repeatable).")
+  var argumentSpecs: [String] = []
+
+  @Option(
+    name: [.customShort("R"), .customLong("retval")],
+    help: "Record the return value: PATTERN@retval[/FMT] (repeatable).")
+  var returnSpecs: [String] = []
+
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
+
+  func validate() throws { _ = try valueSpecs() }
+
+  /// The -A and -R specs, parsed.
+  func valueSpecs() throws -> [ValueSpec] {
+    do {
+      return try argumentSpecs.map { try ValueSpec(parsing: $0, returnValue: false) }
+        + returnSpecs.map { try ValueSpec(parsing: $0, returnValue: true) }
+    } catch {
+      throw ValidationError("\(error)")
+    }
+  }
+
+  /// The specs as the agent reads them (TRACERY_ARGUMENTS).
+  var agentSpecs: String? {
+    let lines = argumentSpecs.map { "A " + $0 } + returnSpecs.map { "R " + $0 }
+    return lines.isEmpty ? nil : lines.joined(separator: "\n")
+  }
 
   /// The passthrough argument also captures what the command itself should have parsed: a help
   /// flag (shown for `command`), or an unknown option (refused).
@@ -188,6 +216,8 @@ struct Recorder {
     info += "start \(TextField.escape(ISO8601DateFormatter().string(from: Date())))\n"
     if !filters.arguments.isEmpty { info += "filter \(TextField.escape(filters.arguments.joined(separator: " ")))\n" }
     if let pattern = options.patch { info += "patch \(TextField.escape(pattern))\n" }
+    for spec in options.argumentSpecs { info += "argument \(TextField.escape(spec))\n" }
+    for spec in options.returnSpecs { info += "retval \(TextField.escape(spec))\n" }
     guard Files.write(info, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
 
     var environment = Foundation.ProcessInfo.processInfo.environment
@@ -197,6 +227,11 @@ struct Recorder {
     environment["TRACERY_MATCH"] = options.patch
     environment["TRACERY_DEPTH"] = filters.depth.map(String.init)
     environment["TRACERY_BUFFER_LIMIT"] = String(max(1, options.bufferLimit) << 20)
+    environment["TRACERY_ARGUMENTS"] = options.agentSpecs
+    // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
+    // program's own crashes: the program should die of its signal as it does untraced.
+    environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
+    environment["TRACERY_PATTERN_KIND"] = filters.match
     let status = try Self.spawn(path: path, arguments: command, environment: environment)
     switch status {
     case .exited(let code): _ = Files.append("exit-status \(code)\n", to: absolute + "/info")
@@ -222,11 +257,20 @@ struct Recorder {
     let glob = try options.patch.map { pattern in
       do { return try Glob(pattern) } catch { throw UserError("invalid --patch pattern: \(error)") }
     }
+    let specs = try options.valueSpecs()
+    let kind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
+    let matchers = try specs.map { spec in
+      do { return try NameMatcher(spec.pattern, kind: kind) } catch { throw UserError("\(error)") }
+    }
+    var specMatches = [Int](repeating: 0, count: specs.count)
     for input in inputs {
       guard let table = try? SymbolTable([input]) else { continue }
       let functions = table.patchableFunctions
       patchable += functions.count
       if let glob { matching += Set(table.functions(matching: glob)).intersection(functions).count }
+      for (index, matcher) in matchers.enumerated() {
+        specMatches[index] += functions.count { matcher.matches(table.functions[$0].name) }
+      }
     }
     guard patchable > 0 else {
       throw UserError(
@@ -235,6 +279,10 @@ struct Recorder {
     }
     if let pattern = options.patch, matching == 0 {
       throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
+    }
+    if let index = specMatches.firstIndex(of: 0) {
+      let option = index < options.argumentSpecs.count ? "-A" : "-R"
+      throw UserError("\(option): no patchable function matches '\(specs[index].pattern)'")
     }
   }
 

@@ -226,7 +226,8 @@ struct Dump: ParsableCommand {
             let kind = event.kind == .entry ? "entry" : "exit "
             output +=
               "\(event.timestamp) \(thread.tid) [\(kind)] depth \(event.depth) "
-              + "\(symbolizer.name(session: thread.session, site: event.site))\n"
+              + "\(symbolizer.name(session: thread.session, site: event.site))"
+              + (event.values.isEmpty ? "" : " " + event.values.map(\.text).joined(separator: ", ")) + "\n"
           }
         }
         print(output, terminator: "")
