@@ -36,6 +36,8 @@ struct Reclaimer {
     /// not yet live; then the block is released directly).
     var unwind: UnwindInfo?
     let counters: [AttachmentCounters]
+    /// Data the code reads (an ops table), freed with it.
+    var keepAlive: AnyObject? = nil
   }
 
   private(set) var retired: [Retired] = []

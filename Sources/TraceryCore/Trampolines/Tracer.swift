@@ -165,8 +165,13 @@ public final class Tracer: Sendable {
     var graphMask: UInt16 = 0
     var graphStub: Reclaimer.Retired?
     var graphImage: UInt64?
+    /// Ops on this function (ids, in attach order), and the ops image its site calls now (its
+    /// single ops' own trampoline or a shared caller; nil when a per-function trampoline runs
+    /// the callbacks).
+    var ops: [Int] = []
+    var opsEntry: UInt64?
 
-    var isTraced: Bool { !attachments.isEmpty || graphMask != 0 }
+    var isTraced: Bool { !attachments.isEmpty || graphMask != 0 || !ops.isEmpty }
   }
 
   struct State: ~Copyable {
@@ -176,6 +181,9 @@ public final class Tracer: Sendable {
     var graphUsers: [GraphUser?] = Array(repeating: nil, count: 16)
     /// Graph images for the current users, one per mask (and per ±2 GiB region).
     var graphImages: [GraphImage] = []
+    var ops: [Int: OpsRecord] = [:]
+    /// Shared callers for the current ops, one per ±2 GiB region.
+    var opsSharedImages: [OpsSharedImage] = []
   }
 
   enum Operation {
@@ -183,6 +191,8 @@ public final class Tracer: Sendable {
     case detach(Int)
     case graphAttach(Int, [Target])
     case graphDetach(Int)
+    case opsAttach(OpsRecord, [Target])
+    case opsDetach(Int)
   }
 
   /// A resolved function: entry address, site, name.
@@ -247,6 +257,28 @@ public final class Tracer: Sendable {
     }
 
     public mutating func detach(_ link: Link) { operations.append(.detach(link.id)) }
+
+    /// Queues an ops attach (see `Tracer.attachOps`); the link is live once the transaction
+    /// commits.
+    public mutating func attachOps(
+      _ callback: OpsCallback, to filter: FunctionSelector, except notrace: FunctionSelector? = nil,
+      cookie: UInt64 = 0, flags: OpsFlags = []
+    ) throws(AttachError) -> OpsLink {
+      var targets = try tracer.resolve(filter)
+      if let notrace {
+        let excluded = Set(try tracer.resolve(notrace).map(\.site))
+        targets.removeAll { excluded.contains($0.site) }
+        guard !targets.isEmpty else { throw .noFunctionMatches("any function outside the notrace set") }
+      }
+      let id = tracer.nextID.wrappingAdd(1, ordering: .relaxed).oldValue
+      let record = OpsRecord(
+        id: id, callback: UInt64(UInt(bitPattern: unsafeBitCast(callback, to: UnsafeRawPointer.self))),
+        cookie: cookie, flags: flags)
+      operations.append(.opsAttach(record, targets))
+      return OpsLink(tracer: tracer, id: id)
+    }
+
+    public mutating func detach(_ ops: OpsLink) { operations.append(.opsDetach(ops.id)) }
 
     @discardableResult
     public mutating func commit() -> TransactionReport {
@@ -386,17 +418,19 @@ public final class Tracer: Sendable {
       // 1. The new attachment lists (and graph masks) of every touched function.
       var next: [UInt64: TracedFunction] = [:]
       var graphUsersChanged = false
+      var opsChanged = false
+      var removedOps: [OpsRecord] = []
       func current(_ target: Target) -> TracedFunction {
         next[target.site] ?? state.functions[target.site]
           ?? TracedFunction(
             function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
             model: .unknown)
       }
-      func refuseMixing(_ function: TracedFunction) {
+      func refuseMixing(_ function: TracedFunction, _ other: String = "per-function trampolines") {
         report.entries.append(
           .init(
             function: function.name, address: function.function,
-            outcome: .failed("per-function trampolines and the function graph do not share a function yet")))
+            outcome: .failed("\(other) and the function graph do not share a function yet")))
       }
       func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
         for site in Set(next.keys).union(state.functions.keys) {
@@ -424,8 +458,8 @@ public final class Tracer: Sendable {
           graphUsersChanged = true
           for target in targets {
             var function = current(target)
-            if !function.attachments.isEmpty {
-              refuseMixing(function)
+            if !function.attachments.isEmpty || !function.ops.isEmpty {
+              refuseMixing(function, function.ops.isEmpty ? "per-function trampolines" : "ops")
               continue
             }
             function.graphMask |= 1 << index
@@ -438,6 +472,33 @@ public final class Tracer: Sendable {
           // Calls in flight keep their frames but are no longer given to this user's exit.
           GraphThreads.advanceGeneration(index)
           remove({ $0.graphMask & (1 << index) != 0 }) { $0.graphMask &= ~(1 << index) }
+        case .opsAttach(let record, let targets):
+          opsChanged = true
+          state.ops[record.id] = record
+          for target in targets {
+            var function = current(target)
+            if function.graphMask != 0 {
+              refuseMixing(function, "ops")
+              continue
+            }
+            function.ops.append(record.id)
+            record.sites.insert(target.site)
+            next[target.site] = function
+          }
+        case .opsDetach(let id):
+          guard let record = state.ops.removeValue(forKey: id) else { continue }
+          opsChanged = true
+          removedOps.append(record)
+          remove({ $0.ops.contains(id) }) { $0.ops.removeAll { $0 == id } }
+        }
+      }
+      // Ops added or gone: the shared callers' tables change, so every shared site moves.
+      var retiredSharedImages: [OpsSharedImage] = []
+      if opsChanged {
+        retiredSharedImages = state.opsSharedImages
+        state.opsSharedImages = []
+        for (site, function) in state.functions where function.opsEntry != nil && next[site] == nil {
+          next[site] = function
         }
       }
       // New users or users gone: every graph image is remade, so every graph site moves.
@@ -457,15 +518,19 @@ public final class Tracer: Sendable {
         let old = state.functions[site]
         let oldBytes =
           old?.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? old?.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
+          ?? old?.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          ?? old?.opsEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         function.image = nil
         function.graphStub = nil
         function.graphImage = nil
+        function.opsEntry = nil
         do {
           if !function.attachments.isEmpty {
-            function.image = try makeImage(for: function)
+            function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
           } else if function.graphMask != 0 {
             (function.graphStub, function.graphImage) = try graphStub(for: function, state: &state)
+          } else if !function.ops.isEmpty {
+            function.opsEntry = try opsEntry(for: function, state: &state)
           }
         } catch {
           report.entries.append(
@@ -474,7 +539,8 @@ public final class Tracer: Sendable {
         }
         let newBytes =
           function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? function.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! } ?? function.original
+          ?? function.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          ?? function.opsEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         requests.append(PatchRequest(site: site, expected: oldBytes, replacement: newBytes))
         planned.append((site, function))
       }
@@ -515,12 +581,28 @@ public final class Tracer: Sendable {
           }
         }
       }
+      // Shared callers no site calls any more, and the own trampolines of ops that left, are
+      // retired (a site that failed to move keeps its image).
+      let calledByOps = Set(state.functions.values.compactMap(\.opsEntry))
+      for image in retiredSharedImages {
+        if calledByOps.contains(image.entry) {
+          state.opsSharedImages.append(image)
+        } else {
+          state.reclaimer.retire(image.image)
+        }
+      }
+      for record in removedOps {
+        for image in record.ownImages where !calledByOps.contains(image.block.address) {
+          state.reclaimer.retire(image)
+        }
+      }
       if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
       return report
     }
   }
 
-  private func makeImage(for function: TracedFunction) throws -> Reclaimer.Retired {
+  /// The per-function trampoline of `function`; its ops' callbacks run first, as entry handlers.
+  private func makeImage(for function: TracedFunction, ops: [OpsRecord]) throws -> Reclaimer.Retired {
     let model = function.model
     let exits = function.attachments.filter { $0.handler.kind == 2 }
     let modifies = function.attachments.filter { $0.handler.kind == 1 }
@@ -538,11 +620,12 @@ public final class Tracer: Sendable {
       }
     }
     let emitter = TrampolineEmitter(
-      function: function.function, site: function.site, model: model, entries: calls(0), modifyReturns: calls(1),
+      function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(0),
+      modifyReturns: calls(1),
       exits: calls(2), guardOffset: guardOffset)
     // Emit once at a provisional address for the size, then for real where it will run. A
     // handler call is 8 bytes longer where the handler is out of rel32 reach: leave room.
-    let size = try emitter.emit(at: function.site).bytes.count + 8 * function.attachments.count
+    let size = try emitter.emit(at: function.site).bytes.count + 8 * (function.attachments.count + ops.count)
     let block: CodeArena.Block
     do { block = try arena.allocate(near: function.site, size: size) } catch {
       throw AttachError.codeMemory("\(error)")
@@ -552,7 +635,7 @@ public final class Tracer: Sendable {
       block.write(code.bytes)
       return Reclaimer.Retired(
         block: block, length: code.bytes.count, frame: code.frame, unwind: nil,
-        counters: function.attachments.map(\.link.counters))
+        counters: function.attachments.map(\.link.counters) + ops.map(\.counters))
     } catch {
       arena.release(block)
       throw error

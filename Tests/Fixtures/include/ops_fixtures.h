@@ -1,0 +1,25 @@
+// Functions and callbacks for the ops tests.
+#ifndef TRACERY_OPS_FIXTURES_H
+#define TRACERY_OPS_FIXTURES_H
+#include <stdint.h>
+#include <tracery.h>
+
+/// ops_fN(n) = n + N.
+long tracery_ops_f1(long n);
+long tracery_ops_f2(long n);
+long tracery_ops_f3(long n);
+long tracery_ops_f4(long n);
+/// n * 100: what a callback may redirect a call to.
+long tracery_ops_replacement(long n);
+
+/// Counts calls per (cookie 0-3, site), and keeps the last callback's return address (where
+/// the callback was called from).
+void tracery_ops_count(tracery_call *call, uint64_t cookie);
+void tracery_ops_reset(void);
+int tracery_ops_calls(uint64_t cookie, uint64_t site);
+uint64_t tracery_ops_last_caller(void);
+/// Adds 1000 to the first argument.
+void tracery_ops_add_1000(tracery_call *call, uint64_t cookie);
+/// Sends the call to tracery_ops_replacement.
+void tracery_ops_redirect(tracery_call *call, uint64_t cookie);
+#endif
