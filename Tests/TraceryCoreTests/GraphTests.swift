@@ -3,7 +3,8 @@ import TraceryFixtures
 
 @testable import TraceryCore
 
-private func entryAddress<T>(_ function: T) -> UInt64 {
+/// The entry address of a C function.
+func entryAddress<T>(_ function: T) -> UInt64 {
   UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
 }
 

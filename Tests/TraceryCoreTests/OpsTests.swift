@@ -4,10 +4,6 @@ import TraceryX86
 
 @testable import TraceryCore
 
-private func entryAddress<T>(_ function: T) -> UInt64 {
-  UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
-}
-
 enum OpsFixture {
   typealias Unary = @convention(c) (Int) -> Int
   static let f1 = entryAddress(tracery_ops_f1 as Unary)

@@ -46,6 +46,17 @@ struct Reclaimer {
 
   mutating func retire(_ image: Retired) { retired.append(image) }
 
+  /// Retires each of `images` whose entry no site calls; returns the others.
+  mutating func retire<Image>(
+    _ images: [Image], unlessCalled called: Set<UInt64>, entry: (Image) -> UInt64, image: (Image) -> Retired
+  ) -> [Image] {
+    var kept: [Image] = []
+    for candidate in images {
+      if called.contains(entry(candidate)) { kept.append(candidate) } else { retire(image(candidate)) }
+    }
+    return kept
+  }
+
   /// When a commit should also try to reclaim: a pass signals every running thread, so it is
   /// done once enough has been retired or enough time has passed, not on every change.
   /// `Tracer.reclaim()` always tries.

@@ -569,28 +569,15 @@ public final class Tracer: Sendable {
         function.image?.unwind = table
         state.functions[site] = function.isTraced ? function : nil
       }
-      // Old graph images are retired once no site calls them (a site that failed to move keeps
-      // its image, and the image stays listed).
-      if !retiredGraphImages.isEmpty {
-        let called = Set(state.functions.values.compactMap(\.graphImage))
-        for image in retiredGraphImages {
-          if called.contains(image.entry) {
-            state.graphImages.append(image)
-          } else {
-            state.reclaimer.retire(image.image)
-          }
-        }
-      }
-      // Shared callers no site calls any more, and the own trampolines of ops that left, are
-      // retired (a site that failed to move keeps its image).
+      // Old graph images and shared ops callers are retired once no site calls them (a site that
+      // failed to move keeps its image, and the image stays listed).
+      state.graphImages += state.reclaimer.retire(
+        retiredGraphImages, unlessCalled: Set(state.functions.values.compactMap(\.graphImage)), entry: \.entry,
+        image: \.image)
       let calledByOps = Set(state.functions.values.compactMap(\.opsEntry))
-      for image in retiredSharedImages {
-        if calledByOps.contains(image.entry) {
-          state.opsSharedImages.append(image)
-        } else {
-          state.reclaimer.retire(image.image)
-        }
-      }
+      state.opsSharedImages += state.reclaimer.retire(
+        retiredSharedImages, unlessCalled: calledByOps, entry: \.entry, image: \.image)
+      // The own trampolines of ops that left.
       for record in removedOps {
         for image in record.ownImages where !calledByOps.contains(image.block.address) {
           state.reclaimer.retire(image)
