@@ -48,3 +48,41 @@ void tracery_ops_redirect(tracery_call *call, uint64_t cookie) {
   (void)cookie;
   call->function = (uint64_t)&tracery_ops_replacement;
 }
+
+static void (*fprobe_hook)(void);
+static long fprobe_entries[8], fprobe_exits[8];
+static uint64_t fprobe_data[8], fprobe_return[8];
+
+void tracery_fprobe_set_hook(void (*hook)(void)) { fprobe_hook = hook; }
+
+TRACED long tracery_fprobe_with_hook(long n) {
+  if (fprobe_hook) fprobe_hook();
+  __asm__ volatile("" : : : "memory");
+  return n + 1;
+}
+
+int tracery_fprobe_entry(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie) {
+  (void)site;
+  __atomic_fetch_add(&fprobe_entries[cookie & 7], 1, __ATOMIC_RELAXED);
+  *data = call->arguments[0] * 10 + cookie;
+  return 0;
+}
+
+void tracery_fprobe_exit(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie) {
+  (void)site;
+  __atomic_fetch_add(&fprobe_exits[cookie & 7], 1, __ATOMIC_RELAXED);
+  fprobe_data[cookie & 7] = *data;
+  fprobe_return[cookie & 7] = call->return_value[0];
+}
+
+void tracery_fprobe_reset(void) {
+  for (int index = 0; index < 8; index++) {
+    fprobe_entries[index] = fprobe_exits[index] = 0;
+    fprobe_data[index] = fprobe_return[index] = 0;
+  }
+}
+
+long tracery_fprobe_entries(uint64_t cookie) { return __atomic_load_n(&fprobe_entries[cookie & 7], __ATOMIC_RELAXED); }
+long tracery_fprobe_exits(uint64_t cookie) { return __atomic_load_n(&fprobe_exits[cookie & 7], __ATOMIC_RELAXED); }
+uint64_t tracery_fprobe_last_data(uint64_t cookie) { return fprobe_data[cookie & 7]; }
+uint64_t tracery_fprobe_last_return(uint64_t cookie) { return fprobe_return[cookie & 7]; }

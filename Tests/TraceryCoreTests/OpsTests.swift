@@ -4,6 +4,9 @@ import TraceryX86
 
 @testable import TraceryCore
 
+/// What a site holds now: nil (its original bytes), or the target of its call or jmp.
+func siteTarget(_ site: UInt64) -> UInt64? { X86Instruction.branchTarget(TextPatcher.read(site), at: site) }
+
 enum OpsFixture {
   typealias Unary = @convention(c) (Int) -> Int
   static let f1 = entryAddress(tracery_ops_f1 as Unary)
@@ -36,11 +39,6 @@ extension PatchingTests {
   @Suite(.serialized) struct OpsTests {
     let tracer = Tracer()
 
-    /// What a site holds now: nil (its original bytes), or the target of its call or jmp.
-    func target(_ site: UInt64) -> UInt64? {
-      X86Instruction.branchTarget(TextPatcher.read(site), at: site)
-    }
-
     /// The shared callers live now.
     var shared: Set<UInt64> { tracer.state.withLock { Set($0.opsSharedImages.map(\.entry)) } }
 
@@ -56,9 +54,9 @@ extension PatchingTests {
       #expect(OpsFixture.seen(by: 1) == [0, 1, 2])
       #expect(OpsFixture.seen(by: 2) == [1, 2, 3])
       // f1 and f4 call their ops' own trampolines; f2 and f3 the shared caller.
-      #expect(a.ownTrampolines.contains(target(OpsFixture.f1) ?? 0))
-      #expect(b.ownTrampolines.contains(target(OpsFixture.f4) ?? 0))
-      #expect(shared.contains(target(OpsFixture.f2) ?? 0) && shared.contains(target(OpsFixture.f3) ?? 0))
+      #expect(a.ownTrampolines.contains(siteTarget(OpsFixture.f1) ?? 0))
+      #expect(b.ownTrampolines.contains(siteTarget(OpsFixture.f4) ?? 0))
+      #expect(shared.contains(siteTarget(OpsFixture.f2) ?? 0) && shared.contains(siteTarget(OpsFixture.f3) ?? 0))
 
       let (gone, kept, keptCookie, keptFunctions) =
         detachFirstAttachedFirst ? (a, b, UInt64(2), [1, 2, 3]) : (b, a, UInt64(1), [0, 1, 2])
@@ -68,11 +66,11 @@ extension PatchingTests {
       #expect(OpsFixture.seen(by: keptCookie) == keptFunctions)
       #expect(OpsFixture.seen(by: 3 - keptCookie) == [])
       // Every site of the remaining ops is back on its own trampoline; the others are untouched.
-      for index in keptFunctions { #expect(kept.ownTrampolines.contains(target(OpsFixture.all[index]) ?? 0)) }
-      for index in Set(0..<4).subtracting(keptFunctions) { #expect(target(OpsFixture.all[index]) == nil) }
+      for index in keptFunctions { #expect(kept.ownTrampolines.contains(siteTarget(OpsFixture.all[index]) ?? 0)) }
+      for index in Set(0..<4).subtracting(keptFunctions) { #expect(siteTarget(OpsFixture.all[index]) == nil) }
       #expect(shared.isEmpty)
       kept.detach()
-      for site in OpsFixture.all { #expect(target(site) == nil) }
+      for site in OpsFixture.all { #expect(siteTarget(site) == nil) }
     }
 
     @Test func sitesMoveBetweenStatesInOneBatch() throws {
@@ -86,9 +84,9 @@ extension PatchingTests {
       }
       let link = try #require(b)
       defer { link.detach() }
-      #expect(target(OpsFixture.f1) == nil)
-      #expect(link.ownTrampolines.contains(target(OpsFixture.f2) ?? 0))
-      #expect(link.ownTrampolines.contains(target(OpsFixture.f3) ?? 0))
+      #expect(siteTarget(OpsFixture.f1) == nil)
+      #expect(link.ownTrampolines.contains(siteTarget(OpsFixture.f2) ?? 0))
+      #expect(link.ownTrampolines.contains(siteTarget(OpsFixture.f3) ?? 0))
       tracery_ops_reset()
       OpsFixture.callAll()
       #expect(OpsFixture.seen(by: 1) == [] && OpsFixture.seen(by: 2) == [1, 2])
@@ -109,7 +107,7 @@ extension PatchingTests {
       tracery_ops_reset()
       #expect(tracery_ops_f2(1) == 3)
       #expect(tracery_ops_calls(2, OpsFixture.f2) == 1)
-      #expect(shared.contains(target(OpsFixture.f2) ?? 0))
+      #expect(shared.contains(siteTarget(OpsFixture.f2) ?? 0))
       let sharedCaller = tracery_ops_last_caller()
       #expect(!(sharedCaller > own && sharedCaller < own + 512))
       #expect(forced.ownTrampolines.isEmpty)
@@ -134,13 +132,13 @@ extension PatchingTests {
       #expect(tracery_ops_f2(1) == 1003)
       #expect(tracery_ops_f4(1) == 5)
       #expect(tracery_ops_calls(3, OpsFixture.f2) == 1 && tracery_ops_calls(3, OpsFixture.f4) == 1)
-      #expect(tracer.liveTrampolines.contains(target(OpsFixture.f2) ?? 0))
+      #expect(tracer.liveTrampolines.contains(siteTarget(OpsFixture.f2) ?? 0))
       entry.detach()
       // Back to the ops' own trampoline.
-      #expect(ops.ownTrampolines.contains(target(OpsFixture.f2) ?? 0))
+      #expect(ops.ownTrampolines.contains(siteTarget(OpsFixture.f2) ?? 0))
       #expect(tracery_ops_f2(1) == 3)
       ops.detach()
-      #expect(target(OpsFixture.f2) == nil && target(OpsFixture.f4) == nil)
+      #expect(siteTarget(OpsFixture.f2) == nil && siteTarget(OpsFixture.f4) == nil)
     }
 
     @Test func opsAndTheGraphDoNotShareAFunctionYet() throws {

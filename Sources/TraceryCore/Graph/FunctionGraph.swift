@@ -195,7 +195,20 @@ extension Tracer {
     depthLimit: Int? = nil
   ) throws(AttachError) -> GraphLink {
     let targets = try resolve(selector)
-    let link: GraphLink = try state.withLock { state throws(AttachError) in
+    let link = try makeGraphUser(handlers, cookie: cookie, dataWords: dataWords, depthLimit: depthLimit)
+    let report = commit([.graphAttach(link.index, targets)])
+    if link.sites.isEmpty {
+      _ = commit([.graphDetach(link.index)])
+      throw .nothingAttached(report)
+    }
+    return link
+  }
+
+  /// Takes a free user slot and its data words for a new user (attached to nothing yet).
+  func makeGraphUser(_ handlers: GraphHandlers, cookie: UInt64, dataWords: Int, depthLimit: Int?) throws(AttachError)
+    -> GraphLink
+  {
+    try state.withLock { state throws(AttachError) in
       let users = state.graphUsers
       guard let index = users.firstIndex(where: { $0 == nil }) else {
         throw .graphUsersExhausted
@@ -217,12 +230,6 @@ extension Tracer {
         handlers: handlers, cookie: cookie, dataOffset: offset, dataWords: dataWords, depthLimit: depthLimit)
       return GraphLink(tracer: self, index: index, dataOffset: offset, dataWords: dataWords)
     }
-    let report = commit([.graphAttach(link.index, targets)])
-    if link.sites.isEmpty {
-      _ = commit([.graphDetach(link.index)])
-      throw .nothingAttached(report)
-    }
-    return link
   }
 
   /// Call before an unwinder walks this thread's stack (a C++ exception, a forced unwind): the

@@ -200,7 +200,9 @@ extension Tracer {
     return image.entry
   }
 
-  private func opsImage(_ emitter: OpsEmitter, near site: UInt64, keepAlive: AnyObject?) throws -> Reclaimer.Retired {
+  private func opsImage(_ emitter: OpsEmitter, near site: UInt64, keepAlive: (any AnyObject & Sendable)?) throws
+    -> Reclaimer.Retired
+  {
     let size = try emitter.emit(at: site).count + 16
     let block: CodeArena.Block
     do { block = try arena.allocate(near: site, size: size) } catch { throw AttachError.codeMemory("\(error)") }

@@ -37,7 +37,7 @@ struct Reclaimer {
     var unwind: UnwindInfo?
     let counters: [AttachmentCounters]
     /// Data the code reads (an ops table), freed with it.
-    var keepAlive: AnyObject? = nil
+    var keepAlive: (any AnyObject & Sendable)? = nil
   }
 
   private(set) var retired: [Retired] = []

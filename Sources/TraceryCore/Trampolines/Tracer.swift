@@ -61,6 +61,8 @@ public enum AttachError: Error, Equatable, CustomStringConvertible {
   /// Every selected function failed; the report says why for each.
   case nothingAttached(TransactionReport)
   case codeMemory(String)
+  /// 4,096 fprobes are registered.
+  case fprobesExhausted
   /// All 16 function-graph user slots are taken (or a second recorder was asked for).
   case graphUsersExhausted
   /// The frame's 7 data words cannot hold another user's reservation.
@@ -74,6 +76,7 @@ public enum AttachError: Error, Equatable, CustomStringConvertible {
     case .unsupportedModel(let function, let reason): return "cannot attach to \(function): \(reason)"
     case .nothingAttached(let report): return "nothing attached: \(report)"
     case .codeMemory(let reason): return reason
+    case .fprobesExhausted: return "4096 fprobes are registered already"
     case .graphUsersExhausted: return "no function-graph user slot is free (16 users, one recorder)"
     case .graphDataExhausted(let requested):
       return "the function-graph frame has no room for \(requested) more data words (7 in all)"
@@ -145,6 +148,7 @@ public final class Tracer: Sendable {
   let state = Mutex(State())
   private let nextID = Atomic<Int>(1)
   let guardOffset = Int32(ctracery_guard_offset())
+  let fprobes = Mutex(FprobeRegistry())
 
   struct Attachment {
     let link: Link
@@ -191,6 +195,7 @@ public final class Tracer: Sendable {
     case detach(Int)
     case graphAttach(Int, [Target])
     case graphDetach(Int)
+    case graphRemoveSites(Int, [UInt64])
     case opsAttach(OpsRecord, [Target])
     case opsDetach(Int)
   }
@@ -472,6 +477,10 @@ public final class Tracer: Sendable {
           // Calls in flight keep their frames but are no longer given to this user's exit.
           GraphThreads.advanceGeneration(index)
           remove({ $0.graphMask & (1 << index) != 0 }) { $0.graphMask &= ~(1 << index) }
+        case .graphRemoveSites(let index, let sites):
+          graphUsersChanged = true
+          let leaving = Set(sites)
+          remove({ leaving.contains($0.site) && $0.graphMask & (1 << index) != 0 }) { $0.graphMask &= ~(1 << index) }
         case .opsAttach(let record, let targets):
           opsChanged = true
           state.ops[record.id] = record

@@ -22,4 +22,18 @@ uint64_t tracery_ops_last_caller(void);
 void tracery_ops_add_1000(tracery_call *call, uint64_t cookie);
 /// Sends the call to tracery_ops_replacement.
 void tracery_ops_redirect(tracery_call *call, uint64_t cookie);
+
+// fprobe fixtures.
+/// Calls the hook (if set), then returns n + 1.
+long tracery_fprobe_with_hook(long n);
+void tracery_fprobe_set_hook(void (*hook)(void));
+/// Entry: counts (per cookie 0-7), stores arguments[0] * 10 + cookie as the probe's data.
+int tracery_fprobe_entry(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie);
+/// Exit: counts, keeps the data and the return value it saw.
+void tracery_fprobe_exit(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie);
+void tracery_fprobe_reset(void);
+long tracery_fprobe_entries(uint64_t cookie);
+long tracery_fprobe_exits(uint64_t cookie);
+uint64_t tracery_fprobe_last_data(uint64_t cookie);
+uint64_t tracery_fprobe_last_return(uint64_t cookie);
 #endif
