@@ -22,3 +22,30 @@ int tracery_bench_empty_modify_return(tracery_call *call, uint64_t cookie) {
   (void)cookie;
   return 0;
 }
+
+int tracery_bench_empty_graph_entry(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
+  (void)frame;
+  (void)data;
+  (void)call;
+  (void)cookie;
+  return 1;
+}
+void tracery_bench_empty_graph_exit(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
+  (void)frame;
+  (void)data;
+  (void)call;
+  (void)cookie;
+}
+int tracery_bench_empty_fprobe_entry(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie) {
+  (void)site;
+  (void)call;
+  (void)data;
+  (void)cookie;
+  return 0;
+}
+void tracery_bench_empty_fprobe_exit(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie) {
+  (void)site;
+  (void)call;
+  (void)data;
+  (void)cookie;
+}

@@ -26,7 +26,6 @@ int ctracery_memfd_create(const char *name) { return (int)syscall(SYS_memfd_crea
 int ctracery_gettid(void) { return (int)syscall(SYS_gettid); }
 
 void ctracery_store_release(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
-uint64_t ctracery_load_acquire(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
 
 long ctracery_read_memory(void *buffer, const void *address, unsigned long size) {
   struct iovec local = {buffer, size};

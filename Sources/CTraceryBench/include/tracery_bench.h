@@ -13,4 +13,9 @@ long tracery_bench_loop(long iterations);
 void tracery_bench_empty_entry(tracery_call *call, uint64_t cookie);
 void tracery_bench_empty_exit(tracery_call *call, uint64_t cookie);
 int tracery_bench_empty_modify_return(tracery_call *call, uint64_t cookie);
+/// Empty graph handlers (the entry asks for the exit) and fprobe handlers.
+int tracery_bench_empty_graph_entry(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+void tracery_bench_empty_graph_exit(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+int tracery_bench_empty_fprobe_entry(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie);
+void tracery_bench_empty_fprobe_exit(uint64_t site, tracery_call *call, uint64_t *data, uint64_t cookie);
 #endif

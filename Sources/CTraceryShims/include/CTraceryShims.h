@@ -22,10 +22,9 @@ int ctracery_memfd_create(const char *name);
 /// gettid(2).
 int ctracery_gettid(void);
 
-/// An atomic 64-bit store with release ordering, and a load with acquire ordering (also
-/// compiler barriers): for words shared with generated code and handlers on other threads.
+/// An atomic 64-bit store with release ordering (also a compiler barrier), into memory Swift
+/// cannot hold as an `Atomic` (words shared with handlers on other threads).
 void ctracery_store_release(uint64_t *word, uint64_t value);
-uint64_t ctracery_load_acquire(const uint64_t *word);
 
 /// Copies up to `size` bytes at `address` of this process into `buffer` without faulting on an
 /// unmapped address (process_vm_readv, which Glibc's Swift module lacks). Returns the bytes

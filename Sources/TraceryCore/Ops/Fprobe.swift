@@ -63,8 +63,11 @@ final class FprobeRoot: @unchecked Sendable {
 
   var address: UInt64 { UInt64(UInt(bitPattern: Unmanaged.passUnretained(self).toOpaque())) }
 
-  static func from(_ cookie: UInt64) -> FprobeRoot {
-    Unmanaged<FprobeRoot>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(cookie))!).takeUnretainedValue()
+  /// Runs `body` with the root a handler's cookie names, without retaining it (the tracer
+  /// keeps it alive; handlers must not pay two atomic reference-count updates per call).
+  @inline(__always)
+  static func with<T>(_ cookie: UInt64, _ body: (FprobeRoot) -> T) -> T {
+    Unmanaged<FprobeRoot>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(cookie))!)._withUnsafeGuaranteedRef(body)
   }
 
   func slot(_ index: Int) -> UnsafeMutablePointer<UInt64> { slots + index * Self.slotWords }
@@ -74,21 +77,27 @@ final class FprobeRoot: @unchecked Sendable {
   @inline(__always)
   func probe(_ index: Int) -> (generation: UInt64, entry: UInt64, exit: UInt64, cookie: UInt64)? {
     let words = slot(index)
-    let generation = ctracery_load_acquire(words)
+    let generation = words[0]
     guard generation & 1 == 1 else { return nil }
+    atomicMemoryFence(ordering: .acquiring)
     let probe = (generation, words[1], words[2], words[3])
-    return ctracery_load_acquire(words) == generation ? probe : nil
+    atomicMemoryFence(ordering: .acquiring)
+    return words[0] == generation ? probe : nil
   }
 
   /// Runs `body` with the probe slots registered at `site` (none: not called), holding a hazard
   /// on the table for the duration.
   @inline(__always)
   func withProbes(at site: UInt64, _ body: (UnsafePointer<UInt32>, Int) -> Void) {
+    // No store-load fence between publishing the hazard and re-reading `current`: the
+    // reclaimer inspects a running thread only after interrupting it with its snapshot signal,
+    // which drains the thread's stores first (an asymmetric fence), and a thread blocked in the
+    // kernel is not between the two. So a hazard that the re-check did not order is still seen.
     let hazard = Atomic<UInt64>(0)
     var table = current.load(ordering: .acquiring)
     while true {
-      hazard.store(table, ordering: .sequentiallyConsistent)
-      let again = current.load(ordering: .sequentiallyConsistent)
+      hazard.store(table, ordering: .releasing)
+      let again = current.load(ordering: .acquiring)
       if again == table { break }
       table = again
     }
@@ -97,8 +106,10 @@ final class FprobeRoot: @unchecked Sendable {
   }
 
   /// The ops callback for entry-only sites.
-  static let opsEntry: OpsCallback = { call, cookie in
-    let root = FprobeRoot.from(cookie)
+  static let opsEntry: OpsCallback = { call, cookie in FprobeRoot.with(cookie) { $0.entryOnly(call) } }
+
+  private func entryOnly(_ call: UnsafeMutablePointer<tracery_call>) {
+    let root = self
     let site = call.pointee.function
     root.withProbes(at: site) { list, count in
       var scratch: UInt64 = 0
@@ -113,7 +124,15 @@ final class FprobeRoot: @unchecked Sendable {
   /// The graph user's entry: every probe's entry; the first `exitsPerCall` probes with an exit
   /// get a (slot, generation) pair and a data word in the frame: data[2k], data[2k+1].
   static let graphEntry: GraphEntryHandler = { frame, data, call, cookie in
-    let root = FprobeRoot.from(cookie)
+    FprobeRoot.with(cookie) { $0.entry(frame, data, call) }
+  }
+
+  private func entry(
+    _ frame: UnsafeMutablePointer<tracery_graph_frame>, _ data: UnsafeMutablePointer<UInt64>,
+    _ call: UnsafeMutablePointer<tracery_call>
+  ) -> Int32 {
+    let root = self
+    let exitsPerCall = Self.exitsPerCall
     let site = frame.pointee.site
     var taken = 0
     for pair in 0..<exitsPerCall { data[2 * pair] = 0 }
@@ -147,8 +166,15 @@ final class FprobeRoot: @unchecked Sendable {
 
   /// The graph user's exit: each recorded probe whose slot still has its generation.
   static let graphExit: GraphExitHandler = { frame, data, call, cookie in
-    let root = FprobeRoot.from(cookie)
-    for pair in 0..<exitsPerCall {
+    FprobeRoot.with(cookie) { $0.exit(frame, data, call) }
+  }
+
+  private func exit(
+    _ frame: UnsafeMutablePointer<tracery_graph_frame>, _ data: UnsafeMutablePointer<UInt64>,
+    _ call: UnsafeMutablePointer<tracery_call>
+  ) {
+    let root = self
+    for pair in 0..<Self.exitsPerCall {
       let identity = data[2 * pair]
       guard identity != 0 else { break }
       guard let probe = root.probe(Int(identity >> 32)),

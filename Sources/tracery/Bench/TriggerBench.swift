@@ -46,17 +46,22 @@ struct TriggerBench {
     return result
   }
 
+  /// The measured loop: ns per call of the target, median of `runs` runs of `iterations` calls.
+  static func loop(runs: Int) -> () -> Double {
+    let expected = iterations * (iterations + 1) / 2
+    return {
+      var sum = 0
+      let time = medianNanoseconds(runs: runs) { sum = tracery_bench_loop(iterations) }
+      precondition(sum == expected, "the traced function returned a wrong value")
+      return time / Double(iterations)
+    }
+  }
+
   func run(_ report: BenchReport) throws {
     let target = UInt64(
       UInt(bitPattern: unsafeBitCast(tracery_bench_target as @convention(c) (Int) -> Int, to: UnsafeRawPointer.self)))
     let model = FunctionModel(integerArguments: 1)
-    let expected = Self.iterations * (Self.iterations + 1) / 2
-    func loop() -> Double {
-      var sum = 0
-      let time = medianNanoseconds(runs: runs) { sum = tracery_bench_loop(Self.iterations) }
-      precondition(sum == expected, "the traced function returned a wrong value")
-      return time / Double(Self.iterations)
-    }
+    let loop = Self.loop(runs: runs)
     _ = loop()  // warm up
     let untraced = loop()
     report.figure(name: "untraced", n: Self.iterations, nsPerItem: untraced, baseline: untraced)

@@ -10,6 +10,9 @@ struct Bench: ParsableCommand {
       trampolines with empty C and Swift handlers, each beside the untraced call measured just before.
         patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
       to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
+        graph   ns per call of the same function with 1 and 3 function-graph users (entry+exit), an \
+      entry-only and an entry+exit fprobe, one ops through its own trampoline, and 1, 2 and 10 ops through \
+      the shared caller, each beside the untraced call measured just before.
         record  ns per call of a recursive fib program untraced (the baseline), recorded by \
       `tracery record` (every function), and recorded by `uftrace record` when installed.
       Each figure is the median of --runs runs. --json prints one object per line with the keys \
@@ -18,7 +21,7 @@ struct Bench: ParsableCommand {
   )
 
   enum Suite: String, ExpressibleByArgument, CaseIterable {
-    case patch, trigger, record
+    case patch, trigger, graph, record
   }
 
   @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -46,6 +49,7 @@ struct Bench: ParsableCommand {
       switch suite {
       case .patch: try PatchBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .trigger: try TriggerBench(runs: runs).run(report)
+      case .graph: try GraphBench(runs: runs).run(report)
       case .record: try RecordBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       }
     }
