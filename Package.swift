@@ -65,6 +65,14 @@ let package = Package(
       name: "TraceryCoreTests",
       dependencies: [
         "TraceryCore", "TraceryFixtures", "TraceryCxxFixtures", "TraceryTestSupport", "tracery-testhost",
+      ],
+      // TraceryCore's unwinder interposers (UnwindGuard.swift) must be in the executable's dynamic
+      // symbol table to come before libgcc_s's: a program that links TraceryCore does the same.
+      linkerSettings: [
+        .unsafeFlags([
+          "-Xlinker", "--export-dynamic-symbol=_Unwind_RaiseException",
+          "-Xlinker", "--export-dynamic-symbol=_Unwind_ForcedUnwind",
+        ])
       ]
     ),
     .testTarget(

@@ -21,3 +21,20 @@ long tracery_cxx_catch(long value) {
     return error.value;
   }
 }
+
+#define TRACED extern "C" __attribute__((patchable_function_entry(5, 0), noinline))
+
+TRACED long tracery_cxx_level3(long value) {
+  if (value != 0) throw traced_error{value};
+  return 3;
+}
+TRACED long tracery_cxx_level2(long value) { return tracery_cxx_level3(value) + 20; }
+TRACED long tracery_cxx_level1(long value) { return tracery_cxx_level2(value) + 100; }
+
+long tracery_cxx_catch_levels(long value) {
+  try {
+    return tracery_cxx_level1(value) + 1000;
+  } catch (const traced_error &error) {
+    return error.value;
+  }
+}

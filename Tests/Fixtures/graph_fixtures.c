@@ -1,6 +1,9 @@
 #include "graph_fixtures.h"
 
 #include <setjmp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/time.h>
 
 #define TRACED __attribute__((patchable_function_entry(5, 0), noinline, noclone))
 
@@ -67,4 +70,80 @@ void tracery_graph_exit_record(tracery_graph_frame *frame, uint64_t *data, trace
 int tracery_graph_entry_decline(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
   record(1, frame, data, call, cookie);
   return 0;
+}
+
+static volatile long signal_result;
+static void call_traced_from_handler(int signal) {
+  (void)signal;
+  signal_result = tracery_graph_outer(2);
+}
+
+/// A handler for `signal`, unblocked on this thread (the test runner's threads may block it);
+/// `restore_signal` undoes both.
+struct installed_signal {
+  int signal;
+  struct sigaction old;
+  sigset_t previous;
+};
+
+static struct installed_signal install_signal(int signal, void (*handler)(int)) {
+  struct installed_signal installed = {.signal = signal};
+  struct sigaction action = {0};
+  action.sa_handler = handler;
+  action.sa_flags = SA_RESTART;
+  sigaction(signal, &action, &installed.old);
+  sigset_t unblock;
+  sigemptyset(&unblock);
+  sigaddset(&unblock, signal);
+  pthread_sigmask(SIG_UNBLOCK, &unblock, &installed.previous);
+  return installed;
+}
+
+static void restore_signal(struct installed_signal *installed) {
+  pthread_sigmask(SIG_SETMASK, &installed->previous, 0);
+  sigaction(installed->signal, &installed->old, 0);
+}
+
+TRACED long tracery_graph_signal(long n) {
+  struct installed_signal installed = install_signal(SIGUSR1, call_traced_from_handler);
+  long before = tracery_graph_middle(n);
+  raise(SIGUSR1);
+  restore_signal(&installed);
+  return before + signal_result;
+}
+
+static long counted_entries, counted_exits;
+static volatile long timer_calls;
+
+int tracery_graph_count_entry(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
+  (void)frame, (void)data, (void)call, (void)cookie;
+  __atomic_fetch_add(&counted_entries, 1, __ATOMIC_RELAXED);
+  return 1;
+}
+
+void tracery_graph_count_exit(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
+  (void)frame, (void)data, (void)call, (void)cookie;
+  __atomic_fetch_add(&counted_exits, 1, __ATOMIC_RELAXED);
+}
+
+long tracery_graph_counted_entries(void) { return counted_entries; }
+long tracery_graph_counted_exits(void) { return counted_exits; }
+
+static void on_timer(int signal) {
+  (void)signal;
+  if (tracery_graph_leaf(1) == 10) timer_calls++;
+}
+
+long tracery_graph_signal_storm(long calls, long interval_us) {
+  counted_entries = counted_exits = 0;
+  timer_calls = 0;
+  struct installed_signal installed = install_signal(SIGALRM, on_timer);
+  struct itimerval timer = {{0, interval_us}, {0, interval_us}};
+  setitimer(ITIMER_REAL, &timer, 0);
+  long sum = 0;
+  for (long index = 0; index < calls || timer_calls < 20; index++) sum += tracery_graph_outer(index & 7);
+  struct itimerval off = {{0, 0}, {0, 0}};
+  setitimer(ITIMER_REAL, &off, 0);
+  restore_signal(&installed);
+  return sum > 0 ? timer_calls : -1;
 }

@@ -1,5 +1,7 @@
 import Testing
+import TraceryCxxFixtures
 import TraceryFixtures
+import TraceryTestSupport
 
 @testable import TraceryCore
 
@@ -16,6 +18,7 @@ enum GraphFixture {
   static let recurse = entryAddress(tracery_graph_recurse as Unary)
   static let longjmp = entryAddress(tracery_graph_longjmp as Unary)
   static let leaf = entryAddress(tracery_graph_leaf as Unary)
+  static let signal = entryAddress(tracery_graph_signal as Unary)
 
   /// The C handlers as Swift imports them (optional pointers), to cast to Tracery's types.
   typealias CEntry =
@@ -31,6 +34,8 @@ enum GraphFixture {
 
   static let entry = unsafeBitCast(tracery_graph_entry_record as CEntry, to: GraphEntryHandler.self)
   static let exit = unsafeBitCast(tracery_graph_exit_record as CExit, to: GraphExitHandler.self)
+  static let countEntry = unsafeBitCast(tracery_graph_count_entry as CEntry, to: GraphEntryHandler.self)
+  static let countExit = unsafeBitCast(tracery_graph_count_exit as CExit, to: GraphExitHandler.self)
   static let decline = unsafeBitCast(tracery_graph_entry_decline as CEntry, to: GraphEntryHandler.self)
 
   static var events: [tracery_graph_event] {
@@ -91,6 +96,94 @@ extension PatchingTests {
       #expect(events.map(\.kind) == [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2])
       #expect(events.map(\.depth) == [0, 1, 2, 3, 1, 2, 3, 3, 2, 1, 0])
       #expect(events.last?.return_value == 9)
+    }
+
+    @Test func tracedCallsFromASignalHandler() throws {
+      let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner, GraphFixture.signal]
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 3,
+        dataWords: 1)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_graph_signal(1) == 8 + 11)
+      #expect(GraphThreads.depth == 0)
+      let events = GraphFixture.events
+      // signal, middle, inner, then (in the handler, nested below signal's frame) outer, middle,
+      // inner, then signal's exit: every entry has its exit, in order.
+      #expect(events.map(\.kind) == [1, 1, 1, 2, 2, 1, 1, 1, 2, 2, 2, 2])
+      #expect(events.map(\.depth) == [0, 1, 2, 2, 1, 1, 2, 3, 3, 2, 1, 0])
+      #expect(events.last?.return_value == 19)
+    }
+
+    @Test func timerSignalsLandingAnywhereInTracedCalls() throws {
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit),
+        to: .addresses([GraphFixture.outer, GraphFixture.middle, GraphFixture.inner, GraphFixture.leaf]))
+      defer { link.detach() }
+      let calls = TestSupport.stormIterations(default: 200_000, long: 20_000_000)
+      let handled = tracery_graph_signal_storm(calls, 50)
+      #expect(handled >= 20)
+      #expect(GraphThreads.depth == 0)
+      #expect(tracery_graph_counted_entries() == tracery_graph_counted_exits())
+      // (The handler's own calls are not traced when the signal lands inside a graph handler,
+      // which holds the recursion guard.)
+      #expect(tracery_graph_counted_entries() >= 3 * calls)
+    }
+
+    @Test func aCxxExceptionThroughThreeTracedLevels() throws {
+      let functions = [tracery_cxx_level1, tracery_cxx_level2, tracery_cxx_level3].map {
+        entryAddress($0 as @convention(c) (Int) -> Int)
+      }
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 5,
+        dataWords: 1)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_cxx_catch_levels(0) == 1123)
+      #expect(tracery_cxx_catch_levels(42) == 42)
+      #expect(GraphThreads.depth == 0)
+      #expect(tracery_cxx_catch_levels(0) == 1123)
+      let events = GraphFixture.events
+      // A normal call (three pairs), the throwing call's three entries (the unwinder put their
+      // return addresses back: no exits), and another normal call, balanced.
+      #expect(events.map(\.kind) == [1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2])
+      #expect(events.suffix(6).map(\.depth) == [0, 1, 2, 2, 1, 0])
+    }
+
+    @Test(arguments: [true, false])
+    func aGraphUserAndAPerFunctionTrampolineOnOneFunction(graphFirst: Bool) throws {
+      let leaf = GraphFixture.leaf
+      let original = TextPatcher.read(leaf)
+      func graph() throws -> GraphLink {
+        try tracer.attachGraph(.handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .address(leaf))
+      }
+      func direct() throws -> Link { try tracer.attach(.entry(OpsFixture.add1000), to: .address(leaf)) }
+      let user: GraphLink
+      let entry: Link
+      if graphFirst {
+        user = try graph()
+        entry = try direct()
+      } else {
+        entry = try direct()
+        user = try graph()
+      }
+      tracery_graph_events_reset()
+      // The graph's entry runs first (it sees 4), then the trampoline's handler (4 → 1004), the
+      // body, and the graph's exit sees the result.
+      #expect(tracery_graph_leaf(4) == 10040)
+      #expect(GraphFixture.events.map(\.kind) == [1, 2])
+      #expect(GraphFixture.events.map(\.return_value) == [4, 10040])
+      #expect(GraphThreads.depth == 0)
+      entry.detach()
+      tracery_graph_events_reset()
+      #expect(tracery_graph_leaf(4) == 40)
+      #expect(GraphFixture.events.map(\.return_value) == [4, 40])
+      let again = try direct()
+      #expect(tracery_graph_leaf(4) == 10040)
+      user.detach()
+      #expect(tracery_graph_leaf(4) == 10040)
+      again.detach()
+      #expect(TextPatcher.read(leaf) == original)
     }
 
     @Test func recursionTenThousandDeep() throws {

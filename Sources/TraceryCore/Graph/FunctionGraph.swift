@@ -248,7 +248,9 @@ extension Tracer {
 
   /// A new stub for `function` (see `GraphEmitter`), calling the image of its mask; the image is
   /// made when none within reach exists. Returns the stub's block and the image's entry.
-  func graphStub(for function: TracedFunction, state: inout State) throws -> (
+  /// `body` is what the stub calls as the function's body: its per-function trampoline when it
+  /// has one (entered as from the site), else the body itself.
+  func graphStub(for function: TracedFunction, body: UInt64?, state: inout State) throws -> (
     stub: Reclaimer.Retired, image: UInt64
   ) {
     let site = function.site
@@ -262,7 +264,8 @@ extension Tracer {
       let image = try graphImage(mask: function.graphMask, near: block.address, state: &state)
       guard
         let bytes = GraphEmitter.stub(
-          at: block.address, site: site, entry: image.entry, returnHandler: image.returnHandler)
+          at: block.address, site: site, body: body ?? site + 5, entry: image.entry,
+          returnHandler: image.returnHandler)
       else { throw AttachError.codeMemory("graph stub out of reach of 0x\(String(site, radix: 16))") }
       block.write(bytes)
       return (Reclaimer.Retired(block: block, length: bytes.count, frame: nil, unwind: nil, counters: []), image.entry)

@@ -43,9 +43,9 @@ enum ThreadField: Int32 {
 ///
 ///     stub:      call entry            ; returns with ZF set: traced (the real return address
 ///                jne  untraced         ; is on the shadow stack and was popped: `ret 8`)
-///                call site + 5         ; the body sees its stack arguments where they were
-///                jmp  return_handler
-///     untraced:  jmp  site + 5         ; the stack is as the caller left it
+///                call body             ; site + 5, or the function's per-function trampoline;
+///                jmp  return_handler   ; it sees its stack arguments where they were
+///     untraced:  jmp  body             ; the stack is as the caller left it
 ///                .quad site            ; at stub + 24, read by the entry
 ///
 /// Every `call` is paired with its `ret`, so the return-stack predictor stays right: the
@@ -109,17 +109,18 @@ struct GraphEmitter {
   static let stubSiteOffset: Int32 = 24
 
   /// The stub of the function whose patch site is `site` (see the type's comment), placed at
-  /// `base`; nil when `site`, `entry` or `returnHandler` is out of rel32 reach.
-  static func stub(at base: UInt64, site: UInt64, entry: UInt64, returnHandler: UInt64) -> [UInt8]? {
+  /// `base`; it calls `body` (site + 5, or the function's per-function trampoline, which then
+  /// runs its handlers around the body). nil when a target is out of rel32 reach.
+  static func stub(at base: UInt64, site: UInt64, body: UInt64, entry: UInt64, returnHandler: UInt64) -> [UInt8]? {
     var w = X86Writer(base: base)
     let untraced = w.newLabel()
     do {
       try w.putCall(address: entry)
       w.putJcc(.notEqual, untraced, short: true)
-      try w.putCall(address: site + 5)
+      try w.putCall(address: body)
       try w.putJmp(address: returnHandler)
       w.bind(untraced)
-      try w.putJmp(address: site + 5)
+      try w.putJmp(address: body)
       var bytes = try w.finish()
       bytes += [UInt8](repeating: 0xcc, count: Int(stubSiteOffset) - bytes.count)
       withUnsafeBytes(of: site.littleEndian) { bytes += $0 }

@@ -431,11 +431,11 @@ public final class Tracer: Sendable {
             function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
             model: .unknown)
       }
-      func refuseMixing(_ function: TracedFunction, _ other: String = "per-function trampolines") {
+      func refuseMixing(_ function: TracedFunction) {
         report.entries.append(
           .init(
             function: function.name, address: function.function,
-            outcome: .failed("\(other) and the function graph do not share a function yet")))
+            outcome: .failed("ops and the function graph do not share a function yet")))
       }
       func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
         for site in Set(next.keys).union(state.functions.keys) {
@@ -449,10 +449,6 @@ public final class Tracer: Sendable {
         case .attach(let attachment, let targets, let model):
           for target in targets {
             var function = current(target)
-            if function.graphMask != 0 {
-              refuseMixing(function)
-              continue
-            }
             if let model { function.model = model }
             function.attachments.append(attachment)
             next[target.site] = function
@@ -463,8 +459,8 @@ public final class Tracer: Sendable {
           graphUsersChanged = true
           for target in targets {
             var function = current(target)
-            if !function.attachments.isEmpty || !function.ops.isEmpty {
-              refuseMixing(function, function.ops.isEmpty ? "per-function trampolines" : "ops")
+            if !function.ops.isEmpty {
+              refuseMixing(function)
               continue
             }
             function.graphMask |= 1 << index
@@ -487,7 +483,7 @@ public final class Tracer: Sendable {
           for target in targets {
             var function = current(target)
             if function.graphMask != 0 {
-              refuseMixing(function, "ops")
+              refuseMixing(function)
               continue
             }
             function.ops.append(record.id)
@@ -526,19 +522,22 @@ public final class Tracer: Sendable {
         var function = next[site]!
         let old = state.functions[site]
         let oldBytes =
-          old?.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? old?.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          old?.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          ?? old?.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
           ?? old?.opsEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         function.image = nil
         function.graphStub = nil
         function.graphImage = nil
         function.opsEntry = nil
         do {
+          // With both, the graph stub calls the per-function trampoline as the function's body.
           if !function.attachments.isEmpty {
             function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
-          } else if function.graphMask != 0 {
-            (function.graphStub, function.graphImage) = try graphStub(for: function, state: &state)
-          } else if !function.ops.isEmpty {
+          }
+          if function.graphMask != 0 {
+            (function.graphStub, function.graphImage) = try graphStub(
+              for: function, body: function.image?.block.address, state: &state)
+          } else if function.attachments.isEmpty && !function.ops.isEmpty {
             function.opsEntry = try opsEntry(for: function, state: &state)
           }
         } catch {
@@ -547,8 +546,8 @@ public final class Tracer: Sendable {
           continue
         }
         let newBytes =
-          function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? function.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          function.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
+          ?? function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
           ?? function.opsEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         requests.append(PatchRequest(site: site, expected: oldBytes, replacement: newBytes))
         planned.append((site, function))

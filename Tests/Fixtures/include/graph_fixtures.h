@@ -16,6 +16,18 @@ long tracery_graph_longjmp(long unused);
 /// Returns n * 10 (sets the flag when called).
 long tracery_graph_leaf(long n);
 
+/// Installs a SIGUSR1 handler that calls outer(2), calls middle(n), raises SIGUSR1, returns
+/// middle(n) + outer(2).
+long tracery_graph_signal(long n);
+/// Calls outer() at least `calls` times (and until 20 timer signals came) while an interval
+/// timer's SIGALRM handler calls leaf(1); returns how many handler calls saw the right result.
+long tracery_graph_signal_storm(long calls, long interval_us);
+/// Counting handlers (the entry asks for the exit); the storm resets the counts.
+int tracery_graph_count_entry(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+void tracery_graph_count_exit(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+long tracery_graph_counted_entries(void);
+long tracery_graph_counted_exits(void);
+
 /// One event a recording graph handler saw.
 struct tracery_graph_event {
   uint64_t cookie, site, depth, data, return_value;
