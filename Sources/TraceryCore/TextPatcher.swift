@@ -126,6 +126,48 @@ public final class TextPatcher: Sendable {
     }
   }
 
+  /// Stores 8-byte words of data into code pages (function padding that is never executed), one
+  /// aligned store each (single-copy atomic: a reader sees the old or the new word), making each
+  /// run of pages writable once (and keeping it executable: other threads run code there).
+  /// Returns the addresses that could not be written.
+  public func writeWords(_ words: [(address: UInt64, value: UInt64)]) -> [UInt64] {
+    state.withLock { state in
+      let map = MemoryMap.current()
+      var failed: [UInt64] = []
+      let sorted = words.sorted { $0.address < $1.address }
+      var start = 0
+      while start < sorted.count {
+        let address = sorted[start].address
+        guard address % 8 == 0, let region = map.region(containing: address), region.end >= address + 8 else {
+          failed.append(address)
+          start += 1
+          continue
+        }
+        let first = System.pageStart(address)
+        var end = System.pageEnd(address + 8)
+        var stop = start + 1
+        while stop < sorted.count, System.pageStart(sorted[stop].address) <= end, sorted[stop].address % 8 == 0,
+          sorted[stop].address + 8 <= region.end
+        {
+          end = max(end, System.pageEnd(sorted[stop].address + 8))
+          stop += 1
+        }
+        do {
+          try System.mprotect(first, end - first, region.protection | PROT_WRITE | PROT_EXEC)
+          for word in sorted[start..<stop] {
+            ctracery_store_release(UnsafeMutablePointer<UInt64>(bitPattern: UInt(word.address))!, word.value)
+          }
+          try? System.mprotect(first, end - first, region.protection)
+          state.statistics.mprotectCalls += 2
+        } catch {
+          failed += sorted[start..<stop].map(\.address)
+        }
+        start = stop
+      }
+      return failed
+    }
+  }
+
   /// A request that passed step 1.
   struct AcceptedSite {
     let request: Int

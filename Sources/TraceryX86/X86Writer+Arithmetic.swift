@@ -100,6 +100,20 @@ extension X86Writer {
     emit(immediate)
   }
 
+  /// `shr reg, cl` (64-bit, logical).
+  public mutating func putShrCL(_ register: Register) {
+    rex(w: true, b: register.extended)
+    emit(0xd3)
+    emit(0xe8 | register.low)
+  }
+
+  /// `imul dst, src` (64-bit, low half of the product).
+  public mutating func putImul(_ destination: Register, _ source: Register) {
+    rex(w: true, r: destination.extended, b: source.extended)
+    emit([0x0f, 0xaf])
+    emit(0xc0 | destination.low << 3 | source.low)
+  }
+
   /// `or dst, src` (64-bit).
   public mutating func putOr(_ destination: Register, _ source: Register) {
     rex(w: true, r: source.extended, b: destination.extended)
@@ -138,6 +152,19 @@ extension X86Writer {
 
   /// `cmp reg, qword [memory]` (flags of reg − memory).
   public mutating func putCmp(_ register: Register, _ memory: Memory) { putMemoryForm(0x3b, register, memory) }
+
+  /// `add reg, qword [memory]`.
+  public mutating func putAdd(_ register: Register, _ memory: Memory) { putMemoryForm(0x03, register, memory) }
+
+  /// `cmp left, right` (64-bit; flags of left − right).
+  public mutating func putCmp(_ left: Register, _ right: Register) {
+    rex(w: true, r: right.extended, b: left.extended)
+    emit(0x39)
+    emit(0xc0 | right.low << 3 | left.low)
+  }
+
+  /// `and reg, qword [memory]`.
+  public mutating func putAnd(_ register: Register, _ memory: Memory) { putMemoryForm(0x23, register, memory) }
 
   /// `or reg, qword [memory]`.
   public mutating func putOr(_ register: Register, _ memory: Memory) { putMemoryForm(0x0b, register, memory) }

@@ -86,3 +86,29 @@ long tracery_fprobe_entries(uint64_t cookie) { return __atomic_load_n(&fprobe_en
 long tracery_fprobe_exits(uint64_t cookie) { return __atomic_load_n(&fprobe_exits[cookie & 7], __ATOMIC_RELAXED); }
 uint64_t tracery_fprobe_last_data(uint64_t cookie) { return fprobe_data[cookie & 7]; }
 uint64_t tracery_fprobe_last_return(uint64_t cookie) { return fprobe_return[cookie & 7]; }
+
+static long multi_ok[16], multi_bad[16], multi_exits[16];
+
+void tracery_multi_entry(tracery_call *call, uint64_t cookie) {
+  int tag = cookie & 15;
+  if (cookie >> 4 == call->function) __atomic_fetch_add(&multi_ok[tag], 1, __ATOMIC_RELAXED);
+  else __atomic_fetch_add(&multi_bad[tag], 1, __ATOMIC_RELAXED);
+}
+
+void tracery_multi_exit(tracery_call *call, uint64_t cookie) {
+  tracery_multi_entry(call, cookie);
+  __atomic_fetch_add(&multi_exits[cookie & 15], 1, __ATOMIC_RELAXED);
+}
+
+int tracery_multi_modify_return(tracery_call *call, uint64_t cookie) {
+  (void)cookie;
+  call->return_value[0] = 4242;
+  return 1;
+}
+
+void tracery_multi_reset(void) {
+  for (int tag = 0; tag < 16; tag++) multi_ok[tag] = multi_bad[tag] = multi_exits[tag] = 0;
+}
+long tracery_multi_ok(int tag) { return __atomic_load_n(&multi_ok[tag], __ATOMIC_RELAXED); }
+long tracery_multi_bad(int tag) { return __atomic_load_n(&multi_bad[tag], __ATOMIC_RELAXED); }
+long tracery_multi_exits(int tag) { return __atomic_load_n(&multi_exits[tag], __ATOMIC_RELAXED); }

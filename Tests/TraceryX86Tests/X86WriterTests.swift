@@ -188,6 +188,17 @@ let forms: [Form] = [
   Form(name: "shr r10, 16", expected: [0x49, 0xc1, 0xea, 0x10], disassembly: "shr r10,0x10") {
     $0.putShr(.r10, immediate: 16)
   },
+  Form(name: "shr rax, cl", expected: [0x48, 0xd3, 0xe8], disassembly: "shr rax,cl") { $0.putShrCL(.rax) },
+  Form(name: "imul rax, r10", expected: [0x49, 0x0f, 0xaf, 0xc2], disassembly: "imul rax,r10") {
+    $0.putImul(.rax, .r10)
+  },
+  Form(name: "and rax, [r11+8]", expected: [0x49, 0x23, 0x43, 0x08], disassembly: "and rax,QWORD PTR [r11+0x8]") {
+    $0.putAnd(.rax, Memory(.r11, 8))
+  },
+  Form(name: "cmp rdi, r10", expected: [0x4c, 0x39, 0xd7], disassembly: "cmp rdi,r10") { $0.putCmp(.rdi, .r10) },
+  Form(name: "add r10, [r11+16]", expected: [0x4d, 0x03, 0x53, 0x10], disassembly: "add r10,QWORD PTR [r11+0x10]") {
+    $0.putAdd(.r10, Memory(.r11, 16))
+  },
   Form(name: "ret 8", expected: [0xc2, 0x08, 0x00], disassembly: "ret 0x8") { $0.putRet(popping: 8) },
   Form(name: "or rax, rdx", expected: [0x48, 0x09, 0xd0], disassembly: "or rax,rdx") { $0.putOr(.rax, .rdx) },
   Form(

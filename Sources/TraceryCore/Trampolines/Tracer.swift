@@ -147,6 +147,7 @@ public final class Tracer: Sendable {
   let patcher: TextPatcher
   let state = Mutex(State())
   private let nextID = Atomic<Int>(1)
+  func nextLinkID() -> Int { nextID.wrappingAdd(1, ordering: .relaxed).oldValue }
   let guardOffset = Int32(ctracery_guard_offset())
   let fprobes = Mutex(FprobeRegistry())
 
@@ -174,8 +175,14 @@ public final class Tracer: Sendable {
     /// the callbacks).
     var ops: [Int] = []
     var opsEntry: UInt64?
+    /// Multi attachments, and the global trampoline its site calls now (nil when they run in a
+    /// per-function trampoline). `paddingOwned`: the 8 bytes before its entry hold our record
+    /// pointer (or 0), not the compiler's NOPs.
+    var multi: [MultiAttachment] = []
+    var multiEntry: UInt64?
+    var paddingOwned = false
 
-    var isTraced: Bool { !attachments.isEmpty || graphMask != 0 || !ops.isEmpty }
+    var isTraced: Bool { !attachments.isEmpty || graphMask != 0 || !ops.isEmpty || !multi.isEmpty }
   }
 
   struct State: ~Copyable {
@@ -188,6 +195,7 @@ public final class Tracer: Sendable {
     var ops: [Int: OpsRecord] = [:]
     /// Shared callers for the current ops, one per ±2 GiB region.
     var opsSharedImages: [OpsSharedImage] = []
+    var multi = MultiState()
   }
 
   enum Operation {
@@ -198,6 +206,8 @@ public final class Tracer: Sendable {
     case graphRemoveSites(Int, [UInt64])
     case opsAttach(OpsRecord, [Target])
     case opsDetach(Int)
+    case multiAttach([MultiAttachment], [Target])
+    case multiDetach(Int)
   }
 
   /// A resolved function: entry address, site, name.
@@ -424,6 +434,7 @@ public final class Tracer: Sendable {
       var next: [UInt64: TracedFunction] = [:]
       var graphUsersChanged = false
       var opsChanged = false
+      var multiChanged = false
       var removedOps: [OpsRecord] = []
       func current(_ target: Target) -> TracedFunction {
         next[target.site] ?? state.functions[target.site]
@@ -431,11 +442,11 @@ public final class Tracer: Sendable {
             function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
             model: .unknown)
       }
-      func refuseMixing(_ function: TracedFunction) {
+      func refuseMixing(_ function: TracedFunction, _ other: String = "ops") {
         report.entries.append(
           .init(
             function: function.name, address: function.function,
-            outcome: .failed("ops and the function graph do not share a function yet")))
+            outcome: .failed("\(other) and the function graph do not share a function yet")))
       }
       func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
         for site in Set(next.keys).union(state.functions.keys) {
@@ -459,8 +470,8 @@ public final class Tracer: Sendable {
           graphUsersChanged = true
           for target in targets {
             var function = current(target)
-            if !function.ops.isEmpty {
-              refuseMixing(function)
+            if !function.ops.isEmpty || !function.multi.isEmpty {
+              refuseMixing(function, function.ops.isEmpty ? "multi attachments" : "ops")
               continue
             }
             function.graphMask |= 1 << index
@@ -490,6 +501,20 @@ public final class Tracer: Sendable {
             record.sites.insert(target.site)
             next[target.site] = function
           }
+        case .multiAttach(let attachments, let targets):
+          multiChanged = true
+          for (attachment, target) in zip(attachments, targets) {
+            var function = current(target)
+            if function.graphMask != 0 {
+              refuseMixing(function, "multi attachments")
+              continue
+            }
+            function.multi.append(attachment)
+            next[target.site] = function
+          }
+        case .multiDetach(let id):
+          multiChanged = true
+          remove({ $0.multi.contains { $0.link == id } }) { $0.multi.removeAll { $0.link == id } }
         case .opsDetach(let id):
           guard let record = state.ops.removeValue(forKey: id) else { continue }
           opsChanged = true
@@ -524,21 +549,27 @@ public final class Tracer: Sendable {
         let oldBytes =
           old?.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
           ?? old?.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? old?.opsEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
+          ?? old?.opsEntry.map { X86Instruction.call(at: site, to: $0)! }
+          ?? old?.multiEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         function.image = nil
         function.graphStub = nil
         function.graphImage = nil
         function.opsEntry = nil
+        function.multiEntry = nil
         do {
           // With both, the graph stub calls the per-function trampoline as the function's body.
-          if !function.attachments.isEmpty {
+          let ownTrampoline =
+            !function.attachments.isEmpty || (!function.multi.isEmpty && function.multiNeedsOwnTrampoline)
+          if ownTrampoline {
             function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
           }
           if function.graphMask != 0 {
             (function.graphStub, function.graphImage) = try graphStub(
               for: function, body: function.image?.block.address, state: &state)
-          } else if function.attachments.isEmpty && !function.ops.isEmpty {
+          } else if !ownTrampoline && !function.ops.isEmpty {
             function.opsEntry = try opsEntry(for: function, state: &state)
+          } else if !ownTrampoline && !function.multi.isEmpty {
+            function.multiEntry = try multiTrampoline(for: function, state: &state)
           }
         } catch {
           report.entries.append(
@@ -548,9 +579,37 @@ public final class Tracer: Sendable {
         let newBytes =
           function.graphStub.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
           ?? function.image.map { X86Instruction.jmp(at: site, to: $0.block.address)! }
-          ?? function.opsEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
+          ?? function.opsEntry.map { X86Instruction.call(at: site, to: $0)! }
+          ?? function.multiEntry.map { X86Instruction.call(at: site, to: $0)! } ?? function.original
         requests.append(PatchRequest(site: site, expected: oldBytes, replacement: newBytes))
         planned.append((site, function))
+      }
+      // Multi records first: a site must find its record before it calls a global trampoline.
+      // (Whether a function uses its padding is decided while its NOPs are still there.)
+      for index in planned.indices
+      where planned[index].function.multiEntry != nil && planned[index].function.usesPadding {
+        planned[index].function.paddingOwned = true
+      }
+      var multiFailed: Set<UInt64> = []
+      // Any function moving into or out of a global trampoline changes the records too.
+      if multiChanged
+        || planned.contains(where: { $0.function.multiEntry != nil || state.functions[$0.site]?.multiEntry != nil })
+      {
+        var global = state.functions.filter { next[$0.key] == nil && $0.value.multiEntry != nil }.map(\.value)
+        global += planned.map(\.function).filter { $0.multiEntry != nil }
+        do {
+          multiFailed = try publishMultiTable(global.sorted { $0.site < $1.site }, state: &state)
+        } catch {
+          multiFailed = Set(planned.filter { $0.function.multiEntry != nil }.map(\.site))
+        }
+      }
+      for index in planned.indices.reversed() where multiFailed.contains(planned[index].site) {
+        report.entries.append(
+          .init(
+            function: planned[index].function.name, address: planned[index].function.function,
+            outcome: .failed("cannot write its record pointer into its padding")))
+        planned.remove(at: index)
+        requests.remove(at: index)
       }
       // 3. One batch for every site.
       let outcomes = patcher.apply(requests)
@@ -573,10 +632,18 @@ public final class Tracer: Sendable {
       let table =
         UnwindInfo.isAvailable && !images.isEmpty
         ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame!) }, arena: arena) : nil
+      // Padding that no longer holds a live record pointer: 0 (a trampoline reading it then
+      // finds no record); a function leaving for good gets its NOPs back only when untraced.
+      var cleared: [(address: UInt64, value: UInt64)] = []
       for (site, var function) in live {
         function.image?.unwind = table
+        if function.paddingOwned && (function.multiEntry == nil || !function.usesPadding) {
+          cleared.append((site - 8, function.isTraced ? 0 : 0x9090_9090_9090_9090))
+          function.paddingOwned = function.isTraced
+        }
         state.functions[site] = function.isTraced ? function : nil
       }
+      if !cleared.isEmpty { _ = patcher.writeWords(cleared) }
       // Old graph images and shared ops callers are retired once no site calls them (a site that
       // failed to move keeps its image, and the image stays listed).
       state.graphImages += state.reclaimer.retire(
@@ -596,9 +663,11 @@ public final class Tracer: Sendable {
     }
   }
 
-  /// The per-function trampoline of `function`; its ops' callbacks run first, as entry handlers.
+  /// The per-function trampoline of `function`; its ops' callbacks run first, as entry handlers,
+  /// and its multi handlers after its own of each kind.
   private func makeImage(for function: TracedFunction, ops: [OpsRecord]) throws -> Reclaimer.Retired {
-    let model = function.model
+    let model =
+      function.model.stackArgumentWords == nil && !function.multi.isEmpty ? function.multiClass : function.model
     let exits = function.attachments.filter { $0.handler.kind == 2 }
     let modifies = function.attachments.filter { $0.handler.kind == 1 }
     if !exits.isEmpty || !modifies.isEmpty, model.stackArgumentWords == nil {
@@ -612,7 +681,7 @@ public final class Tracer: Sendable {
         HandlerCall(
           handler: $0.handler.address, cookie: $0.link.cookie, counters: $0.link.counters.address,
           statistics: $0.statistics)
-      }
+      } + function.multi.filter { $0.kind == kind }.map(\.handlerCall)
     }
     let emitter = TrampolineEmitter(
       function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(0),
@@ -620,7 +689,9 @@ public final class Tracer: Sendable {
       exits: calls(2), guardOffset: guardOffset)
     // Emit once at a provisional address for the size, then for real where it will run. A
     // handler call is 8 bytes longer where the handler is out of rel32 reach: leave room.
-    let size = try emitter.emit(at: function.site).bytes.count + 8 * (function.attachments.count + ops.count)
+    let size =
+      try emitter.emit(at: function.site).bytes.count + 8
+      * (function.attachments.count + ops.count + function.multi.count)
     let block: CodeArena.Block
     do { block = try arena.allocate(near: function.site, size: size) } catch {
       throw AttachError.codeMemory("\(error)")

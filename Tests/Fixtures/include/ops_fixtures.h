@@ -36,4 +36,16 @@ long tracery_fprobe_entries(uint64_t cookie);
 long tracery_fprobe_exits(uint64_t cookie);
 uint64_t tracery_fprobe_last_data(uint64_t cookie);
 uint64_t tracery_fprobe_last_return(uint64_t cookie);
+
+// multi-attach fixtures. The cookie is the function's address << 4 | a tag (0-15): the entry
+// counts, per tag, calls whose cookie names the function they see (ok) and the others (bad).
+void tracery_multi_entry(tracery_call *call, uint64_t cookie);
+/// As the entry, and counts exits per tag.
+void tracery_multi_exit(tracery_call *call, uint64_t cookie);
+/// Skips the body; the function returns 4242.
+int tracery_multi_modify_return(tracery_call *call, uint64_t cookie);
+void tracery_multi_reset(void);
+long tracery_multi_ok(int tag);
+long tracery_multi_bad(int tag);
+long tracery_multi_exits(int tag);
 #endif

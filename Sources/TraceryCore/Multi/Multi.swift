@@ -1,0 +1,225 @@
+import CTraceryShims
+import Synchronization
+import TraceryX86
+
+/// How the functions of a multi attachment are traced.
+public enum MultiStrategy: Sendable, Equatable {
+  /// Per-function trampolines for up to `MultiStrategy.perFunctionLimit` functions (fastest per
+  /// call, ~300 bytes of code each), the global trampolines beyond (one record of 32 + 16 bytes
+  /// per handler per function, no code per function).
+  case automatic
+  /// Each function's own trampoline runs the handler (as `Tracer.attach` would).
+  case perFunction
+  /// The global trampoline of the function's argument class finds the function's record by its
+  /// address: in the 8 bytes of NOP padding before its entry (`-fpatchable-function-entry=13,8`)
+  /// or in a hash table. `.automatic` takes the padding where every target has it.
+  case global(MultiLookup)
+
+  public static let perFunctionLimit = 16
+}
+
+public enum MultiLookup: Sendable, Equatable { case automatic, hash, padding }
+
+/// One handler attached to many functions (seed 004's tracing multi-link). Keep it to keep the
+/// handler attached; `detach()` removes it from every function in one batch.
+public final class MultiLink: Sendable {
+  let tracer: Tracer
+  let id: Int
+
+  init(tracer: Tracer, id: Int) {
+    self.tracer = tracer
+    self.id = id
+  }
+
+  /// The patch sites this link is attached to now.
+  public var sites: [UInt64] { tracer.multiSites(of: id) }
+
+  @discardableResult
+  public func detach() -> TransactionReport { tracer.commit([.multiDetach(id)]) }
+}
+
+/// One multi handler on one function.
+struct MultiAttachment {
+  let link: Int
+  /// 0 entry, 1 modify-return, 2 exit (as `Handler.kind`).
+  let kind: Int
+  let handler: UInt64
+  let cookie: UInt64
+  /// The argument class: what the global trampoline saves.
+  let model: FunctionModel
+  let strategy: MultiStrategy
+
+  /// In a per-function trampoline. Multi attachments keep no statistics: they share one set of
+  /// counters (the trampoline counts guard skips there).
+  var handlerCall: HandlerCall {
+    HandlerCall(handler: handler, cookie: cookie, counters: Self.counters.address, statistics: .none)
+  }
+  static let counters = AttachmentCounters()
+}
+
+/// What the tracer keeps for the multi links: the current record table and the global
+/// trampolines. `tableWord` is read by hash-mode trampolines (see `MultiEmitter`).
+struct MultiState {
+  let tableWord: UnsafeMutablePointer<UInt64> = {
+    let word = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+    word.initialize(to: 0)
+    return word
+  }()
+  var table: Reclaimer.Retired?
+  var trampolines: [(key: MultiKey, image: Reclaimer.Retired)] = []
+}
+
+struct MultiKey: Equatable {
+  let integerArguments: Int
+  let floats: Bool
+  let padding: Bool
+}
+
+extension Tracer.TracedFunction {
+  /// The class of every multi attachment together: the widest.
+  var multiClass: FunctionModel {
+    MultiEmitter.classModel(
+      integerArguments: multi.map(\.model.integerArguments).max() ?? 6,
+      floats: multi.contains { $0.model.floatArguments > 0 })
+  }
+
+  /// Whether its multi handlers run in a per-function trampoline rather than the global one.
+  var multiNeedsOwnTrampoline: Bool {
+    multi.contains { $0.strategy == .perFunction } || !attachments.isEmpty || !ops.isEmpty
+  }
+
+  /// Whether the global trampoline finds its record in its padding.
+  var usesPadding: Bool {
+    !multi.isEmpty && multi.allSatisfy { $0.strategy != .global(.hash) } && hasPadding
+  }
+
+  /// Eight NOP bytes (or a record pointer of ours) before an entry that is the site itself.
+  var hasPadding: Bool {
+    guard site == function, site % 8 == 0 else { return false }
+    return paddingOwned || UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee == 0x9090_9090_9090_9090
+  }
+}
+
+extension Tracer {
+  /// Attaches `handler` to every function `selector` selects, with a cookie per function, in one
+  /// batch. Exit and modify-return handlers need `model` (at most six integer and eight vector
+  /// arguments, no stack arguments); entry handlers without one save every argument register.
+  /// - Throws: `AttachError` when nothing matches or the model does not fit a class.
+  @discardableResult
+  public func attachMulti(
+    _ handler: Handler, to selector: FunctionSelector, cookie: (_ function: UInt64) -> UInt64 = { _ in 0 },
+    model: FunctionModel? = nil, strategy: MultiStrategy = .automatic
+  ) throws(AttachError) -> MultiLink {
+    let targets = try resolve(selector)
+    let chosen = model ?? .unknown
+    if handler.kind != 0, chosen.stackArgumentWords != 0 || chosen.integerArguments > 6 {
+      throw .unsupportedModel(
+        function: "multi attachment",
+        reason: "exit and modify-return handlers need a FunctionModel with at most 6 integer arguments "
+          + "and no stack arguments")
+    }
+    let classModel = MultiEmitter.classModel(
+      integerArguments: min(chosen.integerArguments, 6), floats: chosen.floatArguments > 0 || chosen.isVariadic)
+    let resolved: MultiStrategy =
+      strategy == .automatic
+      ? (targets.count <= MultiStrategy.perFunctionLimit ? .perFunction : .global(.automatic)) : strategy
+    let id = nextLinkID()
+    let attachments = targets.map { target in
+      MultiAttachment(
+        link: id, kind: handler.kind, handler: handler.address, cookie: cookie(target.function), model: classModel,
+        strategy: resolved)
+    }
+    let report = commit([.multiAttach(attachments, targets)])
+    let link = MultiLink(tracer: self, id: id)
+    if link.sites.isEmpty { throw .nothingAttached(report) }
+    return link
+  }
+
+  func multiSites(of id: Int) -> [UInt64] {
+    state.withLock { state in
+      state.functions.values.filter { $0.multi.contains { $0.link == id } }.map(\.site).sorted()
+    }
+  }
+
+  /// The global trampoline for `function`'s class and lookup, near its site.
+  func multiTrampoline(for function: TracedFunction, state: inout State) throws -> UInt64 {
+    let model = function.multiClass
+    let key = MultiKey(
+      integerArguments: model.integerArguments, floats: model.floatArguments > 0, padding: function.usesPadding)
+    let site = function.site
+    if let found = state.multi.trampolines.first(where: {
+      $0.key == key && X86Instruction.call(at: site, to: $0.image.block.address) != nil
+    }) {
+      return found.image.block.address
+    }
+    let emitter = MultiEmitter(
+      model: model, lookup: key.padding ? .padding : .hash(table: UInt64(UInt(bitPattern: state.multi.tableWord))),
+      guardOffset: guardOffset)
+    let size = try emitter.emit(at: site).count + 16
+    let block: CodeArena.Block
+    do { block = try arena.allocate(near: site, size: size) } catch { throw AttachError.codeMemory("\(error)") }
+    let code = try emitter.emit(at: block.address)
+    block.write(code)
+    let image = Reclaimer.Retired(block: block, length: code.count, frame: nil, unwind: nil, counters: [])
+    state.multi.trampolines.append((key, image))
+    return block.address
+  }
+
+  /// Builds the record table for every function served by a global trampoline (`functions`),
+  /// publishes it (hash word; padding pointers), and retires the previous one. Returns the
+  /// functions whose padding could not be written.
+  func publishMultiTable(_ functions: [TracedFunction], state: inout State) throws -> Set<UInt64> {
+    let hashed = functions.filter { !$0.usesPadding }
+    var bits = 1
+    while (1 << bits) < 2 * max(1, hashed.count) { bits += 1 }
+    let header = hashed.isEmpty ? 0 : 2 + 2 * (1 << bits)
+    let recordWords = functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
+    guard recordWords > 0 else {
+      ctracery_store_release(state.multi.tableWord, 0)
+      if let old = state.multi.table { state.reclaimer.retire(old) }
+      state.multi.table = nil
+      return []
+    }
+    let block: CodeArena.Block
+    do {
+      block = try arena.allocate(near: functions[0].site, size: 8 * (header + recordWords))
+    } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
+    var words = [UInt64](repeating: 0, count: header + recordWords)
+    var records: [UInt64: UInt64] = [:]
+    var at = header
+    for function in functions {
+      records[function.site] = block.address + UInt64(8 * at)
+      words[at] = function.site
+      let kinds = (0..<3).map { kind in function.multi.filter { $0.kind == kind } }
+      words[at + 1] = UInt64(kinds[0].count)
+      words[at + 2] = UInt64(kinds[1].count)
+      words[at + 3] = UInt64(kinds[2].count)
+      at += 4
+      for attachment in kinds.joined() {
+        words[at] = attachment.handler
+        words[at + 1] = attachment.cookie
+        at += 2
+      }
+    }
+    if !hashed.isEmpty {
+      let shift = UInt64(64 - bits)
+      words[0] = shift
+      words[1] = UInt64((1 << bits) - 1)
+      for function in hashed {
+        var slot = Int((function.site &* OpsTable.golden) >> shift)
+        while words[2 + 2 * slot] != 0 { slot = (slot + 1) & ((1 << bits) - 1) }
+        words[2 + 2 * slot] = function.site
+        words[3 + 2 * slot] = records[function.site]!
+      }
+    }
+    block.write(words.withUnsafeBytes { Array($0) })
+    ctracery_store_release(state.multi.tableWord, hashed.isEmpty ? 0 : block.address)
+    let failed = patcher.writeWords(functions.filter(\.usesPadding).map { ($0.site - 8, records[$0.site]!) })
+    if let old = state.multi.table { state.reclaimer.retire(old) }
+    state.multi.table = Reclaimer.Retired(
+      block: block, length: 8 * words.count, frame: nil, unwind: nil, counters: [])
+    return Set(failed.map { $0 + 8 })
+  }
+}

@@ -1,0 +1,196 @@
+import TraceryX86
+
+/// Generates a global multi-attach trampoline (seed 004's `bpf_global_caller_N`): one per
+/// argument class and lookup mode, shared by every function of that class. Called from a site
+/// (`call`; [rsp] = site + 5, [rsp+8] = the real return; rsp 16-byte aligned), it finds the
+/// function's record (`MultiTable`) by the site address and runs the record's handlers:
+///
+///     if this thread is inside a handler: return into the body
+///     save the class's argument registers into a tracery_call
+///     record = padding: [site - 8]; hash: probe the current table for site (none: return into
+///              the body). The record (or the table while probing) is kept at [rsp+272] and
+///              re-checked: a hazard the reclaimer's stack scan sees (see FprobeRoot.withProbes)
+///     entry handlers; no exit or modify-return handlers: restore, return into the body
+///     modify-return handlers (any non-zero: skip the body); the body, called with the
+///     arguments as the handlers left them; exit handlers; return to the real caller
+///
+/// Record (words): site, entry count, modify-return count, exit count, then (handler, cookie)
+/// pairs: entries, modify-returns, exits. A class has no stack arguments (at most six integer
+/// and eight vector arguments), so the trampoline may call the body from its own frame.
+struct MultiEmitter {
+  enum Lookup: Equatable {
+    /// The record pointer is in the 8 bytes before the function's entry (its NOP padding).
+    case padding
+    /// The word at this address holds the current hash table (0: none): word 0 the shift, word 1
+    /// the mask, then (site, record) pairs, probed linearly from `(site * golden) >> shift`.
+    case hash(table: UInt64)
+  }
+
+  let model: FunctionModel
+  let lookup: Lookup
+  let guardOffset: Int32
+
+  static let frame: Int32 = 304
+  static let hazard: Int32 = 272
+  static let cursor: Int32 = 280
+  static let remaining: Int32 = 288
+  static let skip: Int32 = 296
+  static let recordHeader: Int32 = 32
+
+  /// The class of a model: integer arguments 0-6, with or without vector arguments (and rax).
+  static func classModel(integerArguments: Int, floats: Bool) -> FunctionModel {
+    FunctionModel(
+      integerArguments: integerArguments, floatArguments: floats ? 8 : 0, stackArgumentWords: 0,
+      returns: .unknown, isVariadic: floats)
+  }
+
+  func emit(at base: UInt64) throws -> [UInt8] {
+    var w = X86Writer(base: base)
+    let pass = w.newLabel()
+    let intoBody = w.newLabel()
+    let entryOnly = w.newLabel()
+    let size = Self.frame
+    let guardByte = Memory.fs(guardOffset)
+    w.putCmpByte(guardByte, immediate: 0)
+    w.putJcc(.notEqual, pass)
+    w.putSub(.rsp, immediate: size)
+    TrampolineEmitter.putSaveArguments(&w, model)
+    w.putMov(.r10, Memory(.rsp, size))
+    w.putSub(.r10, immediate: 5)
+    try putLookup(&w, notFound: intoBody)
+    // The register view: function = site, return address, stack arguments.
+    w.putMov(Memory(.rsp, 0), .r10)
+    w.putMov(.r10, Memory(.rsp, size + 8))
+    w.putMov(Memory(.rsp, 8), .r10)
+    w.putLea(.r10, Memory(.rsp, size + 16))
+    w.putMov(Memory(.rsp, 16), .r10)
+    w.putMovByte(guardByte, immediate: 1)
+    putHandlers(&w, count: 8, first: { _ in Self.recordHeader }, modifyReturn: false)
+    w.putMov(.r11, Memory(.rsp, Self.hazard))
+    w.putMov(.r10, Memory(.r11, 16))
+    w.putOr(.r10, Memory(.r11, 24))
+    w.putTest(.r10, .r10)
+    w.putJcc(.equal, entryOnly)
+    // Modify-return handlers, then the body unless one asked to skip it.
+    let skipBody = w.newLabel()
+    w.putMov(Memory(.rsp, Self.skip), immediate: 0)
+    putHandlers(&w, count: 16, first: Self.pairsAfter(8), modifyReturn: true)
+    w.putCmp(Memory(.rsp, Self.skip), immediate: 0)
+    w.putJcc(.notEqual, skipBody)
+    w.putMovByte(guardByte, immediate: 0)
+    TrampolineEmitter.putRestoreArguments(&w, model)
+    w.putCall(Memory(.rsp, size))
+    w.putMovByte(guardByte, immediate: 1)
+    TrampolineEmitter.putSaveReturn(&w, model)
+    w.bind(skipBody)
+    putHandlers(&w, count: 24, first: Self.pairsAfter(8, 16), modifyReturn: false)
+    w.putMovByte(guardByte, immediate: 0)
+    TrampolineEmitter.putLoadReturn(&w, model)
+    // Drop the frame and the return into the body: back to the real caller.
+    w.putAdd(.rsp, immediate: size + 8)
+    w.putRet()
+    w.bind(entryOnly)
+    w.putMovByte(guardByte, immediate: 0)
+    w.bind(intoBody)
+    TrampolineEmitter.putRestoreArguments(&w, model)
+    w.putAdd(.rsp, immediate: size)
+    w.bind(pass)
+    w.putRet()
+    return try w.finish()
+  }
+
+  /// The offset of the first pair of a kind: after the header and the pairs of the kinds whose
+  /// counts are at `previous` (record offsets), computed at run time into r10.
+  static func pairsAfter(_ previous: Int32...) -> (inout X86Writer) -> Int32 {
+    { w in
+      w.putMov(.r10, Memory(.r11, previous[0]))
+      for offset in previous.dropFirst() { w.putAdd(.r10, Memory(.r11, offset)) }
+      w.putShl(.r10, immediate: 4)
+      w.putAdd(.r10, .r11)
+      w.putAdd(.r10, immediate: recordHeader)
+      return -1
+    }
+  }
+
+  /// Calls the (handler, cookie) pairs of one kind: their count is at record + `count`; the
+  /// first pair at record + the offset `first` returns (or, when it returns -1, at r10).
+  /// Modify-return handlers that return non-zero set the skip flag.
+  private func putHandlers(
+    _ w: inout X86Writer, count: Int32, first: (inout X86Writer) -> Int32, modifyReturn: Bool
+  ) {
+    let loop = w.newLabel()
+    let done = w.newLabel()
+    let next = w.newLabel()
+    w.putMov(.r11, Memory(.rsp, Self.hazard))
+    w.putMov(.rax, Memory(.r11, count))
+    w.putMov(Memory(.rsp, Self.remaining), .rax)
+    let offset = first(&w)
+    if offset >= 0 { w.putLea(.r10, Memory(.r11, offset)) }
+    w.putMov(Memory(.rsp, Self.cursor), .r10)
+    w.bind(loop)
+    w.putCmp(Memory(.rsp, Self.remaining), immediate: 0)
+    w.putJcc(.equal, done)
+    w.putMov(.r10, Memory(.rsp, Self.cursor))
+    w.putMov(.rdi, .rsp)
+    w.putMov(.rsi, Memory(.r10, 8))
+    w.putCall(Memory(.r10, 0))
+    if modifyReturn {
+      w.putTest32(.rax, .rax)
+      w.putJcc(.equal, next)
+      w.putMov(Memory(.rsp, Self.skip), immediate: 1)
+    }
+    w.bind(next)
+    w.putAdd(Memory(.rsp, Self.cursor), immediate: 16)
+    w.putAdd(Memory(.rsp, Self.remaining), immediate: -1)
+    w.putJmp(loop)
+    w.bind(done)
+  }
+
+  /// r10 = site on entry and exit; r11 = the record (hazard at [rsp+272]), or jumps to
+  /// `notFound`. Clobbers rax, rcx, rdx, rsi, rdi (saved or not arguments of the class).
+  private func putLookup(_ w: inout X86Writer, notFound: Label) throws {
+    switch lookup {
+    case .padding:
+      let retry = w.newLabel()
+      w.bind(retry)
+      w.putMov(.r11, Memory(.r10, -8))
+      w.putMov(Memory(.rsp, Self.hazard), .r11)
+      w.putCmp(.r11, Memory(.r10, -8))
+      w.putJcc(.notEqual, retry)
+      w.putTest(.r11, .r11)
+      w.putJcc(.equal, notFound)
+    case .hash(let table):
+      let retry = w.newLabel()
+      let probe = w.newLabel()
+      let found = w.newLabel()
+      w.putMov(.rax, immediate: table)
+      w.bind(retry)
+      w.putMov(.r11, Memory(.rax))
+      w.putMov(Memory(.rsp, Self.hazard), .r11)
+      w.putCmp(.r11, Memory(.rax))
+      w.putJcc(.notEqual, retry)
+      w.putTest(.r11, .r11)
+      w.putJcc(.equal, notFound)
+      w.putMovabs(.rax, immediate: OpsTable.golden)
+      w.putImul(.rax, .r10)
+      w.putMov(.rcx, Memory(.r11, 0))
+      w.putShrCL(.rax)
+      w.bind(probe)
+      w.putMov(.rsi, .rax)
+      w.putShl(.rsi, immediate: 4)
+      w.putAdd(.rsi, .r11)
+      w.putMov(.rdi, Memory(.rsi, 16))
+      w.putCmp(.rdi, .r10)
+      w.putJcc(.equal, found)
+      w.putTest(.rdi, .rdi)
+      w.putJcc(.equal, notFound)
+      w.putAdd(.rax, immediate: 1)
+      w.putAnd(.rax, Memory(.r11, 8))
+      w.putJmp(probe)
+      w.bind(found)
+      // The record lies in the same block as the table: the hazard moves to it.
+      w.putMov(.r11, Memory(.rsi, 24))
+      w.putMov(Memory(.rsp, Self.hazard), .r11)
+    }
+  }
+}

@@ -1,0 +1,135 @@
+import Foundation
+import Synchronization
+import Testing
+import TraceryFixtures
+import TraceryTestSupport
+
+@testable import TraceryCore
+
+enum MultiFixture {
+  typealias CHandler = @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void
+  static let entry = Handler.entry(unsafeBitCast(tracery_multi_entry as CHandler, to: EntryHandler.self))
+  static let exit = Handler.exit(unsafeBitCast(tracery_multi_exit as CHandler, to: ExitHandler.self))
+  static let modifyReturn = Handler.modifyReturn(
+    unsafeBitCast(
+      tracery_multi_modify_return as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Int32,
+      to: ModifyReturnHandler.self))
+
+  /// 10,000 generated functions with 8 bytes of NOP padding before each entry.
+  static let padded: Result<GeneratedLibrary.Loaded, any Error> = Result {
+    try GeneratedLibrary.load(count: 10_000, prefix: "tr_m", flags: ["-fpatchable-function-entry=13,8"])
+  }
+
+  static func cookie(tag: UInt64) -> (UInt64) -> UInt64 { { $0 << 4 | tag } }
+
+  /// Calls every function once; true when each returned its own value.
+  static func callAll(_ library: GeneratedLibrary.Loaded, expect: (Int) -> Int = { $0 }) -> Bool {
+    library.functions.indices.allSatisfy { index in
+      library.functions[index](5) == expect(TestSupport.generatedValue(index: index, x: 5))
+    }
+  }
+}
+
+extension PatchingTests {
+  @Suite(.serialized) struct MultiTests {
+    let tracer = Tracer()
+
+    @Test(arguments: [MultiLookup.padding, .hash])
+    func tenThousandFunctionsInOneCall(lookup: MultiLookup) throws {
+      let library = try MultiFixture.padded.get()
+      tracery_multi_reset()
+      let link = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(library.sites), cookie: MultiFixture.cookie(tag: 1),
+        strategy: .global(lookup))
+      #expect(link.sites.count == 10_000)
+      // Every site calls a global trampoline of its mode (two at most: the class, per region).
+      let targets = Set(library.sites.compactMap(siteTarget))
+      #expect(targets.count <= 2)
+      #expect(tracer.liveTrampolines.isEmpty)
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_ok(1) == 10_000)
+      #expect(tracery_multi_bad(1) == 0)
+      link.detach()
+      #expect(library.sites.allSatisfy { TextPatcher.read($0) == TextPatcher.read(library.sites[0]) })
+      #expect(library.sites.allSatisfy { siteTarget($0) == nil })
+      // The padding has its NOPs back.
+      #expect(UnsafePointer<UInt64>(bitPattern: UInt(library.sites[0] - 8))!.pointee == 0x9090_9090_9090_9090)
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_ok(1) == 10_000)
+    }
+
+    @Test(arguments: [MultiLookup.padding, .hash])
+    func exitAndModifyReturnThroughTheGlobalTrampoline(lookup: MultiLookup) throws {
+      let library = try MultiFixture.padded.get()
+      let model = FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer)
+      tracery_multi_reset()
+      let exits = try tracer.attachMulti(
+        MultiFixture.exit, to: .addresses(library.sites), cookie: MultiFixture.cookie(tag: 2), model: model,
+        strategy: .global(lookup))
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_exits(2) == 10_000 && tracery_multi_ok(2) == 10_000)
+      // Modify-return on the first hundred: they return 4242 and skip their bodies; exits still run.
+      let skipped = try tracer.attachMulti(
+        MultiFixture.modifyReturn, to: .addresses(Array(library.sites.prefix(100))), model: model,
+        strategy: .global(lookup))
+      #expect(library.functions.prefix(100).allSatisfy { $0(5) == 4242 })
+      #expect(library.functions[100](5) == TestSupport.generatedValue(index: 100, x: 5))
+      #expect(tracery_multi_exits(2) == 10_101)
+      skipped.detach()
+      exits.detach()
+      #expect(library.sites.allSatisfy { siteTarget($0) == nil })
+    }
+
+    @Test func multiAndPerFunctionAttachmentsOnTheSameFunctions() throws {
+      let library = try MultiFixture.padded.get()
+      tracery_multi_reset()
+      let multi = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(library.sites), cookie: MultiFixture.cookie(tag: 3),
+        strategy: .global(.automatic))
+      // A per-function trampoline on 50 of them runs both handlers; the others stay global.
+      let single = try tracer.attach(
+        MultiFixture.entry, to: .addresses(Array(library.sites.prefix(50))), cookie: 0)
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_ok(3) == 10_000)
+      #expect(tracery_multi_bad(0) == 50)  // cookie 0 names no function: counted as "bad" on tag 0
+      single.detach()
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_ok(3) == 20_000 && tracery_multi_bad(0) == 50)
+      multi.detach()
+    }
+
+    @Test func halfDetachedWhileTwoThreadsCallAll() throws {
+      let library = try MultiFixture.padded.get()
+      tracery_multi_reset()
+      let first = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(Array(library.sites.prefix(5_000))), cookie: MultiFixture.cookie(tag: 4),
+        strategy: .global(.automatic))
+      let second = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(Array(library.sites.suffix(5_000))), cookie: MultiFixture.cookie(tag: 5),
+        strategy: .global(.hash))
+      let stop = Atomic<Bool>(false)
+      let wrong = Atomic<Int>(0)
+      let callers = (0..<2).map { _ in
+        Thread {
+          while !stop.load(ordering: .relaxed) {
+            if !MultiFixture.callAll(library) { wrong.add(1, ordering: .relaxed) }
+          }
+        }
+      }
+      for caller in callers { caller.start() }
+      usleep(20_000)
+      first.detach()
+      let afterDetach = tracery_multi_ok(4)
+      usleep(20_000)
+      stop.store(true, ordering: .relaxed)
+      while callers.contains(where: { !$0.isFinished }) { usleep(1000) }
+      #expect(wrong.load(ordering: .relaxed) == 0)
+      #expect(tracery_multi_bad(4) == 0 && tracery_multi_bad(5) == 0)
+      // Calls already inside a trampoline when it was detached may still finish counting.
+      #expect(tracery_multi_ok(4) <= afterDetach + 2)
+      #expect(tracery_multi_ok(5) > 5_000)
+      second.detach()
+      tracer.reclaim()
+    }
+  }
+}
