@@ -1,6 +1,9 @@
 #include "tracery_bench.h"
 
-__attribute__((patchable_function_entry(5, 0), noinline)) long tracery_bench_target(long x) { return x + 1; }
+// 8 bytes of padding before the entry for the multi-attach record pointer, a 5-byte NOP at it.
+__attribute__((patchable_function_entry(13, 8), aligned(16), noinline)) long tracery_bench_target(long x) {
+  return x + 1;
+}
 
 long tracery_bench_loop(long iterations) {
   long (*volatile target)(long) = tracery_bench_target;

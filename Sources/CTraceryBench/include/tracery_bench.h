@@ -5,7 +5,7 @@
 #include <stdint.h>
 #include <tracery.h>
 
-/// The traced function: x + 1, with a 5-byte NOP at its entry.
+/// The traced function: x + 1, with a 5-byte NOP at its entry and 8 bytes of NOPs before it.
 long tracery_bench_target(long x);
 /// Calls tracery_bench_target `iterations` times through a volatile pointer; returns the sum.
 long tracery_bench_loop(long iterations);

@@ -135,6 +135,10 @@ extension Tracer {
     return link
   }
 
+  /// Bytes of the current multi record table (records, and hash slots when any function uses
+  /// the hash), for measuring memory per attached function.
+  public var multiTableBytes: Int { state.withLock { $0.multi.table?.length ?? 0 } }
+
   func multiSites(of id: Int) -> [UInt64] {
     state.withLock { state in
       state.functions.values.filter { $0.multi.contains { $0.link == id } }.map(\.site).sorted()

@@ -10,7 +10,8 @@ import TraceryX86
 ///     record = padding: [site - 8]; hash: probe the current table for site (none: return into
 ///              the body). The record (or the table while probing) is kept at [rsp+272] and
 ///              re-checked: a hazard the reclaimer's stack scan sees (see FprobeRoot.withProbes)
-///     entry handlers; no exit or modify-return handlers: restore, return into the body
+///     entry handlers (one alone: called without the loop); no exit or modify-return handlers:
+///     restore, return into the body
 ///     modify-return handlers (any non-zero: skip the body); the body, called with the
 ///     arguments as the handlers left them; exit handlers; return to the real caller
 ///
@@ -65,6 +66,18 @@ struct MultiEmitter {
     w.putLea(.r10, Memory(.rsp, size + 16))
     w.putMov(Memory(.rsp, 16), .r10)
     w.putMovByte(guardByte, immediate: 1)
+    // The common case, one entry handler and nothing else: no loop.
+    let general = w.newLabel()
+    w.putCmp(Memory(.r11, 8), immediate: 1)
+    w.putJcc(.notEqual, general)
+    w.putMov(.r10, Memory(.r11, 16))
+    w.putOr(.r10, Memory(.r11, 24))
+    w.putJcc(.notEqual, general)
+    w.putMov(.rdi, .rsp)
+    w.putMov(.rsi, Memory(.r11, Self.recordHeader + 8))
+    w.putCall(Memory(.r11, Self.recordHeader))
+    w.putJmp(entryOnly)
+    w.bind(general)
     putHandlers(&w, count: 8, first: { _ in Self.recordHeader }, modifyReturn: false)
     w.putMov(.r11, Memory(.rsp, Self.hazard))
     w.putMov(.r10, Memory(.r11, 16))

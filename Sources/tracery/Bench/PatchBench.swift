@@ -105,9 +105,10 @@ struct PatchBench {
 
 /// Generated C programs for benchmarks, built once with clang and cached by content.
 enum GeneratedLibrary {
-  static func path(functions: Int, directory: String, report: BenchReport) throws -> String {
+  /// `padded`: 8 bytes of NOPs before each entry (for multi-attach records).
+  static func path(functions: Int, directory: String, report: BenchReport, padded: Bool = false) throws -> String {
     let version = 1
-    let path = "\(directory)/functions-\(functions)-v\(version).so"
+    let path = "\(directory)/functions-\(functions)\(padded ? "-padded" : "")-v\(version).so"
     if FileManager.default.fileExists(atPath: path) { return path }
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     report.note("building \(path) with clang (\(functions) functions; once, then cached)…")
@@ -119,7 +120,10 @@ enum GeneratedLibrary {
     try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
     let temporary = path + ".tmp"
     try clang(
-      ["-O1", "-shared", "-fPIC", "-fpatchable-function-entry=5", sourcePath, "-o", temporary], building: sourcePath)
+      [
+        "-O1", "-shared", "-fPIC", padded ? "-fpatchable-function-entry=13,8" : "-fpatchable-function-entry=5",
+        sourcePath, "-o", temporary,
+      ], building: sourcePath)
     try FileManager.default.moveItem(atPath: temporary, toPath: path)
     try? FileManager.default.removeItem(atPath: sourcePath)
     return path

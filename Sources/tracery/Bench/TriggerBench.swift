@@ -7,6 +7,7 @@ import TraceryCore
 struct TriggerBench {
   static let iterations = 20_000_000
   let runs: Int
+  let cacheDirectory: String
 
   /// Empty Swift handlers: no captures, no globals, nothing for the exclusivity checker.
   static let swiftEntry: EntryHandler = { _, _ in }
@@ -18,21 +19,24 @@ struct TriggerBench {
     let handlers: [Handler]
   }
 
+  /// Empty C handlers by kind.
+  static let cHandlers: [String: Handler] = [
+    "entry": .entry(
+      unsafeBitCast(
+        tracery_bench_empty_entry as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
+        to: EntryHandler.self)),
+    "exit": .exit(
+      unsafeBitCast(
+        tracery_bench_empty_exit as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
+        to: ExitHandler.self)),
+    "modify-return": .modifyReturn(
+      unsafeBitCast(
+        tracery_bench_empty_modify_return as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Int32,
+        to: ModifyReturnHandler.self)),
+  ]
+
   static var variants: [Variant] {
-    let c: [String: Handler] = [
-      "entry": .entry(
-        unsafeBitCast(
-          tracery_bench_empty_entry as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
-          to: EntryHandler.self)),
-      "exit": .exit(
-        unsafeBitCast(
-          tracery_bench_empty_exit as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
-          to: ExitHandler.self)),
-      "modify-return": .modifyReturn(
-        unsafeBitCast(
-          tracery_bench_empty_modify_return as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Int32,
-          to: ModifyReturnHandler.self)),
-    ]
+    let c = cHandlers
     let swift: [String: Handler] = [
       "entry": .entry(swiftEntry), "exit": .exit(swiftExit), "modify-return": .modifyReturn(swiftModifyReturn),
     ]
@@ -79,6 +83,7 @@ struct TriggerBench {
       for link in links { link.detach() }
       report.figure(name: variant.name, n: Self.iterations, nsPerItem: traced, baseline: baseline)
     }
+    try MultiBench(runs: runs, cacheDirectory: cacheDirectory).run(report, target: target, loop: loop)
     Tracer.shared.reclaim()
   }
 }

@@ -7,7 +7,9 @@ struct Bench: ParsableCommand {
     discussion: """
       Suites:
         trigger ns per call of a traced function for entry, exit, modify-return and entry+exit \
-      trampolines with empty C and Swift handlers, each beside the untraced call measured just before.
+      trampolines with empty C and Swift handlers, then through the multi-attach global trampolines \
+      (hash and padding), also with all 50,000 functions of a generated object attached (with the \
+      attach and detach time and record bytes per function), each beside the untraced call measured just before.
         patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
       to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
         graph   ns per call of the same function with 1 and 3 function-graph users (entry+exit), an \
@@ -48,7 +50,7 @@ struct Bench: ParsableCommand {
       #endif
       switch suite {
       case .patch: try PatchBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
-      case .trigger: try TriggerBench(runs: runs).run(report)
+      case .trigger: try TriggerBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .graph: try GraphBench(runs: runs).run(report)
       case .record: try RecordBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       }
