@@ -90,22 +90,29 @@ final class BenchReport {
       var fields = [
         "\"suite\":\"\(suite)\"", "\"name\":\"\(name)\"", "\"n\":\(n)", "\"ns_per_item\":\(Self.number(nsPerItem))",
       ]
-      if let baseline { fields.append("\"baseline_ns_per_item\":\(Self.number(baseline))") }
+      if let baseline {
+        fields.append("\"baseline_ns_per_item\":\(Self.number(baseline))")
+        fields.append("\"calls_per_second\":\(Self.number(1e9 / nsPerItem))")
+      }
       for (key, value) in extra.sorted(by: { $0.key < $1.key }) { fields.append("\"\(key)\":\(Self.number(value))") }
       print("{" + fields.joined(separator: ",") + "}")
       return
     }
     if !printedHeader {
       print("suite \(suite)")
-      print("  name                 n          ns/item     total")
+      print("  name                         n          ns/item     total")
       printedHeader = true
     }
     let total = nsPerItem * Double(n)
     let totalText = total >= 1e6 ? String(format: "%.3f ms", total / 1e6) : String(format: "%.1f µs", total / 1e3)
-    var line = "  " + name.padding(toLength: 20, withPad: " ", startingAt: 0)
+    var line = "  " + name.padding(toLength: 28, withPad: " ", startingAt: 0)
     line += " " + String(n).padding(toLength: 10, withPad: " ", startingAt: 0)
     line += " " + String(format: "%9.1f", nsPerItem) + "   " + totalText
-    if let baseline { line += String(format: "   (baseline %.1f ns, ratio %.2f)", baseline, nsPerItem / baseline) }
+    if let baseline {
+      line += String(
+        format: "   %.1f M calls/s (baseline %.1f ns, ratio %.2f)", 1e3 / nsPerItem, baseline, nsPerItem / baseline)
+    }
+    for (key, value) in extra.sorted(by: { $0.key < $1.key }) { line += "   \(key) " + String(format: "%.1f", value) }
     print(line)
   }
 
