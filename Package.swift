@@ -72,6 +72,8 @@ let package = Package(
         .unsafeFlags([
           "-Xlinker", "--export-dynamic-symbol=_Unwind_RaiseException",
           "-Xlinker", "--export-dynamic-symbol=_Unwind_ForcedUnwind",
+          "-Xlinker", "--export-dynamic-symbol=_Unwind_Resume_or_Rethrow",
+          "-Xlinker", "--export-dynamic-symbol=__cxa_begin_catch",
         ])
       ]
     ),

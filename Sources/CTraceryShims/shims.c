@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "CTraceryShims.h"
 
+#include <dlfcn.h>
 #include <link.h>
 #include <linux/membarrier.h>
 #include <sched.h>
@@ -24,6 +25,24 @@ unsigned long ctracery_getauxval(unsigned long type) { return getauxval(type); }
 int ctracery_memfd_create(const char *name) { return (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC); }
 
 int ctracery_gettid(void) { return (int)syscall(SYS_gettid); }
+
+static _Atomic(ctracery_catch_hook) catch_hook;
+
+void ctracery_set_catch_hook(ctracery_catch_hook hook) { atomic_store(&catch_hook, hook); }
+
+// Interposes libstdc++'s __cxa_begin_catch (a program exporting this definition, or the preloaded
+// agent, comes first in the lookup order). Written in C for the caller's exact stack pointer.
+void *__cxa_begin_catch(void *exception) {
+  static void *(*_Atomic next)(void *);
+  void *(*forward)(void *) = atomic_load(&next);
+  if (!forward) {
+    forward = (void *(*)(void *))dlsym(RTLD_NEXT, "__cxa_begin_catch");
+    atomic_store(&next, forward);
+  }
+  ctracery_catch_hook hook = atomic_load(&catch_hook);
+  if (hook) hook((uint64_t)__builtin_frame_address(0) + 16);
+  return forward(exception);
+}
 
 void ctracery_store_release(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 

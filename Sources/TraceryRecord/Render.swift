@@ -36,6 +36,7 @@ public enum Render {
       let tid = "[" + String(thread.tid).leftPadded(to: 6, with: " ") + "]"
       let blank = String(repeating: " ", count: 11)
       let shown = thread.visible(filter)
+      let lastTime = thread.calls.map(\.end).max() ?? 0
       let shownSet = Set(shown.map(\.index))
       for (index, depth) in shown {
         let call = thread.calls[index]
@@ -49,8 +50,12 @@ public enum Render {
             call.complete
             ? "}\(call.returnValues.isEmpty ? "" : call.returnSuffix + ";") /* \(call.name) */"
             : "} /* \(call.name): no exit recorded */"
-          // Closing lines sort after every line of the subtree.
-          lines.append(Line(time: call.end, order: order + 1_000_000_000, text: "\(time) \(tid) | \(indent)\(closing)"))
+          // A closing line sorts after every line of its subtree. A call without an exit that
+          // ended when the next call at its depth started (see CallTree) closes before that
+          // call's line, deeper ones first; one still open at the end of the trace, last.
+          let closedByNextCall = !call.complete && call.end < lastTime
+          let closingOrder = closedByNextCall ? -1_000_000_000 - depth : order + 1_000_000_000
+          lines.append(Line(time: call.end, order: closingOrder, text: "\(time) \(tid) | \(indent)\(closing)"))
         } else {
           let suffix = call.complete ? "\(call.returnSuffix);" : "; /* no exit recorded */"
           lines.append(
@@ -81,6 +86,7 @@ public enum Render {
   public static func statistics(_ threads: [ThreadCalls], filter: CallFilter) -> [FunctionStatistics] {
     func collect(_ thread: ThreadCalls, into table: inout [String: FunctionStatistics]) {
       let shown = thread.visible(filter)
+      let lastTime = thread.calls.map(\.end).max() ?? 0
       let shownSet = Set(shown.map(\.index))
       for (index, _) in shown {
         let call = thread.calls[index]
@@ -153,6 +159,7 @@ public enum Render {
     var order: [String] = []
     for thread in threads {
       let shown = thread.visible(filter)
+      let lastTime = thread.calls.map(\.end).max() ?? 0
       let shownSet = Set(shown.map(\.index))
       var path: [String] = []
       for (index, depth) in shown {

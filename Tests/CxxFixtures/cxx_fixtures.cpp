@@ -38,3 +38,27 @@ long tracery_cxx_catch_levels(long value) {
     return error.value;
   }
 }
+
+TRACED long tracery_cxx_traced_catcher(long value) {
+  try {
+    return tracery_cxx_level1(value) + 1000;
+  } catch (const traced_error &error) {
+    return error.value;
+  }
+}
+
+TRACED long tracery_cxx_rethrower(long value) {
+  try {
+    return tracery_cxx_level1(value);
+  } catch (const traced_error &) {
+    throw;
+  }
+}
+
+long tracery_cxx_rethrow(long value) {
+  try {
+    return tracery_cxx_rethrower(value);
+  } catch (const traced_error &error) {
+    return error.value + 1;
+  }
+}

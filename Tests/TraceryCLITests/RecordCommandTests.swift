@@ -179,6 +179,12 @@ import TraceryTestSupport
     #expect(lines.contains { $0.hasSuffix("after(int)();") }, "\(replay.stdout)")
     #expect(lines.filter { $0.hasSuffix("deepest(int)();") }.count == 2, "\(replay.stdout)")
     #expect(replay.stdout.contains("outer(int)() {"))
+    // The frames the exception did not unwind keep their exits: main closes normally, and the
+    // calls after the catch stay nested in it; the unwound ones close before the next call.
+    #expect(replay.stdout.contains("} /* main */"), "\(replay.stdout)")
+    #expect(lines.contains("  after(int)();"), "\(replay.stdout)")
+    let unwound = ["      deepest(int)();", "    }", "  }", "  outer(int)() {"]
+    #expect(lines.indices.contains { Array(lines[$0...].prefix(4)) == unwound }, "\(replay.stdout)")
   }
 
   @Test func argumentsAndReturnValuesAsUftraceShowsThem() throws {

@@ -186,6 +186,33 @@ extension PatchingTests {
       #expect(TextPatcher.read(leaf) == original)
     }
 
+    @Test func framesThatSurviveACaughtExceptionKeepTheirExits() throws {
+      let functions =
+        [tracery_cxx_level1, tracery_cxx_level2, tracery_cxx_level3, tracery_cxx_traced_catcher].map {
+          entryAddress($0 as @convention(c) (Int) -> Int)
+        } + [GraphFixture.outer]
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 6,
+        dataWords: 1)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_cxx_traced_catcher(42) == 42)
+      #expect(GraphThreads.depth == 0)
+      // The catcher's exit is given (it caught the exception); the three levels it unwound get none.
+      #expect(GraphFixture.events.map(\.kind) == [1, 1, 1, 1, 2])
+      #expect(GraphFixture.events.map(\.depth) == [0, 1, 2, 3, 0])
+      #expect(GraphFixture.events.last?.return_value == 42)
+      // A rethrow from a traced frame, caught again outside: balanced, and traced calls go on.
+      tracery_graph_events_reset()
+      #expect(tracery_cxx_rethrow(7) == 8)
+      #expect(GraphThreads.depth == 0)
+      #expect(tracery_graph_outer(1) == 9)
+      // level1-3 entered (unwound twice: no exits), then outer(1)'s pair at depth 0.
+      #expect(GraphFixture.events.map(\.kind) == [1, 1, 1, 1, 2])
+      #expect(GraphFixture.events.suffix(2).map(\.depth) == [0, 0])
+      #expect(GraphFixture.events.last?.return_value == 9)
+    }
+
     @Test func recursionTenThousandDeep() throws {
       let link = try tracer.attachGraph(
         .handlers(entry: nil, exit: nil), to: .address(GraphFixture.recurse))

@@ -22,6 +22,12 @@ int ctracery_memfd_create(const char *name);
 /// gettid(2).
 int ctracery_gettid(void);
 
+/// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
+/// pointer, before the exception is handed to it: the function graph puts its return addresses
+/// back into the frames that survived the unwind. Set once by TraceryCore.
+typedef void (*ctracery_catch_hook)(uint64_t catcher_stack_pointer);
+void ctracery_set_catch_hook(ctracery_catch_hook hook);
+
 /// An atomic 64-bit store with release ordering (also a compiler barrier), into memory Swift
 /// cannot hold as an `Atomic` (words shared with handlers on other threads).
 void ctracery_store_release(uint64_t *word, uint64_t value);

@@ -122,10 +122,12 @@ enum GraphThreads {
   }()
 
   /// Called by generated code (`void setup(void)`, guard held) on a thread's first traced call.
+  /// The mapping holds the frames, then one word per frame for `restoreReturnAddresses`.
   static let setupThread: @convention(c) () -> Void = {
     let state = ctracery_thread_state()!
     guard state.pointee.shadow_top == 0 else { return }
-    let size = GraphThreads.frames * Int(GraphEmitter.frameSize)
+    _ = catchHookInstalled
+    let size = GraphThreads.frames * (Int(GraphEmitter.frameSize) + 8)
     let memory = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     guard let memory, memory != MAP_FAILED else {
       state.pointee.shadow_top = 1  // disabled: never traced
@@ -138,7 +140,7 @@ enum GraphThreads {
     state.pointee.shadow_base = base
     state.pointee.shadow_size = UInt64(size)
     state.pointee.shadow_top = base + UInt64(GraphEmitter.frameSize)
-    state.pointee.shadow_limit = base + UInt64(size)
+    state.pointee.shadow_limit = base + UInt64(GraphThreads.frames * Int(GraphEmitter.frameSize))
     pthread_setspecific(GraphThreads.key, UnsafeRawPointer(bitPattern: 1))
   }
 
@@ -152,22 +154,56 @@ enum GraphThreads {
     state.pointee.shadow_base = 0
   }
 
-  /// Puts the real return address back into every slot of this thread's stack the graph
-  /// swapped, for frames whose slot lies above `stackPointer` (below it: calls that already ended,
-  /// by longjmp), and empties the shadow stack.
-  static func restoreReturnAddresses(above stackPointer: UInt64) {
+  /// This thread's live frames (index, frame), bottom first, and the per-frame saved words.
+  private static func frames(
+    _ body: (Int, UnsafeMutablePointer<tracery_graph_frame>, UnsafeMutablePointer<UInt64>) -> Void
+  ) {
     let state = ctracery_thread_state()!
     let size = UInt64(GraphEmitter.frameSize)
-    let first = state.pointee.shadow_base + size
-    guard state.pointee.shadow_base != 0, state.pointee.shadow_top > first else { return }
-    for frame in stride(from: first, to: state.pointee.shadow_top, by: Int(size)) {
-      let pointer = UnsafeMutablePointer<tracery_graph_frame>(bitPattern: UInt(frame))!
-      guard pointer.pointee.stack_slot > stackPointer else { continue }
-      UnsafeMutablePointer<UInt64>(bitPattern: UInt(pointer.pointee.stack_slot))!.pointee =
-        pointer.pointee.return_address
+    let base = state.pointee.shadow_base
+    guard base != 0, state.pointee.shadow_top > base + size else { return }
+    let saved = UnsafeMutablePointer<UInt64>(bitPattern: UInt(base + UInt64(frames) * size))!
+    for index in 1..<Int((state.pointee.shadow_top - base) / size) {
+      body(index, UnsafeMutablePointer(bitPattern: UInt(base + UInt64(index) * size))!, saved)
     }
-    state.pointee.shadow_top = first
   }
+
+  /// Puts the real return address back into every slot of this thread's stack the graph swapped,
+  /// for frames whose slot lies above `stackPointer` (below it: calls that already ended, by
+  /// longjmp), remembering what was there. The frames stay: `restoreAfterCatch` swaps the
+  /// survivors back in once the unwind ends in a catch. (Without one, they return untraced and
+  /// are dropped as stale by later traced calls.)
+  static func restoreReturnAddresses(above stackPointer: UInt64) {
+    frames { index, frame, saved in
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.stack_slot))!
+      guard frame.pointee.stack_slot > stackPointer, slot.pointee != frame.pointee.return_address else { return }
+      saved[index] = slot.pointee
+      slot.pointee = frame.pointee.return_address
+    }
+  }
+
+  /// After an unwind that ends in a catch in the function whose stack pointer is `stackPointer`:
+  /// frames below it were unwound and are dropped (they get no exit, as for `longjmp`); frames
+  /// above it (the catching function and its callers) get the graph's return address back, so
+  /// their exits are still given.
+  static func restoreAfterCatch(stackPointer: UInt64) {
+    let state = ctracery_thread_state()!
+    let size = UInt64(GraphEmitter.frameSize)
+    frames { index, frame, saved in
+      defer { saved[index] = 0 }
+      guard saved[index] != 0, frame.pointee.stack_slot > stackPointer else { return }
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.stack_slot))!
+      if slot.pointee == frame.pointee.return_address { slot.pointee = saved[index] }
+    }
+    while state.pointee.shadow_top > state.pointee.shadow_base + size,
+      UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.stack_slot
+        <= stackPointer
+    {
+      state.pointee.shadow_top -= size
+    }
+  }
+
+  static let catchHookInstalled: Void = ctracery_set_catch_hook { GraphThreads.restoreAfterCatch(stackPointer: $0) }
 
   static var setupAddress: UInt64 { address(setupThread) }
 
@@ -233,9 +269,11 @@ extension Tracer {
   }
 
   /// Call before an unwinder walks this thread's stack (a C++ exception, a forced unwind): the
-  /// unwinder cannot step through a return address the graph swapped for its stub's.
-  /// Every live traced call of this thread gets its real return address back and then returns
-  /// untraced (no exit is given for it); later calls are traced as before.
+  /// unwinder cannot step through a return address the graph swapped for its stub's. Every
+  /// live traced call of this thread gets its real return address back. When the unwind ends in
+  /// a catch (TraceryCore interposes `__cxa_begin_catch`), the calls that survived get the
+  /// graph's back and their exits are given; the others return untraced. TraceryCore's unwinder
+  /// interposers call this.
   public static func restoreReturnAddresses() {
     withCallerStackMarker { GraphThreads.restoreReturnAddresses(above: $0) }
   }

@@ -15,6 +15,10 @@ long tracery_cxx_level2(long value);
 long tracery_cxx_level3(long value);
 /// Calls level1 inside try/catch: the caught value, or level1's result + 1000.
 long tracery_cxx_catch_levels(long value);
+/// Patchable itself: calls level1 inside try/catch, returns the caught value (or level1's + 1000).
+long tracery_cxx_traced_catcher(long value);
+/// Catches in the traced catcher, rethrows, and catches again here.
+long tracery_cxx_rethrow(long value);
 #ifdef __cplusplus
 }
 #endif
