@@ -2,26 +2,32 @@
 /// that carry the values (docs/trace-format.md).
 ///
 ///     -A 'PATTERN@arg1,arg2/x,arg3/s'     integer arguments 1-6 (rdi rsi rdx rcx r8 r9)
-///     -R 'PATTERN@retval/d'               the integer return value (rax)
+///     -R 'PATTERN@retval/d32'             the integer return value (rax)
 ///
-/// Formats: d signed decimal (the default), u unsigned, x hex, s a C string (read with
-/// `process_vm_readv`, so a bad pointer shows as an error, never a crash; 64 bytes at most).
+/// Formats: d (or i) signed decimal (the default), u unsigned, x hex, c a character, s a C string
+/// (read with `process_vm_readv`, so a bad pointer shows as an error, never a crash; 64 bytes at
+/// most). d, i, u and x take a size in bits, 8, 16, 32 or 64 (the default): `arg1/d32` shows
+/// an `int` as one, `retval/u8` a `bool` or `unsigned char`.
 public struct ValueSpec: Sendable, Equatable {
   public enum Format: UInt8, Sendable {
     case signed = 0x64  // d
     case unsigned = 0x75  // u
     case hex = 0x78  // x
     case string = 0x73  // s
+    case character = 0x63  // c
   }
 
   /// One value to record: `source` 1-6 is argument N, 0 the return value.
   public struct Item: Sendable, Equatable {
     public let source: Int
     public let format: Format
+    /// Bits of the register shown: 8, 16, 32 or 64.
+    public let bits: Int
 
-    public init(source: Int, format: Format) {
+    public init(source: Int, format: Format, bits: Int = 64) {
       self.source = source
       self.format = format
+      self.bits = bits
     }
   }
 
@@ -52,13 +58,21 @@ public struct ValueSpec: Sendable, Equatable {
           "\(option) '\(text)': '\(name)' is not \(returnValue ? "retval" : "arg1 ... arg6 (integer arguments)")")
       }
       var format = Format.signed
+      var bits = 64
       if parts.count == 2 {
-        guard parts[1].utf8.count == 1, let parsed = Format(rawValue: parts[1].utf8.first!) else {
-          throw .corrupt("\(option) '\(text)': format '\(parts[1])' is not d, u, x or s")
+        let spec = parts[1]
+        let letter = spec.first.map { $0 == "i" ? "d" : $0 }
+        let size = spec.dropFirst()
+        guard let letter, let parsed = letter.asciiValue.flatMap(Format.init(rawValue:)),
+          size.isEmpty || ([.signed, .unsigned, .hex].contains(parsed) && ["8", "16", "32", "64"].contains(size))
+        else {
+          throw .corrupt(
+            "\(option) '\(text)': format '\(spec)' is not d, i, u, x (with an optional size 8, 16, 32, 64), c or s")
         }
         format = parsed
+        bits = size.isEmpty ? (parsed == .character ? 8 : 64) : Int(size)!
       }
-      items.append(Item(source: source, format: format))
+      items.append(Item(source: source, format: format, bits: bits))
     }
     self.items = items
   }
@@ -75,21 +89,34 @@ public struct RecordedValue: Sendable, Equatable {
   public let string: [UInt8]?
   /// The string went on past the bytes kept.
   public let truncated: Bool
+  /// Bits of `integer` shown.
+  public let bits: Int
 
-  public init(source: Int, format: ValueSpec.Format, integer: UInt64, string: [UInt8]?, truncated: Bool) {
+  public init(
+    source: Int, format: ValueSpec.Format, integer: UInt64, string: [UInt8]?, truncated: Bool, bits: Int = 64
+  ) {
     self.source = source
     self.format = format
     self.integer = integer
     self.string = string
     self.truncated = truncated
+    self.bits = bits
   }
+
+  /// The low `bits` of the register, zero- and sign-extended.
+  var unsignedValue: UInt64 { bits >= 64 ? integer : integer & ((1 << UInt64(bits)) - 1) }
+  var signedValue: Int64 { bits >= 64 ? Int64(bitPattern: integer) : Int64(bitPattern: integer << UInt64(64 - bits)) >> Int64(64 - bits) }
 
   /// As uftrace shows it: `-3`, `42`, `0x2a`, `"text"`, `"tex"...`.
   public var text: String {
     switch format {
-    case .signed: return String(Int64(bitPattern: integer))
-    case .unsigned: return String(integer)
-    case .hex: return "0x" + String(integer, radix: 16)
+    case .signed: return String(signedValue)
+    case .unsigned: return String(unsignedValue)
+    case .hex: return "0x" + String(unsignedValue, radix: 16)
+    case .character:
+      let byte = UInt8(truncatingIfNeeded: integer)
+      return (0x20..<0x7f).contains(byte) && byte != 0x27 && byte != 0x5c
+        ? "'\(Character(Unicode.Scalar(byte)))'" : "'\\x" + String(byte, radix: 16).leftPadded(to: 2) + "'"
     case .string:
       guard let string else { return integer == 0 ? "(null)" : "<bad address 0x\(String(integer, radix: 16))>" }
       var quoted = "\""
@@ -112,7 +139,7 @@ public struct RecordedValue: Sendable, Equatable {
 ///
 ///     word 0: 3 << 62 | payload bytes (the words after word 0)
 ///     per value: a word  format (bits 0-7) | source (8-15) | string bytes (16-31) | flags (32-39:
-///                1 string truncated, 2 string unreadable),
+///                1 string truncated, 2 string unreadable) | bits shown (40-47; 0 means 64),
 ///                then the value (8 bytes), then a string's bytes padded to 8
 public enum DataEvent {
   public static let maximumString = 64
@@ -132,7 +159,9 @@ public enum DataEvent {
     let length = string?.count ?? 0
     var flags: UInt64 = truncated ? truncatedFlag : 0
     if item.format == .string && string == nil { flags |= unreadableFlag }
-    let head = UInt64(item.format.rawValue) | UInt64(item.source) << 8 | UInt64(length) << 16 | flags << 32
+    let head =
+      UInt64(item.format.rawValue) | UInt64(item.source) << 8 | UInt64(length) << 16 | flags << 32
+      | UInt64(item.bits & 0xff) << 40
     pointer.storeBytes(of: head.littleEndian, as: UInt64.self)
     pointer.storeBytes(of: integer.littleEndian, toByteOffset: 8, as: UInt64.self)
     if let string, length > 0 {
@@ -156,7 +185,8 @@ public enum DataEvent {
       else { return nil }
       let source = Int((head >> 8) & 0xff)
       let length = Int((head >> 16) & 0xffff)
-      let flags = head >> 32
+      let flags = (head >> 32) & 0xff
+      let bits = Int((head >> 40) & 0xff)
       guard length <= maximumString, offset + 16 + length <= payload else { return nil }
       var string: [UInt8]?
       if format == .string && flags & unreadableFlag == 0 {
@@ -169,7 +199,8 @@ public enum DataEvent {
       }
       values.append(
         RecordedValue(
-          source: source, format: format, integer: integer, string: string, truncated: flags & truncatedFlag != 0))
+          source: source, format: format, integer: integer, string: string, truncated: flags & truncatedFlag != 0,
+          bits: bits == 0 ? 64 : bits))
       offset += 16 + (length + 7) / 8 * 8
     }
     return values

@@ -192,21 +192,27 @@ import TraceryTestSupport
     let program = try Self.build([Self.programs.appendingPathComponent("values.c").path], in: directory)
     let trace = directory.appendingPathComponent("trace")
     let options = [
-      "-A", "add@arg1,arg2/x", "-R", "add@retval", "-A", "^greet$@arg1/s,arg2/u", "-R", "greet@retval/x",
-      "-A", "fib@arg1", "-R", "fib@retval",
+      "-A", "add@arg1,arg2/x", "-R", "add@retval", "-A", "^greet$@arg1/s,arg2/u", "-R", "greet@retval/d32",
+      "-A", "fib@arg1", "-R", "fib@retval", "-R", "initial@retval/c", "-A", "initial@arg1/x8",
     ]
     let recorded = try Self.record(trace, [program], options: options)
     #expect(recorded.status == 0, "\(recorded.stderr)")
-    #expect(recorded.stdout == "38 42 -1 99 2\n")
+    #expect(recorded.stdout == "38 42 -1 99 w 2\n")
     let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
     #expect(replay.status == 0, "\(replay.stderr)")
     let long = "\"" + String(repeating: "a", count: 64) + "\"..."
+    // The pointer's low byte, whatever it is.
+    let initialArgument = try #require(
+      replay.stdout.split(separator: "\n").first { $0.contains("initial(0x") }.flatMap { line in
+        line.firstRange(of: "initial(").map { line[$0.upperBound...].prefix { $0 != ")" } }
+      })
     let expected = [
       "main() {",
       "  add(40, 0xfffffffffffffffe) = 38;",
-      "  greet(\"world \\\"quoted\\\"\", 3) = 0x2a;",
-      "  greet(<bad address 0x10>, 1) = 0xffffffff;",
-      "  greet(\(long), 1) = 0x63;",
+      "  greet(\"world \\\"quoted\\\"\", 3) = 42;",
+      "  greet(<bad address 0x10>, 1) = -1;",
+      "  greet(\(long), 1) = 99;",
+      "  initial(\(initialArgument)) = 'w';",
       "  fib(3) {",
       "    fib(2) {",
       "      fib(1) = 1;",
@@ -317,7 +323,8 @@ import TraceryTestSupport
       (["record", "-A", "fib", "--", program], "-A 'fib': expected PATTERN@arg1,arg2,..."),
       (["record", "-A", "fib@arg7", "--", program], "'arg7' is not arg1 ... arg6"),
       (["record", "-R", "fib@arg1", "--", program], "'arg1' is not retval"),
-      (["record", "-A", "fib@arg1/q", "--", program], "format 'q' is not d, u, x or s"),
+      (["record", "-A", "fib@arg1/q", "--", program], "format 'q' is not d, i, u, x"),
+      (["record", "-A", "fib@arg1/s32", "--", program], "format 's32' is not d, i, u, x"),
       (
         ["record", "-d", directory.appendingPathComponent("t5").path, "-R", "nothing_here@retval", "--", program],
         "-R: no patchable function matches 'nothing_here'"

@@ -8,6 +8,8 @@ __attribute__((noinline)) int greet(const char *name, int times) {
   return name == 0 || (unsigned long)name < 4096 ? -1 : (int)strlen(name) * times;
 }
 
+__attribute__((noinline)) char initial(const char *name) { return name[0]; }
+
 __attribute__((noinline)) long fib(long n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
 
 int main(void) {
@@ -18,6 +20,6 @@ int main(void) {
   memset(long_name, 'a', sizeof long_name - 1);
   long_name[sizeof long_name - 1] = 0;
   int long_greeting = greet(long_name, 1);
-  printf("%ld %d %d %d %ld\n", sum, greeting, bad, long_greeting, fib(3));
+  printf("%ld %d %d %d %c %ld\n", sum, greeting, bad, long_greeting, initial("world"), fib(3));
   return 0;
 }
