@@ -54,54 +54,59 @@ enum ValueRecorder {
     ValueRecorder.record(wanted, returnValue: true, call: call)
   }
 
-  /// Writes one data event with the values of `wanted` that are arguments (or the return value).
+  /// Writes one data event with the values of `wanted` that are arguments (or the return value),
+  /// at most `maximumValues` of them. Allocates nothing: per-value state and string bytes live
+  /// in one stack buffer.
   static func record(_ wanted: [ValueSpec.Item], returnValue: Bool, call: UnsafeMutablePointer<tracery_call>) {
     let raw = UnsafeRawPointer(call)
-    let chosen = wanted.filter { ($0.source == 0) == returnValue }
-    guard !chosen.isEmpty else { return }
-    let stride = DataEvent.maximumString + 8
-    withUnsafeTemporaryAllocation(byteCount: stride * chosen.count, alignment: 8) { strings in
-      var lengths: [Int] = []
-      var readable: [Bool] = []
-      var truncated: [Bool] = []
-      var integers: [UInt64] = []
-      for (index, item) in chosen.enumerated() {
-        let integer =
-          item.source == 0
-          ? raw.load(fromByteOffset: 88, as: UInt64.self)
-          : raw.load(fromByteOffset: 32 + 8 * (item.source - 1), as: UInt64.self)
-        integers.append(integer)
-        guard item.format == .string else {
-          lengths.append(0)
-          readable.append(true)
-          truncated.append(false)
-          continue
+    // Per value: the register, the string length kept (-1: unreadable), truncated (0/1), then
+    // the string bytes.
+    let stride = 24 + DataEvent.maximumString + 8
+    withUnsafeTemporaryAllocation(byteCount: stride * maximumValues, alignment: 8) { buffer in
+      let base = buffer.baseAddress!
+      var count = 0
+      var size = 8
+      for item in wanted where (item.source == 0) == returnValue && count < maximumValues {
+        let slot = base + count * stride
+        let integer = raw.load(fromByteOffset: item.source == 0 ? 88 : 32 + 8 * (item.source - 1), as: UInt64.self)
+        var length = 0
+        var truncated = 0
+        if item.format == .string {
+          let bytes = slot + 24
+          if let read = readString(at: integer, into: bytes, capacity: DataEvent.maximumString + 1) {
+            let end = (0..<read).first { bytes.load(fromByteOffset: $0, as: UInt8.self) == 0 }
+            length = end ?? min(read, DataEvent.maximumString)
+            truncated = end == nil && read > DataEvent.maximumString ? 1 : 0
+          } else {
+            length = -1
+          }
         }
-        let buffer = strings.baseAddress! + index * stride
-        let count = readString(at: integer, into: buffer, capacity: DataEvent.maximumString + 1)
-        let length = count.map { read in
-          (0..<read).first { buffer.load(fromByteOffset: $0, as: UInt8.self) == 0 }
-            ?? min(read, DataEvent.maximumString)
-        }
-        lengths.append(length ?? 0)
-        readable.append(length != nil)
-        truncated.append(
-          count.map { read in length == min(read, DataEvent.maximumString) && read > DataEvent.maximumString } ?? false)
+        slot.storeBytes(of: integer, as: UInt64.self)
+        slot.storeBytes(of: length, toByteOffset: 8, as: Int.self)
+        slot.storeBytes(of: truncated, toByteOffset: 16, as: Int.self)
+        size += 16 + (max(length, 0) + 7) / 8 * 8
+        count += 1
       }
-      let size = DataEvent.size(stringLengths: lengths)
-      guard let cursor = room(for: size) else { return }
+      guard count > 0, let cursor = room(for: size) else { return }
       var offset = 8
-      for (index, item) in chosen.enumerated() {
+      var index = 0
+      for item in wanted where (item.source == 0) == returnValue && index < count {
+        let slot = base + index * stride
+        let length = slot.load(fromByteOffset: 8, as: Int.self)
         let string =
-          item.format == .string && readable[index]
-          ? UnsafeRawBufferPointer(start: strings.baseAddress! + index * stride, count: lengths[index]) : nil
+          item.format == .string && length >= 0 ? UnsafeRawBufferPointer(start: slot + 24, count: length) : nil
         offset += DataEvent.write(
-          item, integer: integers[index], string: string, truncated: truncated[index], to: cursor + offset)
+          item, integer: slot.load(as: UInt64.self), string: string,
+          truncated: slot.load(fromByteOffset: 16, as: Int.self) != 0, to: cursor + offset)
+        index += 1
       }
       cursor.storeBytes(of: DataEvent.header(payload: size - 8).littleEndian, as: UInt64.self)
       ctracery_thread_state()!.pointee.event_cursor += UInt64(size)
     }
   }
+
+  /// Values per data event: six arguments and the return value, and one spare.
+  static let maximumValues = 8
 
   /// Where `size` bytes fit in this thread's buffer, moving to the next chunk if needed; nil
   /// when there is no room (counted as dropped).

@@ -105,7 +105,9 @@ public struct RecordedValue: Sendable, Equatable {
 
   /// The low `bits` of the register, zero- and sign-extended.
   var unsignedValue: UInt64 { bits >= 64 ? integer : integer & ((1 << UInt64(bits)) - 1) }
-  var signedValue: Int64 { bits >= 64 ? Int64(bitPattern: integer) : Int64(bitPattern: integer << UInt64(64 - bits)) >> Int64(64 - bits) }
+  var signedValue: Int64 {
+    bits >= 64 ? Int64(bitPattern: integer) : Int64(bitPattern: integer << UInt64(64 - bits)) >> Int64(64 - bits)
+  }
 
   /// As uftrace shows it: `-3`, `42`, `0x2a`, `"text"`, `"tex"...`.
   public var text: String {
