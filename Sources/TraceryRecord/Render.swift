@@ -86,7 +86,6 @@ public enum Render {
   public static func statistics(_ threads: [ThreadCalls], filter: CallFilter) -> [FunctionStatistics] {
     func collect(_ thread: ThreadCalls, into table: inout [String: FunctionStatistics]) {
       let shown = thread.visible(filter)
-      let lastTime = thread.calls.map(\.end).max() ?? 0
       let shownSet = Set(shown.map(\.index))
       for (index, _) in shown {
         let call = thread.calls[index]
@@ -159,7 +158,6 @@ public enum Render {
     var order: [String] = []
     for thread in threads {
       let shown = thread.visible(filter)
-      let lastTime = thread.calls.map(\.end).max() ?? 0
       let shownSet = Set(shown.map(\.index))
       var path: [String] = []
       for (index, depth) in shown {
