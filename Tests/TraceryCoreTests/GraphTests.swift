@@ -71,6 +71,19 @@ extension PatchingTests {
       }
     }
 
+    @Test func usersWithoutVectorRegistersGetTheSamePairs() throws {
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit),
+        to: .addresses([GraphFixture.outer, GraphFixture.middle, GraphFixture.inner]), cookie: 9, dataWords: 1,
+        vectorRegisters: false)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_graph_outer(5) == 17)
+      #expect(GraphFixture.events.map(\.kind) == [1, 1, 1, 2, 2, 2])
+      #expect(GraphFixture.events.filter { $0.kind == 2 }.map(\.return_value) == [8, 16, 17])
+      #expect(GraphThreads.depth == 0)
+    }
+
     @Test func anEntryThatDeclinesGetsNoExit() throws {
       let link = try tracer.attachGraph(
         .handlers(entry: GraphFixture.decline, exit: GraphFixture.exit), to: .address(GraphFixture.leaf))

@@ -69,6 +69,7 @@ struct GraphUser {
   let dataOffset: Int
   let dataWords: Int
   let depthLimit: Int?
+  let vectorRegisters: Bool
 
   func code(index: Int) -> GraphUserCode {
     let kind: GraphUserCode.Kind
@@ -80,6 +81,7 @@ struct GraphUser {
     }
     return GraphUserCode(
       index: index, kind: kind, dataOffset: dataOffset, depthLimit: depthLimit,
+      vectorRegisters: vectorRegisters && !handlers.isRecorder,
       generationAddress: GraphThreads.generationAddress(index), generation: GraphThreads.generation(index))
   }
 
@@ -223,15 +225,19 @@ extension Tracer {
   ///   - dataWords: words of each frame reserved for this user (the kernel's
   ///     `fgraph_reserve_data`); all users share 7.
   ///   - depthLimit: calls at this shadow depth or deeper are not given to this user.
+  ///   - vectorRegisters: false promises that the handlers, and all they call, use no vector
+  ///     registers (C built with `-mgeneral-regs-only`, or handlers as simple as the kernel's):
+  ///     while no user needs them, xmm0-7 are not saved (about 3 ns less per call).
   /// - Throws: `AttachError` when nothing matches, no user slot or data words are left, or a
   ///   second recorder is asked for.
   @discardableResult
   public func attachGraph(
     _ handlers: GraphHandlers, to selector: FunctionSelector, cookie: UInt64 = 0, dataWords: Int = 0,
-    depthLimit: Int? = nil
+    depthLimit: Int? = nil, vectorRegisters: Bool = true
   ) throws(AttachError) -> GraphLink {
     let targets = try resolve(selector)
-    let link = try makeGraphUser(handlers, cookie: cookie, dataWords: dataWords, depthLimit: depthLimit)
+    let link = try makeGraphUser(
+      handlers, cookie: cookie, dataWords: dataWords, depthLimit: depthLimit, vectorRegisters: vectorRegisters)
     let report = commit([.graphAttach(link.index, targets)])
     if link.sites.isEmpty {
       _ = commit([.graphDetach(link.index)])
@@ -241,9 +247,9 @@ extension Tracer {
   }
 
   /// Takes a free user slot and its data words for a new user (attached to nothing yet).
-  func makeGraphUser(_ handlers: GraphHandlers, cookie: UInt64, dataWords: Int, depthLimit: Int?) throws(AttachError)
-    -> GraphLink
-  {
+  func makeGraphUser(
+    _ handlers: GraphHandlers, cookie: UInt64, dataWords: Int, depthLimit: Int?, vectorRegisters: Bool = true
+  ) throws(AttachError) -> GraphLink {
     try state.withLock { state throws(AttachError) in
       let users = state.graphUsers
       guard let index = users.firstIndex(where: { $0 == nil }) else {
@@ -263,7 +269,8 @@ extension Tracer {
         })
       else { throw .graphDataExhausted(requested: dataWords) }
       state.graphUsers[index] = GraphUser(
-        handlers: handlers, cookie: cookie, dataOffset: offset, dataWords: dataWords, depthLimit: depthLimit)
+        handlers: handlers, cookie: cookie, dataOffset: offset, dataWords: dataWords, depthLimit: depthLimit,
+        vectorRegisters: vectorRegisters)
       return GraphLink(tracer: self, index: index, dataOffset: offset, dataWords: dataWords)
     }
   }

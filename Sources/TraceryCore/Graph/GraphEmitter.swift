@@ -16,6 +16,8 @@ struct GraphUserCode: Equatable {
   let dataOffset: Int
   /// Calls at this depth or deeper are not given to this user.
   let depthLimit: Int?
+  /// Whether its handlers may use vector registers (xmm0-7 are then saved around them).
+  let vectorRegisters: Bool
   /// The user's slot generation word and its value when the image was made: an exit is given
   /// only while they are equal, so a user that left (or a new one in its slot) is never called
   /// for a frame pushed before.
@@ -97,6 +99,15 @@ struct GraphEmitter {
   let setupThread: UInt64
 
   var hasHandlers: Bool { users.contains { if case .handlers = $0.kind { true } else { false } } }
+
+  /// What the handlers' frames save: every argument and return register, or only the integer
+  /// ones when no user's handlers touch vector registers.
+  var model: FunctionModel {
+    users.contains(where: \.vectorRegisters)
+      ? .unknown
+      : FunctionModel(
+        integerArguments: 6, floatArguments: 0, stackArgumentWords: nil, returns: .integerPair, isVariadic: true)
+  }
 
   struct Code {
     let bytes: [UInt8]
@@ -240,14 +251,14 @@ struct GraphEmitter {
   private func putEntryWithHandlers(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
     let size = Self.handlerFrame
     w.putSub(.rsp, immediate: size)
-    TrampolineEmitter.putSaveArguments(&w, .unknown)
+    TrampolineEmitter.putSaveArguments(&w, model)
     putCallHeader(&w, stackArguments: size + 16)
     w.putMovByte(.fs(guardOffset), immediate: 1)
     for user in users {
       try putUserEntry(&w, user, framePointerAt: Self.savedFrameOffset, guardHeld: true, cold: &cold)
     }
     w.putMovByte(.fs(guardOffset), immediate: 0)
-    TrampolineEmitter.putRestoreArguments(&w, .unknown)
+    TrampolineEmitter.putRestoreArguments(&w, model)
     w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
     w.putAdd(.rsp, immediate: size)
   }
@@ -398,12 +409,12 @@ struct GraphEmitter {
       // 296 = 8 mod 16: rsp aligned at the calls.
       let size = Self.handlerFrame + 8
       w.putSub(.rsp, immediate: size)
-      TrampolineEmitter.putSaveReturn(&w, .unknown)
+      TrampolineEmitter.putSaveReturn(&w, model)
       putCallHeader(&w, stackArguments: size + 24)
       w.putMovByte(.fs(guardOffset), immediate: 1)
       for user in users { try putUserExit(&w, user, framePointerAt: Self.savedFrameOffset, cold: &cold) }
       w.putMovByte(.fs(guardOffset), immediate: 0)
-      TrampolineEmitter.putLoadReturn(&w, .unknown)
+      TrampolineEmitter.putLoadReturn(&w, model)
       w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
       w.putAdd(.rsp, immediate: size)
       w.putMov(Memory(.rsp, 8), .rax)

@@ -38,10 +38,11 @@ struct GraphBench {
     to: OpsCallback.self)
 
   static var variants: [Variant] {
-    func graph(_ users: Int) -> Variant {
-      Variant(name: "graph-\(users)") { target in
+    func graph(_ users: Int, vectorRegisters: Bool = true) -> Variant {
+      Variant(name: "graph-\(users)" + (vectorRegisters ? "" : "-integer")) { target in
         let links = try (0..<users).map { _ in
-          try Tracer.shared.attachGraph(.handlers(entry: graphEntry, exit: graphExit), to: .address(target))
+          try Tracer.shared.attachGraph(
+            .handlers(entry: graphEntry, exit: graphExit), to: .address(target), vectorRegisters: vectorRegisters)
         }
         return { for link in links { link.detach() } }
       }
@@ -61,7 +62,8 @@ struct GraphBench {
       }
     }
     return [
-      graph(1), graph(3), fprobe("fprobe-entry", exit: nil), fprobe("fprobe-entry-exit", exit: fprobeExit),
+      graph(1), graph(3), graph(1, vectorRegisters: false), fprobe("fprobe-entry", exit: nil),
+      fprobe("fprobe-entry-exit", exit: fprobeExit),
       ops("ops-own", count: 1, flags: []), ops("ops-shared-1", count: 1, flags: .alwaysShared),
       ops("ops-shared-2", count: 2, flags: []), ops("ops-shared-10", count: 10, flags: []),
     ]
