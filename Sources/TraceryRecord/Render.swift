@@ -144,9 +144,14 @@ public enum Render {
     for thread in threads {
       for (index, _) in thread.visible(filter) {
         let call = thread.calls[index]
+        // Recorded values (-A/-R) as the event's args: arg1 ... arg6, retval.
+        let values = (call.arguments + call.returnValues).map { value in
+          "\"\(value.source == 0 ? "retval" : "arg\(value.source)")\":\"\(jsonEscape(value.text))\""
+        }
         events.append(
           "{\"name\":\"\(jsonEscape(call.name))\",\"ph\":\"X\",\"pid\":\(thread.pid),\"tid\":\(thread.tid),"
-            + "\"ts\":\(fixed(call.start / 1e3, 3)),\"dur\":\(fixed(call.duration / 1e3, 3))}")
+            + "\"ts\":\(fixed(call.start / 1e3, 3)),\"dur\":\(fixed(call.duration / 1e3, 3))"
+            + (values.isEmpty ? "}" : ",\"args\":{\(values.joined(separator: ","))}}"))
       }
     }
     return "{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n" + events.joined(separator: ",\n") + "\n]}\n"

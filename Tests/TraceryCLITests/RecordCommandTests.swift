@@ -227,6 +227,9 @@ import TraceryTestSupport
     let dump = try TestSupport.run(Self.tracery, ["dump", "-d", trace.path])
     #expect(dump.stdout.contains("[entry] depth 1 add 40, 0xfffffffffffffffe"), "\(dump.stdout)")
     #expect(dump.stdout.contains("[exit ] depth 1 add 38"), "\(dump.stdout)")
+    let chrome = try TestSupport.run(Self.tracery, ["dump", "--chrome", "-d", trace.path])
+    #expect(chrome.stdout.contains("\"args\":{\"arg1\":\"40\",\"arg2\":\"0xfffffffffffffffe\",\"retval\":\"38\"}"))
+    #expect(chrome.stdout.contains("\"arg1\":\"\\\"world \\\\\\\"quoted\\\\\\\"\\\"\""), "\(chrome.stdout)")
   }
 
   @Test func anExecdImageIsRecordedAsANewSession() throws {
