@@ -195,8 +195,8 @@ extension Tracer {
     var at = header
     for function in functions {
       records[function.site] = block.address + UInt64(8 * at)
-      words[at] = function.site
       let kinds = (0..<3).map { kind in function.multi.filter { $0.kind == kind } }
+      words[at] = kinds[0].count == 1 && kinds[1].isEmpty && kinds[2].isEmpty ? 1 : 0
       words[at + 1] = UInt64(kinds[0].count)
       words[at + 2] = UInt64(kinds[1].count)
       words[at + 3] = UInt64(kinds[2].count)

@@ -15,8 +15,8 @@ import TraceryX86
 ///     modify-return handlers (any non-zero: skip the body); the body, called with the
 ///     arguments as the handlers left them; exit handlers; return to the real caller
 ///
-/// Record (words): site, entry count, modify-return count, exit count, then (handler, cookie)
-/// pairs: entries, modify-returns, exits. A class has no stack arguments (at most six integer
+/// Record (words): 1 when it holds one entry handler and nothing else (else 0), entry count,
+/// modify-return count, exit count, then (handler, cookie) pairs: entries, modify-returns, exits. A class has no stack arguments (at most six integer
 /// and eight vector arguments), so the trampoline may call the body from its own frame.
 struct MultiEmitter {
   enum Lookup: Equatable {
@@ -68,10 +68,7 @@ struct MultiEmitter {
     w.putMovByte(guardByte, immediate: 1)
     // The common case, one entry handler and nothing else: no loop.
     let general = w.newLabel()
-    w.putCmp(Memory(.r11, 8), immediate: 1)
-    w.putJcc(.notEqual, general)
-    w.putMov(.r10, Memory(.r11, 16))
-    w.putOr(.r10, Memory(.r11, 24))
+    w.putCmp(Memory(.r11, 0), immediate: 1)
     w.putJcc(.notEqual, general)
     w.putMov(.rdi, .rsp)
     w.putMov(.rsi, Memory(.r11, Self.recordHeader + 8))
