@@ -101,7 +101,15 @@ static struct installed_signal install_signal(int signal, void (*handler)(int)) 
 
 static void restore_signal(struct installed_signal *installed) {
   pthread_sigmask(SIG_SETMASK, &installed->previous, 0);
-  sigaction(installed->signal, &installed->old, 0);
+  // A timer signal generated just before the timer stopped may still be on its way to another
+  // thread: never let it meet the default action (which ends the process). Ignore it instead.
+  if (installed->old.sa_handler == SIG_DFL) {
+    struct sigaction ignore = {0};
+    ignore.sa_handler = SIG_IGN;
+    sigaction(installed->signal, &ignore, 0);
+  } else {
+    sigaction(installed->signal, &installed->old, 0);
+  }
 }
 
 TRACED long tracery_graph_signal(long n) {

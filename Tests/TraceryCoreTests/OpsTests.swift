@@ -141,12 +141,31 @@ extension PatchingTests {
       #expect(siteTarget(OpsFixture.f2) == nil && siteTarget(OpsFixture.f4) == nil)
     }
 
-    @Test func opsAndTheGraphDoNotShareAFunctionYet() throws {
-      let ops = try tracer.attachOps(OpsFixture.count, to: .address(OpsFixture.f1))
-      defer { ops.detach() }
-      #expect(throws: AttachError.self) {
-        try tracer.attachGraph(.handlers(entry: nil, exit: nil), to: .address(OpsFixture.f1))
-      }
+    @Test func opsMultiAndAGraphUserShareAFunction() throws {
+      let ops = try tracer.attachOps(OpsFixture.count, to: .address(OpsFixture.f1), cookie: 1)
+      let multi = try tracer.attachMulti(
+        MultiFixture.entry, to: .address(OpsFixture.f1), cookie: { $0 << 4 | 6 }, strategy: .global(.automatic))
+      let graph = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .address(OpsFixture.f1), cookie: 2,
+        dataWords: 1)
+      tracery_ops_reset()
+      tracery_multi_reset()
+      tracery_graph_events_reset()
+      // The graph stub calls the function's per-function trampoline (ops, then multi handlers).
+      #expect(tracery_ops_f1(3) == 4)
+      #expect(tracery_ops_calls(1, OpsFixture.f1) == 1)
+      #expect(tracery_multi_ok(6) == 1)
+      #expect(GraphFixture.events.map(\.kind) == [1, 2])
+      #expect(GraphFixture.events.last?.return_value == 4)
+      graph.detach()
+      // Without the graph user, the ops and the multi handler still share the trampoline.
+      #expect(tracery_ops_f1(3) == 4)
+      #expect(tracery_ops_calls(1, OpsFixture.f1) == 2 && tracery_multi_ok(6) == 2)
+      multi.detach()
+      // The ops alone: back to its own trampoline.
+      #expect(ops.ownTrampolines.contains(siteTarget(OpsFixture.f1) ?? 0))
+      ops.detach()
+      #expect(siteTarget(OpsFixture.f1) == nil)
     }
   }
 }

@@ -85,7 +85,7 @@ extension Tracer.TracedFunction {
 
   /// Whether its multi handlers run in a per-function trampoline rather than the global one.
   var multiNeedsOwnTrampoline: Bool {
-    multi.contains { $0.strategy == .perFunction } || !attachments.isEmpty || !ops.isEmpty
+    multi.contains { $0.strategy == .perFunction } || !attachments.isEmpty || !ops.isEmpty || graphMask != 0
   }
 
   /// Whether the global trampoline finds its record in its padding.

@@ -442,12 +442,6 @@ public final class Tracer: Sendable {
             function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
             model: .unknown)
       }
-      func refuseMixing(_ function: TracedFunction, _ other: String = "ops") {
-        report.entries.append(
-          .init(
-            function: function.name, address: function.function,
-            outcome: .failed("\(other) and the function graph do not share a function yet")))
-      }
       func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
         for site in Set(next.keys).union(state.functions.keys) {
           guard var function = next[site] ?? state.functions[site], matches(function) else { continue }
@@ -470,10 +464,6 @@ public final class Tracer: Sendable {
           graphUsersChanged = true
           for target in targets {
             var function = current(target)
-            if !function.ops.isEmpty || !function.multi.isEmpty {
-              refuseMixing(function, function.ops.isEmpty ? "multi attachments" : "ops")
-              continue
-            }
             function.graphMask |= 1 << index
             next[target.site] = function
           }
@@ -493,10 +483,6 @@ public final class Tracer: Sendable {
           state.ops[record.id] = record
           for target in targets {
             var function = current(target)
-            if function.graphMask != 0 {
-              refuseMixing(function)
-              continue
-            }
             function.ops.append(record.id)
             record.sites.insert(target.site)
             next[target.site] = function
@@ -505,10 +491,6 @@ public final class Tracer: Sendable {
           multiChanged = true
           for (attachment, target) in zip(attachments, targets) {
             var function = current(target)
-            if function.graphMask != 0 {
-              refuseMixing(function, "multi attachments")
-              continue
-            }
             function.multi.append(attachment)
             next[target.site] = function
           }
@@ -557,9 +539,12 @@ public final class Tracer: Sendable {
         function.opsEntry = nil
         function.multiEntry = nil
         do {
-          // With both, the graph stub calls the per-function trampoline as the function's body.
+          // A per-function trampoline runs direct handlers, and ops and multi handlers whenever the
+          // function has anything else too; with graph users, the graph stub calls it as the
+          // function's body.
           let ownTrampoline =
             !function.attachments.isEmpty || (!function.multi.isEmpty && function.multiNeedsOwnTrampoline)
+            || (function.graphMask != 0 && !function.ops.isEmpty)
           if ownTrampoline {
             function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
           }
