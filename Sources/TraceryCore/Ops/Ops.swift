@@ -152,7 +152,8 @@ extension Tracer {
   /// `notrace` selects, in one batch. A function with this ops alone calls the ops' own
   /// trampoline (which calls `callback` directly); a function shared with other ops goes
   /// through the shared caller, which tests every ops' set; a function that also has
-  /// per-function trampolines runs the callback there, before its entry handlers.
+  /// per-function trampolines, multi handlers or graph users runs the callback in its own
+  /// per-function trampoline, before the entry handlers (a changed `function` is ignored there).
   /// - Throws: `AttachError` when nothing matches (or everything was excluded).
   @discardableResult
   public func attachOps(
