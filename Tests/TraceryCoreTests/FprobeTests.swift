@@ -85,6 +85,25 @@ extension PatchingTests {
       next?.unregister()
     }
 
+    @Test func aProbeThatCannotAttachLeavesNothingBehind() throws {
+      // Every graph user slot taken: a probe with an exit cannot get the fprobe graph user.
+      let users = try (0..<16).map { _ in
+        try tracer.attachGraph(.handlers(entry: nil, exit: nil), to: .address(GraphFixture.leaf))
+      }
+      #expect(throws: AttachError.graphUsersExhausted) {
+        try tracer.registerFprobe(entry: FprobeFixture.entry, exit: FprobeFixture.exit, to: .address(OpsFixture.f3))
+      }
+      #expect(siteTarget(OpsFixture.f3) == nil)
+      for user in users { user.detach() }
+      tracery_fprobe_reset()
+      let probe = try tracer.registerFprobe(
+        entry: FprobeFixture.entry, exit: FprobeFixture.exit, to: .address(OpsFixture.f3), cookie: 7)
+      #expect(tracery_ops_f3(1) == 4)
+      #expect(tracery_fprobe_entries(7) == 1 && tracery_fprobe_exits(7) == 1)
+      probe.unregister()
+      #expect(siteTarget(OpsFixture.f3) == nil)
+    }
+
     @Test func registerAndUnregisterStormsWhileThreadsCall() throws {
       tracery_fprobe_reset()
       let rounds = TestSupport.stormIterations(default: 30, long: 1000)

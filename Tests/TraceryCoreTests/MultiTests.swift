@@ -98,6 +98,19 @@ extension PatchingTests {
       multi.detach()
     }
 
+    @Test func paddingModeOnAFunctionWithoutPaddingSaysSo() throws {
+      let error = #expect(throws: AttachError.self) {
+        try tracer.attachMulti(MultiFixture.entry, to: .address(OpsFixture.f1), strategy: .global(.padding))
+      }
+      #expect(
+        "\(String(describing: error))".contains("-fpatchable-function-entry=13,8"), "\(String(describing: error))")
+      #expect(siteTarget(OpsFixture.f1) == nil)
+      // The hash needs no padding.
+      let link = try tracer.attachMulti(MultiFixture.entry, to: .address(OpsFixture.f1), strategy: .global(.hash))
+      #expect(link.sites == [OpsFixture.f1])
+      link.detach()
+    }
+
     @Test func halfDetachedWhileTwoThreadsCallAll() throws {
       let library = try MultiFixture.padded.get()
       tracery_multi_reset()

@@ -147,6 +147,12 @@ extension Tracer {
 
   /// The global trampoline for `function`'s class and lookup, near its site.
   func multiTrampoline(for function: TracedFunction, state: inout State) throws -> UInt64 {
+    if function.multi.contains(where: { $0.strategy == .global(.padding) }), !function.hasPadding {
+      throw AttachError.noPatchSite(
+        function: function.name,
+        reason: "no 8 bytes of NOP padding before its entry for the record pointer "
+          + "(build with -fpatchable-function-entry=13,8, or use .global(.hash))")
+    }
     let model = function.multiClass
     let key = MultiKey(
       integerArguments: model.integerArguments, floats: model.floatArguments > 0, padding: function.usesPadding)

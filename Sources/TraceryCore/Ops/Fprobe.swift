@@ -260,7 +260,15 @@ extension Tracer {
       words[3] = cookie
       ctracery_store_release(words, words[0] + 1)
       registry.probes[slot] = (sites, exit != nil)
-      try update(&registry)
+      do throws(AttachError) {
+        try update(&registry)
+      } catch {
+        // Not attached after all: free the slot again (a new generation) and say why.
+        registry.probes[slot] = nil
+        ctracery_store_release(words, words[0] + 1)
+        try? update(&registry)
+        throw error
+      }
       return Fprobe(tracer: self, slot: slot)
     }
   }
