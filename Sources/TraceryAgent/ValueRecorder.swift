@@ -28,13 +28,14 @@ enum ValueRecorder {
     }
   }
 
-  /// Attaches to every chosen function (site by name) some spec's pattern matches.
+  /// Attaches to every chosen function (site by name) some spec's pattern matches, by its raw
+  /// or its demangled name (as readers show it).
   static func attach(
     _ specs: [ValueSpec], kind: NameMatcher.Kind, functions: [(name: String, site: UInt64)], depth: Int?
   ) {
     for spec in specs {
       guard let matcher = try? NameMatcher(spec.pattern, kind: kind) else { continue }
-      for function in functions where matcher.matches(function.name) {
+      for function in functions where matcher.matchesFunction(function.name) {
         items[function.site, default: []] += spec.items
       }
     }

@@ -15,8 +15,12 @@ public struct Call: Sendable, Equatable {
   public var arguments: [RecordedValue] = []
   public var returnValues: [RecordedValue] = []
 
-  /// `name(arguments)` as uftrace shows it.
-  public var signature: String { "\(name)(\(arguments.map(\.text).joined(separator: ", ")))" }
+  /// `name(arguments)` as uftrace shows it; recorded arguments take the place of a C++ name's
+  /// parameter types (`middle(1)` rather than `middle(int)(1)`).
+  public var signature: String {
+    guard !arguments.isEmpty else { return name + "()" }
+    return "\(Demangler.withoutParameters(name))(\(arguments.map(\.text).joined(separator: ", ")))"
+  }
   /// ` = value` when the return value was recorded.
   public var returnSuffix: String {
     returnValues.isEmpty ? "" : " = " + returnValues.map(\.text).joined(separator: ", ")
@@ -74,6 +78,17 @@ public struct NameMatcher: @unchecked Sendable {
   public func matches(_ name: String) -> Bool {
     if let regex { return (try? regex.wholeMatch(in: name)) != nil }
     return Self.globMatch(glob![...], Array(name)[...])
+  }
+
+  /// Whether the pattern names the function `symbol` (raw or demangled): its symbol, its
+  /// demangled name, or that name without its parameter list (`ns::parse` for
+  /// `ns::parse(char const*) const`), as uftrace users write them.
+  public func matchesFunction(_ symbol: String) -> Bool {
+    if matches(symbol) { return true }
+    let demangled = Demangler.demangle(symbol)
+    if demangled != symbol, matches(demangled) { return true }
+    let base = Demangler.withoutParameters(demangled)
+    return base != demangled && matches(base)
   }
 
   private static func globMatch(_ pattern: ArraySlice<Character>, _ text: ArraySlice<Character>) -> Bool {
@@ -156,10 +171,10 @@ extension ThreadCalls {
     var result: [(index: Int, depth: Int)] = []
     func walk(_ index: Int, shownDepth: Int?) {
       let call = calls[index]
-      if filter.hide.contains(where: { $0.matches(call.name) }) { return }
+      if filter.hide.contains(where: { $0.matchesFunction(call.name) }) { return }
       if let threshold = filter.threshold, call.complete, call.duration < threshold { return }
       var depth = shownDepth
-      if depth == nil && (filter.only.isEmpty || filter.only.contains { $0.matches(call.name) }) { depth = 0 }
+      if depth == nil && (filter.only.isEmpty || filter.only.contains { $0.matchesFunction(call.name) }) { depth = 0 }
       if let shown = depth {
         if let limit = filter.depth, shown >= limit { return }
         result.append((index, shown))

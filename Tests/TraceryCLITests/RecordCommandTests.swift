@@ -185,6 +185,17 @@ import TraceryTestSupport
     #expect(lines.contains("  after(int)();"), "\(replay.stdout)")
     let unwound = ["      deepest(int)();", "    }", "  }", "  outer(int)() {"]
     #expect(lines.indices.contains { Array(lines[$0...].prefix(4)) == unwound }, "\(replay.stdout)")
+
+    // Patterns name C++ functions as uftrace users write them: without parameter types.
+    let valued = directory.appendingPathComponent("valued")
+    let again = try Self.record(
+      valued, [program], options: ["-A", "^middle$@arg1/d32", "-R", "after@retval/d32"])
+    #expect(again.status == 0, "\(again.stderr)")
+    let shown = try TestSupport.run(Self.tracery, ["replay", "-d", valued.path, "-F", "outer"])
+    #expect(shown.status == 0, "\(shown.stderr)")
+    #expect(shown.stdout.contains("middle(1) {") && shown.stdout.contains("middle(0) {"), "\(shown.stdout)")
+    let all = try TestSupport.run(Self.tracery, ["replay", "-d", valued.path])
+    #expect(all.stdout.contains("after(int)() = 7;"), "\(all.stdout)")
   }
 
   @Test func argumentsAndReturnValuesAsUftraceShowsThem() throws {

@@ -269,7 +269,9 @@ struct Recorder {
       patchable += functions.count
       if let glob { matching += Set(table.functions(matching: glob)).intersection(functions).count }
       for (index, matcher) in matchers.enumerated() {
-        specMatches[index] += functions.count { matcher.matches(table.functions[$0].name) }
+        specMatches[index] += functions.count {
+          matcher.matchesFunction(table.functions[$0].name)
+        }
       }
     }
     guard patchable > 0 else {

@@ -22,7 +22,7 @@ enum TraceReading {
     let threads = calls(trace, tid: tid)
     let names = Set(threads.flatMap { $0.calls.map(\.name) })
     for (flag, matchers) in [("-F", filter.only), ("-N", filter.hide)] {
-      for matcher in matchers where !names.contains(where: matcher.matches) {
+      for matcher in matchers where !names.contains(where: matcher.matchesFunction) {
         throw UserError("no recorded function matches \(flag) '\(matcher.pattern)'")
       }
     }
@@ -60,43 +60,6 @@ final class Symbolizer {
       return "0x" + String(site, radix: 16)
     }
     return Demangler.demangle(table.functions[index].name)
-  }
-}
-
-/// The toolchain's demanglers, found at run time: libstdc++'s `__cxa_demangle` and the Swift
-/// runtime's `swift_demangle`.
-enum Demangler {
-  private typealias CxxDemangle =
-    @convention(c) (
-      UnsafePointer<CChar>, UnsafeMutablePointer<CChar>?, UnsafeMutablePointer<Int>?,
-      UnsafeMutablePointer<Int32>?
-    ) -> UnsafeMutablePointer<CChar>?
-  private typealias SwiftDemangle =
-    @convention(c) (UnsafePointer<CChar>, Int, UnsafeMutablePointer<CChar>?, UnsafeMutablePointer<Int>?, UInt32) ->
-    UnsafeMutablePointer<CChar>?
-
-  private static let cxx: CxxDemangle? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__cxa_demangle").map {
-    unsafeBitCast($0, to: CxxDemangle.self)
-  }
-  private static let swift: SwiftDemangle? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "swift_demangle").map {
-    unsafeBitCast($0, to: SwiftDemangle.self)
-  }
-
-  static func demangle(_ name: String) -> String {
-    if name.hasPrefix("_Z"), let cxx {
-      var status: Int32 = 0
-      if let result = cxx(name, nil, nil, &status), status == 0 {
-        defer { free(result) }
-        return String(cString: result)
-      }
-    }
-    if name.hasPrefix("$s") || name.hasPrefix("_$s") || name.hasPrefix("$S"), let swift {
-      if let result = swift(name, name.utf8.count, nil, nil, 0) {
-        defer { free(result) }
-        return String(cString: result)
-      }
-    }
-    return name
   }
 }
 
