@@ -19,6 +19,9 @@ import TraceryRecord
 ///   TRACERY_ARGUMENTS      `-A` / `-R` specs, one per line as `A SPEC` or `R SPEC` (ValueRecorder)
 ///   TRACERY_PATTERN_KIND   how their patterns match: regex (default) or glob
 ///
+/// The agent adds one thread to the program: `ChunkPreparer`'s helper, started at the first
+/// recorded event, which maps and faults in each event file's next chunk ahead of its thread.
+///
 /// Threads: a thread's first recorded event creates its file (the recorder's refill). `fork`:
 /// the child forgets its parent's files and writes its own under a new session. `exec`: the
 /// new image loads the agent again (LD_PRELOAD is inherited) and records under a new session.
