@@ -169,12 +169,24 @@ extension ThreadCalls {
   /// Indices of the calls to show under `filter`, each with the depth to show it at.
   public func visible(_ filter: CallFilter) -> [(index: Int, depth: Int)] {
     var result: [(index: Int, depth: Int)] = []
+    // Patterns are tried once per distinct name (a name can be tried three ways, see
+    // `NameMatcher.matchesFunction`), not once per call.
+    var hiddenNames: [String: Bool] = [:]
+    var chosenNames: [String: Bool] = [:]
+    func named(_ name: String, by matchers: [NameMatcher], remembering cache: inout [String: Bool]) -> Bool {
+      if let known = cache[name] { return known }
+      let found = matchers.contains { $0.matchesFunction(name) }
+      cache[name] = found
+      return found
+    }
     func walk(_ index: Int, shownDepth: Int?) {
       let call = calls[index]
-      if filter.hide.contains(where: { $0.matchesFunction(call.name) }) { return }
+      if !filter.hide.isEmpty && named(call.name, by: filter.hide, remembering: &hiddenNames) { return }
       if let threshold = filter.threshold, call.complete, call.duration < threshold { return }
       var depth = shownDepth
-      if depth == nil && (filter.only.isEmpty || filter.only.contains { $0.matchesFunction(call.name) }) { depth = 0 }
+      if depth == nil && (filter.only.isEmpty || named(call.name, by: filter.only, remembering: &chosenNames)) {
+        depth = 0
+      }
       if let shown = depth {
         if let limit = filter.depth, shown >= limit { return }
         result.append((index, shown))

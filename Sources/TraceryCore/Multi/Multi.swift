@@ -180,8 +180,7 @@ extension Tracer {
   /// functions whose padding could not be written.
   func publishMultiTable(_ functions: [TracedFunction], state: inout State) throws -> Set<UInt64> {
     let hashed = functions.filter { !$0.usesPadding }
-    var bits = 1
-    while (1 << bits) < 2 * max(1, hashed.count) { bits += 1 }
+    let bits = SiteHash.bits(for: hashed.count)
     let header = hashed.isEmpty ? 0 : 2 + 2 * (1 << bits)
     let recordWords = functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
     guard recordWords > 0 else {
@@ -214,14 +213,11 @@ extension Tracer {
       }
     }
     if !hashed.isEmpty {
-      let shift = UInt64(64 - bits)
-      words[0] = shift
+      words[0] = SiteHash.shift(bits: bits)
       words[1] = UInt64((1 << bits) - 1)
-      for function in hashed {
-        var slot = Int((function.site &* OpsTable.golden) >> shift)
-        while words[2 + 2 * slot] != 0 { slot = (slot + 1) & ((1 << bits) - 1) }
-        words[2 + 2 * slot] = function.site
-        words[3 + 2 * slot] = records[function.site]!
+      for (site, slot) in SiteHash.place(hashed.map(\.site), bits: bits) {
+        words[2 + 2 * slot] = site
+        words[3 + 2 * slot] = records[site]!
       }
     }
     block.write(words.withUnsafeBytes { Array($0) })

@@ -23,7 +23,7 @@ struct MultiEmitter {
     /// The record pointer is in the 8 bytes before the function's entry (its NOP padding).
     case padding
     /// The word at this address holds the current hash table (0: none): word 0 the shift, word 1
-    /// the mask, then (site, record) pairs, probed linearly from `(site * golden) >> shift`.
+    /// the mask, then (site, record) pairs: a `SiteHash` table.
     case hash(table: UInt64)
   }
 
@@ -181,7 +181,7 @@ struct MultiEmitter {
       w.putJcc(.notEqual, retry)
       w.putTest(.r11, .r11)
       w.putJcc(.equal, notFound)
-      w.putMovabs(.rax, immediate: OpsTable.golden)
+      w.putMovabs(.rax, immediate: SiteHash.golden)
       w.putImul(.rax, .r10)
       w.putMov(.rcx, Memory(.r11, 0))
       w.putShrCL(.rax)

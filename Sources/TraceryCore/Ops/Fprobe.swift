@@ -191,14 +191,11 @@ final class FprobeRoot: @unchecked Sendable {
 /// empty), then the lists: count, then the slot numbers as UInt32.
 enum FprobeTable {
   static func build(_ probes: [UInt64: [Int]]) -> [UInt64] {
-    var bits = 1
-    while (1 << bits) < 2 * max(1, probes.count) { bits += 1 }
-    let shift = UInt64(64 - bits)
+    let bits = SiteHash.bits(for: probes.count)
     var words = [UInt64](repeating: 0, count: 1 + 2 * (1 << bits))
-    words[0] = shift
-    for (site, slots) in probes.sorted(by: { $0.key < $1.key }) {
-      var index = Int((site &* OpsTable.golden) >> shift)
-      while words[1 + 2 * index] != 0 { index = (index + 1) & ((1 << bits) - 1) }
+    words[0] = SiteHash.shift(bits: bits)
+    for (site, index) in SiteHash.place(probes.keys.sorted(), bits: bits) {
+      let slots = probes[site]!
       words[1 + 2 * index] = site
       words[2 + 2 * index] = UInt64(words.count)
       words.append(UInt64(slots.count))
@@ -213,18 +210,9 @@ enum FprobeTable {
   @inline(__always)
   static func lookup(_ table: UInt64, _ site: UInt64) -> (UnsafePointer<UInt32>, Int)? {
     let words = UnsafePointer<UInt64>(bitPattern: UInt(table))!
-    let shift = words[0]
-    let mask = Int(UInt64.max >> shift)
-    var index = Int((site &* OpsTable.golden) >> shift)
-    while true {
-      let key = words[1 + 2 * index]
-      if key == site {
-        let list = words + Int(words[2 + 2 * index])
-        return (UnsafeRawPointer(list + 1).assumingMemoryBound(to: UInt32.self), Int(list[0]))
-      }
-      if key == 0 { return nil }
-      index = (index + 1) & mask
-    }
+    guard let index = SiteHash.find(site, shift: words[0], keys: words + 1, stride: 2) else { return nil }
+    let list = words + Int(words[2 + 2 * index])
+    return (UnsafeRawPointer(list + 1).assumingMemoryBound(to: UInt32.self), Int(list[0]))
   }
 }
 

@@ -71,15 +71,12 @@ final class OpsRecord: @unchecked Sendable {
 /// The shared caller's data: every ops with its set of sites, frozen when the caller image is
 /// made and freed with it (the image's `Reclaimer.Retired.keepAlive`).
 ///
-/// Layout (words): count, then per ops: callback, cookie, set address, set shift; each set is an
-/// open-addressing table of sites (0 = empty) of 2^(64 - shift) words, probed linearly from
-/// `(site * golden) >> shift`, at most half full.
+/// Layout (words): count, then per ops: callback, cookie, set address, set shift; each set is a
+/// `SiteHash` table of sites, 2^(64 - shift) words.
 final class OpsTable: @unchecked Sendable {
   // @unchecked: immutable after init; read by the dispatcher on any thread.
   let words: UnsafeMutablePointer<UInt64>
   let count: Int
-
-  static let golden: UInt64 = 0x9e37_79b9_7f4a_7c15
 
   init(_ ops: [(record: OpsRecord, sites: Set<UInt64>)]) {
     var layout = [UInt64(ops.count)]
@@ -91,16 +88,10 @@ final class OpsTable: @unchecked Sendable {
     var tables: [UInt64] = []
     var offsets: [Int] = []
     for index in sets.indices {
-      var bits = 1
-      while (1 << bits) < 2 * max(1, sets[index].sites.count) { bits += 1 }
-      let shift = UInt64(64 - bits)
-      sets[index].shift = shift
+      let bits = SiteHash.bits(for: sets[index].sites.count)
+      sets[index].shift = SiteHash.shift(bits: bits)
       var slots = [UInt64](repeating: 0, count: 1 << bits)
-      for site in sets[index].sites {
-        var slot = Int((site &* Self.golden) >> shift)
-        while slots[slot] != 0 { slot = (slot + 1) & (slots.count - 1) }
-        slots[slot] = site
-      }
+      for (site, slot) in SiteHash.place(sets[index].sites, bits: bits) { slots[slot] = site }
       offsets.append(layout.count + tables.count)
       tables += slots
     }
@@ -126,15 +117,8 @@ final class OpsTable: @unchecked Sendable {
     var entry = words + 1
     for _ in 0..<Int(words[0]) {
       let set = UnsafePointer<UInt64>(bitPattern: UInt(entry[2]))!
-      let shift = entry[3]
-      let mask = Int((UInt64.max >> shift))
-      var slot = Int((site &* OpsTable.golden) >> shift)
-      while set[slot] != 0 {
-        if set[slot] == site {
-          unsafeBitCast(UnsafeRawPointer(bitPattern: UInt(entry[0]))!, to: OpsCallback.self)(call!, entry[1])
-          break
-        }
-        slot = (slot + 1) & mask
+      if SiteHash.find(site, shift: entry[3], keys: set) != nil {
+        unsafeBitCast(UnsafeRawPointer(bitPattern: UInt(entry[0]))!, to: OpsCallback.self)(call!, entry[1])
       }
       entry += 4
     }

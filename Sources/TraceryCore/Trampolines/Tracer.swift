@@ -266,7 +266,7 @@ public final class Tracer: Sendable {
       statistics: Statistics = .none
     ) throws(AttachError) -> Link {
       let targets = try tracer.resolve(selector)
-      let link = Link(id: tracer.nextID.wrappingAdd(1, ordering: .relaxed).oldValue, tracer: tracer, cookie: cookie)
+      let link = Link(id: tracer.nextLinkID(), tracer: tracer, cookie: cookie)
       operations.append(.attach(Attachment(link: link, handler: handler, statistics: statistics), targets, model))
       return link
     }
@@ -285,7 +285,7 @@ public final class Tracer: Sendable {
         targets.removeAll { excluded.contains($0.site) }
         guard !targets.isEmpty else { throw .noFunctionMatches("any function outside the notrace set") }
       }
-      let id = tracer.nextID.wrappingAdd(1, ordering: .relaxed).oldValue
+      let id = tracer.nextLinkID()
       let record = OpsRecord(
         id: id, callback: UInt64(UInt(bitPattern: unsafeBitCast(callback, to: UnsafeRawPointer.self))),
         cookie: cookie, flags: flags)
