@@ -46,6 +46,10 @@ void *__cxa_begin_catch(void *exception) {
 
 void ctracery_store_release(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 
+void ctracery_store_release_pairs(const uint64_t *pairs, size_t count) {
+  for (size_t i = 0; i < count; i++) __atomic_store_n((uint64_t *)pairs[2 * i], pairs[2 * i + 1], __ATOMIC_RELEASE);
+}
+
 long ctracery_read_memory(void *buffer, const void *address, unsigned long size) {
   struct iovec local = {buffer, size};
   struct iovec remote = {(void *)address, size};

@@ -14,6 +14,9 @@ struct MemoryMap: Sendable {
   }
 
   let regions: [Region]
+  /// Readable and executable address ranges, adjacent regions merged: start and end words,
+  /// alternating. `isExecutable` runs once per site of a batch, so it searches this short list.
+  private let executable: [UInt64]
 
   static func current() -> MemoryMap {
     MemoryMap(parsing: System.readFile("/proc/self/maps") ?? [])
@@ -46,6 +49,15 @@ struct MemoryMap: Sendable {
     }
     // The kernel lists mappings in address order.
     self.regions = regions
+    var executable: [UInt64] = []
+    for region in regions where region.readable && region.executable {
+      if let last = executable.last, last == region.start {
+        executable[executable.count - 1] = region.end
+      } else {
+        executable += [region.start, region.end]
+      }
+    }
+    self.executable = executable
   }
 
   /// Lower-case hex digits at `at`, advancing past them.
@@ -79,11 +91,25 @@ struct MemoryMap: Sendable {
 
   /// Whether `[address, address + count)` is mapped executable and readable throughout.
   func isExecutable(_ address: UInt64, count: UInt64) -> Bool {
-    var at = address
-    while at < address + count {
-      guard let region = region(containing: at), region.executable, region.readable else { return false }
-      at = region.end
+    var hint = 0
+    return isExecutable(address, count: count, hint: &hint)
+  }
+
+  /// `isExecutable` for many addresses in a row: `hint` (start at 0) remembers the range of the
+  /// last answer, which sorted or clustered addresses hit again without a search.
+  func isExecutable(_ address: UInt64, count: UInt64, hint: inout Int) -> Bool {
+    guard address &+ count >= address else { return false }
+    if hint > 0, hint < executable.count, executable[hint - 1] <= address {
+      if address + count <= executable[hint] { return true }
     }
+    var low = 0
+    var high = executable.count / 2
+    while low < high {
+      let middle = (low + high) / 2
+      if executable[2 * middle] <= address { low = middle + 1 } else { high = middle }
+    }
+    guard low > 0, address + count <= executable[2 * low - 1] else { return false }
+    hint = 2 * low - 1
     return true
   }
 

@@ -126,6 +126,18 @@ public struct SymbolTable: Sendable {
     return address < candidate.address + max(candidate.size, 1) ? low - 1 : nil
   }
 
+  /// `function(containing:)` for addresses visited in ascending order: tries the function after
+  /// `previous` (the last answer) before searching.
+  public func function(containing address: UInt64, after previous: Int?) -> Int? {
+    if let previous, previous + 1 < functions.count {
+      let next = previous + 1
+      if functions[next].address <= address && (next + 1 == functions.count || functions[next + 1].address > address) {
+        return address < functions[next].address + max(functions[next].size, 1) ? next : nil
+      }
+    }
+    return function(containing: address)
+  }
+
   /// Every function called exactly `name`, in address order.
   public func functions(named name: String) -> [Int] {
     var result: [Int] = []

@@ -46,4 +46,37 @@ import TraceryX86
     #expect(farBlock.isReachable(from: far))
     #expect(!farBlock.isReachable(from: near))
   }
+
+  /// Hot code starts a 64-byte fetch window; the space skipped to get there is handed out to the
+  /// next small request, and everything returns to the arena.
+  @Test func alignedBlocksLeaveTheSkippedSpaceFree() throws {
+    let near = try FixtureSites.sites()[0]
+    let arena = CodeArena()
+    let small = try arena.allocate(near: near, size: 16)
+    let hot = try arena.allocate(near: near, size: 100, alignment: CodeArena.hotCodeAlignment)
+    #expect(hot.address % 64 == 0)
+    #expect(hot.address == small.address + 64)
+    #expect(hot.size == 112)
+    let filler = try arena.allocate(near: near, size: 48)
+    #expect(filler.address == small.address + 16)
+    #expect(arena.bytesInUse == 16 + 112 + 48)
+    arena.release(contentsOf: [small, hot, filler])
+    #expect(arena.bytesInUse == 0)
+  }
+
+  /// Executable ranges merge across adjacent mappings, and the hint of a previous answer never
+  /// makes a later one wrong.
+  @Test func memoryMapAnswersExecutableRangesWithAndWithoutAHint() {
+    let text = "1000-2000 r-xp 0 0:0 0 a\n2000-3000 r-xp 0 0:0 0 a\n3000-4000 rw-p 0 0:0 0\n5000-6000 r-xp 0 0:0 0 b\n"
+    let map = MemoryMap(parsing: Array(text.utf8))
+    #expect(map.isExecutable(0x1ffe, count: 5))
+    #expect(!map.isExecutable(0x2ffe, count: 5))
+    #expect(!map.isExecutable(0x3000, count: 1))
+    #expect(!map.isExecutable(0xfff, count: 2))
+    var hint = 0
+    let answers = [0x1000, 0x2500, 0x2ffb, 0x2ffc, 0x4ffb, 0x5000, 0x5ffb, 0x5ffc, 0x1004].map {
+      map.isExecutable(UInt64($0), count: 5, hint: &hint)
+    }
+    #expect(answers == [true, true, true, false, false, true, true, false, true])
+  }
 }

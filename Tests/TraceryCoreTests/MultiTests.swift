@@ -49,7 +49,11 @@ extension PatchingTests {
       #expect(MultiFixture.callAll(library))
       #expect(tracery_multi_ok(1) == 10_000)
       #expect(tracery_multi_bad(1) == 0)
-      link.detach()
+      // One bulk link: no per-function bookkeeping, and a report line per function.
+      #expect(tracer.state.withLock { $0.multi.bulk.count == 1 && $0.functions.isEmpty })
+      let report = link.detach()
+      #expect(report.entries.count == 10_000 && report.failures.isEmpty)
+      #expect(report.entries.allSatisfy { $0.outcome == .patched && $0.function.hasPrefix("tr_m") })
       #expect(library.sites.allSatisfy { TextPatcher.read($0) == TextPatcher.read(library.sites[0]) })
       #expect(library.sites.allSatisfy { siteTarget($0) == nil })
       // The padding has its NOPs back.
@@ -96,6 +100,33 @@ extension PatchingTests {
       #expect(MultiFixture.callAll(library))
       #expect(tracery_multi_ok(3) == 20_000 && tracery_multi_bad(0) == 50)
       multi.detach()
+    }
+
+    /// A function of a bulk link that a graph user attaches to leaves the link for the general
+    /// bookkeeping, keeps its multi handler, and is restored when both are gone.
+    @Test func aGraphUserJoinsFunctionsOfABulkLink() throws {
+      tracery_multi_reset()
+      let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner]
+      let multi = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(functions), cookie: MultiFixture.cookie(tag: 6), strategy: .global(.hash))
+      #expect(tracer.state.withLock { $0.multi.bulk.first?.sites.count } == 3)
+      #expect(tracery_graph_outer(5) == 17)
+      #expect(tracery_multi_ok(6) == 3)
+      let graph = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .address(GraphFixture.middle), cookie: 8,
+        dataWords: 1)
+      #expect(tracer.state.withLock { $0.multi.bulk.first?.sites.count } == 2)
+      tracery_graph_events_reset()
+      #expect(tracery_graph_outer(5) == 17)
+      #expect(tracery_multi_ok(6) == 6 && tracery_multi_bad(6) == 0)
+      #expect(GraphFixture.events.map(\.kind) == [1, 2])
+      #expect(Set(multi.sites).count == 3)
+      graph.detach()
+      #expect(tracery_graph_outer(5) == 17)
+      #expect(tracery_multi_ok(6) == 9)
+      multi.detach()
+      #expect(functions.allSatisfy { siteTarget($0) == nil })
+      #expect(tracery_graph_outer(5) == 17 && tracery_multi_ok(6) == 9)
     }
 
     @Test func paddingModeOnAFunctionWithoutPaddingSaysSo() throws {

@@ -31,6 +31,8 @@ void ctracery_set_catch_hook(ctracery_catch_hook hook);
 /// An atomic 64-bit store with release ordering (also a compiler barrier), into memory Swift
 /// cannot hold as an `Atomic` (words shared with handlers on other threads).
 void ctracery_store_release(uint64_t *word, uint64_t value);
+/// Release-stores `count` words: `pairs` holds (address, value) pairs, one after the other.
+void ctracery_store_release_pairs(const uint64_t *pairs, size_t count);
 
 /// Copies up to `size` bytes at `address` of this process into `buffer` without faulting on an
 /// unmapped address (process_vm_readv, which Glibc's Swift module lacks). Returns the bytes

@@ -301,7 +301,7 @@ extension Tracer {
     let site = function.site
     let block: CodeArena.Block
     do {
-      block = try arena.allocate(near: site, size: GraphEmitter.stubSize)
+      block = try arena.allocate(near: site, size: GraphEmitter.stubSize, alignment: GraphEmitter.stubSize)
     } catch {
       throw AttachError.codeMemory("\(error)")
     }
@@ -336,7 +336,9 @@ extension Tracer {
       setupThread: GraphThreads.setupAddress)
     let size = try emitter.emit(at: stub).bytes.count + 16 * users.count
     let block: CodeArena.Block
-    do { block = try arena.allocate(near: stub, size: size) } catch { throw AttachError.codeMemory("\(error)") }
+    do { block = try arena.allocate(near: stub, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
     do {
       let code = try emitter.emit(at: block.address)
       block.write(code.bytes)

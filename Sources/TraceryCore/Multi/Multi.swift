@@ -2,6 +2,13 @@ import CTraceryShims
 import Synchronization
 import TraceryX86
 
+/// A caller's closure run under the tracer's lock on the caller's own thread (never stored), so
+/// the lock's region checking may treat it as sendable.
+private struct CallerClosure<Argument, Result>: @unchecked Sendable {
+  let body: (Argument) -> Result
+  init(_ body: @escaping (Argument) -> Result) { self.body = body }
+}
+
 /// How the functions of a multi attachment are traced.
 public enum MultiStrategy: Sendable, Equatable {
   /// Per-function trampolines for up to `MultiStrategy.perFunctionLimit` functions (fastest per
@@ -67,6 +74,11 @@ struct MultiState {
   }()
   var table: Reclaimer.Retired?
   var trampolines: [(key: MultiKey, image: Reclaimer.Retired)] = []
+  /// Links kept as arrays (`BulkLink`).
+  var bulk: [BulkLink] = []
+  /// Padding words set to 0 when their function left, that get their NOPs back once no thread
+  /// can be inside a global trampoline (one that had called it might still read them).
+  var pendingNops: Set<UInt64> = []
 }
 
 struct MultiKey: Equatable {
@@ -124,24 +136,53 @@ extension Tracer {
       strategy == .automatic
       ? (targets.count <= MultiStrategy.perFunctionLimit ? .perFunction : .global(.automatic)) : strategy
     let id = nextLinkID()
-    let attachments = targets.map { target in
-      MultiAttachment(
-        link: id, kind: handler.kind, handler: handler.address, cookie: cookie(target.function), model: classModel,
-        strategy: resolved)
+    var rest = targets
+    var report = TransactionReport()
+    if case .global(let lookup) = resolved {
+      // Functions nothing traces yet join a bulk link: no per-function bookkeeping.
+      let bulk = try withoutActuallyEscaping(cookie) { cookie throws(AttachError) in
+        // The caller's closure runs under the lock, on this thread, before `attachMulti` returns.
+        let box = CallerClosure(cookie)
+        return try state.withLock { state throws(AttachError) in
+          try attachBulk(
+            id: id, kind: handler.kind, handler: handler.address, model: classModel, lookup: lookup,
+            targets: targets, cookie: box.body, state: &state)
+        }
+      }
+      (rest, report) = bulk
     }
-    let report = commit([.multiAttach(attachments, targets)])
-    let link = MultiLink(tracer: self, id: id)
-    if link.sites.isEmpty { throw .nothingAttached(report) }
-    return link
+    if !rest.isEmpty {
+      let attachments = rest.map { target in
+        MultiAttachment(
+          link: id, kind: handler.kind, handler: handler.address, cookie: cookie(target.function), model: classModel,
+          strategy: resolved)
+      }
+      report.append(contentsOf: commit([.multiAttach(attachments, rest)]))
+    }
+    if !hasMultiSites(id) { throw .nothingAttached(report) }
+    return MultiLink(tracer: self, id: id)
   }
 
   /// Bytes of the current multi record table (records, and hash slots when any function uses
   /// the hash), for measuring memory per attached function.
-  public var multiTableBytes: Int { state.withLock { $0.multi.table?.length ?? 0 } }
+  public var multiTableBytes: Int {
+    state.withLock { state in
+      (state.multi.table?.length ?? 0) + state.multi.bulk.reduce(0) { $0 + ($1.records?.length ?? 0) }
+    }
+  }
+
+  func hasMultiSites(_ id: Int) -> Bool {
+    state.withLock { state in
+      state.multi.bulk.contains { $0.id == id && !$0.sites.isEmpty }
+        || state.functions.values.contains { $0.multi.contains { $0.link == id } }
+    }
+  }
 
   func multiSites(of id: Int) -> [UInt64] {
     state.withLock { state in
-      state.functions.values.filter { $0.multi.contains { $0.link == id } }.map(\.site).sorted()
+      let general = state.functions.values.filter { $0.multi.contains { $0.link == id } }.map(\.site)
+      let bulk = state.multi.bulk.filter { $0.id == id }.flatMap(\.sites)
+      return general.isEmpty ? bulk : (general + bulk).sorted()
     }
   }
 
@@ -156,9 +197,13 @@ extension Tracer {
     let model = function.multiClass
     let key = MultiKey(
       integerArguments: model.integerArguments, floats: model.floatArguments > 0, padding: function.usesPadding)
-    let site = function.site
+    return try globalTrampoline(key: key, model: model, near: function.site, state: &state)
+  }
+
+  /// The global trampoline for `key` within rel32 reach of `site`, made on first use.
+  func globalTrampoline(key: MultiKey, model: FunctionModel, near site: UInt64, state: inout State) throws -> UInt64 {
     if let found = state.multi.trampolines.first(where: {
-      $0.key == key && X86Instruction.call(at: site, to: $0.image.block.address) != nil
+      $0.key == key && SiteBytes.branch(0xe8, at: site, to: $0.image.block.address) != nil
     }) {
       return found.image.block.address
     }
@@ -167,7 +212,9 @@ extension Tracer {
       guardOffset: guardOffset)
     let size = try emitter.emit(at: site).count + 16
     let block: CodeArena.Block
-    do { block = try arena.allocate(near: site, size: size) } catch { throw AttachError.codeMemory("\(error)") }
+    do { block = try arena.allocate(near: site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
     let code = try emitter.emit(at: block.address)
     block.write(code)
     let image = Reclaimer.Retired(block: block, length: code.count, frame: nil, unwind: nil, counters: [])
@@ -175,14 +222,20 @@ extension Tracer {
     return block.address
   }
 
-  /// Builds the record table for every function served by a global trampoline (`functions`),
-  /// publishes it (hash word; padding pointers), and retires the previous one. Returns the
-  /// functions whose padding could not be written.
+  /// Builds the record table for every function served by a global trampoline (`functions`)
+  /// and every hash-mode bulk link, publishes it (hash word; padding pointers of `functions`),
+  /// and retires the previous one. Returns the functions whose padding could not be written.
+  ///
+  /// Block: [shift, mask, (site, record) × 2^bits] when anything is hashed, then the records.
   func publishMultiTable(_ functions: [TracedFunction], state: inout State) throws -> Set<UInt64> {
     let hashed = functions.filter { !$0.usesPadding }
-    let bits = SiteHash.bits(for: hashed.count)
-    let header = hashed.isEmpty ? 0 : 2 + 2 * (1 << bits)
-    let recordWords = functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
+    let bulkHashed = state.multi.bulk.filter { !$0.padding }
+    let hashedCount = hashed.count + bulkHashed.reduce(0) { $0 + $1.sites.count }
+    let bits = SiteHash.bits(for: hashedCount)
+    let header = hashedCount == 0 ? 0 : 2 + 2 * (1 << bits)
+    let recordWords =
+      functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
+      + bulkHashed.reduce(0) { $0 + BulkLink.recordWords * $1.sites.count }
     guard recordWords > 0 else {
       ctracery_store_release(state.multi.tableWord, 0)
       if let old = state.multi.table { state.reclaimer.retire(old) }
@@ -191,15 +244,31 @@ extension Tracer {
     }
     let block: CodeArena.Block
     do {
-      block = try arena.allocate(near: functions[0].site, size: 8 * (header + recordWords))
+      block = try arena.allocate(
+        near: functions.first?.site ?? bulkHashed.lazy.compactMap(\.sites.first).first!,
+        size: 8 * (header + recordWords))
     } catch {
       throw AttachError.codeMemory("\(error)")
     }
-    var words = [UInt64](repeating: 0, count: header + recordWords)
-    var records: [UInt64: UInt64] = [:]
+    let words = block.words(count: header + recordWords)
+    words.update(repeating: 0, count: header)
+    let mask = (1 << bits) - 1
+    let shift = SiteHash.shift(bits: bits)
+    func insert(_ site: UInt64, record: UInt64) {
+      var slot = SiteHash.start(site, shift: shift)
+      while words[2 + 2 * slot] != 0 { slot = (slot + 1) & mask }
+      words[2 + 2 * slot] = site
+      words[3 + 2 * slot] = record
+    }
+    var paddingPointers: [(address: UInt64, value: UInt64)] = []
     var at = header
     for function in functions {
-      records[function.site] = block.address + UInt64(8 * at)
+      let record = block.address + UInt64(8 * at)
+      if function.usesPadding {
+        paddingPointers.append((function.site - 8, record))
+      } else {
+        insert(function.site, record: record)
+      }
       let kinds = (0..<3).map { kind in function.multi.filter { $0.kind == kind } }
       words[at] = kinds[0].count == 1 && kinds[1].isEmpty && kinds[2].isEmpty ? 1 : 0
       words[at + 1] = UInt64(kinds[0].count)
@@ -212,20 +281,22 @@ extension Tracer {
         at += 2
       }
     }
-    if !hashed.isEmpty {
-      words[0] = SiteHash.shift(bits: bits)
-      words[1] = UInt64((1 << bits) - 1)
-      for (site, slot) in SiteHash.place(hashed.map(\.site), bits: bits) {
-        words[2 + 2 * slot] = site
-        words[3 + 2 * slot] = records[site]!
+    for link in bulkHashed {
+      for index in link.sites.indices {
+        BulkLink.writeRecord(words + at, kind: link.kind, handler: link.handler, cookie: link.cookies[index])
+        insert(link.sites[index], record: block.address + UInt64(8 * at))
+        at += BulkLink.recordWords
       }
     }
-    block.write(words.withUnsafeBytes { Array($0) })
-    ctracery_store_release(state.multi.tableWord, hashed.isEmpty ? 0 : block.address)
-    let failed = patcher.writeWords(functions.filter(\.usesPadding).map { ($0.site - 8, records[$0.site]!) })
+    if hashedCount > 0 {
+      words[0] = shift
+      words[1] = UInt64(mask)
+    }
+    ctracery_store_release(state.multi.tableWord, hashedCount == 0 ? 0 : block.address)
+    let failed = patcher.writeWords(paddingPointers)
     if let old = state.multi.table { state.reclaimer.retire(old) }
     state.multi.table = Reclaimer.Retired(
-      block: block, length: 8 * words.count, frame: nil, unwind: nil, counters: [])
+      block: block, length: 8 * (header + recordWords), frame: nil, unwind: nil, counters: [])
     return Set(failed.map { $0 + 8 })
   }
 }

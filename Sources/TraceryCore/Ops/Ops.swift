@@ -190,7 +190,9 @@ extension Tracer {
   {
     let size = try emitter.emit(at: site).count + 16
     let block: CodeArena.Block
-    do { block = try arena.allocate(near: site, size: size) } catch { throw AttachError.codeMemory("\(error)") }
+    do { block = try arena.allocate(near: site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
     do {
       let code = try emitter.emit(at: block.address)
       block.write(code)

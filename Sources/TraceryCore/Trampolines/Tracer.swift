@@ -92,9 +92,59 @@ public struct TransactionReport: Sendable, Equatable, CustomStringConvertible {
     public let outcome: PatchOutcome
   }
 
-  public var entries: [Entry] = []
+  /// Entries of a bulk batch as the parallel arrays it already had (sharing their storage), made
+  /// into `Entry` values only when read: reporting 50,000 functions then costs nothing.
+  struct Batch: Sendable, Equatable {
+    let names: [String]
+    let addresses: [UInt64]
+    let outcomes: [PatchOutcome]
+  }
 
-  public var failures: [Entry] { entries.filter { if case .failed = $0.outcome { true } else { false } } }
+  private var listed: [Entry] = []
+  private var batches: [Batch] = []
+
+  public init() {}
+
+  public var entries: [Entry] {
+    get {
+      batches.isEmpty
+        ? listed
+        : listed
+          + batches.flatMap { batch in
+            batch.names.indices.map {
+              Entry(function: batch.names[$0], address: batch.addresses[$0], outcome: batch.outcomes[$0])
+            }
+          }
+    }
+    set {
+      listed = newValue
+      batches = []
+    }
+  }
+
+  mutating func append(_ entry: Entry) { listed.append(entry) }
+
+  mutating func append(contentsOf other: TransactionReport) {
+    listed += other.listed
+    batches += other.batches
+  }
+
+  mutating func append(_ batch: Batch) { batches.append(batch) }
+
+  public var failures: [Entry] {
+    var result = listed.filter { if case .failed = $0.outcome { true } else { false } }
+    for batch in batches {
+      for index in batch.outcomes.indices {
+        if case .failed = batch.outcomes[index] {
+          result.append(
+            Entry(function: batch.names[index], address: batch.addresses[index], outcome: batch.outcomes[index]))
+        }
+      }
+    }
+    return result
+  }
+
+  public static func == (left: TransactionReport, right: TransactionReport) -> Bool { left.entries == right.entries }
 
   public var description: String {
     entries.map { "\($0.function): \($0.outcome)" }.joined(separator: "; ")
@@ -328,27 +378,39 @@ public final class Tracer: Sendable {
   // MARK: - Resolution
 
   func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
-    let context = ResolveContext(
-      map: MemoryMap.current(),
-      known: state.withLock { state in
-        var known: [UInt64: Target] = [:]
-        for function in state.functions.values {
-          let target = Target(function: function.function, site: function.site, name: function.name)
-          known[function.function] = target
-          known[function.site] = target
-        }
-        return known
-      })
+    let (known, bulk) = state.withLock { state in
+      var known: [UInt64: Target] = [:]
+      for function in state.functions.values {
+        let target = Target(function: function.function, site: function.site, name: function.name)
+        known[function.function] = target
+        known[function.site] = target
+      }
+      return (known, state.multi.bulk)
+    }
+    let context = ResolveContext(map: MemoryMap.current(), known: known, bulk: bulk)
     switch selector {
     case .address(let address):
-      return [try context.target(at: address, name: nil)]
+      var hint = 0
+      return [try context.target(at: address, name: nil, hint: &hint)]
     case .addresses(let addresses):
       let table = symbols
       var result: [Target] = []
       result.reserveCapacity(addresses.count)
+      var previous: Int?
+      var hint = 0
+      let plain = context.known.isEmpty && context.bulk.isEmpty
       for address in addresses {
-        let name = table.function(containing: address).map { table.functions[$0].name }
-        if let target = try? context.target(at: address, name: name) { result.append(target) }
+        previous = table.function(containing: address, after: previous)
+        let name = previous.map { table.functions[$0].name }
+        // The common case inline (this loop runs per function of a 50,000-function attach): an
+        // untraced function whose entry is a 5-byte NOP.
+        if plain, let name, context.map.isExecutable(address, count: 9, hint: &hint),
+          SiteBytes(reading: address).isNop5
+        {
+          result.append(Target(function: address, site: address, name: name))
+        } else if let target = try? context.target(at: address, name: name, hint: &hint) {
+          result.append(target)
+        }
       }
       guard !result.isEmpty else { throw .noFunctionMatches("any of \(addresses.count) addresses") }
       return result
@@ -369,9 +431,10 @@ public final class Tracer: Sendable {
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     var result: [Target] = []
     result.reserveCapacity(chosen.count)
+    var hint = 0
     for index in chosen {
       let function = table.functions[index]
-      result.append(try context.target(at: function.site!, name: function.name, entry: function.address))
+      result.append(try context.target(at: function.site!, name: function.name, entry: function.address, hint: &hint))
     }
     return result
   }
@@ -389,15 +452,30 @@ public final class Tracer: Sendable {
   struct ResolveContext {
     let map: MemoryMap
     let known: [UInt64: Target]
+    let bulk: [BulkLink]
 
     /// The site of the function at `address`: `address` itself when a 5-byte NOP is there, or
     /// 4 bytes on when it starts with `endbr64`.
-    func target(at address: UInt64, name: String?, entry: UInt64? = nil) throws(AttachError) -> Target {
-      if let known = known[address] { return known }
+    /// `hint`: see `MemoryMap.isExecutable(_:count:hint:)`.
+    func target(at address: UInt64, name: String?, entry: UInt64? = nil, hint: inout Int) throws(AttachError)
+      -> Target
+    {
+      if !known.isEmpty, let known = known[address] { return known }
+      for link in bulk {
+        // A bulk function's site is its entry, or 4 bytes on (after endbr64).
+        if let index = link.index(of: address) ?? link.index(of: address + 4),
+          link.functions[index] == address
+            || link.sites[index] == address
+        {
+          return Target(function: link.functions[index], site: link.sites[index], name: link.names[index])
+        }
+      }
       let label = name ?? "0x\(String(address, radix: 16))"
-      guard map.isExecutable(address, count: 9) else {
+      guard map.isExecutable(address, count: 9, hint: &hint) else {
         throw .noPatchSite(function: label, reason: "not in readable executable memory")
       }
+      // The common case first, without building byte arrays: a 5-byte NOP at the address.
+      if SiteBytes(reading: address).isNop5 { return Target(function: entry ?? address, site: address, name: label) }
       var site = address
       if SiteBytes(reading: address).bytes.prefix(4) == X86Instruction.endbr64[...] { site += 4 }
       switch X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site) {
@@ -430,6 +508,19 @@ public final class Tracer: Sendable {
   private func commit(_ operations: [Operation], callerStack: UInt64) -> TransactionReport {
     state.withLock { state in
       var report = TransactionReport()
+      // Functions of bulk links that anything attaches to become general functions first.
+      if !state.multi.bulk.isEmpty {
+        var touched: [UInt64] = []
+        for operation in operations {
+          switch operation {
+          case .attach(_, let targets, _), .graphAttach(_, let targets), .opsAttach(_, let targets),
+            .multiAttach(_, let targets):
+            touched += targets.map(\.site)
+          default: break
+          }
+        }
+        migrateFromBulk(touched, state: &state)
+      }
       // 1. The new attachment lists (and graph masks) of every touched function.
       var next: [UInt64: TracedFunction] = [:]
       var graphUsersChanged = false
@@ -437,10 +528,13 @@ public final class Tracer: Sendable {
       var multiChanged = false
       var removedOps: [OpsRecord] = []
       func current(_ target: Target) -> TracedFunction {
-        next[target.site] ?? state.functions[target.site]
-          ?? TracedFunction(
-            function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
-            model: .unknown)
+        if let function = next[target.site] ?? state.functions[target.site] { return function }
+        var function = TracedFunction(
+          function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
+          model: .unknown)
+        // Padding zeroed after an earlier use is ours again (see `MultiState.pendingNops`).
+        if state.multi.pendingNops.remove(target.site - 8) != nil { function.paddingOwned = true }
+        return function
       }
       func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
         for site in Set(next.keys).union(state.functions.keys) {
@@ -496,6 +590,7 @@ public final class Tracer: Sendable {
           }
         case .multiDetach(let id):
           multiChanged = true
+          _ = detachBulk(id, state: &state, report: &report, callerStack: callerStack)
           remove({ $0.multi.contains { $0.link == id } }) { $0.multi.removeAll { $0.link == id } }
         case .opsDetach(let id):
           guard let record = state.ops.removeValue(forKey: id) else { continue }
@@ -557,7 +652,7 @@ public final class Tracer: Sendable {
             function.multiEntry = try multiTrampoline(for: function, state: &state)
           }
         } catch {
-          report.entries.append(
+          report.append(
             .init(function: function.name, address: function.function, outcome: .failed("\(error)")))
           continue
         }
@@ -589,7 +684,7 @@ public final class Tracer: Sendable {
         }
       }
       for index in planned.indices.reversed() where multiFailed.contains(planned[index].site) {
-        report.entries.append(
+        report.append(
           .init(
             function: planned[index].function.name, address: planned[index].function.function,
             outcome: .failed("cannot write its record pointer into its padding")))
@@ -603,7 +698,7 @@ public final class Tracer: Sendable {
       var live: [(site: UInt64, function: TracedFunction)] = []
       var failed: [CodeArena.Block] = []
       for ((site, function), outcome) in zip(planned, outcomes) {
-        report.entries.append(.init(function: function.name, address: function.function, outcome: outcome))
+        report.append(.init(function: function.name, address: function.function, outcome: outcome))
         if case .failed = outcome {
           failed += [function.image, function.graphStub].compactMap { $0?.block }
           continue
@@ -618,17 +713,20 @@ public final class Tracer: Sendable {
         UnwindInfo.isAvailable && !images.isEmpty
         ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame!) }, arena: arena) : nil
       // Padding that no longer holds a live record pointer: 0 (a trampoline reading it then
-      // finds no record); a function leaving for good gets its NOPs back only when untraced.
+      // finds no record). A function leaving for good gets its NOPs back once no thread is inside
+      // a global trampoline (one may have called it just before its site changed).
       var cleared: [(address: UInt64, value: UInt64)] = []
       for (site, var function) in live {
         function.image?.unwind = table
         if function.paddingOwned && (function.multiEntry == nil || !function.usesPadding) {
-          cleared.append((site - 8, function.isTraced ? 0 : 0x9090_9090_9090_9090))
+          cleared.append((site - 8, 0))
+          if !function.isTraced { state.multi.pendingNops.insert(site - 8) }
           function.paddingOwned = function.isTraced
         }
         state.functions[site] = function.isTraced ? function : nil
       }
-      if !cleared.isEmpty { _ = patcher.writeWords(cleared) }
+      _ = patcher.writeWords(cleared)
+      restorePaddingNops(state: &state, callerStack: callerStack)
       // Old graph images and shared ops callers are retired once no site calls them (a site that
       // failed to move keeps its image, and the image stays listed).
       state.graphImages += state.reclaimer.retire(
@@ -678,7 +776,7 @@ public final class Tracer: Sendable {
       try emitter.emit(at: function.site).bytes.count + 8
       * (function.attachments.count + ops.count + function.multi.count)
     let block: CodeArena.Block
-    do { block = try arena.allocate(near: function.site, size: size) } catch {
+    do { block = try arena.allocate(near: function.site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
       throw AttachError.codeMemory("\(error)")
     }
     do {

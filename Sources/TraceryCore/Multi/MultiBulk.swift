@@ -1,0 +1,328 @@
+import CTraceryShims
+import TraceryX86
+
+/// A multi link kept as arrays: the fast path of `attachMulti` for thousands of functions (seed
+/// 004's goal: 50,000 functions attached in milliseconds). Functions that nothing else traces
+/// join a bulk link without a `TracedFunction` each: sorted site, entry, name and cookie arrays,
+/// and (padding mode) one block of 48-byte records that stays where it is for the link's life,
+/// so its padding pointers are written once.
+///
+/// A function of a bulk link that anything else attaches to later leaves the link first
+/// (`Tracer.migrateFromBulk`) and carries on as a `TracedFunction` with the same multi
+/// attachment; the general commit takes it from there. Hash-mode bulk records are written into
+/// the shared table block at every publish (`publishMultiTable`): a hash reader's hazard on the
+/// table then covers the record it finds.
+///
+/// Protocol: all under the tracer's lock.
+struct BulkLink {
+  let id: Int
+  let kind: Int
+  let handler: UInt64
+  let model: FunctionModel
+  var padding: Bool
+  /// Sorted by site; the other arrays are parallel to it.
+  var sites: [UInt64]
+  var functions: [UInt64]
+  var names: [String]
+  var cookies: [UInt64]
+  /// The 5-byte NOP each site held (packed `SiteBytes`): compilers use different ones.
+  var originals: [UInt64]
+  /// The global trampoline each site calls.
+  var entries: [UInt64]
+  /// Padding mode: the records, `recordWords` words each; `recordOffset[i]` is the word offset
+  /// of the record of `sites[i]` (records do not move when sites leave).
+  var records: Reclaimer.Retired?
+  var recordOffsets: [Int32]
+
+  static let recordWords = 6
+
+  func index(of site: UInt64) -> Int? {
+    var low = 0
+    var high = sites.count
+    while low < high {
+      let middle = (low + high) / 2
+      if sites[middle] < site { low = middle + 1 } else { high = middle }
+    }
+    return low < sites.count && sites[low] == site ? low : nil
+  }
+
+  var strategy: MultiStrategy { .global(padding ? .padding : .hash) }
+
+  func attachment(_ index: Int) -> MultiAttachment {
+    MultiAttachment(
+      link: id, kind: kind, handler: handler, cookie: cookies[index], model: model, strategy: strategy)
+  }
+
+  /// Writes the record of one handler of `kind` with `cookie` at `words` (see `MultiEmitter`).
+  static func writeRecord(_ words: UnsafeMutablePointer<UInt64>, kind: Int, handler: UInt64, cookie: UInt64) {
+    words[0] = kind == 0 ? 1 : 0
+    words[1] = kind == 0 ? 1 : 0
+    words[2] = kind == 1 ? 1 : 0
+    words[3] = kind == 2 ? 1 : 0
+    words[4] = handler
+    words[5] = cookie
+  }
+
+  /// Removes the sites at `indices` (ascending).
+  mutating func remove(_ indices: [Int]) {
+    guard !indices.isEmpty else { return }
+    var keep = [Bool](repeating: true, count: sites.count)
+    for index in indices { keep[index] = false }
+    func filtered<T>(_ array: [T]) -> [T] { array.indices.filter { keep[$0] }.map { array[$0] } }
+    sites = filtered(sites)
+    functions = filtered(functions)
+    names = filtered(names)
+    cookies = filtered(cookies)
+    originals = filtered(originals)
+    entries = filtered(entries)
+    if !recordOffsets.isEmpty { recordOffsets = filtered(recordOffsets) }
+  }
+}
+
+extension Tracer {
+  /// Attaches `handler` to those of `targets` nothing traces yet, as one bulk link, in one patch
+  /// batch; returns the targets left for the general path (already traced, or without the
+  /// padding `.padding` asks for) and the report of the bulk ones. Precondition: `lookup` comes
+  /// from a `.global` strategy.
+  ///
+  /// One pass over the targets decides who joins and fills the link's arrays (at 50,000 targets
+  /// every pass and every per-target allocation shows in the attach time).
+  func attachBulk(
+    id: Int, kind: Int, handler: UInt64, model: FunctionModel, lookup: MultiLookup,
+    targets: [Target], cookie: (UInt64) -> UInt64, state: inout State
+  ) throws(AttachError) -> (rest: [Target], report: TransactionReport) {
+    var order = Array(targets.indices)
+    if !targets.indices.dropFirst().allSatisfy({ targets[$0 - 1].site < targets[$0].site }) {
+      order.sort { targets[$0].site < targets[$1].site }
+    }
+    var link = BulkLink(
+      id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, sites: [], functions: [],
+      names: [], cookies: [], originals: [], entries: [], records: nil, recordOffsets: [])
+    link.sites.reserveCapacity(targets.count)
+    link.functions.reserveCapacity(targets.count)
+    link.names.reserveCapacity(targets.count)
+    link.cookies.reserveCapacity(targets.count)
+    link.originals.reserveCapacity(targets.count)
+    var rest: [Target] = []
+    let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
+    var allPadded = true
+    var previous: UInt64 = 0
+    for index in order {
+      let target = targets[index]
+      let site = target.site
+      let original = SiteBytes(reading: site)
+      // Who may join: untraced, in no bulk link, each site once, a NOP at the site.
+      var joins = site != previous && original.isNop5
+      if joins && checkTraced {
+        joins = state.functions[site] == nil && state.multi.bulkLink(containing: site) == nil
+      }
+      previous = site
+      if joins && lookup != .hash {
+        let padded =
+          site == target.function && site % 8 == 0
+          && (UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee == 0x9090_9090_9090_9090
+            || (!state.multi.pendingNops.isEmpty && state.multi.pendingNops.contains(site - 8)))
+        // `.padding` without padding: the general path reports it.
+        if lookup == .padding && !padded { joins = false }
+        allPadded = allPadded && padded
+      }
+      guard joins else {
+        rest.append(target)
+        continue
+      }
+      link.sites.append(site)
+      link.functions.append(target.function)
+      link.names.append(target.name)
+      link.cookies.append(cookie(target.function))
+      link.originals.append(original.raw)
+    }
+    guard !link.sites.isEmpty else { return (rest, TransactionReport()) }
+    link.padding = lookup == .padding || (lookup == .automatic && allPadded)
+    return (rest, try attachBulk(link, state: &state))
+  }
+
+  /// Publishes `link`'s records, patches its sites, and keeps it (minus the sites that failed).
+  private func attachBulk(_ newLink: BulkLink, state: inout State) throws(AttachError) -> TransactionReport {
+    var link = newLink
+    let padding = link.padding
+    let kind = link.kind
+    let handler = link.handler
+    var report = TransactionReport()
+    // The global trampoline of the class near each site (one per region; remembered across sites).
+    let key = MultiKey(
+      integerArguments: link.model.integerArguments, floats: link.model.floatArguments > 0, padding: padding)
+    var entry: UInt64 = 0
+    var unreachable: [Int] = []
+    link.entries.reserveCapacity(link.sites.count)
+    for (index, site) in link.sites.enumerated() {
+      if entry == 0 || SiteBytes.branch(0xe8, at: site, to: entry) == nil {
+        do {
+          entry = try globalTrampoline(key: key, model: link.model, near: site, state: &state)
+        } catch {
+          entry = 0
+          report.append(
+            .init(function: link.names[index], address: link.functions[index], outcome: .failed("\(error)")))
+          unreachable.append(index)
+        }
+      }
+      link.entries.append(entry)
+    }
+    link.remove(unreachable)
+    guard !link.sites.isEmpty else { return report }
+
+    // One read of the memory map for the padding words and the sites (both under our lock).
+    let map = MemoryMap.current()
+    // Records before any site calls the trampoline: padding pointers, or the shared hash table.
+    if padding {
+      let words = link.sites.count * BulkLink.recordWords
+      let block: CodeArena.Block
+      do { block = try arena.allocate(near: link.sites[0], size: 8 * words) } catch {
+        throw AttachError.codeMemory("\(error)")
+      }
+      let pointer = block.words(count: words)
+      var pointers: [(address: UInt64, value: UInt64)] = []
+      pointers.reserveCapacity(link.sites.count)
+      link.recordOffsets.reserveCapacity(link.sites.count)
+      for index in link.sites.indices {
+        let offset = index * BulkLink.recordWords
+        BulkLink.writeRecord(pointer + offset, kind: kind, handler: handler, cookie: link.cookies[index])
+        link.recordOffsets.append(Int32(offset))
+        pointers.append((link.sites[index] - 8, block.address + UInt64(8 * offset)))
+        if !state.multi.pendingNops.isEmpty { state.multi.pendingNops.remove(link.sites[index] - 8) }
+      }
+      link.records = Reclaimer.Retired(block: block, length: 8 * words, frame: nil, unwind: nil, counters: [])
+      let failed = Set(patcher.writeWords(pointers, map: map))
+      if !failed.isEmpty {
+        let indices = link.sites.indices.filter { failed.contains(link.sites[$0] - 8) }
+        for index in indices {
+          report.append(
+            .init(
+              function: link.names[index], address: link.functions[index],
+              outcome: .failed("cannot write its record pointer into its padding")))
+        }
+        link.remove(indices)
+      }
+      state.multi.bulk.append(link)
+    } else {
+      state.multi.bulk.append(link)
+      do { _ = try publishMultiTable(currentGlobalFunctions(state), state: &state) } catch {
+        state.multi.bulk.removeLast()
+        throw error as? AttachError ?? .codeMemory("\(error)")
+      }
+    }
+
+    // One batch for every site.
+    let requests = link.sites.indices.map { index in
+      PatchRequest(
+        site: link.sites[index], expected: SiteBytes(raw: link.originals[index]),
+        replacement: SiteBytes.branch(0xe8, at: link.sites[index], to: link.entries[index])!)
+    }
+    let outcomes = patcher.apply(requests, map: map)
+    report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
+    var failedIndices: [Int] = []
+    for (index, outcome) in outcomes.enumerated() {
+      if case .failed = outcome { failedIndices.append(index) }
+    }
+    if !failedIndices.isEmpty {
+      let position = state.multi.bulk.count - 1
+      if padding {
+        // Never called through: the padding can have its NOPs back at once.
+        _ = patcher.writeWords(failedIndices.map { (state.multi.bulk[position].sites[$0] - 8, 0x9090_9090_9090_9090) })
+      }
+      state.multi.bulk[position].remove(failedIndices)
+      if !padding { _ = try? publishMultiTable(currentGlobalFunctions(state), state: &state) }
+    }
+    return report
+  }
+
+  /// The general functions a global trampoline serves now.
+  func currentGlobalFunctions(_ state: borrowing State) -> [TracedFunction] {
+    state.functions.values.filter { $0.multiEntry != nil }.sorted { $0.site < $1.site }
+  }
+
+  /// Takes the functions at `sites` out of their bulk links into `state.functions`, as general
+  /// functions with the same multi attachment, trampoline and padding ownership.
+  func migrateFromBulk(_ sites: [UInt64], state: inout State) {
+    guard !state.multi.bulk.isEmpty else { return }
+    for position in state.multi.bulk.indices {
+      var leaving: [Int] = []
+      for site in sites {
+        if let index = state.multi.bulk[position].index(of: site) { leaving.append(index) }
+      }
+      guard !leaving.isEmpty else { continue }
+      leaving.sort()
+      let link = state.multi.bulk[position]
+      for index in leaving {
+        var function = TracedFunction(
+          function: link.functions[index], site: link.sites[index], name: link.names[index],
+          original: SiteBytes(raw: link.originals[index]).bytes, model: .unknown)
+        function.multi = [link.attachment(index)]
+        function.multiEntry = link.entries[index]
+        function.paddingOwned = link.padding
+        state.functions[link.sites[index]] = function
+      }
+      state.multi.bulk[position].remove(leaving)
+    }
+  }
+
+  /// Detaches bulk link `id` (one patch batch back to NOPs); false when it is not a bulk link.
+  func detachBulk(_ id: Int, state: inout State, report: inout TransactionReport, callerStack: UInt64) -> Bool {
+    guard let position = state.multi.bulk.firstIndex(where: { $0.id == id }) else { return false }
+    let link = state.multi.bulk.remove(at: position)
+    let requests = link.sites.indices.map { index in
+      PatchRequest(
+        site: link.sites[index], expected: SiteBytes.branch(0xe8, at: link.sites[index], to: link.entries[index])!,
+        replacement: SiteBytes(raw: link.originals[index]))
+    }
+    let outcomes = patcher.apply(requests)
+    report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
+    if link.padding {
+      // A site that could not be restored still calls the trampoline: its padding keeps 0 (no
+      // record). The others get their NOPs back at once when no thread is inside a global
+      // trampoline; else 0 now (a thread already inside finds no record) and NOPs later
+      // (`restorePaddingNops`).
+      var restored: [UInt64] = []
+      var kept: [UInt64] = []
+      restored.reserveCapacity(link.sites.count)
+      for (index, outcome) in outcomes.enumerated() {
+        if case .failed = outcome { kept.append(link.sites[index] - 8) } else { restored.append(link.sites[index] - 8) }
+      }
+      if globalTrampolinesIdle(state: state, callerStack: callerStack) {
+        _ = patcher.writeWords(restored.map { ($0, 0x9090_9090_9090_9090) } + kept.map { ($0, 0) })
+      } else {
+        _ = patcher.writeWords((restored + kept).map { ($0, 0) })
+        state.multi.pendingNops.formUnion(restored)
+      }
+    }
+    if let records = link.records { state.reclaimer.retire(records) }
+    return true
+  }
+
+  /// Whether no thread is inside a global trampoline or in a handler it called (a reclaimer
+  /// pass over the trampolines: it signals running threads).
+  private func globalTrampolinesIdle(state: borrowing State, callerStack: UInt64) -> Bool {
+    let ranges = state.multi.trampolines.map {
+      $0.image.block.address..<($0.image.block.address + UInt64($0.image.block.size))
+    }
+    guard !ranges.isEmpty else { return true }
+    guard case .success(let busy) = Reclaimer.busyRanges(ranges, callerStack: callerStack) else { return false }
+    return busy.isEmpty
+  }
+
+  /// Puts the NOPs back into padding that held record pointers once no thread can be inside a
+  /// global trampoline (and so about to read it). Cheap when nothing is pending.
+  func restorePaddingNops(state: inout State, callerStack: UInt64) {
+    guard !state.multi.pendingNops.isEmpty, globalTrampolinesIdle(state: state, callerStack: callerStack) else {
+      return
+    }
+    let pending = state.multi.pendingNops.sorted()
+    _ = patcher.writeWords(pending.map { ($0, 0x9090_9090_9090_9090) })
+    state.multi.pendingNops = []
+  }
+}
+
+extension MultiState {
+  func bulkLink(containing site: UInt64) -> Int? {
+    bulk.firstIndex { $0.index(of: site) != nil }
+  }
+}
