@@ -79,6 +79,9 @@ struct MultiState {
   /// Padding words set to 0 when their function left, that get their NOPs back once no thread
   /// can be inside a global trampoline (one that had called it might still read them).
   var pendingNops: Set<UInt64> = []
+  /// Records of hash-mode bulk links detached since the last publish: a reader holding the
+  /// current table may still reach them, so they are retired with it (`companions`).
+  var detachedRecords: [CodeArena.Block] = []
 }
 
 struct MultiKey: Equatable {
@@ -226,19 +229,18 @@ extension Tracer {
   /// and every hash-mode bulk link, publishes it (hash word; padding pointers of `functions`),
   /// and retires the previous one. Returns the functions whose padding could not be written.
   ///
-  /// Block: [shift, mask, (site, record) × 2^bits] when anything is hashed, then the records.
+  /// Block: [shift, mask, (site, record) × 2^bits] when anything is hashed, then the records of
+  /// `functions`. Bulk links' records stay in their own blocks (written once, at attach).
   func publishMultiTable(_ functions: [TracedFunction], state: inout State) throws -> Set<UInt64> {
     let hashed = functions.filter { !$0.usesPadding }
     let bulkHashed = state.multi.bulk.filter { !$0.padding }
     let hashedCount = hashed.count + bulkHashed.reduce(0) { $0 + $1.sites.count }
     let bits = SiteHash.bits(for: hashedCount)
     let header = hashedCount == 0 ? 0 : 2 + 2 * (1 << bits)
-    let recordWords =
-      functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
-      + bulkHashed.reduce(0) { $0 + BulkLink.recordWords * $1.sites.count }
-    guard recordWords > 0 else {
+    let recordWords = functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
+    guard header + recordWords > 0 else {
       ctracery_store_release(state.multi.tableWord, 0)
-      if let old = state.multi.table { state.reclaimer.retire(old) }
+      retireMultiTable(state: &state)
       state.multi.table = nil
       return []
     }
@@ -282,10 +284,9 @@ extension Tracer {
       }
     }
     for link in bulkHashed {
+      let records = link.records!.block.address
       for index in link.sites.indices {
-        BulkLink.writeRecord(words + at, kind: link.kind, handler: link.handler, cookie: link.cookies[index])
-        insert(link.sites[index], record: block.address + UInt64(8 * at))
-        at += BulkLink.recordWords
+        insert(link.sites[index], record: records + UInt64(8 * link.recordOffsets[index]))
       }
     }
     if hashedCount > 0 {
@@ -294,9 +295,26 @@ extension Tracer {
     }
     ctracery_store_release(state.multi.tableWord, hashedCount == 0 ? 0 : block.address)
     let failed = patcher.writeWords(paddingPointers)
-    if let old = state.multi.table { state.reclaimer.retire(old) }
+    retireMultiTable(state: &state)
     state.multi.table = Reclaimer.Retired(
       block: block, length: 8 * (header + recordWords), frame: nil, unwind: nil, counters: [])
     return Set(failed.map { $0 + 8 })
+  }
+
+  /// Retires the current table, with the records of hash-mode bulk links detached since it was
+  /// published (a reader holding it may still reach them).
+  private func retireMultiTable(state: inout State) {
+    guard var old = state.multi.table else {
+      // No table: no reader can reach them through one.
+      for block in state.multi.detachedRecords {
+        state.reclaimer.retire(
+          Reclaimer.Retired(block: block, length: block.size, frame: nil, unwind: nil, counters: []))
+      }
+      state.multi.detachedRecords = []
+      return
+    }
+    old.companions += state.multi.detachedRecords
+    state.multi.detachedRecords = []
+    state.reclaimer.retire(old)
   }
 }

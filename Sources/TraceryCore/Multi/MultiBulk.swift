@@ -4,14 +4,15 @@ import TraceryX86
 /// A multi link kept as arrays: the fast path of `attachMulti` for thousands of functions (seed
 /// 004's goal: 50,000 functions attached in milliseconds). Functions that nothing else traces
 /// join a bulk link without a `TracedFunction` each: sorted site, entry, name and cookie arrays,
-/// and (padding mode) one block of 48-byte records that stays where it is for the link's life,
-/// so its padding pointers are written once.
+/// and one block of 48-byte records that stays where it is for the link's life, so its padding
+/// pointers (or hash slots) are written once per record.
 ///
 /// A function of a bulk link that anything else attaches to later leaves the link first
 /// (`Tracer.migrateFromBulk`) and carries on as a `TracedFunction` with the same multi
-/// attachment; the general commit takes it from there. Hash-mode bulk records are written into
-/// the shared table block at every publish (`publishMultiTable`): a hash reader's hazard on the
-/// table then covers the record it finds.
+/// attachment; the general commit takes it from there. The shared hash table's slots point into
+/// hash-mode links' record blocks: a detached link's block is retired as a companion of the
+/// table that last pointed into it (a hash reader's hazard on that table covers the record it is
+/// about to take).
 ///
 /// Protocol: all under the tracer's lock.
 struct BulkLink {
@@ -29,7 +30,7 @@ struct BulkLink {
   var originals: [UInt64]
   /// The global trampoline each site calls.
   var entries: [UInt64]
-  /// Padding mode: the records, `recordWords` words each; `recordOffset[i]` is the word offset
+  /// The records, `recordWords` words each; `recordOffsets[i]` is the word offset
   /// of the record of `sites[i]` (records do not move when sites leave).
   var records: Reclaimer.Retired?
   var recordOffsets: [Int32]
@@ -91,10 +92,10 @@ extension Tracer {
     id: Int, kind: Int, handler: UInt64, model: FunctionModel, lookup: MultiLookup,
     targets: [Target], cookie: (UInt64) -> UInt64, state: inout State
   ) throws(AttachError) -> (rest: [Target], report: TransactionReport) {
-    var order = Array(targets.indices)
-    if !targets.indices.dropFirst().allSatisfy({ targets[$0 - 1].site < targets[$0].site }) {
-      order.sort { targets[$0].site < targets[$1].site }
-    }
+    // Targets usually come sorted by address (symbol-table order); sort only when they do not.
+    let order: [Int]? =
+      targets.indices.dropFirst().allSatisfy({ targets[$0 - 1].site < targets[$0].site })
+      ? nil : targets.indices.sorted { targets[$0].site < targets[$1].site }
     var link = BulkLink(
       id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, sites: [], functions: [],
       names: [], cookies: [], originals: [], entries: [], records: nil, recordOffsets: [])
@@ -107,8 +108,8 @@ extension Tracer {
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
     var allPadded = true
     var previous: UInt64 = 0
-    for index in order {
-      let target = targets[index]
+    for position in targets.indices {
+      let target = targets[order?[position] ?? position]
       let site = target.site
       let original = SiteBytes(reading: site)
       // Who may join: untraced, in no bulk link, each site once, a NOP at the site.
@@ -172,25 +173,28 @@ extension Tracer {
 
     // One read of the memory map for the padding words and the sites (both under our lock).
     let map = MemoryMap.current()
-    // Records before any site calls the trampoline: padding pointers, or the shared hash table.
+    // The records, written once; then, before any site calls the trampoline, the padding
+    // pointers or the shared hash table that lead to them.
+    let words = link.sites.count * BulkLink.recordWords
+    let block: CodeArena.Block
+    do { block = try arena.allocate(near: link.sites[0], size: 8 * words) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
+    let pointer = block.words(count: words)
+    link.recordOffsets.reserveCapacity(link.sites.count)
+    for index in link.sites.indices {
+      let offset = index * BulkLink.recordWords
+      BulkLink.writeRecord(pointer + offset, kind: kind, handler: handler, cookie: link.cookies[index])
+      link.recordOffsets.append(Int32(offset))
+    }
+    link.records = Reclaimer.Retired(block: block, length: 8 * words, frame: nil, unwind: nil, counters: [])
     if padding {
-      let words = link.sites.count * BulkLink.recordWords
-      let block: CodeArena.Block
-      do { block = try arena.allocate(near: link.sites[0], size: 8 * words) } catch {
-        throw AttachError.codeMemory("\(error)")
-      }
-      let pointer = block.words(count: words)
       var pointers: [(address: UInt64, value: UInt64)] = []
       pointers.reserveCapacity(link.sites.count)
-      link.recordOffsets.reserveCapacity(link.sites.count)
       for index in link.sites.indices {
-        let offset = index * BulkLink.recordWords
-        BulkLink.writeRecord(pointer + offset, kind: kind, handler: handler, cookie: link.cookies[index])
-        link.recordOffsets.append(Int32(offset))
-        pointers.append((link.sites[index] - 8, block.address + UInt64(8 * offset)))
+        pointers.append((link.sites[index] - 8, block.address + UInt64(8 * link.recordOffsets[index])))
         if !state.multi.pendingNops.isEmpty { state.multi.pendingNops.remove(link.sites[index] - 8) }
       }
-      link.records = Reclaimer.Retired(block: block, length: 8 * words, frame: nil, unwind: nil, counters: [])
       let failed = Set(patcher.writeWords(pointers, map: map))
       if !failed.isEmpty {
         let indices = link.sites.indices.filter { failed.contains(link.sites[$0] - 8) }
@@ -207,6 +211,7 @@ extension Tracer {
       state.multi.bulk.append(link)
       do { _ = try publishMultiTable(currentGlobalFunctions(state), state: &state) } catch {
         state.multi.bulk.removeLast()
+        arena.release(block)
         throw error as? AttachError ?? .codeMemory("\(error)")
       }
     }
@@ -294,7 +299,11 @@ extension Tracer {
         state.multi.pendingNops.formUnion(restored)
       }
     }
-    if let records = link.records { state.reclaimer.retire(records) }
+    if let records = link.records {
+      // Padding readers hold the record itself; hash readers may hold the table that leads to
+      // it (retired with the next publish, which the detach makes).
+      if link.padding { state.reclaimer.retire(records) } else { state.multi.detachedRecords.append(records.block) }
+    }
     return true
   }
 

@@ -202,7 +202,8 @@ struct MultiEmitter {
       w.putAnd(.rax, Memory(.r11, 8))
       w.putJmp(probe)
       w.bind(found)
-      // The record lies in the same block as the table: the hazard moves to it.
+      // The record lies in the table's block or in a bulk link's record block, which is retired
+      // only with a table that led to it: the hazard moves from the table to the record.
       w.putMov(.r11, Memory(.rsi, 24))
       w.putMov(Memory(.rsp, Self.hazard), .r11)
     }

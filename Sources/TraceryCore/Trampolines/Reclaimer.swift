@@ -38,6 +38,10 @@ struct Reclaimer {
     let counters: [AttachmentCounters]
     /// Data the code reads (an ops table), freed with it.
     var keepAlive: (any AnyObject & Sendable)? = nil
+    /// Arena blocks reachable only through this one (the records of a detached hash-mode bulk
+    /// link, reached through a retired hash table): busy when any of them or it is referenced,
+    /// released with it.
+    var companions: [CodeArena.Block] = []
   }
 
   private(set) var retired: [Retired] = []
@@ -83,11 +87,18 @@ struct Reclaimer {
   mutating func reclaim(arena: CodeArena, callerStack: UInt64) -> Int {
     guard !retired.isEmpty else { return 0 }
     lastPass = ContinuousClock.now
-    let ranges = retired.map { $0.block.address..<($0.block.address + UInt64($0.block.size)) }
+    var ranges: [Range<UInt64>] = []
+    var owners: [Int] = []
+    for (index, image) in retired.enumerated() {
+      for block in [image.block] + image.companions {
+        ranges.append(block.address..<(block.address + UInt64(block.size)))
+        owners.append(index)
+      }
+    }
     let busy: Set<Int>
     switch Self.busyRanges(ranges, callerStack: callerStack) {
     case .success(let found):
-      busy = found
+      busy = Set(found.map { owners[$0] })
       lastObstacle = nil
       backoff = Self.interval
     case .failure(let obstacle):
@@ -100,9 +111,10 @@ struct Reclaimer {
     for (index, image) in retired.enumerated() {
       if busy.contains(index) {
         kept.append(image)
-      } else if image.unwind == nil {
-        released.append(image.block)
+        continue
       }
+      released += image.companions
+      if image.unwind == nil { released.append(image.block) }
       // With an unwind table, dropping the record is the release: the table returns its blocks
       // when the last trampoline of its commit is gone.
     }
