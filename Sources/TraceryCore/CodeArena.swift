@@ -92,7 +92,11 @@ public final class CodeArena: Sendable {
   /// rel32 from `near`.
   public func allocate(near: UInt64, size: Int, alignment: Int = granule) throws(ArenaError) -> Block {
     precondition(alignment >= Self.granule && alignment % Self.granule == 0, "alignment must be a multiple of 16")
-    let length = max(Self.granule, (size + Self.granule - 1) / Self.granule * Self.granule)
+    // Aligned blocks are whole multiples of their alignment, so that a run of them leaves no
+    // gaps: a gap is a free-list entry, and thousands of them made first fit quadratic (50,000
+    // trampolines took 3.4 s to place instead of 0.26 s).
+    let unit = max(Self.granule, alignment)
+    let length = max(unit, (size + unit - 1) / unit * unit)
     let result: Result<Block, ArenaError> = slabs.withLock { slabs in
       for index in slabs.indices
       where Self.reaches(near, slabs[index].address)

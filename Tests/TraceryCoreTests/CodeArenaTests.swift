@@ -47,8 +47,9 @@ import TraceryX86
     #expect(!farBlock.isReachable(from: near))
   }
 
-  /// Hot code starts a 64-byte fetch window; the space skipped to get there is handed out to the
-  /// next small request, and everything returns to the arena.
+  /// Hot code starts a 64-byte fetch window and takes whole windows, so a run of hot blocks
+  /// leaves no gaps; the space skipped after a small block is handed out to the next small
+  /// request, and everything returns to the arena.
   @Test func alignedBlocksLeaveTheSkippedSpaceFree() throws {
     let near = try FixtureSites.sites()[0]
     let arena = CodeArena()
@@ -56,11 +57,13 @@ import TraceryX86
     let hot = try arena.allocate(near: near, size: 100, alignment: CodeArena.hotCodeAlignment)
     #expect(hot.address % 64 == 0)
     #expect(hot.address == small.address + 64)
-    #expect(hot.size == 112)
+    #expect(hot.size == 128)
+    let next = try arena.allocate(near: near, size: 70, alignment: CodeArena.hotCodeAlignment)
+    #expect(next.address == hot.address + 128)
     let filler = try arena.allocate(near: near, size: 48)
     #expect(filler.address == small.address + 16)
-    #expect(arena.bytesInUse == 16 + 112 + 48)
-    arena.release(contentsOf: [small, hot, filler])
+    #expect(arena.bytesInUse == 16 + 128 + 128 + 48)
+    arena.release(contentsOf: [small, hot, next, filler])
     #expect(arena.bytesInUse == 0)
   }
 
