@@ -129,6 +129,44 @@ extension PatchingTests {
       #expect(tracery_graph_outer(5) == 17 && tracery_multi_ok(6) == 9)
     }
 
+    /// Bulk links attached and detached over and over while two threads call every function:
+    /// every call returns its own value, every handler call sees its own cookie, and at the end
+    /// the padding has its NOPs back and everything retired is freed. (Storm: 4 cycles by
+    /// default, TRACERY_LONG_TESTS=1 for 100.)
+    @Test func bulkAttachDetachCyclesWhileTwoThreadsCall() throws {
+      let library = try MultiFixture.padded.get()
+      tracery_multi_reset()
+      let stop = Atomic<Bool>(false)
+      let wrong = Atomic<Int>(0)
+      let callers = (0..<2).map { _ in
+        Thread {
+          while !stop.load(ordering: .relaxed) {
+            if !MultiFixture.callAll(library) { wrong.add(1, ordering: .relaxed) }
+          }
+        }
+      }
+      for caller in callers { caller.start() }
+      let cycles = TestSupport.stormIterations(default: 4, long: 100)
+      for cycle in 0..<cycles {
+        let lookup: MultiLookup = cycle % 2 == 0 ? .padding : .hash
+        let link = try tracer.attachMulti(
+          MultiFixture.entry, to: .addresses(library.sites), cookie: MultiFixture.cookie(tag: 7),
+          strategy: .global(lookup))
+        #expect(link.sites.count == library.sites.count)
+        usleep(2_000)
+        #expect(link.detach().failures.isEmpty)
+      }
+      stop.store(true, ordering: .relaxed)
+      while callers.contains(where: { !$0.isFinished }) { usleep(1000) }
+      #expect(wrong.load(ordering: .relaxed) == 0)
+      #expect(tracery_multi_bad(7) == 0)
+      #expect(library.sites.allSatisfy { siteTarget($0) == nil })
+      tracer.reclaim()
+      let padding = library.sites.map { UnsafePointer<UInt64>(bitPattern: UInt($0 - 8))!.pointee }
+      #expect(padding.allSatisfy { $0 == 0x9090_9090_9090_9090 })
+      #expect(tracer.retiredTrampolines == 0, "\(tracer.reclaimObstacle ?? "")")
+    }
+
     @Test func paddingModeOnAFunctionWithoutPaddingSaysSo() throws {
       let error = #expect(throws: AttachError.self) {
         try tracer.attachMulti(MultiFixture.entry, to: .address(OpsFixture.f1), strategy: .global(.padding))

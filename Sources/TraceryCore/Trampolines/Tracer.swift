@@ -352,10 +352,17 @@ public final class Tracer: Sendable {
     }
   }
 
-  /// Frees every retired trampoline no thread is inside any more; returns how many.
+  /// Frees every retired trampoline no thread is inside any more; returns how many. Also puts
+  /// back the NOPs of multi-attach padding that waited for no thread to be inside a global
+  /// trampoline.
   @discardableResult
   public func reclaim() -> Int {
-    withCallerStackMarker { top in state.withLock { $0.reclaimer.reclaim(arena: arena, callerStack: top) } }
+    withCallerStackMarker { top in
+      state.withLock { state in
+        restorePaddingNops(state: &state, callerStack: top)
+        return state.reclaimer.reclaim(arena: arena, callerStack: top)
+      }
+    }
   }
 
   /// Why the last reclaim pass could not inspect every thread (nil when it could).
