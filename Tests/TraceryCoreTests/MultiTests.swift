@@ -22,6 +22,35 @@ enum MultiFixture {
 
   static func cookie(tag: UInt64) -> (UInt64) -> UInt64 { { $0 << 4 | tag } }
 
+  /// Two threads calling every function of `library` until `stop()`, which returns how many of
+  /// their passes saw a wrong value.
+  struct Callers {
+    private final class Flags: Sendable {
+      let running = Atomic<Bool>(true)
+      let wrong = Atomic<Int>(0)
+    }
+    private let flags = Flags()
+    private let threads: [Thread]
+
+    init(_ library: GeneratedLibrary.Loaded) {
+      let flags = flags
+      threads = (0..<2).map { _ in
+        Thread {
+          while flags.running.load(ordering: .relaxed) {
+            if !MultiFixture.callAll(library) { flags.wrong.add(1, ordering: .relaxed) }
+          }
+        }
+      }
+      for thread in threads { thread.start() }
+    }
+
+    func stop() -> Int {
+      flags.running.store(false, ordering: .relaxed)
+      while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+      return flags.wrong.load(ordering: .relaxed)
+    }
+  }
+
   /// Calls every function once; true when each returned its own value.
   static func callAll(_ library: GeneratedLibrary.Loaded, expect: (Int) -> Int = { $0 }) -> Bool {
     library.functions.indices.allSatisfy { index in
@@ -136,16 +165,7 @@ extension PatchingTests {
     @Test func bulkAttachDetachCyclesWhileTwoThreadsCall() throws {
       let library = try MultiFixture.padded.get()
       tracery_multi_reset()
-      let stop = Atomic<Bool>(false)
-      let wrong = Atomic<Int>(0)
-      let callers = (0..<2).map { _ in
-        Thread {
-          while !stop.load(ordering: .relaxed) {
-            if !MultiFixture.callAll(library) { wrong.add(1, ordering: .relaxed) }
-          }
-        }
-      }
-      for caller in callers { caller.start() }
+      let callers = MultiFixture.Callers(library)
       let cycles = TestSupport.stormIterations(default: 4, long: 100)
       for cycle in 0..<cycles {
         let lookup: MultiLookup = cycle % 2 == 0 ? .padding : .hash
@@ -156,9 +176,7 @@ extension PatchingTests {
         usleep(2_000)
         #expect(link.detach().failures.isEmpty)
       }
-      stop.store(true, ordering: .relaxed)
-      while callers.contains(where: { !$0.isFinished }) { usleep(1000) }
-      #expect(wrong.load(ordering: .relaxed) == 0)
+      #expect(callers.stop() == 0)
       #expect(tracery_multi_bad(7) == 0)
       #expect(library.sites.allSatisfy { siteTarget($0) == nil })
       tracer.reclaim()
@@ -192,23 +210,12 @@ extension PatchingTests {
       let second = try tracer.attachMulti(
         MultiFixture.entry, to: .addresses(Array(library.sites.suffix(5_000))), cookie: MultiFixture.cookie(tag: 5),
         strategy: .global(.hash))
-      let stop = Atomic<Bool>(false)
-      let wrong = Atomic<Int>(0)
-      let callers = (0..<2).map { _ in
-        Thread {
-          while !stop.load(ordering: .relaxed) {
-            if !MultiFixture.callAll(library) { wrong.add(1, ordering: .relaxed) }
-          }
-        }
-      }
-      for caller in callers { caller.start() }
+      let callers = MultiFixture.Callers(library)
       usleep(20_000)
       first.detach()
       let afterDetach = tracery_multi_ok(4)
       usleep(20_000)
-      stop.store(true, ordering: .relaxed)
-      while callers.contains(where: { !$0.isFinished }) { usleep(1000) }
-      #expect(wrong.load(ordering: .relaxed) == 0)
+      #expect(callers.stop() == 0)
       #expect(tracery_multi_bad(4) == 0 && tracery_multi_bad(5) == 0)
       // Calls already inside a trampoline when it was detached may still finish counting.
       #expect(tracery_multi_ok(4) <= afterDetach + 2)
