@@ -131,9 +131,9 @@ extension PatchingTests {
       multi.detach()
     }
 
-    /// A function of a bulk link that a graph user attaches to leaves the link for the general
-    /// bookkeeping, keeps its multi handler, and is restored when both are gone.
-    @Test func aGraphUserJoinsFunctionsOfABulkLink() throws {
+    /// A function of a bulk link that a graph user (or an fprobe) attaches to leaves the link for
+    /// the general bookkeeping, keeps its multi handler, and is restored when all are gone.
+    @Test func aGraphUserAndAnFprobeJoinFunctionsOfABulkLink() throws {
       tracery_multi_reset()
       let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner]
       let multi = try tracer.attachMulti(
@@ -153,9 +153,17 @@ extension PatchingTests {
       graph.detach()
       #expect(tracery_graph_outer(5) == 17)
       #expect(tracery_multi_ok(6) == 9)
+      // An entry-only fprobe (an ops) on another of them: both run there too.
+      tracery_fprobe_reset()
+      let probe = try tracer.registerFprobe(
+        entry: FprobeFixture.entry, exit: nil, to: .address(GraphFixture.inner), cookie: 11)
+      #expect(tracery_graph_outer(5) == 17)
+      #expect(tracery_fprobe_entries(11) == 1 && tracery_multi_ok(6) == 12)
+      probe.unregister()
+      #expect(tracer.state.withLock { $0.multi.bulk.first?.sites.count } == 1)
       multi.detach()
       #expect(functions.allSatisfy { siteTarget($0) == nil })
-      #expect(tracery_graph_outer(5) == 17 && tracery_multi_ok(6) == 9)
+      #expect(tracery_graph_outer(5) == 17 && tracery_multi_ok(6) == 12)
     }
 
     /// Bulk links attached and detached over and over while two threads call every function:
