@@ -13,24 +13,24 @@ public struct PatchRequest: Sendable, Equatable {
   /// Packed 5-byte forms, or nil when the given bytes were not 5 (step 1 then fails the request).
   let expectedBytes: SiteBytes?
   let replacementBytes: SiteBytes?
-  /// The lengths given, for the error message of a malformed request.
-  let lengths: Int
+  /// The bytes as given, kept only when either is not 5 bytes long.
+  let malformed: [[UInt8]]?
 
-  public var expected: [UInt8] { expectedBytes?.bytes ?? [] }
-  public var replacement: [UInt8] { replacementBytes?.bytes ?? [] }
+  public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
+  public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
 
   public init(site: UInt64, expected: [UInt8], replacement: [UInt8]) {
     self.site = site
     expectedBytes = SiteBytes(expected)
     replacementBytes = SiteBytes(replacement)
-    lengths = expected.count << 32 | replacement.count
+    malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
   }
 
   init(site: UInt64, expected: SiteBytes, replacement: SiteBytes) {
     self.site = site
     expectedBytes = expected
     replacementBytes = replacement
-    lengths = 5 << 32 | 5
+    malformed = nil
   }
 }
 
@@ -218,7 +218,7 @@ public final class TextPatcher: Sendable {
     for (index, request) in requests.enumerated() {
       guard let expected = request.expectedBytes, let replacement = request.replacementBytes else {
         outcomes[index] = .failed(
-          "a patch site is 5 bytes; got \(request.lengths >> 32) → \(request.lengths & 0xffff_ffff)")
+          "a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
         continue
       }
       guard let kind = replacement.pokeKind else {
