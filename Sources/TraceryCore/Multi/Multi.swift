@@ -119,6 +119,11 @@ extension Tracer {
   /// Attaches `handler` to every function `selector` selects, with a cookie per function, in one
   /// batch. Exit and modify-return handlers need `model` (at most six integer and eight vector
   /// arguments, no stack arguments); entry handlers without one save every argument register.
+  ///
+  /// With a global strategy, the selected functions nothing traces yet form one bulk link
+  /// (`BulkLink`: ~95 ns per function at 50,000); the others get a multi attachment in the
+  /// general bookkeeping. `cookie` is called once per function, on this thread, before this
+  /// returns (under the tracer's lock: it must not attach or detach).
   /// - Throws: `AttachError` when nothing matches or the model does not fit a class.
   @discardableResult
   public func attachMulti(
