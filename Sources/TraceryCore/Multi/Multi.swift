@@ -2,13 +2,6 @@ import CTraceryShims
 import Synchronization
 import TraceryX86
 
-/// A caller's closure run under the tracer's lock on the caller's own thread (never stored), so
-/// the lock's region checking may treat it as sendable.
-private struct CallerClosure<Argument, Result>: @unchecked Sendable {
-  let body: (Argument) -> Result
-  init(_ body: @escaping (Argument) -> Result) { self.body = body }
-}
-
 /// How the functions of a multi attachment are traced.
 public enum MultiStrategy: Sendable, Equatable {
   /// Per-function trampolines for up to `MultiStrategy.perFunctionLimit` functions (fastest per
@@ -122,8 +115,8 @@ extension Tracer {
   ///
   /// With a global strategy, the selected functions nothing traces yet form one bulk link
   /// (`BulkLink`: ~95 ns per function at 50,000); the others get a multi attachment in the
-  /// general bookkeeping. `cookie` is called once per function, on this thread, before this
-  /// returns (under the tracer's lock: it must not attach or detach).
+  /// general bookkeeping. `cookie` is called once per selected function, on this thread, before
+  /// any is attached.
   /// - Throws: `AttachError` when nothing matches or the model does not fit a class.
   @discardableResult
   public func attachMulti(
@@ -144,28 +137,28 @@ extension Tracer {
       strategy == .automatic
       ? (targets.count <= MultiStrategy.perFunctionLimit ? .perFunction : .global(.automatic)) : strategy
     let id = nextLinkID()
-    var rest = targets
+    // The caller's closure runs here, once per function, before the lock (it may do anything).
+    let cookies = [UInt64](unsafeUninitializedCapacity: targets.count) { buffer, count in
+      for index in targets.indices { buffer[index] = cookie(targets[index].function) }
+      count = targets.count
+    }
+    var rest = Array(targets.indices)
     var report = TransactionReport()
     if case .global(let lookup) = resolved {
       // Functions nothing traces yet join a bulk link: no per-function bookkeeping.
-      let bulk = try withoutActuallyEscaping(cookie) { cookie throws(AttachError) in
-        // The caller's closure runs under the lock, on this thread, before `attachMulti` returns.
-        let box = CallerClosure(cookie)
-        return try state.withLock { state throws(AttachError) in
-          try attachBulk(
-            id: id, kind: handler.kind, handler: handler.address, model: classModel, lookup: lookup,
-            targets: targets, cookie: box.body, state: &state)
-        }
+      (rest, report) = try state.withLock { state throws(AttachError) in
+        try attachBulk(
+          id: id, kind: handler.kind, handler: handler.address, model: classModel, lookup: lookup,
+          targets: targets, cookies: cookies, state: &state)
       }
-      (rest, report) = bulk
     }
     if !rest.isEmpty {
-      let attachments = rest.map { target in
+      let attachments = rest.map { index in
         MultiAttachment(
-          link: id, kind: handler.kind, handler: handler.address, cookie: cookie(target.function), model: classModel,
+          link: id, kind: handler.kind, handler: handler.address, cookie: cookies[index], model: classModel,
           strategy: resolved)
       }
-      report.append(contentsOf: commit([.multiAttach(attachments, rest)]))
+      report.append(contentsOf: commit([.multiAttach(attachments, rest.map { targets[$0] })]))
     }
     if !hasMultiSites(id) { throw .nothingAttached(report) }
     return MultiLink(tracer: self, id: id)

@@ -82,7 +82,7 @@ struct BulkLink {
 
 extension Tracer {
   /// Attaches `handler` to those of `targets` nothing traces yet, as one bulk link, in one patch
-  /// batch; returns the targets left for the general path (already traced, or without the
+  /// batch; returns the targets (indices) left for the general path (already traced, or without the
   /// padding `.padding` asks for) and the report of the bulk ones. Precondition: `lookup` comes
   /// from a `.global` strategy.
   ///
@@ -90,8 +90,8 @@ extension Tracer {
   /// every pass and every per-target allocation shows in the attach time).
   func attachBulk(
     id: Int, kind: Int, handler: UInt64, model: FunctionModel, lookup: MultiLookup,
-    targets: [Target], cookie: (UInt64) -> UInt64, state: inout State
-  ) throws(AttachError) -> (rest: [Target], report: TransactionReport) {
+    targets: [Target], cookies: [UInt64], state: inout State
+  ) throws(AttachError) -> (rest: [Int], report: TransactionReport) {
     // Targets usually come sorted by address (symbol-table order); sort only when they do not.
     let order: [Int]? =
       targets.indices.dropFirst().allSatisfy({ targets[$0 - 1].site < targets[$0].site })
@@ -104,12 +104,13 @@ extension Tracer {
     link.names.reserveCapacity(targets.count)
     link.cookies.reserveCapacity(targets.count)
     link.originals.reserveCapacity(targets.count)
-    var rest: [Target] = []
+    var rest: [Int] = []
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
     var allPadded = true
     var previous: UInt64 = 0
     for position in targets.indices {
-      let target = targets[order?[position] ?? position]
+      let index = order?[position] ?? position
+      let target = targets[index]
       let site = target.site
       let original = SiteBytes(reading: site)
       // Who may join: untraced, in no bulk link, each site once, a NOP at the site.
@@ -128,13 +129,13 @@ extension Tracer {
         allPadded = allPadded && padded
       }
       guard joins else {
-        rest.append(target)
+        rest.append(index)
         continue
       }
       link.sites.append(site)
       link.functions.append(target.function)
       link.names.append(target.name)
-      link.cookies.append(cookie(target.function))
+      link.cookies.append(cookies[index])
       link.originals.append(original.raw)
     }
     guard !link.sites.isEmpty else { return (rest, TransactionReport()) }
