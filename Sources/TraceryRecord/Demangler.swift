@@ -39,6 +39,91 @@ public enum Demangler {
     return name
   }
 
+  /// How reading commands show C++ and Swift names (uftrace's `--demangle`).
+  public enum Style: String, Sendable, CaseIterable {
+    /// Without parameters, template arguments or qualifiers: `ns::Stack::push` (uftrace's default).
+    case simple
+    /// The whole demangled name: `ns::Stack<int>::push(int const&)`.
+    case full
+    /// The symbol as the object file has it: `_ZN2ns5StackIiE4pushERKi`.
+    case no
+  }
+
+  /// `symbol` as `style` shows it.
+  public static func name(_ symbol: String, style: Style) -> String {
+    switch style {
+    case .no: return symbol
+    case .full: return demangle(symbol)
+    case .simple: return simplified(demangle(symbol))
+    }
+  }
+
+  /// A demangled name without its parameter list, template arguments and qualifiers. Operator
+  /// names (`operator<<`, `operator()`), lambdas (`{lambda(int)#1}`) and `(anonymous namespace)`
+  /// are kept as they are.
+  public static func simplified(_ name: String) -> String {
+    let characters = Array(name)
+    var result = ""
+    var angles = 0
+    var braces = 0
+    var index = 0
+    var spaces: [Int] = []
+    let operatorCharacters = Set("<>=!+-*/%^&|~[],")
+    while index < characters.count {
+      let character = characters[index]
+      if braces > 0 {
+        if character == "{" { braces += 1 } else if character == "}" { braces -= 1 }
+        if angles == 0 { result.append(character) }
+        index += 1
+        continue
+      }
+      if angles == 0 && result.hasSuffix("operator") {
+        if character == "(", index + 1 < characters.count, characters[index + 1] == ")" {
+          result += "()"
+          index += 2
+          continue
+        }
+        if operatorCharacters.contains(character) {
+          while index < characters.count, operatorCharacters.contains(characters[index]) {
+            result.append(characters[index])
+            index += 1
+          }
+          continue
+        }
+      }
+      let anonymous = "(anonymous namespace)"
+      if character == "(", angles == 0, characters.count - index >= anonymous.count,
+        String(characters[index..<(index + anonymous.count)]) == anonymous
+      {
+        result += anonymous
+        index += anonymous.count
+        continue
+      }
+      switch character {
+      case "<": angles += 1
+      case ">" where angles > 0: angles -= 1
+      case "{" where angles == 0:
+        braces = 1
+        result.append(character)
+      case "(" where angles == 0 && !result.isEmpty: return withoutReturnType(result)
+      case " " where angles == 0:
+        // A space before the name separates a function template's return type; after
+        // `operator` it is part of the name (`operator new`, `operator int`).
+        if !result.hasSuffix("operator") { spaces.append(result.count) }
+        result.append(character)
+      default: if angles == 0 { result.append(character) }
+      }
+      index += 1
+    }
+    return withoutReturnType(result)
+
+    func withoutReturnType(_ text: String) -> String {
+      let trimmed = text.hasSuffix(" ") ? String(text.dropLast()) : text
+      guard let space = spaces.last(where: { $0 < trimmed.count }) else { return trimmed }
+      return String(trimmed.dropFirst(space + 1))
+    }
+  }
+
   /// A demangled C++ name up to its parameter list: the first `(` outside template brackets.
   public static func withoutParameters(_ name: String) -> String {
     var depth = 0

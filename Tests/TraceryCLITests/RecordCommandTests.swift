@@ -57,7 +57,8 @@ import TraceryTestSupport
 
   /// Entry counts per function name from `tracery dump` (every process and thread).
   static func recordedCounts(_ directory: URL) throws -> [String: Int] {
-    let dump = try TestSupport.run(tracery, ["dump", "-d", directory.path])
+    // Full names: overloads stay apart, as nm and c++filt name them.
+    let dump = try TestSupport.run(tracery, ["dump", "-d", directory.path, "--demangle", "full"])
     #expect(dump.status == 0, "\(dump.stderr)")
     var counts: [String: Int] = [:]
     for line in dump.stdout.split(separator: "\n") where line.contains("[entry]") {
@@ -175,16 +176,24 @@ import TraceryTestSupport
     #expect(replay.status == 0, "\(replay.stderr)")
     let lines = Self.trees(replay.stdout).values.first ?? []
     // The calls the exception left have no exit; the ones after it are traced again (names are
-    // demangled).
-    #expect(lines.contains { $0.hasSuffix("after(int)();") }, "\(replay.stdout)")
-    #expect(lines.filter { $0.hasSuffix("deepest(int)();") }.count == 2, "\(replay.stdout)")
-    #expect(replay.stdout.contains("outer(int)() {"))
+    // demangled, without parameters, as uftrace shows them).
+    #expect(lines.contains { $0.hasSuffix("after();") }, "\(replay.stdout)")
+    #expect(lines.filter { $0.hasSuffix("deepest();") }.count == 2, "\(replay.stdout)")
+    #expect(replay.stdout.contains("outer() {"))
     // The frames the exception did not unwind keep their exits: main closes normally, and the
     // calls after the catch stay nested in it; the unwound ones close before the next call.
     #expect(replay.stdout.contains("} /* main */"), "\(replay.stdout)")
-    #expect(lines.contains("  after(int)();"), "\(replay.stdout)")
-    let unwound = ["      deepest(int)();", "    }", "  }", "  outer(int)() {"]
+    #expect(lines.contains("  after();"), "\(replay.stdout)")
+    let unwound = ["      deepest();", "    }", "  }", "  outer() {"]
     #expect(lines.indices.contains { Array(lines[$0...].prefix(4)) == unwound }, "\(replay.stdout)")
+
+    // --demangle full keeps the parameter types, --demangle no the symbols.
+    let full = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "--demangle", "full"])
+    #expect(full.stdout.contains("outer(int)() {") && full.stdout.contains("after(int)();"), "\(full.stdout)")
+    let raw = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "--demangle", "no"])
+    #expect(raw.stdout.contains("_Z5outeri() {") && raw.stdout.contains("_Z5afteri();"), "\(raw.stdout)")
+    let wrong = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "--demangle", "fancy"])
+    #expect(wrong.status != 0 && wrong.stderr.contains("demangle"), "\(wrong.stderr)")
 
     // Patterns name C++ functions as uftrace users write them: without parameter types.
     let valued = directory.appendingPathComponent("valued")
@@ -195,7 +204,7 @@ import TraceryTestSupport
     #expect(shown.status == 0, "\(shown.stderr)")
     #expect(shown.stdout.contains("middle(1) {") && shown.stdout.contains("middle(0) {"), "\(shown.stdout)")
     let all = try TestSupport.run(Self.tracery, ["replay", "-d", valued.path])
-    #expect(all.stdout.contains("after(int)() = 7;"), "\(all.stdout)")
+    #expect(all.stdout.contains("after() = 7;"), "\(all.stdout)")
   }
 
   @Test func argumentsAndReturnValuesAsUftraceShowsThem() throws {

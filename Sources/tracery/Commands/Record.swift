@@ -158,6 +158,7 @@ struct Live: ParsableCommand {
 
   @OptionGroup var filters: FilterOptions
   @OptionGroup var record: RecordOptions
+  @Option(help: Demangler.Style.help) var demangle: Demangler.Style = .simple
 
   func validate() throws { try record.checkCommand(of: Self.self) }
 
@@ -168,7 +169,9 @@ struct Live: ParsableCommand {
       let status = try Recorder(options: record, filters: filters).run(directory: directory)
       let trace = try TraceReading.open(directory)
       let filter = try filters.filter(for: trace)
-      print(Render.replay(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
+      print(
+        Render.replay(try TraceReading.filteredCalls(trace, filter, demangle: demangle), filter: filter),
+        terminator: "")
       TraceReading.warnAboutDrops(trace)
       try status.passThrough()
     }

@@ -10,16 +10,18 @@ enum TraceReading {
     do { return try Trace(directory: directory) } catch { throw UserError("\(error)") }
   }
 
-  static func calls(_ trace: Trace, tid: Int32? = nil) -> [ThreadCalls] {
-    let symbolizer = Symbolizer(trace)
+  static func calls(_ trace: Trace, tid: Int32? = nil, demangle: Demangler.Style = .simple) -> [ThreadCalls] {
+    let symbolizer = Symbolizer(trace, demangle: demangle)
     let all = trace.calls { session, site in symbolizer.name(session: session, site: site) }
     return tid.map { tid in all.filter { $0.tid == tid } } ?? all
   }
 
   /// The calls `filter` applies to, after checking that each -F / -N pattern names a recorded
   /// function (a pattern that matches nothing is a mistake worth saying).
-  static func filteredCalls(_ trace: Trace, _ filter: CallFilter, tid: Int32? = nil) throws -> [ThreadCalls] {
-    let threads = calls(trace, tid: tid)
+  static func filteredCalls(
+    _ trace: Trace, _ filter: CallFilter, tid: Int32? = nil, demangle: Demangler.Style = .simple
+  ) throws -> [ThreadCalls] {
+    let threads = calls(trace, tid: tid, demangle: demangle)
     let names = Set(threads.flatMap { $0.calls.map(\.name) })
     for (flag, matchers) in [("-F", filter.only), ("-N", filter.hide)] {
       for matcher in matchers where !names.contains(where: matcher.matchesFunction) {
@@ -42,8 +44,10 @@ enum TraceReading {
 final class Symbolizer {
   private var tables: [String: SymbolTable] = [:]
   private var files: [String: ELFFile] = [:]
+  private let style: Demangler.Style
 
-  init(_ trace: Trace) {
+  init(_ trace: Trace, demangle style: Demangler.Style = .simple) {
+    self.style = style
     for process in trace.processes {
       var inputs: [SymbolTable.Input] = []
       for object in process.objects {
@@ -59,14 +63,22 @@ final class Symbolizer {
     guard let table = tables[session], let index = table.function(containing: site) else {
       return "0x" + String(site, radix: 16)
     }
-    return Demangler.demangle(table.functions[index].name)
+    return Demangler.name(table.functions[index].name, style: style)
   }
 }
 
-/// The trace directory a reading command opens.
+extension Demangler.Style: ExpressibleByArgument {
+  static let help = ArgumentHelp(
+    "How to show C++ and Swift names: simple (no parameters or template arguments), full, or no (as mangled).",
+    valueName: "simple|full|no")
+}
+
+/// The trace directory a reading command opens, and how its names are shown.
 struct TraceLocation: ParsableArguments {
   @Option(name: .shortAndLong, help: "The trace directory.")
   var directory: String = "tracery.data"
+
+  @Option(help: Demangler.Style.help) var demangle: Demangler.Style = .simple
 
   func open() throws -> Trace { try TraceReading.open(directory) }
 }
@@ -84,7 +96,10 @@ struct Replay: ParsableCommand {
     try reportingUserErrors {
       let trace = try location.open()
       let filter = try filters.filter(for: trace)
-      print(Render.replay(try TraceReading.filteredCalls(trace, filter, tid: tid), filter: filter), terminator: "")
+      print(
+        Render.replay(
+          try TraceReading.filteredCalls(trace, filter, tid: tid, demangle: location.demangle), filter: filter),
+        terminator: "")
       TraceReading.warnAboutDrops(trace)
     }
   }
@@ -112,7 +127,7 @@ struct Report: ParsableCommand {
       let trace = try location.open()
       let filter = try filters.filter(for: trace)
       let key = Render.SortKey(rawValue: sort)!
-      let calls = try TraceReading.filteredCalls(trace, filter)
+      let calls = try TraceReading.filteredCalls(trace, filter, demangle: location.demangle)
       if threads {
         for thread in calls {
           print("# thread \(thread.tid) (process \(thread.session))")
@@ -176,11 +191,15 @@ struct Dump: ParsableCommand {
       let trace = try location.open()
       let filter = try filters.filter(for: trace)
       if chrome {
-        print(Render.chrome(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
+        print(
+          Render.chrome(try TraceReading.filteredCalls(trace, filter, demangle: location.demangle), filter: filter),
+          terminator: "")
       } else if folded {
-        print(Render.folded(try TraceReading.filteredCalls(trace, filter), filter: filter), terminator: "")
+        print(
+          Render.folded(try TraceReading.filteredCalls(trace, filter, demangle: location.demangle), filter: filter),
+          terminator: "")
       } else {
-        let symbolizer = Symbolizer(trace)
+        let symbolizer = Symbolizer(trace, demangle: location.demangle)
         var output = ""
         for thread in trace.threads {
           output +=
