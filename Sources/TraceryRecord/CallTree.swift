@@ -1,6 +1,9 @@
 /// One call rebuilt from a thread's entry and exit events.
 public struct Call: Sendable, Equatable {
-  public let name: String
+  /// The demangled name in full: what filters match (`NameMatcher.matchesFunction`).
+  public var name: String
+  /// The name as the reader shows it (`Demangler.Style`); the full name unless set.
+  public var label: String
   public let depth: Int
   /// Nanoseconds since the first traced process of the recording started.
   public let start: Double
@@ -18,8 +21,8 @@ public struct Call: Sendable, Equatable {
   /// `name(arguments)` as uftrace shows it; recorded arguments take the place of a C++ name's
   /// parameter types (`middle(1)` rather than `middle(int)(1)`).
   public var signature: String {
-    guard !arguments.isEmpty else { return name + "()" }
-    return "\(Demangler.withoutParameters(name))(\(arguments.map(\.text).joined(separator: ", ")))"
+    guard !arguments.isEmpty else { return label + "()" }
+    return "\(Demangler.withoutParameters(label))(\(arguments.map(\.text).joined(separator: ", ")))"
   }
   /// ` = value` when the return value was recorded.
   public var returnSuffix: String {
@@ -81,14 +84,17 @@ public struct NameMatcher: @unchecked Sendable {
   }
 
   /// Whether the pattern names the function `symbol` (raw or demangled): its symbol, its
-  /// demangled name, or that name without its parameter list (`ns::parse` for
-  /// `ns::parse(char const*) const`), as uftrace users write them.
+  /// demangled name, that name without its parameter list (`ns::parse` for
+  /// `ns::parse(char const*) const`), or its simple form (`ns::Stack::push` for
+  /// `ns::Stack<int>::push(int const&)`), as uftrace users write them.
   public func matchesFunction(_ symbol: String) -> Bool {
     if matches(symbol) { return true }
     let demangled = Demangler.demangle(symbol)
     if demangled != symbol, matches(demangled) { return true }
     let base = Demangler.withoutParameters(demangled)
-    return base != demangled && matches(base)
+    if base != demangled && matches(base) { return true }
+    let simple = Demangler.simplified(demangled)
+    return simple != base && matches(simple)
   }
 
   private static func globMatch(_ pattern: ArraySlice<Character>, _ text: ArraySlice<Character>) -> Bool {
@@ -141,7 +147,8 @@ extension Trace {
               return name
             }()
           let parent = open.last
-          var call = Call(name: name, depth: open.count, start: now, end: now, complete: false, parent: parent)
+          var call = Call(
+            name: name, label: name, depth: open.count, start: now, end: now, complete: false, parent: parent)
           call.arguments = event.values
           calls.append(call)
           if let parent { calls[parent].children.append(calls.count - 1) }

@@ -48,8 +48,8 @@ public enum Render {
           lines.append(Line(time: call.start, order: order, text: "\(blank) \(tid) | \(indent)\(call.signature) {"))
           let closing =
             call.complete
-            ? "}\(call.returnValues.isEmpty ? "" : call.returnSuffix + ";") /* \(call.name) */"
-            : "} /* \(call.name): no exit recorded */"
+            ? "}\(call.returnValues.isEmpty ? "" : call.returnSuffix + ";") /* \(call.label) */"
+            : "} /* \(call.label): no exit recorded */"
           // A closing line sorts after every line of its subtree. A call without an exit that
           // ended when the next call at its depth started (see CallTree) closes before that
           // call's line, deeper ones first; one still open at the end of the trace, last.
@@ -89,12 +89,12 @@ public enum Render {
       let shownSet = Set(shown.map(\.index))
       for (index, _) in shown {
         let call = thread.calls[index]
-        var entry = table[call.name] ?? FunctionStatistics(name: call.name)
+        var entry = table[call.label] ?? FunctionStatistics(name: call.label)
         let childTime = call.children.filter { shownSet.contains($0) }.reduce(0.0) { $0 + thread.calls[$1].duration }
         var ancestor = call.parent
         var recursive = false
         while let current = ancestor {
-          if thread.calls[current].name == call.name {
+          if thread.calls[current].label == call.label {
             recursive = true
             break
           }
@@ -105,7 +105,7 @@ public enum Render {
         entry.calls += 1
         entry.minimum = min(entry.minimum, call.duration)
         entry.maximum = max(entry.maximum, call.duration)
-        table[call.name] = entry
+        table[call.label] = entry
       }
     }
     var table: [String: FunctionStatistics] = [:]
@@ -149,7 +149,7 @@ public enum Render {
           "\"\(value.source == 0 ? "retval" : "arg\(value.source)")\":\"\(jsonEscape(value.text))\""
         }
         events.append(
-          "{\"name\":\"\(jsonEscape(call.name))\",\"ph\":\"X\",\"pid\":\(thread.pid),\"tid\":\(thread.tid),"
+          "{\"name\":\"\(jsonEscape(call.label))\",\"ph\":\"X\",\"pid\":\(thread.pid),\"tid\":\(thread.tid),"
             + "\"ts\":\(fixed(call.start / 1e3, 3)),\"dur\":\(fixed(call.duration / 1e3, 3))"
             + (values.isEmpty ? "}" : ",\"args\":{\(values.joined(separator: ","))}}"))
       }
@@ -167,7 +167,7 @@ public enum Render {
       var path: [String] = []
       for (index, depth) in shown {
         let call = thread.calls[index]
-        path = Array(path.prefix(depth)) + [call.name]
+        path = Array(path.prefix(depth)) + [call.label]
         let childTime = call.children.filter { shownSet.contains($0) }.reduce(0.0) { $0 + thread.calls[$1].duration }
         let key = path.joined(separator: ";")
         if totals[key] == nil { order.append(key) }

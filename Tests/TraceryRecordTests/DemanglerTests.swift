@@ -26,10 +26,21 @@ import Testing
   @Test func stylesOfAMangledName() {
     #expect(Demangler.name("_Z5afteri", style: .no) == "_Z5afteri")
     #expect(Demangler.name("main", style: .simple) == "main")
-    // __cxa_demangle is there when the test binary links the C++ runtime; without it the
-    // symbol comes back unchanged, which every style must then show as is.
-    let full = Demangler.name("_Z5afteri", style: .full)
-    #expect(full == "after(int)" || full == "_Z5afteri")
-    #expect(Demangler.name("_Z5afteri", style: .simple) == (full == "after(int)" ? "after" : "_Z5afteri"))
+    // The test binary links the C++ runtime (the C++ fixtures): __cxa_demangle is there.
+    #expect(Demangler.name("_Z5afteri", style: .full) == "after(int)")
+    #expect(Demangler.name("_Z5afteri", style: .simple) == "after")
+  }
+
+  /// Filters name a function in any of its forms, whatever the reader shows: the symbol, the full
+  /// name, the name without parameters, or the simple name.
+  @Test func filtersMatchEveryFormOfAName() throws {
+    let symbol = "_ZN2ns5StackIiE4pushERKi"  // ns::Stack<int>::push(int const&)
+    // The test binary links the C++ runtime (the C++ fixtures): __cxa_demangle is there.
+    try #require(Demangler.demangle(symbol) == "ns::Stack<int>::push(int const&)")
+    for pattern in ["_ZN2ns5StackIiE4pushERKi", "ns::Stack<int>::push", "ns::Stack::push", "ns::*::push"] {
+      #expect(try NameMatcher(pattern, kind: .glob).matchesFunction(symbol), "\(pattern)")
+    }
+    #expect(try !NameMatcher("ns::Stack::pop", kind: .glob).matchesFunction(symbol))
+    #expect(try NameMatcher("^ns::Stack::push$", kind: .regex).matchesFunction(Demangler.demangle(symbol)))
   }
 }

@@ -10,10 +10,28 @@ enum TraceReading {
     do { return try Trace(directory: directory) } catch { throw UserError("\(error)") }
   }
 
+  /// The calls of every thread (or of `tid`), named in full (what filters match) and labelled
+  /// as `demangle` shows them; each distinct symbol is demangled once.
   static func calls(_ trace: Trace, tid: Int32? = nil, demangle: Demangler.Style = .simple) -> [ThreadCalls] {
-    let symbolizer = Symbolizer(trace, demangle: demangle)
-    let all = trace.calls { session, site in symbolizer.name(session: session, site: site) }
-    return tid.map { tid in all.filter { $0.tid == tid } } ?? all
+    let symbolizer = Symbolizer(trace)
+    var all = trace.calls { session, site in symbolizer.symbol(session: session, site: site) }
+    if let tid { all = all.filter { $0.tid == tid } }
+    var names: [String: (full: String, label: String)] = [:]
+    for thread in all.indices {
+      for index in all[thread].calls.indices {
+        let symbol = all[thread].calls[index].name
+        let named =
+          names[symbol]
+          ?? {
+            let named = (Demangler.demangle(symbol), Demangler.name(symbol, style: demangle))
+            names[symbol] = named
+            return named
+          }()
+        all[thread].calls[index].name = named.full
+        all[thread].calls[index].label = named.label
+      }
+    }
+    return all
   }
 
   /// The calls `filter` applies to, after checking that each -F / -N pattern names a recorded
@@ -40,13 +58,13 @@ enum TraceReading {
   }
 }
 
-/// Site → function name, per session; demangles C++ and Swift names.
+/// Site → function symbol or name, per session.
 final class Symbolizer {
   private var tables: [String: SymbolTable] = [:]
   private var files: [String: ELFFile] = [:]
   private let style: Demangler.Style
 
-  init(_ trace: Trace, demangle style: Demangler.Style = .simple) {
+  init(_ trace: Trace, demangle style: Demangler.Style = .full) {
     self.style = style
     for process in trace.processes {
       var inputs: [SymbolTable.Input] = []
@@ -59,11 +77,17 @@ final class Symbolizer {
     }
   }
 
-  func name(session: String, site: UInt64) -> String {
+  /// The symbol of the function at `site` as its object names it (or its address).
+  func symbol(session: String, site: UInt64) -> String {
     guard let table = tables[session], let index = table.function(containing: site) else {
       return "0x" + String(site, radix: 16)
     }
-    return Demangler.name(table.functions[index].name, style: style)
+    return table.functions[index].name
+  }
+
+  /// The function at `site` as `style` shows it.
+  func name(session: String, site: UInt64) -> String {
+    Demangler.name(symbol(session: session, site: site), style: style)
   }
 }
 
