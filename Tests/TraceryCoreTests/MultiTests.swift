@@ -193,6 +193,28 @@ extension PatchingTests {
       #expect(tracer.retiredTrampolines == 0, "\(tracer.reclaimObstacle ?? "")")
     }
 
+    /// Padding another tracer left at 0 (it could not put the NOPs back while a thread was in its
+    /// global trampoline) is usable padding for this one, and gets its NOPs back at the end.
+    @Test func paddingZeroedByAnotherTracerIsUsable() throws {
+      let library = try MultiFixture.padded.get()
+      let sites = Array(library.sites.prefix(64))
+      let padding = sites.map { $0 - 8 }
+      #expect(TextPatcher.shared.writeWords(padding.map { ($0, 0) }).isEmpty)
+      ZeroedPadding.add(padding)
+      tracery_multi_reset()
+      let link = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(sites), cookie: MultiFixture.cookie(tag: 8), strategy: .global(.padding))
+      #expect(link.sites.count == sites.count)
+      #expect(
+        library.functions.prefix(64).indices.allSatisfy {
+          library.functions[$0](5) == TestSupport.generatedValue(index: $0, x: 5)
+        })
+      #expect(tracery_multi_ok(8) == 64)
+      link.detach()
+      tracer.reclaim()
+      #expect(padding.allSatisfy { UnsafePointer<UInt64>(bitPattern: UInt($0))!.pointee == 0x9090_9090_9090_9090 })
+    }
+
     @Test func paddingModeOnAFunctionWithoutPaddingSaysSo() throws {
       let error = #expect(throws: AttachError.self) {
         try tracer.attachMulti(MultiFixture.entry, to: .address(OpsFixture.f1), strategy: .global(.padding))

@@ -69,12 +69,34 @@ struct MultiState {
   var trampolines: [(key: MultiKey, image: Reclaimer.Retired)] = []
   /// Links kept as arrays (`BulkLink`).
   var bulk: [BulkLink] = []
-  /// Padding words set to 0 when their function left, that get their NOPs back once no thread
-  /// can be inside a global trampoline (one that had called it might still read them).
+  /// Padding words this tracer set to 0 when their function left, that get their NOPs back once
+  /// no thread can be inside a global trampoline (one that had called it might still read them).
+  /// Each is also in `ZeroedPadding` until someone claims it.
   var pendingNops: Set<UInt64> = []
   /// Records of hash-mode bulk links detached since the last publish: a reader holding the
   /// current table may still reach them, so they are retired with it (`companions`).
   var detachedRecords: [CodeArena.Block] = []
+}
+
+/// Padding words some tracer of this process set to 0 when a function left a global trampoline:
+/// usable padding for any tracer although they no longer hold the compiler's NOPs. Process-wide
+/// because padding is text that every `Tracer` shares. A tracer takes a word out (`claim`) before
+/// writing a record pointer into it and before putting NOPs back, so the two never race.
+enum ZeroedPadding {
+  private static let words = Mutex(Set<UInt64>())
+
+  static func add(_ addresses: some Collection<UInt64>) {
+    guard !addresses.isEmpty else { return }
+    words.withLock { $0.formUnion(addresses) }
+  }
+
+  /// Takes `address` out; true when it was there.
+  static func claim(_ address: UInt64) -> Bool { words.withLock { $0.remove(address) != nil } }
+
+  /// Takes out those of `addresses` that are there; returns them.
+  static func claim(all addresses: some Collection<UInt64>) -> [UInt64] {
+    words.withLock { words in addresses.filter { words.remove($0) != nil } }
+  }
 }
 
 struct MultiKey: Equatable {

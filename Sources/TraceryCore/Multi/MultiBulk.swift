@@ -107,6 +107,8 @@ extension Tracer {
     var rest: [Int] = []
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
     var allPadded = true
+    // Zeroed padding words this pass took (`ZeroedPadding`): handed back unless used.
+    var claimed: [UInt64] = []
     var previous: UInt64 = 0
     for position in targets.indices {
       let index = order?[position] ?? position
@@ -120,10 +122,15 @@ extension Tracer {
       }
       previous = site
       if joins && lookup != .hash {
-        let padded =
-          site == target.function && site % 8 == 0
-          && (UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee == 0x9090_9090_9090_9090
-            || (!state.multi.pendingNops.isEmpty && state.multi.pendingNops.contains(site - 8)))
+        var padded = false
+        if site == target.function && site % 8 == 0 {
+          let word = UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee
+          padded = word == 0x9090_9090_9090_9090
+          if word == 0 && ZeroedPadding.claim(site - 8) {
+            padded = true
+            claimed.append(site - 8)
+          }
+        }
         // `.padding` without padding: the general path reports it.
         if lookup == .padding && !padded { joins = false }
         allPadded = allPadded && padded
@@ -138,8 +145,16 @@ extension Tracer {
       link.cookies.append(cookies[index])
       link.originals.append(original.raw)
     }
-    guard !link.sites.isEmpty else { return (rest, TransactionReport()) }
     link.padding = lookup == .padding || (lookup == .automatic && allPadded)
+    if link.padding {
+      for address in claimed { state.multi.pendingNops.remove(address) }
+      // A `.padding` target refused above may have had its word claimed: not joining, it goes back.
+      let joined = Set(link.sites.lazy.map { $0 - 8 })
+      ZeroedPadding.add(claimed.filter { !joined.contains($0) })
+    } else {
+      ZeroedPadding.add(claimed)
+    }
+    guard !link.sites.isEmpty else { return (rest, TransactionReport()) }
     return (rest, try attachBulk(link, state: &state))
   }
 
@@ -194,7 +209,6 @@ extension Tracer {
       pointers.reserveCapacity(link.sites.count)
       for index in link.sites.indices {
         pointers.append((link.sites[index] - 8, block.address + UInt64(8 * link.recordOffsets[index])))
-        if !state.multi.pendingNops.isEmpty { state.multi.pendingNops.remove(link.sites[index] - 8) }
       }
       let failed = Set(patcher.writeWords(pointers, map: map))
       if !failed.isEmpty {
@@ -295,8 +309,10 @@ extension Tracer {
       }
       if globalTrampolinesIdle(state: state, callerStack: callerStack) {
         _ = patcher.writeWords(restored.map { ($0, 0x9090_9090_9090_9090) } + kept.map { ($0, 0) })
+        ZeroedPadding.add(kept)
       } else {
         _ = patcher.writeWords((restored + kept).map { ($0, 0) })
+        ZeroedPadding.add(restored + kept)
         state.multi.pendingNops.formUnion(restored)
       }
     }
@@ -325,7 +341,8 @@ extension Tracer {
     guard !state.multi.pendingNops.isEmpty, globalTrampolinesIdle(state: state, callerStack: callerStack) else {
       return
     }
-    let pending = state.multi.pendingNops.sorted()
+    // Only words no tracer has claimed since (a claimed one may hold a record pointer now).
+    let pending = ZeroedPadding.claim(all: state.multi.pendingNops.sorted())
     _ = patcher.writeWords(pending.map { ($0, 0x9090_9090_9090_9090) })
     state.multi.pendingNops = []
   }

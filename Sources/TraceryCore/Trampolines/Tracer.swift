@@ -539,8 +539,13 @@ public final class Tracer: Sendable {
         var function = TracedFunction(
           function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
           model: .unknown)
-        // Padding zeroed after an earlier use is ours again (see `MultiState.pendingNops`).
-        if state.multi.pendingNops.remove(target.site - 8) != nil { function.paddingOwned = true }
+        // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
+        if target.site % 8 == 0, UnsafePointer<UInt64>(bitPattern: UInt(target.site - 8))!.pointee == 0,
+          ZeroedPadding.claim(target.site - 8)
+        {
+          function.paddingOwned = true
+          state.multi.pendingNops.remove(target.site - 8)
+        }
         return function
       }
       func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
@@ -733,6 +738,7 @@ public final class Tracer: Sendable {
         state.functions[site] = function.isTraced ? function : nil
       }
       _ = patcher.writeWords(cleared)
+      ZeroedPadding.add(cleared.map(\.address))
       restorePaddingNops(state: &state, callerStack: callerStack)
       // Old graph images and shared ops callers are retired once no site calls them (a site that
       // failed to move keeps its image, and the image stays listed).
