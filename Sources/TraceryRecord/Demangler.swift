@@ -41,7 +41,8 @@ public enum Demangler {
 
   /// How reading commands show C++ and Swift names (uftrace's `--demangle`).
   public enum Style: String, Sendable, CaseIterable {
-    /// Without parameters, template arguments or qualifiers: `ns::Stack::push` (uftrace's default).
+    /// C++ names without parameters, template arguments or qualifiers: `ns::Stack::push`
+    /// (uftrace's default); Swift names in full.
     case simple
     /// The whole demangled name: `ns::Stack<int>::push(int const&)`.
     case full
@@ -54,7 +55,9 @@ public enum Demangler {
     switch style {
     case .no: return symbol
     case .full: return demangle(symbol)
-    case .simple: return simplified(demangle(symbol))
+    // Simple names are C++'s (what uftrace shows); a Swift name keeps its signature, whose
+    // closures and `in` clauses the C++ rules would mangle.
+    case .simple: return symbol.hasPrefix("_Z") ? simplified(demangle(symbol)) : demangle(symbol)
     }
   }
 

@@ -29,6 +29,8 @@ import Testing
     // The test binary links the C++ runtime (the C++ fixtures): __cxa_demangle is there.
     #expect(Demangler.name("_Z5afteri", style: .full) == "after(int)")
     #expect(Demangler.name("_Z5afteri", style: .simple) == "after")
+    // Swift names keep their signature (the Swift runtime's demangler is loaded here).
+    #expect(Demangler.name("$s4main3fibyS2iF", style: .simple) == "main.fib(Swift.Int) -> Swift.Int")
   }
 
   /// Filters name a function in any of its forms, whatever the reader shows: the symbol, the full
