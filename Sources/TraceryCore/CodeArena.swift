@@ -165,12 +165,15 @@ public final class CodeArena: Sendable {
     else { return nil }
     let range = slab.free[index]
     let offset = alignedStart(range)
-    var rest: [(offset: Int, length: Int)] = []
-    if offset > range.offset { rest.append((range.offset, offset - range.offset)) }
-    if offset + length < range.offset + range.length {
-      rest.append((offset + length, range.offset + range.length - offset - length))
+    let tail = (offset: offset + length, length: range.offset + range.length - offset - length)
+    if offset > range.offset {
+      slab.free[index].length = offset - range.offset
+      if tail.length > 0 { slab.free.insert(tail, at: index + 1) }
+    } else if tail.length > 0 {
+      slab.free[index] = tail
+    } else {
+      slab.free.remove(at: index)
     }
-    slab.free.replaceSubrange(index...index, with: rest)
     return Block(address: slab.address + UInt64(offset), size: length, alias: slab.alias + UInt64(offset))
   }
 

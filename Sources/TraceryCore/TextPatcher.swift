@@ -164,8 +164,7 @@ public final class TextPatcher: Sendable {
       let map = given ?? MemoryMap.current()
       var failed: [UInt64] = []
       let sorted =
-        words.indices.dropFirst().allSatisfy { words[$0 - 1].address <= words[$0].address }
-        ? words : words.sorted { $0.address < $1.address }
+        words.isAscending(strictly: false, by: \.address) ? words : words.sorted { $0.address < $1.address }
       var start = 0
       while start < sorted.count {
         let address = sorted[start].address
@@ -242,7 +241,7 @@ public final class TextPatcher: Sendable {
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
     // sites every fresh array is megabytes of page faults).
-    if accepted.indices.dropFirst().allSatisfy({ accepted[$0 - 1].address < accepted[$0].address }) {
+    if accepted.isAscending(strictly: true, by: \.address) {
       return accepted
     }
     accepted.sort { $0.address < $1.address }

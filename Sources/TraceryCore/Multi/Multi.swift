@@ -78,12 +78,26 @@ struct MultiState {
   var detachedRecords: [CodeArena.Block] = []
 }
 
-/// Padding words some tracer of this process set to 0 when a function left a global trampoline:
-/// usable padding for any tracer although they no longer hold the compiler's NOPs. Process-wide
-/// because padding is text that every `Tracer` shares. A tracer takes a word out (`claim`) before
-/// writing a record pointer into it and before putting NOPs back, so the two never race.
+/// The 8-byte padding word before a function's entry that multi-attach keeps a record pointer
+/// in, and the words some tracer of this process set to 0 when a function left a global
+/// trampoline: usable padding for any tracer although they no longer hold the compiler's NOPs.
+/// Process-wide because padding is text that every `Tracer` shares. A tracer takes a zeroed word
+/// out (`claim`) before writing a record pointer into it and before putting NOPs back, so the
+/// two never race.
 enum ZeroedPadding {
   private static let words = Mutex(Set<UInt64>())
+
+  /// What the compiler leaves there (`-fpatchable-function-entry=N,8`).
+  static let nops: UInt64 = 0x9090_9090_9090_9090
+
+  /// The word before `site`, or nil when `site` is not 8-byte aligned (no padding word then).
+  /// Precondition: `site` is a mapped function's patch site.
+  static func word(before site: UInt64) -> UInt64? {
+    site % 8 == 0 ? UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee : nil
+  }
+
+  /// Takes the word before `site` when it is a zeroed one (0 now, and in the set).
+  static func claim(before site: UInt64) -> Bool { word(before: site) == 0 && claim(site - 8) }
 
   static func add(_ addresses: some Collection<UInt64>) {
     guard !addresses.isEmpty else { return }
@@ -125,8 +139,8 @@ extension Tracer.TracedFunction {
 
   /// Eight NOP bytes (or a record pointer of ours) before an entry that is the site itself.
   var hasPadding: Bool {
-    guard site == function, site % 8 == 0 else { return false }
-    return paddingOwned || UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee == 0x9090_9090_9090_9090
+    guard site == function, let word = ZeroedPadding.word(before: site) else { return false }
+    return paddingOwned || word == ZeroedPadding.nops
   }
 }
 
@@ -252,9 +266,8 @@ extension Tracer {
   /// Block: [shift, mask, (site, record) × 2^bits] when anything is hashed, then the records of
   /// `functions`. Bulk links' records stay in their own blocks (written once, at attach).
   func publishMultiTable(_ functions: [TracedFunction], state: inout State) throws -> Set<UInt64> {
-    let hashed = functions.filter { !$0.usesPadding }
     let bulkHashed = state.multi.bulk.filter { !$0.padding }
-    let hashedCount = hashed.count + bulkHashed.reduce(0) { $0 + $1.sites.count }
+    let hashedCount = functions.count(where: { !$0.usesPadding }) + bulkHashed.reduce(0) { $0 + $1.sites.count }
     let bits = SiteHash.bits(for: hashedCount)
     let header = hashedCount == 0 ? 0 : 2 + 2 * (1 << bits)
     let recordWords = functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }

@@ -94,7 +94,7 @@ extension Tracer {
   ) throws(AttachError) -> (rest: [Int], report: TransactionReport) {
     // Targets usually come sorted by address (symbol-table order); sort only when they do not.
     let order: [Int]? =
-      targets.indices.dropFirst().allSatisfy({ targets[$0 - 1].site < targets[$0].site })
+      targets.isAscending(strictly: true, by: \.site)
       ? nil : targets.indices.sorted { targets[$0].site < targets[$1].site }
     var link = BulkLink(
       id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, sites: [], functions: [],
@@ -122,14 +122,10 @@ extension Tracer {
       }
       previous = site
       if joins && lookup != .hash {
-        var padded = false
-        if site == target.function && site % 8 == 0 {
-          let word = UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee
-          padded = word == 0x9090_9090_9090_9090
-          if word == 0 && ZeroedPadding.claim(site - 8) {
-            padded = true
-            claimed.append(site - 8)
-          }
+        var padded = site == target.function && ZeroedPadding.word(before: site) == ZeroedPadding.nops
+        if site == target.function && !padded && ZeroedPadding.claim(before: site) {
+          padded = true
+          claimed.append(site - 8)
         }
         // `.padding` without padding: the general path reports it.
         if lookup == .padding && !padded { joins = false }
@@ -247,7 +243,7 @@ extension Tracer {
       let position = state.multi.bulk.count - 1
       if padding {
         // Never called through: the padding can have its NOPs back at once.
-        _ = patcher.writeWords(failedIndices.map { (state.multi.bulk[position].sites[$0] - 8, 0x9090_9090_9090_9090) })
+        _ = patcher.writeWords(failedIndices.map { (state.multi.bulk[position].sites[$0] - 8, ZeroedPadding.nops) })
       }
       state.multi.bulk[position].remove(failedIndices)
       if !padding { _ = try? publishMultiTable(currentGlobalFunctions(state), state: &state) }
@@ -308,7 +304,7 @@ extension Tracer {
         if case .failed = outcome { kept.append(link.sites[index] - 8) } else { restored.append(link.sites[index] - 8) }
       }
       if globalTrampolinesIdle(state: state, callerStack: callerStack) {
-        _ = patcher.writeWords(restored.map { ($0, 0x9090_9090_9090_9090) } + kept.map { ($0, 0) })
+        _ = patcher.writeWords(restored.map { ($0, ZeroedPadding.nops) } + kept.map { ($0, 0) })
         ZeroedPadding.add(kept)
       } else {
         _ = patcher.writeWords((restored + kept).map { ($0, 0) })
@@ -343,7 +339,7 @@ extension Tracer {
     }
     // Only words no tracer has claimed since (a claimed one may hold a record pointer now).
     let pending = ZeroedPadding.claim(all: state.multi.pendingNops.sorted())
-    _ = patcher.writeWords(pending.map { ($0, 0x9090_9090_9090_9090) })
+    _ = patcher.writeWords(pending.map { ($0, ZeroedPadding.nops) })
     state.multi.pendingNops = []
   }
 }

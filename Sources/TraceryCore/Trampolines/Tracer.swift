@@ -131,18 +131,7 @@ public struct TransactionReport: Sendable, Equatable, CustomStringConvertible {
 
   mutating func append(_ batch: Batch) { batches.append(batch) }
 
-  public var failures: [Entry] {
-    var result = listed.filter { if case .failed = $0.outcome { true } else { false } }
-    for batch in batches {
-      for index in batch.outcomes.indices {
-        if case .failed = batch.outcomes[index] {
-          result.append(
-            Entry(function: batch.names[index], address: batch.addresses[index], outcome: batch.outcomes[index]))
-        }
-      }
-    }
-    return result
-  }
+  public var failures: [Entry] { entries.filter { if case .failed = $0.outcome { true } else { false } } }
 
   public static func == (left: TransactionReport, right: TransactionReport) -> Bool { left.entries == right.entries }
 
@@ -540,9 +529,7 @@ public final class Tracer: Sendable {
           function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
           model: .unknown)
         // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
-        if target.site % 8 == 0, UnsafePointer<UInt64>(bitPattern: UInt(target.site - 8))!.pointee == 0,
-          ZeroedPadding.claim(target.site - 8)
-        {
+        if ZeroedPadding.claim(before: target.site) {
           function.paddingOwned = true
           state.multi.pendingNops.remove(target.site - 8)
         }
