@@ -17,6 +17,11 @@ enum GraphFixture {
   static let inner = entryAddress(tracery_graph_inner as Unary)
   static let recurse = entryAddress(tracery_graph_recurse as Unary)
   static let longjmp = entryAddress(tracery_graph_longjmp as Unary)
+
+  /// A graph user whose handlers record events (`events`), with one data word.
+  static func attachRecording(_ tracer: Tracer, to selector: FunctionSelector, cookie: UInt64) throws -> GraphLink {
+    try tracer.attachGraph(.handlers(entry: entry, exit: exit), to: selector, cookie: cookie, dataWords: 1)
+  }
   static let leaf = entryAddress(tracery_graph_leaf as Unary)
   static let signal = entryAddress(tracery_graph_signal as Unary)
 
@@ -96,9 +101,7 @@ extension PatchingTests {
 
     @Test func longjmpOutOfThreeTracedLevels() throws {
       let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner, GraphFixture.longjmp]
-      let link = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 7,
-        dataWords: 1)
+      let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 7)
       defer { link.detach() }
       tracery_graph_events_reset()
       #expect(tracery_graph_longjmp(0) == 9)
@@ -113,9 +116,7 @@ extension PatchingTests {
 
     @Test func tracedCallsFromASignalHandler() throws {
       let functions = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner, GraphFixture.signal]
-      let link = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 3,
-        dataWords: 1)
+      let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 3)
       defer { link.detach() }
       tracery_graph_events_reset()
       #expect(tracery_graph_signal(1) == 8 + 11)
@@ -147,9 +148,7 @@ extension PatchingTests {
       let functions = [tracery_cxx_level1, tracery_cxx_level2, tracery_cxx_level3].map {
         entryAddress($0 as @convention(c) (Int) -> Int)
       }
-      let link = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 5,
-        dataWords: 1)
+      let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 5)
       defer { link.detach() }
       tracery_graph_events_reset()
       #expect(tracery_cxx_catch_levels(0) == 1123)
@@ -204,9 +203,7 @@ extension PatchingTests {
         [tracery_cxx_level1, tracery_cxx_level2, tracery_cxx_level3, tracery_cxx_traced_catcher].map {
           entryAddress($0 as @convention(c) (Int) -> Int)
         } + [GraphFixture.outer]
-      let link = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .addresses(functions), cookie: 6,
-        dataWords: 1)
+      let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 6)
       defer { link.detach() }
       tracery_graph_events_reset()
       #expect(tracery_cxx_traced_catcher(42) == 42)

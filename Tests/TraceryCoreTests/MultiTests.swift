@@ -141,9 +141,7 @@ extension PatchingTests {
       #expect(tracer.state.withLock { $0.multi.bulk.first?.sites.count } == 3)
       #expect(tracery_graph_outer(5) == 17)
       #expect(tracery_multi_ok(6) == 3)
-      let graph = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .address(GraphFixture.middle), cookie: 8,
-        dataWords: 1)
+      let graph = try GraphFixture.attachRecording(tracer, to: .address(GraphFixture.middle), cookie: 8)
       #expect(tracer.state.withLock { $0.multi.bulk.first?.sites.count } == 2)
       tracery_graph_events_reset()
       #expect(tracery_graph_outer(5) == 17)

@@ -145,9 +145,7 @@ extension PatchingTests {
       let ops = try tracer.attachOps(OpsFixture.count, to: .address(OpsFixture.f1), cookie: 1)
       let multi = try tracer.attachMulti(
         MultiFixture.entry, to: .address(OpsFixture.f1), cookie: { $0 << 4 | 6 }, strategy: .global(.automatic))
-      let graph = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit), to: .address(OpsFixture.f1), cookie: 2,
-        dataWords: 1)
+      let graph = try GraphFixture.attachRecording(tracer, to: .address(OpsFixture.f1), cookie: 2)
       tracery_ops_reset()
       tracery_multi_reset()
       tracery_graph_events_reset()
