@@ -43,7 +43,7 @@ let package = Package(
     .executableTarget(
       name: "tracery",
       dependencies: [
-        "TraceryCore", "TraceryRecord", "CTraceryBench",
+        "TraceryCore", "TraceryELF", "TraceryRecord", "CTraceryBench",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]
     ),

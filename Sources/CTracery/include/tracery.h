@@ -51,24 +51,48 @@ typedef int (*tracery_modify_return_handler)(tracery_call *call, uint64_t cookie
 /// One frame of a thread's shadow return stack (the function graph). A graph handler gets a
 /// pointer to the frame of the call it sees; valid only during the handler call.
 ///
+/// A frame begins with the layout of a `tracery_call`, and the `call` the graph handlers get is
+/// the frame itself: the entry saves the argument registers straight into it and the return
+/// handler the result registers, so nothing is copied for the handlers, and an exit handler still
+/// sees the arguments as they were at the entry (after entry handlers changed them). `depth` and
+/// `taken` live in the call's reserved and padding words.
+///
 ///   offset  field
-///        0  stack_slot       where the return address lives on the thread's stack
+///        0  site             the function's patch site (its entry, or entry + 4 after endbr64)
 ///        8  return_address   the real return address (the stack slot holds the graph's)
-///       16  site             the function's patch site (its entry, or entry + 4 after endbr64)
+///       16  stack_arguments  just above the return-address slot: the slot is stack_arguments - 8
 ///       24  depth            0 for the outermost traced call of the thread
-///       32  taken            bit i: graph user i asked for this call's exit
-///       40  data[7]          words reserved by graph users (`GraphUser` says which are whose)
-///       96  (size)
+///       32  arguments[6]     rdi rsi rdx rcx r8 r9 at entry (the registers the function model needs)
+///       80  rax              rax at entry (variadic functions)
+///       88  return_value[2]  rax rdx at the return
+///      104  taken            bit i: graph user i asked for this call's exit
+///      112  float_arguments  xmm0-xmm7 at entry (when a user needs vector registers)
+///      240  float_return[2]  xmm0 xmm1 at the return (likewise)
+///      272  data[7]          words reserved by graph users (`GraphUser` says which are whose)
+///      336  (size)
 typedef struct tracery_graph_frame {
-  uint64_t stack_slot;
-  uint64_t return_address;
   uint64_t site;
+  uint64_t return_address;
+  uint64_t stack_arguments;
   uint64_t depth;
+  uint64_t arguments[6];
+  uint64_t rax;
+  uint64_t return_value[2];
   uint64_t taken;
+  uint64_t float_arguments[8][2] __attribute__((aligned(16)));
+  uint64_t float_return[2][2] __attribute__((aligned(16)));
   uint64_t data[7];
+  uint64_t padding;
 } tracery_graph_frame;
 
-_Static_assert(sizeof(tracery_graph_frame) == 96, "tracery_graph_frame layout");
+_Static_assert(sizeof(tracery_graph_frame) == 336, "tracery_graph_frame layout");
+_Static_assert(__builtin_offsetof(tracery_graph_frame, arguments) == __builtin_offsetof(tracery_call, arguments),
+               "a graph frame begins with a tracery_call");
+_Static_assert(__builtin_offsetof(tracery_graph_frame, return_value) == __builtin_offsetof(tracery_call, return_value),
+               "a graph frame begins with a tracery_call");
+_Static_assert(__builtin_offsetof(tracery_graph_frame, float_return) == __builtin_offsetof(tracery_call, float_return),
+               "a graph frame begins with a tracery_call");
+_Static_assert(__builtin_offsetof(tracery_graph_frame, data) == sizeof(tracery_call), "tracery_graph_frame layout");
 
 /// Runs at a traced function's entry. `data` points at this user's reserved words of the frame.
 /// Return non-zero to have the exit handler called for this call.

@@ -91,9 +91,16 @@ private func address<T>(_ function: T) -> UInt64 {
   UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
 }
 
-/// One graph image (a mask's entry and return handler) and where it lives.
+extension tracery_graph_frame {
+  /// The return-address slot of the frame's call on the thread's stack.
+  var slot: UInt64 { stack_arguments &- 8 }
+}
+
+/// One graph image (the entry and return handler of a mask and a function model) and where it
+/// lives.
 struct GraphImage {
   let mask: UInt16
+  let model: FunctionModel
   let returnHandler: UInt64
   let image: Reclaimer.Retired
   var entry: UInt64 { image.block.address }
@@ -136,7 +143,7 @@ enum GraphThreads {
       return
     }
     let sentinel = memory.assumingMemoryBound(to: tracery_graph_frame.self)
-    sentinel.pointee.stack_slot = .max
+    sentinel.pointee.stack_arguments = .max
     sentinel.pointee.depth = .max
     let base = UInt64(UInt(bitPattern: memory))
     state.pointee.shadow_base = base
@@ -177,8 +184,8 @@ enum GraphThreads {
   /// are dropped as stale by later traced calls.)
   static func restoreReturnAddresses(above stackPointer: UInt64) {
     frames { index, frame, saved in
-      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.stack_slot))!
-      guard frame.pointee.stack_slot > stackPointer, slot.pointee != frame.pointee.return_address else { return }
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.slot))!
+      guard frame.pointee.slot > stackPointer, slot.pointee != frame.pointee.return_address else { return }
       saved[index] = slot.pointee
       slot.pointee = frame.pointee.return_address
     }
@@ -193,12 +200,12 @@ enum GraphThreads {
     let size = UInt64(GraphEmitter.frameSize)
     frames { index, frame, saved in
       defer { saved[index] = 0 }
-      guard saved[index] != 0, frame.pointee.stack_slot > stackPointer else { return }
-      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.stack_slot))!
+      guard saved[index] != 0, frame.pointee.slot > stackPointer else { return }
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.slot))!
       if slot.pointee == frame.pointee.return_address { slot.pointee = saved[index] }
     }
     while state.pointee.shadow_top > state.pointee.shadow_base + size,
-      UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.stack_slot
+      UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.slot
         <= stackPointer
     {
       state.pointee.shadow_top -= size
@@ -228,17 +235,20 @@ extension Tracer {
   ///   - vectorRegisters: false promises that the handlers, and all they call, use no vector
   ///     registers (C built with `-mgeneral-regs-only`, or handlers as simple as the kernel's):
   ///     while no user needs them, xmm0-7 are not saved (about 3 ns less per call).
+  ///   - model: what the functions pass and return in registers (as for `attach`); the graph
+  ///     saves only those registers around the handlers. Default: the model the functions already
+  ///     have, or `FunctionModel.unknown` (every argument and return register).
   /// - Throws: `AttachError` when nothing matches, no user slot or data words are left, or a
   ///   second recorder is asked for.
   @discardableResult
   public func attachGraph(
     _ handlers: GraphHandlers, to selector: FunctionSelector, cookie: UInt64 = 0, dataWords: Int = 0,
-    depthLimit: Int? = nil, vectorRegisters: Bool = true
+    depthLimit: Int? = nil, vectorRegisters: Bool = true, model: FunctionModel? = nil
   ) throws(AttachError) -> GraphLink {
     let targets = try resolve(selector)
     let link = try makeGraphUser(
       handlers, cookie: cookie, dataWords: dataWords, depthLimit: depthLimit, vectorRegisters: vectorRegisters)
-    let report = commit([.graphAttach(link.index, targets)])
+    let report = commit([.graphAttach(link.index, targets, model)])
     if link.sites.isEmpty {
       _ = commit([.graphDetach(link.index)])
       throw .nothingAttached(report)
@@ -306,7 +316,8 @@ extension Tracer {
       throw AttachError.codeMemory("\(error)")
     }
     do {
-      let image = try graphImage(mask: function.graphMask, near: block.address, state: &state)
+      let image = try graphImage(
+        mask: function.graphMask, model: function.model, near: block.address, state: &state)
       guard
         let bytes = GraphEmitter.stub(
           at: block.address, site: site, body: body ?? site + 5, entry: image.entry,
@@ -320,11 +331,15 @@ extension Tracer {
     }
   }
 
-  /// The graph image for `mask` that a stub at `stub` reaches, made when there is none.
-  private func graphImage(mask: UInt16, near stub: UInt64, state: inout State) throws -> GraphImage {
+  /// The graph image for `mask` and `model` that a stub at `stub` reaches, made when there is
+  /// none.
+  private func graphImage(
+    mask: UInt16, model: FunctionModel, near stub: UInt64, state: inout State
+  ) throws -> GraphImage {
     let end = stub + UInt64(GraphEmitter.stubSize)
     if let image = state.graphImages.first(where: {
-      $0.mask == mask && $0.image.block.isReachable(from: stub) && $0.image.block.isReachable(from: end)
+      $0.mask == mask && $0.model == model && $0.image.block.isReachable(from: stub)
+        && $0.image.block.isReachable(from: end)
     }) {
       return image
     }
@@ -332,7 +347,7 @@ extension Tracer {
       mask & (1 << index) != 0 ? state.graphUsers[index]?.code(index: index) : nil
     }
     let emitter = GraphEmitter(
-      users: users, guardOffset: guardOffset, threadOffset: Int32(ctracery_thread_offset()),
+      users: users, functionModel: model, guardOffset: guardOffset, threadOffset: Int32(ctracery_thread_offset()),
       setupThread: GraphThreads.setupAddress)
     let size = try emitter.emit(at: stub).bytes.count + 16 * users.count
     let block: CodeArena.Block
@@ -343,7 +358,7 @@ extension Tracer {
       let code = try emitter.emit(at: block.address)
       block.write(code.bytes)
       let image = GraphImage(
-        mask: mask, returnHandler: block.address + UInt64(code.returnHandler),
+        mask: mask, model: model, returnHandler: block.address + UInt64(code.returnHandler),
         image: Reclaimer.Retired(
           block: block, length: code.bytes.count, frame: nil, unwind: nil, counters: []))
       state.graphImages.append(image)

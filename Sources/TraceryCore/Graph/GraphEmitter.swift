@@ -23,6 +23,14 @@ struct GraphUserCode: Equatable {
   /// for a frame pushed before.
   let generationAddress: UInt64
   let generation: UInt64
+
+  /// Whether any call's exit may be given to this user.
+  var takesExits: Bool {
+    switch kind {
+    case .handlers(_, let exit, _): exit != nil
+    case .recorder: true
+    }
+  }
 }
 
 /// Offsets of `struct ctracery_thread` fields (CTraceryShims.h), added to the thread's TLS offset.
@@ -36,9 +44,10 @@ enum ThreadField: Int32 {
 }
 
 /// Generates the two routines of one function-graph image (seed 003's fgraph entry and
-/// return_to_handler), for one fixed set of graph users (a "mask"). Every function wanted by
-/// exactly that set of users reaches the image's entry; functions wanted by another set reach
-/// another image. So the entry needs no look-up: which users run is in its code.
+/// return_to_handler), for one fixed set of graph users (a "mask") and one set of registers to
+/// preserve (a function model). Every function wanted by exactly that set of users, with that
+/// model, reaches the image's entry; other functions reach other images. So the entry needs no
+/// look-up: which users run, and what they need saved, is in its code.
 ///
 /// A traced site jumps (`jmp`, not `call`) to a 32-byte stub of its own (`stub(at:)`), which
 /// calls the entry, then the function's body, then jumps to the return handler:
@@ -55,44 +64,52 @@ enum ThreadField: Int32 {
 /// pushed on the predictor. (Swapping the return address in place, as the kernel does, made
 /// every traced return and every return above it mispredict: 30.8 ns per recorded call.)
 ///
-/// Entry (`call` from the stub: [rsp] = stub + 5, [rsp+8] = the real return):
+/// A shadow frame is `tracery_graph_frame` (336 bytes), which begins with the layout of a
+/// `tracery_call`: the handlers' `call` is the frame itself. The entry saves the argument
+/// registers straight into it and the return handler the results, so nothing is copied for the
+/// handlers (each store counts here: six fewer per call were 1.9 ns of 11.3).
+///
+/// Entry (`call` from the stub: [rsp] = stub + 5, [rsp+8] = the real return, rsp 16-aligned):
 ///
 ///     if this thread is inside a handler (guard byte): untraced
 ///     frame = shadow top (set up the thread's shadow stack on first use; full: count, untraced)
-///     drop frames whose stack slot is at or below ours (left by longjmp or an exception)
+///     drop frames whose stack arguments are at or below ours (left by longjmp or an exception)
 ///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
-///     run each user's entry (handlers with registers saved; the recorder inline)
+///     run each user's entry (handlers with the model's registers saved in the frame, the
+///     frame pointer kept in rbx; the recorder inline)
 ///     if some user wants the exit: traced (`ret 8`); else unpublish the frame, untraced (`ret`)
 ///
-/// Return handler, reached from the stub after the body returned to it (rsp = slot + 8, the
-/// slot holds the stub's return address, results in rax/rdx/xmm0/xmm1):
+/// Return handler, reached from the stub after the body returned to it (rsp = the frame's
+/// `stack_arguments`, results in rax/rdx/xmm0/xmm1):
 ///
-///     find the frame whose slot is ours (dropping stale ones above it), put the real return
-///     address back into the slot, run each user's exit whose bit the frame has, pop, `ret`.
+///     find the frame whose stack arguments are rsp (dropping stale ones above it), push the real
+///     return address back into the slot, run each user's exit whose bit the frame has, pop, `ret`.
 ///
 /// While the body runs, its return-address slot holds an address in the stub: an unwinder or
 /// `backtrace()` stops there unless `Tracer.restoreReturnAddresses()` ran first.
 ///
-/// Shadow frames are `tracery_graph_frame` (96 bytes). Below the first one lies a sentinel frame
-/// whose slot is the highest address and whose depth is -1, so both searches end there.
+/// Below the first frame lies a sentinel frame whose stack arguments are the highest address and
+/// whose depth is -1, so both searches end there.
 ///
 /// Signals: a handler may interrupt anywhere and run traced functions. Frames are published
 /// (top moved) before users see them and popped only after the exits ran, so a signal handler
 /// pushes above them; only a frame not yet published can be overwritten, which the entry checks.
 struct GraphEmitter {
-  static let frameSize: Int32 = 96
-  static let slotOffset: Int32 = 0
+  static let frameSize: Int32 = 336
+  static let siteOffset: Int32 = 0
   static let returnOffset: Int32 = 8
-  static let siteOffset: Int32 = 16
+  static let stackArgumentsOffset: Int32 = 16
   static let depthOffset: Int32 = 24
-  static let takenOffset: Int32 = 32
-  static let dataOffset: Int32 = 40
+  static let takenOffset: Int32 = 104
+  static let dataOffset: Int32 = 272
   static let dataWords = 7
 
   /// The recorder's events keep the depth modulo 2^14 (see `putRecord`).
   static let depthMask: Int32 = 0x3fff
 
   let users: [GraphUserCode]
+  /// What the functions reaching this image pass and return in registers.
+  let functionModel: FunctionModel
   let guardOffset: Int32
   let threadOffset: Int32
   /// `void setup(void)`: sets up this thread's shadow stack.
@@ -100,13 +117,10 @@ struct GraphEmitter {
 
   var hasHandlers: Bool { users.contains { if case .handlers = $0.kind { true } else { false } } }
 
-  /// What the handlers' frames save: every argument and return register, or only the integer
-  /// ones when no user's handlers touch vector registers.
+  /// What the handlers' frames save: the function model's registers, without the vector ones
+  /// when no user's handlers touch vector registers.
   var model: FunctionModel {
-    users.contains(where: \.vectorRegisters)
-      ? .unknown
-      : FunctionModel(
-        integerArguments: 6, floatArguments: 0, stackArgumentWords: nil, returns: .integerPair, isVariadic: true)
+    users.contains(where: \.vectorRegisters) ? functionModel : functionModel.withoutVectorRegisters
   }
 
   struct Code {
@@ -128,6 +142,7 @@ struct GraphEmitter {
     do {
       try w.putCall(address: entry)
       w.putJcc(.notEqual, untraced, short: true)
+      w.putPop(.r10)
       try w.putCall(address: body)
       try w.putJmp(address: returnHandler)
       w.bind(untraced)
@@ -174,20 +189,17 @@ struct GraphEmitter {
     w.putMov(.r11, field(.top))
     w.putCmp(.r11, field(.limit))
     w.putJcc(.aboveOrEqual, slow)
-    // Drop stale frames: a live caller's slot is above ours.
-    w.putLea(.r10, Memory(.rsp, 8))
-    w.bind(popStale)
-    w.putCmp(.r10, Memory(.r11, Self.slotOffset - frame))
-    w.putJcc(.below, push)
-    w.putSub(.r11, immediate: frame)
-    w.putJmp(popStale)
+    // Drop stale frames: a live caller's stack arguments are above ours (rsp + 16).
+    w.putLea(.r10, Memory(.rsp, 16))
+    w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
+    w.putJcc(.aboveOrEqual, popStale)
     w.bind(push)
     putFillFrame(&w)
     w.putLea(.r10, Memory(.r11, frame))
     w.putMov(field(.top), .r10)
     // A signal between filling and publishing may have pushed (and popped) its own frame here.
-    w.putLea(.r10, Memory(.rsp, 8))
-    w.putCmp(.r10, Memory(.r11, Self.slotOffset))
+    w.putLea(.r10, Memory(.rsp, 16))
+    w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
     w.putJcc(.notEqual, push)
 
     if hasHandlers {
@@ -195,7 +207,7 @@ struct GraphEmitter {
     } else {
       w.putPush(.rax)
       w.putPush(.rdx)
-      for user in users { try putUserEntry(&w, user, framePointerAt: nil, guardHeld: false, cold: &cold) }
+      for user in users { try putUserEntry(&w, user, withHandlers: false, cold: &cold) }
       w.putPop(.rdx)
       w.putPop(.rax)
     }
@@ -203,7 +215,7 @@ struct GraphEmitter {
     w.putJcc(.equal, unpublish)
     // Traced: ZF set, and the real return address (now in the frame) leaves the stack.
     w.putXor32(.r10, .r10)
-    w.putRet(popping: 8)
+    w.putRet()
     w.bind(unpublish)
     w.putMov(field(.top), .r11)
     w.bind(done)
@@ -214,6 +226,13 @@ struct GraphEmitter {
     // Not set up (limit 0, top 0): set up and retry. Disabled (top 1, limit 0): return. Full:
     // count it and return.
     let overflow = w.newLabel()
+    cold.append { w in
+      w.bind(popStale)
+      w.putSub(.r11, immediate: frame)
+      w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
+      w.putJcc(.aboveOrEqual, popStale)
+      w.putJmp(push)
+    }
     cold.append { [self] w in
       w.bind(slow)
       w.putCmp(self.field(.limit), immediate: 0)
@@ -228,10 +247,15 @@ struct GraphEmitter {
     }
   }
 
-  /// Fills the frame at r11 (not yet published): slot, real return, site, depth, taken = 0.
+  /// With one user, `taken` is written once, by that user's part; with several, it starts at 0
+  /// and each user that wants the exit sets its bit.
+  private var singleUser: Bool { users.count == 1 }
+
+  /// Fills the frame at r11 (not yet published): site, real return, stack arguments, depth (and
+  /// taken = 0 for several users).
   private func putFillFrame(_ w: inout X86Writer) {
-    w.putLea(.r10, Memory(.rsp, 8))
-    w.putMov(Memory(.r11, Self.slotOffset), .r10)
+    w.putLea(.r10, Memory(.rsp, 16))
+    w.putMov(Memory(.r11, Self.stackArgumentsOffset), .r10)
     w.putMov(.r10, Memory(.rsp, 8))
     w.putMov(Memory(.r11, Self.returnOffset), .r10)
     w.putMov(.r10, Memory(.rsp, 0))
@@ -240,80 +264,87 @@ struct GraphEmitter {
     w.putMov(.r10, Memory(.r11, Self.depthOffset - Self.frameSize))
     w.putAdd(.r10, immediate: 1)
     w.putMov(Memory(.r11, Self.depthOffset), .r10)
-    w.putMov(Memory(.r11, Self.takenOffset), immediate: 0)
+    if !singleUser { w.putMov(Memory(.r11, Self.takenOffset), immediate: 0) }
   }
 
-  /// The handler frame below the entry's return address: a `tracery_call` (272 bytes) and the
-  /// shadow frame's address at +272; rsp stays 16-byte aligned (it is at the entry).
-  static let handlerFrame: Int32 = 288
-  static let savedFrameOffset: Int32 = 272
-
+  /// The model's argument registers into the frame (the handlers' `call`); rbx holds the frame
+  /// across the handler calls (saved below the entry's return address, which keeps rsp 16-byte
+  /// aligned at the calls).
   private func putEntryWithHandlers(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
-    let size = Self.handlerFrame
-    w.putSub(.rsp, immediate: size)
-    TrampolineEmitter.putSaveArguments(&w, model)
-    putCallHeader(&w, stackArguments: size + 16)
+    TrampolineEmitter.putSaveArguments(&w, model, base: .r11)
+    w.putPush(.rbx)
+    w.putSub(.rsp, immediate: 8)
+    w.putMov(.rbx, .r11)
     w.putMovByte(.fs(guardOffset), immediate: 1)
-    for user in users {
-      try putUserEntry(&w, user, framePointerAt: Self.savedFrameOffset, guardHeld: true, cold: &cold)
-    }
+    for user in users { try putUserEntry(&w, user, withHandlers: true, cold: &cold) }
     w.putMovByte(.fs(guardOffset), immediate: 0)
-    TrampolineEmitter.putRestoreArguments(&w, model)
-    w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
-    w.putAdd(.rsp, immediate: size)
+    w.putMov(.r11, .rbx)
+    w.putAdd(.rsp, immediate: 8)
+    w.putPop(.rbx)
+    TrampolineEmitter.putRestoreArguments(&w, model, base: .r11)
   }
 
-  /// The `tracery_call` header from the frame at r11; saves r11 at +272.
-  private func putCallHeader(_ w: inout X86Writer, stackArguments: Int32) {
-    w.putMov(Memory(.rsp, Self.savedFrameOffset), .r11)
-    w.putMov(.r10, Memory(.r11, Self.siteOffset))
-    w.putMov(Memory(.rsp, 0), .r10)
-    w.putMov(.r10, Memory(.r11, Self.returnOffset))
-    w.putMov(Memory(.rsp, 8), .r10)
-    w.putLea(.r10, Memory(.rsp, stackArguments))
-    w.putMov(Memory(.rsp, 16), .r10)
-  }
-
-  /// One user's entry part. With handlers, the frame pointer is reloaded from
-  /// `[rsp + framePointerAt]` (calls clobber r11); without, r11 holds it throughout.
+  /// One user's entry part. With handlers, the frame pointer is reloaded from rbx (calls clobber
+  /// r11); without, r11 holds it throughout.
   private func putUserEntry(
-    _ w: inout X86Writer, _ user: GraphUserCode, framePointerAt: Int32?, guardHeld: Bool,
-    cold: inout [(inout X86Writer) throws -> Void]
+    _ w: inout X86Writer, _ user: GraphUserCode, withHandlers: Bool, cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
     let skip = w.newLabel()
-    if let at = framePointerAt { w.putMov(.r11, Memory(.rsp, at)) }
+    let end = w.newLabel()
+    if withHandlers { w.putMov(.r11, .rbx) }
     if let limit = user.depthLimit {
       w.putCmp(Memory(.r11, Self.depthOffset), immediate: Int32(clamping: limit))
       w.putJcc(.aboveOrEqual, skip)
     }
     let bit = Int32(1) << Int32(user.index)
+    func take() {
+      if singleUser {
+        w.putMov(Memory(.r11, Self.takenOffset), immediate: bit)
+      } else {
+        w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+      }
+    }
     switch user.kind {
     case .handlers(let entry, let exit, let cookie):
       if let entry {
         putHandlerArguments(&w, user, cookie: cookie)
         w.putCall(address: entry, orThrough: .rax)
+        w.putMov(.r11, .rbx)
         if exit != nil {
           w.putTest32(.rax, .rax)
           w.putJcc(.equal, skip)
-          w.putMov(.r11, Memory(.rsp, framePointerAt!))
-          w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+          take()
         }
       } else if exit != nil {
-        w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+        take()
       }
     case .recorder(let refill):
-      try putRecord(&w, kind: 1, refill: refill, guardHeld: guardHeld, rspAligned: true, skip: skip, cold: &cold)
-      w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
+      try putRecord(
+        &w, kind: 1, refill: refill, guardHeld: withHandlers, rspAligned: true, skip: skip, cold: &cold)
+      take()
     }
-    w.bind(skip)
+    if singleUser && user.takesExits {
+      // The path that took the exit goes on; the others leave `taken` 0, out of line.
+      w.bind(end)
+      cold.append { w in
+        w.bind(skip)
+        w.putMov(Memory(.r11, Self.takenOffset), immediate: 0)
+        w.putJmp(end)
+      }
+    } else if singleUser {
+      w.bind(skip)
+      w.putMov(Memory(.r11, Self.takenOffset), immediate: 0)
+    } else {
+      w.bind(skip)
+    }
   }
 
-  /// rdi = frame (r11), rsi = the user's data words, rdx = the tracery_call at rsp, rcx = cookie.
+  /// rdi = frame (r11), rsi = the user's data words, rdx = the call (the frame), rcx = cookie.
   private func putHandlerArguments(_ w: inout X86Writer, _ user: GraphUserCode, cookie: UInt64) {
     w.putMov(.rdi, .r11)
     w.putLea(.rsi, Memory(.r11, Self.dataOffset + 8 * Int32(user.dataOffset)))
-    w.putMov(.rdx, .rsp)
-    w.putMov(.rcx, immediate: cookie)
+    w.putMov(.rdx, .r11)
+    if cookie == 0 { w.putXor32(.rcx, .rcx) } else { w.putMov(.rcx, immediate: cookie) }
   }
 
   /// The recorder's event for the frame at r11 (TraceryRecord's `Event` decodes them):
@@ -390,41 +421,35 @@ struct GraphEmitter {
   private func emitReturn(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
     let find = w.newLabel()
     let corrupt = w.newLabel()
-    // rsp = slot + 8. Make room for the real return address in the slot, save the results.
-    w.putSub(.rsp, immediate: 8)
-    w.putPush(.rax)
-    w.putPush(.rdx)
-    // rsp = slot - 16: 8 mod 16.
+    // rsp = the frame's stack arguments (the slot + 8).
     w.putMov(.r11, field(.top))
-    w.putLea(.r10, Memory(.rsp, 16))
     w.bind(find)
     w.putSub(.r11, immediate: Self.frameSize)
-    w.putCmp(.r10, Memory(.r11, Self.slotOffset))
+    w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
     w.putJcc(.above, find)
     w.putJcc(.notEqual, corrupt)
+    // The real return address back into the slot: rsp = slot, 8 mod 16.
     w.putMov(.r10, Memory(.r11, Self.returnOffset))
-    w.putMov(Memory(.rsp, 16), .r10)
+    w.putPush(.r10)
 
     if hasHandlers {
-      // 296 = 8 mod 16: rsp aligned at the calls.
-      let size = Self.handlerFrame + 8
-      w.putSub(.rsp, immediate: size)
-      TrampolineEmitter.putSaveReturn(&w, model)
-      putCallHeader(&w, stackArguments: size + 24)
+      TrampolineEmitter.putSaveReturn(&w, model, base: .r11)
+      w.putPush(.rbx)  // rsp aligned at the calls
+      w.putMov(.rbx, .r11)
       w.putMovByte(.fs(guardOffset), immediate: 1)
-      for user in users { try putUserExit(&w, user, framePointerAt: Self.savedFrameOffset, cold: &cold) }
+      for user in users { try putUserExit(&w, user, withHandlers: true, cold: &cold) }
       w.putMovByte(.fs(guardOffset), immediate: 0)
-      TrampolineEmitter.putLoadReturn(&w, model)
-      w.putMov(.r11, Memory(.rsp, Self.savedFrameOffset))
-      w.putAdd(.rsp, immediate: size)
-      w.putMov(Memory(.rsp, 8), .rax)
-      w.putMov(Memory(.rsp, 0), .rdx)
+      w.putMov(.r11, .rbx)
+      w.putPop(.rbx)
+      TrampolineEmitter.putLoadReturn(&w, model, base: .r11)
     } else {
-      for user in users { try putUserExit(&w, user, framePointerAt: nil, cold: &cold) }
+      w.putPush(.rax)
+      w.putPush(.rdx)
+      for user in users { try putUserExit(&w, user, withHandlers: false, cold: &cold) }
+      w.putPop(.rdx)
+      w.putPop(.rax)
     }
     w.putMov(field(.top), .r11)
-    w.putPop(.rdx)
-    w.putPop(.rax)
     w.putRet()
     cold.append { w in
       // No frame for this return: the shadow stack is corrupt and the real return address is
@@ -435,10 +460,10 @@ struct GraphEmitter {
   }
 
   private func putUserExit(
-    _ w: inout X86Writer, _ user: GraphUserCode, framePointerAt: Int32?, cold: inout [(inout X86Writer) throws -> Void]
+    _ w: inout X86Writer, _ user: GraphUserCode, withHandlers: Bool, cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
     let skip = w.newLabel()
-    if let at = framePointerAt { w.putMov(.r11, Memory(.rsp, at)) }
+    if withHandlers { w.putMov(.r11, .rbx) }
     let bit = Int32(1) << Int32(user.index)
     switch user.kind {
     case .handlers(_, let exit, let cookie):
@@ -456,8 +481,7 @@ struct GraphEmitter {
         w.putJcc(.equal, skip)
       }
       try putRecord(
-        &w, kind: 2, refill: refill, guardHeld: framePointerAt != nil, rspAligned: framePointerAt != nil, skip: skip,
-        cold: &cold)
+        &w, kind: 2, refill: refill, guardHeld: withHandlers, rspAligned: withHandlers, skip: skip, cold: &cold)
     }
     w.bind(skip)
   }

@@ -320,7 +320,7 @@ extension Tracer {
           .handlers(entry: FprobeRoot.graphEntry, exit: FprobeRoot.graphExit), cookie: registry.root.address,
           dataWords: 2 * FprobeRoot.exitsPerCall, depthLimit: nil)
       }
-      operations.append(.graphAttach(registry.graph!.index, try resolve(.addresses(Array(arriving)))))
+      operations.append(.graphAttach(registry.graph!.index, try resolve(.addresses(Array(arriving))), nil))
     }
     _ = commit(operations)
     state.withLock { state in if let old { state.reclaimer.retire(old) } }

@@ -46,6 +46,19 @@ public struct FunctionModel: Sendable, Hashable, CustomStringConvertible {
   public static let unknown = FunctionModel(
     integerArguments: 6, floatArguments: 8, stackArgumentWords: nil, returns: .unknown, isVariadic: true)
 
+  /// What of this model lives in general-purpose registers: all a trampoline must preserve
+  /// around handlers that promise not to touch vector registers (xmm0-7 then pass through).
+  var withoutVectorRegisters: FunctionModel {
+    var model = self
+    model.floatArguments = 0
+    switch returns {
+    case .double, .doublePair: model.returns = .void
+    case .unknown: model.returns = .integerPair
+    case .void, .integer, .integerPair: break
+    }
+    return model
+  }
+
   var returnsIntegers: Bool { [.integer, .integerPair, .unknown].contains(returns) }
   var returnsPair: Bool { [.integerPair, .unknown].contains(returns) }
   var returnsFloats: Bool { [.double, .doublePair, .unknown].contains(returns) }

@@ -240,7 +240,7 @@ public final class Tracer: Sendable {
   enum Operation {
     case attach(Attachment, [Target], FunctionModel?)
     case detach(Int)
-    case graphAttach(Int, [Target])
+    case graphAttach(Int, [Target], FunctionModel?)
     case graphDetach(Int)
     case graphRemoveSites(Int, [UInt64])
     case opsAttach(OpsRecord, [Target])
@@ -509,7 +509,7 @@ public final class Tracer: Sendable {
         var touched: [UInt64] = []
         for operation in operations {
           switch operation {
-          case .attach(_, let targets, _), .graphAttach(_, let targets), .opsAttach(_, let targets),
+          case .attach(_, let targets, _), .graphAttach(_, let targets, _), .opsAttach(_, let targets),
             .multiAttach(_, let targets):
             touched += targets.map(\.site)
           default: break
@@ -553,10 +553,11 @@ public final class Tracer: Sendable {
           }
         case .detach(let id):
           remove({ $0.attachments.contains { $0.link.id == id } }) { $0.attachments.removeAll { $0.link.id == id } }
-        case .graphAttach(let index, let targets):
+        case .graphAttach(let index, let targets, let model):
           graphUsersChanged = true
           for target in targets {
             var function = current(target)
+            if let model { function.model = model }
             function.graphMask |= 1 << index
             next[target.site] = function
           }

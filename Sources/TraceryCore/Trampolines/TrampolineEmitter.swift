@@ -234,43 +234,44 @@ struct TrampolineEmitter {
   private func saveReturn(_ w: inout X86Writer) { Self.putSaveReturn(&w, model) }
   private func loadReturn(_ w: inout X86Writer) { Self.putLoadReturn(&w, model) }
 
-  /// Saves the argument registers `model` uses into the tracery_call at rsp.
-  static func putSaveArguments(_ w: inout X86Writer, _ model: FunctionModel) {
+  /// Saves the argument registers `model` uses into the tracery_call at `base` (+ `frame`).
+  static func putSaveArguments(_ w: inout X86Writer, _ model: FunctionModel, base: Register = .rsp) {
     for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
-      w.putMov(Memory(.rsp, argumentsOffset + 8 * Int32(index)), register)
+      w.putMov(Memory(base, argumentsOffset + 8 * Int32(index)), register)
     }
-    if model.isVariadic { w.putMov(Memory(.rsp, raxOffset), .rax) }
+    if model.isVariadic { w.putMov(Memory(base, raxOffset), .rax) }
     for index in 0..<model.floatArguments {
-      w.putMovaps(Memory(.rsp, floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
+      w.putMovaps(Memory(base, floatArgumentsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
     }
   }
 
-  /// Reloads the argument registers from the tracery_call (handlers may have changed them);
-  /// `frame` is how far rsp has moved below it.
-  static func putRestoreArguments(_ w: inout X86Writer, _ model: FunctionModel, frame: Int32 = 0) {
+  /// Reloads the argument registers from the tracery_call at `base` + `frame` (handlers may have
+  /// changed them); `frame` is how far rsp has moved below it.
+  static func putRestoreArguments(_ w: inout X86Writer, _ model: FunctionModel, frame: Int32 = 0, base: Register = .rsp)
+  {
     for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
-      w.putMov(register, Memory(.rsp, frame + argumentsOffset + 8 * Int32(index)))
+      w.putMov(register, Memory(base, frame + argumentsOffset + 8 * Int32(index)))
     }
-    if model.isVariadic { w.putMov(.rax, Memory(.rsp, frame + raxOffset)) }
+    if model.isVariadic { w.putMov(.rax, Memory(base, frame + raxOffset)) }
     for index in 0..<model.floatArguments {
-      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, frame + floatArgumentsOffset + 16 * Int32(index)))
+      w.putMovaps(XMMRegister(UInt8(index)), Memory(base, frame + floatArgumentsOffset + 16 * Int32(index)))
     }
   }
 
-  /// Saves the result registers `model` returns in into the tracery_call at rsp.
-  static func putSaveReturn(_ w: inout X86Writer, _ model: FunctionModel) {
-    if model.returnsIntegers { w.putMov(Memory(.rsp, returnOffset), .rax) }
-    if model.returnsPair { w.putMov(Memory(.rsp, returnOffset + 8), .rdx) }
-    if model.returnsFloats { w.putMovaps(Memory(.rsp, floatReturnOffset), XMMRegister(0)) }
-    if model.returnsFloatPair { w.putMovaps(Memory(.rsp, floatReturnOffset + 16), XMMRegister(1)) }
+  /// Saves the result registers `model` returns in into the tracery_call at `base`.
+  static func putSaveReturn(_ w: inout X86Writer, _ model: FunctionModel, base: Register = .rsp) {
+    if model.returnsIntegers { w.putMov(Memory(base, returnOffset), .rax) }
+    if model.returnsPair { w.putMov(Memory(base, returnOffset + 8), .rdx) }
+    if model.returnsFloats { w.putMovaps(Memory(base, floatReturnOffset), XMMRegister(0)) }
+    if model.returnsFloatPair { w.putMovaps(Memory(base, floatReturnOffset + 16), XMMRegister(1)) }
   }
 
-  /// Loads the result registers back from the tracery_call at rsp.
-  static func putLoadReturn(_ w: inout X86Writer, _ model: FunctionModel) {
-    if model.returnsIntegers { w.putMov(.rax, Memory(.rsp, returnOffset)) }
-    if model.returnsPair { w.putMov(.rdx, Memory(.rsp, returnOffset + 8)) }
-    if model.returnsFloats { w.putMovaps(XMMRegister(0), Memory(.rsp, floatReturnOffset)) }
-    if model.returnsFloatPair { w.putMovaps(XMMRegister(1), Memory(.rsp, floatReturnOffset + 16)) }
+  /// Loads the result registers back from the tracery_call at `base`.
+  static func putLoadReturn(_ w: inout X86Writer, _ model: FunctionModel, base: Register = .rsp) {
+    if model.returnsIntegers { w.putMov(.rax, Memory(base, returnOffset)) }
+    if model.returnsPair { w.putMov(.rdx, Memory(base, returnOffset + 8)) }
+    if model.returnsFloats { w.putMovaps(XMMRegister(0), Memory(base, floatReturnOffset)) }
+    if model.returnsFloatPair { w.putMovaps(XMMRegister(1), Memory(base, floatReturnOffset + 16)) }
   }
 
   /// The frame's padding word holds the start time of a timed handler call.

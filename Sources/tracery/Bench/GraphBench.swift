@@ -38,11 +38,12 @@ struct GraphBench {
     to: OpsCallback.self)
 
   static var variants: [Variant] {
-    func graph(_ users: Int, vectorRegisters: Bool = true) -> Variant {
-      Variant(name: "graph-\(users)" + (vectorRegisters ? "" : "-integer")) { target in
+    func graph(_ users: Int, vectorRegisters: Bool = true, model: FunctionModel? = nil) -> Variant {
+      Variant(name: "graph-\(users)" + (vectorRegisters ? "" : "-integer") + (model == nil ? "" : "-model")) { target in
         let links = try (0..<users).map { _ in
           try Tracer.shared.attachGraph(
-            .handlers(entry: graphEntry, exit: graphExit), to: .address(target), vectorRegisters: vectorRegisters)
+            .handlers(entry: graphEntry, exit: graphExit), to: .address(target), vectorRegisters: vectorRegisters,
+            model: model)
         }
         return { for link in links { link.detach() } }
       }
@@ -62,7 +63,8 @@ struct GraphBench {
       }
     }
     return [
-      graph(1), graph(3), graph(1, vectorRegisters: false), fprobe("fprobe-entry", exit: nil),
+      graph(1), graph(3), graph(1, vectorRegisters: false), graph(1, model: FunctionModel(integerArguments: 1)),
+      fprobe("fprobe-entry", exit: nil),
       fprobe("fprobe-entry-exit", exit: fprobeExit),
       ops("ops-own", count: 1, flags: []), ops("ops-shared-1", count: 1, flags: .alwaysShared),
       ops("ops-shared-2", count: 2, flags: []), ops("ops-shared-10", count: 10, flags: []),
@@ -74,7 +76,7 @@ struct GraphBench {
       UInt(bitPattern: unsafeBitCast(tracery_bench_target as @convention(c) (Int) -> Int, to: UnsafeRawPointer.self)))
     let loop = TriggerBench.loop(runs: runs)
     _ = loop()  // warm up
-    for variant in Self.variants {
+    for variant in Self.variants where report.wants(variant.name) {
       let baseline = loop()
       let detach: () -> Void
       do { detach = try variant.attach(target) } catch {

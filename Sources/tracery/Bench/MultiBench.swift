@@ -20,6 +20,7 @@ struct MultiBench {
     for lookup in [MultiLookup.hash, .padding] {
       for (kind, handler) in handlers {
         let name = "\(kind)-multi-\(lookup)"
+        guard report.wants(name) else { continue }
         let baseline = loop()
         let link: MultiLink
         do {
@@ -53,6 +54,9 @@ struct MultiBench {
     let sites = functions + [target]
     let entry = TriggerBench.cHandlers["entry"]!
     for lookup in [MultiLookup.hash, .padding] {
+      guard ["entry", "attach", "detach"].contains(where: { report.wants("\($0)-multi-all-\(lookup)") }) else {
+        continue
+      }
       var attachSamples: [Double] = []
       var detachSamples: [Double] = []
       var traced: [Double] = []

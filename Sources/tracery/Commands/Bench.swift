@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TraceryELF
 
 struct Bench: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -38,13 +39,26 @@ struct Bench: ParsableCommand {
   @Option(help: "Directory for generated benchmark programs (default: ~/.cache/tracery/bench).")
   var cache: String?
 
+  @Option(
+    help: """
+      Only the trigger and graph variants with these names (comma-separated globs, e.g. \
+      'entry-c,graph-1*'); the others are not run.
+      """)
+  var only: String?
+
+  func filters() throws -> [Glob] {
+    guard let only else { return [] }
+    return try only.split(separator: ",").map { try Glob(String($0)) }
+  }
+
   func validate() throws {
     guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
+    do { _ = try filters() } catch { throw ValidationError("--only: \(error)") }
   }
 
   func run() throws {
     try reportingUserErrors {
-      let report = BenchReport(suite: suite.rawValue, json: json)
+      let report = BenchReport(suite: suite.rawValue, json: json, only: try filters())
       #if DEBUG
         report.note("warning: this is a debug build; figures are only meaningful from `swift build -c release`")
       #endif
@@ -69,12 +83,18 @@ struct Bench: ParsableCommand {
 final class BenchReport {
   let suite: String
   let json: Bool
+  /// `--only`: when not empty, the variants to run.
+  let only: [Glob]
   private var printedHeader = false
 
-  init(suite: String, json: Bool) {
+  init(suite: String, json: Bool, only: [Glob] = []) {
     self.suite = suite
     self.json = json
+    self.only = only
   }
+
+  /// Whether the variant `name` is to be run.
+  func wants(_ name: String) -> Bool { only.isEmpty || only.contains { $0.matches(name) } }
 
   /// A line for people (stderr in JSON mode, so stdout stays parseable).
   func note(_ text: String) {
