@@ -53,7 +53,8 @@ enum ThreadField: Int32 {
 /// calls the entry, then the function's body, then jumps to the return handler:
 ///
 ///     stub:      call entry            ; returns with ZF set: traced (the real return address
-///                jne  untraced         ; is on the shadow stack and was popped: `ret 8`)
+///                jne  untraced         ; is on the shadow stack now)
+///                pop  r10              ; so it leaves the machine stack
 ///                call body             ; site + 5, or the function's per-function trampoline;
 ///                jmp  return_handler   ; it sees its stack arguments where they were
 ///     untraced:  jmp  body             ; the stack is as the caller left it
@@ -77,7 +78,7 @@ enum ThreadField: Int32 {
 ///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
 ///     run each user's entry (handlers with the model's registers saved in the frame, the
 ///     frame pointer kept in rbx; the recorder inline)
-///     if some user wants the exit: traced (`ret 8`); else unpublish the frame, untraced (`ret`)
+///     if some user wants the exit: traced (ZF set); else unpublish the frame, untraced (ZF clear)
 ///
 /// Return handler, reached from the stub after the body returned to it (rsp = the frame's
 /// `stack_arguments`, results in rax/rdx/xmm0/xmm1):
@@ -213,7 +214,7 @@ struct GraphEmitter {
     }
     w.putCmp(Memory(.r11, Self.takenOffset), immediate: 0)
     w.putJcc(.equal, unpublish)
-    // Traced: ZF set, and the real return address (now in the frame) leaves the stack.
+    // Traced: ZF set; the stub pops the real return address (now in the frame).
     w.putXor32(.r10, .r10)
     w.putRet()
     w.bind(unpublish)
@@ -344,7 +345,7 @@ struct GraphEmitter {
     w.putMov(.rdi, .r11)
     w.putLea(.rsi, Memory(.r11, Self.dataOffset + 8 * Int32(user.dataOffset)))
     w.putMov(.rdx, .r11)
-    if cookie == 0 { w.putXor32(.rcx, .rcx) } else { w.putMov(.rcx, immediate: cookie) }
+    w.putMov(.rcx, immediate: cookie)
   }
 
   /// The recorder's event for the frame at r11 (TraceryRecord's `Event` decodes them):
