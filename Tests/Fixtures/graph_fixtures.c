@@ -155,3 +155,42 @@ long tracery_graph_signal_storm(long calls, long interval_us) {
   restore_signal(&installed);
   return sum > 0 ? timer_calls : -1;
 }
+
+TRACED double tracery_graph_mix(long a, double x, long b, double y) { return (double)a * x + (double)b * y; }
+
+static struct tracery_graph_seen seen;
+
+void tracery_graph_seen_reset(void) { seen = (struct tracery_graph_seen){0}; }
+struct tracery_graph_seen tracery_graph_seen_now(void) { return seen; }
+
+static void clobber(void) {
+  __asm__ volatile(
+      "mov $-1, %%rax\n mov $-1, %%rcx\n mov $-1, %%rdx\n mov $-1, %%rsi\n mov $-1, %%rdi\n"
+      "mov $-1, %%r8\n mov $-1, %%r9\n mov $-1, %%r10\n mov $-1, %%r11\n"
+      "pcmpeqd %%xmm0, %%xmm0\n pcmpeqd %%xmm1, %%xmm1\n pcmpeqd %%xmm2, %%xmm2\n pcmpeqd %%xmm3, %%xmm3\n"
+      "pcmpeqd %%xmm4, %%xmm4\n pcmpeqd %%xmm5, %%xmm5\n pcmpeqd %%xmm6, %%xmm6\n pcmpeqd %%xmm7, %%xmm7\n"
+      :
+      :
+      : "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4",
+        "xmm5", "xmm6", "xmm7");
+}
+
+int tracery_graph_entry_clobber(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
+  (void)frame, (void)data, (void)cookie;
+  seen.entry_arguments[0] = call->arguments[0];
+  seen.entry_arguments[1] = call->arguments[1];
+  __builtin_memcpy(&seen.entry_floats[0], &call->float_arguments[0][0], 8);
+  __builtin_memcpy(&seen.entry_floats[1], &call->float_arguments[1][0], 8);
+  seen.entries++;
+  clobber();
+  return 1;
+}
+
+void tracery_graph_exit_clobber(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
+  (void)frame, (void)data, (void)cookie;
+  seen.exit_argument = call->arguments[0];
+  seen.exit_return = call->return_value[0];
+  __builtin_memcpy(&seen.exit_float_return, &call->float_return[0][0], 8);
+  seen.exits++;
+  clobber();
+}

@@ -42,6 +42,10 @@ enum GraphFixture {
   static let countEntry = unsafeBitCast(tracery_graph_count_entry as CEntry, to: GraphEntryHandler.self)
   static let countExit = unsafeBitCast(tracery_graph_count_exit as CExit, to: GraphExitHandler.self)
   static let decline = unsafeBitCast(tracery_graph_entry_decline as CEntry, to: GraphEntryHandler.self)
+  static let clobberEntry = unsafeBitCast(tracery_graph_entry_clobber as CEntry, to: GraphEntryHandler.self)
+  static let clobberExit = unsafeBitCast(tracery_graph_exit_clobber as CExit, to: GraphExitHandler.self)
+  static let mix = entryAddress(tracery_graph_mix as @convention(c) (Int, Double, Int, Double) -> Double)
+  static let mixModel = FunctionModel(integerArguments: 2, floatArguments: 2, returns: .double)
 
   static var events: [tracery_graph_event] {
     (0..<Int(tracery_graph_events_count())).map { tracery_graph_event_at(Int32($0)) }
@@ -221,6 +225,40 @@ extension PatchingTests {
       #expect(GraphFixture.events.map(\.kind) == [1, 1, 1, 1, 2])
       #expect(GraphFixture.events.suffix(2).map(\.depth) == [0, 0])
       #expect(GraphFixture.events.last?.return_value == 9)
+    }
+
+    /// Handlers that overwrite every register a C function may change: the traced functions
+    /// still get their arguments and hand back their results, with the default model (every
+    /// register saved) and with the functions' own; the exit sees the entry's arguments (the
+    /// frame is the handlers' call).
+    @Test(arguments: [false, true])
+    func handlersThatOverwriteRegistersChangeNothing(withModels: Bool) throws {
+      let mixLink = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.clobberEntry, exit: GraphFixture.clobberExit), to: .address(GraphFixture.mix),
+        model: withModels ? GraphFixture.mixModel : nil)
+      defer { mixLink.detach() }
+      let leafLink = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.clobberEntry, exit: GraphFixture.clobberExit), to: .address(GraphFixture.leaf),
+        model: withModels ? FunctionModel(integerArguments: 1) : nil)
+      defer { leafLink.detach() }
+      let models = tracer.state.withLock { Set($0.graphImages.map(\.model)) }
+      #expect(models == (withModels ? [GraphFixture.mixModel, FunctionModel(integerArguments: 1)] : [.unknown]))
+
+      tracery_graph_seen_reset()
+      #expect(tracery_graph_mix(3, 0.5, 4, 0.25) == 2.5)
+      var seen = tracery_graph_seen_now()
+      #expect(seen.entries == 1 && seen.exits == 1)
+      #expect(seen.entry_arguments.0 == 3 && seen.entry_arguments.1 == 4)
+      #expect(seen.entry_floats.0 == 0.5 && seen.entry_floats.1 == 0.25)
+      #expect(seen.exit_argument == 3)
+      #expect(seen.exit_float_return == 2.5)
+
+      tracery_graph_seen_reset()
+      #expect(tracery_graph_leaf(4) == 40)
+      seen = tracery_graph_seen_now()
+      #expect(seen.entries == 1 && seen.exits == 1)
+      #expect(seen.entry_arguments.0 == 4 && seen.exit_argument == 4 && seen.exit_return == 40)
+      #expect(GraphThreads.depth == 0)
     }
 
     @Test func recursionTenThousandDeep() throws {

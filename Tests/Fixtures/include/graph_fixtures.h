@@ -42,4 +42,23 @@ int tracery_graph_entry_record(tracery_graph_frame *frame, uint64_t *data, trace
 void tracery_graph_exit_record(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
 /// Entry that declines the exit.
 int tracery_graph_entry_decline(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+
+/// a * x + b * y, with its arguments in rdi, xmm0, rsi, xmm1 and its result in xmm0.
+double tracery_graph_mix(long a, double x, long b, double y);
+/// What the clobbering handlers saw: at the entry the first two integer and float arguments, at
+/// the exit the first integer argument (the frame keeps the entry's) and the integer and float
+/// results.
+struct tracery_graph_seen {
+  uint64_t entry_arguments[2];
+  double entry_floats[2];
+  uint64_t exit_argument, exit_return;
+  double exit_float_return;
+  int entries, exits;
+};
+void tracery_graph_seen_reset(void);
+struct tracery_graph_seen tracery_graph_seen_now(void);
+/// Entry and exit handlers that record (`tracery_graph_seen`) and then overwrite every register
+/// a C function may: rax, rcx, rdx, rsi, rdi, r8-r11 and xmm0-7 (the entry wants the exit).
+int tracery_graph_entry_clobber(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+void tracery_graph_exit_clobber(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
 #endif
