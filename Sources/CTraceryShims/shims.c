@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <link.h>
 #include <linux/membarrier.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -222,6 +223,20 @@ long ctracery_thread_offset(void) {
 }
 
 struct ctracery_thread *ctracery_thread_state(void) { return &thread_state; }
+
+void ctracery_set_thread_stack(struct ctracery_thread *state) {
+  state->stack_low = 0;
+  state->stack_high = UINT64_MAX;
+  pthread_attr_t attributes;
+  if (pthread_getattr_np(pthread_self(), &attributes) != 0) return;
+  void *address;
+  size_t size;
+  if (pthread_attr_getstack(&attributes, &address, &size) == 0) {
+    state->stack_low = (uint64_t)address;
+    state->stack_high = (uint64_t)address + size;
+  }
+  pthread_attr_destroy(&attributes);
+}
 
 // ---- Thread snapshots ----------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 #include <setjmp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/time.h>
 
 #define TRACED __attribute__((patchable_function_entry(5, 0), noinline, noclone))
@@ -193,4 +195,81 @@ void tracery_graph_exit_clobber(tracery_graph_frame *frame, uint64_t *data, trac
   __builtin_memcpy(&seen.exit_float_return, &call->float_return[0][0], 8);
   seen.exits++;
   clobber();
+}
+
+// A signal handler on an alternate stack above the thread's stack, calling traced functions
+// while a traced call is live on the thread's stack (and, with `escape`, leaving by siglongjmp
+// from a traced function on the alternate stack).
+static sigjmp_buf alt_escape;
+static volatile long alt_handler_result;
+static volatile int alt_escape_wanted;
+
+TRACED long tracery_graph_alt_escape(long n) {
+  siglongjmp(alt_escape, 1);
+  return n;  // not reached
+}
+
+static void on_alt_signal(int signal) {
+  (void)signal;
+  alt_handler_result = tracery_graph_leaf(2);
+  if (alt_escape_wanted) tracery_graph_alt_escape(1);
+}
+
+TRACED long tracery_graph_alt_outer(long n) {
+  if (sigsetjmp(alt_escape, 1) == 0) raise(SIGUSR2);
+  return tracery_graph_middle(n) + alt_handler_result;
+}
+
+struct alt_run {
+  long n;
+  int escape;
+  long result;
+  int stacks_as_wanted;
+};
+
+static void *alt_thread(void *argument) {
+  struct alt_run *run = argument;
+  size_t size = 1 << 16;
+  void *alt = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (alt == MAP_FAILED) return 0;
+  int here;
+  run->stacks_as_wanted = (uintptr_t)alt > (uintptr_t)&here;
+  stack_t stack = {.ss_sp = alt, .ss_size = size, .ss_flags = 0};
+  sigaltstack(&stack, 0);
+  struct sigaction action = {0}, old;
+  action.sa_handler = on_alt_signal;
+  action.sa_flags = SA_ONSTACK;
+  sigaction(SIGUSR2, &action, &old);
+  sigset_t unblock;
+  sigemptyset(&unblock);
+  sigaddset(&unblock, SIGUSR2);
+  pthread_sigmask(SIG_UNBLOCK, &unblock, 0);
+  alt_escape_wanted = run->escape;
+  alt_handler_result = 0;
+  run->result = tracery_graph_alt_outer(run->n);
+  // Traced calls after it: frames the escape left on the shadow stack must not confuse them.
+  run->result += tracery_graph_outer(1) * 1000;
+  sigaction(SIGUSR2, &old, 0);
+  stack_t off = {.ss_flags = SS_DISABLE};
+  sigaltstack(&off, 0);
+  munmap(alt, size);
+  return 0;
+}
+
+long tracery_graph_altstack(long n, int escape) {
+  // The thread's stack low in the address space; its alternate stack, mapped later, above it.
+  size_t size = 1 << 20;
+  void *low = mmap((void *)0x100000000, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+  if (low == MAP_FAILED) return -1;
+  pthread_attr_t attributes;
+  pthread_attr_init(&attributes);
+  pthread_attr_setstack(&attributes, low, size);
+  struct alt_run run = {.n = n, .escape = escape};
+  pthread_t thread;
+  int created = pthread_create(&thread, &attributes, alt_thread, &run);
+  if (created == 0) pthread_join(thread, 0);
+  pthread_attr_destroy(&attributes);
+  munmap(low, size);
+  if (created != 0) return -2;
+  return run.stacks_as_wanted ? run.result : -3;
 }

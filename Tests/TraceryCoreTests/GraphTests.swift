@@ -23,6 +23,8 @@ enum GraphFixture {
     try tracer.attachGraph(.handlers(entry: entry, exit: exit), to: selector, cookie: cookie, dataWords: 1)
   }
   static let leaf = entryAddress(tracery_graph_leaf as Unary)
+  static let altOuter = entryAddress(tracery_graph_alt_outer as Unary)
+  static let altEscape = entryAddress(tracery_graph_alt_escape as Unary)
   static let signal = entryAddress(tracery_graph_signal as Unary)
 
   /// The C handlers as Swift imports them (optional pointers), to cast to Tracery's types.
@@ -259,6 +261,26 @@ extension PatchingTests {
       #expect(seen.entries == 1 && seen.exits == 1)
       #expect(seen.entry_arguments.0 == 4 && seen.exit_argument == 4 && seen.exit_return == 40)
       #expect(GraphThreads.depth == 0)
+    }
+
+    /// A signal handler on an alternate stack that lies above the thread's stack: its traced
+    /// calls must not take the live frames of the thread's stack for stale ones, and frames an
+    /// escape (siglongjmp) leaves behind on the alternate stack must not break later returns.
+    @Test(arguments: [false, true])
+    func tracedCallsOnAnAlternateSignalStackAboveTheThreadStack(escape: Bool) throws {
+      let functions = [
+        GraphFixture.outer, GraphFixture.middle, GraphFixture.inner, GraphFixture.leaf, GraphFixture.altOuter,
+        GraphFixture.altEscape,
+      ]
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit), to: .addresses(functions))
+      defer { link.detach() }
+      let entries = tracery_graph_counted_entries()
+      let exits = tracery_graph_counted_exits()
+      #expect(tracery_graph_altstack(1, escape ? 1 : 0) == 9028)
+      // alt_outer, leaf, middle, inner, then outer, middle, inner; the escape's call never returns.
+      #expect(tracery_graph_counted_entries() - entries == (escape ? 8 : 7))
+      #expect(tracery_graph_counted_exits() - exits == 7)
     }
 
     @Test func recursionTenThousandDeep() throws {

@@ -146,9 +146,17 @@ struct ctracery_thread {
   uint64_t shadow_size;
   /// For the recorder's owner (the agent's per-thread buffer).
   uint64_t owner;
+  /// The thread's own stack: [stack_low, stack_high). A traced call whose stack pointer lies
+  /// outside runs on another stack (a signal handler's alternate stack): frames are never taken
+  /// for stale from there. 0 and UINT64_MAX when unknown.
+  uint64_t stack_low;
+  uint64_t stack_high;
 };
 long ctracery_thread_offset(void);
 struct ctracery_thread *ctracery_thread_state(void);
+/// Sets `stack_low` and `stack_high` to the calling thread's stack (pthread_getattr_np, a GNU
+/// function the Swift Glibc module does not show).
+void ctracery_set_thread_stack(struct ctracery_thread *state);
 
 #ifdef __cplusplus
 }

@@ -150,7 +150,14 @@ enum GraphThreads {
     state.pointee.shadow_size = UInt64(size)
     state.pointee.shadow_top = base + UInt64(GraphEmitter.frameSize)
     state.pointee.shadow_limit = base + UInt64(GraphThreads.frames * Int(GraphEmitter.frameSize))
+    ctracery_set_thread_stack(state)
     pthread_setspecific(GraphThreads.key, UnsafeRawPointer(bitPattern: 1))
+  }
+
+  /// Whether `stackPointer` lies on this thread's own stack (not on an alternate signal stack).
+  static func onThreadStack(_ stackPointer: UInt64) -> Bool {
+    let state = ctracery_thread_state()!.pointee
+    return stackPointer >= state.stack_low && stackPointer < state.stack_high
   }
 
   /// At thread exit: frees the shadow stack and disables tracing for what runs after.
@@ -194,17 +201,19 @@ enum GraphThreads {
   /// After an unwind that ends in a catch in the function whose stack pointer is `stackPointer`:
   /// frames below it were unwound and are dropped (they get no exit, as for `longjmp`); frames
   /// above it (the catching function and its callers) get the graph's return address back, so
-  /// their exits are still given.
+  /// their exits are still given. (A catch on an alternate signal stack drops nothing: the
+  /// addresses of two stacks say nothing about which frames ended.)
   static func restoreAfterCatch(stackPointer: UInt64) {
     let state = ctracery_thread_state()!
     let size = UInt64(GraphEmitter.frameSize)
+    let sameStack = onThreadStack(stackPointer)
     frames { index, frame, saved in
       defer { saved[index] = 0 }
       guard saved[index] != 0, frame.pointee.slot > stackPointer else { return }
       let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.slot))!
       if slot.pointee == frame.pointee.return_address { slot.pointee = saved[index] }
     }
-    while state.pointee.shadow_top > state.pointee.shadow_base + size,
+    while sameStack, state.pointee.shadow_top > state.pointee.shadow_base + size,
       UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.slot
         <= stackPointer
     {

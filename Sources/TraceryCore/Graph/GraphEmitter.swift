@@ -41,6 +41,8 @@ enum ThreadField: Int32 {
   case end = 24
   case dropped = 32
   case overflowed = 40
+  case stackLow = 72
+  case stackHigh = 80
 }
 
 /// Generates the two routines of one function-graph image (seed 003's fgraph entry and
@@ -74,7 +76,8 @@ enum ThreadField: Int32 {
 ///
 ///     if this thread is inside a handler (guard byte): untraced
 ///     frame = shadow top (set up the thread's shadow stack on first use; full: count, untraced)
-///     drop frames whose stack arguments are at or below ours (left by longjmp or an exception)
+///     drop frames whose stack arguments are at or below ours (left by longjmp or an exception;
+///     only on the thread's own stack, not on an alternate signal stack)
 ///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
 ///     run each user's entry (handlers with the model's registers saved in the frame, the
 ///     frame pointer kept in rbx; the recorder inline)
@@ -83,8 +86,9 @@ enum ThreadField: Int32 {
 /// Return handler, reached from the stub after the body returned to it (rsp = the frame's
 /// `stack_arguments`, results in rax/rdx/xmm0/xmm1):
 ///
-///     find the frame whose stack arguments are rsp (dropping stale ones above it), push the real
-///     return address back into the slot, run each user's exit whose bit the frame has, pop, `ret`.
+///     find the topmost frame whose stack arguments are rsp (dropping those above it), push the
+///     real return address back into the slot, run each user's exit whose bit the frame has, pop,
+///     `ret`.
 ///
 /// While the body runs, its return-address slot holds an address in the stub: an unwinder or
 /// `backtrace()` stops there unless `Tracer.restoreReturnAddresses()` ran first.
@@ -227,8 +231,14 @@ struct GraphEmitter {
     // Not set up (limit 0, top 0): set up and retry. Disabled (top 1, limit 0): return. Full:
     // count it and return.
     let overflow = w.newLabel()
-    cold.append { w in
+    cold.append { [self] w in
+      // Only on the thread's own stack: from an alternate signal stack above it, every frame of
+      // the interrupted code would look stale.
       w.bind(popStale)
+      w.putCmp(.r10, self.field(.stackLow))
+      w.putJcc(.below, push)
+      w.putCmp(.r10, self.field(.stackHigh))
+      w.putJcc(.aboveOrEqual, push)
       w.putSub(.r11, immediate: frame)
       w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
       w.putJcc(.aboveOrEqual, popStale)
@@ -291,7 +301,6 @@ struct GraphEmitter {
     _ w: inout X86Writer, _ user: GraphUserCode, withHandlers: Bool, cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
     let skip = w.newLabel()
-    let end = w.newLabel()
     if withHandlers { w.putMov(.r11, .rbx) }
     if let limit = user.depthLimit {
       w.putCmp(Memory(.r11, Self.depthOffset), immediate: Int32(clamping: limit))
@@ -326,6 +335,7 @@ struct GraphEmitter {
     }
     if singleUser && user.takesExits {
       // The path that took the exit goes on; the others leave `taken` 0, out of line.
+      let end = w.newLabel()
       w.bind(end)
       cold.append { w in
         w.bind(skip)
@@ -421,14 +431,16 @@ struct GraphEmitter {
 
   private func emitReturn(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
     let find = w.newLabel()
+    let found = w.newLabel()
     let corrupt = w.newLabel()
-    // rsp = the frame's stack arguments (the slot + 8).
+    // rsp = the frame's stack arguments (the slot + 8): the frame is the topmost one whose stack
+    // arguments are rsp. Frames above it were left by longjmp or by an escape from a signal
+    // handler (on another stack, so their addresses say nothing about order): dropped.
     w.putMov(.r11, field(.top))
-    w.bind(find)
     w.putSub(.r11, immediate: Self.frameSize)
     w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
-    w.putJcc(.above, find)
-    w.putJcc(.notEqual, corrupt)
+    w.putJcc(.notEqual, find)
+    w.bind(found)
     // The real return address back into the slot: rsp = slot, 8 mod 16.
     w.putMov(.r10, Memory(.r11, Self.returnOffset))
     w.putPush(.r10)
@@ -453,8 +465,16 @@ struct GraphEmitter {
     w.putMov(field(.top), .r11)
     w.putRet()
     cold.append { w in
-      // No frame for this return: the shadow stack is corrupt and the real return address is
-      // unknown. Stop here, visibly, rather than return somewhere wrong.
+      w.bind(find)
+      w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
+      w.putJcc(.equal, corrupt)
+      w.putSub(.r11, immediate: Self.frameSize)
+      w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
+      w.putJcc(.notEqual, find)
+      w.putJmp(found)
+      // No frame for this return (the sentinel, whose stack arguments are the highest address,
+      // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
+      // here, visibly, rather than return somewhere wrong.
       w.bind(corrupt)
       w.putUd2()
     }

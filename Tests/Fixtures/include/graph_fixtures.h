@@ -43,6 +43,15 @@ void tracery_graph_exit_record(tracery_graph_frame *frame, uint64_t *data, trace
 /// Entry that declines the exit.
 int tracery_graph_entry_decline(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
 
+/// On a new thread whose stack lies below its alternate signal stack: alt_outer(n) raises
+/// SIGUSR2, whose handler (on the alternate stack) calls leaf(2) and, with `escape`, the traced
+/// alt_escape, which siglongjmps back into alt_outer; alt_outer returns middle(n) + leaf(2),
+/// then outer(1) is called. Returns alt_outer(n) + 1000 * outer(1) (9028 for n = 1), or a
+/// negative number when the stacks could not be set up that way.
+long tracery_graph_altstack(long n, int escape);
+long tracery_graph_alt_outer(long n);
+long tracery_graph_alt_escape(long n);
+
 /// a * x + b * y, with its arguments in rdi, xmm0, rsi, xmm1 and its result in xmm0.
 double tracery_graph_mix(long a, double x, long b, double y);
 /// What the clobbering handlers saw: at the entry the first two integer and float arguments, at
