@@ -207,20 +207,38 @@ struct GraphEmitter {
     w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
     w.putJcc(.notEqual, push)
 
+    // One user that may take exits: no `taken` word; a call it declines leaves through
+    // `declined`, a copy of the epilogue out of line, so the traced path has no test.
+    let declined = decidesAtEntry ? w.newLabel() : nil
     if hasHandlers {
-      try putEntryWithHandlers(&w, cold: &cold)
+      try putEntryWithHandlers(&w, declined: declined, cold: &cold)
     } else {
       w.putPush(.rax)
       w.putPush(.rdx)
-      for user in users { try putUserEntry(&w, user, withHandlers: false, cold: &cold) }
+      for user in users { try putUserEntry(&w, user, withHandlers: false, declined: declined, cold: &cold) }
       w.putPop(.rdx)
       w.putPop(.rax)
     }
-    w.putCmp(Memory(.r11, Self.takenOffset), immediate: 0)
-    w.putJcc(.equal, unpublish)
-    // Traced: ZF set; the stub pops the real return address (now in the frame).
-    w.putXor32(.r10, .r10)
-    w.putRet()
+    if let declined {
+      w.putXor32(.r10, .r10)
+      w.putRet()
+      cold.append { [self] w in
+        w.bind(declined)
+        if self.hasHandlers {
+          self.putHandlersEpilogue(&w)
+        } else {
+          w.putPop(.rdx)
+          w.putPop(.rax)
+        }
+        w.putJmp(unpublish)
+      }
+    } else {
+      w.putCmp(Memory(.r11, Self.takenOffset), immediate: 0)
+      w.putJcc(.equal, unpublish)
+      // Traced: ZF set; the stub pops the real return address (now in the frame).
+      w.putXor32(.r10, .r10)
+      w.putRet()
+    }
     w.bind(unpublish)
     w.putMov(field(.top), .r11)
     w.bind(done)
@@ -258,9 +276,10 @@ struct GraphEmitter {
     }
   }
 
-  /// With one user, `taken` is written once, by that user's part; with several, it starts at 0
-  /// and each user that wants the exit sets its bit.
-  private var singleUser: Bool { users.count == 1 }
+  /// One user that may take exits: `taken` is not used; the user's entry decides at once, and
+  /// its exit runs for every frame that reaches the return handler. Otherwise `taken` starts at
+  /// 0 and each user that wants the exit sets its bit.
+  private var decidesAtEntry: Bool { users.count == 1 && users[0].takesExits }
 
   /// Fills the frame at r11 (not yet published): site, real return, stack arguments, depth (and
   /// taken = 0 for several users).
@@ -275,19 +294,27 @@ struct GraphEmitter {
     w.putMov(.r10, Memory(.r11, Self.depthOffset - Self.frameSize))
     w.putAdd(.r10, immediate: 1)
     w.putMov(Memory(.r11, Self.depthOffset), .r10)
-    if !singleUser { w.putMov(Memory(.r11, Self.takenOffset), immediate: 0) }
+    if !decidesAtEntry { w.putMov(Memory(.r11, Self.takenOffset), immediate: 0) }
   }
 
   /// The model's argument registers into the frame (the handlers' `call`); rbx holds the frame
   /// across the handler calls (saved below the entry's return address, which keeps rsp 16-byte
   /// aligned at the calls).
-  private func putEntryWithHandlers(_ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]) throws {
+  private func putEntryWithHandlers(
+    _ w: inout X86Writer, declined: Label?, cold: inout [(inout X86Writer) throws -> Void]
+  ) throws {
     TrampolineEmitter.putSaveArguments(&w, model, base: .r11)
     w.putPush(.rbx)
     w.putSub(.rsp, immediate: 8)
     w.putMov(.rbx, .r11)
     w.putMovByte(.fs(guardOffset), immediate: 1)
-    for user in users { try putUserEntry(&w, user, withHandlers: true, cold: &cold) }
+    for user in users { try putUserEntry(&w, user, withHandlers: true, declined: declined, cold: &cold) }
+    putHandlersEpilogue(&w)
+  }
+
+  /// Undoes `putEntryWithHandlers`' prologue: guard clear, r11 = the frame, rbx back, the
+  /// argument registers from the frame.
+  private func putHandlersEpilogue(_ w: inout X86Writer) {
     w.putMovByte(.fs(guardOffset), immediate: 0)
     w.putMov(.r11, .rbx)
     w.putAdd(.rsp, immediate: 8)
@@ -296,11 +323,13 @@ struct GraphEmitter {
   }
 
   /// One user's entry part. With handlers, the frame pointer is reloaded from rbx (calls clobber
-  /// r11); without, r11 holds it throughout.
+  /// r11); without, r11 holds it throughout. `declined`: the only user's way out when it does
+  /// not take the call's exit (no `taken` bit is kept then).
   private func putUserEntry(
-    _ w: inout X86Writer, _ user: GraphUserCode, withHandlers: Bool, cold: inout [(inout X86Writer) throws -> Void]
+    _ w: inout X86Writer, _ user: GraphUserCode, withHandlers: Bool, declined: Label?,
+    cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
-    let skip = w.newLabel()
+    let skip = declined ?? w.newLabel()
     if withHandlers { w.putMov(.r11, .rbx) }
     if let limit = user.depthLimit {
       w.putCmp(Memory(.r11, Self.depthOffset), immediate: Int32(clamping: limit))
@@ -308,11 +337,7 @@ struct GraphEmitter {
     }
     let bit = Int32(1) << Int32(user.index)
     func take() {
-      if singleUser {
-        w.putMov(Memory(.r11, Self.takenOffset), immediate: bit)
-      } else {
-        w.putOr(Memory(.r11, Self.takenOffset), immediate: bit)
-      }
+      if declined == nil { w.putOr(Memory(.r11, Self.takenOffset), immediate: bit) }
     }
     switch user.kind {
     case .handlers(let entry, let exit, let cookie):
@@ -333,21 +358,7 @@ struct GraphEmitter {
         &w, kind: 1, refill: refill, guardHeld: withHandlers, rspAligned: true, skip: skip, cold: &cold)
       take()
     }
-    if singleUser && user.takesExits {
-      // The path that took the exit goes on; the others leave `taken` 0, out of line.
-      let end = w.newLabel()
-      w.bind(end)
-      cold.append { w in
-        w.bind(skip)
-        w.putMov(Memory(.r11, Self.takenOffset), immediate: 0)
-        w.putJmp(end)
-      }
-    } else if singleUser {
-      w.bind(skip)
-      w.putMov(Memory(.r11, Self.takenOffset), immediate: 0)
-    } else {
-      w.bind(skip)
-    }
+    if declined == nil { w.bind(skip) }
   }
 
   /// rdi = frame (r11), rsi = the user's data words, rdx = the call (the frame), rcx = cookie.
@@ -489,15 +500,17 @@ struct GraphEmitter {
     switch user.kind {
     case .handlers(_, let exit, let cookie):
       guard let exit else { return }
-      w.putTest(Memory(.r11, Self.takenOffset), immediate: bit)
-      w.putJcc(.equal, skip)
+      if !decidesAtEntry {
+        w.putTest(Memory(.r11, Self.takenOffset), immediate: bit)
+        w.putJcc(.equal, skip)
+      }
       w.putMov(.r10, immediate: user.generationAddress)
       w.putCmp(Memory(.r10), immediate: Int32(truncatingIfNeeded: user.generation))
       w.putJcc(.notEqual, skip)
       putHandlerArguments(&w, user, cookie: cookie)
       w.putCall(address: exit, orThrough: .rax)
     case .recorder(let refill):
-      if users.count > 1 {
+      if !decidesAtEntry {
         w.putTest(Memory(.r11, Self.takenOffset), immediate: bit)
         w.putJcc(.equal, skip)
       }
