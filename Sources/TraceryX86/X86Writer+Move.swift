@@ -120,4 +120,7 @@ extension X86Writer {
     emit([0x0f, 0xd6])
     modRM(reg: source.number, memory: destination)
   }
+
+  /// `rep movsq`: copies rcx words from [rsi] to [rdi], forward (the ABI keeps DF clear).
+  public mutating func putRepMovsq() { emit([0xf3, 0x48, 0xa5]) }
 }

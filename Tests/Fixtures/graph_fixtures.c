@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include <sys/time.h>
+#include <ucontext.h>
 
 #define TRACED __attribute__((patchable_function_entry(5, 0), noinline, noclone))
 
@@ -272,4 +273,35 @@ long tracery_graph_altstack(long n, int escape) {
   munmap(low, size);
   if (created != 0) return -2;
   return run.stacks_as_wanted ? run.result : -3;
+}
+
+// Coroutines (ucontext): a traced function suspended on a coroutine's stack while traced calls
+// on the thread's stack start, end, and return past it.
+static ucontext_t co_main, co_context;
+static char co_stack[64 * 1024] __attribute__((aligned(16)));
+static volatile long co_result;
+
+TRACED long tracery_graph_co_inner(long n) {
+  swapcontext(&co_context, &co_main);  // suspended here, its frame live
+  return n + 1;
+}
+
+static void co_body(void) { co_result = tracery_graph_co_inner(40); }
+
+TRACED long tracery_graph_co_start(long n) {
+  getcontext(&co_context);
+  co_context.uc_stack.ss_sp = co_stack;
+  co_context.uc_stack.ss_size = sizeof co_stack;
+  co_context.uc_link = &co_main;
+  makecontext(&co_context, co_body, 0);
+  swapcontext(&co_main, &co_context);  // back when co_inner yields
+  return n * 2;
+}
+
+long tracery_graph_coroutines(long n) {
+  co_result = 0;
+  long started = tracery_graph_co_start(n);  // returns while co_inner's frame lies above its own
+  long middle = tracery_graph_middle(n);     // traced calls above the suspended frame
+  swapcontext(&co_main, &co_context);        // co_inner returns, the coroutine ends
+  return started + middle + co_result;
 }

@@ -25,6 +25,8 @@ enum GraphFixture {
   static let leaf = entryAddress(tracery_graph_leaf as Unary)
   static let altOuter = entryAddress(tracery_graph_alt_outer as Unary)
   static let altEscape = entryAddress(tracery_graph_alt_escape as Unary)
+  static let coStart = entryAddress(tracery_graph_co_start as Unary)
+  static let coInner = entryAddress(tracery_graph_co_inner as Unary)
   static let signal = entryAddress(tracery_graph_signal as Unary)
 
   /// The C handlers as Swift imports them (optional pointers), to cast to Tracery's types.
@@ -281,6 +283,30 @@ extension PatchingTests {
       // alt_outer, leaf, middle, inner, then outer, middle, inner; the escape's call never returns.
       #expect(tracery_graph_counted_entries() - entries == (escape ? 8 : 7))
       #expect(tracery_graph_counted_exits() - exits == 7)
+    }
+
+    /// A coroutine suspended inside a traced call: traced calls on the thread's stack must not
+    /// take its frame for a stale one, and a call that returns while it lies above keeps it.
+    @Test func aCoroutineSuspendedInsideATracedCall() throws {
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.entry, exit: GraphFixture.exit),
+        to: .addresses([GraphFixture.coStart, GraphFixture.coInner, GraphFixture.middle, GraphFixture.inner]),
+        cookie: 5, dataWords: 1)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_graph_coroutines(1) == 51)
+      let events = GraphFixture.events
+      let names = [
+        GraphFixture.coStart: "start", GraphFixture.coInner: "co", GraphFixture.middle: "middle",
+        GraphFixture.inner: "inner",
+      ]
+      #expect(
+        events.map { "\($0.kind == 1 ? "+" : "-")\(names[$0.site] ?? "?")" } == [
+          "+start", "+co", "-start", "+middle", "+inner", "-inner", "-middle", "-co",
+        ])
+      // Each exit sees the data its own entry left (frames moved, not mixed up).
+      #expect(events.filter { $0.kind == 2 }.map(\.return_value) == [2, 4, 8, 41])
+      #expect(GraphThreads.depth == 0)
     }
 
     @Test func recursionTenThousandDeep() throws {

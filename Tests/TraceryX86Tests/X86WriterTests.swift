@@ -233,6 +233,9 @@ let forms: [Form] = [
   Form(name: "ud2", expected: [0x0f, 0x0b], disassembly: "ud2") { $0.putUd2() },
   Form(name: "endbr64", expected: [0xf3, 0x0f, 0x1e, 0xfa], disassembly: "endbr64") { $0.putEndbr64() },
   Form(name: "leave", expected: [0xc9], disassembly: "leave") { $0.putLeave() },
+  Form(name: "rep movsq", expected: [0xf3, 0x48, 0xa5], disassembly: "rep movs QWORD PTR es:[rdi],QWORD PTR ds:[rsi]") {
+    $0.putRepMovsq()
+  },
   Form(name: "nop5", expected: [0x0f, 0x1f, 0x44, 0x00, 0x00], disassembly: "nop DWORD PTR [rax+rax*1+0x0]") {
     $0.putNop(count: 5)
   },

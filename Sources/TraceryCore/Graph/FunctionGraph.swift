@@ -149,7 +149,9 @@ enum GraphThreads {
     state.pointee.shadow_base = base
     state.pointee.shadow_size = UInt64(size)
     state.pointee.shadow_top = base + UInt64(GraphEmitter.frameSize)
-    state.pointee.shadow_limit = base + UInt64(GraphThreads.frames * Int(GraphEmitter.frameSize))
+    // One frame short of the mapping's frames: room for the guard frame a rotating return
+    // writes at top (`GraphEmitter.putRotate`).
+    state.pointee.shadow_limit = base + UInt64((GraphThreads.frames - 1) * Int(GraphEmitter.frameSize))
     ctracery_set_thread_stack(state)
     pthread_setspecific(GraphThreads.key, UnsafeRawPointer(bitPattern: 1))
   }

@@ -86,9 +86,9 @@ enum ThreadField: Int32 {
 /// Return handler, reached from the stub after the body returned to it (rsp = the frame's
 /// `stack_arguments`, results in rax/rdx/xmm0/xmm1):
 ///
-///     find the topmost frame whose stack arguments are rsp (dropping those above it), push the
-///     real return address back into the slot, run each user's exit whose bit the frame has, pop,
-///     `ret`.
+///     find the topmost frame whose stack arguments are rsp (when others lie above it, move it
+///     above them: `putRotate`), push the real return address back into the slot, run each
+///     user's exit whose bit the frame has, pop, `ret`.
 ///
 /// While the body runs, its return-address slot holds an address in the stub: an unwinder or
 /// `backtrace()` stops there unless `Tracer.restoreReturnAddresses()` ran first.
@@ -257,6 +257,12 @@ struct GraphEmitter {
       w.putJcc(.below, push)
       w.putCmp(.r10, self.field(.stackHigh))
       w.putJcc(.aboveOrEqual, push)
+      // Nor a frame on another stack (a coroutine's, suspended): below us in address only.
+      w.putPush(.rax)
+      w.putMov(.rax, Memory(.r11, Self.stackArgumentsOffset - frame))
+      w.putCmp(.rax, self.field(.stackLow))
+      w.putPop(.rax)
+      w.putJcc(.below, push)
       w.putSub(.r11, immediate: frame)
       w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
       w.putJcc(.aboveOrEqual, popStale)
@@ -445,8 +451,7 @@ struct GraphEmitter {
     let found = w.newLabel()
     let corrupt = w.newLabel()
     // rsp = the frame's stack arguments (the slot + 8): the frame is the topmost one whose stack
-    // arguments are rsp. Frames above it were left by longjmp or by an escape from a signal
-    // handler (on another stack, so their addresses say nothing about order): dropped.
+    // arguments are rsp. Frames above it belong to other stacks or ended (`putRotate`).
     w.putMov(.r11, field(.top))
     w.putSub(.r11, immediate: Self.frameSize)
     w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
@@ -475,13 +480,16 @@ struct GraphEmitter {
     }
     w.putMov(field(.top), .r11)
     w.putRet()
-    cold.append { w in
+    cold.append { [self] w in
+      let deeper = w.newLabel()
       w.bind(find)
       w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
       w.putJcc(.equal, corrupt)
       w.putSub(.r11, immediate: Self.frameSize)
       w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
       w.putJcc(.notEqual, find)
+      w.bind(deeper)
+      self.putRotate(&w)
       w.putJmp(found)
       // No frame for this return (the sentinel, whose stack arguments are the highest address,
       // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
@@ -489,6 +497,62 @@ struct GraphEmitter {
       w.bind(corrupt)
       w.putUd2()
     }
+  }
+
+  /// The return's frame (r11) lies below others, which belong to other stacks (a coroutine
+  /// suspended inside a traced call, a signal handler left by siglongjmp) or ended on this one
+  /// (longjmp): frames that ended on the thread's own stack below us are dropped, the others
+  /// kept, and the return's frame moved above them, so the return pops it and nothing else.
+  ///
+  /// While frames move, top points one frame past a guard frame (stack arguments -1: never taken
+  /// for stale, never matched), so a signal handler's traced calls push above it and cannot land
+  /// on a frame being moved. Uses rcx, rsi, rdi, r8-r11 (free at a return); rax, rdx, xmm0-1 hold
+  /// the results. The shadow stack keeps a frame of room for the guard (`GraphThreads`).
+  private func putRotate(_ w: inout X86Writer) {
+    let frame = Self.frameSize
+    let next = w.newLabel()
+    let keep = w.newLabel()
+    let placed = w.newLabel()
+    w.putMov(.r8, field(.top))
+    w.putMov(Memory(.r8, Self.stackArgumentsOffset), immediate: -1)
+    w.putLea(.r9, Memory(.r8, frame))
+    w.putMov(field(.top), .r9)
+    // The return's frame, below rsp meanwhile.
+    w.putSub(.rsp, immediate: frame)
+    w.putMov(.rsi, .r11)
+    w.putMov(.rdi, .rsp)
+    w.putMov(.rcx, immediate: UInt64(frame / 8))
+    w.putRepMovsq()
+    w.putMov(.rdi, .r11)
+    w.putLea(.rsi, Memory(.r11, frame))
+    w.bind(next)
+    w.putCmp(.rsi, .r8)
+    w.putJcc(.aboveOrEqual, placed)
+    // Dropped: we are on the thread's own stack, and so is the frame, below us.
+    w.putMov(.r9, Memory(.rsi, Self.stackArgumentsOffset))
+    w.putLea(.r10, Memory(.rsp, frame))
+    w.putCmp(.r10, field(.stackLow))
+    w.putJcc(.below, keep)
+    w.putCmp(.r10, field(.stackHigh))
+    w.putJcc(.aboveOrEqual, keep)
+    w.putCmp(.r9, field(.stackLow))
+    w.putJcc(.below, keep)
+    w.putCmp(.r9, .r10)
+    w.putJcc(.aboveOrEqual, keep)
+    w.putAdd(.rsi, immediate: frame)
+    w.putJmp(next)
+    w.bind(keep)
+    w.putMov(.rcx, immediate: UInt64(frame / 8))
+    w.putRepMovsq()
+    w.putJmp(next)
+    w.bind(placed)
+    w.putMov(.r11, .rdi)
+    w.putMov(.rsi, .rsp)
+    w.putMov(.rcx, immediate: UInt64(frame / 8))
+    w.putRepMovsq()
+    w.putAdd(.rsp, immediate: frame)
+    w.putLea(.r10, Memory(.r11, frame))
+    w.putMov(field(.top), .r10)
   }
 
   private func putUserExit(

@@ -52,6 +52,14 @@ long tracery_graph_altstack(long n, int escape);
 long tracery_graph_alt_outer(long n);
 long tracery_graph_alt_escape(long n);
 
+/// Starts a coroutine (ucontext, its stack in .bss) from the traced co_start(n); the coroutine
+/// calls the traced co_inner(40), which yields back; co_start returns n * 2 while co_inner is
+/// suspended; then middle(n) runs, and the coroutine resumes (co_inner returns 41). Returns
+/// 2n + middle(n) + 41 (51 for n = 1).
+long tracery_graph_coroutines(long n);
+long tracery_graph_co_start(long n);
+long tracery_graph_co_inner(long n);
+
 /// a * x + b * y, with its arguments in rdi, xmm0, rsi, xmm1 and its result in xmm0.
 double tracery_graph_mix(long a, double x, long b, double y);
 /// What the clobbering handlers saw: at the entry the first two integer and float arguments, at
