@@ -203,8 +203,9 @@ enum GraphThreads {
   /// After an unwind that ends in a catch in the function whose stack pointer is `stackPointer`:
   /// frames below it were unwound and are dropped (they get no exit, as for `longjmp`); frames
   /// above it (the catching function and its callers) get the graph's return address back, so
-  /// their exits are still given. (A catch on an alternate signal stack drops nothing: the
-  /// addresses of two stacks say nothing about which frames ended.)
+  /// their exits are still given. (A catch on an alternate signal stack drops nothing, nor is a
+  /// frame on another stack dropped: the addresses of two stacks say nothing about which frames
+  /// ended.)
   static func restoreAfterCatch(stackPointer: UInt64) {
     let state = ctracery_thread_state()!
     let size = UInt64(GraphEmitter.frameSize)
@@ -215,10 +216,11 @@ enum GraphThreads {
       let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.slot))!
       if slot.pointee == frame.pointee.return_address { slot.pointee = saved[index] }
     }
-    while sameStack, state.pointee.shadow_top > state.pointee.shadow_base + size,
-      UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.slot
-        <= stackPointer
-    {
+    // Unwound frames are dropped from the top down, up to the first that is live or lies on
+    // another stack (a suspended coroutine's: a later return moves past it, `putRotate`).
+    while sameStack, state.pointee.shadow_top > state.pointee.shadow_base + size {
+      let slot = UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.slot
+      guard slot <= stackPointer, onThreadStack(slot) else { break }
       state.pointee.shadow_top -= size
     }
   }
