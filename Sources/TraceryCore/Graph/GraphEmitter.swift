@@ -288,7 +288,7 @@ struct GraphEmitter {
   private var decidesAtEntry: Bool { users.count == 1 && users[0].takesExits }
 
   /// Fills the frame at r11 (not yet published): site, real return, stack arguments, depth (and
-  /// taken = 0 for several users).
+  /// taken = 0 unless the one user decides at the entry).
   private func putFillFrame(_ w: inout X86Writer) {
     w.putLea(.r10, Memory(.rsp, 16))
     w.putMov(Memory(.r11, Self.stackArgumentsOffset), .r10)
