@@ -1,4 +1,5 @@
 #include "graph_fixtures.h"
+#include "fixtures.h"
 
 #include <setjmp.h>
 #include <pthread.h>
@@ -304,4 +305,16 @@ long tracery_graph_coroutines(long n) {
   long middle = tracery_graph_middle(n);     // traced calls above the suspended frame
   swapcontext(&co_main, &co_context);        // co_inner returns, the coroutine ends
   return started + middle + co_result;
+}
+
+// Zeroes 8 KiB of stack below its caller: return addresses earlier calls left there (into
+// generated code) are gone, so only live references keep that code busy.
+static __attribute__((noinline)) void scrub_stack(void) {
+  volatile char area[8192];
+  for (unsigned index = 0; index < sizeof area; index++) area[index] = 0;
+}
+
+TRACED long tracery_graph_block(long value) {
+  scrub_stack();
+  return tracery_fixture_block(value);
 }

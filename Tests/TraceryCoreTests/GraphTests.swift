@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import TraceryCxxFixtures
 import TraceryFixtures
@@ -307,6 +308,46 @@ extension PatchingTests {
       // Each exit sees the data its own entry left (frames moved, not mixed up).
       #expect(events.filter { $0.kind == 2 }.map(\.return_value) == [2, 4, 8, 41])
       #expect(GraphThreads.depth == 0)
+    }
+
+    /// A thread blocked inside a traced call while its user detaches: the stub it will return
+    /// into and the image that stub jumps to both stay allocated until it has left.
+    @Test func aBlockedCallKeepsItsStubAndImageUntilItReturns() throws {
+      let block = entryAddress(tracery_graph_block as GraphFixture.Unary)
+      let link = try GraphFixture.attachRecording(tracer, to: .address(block), cookie: 3)
+      // The stub and the image, kept scrambled on the heap: the reclaimer scans this frame too.
+      let blocks = try #require(Self.stubAndImage(tracer, site: block))
+      let result = ResultBox()
+      let thread = Thread { result.set(tracery_graph_block(41)) }
+      thread.start()
+      while tracery_fixture_blocked() == 0 { usleep(1000) }
+      tracery_graph_events_reset()
+      link.detach()
+      _ = tracer.reclaim()
+      let retired = blocks.contained(
+        in: tracer.state.withLock { state in state.reclaimer.retired.map(\.block.address) })
+      #expect(retired == [true, true], "the stub holds the blocked call's return address; it jumps to the image")
+      tracery_fixture_release()
+      while result.value == nil { usleep(1000) }
+      #expect(result.value == 42)
+      // A user that left is not given the exits of calls it entered.
+      #expect(GraphFixture.events.isEmpty)
+      var left = -1
+      for _ in 0..<500 {
+        _ = tracer.reclaim()
+        left = tracer.state.withLock { $0.reclaimer.retired.count }
+        if left == 0 { break }
+        usleep(10_000)
+      }
+      #expect(left == 0)
+    }
+
+    @inline(never) static func stubAndImage(_ tracer: Tracer, site: UInt64) -> AddressBox? {
+      tracer.state.withLock { state in
+        state.functions[site].flatMap { function in
+          function.graphStub.map { AddressBox([$0.block.address, function.graphImage!]) }
+        }
+      }
     }
 
     @Test func recursionTenThousandDeep() throws {

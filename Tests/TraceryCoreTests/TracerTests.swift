@@ -398,4 +398,9 @@ final class AddressBox: @unchecked Sendable {
   private let scrambled: [UInt64]
   init(_ addresses: [UInt64]) { scrambled = addresses.map { ~$0 } }
   func isDisjoint(with addresses: [UInt64]) -> Bool { Set(scrambled.map { ~$0 }).isDisjoint(with: addresses) }
+  /// For each address held, whether `addresses` contains it.
+  func contained(in addresses: [UInt64]) -> [Bool] {
+    let set = Set(addresses)
+    return scrambled.map { set.contains(~$0) }
+  }
 }

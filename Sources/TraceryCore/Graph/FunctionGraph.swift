@@ -337,7 +337,9 @@ extension Tracer {
           returnHandler: image.returnHandler)
       else { throw AttachError.codeMemory("graph stub out of reach of 0x\(String(site, radix: 16))") }
       block.write(bytes)
-      return (Reclaimer.Retired(block: block, length: bytes.count, frame: nil, unwind: nil, counters: []), image.entry)
+      var retired = Reclaimer.Retired(block: block, length: bytes.count, frame: nil, unwind: nil, counters: [])
+      retired.leadsTo = [image.entry] + (body.map { [$0] } ?? [])
+      return (retired, image.entry)
     } catch {
       arena.release(block)
       throw error

@@ -42,6 +42,10 @@ struct Reclaimer {
     /// link, reached through a retired hash table): busy when any of them or it is referenced,
     /// released with it.
     var companions: [CodeArena.Block] = []
+    /// Start addresses of other blocks this code goes to without leaving a return address behind
+    /// (a graph stub jumps to its image's return handler and calls it, or the function's
+    /// trampoline, from where a stack scan cannot tell): while this one is busy, so are they.
+    var leadsTo: [UInt64] = []
   }
 
   private(set) var retired: [Retired] = []
@@ -95,7 +99,7 @@ struct Reclaimer {
         owners.append(index)
       }
     }
-    let busy: Set<Int>
+    var busy: Set<Int>
     switch Self.busyRanges(ranges, callerStack: callerStack) {
     case .success(let found):
       busy = Set(found.map { owners[$0] })
@@ -106,6 +110,7 @@ struct Reclaimer {
       backoff = min(backoff * 2, Self.maximumInterval)
       return 0
     }
+    busy = Self.closing(busy, over: retired)
     var kept: [Retired] = []
     var released: [CodeArena.Block] = []
     for (index, image) in retired.enumerated() {
@@ -122,6 +127,20 @@ struct Reclaimer {
     retired = kept
     arena.release(contentsOf: released)
     return freed
+  }
+
+  /// `busy` and every retired block a busy one leads to (`Retired.leadsTo`), transitively.
+  static func closing(_ busy: Set<Int>, over retired: [Retired]) -> Set<Int> {
+    var byStart: [UInt64: Int] = [:]
+    for (index, image) in retired.enumerated() { byStart[image.block.address] = index }
+    var closed = busy
+    var pending = Array(busy)
+    while let index = pending.popLast() {
+      for start in retired[index].leadsTo {
+        if let next = byStart[start], closed.insert(next).inserted { pending.append(next) }
+      }
+    }
+    return closed
   }
 
   struct Obstacle: Error {

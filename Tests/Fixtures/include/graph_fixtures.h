@@ -60,6 +60,9 @@ long tracery_graph_coroutines(long n);
 long tracery_graph_co_start(long n);
 long tracery_graph_co_inner(long n);
 
+/// Scrubs the stack below it, then blocks in tracery_fixture_block(value) (value + 1).
+long tracery_graph_block(long value);
+
 /// a * x + b * y, with its arguments in rdi, xmm0, rsi, xmm1 and its result in xmm0.
 double tracery_graph_mix(long a, double x, long b, double y);
 /// What the clobbering handlers saw: at the entry the first two integer and float arguments, at
