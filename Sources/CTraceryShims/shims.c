@@ -224,6 +224,38 @@ long ctracery_thread_offset(void) {
 
 struct ctracery_thread *ctracery_thread_state(void) { return &thread_state; }
 
+// Threads with a shadow stack, for the reclaimer (a frame's return-address slot may lie on a
+// stack no thread is running on: a suspended coroutine's). Lock-free, so that a thread's first
+// traced call may register it even inside a signal handler.
+#define SHADOW_THREADS 4096
+static _Atomic uint64_t shadow_threads[SHADOW_THREADS];
+static atomic_int shadow_threads_full;
+
+void ctracery_register_shadow_thread(struct ctracery_thread *state) {
+  for (int index = 0; index < SHADOW_THREADS; index++) {
+    uint64_t expected = 0;
+    if (atomic_compare_exchange_strong(&shadow_threads[index], &expected, (uint64_t)state)) return;
+  }
+  atomic_store(&shadow_threads_full, 1);
+}
+
+void ctracery_unregister_shadow_thread(struct ctracery_thread *state) {
+  for (int index = 0; index < SHADOW_THREADS; index++) {
+    uint64_t expected = (uint64_t)state;
+    if (atomic_compare_exchange_strong(&shadow_threads[index], &expected, 0)) return;
+  }
+}
+
+long ctracery_shadow_threads(uint64_t *states, long capacity) {
+  if (atomic_load(&shadow_threads_full)) return -1;
+  long count = 0;
+  for (int index = 0; index < SHADOW_THREADS && count < capacity; index++) {
+    uint64_t state = atomic_load(&shadow_threads[index]);
+    if (state != 0) states[count++] = state;
+  }
+  return count;
+}
+
 void ctracery_set_thread_stack(struct ctracery_thread *state) {
   state->stack_low = 0;
   state->stack_high = UINT64_MAX;

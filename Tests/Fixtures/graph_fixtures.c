@@ -299,6 +299,16 @@ TRACED long tracery_graph_co_start(long n) {
   return n * 2;
 }
 
+long tracery_graph_co_begin(long n) {
+  co_result = 0;
+  return tracery_graph_co_start(n);
+}
+
+long tracery_graph_co_finish(void) {
+  swapcontext(&co_main, &co_context);
+  return co_result;
+}
+
 long tracery_graph_coroutines(long n) {
   co_result = 0;
   long started = tracery_graph_co_start(n);  // returns while co_inner's frame lies above its own

@@ -342,6 +342,28 @@ extension PatchingTests {
       #expect(left == 0)
     }
 
+    /// A coroutine suspended inside a traced call while its user detaches: no thread's stack
+    /// holds the return into the stub (the coroutine's stack is in .bss), the shadow frame does.
+    @Test func aSuspendedCoroutineKeepsItsStubUntilItReturns() throws {
+      let link = try GraphFixture.attachRecording(tracer, to: .address(GraphFixture.coInner), cookie: 4)
+      let blocks = try #require(Self.stubAndImage(tracer, site: GraphFixture.coInner))
+      #expect(tracery_graph_co_begin(3) == 6)
+      link.detach()
+      _ = tracer.reclaim()
+      let retired = blocks.contained(
+        in: tracer.state.withLock { state in state.reclaimer.retired.map(\.block.address) })
+      #expect(retired == [true, true], "the suspended call returns through the stub and the image")
+      #expect(tracery_graph_co_finish() == 41)
+      var left = -1
+      for _ in 0..<500 {
+        _ = tracer.reclaim()
+        left = tracer.state.withLock { $0.reclaimer.retired.count }
+        if left == 0 { break }
+        usleep(10_000)
+      }
+      #expect(left == 0)
+    }
+
     @inline(never) static func stubAndImage(_ tracer: Tracer, site: UInt64) -> AddressBox? {
       tracer.state.withLock { state in
         state.functions[site].flatMap { function in

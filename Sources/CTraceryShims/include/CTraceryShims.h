@@ -154,6 +154,13 @@ struct ctracery_thread {
 };
 long ctracery_thread_offset(void);
 struct ctracery_thread *ctracery_thread_state(void);
+/// The threads whose shadow stacks the reclaimer reads: registered when a thread's shadow stack
+/// is set up, unregistered before it is freed (lock-free: async-signal-safe).
+void ctracery_register_shadow_thread(struct ctracery_thread *state);
+void ctracery_unregister_shadow_thread(struct ctracery_thread *state);
+/// Copies up to `capacity` registered states; -1 when a registration found no room (then some
+/// thread's frames cannot be read).
+long ctracery_shadow_threads(uint64_t *states, long capacity);
 /// Sets `stack_low` and `stack_high` to the calling thread's stack (pthread_getattr_np, a GNU
 /// function the Swift Glibc module does not show).
 void ctracery_set_thread_stack(struct ctracery_thread *state);

@@ -153,6 +153,7 @@ enum GraphThreads {
     // writes at top (`GraphEmitter.putRotate`).
     state.pointee.shadow_limit = base + UInt64((GraphThreads.frames - 1) * Int(GraphEmitter.frameSize))
     ctracery_set_thread_stack(state)
+    ctracery_register_shadow_thread(state)
     pthread_setspecific(GraphThreads.key, UnsafeRawPointer(bitPattern: 1))
   }
 
@@ -168,6 +169,7 @@ enum GraphThreads {
     let base = state.pointee.shadow_base
     state.pointee.shadow_top = 1
     state.pointee.shadow_limit = 0
+    ctracery_unregister_shadow_thread(state)
     if base != 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(state.pointee.shadow_size)) }
     state.pointee.shadow_base = 0
   }

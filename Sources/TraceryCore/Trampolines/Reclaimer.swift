@@ -1,3 +1,4 @@
+import CTracery
 import CTraceryShims
 
 #if canImport(Glibc)
@@ -192,7 +193,45 @@ struct Reclaimer {
         return .failure(Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping"))
       }
     }
+    guard scanShadowStacks(check) else {
+      return .failure(Obstacle(reason: "more threads with a shadow stack than the registry holds"))
+    }
     return .success(busy)
+  }
+
+  /// The return-address slots of every live function-graph frame of every thread, and the real
+  /// return addresses: a slot may lie on a stack no scan above reaches (a coroutine suspended
+  /// inside a traced call, or the thread's own stack while a signal handler runs on an
+  /// alternate one). Everything is read with `ctracery_read_memory`, which fails instead of
+  /// faulting: a thread may exit, and a coroutine's stack be freed, meanwhile. False when some
+  /// thread's frames cannot be found (the registry was full).
+  static func scanShadowStacks(_ check: (UInt64) -> Void) -> Bool {
+    var states = [UInt64](repeating: 0, count: 4096)
+    let count = ctracery_shadow_threads(&states, states.count)
+    guard count >= 0 else { return false }
+    let size = UInt64(GraphEmitter.frameSize)
+    for address in states.prefix(count) {
+      var thread = ctracery_thread()
+      let want = MemoryLayout<ctracery_thread>.size
+      guard ctracery_read_memory(&thread, UnsafeRawPointer(bitPattern: UInt(address)), UInt(want)) == want,
+        thread.shadow_base != 0, thread.shadow_top > thread.shadow_base + size,
+        thread.shadow_top - thread.shadow_base <= thread.shadow_size
+      else { continue }
+      let frames = Int((thread.shadow_top - thread.shadow_base) / size) - 1
+      var buffer = [tracery_graph_frame](repeating: tracery_graph_frame(), count: frames)
+      let bytes = frames * Int(size)
+      let read = buffer.withUnsafeMutableBytes { raw in
+        ctracery_read_memory(
+          raw.baseAddress, UnsafeRawPointer(bitPattern: UInt(thread.shadow_base + size)), UInt(bytes))
+      }
+      guard read == bytes else { continue }
+      for frame in buffer {
+        check(frame.return_address)
+        var word: UInt64 = 0
+        if ctracery_read_memory(&word, UnsafeRawPointer(bitPattern: UInt(frame.slot)), 8) == 8 { check(word) }
+      }
+    }
+    return true
   }
 
   static func threadIDs() -> [Int32] {

@@ -57,6 +57,10 @@ long tracery_graph_alt_escape(long n);
 /// suspended; then middle(n) runs, and the coroutine resumes (co_inner returns 41). Returns
 /// 2n + middle(n) + 41 (51 for n = 1).
 long tracery_graph_coroutines(long n);
+/// The same in two steps: co_begin returns co_start(n) with co_inner suspended; co_finish
+/// resumes the coroutine and returns what co_inner returned (41).
+long tracery_graph_co_begin(long n);
+long tracery_graph_co_finish(void);
 long tracery_graph_co_start(long n);
 long tracery_graph_co_inner(long n);
 
