@@ -21,9 +21,15 @@ import CTraceryShims
 /// that does not answer within 50 ms keeps everything busy (try again later). Reclaiming never
 /// waits on a sleeping thread.
 ///
-/// Limitation: a thread that is running (CPU-bound, never blocking in a system call) and blocks
+/// Function-graph frames can hold a return into a stub on a stack no thread is running on (a
+/// coroutine suspended inside a traced call): every thread's live shadow frames are read too
+/// (`scanShadowStacks`). A stub keeps the code it jumps to busy (`Retired.leadsTo`).
+///
+/// Limitations: a thread that is running (CPU-bound, never blocking in a system call) and blocks
 /// the snapshot signal (SIGRTMAX - 1) cannot be inspected without ptrace, so while such a thread
-/// exists retired images stay allocated; `Tracer.reclaimObstacle` says which thread.
+/// exists retired images stay allocated; `Tracer.reclaimObstacle` says which thread. A thread
+/// running a signal handler on an alternate stack is scanned from there only: a per-function
+/// trampoline's return address on the stack it interrupted is not seen (graph frames are).
 ///
 /// Protocol: called only under the tracer's lock.
 struct Reclaimer {
