@@ -112,7 +112,8 @@ struct GraphImage {
 /// `setupThread`), and by `releaseThread` when it exits. The generation words are written under
 /// the tracer's lock and read by generated code (plain aligned 64-bit loads and stores).
 enum GraphThreads {
-  /// Frames per thread: 65,536 (6 MiB of address space, touched only as deep as calls go).
+  /// Frames per thread: 65,536 (22 MiB of address space, reserved with MAP_NORESERVE and touched
+  /// only as deep as calls go).
   static let frames = 1 << 16
   nonisolated(unsafe) static let generations: UnsafeMutablePointer<UInt64> = {
     let words = UnsafeMutablePointer<UInt64>.allocate(capacity: 16)
