@@ -328,3 +328,54 @@ TRACED long tracery_graph_block(long value) {
   scrub_stack();
   return tracery_fixture_block(value);
 }
+
+// Ping-pong between the thread and a coroutine, each yielding from inside a traced call, so
+// every traced return finds the other side's frame above its own (a rotation each time), while
+// an interval timer's handler calls leaf(1) wherever it lands.
+static ucontext_t ping_main, ping_context;
+static char ping_stack[64 * 1024] __attribute__((aligned(16)));
+static long ping_rounds;
+static volatile long ping_sum_b, ping_timer_calls;
+
+TRACED long tracery_graph_ping_a(long n) {
+  swapcontext(&ping_main, &ping_context);
+  return n + 1;
+}
+
+TRACED long tracery_graph_ping_b(long n) {
+  swapcontext(&ping_context, &ping_main);
+  return n + 2;
+}
+
+static void ping_body(void) {
+  long sum = 0;
+  for (long index = 0; index < ping_rounds; index++) sum += tracery_graph_ping_b(index) + tracery_graph_leaf(1);
+  ping_sum_b = sum;
+}
+
+static void on_ping_timer(int signal) {
+  (void)signal;
+  if (tracery_graph_leaf(1) == 10) ping_timer_calls++;
+}
+
+long tracery_graph_ping_pong(long rounds, long interval_us, long *timer_calls) {
+  ping_rounds = rounds;
+  ping_sum_b = 0;
+  ping_timer_calls = 0;
+  getcontext(&ping_context);
+  ping_context.uc_stack.ss_sp = ping_stack;
+  ping_context.uc_stack.ss_size = sizeof ping_stack;
+  ping_context.uc_link = &ping_main;
+  makecontext(&ping_context, ping_body, 0);
+  struct installed_signal installed = install_signal(SIGALRM, on_ping_timer);
+  struct itimerval timer = {{0, interval_us}, {0, interval_us}};
+  setitimer(ITIMER_REAL, &timer, 0);
+  long sum_a = 0;
+  for (long index = 0; index < rounds; index++) sum_a += tracery_graph_ping_a(index);
+  swapcontext(&ping_main, &ping_context);  // the last ping_b returns; the coroutine ends
+  struct itimerval off = {{0, 0}, {0, 0}};
+  setitimer(ITIMER_REAL, &off, 0);
+  restore_signal(&installed);
+  *timer_calls = ping_timer_calls;
+  return sum_a + ping_sum_b;
+}

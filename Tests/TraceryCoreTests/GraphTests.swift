@@ -363,6 +363,31 @@ extension PatchingTests {
       #expect(GraphFixture.retiredAfterReclaiming(tracer) == 0)
     }
 
+    /// Every traced return of a thread/coroutine ping-pong finds the other side's frame above its
+    /// own (a rotation each time) while timer signals run traced calls anywhere, rotations
+    /// included: results, matched counts, and a balanced shadow stack at the end.
+    @Test func coroutinePingPongWithTimerSignals() throws {
+      let functions = [
+        entryAddress(tracery_graph_ping_a as GraphFixture.Unary),
+        entryAddress(tracery_graph_ping_b as GraphFixture.Unary),
+        GraphFixture.leaf,
+      ]
+      let link = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit), to: .addresses(functions))
+      defer { link.detach() }
+      let rounds = TestSupport.stormIterations(default: 20_000, long: 1_000_000)
+      let entries = tracery_graph_counted_entries()
+      let exits = tracery_graph_counted_exits()
+      var timerCalls = 0
+      let expected = (0..<rounds).reduce(0) { $0 + ($1 + 1) + ($1 + 2) + 10 }
+      #expect(tracery_graph_ping_pong(rounds, 200, &timerCalls) == expected)
+      // Every call outside the timer handler is traced; the handler's are when no count handler
+      // was running (the recursion guard).
+      #expect(tracery_graph_counted_entries() - entries >= 3 * rounds)
+      #expect(tracery_graph_counted_entries() - entries == tracery_graph_counted_exits() - exits)
+      #expect(GraphThreads.depth == 0)
+    }
+
     @inline(never) static func stubAndImage(_ tracer: Tracer, site: UInt64) -> AddressBox? {
       tracer.state.withLock { state in
         state.functions[site].flatMap { function in

@@ -67,6 +67,14 @@ long tracery_graph_co_inner(long n);
 /// Scrubs the stack below it, then blocks in tracery_fixture_block(value) (value + 1).
 long tracery_graph_block(long value);
 
+/// `rounds` rounds of ping-pong between the thread (ping_a) and a coroutine (ping_b, then
+/// leaf(1)), each side yielding from inside its traced call, while an interval timer's handler
+/// calls leaf(1). Returns the sum of every ping_a (n + 1) and ping_b (n + 2) result plus 10 per
+/// coroutine leaf call; stores how many timer calls saw leaf(1) == 10.
+long tracery_graph_ping_pong(long rounds, long interval_us, long *timer_calls);
+long tracery_graph_ping_a(long n);
+long tracery_graph_ping_b(long n);
+
 /// a * x + b * y, with its arguments in rdi, xmm0, rsi, xmm1 and its result in xmm0.
 double tracery_graph_mix(long a, double x, long b, double y);
 /// What the clobbering handlers saw: at the entry the first two integer and float arguments, at
