@@ -274,7 +274,7 @@ void ctracery_set_thread_stack(struct ctracery_thread *state) {
 
 static atomic_int snapshot_tid;
 static _Atomic uint64_t snapshot_rip, snapshot_rsp;
-static atomic_int snapshot_done;
+static atomic_int snapshot_done, snapshot_on_alternate_stack;
 static atomic_int snapshot_installed;
 
 static void snapshot_handler(int sig, siginfo_t *info, void *context) {
@@ -285,6 +285,11 @@ static void snapshot_handler(int sig, siginfo_t *info, void *context) {
   ucontext_t *uc = context;
   atomic_store_explicit(&snapshot_rip, (uint64_t)uc->uc_mcontext.gregs[REG_RIP], memory_order_relaxed);
   atomic_store_explicit(&snapshot_rsp, (uint64_t)uc->uc_mcontext.gregs[REG_RSP], memory_order_relaxed);
+  // Interrupted inside a signal handler running on its alternate stack: the stack it interrupted
+  // in turn is somewhere else (sigaltstack is async-signal-safe).
+  stack_t current;
+  int alternate = sigaltstack(NULL, &current) == 0 && (current.ss_flags & SS_ONSTACK);
+  atomic_store_explicit(&snapshot_on_alternate_stack, alternate, memory_order_relaxed);
   // Release: publishes rip and rsp; pairs with the acquire load in ctracery_snapshot_thread.
   atomic_store_explicit(&snapshot_done, 1, memory_order_release);
 }
@@ -314,7 +319,7 @@ int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_
       *rip = atomic_load_explicit(&snapshot_rip, memory_order_relaxed);
       *rsp = atomic_load_explicit(&snapshot_rsp, memory_order_relaxed);
       atomic_store(&snapshot_tid, 0);
-      return 0;
+      return atomic_load_explicit(&snapshot_on_alternate_stack, memory_order_relaxed) ? 1 : 0;
     }
     clock_gettime(CLOCK_MONOTONIC, &now);
     long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;

@@ -379,3 +379,59 @@ long tracery_graph_ping_pong(long rounds, long interval_us, long *timer_calls) {
   *timer_calls = ping_timer_calls;
   return sum_a + ping_sum_b;
 }
+
+// A thread whose signal handler spins on its alternate stack while the code it interrupted is
+// inside a traced function (a per-function trampoline's return address on the thread's stack).
+static volatile int alt_spin_release, alt_spinning;
+static pthread_t alt_spin_thread_handle;
+static long alt_spin_result;
+
+static void on_alt_spin(int signal) {
+  (void)signal;
+  alt_spinning = 1;
+  while (!alt_spin_release) __asm__ volatile("pause");
+  alt_spinning = 0;
+}
+
+TRACED long tracery_alt_spin_traced(long n) {
+  raise(SIGUSR2);
+  return n + 1;
+}
+
+static void *alt_spin_thread(void *argument) {
+  long n = (long)argument;
+  // Nothing blocked (the creating thread's mask is inherited; the reclaimer's snapshot signal
+  // must reach this thread).
+  sigset_t none;
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, 0);
+  size_t size = 1 << 16;
+  void *alt = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (alt == MAP_FAILED) return 0;
+  stack_t stack = {.ss_sp = alt, .ss_size = size, .ss_flags = 0};
+  sigaltstack(&stack, 0);
+  struct sigaction action = {0}, old;
+  action.sa_handler = on_alt_spin;
+  action.sa_flags = SA_ONSTACK;
+  sigaction(SIGUSR2, &action, &old);
+  alt_spin_result = tracery_alt_spin_traced(n);
+  sigaction(SIGUSR2, &old, 0);
+  stack_t off = {.ss_flags = SS_DISABLE};
+  sigaltstack(&off, 0);
+  munmap(alt, size);
+  return 0;
+}
+
+int tracery_alt_spin_start(long n) {
+  alt_spin_release = 0;
+  alt_spinning = 0;
+  return pthread_create(&alt_spin_thread_handle, 0, alt_spin_thread, (void *)n);
+}
+
+int tracery_alt_spinning(void) { return alt_spinning; }
+
+long tracery_alt_spin_finish(void) {
+  alt_spin_release = 1;
+  pthread_join(alt_spin_thread_handle, 0);
+  return alt_spin_result;
+}

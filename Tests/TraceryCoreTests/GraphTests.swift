@@ -388,6 +388,22 @@ extension PatchingTests {
       #expect(GraphThreads.depth == 0)
     }
 
+    /// A thread running a signal handler on its alternate stack, interrupted code inside an
+    /// exit-traced function: its trampoline's return address is on a stack the reclaimer cannot
+    /// find, so nothing is freed until the handler has left.
+    @Test func aSignalHandlerOnAnAlternateStackHoldsOffTheReclaimer() throws {
+      let spin = entryAddress(tracery_alt_spin_traced as GraphFixture.Unary)
+      let link = try tracer.attach(.exit(Handlers.exit), to: .address(spin), model: FunctionModel(integerArguments: 1))
+      #expect(tracery_alt_spin_start(5) == 0)
+      while tracery_alt_spinning() == 0 { usleep(1000) }
+      link.detach()
+      _ = tracer.reclaim()
+      #expect(tracer.retiredTrampolines >= 1, "the interrupted call returns through the old trampoline")
+      #expect(tracer.reclaimObstacle?.contains("alternate stack") == true, "\(tracer.reclaimObstacle ?? "none")")
+      #expect(tracery_alt_spin_finish() == 6)
+      #expect(GraphFixture.retiredAfterReclaiming(tracer) == 0)
+    }
+
     @inline(never) static func stubAndImage(_ tracer: Tracer, site: UInt64) -> AddressBox? {
       tracer.state.withLock { state in
         state.functions[site].flatMap { function in

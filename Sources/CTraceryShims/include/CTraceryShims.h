@@ -110,7 +110,9 @@ uint64_t ctracery_traps_handled(void);
 /// The signal used for snapshots: SIGRTMAX - 1.
 int ctracery_snapshot_signal(void);
 /// Sends the snapshot signal to thread `tid` and waits up to `timeout_ms` for its rip and rsp.
-/// Returns 0 on success, -1 if the thread did not answer (it may have exited or block the signal).
+/// Returns 0 on success, 1 when the thread was running a signal handler on its alternate stack
+/// (rip and rsp are set, but the stack it interrupted is elsewhere), -1 if the thread did not
+/// answer (it may have exited or block the signal).
 int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_ms);
 
 // ---------------------------------------------------------------------------------------------

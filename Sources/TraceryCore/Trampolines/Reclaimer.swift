@@ -27,9 +27,11 @@ import CTraceryShims
 ///
 /// Limitations: a thread that is running (CPU-bound, never blocking in a system call) and blocks
 /// the snapshot signal (SIGRTMAX - 1) cannot be inspected without ptrace, so while such a thread
-/// exists retired images stay allocated; `Tracer.reclaimObstacle` says which thread. A thread
-/// running a signal handler on an alternate stack is scanned from there only: a per-function
-/// trampoline's return address on the stack it interrupted is not seen (graph frames are).
+/// exists retired images stay allocated; `Tracer.reclaimObstacle` says which thread. Likewise
+/// while a running thread executes a signal handler on its alternate stack (the stack it
+/// interrupted may hold returns into trampolines, and only the handler's is known). A thread
+/// *blocked* in such a handler is scanned from the alternate stack only: a per-function
+/// trampoline's return address on the interrupted stack is not seen there (graph frames are).
 ///
 /// Protocol: called only under the tracer's lock.
 struct Reclaimer {
@@ -189,10 +191,13 @@ struct Reclaimer {
     // detaching from inside a trampoline.
     guard scanStack(from: callerStack) else { return .failure(Obstacle(reason: "own stack not found")) }
     for tid in threadIDs() where tid != me {
-      guard let (rip, rsp) = registers(of: tid) else {
+      guard let (rip, rsp, onAlternateStack) = registers(of: tid) else {
         // Exited meanwhile: nothing to scan. Otherwise we cannot tell: keep everything.
         if access("/proc/self/task/\(tid)", F_OK) != 0 { continue }
         return .failure(Obstacle(reason: "thread \(tid) did not answer the snapshot signal"))
+      }
+      if onAlternateStack {
+        return .failure(Obstacle(reason: "thread \(tid) is running a signal handler on its alternate stack"))
       }
       check(rip)
       guard scanStack(from: rsp) else {
@@ -254,14 +259,17 @@ struct Reclaimer {
   /// rip and rsp of thread `tid`: from procfs while it is blocked (in a system call or
   /// otherwise), else from a snapshot signal if the thread does not block that signal. A running
   /// thread that blocks it is polled for up to ~100 ms, until it blocks; then nil.
-  static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64)? {
+  /// `onAlternateStack`: the thread was running a signal handler on its alternate stack, so the
+  /// stack it interrupted (which may hold returns into trampolines) is not the one rsp is on.
+  static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64, onAlternateStack: Bool)? {
     let signalBlocked = blocksSnapshotSignal(tid)
     for _ in 0..<20 {
-      if let blocked = blockedRegisters(of: tid) { return blocked }
+      if let blocked = blockedRegisters(of: tid) { return (blocked.rip, blocked.rsp, false) }
       if !signalBlocked {
         var rip: UInt64 = 0
         var rsp: UInt64 = 0
-        if ctracery_snapshot_thread(tid, &rip, &rsp, 20) == 0 { return (rip, rsp) }
+        let answer = ctracery_snapshot_thread(tid, &rip, &rsp, 20)
+        if answer >= 0 { return (rip, rsp, answer == 1) }
       } else {
         usleep(5000)
       }

@@ -75,6 +75,14 @@ long tracery_graph_ping_pong(long rounds, long interval_us, long *timer_calls);
 long tracery_graph_ping_a(long n);
 long tracery_graph_ping_b(long n);
 
+/// A thread that calls the traced alt_spin_traced(n) (n + 1), which raises SIGUSR2, whose
+/// handler spins on the thread's alternate stack until tracery_alt_spin_finish (which joins the
+/// thread and returns the result). start returns pthread_create's result.
+int tracery_alt_spin_start(long n);
+int tracery_alt_spinning(void);
+long tracery_alt_spin_finish(void);
+long tracery_alt_spin_traced(long n);
+
 /// a * x + b * y, with its arguments in rdi, xmm0, rsi, xmm1 and its result in xmm0.
 double tracery_graph_mix(long a, double x, long b, double y);
 /// What the clobbering handlers saw: at the entry the first two integer and float arguments, at
