@@ -199,6 +199,33 @@ void tracery_graph_exit_clobber(tracery_graph_frame *frame, uint64_t *data, trac
   clobber();
 }
 
+// This thread's SIGUSR2 handler on a fresh 64 KiB alternate stack, and back.
+struct alternate_stack {
+  void *memory;
+  size_t size;
+  struct sigaction old;
+};
+
+static int enter_alternate_stack(struct alternate_stack *alternate, void (*handler)(int)) {
+  alternate->size = 1 << 16;
+  alternate->memory = mmap(0, alternate->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (alternate->memory == MAP_FAILED) return 0;
+  stack_t stack = {.ss_sp = alternate->memory, .ss_size = alternate->size, .ss_flags = 0};
+  sigaltstack(&stack, 0);
+  struct sigaction action = {0};
+  action.sa_handler = handler;
+  action.sa_flags = SA_ONSTACK;
+  sigaction(SIGUSR2, &action, &alternate->old);
+  return 1;
+}
+
+static void leave_alternate_stack(struct alternate_stack *alternate) {
+  sigaction(SIGUSR2, &alternate->old, 0);
+  stack_t off = {.ss_flags = SS_DISABLE};
+  sigaltstack(&off, 0);
+  munmap(alternate->memory, alternate->size);
+}
+
 // A signal handler on an alternate stack above the thread's stack, calling traced functions
 // while a traced call is live on the thread's stack (and, with `escape`, leaving by siglongjmp
 // from a traced function on the alternate stack).
@@ -231,17 +258,10 @@ struct alt_run {
 
 static void *alt_thread(void *argument) {
   struct alt_run *run = argument;
-  size_t size = 1 << 16;
-  void *alt = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (alt == MAP_FAILED) return 0;
+  struct alternate_stack alternate;
+  if (!enter_alternate_stack(&alternate, on_alt_signal)) return 0;
   int here;
-  run->stacks_as_wanted = (uintptr_t)alt > (uintptr_t)&here;
-  stack_t stack = {.ss_sp = alt, .ss_size = size, .ss_flags = 0};
-  sigaltstack(&stack, 0);
-  struct sigaction action = {0}, old;
-  action.sa_handler = on_alt_signal;
-  action.sa_flags = SA_ONSTACK;
-  sigaction(SIGUSR2, &action, &old);
+  run->stacks_as_wanted = (uintptr_t)alternate.memory > (uintptr_t)&here;
   sigset_t unblock;
   sigemptyset(&unblock);
   sigaddset(&unblock, SIGUSR2);
@@ -251,10 +271,7 @@ static void *alt_thread(void *argument) {
   run->result = tracery_graph_alt_outer(run->n);
   // Traced calls after it: frames the escape left on the shadow stack must not confuse them.
   run->result += tracery_graph_outer(1) * 1000;
-  sigaction(SIGUSR2, &old, 0);
-  stack_t off = {.ss_flags = SS_DISABLE};
-  sigaltstack(&off, 0);
-  munmap(alt, size);
+  leave_alternate_stack(&alternate);
   return 0;
 }
 
@@ -405,20 +422,10 @@ static void *alt_spin_thread(void *argument) {
   sigset_t none;
   sigemptyset(&none);
   pthread_sigmask(SIG_SETMASK, &none, 0);
-  size_t size = 1 << 16;
-  void *alt = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (alt == MAP_FAILED) return 0;
-  stack_t stack = {.ss_sp = alt, .ss_size = size, .ss_flags = 0};
-  sigaltstack(&stack, 0);
-  struct sigaction action = {0}, old;
-  action.sa_handler = on_alt_spin;
-  action.sa_flags = SA_ONSTACK;
-  sigaction(SIGUSR2, &action, &old);
+  struct alternate_stack alternate;
+  if (!enter_alternate_stack(&alternate, on_alt_spin)) return 0;
   alt_spin_result = tracery_alt_spin_traced(n);
-  sigaction(SIGUSR2, &old, 0);
-  stack_t off = {.ss_flags = SS_DISABLE};
-  sigaltstack(&off, 0);
-  munmap(alt, size);
+  leave_alternate_stack(&alternate);
   return 0;
 }
 
