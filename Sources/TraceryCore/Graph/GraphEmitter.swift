@@ -77,7 +77,8 @@ enum ThreadField: Int32 {
 ///     if this thread is inside a handler (guard byte): untraced
 ///     frame = shadow top (set up the thread's shadow stack on first use; full: count, untraced)
 ///     drop frames whose stack arguments are at or below ours (left by longjmp or an exception;
-///     only on the thread's own stack, not on an alternate signal stack)
+///     only while on the thread's own stack, and only frames on it: a suspended coroutine's
+///     frame is kept)
 ///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
 ///     run each user's entry (handlers with the model's registers saved in the frame, the
 ///     frame pointer kept in rbx; the recorder inline)
