@@ -404,6 +404,20 @@ extension PatchingTests {
       #expect(GraphFixture.retiredAfterReclaiming(tracer) == 0)
     }
 
+    /// A function that gets a model later moves to the image of that model; the image it left,
+    /// which nothing calls any more, is retired rather than kept listed.
+    @Test func anImageNoFunctionUsesIsRetired() throws {
+      let graph = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit), to: .address(GraphFixture.leaf))
+      defer { graph.detach() }
+      #expect(tracer.state.withLock { $0.graphImages.map(\.model) } == [.unknown])
+      let model = FunctionModel(integerArguments: 1)
+      let link = try tracer.attach(.entry(Handlers.entry), to: .address(GraphFixture.leaf), model: model)
+      defer { link.detach() }
+      #expect(tracer.state.withLock { $0.graphImages.map(\.model) } == [model])
+      #expect(tracery_graph_leaf(3) == 30)
+    }
+
     @inline(never) static func stubAndImage(_ tracer: Tracer, site: UInt64) -> AddressBox? {
       tracer.state.withLock { state in
         state.functions[site].flatMap { function in

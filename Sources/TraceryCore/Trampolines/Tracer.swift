@@ -729,10 +729,13 @@ public final class Tracer: Sendable {
       ZeroedPadding.add(cleared.map(\.address))
       restorePaddingNops(state: &state, callerStack: callerStack)
       // Old graph images and shared ops callers are retired once no site calls them (a site that
-      // failed to move keeps its image, and the image stays listed).
+      // failed to move keeps its image, and the image stays listed). A listed image no function
+      // uses any more (its functions moved to another model, or failed to move to it) goes too.
+      let calledGraph = Set(state.functions.values.compactMap(\.graphImage))
+      retiredGraphImages += state.graphImages.filter { !calledGraph.contains($0.entry) }
+      state.graphImages.removeAll { !calledGraph.contains($0.entry) }
       state.graphImages += state.reclaimer.retire(
-        retiredGraphImages, unlessCalled: Set(state.functions.values.compactMap(\.graphImage)), entry: \.entry,
-        image: \.image)
+        retiredGraphImages, unlessCalled: calledGraph, entry: \.entry, image: \.image)
       let calledByOps = Set(state.functions.values.compactMap(\.opsEntry))
       state.opsSharedImages += state.reclaimer.retire(
         retiredSharedImages, unlessCalled: calledByOps, entry: \.entry, image: \.image)
