@@ -234,7 +234,7 @@ struct TrampolineEmitter {
   private func saveReturn(_ w: inout X86Writer) { Self.putSaveReturn(&w, model) }
   private func loadReturn(_ w: inout X86Writer) { Self.putLoadReturn(&w, model) }
 
-  /// Saves the argument registers `model` uses into the tracery_call at `base` (+ `frame`).
+  /// Saves the argument registers `model` uses into the tracery_call at `base`.
   static func putSaveArguments(_ w: inout X86Writer, _ model: FunctionModel, base: Register = .rsp) {
     for (index, register) in Register.arguments.prefix(model.integerArguments).enumerated() {
       w.putMov(Memory(base, argumentsOffset + 8 * Int32(index)), register)
