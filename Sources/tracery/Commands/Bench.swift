@@ -13,7 +13,8 @@ struct Bench: ParsableCommand {
       attach and detach time and record bytes per function), each beside the untraced call measured just before.
         patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
       to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
-        graph   ns per call of the same function with 1 and 3 function-graph users (entry+exit), an \
+        graph   ns per call of the same function with 1 and 3 function-graph users (entry+exit; one \
+      user also with the function's model, and with handlers that promise no vector registers), an \
       entry-only and an entry+exit fprobe, one ops through its own trampoline, and 1, 2 and 10 ops through \
       the shared caller, each beside the untraced call measured just before.
         record  ns per call of a recursive fib program untraced (the baseline), recorded by \
