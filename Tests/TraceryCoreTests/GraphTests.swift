@@ -52,19 +52,6 @@ enum GraphFixture {
   static let mix = entryAddress(tracery_graph_mix as @convention(c) (Int, Double, Int, Double) -> Double)
   static let mixModel = FunctionModel(integerArguments: 2, floatArguments: 2, returns: .double)
 
-  /// Reclaims until nothing is retired, for at most 5 seconds (another test's thread may be
-  /// inside an image for a while); returns how many are left.
-  static func retiredAfterReclaiming(_ tracer: Tracer) -> Int {
-    var left = -1
-    for _ in 0..<500 {
-      _ = tracer.reclaim()
-      left = tracer.state.withLock { $0.reclaimer.retired.count }
-      if left == 0 { break }
-      usleep(10_000)
-    }
-    return left
-  }
-
   static var events: [tracery_graph_event] {
     (0..<Int(tracery_graph_events_count())).map { tracery_graph_event_at(Int32($0)) }
   }
@@ -345,7 +332,7 @@ extension PatchingTests {
       #expect(result.value == 42)
       // A user that left is not given the exits of calls it entered.
       #expect(GraphFixture.events.isEmpty)
-      #expect(GraphFixture.retiredAfterReclaiming(tracer) == 0)
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
     }
 
     /// A coroutine suspended inside a traced call while its user detaches: no thread's stack
@@ -360,7 +347,7 @@ extension PatchingTests {
         in: tracer.state.withLock { state in state.reclaimer.retired.map(\.block.address) })
       #expect(retired == [true, true], "the suspended call returns through the stub and the image")
       #expect(tracery_graph_co_finish() == 41)
-      #expect(GraphFixture.retiredAfterReclaiming(tracer) == 0)
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
     }
 
     /// Every traced return of a thread/coroutine ping-pong finds the other side's frame above its
@@ -401,7 +388,7 @@ extension PatchingTests {
       #expect(tracer.retiredTrampolines >= 1, "the interrupted call returns through the old trampoline")
       #expect(tracer.reclaimObstacle?.contains("alternate stack") == true, "\(tracer.reclaimObstacle ?? "none")")
       #expect(tracery_alt_spin_finish() == 6)
-      #expect(GraphFixture.retiredAfterReclaiming(tracer) == 0)
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
     }
 
     /// A function that gets a model later moves to the image of that model; the image it left,

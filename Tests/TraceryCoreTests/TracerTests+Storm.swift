@@ -51,7 +51,7 @@ extension PatchingTests.TracerTests {
     #expect(failures.isEmpty, "\(failures.prefix(3))")
     #expect(wrong == 0, "\(wrong) wrong results of \(calls)")
     #expect(calls > 0)
-    #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
+    #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
     #expect(functions.map { TextPatcher.read($0) } == before)
   }
 }

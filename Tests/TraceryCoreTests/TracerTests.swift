@@ -289,25 +289,15 @@ extension PatchingTests {
       #expect(records().map(\.cookie) == [1])
       // Once the thread has left, the old image can be freed. Reclaiming is eventual (a thread of
       // another test may be running inside an image, or be slow to answer): retry, boundedly.
-      #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
       second.detach()
-      #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
-    }
-
-    /// Reclaims until nothing is retired, for at most 5 seconds.
-    func reclaimAll() -> Bool {
-      for _ in 0..<500 {
-        tracer.reclaim()
-        if tracer.retiredTrampolines == 0 { return true }
-        usleep(10000)
-      }
-      return false
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
     }
 
     /// A running thread that blocks the snapshot signal cannot be inspected: retired trampolines
     /// stay allocated (and the reason is reported) until it can be.
     @Test func uninspectableThreadKeepsRetiredTrampolines() throws {
-      #expect(reclaimAll())
+      #expect(tracer.reclaimAll())
       tracery_fixture_spinner_start()
       let link = try tracer.attach(.entry(Handlers.entry), to: .address(Fixture.double))
       link.detach()
@@ -316,7 +306,7 @@ extension PatchingTests {
       #expect(tracer.retiredTrampolines == 1)
       #expect(tracer.reclaimObstacle?.contains("did not answer") == true, "\(tracer.reclaimObstacle ?? "none")")
       tracery_fixture_spinner_stop()
-      #expect(reclaimAll(), "retired: \(tracer.retiredTrampolines), obstacle: \(tracer.reclaimObstacle ?? "none")")
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
       #expect(tracer.reclaimObstacle == nil)
     }
 
@@ -393,6 +383,22 @@ final class ResultBox: @unchecked Sendable {
 
 /// Holds trampoline addresses scrambled, so that a conservative stack scan never mistakes a
 /// test's own bookkeeping for a thread inside a trampoline.
+extension Tracer {
+  /// Reclaims until nothing is retired, for at most 5 seconds (a thread of another test may be
+  /// running inside an image, or be slow to answer).
+  func reclaimAll() -> Bool {
+    for _ in 0..<500 {
+      reclaim()
+      if retiredTrampolines == 0 { return true }
+      usleep(10000)
+    }
+    return false
+  }
+
+  /// What is retired and what stops reclaiming, for failure messages.
+  var reclaimState: String { "retired: \(retiredTrampolines), obstacle: \(reclaimObstacle ?? "none")" }
+}
+
 final class AddressBox: @unchecked Sendable {
   // @unchecked: immutable after init.
   private let scrambled: [UInt64]
