@@ -254,10 +254,7 @@ struct GraphEmitter {
       // Only on the thread's own stack: from an alternate signal stack above it, every frame of
       // the interrupted code would look stale.
       w.bind(popStale)
-      w.putCmp(.r10, self.field(.stackLow))
-      w.putJcc(.below, push)
-      w.putCmp(.r10, self.field(.stackHigh))
-      w.putJcc(.aboveOrEqual, push)
+      self.putJump(&w, to: push, unlessOnThreadStack: .r10)
       // Nor a frame on another stack (a coroutine's, suspended): below us in address only.
       w.putPush(.rax)
       w.putMov(.rax, Memory(.r11, Self.stackArgumentsOffset - frame))
@@ -514,6 +511,11 @@ struct GraphEmitter {
     let next = w.newLabel()
     let keep = w.newLabel()
     let placed = w.newLabel()
+    // One frame from [rsi] to [rdi]; both move past it.
+    func copyFrame() {
+      w.putMov(.rcx, immediate: UInt64(frame / 8))
+      w.putRepMovsq()
+    }
     w.putMov(.r8, field(.top))
     w.putMov(Memory(.r8, Self.stackArgumentsOffset), immediate: -1)
     w.putLea(.r9, Memory(.r8, frame))
@@ -522,8 +524,7 @@ struct GraphEmitter {
     w.putSub(.rsp, immediate: frame)
     w.putMov(.rsi, .r11)
     w.putMov(.rdi, .rsp)
-    w.putMov(.rcx, immediate: UInt64(frame / 8))
-    w.putRepMovsq()
+    copyFrame()
     w.putMov(.rdi, .r11)
     w.putLea(.rsi, Memory(.r11, frame))
     w.bind(next)
@@ -532,10 +533,7 @@ struct GraphEmitter {
     // Dropped: we are on the thread's own stack, and so is the frame, below us.
     w.putMov(.r9, Memory(.rsi, Self.stackArgumentsOffset))
     w.putLea(.r10, Memory(.rsp, frame))
-    w.putCmp(.r10, field(.stackLow))
-    w.putJcc(.below, keep)
-    w.putCmp(.r10, field(.stackHigh))
-    w.putJcc(.aboveOrEqual, keep)
+    putJump(&w, to: keep, unlessOnThreadStack: .r10)
     w.putCmp(.r9, field(.stackLow))
     w.putJcc(.below, keep)
     w.putCmp(.r9, .r10)
@@ -543,17 +541,24 @@ struct GraphEmitter {
     w.putAdd(.rsi, immediate: frame)
     w.putJmp(next)
     w.bind(keep)
-    w.putMov(.rcx, immediate: UInt64(frame / 8))
-    w.putRepMovsq()
+    copyFrame()
     w.putJmp(next)
     w.bind(placed)
     w.putMov(.r11, .rdi)
     w.putMov(.rsi, .rsp)
-    w.putMov(.rcx, immediate: UInt64(frame / 8))
-    w.putRepMovsq()
+    copyFrame()
     w.putAdd(.rsp, immediate: frame)
     w.putLea(.r10, Memory(.r11, frame))
     w.putMov(field(.top), .r10)
+  }
+
+  /// Jumps to `label` unless `register` lies on the thread's own stack (`stack_low` to
+  /// `stack_high` of `ctracery_thread`).
+  private func putJump(_ w: inout X86Writer, to label: Label, unlessOnThreadStack register: Register) {
+    w.putCmp(register, field(.stackLow))
+    w.putJcc(.below, label)
+    w.putCmp(register, field(.stackHigh))
+    w.putJcc(.aboveOrEqual, label)
   }
 
   private func putUserExit(

@@ -20,13 +20,10 @@ enum TraceReading {
     for thread in all.indices {
       for index in all[thread].calls.indices {
         let symbol = all[thread].calls[index].name
-        let named =
-          names[symbol]
-          ?? {
-            let named = (Demangler.demangle(symbol), Demangler.name(symbol, style: demangle))
-            names[symbol] = named
-            return named
-          }()
+        if names[symbol] == nil {
+          names[symbol] = (Demangler.demangle(symbol), Demangler.name(symbol, style: demangle))
+        }
+        let named = names[symbol]!
         all[thread].calls[index].name = named.full
         all[thread].calls[index].label = named.label
       }
