@@ -57,6 +57,12 @@ let package = Package(
     .executableTarget(name: "tracery-testhost", dependencies: ["TraceryCore"], path: "Tests/TestHost"),
     .target(name: "TraceryFixtures", dependencies: ["CTracery"], path: "Tests/Fixtures"),
     .target(name: "TraceryCxxFixtures", path: "Tests/CxxFixtures"),
+    // Traced code built as programs ship: -O2 (sibling calls on) with a NOP at every entry. (SwiftPM
+    // adds -fno-omit-frame-pointer last; the record tests build frame-pointer-less programs.)
+    .target(
+      name: "TraceryOptimizedFixtures", path: "Tests/OptimizedFixtures",
+      cSettings: [.unsafeFlags(["-O2", "-fpatchable-function-entry=5"])],
+      cxxSettings: [.unsafeFlags(["-O2", "-fpatchable-function-entry=5"])]),
     .target(name: "TraceryTestSupport", path: "Tests/TraceryTestSupport"),
     .testTarget(name: "TraceryELFTests", dependencies: ["TraceryELF", "TraceryTestSupport"]),
     .testTarget(name: "TraceryX86Tests", dependencies: ["TraceryX86", "TraceryTestSupport"]),
@@ -64,7 +70,8 @@ let package = Package(
     .testTarget(
       name: "TraceryCoreTests",
       dependencies: [
-        "TraceryCore", "TraceryFixtures", "TraceryCxxFixtures", "TraceryTestSupport", "tracery-testhost",
+        "TraceryCore", "TraceryFixtures", "TraceryCxxFixtures", "TraceryOptimizedFixtures", "TraceryTestSupport",
+        "tracery-testhost",
       ],
       // TraceryCore's unwinder interposers (UnwindGuard.swift) must be in the executable's dynamic
       // symbol table to come before libgcc_s's: a program that links TraceryCore does the same.

@@ -69,6 +69,8 @@ typedef int (*tracery_modify_return_handler)(tracery_call *call, uint64_t cookie
 ///      112  float_arguments  xmm0-xmm7 at entry (when a user needs vector registers)
 ///      240  float_return[2]  xmm0 xmm1 at the return (likewise)
 ///      272  data[7]          words reserved by graph users (`GraphUser` says which are whose)
+///      328  resume           where the function's body returns to (in the graph's stub): a
+///                            traced function it tail-calls finds this as its return address
 ///      336  (size)
 typedef struct tracery_graph_frame {
   uint64_t site;
@@ -82,7 +84,7 @@ typedef struct tracery_graph_frame {
   uint64_t float_arguments[8][2] __attribute__((aligned(16)));
   uint64_t float_return[2][2] __attribute__((aligned(16)));
   uint64_t data[7];
-  uint64_t padding;
+  uint64_t resume;
 } tracery_graph_frame;
 
 _Static_assert(sizeof(tracery_graph_frame) == 336, "tracery_graph_frame layout");

@@ -175,31 +175,45 @@ enum GraphThreads {
     state.pointee.shadow_base = 0
   }
 
-  /// This thread's live frames (index, frame), bottom first, and the per-frame saved words.
-  private static func frames(
-    _ body: (Int, UnsafeMutablePointer<tracery_graph_frame>, UnsafeMutablePointer<UInt64>) -> Void
+  /// This thread's live frames in calls, bottom first: a call is the frames that share one
+  /// return-address slot (a function and the traced functions it tail-called, in order). The
+  /// body gets the call's bottom frame (its return address is the real one) and the saved word
+  /// of its top frame. Allocates nothing (it runs inside the unwinder).
+  private static func calls(
+    _ body: (_ bottom: UnsafeMutablePointer<tracery_graph_frame>, _ saved: UnsafeMutablePointer<UInt64>) -> Void
   ) {
     let state = ctracery_thread_state()!
     let size = UInt64(GraphEmitter.frameSize)
     let base = state.pointee.shadow_base
     guard base != 0, state.pointee.shadow_top > base + size else { return }
     let saved = UnsafeMutablePointer<UInt64>(bitPattern: UInt(base + UInt64(frames) * size))!
-    for index in 1..<Int((state.pointee.shadow_top - base) / size) {
-      body(index, UnsafeMutablePointer(bitPattern: UInt(base + UInt64(index) * size))!, saved)
+    let count = Int((state.pointee.shadow_top - base) / size)
+    func frame(_ index: Int) -> UnsafeMutablePointer<tracery_graph_frame> {
+      UnsafeMutablePointer(bitPattern: UInt(base + UInt64(index) * size))!
+    }
+    var bottom = 1
+    while bottom < count {
+      var top = bottom
+      while top + 1 < count, frame(top + 1).pointee.slot == frame(bottom).pointee.slot { top += 1 }
+      body(frame(bottom), saved + top)
+      bottom = top + 1
     }
   }
 
   /// Puts the real return address back into every slot of this thread's stack the graph swapped,
-  /// for frames whose slot lies above `stackPointer` (below it: calls that already ended, by
-  /// longjmp), remembering what was there. The frames stay: `restoreAfterCatch` swaps the
-  /// survivors back in once the unwind ends in a catch. (Without one, they return untraced and
-  /// are dropped as stale by later traced calls.)
+  /// for calls whose slot lies above `stackPointer` (below it: calls that already ended, by
+  /// longjmp), remembering what was there. The real one is the bottom frame's of the call: in a
+  /// tail call the slot holds the last callee's stub and its frame returns into the caller's
+  /// stub. The frames stay: `restoreAfterCatch` swaps the survivors back in once the unwind ends
+  /// in a catch. (Without one, they return untraced and are dropped as stale by later traced
+  /// calls.)
   static func restoreReturnAddresses(above stackPointer: UInt64) {
-    frames { index, frame, saved in
-      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.slot))!
-      guard frame.pointee.slot > stackPointer, slot.pointee != frame.pointee.return_address else { return }
-      saved[index] = slot.pointee
-      slot.pointee = frame.pointee.return_address
+    calls { bottom, saved in
+      let call = bottom.pointee
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(call.slot))!
+      guard call.slot > stackPointer, slot.pointee != call.return_address else { return }
+      saved.pointee = slot.pointee
+      slot.pointee = call.return_address
     }
   }
 
@@ -213,11 +227,12 @@ enum GraphThreads {
     let state = ctracery_thread_state()!
     let size = UInt64(GraphEmitter.frameSize)
     let sameStack = onThreadStack(stackPointer)
-    frames { index, frame, saved in
-      defer { saved[index] = 0 }
-      guard saved[index] != 0, frame.pointee.slot > stackPointer else { return }
-      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(frame.pointee.slot))!
-      if slot.pointee == frame.pointee.return_address { slot.pointee = saved[index] }
+    calls { bottom, saved in
+      defer { saved.pointee = 0 }
+      let call = bottom.pointee
+      guard saved.pointee != 0, call.slot > stackPointer else { return }
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(call.slot))!
+      if slot.pointee == call.return_address { slot.pointee = saved.pointee }
     }
     // Unwound frames are dropped from the top down, up to the first that is live or lies on
     // another stack (a suspended coroutine's: a later return moves past it, `putRotate`).

@@ -76,9 +76,7 @@ enum ThreadField: Int32 {
 ///
 ///     if this thread is inside a handler (guard byte): untraced
 ///     frame = shadow top (set up the thread's shadow stack on first use; full: count, untraced)
-///     drop frames whose stack arguments are at or below ours (left by longjmp or an exception;
-///     only while on the thread's own stack, and only frames on it: a suspended coroutine's
-///     frame is kept)
+///     drop the frames that ended without a return (the stale-frame rule, in `emitEntry`)
 ///     fill the frame, publish top = frame + 1, re-fill if a signal handler's call overwrote it
 ///     run each user's entry (handlers with the model's registers saved in the frame, the
 ///     frame pointer kept in rbx; the recorder inline)
@@ -93,6 +91,13 @@ enum ThreadField: Int32 {
 ///
 /// While the body runs, its return-address slot holds an address in the stub: an unwinder or
 /// `backtrace()` stops there unless `Tracer.restoreReturnAddresses()` ran first.
+///
+/// Tail calls: at -O2 `return f(x);` becomes `jmp f`, so a traced function may enter another
+/// with its own return-address slot, which then holds its stub's resume point (where its body
+/// returns). Both frames stay, with the same stack arguments; the callee's return goes to the
+/// caller's stub, whose return handler then finds the caller's frame: two exits, in order, with
+/// the callee's results (the stale-frame rule in `emitEntry` says how the entry tells this from
+/// a stale frame).
 ///
 /// Below the first frame lies a sentinel frame whose stack arguments are the highest address and
 /// whose depth is -1, so both searches end there.
@@ -109,6 +114,7 @@ struct GraphEmitter {
   static let takenOffset: Int32 = 104
   static let dataOffset: Int32 = 272
   static let dataWords = 7
+  static let resumeOffset: Int32 = 328
 
   /// The recorder's events keep the depth modulo 2^14 (see `putRecord`).
   static let depthMask: Int32 = 0x3fff
@@ -135,9 +141,11 @@ struct GraphEmitter {
     let returnHandler: Int
   }
 
-  /// Size of a function's stub, and where in it the site address is kept.
+  /// Size of a function's stub, where in it the site address is kept, and where its call of
+  /// the body returns (the frame's `resume`).
   static let stubSize = 32
   static let stubSiteOffset: Int32 = 24
+  static let stubResumeOffset: Int32 = 14
 
   /// The stub of the function whose patch site is `site` (see the type's comment), placed at
   /// `base`; it calls `body` (site + 5, or the function's per-function trampoline, which then
@@ -150,6 +158,7 @@ struct GraphEmitter {
       w.putJcc(.notEqual, untraced, short: true)
       w.putPop(.r10)
       try w.putCall(address: body)
+      precondition(w.bytes.count == Self.stubResumeOffset, "the stub's layout")
       try w.putJmp(address: returnHandler)
       w.bind(untraced)
       try w.putJmp(address: body)
@@ -195,7 +204,7 @@ struct GraphEmitter {
     w.putMov(.r11, field(.top))
     w.putCmp(.r11, field(.limit))
     w.putJcc(.aboveOrEqual, slow)
-    // Drop stale frames: a live caller's stack arguments are above ours (rsp + 16).
+    // A live caller's stack arguments are above ours (rsp + 16); when not, the stale-frame rule below.
     w.putLea(.r10, Memory(.rsp, 16))
     w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
     w.putJcc(.aboveOrEqual, popStale)
@@ -250,20 +259,51 @@ struct GraphEmitter {
     // Not set up (limit 0, top 0): set up and retry. Disabled (top 1, limit 0): return. Full:
     // count it and return.
     let overflow = w.newLabel()
+    // The stale-frame rule: an entry drops the frames whose calls ended without their return
+    // running. It looks at the top frame while its stack arguments are at or below ours (`A`:
+    // rsp + 16 at the entry; a live caller's are above) and stops at the first frame it keeps:
+    //
+    //     case                                           top frame's stack arguments   frame
+    //     ---------------------------------------------  ----------------------------  -------
+    //     we run on another stack (alternate signal      any                           kept
+    //       stack, a coroutine's): addresses compare
+    //       nothing
+    //     the frame lies on another stack (a suspended   below the thread's stack      kept
+    //       coroutine's call)
+    //     tail call: the frame's body jumped to us (or   = A, and our return address   kept
+    //       to untraced code that jumped to us)            is the frame's `resume`
+    //     longjmp / siglongjmp / an exception left it,   = A, another return address   dropped
+    //       and the same caller calls again
+    //     longjmp / siglongjmp / an exception unwound    < A                           dropped
+    //       past it
+    //     a live caller (the ordinary case, no test)     > A                           kept
+    //
+    // A caught exception drops the unwound frames itself (`GraphThreads.restoreAfterCatch`); a
+    // return whose frame is not on top moves it there (`putRotate`). The resume point is exact: a
+    // stale frame's stub cannot be our return address unless its body is running, i.e. it is live.
     cold.append { [self] w in
-      // Only on the thread's own stack: from an alternate signal stack above it, every frame of
-      // the interrupted code would look stale.
+      let drop = w.newLabel()
+      let keep = w.newLabel()
       w.bind(popStale)
       self.putJump(&w, to: push, unlessOnThreadStack: .r10)
-      // Nor a frame on another stack (a coroutine's, suspended): below us in address only.
       w.putPush(.rax)
       w.putMov(.rax, Memory(.r11, Self.stackArgumentsOffset - frame))
       w.putCmp(.rax, self.field(.stackLow))
+      w.putJcc(.below, keep)
+      w.putCmp(.rax, .r10)
+      w.putJcc(.notEqual, drop)
+      // Our return address ([rsp+8] before the push) is where its body returns: a tail call.
+      w.putMov(.rax, Memory(.rsp, 16))
+      w.putCmp(.rax, Memory(.r11, Self.resumeOffset - frame))
+      w.putJcc(.equal, keep)
+      w.bind(drop)
       w.putPop(.rax)
-      w.putJcc(.below, push)
       w.putSub(.r11, immediate: frame)
       w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
       w.putJcc(.aboveOrEqual, popStale)
+      w.putJmp(push)
+      w.bind(keep)
+      w.putPop(.rax)
       w.putJmp(push)
     }
     cold.append { [self] w in
@@ -293,7 +333,9 @@ struct GraphEmitter {
     w.putMov(.r10, Memory(.rsp, 8))
     w.putMov(Memory(.r11, Self.returnOffset), .r10)
     w.putMov(.r10, Memory(.rsp, 0))
-    w.putMov(.r10, Memory(.r10, Self.stubSiteOffset - 5))
+    w.putLea(.r10, Memory(.r10, Self.stubResumeOffset - 5))
+    w.putMov(Memory(.r11, Self.resumeOffset), .r10)
+    w.putMov(.r10, Memory(.r10, Self.stubSiteOffset - Self.stubResumeOffset))
     w.putMov(Memory(.r11, Self.siteOffset), .r10)
     w.putMov(.r10, Memory(.r11, Self.depthOffset - Self.frameSize))
     w.putAdd(.r10, immediate: 1)
@@ -390,9 +432,12 @@ struct GraphEmitter {
   ) throws {
     let write = w.newLabel()
     let full = w.newLabel()
-    w.putRdtsc()
-    w.putShl(.rdx, immediate: 32)
-    w.putOr(.rax, .rdx)
+    func putTime(_ w: inout X86Writer) {
+      w.putRdtsc()
+      w.putShl(.rdx, immediate: 32)
+      w.putOr(.rax, .rdx)
+    }
+    putTime(&w)
     w.putMov(.r10, field(.cursor))
     w.putCmp(.r10, field(.end))
     w.putJcc(.aboveOrEqual, full)
@@ -417,6 +462,9 @@ struct GraphEmitter {
     cold.append { [self] w in
       w.bind(full)
       try self.putSlowCall(&w, refill, rspAligned: rspAligned, guardHeld: guardHeld)
+      // An entry's time is taken again: the refill (a thread's first event creates its file) is
+      // the tracer's time, not the call's. An exit keeps the time its body ended.
+      if kind == 1 { putTime(&w) }
       w.putMov(.r10, self.field(.cursor))
       w.putCmp(.r10, self.field(.end))
       w.putJcc(.below, write)

@@ -1,0 +1,48 @@
+// Functions built as programs ship (-O2, sibling calls on, -fpatchable-function-entry=5): the
+// compiler turns `return f(x);` into `jmp f`, so a traced function enters another traced
+// function with its own return-address slot. `tracery_tail_jumps` checks that it did.
+#ifndef TRACERY_TAIL_FIXTURES_H
+#define TRACERY_TAIL_FIXTURES_H
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// top(x) = mid(2x) and mid(x) = leaf(x + 1), both tail calls; leaf(x) = 3x + 1.
+long tracery_tail_top(long x);
+long tracery_tail_mid(long x);
+long tracery_tail_leaf(long x);
+/// outer(x) = top(x) + 1000 (an ordinary call, so the chain has a traced caller).
+long tracery_tail_outer(long x);
+/// via(x) = bridge(x + 2), bridge untraced (no patch site), bridge(x) = leaf(x * 5): a tail
+/// call that reaches a traced function through untraced code.
+long tracery_tail_via(long x);
+/// even(n) / odd(n): mutual recursion through tail calls; even(n) is 1 when n is even.
+long tracery_tail_even(long n);
+long tracery_tail_odd(long n);
+/// Calls jumper_mid(x), which tail-calls jumper_leaf(x + 1), which longjmps back here when its
+/// argument is positive (else returns twice it); then calls leaf(x) from the same stack level
+/// and returns its result (3x + 1; -1 if no longjmp came).
+long tracery_tail_longjmp(long x);
+long tracery_tail_jumper_mid(long x);
+long tracery_tail_jumper_leaf(long x);
+
+/// C++: throw_top(v) = throw_mid(v + 1) = thrower(v + 2), tail calls; thrower(v) throws v
+/// when v > 100, else returns 7v.
+long tracery_tail_throw_top(long v);
+long tracery_tail_throw_mid(long v);
+long tracery_tail_thrower(long v);
+/// Calls throw_top(v) in try/catch: the caught value, or the result + 1000.
+long tracery_tail_catch(long v);
+/// into_catcher(v) = catcher(2v) (a tail call); catcher calls thrower(v) in try/catch and
+/// returns -(the caught value), or the result + 1.
+long tracery_tail_into_catcher(long v);
+long tracery_tail_catcher(long v);
+
+/// Whether the function at `from` ends its body with `jmp to` (a tail call), looking at its
+/// first `length` bytes.
+int tracery_tail_jumps(const void *from, const void *to, int length);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
