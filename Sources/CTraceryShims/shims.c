@@ -214,6 +214,12 @@ long ctracery_guard_offset(void) {
 
 uint8_t ctracery_guard_value(void) { return recursion_guard; }
 
+uint8_t ctracery_swap_guard(uint8_t value) {
+  uint8_t old = recursion_guard;
+  recursion_guard = value;
+  return old;
+}
+
 static __thread struct ctracery_thread thread_state __attribute__((tls_model("initial-exec")));
 
 long ctracery_thread_offset(void) {

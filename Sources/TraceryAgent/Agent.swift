@@ -69,6 +69,7 @@ enum Agent {
     writeProcessInfo()
     pthread_atfork(nil, nil) { Agent.afterFork() }
     guard !addresses.isEmpty else { return }
+    Tracer.unwoundHandler = Agent.unwound
     recorder = try? Tracer.shared.attachGraph(
       .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
     if recorder != nil, let text = environment("TRACERY_ARGUMENTS") {
@@ -151,15 +152,38 @@ enum Agent {
       file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
         .takeUnretainedValue()
     }
-    if let chunk = file.nextChunk() {
+    // The recorder writes while cursor < end: 8 bytes short of the chunk's end leaves room for a
+    // 16-byte entry (the reader skips a chunk's last 8 bytes when they are zero). `end` is first
+    // set half way: the refill there asks for the next chunk to be prepared and moves it on.
+    let chunkEnd = file.chunkEnd
+    if chunkEnd != 0, state.pointee.event_end < chunkEnd - 8 {
+      file.prepareNext()
+      state.pointee.event_end = chunkEnd - 8
+    } else if let chunk = file.nextChunk() {
       let start = UInt64(UInt(bitPattern: chunk.baseAddress))
       state.pointee.event_cursor = start
-      // The recorder writes while cursor < end: 8 bytes short of the chunk's end leaves room
-      // for a 16-byte entry (the reader skips a chunk's last 8 bytes when they are zero).
-      state.pointee.event_end = start + UInt64(chunk.count - 8)
+      state.pointee.event_end = start + UInt64(chunk.count / 2)
     } else {
       file.countDropped()
     }
+  }
+
+  /// A call a caught exception unwound: its exit event, written as the recorder writes one, at
+  /// the time of the catch (so the trace stays balanced, as uftrace's does). Every frame in this
+  /// process is one the recorder took, unless it is at or below the depth limit (the value
+  /// recorder, on a subset of the same functions, declines those too).
+  static let unwound: UnwoundHandler = { frame in
+    let depth = frame.pointee.depth
+    if let limit = Agent.configuration?.depth, depth >= UInt64(max(0, limit)) { return }
+    let state = ctracery_thread_state()!
+    if state.pointee.event_cursor >= state.pointee.event_end { Agent.refill() }
+    guard state.pointee.event_cursor < state.pointee.event_end else {
+      state.pointee.dropped += 1
+      return
+    }
+    let word = TimeStampCounter.now & 0xffff_ffff_ffff | (depth & 0x3fff) << 48 | 2 << 62
+    UnsafeMutablePointer<UInt64>(bitPattern: UInt(state.pointee.event_cursor))!.pointee = word
+    state.pointee.event_cursor += 8
   }
 
   /// Closes a thread's file when it exits.

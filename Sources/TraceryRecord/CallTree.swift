@@ -123,8 +123,10 @@ extension Trace {
         ($0.session, ($0.ticksPerNanosecond, $0.startTicks, Double($0.startRealtimeNanoseconds - origin)))
       }
     ) { a, _ in a }
+    // A thread whose process file is missing: another process's clock (one machine, one counter).
+    let fallback = processes.first.map { ($0.ticksPerNanosecond, $0.startTicks, 0.0) } ?? (1, 0, 0)
     return threads.map { thread in
-      let (rate, startTicks, offset) = clocks[thread.session] ?? (1, 0, 0)
+      let (rate, startTicks, offset) = clocks[thread.session] ?? fallback
       func time(_ ticks: UInt64) -> Double { offset + (Double(ticks) - Double(startTicks)) / rate }
       var calls: [Call] = []
       var open: [Int] = []

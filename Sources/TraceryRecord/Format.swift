@@ -50,12 +50,18 @@ public struct Event: Sendable, Equatable {
     self.kind = kind
   }
 
-  /// Decodes one thread's events in order.
+  /// Decodes one thread's events in order: `peek` reads an event without changing what the
+  /// decoder knows, `accept` takes it (a reader that doubts an event skips it instead).
   public struct Decoder {
-    private var last: UInt64 = 0
+    /// The counter of the last event taken (0: none yet).
+    public private(set) var last: UInt64 = 0
+    /// The sites of the open entries by depth (0: unknown, after damage).
     private var sites: [UInt64] = []
 
     public init() {}
+
+    /// Entries open now (as the events taken say).
+    public var openDepth: Int { sites.count }
 
     public enum Decoded {
       case event(Event)
@@ -66,7 +72,7 @@ public struct Event: Sendable, Equatable {
     /// The event whose first word is `word`, and its size in bytes. `load(n)` and `byteAt(n)`
     /// read at byte n from the event's start, nil past the data. nil: an unwritten (zero) word,
     /// an unknown kind, or an event cut short.
-    public mutating func decode(_ word: UInt64, load: (Int) -> UInt64?, byteAt: (Int) -> UInt8?) -> (
+    public func peek(_ word: UInt64, load: (Int) -> UInt64?, byteAt: (Int) -> UInt8?) -> (
       decoded: Decoded, size: Int
     )? {
       let depth = Int((word >> 48) & 0x3fff)
@@ -74,17 +80,12 @@ public struct Event: Sendable, Equatable {
       case 1:
         guard let timestamp = load(8) else { return nil }
         let site = word & 0xffff_ffff_ffff
-        last = timestamp
-        if sites.count > depth { sites.removeLast(sites.count - depth) }
-        sites.append(site)
         return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .entry)), 16)
       case 2:
         let low = word & 0xffff_ffff_ffff
         var timestamp = last & ~0xffff_ffff_ffff | low
         if timestamp < last { timestamp &+= 1 << 48 }
-        last = timestamp
         let site = depth < sites.count ? sites[depth] : 0
-        if sites.count > depth { sites.removeLast(sites.count - depth) }
         return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .exit)), 8)
       case 3:
         let payload = Int(word & 0xffff_ffff)
@@ -95,6 +96,27 @@ public struct Event: Sendable, Equatable {
       default:
         return nil
       }
+    }
+
+    /// Takes an event `peek` returned. An entry deeper than the open ones (after damage) opens
+    /// the depths between as unknown.
+    public mutating func accept(_ decoded: Decoded) {
+      guard case .event(let event) = decoded else { return }
+      last = event.timestamp
+      if sites.count > event.depth { sites.removeLast(sites.count - event.depth) }
+      if event.kind == .entry {
+        while sites.count < event.depth { sites.append(0) }
+        sites.append(event.site)
+      }
+    }
+
+    /// `peek`, then `accept`.
+    public mutating func decode(_ word: UInt64, load: (Int) -> UInt64?, byteAt: (Int) -> UInt8?) -> (
+      decoded: Decoded, size: Int
+    )? {
+      guard let result = peek(word, load: load, byteAt: byteAt) else { return nil }
+      accept(result.decoded)
+      return result
     }
   }
 
@@ -180,7 +202,8 @@ public struct ProcessInfo: Sendable, Equatable {
     let lines = text.split(separator: "\n", omittingEmptySubsequences: true)
     guard lines.first == "tracery-process 1" else { throw .corrupt("not a Tracery process file") }
     for line in lines.dropFirst() {
-      let parts = line.split(separator: " ", maxSplits: 1).map(String.init)
+      // An empty value (`argument ` for an empty argument) is a value.
+      let parts = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
       guard parts.count == 2 else { throw .corrupt("malformed line '\(line)'") }
       switch parts[0] {
       case "argument": arguments.append(TextField.unescape(parts[1]))
@@ -198,10 +221,18 @@ public struct ProcessInfo: Sendable, Equatable {
       guard let value = fields[key] else { throw .corrupt("missing '\(key)'") }
       return value
     }
-    guard let pid = Int32(try field("pid")), let parent = Int32(try field("ppid")),
-      let rate = Double(try field("ticks-per-ns")), rate > 0, let start = UInt64(try field("start-ticks")),
-      let realtime = UInt64(try field("start-realtime-ns")), let traced = Int(try field("traced-functions"))
-    else { throw .corrupt("malformed numbers") }
+    func number<T: LosslessStringConvertible>(_ key: String, as: T.Type) throws(TraceError) -> T {
+      let text = try field(key)
+      guard let value = T(text) else { throw .corrupt("'\(key)' is not a number: '\(text)'") }
+      return value
+    }
+    let pid = try number("pid", as: Int32.self)
+    let parent = try number("ppid", as: Int32.self)
+    let rate = try number("ticks-per-ns", as: Double.self)
+    guard rate > 0 else { throw .corrupt("'ticks-per-ns' is not positive") }
+    let start = try number("start-ticks", as: UInt64.self)
+    let realtime = try number("start-realtime-ns", as: UInt64.self)
+    let traced = try number("traced-functions", as: Int.self)
     self.init(
       session: try field("session"), pid: pid, parent: parent, executable: TextField.unescape(try field("executable")),
       arguments: arguments, ticksPerNanosecond: rate, startTicks: start, startRealtimeNanoseconds: realtime,

@@ -18,11 +18,15 @@ public struct Trace: Sendable {
   public let info: [(key: String, value: String)]
   public let processes: [ProcessInfo]
   public let threads: [Thread]
+  /// What could not be read (each part skipped; everything intact around it is kept).
+  public let damage: [Damage]
 
   public func value(_ key: String) -> String? { info.first { $0.key == key }?.value }
 
   public var droppedEvents: UInt64 { threads.reduce(0) { $0 + $1.dropped } }
 
+  /// Reads the directory. Throws only when it is not a trace at all (no directory, no info
+  /// file); a damaged, missing or unreadable part is skipped and listed in `damage`.
   public init(directory: String) throws(TraceError) {
     self.directory = directory
     guard let names = Files.list(directory) else { throw .notFound(directory) }
@@ -33,77 +37,62 @@ public struct Trace: Sendable {
     let lines = infoText.split(separator: "\n")
     guard lines.first == "tracery-trace 1" else { throw .corrupt("\(directory)/info is not a Tracery info file") }
     for line in lines.dropFirst() {
-      let parts = line.split(separator: " ", maxSplits: 1).map(String.init)
+      let parts = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
       info.append((parts[0], parts.count > 1 ? TextField.unescape(parts[1]) : ""))
     }
     self.info = info
     var processes: [ProcessInfo] = []
     var threads: [Thread] = []
+    var damage: [Damage] = []
     for name in names.sorted() {
       let path = directory + "/" + name
       if name.hasPrefix("process-") && name.hasSuffix(".info") {
-        guard let text = Files.readText(path) else { throw .corrupt("\(path) cannot be read") }
-        do { processes.append(try ProcessInfo(text: text)) } catch { throw .corrupt("\(path): \(error)") }
+        guard let text = Files.readText(path) else {
+          damage.append(Damage(file: path, offset: 0, bytes: 0, reason: "cannot be read"))
+          continue
+        }
+        do { processes.append(try ProcessInfo(text: text)) } catch {
+          damage.append(Damage(file: path, offset: 0, bytes: text.utf8.count, reason: "\(error)"))
+        }
       } else if name.hasSuffix(".events") {
-        threads.append(try Self.readThread(path: path, name: name))
+        let (thread, found) = Self.readThread(path: path, name: name)
+        if let thread { threads.append(thread) }
+        damage += found
       }
     }
     let sessions = Set(processes.map(\.session))
-    for thread in threads where !sessions.contains(thread.session) {
-      throw .corrupt("\(directory): events of session \(thread.session) without its process file")
+    for session in Set(threads.map(\.session)).subtracting(sessions).sorted() {
+      damage.append(
+        Damage(
+          file: "\(directory)/process-\(session).info", offset: 0, bytes: 0,
+          reason: "missing: the events of session \(session) are shown with addresses and another process's clock"))
     }
-    if processes.isEmpty { throw .empty("\(directory) has no traced process (did the program start?)") }
+    if processes.isEmpty && threads.isEmpty {
+      throw .empty("\(directory) has no traced process (did the program start?)")
+    }
     self.processes = processes
     self.threads = threads.sorted { ($0.pid, $0.tid) < ($1.pid, $1.tid) }
+    self.damage = damage
   }
 
-  static func readThread(path: String, name: String) throws(TraceError) -> Thread {
-    // SESSION-TID.events, SESSION = PID.GENERATION
-    let stem = name.dropLast(".events".count)
-    guard let dash = stem.lastIndex(of: "-"), let tid = Int32(stem[stem.index(after: dash)...]) else {
-      throw .corrupt("\(path): unexpected file name")
+  /// One line per damaged file: what was wrong first, and what was skipped in all.
+  public var damageSummary: [String] {
+    var order: [String] = []
+    var byFile: [String: [Damage]] = [:]
+    for item in damage {
+      if byFile[item.file] == nil { order.append(item.file) }
+      byFile[item.file, default: []].append(item)
     }
-    let session = String(stem[..<dash])
-    guard let pid = Int32(session.split(separator: ".").first ?? "") else { throw .corrupt("\(path): bad session") }
-    guard let bytes = Files.read(path) else { throw .corrupt("\(path) cannot be read") }
-    guard bytes.count >= TraceFormat.headerSize else {
-      throw .corrupt("\(path) is truncated (\(bytes.count) bytes, header is \(TraceFormat.headerSize))")
+    return order.map { file in
+      let items = byFile[file]!
+      let first = items[0]
+      guard first.offset > 0 else { return "\(file): \(first.reason)" }
+      let bytes = items.reduce(0) { $0 + $1.bytes }
+      let more = items.count > 1 ? " (and \(items.count - 1) more place\(items.count > 2 ? "s" : ""))" : ""
+      return
+        "\(file): damaged at offset \(first.offset) (\(first.reason))\(more): \(bytes) bytes skipped, "
+        + "about \(items.reduce(0) { $0 + $1.eventsSkipped }) events lost"
     }
-    guard Array(bytes[0..<8]) == TraceFormat.magic else { throw .corrupt("\(path): bad magic") }
-    let version = UInt32(bytes.load(TraceFormat.Header.version, count: 4))
-    guard version == TraceFormat.version else { throw .corrupt("\(path): format version \(version)") }
-    let dropped = bytes.load(TraceFormat.Header.dropped)
-    let chunkSize = Int(bytes.load(TraceFormat.Header.chunkSize))
-    guard chunkSize >= 16, chunkSize % 8 == 0 else { throw .corrupt("\(path): chunk size \(chunkSize)") }
-    var events: [Event] = []
-    events.reserveCapacity((bytes.count - TraceFormat.headerSize) / 12)
-    var decoder = Event.Decoder()
-    var offset = TraceFormat.headerSize
-    while offset + 8 <= bytes.count {
-      let word = bytes.load(offset)
-      let chunkStart = offset - (offset - TraceFormat.headerSize) % chunkSize
-      let chunkEnd = min(chunkStart + chunkSize, bytes.count)
-      if word == 0 {
-        // Unwritten: the end of the data, unless the writer left this chunk's tail for the next
-        // chunk (an event that did not fit), which then has data.
-        guard chunkEnd + 8 <= bytes.count, bytes.load(chunkEnd) != 0 else { break }
-        offset = chunkEnd
-        continue
-      }
-      let start = offset
-      guard
-        let (decoded, size) = decoder.decode(
-          word, load: { start + $0 + 8 <= chunkEnd ? bytes.load(start + $0) : nil },
-          byteAt: { start + $0 < chunkEnd ? bytes[start + $0] : nil })
-      else { break }
-      switch decoded {
-      case .event(let event): events.append(event)
-      case .values(let values):
-        if !events.isEmpty { events[events.count - 1].values = values }
-      }
-      offset += size
-    }
-    return Thread(session: session, pid: pid, tid: tid, events: events, dropped: dropped)
   }
 }
 

@@ -22,10 +22,29 @@ import Testing
   }
 
   func read(_ bytes: [UInt8]) throws -> Trace.Thread {
+    let (thread, damage) = readWithDamage(bytes)
+    #expect(damage.isEmpty, "\(damage)")
+    return try #require(thread)
+  }
+
+  func readWithDamage(_ bytes: [UInt8]) -> (thread: Trace.Thread?, damage: [Damage]) {
     let path = "/tmp/tracery-record-test-\(getpid())-\(UInt32.random(in: 0 ... .max))-42.0-43.events"
     #expect(Files.write(bytes, to: path))
     defer { unlink(path) }
-    return try Trace.readThread(path: path, name: "42.0-43.events")
+    return Trace.readThread(path: path, name: "42.0-43.events")
+  }
+
+  /// `count` calls f(i) { g(i) } at depths 0 and 1, 100 ticks apart.
+  func calls(_ count: Int) -> [Event] {
+    (0..<count).flatMap { index -> [Event] in
+      let time = UInt64(1_000_000 + 400 * index)
+      return [
+        Event(timestamp: time, site: 0x5555_0000_1000, depth: 0, kind: .entry),
+        Event(timestamp: time + 100, site: 0x5555_0000_2000, depth: 1, kind: .entry),
+        Event(timestamp: time + 200, site: 0x5555_0000_2000, depth: 1, kind: .exit),
+        Event(timestamp: time + 300, site: 0x5555_0000_1000, depth: 0, kind: .exit),
+      ]
+    }
   }
 
   @Test func entriesExitsAndAChunkTail() throws {
@@ -84,14 +103,115 @@ import Testing
     #expect(thread.events.last?.values.first?.text == "0x2a")
   }
 
-  @Test func aFileCutInsideAnEntryEndsBeforeIt() throws {
+  @Test func aFileCutInsideAnEntryEndsBeforeItAndSaysSo() throws {
     let entry = Event(timestamp: 1000, site: 0x1000, depth: 0, kind: .entry)
     let exit = Event(timestamp: 1010, site: 0x1000, depth: 0, kind: .exit)
     let bytes = header(chunkSize: 1 << 20) + entry.bytes + exit.bytes + Array(entry.bytes.prefix(12))
-    #expect(try read(bytes).events == [entry, exit])
+    let (thread, damage) = readWithDamage(bytes)
+    #expect(thread?.events == [entry, exit])
+    #expect(damage.map(\.offset) == [TraceFormat.headerSize + 24])
+    #expect(damage.first?.reason == "the file ends inside an event")
   }
 
-  @Test func aBadChunkSizeIsCorrupt() {
-    #expect(throws: TraceError.self) { try read(header(chunkSize: 12) + [1, 2, 3]) }
+  @Test func aBadChunkSizeOrHeaderLosesTheFileAndSaysWhy() {
+    #expect(
+      readWithDamage(header(chunkSize: 12) + [1, 2, 3]).damage.first?.reason == "bad chunk size 12 in the header")
+    #expect(readWithDamage([]).damage.first?.reason.hasPrefix("empty (0 bytes)") == true)
+    #expect(readWithDamage([1, 2, 3]).damage.first?.reason.hasPrefix("truncated") == true)
+    var wrongVersion = header(chunkSize: 64)
+    wrongVersion[TraceFormat.Header.version] = 9
+    #expect(readWithDamage(wrongVersion).damage.first?.reason == "format version 9; this tracery reads version 2")
+    #expect(readWithDamage(wrongVersion).thread == nil)
+  }
+
+  /// 64 scribbled bytes in the middle of a thread: every event before and after them is kept,
+  /// and the damage is reported where it is.
+  @Test(arguments: [0x00 as UInt8, 0xa5, 0xff, 0x40])
+  func scribbledBytesLoseOnlyWhatTheyCover(fill: UInt8) throws {
+    let events = calls(100)
+    var body = events.flatMap(\.bytes)
+    let at = 48 * 40 + 8  // inside call 40 (48 bytes each: two entries, two exits)
+    body.replaceSubrange(at..<(at + 64), with: [UInt8](repeating: fill, count: 64))
+    let (thread, damage) = readWithDamage(header(chunkSize: 1 << 20) + body)
+    let kept = try #require(thread).events
+    #expect(damage.count == 1, "\(damage)")
+    // The damage begins at call 40's entry, whose counter the scribble covers.
+    #expect(damage.first?.offset == TraceFormat.headerSize + 48 * 40)
+    // Calls 0-39 and everything from the first intact entry after the damage.
+    let firstDifference = kept.indices.first { $0 >= events.count || kept[$0] != events[$0] }
+    #expect(firstDifference == 160, "\(kept.count) kept")
+    let resumed = try #require(events.firstIndex { $0.timestamp == kept[160].timestamp && $0.kind == .entry })
+    #expect(kept[160...].elementsEqual(events[resumed...]), "\(kept.count) kept, resumed at \(resumed)")
+    #expect(resumed <= 160 + 16, "at most the calls the 64 bytes touched are lost")
+  }
+
+  @Test func zeroedBytesAtAChunkStartAreDamageNotTheEnd() throws {
+    let events = calls(4)
+    var body = Array(events.prefix(8).flatMap(\.bytes))
+    body += [UInt8](repeating: 0, count: 256 - body.count)
+    let second = events.suffix(8).flatMap(\.bytes)
+    body += [UInt8](repeating: 0, count: 48) + second.dropFirst(48)
+    body += [UInt8](repeating: 0, count: 512 - body.count)
+    let (thread, damage) = readWithDamage(header(chunkSize: 256) + body)
+    #expect(damage.first?.reason == "zeroed bytes among the events")
+    #expect(thread?.events.prefix(8) == events.prefix(8))
+    #expect(thread?.events.last == events.last)
+  }
+
+  @Test func aTraceWithAnEmptyThreadFileAndAnEmptyArgumentIsRead() throws {
+    let directory = "/tmp/tracery-damaged-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+    mkdir(directory, 0o700)
+    defer {
+      for name in Files.list(directory) ?? [] { unlink(directory + "/" + name) }
+      rmdir(directory)
+    }
+    #expect(Files.write("tracery-trace 1\ncommand prog%20\n", to: directory + "/info"))
+    let process = ProcessInfo(
+      session: "42.0", pid: 42, parent: 1, executable: "/bin/prog", arguments: ["/bin/prog", "", "x"],
+      ticksPerNanosecond: 1, startTicks: 1_000_000, startRealtimeNanoseconds: 5, objects: [], tracedFunctions: 2)
+    #expect(Files.write(process.text, to: directory + "/process-42.0.info"))
+    #expect(Files.write(header(chunkSize: 1 << 20) + calls(3).flatMap(\.bytes), to: directory + "/42.0-43.events"))
+    #expect(Files.write([], to: directory + "/42.0-44.events"))
+    let trace = try Trace(directory: directory)
+    #expect(trace.processes.first?.arguments == ["/bin/prog", "", "x"])
+    #expect(trace.threads.map(\.tid) == [43])
+    #expect(trace.threads.first?.events.count == 12)
+    #expect(
+      trace.damageSummary == [
+        "\(directory)/42.0-44.events: empty (0 bytes): the thread wrote nothing or the file was cut"
+      ])
+  }
+}
+
+extension EventReadingTests {
+  /// 64 random bytes at 400 places (a fixed seed): every event before the damage is kept, the
+  /// damage is reported where it begins, and what follows it is the original events again after
+  /// at most the calls the bytes covered.
+  @Test func randomScribblesAreReportedAndContained() {
+    let events = calls(200)
+    let body = events.flatMap(\.bytes)
+    var seed: UInt64 = 0x9e37_79b9_7f4a_7c15
+    func random() -> UInt64 {
+      seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+      return seed >> 11
+    }
+    var bogus = 0
+    for _ in 0..<400 {
+      var scribbled = body
+      let at = Int(random() % UInt64(body.count - 64))
+      for index in at..<(at + 64) { scribbled[index] = UInt8(truncatingIfNeeded: random()) }
+      let (thread, damage) = readWithDamage(header(chunkSize: 1 << 20) + scribbled)
+      guard let kept = thread?.events, let first = damage.first else {
+        Issue.record("no damage reported for a scribble at \(at)")
+        continue
+      }
+      let intactBefore = (first.offset - TraceFormat.headerSize) / 48 * 4
+      #expect(first.offset - TraceFormat.headerSize <= at + 8)
+      #expect(kept.prefix(intactBefore).elementsEqual(events.prefix(intactBefore)))
+      let originals = Set(events.map { "\($0.timestamp) \($0.kind)" })
+      bogus += kept.count { !originals.contains("\($0.timestamp) \($0.kind)") }
+      #expect(kept.count >= events.count - 4 * 4, "a scribble at \(at) lost \(events.count - kept.count) events")
+    }
+    #expect(bogus <= 4, "\(bogus) events made up of scribbled bytes were taken")
   }
 }

@@ -126,6 +126,8 @@ long ctracery_guard_offset(void);
 uint64_t ctracery_rdtsc(void);
 /// This thread's guard byte (for tests).
 uint8_t ctracery_guard_value(void);
+/// Sets this thread's guard byte (held around handlers that Swift code calls); returns the old.
+uint8_t ctracery_swap_guard(uint8_t value);
 
 /// Per-thread state of the function graph and its event recorder, read and written by generated
 /// code at `fs:[ctracery_thread_offset() + field offset]` (initial-exec TLS: one offset for

@@ -22,6 +22,9 @@ public typealias GraphExitHandler =
     UInt64
   ) -> Void
 
+/// Called for a frame a caught C++ exception unwound (see `Tracer.unwoundHandler`).
+public typealias UnwoundHandler = @convention(c) (UnsafeMutablePointer<tracery_graph_frame>) -> Void
+
 /// What a function-graph user runs (seed 003: up to 16 users share every frame).
 public enum GraphHandlers: Sendable {
   /// Handlers; either may be nil. Without an entry handler every call's exit is taken.
@@ -236,12 +239,19 @@ enum GraphThreads {
     }
     // Unwound frames are dropped from the top down, up to the first that is live or lies on
     // another stack (a suspended coroutine's: a later return moves past it, `putRotate`).
+    let unwound = unwoundHandler
+    let guarded = ctracery_swap_guard(1)
+    defer { _ = ctracery_swap_guard(guarded) }
     while sameStack, state.pointee.shadow_top > state.pointee.shadow_base + size {
-      let slot = UnsafePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!.pointee.slot
-      guard slot <= stackPointer, onThreadStack(slot) else { break }
+      let frame = UnsafeMutablePointer<tracery_graph_frame>(bitPattern: UInt(state.pointee.shadow_top - size))!
+      guard frame.pointee.slot <= stackPointer, onThreadStack(frame.pointee.slot) else { break }
+      unwound?(frame)
       state.pointee.shadow_top -= size
     }
   }
+
+  /// See `Tracer.unwoundHandler`.
+  nonisolated(unsafe) static var unwoundHandler: UnwoundHandler?
 
   static let catchHookInstalled: Void = ctracery_set_catch_hook { GraphThreads.restoreAfterCatch(stackPointer: $0) }
 
@@ -324,6 +334,15 @@ extension Tracer {
   /// interposers call this.
   public static func restoreReturnAddresses() {
     withCallerStackMarker { GraphThreads.restoreReturnAddresses(above: $0) }
+  }
+
+  /// Called, on the catching thread, for each graph frame a caught C++ exception unwound (innermost
+  /// first, just before the frame is dropped), with the recursion guard held: their users' exit
+  /// handlers are not (the calls did not return), but a recorder can close them here, at the time
+  /// of the catch, as uftrace does. Set it before tracing starts; nil by default.
+  public static var unwoundHandler: UnwoundHandler? {
+    get { GraphThreads.unwoundHandler }
+    set { GraphThreads.unwoundHandler = newValue }
   }
 
   func graphSites(of index: Int) -> [UInt64] {

@@ -6,8 +6,14 @@ import TraceryRecord
 /// Opening a trace directory and naming its addresses (symbols are resolved at read time, from
 /// the objects' files as the process file lists them).
 enum TraceReading {
+  /// Opens the trace and says on stderr, once per file, what could not be read.
   static func open(_ directory: String) throws -> Trace {
-    do { return try Trace(directory: directory) } catch { throw UserError("\(error)") }
+    let trace: Trace
+    do { trace = try Trace(directory: directory) } catch { throw UserError("\(error)") }
+    for line in trace.damageSummary {
+      FileHandle.standardError.write(Data("tracery: warning: \(line)\n".utf8))
+    }
+    return trace
   }
 
   /// The calls of every thread (or of `tid`), named in full (what filters match) and labelled
@@ -174,6 +180,7 @@ struct Info: ParsableCommand {
       for (key, value) in trace.info {
         output += "# \(key.padding(toLength: 16, withPad: " ", startingAt: 0)): \(value)\n"
       }
+      for line in trace.damageSummary { output += "# damaged         : \(line)\n" }
       for process in trace.processes {
         let threads = trace.threads.filter { $0.session == process.session }
         output += "# process \(process.session) (pid \(process.pid), parent \(process.parent)): \(process.executable)\n"

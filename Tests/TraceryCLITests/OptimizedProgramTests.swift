@@ -1,0 +1,137 @@
+import Foundation
+import Testing
+import TraceryTestSupport
+
+/// `tracery record` end to end on programs built as they ship: -O2 without frame pointers, where
+/// compilers turn `return f(x);` into a tail call, by every compiler and patch-site flavour the
+/// README lists.
+@Suite struct OptimizedProgramTests {
+  static let tracery = ListCommandTests.tracery
+  static let programs = RecordCommandTests.programs
+
+  struct Build: Sendable, CustomStringConvertible {
+    let name: String
+    let compiler: String
+    let flags: [String]
+    var description: String { name }
+  }
+
+  static let builds = [
+    Build(name: "clang -O2", compiler: "clang", flags: ["-fomit-frame-pointer", "-fpatchable-function-entry=5"]),
+    Build(
+      name: "gcc -O2 (NOP sleds)", compiler: "gcc", flags: ["-fomit-frame-pointer", "-fpatchable-function-entry=5"]),
+    // gcc refuses -pg without frame pointers.
+    Build(
+      name: "gcc -O2 -pg -mfentry", compiler: "gcc",
+      flags: ["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"]),
+    Build(
+      name: "clang -O2 -fcf-protection", compiler: "clang",
+      flags: ["-fomit-frame-pointer", "-fpatchable-function-entry=5", "-fcf-protection=full"]),
+  ]
+
+  static func build(_ source: String, _ build: Build, in directory: URL, extra: [String] = []) throws -> String {
+    let output = directory.appendingPathComponent("program").path
+    try TestSupport.compile(
+      compiler: build.compiler, sources: [programs.appendingPathComponent(source).path],
+      flags: ["-O2", "-pthread"] + build.flags + extra, output: output)
+    return output
+  }
+
+  /// Runs `program` untraced and under `record`: same output, same status. Returns the trace.
+  static func recordAsUntraced(_ program: String, _ arguments: [String] = [], in directory: URL) throws -> URL {
+    let untraced = try TestSupport.run(program, arguments)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program] + arguments)
+    #expect(traced.status == untraced.status, "\(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+    return trace
+  }
+
+  @Test(arguments: builds)
+  func tailCallsLongjmpAndThreads(build: Build) throws {
+    let directory = try TestSupport.temporaryDirectory("optimized-tails")
+    let program = try Self.build("tails.c", build, in: directory)
+    // The compiler made the tail calls this test is about.
+    let code = try TestSupport.run(TestSupport.which("objdump")!, ["-d", "--no-show-raw-insn", program]).stdout
+    for (caller, callee) in [("mid", "leaf"), ("top", "mid"), ("even", "odd"), ("jump_mid", "jumper")] {
+      let body = code.components(separatedBy: "<\(caller)>:\n").dropFirst().first?.components(separatedBy: "\n\n")
+        .first
+      #expect(body?.contains("jmp") == true && body?.contains("<\(callee)>") == true, "\(caller) → \(callee)")
+    }
+    let trace = try Self.recordAsUntraced(program, in: directory)
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.status == 0 && replay.stderr.isEmpty, "\(replay.stderr)")
+    let trees = RecordCommandTests.trees(replay.stdout)
+    let main = [
+      "main() {",
+      "  top() {", "    mid() {", "      leaf();", "    }", "  }",
+      "  even() {", "    odd() {", "      even() {", "        odd() {", "          even();", "        }", "      }",
+      "    }", "  }",
+      "  jump_mid() {", "    jumper();", "  }",
+      "  leaf();",
+      "}",
+    ]
+    #expect(trees.values.filter { $0.first == "main() {" } == [main], "\(replay.stdout)")
+    #expect(trees.values.filter { $0.first == "worker() {" }.count == 3, "\(replay.stdout)")
+    #expect(trees.values.filter { $0.first == "worker() {" }.allSatisfy { $0 == ["worker() {", "  leaf();", "}"] })
+    // Every exit returned where it should: the program's own result says so (120).
+    #expect(try TestSupport.run(program, []).stdout == "120\n")
+  }
+
+  /// A thread's first recorded call does not pay for the thread's set-up (its event file and
+  /// first chunk, its shadow stack: ~0.3 ms here). Each worker runs two tiny calls.
+  @Test func threadSetUpIsNotInAnyInterval() throws {
+    let directory = try TestSupport.temporaryDirectory("optimized-setup")
+    let program = try Self.build("tails.c", Self.builds[0], in: directory)
+    let trace = try Self.recordAsUntraced(program, in: directory)
+    let dump = try TestSupport.run(Self.tracery, ["dump", "-d", trace.path])
+    // Per thread: "TIMESTAMP TID [entry] depth 0 worker" ... the same thread's last event.
+    var spans: [String: (first: UInt64, last: UInt64, worker: Bool)] = [:]
+    for line in dump.stdout.split(separator: "\n") where !line.hasPrefix("#") {
+      let fields = line.split(separator: " ")
+      guard fields.count >= 6, let time = UInt64(fields[0]) else { continue }
+      let tid = String(fields[1])
+      let span = spans[tid] ?? (time, time, fields.last == "worker")
+      spans[tid] = (span.first, time, span.worker)
+    }
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    let file = try processFile(trace)
+    let process = try String(contentsOf: try #require(file), encoding: .utf8)
+    let rateLine = process.split(separator: "\n").first { $0.hasPrefix("ticks-per-ns ") }
+    let rate = try #require(rateLine.flatMap { Double($0.dropFirst("ticks-per-ns ".count)) })
+    let workers = spans.values.filter(\.worker)
+    #expect(workers.count == 3, "\(info)")
+    for worker in workers {
+      let nanoseconds = Double(worker.last - worker.first) / rate
+      #expect(nanoseconds < 100_000, "a worker of two tiny calls took \(nanoseconds) ns")
+    }
+  }
+
+  func processFile(_ trace: URL) throws -> URL? {
+    try FileManager.default.contentsOfDirectory(atPath: trace.path).first { $0.hasPrefix("process-") }.map {
+      trace.appendingPathComponent($0)
+    }
+  }
+
+  @Test func cxxExceptionsThroughTailCalledFramesBalanceTheTrace() throws {
+    let directory = try TestSupport.temporaryDirectory("optimized-throw")
+    let program = try Self.build(
+      "tailthrow.cpp",
+      Build(name: "clang++ -O2", compiler: "clang++", flags: ["-fomit-frame-pointer", "-fpatchable-function-entry=5"]),
+      in: directory)
+    let trace = try Self.recordAsUntraced(program, in: directory)
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.status == 0 && replay.stderr.isEmpty, "\(replay.stderr)")
+    // Unwound calls close at the catch, with their times, as uftrace shows them.
+    #expect(!replay.stdout.contains("no exit recorded"), "\(replay.stdout)")
+    let expected = [
+      "main() {",
+      "  throw_top() {", "    throw_mid() {", "      thrower();", "    }", "  }",
+      "  into_catcher() {", "    catcher() {", "      thrower();", "    }", "  }",
+      "  into_catcher() {", "    catcher() {", "      thrower();", "    }", "  }",
+      "}",
+    ]
+    #expect(RecordCommandTests.trees(replay.stdout).values.first == expected, "\(replay.stdout)")
+    #expect(try TestSupport.run(program, []).stdout == "202 -120 29\n")
+  }
+}
