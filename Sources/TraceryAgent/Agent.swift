@@ -53,6 +53,7 @@ enum Agent {
     // The tracer's table: resolving the chosen sites below reads the same one (built once).
     let table = Tracer.shared.symbols
     objects = table.objects.map { ProcessInfo.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
+    saveSymbols(table, in: directory)
     var chosen = table.patchableFunctions
     if let match = configuration.match, let glob = try? Glob(match) {
       let wanted = Set(table.functions(matching: glob))
@@ -78,6 +79,30 @@ enum Agent {
         table.functions[index].site.map { (name: table.functions[index].name, site: $0) }
       }
       ValueRecorder.attach(ValueRecorder.specs(text), kind: kind, functions: functions, depth: configuration.depth)
+    }
+  }
+
+  /// Saves the names of each object's patchable functions in `DIR/symbols` (once per object and
+  /// trace: a later process that loads the same object finds its file there) and names the file
+  /// in `objects`. Written under a private name and renamed, so a reader never sees half a file.
+  static func saveSymbols(_ table: SymbolTable, in directory: String) {
+    var sites = [[(site: UInt64, name: String)]](repeating: [], count: table.objects.count)
+    for function in table.functions {
+      guard let site = function.site else { continue }
+      sites[function.object].append((site &- table.objects[function.object].bias, function.name))
+    }
+    let folder = directory + "/symbols"
+    mkdir(folder, 0o755)
+    for (index, object) in table.objects.enumerated() where !sites[index].isEmpty {
+      let identity = FileIdentity(path: object.path)
+      let buildID = object.buildID.map(ProcessInfo.Object.hex)
+      guard let key = SymbolFile.key(buildID: buildID, identity: identity) else { continue }
+      objects[index].symbols = key
+      let path = "\(folder)/\(key).sym"
+      guard access(path, F_OK) != 0 else { continue }
+      let file = SymbolFile(path: object.path, buildID: buildID, identity: identity, sites: sites[index])
+      let temporary = "\(path).\(getpid())"
+      if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
     }
   }
 

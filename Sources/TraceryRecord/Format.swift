@@ -138,18 +138,24 @@ public struct ProcessInfo: Sendable, Equatable {
     public let path: String
     public let bias: UInt64
     public let buildID: String?
+    /// Its saved names, `DIR/symbols/KEY.sym` (`SymbolFile`); nil for objects without patch sites
+    /// (and in traces older than the symbol files).
+    public var symbols: String?
 
-    public init(path: String, bias: UInt64, buildID: String?) {
+    public init(path: String, bias: UInt64, buildID: String?, symbols: String? = nil) {
       self.path = path
       self.bias = bias
       self.buildID = buildID
+      self.symbols = symbols
     }
 
     /// With the build-id's bytes, written as lowercase hex.
     public init(path: String, bias: UInt64, buildIDBytes: [UInt8]?) {
-      self.init(
-        path: path, bias: bias,
-        buildID: buildIDBytes.map { $0.map { String($0, radix: 16).leftPadded(to: 2) }.joined() })
+      self.init(path: path, bias: bias, buildID: buildIDBytes.map(Self.hex))
+    }
+
+    public static func hex(_ bytes: [UInt8]) -> String {
+      bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
   }
 
@@ -191,7 +197,10 @@ public struct ProcessInfo: Sendable, Equatable {
       "traced-functions \(tracedFunctions)",
     ]
     lines += arguments.map { "argument \(TextField.escape($0))" }
-    lines += objects.map { "object 0x\(String($0.bias, radix: 16)) \($0.buildID ?? "-") \(TextField.escape($0.path))" }
+    lines += objects.map {
+      "object 0x\(String($0.bias, radix: 16)) \($0.buildID ?? "-") \(TextField.escape($0.path))"
+        + ($0.symbols.map { " " + $0 } ?? "")
+    }
     return lines.joined(separator: "\n") + "\n"
   }
 
@@ -208,12 +217,17 @@ public struct ProcessInfo: Sendable, Equatable {
       switch parts[0] {
       case "argument": arguments.append(TextField.unescape(parts[1]))
       case "object":
-        let items = parts[1].split(separator: " ", maxSplits: 2).map(String.init)
-        guard items.count == 3, items[0].hasPrefix("0x"), let bias = UInt64(items[0].dropFirst(2), radix: 16) else {
+        // BIAS BUILDID PATH [SYMBOLS]: the path is escaped, so it holds no space.
+        let items = parts[1].split(separator: " ").map(String.init)
+        guard items.count == 3 || items.count == 4, items[0].hasPrefix("0x"),
+          let bias = UInt64(items[0].dropFirst(2), radix: 16)
+        else {
           throw .corrupt("malformed object line '\(line)'")
         }
         objects.append(
-          Object(path: TextField.unescape(items[2]), bias: bias, buildID: items[1] == "-" ? nil : items[1]))
+          Object(
+            path: TextField.unescape(items[2]), bias: bias, buildID: items[1] == "-" ? nil : items[1],
+            symbols: items.count == 4 ? items[3] : nil))
       default: fields[parts[0]] = parts[1]
       }
     }

@@ -135,3 +135,42 @@ import TraceryTestSupport
     #expect(try TestSupport.run(program, []).stdout == "202 -120 29\n")
   }
 }
+
+extension OptimizedProgramTests {
+  /// Names come from the symbols saved with the trace: a program rebuilt after recording (clang
+  /// writes no build-id here) replays with the names of what ran. Without the saved names, the
+  /// reader says the file changed.
+  @Test func aRebuiltProgramReplaysWithTheNamesThatRan() throws {
+    let directory = try TestSupport.temporaryDirectory("optimized-rebuilt")
+    let source = directory.appendingPathComponent("program.c")
+    let program = directory.appendingPathComponent("program").path
+    func build(_ text: String) throws {
+      try text.write(to: source, atomically: true, encoding: .utf8)
+      try TestSupport.compile(
+        compiler: "clang", sources: [source.path], flags: ["-O1", "-fpatchable-function-entry=5"], output: program)
+    }
+    try build(
+      """
+      __attribute__((noinline)) int alpha(int x) { return x + 1; }
+      __attribute__((noinline)) int beta(int x) { return alpha(x) * 2; }
+      int main(void) { return beta(3) - 8; }
+      """)
+    let trace = directory.appendingPathComponent("trace")
+    #expect(try RecordCommandTests.record(trace, [program]).status == 0)
+    try build(
+      """
+      __attribute__((noinline)) int zed(int x) { return x + 5; }
+      __attribute__((noinline)) int gamma2(int x) { return x + 1; }
+      __attribute__((noinline)) int delta(int x) { return gamma2(x) * 2; }
+      int main(void) { return delta(3) + zed(1) - 14; }
+      """)
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(replay.stderr.isEmpty, "\(replay.stderr)")
+    #expect(
+      RecordCommandTests.trees(replay.stdout).values.first == ["main() {", "  beta() {", "    alpha();", "  }", "}"],
+      "\(replay.stdout)")
+    try FileManager.default.removeItem(at: trace.appendingPathComponent("symbols"))
+    let unsaved = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    #expect(unsaved.stderr.contains("program: it was modified after it was recorded"), "\(unsaved.stderr)")
+  }
+}

@@ -61,29 +61,77 @@ enum TraceReading {
   }
 }
 
-/// Site → function symbol or name, per session.
+/// Site → function symbol or name, per session: from the names saved with the trace
+/// (`DIR/symbols`, `SymbolFile`), or, for objects without them (traces from before they were
+/// saved), from the object's file on disk, with a warning when that file is not the one recorded.
 final class Symbolizer {
+  private struct Saved {
+    let bias: UInt64
+    let file: SymbolFile
+  }
+  private var saved: [String: [Saved]] = [:]
   private var tables: [String: SymbolTable] = [:]
-  private var files: [String: ELFFile] = [:]
+  /// Objects named from disk although they changed since recording, not yet warned about.
+  private var changed: [String: String] = [:]
+  private var warned: Set<String> = []
   private let style: Demangler.Style
 
   init(_ trace: Trace, demangle style: Demangler.Style = .full) {
     self.style = style
+    var symbolFiles: [String: SymbolFile?] = [:]
+    var elfFiles: [String: ELFFile] = [:]
     for process in trace.processes {
       var inputs: [SymbolTable.Input] = []
+      var own: [Saved] = []
       for object in process.objects {
-        guard let file = files[object.path] ?? (try? ELFFile(path: object.path)) else { continue }
-        files[object.path] = file
+        if let key = object.symbols {
+          let file =
+            symbolFiles[key]
+            ?? Files.readText("\(trace.directory)/symbols/\(key).sym").flatMap { try? SymbolFile(text: $0) }
+          symbolFiles.updateValue(file, forKey: key)
+          if let file {
+            own.append(Saved(bias: object.bias, file: file))
+            continue
+          }
+        }
+        guard let file = elfFiles[object.path] ?? (try? ELFFile(path: object.path)) else { continue }
+        elfFiles[object.path] = file
+        if let reason = Self.difference(object, file, recordedAt: process.startRealtimeNanoseconds) {
+          changed[object.path] = reason
+        }
         inputs.append(SymbolTable.Input(path: object.path, bias: object.bias, file: file))
       }
-      tables[process.session] = try? SymbolTable(inputs)
+      saved[process.session] = own
+      if !inputs.isEmpty { tables[process.session] = try? SymbolTable(inputs) }
     }
+  }
+
+  /// Why the file on disk may not be the object that was recorded, or nil.
+  private static func difference(
+    _ object: TraceryRecord.ProcessInfo.Object, _ file: ELFFile, recordedAt start: UInt64
+  ) -> String? {
+    let onDisk = file.buildID().map(TraceryRecord.ProcessInfo.Object.hex)
+    if let recorded = object.buildID {
+      return onDisk == recorded ? nil : "its build-id is not the recorded one (rebuilt since?)"
+    }
+    if let identity = FileIdentity(path: object.path), identity.modified > start {
+      return "it was modified after it was recorded, and no names were saved with the trace"
+    }
+    if object.symbols != nil { return "its saved symbols are missing, and it has no build-id to check" }
+    return nil
   }
 
   /// The symbol of the function at `site` as its object names it (or its address).
   func symbol(session: String, site: UInt64) -> String {
+    for object in saved[session] ?? [] {
+      if let name = object.file.name(atSite: site &- object.bias) { return name }
+    }
     guard let table = tables[session], let index = table.function(containing: site) else {
       return "0x" + String(site, radix: 16)
+    }
+    let path = table.objects[table.functions[index].object].path
+    if let reason = changed[path], warned.insert(path).inserted {
+      FileHandle.standardError.write(Data("tracery: warning: \(path): \(reason); names may be wrong\n".utf8))
     }
     return table.functions[index].name
   }
