@@ -56,8 +56,8 @@ enum Agent {
     saveSymbols(table, in: directory)
     var chosen = table.patchableFunctions
     if let match = configuration.match, let glob = try? Glob(match) {
-      let wanted = Set(table.functions(matching: glob))
-      chosen = chosen.filter { wanted.contains($0) }
+      // By any of its names (symbol, demangled, without parameters, simple), as readers show them.
+      chosen = chosen.filter { Demangler.forms(table.functions[$0].name).contains(where: glob.matches) }
     }
     // gcc's 1-byte NOP sleds can be rewritten now: the constructor runs before other threads.
     let sleds = chosen.compactMap { index -> UInt64? in

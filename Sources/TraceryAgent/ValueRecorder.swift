@@ -69,7 +69,7 @@ enum ValueRecorder {
       var size = 8
       for item in wanted where (item.source == 0) == returnValue && count < maximumValues {
         let slot = base + count * stride
-        let integer = raw.load(fromByteOffset: item.source == 0 ? 88 : 32 + 8 * (item.source - 1), as: UInt64.self)
+        let integer = raw.load(fromByteOffset: item.callOffset, as: UInt64.self)
         var length = 0
         var truncated = 0
         if item.format == .string {

@@ -39,6 +39,8 @@ public struct ThreadCalls: Sendable {
   public let tid: Int32
   public var calls: [Call]
   public let dropped: UInt64
+  /// The thread's name when it started recording (empty when unknown).
+  public var name = ""
 }
 
 /// What to show: the read-time filters of uftrace (`-F`, `-N`, `-D`, `-t`).
@@ -57,7 +59,16 @@ public struct CallFilter: Sendable {
   public var isEmpty: Bool { only.isEmpty && hide.isEmpty && depth == nil && threshold == nil }
 }
 
-/// A function-name pattern: a regular expression (uftrace's default) or a glob.
+/// A malformed pattern or option (not a problem of the trace).
+public struct PatternError: Error, Equatable, CustomStringConvertible {
+  public let description: String
+  public init(_ description: String) { self.description = description }
+}
+
+/// A function-name pattern, matched as uftrace matches `-F`/`-N` patterns: a pattern with none
+/// of the characters `.?*+-^$|()[]{}` names a function exactly; one with any of them is a
+/// regular expression searched for in the name (`dist*` finds `distance2`; `^main$` is exact).
+/// With `--match glob`, a glob over the whole name (`*`, `?`).
 public struct NameMatcher: @unchecked Sendable {
   // @unchecked: Regex is immutable once built.
   private let regex: Regex<AnyRegexOutput>?
@@ -66,11 +77,19 @@ public struct NameMatcher: @unchecked Sendable {
 
   public enum Kind: String, Sendable { case regex, glob }
 
-  public init(_ pattern: String, kind: Kind) throws(TraceError) {
+  /// uftrace's REGEX_CHARS: a pattern with one of these is a regular expression.
+  static let regexCharacters = Set(".?*+-^$|()[]{}")
+
+  public init(_ pattern: String, kind: Kind) throws(PatternError) {
     self.pattern = pattern
     switch kind {
+    case .regex where !pattern.contains(where: Self.regexCharacters.contains):
+      regex = nil
+      glob = nil
     case .regex:
-      do { regex = try Regex(pattern) } catch { throw .corrupt("invalid regular expression '\(pattern)': \(error)") }
+      do { regex = try Regex(pattern) } catch {
+        throw PatternError("invalid regular expression '\(pattern)': \(error)")
+      }
       glob = nil
     case .glob:
       regex = nil
@@ -79,22 +98,15 @@ public struct NameMatcher: @unchecked Sendable {
   }
 
   public func matches(_ name: String) -> Bool {
-    if let regex { return (try? regex.wholeMatch(in: name)) != nil }
-    return Self.globMatch(glob![...], Array(name)[...])
+    if let regex { return (try? regex.firstMatch(in: name)) != nil }
+    guard let glob else { return name == pattern }
+    return Self.globMatch(glob[...], Array(name)[...])
   }
 
-  /// Whether the pattern names the function `symbol` (raw or demangled): its symbol, its
-  /// demangled name, that name without its parameter list (`ns::parse` for
-  /// `ns::parse(char const*) const`), or its simple form (`ns::Stack::push` for
-  /// `ns::Stack<int>::push(int const&)`), as uftrace users write them.
+  /// Whether the pattern names the function `symbol` by any of its names (`Demangler.forms`).
   public func matchesFunction(_ symbol: String) -> Bool {
     if matches(symbol) { return true }
-    let demangled = Demangler.demangle(symbol)
-    if demangled != symbol, matches(demangled) { return true }
-    let base = Demangler.withoutParameters(demangled)
-    if base != demangled && matches(base) { return true }
-    let simple = Demangler.simplified(demangled)
-    return simple != base && matches(simple)
+    return Demangler.forms(symbol).dropFirst().contains(where: matches)
   }
 
   private static func globMatch(_ pattern: ArraySlice<Character>, _ text: ArraySlice<Character>) -> Bool {
@@ -130,6 +142,9 @@ extension Trace {
       func time(_ ticks: UInt64) -> Double { offset + (Double(ticks) - Double(startTicks)) / rate }
       var calls: [Call] = []
       var open: [Int] = []
+      // The depth of open[0]: 0, except in a fork child, whose first calls nest in the frames it
+      // inherited from its parent (they are shown at that depth, under them, as uftrace does).
+      var base = 0
       var names: [UInt64: String] = [:]
       func close(_ index: Int, at end: Double, complete: Bool) {
         calls[index].end = max(end, calls[index].start)
@@ -140,7 +155,8 @@ extension Trace {
         switch event.kind {
         case .entry:
           // Calls as deep or deeper than this entry ended without an exit (longjmp, exception).
-          while open.count > event.depth, let last = open.popLast() { close(last, at: now, complete: false) }
+          while base + open.count > event.depth, let last = open.popLast() { close(last, at: now, complete: false) }
+          if open.isEmpty { base = event.depth }
           let name =
             names[event.site]
             ?? {
@@ -150,15 +166,20 @@ extension Trace {
             }()
           let parent = open.last
           var call = Call(
-            name: name, label: name, depth: open.count, start: now, end: now, complete: false, parent: parent)
+            name: name, label: name, depth: base + open.count, start: now, end: now, complete: false, parent: parent)
           call.arguments = event.values
           calls.append(call)
           if let parent { calls[parent].children.append(calls.count - 1) }
           open.append(calls.count - 1)
         case .exit:
-          // The call this exit ends is at its depth; deeper ones were left without one.
+          // The call this exit ends is at its depth; deeper ones were left without one. An exit
+          // above the first open call ends a frame this file never saw enter (a fork child's).
           guard !open.isEmpty else { continue }
-          let target = min(event.depth, open.count - 1)
+          let target = min(event.depth - base, open.count - 1)
+          if target < 0 {
+            while let last = open.popLast() { close(last, at: now, complete: false) }
+            continue
+          }
           while open.count > target + 1, let last = open.popLast() { close(last, at: now, complete: false) }
           if let last = open.popLast() {
             close(last, at: now, complete: true)
@@ -169,7 +190,8 @@ extension Trace {
       let lastTime = thread.events.last.map { time($0.timestamp) } ?? 0
       for index in open.reversed() { close(index, at: lastTime, complete: false) }
       return ThreadCalls(
-        session: thread.session, pid: thread.pid, tid: thread.tid, calls: calls, dropped: thread.dropped)
+        session: thread.session, pid: thread.pid, tid: thread.tid, calls: calls, dropped: thread.dropped,
+        name: thread.name)
     }
   }
 }
@@ -188,21 +210,28 @@ extension ThreadCalls {
       cache[name] = found
       return found
     }
-    func walk(_ index: Int, shownDepth: Int?) {
+    // `shown`: the depth it is shown at and the depth of its shown root (-D counts from there).
+    func walk(_ index: Int, shown: (depth: Int, root: Int)?) {
       let call = calls[index]
       if !filter.hide.isEmpty && named(call.name, by: filter.hide, remembering: &hiddenNames) { return }
       if let threshold = filter.threshold, call.complete, call.duration < threshold { return }
-      var depth = shownDepth
-      if depth == nil && (filter.only.isEmpty || named(call.name, by: filter.only, remembering: &chosenNames)) {
-        depth = 0
+      var place = shown
+      if place == nil {
+        // Unfiltered, a root keeps its depth (a fork child's calls nest in its parent's); a call
+        // -F chose starts at the left.
+        if filter.only.isEmpty {
+          place = (call.depth, call.depth)
+        } else if named(call.name, by: filter.only, remembering: &chosenNames) {
+          place = (0, 0)
+        }
       }
-      if let shown = depth {
-        if let limit = filter.depth, shown >= limit { return }
-        result.append((index, shown))
+      if let place {
+        if let limit = filter.depth, place.depth - place.root >= limit { return }
+        result.append((index, place.depth))
       }
-      for child in call.children { walk(child, shownDepth: depth.map { $0 + 1 }) }
+      for child in call.children { walk(child, shown: place.map { ($0.depth + 1, $0.root) }) }
     }
-    for (index, call) in calls.enumerated() where call.parent == nil { walk(index, shownDepth: nil) }
+    for (index, call) in calls.enumerated() where call.parent == nil { walk(index, shown: nil) }
     return result
   }
 }

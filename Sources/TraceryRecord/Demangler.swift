@@ -50,6 +50,23 @@ public enum Demangler {
     case no
   }
 
+  /// Every name a user may call the function `symbol` by: the symbol, its demangled name, that
+  /// name without its parameter list (`ns::parse` for `ns::parse(char const*) const`), and its
+  /// simple form (`ns::Stack::push` for `ns::Stack<int>::push(int const&)`); each once, in that
+  /// order. Patterns (`-F`, `-N`, `-A`, `-R`, `--patch`, `list --match`) match any of them.
+  public static func forms(_ symbol: String) -> [String] {
+    var result = [symbol]
+    let demangled = demangle(symbol)
+    if demangled != symbol { result.append(demangled) }
+    // Also for a name given already demangled (what readers hold).
+    guard demangled.contains("(") || demangled.contains("<") else { return result }
+    let base = withoutParameters(demangled)
+    if !result.contains(base) { result.append(base) }
+    let simple = simplified(demangled)
+    if !result.contains(simple) { result.append(simple) }
+    return result
+  }
+
   /// `symbol` as `style` shows it.
   public static func name(_ symbol: String, style: Style) -> String {
     switch style {
@@ -108,7 +125,14 @@ public enum Demangler {
       case "{" where angles == 0:
         braces = 1
         result.append(character)
-      case "(" where angles == 0 && !result.isEmpty: return withoutReturnType(result)
+      case "(" where angles == 0 && !result.isEmpty:
+        // A local entity's enclosing function (`f()::Local::g(int)`): its parameters go, the
+        // name goes on.
+        if let after = Self.localScope(characters, at: index) {
+          index = after
+          continue
+        }
+        return withoutReturnType(result)
       case " " where angles == 0:
         // A space before the name separates a function template's return type; after
         // `operator` it is part of the name (`operator new`, `operator int`).
@@ -127,17 +151,45 @@ public enum Demangler {
     }
   }
 
-  /// A demangled C++ name up to its parameter list: the first `(` outside template brackets.
+  /// A demangled C++ name up to its parameter list: the first `(` outside template brackets
+  /// that does not open an enclosing function's parameters (`f()::Local::g(int)` keeps `f()`).
   public static func withoutParameters(_ name: String) -> String {
+    let characters = Array(name)
     var depth = 0
-    for index in name.indices {
-      switch name[index] {
+    var index = 0
+    while index < characters.count {
+      switch characters[index] {
       case "<": depth += 1
       case ">": depth -= 1
-      case "(" where depth == 0 && index != name.startIndex: return String(name[..<index])
+      case "(" where depth == 0 && index != 0:
+        guard let after = localScope(characters, at: index) else { return String(characters[..<index]) }
+        index = after
+        continue
       default: break
       }
+      index += 1
     }
     return name
+  }
+
+  /// When the parameter list opening at `open` belongs to a function that encloses a local
+  /// entity (`)::` follows it, after any cv-qualifiers), the index where `::Local` begins.
+  static func localScope(_ characters: [Character], at open: Int) -> Int? {
+    var depth = 0
+    var index = open
+    while index < characters.count {
+      if characters[index] == "(" { depth += 1 }
+      if characters[index] == ")" {
+        depth -= 1
+        if depth == 0 { break }
+      }
+      index += 1
+    }
+    guard index < characters.count else { return nil }
+    var rest = characters[(index + 1)...]
+    for qualifier in [" const", " volatile", " &&", " &"] where rest.starts(with: qualifier) {
+      rest = rest.dropFirst(qualifier.count)
+    }
+    return rest.starts(with: "::") ? rest.startIndex : nil
   }
 }

@@ -55,6 +55,12 @@ public final class EventFile: @unchecked Sendable {
     header.storeBytes(of: UInt32(bitPattern: pid), toByteOffset: TraceFormat.Header.pid, as: UInt32.self)
     header.storeBytes(of: UInt32(bitPattern: tid), toByteOffset: TraceFormat.Header.tid, as: UInt32.self)
     header.storeBytes(of: UInt64(chunkSize), toByteOffset: TraceFormat.Header.chunkSize, as: UInt64.self)
+    // The thread's name (at most 15 bytes), for readers.
+    if let name = Files.readPrefix("/proc/thread-self/comm", count: 16) {
+      for (index, byte) in name.prefix(while: { $0 != 0x0a }).prefix(15).enumerated() {
+        header.storeBytes(of: byte, toByteOffset: TraceFormat.Header.name + index, as: UInt8.self)
+      }
+    }
   }
 
   /// Maps the next chunk (growing the file) and returns it; nil when the limit is reached or

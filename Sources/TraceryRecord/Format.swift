@@ -21,6 +21,7 @@ public enum TraceFormat {
     public static let tid = 16  // u32
     public static let chunkSize = 24  // u64
     public static let dropped = 32  // u64: events that found no room
+    public static let name = 64  // 16 bytes: the thread's name when it started recording (NUL-padded)
   }
 }
 

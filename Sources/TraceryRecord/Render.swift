@@ -52,9 +52,12 @@ public enum Render {
             : "} /* \(call.label): no exit recorded */"
           // A closing line sorts after every line of its subtree. A call without an exit that
           // ended when the next call at its depth started (see CallTree) closes before that
-          // call's line, deeper ones first; one still open at the end of the trace, last.
+          // call's line, deeper ones first; the calls still open at the end of the trace close
+          // last, innermost first (a later opening order closes earlier).
           let closedByNextCall = !call.complete && call.end < lastTime
-          let closingOrder = closedByNextCall ? -1_000_000_000 - depth : order + 1_000_000_000
+          let closingOrder =
+            closedByNextCall
+            ? -1_000_000_000 - depth : call.complete ? order + 1_000_000_000 : 3_000_000_000 - order
           lines.append(Line(time: call.end, order: closingOrder, text: "\(time) \(tid) | \(indent)\(closing)"))
         } else {
           let suffix = call.complete ? "\(call.returnSuffix);" : "; /* no exit recorded */"
@@ -81,20 +84,23 @@ public enum Render {
 
   public enum SortKey: String, CaseIterable, Sendable { case total, `self`, calls, min, max, name }
 
-  /// Statistics per function (per thread too when `perThread`), over the calls `filter` shows.
-  /// Total time counts a recursive function once per outermost call.
+  /// Statistics per function, over the calls `filter` shows. Total time counts a recursive
+  /// function once per outermost call. Functions are told apart by their full names: two that
+  /// show the same (simple) label are two rows, each named in full.
   public static func statistics(_ threads: [ThreadCalls], filter: CallFilter) -> [FunctionStatistics] {
+    var labels: [String: String] = [:]
     func collect(_ thread: ThreadCalls, into table: inout [String: FunctionStatistics]) {
       let shown = thread.visible(filter)
       let shownSet = Set(shown.map(\.index))
       for (index, _) in shown {
         let call = thread.calls[index]
-        var entry = table[call.label] ?? FunctionStatistics(name: call.label)
+        labels[call.name] = call.label
+        var entry = table[call.name] ?? FunctionStatistics(name: call.label)
         let childTime = call.children.filter { shownSet.contains($0) }.reduce(0.0) { $0 + thread.calls[$1].duration }
         var ancestor = call.parent
         var recursive = false
         while let current = ancestor {
-          if thread.calls[current].label == call.label {
+          if thread.calls[current].name == call.name {
             recursive = true
             break
           }
@@ -105,12 +111,18 @@ public enum Render {
         entry.calls += 1
         entry.minimum = min(entry.minimum, call.duration)
         entry.maximum = max(entry.maximum, call.duration)
-        table[call.label] = entry
+        table[call.name] = entry
       }
     }
     var table: [String: FunctionStatistics] = [:]
     for thread in threads { collect(thread, into: &table) }
-    return Array(table.values)
+    var uses: [String: Int] = [:]
+    for label in labels.values { uses[label, default: 0] += 1 }
+    return table.map { name, entry in
+      var entry = entry
+      if uses[entry.name, default: 0] > 1 { entry.name = name }
+      return entry
+    }
   }
 
   public static func sorted(_ functions: [FunctionStatistics], by key: SortKey) -> [FunctionStatistics] {
@@ -138,15 +150,26 @@ public enum Render {
     return output
   }
 
-  /// Chrome trace-event JSON (complete events, microseconds), for chrome://tracing or Perfetto.
-  public static func chrome(_ threads: [ThreadCalls], filter: CallFilter) -> String {
+  /// Chrome trace-event JSON (complete events, microseconds), for chrome://tracing or Perfetto,
+  /// with metadata events naming each process (`processes`: pid → name) and thread.
+  public static func chrome(_ threads: [ThreadCalls], filter: CallFilter, processes: [Int32: String] = [:]) -> String {
     var events: [String] = []
+    for (pid, name) in processes.sorted(by: { $0.key < $1.key }) {
+      events.append(
+        "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":\(pid),\"args\":{\"name\":\"\(jsonEscape(name))\"}}")
+    }
+    for thread in threads {
+      let name = thread.name.isEmpty ? "thread \(thread.tid)" : "\(thread.name) (\(thread.tid))"
+      events.append(
+        "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(thread.pid),\"tid\":\(thread.tid),"
+          + "\"args\":{\"name\":\"\(jsonEscape(name))\"}}")
+    }
     for thread in threads {
       for (index, _) in thread.visible(filter) {
         let call = thread.calls[index]
         // Recorded values (-A/-R) as the event's args: arg1 ... arg6, retval.
         let values = (call.arguments + call.returnValues).map { value in
-          "\"\(value.source == 0 ? "retval" : "arg\(value.source)")\":\"\(jsonEscape(value.text))\""
+          "\"\(ValueSpec.Item(source: value.source, format: value.format).name)\":\"\(jsonEscape(value.text))\""
         }
         events.append(
           "{\"name\":\"\(jsonEscape(call.label))\",\"ph\":\"X\",\"pid\":\(thread.pid),\"tid\":\(thread.tid),"

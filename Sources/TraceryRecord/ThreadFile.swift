@@ -66,7 +66,10 @@ extension Trace {
     }
     var reader = ThreadFileReader(path: path, bytes: bytes, chunkSize: chunkSize, gapsExpected: dropped > 0)
     reader.read()
-    return (Thread(session: session, pid: pid, tid: tid, events: reader.events, dropped: dropped), reader.damage)
+    var thread = Thread(session: session, pid: pid, tid: tid, events: reader.events, dropped: dropped)
+    let name = bytes[(TraceFormat.Header.name)..<(TraceFormat.Header.name + 16)].prefix { $0 != 0 }
+    thread.name = String(decoding: name, as: UTF8.self)
+    return (thread, reader.damage)
   }
 }
 

@@ -11,6 +11,8 @@ public struct Trace: Sendable {
     public let events: [Event]
     /// Events the recorder could not store (no buffer space): the trace is incomplete there.
     public let dropped: UInt64
+    /// The thread's name when it started recording (empty when unknown).
+    public var name = ""
   }
 
   public let directory: String
@@ -123,6 +125,16 @@ public enum Files {
   }
 
   public static func readText(_ path: String) -> String? { read(path).map { String(decoding: $0, as: UTF8.self) } }
+
+  /// The first bytes of a file (at most `count`; one read).
+  public static func readPrefix(_ path: String, count: Int) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes = [UInt8](repeating: 0, count: count)
+    let read = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, count) }
+    return read >= 0 ? Array(bytes.prefix(read)) : nil
+  }
 
   /// Writes `text` to a new file (replacing any), in full.
   @discardableResult

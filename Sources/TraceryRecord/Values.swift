@@ -2,12 +2,14 @@
 /// that carry the values (docs/trace-format.md).
 ///
 ///     -A 'PATTERN@arg1,arg2/x,arg3/s'     integer arguments 1-6 (rdi rsi rdx rcx r8 r9)
-///     -R 'PATTERN@retval/d32'             the integer return value (rax)
+///     -A 'PATTERN@fparg1,fparg2/f32'      floating-point arguments 1-8 (xmm0-7)
+///     -R 'PATTERN@retval/d32'             the return value (rax; with /f, xmm0)
 ///
 /// Formats: d (or i) signed decimal (the default), u unsigned, x hex, c a character, s a C string
 /// (read with `process_vm_readv`, so a bad pointer shows as an error, never a crash; 64 bytes at
-/// most). d, i, u and x take a size in bits, 8, 16, 32 or 64 (the default): `arg1/d32` shows
-/// an `int` as one, `retval/u8` a `bool` or `unsigned char`.
+/// most), f floating point (the default of fpargN). d, i, u and x take a size in bits, 8, 16, 32
+/// or 64 (the default): `arg1/d32` shows an `int` as one, `retval/u8` a `bool` or `unsigned
+/// char`; f takes 32 (`float`) or 64 (`double`, the default).
 public struct ValueSpec: Sendable, Equatable {
   public enum Format: UInt8, Sendable {
     case signed = 0x64  // d
@@ -15,9 +17,11 @@ public struct ValueSpec: Sendable, Equatable {
     case hex = 0x78  // x
     case string = 0x73  // s
     case character = 0x63  // c
+    case float = 0x66  // f
   }
 
-  /// One value to record: `source` 1-6 is argument N, 0 the return value.
+  /// One value to record: `source` 1-6 is integer argument N, 101-108 floating-point argument
+  /// N - 100, 0 the return value (rax, or xmm0 with the float format).
   public struct Item: Sendable, Equatable {
     public let source: Int
     public let format: Format
@@ -29,16 +33,34 @@ public struct ValueSpec: Sendable, Equatable {
       self.format = format
       self.bits = bits
     }
+
+    /// The first floating-point argument's source.
+    public static let firstFloatArgument = 101
+
+    public var isFloatArgument: Bool { source >= Self.firstFloatArgument }
+
+    /// Where its value is in a `tracery_call` (tracery.h): arguments at 32, rax's result at 88,
+    /// xmm0-7 at 112 (16 bytes each), xmm0's result at 240.
+    public var callOffset: Int {
+      if isFloatArgument { return 112 + 16 * (source - Self.firstFloatArgument) }
+      if source == 0 { return format == .float ? 240 : 88 }
+      return 32 + 8 * (source - 1)
+    }
+
+    /// Its name in `-A`/`-R` and in Chrome JSON: argN, fpargN, retval.
+    public var name: String {
+      source == 0 ? "retval" : isFloatArgument ? "fparg\(source - Self.firstFloatArgument + 1)" : "arg\(source)"
+    }
   }
 
   public let pattern: String
   public let items: [Item]
 
   /// Parses `-A` (`returnValue` false) or `-R` text.
-  public init(parsing text: String, returnValue: Bool) throws(TraceError) {
+  public init(parsing text: String, returnValue: Bool) throws(PatternError) {
     let option = returnValue ? "-R" : "-A"
     guard let at = text.lastIndex(of: "@"), at != text.startIndex else {
-      throw .corrupt("\(option) '\(text)': expected PATTERN@\(returnValue ? "retval" : "arg1,arg2,...")")
+      throw PatternError("\(option) '\(text)': expected PATTERN@\(returnValue ? "retval" : "arg1,arg2,...")")
     }
     pattern = String(text[..<at])
     var items: [Item] = []
@@ -50,14 +72,18 @@ public struct ValueSpec: Sendable, Equatable {
         source = name == "retval" ? 0 : nil
       } else if name.hasPrefix("arg"), let number = Int(name.dropFirst(3)), (1...6).contains(number) {
         source = number
+      } else if name.hasPrefix("fparg"), let number = Int(name.dropFirst(5)), (1...8).contains(number) {
+        source = Item.firstFloatArgument + number - 1
       } else {
         source = nil
       }
       guard let source else {
-        throw .corrupt(
-          "\(option) '\(text)': '\(name)' is not \(returnValue ? "retval" : "arg1 ... arg6 (integer arguments)")")
+        throw PatternError(
+          "\(option) '\(text)': '\(name)' is not "
+            + (returnValue ? "retval" : "arg1 ... arg6 (integer arguments) or fparg1 ... fparg8 (floating point)"))
       }
-      var format = Format.signed
+      let float = source >= Item.firstFloatArgument
+      var format = float ? Format.float : Format.signed
       var bits = 64
       if parts.count == 2 {
         let spec = parts[1]
@@ -65,9 +91,14 @@ public struct ValueSpec: Sendable, Equatable {
         let size = spec.dropFirst()
         guard let letter, let parsed = letter.asciiValue.flatMap(Format.init(rawValue:)),
           size.isEmpty || ([.signed, .unsigned, .hex].contains(parsed) && ["8", "16", "32", "64"].contains(size))
+            || (parsed == .float && ["32", "64"].contains(size))
         else {
-          throw .corrupt(
-            "\(option) '\(text)': format '\(spec)' is not d, i, u, x (with an optional size 8, 16, 32, 64), c or s")
+          throw PatternError(
+            "\(option) '\(text)': format '\(spec)' is not d, i, u, x (with an optional size 8, 16, 32, 64), c, s "
+              + "or f (32, 64)")
+        }
+        guard !float || parsed == .float else {
+          throw PatternError("\(option) '\(text)': '\(name)' is a floating-point register: its format is f")
         }
         format = parsed
         bits = size.isEmpty ? (parsed == .character ? 8 : 64) : Int(size)!
@@ -115,6 +146,8 @@ public struct RecordedValue: Sendable, Equatable {
     case .signed: return String(signedValue)
     case .unsigned: return String(unsignedValue)
     case .hex: return "0x" + String(unsignedValue, radix: 16)
+    case .float:
+      return bits == 32 ? "\(Float(bitPattern: UInt32(truncatingIfNeeded: integer)))" : "\(Double(bitPattern: integer))"
     case .character:
       let byte = UInt8(truncatingIfNeeded: integer)
       return (0x20..<0x7f).contains(byte) && byte != 0x27 && byte != 0x5c

@@ -107,8 +107,9 @@ import TraceryTestSupport
     #expect(main == expectedMain)
     let workers = trees.values.filter { $0.first == "worker() {" }.map { Array($0.dropFirst().dropLast()) }
     #expect(Set(workers) == [Self.fibTree(5, indent: 1), Self.fibTree(4, indent: 1)])
-    let child = trees.values.first { $0.first == "child_work() {" }
-    #expect(child == ["child_work() {"] + Self.fibTree(3, indent: 1) + ["}"])
+    // The fork child's calls nest in the frames it inherited (main, run_child), as uftrace shows them.
+    let child = trees.values.first { $0.first == "    child_work() {" }
+    #expect(child == ["    child_work() {"] + Self.fibTree(3, indent: 3) + ["    }"], "\(replay.stdout)")
 
     // The fork child is its own process in the trace.
     let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path])
@@ -160,8 +161,11 @@ import TraceryTestSupport
     #expect(replay.status == 0, "\(replay.stderr)")
     let lines = Self.trees(replay.stdout).values.first ?? []
     #expect(lines.filter { $0 == "  step();" }.count == 100)
-    #expect(lines.last == "  die();" || lines.suffix(2).contains("  die();"))
+    // The calls the kill left open close innermost first.
+    #expect(Array(lines.suffix(4)) == ["  fatal() {", "    die();", "  }", "}"], "\(replay.stdout)")
     #expect(replay.stdout.contains("die(); /* no exit recorded */"))
+    let closing = replay.stdout.split(separator: "\n").suffix(2).map { $0.split(separator: "|").last ?? "" }
+    #expect(closing == ["   } /* fatal: no exit recorded */", " } /* main: no exit recorded */"], "\(replay.stdout)")
   }
 
   @Test func aCxxExceptionThroughTracedFramesIsCaughtAsUntraced() throws {
@@ -214,10 +218,11 @@ import TraceryTestSupport
     let options = [
       "-A", "add@arg1,arg2/x", "-R", "add@retval", "-A", "^greet$@arg1/s,arg2/u", "-R", "greet@retval/d32",
       "-A", "fib@arg1", "-R", "fib@retval", "-R", "initial@retval/c", "-A", "initial@arg1/x8",
+      "-A", "scale@fparg1,arg1,fparg2/f32", "-R", "scale@retval/f",
     ]
     let recorded = try Self.record(trace, [program], options: options)
     #expect(recorded.status == 0, "\(recorded.stderr)")
-    #expect(recorded.stdout == "38 42 -1 99 w 2\n")
+    #expect(recorded.stdout == "38 42 -1 99 w 2 4.75\n")
     let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
     #expect(replay.status == 0, "\(replay.stderr)")
     let long = "\"" + String(repeating: "a", count: 64) + "\"..."
@@ -240,6 +245,7 @@ import TraceryTestSupport
       "    } = 1;",
       "    fib(1) = 1;",
       "  } = 2;",
+      "  scale(1.5, 3, 0.25) = 4.75;",
       "}",
     ]
     #expect(Self.trees(replay.stdout).values.first == expected, "\(replay.stdout)")

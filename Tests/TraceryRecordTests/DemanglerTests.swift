@@ -18,9 +18,30 @@ import Testing
     ("main::{lambda(int)#1}::operator()(int) const", "main::{lambda(int)#1}::operator()"),
     ("(anonymous namespace)::helper(char const*)", "(anonymous namespace)::helper"),
     ("fib", "fib"),
+    ("Plan::ComputeCriticalPath()::TopoSort::Visit(Edge*)", "Plan::ComputeCriticalPath::TopoSort::Visit"),
+    ("f(int) const::Local::g() const", "f::Local::g"),
   ])
   func simplifiedNames(full: String, simple: String) {
     #expect(Demangler.simplified(full) == simple)
+  }
+
+  @Test func aLocalEntityKeepsItsEnclosingFunction() {
+    let visit = "Plan::ComputeCriticalPath()::TopoSort::Visit(Edge*)"
+    #expect(Demangler.withoutParameters(visit) == "Plan::ComputeCriticalPath()::TopoSort::Visit")
+    #expect(Demangler.withoutParameters("Plan::ComputeCriticalPath()") == "Plan::ComputeCriticalPath")
+    #expect(Demangler.simplified("Plan::ComputeCriticalPath()") == "Plan::ComputeCriticalPath")
+  }
+
+  /// uftrace's rule: a pattern without regular-expression characters names a function exactly;
+  /// one with any is searched for in the name.
+  @Test func patternsMatchAsUftracesDo() throws {
+    #expect(try NameMatcher("dist*", kind: .regex).matches("distance2"))
+    #expect(try NameMatcher("istan", kind: .regex).matches("distance2") == false)
+    #expect(try NameMatcher("ista.", kind: .regex).matches("distance2"))
+    #expect(try NameMatcher("main", kind: .regex).matches("main"))
+    #expect(try NameMatcher("main", kind: .regex).matches("domain") == false)
+    #expect(try NameMatcher("^main$", kind: .regex).matches("domain") == false)
+    #expect(throws: PatternError.self) { try NameMatcher("(unclosed", kind: .regex) }
   }
 
   @Test func stylesOfAMangledName() {

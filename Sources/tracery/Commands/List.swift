@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TraceryELF
+import TraceryRecord
 import TraceryX86
 
 struct List: ParsableCommand {
@@ -13,8 +14,12 @@ struct List: ParsableCommand {
       """
   )
 
-  @Option(name: .long, help: "Only functions whose name matches this glob (*, ?, [...]).")
+  @Option(
+    name: .long,
+    help: "Only functions any of whose names (symbol, demangled, simple) matches this glob (*, ?, [...]).")
   var match: String?
+
+  @Option(help: Demangler.Style.help) var demangle: Demangler.Style = .no
 
   @Flag(name: .long, help: "Also list the objects that have no patch sites.")
   var all = false
@@ -63,8 +68,9 @@ struct List: ParsableCommand {
           if all { output += "\(object.name) (\(object.path)): no patch sites\n\n" }
           continue
         }
-        let selected = glob.map { glob in Set(table.functions(matching: glob)) }
-        let rows = patchable.filter { selected?.contains($0) ?? true }
+        let rows = patchable.filter { index in
+          glob.map { Demangler.forms(table.functions[index].name).contains(where: $0.matches) } ?? true
+        }
         totalMatched += rows.count
         guard !rows.isEmpty || all else { continue }
         output += "\(object.name) (\(object.path)): \(patchable.count) patchable function"
@@ -75,7 +81,8 @@ struct List: ParsableCommand {
           let site = function.site!
           let shape = object.file.bytes(atAddress: site, count: 5).map { X86Instruction.SiteShape(bytes: $0, at: site) }
           output += "  0x\(Self.hex16(site))  \(Self.pad(Self.kind(shape), 8))  "
-          output += "\(Self.pad(function.siteSource?.sectionName ?? "", 28))  \(function.name)\n"
+          output += "\(Self.pad(function.siteSource?.sectionName ?? "", 28))  "
+          output += "\(Demangler.name(function.name, style: demangle))\n"
         }
         output += "\n"
       }

@@ -266,15 +266,20 @@ struct Recorder {
       do { return try NameMatcher(spec.pattern, kind: kind) } catch { throw UserError("\(error)") }
     }
     var specMatches = [Int](repeating: 0, count: specs.count)
+    let filterMatchers = try filters.only.map { ("-F", $0) } + filters.hide.map { ("-N", $0) }
+    var filterMatches = [Int](repeating: 0, count: filterMatchers.count)
+    let compiledFilters = try filterMatchers.map { option, pattern in
+      do { return try NameMatcher(pattern, kind: kind) } catch { throw UserError("\(option): \(error)") }
+    }
     for input in inputs {
       guard let table = try? SymbolTable([input]) else { continue }
       let functions = table.patchableFunctions
       patchable += functions.count
-      if let glob { matching += Set(table.functions(matching: glob)).intersection(functions).count }
-      for (index, matcher) in matchers.enumerated() {
-        specMatches[index] += functions.count {
-          matcher.matchesFunction(table.functions[$0].name)
-        }
+      for index in functions {
+        let name = table.functions[index].name
+        if let glob, Demangler.forms(name).contains(where: glob.matches) { matching += 1 }
+        for (at, matcher) in matchers.enumerated() where matcher.matchesFunction(name) { specMatches[at] += 1 }
+        for (at, matcher) in compiledFilters.enumerated() where matcher.matchesFunction(name) { filterMatches[at] += 1 }
       }
     }
     guard patchable > 0 else {
@@ -288,6 +293,11 @@ struct Recorder {
     if let index = specMatches.firstIndex(of: 0) {
       let option = index < options.argumentSpecs.count ? "-A" : "-R"
       throw UserError("\(option): no patchable function matches '\(specs[index].pattern)'")
+    }
+    // A record-time filter that can never show anything is a mistake: say so now, not in every reader.
+    if let index = filterMatches.firstIndex(of: 0) {
+      let (option, pattern) = filterMatchers[index]
+      throw UserError("\(option): no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
     }
   }
 

@@ -18,7 +18,11 @@ enum TraceReading {
 
   /// The calls of every thread (or of `tid`), named in full (what filters match) and labelled
   /// as `demangle` shows them; each distinct symbol is demangled once.
-  static func calls(_ trace: Trace, tid: Int32? = nil, demangle: Demangler.Style = .simple) -> [ThreadCalls] {
+  static func calls(_ trace: Trace, tid: Int32? = nil, demangle: Demangler.Style = .simple) throws -> [ThreadCalls] {
+    if let tid, !trace.threads.contains(where: { $0.tid == tid }) {
+      throw UserError(
+        "no thread \(tid) in the trace (threads: \(trace.threads.map { String($0.tid) }.joined(separator: ", ")))")
+    }
     let symbolizer = Symbolizer(trace)
     var all = trace.calls { session, site in symbolizer.symbol(session: session, site: site) }
     if let tid { all = all.filter { $0.tid == tid } }
@@ -42,7 +46,7 @@ enum TraceReading {
   static func filteredCalls(
     _ trace: Trace, _ filter: CallFilter, tid: Int32? = nil, demangle: Demangler.Style = .simple
   ) throws -> [ThreadCalls] {
-    let threads = calls(trace, tid: tid, demangle: demangle)
+    let threads = try calls(trace, tid: tid, demangle: demangle)
     let names = Set(threads.flatMap { $0.calls.map(\.name) })
     for (flag, matchers) in [("-F", filter.only), ("-N", filter.hide)] {
       for matcher in matchers where !names.contains(where: matcher.matchesFunction) {
@@ -267,8 +271,14 @@ struct Dump: ParsableCommand {
       let trace = try location.open()
       let filter = try filters.filter(for: trace)
       if chrome {
+        var processes: [Int32: String] = [:]
+        for process in trace.processes where processes[process.pid] == nil {
+          processes[process.pid] = "\(process.executable.split(separator: "/").last ?? "?") (\(process.pid))"
+        }
         print(
-          Render.chrome(try TraceReading.filteredCalls(trace, filter, demangle: location.demangle), filter: filter),
+          Render.chrome(
+            try TraceReading.filteredCalls(trace, filter, demangle: location.demangle), filter: filter,
+            processes: processes),
           terminator: "")
       } else if folded {
         print(
@@ -277,6 +287,11 @@ struct Dump: ParsableCommand {
       } else {
         let symbolizer = Symbolizer(trace, demangle: location.demangle)
         var output = ""
+        for process in trace.processes {
+          output +=
+            "# session \(process.session): timestamps are time-stamp counter ticks, "
+            + "\(process.ticksPerNanosecond) per nanosecond\n"
+        }
         for thread in trace.threads {
           output +=
             "# session \(thread.session) thread \(thread.tid): \(thread.events.count) events, \(thread.dropped) dropped\n"
