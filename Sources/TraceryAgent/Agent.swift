@@ -59,13 +59,16 @@ enum Agent {
       // By any of its names (symbol, demangled, without parameters, simple), as readers show them.
       chosen = chosen.filter { Demangler.forms(table.functions[$0].name).contains(where: glob.matches) }
     }
+    // Sites in no named function (a stripped program's): traced too, named by address
+    // (`saveSymbols`), unless --patch chose by name.
+    let anonymous = configuration.match == nil ? table.orphanSites.map(\.address) : []
+    let sites = chosen.compactMap { table.functions[$0].site } + anonymous
     // gcc's 1-byte NOP sleds can be rewritten now: the constructor runs before other threads.
-    let sleds = chosen.compactMap { index -> UInt64? in
-      guard let site = table.functions[index].site, case .nopSled = ProcessObjects.shape(at: site) else { return nil }
-      return site
+    let sleds = sites.filter { site in
+      if case .nopSled = ProcessObjects.shape(at: site) { true } else { false }
     }
     if !sleds.isEmpty { _ = TextPatcher.shared.convertSleds(sleds) }
-    let addresses = chosen.compactMap { table.functions[$0].site }
+    let addresses = sites
     tracedFunctions = addresses.count
     writeProcessInfo()
     pthread_atfork(nil, nil) { Agent.afterFork() }
@@ -90,6 +93,12 @@ enum Agent {
     for function in table.functions {
       guard let site = function.site else { continue }
       sites[function.object].append((site &- table.objects[function.object].bias, function.name))
+    }
+    // A site in no named function (a stripped object): OBJECT+0xADDRESS (link-time).
+    for (object, address) in table.orphanSites {
+      let link = address &- table.objects[object].bias
+      let file = table.objects[object].path.split(separator: "/").last.map(String.init) ?? "?"
+      sites[object].append((link, "\(file)+0x\(String(link, radix: 16))"))
     }
     let folder = directory + "/symbols"
     mkdir(folder, 0o755)

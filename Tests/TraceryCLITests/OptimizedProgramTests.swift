@@ -174,3 +174,46 @@ extension OptimizedProgramTests {
     #expect(unsaved.stderr.contains("program: it was modified after it was recorded"), "\(unsaved.stderr)")
   }
 }
+
+extension OptimizedProgramTests {
+  /// A patchable shared library found through RUNPATH is traced with the program; a stripped
+  /// program's functions are traced and named by address; a static program is refused.
+  @Test func aLibraryAStrippedProgramAndAStaticOne() throws {
+    let directory = try TestSupport.temporaryDirectory("optimized-library")
+    let library = Self.programs.appendingPathComponent("library")
+    try FileManager.default.createDirectory(
+      at: directory.appendingPathComponent("lib"), withIntermediateDirectories: true)
+    try TestSupport.compile(
+      compiler: "clang", sources: [library.appendingPathComponent("tail_lib.c").path],
+      flags: ["-O2", "-fPIC", "-shared", "-fpatchable-function-entry=5"],
+      output: directory.appendingPathComponent("lib/libtail.so").path)
+    let program = directory.appendingPathComponent("program").path
+    try TestSupport.compile(
+      compiler: "clang", sources: [library.appendingPathComponent("uses_lib.c").path],
+      flags: [
+        "-O2", "-fpatchable-function-entry=5", "-L", directory.appendingPathComponent("lib").path, "-ltail",
+        "-Wl,-rpath,$ORIGIN/lib", "-Wl,--enable-new-dtags",
+      ], output: program)
+    let trace = try Self.recordAsUntraced(program, in: directory)
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    let expected = ["main() {", "  local() {", "    lib_entry() {", "      lib_leaf();", "    }", "  }", "}"]
+    #expect(RecordCommandTests.trees(replay.stdout).values.first == expected, "\(replay.stdout)")
+
+    let stripped = directory.appendingPathComponent("stripped").path
+    try FileManager.default.copyItem(atPath: program, toPath: stripped)
+    #expect(try TestSupport.run(TestSupport.which("strip")!, [stripped]).status == 0)
+    let strippedTrace = directory.appendingPathComponent("stripped-trace")
+    #expect(try RecordCommandTests.record(strippedTrace, [stripped]).stdout == "10\n")
+    let anonymous = try TestSupport.run(Self.tracery, ["replay", "-d", strippedTrace.path])
+    let lines = RecordCommandTests.trees(anonymous.stdout).values.first ?? []
+    #expect(lines.count == 7 && lines[0].hasPrefix("stripped+0x") && lines[2] == "    lib_entry() {", "\(lines)")
+
+    let fixed = directory.appendingPathComponent("static").path
+    try TestSupport.compile(
+      compiler: "clang",
+      sources: [library.appendingPathComponent("uses_lib.c").path, library.appendingPathComponent("tail_lib.c").path],
+      flags: ["-O2", "-static", "-fpatchable-function-entry=5"], output: fixed)
+    let refused = try RecordCommandTests.record(directory.appendingPathComponent("static-trace"), [fixed])
+    #expect(refused.status != 0 && refused.stderr.contains("is statically linked"), "\(refused.stderr)")
+  }
+}

@@ -119,3 +119,127 @@ import TraceryTestSupport
       RecordCommandTests.trees(visit.stdout).values.first == ["plan::Plan::ComputeCriticalPath::TopoSort::Visit();"])
   }
 }
+
+extension ReaderBehaviourTests {
+  /// The demo recorded once more, without values, for the oracles below.
+  static let plainDemo: Result<URL, any Error> = Result {
+    let directory = try TestSupport.temporaryDirectory("reader-plain")
+    let program = try RecordCommandTests.build(
+      [RecordCommandTests.examples.appendingPathComponent("demo/demo.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, "7"])
+    guard recorded.status == 0 else { throw TestSupport.CompileError(description: recorded.stderr) }
+    return trace
+  }
+
+  /// "   1.234 us" → nanoseconds.
+  static func nanoseconds(_ text: Substring) -> Double? {
+    let parts = text.split(separator: " ")
+    guard parts.count == 2, let value = Double(parts[0]) else { return nil }
+    switch parts[1] {
+    case "us": return value * 1e3
+    case "ms": return value * 1e6
+    case "s": return value * 1e9
+    default: return nil
+    }
+  }
+
+  /// `report`'s total, self, calls, min and max per function, recomputed from `dump`'s raw events
+  /// (counter ticks and depths) with the clock rate the dump states.
+  @Test func reportAgreesWithTheRawEvents() throws {
+    let trace = try Self.plainDemo.get()
+    let dump = try run(["dump", "-d", trace.path])
+    let rateLine = try #require(dump.stdout.split(separator: "\n").first { $0.contains("timestamps are") })
+    let rate = try #require(Double(rateLine.split(separator: " ").dropLast(2).last ?? ""))
+    struct Open {
+      let name: String
+      let start: UInt64
+      var children = 0.0
+    }
+    struct Row: Equatable {
+      var total = 0.0, selfTime = 0.0, calls = 0, minimum = Double.infinity, maximum = 0.0
+    }
+    var rows: [String: Row] = [:]
+    var stacks: [String: [Open]] = [:]
+    for line in dump.stdout.split(separator: "\n") where !line.hasPrefix("#") {
+      let fields = line.split(separator: " ", maxSplits: 5).map(String.init)
+      guard fields.count == 6, let ticks = UInt64(fields[0]) else { continue }
+      let (tid, kind, name) = (fields[1], fields[2], fields[5])
+      if kind == "[entry]" {
+        stacks[tid, default: []].append(Open(name: name, start: ticks))
+        continue
+      }
+      guard let call = stacks[tid]?.popLast() else { continue }
+      let duration = Double(ticks - call.start) / rate
+      if !(stacks[tid]?.isEmpty ?? true) { stacks[tid]![stacks[tid]!.count - 1].children += duration }
+      var row = rows[call.name] ?? Row()
+      if !(stacks[tid] ?? []).contains(where: { $0.name == call.name }) { row.total += duration }
+      row.selfTime += duration - call.children
+      row.calls += 1
+      row.minimum = min(row.minimum, duration)
+      row.maximum = max(row.maximum, duration)
+      rows[call.name] = row
+    }
+    // The calls the fork child never returned from (it exits inside them) have no exit.
+    let report = try run(["report", "-d", trace.path, "-s", "name"])
+    var checked = 0
+    for line in report.stdout.split(separator: "\n").dropFirst(2) {
+      let name = String(line.dropFirst(66))
+      let columns = [2, 15, 40, 53].map { line.dropFirst($0).prefix(11) }
+      guard let expected = rows[name], name != "main" && name != "run_child" else { continue }
+      let values = columns.compactMap(Self.nanoseconds)
+      let calls = Int(line.dropFirst(28).prefix(10).trimmingCharacters(in: .whitespaces))
+      #expect(calls == expected.calls, "\(name)")
+      for (value, wanted) in zip(values, [expected.total, expected.selfTime, expected.minimum, expected.maximum]) {
+        // Shown to 3 decimals of us, ms or s: half the last digit, and a nanosecond of rounding.
+        let shownTo = value < 1e6 ? 1.0 : value < 1e9 ? 1e3 : 1e6
+        #expect(abs(value - wanted) <= shownTo / 2 + 1.5, "\(name): \(value) against \(wanted)")
+      }
+      checked += 1
+    }
+    #expect(checked >= 8, "\(report.stdout)")
+  }
+
+  @Test func thresholdsThreadsAndLive() throws {
+    let trace = try Self.plainDemo.get()
+    let slow = try run(["replay", "-d", trace.path, "-t", "100us"])
+    let shown = slow.stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+    #expect(!shown.isEmpty)
+    for line in shown {
+      guard let duration = Self.nanoseconds(line.prefix(11).drop { $0 == " " }) else { continue }
+      #expect(duration >= 100_000, "\(line)")
+    }
+    #expect(!slow.stdout.contains("square"))
+    let perThread = try run(["report", "-d", trace.path, "--threads"])
+    #expect(perThread.stdout.components(separatedBy: "# thread ").count - 1 == 4, "\(perThread.stdout)")
+
+    let directory = try TestSupport.temporaryDirectory("reader-live")
+    let program = try RecordCommandTests.build(
+      [RecordCommandTests.programs.appendingPathComponent("killed.c").path], in: directory)
+    let live = try run(["live", "--", program, "exit"])
+    #expect(live.status == 7, "the program's status passes through")
+    #expect(RecordCommandTests.trees(live.stdout).values.first?.filter { $0 == "  step();" }.count == 100)
+  }
+
+  /// -F/-N/-D given to `record` are stored and applied by every reader; -D also limits what the
+  /// agent records.
+  @Test func recordTimeFiltersAreStoredAndApplied() throws {
+    let directory = try TestSupport.temporaryDirectory("reader-record-filters")
+    let program = try RecordCommandTests.build(
+      [RecordCommandTests.examples.appendingPathComponent("demo/demo.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(
+      trace, [program, "5"], options: ["-F", "^main$", "-N", "^report$", "-D", "2"])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    let replay = try run(["replay", "-d", trace.path])
+    let main = RecordCommandTests.trees(replay.stdout).values.first { $0.first == "main() {" } ?? []
+    #expect(!main.isEmpty && !main.contains { $0.contains("report") }, "\(replay.stdout)")
+    #expect(main.allSatisfy { !$0.hasPrefix("    ") }, "two levels: \(main)")
+    let dump = try run(["dump", "-d", trace.path])
+    let depths = dump.stdout.split(separator: "\n").compactMap { line -> Int? in
+      guard let range = line.range(of: " depth ") else { return nil }
+      return Int(line[range.upperBound...].prefix { $0 != " " })
+    }
+    #expect(!depths.isEmpty && depths.allSatisfy { $0 < 2 }, "the agent recorded nothing deeper")
+  }
+}

@@ -46,6 +46,8 @@ extension PatchingTests.LivePatchTests {
     #expect(sites.map { TextPatcher.read($0) } == originals)
     let counted = sites.indices.reduce(UInt64(0)) { $0 + callProbes.count($1) + jmpProbes.count($1) }
     #expect(counted > 0 && counted <= calls, "counted \(counted) of \(calls) calls")
+    // The storm is about threads that meet a site mid-batch: some did, and the handler took them.
+    #expect(TrapStatistics.handled > trapsBefore, "no thread ever met an int3: the protocol went untested")
     print(
       "storm: \(batches / 2) patches and \(batches / 2) unpatches, \(calls) checked calls, \(counted) counted, "
         + "\(TrapStatistics.handled - trapsBefore) traps emulated"

@@ -215,3 +215,23 @@ extension EventReadingTests {
     #expect(bogus <= 4, "\(bogus) events made up of scribbled bytes were taken")
   }
 }
+
+extension EventReadingTests {
+  /// Words written out by hand from docs/trace-format.md (not by `Event.bytes`, the encoder under
+  /// test elsewhere): entry = site | depth << 48 | 1 << 62, then the counter; exit = counter mod
+  /// 2^48 | depth << 48 | 2 << 62.
+  @Test func wordsLaidOutByHandFromTheFormatDocument() throws {
+    let words: [UInt64] = [
+      0x4000_5555_0000_1000, 1_000,  // entry, depth 0, site 0x555500001000, at 1000
+      0x4001_5555_0000_2000, 1_100,  // entry, depth 1, site 0x555500002000, at 1100
+      0x8001_0000_0000_04b0,  // exit, depth 1, at 1200
+      0x8000_0000_0000_0514,  // exit, depth 0, at 1300
+    ]
+    let bytes = words.flatMap { word in (0..<8).map { UInt8(truncatingIfNeeded: word >> (8 * $0)) } }
+    let events = try read(header(chunkSize: 1 << 20) + bytes).events
+    #expect(events.map(\.kind) == [.entry, .entry, .exit, .exit])
+    #expect(events.map(\.depth) == [0, 1, 1, 0])
+    #expect(events.map(\.timestamp) == [1000, 1100, 1200, 1300])
+    #expect(events.map(\.site) == [0x5555_0000_1000, 0x5555_0000_2000, 0x5555_0000_2000, 0x5555_0000_1000])
+  }
+}

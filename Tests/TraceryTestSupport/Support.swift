@@ -108,8 +108,11 @@ public enum TestSupport {
     return longTests ? long : short
   }
 
-  /// Whether long storm runs were asked for.
-  public static var longTests: Bool { ProcessInfo.processInfo.environment["TRACERY_LONG_TESTS"] != nil }
+  /// Whether long storm runs were asked for (TRACERY_LONG_TESTS set, and not to "", "0" or "no").
+  public static var longTests: Bool {
+    guard let value = ProcessInfo.processInfo.environment["TRACERY_LONG_TESTS"] else { return false }
+    return !["", "0", "no", "false"].contains(value.lowercased())
+  }
 }
 
 private final class LockedData: @unchecked Sendable {

@@ -247,6 +247,13 @@ struct Recorder {
   private func checkPatchSites(_ path: String) throws {
     let file: ELFFile
     do { file = try ELFFile(path: path) } catch { throw UserError("\(path): \(error)") }
+    // The agent is a shared library the dynamic loader preloads: a program without one (static)
+    // would run untraced and leave an empty trace.
+    guard file.segments.contains(where: { $0.type == ELFConstants.PT_DYNAMIC }) else {
+      throw UserError(
+        "\(path) is statically linked: the agent (a shared library) cannot be preloaded into it; "
+          + "link it dynamically to trace it")
+    }
     var inputs = [SymbolTable.Input(path: path, bias: 0, file: file)]
     for library in LibraryResolver(environment: Foundation.ProcessInfo.processInfo.environment).dependencies(
       of: path, file: file)
@@ -274,7 +281,8 @@ struct Recorder {
     for input in inputs {
       guard let table = try? SymbolTable([input]) else { continue }
       let functions = table.patchableFunctions
-      patchable += functions.count
+      // Sites in no named function (a stripped object) are traced too, named by address.
+      patchable += functions.count + table.orphanSites.count
       for index in functions {
         let name = table.functions[index].name
         if let glob, Demangler.forms(name).contains(where: glob.matches) { matching += 1 }
