@@ -243,3 +243,44 @@ extension ReaderBehaviourTests {
     #expect(!depths.isEmpty && depths.allSatisfy { $0 < 2 }, "the agent recorded nothing deeper")
   }
 }
+
+extension ReaderBehaviourTests {
+  /// 64 scribbled bytes in the middle of a thread's events: each reader keeps the rest of that
+  /// thread and says once, on stderr, which file, where, and about how much was lost.
+  @Test func aScribbledTraceLosesOnlyTheScribbledPart() throws {
+    let source = try Self.plainDemo.get()
+    let trace = try TestSupport.temporaryDirectory("reader-scribbled").appendingPathComponent("trace")
+    try FileManager.default.copyItem(at: source, to: trace)
+    // The main thread's file: the one with the most events.
+    let files = try FileManager.default.contentsOfDirectory(atPath: trace.path).filter { $0.hasSuffix(".events") }
+    let before = try run(["dump", "-d", trace.path]).stdout
+    let main = try #require(
+      files.max { a, b in
+        let sizeA = before.components(separatedBy: " \(a.split(separator: "-").last!.dropLast(7)) [").count
+        let sizeB = before.components(separatedBy: " \(b.split(separator: "-").last!.dropLast(7)) [").count
+        return sizeA < sizeB
+      })
+    let path = trace.appendingPathComponent(main).path
+    var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+    // Half way through the events the thread wrote.
+    let end = bytes.lastIndex { $0 != 0 } ?? 4096
+    let at = 4096 + (end - 4096) / 2 / 8 * 8
+    for index in at..<(at + 64) { bytes[index] = UInt8(truncatingIfNeeded: index &* 37 &+ 11) }
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+    let entries = { (text: String) in text.split(separator: "\n").filter { $0.contains("[entry]") }.count }
+    for command in [["replay"], ["report"], ["dump", "--chrome"], ["dump"]] {
+      let result = try run(command + ["-d", trace.path])
+      #expect(result.status == 0, "\(command)")
+      let warnings = result.stderr.split(separator: "\n")
+      #expect(warnings.count == 1, "\(command): \(result.stderr)")
+      #expect(warnings.first?.contains("\(main): damaged at offset ") == true, "\(result.stderr)")
+      #expect(warnings.first?.contains("events lost") == true)
+      if command == ["dump"] {
+        let lost = entries(before) - entries(result.stdout)
+        #expect(lost >= 1 && lost <= 8, "\(lost) entries lost to 64 bytes: \(result.stderr)")
+      }
+    }
+    let info = try run(["info", "-d", trace.path])
+    #expect(info.stdout.contains("# damaged         : "), "\(info.stdout)")
+  }
+}
