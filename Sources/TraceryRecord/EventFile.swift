@@ -6,9 +6,10 @@
 /// events go into one mapped chunk at a time. The page cache holds everything written, so a
 /// crash or `kill -9` of the traced program loses nothing already stored.
 ///
-/// Half way through each chunk the owner asks `ChunkPreparer`'s helper thread to map and fault in
-/// the one after it (`prepareNext`), so the owning thread usually finds its next chunk ready; when
-/// it is not (the helper is behind or could not start), the owning thread maps it itself.
+/// The owner asks `ChunkPreparer`'s helper thread to map and fault in the chunk after the current
+/// one (`prepareNext`: half way through the first chunk, at the start of every later one), so the
+/// owning thread usually finds its next chunk ready; when it is not (the helper is behind or could
+/// not start), the owning thread maps it itself.
 ///
 /// Protocol: only the owning thread calls `nextChunk`, `prepareNext`, `countDropped` and `close` (the agent
 /// calls them from the recorder's refill, with the recursion guard held); only the helper calls
@@ -80,13 +81,16 @@ public final class EventFile: @unchecked Sendable {
     return UnsafeMutableRawBufferPointer(start: mapped, count: chunkSize)
   }
 
+  /// Chunks taken so far (the current one included).
+  public var chunksTaken: Int { chunks }
+
   /// The end address of the current chunk (0 before the first).
   public var chunkEnd: UInt64 { chunk.map { UInt64(UInt(bitPattern: $0)) + UInt64(chunkSize) } ?? 0 }
 
-  /// Asks the helper to prepare the chunk after the current one. The agent calls it when the
-  /// current chunk is half full: a process that never fills half a chunk (most short-lived
-  /// processes) costs no second chunk, and the helper's work does not compete with the program's
-  /// start (it did: ~0.75 ms of a thread start here, on two cores).
+  /// Asks the helper to prepare the chunk after the current one. For the first chunk the agent
+  /// calls it when that chunk is half full: a process that never fills half a chunk (most
+  /// short-lived processes) costs no second chunk, and the helper's work does not compete with
+  /// the program's start (it did: ~0.75 ms of a thread start here, on two cores).
   public func prepareNext() {
     guard hasRoom(for: chunks) else { return }
     withLock { prepared = (chunks, 0) }
