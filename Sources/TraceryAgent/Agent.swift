@@ -50,7 +50,9 @@ enum Agent {
       bufferLimit: environment("TRACERY_BUFFER_LIMIT").flatMap { Int($0) } ?? (2 << 30))
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
-    // The tracer's table: resolving the chosen sites below reads the same one (built once).
+    // The tracer's table, of the objects that record patch sites only (read from their section
+    // headers first): resolving the chosen sites below reads the same one.
+    Tracer.shared.loadSymbols { ELFFile.recordsPatchSites(path: $0.path) == true }
     let table = Tracer.shared.symbols
     objects = table.objects.map { ProcessInfo.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
     saveSymbols(table, in: directory)

@@ -241,3 +241,54 @@ public enum ELFConstants {
   public static let DT_RUNPATH: UInt64 = 29
   public static let NT_GNU_BUILD_ID: UInt32 = 3
 }
+
+extension ELFFile {
+  /// Whether the file at `path` records patch sites (a `__patchable_function_entries` or
+  /// `__mcount_loc` section), read from its section headers alone (three reads, whatever the
+  /// file's size): what a tracer asks of every object it loads, most of which have none. nil
+  /// when the file cannot be read as ELF64.
+  public static func recordsPatchSites(path: String) -> Bool? {
+    sectionNames(path: path).map { $0.contains("__patchable_function_entries") || $0.contains("__mcount_loc") }
+  }
+
+  /// The names of the file's sections, from its headers only; nil when they cannot be read.
+  public static func sectionNames(path: String) -> Set<String>? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    func read(_ offset: UInt64, _ count: Int) -> [UInt8]? {
+      guard count >= 0, count <= 1 << 26, offset <= UInt64(Int.max) else { return nil }
+      var buffer = [UInt8](repeating: 0, count: count)
+      let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+      return got == count ? buffer : nil
+    }
+    func u16(_ bytes: [UInt8], _ at: Int) -> Int { Int(bytes[at]) | Int(bytes[at + 1]) << 8 }
+    func u32(_ bytes: [UInt8], _ at: Int) -> UInt64 { (0..<4).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * $1) } }
+    func u64(_ bytes: [UInt8], _ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * $1) } }
+    guard let header = read(0, 64), header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1 else {
+      return nil
+    }
+    let tableOffset = u64(header, 40)
+    let entrySize = u16(header, 58)
+    var count = u16(header, 60)
+    var namesIndex = u16(header, 62)
+    guard tableOffset != 0, entrySize == 64 else { return tableOffset == 0 ? [] : nil }
+    if count == 0 || namesIndex == 0xffff {
+      guard let first = read(tableOffset, 64) else { return nil }
+      if count == 0 { count = Int(clamping: u64(first, 32)) }
+      if namesIndex == 0xffff { namesIndex = Int(u32(first, 40)) }
+    }
+    guard count > 0, count <= 1 << 20, namesIndex < count, let table = read(tableOffset, count * 64) else { return nil }
+    let namesOffset = u64(table, namesIndex * 64 + 24)
+    let namesSize = u64(table, namesIndex * 64 + 32)
+    guard namesSize <= 1 << 24, let names = read(namesOffset, Int(namesSize)) else { return nil }
+    var result = Set<String>()
+    for index in 0..<count {
+      let start = Int(u32(table, index * 64))
+      guard start < names.count else { continue }
+      let end = names[start...].firstIndex(of: 0) ?? names.count
+      result.insert(String(decoding: names[start..<end], as: UTF8.self))
+    }
+    return result
+  }
+}

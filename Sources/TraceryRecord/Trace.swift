@@ -113,14 +113,21 @@ public enum Files {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
-    var result: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 1 << 20)
+    // Read straight into the result, sized by the file (files in /proc say 0: grow as needed).
+    var status = stat()
+    let expected = fstat(fd, &status) == 0 ? max(Int(status.st_size), 0) : 0
+    var result = [UInt8](repeating: 0, count: max(expected + 1, 4096))
+    var filled = 0
     while true {
-      let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+      if filled == result.count { result += [UInt8](repeating: 0, count: result.count) }
+      let count = result.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + filled, $0.count - filled) }
       if count < 0 && errno == EINTR { continue }
       guard count >= 0 else { return nil }
-      if count == 0 { return result }
-      result.append(contentsOf: chunk[0..<count])
+      if count == 0 {
+        result.removeLast(result.count - filled)
+        return result
+      }
+      filled += count
     }
   }
 

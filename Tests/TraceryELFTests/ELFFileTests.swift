@@ -112,3 +112,18 @@ import TraceryTestSupport
     #expect(try Glob("ma*").literal == nil)
   }
 }
+
+extension ELFFileTests {
+  /// What the agent asks of every loaded object before reading it whole: its section names, from
+  /// the headers alone, agree with the full reader's.
+  @Test func sectionNamesFromTheHeadersAlone() throws {
+    let demo = try ELFFixtures.clangDemo()
+    let names = try #require(ELFFile.sectionNames(path: demo))
+    #expect(names == Set(try ELFFile(path: demo).sections.map(\.name)))
+    #expect(ELFFile.recordsPatchSites(path: demo) == true)
+    #expect(ELFFile.recordsPatchSites(path: try ELFFixtures.gccMcountDemo()) == true)
+    #expect(ELFFile.recordsPatchSites(path: "/bin/sh") == false)
+    #expect(ELFFile.recordsPatchSites(path: "/no/such/file") == nil)
+    #expect(ELFFile.recordsPatchSites(path: "/etc/hostname") == nil)
+  }
+}

@@ -4,6 +4,10 @@ import Synchronization
 import TraceryELF
 import TraceryX86
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// A handler written in C or Swift (`@convention(c)`), as `tracery.h` declares them.
 public typealias EntryHandler = @convention(c) (UnsafeMutablePointer<tracery_call>, UInt64) -> Void
 public typealias ExitHandler = @convention(c) (UnsafeMutablePointer<tracery_call>, UInt64) -> Void
@@ -435,6 +439,16 @@ public final class Tracer: Sendable {
     return result
   }
 
+  /// Builds the symbol table from the loaded objects `include` accepts only (e.g. those that
+  /// record patch sites: `ELFFile.recordsPatchSites`), instead of every loaded object. A process
+  /// that traces only patchable code need not read the C library or the Swift runtime (each
+  /// agent start read ~20 MB of objects that have no sites). Functions of the objects left out
+  /// are then unknown by name.
+  public func loadSymbols(including include: (ProcessObjects.Entry) -> Bool) {
+    let table = ProcessObjects.symbolTable(including: include).table
+    state.withLock { $0.symbols = table }
+  }
+
   /// The symbol table of the loaded objects: built on first use and kept (`reloadSymbols()`
   /// after `dlopen`).
   public var symbols: SymbolTable {
@@ -801,7 +815,12 @@ public enum TimeStampCounter {
   /// The counter now.
   public static var now: UInt64 { ctracery_rdtsc() }
 
+  /// The counter's rate: from `TRACERY_TICKS_PER_NS` when set (`tracery record` measures it once
+  /// for every process it starts: measuring takes 10 ms), else measured now.
   public static let ticksPerNanosecond: Double = {
+    if let text = getenv("TRACERY_TICKS_PER_NS").map({ String(cString: $0) }), let rate = Double(text), rate > 0 {
+      return rate
+    }
     let clock = ContinuousClock()
     let start = clock.now
     let startTicks = ctracery_rdtsc()
