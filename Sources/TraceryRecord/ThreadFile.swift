@@ -1,6 +1,10 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// A part of a trace directory that could not be read as it was written: a damaged span of a
 /// thread's events, or a file that is missing, empty or unreadable. Readers keep everything
-/// intact around it and say what was lost (`Trace.damage`).
+/// intact around it and say what was lost (`Trace.damage`, `EventCursor.damage`).
 public struct Damage: Sendable, Equatable {
   /// The file's path.
   public let file: String
@@ -15,113 +19,209 @@ public struct Damage: Sendable, Equatable {
   public var eventsSkipped: Int { (bytes + 11) / 12 }
 }
 
-extension Trace {
-  /// Reads one thread's event file, skipping what is damaged.
-  ///
-  /// What the recorder writes is checked as it is read, so that damage (a scribbled, zeroed or
-  /// cut span) is skipped rather than taken for events, and reading goes on after it:
-  ///
-  ///     zero words, then data in the same chunk      damage (the recorder leaves zeros only
-  ///                                                  at a chunk's end, or after its last event)
-  ///     an unknown kind, a malformed data event      damage
-  ///     an entry at site 0 or above user space       damage
-  ///     an entry whose counter runs backwards, or    damage
-  ///       more than 2^52 ticks (weeks) ahead
-  ///     an entry deeper than the open ones + 1, an   damage, unless events were dropped (a
-  ///       exit with no open entry at its depth         full disk leaves gaps) or it is the
-  ///                                                  file's first (a fork child's file
-  ///                                                  begins inside its parent's calls)
-  ///
-  /// After damage, reading resumes at the first entry that passes these checks (an entry's
-  /// counter is the only word with enough redundancy to find the way back), counting as open the
-  /// entries the damaged bytes could have held.
-  static func readThread(path: String, name: String) -> (thread: Thread?, damage: [Damage]) {
+/// One thread's event file as the directory names it and its header says.
+public struct ThreadFile: Sendable {
+  public let path: String
+  public let session: String
+  public let pid: Int32
+  public let tid: Int32
+  /// The thread's name when it started recording (empty when unknown).
+  public let name: String
+  /// Events the recorder could not store (no buffer space): the trace is incomplete there.
+  public let dropped: UInt64
+  public let chunkSize: Int
+  public let size: Int
+
+  /// Reads the name and header of `path`; nil and why when the file cannot be read as events.
+  static func open(path: String, name fileName: String) -> (file: ThreadFile?, damage: Damage?) {
     // SESSION-TID.events, SESSION = PID.GENERATION
-    let stem = name.dropLast(".events".count)
+    let stem = fileName.dropLast(".events".count)
     guard let dash = stem.lastIndex(of: "-"), let tid = Int32(stem[stem.index(after: dash)...]),
       let pid = Int32(stem[..<dash].split(separator: ".").first ?? "")
     else {
-      return (nil, [Damage(file: path, offset: 0, bytes: 0, reason: "not a thread file name (SESSION-TID.events)")])
+      return (nil, Damage(file: path, offset: 0, bytes: 0, reason: "not a thread file name (SESSION-TID.events)"))
     }
     let session = String(stem[..<dash])
-    guard let bytes = Files.read(path) else {
-      return (nil, [Damage(file: path, offset: 0, bytes: 0, reason: "cannot be read")])
+    let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return (nil, Damage(file: path, offset: 0, bytes: 0, reason: "cannot be read")) }
+    defer { close(fd) }
+    var status = stat()
+    let size = fstat(fd, &status) == 0 ? Int(status.st_size) : 0
+    func whole(_ reason: String) -> (file: ThreadFile?, damage: Damage?) {
+      (nil, Damage(file: path, offset: 0, bytes: size, reason: reason))
     }
-    func whole(_ reason: String) -> (thread: Thread?, damage: [Damage]) {
-      (nil, [Damage(file: path, offset: 0, bytes: bytes.count, reason: reason)])
+    if size == 0 { return whole("empty (0 bytes): the thread wrote nothing or the file was cut") }
+    guard size >= TraceFormat.headerSize else {
+      return whole("truncated (\(size) bytes; the header alone is \(TraceFormat.headerSize))")
     }
-    if bytes.isEmpty { return whole("empty (0 bytes): the thread wrote nothing or the file was cut") }
-    guard bytes.count >= TraceFormat.headerSize else {
-      return whole("truncated (\(bytes.count) bytes; the header alone is \(TraceFormat.headerSize))")
+    var header = [UInt8](repeating: 0, count: 96)
+    guard header.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, 96, 0) }) == 96 else {
+      return whole("cannot be read")
     }
-    guard Array(bytes[0..<8]) == TraceFormat.magic else { return whole("not a Tracery event file (bad magic)") }
-    let version = UInt32(bytes.load(TraceFormat.Header.version, count: 4))
+    guard Array(header[0..<8]) == TraceFormat.magic else { return whole("not a Tracery event file (bad magic)") }
+    let version = UInt32(header.load(TraceFormat.Header.version, count: 4))
     guard version == TraceFormat.version else {
       return whole("format version \(version); this tracery reads version \(TraceFormat.version)")
     }
-    let dropped = bytes.load(TraceFormat.Header.dropped)
-    let chunkSize = Int(bytes.load(TraceFormat.Header.chunkSize))
+    let chunkSize = Int(header.load(TraceFormat.Header.chunkSize))
     guard chunkSize >= 16, chunkSize % 8 == 0, chunkSize <= 1 << 40 else {
       return whole("bad chunk size \(chunkSize) in the header")
     }
-    var reader = ThreadFileReader(path: path, bytes: bytes, chunkSize: chunkSize, gapsExpected: dropped > 0)
-    reader.read()
-    var thread = Thread(session: session, pid: pid, tid: tid, events: reader.events, dropped: dropped)
-    let name = bytes[(TraceFormat.Header.name)..<(TraceFormat.Header.name + 16)].prefix { $0 != 0 }
-    thread.name = String(decoding: name, as: UTF8.self)
-    return (thread, reader.damage)
+    let name = header[(TraceFormat.Header.name)..<(TraceFormat.Header.name + 16)].prefix { $0 != 0 }
+    let file = ThreadFile(
+      path: path, session: session, pid: pid, tid: tid, name: String(decoding: name, as: UTF8.self),
+      dropped: header.load(TraceFormat.Header.dropped), chunkSize: chunkSize, size: size)
+    return (file, nil)
   }
 }
 
-/// The checking decoder of `Trace.readThread` (its comment has the rules).
-struct ThreadFileReader {
+/// Reads a file through one window of at most `capacity` bytes (`pread`), moved as reads ask:
+/// memory stays bounded whatever the file's size. `release()` gives the descriptor and the
+/// window back; the next read takes them again.
+final class ByteWindow {
   let path: String
-  let bytes: [UInt8]
-  let chunkSize: Int
-  /// Events were dropped: depths may jump.
-  let gapsExpected: Bool
-  var events: [Event] = []
-  var damage: [Damage] = []
+  let size: Int
+  private let capacity: Int
+  private var fd: Int32 = -1
+  private var window: [UInt8] = []
+  private var start = 0
 
-  private var decoder = Event.Decoder()
-  /// Where the damage being skipped began, and why.
-  private var damaged: (offset: Int, reason: String)?
-
-  init(path: String, bytes: [UInt8], chunkSize: Int, gapsExpected: Bool) {
+  init(path: String, size: Int, capacity: Int = 64 << 10) {
     self.path = path
-    self.bytes = bytes
-    self.chunkSize = chunkSize
-    self.gapsExpected = gapsExpected
+    self.size = size
+    self.capacity = capacity
   }
 
-  /// Depths beyond this wrap (events keep the depth modulo 2^14): not checked there.
-  private static let checkedDepth = 0x3fff
-  private static let backwardsSlack: UInt64 = 1 << 32
-  private static let forwardWindow: UInt64 = 1 << 52
+  deinit { release() }
 
-  mutating func read() {
-    events.reserveCapacity((bytes.count - TraceFormat.headerSize) / 12)
-    // The last non-zero word: zeros after it are unwritten space, not damage.
-    var lastData = bytes.count - 8
-    while lastData >= TraceFormat.headerSize, bytes.load(lastData) == 0 { lastData -= 8 }
-    self.lastData = lastData
-    var offset = TraceFormat.headerSize
-    while offset <= lastData {
-      switch step(at: offset, decoder: decoder, resumingFrom: damaged?.offset, eventsBefore: !events.isEmpty) {
+  var isOpen: Bool { fd >= 0 }
+
+  func release() {
+    if fd >= 0 { close(fd) }
+    fd = -1
+    window = []
+  }
+
+  /// Makes [offset, offset + count) readable from the window; false past the file's end or when
+  /// the file cannot be read.
+  private func cover(_ offset: Int, _ count: Int) -> Bool {
+    guard offset >= 0, offset + count <= size else { return false }
+    if offset >= start, offset + count <= start + window.count { return true }
+    if fd < 0 {
+      fd = open(path, O_RDONLY | O_CLOEXEC)
+      guard fd >= 0 else { return false }
+    }
+    let length = min(max(capacity, count), size - offset)
+    if window.count != length { window = [UInt8](repeating: 0, count: length) }
+    let got = window.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(offset)) }
+    guard got == length else {
+      window = []
+      return false
+    }
+    start = offset
+    return true
+  }
+
+  /// The little-endian word at `offset` (0 when it cannot be read).
+  func word(_ offset: Int) -> UInt64 {
+    guard cover(offset, 8) else { return 0 }
+    return window.load(offset - start)
+  }
+
+  func byte(_ offset: Int) -> UInt8? {
+    guard cover(offset, 1) else { return nil }
+    return window[offset - start]
+  }
+
+  /// The offset just past the last non-zero word (the header's size when there is none): what
+  /// follows is space the recorder never wrote. Reads backwards from the end.
+  func dataEnd(from headerSize: Int) -> Int {
+    var end = size / 8 * 8
+    while end > headerSize {
+      let step = min(capacity, end - headerSize) / 8 * 8
+      guard step > 0, cover(end - step, step) else { return end }
+      var at = end - 8
+      while at >= end - step {
+        if window.load(at - start) != 0 { return at + 8 }
+        at -= 8
+      }
+      end -= step
+    }
+    return headerSize
+  }
+}
+
+/// One thread's events in order, read from its file as they are asked for, skipping what is
+/// damaged (memory: one window and the open calls' sites, whatever the file's size).
+///
+/// What the recorder writes is checked as it is read, so that damage (a scribbled, zeroed or
+/// cut span) is skipped rather than taken for events, and reading goes on after it:
+///
+///     zero words, then data in the same chunk      damage (the recorder leaves zeros only
+///                                                  at a chunk's end, or after its last event)
+///     an unknown kind, a malformed data event      damage
+///     an entry at site 0 or above user space       damage
+///     an entry whose counter runs backwards, or    damage
+///       more than 2^52 ticks (weeks) ahead
+///     an entry deeper than the open ones + 1, an   damage, unless events were dropped (a
+///       exit with no open entry at its depth         full disk leaves gaps) or it is the
+///                                                  file's first (a fork child's file
+///                                                  begins inside its parent's calls)
+///
+/// After damage, reading resumes at the first entry whose counter fits and whose next two
+/// events fit it, counting as open the entries the damaged bytes could have held.
+public struct EventCursor {
+  public let file: ThreadFile
+  private let source: ByteWindow
+  private let gapsExpected: Bool
+  private var offset = TraceFormat.headerSize
+  private var lastData: Int?
+  private var decoder = Event.Decoder()
+  private var eventsBefore = false
+  /// The event taken but not yet given (a data event after it adds its values).
+  private var pending: Event?
+  /// Where the damage being skipped began, and why.
+  private var damaged: (offset: Int, reason: String)?
+  /// Damage found so far.
+  public private(set) var damage: [Damage] = []
+
+  public init(_ file: ThreadFile, window: Int = 64 << 10) {
+    self.file = file
+    source = ByteWindow(path: file.path, size: file.size, capacity: window)
+    gapsExpected = file.dropped > 0
+  }
+
+  /// Gives the descriptor and window back until the next read (a reader with many threads keeps
+  /// only the busy ones open).
+  public func release() { source.release() }
+
+  public var isOpen: Bool { source.isOpen }
+
+  /// The next event (its values attached), or nil at the end.
+  public mutating func next() -> Event? {
+    if lastData == nil { lastData = source.dataEnd(from: TraceFormat.headerSize) }
+    let end = lastData!
+    while offset < end {
+      switch step(at: offset, decoder: decoder, resumingFrom: damaged?.offset, eventsBefore: eventsBefore, end: end) {
       case .zeros(let next):
         begin(at: offset, "zeroed bytes among the events")
         offset = next
       case .tail(let next):
         offset = next
       case .event(let decoded, let size)
-      where damaged == nil && decoder.last != 0 || confirmed(decoded, after: offset + size):
-        end(at: offset)
+      where damaged == nil && decoder.last != 0 || confirmed(decoded, after: offset + size, end: end):
+        finish(at: offset)
         decoder.accept(decoded)
-        switch decoded {
-        case .event(let event): events.append(event)
-        case .values(let values): events[events.count - 1].values = values
-        }
         offset += size
+        switch decoded {
+        case .values(let values):
+          pending?.values = values
+        case .event(let event):
+          eventsBefore = true
+          let given = pending
+          pending = event
+          if let given { return given }
+        }
       case .event, .notAnEvent:
         begin(at: offset, "not an event")
         offset += 8
@@ -130,10 +230,11 @@ struct ThreadFileReader {
         offset += 8
       }
     }
-    end(at: min(offset, lastData + 8))
+    finish(at: min(offset, end))
+    let given = pending
+    pending = nil
+    return given
   }
-
-  private var lastData = 0
 
   enum Step {
     /// An event that fits what came before it, and its size.
@@ -149,21 +250,22 @@ struct ThreadFileReader {
 
   /// What is at `offset`, read with `decoder`'s knowledge. `resumingFrom`: where the damage
   /// being skipped began.
-  private func step(at offset: Int, decoder: Event.Decoder, resumingFrom: Int?, eventsBefore: Bool) -> Step {
-    let chunkStart = offset - (offset - TraceFormat.headerSize) % chunkSize
-    let chunkEnd = min(chunkStart + chunkSize, bytes.count)
-    let word = bytes.load(offset)
+  private func step(at offset: Int, decoder: Event.Decoder, resumingFrom: Int?, eventsBefore: Bool, end: Int) -> Step {
+    let header = TraceFormat.headerSize
+    let chunkStart = offset - (offset - header) % file.chunkSize
+    let chunkEnd = min(chunkStart + file.chunkSize, file.size)
+    let source = self.source
+    let word = source.word(offset)
     if word == 0 {
       var next = offset + 8
-      while next + 8 <= chunkEnd, bytes.load(next) == 0 { next += 8 }
-      return next + 8 <= chunkEnd ? .zeros(next: next) : .tail(next: chunkEnd)
+      while next + 8 <= chunkEnd, next < end, source.word(next) == 0 { next += 8 }
+      return next + 8 <= chunkEnd && next < end ? .zeros(next: next) : .tail(next: chunkEnd)
     }
-    let bytes = self.bytes
     guard
       let (decoded, size) = decoder.peek(
-        word, load: { offset + $0 + 8 <= chunkEnd ? bytes.load(offset + $0) : nil },
-        byteAt: { offset + $0 < chunkEnd ? bytes[offset + $0] : nil })
-    else { return offset + 16 > bytes.count ? .cut : .notAnEvent }
+        word, load: { offset + $0 + 8 <= chunkEnd ? source.word(offset + $0) : nil },
+        byteAt: { offset + $0 < chunkEnd ? source.byte(offset + $0) : nil })
+    else { return offset + 16 > file.size ? .cut : .notAnEvent }
     let plausible = Self.plausible(
       decoded, decoder: decoder, swallowed: resumingFrom.map { (offset - $0) / 16 }, eventsBefore: eventsBefore,
       gapsExpected: gapsExpected)
@@ -172,16 +274,16 @@ struct ThreadFileReader {
 
   /// An event with nothing to check its counter against (the first, or the first after damage)
   /// is taken when the events after it (two, or up to the end of the data) fit it.
-  private func confirmed(_ decoded: Event.Decoder.Decoded, after next: Int) -> Bool {
+  private func confirmed(_ decoded: Event.Decoder.Decoded, after next: Int, end: Int) -> Bool {
     guard case .event(let event) = decoded else { return false }
     // A file that begins with exits (a fork child returning from its parent's calls).
-    if event.kind == .exit { return events.isEmpty && damaged == nil }
+    if event.kind == .exit { return !eventsBefore && damaged == nil }
     var decoder = self.decoder
     decoder.accept(decoded)
     var offset = next
     var seen = 0
-    while seen < 2, offset <= lastData {
-      switch step(at: offset, decoder: decoder, resumingFrom: nil, eventsBefore: true) {
+    while seen < 2, offset < end {
+      switch step(at: offset, decoder: decoder, resumingFrom: nil, eventsBefore: true, end: end) {
       case .event(let decoded, let size):
         decoder.accept(decoded)
         offset += size
@@ -198,13 +300,19 @@ struct ThreadFileReader {
     if damaged == nil { damaged = (offset, reason) }
   }
 
-  private mutating func end(at offset: Int) {
+  private mutating func finish(at offset: Int) {
     guard let damaged else { return }
-    damage.append(Damage(file: path, offset: damaged.offset, bytes: offset - damaged.offset, reason: damaged.reason))
+    damage.append(
+      Damage(file: file.path, offset: damaged.offset, bytes: offset - damaged.offset, reason: damaged.reason))
     self.damaged = nil
   }
 
-  /// Whether an event fits what `decoder` knows (see `Trace.readThread`). While skipping damage
+  /// Depths beyond this wrap (events keep the depth modulo 2^14): not checked there.
+  private static let checkedDepth = 0x3fff
+  private static let backwardsSlack: UInt64 = 1 << 32
+  private static let forwardWindow: UInt64 = 1 << 52
+
+  /// Whether an event fits what `decoder` knows (see the type's comment). While skipping damage
   /// (`swallowed`: the entries the damaged bytes could have held), only an entry is.
   private static func plausible(
     _ decoded: Event.Decoder.Decoded, decoder: Event.Decoder, swallowed: Int?, eventsBefore: Bool, gapsExpected: Bool
@@ -227,5 +335,20 @@ struct ThreadFileReader {
       guard swallowed == nil else { return false }
       return !checkDepth || event.depth < open
     }
+  }
+}
+
+extension Trace {
+  /// Reads one thread's event file whole (for tests and small tools; readers stream with
+  /// `EventCursor`).
+  static func readThread(path: String, name: String) -> (thread: Thread?, damage: [Damage]) {
+    let (file, damage) = ThreadFile.open(path: path, name: name)
+    guard let file else { return (nil, damage.map { [$0] } ?? []) }
+    var cursor = EventCursor(file)
+    var events: [Event] = []
+    while let event = cursor.next() { events.append(event) }
+    var thread = Thread(session: file.session, pid: file.pid, tid: file.tid, events: events, dropped: file.dropped)
+    thread.name = file.name
+    return (thread, cursor.damage)
   }
 }

@@ -2,8 +2,11 @@
   import Glibc
 #endif
 
-/// A trace directory, read whole: the recording's info, each process image, each thread's events.
+/// A trace directory: the recording's info, each process image, each thread's event file. The
+/// events themselves are read as they are needed (`EventCursor`, `TraceStream`): memory does not
+/// grow with the trace.
 public struct Trace: Sendable {
+  /// One thread's events, read whole (`readThread`, for tests).
   public struct Thread: Sendable {
     public let session: String
     public let pid: Int32
@@ -19,15 +22,17 @@ public struct Trace: Sendable {
   /// The recording's `key value` lines (`command`, `start`, the record-time options).
   public let info: [(key: String, value: String)]
   public let processes: [ProcessInfo]
-  public let threads: [Thread]
-  /// What could not be read (each part skipped; everything intact around it is kept).
+  /// Every thread's file, by pid then tid.
+  public let threads: [ThreadFile]
+  /// What could not be read when the directory was opened (files that are not events at all, a
+  /// bad or missing process file). Damage inside events is found as they are read.
   public let damage: [Damage]
 
   public func value(_ key: String) -> String? { info.first { $0.key == key }?.value }
 
   public var droppedEvents: UInt64 { threads.reduce(0) { $0 + $1.dropped } }
 
-  /// Reads the directory. Throws only when it is not a trace at all (no directory, no info
+  /// Opens the directory. Throws only when it is not a trace at all (no directory, no info
   /// file); a damaged, missing or unreadable part is skipped and listed in `damage`.
   public init(directory: String) throws(TraceError) {
     self.directory = directory
@@ -44,7 +49,7 @@ public struct Trace: Sendable {
     }
     self.info = info
     var processes: [ProcessInfo] = []
-    var threads: [Thread] = []
+    var threads: [ThreadFile] = []
     var damage: [Damage] = []
     for name in names.sorted() {
       let path = directory + "/" + name
@@ -57,9 +62,9 @@ public struct Trace: Sendable {
           damage.append(Damage(file: path, offset: 0, bytes: text.utf8.count, reason: "\(error)"))
         }
       } else if name.hasSuffix(".events") {
-        let (thread, found) = Self.readThread(path: path, name: name)
+        let (thread, found) = ThreadFile.open(path: path, name: name)
         if let thread { threads.append(thread) }
-        damage += found
+        if let found { damage.append(found) }
       }
     }
     let sessions = Set(processes.map(\.session))
@@ -78,7 +83,7 @@ public struct Trace: Sendable {
   }
 
   /// One line per damaged file: what was wrong first, and what was skipped in all.
-  public var damageSummary: [String] {
+  public static func summary(of damage: [Damage]) -> [String] {
     var order: [String] = []
     var byFile: [String: [Damage]] = [:]
     for item in damage {
@@ -96,6 +101,33 @@ public struct Trace: Sendable {
         + "about \(items.reduce(0) { $0 + $1.eventsSkipped }) events lost"
     }
   }
+
+  /// The clock of each session: nanoseconds since the earliest process's start for a counter
+  /// reading. A thread whose process file is missing gets another process's (one machine, one
+  /// counter).
+  public func clocks() -> [String: Clock] {
+    let origin = processes.map(\.startRealtimeNanoseconds).min() ?? 0
+    var result: [String: Clock] = [:]
+    for process in processes {
+      result[process.session] = Clock(
+        rate: process.ticksPerNanosecond, startTicks: process.startTicks,
+        offset: Double(process.startRealtimeNanoseconds &- origin))
+    }
+    let fallback = processes.first.map { Clock(rate: $0.ticksPerNanosecond, startTicks: $0.startTicks, offset: 0) }
+    for thread in threads where result[thread.session] == nil {
+      result[thread.session] = fallback ?? Clock(rate: 1, startTicks: 0, offset: 0)
+    }
+    return result
+  }
+}
+
+/// Counter ticks → nanoseconds on the trace's one time line.
+public struct Clock: Sendable {
+  public let rate: Double
+  public let startTicks: UInt64
+  public let offset: Double
+
+  public func nanoseconds(_ ticks: UInt64) -> Double { offset + (Double(ticks) - Double(startTicks)) / rate }
 }
 
 extension [UInt8] {

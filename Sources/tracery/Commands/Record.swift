@@ -168,12 +168,10 @@ struct Live: ParsableCommand {
       let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-live-\(getpid())").path
       defer { try? FileManager.default.removeItem(atPath: directory) }
       let status = try Recorder(options: record, filters: filters).run(directory: directory)
-      let trace = try TraceReading.open(directory)
-      let filter = try filters.filter(for: trace)
-      print(
-        Render.replay(try TraceReading.filteredCalls(trace, filter, demangle: demangle), filter: filter),
-        terminator: "")
-      TraceReading.warnAboutDrops(trace)
+      try TraceReading.read(directory, filters: filters, demangle: demangle) {
+        trace, threads, filter, symbolizer, output in
+        Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, write: output.write)
+      }
       try status.passThrough()
     }
   }

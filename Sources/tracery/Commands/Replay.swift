@@ -3,57 +3,61 @@ import Foundation
 import TraceryELF
 import TraceryRecord
 
-/// Opening a trace directory and naming its addresses (symbols are resolved at read time, from
-/// the objects' files as the process file lists them).
+/// Opening a trace directory, choosing its threads, naming its sites, and writing a reader's
+/// output. Every reader streams (`Readers`, `TraceStream`): memory does not grow with the trace.
 enum TraceReading {
   /// Opens the trace and says on stderr, once per file, what could not be read.
   static func open(_ directory: String) throws -> Trace {
     let trace: Trace
     do { trace = try Trace(directory: directory) } catch { throw UserError("\(error)") }
-    for line in trace.damageSummary {
-      FileHandle.standardError.write(Data("tracery: warning: \(line)\n".utf8))
-    }
+    warn(Trace.summary(of: trace.damage))
     return trace
   }
 
-  /// The calls of every thread (or of `tid`), named in full (what filters match) and labelled
-  /// as `demangle` shows them; each distinct symbol is demangled once.
-  static func calls(_ trace: Trace, tid: Int32? = nil, demangle: Demangler.Style = .simple) throws -> [ThreadCalls] {
-    if let tid, !trace.threads.contains(where: { $0.tid == tid }) {
+  static func warn(_ lines: [String]) {
+    for line in lines { FileHandle.standardError.write(Data("tracery: warning: \(line)\n".utf8)) }
+  }
+
+  /// The threads to read: all, or `tid`'s (which must be in the trace).
+  static func threads(_ trace: Trace, tid: Int32?) throws -> [ThreadFile] {
+    guard let tid else { return trace.threads }
+    let chosen = trace.threads.filter { $0.tid == tid }
+    guard !chosen.isEmpty else {
       throw UserError(
         "no thread \(tid) in the trace (threads: \(trace.threads.map { String($0.tid) }.joined(separator: ", ")))")
     }
-    let symbolizer = Symbolizer(trace)
-    var all = trace.calls { session, site in symbolizer.symbol(session: session, site: site) }
-    if let tid { all = all.filter { $0.tid == tid } }
-    var names: [String: (full: String, label: String)] = [:]
-    for thread in all.indices {
-      for index in all[thread].calls.indices {
-        let symbol = all[thread].calls[index].name
-        if names[symbol] == nil {
-          names[symbol] = (Demangler.demangle(symbol), Demangler.name(symbol, style: demangle))
-        }
-        let named = names[symbol]!
-        all[thread].calls[index].name = named.full
-        all[thread].calls[index].label = named.label
-      }
-    }
-    return all
+    return chosen
   }
 
-  /// The calls `filter` applies to, after checking that each -F / -N pattern names a recorded
-  /// function (a pattern that matches nothing is a mistake worth saying).
-  static func filteredCalls(
-    _ trace: Trace, _ filter: CallFilter, tid: Int32? = nil, demangle: Demangler.Style = .simple
-  ) throws -> [ThreadCalls] {
-    let threads = try calls(trace, tid: tid, demangle: demangle)
-    let names = Set(threads.flatMap { $0.calls.map(\.name) })
+  /// Checks that each -F / -N pattern names a traced function (one that matches nothing is a
+  /// mistake worth saying before reading anything).
+  static func check(_ filter: CallFilter, against symbolizer: Symbolizer) throws {
+    guard !filter.only.isEmpty || !filter.hide.isEmpty else { return }
+    let names = symbolizer.tracedNames
     for (flag, matchers) in [("-F", filter.only), ("-N", filter.hide)] {
       for matcher in matchers where !names.contains(where: matcher.matchesFunction) {
         throw UserError("no recorded function matches \(flag) '\(matcher.pattern)'")
       }
     }
-    return threads
+  }
+
+  /// Runs a reader over the trace in `directory`: `body` gets the trace, the chosen threads, the
+  /// filter, the namer and the output, and returns the damage it found, which is said on stderr
+  /// after the output (with the events that were dropped while recording).
+  static func read(
+    _ directory: String, tid: Int32? = nil, filters: FilterOptions, demangle: Demangler.Style,
+    _ body: (Trace, [ThreadFile], CallFilter, Symbolizer, Output) throws -> [Damage]
+  ) throws {
+    let trace = try open(directory)
+    let filter = try filters.filter(for: trace)
+    let threads = try threads(trace, tid: tid)
+    let symbolizer = Symbolizer(trace, demangle: demangle)
+    try check(filter, against: symbolizer)
+    let output = Output()
+    let damage = try body(trace, threads, filter, symbolizer, output)
+    output.flush()
+    warn(Trace.summary(of: damage))
+    warnAboutDrops(trace)
   }
 
   static func warnAboutDrops(_ trace: Trace) {
@@ -62,6 +66,29 @@ enum TraceReading {
       FileHandle.standardError.write(
         Data("tracery: \(dropped) events were dropped (buffer limit or disk full); the trace is incomplete\n".utf8))
     }
+  }
+}
+
+/// Standard output through a 64 KiB buffer.
+final class Output {
+  private var buffer: [UInt8] = []
+
+  init() { buffer.reserveCapacity(1 << 16) }
+
+  func write(_ text: String) {
+    buffer.append(contentsOf: text.utf8)
+    if buffer.count >= 1 << 16 { flush() }
+  }
+
+  func flush() {
+    var done = 0
+    while done < buffer.count {
+      let count = buffer[done...].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
+      if count < 0 && errno == EINTR { continue }
+      guard count > 0 else { break }
+      done += count
+    }
+    buffer.removeAll(keepingCapacity: true)
   }
 }
 
@@ -144,6 +171,31 @@ final class Symbolizer {
   func name(session: String, site: UInt64) -> String {
     Demangler.name(symbol(session: session, site: site), style: style)
   }
+
+  private var named: [String: FunctionNames] = [:]
+
+  /// The names of the function at `site`: each distinct symbol demangled once.
+  func names(session: String, site: UInt64) -> FunctionNames {
+    let symbol = symbol(session: session, site: site)
+    if let known = named[symbol] { return known }
+    let names = FunctionNames(
+      symbol: symbol, full: Demangler.demangle(symbol), label: Demangler.name(symbol, style: style))
+    named[symbol] = names
+    return names
+  }
+
+  /// The full names of every traced function (every function with a patch site in the traced
+  /// objects), demangled.
+  var tracedNames: Set<String> {
+    var result = Set<String>()
+    for objects in saved.values {
+      for object in objects { for (_, name) in object.file.sites { result.insert(Demangler.demangle(name)) } }
+    }
+    for table in tables.values {
+      for index in table.patchableFunctions { result.insert(Demangler.demangle(table.functions[index].name)) }
+    }
+    return result
+  }
 }
 
 extension Demangler.Style: ExpressibleByArgument {
@@ -173,13 +225,10 @@ struct Replay: ParsableCommand {
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try location.open()
-      let filter = try filters.filter(for: trace)
-      print(
-        Render.replay(
-          try TraceReading.filteredCalls(trace, filter, tid: tid, demangle: location.demangle), filter: filter),
-        terminator: "")
-      TraceReading.warnAboutDrops(trace)
+      try TraceReading.read(location.directory, tid: tid, filters: filters, demangle: location.demangle) {
+        trace, threads, filter, symbolizer, output in
+        Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, write: output.write)
+      }
     }
   }
 }
@@ -203,19 +252,17 @@ struct Report: ParsableCommand {
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try location.open()
-      let filter = try filters.filter(for: trace)
       let key = Render.SortKey(rawValue: sort)!
-      let calls = try TraceReading.filteredCalls(trace, filter, demangle: location.demangle)
-      if threads {
-        for thread in calls {
-          print("# thread \(thread.tid) (process \(thread.session))")
-          print(Render.report(Render.sorted(Render.statistics([thread], filter: filter), by: key)))
+      try TraceReading.read(location.directory, filters: filters, demangle: location.demangle) {
+        trace, chosen, filter, symbolizer, output in
+        let (tables, damage) = Readers.statistics(
+          trace, threads: chosen, filter: filter, names: symbolizer.names, perThread: threads)
+        for (thread, rows) in tables {
+          if let thread { output.write("# thread \(thread.tid) (process \(thread.session))\n") }
+          output.write(Render.report(Render.sorted(rows, by: key)) + (thread == nil ? "" : "\n"))
         }
-      } else {
-        print(Render.report(Render.sorted(Render.statistics(calls, filter: filter), by: key)), terminator: "")
+        return damage
       }
-      TraceReading.warnAboutDrops(trace)
     }
   }
 }
@@ -232,21 +279,29 @@ struct Info: ParsableCommand {
       for (key, value) in trace.info {
         output += "# \(key.padding(toLength: 16, withPad: " ", startingAt: 0)): \(value)\n"
       }
-      for line in trace.damageSummary { output += "# damaged         : \(line)\n" }
+      var damage = trace.damage
+      var processes = ""
       for process in trace.processes {
         let threads = trace.threads.filter { $0.session == process.session }
-        output += "# process \(process.session) (pid \(process.pid), parent \(process.parent)): \(process.executable)\n"
-        output += "#   arguments : \(process.arguments.joined(separator: " "))\n"
-        output += "#   traced    : \(process.tracedFunctions) functions\n"
-        output +=
-          "#   threads   : \(threads.count) (\(threads.reduce(0) { $0 + $1.events.count }) events, "
-          + "\(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
+        var events = 0
+        for thread in threads {
+          var cursor = EventCursor(thread)
+          while cursor.next() != nil { events += 1 }
+          damage += cursor.damage
+        }
+        processes +=
+          "# process \(process.session) (pid \(process.pid), parent \(process.parent)): \(process.executable)\n"
+        processes += "#   arguments : \(process.arguments.joined(separator: " "))\n"
+        processes += "#   traced    : \(process.tracedFunctions) functions\n"
+        processes +=
+          "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
         for object in process.objects {
-          output +=
+          processes +=
             "#   object    : \(object.path) build-id \(object.buildID ?? "-") at 0x\(String(object.bias, radix: 16))\n"
         }
       }
-      print(output, terminator: "")
+      for line in Trace.summary(of: damage) { output += "# damaged         : \(line)\n" }
+      print(output + processes, terminator: "")
     }
   }
 }
@@ -268,44 +323,50 @@ struct Dump: ParsableCommand {
 
   func run() throws {
     try reportingUserErrors {
-      let trace = try location.open()
-      let filter = try filters.filter(for: trace)
-      if chrome {
-        var processes: [Int32: String] = [:]
-        for process in trace.processes where processes[process.pid] == nil {
-          processes[process.pid] = "\(process.executable.split(separator: "/").last ?? "?") (\(process.pid))"
-        }
-        print(
-          Render.chrome(
-            try TraceReading.filteredCalls(trace, filter, demangle: location.demangle), filter: filter,
-            processes: processes),
-          terminator: "")
-      } else if folded {
-        print(
-          Render.folded(try TraceReading.filteredCalls(trace, filter, demangle: location.demangle), filter: filter),
-          terminator: "")
-      } else {
-        let symbolizer = Symbolizer(trace, demangle: location.demangle)
-        var output = ""
-        for process in trace.processes {
-          output +=
-            "# session \(process.session): timestamps are time-stamp counter ticks, "
-            + "\(process.ticksPerNanosecond) per nanosecond\n"
-        }
-        for thread in trace.threads {
-          output +=
-            "# session \(thread.session) thread \(thread.tid): \(thread.events.count) events, \(thread.dropped) dropped\n"
-          for event in thread.events {
-            let kind = event.kind == .entry ? "entry" : "exit "
-            output +=
-              "\(event.timestamp) \(thread.tid) [\(kind)] depth \(event.depth) "
-              + "\(symbolizer.name(session: thread.session, site: event.site))"
-              + (event.values.isEmpty ? "" : " " + event.values.map(\.text).joined(separator: ", ")) + "\n"
+      try TraceReading.read(location.directory, filters: filters, demangle: location.demangle) {
+        trace, threads, filter, symbolizer, output in
+        if chrome {
+          var processes: [Int32: String] = [:]
+          for process in trace.processes where processes[process.pid] == nil {
+            processes[process.pid] = "\(process.executable.split(separator: "/").last ?? "?") (\(process.pid))"
           }
+          return Readers.chrome(
+            trace, threads: threads, filter: filter, names: symbolizer.names, processes: processes,
+            write: output.write)
         }
-        print(output, terminator: "")
+        if folded {
+          let (lines, damage) = Readers.folded(trace, threads: threads, filter: filter, names: symbolizer.names)
+          for line in lines { output.write(line + "\n") }
+          return damage
+        }
+        return Self.raw(trace, threads: threads, symbolizer: symbolizer, output: output)
       }
-      TraceReading.warnAboutDrops(trace)
     }
+  }
+
+  /// Every event, thread by thread, as recorded: counter, tid, kind, depth, name, values.
+  static func raw(_ trace: Trace, threads: [ThreadFile], symbolizer: Symbolizer, output: Output) -> [Damage] {
+    for process in trace.processes {
+      output.write(
+        "# session \(process.session): timestamps are time-stamp counter ticks, "
+          + "\(process.ticksPerNanosecond) per nanosecond\n")
+    }
+    var damage: [Damage] = []
+    for thread in threads {
+      var counter = EventCursor(thread)
+      var count = 0
+      while counter.next() != nil { count += 1 }
+      output.write("# session \(thread.session) thread \(thread.tid): \(count) events, \(thread.dropped) dropped\n")
+      var cursor = EventCursor(thread)
+      while let event = cursor.next() {
+        let kind = event.kind == .entry ? "entry" : "exit "
+        output.write(
+          "\(event.timestamp) \(thread.tid) [\(kind)] depth \(event.depth) "
+            + "\(symbolizer.name(session: thread.session, site: event.site))"
+            + (event.values.isEmpty ? "" : " " + event.values.map(\.text).joined(separator: ", ")) + "\n")
+      }
+      damage += cursor.damage
+    }
+    return damage
   }
 }
