@@ -42,7 +42,22 @@ public struct Event: Sendable, Equatable {
   public let depth: Int
   public let kind: Kind
   /// Recorded arguments (of an entry) or return value (of an exit), from `-A` / `-R`.
-  public var values: [RecordedValue] = []
+  public var values: [RecordedValue] {
+    get { box?.values ?? [] }
+    set { box = newValue.isEmpty ? nil : Values(newValue) }
+  }
+  /// Out of line, and nil when there are none (nearly always): an `Event` is then plain data,
+  /// copied without reference counting (readers copy millions of them).
+  private var box: Values?
+
+  private final class Values: Sendable {
+    let values: [RecordedValue]
+    init(_ values: [RecordedValue]) { self.values = values }
+  }
+
+  public static func == (a: Event, b: Event) -> Bool {
+    a.timestamp == b.timestamp && a.site == b.site && a.depth == b.depth && a.kind == b.kind && a.values == b.values
+  }
 
   public init(timestamp: UInt64, site: UInt64, depth: Int, kind: Kind) {
     self.timestamp = timestamp

@@ -16,12 +16,63 @@ public struct FunctionNames: Sendable {
   }
 }
 
-/// How readers name sites: (session, site) → names. Callers cache (see the CLI's Symbolizer).
+/// How readers name sites: (session, site) → names.
 public typealias SiteNamer = (_ session: String, _ site: UInt64) -> FunctionNames
+
+/// Each distinct function a reader meets gets a small number, once: calls carry the number, and
+/// the names (and the bytes replay writes for them) are looked up by it, so nothing per event
+/// hashes or copies a string.
+final class NameTable {
+  private let namer: SiteNamer
+  private let sessions: [String]
+  private var bySite: [[UInt64: Int32]]
+  private var bySymbol: [String: Int32] = [:]
+  private(set) var names: [FunctionNames] = []
+  /// `label`, and `label()`, as bytes.
+  private(set) var labels: [[UInt8]] = []
+  private(set) var signatures: [[UInt8]] = []
+
+  /// `sessions[i]`: the session of the reader's thread i.
+  init(namer: @escaping SiteNamer, sessions: [String]) {
+    self.namer = namer
+    self.sessions = sessions
+    bySite = Array(repeating: [:], count: sessions.count)
+  }
+
+  /// A direct-mapped cache in front of `bySite`: (thread, site) → index.
+  private var recent = [(thread: Int, site: UInt64, index: Int32)](repeating: (-1, 0, 0), count: 4096)
+
+  func index(thread: Int, site: UInt64) -> Int32 {
+    let slot = Int(truncatingIfNeeded: (site ^ UInt64(thread) &* 0x9e37_79b9_7f4a_7c15) >> 20) & 4095
+    if recent[slot].site == site, recent[slot].thread == thread { return recent[slot].index }
+    let found = lookup(thread: thread, site: site)
+    recent[slot] = (thread, site, found)
+    return found
+  }
+
+  private func lookup(thread: Int, site: UInt64) -> Int32 {
+    if let known = bySite[thread][site] { return known }
+    let names = namer(sessions[thread], site)
+    let index: Int32
+    if let known = bySymbol[names.symbol] {
+      index = known
+    } else {
+      index = Int32(self.names.count)
+      bySymbol[names.symbol] = index
+      self.names.append(names)
+      labels.append(Array(names.label.utf8))
+      signatures.append(Array((names.label + "()").utf8))
+    }
+    bySite[thread][site] = index
+    return index
+  }
+
+  subscript(_ index: Int32) -> FunctionNames { names[Int(index)] }
+}
 
 /// One open call as a reader tracks it.
 struct OpenCall {
-  let names: FunctionNames
+  let name: Int32
   /// Its depth in the thread (a fork child's first calls start deeper).
   let depth: Int
   let start: Double
@@ -33,51 +84,46 @@ struct OpenCall {
   var place: (depth: Int, root: Int)?
   /// Durations of its shown children (for self times).
   var childTime = 0.0
-  /// Replay: its "name() {" line was written (it has shown children), or its one-line form.
+  /// Replay: its "name() {" line was written (it has shown children).
   var opened = false
 
-  init(names: FunctionNames, depth: Int, start: Double, arguments: [RecordedValue]) {
-    self.names = names
+  init(name: Int32, depth: Int, start: Double, arguments: [RecordedValue]) {
+    self.name = name
     self.depth = depth
     self.start = start
     self.arguments = arguments
   }
-
-  /// `name(arguments)` as uftrace shows it; recorded arguments take the place of a C++ name's
-  /// parameter types (`middle(1)` rather than `middle(int)(1)`).
-  var signature: String {
-    guard !arguments.isEmpty else { return names.label + "()" }
-    return "\(Demangler.withoutParameters(names.label))(\(arguments.map(\.text).joined(separator: ", ")))"
-  }
 }
 
-/// The filters as a reader applies them while streaming; name matches cached per name.
+/// The filters as a reader applies them while streaming; name matches cached per function.
 struct FilterState {
   let filter: CallFilter
-  private var hiddenNames: [String: Bool] = [:]
-  private var chosenNames: [String: Bool] = [:]
+  private var hidden: [Int8] = []
+  private var chosen: [Int8] = []
 
   init(_ filter: CallFilter) { self.filter = filter }
 
-  mutating func isHidden(_ name: String) -> Bool {
-    guard !filter.hide.isEmpty else { return false }
-    if let known = hiddenNames[name] { return known }
-    let found = filter.hide.contains { $0.matchesFunction(name) }
-    hiddenNames[name] = found
-    return found
+  private static func cached(
+    _ cache: inout [Int8], _ name: Int32, _ names: NameTable, _ matchers: [NameMatcher]
+  ) -> Bool {
+    let index = Int(name)
+    if index >= cache.count { cache += [Int8](repeating: -1, count: index + 1 - cache.count) }
+    if cache[index] < 0 { cache[index] = matchers.contains { $0.matchesFunction(names[name].full) } ? 1 : 0 }
+    return cache[index] == 1
   }
 
-  mutating func isChosen(_ name: String) -> Bool {
-    if let known = chosenNames[name] { return known }
-    let found = filter.only.contains { $0.matchesFunction(name) }
-    chosenNames[name] = found
-    return found
+  mutating func isHidden(_ name: Int32, _ names: NameTable) -> Bool {
+    !filter.hide.isEmpty && Self.cached(&hidden, name, names, filter.hide)
+  }
+
+  mutating func isChosen(_ name: Int32, _ names: NameTable) -> Bool {
+    Self.cached(&chosen, name, names, filter.only)
   }
 
   /// Where a call is shown given its parent, and whether it (and its subtree) is hidden; -t is
   /// left to the caller (it needs the call's duration).
-  mutating func place(_ call: inout OpenCall, parent: OpenCall?) {
-    if parent?.hidden == true || isHidden(call.names.full) {
+  mutating func place(_ call: inout OpenCall, parent: OpenCall?, names: NameTable) {
+    if parent?.hidden == true || isHidden(call.name, names) {
       call.hidden = true
       return
     }
@@ -87,7 +133,7 @@ struct FilterState {
     } else if filter.only.isEmpty {
       // Unfiltered, a root keeps its depth (a fork child's calls nest in its parent's).
       place = (call.depth, call.depth)
-    } else if isChosen(call.names.full) {
+    } else if isChosen(call.name, names) {
       place = (0, 0)
     }
     if let shown = place, let limit = filter.depth, shown.depth - shown.root >= limit {
@@ -126,8 +172,7 @@ struct CallStack {
 }
 
 public enum Readers {
-  /// The call tree, threads interleaved by time, as uftrace replay prints it, written line by
-  /// line through `write`:
+  /// The call tree, threads interleaved by time, as uftrace replay prints it:
   ///
   ///     # DURATION     TID     FUNCTION
   ///                 [  1234] | main() {
@@ -138,25 +183,39 @@ public enum Readers {
   /// its own thread (`TraceStream.lookahead`), never buffering other threads' lines. Returns the
   /// damage found.
   public static func replay(
-    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names: SiteNamer, write: (String) -> Void
+    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names namer: @escaping SiteNamer, output: ByteOutput
   ) -> [Damage] {
     var stream = TraceStream(trace, threads: threads)
     var stacks = [CallStack](repeating: CallStack(), count: threads.count)
     var filters = FilterState(filter)
-    let blank = String(repeating: " ", count: 11)
-    let tids = threads.map { "[" + String($0.tid).leftPadded(to: 6, with: " ") + "]" }
-    write("# DURATION     TID     FUNCTION\n")
+    let names = NameTable(namer: namer, sessions: threads.map(\.session))
+    let tids = threads.map { Array(" [\(String($0.tid).leftPadded(to: 6, with: " "))] | ".utf8) }
+    output.append("# DURATION     TID     FUNCTION\n")
 
-    func line(_ thread: Int, _ time: String, _ call: OpenCall, _ text: String) {
-      let indent = String(repeating: "  ", count: call.place?.depth ?? 0)
-      write("\(time) \(tids[thread]) | \(indent)\(text)\n")
+    func begin(_ thread: Int, _ duration: Double?, _ call: OpenCall) {
+      if let duration { output.duration(duration) } else { output.spaces(11) }
+      output.append(tids[thread])
+      output.spaces(2 * (call.place?.depth ?? 0))
+    }
+    func signature(_ call: OpenCall) {
+      if call.arguments.isEmpty {
+        output.append(names.signatures[Int(call.name)])
+      } else {
+        output.append(
+          "\(Demangler.withoutParameters(names[call.name].label))(\(call.arguments.map(\.text).joined(separator: ", ")))"
+        )
+      }
+    }
+    func values(_ values: [RecordedValue]) {
+      guard !values.isEmpty else { return }
+      output.append(" = " + values.map(\.text).joined(separator: ", "))
     }
     func endedWithoutExit(_ thread: Int, _ call: OpenCall) {
       guard call.place != nil, call.opened else { return }
-      line(thread, blank, call, "} /* \(call.names.label): no exit recorded */")
-    }
-    func returnSuffix(_ values: [RecordedValue]) -> String {
-      values.isEmpty ? "" : " = " + values.map(\.text).joined(separator: ", ")
+      begin(thread, nil, call)
+      output.append("} /* ")
+      output.append(names.labels[Int(call.name)])
+      output.append(": no exit recorded */\n")
     }
 
     while let item = stream.next() {
@@ -168,9 +227,9 @@ public enum Readers {
           endedWithoutExit(thread, stacks[thread].calls.removeLast())
         }
         var call = OpenCall(
-          names: names(threads[thread].session, event.site), depth: event.depth, start: time,
+          name: names.index(thread: thread, site: event.site), depth: event.depth, start: time,
           arguments: event.values)
-        filters.place(&call, parent: stacks[thread].calls.last)
+        filters.place(&call, parent: stacks[thread].calls.last, names: names)
         if call.place != nil, let threshold = filter.threshold,
           let duration = ownDuration(stream.lookahead(thread), depth: event.depth, start: time),
           duration < threshold
@@ -180,14 +239,22 @@ public enum Readers {
         }
         if call.place != nil {
           let (child, exit) = firstShownChild(
-            stream.lookahead(thread), of: call, filters: &filters, names: { names(threads[thread].session, $0) })
+            stream.lookahead(thread), of: call, filters: &filters,
+            hidden: { names.index(thread: thread, site: $0) }, names: names)
           if child {
             call.opened = true
-            line(thread, blank, call, "\(call.signature) {")
+            begin(thread, nil, call)
+            signature(call)
+            output.append(" {\n")
           } else if let exit {
-            line(thread, Render.duration(exit.time - time), call, "\(call.signature)\(returnSuffix(exit.values));")
+            begin(thread, exit.time - time, call)
+            signature(call)
+            values(exit.values)
+            output.append(";\n")
           } else {
-            line(thread, blank, call, "\(call.signature); /* no exit recorded */")
+            begin(thread, nil, call)
+            signature(call)
+            output.append("; /* no exit recorded */\n")
           }
         }
         stacks[thread].open(call)
@@ -197,12 +264,20 @@ public enum Readers {
         if plan.exits {
           let call = stacks[thread].calls.removeLast()
           if call.place != nil, call.opened {
-            let suffix = event.values.isEmpty ? "" : returnSuffix(event.values) + ";"
-            line(thread, Render.duration(time - call.start), call, "}\(suffix) /* \(call.names.label) */")
+            begin(thread, time - call.start, call)
+            output.append("}")
+            if !event.values.isEmpty {
+              values(event.values)
+              output.append(";")
+            }
+            output.append(" /* ")
+            output.append(names.labels[Int(call.name)])
+            output.append(" */\n")
           }
         }
       }
     }
+    output.flush()
     return stream.damage
   }
 
@@ -224,7 +299,8 @@ public enum Readers {
   /// Whether `call` will show a child (its direct children: not hidden by -N, within -D, and,
   /// with -t, long enough or without an exit), and its exit when it shows none.
   static func firstShownChild(
-    _ events: TraceStream.Lookahead, of call: OpenCall, filters: inout FilterState, names: (UInt64) -> FunctionNames
+    _ events: TraceStream.Lookahead, of call: OpenCall, filters: inout FilterState, hidden index: (UInt64) -> Int32,
+    names: NameTable
   ) -> (shown: Bool, exit: (time: Double, values: [RecordedValue])?) {
     var events = events
     let childDepth = call.depth + 1
@@ -247,7 +323,7 @@ public enum Readers {
         return (pending != nil, nil)
       case .entry where event.depth == childDepth:
         if pending != nil { return (true, nil) }
-        guard !cutByDepth, !filters.isHidden(names(event.site).full) else { continue }
+        guard !cutByDepth, !filters.isHidden(index(event.site), names) else { continue }
         guard filters.filter.threshold != nil else { return (true, nil) }
         pending = time
       default:
@@ -257,29 +333,41 @@ public enum Readers {
     return (pending != nil, nil)
   }
 
-  /// Walks every call with the filters applied and gives each shown one, when it ends, with its
-  /// duration, whether its exit was recorded, its self time, its return values and whether a
-  /// call of the same function encloses it (recursion); -t is applied there (a call shorter than
-  /// it is not given, and neither is its subtree, whose calls are shorter still).
+  /// One shown call as it ends (`walk`).
+  struct Ended {
+    let thread: Int
+    let call: OpenCall
+    let end: Double
+    let complete: Bool
+    let returnValues: [RecordedValue]
+    /// A call of the same function encloses it.
+    let recursive: Bool
+  }
+
+  /// Walks every call with the filters applied and gives each shown one as it ends, with the
+  /// open calls above it (`path`); -t is applied there (a call shorter than it is not given,
+  /// and neither is its subtree, whose calls are shorter still).
   static func walk(
-    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names: SiteNamer,
-    shown: (
-      _ thread: Int, _ call: OpenCall, _ path: [OpenCall], _ end: Double, _ complete: Bool,
-      _ returnValues: [RecordedValue], _ recursive: Bool
-    ) -> Void
+    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names: NameTable,
+    shown: (_ ended: Ended, _ path: [OpenCall]) -> Void
   ) -> [Damage] {
     var stream = TraceStream(trace, threads: threads)
     var stacks = [CallStack](repeating: CallStack(), count: threads.count)
-    var open = [[String: Int]](repeating: [:], count: threads.count)
+    // Per thread: how many calls of each function are open (recursion), by name index.
+    var open = [[Int32]](repeating: [], count: threads.count)
     var filters = FilterState(filter)
     func close(_ thread: Int, _ call: OpenCall, at end: Double, complete: Bool, values: [RecordedValue]) {
-      open[thread][call.names.full, default: 1] -= 1
+      open[thread][Int(call.name)] -= 1
+      let depth = open[thread][Int(call.name)]
       let duration = end - call.start
       guard call.place != nil, !complete || filter.threshold.map({ duration >= $0 }) ?? true else { return }
       if let last = stacks[thread].calls.indices.last, stacks[thread].calls[last].place != nil {
         stacks[thread].calls[last].childTime += duration
       }
-      shown(thread, call, stacks[thread].calls, end, complete, values, open[thread][call.names.full, default: 0] > 0)
+      shown(
+        Ended(
+          thread: thread, call: call, end: end, complete: complete, returnValues: values, recursive: depth > 0),
+        stacks[thread].calls)
     }
     while let item = stream.next() {
       switch item {
@@ -290,10 +378,12 @@ public enum Readers {
           close(thread, stacks[thread].calls.removeLast(), at: time, complete: false, values: [])
         }
         var call = OpenCall(
-          names: names(threads[thread].session, event.site), depth: event.depth, start: time,
+          name: names.index(thread: thread, site: event.site), depth: event.depth, start: time,
           arguments: event.values)
-        filters.place(&call, parent: stacks[thread].calls.last)
-        open[thread][call.names.full, default: 0] += 1
+        filters.place(&call, parent: stacks[thread].calls.last, names: names)
+        let name = Int(call.name)
+        if name >= open[thread].count { open[thread] += [Int32](repeating: 0, count: name + 1 - open[thread].count) }
+        open[thread][name] += 1
         stacks[thread].open(call)
       case .event(let thread, let event, let time):
         let plan = stacks[thread].exitPlan(depth: event.depth)
@@ -309,34 +399,43 @@ public enum Readers {
   }
 
   /// Per-function statistics over the calls the filter shows (per thread when `perThread`):
-  /// functions are told apart by their full names; two that show the same label are named in
-  /// full. Total time counts a recursive function once per outermost call.
+  /// functions are told apart by their symbols; two that show the same label are named in full.
+  /// Total time counts a recursive function once per outermost call.
   public static func statistics(
-    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names: SiteNamer, perThread: Bool
+    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names namer: @escaping SiteNamer, perThread: Bool
   ) -> (tables: [(thread: ThreadFile?, rows: [Render.FunctionStatistics])], damage: [Damage]) {
-    var tables: [Int: [String: Render.FunctionStatistics]] = [:]
-    var labels: [Int: [String: String]] = [:]
-    let damage = walk(trace, threads: threads, filter: filter, names: names) {
-      thread, call, _, end, _, _, recursive in
-      let key = perThread ? thread : -1
-      let duration = end - call.start
-      var row = tables[key]?[call.names.full] ?? Render.FunctionStatistics(name: call.names.label)
-      if !recursive { row.total += duration }
-      row.selfTime += max(0, duration - call.childTime)
-      row.calls += 1
-      row.minimum = min(row.minimum, duration)
-      row.maximum = max(row.maximum, duration)
-      tables[key, default: [:]][call.names.full] = row
-      labels[key, default: [:]][call.names.full] = call.names.label
+    let names = NameTable(namer: namer, sessions: threads.map(\.session))
+    // Per table (one, or one per thread), per name index: times and counts.
+    struct Row {
+      var total = 0.0, selfTime = 0.0, calls = 0, minimum = Double.infinity, maximum = 0.0
     }
-    let keys = perThread ? Array(threads.indices) : [-1]
-    let result = keys.map { key -> (thread: ThreadFile?, rows: [Render.FunctionStatistics]) in
+    var tables = [[Row]](repeating: [], count: perThread ? threads.count : 1)
+    let damage = walk(trace, threads: threads, filter: filter, names: names) { ended, _ in
+      let key = perThread ? ended.thread : 0
+      let call = ended.call
+      let name = Int(call.name)
+      if name >= tables[key].count { tables[key] += [Row](repeating: Row(), count: name + 1 - tables[key].count) }
+      let duration = ended.end - call.start
+      if !ended.recursive { tables[key][name].total += duration }
+      tables[key][name].selfTime += max(0, duration - call.childTime)
+      tables[key][name].calls += 1
+      tables[key][name].minimum = min(tables[key][name].minimum, duration)
+      tables[key][name].maximum = max(tables[key][name].maximum, duration)
+    }
+    let result = tables.indices.map { key -> (thread: ThreadFile?, rows: [Render.FunctionStatistics]) in
+      let used = tables[key].indices.filter { tables[key][$0].calls > 0 }
       var uses: [String: Int] = [:]
-      for label in (labels[key] ?? [:]).values { uses[label, default: 0] += 1 }
-      let rows = (tables[key] ?? [:]).map { name, row in
-        var row = row
-        if uses[row.name, default: 0] > 1 { row.name = name }
-        return row
+      for name in used { uses[names[Int32(name)].label, default: 0] += 1 }
+      let rows = used.map { name -> Render.FunctionStatistics in
+        let row = tables[key][name]
+        let label = names[Int32(name)].label
+        var statistics = Render.FunctionStatistics(name: uses[label, default: 0] > 1 ? names[Int32(name)].full : label)
+        statistics.total = row.total
+        statistics.selfTime = row.selfTime
+        statistics.calls = row.calls
+        statistics.minimum = row.minimum
+        statistics.maximum = row.maximum
+        return statistics
       }
       return (perThread ? threads[key] : nil, rows)
     }
@@ -344,16 +443,16 @@ public enum Readers {
   }
 
   /// Chrome trace-event JSON (complete events, microseconds), for chrome://tracing or Perfetto,
-  /// with metadata events naming each process (`processes`: pid → name) and thread, written
-  /// through `write`.
+  /// with metadata events naming each process (`processes`: pid → name) and thread.
   public static func chrome(
-    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names: SiteNamer, processes: [Int32: String],
-    write: (String) -> Void
+    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names namer: @escaping SiteNamer,
+    processes: [Int32: String], output: ByteOutput
   ) -> [Damage] {
-    write("{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n")
+    let names = NameTable(namer: namer, sessions: threads.map(\.session))
+    output.append("{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n")
     var first = true
     func event(_ text: String) {
-      write(first ? text : ",\n" + text)
+      output.append(first ? text : ",\n" + text)
       first = false
     }
     for (pid, name) in processes.sorted(by: { $0.key < $1.key }) {
@@ -366,35 +465,65 @@ public enum Readers {
         "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(thread.pid),\"tid\":\(thread.tid),"
           + "\"args\":{\"name\":\"\(Render.jsonEscape(name))\"}}")
     }
-    let damage = walk(trace, threads: threads, filter: filter, names: names) {
-      thread, call, _, end, _, returnValues, _ in
+    let prefixes = threads.map { Array(",\"ph\":\"X\",\"pid\":\($0.pid),\"tid\":\($0.tid),\"ts\":".utf8) }
+    var quoted: [Int32: [UInt8]] = [:]
+    let damage = walk(trace, threads: threads, filter: filter, names: names) { ended, _ in
+      let call = ended.call
+      let name =
+        quoted[call.name]
+        ?? {
+          let bytes = Array("{\"name\":\"\(Render.jsonEscape(names[call.name].label))\"".utf8)
+          quoted[call.name] = bytes
+          return bytes
+        }()
+      if !first { output.append(",\n") }
+      first = false
+      output.append(name)
+      output.append(prefixes[ended.thread])
+      output.microseconds(call.start)
+      output.append(",\"dur\":")
+      output.microseconds(ended.end - call.start)
       // Recorded values (-A/-R) as the event's args: arg1 ... arg6, fparg1 ..., retval.
-      let values = (call.arguments + returnValues).map { value in
+      let values = (call.arguments + ended.returnValues).map { value in
         "\"\(ValueSpec.Item(source: value.source, format: value.format).name)\":\"\(Render.jsonEscape(value.text))\""
       }
-      event(
-        "{\"name\":\"\(Render.jsonEscape(call.names.label))\",\"ph\":\"X\",\"pid\":\(threads[thread].pid),"
-          + "\"tid\":\(threads[thread].tid),\"ts\":\(Render.fixed(call.start / 1e3, 3)),"
-          + "\"dur\":\(Render.fixed((end - call.start) / 1e3, 3))"
-          + (values.isEmpty ? "}" : ",\"args\":{\(values.joined(separator: ","))}}"))
+      output.append(values.isEmpty ? "}" : ",\"args\":{\(values.joined(separator: ","))}}")
     }
-    write("\n]}\n")
+    output.append("\n]}\n")
+    output.flush()
     return damage
   }
 
   /// Folded stacks ("main;parse;read 1234", self nanoseconds), the input of flamegraph.pl: one
   /// line per distinct shown stack, in the order they first end.
   public static func folded(
-    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names: SiteNamer
+    _ trace: Trace, threads: [ThreadFile], filter: CallFilter, names namer: @escaping SiteNamer
   ) -> (lines: [String], damage: [Damage]) {
-    var totals: [String: Double] = [:]
-    var order: [String] = []
-    let damage = walk(trace, threads: threads, filter: filter, names: names) {
-      _, call, path, end, _, _, _ in
-      let key = (path.filter { $0.place != nil }.map(\.names.label) + [call.names.label]).joined(separator: ";")
+    let names = NameTable(namer: namer, sessions: threads.map(\.session))
+    var totals: [[Int32]: Double] = [:]
+    var order: [[Int32]] = []
+    let damage = walk(trace, threads: threads, filter: filter, names: names) { ended, path in
+      let key = path.filter { $0.place != nil }.map(\.name) + [ended.call.name]
       if totals[key] == nil { order.append(key) }
-      totals[key, default: 0] += max(0, end - call.start - call.childTime)
+      totals[key, default: 0] += max(0, ended.end - ended.call.start - ended.call.childTime)
     }
-    return (order.map { "\($0) \(Int(totals[$0]!.rounded()))" }, damage)
+    let lines = order.map { key in
+      key.map { names[$0].label }.joined(separator: ";") + " \(Int(totals[key]!.rounded()))"
+    }
+    return (lines, damage)
+  }
+}
+
+extension ByteOutput {
+  /// Nanoseconds as microseconds with three decimals ("12.345"), as Chrome JSON wants them.
+  func microseconds(_ nanoseconds: Double) {
+    let rounded = Int(nanoseconds.rounded())
+    if rounded < 0 { byte(0x2d) }
+    decimal(abs(rounded) / 1000)
+    byte(0x2e)
+    let fraction = abs(rounded) % 1000
+    byte(UInt8(48 + fraction / 100))
+    byte(UInt8(48 + fraction / 10 % 10))
+    byte(UInt8(48 + fraction % 10))
   }
 }

@@ -78,18 +78,23 @@ public struct ThreadFile: Sendable {
 /// Reads a file through one window of at most `capacity` bytes (`pread`), moved as reads ask:
 /// memory stays bounded whatever the file's size. `release()` gives the descriptor and the
 /// window back; the next read takes them again.
+///
+/// Memory: `window` is an allocation of `capacity` bytes owned by this object (freed in
+/// `release` and `deinit`); `[start, start + filled)` of the file is in it. Only the reader that
+/// owns the cursor uses it (one thread).
 final class ByteWindow {
   let path: String
   let size: Int
   private let capacity: Int
-  private var fd: Int32 = -1
-  private var window: [UInt8] = []
-  private var start = 0
+  @exclusivity(unchecked) private var fd: Int32 = -1
+  @exclusivity(unchecked) private var window: UnsafeMutableRawPointer?
+  @exclusivity(unchecked) private var start = 0
+  @exclusivity(unchecked) private var filled = 0
 
   init(path: String, size: Int, capacity: Int = 64 << 10) {
     self.path = path
     self.size = size
-    self.capacity = capacity
+    self.capacity = max(capacity, 4096)
   }
 
   deinit { release() }
@@ -99,38 +104,47 @@ final class ByteWindow {
   func release() {
     if fd >= 0 { close(fd) }
     fd = -1
-    window = []
+    window?.deallocate()
+    window = nil
+    filled = 0
   }
 
-  /// Makes [offset, offset + count) readable from the window; false past the file's end or when
-  /// the file cannot be read.
+  /// Makes [offset, offset + count) readable from the window (count ≤ capacity); false past the
+  /// file's end or when the file cannot be read.
+  @inline(__always)
   private func cover(_ offset: Int, _ count: Int) -> Bool {
-    guard offset >= 0, offset + count <= size else { return false }
-    if offset >= start, offset + count <= start + window.count { return true }
+    if offset >= start, offset + count <= start + filled { return true }
+    return refill(offset, count)
+  }
+
+  private func refill(_ offset: Int, _ count: Int) -> Bool {
+    guard offset >= 0, count <= capacity, offset + count <= size else { return false }
     if fd < 0 {
       fd = open(path, O_RDONLY | O_CLOEXEC)
       guard fd >= 0 else { return false }
     }
-    let length = min(max(capacity, count), size - offset)
-    if window.count != length { window = [UInt8](repeating: 0, count: length) }
-    let got = window.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(offset)) }
-    guard got == length else {
-      window = []
+    if window == nil { window = .allocate(byteCount: capacity, alignment: 8) }
+    let length = min(capacity, size - offset)
+    let got = pread(fd, window, length, off_t(offset))
+    guard got >= count else {
+      filled = 0
       return false
     }
     start = offset
+    filled = got
     return true
   }
 
   /// The little-endian word at `offset` (0 when it cannot be read).
+  @inline(__always)
   func word(_ offset: Int) -> UInt64 {
     guard cover(offset, 8) else { return 0 }
-    return window.load(offset - start)
+    return UInt64(littleEndian: window!.loadUnaligned(fromByteOffset: offset - start, as: UInt64.self))
   }
 
   func byte(_ offset: Int) -> UInt8? {
     guard cover(offset, 1) else { return nil }
-    return window[offset - start]
+    return window!.load(fromByteOffset: offset - start, as: UInt8.self)
   }
 
   /// The offset just past the last non-zero word (the header's size when there is none): what
@@ -142,7 +156,7 @@ final class ByteWindow {
       guard step > 0, cover(end - step, step) else { return end }
       var at = end - 8
       while at >= end - step {
-        if window.load(at - start) != 0 { return at + 8 }
+        if window!.loadUnaligned(fromByteOffset: at - start, as: UInt64.self) != 0 { return at + 8 }
         at -= 8
       }
       end -= step
@@ -202,6 +216,14 @@ public struct EventCursor {
     if lastData == nil { lastData = source.dataEnd(from: TraceFormat.headerSize) }
     let end = lastData!
     while offset < end {
+      if damaged == nil, decoder.last != 0, let (event, size) = fastEvent(at: offset, end: end) {
+        decoder.accept(.event(event))
+        offset += size
+        let given = pending
+        pending = event
+        if let given { return given }
+        continue
+      }
       switch step(at: offset, decoder: decoder, resumingFrom: damaged?.offset, eventsBefore: eventsBefore, end: end) {
       case .zeros(let next):
         begin(at: offset, "zeroed bytes among the events")
@@ -234,6 +256,33 @@ public struct EventCursor {
     let given = pending
     pending = nil
     return given
+  }
+
+  /// The common case, decoded without the general path's closures and copies: an entry or exit
+  /// that passes the checks, wholly inside its chunk. nil: take the general path.
+  @inline(__always)
+  private func fastEvent(at offset: Int, end: Int) -> (Event, Int)? {
+    let word = source.word(offset)
+    let depth = Int((word >> 48) & 0x3fff)
+    let open = decoder.openDepth
+    let chunkEnd = offset - (offset - TraceFormat.headerSize) % file.chunkSize + file.chunkSize
+    switch word >> 62 {
+    case 1 where offset + 16 <= chunkEnd && offset + 16 <= file.size:
+      let timestamp = source.word(offset + 8)
+      let site = word & 0xffff_ffff_ffff
+      guard site != 0, site < 1 << 47, timestamp != 0, timestamp &+ Self.backwardsSlack >= decoder.last,
+        timestamp < decoder.last &+ Self.forwardWindow, gapsExpected || open >= Self.checkedDepth || depth <= open
+      else { return nil }
+      return (Event(timestamp: timestamp, site: site, depth: depth, kind: .entry), 16)
+    case 2:
+      guard gapsExpected || open >= Self.checkedDepth || depth < open else { return nil }
+      guard case .event(let event)? = decoder.peek(word, load: { _ in nil }, byteAt: { _ in nil })?.decoded else {
+        return nil
+      }
+      return (event, 8)
+    default:
+      return nil
+    }
   }
 
   enum Step {

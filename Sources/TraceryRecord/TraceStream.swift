@@ -83,12 +83,14 @@ public struct TraceStream {
   /// Reads `thread`'s next event, keeping at most `openLimit` cursors open (the least recently
   /// read gives its window back).
   private mutating func advance(_ thread: Int) -> Event? {
-    if let index = open.firstIndex(of: thread) {
-      open.remove(at: index)
-    } else if open.count >= openLimit {
-      cursors[open.removeFirst()].release()
+    if open.last != thread {
+      if let index = open.firstIndex(of: thread) {
+        open.remove(at: index)
+      } else if open.count >= openLimit {
+        cursors[open.removeFirst()].release()
+      }
+      open.append(thread)
     }
-    open.append(thread)
     return cursors[thread].next()
   }
 

@@ -170,7 +170,7 @@ struct Live: ParsableCommand {
       let status = try Recorder(options: record, filters: filters).run(directory: directory)
       try TraceReading.read(directory, filters: filters, demangle: demangle) {
         trace, threads, filter, symbolizer, output in
-        Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, write: output.write)
+        Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, output: output)
       }
       try status.passThrough()
     }

@@ -46,14 +46,14 @@ enum TraceReading {
   /// after the output (with the events that were dropped while recording).
   static func read(
     _ directory: String, tid: Int32? = nil, filters: FilterOptions, demangle: Demangler.Style,
-    _ body: (Trace, [ThreadFile], CallFilter, Symbolizer, Output) throws -> [Damage]
+    _ body: (Trace, [ThreadFile], CallFilter, Symbolizer, ByteOutput) throws -> [Damage]
   ) throws {
     let trace = try open(directory)
     let filter = try filters.filter(for: trace)
     let threads = try threads(trace, tid: tid)
     let symbolizer = Symbolizer(trace, demangle: demangle)
     try check(filter, against: symbolizer)
-    let output = Output()
+    let output = ByteOutput(fd: 1)
     let damage = try body(trace, threads, filter, symbolizer, output)
     output.flush()
     warn(Trace.summary(of: damage))
@@ -66,29 +66,6 @@ enum TraceReading {
       FileHandle.standardError.write(
         Data("tracery: \(dropped) events were dropped (buffer limit or disk full); the trace is incomplete\n".utf8))
     }
-  }
-}
-
-/// Standard output through a 64 KiB buffer.
-final class Output {
-  private var buffer: [UInt8] = []
-
-  init() { buffer.reserveCapacity(1 << 16) }
-
-  func write(_ text: String) {
-    buffer.append(contentsOf: text.utf8)
-    if buffer.count >= 1 << 16 { flush() }
-  }
-
-  func flush() {
-    var done = 0
-    while done < buffer.count {
-      let count = buffer[done...].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
-      if count < 0 && errno == EINTR { continue }
-      guard count > 0 else { break }
-      done += count
-    }
-    buffer.removeAll(keepingCapacity: true)
   }
 }
 
@@ -227,7 +204,7 @@ struct Replay: ParsableCommand {
     try reportingUserErrors {
       try TraceReading.read(location.directory, tid: tid, filters: filters, demangle: location.demangle) {
         trace, threads, filter, symbolizer, output in
-        Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, write: output.write)
+        Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, output: output)
       }
     }
   }
@@ -258,8 +235,8 @@ struct Report: ParsableCommand {
         let (tables, damage) = Readers.statistics(
           trace, threads: chosen, filter: filter, names: symbolizer.names, perThread: threads)
         for (thread, rows) in tables {
-          if let thread { output.write("# thread \(thread.tid) (process \(thread.session))\n") }
-          output.write(Render.report(Render.sorted(rows, by: key)) + (thread == nil ? "" : "\n"))
+          if let thread { output.append("# thread \(thread.tid) (process \(thread.session))\n") }
+          output.append(Render.report(Render.sorted(rows, by: key)) + (thread == nil ? "" : "\n"))
         }
         return damage
       }
@@ -331,12 +308,11 @@ struct Dump: ParsableCommand {
             processes[process.pid] = "\(process.executable.split(separator: "/").last ?? "?") (\(process.pid))"
           }
           return Readers.chrome(
-            trace, threads: threads, filter: filter, names: symbolizer.names, processes: processes,
-            write: output.write)
+            trace, threads: threads, filter: filter, names: symbolizer.names, processes: processes, output: output)
         }
         if folded {
           let (lines, damage) = Readers.folded(trace, threads: threads, filter: filter, names: symbolizer.names)
-          for line in lines { output.write(line + "\n") }
+          for line in lines { output.append(line + "\n") }
           return damage
         }
         return Self.raw(trace, threads: threads, symbolizer: symbolizer, output: output)
@@ -345,9 +321,9 @@ struct Dump: ParsableCommand {
   }
 
   /// Every event, thread by thread, as recorded: counter, tid, kind, depth, name, values.
-  static func raw(_ trace: Trace, threads: [ThreadFile], symbolizer: Symbolizer, output: Output) -> [Damage] {
+  static func raw(_ trace: Trace, threads: [ThreadFile], symbolizer: Symbolizer, output: ByteOutput) -> [Damage] {
     for process in trace.processes {
-      output.write(
+      output.append(
         "# session \(process.session): timestamps are time-stamp counter ticks, "
           + "\(process.ticksPerNanosecond) per nanosecond\n")
     }
@@ -356,11 +332,11 @@ struct Dump: ParsableCommand {
       var counter = EventCursor(thread)
       var count = 0
       while counter.next() != nil { count += 1 }
-      output.write("# session \(thread.session) thread \(thread.tid): \(count) events, \(thread.dropped) dropped\n")
+      output.append("# session \(thread.session) thread \(thread.tid): \(count) events, \(thread.dropped) dropped\n")
       var cursor = EventCursor(thread)
       while let event = cursor.next() {
         let kind = event.kind == .entry ? "entry" : "exit "
-        output.write(
+        output.append(
           "\(event.timestamp) \(thread.tid) [\(kind)] depth \(event.depth) "
             + "\(symbolizer.name(session: thread.session, site: event.site))"
             + (event.values.isEmpty ? "" : " " + event.values.map(\.text).joined(separator: ", ")) + "\n")
