@@ -401,3 +401,20 @@ extension Trace {
     return (thread, cursor.damage)
   }
 }
+
+extension ThreadFile {
+  /// Cuts the event file at `path` down to what its thread wrote (files grow by whole chunks, 1
+  /// MiB, reserved ahead): its data, and one word more, since an event can end in one zero word (a
+  /// data event whose last value is 0). Only for a file no thread writes any more: the process is
+  /// gone. Returns the bytes freed.
+  @discardableResult
+  public static func trim(path: String) -> Int {
+    var status = stat()
+    guard stat(path, &status) == 0 else { return 0 }
+    let size = Int(status.st_size)
+    guard size > TraceFormat.headerSize else { return 0 }
+    let end = min(size, ByteWindow(path: path, size: size).dataEnd(from: TraceFormat.headerSize) + 8)
+    guard end < size, truncate(path, off_t(end)) == 0 else { return 0 }
+    return size - end
+  }
+}

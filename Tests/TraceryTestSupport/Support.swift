@@ -57,6 +57,28 @@ public enum TestSupport {
       stderr: String(decoding: errData.value, as: UTF8.self))
   }
 
+  /// Runs `executable` with its standard output into `output` (a file path) and returns its
+  /// exit status and its peak resident memory in KiB (wait4's rusage: this child alone).
+  public static func runMeasured(_ executable: String, _ arguments: [String], output: String) throws -> (
+    status: Int32, peakKiB: Int
+  ) {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    defer { for pointer in argv { free(pointer) } }
+    var pid: pid_t = 0
+    let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    guard spawned == 0 else { throw CompileError(description: "cannot start \(executable): \(spawned)") }
+    var status: Int32 = 0
+    var usage = rusage()
+    while wait4(pid, &status, 0, &usage) < 0 {
+      guard errno == EINTR else { throw CompileError(description: "wait4: \(errno)") }
+    }
+    return ((status >> 8) & 0xff, usage.ru_maxrss)
+  }
+
   /// Finds a tool on PATH.
   public static func which(_ tool: String) -> String? {
     for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {

@@ -1,0 +1,107 @@
+import Foundation
+import Testing
+import TraceryTestSupport
+
+@testable import TraceryRecord
+
+/// Readers in bounded memory: a thousand processes, and a trace larger than the memory the
+/// readers are allowed. Peak memory is the reader's own (wait4's rusage).
+@Suite struct ScaleTests {
+  static let tracery = ListCommandTests.tracery
+  /// The readers' goal (issue 14): at most 64 MB whatever the trace.
+  static let limitKiB = 64 * 1024
+
+  @Test func aThousandShortLivedChildProcesses() throws {
+    let directory = try TestSupport.temporaryDirectory("scale-children")
+    let program = try RecordCommandTests.build(
+      [RecordCommandTests.programs.appendingPathComponent("children.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, "1000"])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout == "1000 children\n")
+    let files = try FileManager.default.contentsOfDirectory(atPath: trace.path)
+    #expect(files.filter { $0.hasSuffix(".events") }.count == 1001)
+    // Trimmed to what each process wrote: no 1 MiB chunks left reserved.
+    let sizes = try files.filter { $0.hasSuffix(".events") }.map {
+      try FileManager.default.attributesOfItem(atPath: trace.appendingPathComponent($0).path)[.size] as? Int ?? 0
+    }
+    #expect(sizes.allSatisfy { $0 < 64 << 10 }, "largest: \(sizes.max() ?? 0)")
+
+    let output = directory.appendingPathComponent("report.txt").path
+    let report = try TestSupport.runMeasured(Self.tracery, ["report", "-d", trace.path, "-s", "calls"], output: output)
+    #expect(report.status == 0)
+    #expect(report.peakKiB < Self.limitKiB, "report: \(report.peakKiB) KiB")
+    let rows = try String(contentsOfFile: output, encoding: .utf8).split(separator: "\n")
+    #expect(rows.contains { $0.hasSuffix(" work") && $0.contains("       1000  ") }, "\(rows.prefix(6))")
+    #expect(rows.contains { $0.hasSuffix(" child") && $0.contains("       1000  ") })
+    let replay = try TestSupport.runMeasured(Self.tracery, ["replay", "-d", trace.path], output: output)
+    #expect(replay.status == 0 && replay.peakKiB < Self.limitKiB, "replay: \(replay.peakKiB) KiB")
+    let lines = try String(contentsOfFile: output, encoding: .utf8).split(separator: "\n")
+    #expect(lines.filter { $0.hasSuffix("|   child() {") }.count == 1000, "\(lines.prefix(8))")
+  }
+
+  /// A trace laid out by hand, larger than the readers' memory limit (72 MB; 640 MB with
+  /// TRACERY_LONG_TESTS): report and replay (and, in long runs, dump --chrome and info) go through
+  /// it within 64 MB. (The suite runs debug builds, ~10x slower readers than release: hence the
+  /// short default.)
+  @Test func aTraceLargerThanTheReadersMemory() throws {
+    let directory = try TestSupport.temporaryDirectory("scale-large")
+    let trace = directory.appendingPathComponent("trace")
+    try FileManager.default.createDirectory(at: trace, withIntermediateDirectories: true)
+    try "tracery-trace 1\ncommand synthetic\n".write(
+      to: trace.appendingPathComponent("info"), atomically: true, encoding: .utf8)
+    let process = ProcessInfo(
+      session: "7.0", pid: 7, parent: 1, executable: "/synthetic", arguments: ["/synthetic"],
+      ticksPerNanosecond: 1, startTicks: 1_000, startRealtimeNanoseconds: 1, objects: [], tracedFunctions: 64)
+    try process.text.write(to: trace.appendingPathComponent("process-7.0.info"), atomically: true, encoding: .utf8)
+    let megabytes = TestSupport.longTests ? 640 : 72
+    let chunk = 1 << 20
+    var header = [UInt8](repeating: 0, count: TraceFormat.headerSize)
+    header.replaceSubrange(0..<8, with: TraceFormat.magic)
+    for (offset, value, count) in [
+      (TraceFormat.Header.version, UInt64(TraceFormat.version), 4), (TraceFormat.Header.pid, 7, 4),
+      (TraceFormat.Header.tid, 7, 4), (TraceFormat.Header.chunkSize, UInt64(chunk), 8),
+    ] {
+      for index in 0..<count { header[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index)) }
+    }
+    let path = trace.appendingPathComponent("7.0-7.events").path
+    FileManager.default.createFile(atPath: path, contents: Data(header))
+    let file = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+    try file.seekToEnd()
+    // One chunk of calls f(i % 64) { g } (48 bytes each, 21,845, the chunk's tail left zero),
+    // written again and again: its counter runs backwards by less than the readers' slack (2^32
+    // ticks) at each chunk start, so every copy reads as more calls.
+    var bytes: [UInt8] = []
+    bytes.reserveCapacity(chunk)
+    var time: UInt64 = 2_000
+    var perChunk = 0
+    while bytes.count + 48 <= chunk {
+      let site = 0x40_0000 + UInt64(perChunk % 64) * 16
+      for event in [
+        Event(timestamp: time, site: site, depth: 0, kind: .entry),
+        Event(timestamp: time + 10, site: 0x50_0000, depth: 1, kind: .entry),
+        Event(timestamp: time + 20, site: 0x50_0000, depth: 1, kind: .exit),
+        Event(timestamp: time + 30, site: site, depth: 0, kind: .exit),
+      ] { bytes += event.bytes }
+      time += 40
+      perChunk += 1
+    }
+    bytes += [UInt8](repeating: 0, count: chunk - bytes.count)
+    for _ in 0..<megabytes { try file.write(contentsOf: bytes) }
+    try file.close()
+    let calls = perChunk * megabytes
+
+    let output = directory.appendingPathComponent("out.txt").path
+    let commands =
+      TestSupport.longTests ? [["report"], ["replay"], ["dump", "--chrome"], ["info"]] : [["report"], ["replay"]]
+    for command in commands {
+      let result = try TestSupport.runMeasured(Self.tracery, command + ["-d", trace.path], output: output)
+      #expect(result.status == 0, "\(command)")
+      #expect(result.peakKiB < Self.limitKiB, "\(command): \(result.peakKiB) KiB for \(megabytes) MB")
+      if command == ["report"] {
+        let text = try String(contentsOfFile: output, encoding: .utf8)
+        #expect(text.contains("     \(calls)  "), "g is called once per call: \(text.prefix(400))")
+      }
+    }
+  }
+}
