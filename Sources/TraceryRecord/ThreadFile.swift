@@ -33,7 +33,7 @@ public struct ThreadFile: Sendable {
   public let size: Int
 
   /// Reads the name and header of `path`; nil and why when the file cannot be read as events.
-  static func open(path: String, name fileName: String) -> (file: ThreadFile?, damage: Damage?) {
+  public static func open(path: String, name fileName: String) -> (file: ThreadFile?, damage: Damage?) {
     // SESSION-TID.events, SESSION = PID.GENERATION
     let stem = fileName.dropLast(".events".count)
     guard let dash = stem.lastIndex(of: "-"), let tid = Int32(stem[stem.index(after: dash)...]),

@@ -58,25 +58,25 @@ public enum TestSupport {
   }
 
   /// Runs `executable` with its standard output into `output` (a file path) and returns its
-  /// exit status and its peak resident memory in KiB (wait4's rusage: this child alone).
+  /// exit status and its peak resident memory in KiB, measured by `peak` (a small C program,
+  /// Tests/TraceryCLITests/Programs/peak.c, built once): the memory of whatever forks a command
+  /// counts as the command's own, and the test runner is large.
   public static func runMeasured(_ executable: String, _ arguments: [String], output: String) throws -> (
     status: Int32, peakKiB: Int
   ) {
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-    defer { for pointer in argv { free(pointer) } }
-    var pid: pid_t = 0
-    let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
-    guard spawned == 0 else { throw CompileError(description: "cannot start \(executable): \(spawned)") }
-    var status: Int32 = 0
-    var usage = rusage()
-    while wait4(pid, &status, 0, &usage) < 0 {
-      guard errno == EINTR else { throw CompileError(description: "wait4: \(errno)") }
-    }
-    return ((status >> 8) & 0xff, usage.ru_maxrss)
+    let peak = try peakProgram.get()
+    let result = try run("/bin/sh", ["-c", "exec \"$0\" \"$@\" > '\(output)'", peak, executable] + arguments)
+    guard let line = result.stderr.split(separator: "\n").last(where: { $0.hasPrefix("peak-kib ") }),
+      let kib = Int(line.dropFirst(9))
+    else { throw CompileError(description: "no peak measured: \(result.stderr)") }
+    return (result.status, kib)
+  }
+
+  static let peakProgram: Result<String, any Error> = Result {
+    let source = packageRoot.appendingPathComponent("Tests/TraceryCLITests/Programs/peak.c").path
+    let output = try temporaryDirectory("peak").appendingPathComponent("peak").path
+    try compile(compiler: "clang", sources: [source], flags: ["-O2"], output: output)
+    return output
   }
 
   /// Finds a tool on PATH.

@@ -1,9 +1,19 @@
 import Foundation
+import TraceryCore
 
-/// `tracery bench record`: a call-heavy program (recursive fib) run untraced, under the agent
-/// recording every function, and under `uftrace record` (two modes) when uftrace is installed; ns per call
-/// of each, the untraced run as baseline. The program times its own fib call (startup and the
-/// agent's attach are left out) and counts the calls it makes.
+/// `tracery bench record`:
+///
+/// - `tracery`, `uftrace`, `uftrace-dynamic`: a recursive fib run untraced, under the agent
+///   recording every function, and under `uftrace record` (two modes) when uftrace is installed;
+///   ns per call of each, the untraced run as baseline. The program times its own fib call
+///   (start-up and the agent's attach are left out) and counts its calls; the bench checks that
+///   the trace holds exactly that many entries (each of fib's two calls is kept a real call: at
+///   -O2 clang had turned one into a loop, and the bench divided by twice the calls that ran).
+/// - `program-tracery`, `program-uftrace`: the generated program (`GeneratedProgram`: 2,200
+///   distinct functions, a call tree and deep chains, ~4.2 M calls) timed whole, start-up
+///   included, untraced and recorded; ns per recorded call over the untraced run.
+/// - `children-patchable`, `children-plain`: a parent that starts 50 children one after another
+///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced.
 struct RecordBench {
   let runs: Int
   let cacheDirectory: String
@@ -15,7 +25,12 @@ struct RecordBench {
     static long calls;
     __attribute__((noinline)) long fib(long n) {
       calls++;
-      return n < 2 ? n : fib(n - 1) + fib(n - 2);
+      if (n < 2) return n;
+      long a = fib(n - 1);
+      __asm__ volatile("" : "+r"(a));
+      long b = fib(n - 2);
+      __asm__ volatile("" : "+r"(b));
+      return a + b;
     }
     int main(int argc, char **argv) {
       long n = argc > 1 ? atol(argv[1]) : 30;
@@ -52,13 +67,20 @@ struct RecordBench {
       let recorded = try measure(program, environment: ["LD_PRELOAD": agent, "TRACERY_DIR": traces])
       traced.append(recorded.perCall)
       calls = recorded.calls
+      let entries = try GeneratedProgram.recordedEntries(in: traces)
+      guard entries == calls else {
+        throw UserError("the trace holds \(entries) entries but fib counted \(calls) calls: the figure would be wrong")
+      }
     }
     let baseline = median(untraced)
     report.figure(
       name: "tracery", n: calls, nsPerItem: median(traced), baseline: baseline,
       extra: ["overhead_ns_per_call": median(traced) - baseline])
 
-    guard let uftrace = try? ProgramLocator.locate("uftrace") else {
+    let uftrace = try? ProgramLocator.locate("uftrace")
+    try generatedProgram(report, uftrace: uftrace, agent: agent, traces: traces)
+    try children(report, agent: agent, traces: traces, directory: directory)
+    guard let uftrace else {
       report.note("uftrace is not installed (apt-get install uftrace): no uftrace figure")
       return
     }
@@ -80,6 +102,107 @@ struct RecordBench {
       report.figure(
         name: name, n: calls, nsPerItem: median(figures), baseline: baseline,
         extra: ["overhead_ns_per_call": median(figures) - baseline])
+    }
+  }
+
+  /// The generated program, whole runs: untraced, recorded by the agent, recorded by uftrace.
+  private func generatedProgram(_ report: BenchReport, uftrace: String?, agent: String, traces: String) throws {
+    let program = try GeneratedProgram.build(in: cacheDirectory + "/generated")
+    let arguments = ["16", "32"]
+    var untraced: [Double] = []
+    var traced: [Double] = []
+    var uftraced: [Double] = []
+    var calls = 0
+    for _ in 0..<runs {
+      let plain = try MeasuredRun.run(program, arguments)
+      guard plain.status == 0, let counted = GeneratedProgram.calls(in: plain.output) else {
+        throw UserError("the generated program failed: \(plain.output)")
+      }
+      calls = counted
+      untraced.append(plain.seconds)
+      try? FileManager.default.removeItem(atPath: traces)
+      try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
+      let recorded = try MeasuredRun.run(
+        program, arguments,
+        environment: [
+          "LD_PRELOAD": agent, "TRACERY_DIR": traces,
+          "TRACERY_TICKS_PER_NS": String(TimeStampCounter.ticksPerNanosecond),
+        ])
+      traced.append(recorded.seconds)
+      let entries = try GeneratedProgram.recordedEntries(in: traces)
+      guard entries == calls else {
+        throw UserError("the trace holds \(entries) entries but the program counted \(calls) calls")
+      }
+      if let uftrace {
+        try? FileManager.default.removeItem(atPath: traces)
+        let run = try MeasuredRun.run(uftrace, ["record", "-d", traces, "-P", ".", program] + arguments)
+        guard run.status == 0 else { throw UserError("uftrace record failed") }
+        uftraced.append(run.seconds)
+      }
+    }
+    let baseline = median(untraced) * 1e9 / Double(calls)
+    for (name, samples) in [("program-tracery", traced), ("program-uftrace", uftraced)] where !samples.isEmpty {
+      let perCall = median(samples) * 1e9 / Double(calls)
+      report.figure(
+        name: name, n: calls, nsPerItem: perCall, baseline: baseline,
+        extra: ["overhead_ns_per_call": perCall - baseline])
+    }
+  }
+
+  /// A parent that starts 50 children one after another, untraced and recorded.
+  private func children(_ report: BenchReport, agent: String, traces: String, directory: String) throws {
+    let spawner = directory + "/spawner"
+    let spawnerSource = directory + "/spawner.c"
+    let child = directory + "/child"
+    let childSource = directory + "/child.c"
+    try """
+    #include <spawn.h>
+    #include <stdlib.h>
+    #include <sys/wait.h>
+    extern char **environ;
+    int main(int argc, char **argv) {
+      int count = atoi(argv[1]);
+      for (int i = 0; i < count; i++) {
+        pid_t pid;
+        char *child[] = {argv[2], 0};
+        if (posix_spawn(&pid, argv[2], 0, 0, child, environ) != 0) return 1;
+        int status;
+        waitpid(pid, &status, 0);
+      }
+      return 0;
+    }
+    """.write(toFile: spawnerSource, atomically: true, encoding: .utf8)
+    try "__attribute__((noinline)) int work(int x) { return x + 1; }\nint main(void) { return work(-1); }\n".write(
+      toFile: childSource, atomically: true, encoding: .utf8)
+    try GeneratedLibrary.clang(["-O2", spawnerSource, "-o", spawner], building: spawnerSource)
+    try GeneratedLibrary.clang(
+      ["-O2", "-fpatchable-function-entry=5", childSource, "-o", child], building: childSource)
+    let count = 50
+    for (name, target) in [("children-patchable", child), ("children-plain", "/bin/true")] {
+      var untraced: [Double] = []
+      var traced: [Double] = []
+      for _ in 0..<runs {
+        untraced.append(try MeasuredRun.run(spawner, [String(count), target]).seconds)
+        try? FileManager.default.removeItem(atPath: traces)
+        try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
+        traced.append(
+          try MeasuredRun.run(
+            spawner, [String(count), target],
+            environment: [
+              "LD_PRELOAD": agent, "TRACERY_DIR": traces,
+              "TRACERY_TICKS_PER_NS": String(TimeStampCounter.ticksPerNanosecond),
+            ]
+          ).seconds)
+      }
+      let processes = try FileManager.default.contentsOfDirectory(atPath: traces).filter { $0.hasPrefix("process-") }
+      guard processes.count == count + 1 else {
+        throw UserError("\(processes.count) processes recorded, \(count + 1) started")
+      }
+      let perChild = median(untraced) * 1e9 / Double(count)
+      let tracedPerChild = median(traced) * 1e9 / Double(count)
+      report.figure(
+        name: name, n: count, nsPerItem: tracedPerChild, baseline: perChild,
+        extra: ["overhead_ms_per_child": (tracedPerChild - perChild) / 1e6])
     }
   }
 

@@ -18,14 +18,20 @@ struct Bench: ParsableCommand {
       entry-only and an entry+exit fprobe, one ops through its own trampoline, and 1, 2 and 10 ops through \
       the shared caller, each beside the untraced call measured just before.
         record  ns per call of a recursive fib program untraced (the baseline), recorded by \
-      `tracery record` (every function), and recorded by `uftrace record` when installed.
+      the agent (every function; the trace's entries checked against the program's count), and \
+      recorded by `uftrace record` when installed; a generated program of 2,200 functions (~4.2 M \
+      calls) timed whole, start-up included, untraced, recorded and under uftrace; and a parent \
+      starting 50 children (patchable, and /bin/true), untraced and recorded: ms per child.
+        read    replay, report and dump --chrome of a ~100 MB trace of the generated program: \
+      seconds (ns per recorded call) and peak memory, beside uftrace's readers on its own trace of \
+      the same run when installed (at most 3 runs each).
       Each figure is the median of --runs runs. --json prints one object per line with the keys \
       suite, name, n, ns_per_item (and baseline_ns_per_item where an untraced baseline applies).
       """
   )
 
   enum Suite: String, ExpressibleByArgument, CaseIterable {
-    case patch, trigger, graph, record
+    case patch, trigger, graph, record, read
   }
 
   @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -68,6 +74,7 @@ struct Bench: ParsableCommand {
       case .trigger: try TriggerBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .graph: try GraphBench(runs: runs).run(report)
       case .record: try RecordBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
+      case .read: try ReadBench(runs: min(runs, 3), cacheDirectory: cacheDirectory).run(report)
       }
     }
   }

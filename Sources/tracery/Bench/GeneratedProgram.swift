@@ -1,0 +1,135 @@
+import Foundation
+import TraceryRecord
+
+/// The benchmarks' stand-in for a real call-heavy program: thousands of distinct functions, a
+/// binary call tree through them and deep chains, built like a shipped program (clang -O2,
+/// -fpatchable-function-entry=5). Every function counts its calls (`calls`), and each call site
+/// is kept a real call (an empty asm between the calls stops -O2 from turning recursion into
+/// loops), so the program's count is the number of entries a tracer must record.
+enum GeneratedProgram {
+  static let functions = 2_000
+  static let chain = 200
+
+  static var source: String {
+    var text = """
+      #include <stdio.h>
+      #include <stdlib.h>
+      #include <time.h>
+      static long calls;
+      #define NOINLINE __attribute__((noinline))
+
+      """
+    for index in 0..<functions { text += "NOINLINE long f\(index)(long x, int d);\n" }
+    for index in 0...chain { text += "NOINLINE long c\(index)(long x);\n" }
+    for index in 0..<functions {
+      let a = (index * 7 + 1) % functions
+      let b = (index * 13 + 5) % functions
+      text += """
+        NOINLINE long f\(index)(long x, int d) {
+          calls++;
+          if (d <= 0) return x + \(index);
+          long r = f\(a)(x + 1, d - 1);
+          __asm__ volatile("" : "+r"(r));
+          long s = f\(b)(x ^ r, d - 1);
+          __asm__ volatile("" : "+r"(s));
+          return r + s;
+        }
+
+        """
+    }
+    for index in 0..<chain {
+      text +=
+        "NOINLINE long c\(index)(long x) { calls++; long r = c\(index + 1)(x + 1); __asm__ volatile(\"\" : \"+r\"(r)); return r + 1; }\n"
+    }
+    text += "NOINLINE long c\(chain)(long x) { calls++; return x; }\n"
+    text += """
+      typedef long (*tree)(long, int);
+      static tree roots[] = {f0, f1, f2, f3, f4, f5, f6, f7};
+      int main(int argc, char **argv) {
+        int depth = argc > 1 ? atoi(argv[1]) : 16, rounds = argc > 2 ? atoi(argv[2]) : 32;
+        long total = 0;
+        for (int r = 0; r < rounds; r++) total += roots[r % 8](r, depth) + c0(r);
+        printf("calls %ld result %ld\\n", calls, total);
+        return 0;
+      }
+
+      """
+    return text
+  }
+
+  /// Builds the program into `directory` (once per source) and returns its path.
+  static func build(in directory: String) throws -> String {
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    let sourcePath = directory + "/generated.c"
+    let program = directory + "/generated"
+    let text = source
+    if (try? String(contentsOfFile: sourcePath, encoding: .utf8)) != text
+      || !FileManager.default.fileExists(atPath: program)
+    {
+      try text.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+      try GeneratedLibrary.clang(
+        ["-O2", "-fpatchable-function-entry=5", sourcePath, "-o", program], building: sourcePath)
+    }
+    return program
+  }
+
+  /// The calls one run makes, as the program reports them ("calls N ...").
+  static func calls(in output: String) -> Int? {
+    let fields = output.split(whereSeparator: { $0 == " " || $0 == "\n" })
+    guard let index = fields.firstIndex(of: "calls"), index + 1 < fields.count else { return nil }
+    return Int(fields[index + 1])
+  }
+
+  /// Entry events below `main` (depth 1 and deeper) in the event files of a directory the agent
+  /// wrote (every thread): the calls the benchmark programs count.
+  static func recordedEntries(in directory: String) throws -> Int {
+    var entries = 0
+    for name in try FileManager.default.contentsOfDirectory(atPath: directory) where name.hasSuffix(".events") {
+      guard let file = ThreadFile.open(path: directory + "/" + name, name: name).file else { continue }
+      var cursor = EventCursor(file)
+      while let event = cursor.next() { if event.kind == .entry && event.depth > 0 { entries += 1 } }
+    }
+    return entries
+  }
+}
+
+/// A child process run to its end: wall time, status, standard output and error.
+struct MeasuredRun {
+  let seconds: Double
+  let status: Int32
+  let output: String
+  let errors: String
+
+  static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws
+    -> MeasuredRun
+  {
+    let outputPath = NSTemporaryDirectory() + "tracery-bench-output-\(getpid())"
+    let errorPath = outputPath + ".errors"
+    defer {
+      unlink(outputPath)
+      unlink(errorPath)
+    }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    posix_spawn_file_actions_addopen(&actions, 2, errorPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    let merged = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    let envp = merged.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer { for pointer in argv + envp { free(pointer) } }
+    var pid: pid_t = 0
+    let start = ContinuousClock.now
+    let spawned = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+    guard spawned == 0 else { throw UserError("cannot start \(executable): \(String(cString: strerror(spawned)))") }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 {
+      guard errno == EINTR else { throw UserError("waitpid: \(String(cString: strerror(errno)))") }
+    }
+    let elapsed = ContinuousClock.now - start
+    return MeasuredRun(
+      seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
+      status: (status >> 8) & 0xff, output: (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "",
+      errors: (try? String(contentsOfFile: errorPath, encoding: .utf8)) ?? "")
+  }
+}
