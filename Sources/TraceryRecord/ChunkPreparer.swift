@@ -21,7 +21,11 @@ final class ChunkPreparer: @unchecked Sendable {
 
   private let mutex: UnsafeMutablePointer<pthread_mutex_t>
   private let wake: UnsafeMutablePointer<pthread_cond_t>
-  private var queue: [(file: EventFile, index: Int)] = []
+  private enum Job {
+    case prepare(EventFile, index: Int)
+    case unmap(UInt, size: Int)
+  }
+  private var queue: [Job] = []
   private var running = false
 
   private init() {
@@ -43,10 +47,22 @@ final class ChunkPreparer: @unchecked Sendable {
   /// Asks for chunk `index` of `file` to be prepared. Never blocks on the helper's work.
   func request(_ file: EventFile, index: Int) {
     pthread_mutex_lock(mutex)
-    queue.append((file, index))
+    queue.append(.prepare(file, index: index))
     if !running { running = startHelper() }
     pthread_cond_signal(wake)
     pthread_mutex_unlock(mutex)
+  }
+
+  /// Unmaps a chunk its thread is done with: on the helper when it runs, else at once.
+  func unmap(_ chunk: UnsafeMutableRawPointer, _ size: Int) {
+    pthread_mutex_lock(mutex)
+    let queued = running
+    if queued {
+      queue.append(.unmap(UInt(bitPattern: chunk), size: size))
+      pthread_cond_signal(wake)
+    }
+    pthread_mutex_unlock(mutex)
+    if !queued { munmap(chunk, size) }
   }
 
   /// Called with `mutex` held. false when no thread could be made (chunks are then mapped by
@@ -66,9 +82,12 @@ final class ChunkPreparer: @unchecked Sendable {
     while true {
       pthread_mutex_lock(mutex)
       while queue.isEmpty { pthread_cond_wait(wake, mutex) }
-      let (file, index) = queue.removeFirst()
+      let job = queue.removeFirst()
       pthread_mutex_unlock(mutex)
-      file.prepare(index)
+      switch job {
+      case .prepare(let file, let index): file.prepare(index)
+      case .unmap(let address, let size): munmap(UnsafeMutableRawPointer(bitPattern: address), size)
+      }
     }
   }
 }

@@ -27,8 +27,8 @@ public final class EventFile: @unchecked Sendable {
     pthread_mutex_init(lock, nil)
     return lock
   }()
-  /// The chunk the helper is preparing (address 0) or has prepared; index -1: none wanted.
-  private var prepared: (index: Int, address: UInt) = (-1, 0)
+  /// The chunks wanted from the helper: index → address once prepared (0 while it works on it).
+  private var prepared: [Int: UInt] = [:]
   private var closed = false
 
   deinit {
@@ -75,7 +75,9 @@ public final class EventFile: @unchecked Sendable {
     guard let mapped = takePrepared(chunks) ?? map(chunks, populate: chunks == 0 ? Self.firstPages : 0) else {
       return nil
     }
-    if let chunk { munmap(chunk, chunkSize) }
+    // The full chunk is unmapped by the helper when there is one (a dirty shared mapping's
+    // munmap takes the mmap lock and walks its pages: the traced thread need not wait for it).
+    if let chunk { ChunkPreparer.shared.unmap(chunk, chunkSize) }
     chunk = mapped
     chunks += 1
     return UnsafeMutableRawBufferPointer(start: mapped, count: chunkSize)
@@ -91,31 +93,48 @@ public final class EventFile: @unchecked Sendable {
   /// calls it when that chunk is half full: a process that never fills half a chunk (most
   /// short-lived processes) costs no second chunk, and the helper's work does not compete with
   /// the program's start (it did: ~0.75 ms of a thread start here, on two cores).
+  /// Two chunks are asked for ahead: preparing one takes the helper about as long as filling
+  /// one takes the thread (~0.9 ms against ~1.1 ms here), so one ahead fell behind at the
+  /// slightest delay, and the thread then faulted the pages itself.
   public func prepareNext() {
-    guard hasRoom(for: chunks) else { return }
-    withLock { prepared = (chunks, 0) }
-    ChunkPreparer.shared.request(self, index: chunks)
+    let wanted = withLock { () -> [Int] in
+      let indices = (chunks..<(chunks + Self.ahead)).filter { hasRoom(for: $0) && prepared[$0] == nil }
+      for index in indices { prepared[index] = 0 }
+      return indices
+    }
+    for index in wanted { ChunkPreparer.shared.request(self, index: index) }
   }
 
-  /// Run by the helper thread: maps chunk `index` and faults its pages in for writing; keeps it
-  /// if it is still wanted, else unmaps it.
+  /// Chunks prepared ahead of the one being filled.
+  static let ahead = 2
+
+  /// Run by the helper thread: maps chunk `index`, offers it at once (if it is still wanted),
+  /// then faults its pages in for writing. The owner may take it before that is done and write
+  /// into it meanwhile: the pages it reaches first it faults itself, the rest are ready. (Offered
+  /// only once populated, a chunk the helper was late with was thrown away and mapped again by
+  /// the owner, which then faulted every page, and the helper fell further behind.) The chunk is
+  /// unmapped by this same helper once its owner is done (`ChunkPreparer.unmap`), after this.
   func prepare(_ index: Int) {
-    let wanted = withLock { prepared.index == index && !closed }
-    guard wanted, let mapped = map(index, populate: chunkSize) else { return }
+    let wanted = withLock { prepared[index] == 0 && !closed }
+    guard wanted, let mapped = map(index, populate: 0) else { return }
     let kept = withLock {
-      guard prepared.index == index, !closed else { return false }
-      prepared.address = UInt(bitPattern: mapped)
+      guard prepared[index] == 0, !closed else { return false }
+      prepared[index] = UInt(bitPattern: mapped)
       return true
     }
-    if !kept { munmap(mapped, chunkSize) }
+    guard kept else {
+      munmap(mapped, chunkSize)
+      return
+    }
+    Self.populate(mapped, chunkSize)
   }
 
-  /// The prepared chunk `index` if the helper finished it; else nil, and the helper's work (when
-  /// it finishes) is thrown away.
+  /// The prepared chunk `index` if the helper finished it; else nil, and the helper's work on it
+  /// (when it finishes) is thrown away.
   private func takePrepared(_ index: Int) -> UnsafeMutableRawPointer? {
     withLock {
-      defer { prepared = (-1, 0) }
-      return prepared.index == index ? UnsafeMutableRawPointer(bitPattern: prepared.address) : nil
+      let address = prepared.removeValue(forKey: index) ?? 0
+      return address != 0 ? UnsafeMutableRawPointer(bitPattern: address) : nil
     }
   }
 
@@ -134,16 +153,21 @@ public final class EventFile: @unchecked Sendable {
       let mapped = mmap(nil, chunkSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset)),
       mapped != MAP_FAILED
     else { return nil }
-    // MADV_POPULATE_WRITE (Linux 5.14): write-faults the pages now (failing is harmless). In
-    // 64 KiB steps: it holds the process's mmap lock while it runs, and a whole chunk (~0.9 ms)
-    // stalled the traced program's own mmap/munmap calls (thread stacks, large mallocs) that long.
+    Self.populate(mapped, min(populate, chunkSize))
+    return mapped
+  }
+
+  /// MADV_POPULATE_WRITE (Linux 5.14): write-faults the pages now (failing is harmless: the
+  /// range may have been unmapped meanwhile). In 64 KiB steps: it holds the process's mmap lock
+  /// while it runs, and a whole chunk (~0.9 ms) stalled the traced program's own mmap/munmap
+  /// calls (thread stacks, large mallocs) that long.
+  private static func populate(_ mapped: UnsafeMutableRawPointer, _ count: Int) {
     var done = 0
-    while done < min(populate, chunkSize) {
-      let step = min(64 << 10, chunkSize - done)
+    while done < count {
+      let step = min(64 << 10, count - done)
       _ = madvise(mapped + done, step, 23)
       done += step
     }
-    return mapped
   }
 
   private func withLock<T>(_ body: () -> T) -> T {
@@ -161,12 +185,11 @@ public final class EventFile: @unchecked Sendable {
   public func close() {
     if let chunk { munmap(chunk, chunkSize) }
     chunk = nil
-    if let unused = withLock({ () -> UnsafeMutableRawPointer? in
+    let unused = withLock { () -> [UInt] in
       closed = true
-      return UnsafeMutableRawPointer(bitPattern: prepared.address)
-    }) {
-      munmap(unused, chunkSize)
+      return prepared.values.filter { $0 != 0 }
     }
+    for address in unused { munmap(UnsafeMutableRawPointer(bitPattern: address), chunkSize) }
     munmap(header, TraceFormat.headerSize)
     Glibc.close(fd)
   }
