@@ -11,6 +11,11 @@ public struct TraceStream {
   }
 
   public let threads: [ThreadFile]
+  /// Called every 2^16 events with (events read, an estimate of all: the files' bytes / 12),
+  /// for a progress line. Set by the command line before a reader runs; nil: no calls.
+  nonisolated(unsafe) public static var progress: ((_ read: Int, _ estimated: Int) -> Void)?
+  private var read = 0
+  private let estimated: Int
   private let clocks: [Clock]
   private var cursors: [EventCursor]
   private var heads: [Event?]
@@ -22,6 +27,7 @@ public struct TraceStream {
 
   public init(_ trace: Trace, threads chosen: [ThreadFile], openLimit: Int = 64) {
     threads = chosen
+    estimated = max(1, chosen.reduce(0) { $0 + $1.size } / 12)
     let clocks = trace.clocks()
     self.clocks = chosen.map { clocks[$0.session] ?? Clock(rate: 1, startTicks: 0, offset: 0) }
     cursors = chosen.map { EventCursor($0) }
@@ -49,6 +55,8 @@ public struct TraceStream {
     if let thread = ended.popLast() { return .end(thread: thread, time: lastTimes[thread]) }
     guard let (time, thread) = pop(), let event = heads[thread] else { return nil }
     lastTimes[thread] = time
+    read += 1
+    if read & 0xffff == 0, let progress = Self.progress { progress(read, estimated) }
     heads[thread] = advance(thread)
     if let next = heads[thread] {
       push((clocks[thread].nanoseconds(next.timestamp), thread))

@@ -103,5 +103,12 @@ import TraceryTestSupport
         #expect(text.contains("     \(calls)  "), "g is called once per call: \(text.prefix(400))")
       }
     }
+    // A reader that takes more than a second shows its progress when stderr is a terminal (a
+    // pseudo-terminal from script(1)); the runs above, into files, showed none.
+    if let script = TestSupport.which("script") {
+      let shown = try TestSupport.run(
+        script, ["-qec", "'\(Self.tracery)' report -d '\(trace.path)' > /dev/null", "/dev/null"])
+      #expect(shown.stdout.contains("tracery: reading "), "\(shown.stdout.suffix(300))")
+    }
   }
 }

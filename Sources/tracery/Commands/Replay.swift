@@ -54,8 +54,11 @@ enum TraceReading {
     let symbolizer = Symbolizer(trace, demangle: demangle)
     try check(filter, against: symbolizer)
     let output = ByteOutput(fd: 1)
+    let progress = Progress()
+    TraceStream.progress = progress.show
     let damage = try body(trace, threads, filter, symbolizer, output)
     output.flush()
+    progress.clear()
     warn(Trace.summary(of: damage))
     warnAboutDrops(trace)
   }
@@ -66,6 +69,26 @@ enum TraceReading {
       FileHandle.standardError.write(
         Data("tracery: \(dropped) events were dropped (buffer limit or disk full); the trace is incomplete\n".utf8))
     }
+  }
+}
+
+/// A progress line on stderr for a reader that has run more than a second, when stderr is a
+/// terminal: "tracery: reading 42% (3.1 M events)", rewritten in place and cleared at the end.
+final class Progress {
+  private let start = ContinuousClock.now
+  private let terminal = isatty(2) != 0
+  private var shown = false
+
+  func show(read: Int, estimated: Int) {
+    guard terminal, ContinuousClock.now - start > .seconds(1) else { return }
+    let percent = min(99, read * 100 / max(estimated, 1))
+    let line = String(format: "\rtracery: reading %d%% (%.1f M events)", percent, Double(read) / 1e6)
+    FileHandle.standardError.write(Data(line.utf8))
+    shown = true
+  }
+
+  func clear() {
+    if shown { FileHandle.standardError.write(Data("\r\u{1b}[K".utf8)) }
   }
 }
 
