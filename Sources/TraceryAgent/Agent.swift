@@ -44,6 +44,17 @@ enum Agent {
 
   static func start() {
     guard let directory = environment("TRACERY_DIR"), !directory.isEmpty else { return }
+    // Only into a directory of this user's, that is not a symbolic link: another user's (or one
+    // others may write) could be made to receive, or redirect, what this program passes around.
+    var status = stat()
+    guard lstat(directory, &status) == 0, status.st_mode & S_IFMT == S_IFDIR, status.st_uid == geteuid(),
+      status.st_mode & 0o022 == 0 || TraceFormat.shared
+    else {
+      let message =
+        "tracery agent: not recording: \(directory) is not a directory of this user's that only it may write\n"
+      _ = message.withCString { write(2, $0, strlen($0)) }
+      return
+    }
     let configuration = Configuration(
       directory: directory, match: environment("TRACERY_MATCH"),
       depth: environment("TRACERY_DEPTH").flatMap { Int($0) },
@@ -103,7 +114,7 @@ enum Agent {
       sites[object].append((link, "\(file)+0x\(String(link, radix: 16))"))
     }
     let folder = directory + "/symbols"
-    mkdir(folder, 0o755)
+    mkdir(folder, TraceFormat.directoryMode)
     for (index, object) in table.objects.enumerated() where !sites[index].isEmpty {
       let identity = FileIdentity(path: object.path)
       let buildID = object.buildID.map(ProcessInfo.Object.hex)
@@ -125,7 +136,7 @@ enum Agent {
     var path = ""
     while true {
       path = "\(configuration.directory)/process-\(pid).\(generation).info"
-      let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+      let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
       if fd >= 0 {
         close(fd)
         break

@@ -38,9 +38,10 @@ public final class EventFile: @unchecked Sendable {
 
   /// Creates the file and its header. nil when it cannot be created or mapped.
   public init?(path: String, pid: Int32, tid: Int32, chunkSize: Int, limit: Int) {
-    fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    // A new file, never through a symbolic link, readable by its owner only (unless shared).
+    fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
     guard fd >= 0 else { return nil }
-    guard ftruncate(fd, off_t(TraceFormat.headerSize)) == 0,
+    guard Self.fits(TraceFormat.headerSize), ftruncate(fd, off_t(TraceFormat.headerSize)) == 0,
       let mapped = mmap(nil, TraceFormat.headerSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED
     else {
       Glibc.close(fd)
@@ -142,14 +143,23 @@ public final class EventFile: @unchecked Sendable {
     TraceFormat.headerSize + (index + 1) * chunkSize <= limit + TraceFormat.headerSize
   }
 
+  /// Whether a file may grow to `size` bytes under RLIMIT_FSIZE.
+  static func fits(_ size: Int) -> Bool {
+    var limit = rlimit()
+    guard getrlimit(Int32(RLIMIT_FSIZE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return true }
+    return UInt64(size) <= UInt64(limit.rlim_cur)
+  }
+
   /// Bytes of a thread's first chunk faulted in before its first event.
   static let firstPages = 64 << 10
 
   /// Maps chunk `index` and write-faults its first `populate` bytes in.
   private func map(_ index: Int, populate: Int) -> UnsafeMutableRawPointer? {
     let offset = TraceFormat.headerSize + index * chunkSize
-    // fallocate reserves the blocks now, so a full disk is seen here, not as SIGBUS later.
-    guard posix_fallocate(fd, off_t(offset), off_t(chunkSize)) == 0,
+    // fallocate reserves the blocks now, so a full disk is seen here (ENOSPC: no chunk, events
+    // dropped and counted), not as SIGBUS later. Growing past the process's file-size limit
+    // would raise SIGXFSZ, which kills the program by default: that limit is checked first.
+    guard Self.fits(offset + chunkSize), posix_fallocate(fd, off_t(offset), off_t(chunkSize)) == 0,
       let mapped = mmap(nil, chunkSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset)),
       mapped != MAP_FAILED
     else { return nil }

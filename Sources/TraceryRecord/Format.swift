@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// The trace directory's formats (docs/trace-format.md describes them for other readers).
 ///
 ///     DIR/info                      the recording: command line, options (written by the CLI)
@@ -12,6 +16,14 @@ public enum TraceFormat {
   /// Events start here in a thread file; the header page before them stays mapped while the
   /// thread records, so its `dropped` count is always current on disk.
   public static let headerSize = 4096
+
+  /// Traces hold arguments, strings and return values: only their owner may read them, unless
+  /// `tracery record --shared` asked otherwise (TRACERY_SHARED=1 for the agent).
+  public static var shared: Bool {
+    getenv("TRACERY_SHARED").map { String(cString: $0) == "1" } ?? false
+  }
+  public static var fileMode: mode_t { shared ? 0o644 : 0o600 }
+  public static var directoryMode: mode_t { shared ? 0o755 : 0o700 }
 
   /// Thread file header fields (little-endian).
   public enum Header {

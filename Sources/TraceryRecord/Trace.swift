@@ -175,14 +175,15 @@ public enum Files {
     return read >= 0 ? Array(bytes.prefix(read)) : nil
   }
 
-  /// Writes `text` to a new file (replacing any), in full.
+  /// Writes `text` to a file (replacing any), in full (see `write(_:to:)` for bytes).
   @discardableResult
   public static func write(_ text: String, to path: String) -> Bool { write(Array(text.utf8), to: path) }
 
-  /// Writes `bytes` to a new file (replacing any), in full.
+  /// Writes `bytes` to a file (replacing any, never through a symbolic link), in full, with the
+  /// trace's file mode (`TraceFormat.fileMode`) when it creates it.
   @discardableResult
   public static func write(_ bytes: [UInt8], to path: String) -> Bool {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, TraceFormat.fileMode)
     guard fd >= 0 else { return false }
     defer { close(fd) }
     var written = 0

@@ -24,6 +24,11 @@ struct RecordOptions: ParsableArguments {
     help: "Record the return value: PATTERN@retval[/FMT] (repeatable).")
   var returnSpecs: [String] = []
 
+  @Flag(
+    name: .long,
+    help: "Let other users read the trace (directory 0755, files 0644); by default only you can (0700, 0600).")
+  var shared = false
+
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
 
@@ -211,6 +216,8 @@ struct Recorder {
     try checkPatchSites(path)
     let agent = try Self.agentPath()
     let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
+    // The files this process writes (info) take the trace's mode too (TraceFormat.fileMode).
+    if options.shared { setenv("TRACERY_SHARED", "1", 1) }
     try prepare(absolute)
     var info = "tracery-trace 1\n"
     info += "command \(TextField.escape(command.joined(separator: " ")))\n"
@@ -234,6 +241,7 @@ struct Recorder {
     // program's own crashes: the program should die of its signal as it does untraced.
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
     environment["TRACERY_PATTERN_KIND"] = filters.match
+    environment["TRACERY_SHARED"] = options.shared ? "1" : nil
     // Measured once here (10 ms) rather than in every process the program starts.
     environment["TRACERY_TICKS_PER_NS"] = String(TimeStampCounter.ticksPerNanosecond)
     let status = try Self.spawn(path: path, arguments: command, environment: environment)
@@ -324,6 +332,11 @@ struct Recorder {
 
   private func prepare(_ directory: String) throws {
     let manager = FileManager.default
+    // Never through a symbolic link: in a shared /tmp, another user could point it anywhere.
+    var status = stat()
+    if lstat(directory, &status) == 0, status.st_mode & S_IFMT == S_IFLNK {
+      throw UserError("\(directory) is a symbolic link; not recording through it")
+    }
     if manager.fileExists(atPath: directory) {
       guard
         manager.fileExists(atPath: directory + "/info")
@@ -335,9 +348,18 @@ struct Recorder {
         throw UserError("cannot move \(directory) aside: \(error)")
       }
     }
-    do { try manager.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+    do {
+      try manager.createDirectory(
+        atPath: URL(fileURLWithPath: directory).deletingLastPathComponent().path,
+        withIntermediateDirectories: true)
+    } catch {
       throw UserError("cannot create \(directory): \(error)")
     }
+    // The trace directory itself: new, this user's, private unless --shared.
+    guard mkdir(directory, options.shared ? 0o755 : 0o700) == 0 else {
+      throw UserError("cannot create \(directory): \(String(cString: strerror(errno)))")
+    }
+    chmod(directory, options.shared ? 0o755 : 0o700)
   }
 
   /// libtracery-agent.so next to this executable (SwiftPM builds both into one directory), or

@@ -67,7 +67,9 @@ enum TraceReading {
     let dropped = trace.droppedEvents
     if dropped > 0 {
       FileHandle.standardError.write(
-        Data("tracery: \(dropped) events were dropped (buffer limit or disk full); the trace is incomplete\n".utf8))
+        Data(
+          "tracery: \(dropped) events were dropped (buffer limit, full disk or file-size limit); the trace is incomplete\n"
+            .utf8))
     }
   }
 }
