@@ -85,6 +85,7 @@ enum Agent {
     tracedFunctions = addresses.count
     writeProcessInfo()
     pthread_atfork(nil, nil) { Agent.afterFork() }
+    atexit(Agent.atExit)
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
     recorder = try? Tracer.shared.attachGraph(
@@ -145,6 +146,7 @@ enum Agent {
       generation += 1
     }
     session = "\(pid).\(generation)"
+    processPath = path
     let arguments =
       Files.read("/proc/self/cmdline").map { bytes in
         bytes.split(separator: 0, omittingEmptySubsequences: false).dropLast().map {
@@ -192,6 +194,9 @@ enum Agent {
       }
       state.pointee.owner = UInt64(UInt(bitPattern: Unmanaged.passRetained(created).toOpaque()))
       pthread_setspecific(Agent.threadKey, UnsafeRawPointer(bitPattern: 1))
+      // The process file lists its threads: a reader tells a deleted thread file from one
+      // never written.
+      appendToProcessFile("thread \(ctracery_gettid())")
       file = created
     } else if state.pointee.owner == 1 {
       return
@@ -208,9 +213,9 @@ enum Agent {
     if chunkEnd != 0, state.pointee.event_end < chunkEnd - 8 {
       file.prepareNext()
       state.pointee.event_end = chunkEnd - 8
-    } else if let chunk = file.nextChunk() {
+    } else if let chunk = file.nextChunk(leaving: state.pointee.event_cursor) {
       let start = UInt64(UInt(bitPattern: chunk.baseAddress))
-      state.pointee.event_cursor = start
+      state.pointee.event_cursor = start + UInt64(ChunkSeal.size)
       if file.chunksTaken == 1 {
         state.pointee.event_end = start + UInt64(chunk.count / 2)
       } else {
@@ -246,15 +251,53 @@ enum Agent {
     pthread_key_create(&key) { _ in
       let state = ctracery_thread_state()!
       let owner = state.pointee.owner
+      let cursor = state.pointee.event_cursor
       state.pointee.owner = 1
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
       if owner > 1 {
-        Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!).takeRetainedValue().close()
+        let file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!).takeRetainedValue()
+        let end = file.close(cursor: cursor)
+        Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)")
       }
     }
     return key
   }()
+}
+
+extension Agent {
+  /// The process file of this session (set by `writeProcessInfo`).
+  nonisolated(unsafe) static var processPath = ""
+
+  /// Appends one line to the process file (one write with O_APPEND: lines of several threads do
+  /// not interleave).
+  static func appendToProcessFile(_ line: String) {
+    guard !processPath.isEmpty else { return }
+    let fd = open(processPath, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
+    guard fd >= 0 else { return }
+    let text = line + "\n"
+    _ = text.withCString { write(fd, $0, strlen($0)) }
+    close(fd)
+  }
+
+  /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the
+  /// helper has not sealed yet, and writes `thread-end` and `end` in the process file, so that
+  /// readers can check what was written and know the process was not killed. The exiting thread
+  /// records nothing after this (its later events are dropped and counted); threads still running
+  /// keep their last chunk open (readers check its events one by one).
+  static let atExit: @convention(c) () -> Void = {
+    let state = ctracery_thread_state()!
+    if state.pointee.owner > 1 {
+      let file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
+        .takeUnretainedValue()
+      let end = file.finish(cursor: state.pointee.event_cursor)
+      state.pointee.event_cursor = 0
+      state.pointee.event_end = 0
+      appendToProcessFile("thread-end \(ctracery_gettid()) \(end)")
+    }
+    EventFile.sealLeftChunks()
+    appendToProcessFile("end")
+  }
 }
 
 @_cdecl("tracery_agent_start")

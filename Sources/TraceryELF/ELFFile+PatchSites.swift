@@ -30,7 +30,11 @@ extension ELFFile {
     for source in [PatchSiteSource.patchableFunctionEntries, .mcountLoc] {
       for section in sections(named: source.sectionName) where section.hasFileBytes && section.size >= 8 {
         let words = Int(section.size / 8)
-        let addends = try relativeAddends(ofWordsIn: section.address..<section.address + UInt64(words * 8))
+        // A section whose addresses would wrap has no relocations that could name them.
+        let (end, wraps) = section.address.addingReportingOverflow(UInt64(words * 8))
+        let addends =
+          wraps
+          ? [UInt64?](repeating: nil, count: words) : try relativeAddends(ofWordsIn: section.address..<end)
         for index in 0..<words {
           let value = addends[index] ?? bytes.u64(Int(section.offset) + index * 8)
           if value != 0 { records.append(PatchSiteRecord(address: value, source: source)) }

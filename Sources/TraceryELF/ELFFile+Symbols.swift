@@ -22,7 +22,12 @@ extension ELFFile {
   public func symbols(in section: Section) throws(ELFError) -> [Symbol] {
     guard section.size > 0 else { return [] }
     guard section.entrySize == 24 else {
-      throw .badEntrySize(table: section.name, size: Int(section.entrySize), expected: 24)
+      throw .badEntrySize(table: section.name, size: Int(clamping: section.entrySize), expected: 24)
+    }
+    // A section without file bytes (SHT_NOBITS) has none to read, whatever its size says.
+    guard section.hasFileBytes, bytes.contains(offset: section.offset, size: section.size) else {
+      throw .outOfBounds(
+        what: "symbols of \(section.name)", offset: section.offset, size: section.size, fileSize: bytes.count)
     }
     let strings = try linkedStringTable(of: section)
     let count = Int(section.size / 24)
@@ -80,7 +85,7 @@ extension ELFFile {
     var result = [UInt64?](repeating: nil, count: Int((range.upperBound - range.lowerBound) / 8))
     for section in sections where section.type == ELFConstants.SHT_RELA && section.size > 0 {
       guard section.entrySize == 24 else {
-        throw .badEntrySize(table: section.name, size: Int(section.entrySize), expected: 24)
+        throw .badEntrySize(table: section.name, size: Int(clamping: section.entrySize), expected: 24)
       }
       for index in 0..<Int(section.size / 24) {
         let base = Int(section.offset) + index * 24

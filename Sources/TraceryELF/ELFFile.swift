@@ -27,7 +27,9 @@ public struct ELFFile: Sendable {
     public let entrySize: UInt64
 
     /// `SHT_NOBITS` (`.bss`): occupies memory, not file bytes.
-    public var hasFileBytes: Bool { type != ELFConstants.SHT_NOBITS }
+    /// Whether its offset and size name bytes of the file (validated in `init`): not for
+    /// `SHT_NOBITS` and `SHT_NULL`, whose offsets are not checked.
+    public var hasFileBytes: Bool { type != ELFConstants.SHT_NOBITS && type != ELFConstants.SHT_NULL }
   }
 
   /// One program header (`Elf64_Phdr`).
@@ -82,9 +84,11 @@ public struct ELFFile: Sendable {
   /// Every section called `name` (lld may emit several `__patchable_function_entries`).
   public func sections(named name: String) -> [Section] { sections.filter { $0.name == name } }
 
-  /// The file bytes of `section` (empty for `SHT_NOBITS`). Validated in `init`.
+  /// The file bytes of `section` (empty for `SHT_NOBITS` and `SHT_NULL`). Validated in `init`.
   public func contents(of section: Section) -> ArraySlice<UInt8> {
-    guard section.hasFileBytes else { return [] }
+    guard section.hasFileBytes, section.size > 0, bytes.contains(offset: section.offset, size: section.size) else {
+      return []
+    }
     return bytes.storage[Int(section.offset)..<Int(section.offset + section.size)]
   }
 
@@ -166,7 +170,10 @@ public struct ELFFile: Sendable {
       if namesIndex == 0xffff { namesIndex = Int(bytes.u32(Int(offset) + 40)) }
     }
     guard count <= bytes.count / 64 else {
-      throw .outOfBounds(what: "section header table", offset: offset, size: UInt64(count) * 64, fileSize: bytes.count)
+      throw .outOfBounds(
+        what: "section header table", offset: offset,
+        size: UInt64(count).multipliedReportingOverflow(by: 64).partialValue,
+        fileSize: bytes.count)
     }
     try checkTable(
       bytes, name: "section header table", offset: offset, count: count, entrySize: entrySize, expected: 64)
@@ -193,6 +200,9 @@ public struct ELFFile: Sendable {
     if namesIndex != 0 {
       guard namesIndex < count else { throw .badSectionIndex(what: "e_shstrndx", index: namesIndex, count: count) }
       let names = raws[namesIndex]
+      guard names.type != ELFConstants.SHT_NOBITS && names.type != ELFConstants.SHT_NULL else {
+        throw .badStringOffset(table: "section names (section \(namesIndex) has no file bytes)", offset: 0)
+      }
       nameTable = (Int(names.offset), Int(names.offset + names.size))
     }
     var sections: [Section] = []

@@ -37,6 +37,13 @@ public struct SymbolTable: Sendable {
     /// Runtime address of its patch site, if the compiler recorded one for it.
     public fileprivate(set) var site: UInt64?
     public fileprivate(set) var siteSource: PatchSiteSource?
+
+    /// The address after its last byte (at least one byte; saturating: a symbol's size is
+    /// whatever the file says).
+    public var end: UInt64 {
+      let (end, overflow) = address.addingReportingOverflow(max(size, 1))
+      return overflow ? .max : end
+    }
   }
 
   public let objects: [Object]
@@ -93,7 +100,7 @@ public struct SymbolTable: Sendable {
       var target: Int?
       if cursor < functions.count {
         let function = functions[cursor]
-        if function.address <= site && site < function.address + max(function.size, 1) {
+        if function.address <= site && site < function.end {
           target = cursor
         } else {
           let following = function.address > site ? cursor : cursor + 1
@@ -123,7 +130,7 @@ public struct SymbolTable: Sendable {
     }
     guard low > 0 else { return nil }
     let candidate = functions[low - 1]
-    return address < candidate.address + max(candidate.size, 1) ? low - 1 : nil
+    return address < candidate.end ? low - 1 : nil
   }
 
   /// `function(containing:)` for addresses visited in ascending order: tries the function after
@@ -132,7 +139,7 @@ public struct SymbolTable: Sendable {
     if let previous, previous + 1 < functions.count {
       let next = previous + 1
       if functions[next].address <= address && (next + 1 == functions.count || functions[next + 1].address > address) {
-        return address < functions[next].address + max(functions[next].size, 1) ? next : nil
+        return address < functions[next].end ? next : nil
       }
     }
     return function(containing: address)

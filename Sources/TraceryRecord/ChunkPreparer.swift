@@ -23,16 +23,21 @@ final class ChunkPreparer: @unchecked Sendable {
   private let wake: UnsafeMutablePointer<pthread_cond_t>
   private enum Job {
     case prepare(EventFile, index: Int)
-    case unmap(UInt, size: Int)
+    case retire(UInt, size: Int, length: Int)
   }
   private var queue: [Job] = []
   private var running = false
+  /// The helper is sealing a chunk now (`drain` waits for it).
+  private var retiring = false
+  private let idle: UnsafeMutablePointer<pthread_cond_t>
 
   private init() {
     mutex = .allocate(capacity: 1)
     wake = .allocate(capacity: 1)
+    idle = .allocate(capacity: 1)
     pthread_mutex_init(mutex, nil)
     pthread_cond_init(wake, nil)
+    pthread_cond_init(idle, nil)
     pthread_atfork(
       { pthread_mutex_lock(ChunkPreparer.shared.mutex) },
       { pthread_mutex_unlock(ChunkPreparer.shared.mutex) },
@@ -40,6 +45,7 @@ final class ChunkPreparer: @unchecked Sendable {
         let preparer = ChunkPreparer.shared
         preparer.queue = []
         preparer.running = false
+        preparer.retiring = false
         pthread_mutex_unlock(preparer.mutex)
       })
   }
@@ -53,16 +59,22 @@ final class ChunkPreparer: @unchecked Sendable {
     pthread_mutex_unlock(mutex)
   }
 
-  /// Unmaps a chunk its thread is done with: on the helper when it runs, else at once.
-  func unmap(_ chunk: UnsafeMutableRawPointer, _ size: Int) {
+  /// Seals a chunk its thread is done with (its events take `length` bytes after the seal) and
+  /// unmaps it: on the helper when it runs, else at once.
+  func retire(_ chunk: UnsafeMutableRawPointer, _ size: Int, sealing length: Int) {
     pthread_mutex_lock(mutex)
     let queued = running
     if queued {
-      queue.append(.unmap(UInt(bitPattern: chunk), size: size))
+      queue.append(.retire(UInt(bitPattern: chunk), size: size, length: length))
       pthread_cond_signal(wake)
     }
     pthread_mutex_unlock(mutex)
-    if !queued { munmap(chunk, size) }
+    if !queued { Self.retire(chunk, size, length) }
+  }
+
+  private static func retire(_ chunk: UnsafeMutableRawPointer, _ size: Int, _ length: Int) {
+    ChunkSeal.seal(chunk, length: length)
+    munmap(chunk, size)
   }
 
   /// Called with `mutex` held. false when no thread could be made (chunks are then mapped by
@@ -78,15 +90,34 @@ final class ChunkPreparer: @unchecked Sendable {
     return made
   }
 
+  /// At process exit: seals and unmaps, on the calling thread, the chunks still waiting for the
+  /// helper, and waits for the one it may be sealing (else they would stay unsealed).
+  func drain() {
+    pthread_mutex_lock(mutex)
+    let waiting = queue.compactMap { job -> (UInt, Int, Int)? in
+      if case .retire(let address, let size, let length) = job { (address, size, length) } else { nil }
+    }
+    queue.removeAll()
+    while retiring { pthread_cond_wait(idle, mutex) }
+    pthread_mutex_unlock(mutex)
+    for (address, size, length) in waiting { Self.retire(UnsafeMutableRawPointer(bitPattern: address)!, size, length) }
+  }
+
   private func serve() -> UnsafeMutableRawPointer? {
     while true {
       pthread_mutex_lock(mutex)
       while queue.isEmpty { pthread_cond_wait(wake, mutex) }
       let job = queue.removeFirst()
+      if case .retire = job { retiring = true }
       pthread_mutex_unlock(mutex)
       switch job {
       case .prepare(let file, let index): file.prepare(index)
-      case .unmap(let address, let size): munmap(UnsafeMutableRawPointer(bitPattern: address), size)
+      case .retire(let address, let size, let length):
+        Self.retire(UnsafeMutableRawPointer(bitPattern: address)!, size, length)
+        pthread_mutex_lock(mutex)
+        retiring = false
+        pthread_cond_broadcast(idle)
+        pthread_mutex_unlock(mutex)
       }
     }
   }

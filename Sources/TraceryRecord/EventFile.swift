@@ -11,9 +11,13 @@
 /// owning thread usually finds its next chunk ready; when it is not (the helper is behind or could
 /// not start), the owning thread maps it itself.
 ///
-/// Protocol: only the owning thread calls `nextChunk`, `prepareNext`, `countDropped` and `close` (the agent
-/// calls them from the recorder's refill, with the recursion guard held); only the helper calls
-/// `prepare`. `prepared` is shared by both, under `lock`.
+/// Every chunk begins with its seal (`ChunkSeal`), written when its thread leaves it: by the
+/// helper, which then unmaps it (`nextChunk`), or by the thread itself at its exit or the
+/// process's (`finish`, `close`).
+///
+/// Protocol: only the owning thread calls `nextChunk`, `prepareNext`, `countDropped`, `finish` and
+/// `close` (the agent calls them from the recorder's refill, with the recursion guard held, and
+/// at exit); only the helper calls `prepare`. `prepared` is shared by both, under `lock`.
 public final class EventFile: @unchecked Sendable {
   // @unchecked: the owning thread's fields are touched by it alone; `prepared` is under `lock`.
   private let fd: Int32
@@ -30,6 +34,10 @@ public final class EventFile: @unchecked Sendable {
   /// The chunks wanted from the helper: index → address once prepared (0 while it works on it).
   private var prepared: [Int: UInt] = [:]
   private var closed = false
+  /// Set by `finish`: no chunk is taken after it.
+  private var finished = false
+  /// The file offset just past the last event of the last chunk left.
+  private var lastEnd = TraceFormat.headerSize
 
   deinit {
     pthread_mutex_destroy(lock)
@@ -65,10 +73,19 @@ public final class EventFile: @unchecked Sendable {
     }
   }
 
-  /// Maps the next chunk (growing the file) and returns it; nil when the limit is reached or
-  /// the file cannot grow (disk full): the caller then counts drops.
-  public func nextChunk() -> UnsafeMutableRawBufferPointer? {
-    guard hasRoom(for: chunks) else { return nil }
+  /// Leaves the current chunk, whose events end at `cursor` (sealed and unmapped by the helper),
+  /// then maps the next chunk (growing the file) and returns it; its events start after its seal
+  /// (`ChunkSeal.size`). nil when the limit is reached, the file cannot grow (disk full) or the
+  /// file is finished: the caller then counts drops.
+  public func nextChunk(leaving cursor: UInt64) -> UnsafeMutableRawBufferPointer? {
+    if let chunk {
+      let length = sealedLength(cursor)
+      // A dirty shared mapping's munmap takes the mmap lock and walks its pages, and the seal
+      // reads the whole chunk: the helper does both when there is one, not the traced thread.
+      ChunkPreparer.shared.retire(chunk, chunkSize, sealing: length)
+      self.chunk = nil
+    }
+    guard !finished, hasRoom(for: chunks) else { return nil }
     // The first chunk's first pages are faulted in here, before the thread's first event takes
     // its time: the first write to a fresh file costs ~210 µs on ext4 here (16 pages: ~275 µs),
     // which the first recorded call would otherwise show as its own. (All 256 pages would cost
@@ -76,9 +93,6 @@ public final class EventFile: @unchecked Sendable {
     guard let mapped = takePrepared(chunks) ?? map(chunks, populate: chunks == 0 ? Self.firstPages : 0) else {
       return nil
     }
-    // The full chunk is unmapped by the helper when there is one (a dirty shared mapping's
-    // munmap takes the mmap lock and walks its pages: the traced thread need not wait for it).
-    if let chunk { ChunkPreparer.shared.unmap(chunk, chunkSize) }
     chunk = mapped
     chunks += 1
     return UnsafeMutableRawBufferPointer(start: mapped, count: chunkSize)
@@ -86,6 +100,22 @@ public final class EventFile: @unchecked Sendable {
 
   /// Chunks taken so far (the current one included).
   public var chunksTaken: Int { chunks }
+
+  /// The file offset just past the last event of the chunk left last (`writtenEnd`), or of
+  /// the current chunk if its events end at `cursor`.
+  public func writtenEnd(cursor: UInt64) -> Int {
+    guard chunk != nil else { return lastEnd }
+    return TraceFormat.headerSize + (chunks - 1) * chunkSize + ChunkSeal.size + sealedLength(cursor)
+  }
+
+  /// The current chunk's bytes of events if they end at `cursor`; remembers where they end in
+  /// the file (`lastEnd`).
+  private func sealedLength(_ cursor: UInt64) -> Int {
+    let start = UInt64(UInt(bitPattern: chunk!)) + UInt64(ChunkSeal.size)
+    let length = cursor > start ? min(Int(cursor - start), chunkSize - ChunkSeal.size) / 8 * 8 : 0
+    lastEnd = TraceFormat.headerSize + (chunks - 1) * chunkSize + ChunkSeal.size + length
+    return length
+  }
 
   /// The end address of the current chunk (0 before the first).
   public var chunkEnd: UInt64 { chunk.map { UInt64(UInt(bitPattern: $0)) + UInt64(chunkSize) } ?? 0 }
@@ -192,9 +222,28 @@ public final class EventFile: @unchecked Sendable {
     header.storeBytes(of: dropped + 1, toByteOffset: TraceFormat.Header.dropped, as: UInt64.self)
   }
 
-  public func close() {
-    if let chunk { munmap(chunk, chunkSize) }
-    chunk = nil
+  /// Seals the current chunk (its events end at `cursor`) on this thread, and takes no chunk
+  /// after it: later events are dropped and counted. At process exit, for the exiting thread:
+  /// the seal must be on disk before the process is gone, and events after it would break it.
+  /// Returns the file offset where the events end.
+  @discardableResult
+  public func finish(cursor: UInt64) -> Int {
+    if let chunk {
+      ChunkSeal.seal(chunk, length: sealedLength(cursor))
+      munmap(chunk, chunkSize)
+      self.chunk = nil
+    }
+    finished = true
+    return lastEnd
+  }
+
+  /// At process exit: seals the chunks other threads left that the helper has not sealed yet.
+  public static func sealLeftChunks() { ChunkPreparer.shared.drain() }
+
+  /// `finish`es the file (events end at `cursor`) and gives it back: at thread exit.
+  @discardableResult
+  public func close(cursor: UInt64) -> Int {
+    let end = finish(cursor: cursor)
     let unused = withLock { () -> [UInt] in
       closed = true
       return prepared.values.filter { $0 != 0 }
@@ -202,5 +251,6 @@ public final class EventFile: @unchecked Sendable {
     for address in unused { munmap(UnsafeMutableRawPointer(bitPattern: address), chunkSize) }
     munmap(header, TraceFormat.headerSize)
     Glibc.close(fd)
+    return end
   }
 }

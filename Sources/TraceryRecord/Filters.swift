@@ -64,18 +64,35 @@ public struct NameMatcher: @unchecked Sendable {
     return Demangler.forms(symbol).dropFirst().contains(where: matches)
   }
 
+  /// `*` (any run) and `?` (any one character); iterative with one backtrack point (the last
+  /// `*`), so O(pattern × name) whatever the number of stars (the recursive form was exponential).
   private static func globMatch(_ pattern: ArraySlice<Character>, _ text: ArraySlice<Character>) -> Bool {
-    guard let first = pattern.first else { return text.isEmpty }
-    switch first {
-    case "*":
-      var rest = text
-      while true {
-        if globMatch(pattern.dropFirst(), rest) { return true }
-        guard !rest.isEmpty else { return false }
-        rest = rest.dropFirst()
+    let pattern = Array(pattern)
+    let text = Array(text)
+    var p = 0
+    var n = 0
+    var star = -1
+    var starText = 0
+    while n < text.count {
+      if p < pattern.count {
+        if pattern[p] == "*" {
+          star = p
+          starText = n
+          p += 1
+          continue
+        }
+        if pattern[p] == "?" || pattern[p] == text[n] {
+          p += 1
+          n += 1
+          continue
+        }
       }
-    case "?": return !text.isEmpty && globMatch(pattern.dropFirst(), text.dropFirst())
-    default: return text.first == first && globMatch(pattern.dropFirst(), text.dropFirst())
+      guard star >= 0 else { return false }
+      p = star + 1
+      starText += 1
+      n = starText
     }
+    while p < pattern.count, pattern[p] == "*" { p += 1 }
+    return p == pattern.count
   }
 }

@@ -12,7 +12,9 @@
 /// A SESSION is `PID.GENERATION`: GENERATION counts the `exec`s of that pid under the agent.
 public enum TraceFormat {
   public static let magic: [UInt8] = Array("TRACERY1".utf8)
-  public static let version: UInt32 = 2
+  /// 3: every chunk begins with its seal (`ChunkSeal`). Version 2 files (no seals) are read too.
+  public static let version: UInt32 = 3
+  public static let oldestReadable: UInt32 = 2
   /// Events start here in a thread file; the header page before them stays mapped while the
   /// thread records, so its `dropped` count is always current on disk.
   public static let headerSize = 4096
@@ -34,6 +36,58 @@ public enum TraceFormat {
     public static let chunkSize = 24  // u64
     public static let dropped = 32  // u64: events that found no room
     public static let name = 64  // 16 bytes: the thread's name when it started recording (NUL-padded)
+  }
+}
+
+/// The first 16 bytes of every chunk of a thread file (format 3): what the recorder wrote in
+/// it, sealed when its thread left it, so that readers can tell intact events from damaged ones.
+///
+///     word 0   0x5EA1 << 48 | bytes of events after the seal (0: never sealed)
+///     word 1   checksum of those bytes (`checksum`)
+///
+/// Protocol: the chunk's thread writes events after the seal and never touches the seal; when it
+/// moves to its next chunk, exits, or the process exits, the seal is written once, by the
+/// thread itself or by the helper that unmaps the chunk (`EventFile`), never while events are
+/// still being written into the chunk. A chunk still unsealed at the end was open when writing
+/// stopped (a thread still running at exit, a killed process): readers check its events one by
+/// one only.
+public enum ChunkSeal {
+  public static let size = 16
+  public static let marker: UInt64 = 0x5EA1 << 48
+  public static let lengthMask: UInt64 = 0xffff_ffff_ffff
+
+  /// A running checksum over 8-byte words (Fletcher's, with 64-bit sums): catches any changed
+  /// word, and words moved.
+  public struct Checksum {
+    private var sum: UInt64 = 0
+    private var weighted: UInt64 = 0
+
+    public init() {}
+
+    /// Adds `count` bytes (a multiple of 8) at `start`.
+    public mutating func add(_ start: UnsafeRawPointer, count: Int) {
+      var sum = self.sum
+      var weighted = self.weighted
+      var at = 0
+      while at + 8 <= count {
+        sum &+= start.loadUnaligned(fromByteOffset: at, as: UInt64.self)
+        weighted &+= sum
+        at += 8
+      }
+      self.sum = sum
+      self.weighted = weighted
+    }
+
+    public var value: UInt64 { sum ^ (weighted << 32 | weighted >> 32) }
+  }
+
+  /// Seals the chunk at `chunk`, whose events take `length` bytes after the seal. The checksum
+  /// first, then the word that says it is there.
+  public static func seal(_ chunk: UnsafeMutableRawPointer, length: Int) {
+    var checksum = Checksum()
+    checksum.add(chunk + size, count: length)
+    chunk.storeBytes(of: checksum.value, toByteOffset: 8, as: UInt64.self)
+    chunk.storeBytes(of: marker | UInt64(length), as: UInt64.self)
   }
 }
 
@@ -199,6 +253,15 @@ public struct ProcessInfo: Sendable, Equatable {
   public var objects: [Object]
   /// Functions whose sites were patched.
   public var tracedFunctions: Int
+  /// The threads that made an event file, in order (`thread TID` lines, appended by the agent
+  /// when each file is made).
+  public var threads: [Int32] = []
+  /// Where each ended thread's events end in its file (`thread-end TID OFFSET`: appended when
+  /// the thread exits, or for the thread that calls `exit`).
+  public var threadEnds: [Int32: Int] = [:]
+  /// Whether the process ran its exit (an `end` line): false for one killed, crashed, still
+  /// running, or replaced by `exec`.
+  public var ended = false
 
   public init(
     session: String, pid: Int32, parent: Int32, executable: String, arguments: [String], ticksPerNanosecond: Double,
@@ -229,6 +292,9 @@ public struct ProcessInfo: Sendable, Equatable {
       "object 0x\(String($0.bias, radix: 16)) \($0.buildID ?? "-") \(TextField.escape($0.path))"
         + ($0.symbols.map { " " + $0 } ?? "")
     }
+    lines += threads.map { "thread \($0)" }
+    lines += threadEnds.sorted { $0.key < $1.key }.map { "thread-end \($0.key) \($0.value)" }
+    if ended { lines.append("end") }
     return lines.joined(separator: "\n") + "\n"
   }
 
@@ -238,12 +304,28 @@ public struct ProcessInfo: Sendable, Equatable {
     var objects: [Object] = []
     let lines = text.split(separator: "\n", omittingEmptySubsequences: true)
     guard lines.first == "tracery-process 1" else { throw .corrupt("not a Tracery process file") }
+    var threads: [Int32] = []
+    var threadEnds: [Int32: Int] = [:]
+    var ended = false
     for line in lines.dropFirst() {
+      if line == "end" {
+        ended = true
+        continue
+      }
       // An empty value (`argument ` for an empty argument) is a value.
       let parts = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
       guard parts.count == 2 else { throw .corrupt("malformed line '\(line)'") }
       switch parts[0] {
       case "argument": arguments.append(TextField.unescape(parts[1]))
+      case "thread":
+        guard let tid = Int32(parts[1]) else { throw .corrupt("malformed thread line '\(line)'") }
+        threads.append(tid)
+      case "thread-end":
+        let items = parts[1].split(separator: " ")
+        guard items.count == 2, let tid = Int32(items[0]), let end = Int(items[1]), end >= 0 else {
+          throw .corrupt("malformed thread-end line '\(line)'")
+        }
+        threadEnds[tid] = end
       case "object":
         // BIAS BUILDID PATH [SYMBOLS]: the path is escaped, so it holds no space.
         let items = parts[1].split(separator: " ").map(String.init)
@@ -279,6 +361,9 @@ public struct ProcessInfo: Sendable, Equatable {
       session: try field("session"), pid: pid, parent: parent, executable: TextField.unescape(try field("executable")),
       arguments: arguments, ticksPerNanosecond: rate, startTicks: start, startRealtimeNanoseconds: realtime,
       objects: objects, tracedFunctions: traced)
+    self.threads = threads
+    self.threadEnds = threadEnds
+    self.ended = ended
   }
 }
 

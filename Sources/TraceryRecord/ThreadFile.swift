@@ -31,6 +31,12 @@ public struct ThreadFile: Sendable {
   public let dropped: UInt64
   public let chunkSize: Int
   public let size: Int
+  /// Format 3 and later: every chunk begins with its seal (`ChunkSeal`).
+  public let sealed: Bool
+  /// Where the thread's events end, as its process file says (`thread-end`): nil when it does
+  /// not say (the thread was running when writing stopped, or an older trace). Bytes past it
+  /// were not written by the recorder.
+  public var writtenEnd: Int?
 
   /// Reads the name and header of `path`; nil and why when the file cannot be read as events.
   public static func open(path: String, name fileName: String) -> (file: ThreadFile?, damage: Damage?) {
@@ -60,17 +66,20 @@ public struct ThreadFile: Sendable {
     }
     guard Array(header[0..<8]) == TraceFormat.magic else { return whole("not a Tracery event file (bad magic)") }
     let version = UInt32(header.load(TraceFormat.Header.version, count: 4))
-    guard version == TraceFormat.version else {
-      return whole("format version \(version); this tracery reads version \(TraceFormat.version)")
+    guard version >= TraceFormat.oldestReadable && version <= TraceFormat.version else {
+      return whole(
+        "format version \(version); this tracery reads versions \(TraceFormat.oldestReadable) to \(TraceFormat.version)"
+      )
     }
-    let chunkSize = Int(header.load(TraceFormat.Header.chunkSize))
+    let rawChunkSize = header.load(TraceFormat.Header.chunkSize)
+    let chunkSize = Int(clamping: rawChunkSize)
     guard chunkSize >= 16, chunkSize % 8 == 0, chunkSize <= 1 << 40 else {
-      return whole("bad chunk size \(chunkSize) in the header")
+      return whole("bad chunk size \(rawChunkSize) in the header")
     }
     let name = header[(TraceFormat.Header.name)..<(TraceFormat.Header.name + 16)].prefix { $0 != 0 }
     let file = ThreadFile(
       path: path, session: session, pid: pid, tid: tid, name: String(decoding: name, as: UTF8.self),
-      dropped: header.load(TraceFormat.Header.dropped), chunkSize: chunkSize, size: size)
+      dropped: header.load(TraceFormat.Header.dropped), chunkSize: chunkSize, size: size, sealed: version >= 3)
     return (file, nil)
   }
 }
@@ -147,6 +156,30 @@ final class ByteWindow {
     return window!.load(fromByteOffset: offset - start, as: UInt8.self)
   }
 
+  /// The checksum (`ChunkSeal.Checksum`) of `count` bytes at `offset`; nil when they cannot be
+  /// read.
+  func checksum(_ offset: Int, count: Int) -> UInt64? {
+    var checksum = ChunkSeal.Checksum()
+    var at = offset
+    while at < offset + count {
+      let step = min(capacity, offset + count - at)
+      guard cover(at, step) else { return nil }
+      checksum.add(window! + (at - start), count: step)
+      at += step
+    }
+    return checksum.value
+  }
+
+  /// The offset of the first non-zero word in [from, to), if any.
+  func firstNonZero(from: Int, to: Int) -> Int? {
+    var at = from
+    while at + 8 <= to {
+      if word(at) != 0 { return at }
+      at += 8
+    }
+    return nil
+  }
+
   /// The offset just past the last non-zero word (the header's size when there is none): what
   /// follows is space the recorder never wrote. Reads backwards from the end.
   func dataEnd(from headerSize: Int) -> Int {
@@ -196,6 +229,10 @@ public struct EventCursor {
   private var pending: Event?
   /// Where the damage being skipped began, and why.
   private var damaged: (offset: Int, reason: String)?
+  /// The chunk being read: its first byte, and the end of its events (its sealed length, or the
+  /// chunk's end when it has no seal).
+  private var chunkStart = -1
+  private var chunkLimit = 0
   /// Damage found so far.
   public private(set) var damage: [Damage] = []
 
@@ -213,9 +250,13 @@ public struct EventCursor {
 
   /// The next event (its values attached), or nil at the end.
   public mutating func next() -> Event? {
-    if lastData == nil { lastData = source.dataEnd(from: TraceFormat.headerSize) }
+    if lastData == nil { lastData = dataEnd() }
     let end = lastData!
     while offset < end {
+      if offset >= chunkLimit {
+        enterChunk(end: end)
+        continue
+      }
       if damaged == nil, decoder.last != 0, let (event, size) = fastEvent(at: offset, end: end) {
         decoder.accept(.event(event))
         offset += size
@@ -258,6 +299,82 @@ public struct EventCursor {
     return given
   }
 
+  /// Where the events end: the last non-zero word, or where the process file says they end.
+  private mutating func dataEnd() -> Int {
+    let found = source.dataEnd(from: TraceFormat.headerSize)
+    guard let written = file.writtenEnd, written >= TraceFormat.headerSize else { return found }
+    if written > file.size {
+      damage.append(
+        Damage(
+          file: file.path, offset: file.size, bytes: written - file.size,
+          reason: "the file is cut: its thread's events end at \(written), the file at \(file.size)"))
+    } else if found > written, let junk = source.firstNonZero(from: written, to: found) {
+      // Nothing lost (bytes: 0): these bytes never were events.
+      damage.append(
+        Damage(
+          file: file.path, offset: junk, bytes: 0,
+          reason:
+            "\(found - junk) bytes after the thread's last event (at \(written)), not written by the recorder: ignored")
+      )
+    }
+    return min(found, written)
+  }
+
+  /// At `offset`, the start of a chunk, or past the sealed events of the current one: reads
+  /// the new chunk's seal and checks its events against it, or skips the rest of the current
+  /// one (reporting anything but zeros there).
+  private mutating func enterChunk(end: Int) {
+    let start = offset - (offset - TraceFormat.headerSize) % file.chunkSize
+    let chunkEnd = start + file.chunkSize
+    if start == chunkStart {
+      if let junk = source.firstNonZero(from: offset, to: min(chunkEnd, end)) {
+        damage.append(
+          Damage(
+            file: file.path, offset: junk, bytes: 0,
+            reason: "\(min(chunkEnd, end) - junk) bytes after the sealed events of the chunk at \(start), "
+              + "not written by the recorder: ignored"))
+      }
+      offset = chunkEnd
+      return
+    }
+    chunkStart = start
+    chunkLimit = min(chunkEnd, file.size)
+    guard file.sealed, offset == start else { return }
+    let seal = source.word(start)
+    let sum = source.word(start + 8)
+    offset = start + ChunkSeal.size
+    // Never sealed: the chunk was open when writing stopped. Its events are checked one by one.
+    if seal == 0 && sum == 0 { return }
+    let length = Int(seal & ChunkSeal.lengthMask)
+    guard seal & ~ChunkSeal.lengthMask == ChunkSeal.marker, length % 8 == 0,
+      length <= file.chunkSize - ChunkSeal.size
+    else {
+      damage.append(
+        Damage(
+          file: file.path, offset: start, bytes: 0,
+          reason: "the seal of the chunk at \(start) is damaged: its events are checked one by one"))
+      return
+    }
+    let eventsEnd = start + ChunkSeal.size + length
+    guard eventsEnd <= file.size else {
+      // Said once: the process file's `thread-end` already told (`dataEnd`).
+      if let written = file.writtenEnd, written > file.size { return }
+      damage.append(
+        Damage(
+          file: file.path, offset: file.size, bytes: eventsEnd - file.size,
+          reason: "the file is cut inside the chunk at \(start), \(eventsEnd - file.size) bytes before its sealed end"))
+      return
+    }
+    chunkLimit = eventsEnd
+    if source.checksum(start + ChunkSeal.size, count: length) != sum {
+      damage.append(
+        Damage(
+          file: file.path, offset: start, bytes: 0,
+          reason:
+            "checksum mismatch: the events of the chunk at \(start) changed after they were written (read as found)"))
+    }
+  }
+
   /// The common case, decoded without the general path's closures and copies: an entry or exit
   /// that passes the checks, wholly inside its chunk. nil: take the general path.
   @inline(__always)
@@ -265,9 +382,8 @@ public struct EventCursor {
     let word = source.word(offset)
     let depth = Int((word >> 48) & 0x3fff)
     let open = decoder.openDepth
-    let chunkEnd = offset - (offset - TraceFormat.headerSize) % file.chunkSize + file.chunkSize
     switch word >> 62 {
-    case 1 where offset + 16 <= chunkEnd && offset + 16 <= file.size:
+    case 1 where offset + 16 <= chunkLimit:
       let timestamp = source.word(offset + 8)
       let site = word & 0xffff_ffff_ffff
       guard site != 0, site < 1 << 47, timestamp != 0, timestamp &+ Self.backwardsSlack >= decoder.last,
@@ -300,9 +416,17 @@ public struct EventCursor {
   /// What is at `offset`, read with `decoder`'s knowledge. `resumingFrom`: where the damage
   /// being skipped began.
   private func step(at offset: Int, decoder: Event.Decoder, resumingFrom: Int?, eventsBefore: Bool, end: Int) -> Step {
-    let header = TraceFormat.headerSize
-    let chunkStart = offset - (offset - header) % file.chunkSize
-    let chunkEnd = min(chunkStart + file.chunkSize, file.size)
+    // The end of the events of the chunk at `offset`: the current chunk's limit, or (looking
+    // ahead into the next chunk) that chunk's end; its seal is skipped.
+    let start = offset - (offset - TraceFormat.headerSize) % file.chunkSize
+    let chunkEnd: Int
+    if start == chunkStart {
+      guard offset < chunkLimit else { return .tail(next: start + file.chunkSize) }
+      chunkEnd = chunkLimit
+    } else {
+      if file.sealed && offset == start { return .tail(next: start + ChunkSeal.size) }
+      chunkEnd = min(start + file.chunkSize, file.size)
+    }
     let source = self.source
     let word = source.word(offset)
     if word == 0 {
@@ -390,9 +514,11 @@ public struct EventCursor {
 extension Trace {
   /// Reads one thread's event file whole (for tests and small tools; readers stream with
   /// `EventCursor`).
-  static func readThread(path: String, name: String) -> (thread: Thread?, damage: [Damage]) {
-    let (file, damage) = ThreadFile.open(path: path, name: name)
-    guard let file else { return (nil, damage.map { [$0] } ?? []) }
+  /// `writtenEnd`: where its process file says the events end (`ThreadFile.writtenEnd`).
+  static func readThread(path: String, name: String, writtenEnd: Int? = nil) -> (thread: Thread?, damage: [Damage]) {
+    let (opened, damage) = ThreadFile.open(path: path, name: name)
+    guard var file = opened else { return (nil, damage.map { [$0] } ?? []) }
+    file.writtenEnd = writtenEnd
     var cursor = EventCursor(file)
     var events: [Event] = []
     while let event = cursor.next() { events.append(event) }

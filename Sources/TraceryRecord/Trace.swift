@@ -74,6 +74,24 @@ public struct Trace: Sendable {
           file: "\(directory)/process-\(session).info", offset: 0, bytes: 0,
           reason: "missing: the events of session \(session) are shown with addresses and another process's clock"))
     }
+    // What each process file says was written: a listed thread's file that is gone, and where
+    // each ended thread's events end (the cursor reports bytes past it, or a file cut before it).
+    var index: [String: Int] = [:]
+    for (position, thread) in threads.enumerated() { index["\(thread.session)-\(thread.tid)"] = position }
+    let reported = Set(damage.map(\.file))
+    for process in processes {
+      for tid in process.threads where index["\(process.session)-\(tid)"] == nil {
+        let path = "\(directory)/\(process.session)-\(tid).events"
+        guard !reported.contains(path) else { continue }
+        damage.append(
+          Damage(
+            file: path, offset: 0, bytes: process.threadEnds[tid].map { max(0, $0 - TraceFormat.headerSize) } ?? 0,
+            reason: "missing: process-\(process.session).info lists thread \(tid), whose events it held"))
+      }
+      for (tid, end) in process.threadEnds {
+        if let position = index["\(process.session)-\(tid)"] { threads[position].writtenEnd = end }
+      }
+    }
     if processes.isEmpty && threads.isEmpty {
       throw .empty("\(directory) has no traced process (did the program start?)")
     }
@@ -93,9 +111,10 @@ public struct Trace: Sendable {
     return order.map { file in
       let items = byFile[file]!
       let first = items[0]
-      guard first.offset > 0 else { return "\(file): \(first.reason)" }
       let bytes = items.reduce(0) { $0 + $1.bytes }
       let more = items.count > 1 ? " (and \(items.count - 1) more place\(items.count > 2 ? "s" : ""))" : ""
+      // A whole file, or damage that cost no bytes (a checksum that does not match).
+      guard first.offset > 0, bytes > 0 else { return "\(file): \(first.reason)\(more)" }
       return
         "\(file): damaged at offset \(first.offset) (\(first.reason))\(more): \(bytes) bytes skipped, "
         + "about \(items.reduce(0) { $0 + $1.eventsSkipped }) events lost"

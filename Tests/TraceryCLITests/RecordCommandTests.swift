@@ -159,6 +159,13 @@ import TraceryTestSupport
 
     let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
     #expect(replay.status == 0, "\(replay.stderr)")
+    // Its last chunk unsealed, and no exit in its process file: not damage, and said so by info.
+    #expect(replay.stderr.isEmpty, "\(replay.stderr)")
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("#   ended     : without its exit (killed"), "\(info)")
+    #expect(
+      try TestSupport.run(Self.tracery, ["info", "-d", directory.appendingPathComponent("exit").path]).stdout
+        .contains("#   ended     : exit ran"))
     let lines = Self.trees(replay.stdout).values.first ?? []
     #expect(lines.filter { $0 == "  step();" }.count == 100)
     // The calls the kill left open close innermost first.

@@ -70,4 +70,82 @@ import TraceryTestSupport
     #expect(report.stderr.contains("events were dropped"), "\(report.stderr)")
     #expect(report.stdout.contains(" fib"), "the first chunk's events are there")
   }
+
+  /// A recorded trace damaged four ways, each on a copy: a flipped bit (events that still look
+  /// right), a file cut short, a deleted thread file, junk appended. Each is reported on stderr
+  /// with its file, `tracery info` lists it, and every other thread replays exactly as before.
+  @Test func damageIsReportedByFileAndTheRestIsIntact() throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-damage")
+    let demo = try RecordCommandTests.build(
+      [RecordCommandTests.examples.appendingPathComponent("demo/demo.c").path], in: directory)
+    let original = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(original, [demo, "22"])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    let names = try FileManager.default.contentsOfDirectory(atPath: original.path).filter { $0.hasSuffix(".events") }
+    func size(_ name: String) -> Int {
+      ((try? FileManager.default.attributesOfItem(atPath: original.appendingPathComponent(name).path)[.size]) as? Int)
+        ?? 0
+    }
+    let largest = try #require(names.max { size($0) < size($1) })
+    let smallest = try #require(names.min { size($0) < size($1) })
+    #expect(size(largest) > 4096 + (1 << 20), "a thread file of more than one chunk")
+    func tid(_ name: String) -> String { String(name.dropLast(".events".count).split(separator: "-").last!) }
+    func replay(_ trace: URL, _ name: String) throws -> TestSupport.ProcessResult {
+      try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "--tid", tid(name)])
+    }
+    var before: [String: String] = [:]
+    for name in names { before[name] = try replay(original, name).stdout }
+
+    typealias Damage = (label: String, file: String, expected: String, change: (URL) throws -> Void)
+    let damages: [Damage] = [
+      (
+        "flip", largest, "checksum mismatch",
+        { file in
+          var bytes = try Data(contentsOf: file)
+          bytes[4096 + 16 + 8] ^= 0x04  // the first entry's counter: still a plausible event
+          try bytes.write(to: file)
+        }
+      ),
+      (
+        "cut", largest, "the file is cut",
+        { file in
+          let handle = try FileHandle(forWritingTo: file)
+          try handle.truncate(atOffset: UInt64(size(largest) - 40))
+          try handle.close()
+        }
+      ),
+      ("delete", smallest, "missing", { try FileManager.default.removeItem(at: $0) }),
+      (
+        "junk", largest, "not written by the recorder",
+        { file in
+          let bytes = try Data(contentsOf: file)
+          let handle = try FileHandle(forWritingTo: file)
+          try handle.seekToEnd()
+          try handle.write(contentsOf: bytes[(4096 + 16)..<(4096 + 16 + 48)])  // its own first events again
+          try handle.close()
+        }
+      ),
+    ]
+    for damage in damages {
+      let copy = directory.appendingPathComponent(damage.label)
+      try FileManager.default.copyItem(at: original, to: copy)
+      try damage.change(copy.appendingPathComponent(damage.file))
+      let path = copy.appendingPathComponent(damage.file).path
+      let damaged = try TestSupport.run(Self.tracery, ["replay", "-d", copy.path])
+      #expect(damaged.status == 0, "\(damage.label): \(damaged.stderr)")
+      #expect(damaged.stderr.contains("\(path): "), "\(damage.label): \(damaged.stderr)")
+      #expect(damaged.stderr.contains(damage.expected), "\(damage.label): \(damaged.stderr)")
+      let info = try TestSupport.run(Self.tracery, ["info", "-d", copy.path])
+      #expect(info.stdout.contains("# damaged         : \(path): "), "\(damage.label): \(info.stdout)")
+      for name in names where name != damage.file {
+        #expect(try replay(copy, name).stdout == before[name], "\(damage.label): thread \(name) changed")
+      }
+      if damage.label == "flip" || damage.label == "junk" {
+        #expect(try replay(copy, damage.file).stdout.count == before[damage.file]!.count, "\(damage.label)")
+      }
+    }
+    let intact = try TestSupport.run(Self.tracery, ["info", "-d", original.path])
+    #expect(intact.stdout.contains("# damaged         : none"), "\(intact.stdout)")
+    #expect(intact.stdout.contains("exit ran"))
+  }
 }

@@ -59,7 +59,7 @@ import TraceryTestSupport
     var header = [UInt8](repeating: 0, count: TraceFormat.headerSize)
     header.replaceSubrange(0..<8, with: TraceFormat.magic)
     for (offset, value, count) in [
-      (TraceFormat.Header.version, UInt64(TraceFormat.version), 4), (TraceFormat.Header.pid, 7, 4),
+      (TraceFormat.Header.version, 2, 4), (TraceFormat.Header.pid, 7, 4),
       (TraceFormat.Header.tid, 7, 4), (TraceFormat.Header.chunkSize, UInt64(chunk), 8),
     ] {
       for index in 0..<count { header[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index)) }

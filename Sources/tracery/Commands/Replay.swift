@@ -295,6 +295,7 @@ struct Info: ParsableCommand {
           "# process \(process.session) (pid \(process.pid), parent \(process.parent)): \(process.executable)\n"
         processes += "#   arguments : \(process.arguments.joined(separator: " "))\n"
         processes += "#   traced    : \(process.tracedFunctions) functions\n"
+        processes += "#   ended     : \(Self.ending(of: process, in: trace))\n"
         processes +=
           "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
         for object in process.objects {
@@ -303,8 +304,21 @@ struct Info: ParsableCommand {
         }
       }
       for line in Trace.summary(of: damage) { output += "# damaged         : \(line)\n" }
+      if damage.isEmpty { output += "# damaged         : none (every sealed chunk's checksum matches)\n" }
       print(output + processes, terminator: "")
     }
+  }
+
+  /// How a process image's recording ended, from its process file's `end` line.
+  static func ending(of process: TraceryRecord.ProcessInfo, in trace: Trace) -> String {
+    if process.ended { return "exit ran (the exiting thread's events sealed)" }
+    let parts = process.session.split(separator: ".")
+    if parts.count == 2, let generation = Int(parts[1]),
+      trace.processes.contains(where: { $0.session == "\(parts[0]).\(generation + 1)" })
+    {
+      return "replaced by exec (its threads' last chunks unsealed)"
+    }
+    return "without its exit (killed, crashed or still running): its threads' last chunks unsealed"
   }
 }
 
