@@ -101,13 +101,6 @@ public final class EventFile: @unchecked Sendable {
   /// Chunks taken so far (the current one included).
   public var chunksTaken: Int { chunks }
 
-  /// The file offset just past the last event of the chunk left last (`writtenEnd`), or of
-  /// the current chunk if its events end at `cursor`.
-  public func writtenEnd(cursor: UInt64) -> Int {
-    guard chunk != nil else { return lastEnd }
-    return TraceFormat.headerSize + (chunks - 1) * chunkSize + ChunkSeal.size + sealedLength(cursor)
-  }
-
   /// The current chunk's bytes of events if they end at `cursor`; remembers where they end in
   /// the file (`lastEnd`).
   private func sealedLength(_ cursor: UInt64) -> Int {

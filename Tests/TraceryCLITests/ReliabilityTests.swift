@@ -148,4 +148,19 @@ import TraceryTestSupport
     #expect(intact.stdout.contains("# damaged         : none"), "\(intact.stdout)")
     #expect(intact.stdout.contains("exit ran"))
   }
+
+  /// The program removes its own trace directory while it is recorded: it runs on as untraced
+  /// (its output and status unchanged), and record says there is no trace.
+  @Test func aTraceDirectoryRemovedWhileRecordingCostsTheTraceNotTheProgram() throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-removed")
+    let program = try RecordCommandTests.build(
+      [RecordCommandTests.programs.appendingPathComponent("removes.c").path], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let untraced = try TestSupport.run(program, [directory.appendingPathComponent("elsewhere").path])
+    let recorded = try RecordCommandTests.record(trace, [program, trace.path])
+    #expect(recorded.status == 3 && untraced.status == 3)
+    #expect(recorded.stdout == untraced.stdout && recorded.stdout == "6765 6765 0\n", "\(recorded.stdout)")
+    #expect(recorded.stderr.contains("no trace"), "\(recorded.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: trace.path))
+  }
 }

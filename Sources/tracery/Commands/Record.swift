@@ -246,9 +246,17 @@ struct Recorder {
     environment["TRACERY_TICKS_PER_NS"] = String(TimeStampCounter.ticksPerNanosecond)
     let status = try Self.spawn(path: path, arguments: command, environment: environment)
     Self.trimEventFiles(in: absolute)
+    let ending: String
     switch status {
-    case .exited(let code): _ = Files.append("exit-status \(code)\n", to: absolute + "/info")
-    case .signaled(let signal): _ = Files.append("signal \(signal)\n", to: absolute + "/info")
+    case .exited(let code): ending = "exit-status \(code)\n"
+    case .signaled(let signal): ending = "signal \(signal)\n"
+    }
+    // The program's status passes through whatever became of the trace; a trace that is gone
+    // is said, not left to be found missing.
+    if !Files.append(ending, to: absolute + "/info") {
+      FileHandle.standardError.write(
+        Data("tracery: \(absolute)/info cannot be written (the trace directory was removed or moved?): no trace\n".utf8)
+      )
     }
     return status
   }
