@@ -11,13 +11,7 @@ import TraceryRecord
 /// attaches the function graph's event recorder to every patchable function of the program and
 /// its libraries, and gives each thread its own event file in the trace directory.
 ///
-/// Environment (set by `tracery record`):
-///   TRACERY_DIR            the trace directory (required; without it the agent does nothing)
-///   TRACERY_MATCH          a glob: trace only the functions whose names match it
-///   TRACERY_DEPTH          record calls only this many levels deep
-///   TRACERY_BUFFER_LIMIT   bytes of events per thread before events are dropped (and counted)
-///   TRACERY_ARGUMENTS      `-A` / `-R` specs, one per line as `A SPEC` or `R SPEC` (ValueRecorder)
-///   TRACERY_PATTERN_KIND   how their patterns match: regex (default) or glob
+/// What `tracery record` asks for comes through the environment (`AgentEnvironment`).
 ///
 /// The agent adds one thread to the program: `ChunkPreparer`'s helper, started at the first
 /// recorded event, which maps and faults in each event file's next chunk ahead of its thread.
@@ -37,13 +31,12 @@ enum Agent {
   nonisolated(unsafe) static var configuration: Configuration?
   nonisolated(unsafe) static var session = ""
   nonisolated(unsafe) static var recorder: GraphLink?
-  nonisolated(unsafe) static var objects: [ProcessInfo.Object] = []
+  nonisolated(unsafe) static var objects: [TracedProcess.Object] = []
   nonisolated(unsafe) static var tracedFunctions = 0
 
-  static func environment(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
-
   static func start() {
-    guard let directory = environment("TRACERY_DIR"), !directory.isEmpty else { return }
+    guard let environment = AgentEnvironment.current() else { return }
+    let directory = environment.directory
     // Only into a directory of this user's, that is not a symbolic link: another user's (or one
     // others may write) could be made to receive, or redirect, what this program passes around.
     var status = stat()
@@ -56,16 +49,14 @@ enum Agent {
       return
     }
     let configuration = Configuration(
-      directory: directory, match: environment("TRACERY_MATCH"),
-      depth: environment("TRACERY_DEPTH").flatMap { Int($0) },
-      bufferLimit: environment("TRACERY_BUFFER_LIMIT").flatMap { Int($0) } ?? (2 << 30))
+      directory: directory, match: environment.match, depth: environment.depth, bufferLimit: environment.bufferLimit)
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
     // The tracer's table, of the objects that record patch sites only (read from their section
     // headers first): resolving the chosen sites below reads the same one.
     Tracer.shared.loadSymbols { ELFFile.recordsPatchSites(path: $0.path) == true }
     let table = Tracer.shared.symbols
-    objects = table.objects.map { ProcessInfo.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
+    objects = table.objects.map { TracedProcess.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
     saveSymbols(table, in: directory)
     var chosen = table.patchableFunctions
     if let match = configuration.match, let glob = try? Glob(match) {
@@ -90,12 +81,12 @@ enum Agent {
     Tracer.unwoundHandler = Agent.unwound
     recorder = try? Tracer.shared.attachGraph(
       .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
-    if recorder != nil, let text = environment("TRACERY_ARGUMENTS") {
-      let kind = environment("TRACERY_PATTERN_KIND").flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
+    let specs = ValueRecorder.specs(environment)
+    if recorder != nil, !specs.isEmpty {
       let functions = chosen.compactMap { index in
         table.functions[index].site.map { (name: table.functions[index].name, site: $0) }
       }
-      ValueRecorder.attach(ValueRecorder.specs(text), kind: kind, functions: functions, depth: configuration.depth)
+      ValueRecorder.attach(specs, kind: environment.patternKind, functions: functions, depth: configuration.depth)
     }
   }
 
@@ -118,7 +109,7 @@ enum Agent {
     mkdir(folder, TraceFormat.directoryMode)
     for (index, object) in table.objects.enumerated() where !sites[index].isEmpty {
       let identity = FileIdentity(path: object.path)
-      let buildID = object.buildID.map(ProcessInfo.Object.hex)
+      let buildID = object.buildID.map(TracedProcess.Object.hex)
       guard let key = SymbolFile.key(buildID: buildID, identity: identity) else { continue }
       objects[index].symbols = key
       let path = "\(folder)/\(key).sym"
@@ -155,7 +146,7 @@ enum Agent {
       } ?? []
     var now = timespec()
     clock_gettime(CLOCK_REALTIME, &now)
-    let info = ProcessInfo(
+    let info = TracedProcess(
       session: session, pid: pid, parent: getppid(), executable: resolvedExecutable(), arguments: arguments,
       ticksPerNanosecond: TimeStampCounter.ticksPerNanosecond, startTicks: TimeStampCounter.now,
       startRealtimeNanoseconds: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec), objects: objects,

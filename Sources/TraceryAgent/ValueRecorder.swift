@@ -19,13 +19,11 @@ enum ValueRecorder {
   nonisolated(unsafe) static var items: [UInt64: [ValueSpec.Item]] = [:]
   nonisolated(unsafe) static var link: GraphLink?
 
-  /// The specs from `TRACERY_ARGUMENTS` (lines `A SPEC` / `R SPEC`); unparsable lines are
-  /// skipped (the CLI checked them).
-  static func specs(_ text: String) -> [ValueSpec] {
-    text.split(separator: "\n").compactMap { line in
-      guard line.count > 2 else { return nil }
-      return try? ValueSpec(parsing: String(line.dropFirst(2)), returnValue: line.hasPrefix("R "))
-    }
+  /// The specs the CLI passed (`AgentEnvironment`); unparsable ones are skipped (the CLI checked
+  /// them).
+  static func specs(_ environment: AgentEnvironment) -> [ValueSpec] {
+    environment.argumentSpecs.compactMap { try? ValueSpec(parsing: $0, returnValue: false) }
+      + environment.returnSpecs.compactMap { try? ValueSpec(parsing: $0, returnValue: true) }
   }
 
   /// Attaches to every chosen function (site by name) some spec's pattern matches, by its raw

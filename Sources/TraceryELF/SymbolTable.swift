@@ -1,4 +1,4 @@
-/// Every function of a set of loaded objects, with its patch site: the seeds' kallsyms.
+/// Every function of a set of loaded objects, with its patch site: the kernel's kallsyms.
 ///
 /// Functions are kept sorted by runtime address (address → function by binary search) and
 /// indexed by name in one hash table with a chain for repeated names (`static` functions of the

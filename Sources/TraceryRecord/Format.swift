@@ -20,10 +20,8 @@ public enum TraceFormat {
   public static let headerSize = 4096
 
   /// Traces hold arguments, strings and return values: only their owner may read them, unless
-  /// `tracery record --shared` asked otherwise (TRACERY_SHARED=1 for the agent).
-  public static var shared: Bool {
-    getenv("TRACERY_SHARED").map { String(cString: $0) == "1" } ?? false
-  }
+  /// `tracery record --shared` asked otherwise (`AgentEnvironment.shared`).
+  public static var shared: Bool { AgentEnvironment.sharedRequested }
   public static var fileMode: mode_t { shared ? 0o644 : 0o600 }
   public static var directoryMode: mode_t { shared ? 0o755 : 0o700 }
 
@@ -215,7 +213,7 @@ public struct Event: Sendable, Equatable {
 
 /// What the agent writes about one traced process image (`process-SESSION.info`): a text file
 /// of `key value` lines, values percent-escaped where they may hold spaces.
-public struct ProcessInfo: Sendable, Equatable {
+public struct TracedProcess: Sendable, Equatable {
   public struct Object: Sendable, Equatable {
     public let path: String
     public let bias: UInt64
@@ -416,4 +414,43 @@ public enum TraceError: Error, Equatable, CustomStringConvertible {
     case .empty(let what): return "empty trace: \(what)"
     }
   }
+}
+
+/// The recording's `DIR/info` (written by `tracery record`, read by every reader): the first
+/// line `tracery-trace 1`, then `key value` lines, values percent-escaped, in the order written.
+/// Keys: `command`, `program`, `start`, `filter`, `patch`, `argument`, `retval`, and at the end
+/// `exit-status` or `signal` (appended when the program ends).
+public struct RecordingInfo: Sendable {
+  public private(set) var fields: [(key: String, value: String)] = []
+
+  public init(command: String, program: String, start: String) {
+    add("command", command)
+    add("program", program)
+    add("start", start)
+  }
+
+  public mutating func add(_ key: String, _ value: String) { fields.append((key, value)) }
+
+  /// The first value of `key`.
+  public func value(_ key: String) -> String? { fields.first { $0.key == key }?.value }
+
+  /// The record-time filter options (`-F`/`-N`/`-D`/`-t`), applied by every reader not given its own.
+  public var filter: String? { value("filter") }
+
+  public var text: String {
+    (["tracery-trace 1"] + fields.map { "\($0.key) \(TextField.escape($0.value))" }).joined(separator: "\n") + "\n"
+  }
+
+  public init(text: String) throws(TraceError) {
+    let lines = text.split(separator: "\n")
+    guard lines.first == "tracery-trace 1" else { throw .corrupt("not a Tracery info file") }
+    for line in lines.dropFirst() {
+      let parts = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+      fields.append((parts[0], parts.count > 1 ? TextField.unescape(parts[1]) : ""))
+    }
+  }
+
+  /// The line that says how the program ended, appended when it has.
+  public static func endingLine(exitStatus: Int32) -> String { "exit-status \(exitStatus)\n" }
+  public static func endingLine(signal: Int32) -> String { "signal \(signal)\n" }
 }

@@ -61,7 +61,7 @@ enum FuzzHarness {
     let text = String(decoding: input.dropFirst(), as: UTF8.self)
     switch kind % 7 {
     case 0:
-      if let process = try? ProcessInfo(text: text) { _ = try? ProcessInfo(text: process.text) }
+      if let process = try? TracedProcess(text: text) { _ = try? TracedProcess(text: process.text) }
     case 1:
       if let symbols = try? SymbolFile(text: text) {
         _ = symbols.name(atSite: 0x1000)

@@ -19,16 +19,14 @@ public struct Trace: Sendable {
   }
 
   public let directory: String
-  /// The recording's `key value` lines (`command`, `start`, the record-time options).
-  public let info: [(key: String, value: String)]
-  public let processes: [ProcessInfo]
+  /// The recording's `DIR/info` (`command`, `start`, the record-time options, how it ended).
+  public let info: RecordingInfo
+  public let processes: [TracedProcess]
   /// Every thread's file, by pid then tid.
   public let threads: [ThreadFile]
   /// What could not be read when the directory was opened (files that are not events at all, a
   /// bad or missing process file). Damage inside events is found as they are read.
   public let damage: [Damage]
-
-  public func value(_ key: String) -> String? { info.first { $0.key == key }?.value }
 
   public var droppedEvents: UInt64 { threads.reduce(0) { $0 + $1.dropped } }
 
@@ -40,15 +38,8 @@ public struct Trace: Sendable {
     guard let infoText = Files.readText(directory + "/info") else {
       throw .notFound("\(directory) (no info file: not a trace directory)")
     }
-    var info: [(key: String, value: String)] = []
-    let lines = infoText.split(separator: "\n")
-    guard lines.first == "tracery-trace 1" else { throw .corrupt("\(directory)/info is not a Tracery info file") }
-    for line in lines.dropFirst() {
-      let parts = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
-      info.append((parts[0], parts.count > 1 ? TextField.unescape(parts[1]) : ""))
-    }
-    self.info = info
-    var processes: [ProcessInfo] = []
+    do { info = try RecordingInfo(text: infoText) } catch { throw .corrupt("\(directory)/info: \(error)") }
+    var processes: [TracedProcess] = []
     var threads: [ThreadFile] = []
     var damage: [Damage] = []
     for name in names.sorted() {
@@ -58,7 +49,7 @@ public struct Trace: Sendable {
           damage.append(Damage(file: path, offset: 0, bytes: 0, reason: "cannot be read"))
           continue
         }
-        do { processes.append(try ProcessInfo(text: text)) } catch {
+        do { processes.append(try TracedProcess(text: text)) } catch {
           damage.append(Damage(file: path, offset: 0, bytes: text.utf8.count, reason: "\(error)"))
         }
       } else if name.hasSuffix(".events") {

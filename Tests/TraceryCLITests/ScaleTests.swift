@@ -50,7 +50,7 @@ import TraceryTestSupport
     try FileManager.default.createDirectory(at: trace, withIntermediateDirectories: true)
     try "tracery-trace 1\ncommand synthetic\n".write(
       to: trace.appendingPathComponent("info"), atomically: true, encoding: .utf8)
-    let process = ProcessInfo(
+    let process = TracedProcess(
       session: "7.0", pid: 7, parent: 1, executable: "/synthetic", arguments: ["/synthetic"],
       ticksPerNanosecond: 1, startTicks: 1_000, startRealtimeNanoseconds: 1, objects: [], tracedFunctions: 64)
     try process.text.write(to: trace.appendingPathComponent("process-7.0.info"), atomically: true, encoding: .utf8)

@@ -169,7 +169,7 @@ import Testing
       rmdir(directory)
     }
     #expect(Files.write("tracery-trace 1\ncommand prog%20\n", to: directory + "/info"))
-    let process = ProcessInfo(
+    let process = TracedProcess(
       session: "42.0", pid: 42, parent: 1, executable: "/bin/prog", arguments: ["/bin/prog", "", "x"],
       ticksPerNanosecond: 1, startTicks: 1_000_000, startRealtimeNanoseconds: 5, objects: [], tracedFunctions: 2)
     #expect(Files.write(process.text, to: directory + "/process-42.0.info"))

@@ -25,7 +25,7 @@ public typealias GraphExitHandler =
 /// Called for a frame a caught C++ exception unwound (see `Tracer.unwoundHandler`).
 public typealias UnwoundHandler = @convention(c) (UnsafeMutablePointer<tracery_graph_frame>) -> Void
 
-/// What a function-graph user runs (seed 003: up to 16 users share every frame).
+/// What a function-graph user runs (as in the kernel's fgraph: up to 16 users share every frame).
 public enum GraphHandlers: Sendable {
   /// Handlers; either may be nil. Without an entry handler every call's exit is taken.
   case handlers(entry: GraphEntryHandler?, exit: GraphExitHandler?)

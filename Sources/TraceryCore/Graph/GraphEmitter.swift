@@ -45,7 +45,7 @@ enum ThreadField: Int32 {
   case stackHigh = 80
 }
 
-/// Generates the two routines of one function-graph image (seed 003's fgraph entry and
+/// Generates the two routines of one function-graph image (the kernel's fgraph entry and
 /// return_to_handler), for one fixed set of graph users (a "mask") and one set of registers to
 /// preserve (a function model). Every function wanted by exactly that set of users, with that
 /// model, reaches the image's entry; other functions reach other images. So the entry needs no

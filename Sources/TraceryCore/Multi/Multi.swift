@@ -20,7 +20,7 @@ public enum MultiStrategy: Sendable, Equatable {
 
 public enum MultiLookup: Sendable, Equatable { case automatic, hash, padding }
 
-/// One handler attached to many functions (seed 004's tracing multi-link). Keep it to keep the
+/// One handler attached to many functions (the kernel's tracing multi-link). Keep it to keep the
 /// handler attached; `detach()` removes it from every function in one batch.
 public final class MultiLink: Sendable {
   let tracer: Tracer

@@ -1,8 +1,8 @@
 import CTraceryShims
 import TraceryX86
 
-/// A multi link kept as arrays: the fast path of `attachMulti` for thousands of functions (seed
-/// 004's goal: 50,000 functions attached in milliseconds). Functions that nothing else traces
+/// A multi link kept as arrays: the fast path of `attachMulti` for thousands of functions (the
+/// kernel's tracing multi-link goal: 50,000 functions attached in milliseconds). Functions that nothing else traces
 /// join a bulk link without a `TracedFunction` each: sorted site, entry, name and cookie arrays,
 /// and one block of 48-byte records that stays where it is for the link's life, so its padding
 /// pointers (or hash slots) are written once per record.

@@ -1,6 +1,6 @@
 import TraceryX86
 
-/// Generates a global multi-attach trampoline (seed 004's `bpf_global_caller_N`): one per
+/// Generates a global multi-attach trampoline (the kernel's `bpf_global_caller_N` from its tracing multi-link RFC): one per
 /// argument class and lookup mode, shared by every function of that class. Called from a site
 /// (`call`; [rsp] = site + 5, [rsp+8] = the real return; rsp 16-byte aligned), it finds the
 /// function's record (`MultiTable`) by the site address and runs the record's handlers:

@@ -12,7 +12,7 @@ public typealias FprobeEntryHandler =
 public typealias FprobeExitHandler =
   @convention(c) (UInt64, UnsafeMutablePointer<tracery_call>, UnsafeMutablePointer<UInt64>, UInt64) -> Void
 
-/// One registered fprobe (the kernel's fprobe, seed 003). Keep it to keep it registered.
+/// One registered fprobe (the kernel's fprobe, built on its function graph). Keep it to keep it registered.
 public final class Fprobe: Sendable {
   let tracer: Tracer
   let slot: Int

@@ -1,6 +1,6 @@
 import TraceryX86
 
-/// Generates an ops entry (seed 002's ftrace callers): called from a patch site (`call`;
+/// Generates an ops entry (the kernel's ftrace ops callers, `ftrace_ops_list_func`): called from a patch site (`call`;
 /// [rsp] = site + 5, [rsp+8] = the real return), it saves the argument registers into a
 /// `tracery_call` (the callback's register view), calls either one ops' callback directly (the
 /// ops' own trampoline) or the shared dispatcher with the image's ops table (the shared caller,

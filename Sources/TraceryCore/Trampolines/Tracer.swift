@@ -177,12 +177,12 @@ public final class Link: Sendable {
   }
 }
 
-/// The front door: attaches handlers to functions through per-function trampolines (seed
-/// 001's BPF trampoline) and keeps every site, trampoline and attachment consistent.
+/// The front door: attaches handlers to functions through per-function trampolines (the
+/// kernel's BPF trampoline) and keeps every site, trampoline and attachment consistent.
 ///
 /// All changes go through `commit`, under one lock: a change builds the new trampoline of each
 /// touched function, rewrites all their sites in one `TextPatcher` batch (one text update for N
-/// functions, seed 000's batch attach), and retires the images it replaced to the `Reclaimer`.
+/// functions, as the kernel's ftrace updates its records in one batch), and retires the images it replaced to the `Reclaimer`.
 public final class Tracer: Sendable {
   public static let shared = Tracer()
 
@@ -815,10 +815,13 @@ public enum TimeStampCounter {
   /// The counter now.
   public static var now: UInt64 { ctracery_rdtsc() }
 
-  /// The counter's rate: from `TRACERY_TICKS_PER_NS` when set (`tracery record` measures it once
+  /// The counter's rate: from `environmentKey` when set (`tracery record` measures it once
   /// for every process it starts: measuring takes 10 ms), else measured now.
+  /// The environment variable that carries a measured rate to the processes a tool starts.
+  public static let environmentKey = "TRACERY_TICKS_PER_NS"
+
   public static let ticksPerNanosecond: Double = {
-    if let text = getenv("TRACERY_TICKS_PER_NS").map({ String(cString: $0) }), let rate = Double(text), rate > 0 {
+    if let text = getenv(environmentKey).map({ String(cString: $0) }), let rate = Double(text), rate > 0 {
       return rate
     }
     let clock = ContinuousClock()

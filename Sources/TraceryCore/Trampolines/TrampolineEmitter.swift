@@ -22,7 +22,7 @@ public enum Statistics: Sendable, Equatable {
   case callsAndTime
 }
 
-/// Generates the per-function trampoline of seed 001 (the BPF trampoline), entered by `jmp`
+/// Generates the per-function trampoline (the kernel's BPF trampoline, `arch_prepare_bpf_trampoline`), entered by `jmp`
 /// from the function's patch site:
 ///
 ///     site:  jmp tramp                      tramp:  push rbp; mov rbp, rsp; sub rsp, 272

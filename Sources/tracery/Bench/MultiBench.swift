@@ -2,7 +2,7 @@ import CTraceryBench
 import Foundation
 import TraceryCore
 
-/// The multi-attach part of `tracery bench trigger` (seed 004): the same loop and target with the
+/// The multi-attach part of `tracery bench trigger` (the kernel's tracing multi-link): the same loop and target with the
 /// handler attached through the global trampolines, in hash and padding modes; then every
 /// function of a generated 50,000-function object attached too (`entry-multi-all`), with the
 /// attach and detach time and the record memory per function.

@@ -1,5 +1,6 @@
 import Foundation
 import TraceryCore
+import TraceryRecord
 
 /// `tracery bench record`:
 ///
@@ -17,6 +18,16 @@ import TraceryCore
 struct RecordBench {
   let runs: Int
   let cacheDirectory: String
+
+  /// The agent preloaded, recording into `traces` as `tracery record` would ask it to (with the
+  /// counter's rate measured once, here).
+  static func agentEnvironment(_ agent: String, _ traces: String) -> [String: String] {
+    var environment = [
+      "LD_PRELOAD": agent, TimeStampCounter.environmentKey: String(TimeStampCounter.ticksPerNanosecond),
+    ]
+    AgentEnvironment(directory: traces).apply(to: &environment)
+    return environment
+  }
 
   static let source = """
     #include <stdio.h>
@@ -64,7 +75,7 @@ struct RecordBench {
       untraced.append(plain.perCall)
       try? FileManager.default.removeItem(atPath: traces)
       try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
-      let recorded = try measure(program, environment: ["LD_PRELOAD": agent, "TRACERY_DIR": traces])
+      let recorded = try measure(program, environment: Self.agentEnvironment(agent, traces))
       traced.append(recorded.perCall)
       calls = recorded.calls
       let entries = try GeneratedProgram.recordedEntries(in: traces)
@@ -124,10 +135,7 @@ struct RecordBench {
       try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
       let recorded = try MeasuredRun.run(
         program, arguments,
-        environment: [
-          "LD_PRELOAD": agent, "TRACERY_DIR": traces,
-          "TRACERY_TICKS_PER_NS": String(TimeStampCounter.ticksPerNanosecond),
-        ])
+        environment: Self.agentEnvironment(agent, traces))
       traced.append(recorded.seconds)
       let entries = try GeneratedProgram.recordedEntries(in: traces)
       guard entries == calls else {
@@ -188,10 +196,7 @@ struct RecordBench {
         traced.append(
           try MeasuredRun.run(
             spawner, [String(count), target],
-            environment: [
-              "LD_PRELOAD": agent, "TRACERY_DIR": traces,
-              "TRACERY_TICKS_PER_NS": String(TimeStampCounter.ticksPerNanosecond),
-            ]
+            environment: Self.agentEnvironment(agent, traces)
           ).seconds)
       }
       let processes = try FileManager.default.contentsOfDirectory(atPath: traces).filter { $0.hasPrefix("process-") }

@@ -1,7 +1,7 @@
 import CTraceryBench
 import TraceryCore
 
-/// `tracery bench trigger`: the seeds' bench_trigger in user space. A C loop calls one
+/// `tracery bench trigger`: the kernel's BPF selftest bench_trigger in user space. A C loop calls one
 /// patchable C function; each variant attaches empty handlers to it and is timed right after
 /// an untraced run of the same loop, which is its baseline.
 struct TriggerBench {

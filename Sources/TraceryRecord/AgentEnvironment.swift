@@ -1,0 +1,83 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// What `tracery record` tells the agent it preloads, through environment variables: one type
+/// for both sides (the CLI writes it with `apply`, the agent reads it with `current`).
+///
+///     TRACERY_DIR            the trace directory (required; without it the agent does nothing)
+///     TRACERY_MATCH          a glob: trace only the functions whose names match it (--patch)
+///     TRACERY_DEPTH          record calls only this many levels deep (-D)
+///     TRACERY_BUFFER_LIMIT   bytes of events per thread before events are dropped (and counted)
+///     TRACERY_ARGUMENTS      -A / -R specs, one per line as `A SPEC` or `R SPEC`
+///     TRACERY_PATTERN_KIND   how their patterns match: regex (default) or glob
+///     TRACERY_SHARED         1: trace files readable by others (record --shared)
+///
+/// (The counter's rate travels as TRACERY_TICKS_PER_NS, read by TraceryCore's
+/// `TimeStampCounter`.)
+public struct AgentEnvironment: Sendable, Equatable {
+  public var directory: String
+  public var match: String?
+  public var depth: Int?
+  /// Bytes.
+  public var bufferLimit: Int
+  /// `-A` specs, then `-R` specs.
+  public var argumentSpecs: [String] = []
+  public var returnSpecs: [String] = []
+  public var patternKind: NameMatcher.Kind = .regex
+  public var shared = false
+
+  public static let defaultBufferLimit = 2 << 30
+
+  public init(directory: String, match: String? = nil, depth: Int? = nil, bufferLimit: Int = defaultBufferLimit) {
+    self.directory = directory
+    self.match = match
+    self.depth = depth
+    self.bufferLimit = bufferLimit
+  }
+
+  enum Key {
+    static let directory = "TRACERY_DIR"
+    static let match = "TRACERY_MATCH"
+    static let depth = "TRACERY_DEPTH"
+    static let bufferLimit = "TRACERY_BUFFER_LIMIT"
+    static let arguments = "TRACERY_ARGUMENTS"
+    static let patternKind = "TRACERY_PATTERN_KIND"
+    static let shared = "TRACERY_SHARED"
+  }
+
+  /// Sets (or clears) every variable in `environment`.
+  public func apply(to environment: inout [String: String]) {
+    environment[Key.directory] = directory
+    environment[Key.match] = match
+    environment[Key.depth] = depth.map(String.init)
+    environment[Key.bufferLimit] = String(bufferLimit)
+    let lines = argumentSpecs.map { "A " + $0 } + returnSpecs.map { "R " + $0 }
+    environment[Key.arguments] = lines.isEmpty ? nil : lines.joined(separator: "\n")
+    environment[Key.patternKind] = patternKind.rawValue
+    environment[Key.shared] = shared ? "1" : nil
+  }
+
+  /// What this process was given; nil without a trace directory.
+  public static func current() -> AgentEnvironment? {
+    func value(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+    guard let directory = value(Key.directory), !directory.isEmpty else { return nil }
+    var result = AgentEnvironment(
+      directory: directory, match: value(Key.match), depth: value(Key.depth).flatMap { Int($0) },
+      bufferLimit: value(Key.bufferLimit).flatMap { Int($0) } ?? defaultBufferLimit)
+    for line in (value(Key.arguments) ?? "").split(separator: "\n") where line.count > 2 {
+      if line.hasPrefix("A ") { result.argumentSpecs.append(String(line.dropFirst(2))) }
+      if line.hasPrefix("R ") { result.returnSpecs.append(String(line.dropFirst(2))) }
+    }
+    result.patternKind = value(Key.patternKind).flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
+    result.shared = value(Key.shared) == "1"
+    return result
+  }
+
+  /// Whether this process was asked to keep traces readable by others (the CLI sets it for its
+  /// own files too).
+  public static var sharedRequested: Bool { getenv(Key.shared).map { String(cString: $0) == "1" } ?? false }
+
+  /// Asks for shared files in this process (the CLI, before it writes the trace's first file).
+  public static func requestShared() { setenv(Key.shared, "1", 1) }
+}
