@@ -37,7 +37,9 @@ let package = Package(
     // no other Tracery module (and not Foundation: the agent links it).
     // Dynamic exclusivity checks off: the readers' per-event loops touch class state and
     // captured variables millions of times, from one thread (measured: ~7% of a replay).
-    .target(name: "TraceryRecord", swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
+    .target(
+      name: "TraceryRecord", dependencies: ["CTracery"],
+      swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
     .target(name: "CTraceryAgent"),
     .target(
       name: "TraceryAgent",

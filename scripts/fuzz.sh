@@ -33,9 +33,13 @@ esac
 source_file="Fuzz/$(echo "${target:0:1}" | tr a-z A-Z)${target:1}.swift"
 [ "$target" = elf ] && source_file=Fuzz/ELF.swift
 binary="$work/fuzz-$target"
-if [ ! -x "$binary" ] || [ -n "$(find "${sources[@]}" "$source_file" -newer "$binary" | head -1)" ]; then
+# TraceryRecord imports the C header tracery.h (the event word's layout) as module CTracery.
+mkdir -p "$work/include"
+printf 'module CTracery {\n  header "%s"\n  export *\n}\n' "$PWD/Sources/CTracery/include/tracery.h" \
+  > "$work/include/module.modulemap"
+if [ ! -x "$binary" ] || [ -n "$(find "${sources[@]}" "$source_file" Sources/CTracery -newer "$binary" | head -1)" ]; then
   echo "== building $binary"
-  swiftc -sanitize=fuzzer,address -parse-as-library -O -enforce-exclusivity=unchecked \
+  swiftc -sanitize=fuzzer,address -parse-as-library -O -enforce-exclusivity=unchecked -I "$work/include" \
     "${sources[@]}" "$source_file" -o "$binary" 2> "$work/build-$target.log" || {
       cat "$work/build-$target.log" >&2
       exit 1

@@ -231,7 +231,7 @@ enum Agent {
       state.pointee.dropped += 1
       return
     }
-    let word = TimeStampCounter.now & 0xffff_ffff_ffff | (depth & 0x3fff) << 48 | 2 << 62
+    let word = EventWord(kind: EventWord.exitKind, depth: Int(truncatingIfNeeded: depth), low: TimeStampCounter.now).raw
     UnsafeMutablePointer<UInt64>(bitPattern: UInt(state.pointee.event_cursor))!.pointee = word
     state.pointee.event_cursor += 8
   }

@@ -1,3 +1,5 @@
+import CTracery
+
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -89,6 +91,35 @@ public enum ChunkSeal {
   }
 }
 
+/// The first word of every event (`tracery.h`'s `TRACERY_EVENT_*`: the recorder's generated code
+/// writes it from the same constants): the kind in bits 62-63, the depth modulo 2^14 in bits
+/// 48-61, the site (an entry), the counter's low 48 bits (an exit) or the payload's size (a data
+/// event) below.
+public struct EventWord: Sendable, Equatable {
+  public let raw: UInt64
+
+  public static let entryKind = UInt64(TRACERY_HANDLER_ENTRY.rawValue)
+  public static let exitKind = UInt64(TRACERY_HANDLER_EXIT.rawValue)
+  public static let dataKind = UInt64(TRACERY_EVENT_DATA)
+  static let kindShift = UInt64(TRACERY_EVENT_KIND_SHIFT)
+  static let depthShift = UInt64(TRACERY_EVENT_DEPTH_SHIFT)
+  static let depthMask = UInt64(TRACERY_EVENT_DEPTH_MASK)
+  public static let lowMask: UInt64 = 1 << depthShift - 1
+
+  @inline(__always) public init(raw: UInt64) { self.raw = raw }
+
+  /// `depth` is kept modulo 2^14; `low` to 48 bits.
+  @inline(__always) public init(kind: UInt64, depth: Int, low: UInt64) {
+    raw =
+      kind << Self.kindShift | (UInt64(truncatingIfNeeded: depth) & Self.depthMask) << Self.depthShift
+      | low & Self.lowMask
+  }
+
+  @inline(__always) public var kind: UInt64 { raw >> Self.kindShift }
+  @inline(__always) public var depth: Int { Int(truncatingIfNeeded: (raw >> Self.depthShift) & Self.depthMask) }
+  @inline(__always) public var low: UInt64 { raw & Self.lowMask }
+}
+
 /// One recorded event: a traced function's entry or exit on one thread.
 ///
 /// Bytes (little-endian words; the first word's bits 62-63 are the kind, 0 = never written):
@@ -155,19 +186,18 @@ public struct Event: Sendable, Equatable {
     public func peek(_ word: UInt64, load: (Int) -> UInt64?, byteAt: (Int) -> UInt8?) -> (
       decoded: Decoded, size: Int
     )? {
-      let depth = Int((word >> 48) & 0x3fff)
-      switch word >> 62 {
-      case 1:
+      let event = EventWord(raw: word)
+      let depth = event.depth
+      switch event.kind {
+      case EventWord.entryKind:
         guard let timestamp = load(8) else { return nil }
-        let site = word & 0xffff_ffff_ffff
-        return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .entry)), 16)
-      case 2:
-        let low = word & 0xffff_ffff_ffff
-        var timestamp = last & ~0xffff_ffff_ffff | low
-        if timestamp < last { timestamp &+= 1 << 48 }
+        return (.event(Event(timestamp: timestamp, site: event.low, depth: depth, kind: .entry)), 16)
+      case EventWord.exitKind:
+        var timestamp = last & ~EventWord.lowMask | event.low
+        if timestamp < last { timestamp &+= EventWord.lowMask + 1 }
         let site = depth < sites.count ? sites[depth] : 0
         return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .exit)), 8)
-      case 3:
+      case EventWord.dataKind:
         let payload = Int(word & 0xffff_ffff)
         guard payload % 8 == 0,
           let values = DataEvent.values({ load(8 + $0) }, byteAt: { byteAt(8 + $0) }, payload: payload)
@@ -204,8 +234,8 @@ public struct Event: Sendable, Equatable {
   public var bytes: [UInt8] {
     var words: [UInt64]
     switch kind {
-    case .entry: words = [site | UInt64(depth & 0x3fff) << 48 | 1 << 62, timestamp]
-    case .exit: words = [timestamp & 0xffff_ffff_ffff | UInt64(depth & 0x3fff) << 48 | 2 << 62]
+    case .entry: words = [EventWord(kind: EventWord.entryKind, depth: depth, low: site).raw, timestamp]
+    case .exit: words = [EventWord(kind: EventWord.exitKind, depth: depth, low: timestamp).raw]
     }
     return words.flatMap { word in (0..<8).map { UInt8(truncatingIfNeeded: word >> (8 * $0)) } }
   }

@@ -380,17 +380,18 @@ public struct EventCursor {
   @inline(__always)
   private func fastEvent(at offset: Int, end: Int) -> (Event, Int)? {
     let word = source.word(offset)
-    let depth = Int((word >> 48) & 0x3fff)
+    let event = EventWord(raw: word)
+    let depth = event.depth
     let open = decoder.openDepth
-    switch word >> 62 {
-    case 1 where offset + 16 <= chunkLimit:
+    switch event.kind {
+    case EventWord.entryKind where offset + 16 <= chunkLimit:
       let timestamp = source.word(offset + 8)
-      let site = word & 0xffff_ffff_ffff
+      let site = event.low
       guard site != 0, site < 1 << 47, timestamp != 0, timestamp &+ Self.backwardsSlack >= decoder.last,
         timestamp < decoder.last &+ Self.forwardWindow, gapsExpected || open >= Self.checkedDepth || depth <= open
       else { return nil }
       return (Event(timestamp: timestamp, site: site, depth: depth, kind: .entry), 16)
-    case 2:
+    case EventWord.exitKind:
       guard gapsExpected || open >= Self.checkedDepth || depth < open else { return nil }
       guard case .event(let event)? = decoder.peek(word, load: { _ in nil }, byteAt: { _ in nil })?.decoded else {
         return nil

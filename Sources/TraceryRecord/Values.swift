@@ -208,7 +208,7 @@ public enum DataEvent {
   }
 
   /// The event's first word for a payload of `bytes`.
-  public static func header(payload bytes: Int) -> UInt64 { 3 << 62 | UInt64(bytes) }
+  public static func header(payload bytes: Int) -> UInt64 { EventWord.dataKind << EventWord.kindShift | UInt64(bytes) }
 
   /// Decodes a payload; nil when it is malformed.
   static func values(_ load: (Int) -> UInt64?, byteAt: (Int) -> UInt8?, payload: Int) -> [RecordedValue]? {

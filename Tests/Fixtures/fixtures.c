@@ -132,10 +132,10 @@ static void record(tracery_call *call, uint64_t cookie, int kind) {
   r->kind = kind;
 }
 
-void tracery_fixture_entry_record(tracery_call *call, uint64_t cookie) { record(call, cookie, 1); }
-void tracery_fixture_exit_record(tracery_call *call, uint64_t cookie) { record(call, cookie, 2); }
+void tracery_fixture_entry_record(tracery_call *call, uint64_t cookie) { record(call, cookie, TRACERY_HANDLER_ENTRY); }
+void tracery_fixture_exit_record(tracery_call *call, uint64_t cookie) { record(call, cookie, TRACERY_HANDLER_EXIT); }
 int tracery_fixture_modify_record(tracery_call *call, uint64_t cookie) {
-  record(call, cookie, 3);
+  record(call, cookie, TRACERY_HANDLER_MODIFY_RETURN);
   if (cookie == 0) return 0;
   call->return_value[0] = cookie;
   return 1;

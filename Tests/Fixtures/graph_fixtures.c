@@ -58,21 +58,21 @@ static void record(int kind, tracery_graph_frame *frame, uint64_t *data, tracery
   event->site = frame->site;
   event->depth = frame->depth;
   event->data = data[0];
-  event->return_value = kind == 2 ? call->return_value[0] : call->arguments[0];
+  event->return_value = kind == TRACERY_HANDLER_EXIT ? call->return_value[0] : call->arguments[0];
 }
 
 int tracery_graph_entry_record(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
   data[0] = cookie * 1000 + frame->depth;
-  record(1, frame, data, call, cookie);
+  record(TRACERY_HANDLER_ENTRY, frame, data, call, cookie);
   return 1;
 }
 
 void tracery_graph_exit_record(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
-  record(2, frame, data, call, cookie);
+  record(TRACERY_HANDLER_EXIT, frame, data, call, cookie);
 }
 
 int tracery_graph_entry_decline(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
-  record(1, frame, data, call, cookie);
+  record(TRACERY_HANDLER_ENTRY, frame, data, call, cookie);
   return 0;
 }
 

@@ -40,6 +40,25 @@ typedef struct tracery_call {
 _Static_assert(sizeof(tracery_call) == 272, "tracery_call layout");
 _Static_assert(__builtin_offsetof(tracery_call, float_arguments) == 112, "tracery_call layout");
 
+/// The kinds of handler, one numbering everywhere (Swift's `HandlerKind`). Entry and exit are also
+/// the kinds of the events the recorder writes (below).
+typedef enum tracery_handler_kind {
+  TRACERY_HANDLER_ENTRY = 1,
+  TRACERY_HANDLER_EXIT = 2,
+  TRACERY_HANDLER_MODIFY_RETURN = 3,
+} tracery_handler_kind;
+
+/// The first word of an event the function graph's recorder writes (docs/trace-format.md): the
+/// kind in bits 62-63 (TRACERY_HANDLER_ENTRY or _EXIT; TRACERY_EVENT_DATA for the values after an
+/// event), the shadow-stack depth modulo 2^14 in bits 48-61, and below them the site (an entry)
+/// or the time-stamp counter's low 48 bits (an exit). An entry's second word is the counter.
+enum {
+  TRACERY_EVENT_KIND_SHIFT = 62,
+  TRACERY_EVENT_DEPTH_SHIFT = 48,
+  TRACERY_EVENT_DEPTH_MASK = 0x3fff,
+  TRACERY_EVENT_DATA = 3,
+};
+
 /// Runs before the traced function's body.
 typedef void (*tracery_entry_handler)(tracery_call *call, uint64_t cookie);
 /// Runs after the body returned (or was skipped); `call->return_value` holds the result.

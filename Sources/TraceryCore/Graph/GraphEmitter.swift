@@ -1,3 +1,4 @@
+import CTracery
 import TraceryX86
 
 /// One graph user as a graph image sees it (see `GraphEmitter`).
@@ -116,8 +117,8 @@ struct GraphEmitter {
   static let dataWords = 7
   static let resumeOffset: Int32 = 328
 
-  /// The recorder's events keep the depth modulo 2^14 (see `putRecord`).
-  static let depthMask: Int32 = 0x3fff
+  /// The recorder's events keep the depth modulo 2^14 (`tracery.h`'s event word, see `putRecord`).
+  static let depthMask = Int32(TRACERY_EVENT_DEPTH_MASK)
 
   let users: [GraphUserCode]
   /// What the functions reaching this image pass and return in registers.
@@ -401,7 +402,7 @@ struct GraphEmitter {
       }
     case .recorder(let refill):
       try putRecord(
-        &w, kind: 1, refill: refill, guardHeld: withHandlers, rspAligned: true, skip: skip, cold: &cold)
+        &w, kind: .entry, refill: refill, guardHeld: withHandlers, rspAligned: true, skip: skip, cold: &cold)
       take()
     }
     if declined == nil { w.bind(skip) }
@@ -427,7 +428,7 @@ struct GraphEmitter {
   /// Clobbers rax, rdx, r10; r11 survives (the refill stub saves it). Jumps to `skip` when no
   /// room could be found (the event is counted as dropped).
   private func putRecord(
-    _ w: inout X86Writer, kind: Int32, refill: UInt64, guardHeld: Bool, rspAligned: Bool, skip: Label,
+    _ w: inout X86Writer, kind: HandlerKind, refill: UInt64, guardHeld: Bool, rspAligned: Bool, skip: Label,
     cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
     let write = w.newLabel()
@@ -444,9 +445,9 @@ struct GraphEmitter {
     w.bind(write)
     w.putMov(.rdx, Memory(.r11, Self.depthOffset))
     w.putAnd(.rdx, immediate: Self.depthMask)
-    w.putOr(.rdx, immediate: kind << 14)
-    w.putShl(.rdx, immediate: 48)
-    if kind == 1 {
+    w.putOr(.rdx, immediate: Int32(kind.rawValue) << (TRACERY_EVENT_KIND_SHIFT - TRACERY_EVENT_DEPTH_SHIFT))
+    w.putShl(.rdx, immediate: UInt8(TRACERY_EVENT_DEPTH_SHIFT))
+    if kind == .entry {
       w.putMov(Memory(.r10, 8), .rax)
       w.putOr(.rdx, Memory(.r11, Self.siteOffset))
       w.putMov(Memory(.r10, 0), .rdx)
@@ -464,7 +465,7 @@ struct GraphEmitter {
       try self.putSlowCall(&w, refill, rspAligned: rspAligned, guardHeld: guardHeld)
       // An entry's time is taken again: the refill (a thread's first event creates its file) is
       // the tracer's time, not the call's. An exit keeps the time its body ended.
-      if kind == 1 { putTime(&w) }
+      if kind == .entry { putTime(&w) }
       w.putMov(.r10, self.field(.cursor))
       w.putCmp(.r10, self.field(.end))
       w.putJcc(.below, write)
@@ -633,7 +634,7 @@ struct GraphEmitter {
         w.putJcc(.equal, skip)
       }
       try putRecord(
-        &w, kind: 2, refill: refill, guardHeld: withHandlers, rspAligned: withHandlers, skip: skip, cold: &cold)
+        &w, kind: .exit, refill: refill, guardHeld: withHandlers, rspAligned: withHandlers, skip: skip, cold: &cold)
     }
     w.bind(skip)
   }

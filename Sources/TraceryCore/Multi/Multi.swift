@@ -41,8 +41,7 @@ public final class MultiLink: Sendable {
 /// One multi handler on one function.
 struct MultiAttachment {
   let link: Int
-  /// 0 entry, 1 modify-return, 2 exit (as `Handler.kind`).
-  let kind: Int
+  let kind: HandlerKind
   let handler: UInt64
   let cookie: UInt64
   /// The argument class: what the global trampoline saves.
@@ -161,7 +160,7 @@ extension Tracer {
   ) throws(AttachError) -> MultiLink {
     let targets = try resolve(selector)
     let chosen = model ?? .unknown
-    if handler.kind != 0, chosen.stackArgumentWords != 0 || chosen.integerArguments > 6 {
+    if handler.kind != .entry, chosen.stackArgumentWords != 0 || chosen.integerArguments > 6 {
       throw .unsupportedModel(
         function: "multi attachment",
         reason: "exit and modify-return handlers need a FunctionModel with at most 6 integer arguments "
@@ -270,7 +269,7 @@ extension Tracer {
     let hashedCount = functions.count(where: { !$0.usesPadding }) + bulkHashed.reduce(0) { $0 + $1.sites.count }
     let bits = SiteHash.bits(for: hashedCount)
     let header = hashedCount == 0 ? 0 : 2 + 2 * (1 << bits)
-    let recordWords = functions.reduce(0) { $0 + 4 + 2 * $1.multi.count }
+    let recordWords = functions.reduce(0) { $0 + MultiRecord.words(handlers: $1.multi.count) }
     guard header + recordWords > 0 else {
       ctracery_store_release(state.multi.tableWord, 0)
       retireMultiTable(state: &state)
@@ -304,17 +303,8 @@ extension Tracer {
       } else {
         insert(function.site, record: record)
       }
-      let kinds = (0..<3).map { kind in function.multi.filter { $0.kind == kind } }
-      words[at] = kinds[0].count == 1 && kinds[1].isEmpty && kinds[2].isEmpty ? 1 : 0
-      words[at + 1] = UInt64(kinds[0].count)
-      words[at + 2] = UInt64(kinds[1].count)
-      words[at + 3] = UInt64(kinds[2].count)
-      at += 4
-      for attachment in kinds.joined() {
-        words[at] = attachment.handler
-        words[at + 1] = attachment.cookie
-        at += 2
-      }
+      at += MultiRecord.write(
+        words + at, handlers: function.multi.map { (kind: $0.kind, handler: $0.handler, cookie: $0.cookie) })
     }
     for link in bulkHashed {
       let records = link.records!.block.address

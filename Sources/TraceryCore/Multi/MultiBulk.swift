@@ -17,7 +17,7 @@ import TraceryX86
 /// Protocol: all under the tracer's lock.
 struct BulkLink {
   let id: Int
-  let kind: Int
+  let kind: HandlerKind
   let handler: UInt64
   let model: FunctionModel
   var padding: Bool
@@ -35,7 +35,7 @@ struct BulkLink {
   var records: Reclaimer.Retired?
   var recordOffsets: [Int32]
 
-  static let recordWords = 6
+  static let recordWords = MultiRecord.words(handlers: 1)
 
   func index(of site: UInt64) -> Int? {
     var low = 0
@@ -55,14 +55,6 @@ struct BulkLink {
   }
 
   /// Writes the record of one handler of `kind` with `cookie` at `words` (see `MultiEmitter`).
-  static func writeRecord(_ words: UnsafeMutablePointer<UInt64>, kind: Int, handler: UInt64, cookie: UInt64) {
-    words[0] = kind == 0 ? 1 : 0
-    words[1] = kind == 0 ? 1 : 0
-    words[2] = kind == 1 ? 1 : 0
-    words[3] = kind == 2 ? 1 : 0
-    words[4] = handler
-    words[5] = cookie
-  }
 
   /// Removes the sites at `indices` (ascending).
   mutating func remove(_ indices: [Int]) {
@@ -89,7 +81,7 @@ extension Tracer {
   /// One pass over the targets decides who joins and fills the link's arrays (at 50,000 targets
   /// every pass and every per-target allocation shows in the attach time).
   func attachBulk(
-    id: Int, kind: Int, handler: UInt64, model: FunctionModel, lookup: MultiLookup,
+    id: Int, kind: HandlerKind, handler: UInt64, model: FunctionModel, lookup: MultiLookup,
     targets: [Target], cookies: [UInt64], state: inout State
   ) throws(AttachError) -> (rest: [Int], report: TransactionReport) {
     // Targets usually come sorted by address (symbol-table order); sort only when they do not.
@@ -196,7 +188,7 @@ extension Tracer {
     link.recordOffsets.reserveCapacity(link.sites.count)
     for index in link.sites.indices {
       let offset = index * BulkLink.recordWords
-      BulkLink.writeRecord(pointer + offset, kind: kind, handler: handler, cookie: link.cookies[index])
+      MultiRecord.write(pointer + offset, handlers: [(kind, handler, link.cookies[index])])
       link.recordOffsets.append(Int32(offset))
     }
     link.records = Reclaimer.Retired(block: block, length: 8 * words, frame: nil, unwind: nil, counters: [])

@@ -15,8 +15,7 @@ import TraceryX86
 ///     modify-return handlers (any non-zero: skip the body); the body, called with the
 ///     arguments as the handlers left them; exit handlers; return to the real caller
 ///
-/// Record (words): 1 when it holds one entry handler and nothing else (else 0), entry count,
-/// modify-return count, exit count, then (handler, cookie) pairs: entries, modify-returns, exits. A class has no stack arguments (at most six integer
+/// The record's layout is `MultiRecord`'s. A class has no stack arguments (at most six integer
 /// and eight vector arguments), so the trampoline may call the body from its own frame.
 struct MultiEmitter {
   enum Lookup: Equatable {
@@ -36,7 +35,6 @@ struct MultiEmitter {
   static let cursor: Int32 = 280
   static let remaining: Int32 = 288
   static let skip: Int32 = 296
-  static let recordHeader: Int32 = 32
 
   /// The class of a model: integer arguments 0-6, with or without vector arguments (and rax).
   static func classModel(integerArguments: Int, floats: Bool) -> FunctionModel {
@@ -68,27 +66,30 @@ struct MultiEmitter {
     w.putMovByte(guardByte, immediate: 1)
     // The common case, one entry handler and nothing else: no loop.
     let general = w.newLabel()
-    w.putCmp(Memory(.r11, 0), immediate: 1)
+    w.putCmp(Memory(.r11, MultiRecord.singleEntryOffset), immediate: 1)
     w.putJcc(.notEqual, general)
     w.putMov(.rdi, .rsp)
-    w.putMov(.rsi, Memory(.r11, Self.recordHeader + 8))
-    w.putCall(Memory(.r11, Self.recordHeader))
+    w.putMov(.rsi, Memory(.r11, MultiRecord.pairsOffset + 8))
+    w.putCall(Memory(.r11, MultiRecord.pairsOffset))
     // Its own copy of the epilogue: one taken branch fewer on the common path.
     w.putMovByte(guardByte, immediate: 0)
     TrampolineEmitter.putRestoreArguments(&w, model)
     w.putAdd(.rsp, immediate: size)
     w.putRet()
     w.bind(general)
-    putHandlers(&w, count: 8, first: { _ in Self.recordHeader }, modifyReturn: false)
+    let entries = MultiRecord.countOffset(.entry)
+    let modifyReturns = MultiRecord.countOffset(.modifyReturn)
+    let exits = MultiRecord.countOffset(.exit)
+    putHandlers(&w, count: entries, first: { _ in MultiRecord.pairsOffset }, modifyReturn: false)
     w.putMov(.r11, Memory(.rsp, Self.hazard))
-    w.putMov(.r10, Memory(.r11, 16))
-    w.putOr(.r10, Memory(.r11, 24))
+    w.putMov(.r10, Memory(.r11, modifyReturns))
+    w.putOr(.r10, Memory(.r11, exits))
     w.putTest(.r10, .r10)
     w.putJcc(.equal, entryOnly)
     // Modify-return handlers, then the body unless one asked to skip it.
     let skipBody = w.newLabel()
     w.putMov(Memory(.rsp, Self.skip), immediate: 0)
-    putHandlers(&w, count: 16, first: Self.pairsAfter(8), modifyReturn: true)
+    putHandlers(&w, count: modifyReturns, first: Self.pairsAfter(entries), modifyReturn: true)
     w.putCmp(Memory(.rsp, Self.skip), immediate: 0)
     w.putJcc(.notEqual, skipBody)
     w.putMovByte(guardByte, immediate: 0)
@@ -97,7 +98,7 @@ struct MultiEmitter {
     w.putMovByte(guardByte, immediate: 1)
     TrampolineEmitter.putSaveReturn(&w, model)
     w.bind(skipBody)
-    putHandlers(&w, count: 24, first: Self.pairsAfter(8, 16), modifyReturn: false)
+    putHandlers(&w, count: exits, first: Self.pairsAfter(entries, modifyReturns), modifyReturn: false)
     w.putMovByte(guardByte, immediate: 0)
     TrampolineEmitter.putLoadReturn(&w, model)
     // Drop the frame and the return into the body: back to the real caller.
@@ -121,7 +122,7 @@ struct MultiEmitter {
       for offset in previous.dropFirst() { w.putAdd(.r10, Memory(.r11, offset)) }
       w.putShl(.r10, immediate: 4)
       w.putAdd(.r10, .r11)
-      w.putAdd(.r10, immediate: recordHeader)
+      w.putAdd(.r10, immediate: MultiRecord.pairsOffset)
       return -1
     }
   }

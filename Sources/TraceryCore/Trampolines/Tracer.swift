@@ -14,6 +14,18 @@ public typealias ExitHandler = @convention(c) (UnsafeMutablePointer<tracery_call
 /// Returns non-zero to skip the function's body; it then returns `call.pointee.return_value`.
 public typealias ModifyReturnHandler = @convention(c) (UnsafeMutablePointer<tracery_call>, UInt64) -> Int32
 
+/// A handler's kind, numbered as `tracery.h` numbers it (`tracery_handler_kind`) for C handlers,
+/// fixtures and the recorder's events alike. A trampoline runs entry handlers, then
+/// modify-return handlers, then the body, then exit handlers (`order`).
+public enum HandlerKind: UInt8, Sendable, CaseIterable {
+  case entry = 1
+  case exit = 2
+  case modifyReturn = 3
+
+  /// The kinds in the order a trampoline runs them (and multi records list them).
+  public static let order: [HandlerKind] = [.entry, .modifyReturn, .exit]
+}
+
 /// What to run on each call of the traced functions.
 public enum Handler: Sendable {
   /// Before the body; may read and change the arguments.
@@ -24,11 +36,11 @@ public enum Handler: Sendable {
   /// and skip the body. Runs before exit handlers.
   case modifyReturn(ModifyReturnHandler)
 
-  var kind: Int {
+  public var kind: HandlerKind {
     switch self {
-    case .entry: return 0
-    case .modifyReturn: return 1
-    case .exit: return 2
+    case .entry: return .entry
+    case .modifyReturn: return .modifyReturn
+    case .exit: return .exit
     }
   }
 
@@ -769,15 +781,15 @@ public final class Tracer: Sendable {
   private func makeImage(for function: TracedFunction, ops: [OpsRecord]) throws -> Reclaimer.Retired {
     let model =
       function.model.stackArgumentWords == nil && !function.multi.isEmpty ? function.multiClass : function.model
-    let exits = function.attachments.filter { $0.handler.kind == 2 }
-    let modifies = function.attachments.filter { $0.handler.kind == 1 }
+    let exits = function.attachments.filter { $0.handler.kind == .exit }
+    let modifies = function.attachments.filter { $0.handler.kind == .modifyReturn }
     if !exits.isEmpty || !modifies.isEmpty, model.stackArgumentWords == nil {
       throw AttachError.unsupportedModel(
         function: function.name,
         reason: "exit and modify-return handlers call the original, which needs its stack arguments; "
           + "pass a FunctionModel with stackArgumentWords")
     }
-    func calls(_ kind: Int) -> [HandlerCall] {
+    func calls(_ kind: HandlerKind) -> [HandlerCall] {
       function.attachments.filter { $0.handler.kind == kind }.map {
         HandlerCall(
           handler: $0.handler.address, cookie: $0.link.cookie, counters: $0.link.counters.address,
@@ -785,9 +797,8 @@ public final class Tracer: Sendable {
       } + function.multi.filter { $0.kind == kind }.map(\.handlerCall)
     }
     let emitter = TrampolineEmitter(
-      function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(0),
-      modifyReturns: calls(1),
-      exits: calls(2), guardOffset: guardOffset)
+      function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(.entry),
+      modifyReturns: calls(.modifyReturn), exits: calls(.exit), guardOffset: guardOffset)
     // Emit once at a provisional address for the size, then for real where it will run. A
     // handler call is 8 bytes longer where the handler is out of rel32 reach: leave room.
     let size =

@@ -44,7 +44,7 @@ struct tracery_fixture_record {
   double float_arguments[8];
   double float_return;
   uint64_t stack_arguments[2];
-  int kind;  // 1 entry, 2 exit, 3 modify-return
+  int kind;  // a tracery_handler_kind: 1 entry, 2 exit, 3 modify-return
 };
 extern struct tracery_fixture_record tracery_fixture_records[64];
 extern int tracery_fixture_record_count;

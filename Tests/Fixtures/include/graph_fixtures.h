@@ -31,7 +31,7 @@ long tracery_graph_counted_exits(void);
 /// One event a recording graph handler saw.
 struct tracery_graph_event {
   uint64_t cookie, site, depth, data, return_value;
-  int kind;  // 1 entry, 2 exit
+  int kind;  // a tracery_handler_kind: 1 entry, 2 exit
 };
 void tracery_graph_events_reset(void);
 int tracery_graph_events_count(void);

@@ -1,0 +1,51 @@
+/// The record of one function on a global multi-attach trampoline: written here, read by the
+/// code `MultiEmitter` generates, at the offsets below.
+///
+///     word 0   1 when it holds one entry handler and nothing else (the emitter's fast path), else 0
+///     word 1   number of entry handlers
+///     word 2   number of modify-return handlers
+///     word 3   number of exit handlers
+///     then     (handler, cookie) pairs: the entry handlers', the modify-return handlers', the exits'
+///
+/// Protocol: a record is written whole before it is published (a hash table's pair or a
+/// function's padding pointer) and never changed while published; a change writes a new record
+/// and retires the old one.
+enum MultiRecord {
+  static let headerWords = 4
+  /// Byte offset of word 0 (the fast-path flag).
+  static let singleEntryOffset: Int32 = 0
+  /// Byte offset of the first (handler, cookie) pair.
+  static let pairsOffset: Int32 = 8 * Int32(headerWords)
+
+  /// Byte offset of the count of `kind`'s handlers.
+  static func countOffset(_ kind: HandlerKind) -> Int32 {
+    switch kind {
+    case .entry: return 8
+    case .modifyReturn: return 16
+    case .exit: return 24
+    }
+  }
+
+  /// Words of a record of `handlers` handlers.
+  static func words(handlers: Int) -> Int { headerWords + 2 * handlers }
+
+  /// Writes the record of `handlers` (any order: grouped by kind here) at `words`; returns its
+  /// size in words.
+  @discardableResult
+  static func write(
+    _ words: UnsafeMutablePointer<UInt64>, handlers: [(kind: HandlerKind, handler: UInt64, cookie: UInt64)]
+  ) -> Int {
+    let counts = HandlerKind.order.map { kind in handlers.count { $0.kind == kind } }
+    words[0] = counts == [1, 0, 0] ? 1 : 0
+    for (index, count) in counts.enumerated() { words[1 + index] = UInt64(count) }
+    var at = headerWords
+    for kind in HandlerKind.order {
+      for item in handlers where item.kind == kind {
+        words[at] = item.handler
+        words[at + 1] = item.cookie
+        at += 2
+      }
+    }
+    return at
+  }
+}

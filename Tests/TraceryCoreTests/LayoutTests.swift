@@ -1,0 +1,82 @@
+import CTracery
+import Testing
+
+@testable import TraceryCore
+
+/// The generated code reads and writes C structures at offsets the emitters spell as constants
+/// (an immediate in an instruction cannot be computed at run time cheaply, and the constants
+/// read better in the emitters): each one is checked here against the C layout in tracery.h,
+/// so that a change on either side fails here, not in a traced program.
+@Suite struct LayoutTests {
+  func offset<T>(_ path: PartialKeyPath<T>) -> Int32 { Int32(MemoryLayout<T>.offset(of: path)!) }
+
+  @Test func trampolineFrameIsATraceryCall() {
+    #expect(TrampolineEmitter.frameSize == Int32(MemoryLayout<tracery_call>.size))
+    #expect(TrampolineEmitter.argumentsOffset == offset(\tracery_call.arguments))
+    #expect(TrampolineEmitter.raxOffset == offset(\tracery_call.rax))
+    #expect(TrampolineEmitter.returnOffset == offset(\tracery_call.return_value))
+    #expect(TrampolineEmitter.floatArgumentsOffset == offset(\tracery_call.float_arguments))
+    #expect(TrampolineEmitter.floatReturnOffset == offset(\tracery_call.float_return))
+    // The timed handler's start time lives in the padding word.
+    #expect(TrampolineEmitter.timerOffset == offset(\tracery_call.padding))
+  }
+
+  @Test func graphFrameMatchesTraceryGraphFrame() {
+    #expect(GraphEmitter.frameSize == Int32(MemoryLayout<tracery_graph_frame>.size))
+    #expect(GraphEmitter.siteOffset == offset(\tracery_graph_frame.site))
+    #expect(GraphEmitter.returnOffset == offset(\tracery_graph_frame.return_address))
+    #expect(GraphEmitter.stackArgumentsOffset == offset(\tracery_graph_frame.stack_arguments))
+    #expect(GraphEmitter.depthOffset == offset(\tracery_graph_frame.depth))
+    #expect(GraphEmitter.takenOffset == offset(\tracery_graph_frame.taken))
+    #expect(GraphEmitter.dataOffset == offset(\tracery_graph_frame.data))
+    #expect(GraphEmitter.dataWords * 8 == MemoryLayout.size(ofValue: tracery_graph_frame().data))
+    #expect(GraphEmitter.resumeOffset == offset(\tracery_graph_frame.resume))
+    // The handlers' call is the frame itself: its argument and result words are where a
+    // tracery_call has them.
+    #expect(offset(\tracery_graph_frame.arguments) == TrampolineEmitter.argumentsOffset)
+    #expect(offset(\tracery_graph_frame.rax) == TrampolineEmitter.raxOffset)
+    #expect(offset(\tracery_graph_frame.return_value) == TrampolineEmitter.returnOffset)
+    #expect(offset(\tracery_graph_frame.float_arguments) == TrampolineEmitter.floatArgumentsOffset)
+    #expect(offset(\tracery_graph_frame.float_return) == TrampolineEmitter.floatReturnOffset)
+  }
+
+  /// The ops and multi trampolines keep a tracery_call at the bottom of a bigger frame, their
+  /// own words above it.
+  @Test func opsAndMultiFramesHoldATraceryCall() {
+    let call = Int32(MemoryLayout<tracery_call>.size)
+    #expect(OpsEmitter.frame >= call)
+    #expect(MultiEmitter.frame >= call && MultiEmitter.hazard >= call)
+    for word in [MultiEmitter.hazard, MultiEmitter.cursor, MultiEmitter.remaining, MultiEmitter.skip] {
+      #expect(word >= call && word + 8 <= MultiEmitter.frame)
+    }
+    // Both are entered with rsp 16-byte aligned (below two return addresses) and call handlers
+    // from their frame: the frames keep the alignment.
+    #expect(OpsEmitter.frame % 16 == 0 && MultiEmitter.frame % 16 == 0)
+  }
+
+  @Test func handlerKindsAndTheEventWordAreTheHeaders() {
+    #expect(HandlerKind.entry.rawValue == UInt8(TRACERY_HANDLER_ENTRY.rawValue))
+    #expect(HandlerKind.exit.rawValue == UInt8(TRACERY_HANDLER_EXIT.rawValue))
+    #expect(HandlerKind.modifyReturn.rawValue == UInt8(TRACERY_HANDLER_MODIFY_RETURN.rawValue))
+    #expect(GraphEmitter.depthMask == Int32(TRACERY_EVENT_DEPTH_MASK))
+    #expect(TRACERY_EVENT_KIND_SHIFT == TRACERY_EVENT_DEPTH_SHIFT + 14)
+  }
+
+  @Test func multiRecordOffsets() {
+    var words = [UInt64](repeating: 0xdead, count: 12)
+    let size = words.withUnsafeMutableBufferPointer {
+      MultiRecord.write(
+        $0.baseAddress!, handlers: [(.exit, 0xe1, 1), (.entry, 0xa1, 2), (.modifyReturn, 0xb1, 3), (.entry, 0xa2, 4)])
+    }
+    #expect(size == MultiRecord.words(handlers: 4))
+    func word(at offset: Int32) -> UInt64 { words[Int(offset) / 8] }
+    #expect(word(at: MultiRecord.singleEntryOffset) == 0)
+    #expect(word(at: MultiRecord.countOffset(.entry)) == 2)
+    #expect(word(at: MultiRecord.countOffset(.modifyReturn)) == 1)
+    #expect(word(at: MultiRecord.countOffset(.exit)) == 1)
+    // Pairs grouped in the order the trampoline runs them: entries, modify-returns, exits.
+    #expect(Array(words[Int(MultiRecord.pairsOffset) / 8..<size]) == [0xa1, 2, 0xa2, 4, 0xb1, 3, 0xe1, 1])
+    words.withUnsafeMutableBufferPointer { _ = MultiRecord.write($0.baseAddress!, handlers: [(.entry, 0xa1, 9)]) }
+    #expect(word(at: MultiRecord.singleEntryOffset) == 1)
+  }
+}
