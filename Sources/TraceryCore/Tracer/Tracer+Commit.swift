@@ -1,0 +1,345 @@
+import TraceryX86
+
+extension Tracer {
+  // MARK: - Commit
+
+  /// Applies `operations` in one patch batch (see the type's comment) and reports per function.
+  func commit(_ operations: [Operation]) -> TransactionReport {
+    withCallerStackMarker { top in commit(operations, callerStack: top) }
+  }
+
+  /// What one commit has decided so far, handed from phase to phase (all under the lock).
+  struct CommitPlan {
+    /// The new state of every touched function, by site.
+    var next: [UInt64: TracedFunction] = [:]
+    var graphUsersChanged = false
+    var opsChanged = false
+    var multiChanged = false
+    var removedOps: [OpsRecord] = []
+    /// Images every site of which moves in this commit (the user or ops set changed).
+    var retiredGraphImages: [GraphImage] = []
+    var retiredSharedImages: [OpsSharedImage] = []
+    /// The sites to rewrite, with the functions as they will be once rewritten.
+    var requests: [PatchRequest] = []
+    var planned: [(site: UInt64, function: TracedFunction)] = []
+    var report = TransactionReport()
+  }
+
+  /// The phases, in order: `plan` (the new attachment lists), `buildImages` (the code each
+  /// site will reach), `publishMultiRecords` (records before the sites that read them), then
+  /// (phase 4) one `TextPatcher` batch for every site, and `settle` (keep what was patched, undo what was not, retire
+  /// what was replaced).
+  @inline(never)
+  private func commit(_ operations: [Operation], callerStack: UInt64) -> TransactionReport {
+    state.withLock { state in
+      var plan = CommitPlan()
+      self.plan(operations, into: &plan, state: &state, callerStack: callerStack)
+      buildImages(&plan, state: &state)
+      publishMultiRecords(&plan, state: &state)
+      let outcomes = patcher.apply(plan.requests)
+      settle(&plan, outcomes: outcomes, state: &state, callerStack: callerStack)
+      return plan.report
+    }
+  }
+
+  /// What a function's site holds in `function`'s state: a `jmp` to its graph stub or its own
+  /// trampoline, a `call` to its ops or multi-attach entry, or its original bytes. The one place
+  /// that decides a site's bytes (the kernel's `ftrace_update_record`).
+  func siteBytes(_ function: TracedFunction) -> [UInt8] {
+    let site = function.site
+    if let stub = function.graphStub { return X86Instruction.jmp(at: site, to: stub.block.address)! }
+    if let image = function.image { return X86Instruction.jmp(at: site, to: image.block.address)! }
+    if let entry = function.opsEntry { return X86Instruction.call(at: site, to: entry)! }
+    if let entry = function.multiEntry { return X86Instruction.call(at: site, to: entry)! }
+    return function.original
+  }
+
+  /// Phase 1: the new attachment lists (and graph masks, ops, multi attachments) of every
+  /// function the operations touch, and the functions whose image must move because the set of
+  /// graph users or ops changed.
+  private func plan(
+    _ operations: [Operation], into plan: inout CommitPlan, state: inout State, callerStack: UInt64
+  ) {
+    // Functions of bulk links that anything attaches to become general functions first.
+    if !state.multi.bulk.isEmpty {
+      var touched: [UInt64] = []
+      for operation in operations {
+        switch operation {
+        case .attach(_, let targets, _), .graphAttach(_, let targets, _), .opsAttach(_, let targets),
+          .multiAttach(_, let targets):
+          touched += targets.map(\.site)
+        default: break
+        }
+      }
+      migrateFromBulk(touched, state: &state)
+    }
+    func current(_ target: Target) -> TracedFunction {
+      if let function = plan.next[target.site] ?? state.functions[target.site] { return function }
+      var function = TracedFunction(
+        function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
+        model: .unknown)
+      // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
+      if ZeroedPadding.claim(before: target.site) {
+        function.paddingOwned = true
+        state.multi.pendingNops.remove(target.site - 8)
+      }
+      return function
+    }
+    func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
+      for site in Set(plan.next.keys).union(state.functions.keys) {
+        guard var function = plan.next[site] ?? state.functions[site], matches(function) else { continue }
+        change(&function)
+        plan.next[site] = function
+      }
+    }
+    for operation in operations {
+      switch operation {
+      case .attach(let attachment, let targets, let model):
+        for target in targets {
+          var function = current(target)
+          if let model { function.model = model }
+          function.attachments.append(attachment)
+          plan.next[target.site] = function
+        }
+      case .detach(let id):
+        remove({ $0.attachments.contains { $0.link.id == id } }) { $0.attachments.removeAll { $0.link.id == id } }
+      case .graphAttach(let index, let targets, let model):
+        plan.graphUsersChanged = true
+        for target in targets {
+          var function = current(target)
+          if let model { function.model = model }
+          function.graphMask |= 1 << index
+          plan.next[target.site] = function
+        }
+      case .graphDetach(let index):
+        guard state.graphUsers[index] != nil else { continue }
+        plan.graphUsersChanged = true
+        state.graphUsers[index] = nil
+        // Calls in flight keep their frames but are no longer given to this user's exit.
+        GraphThreads.advanceGeneration(index)
+        remove({ $0.graphMask & (1 << index) != 0 }) { $0.graphMask &= ~(1 << index) }
+      case .graphRemoveSites(let index, let sites):
+        plan.graphUsersChanged = true
+        let leaving = Set(sites)
+        remove({ leaving.contains($0.site) && $0.graphMask & (1 << index) != 0 }) { $0.graphMask &= ~(1 << index) }
+      case .opsAttach(let record, let targets):
+        plan.opsChanged = true
+        state.ops[record.id] = record
+        for target in targets {
+          var function = current(target)
+          function.ops.append(record.id)
+          record.sites.insert(target.site)
+          plan.next[target.site] = function
+        }
+      case .multiAttach(let attachments, let targets):
+        plan.multiChanged = true
+        for (attachment, target) in zip(attachments, targets) {
+          var function = current(target)
+          function.multi.append(attachment)
+          plan.next[target.site] = function
+        }
+      case .multiDetach(let id):
+        plan.multiChanged = true
+        _ = detachBulk(id, state: &state, report: &plan.report, callerStack: callerStack)
+        remove({ $0.multi.contains { $0.link == id } }) { $0.multi.removeAll { $0.link == id } }
+      case .opsDetach(let id):
+        guard let record = state.ops.removeValue(forKey: id) else { continue }
+        plan.opsChanged = true
+        plan.removedOps.append(record)
+        remove({ $0.ops.contains(id) }) { $0.ops.removeAll { $0 == id } }
+      }
+    }
+    // Ops added or gone: the shared callers' tables change, so every shared site moves.
+    if plan.opsChanged {
+      plan.retiredSharedImages = state.opsSharedImages
+      state.opsSharedImages = []
+      for (site, function) in state.functions where function.opsEntry != nil && plan.next[site] == nil {
+        plan.next[site] = function
+      }
+    }
+    // New users or users gone: every graph image is remade, so every graph site moves.
+    if plan.graphUsersChanged {
+      plan.retiredGraphImages = state.graphImages
+      state.graphImages = []
+      for (site, function) in state.functions where function.graphMask != 0 && plan.next[site] == nil {
+        plan.next[site] = function
+      }
+    }
+  }
+
+  /// Phase 2: for each touched function, the code its site will reach (a per-function
+  /// trampoline, a graph stub, an ops or multi-attach entry, or nothing: its original bytes),
+  /// and the patch request from what the site holds now to that. A function whose code cannot
+  /// be built is reported and left as it is.
+  private func buildImages(_ plan: inout CommitPlan, state: inout State) {
+    for site in plan.next.keys.sorted() {
+      var function = plan.next[site]!
+      let oldBytes = state.functions[site].map(siteBytes) ?? function.original
+      function.image = nil
+      function.graphStub = nil
+      function.graphImage = nil
+      function.opsEntry = nil
+      function.multiEntry = nil
+      do {
+        // A per-function trampoline runs direct handlers, and ops and multi handlers whenever the
+        // function has anything else too; with graph users, the graph stub calls it as the
+        // function's body.
+        let ownTrampoline =
+          !function.attachments.isEmpty || (!function.multi.isEmpty && function.multiNeedsOwnTrampoline)
+          || (function.graphMask != 0 && !function.ops.isEmpty)
+        if ownTrampoline {
+          function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
+        }
+        if function.graphMask != 0 {
+          (function.graphStub, function.graphImage) = try graphStub(
+            for: function, body: function.image?.block.address, state: &state)
+        } else if !ownTrampoline && !function.ops.isEmpty {
+          function.opsEntry = try opsEntry(for: function, state: &state)
+        } else if !ownTrampoline && !function.multi.isEmpty {
+          function.multiEntry = try multiTrampoline(for: function, state: &state)
+        }
+      } catch {
+        plan.report.append(.init(function: function.name, address: function.function, outcome: .failed("\(error)")))
+        continue
+      }
+      plan.requests.append(PatchRequest(site: site, expected: oldBytes, replacement: siteBytes(function)))
+      plan.planned.append((site, function))
+    }
+  }
+
+  /// Phase 3: the multi-attach records (a site must find its record before it calls a global
+  /// trampoline). Whether a function uses its padding is decided while its NOPs are still there.
+  /// Functions whose record could not be published are dropped from the batch and reported.
+  private func publishMultiRecords(_ plan: inout CommitPlan, state: inout State) {
+    for index in plan.planned.indices
+    where plan.planned[index].function.multiEntry != nil && plan.planned[index].function.usesPadding {
+      plan.planned[index].function.paddingOwned = true
+    }
+    var multiFailed: Set<UInt64> = []
+    // Any function moving into or out of a global trampoline changes the records too.
+    if plan.multiChanged
+      || plan.planned.contains(where: {
+        $0.function.multiEntry != nil || state.functions[$0.site]?.multiEntry != nil
+      })
+    {
+      var global = state.functions.filter { plan.next[$0.key] == nil && $0.value.multiEntry != nil }.map(\.value)
+      global += plan.planned.map(\.function).filter { $0.multiEntry != nil }
+      do {
+        multiFailed = try publishMultiTable(global.sorted { $0.site < $1.site }, state: &state)
+      } catch {
+        multiFailed = Set(plan.planned.filter { $0.function.multiEntry != nil }.map(\.site))
+      }
+    }
+    for index in plan.planned.indices.reversed() where multiFailed.contains(plan.planned[index].site) {
+      plan.report.append(
+        .init(
+          function: plan.planned[index].function.name, address: plan.planned[index].function.function,
+          outcome: .failed("cannot write its record pointer into its padding")))
+      plan.planned.remove(at: index)
+      plan.requests.remove(at: index)
+    }
+  }
+
+  /// Phase 5 (after the batch): keep what was patched, free what was built for sites that were
+  /// not; register the new trampolines' unwind table (one for the whole commit); clear padding
+  /// that no longer holds a record; retire replaced images and the graph images and shared ops
+  /// callers no site calls any more; reclaim when due.
+  private func settle(_ plan: inout CommitPlan, outcomes: [PatchOutcome], state: inout State, callerStack: UInt64) {
+    var live: [(site: UInt64, function: TracedFunction)] = []
+    var failed: [CodeArena.Block] = []
+    for ((site, function), outcome) in zip(plan.planned, outcomes) {
+      plan.report.append(.init(function: function.name, address: function.function, outcome: outcome))
+      if case .failed = outcome {
+        failed += [function.image, function.graphStub].compactMap { $0?.block }
+        continue
+      }
+      if let old = state.functions[site]?.image { state.reclaimer.retire(old) }
+      if let old = state.functions[site]?.graphStub { state.reclaimer.retire(old) }
+      live.append((site, function))
+    }
+    arena.release(contentsOf: failed)
+    let images = live.compactMap(\.function.image)
+    let table =
+      UnwindInfo.isAvailable && !images.isEmpty
+      ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame!) }, arena: arena) : nil
+    // Padding that no longer holds a live record pointer: 0 (a trampoline reading it then
+    // finds no record). A function leaving for good gets its NOPs back once no thread is inside
+    // a global trampoline (one may have called it just before its site changed).
+    var cleared: [(address: UInt64, value: UInt64)] = []
+    for (site, var function) in live {
+      function.image?.unwind = table
+      if function.paddingOwned && (function.multiEntry == nil || !function.usesPadding) {
+        cleared.append((site - 8, 0))
+        if !function.isTraced { state.multi.pendingNops.insert(site - 8) }
+        function.paddingOwned = function.isTraced
+      }
+      state.functions[site] = function.isTraced ? function : nil
+    }
+    _ = patcher.writeWords(cleared)
+    ZeroedPadding.add(cleared.map(\.address))
+    restorePaddingNops(state: &state, callerStack: callerStack)
+    // Old graph images and shared ops callers are retired once no site calls them (a site that
+    // failed to move keeps its image, and the image stays listed). A listed image no function
+    // uses any more (its functions moved to another model, or failed to move to it) goes too.
+    let calledGraph = Set(state.functions.values.compactMap(\.graphImage))
+    var retiredGraphImages = plan.retiredGraphImages
+    retiredGraphImages += state.graphImages.filter { !calledGraph.contains($0.entry) }
+    state.graphImages.removeAll { !calledGraph.contains($0.entry) }
+    state.graphImages += state.reclaimer.retire(
+      retiredGraphImages, unlessCalled: calledGraph, entry: \.entry, image: \.image)
+    let calledByOps = Set(state.functions.values.compactMap(\.opsEntry))
+    state.opsSharedImages += state.reclaimer.retire(
+      plan.retiredSharedImages, unlessCalled: calledByOps, entry: \.entry, image: \.image)
+    // The own trampolines of ops that left.
+    for record in plan.removedOps {
+      for image in record.ownImages where !calledByOps.contains(image.block.address) {
+        state.reclaimer.retire(image)
+      }
+    }
+    if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
+  }
+
+  /// The per-function trampoline of `function`; its ops' callbacks run first, as entry handlers,
+  /// and its multi handlers after its own of each kind.
+  private func makeImage(for function: TracedFunction, ops: [OpsRecord]) throws -> Reclaimer.Retired {
+    let model =
+      function.model.stackArgumentWords == nil && !function.multi.isEmpty ? function.multiClass : function.model
+    let exits = function.attachments.filter { $0.handler.kind == .exit }
+    let modifies = function.attachments.filter { $0.handler.kind == .modifyReturn }
+    if !exits.isEmpty || !modifies.isEmpty, model.stackArgumentWords == nil {
+      throw AttachError.unsupportedModel(
+        function: function.name,
+        reason: "exit and modify-return handlers call the original, which needs its stack arguments; "
+          + "pass a FunctionModel with stackArgumentWords")
+    }
+    func calls(_ kind: HandlerKind) -> [HandlerCall] {
+      function.attachments.filter { $0.handler.kind == kind }.map {
+        HandlerCall(
+          handler: $0.handler.address, cookie: $0.link.cookie, counters: $0.link.counters.address,
+          statistics: $0.statistics)
+      } + function.multi.filter { $0.kind == kind }.map(\.handlerCall)
+    }
+    let emitter = TrampolineEmitter(
+      function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(.entry),
+      modifyReturns: calls(.modifyReturn), exits: calls(.exit), guardOffset: guardOffset)
+    // Emit once at a provisional address for the size, then for real where it will run. A
+    // handler call is 8 bytes longer where the handler is out of rel32 reach: leave room.
+    let size =
+      try emitter.emit(at: function.site).bytes.count + 8
+      * (function.attachments.count + ops.count + function.multi.count)
+    let block: CodeArena.Block
+    do { block = try arena.allocate(near: function.site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
+    do {
+      let code = try emitter.emit(at: block.address)
+      block.write(code.bytes)
+      return Reclaimer.Retired(
+        block: block, length: code.bytes.count, frame: code.frame, unwind: nil,
+        counters: function.attachments.map(\.link.counters) + ops.map(\.counters))
+    } catch {
+      arena.release(block)
+      throw error
+    }
+  }
+}

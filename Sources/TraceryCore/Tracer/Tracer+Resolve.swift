@@ -1,0 +1,136 @@
+import TraceryELF
+import TraceryX86
+
+extension Tracer {
+  // MARK: - Resolution
+
+  func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
+    let (known, bulk) = state.withLock { state in
+      var known: [UInt64: Target] = [:]
+      for function in state.functions.values {
+        let target = Target(function: function.function, site: function.site, name: function.name)
+        known[function.function] = target
+        known[function.site] = target
+      }
+      return (known, state.multi.bulk)
+    }
+    let context = ResolveContext(map: MemoryMap.current(), known: known, bulk: bulk)
+    switch selector {
+    case .address(let address):
+      var hint = 0
+      return [try context.target(at: address, name: nil, hint: &hint)]
+    case .addresses(let addresses):
+      let table = symbols
+      var result: [Target] = []
+      result.reserveCapacity(addresses.count)
+      var previous: Int?
+      var hint = 0
+      let plain = context.known.isEmpty && context.bulk.isEmpty
+      for address in addresses {
+        previous = table.function(containing: address, after: previous)
+        let name = previous.map { table.functions[$0].name }
+        // The common case inline (this loop runs per function of a 50,000-function attach): an
+        // untraced function whose entry is a 5-byte NOP.
+        if plain, let name, context.map.isExecutable(address, count: 9, hint: &hint),
+          SiteBytes(reading: address).isNop5
+        {
+          result.append(Target(function: address, site: address, name: name))
+        } else if let target = try? context.target(at: address, name: name, hint: &hint) {
+          result.append(target)
+        }
+      }
+      guard !result.isEmpty else { throw .noFunctionMatches("any of \(addresses.count) addresses") }
+      return result
+    case .name(let name):
+      return try targets(matching: name, context) { table in table.functions(named: name) }
+    case .glob(let pattern):
+      let glob: Glob
+      do { glob = try Glob(pattern) } catch { throw .invalidPattern("\(error)") }
+      return try targets(matching: "'\(pattern)'", context) { table in table.functions(matching: glob) }
+    }
+  }
+
+  private func targets(
+    matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
+  ) throws(AttachError) -> [Target] {
+    let table = symbols
+    let chosen = select(table).filter { table.functions[$0].site != nil }
+    guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
+    var result: [Target] = []
+    result.reserveCapacity(chosen.count)
+    var hint = 0
+    for index in chosen {
+      let function = table.functions[index]
+      result.append(try context.target(at: function.site!, name: function.name, entry: function.address, hint: &hint))
+    }
+    return result
+  }
+
+  /// Builds the symbol table from the loaded objects `include` accepts only (e.g. those that
+  /// record patch sites: `ELFFile.recordsPatchSites`), instead of every loaded object. A process
+  /// that traces only patchable code need not read the C library or the Swift runtime (each
+  /// agent start read ~20 MB of objects that have no sites). Functions of the objects left out
+  /// are then unknown by name.
+  public func loadSymbols(including include: (ProcessObjects.Entry) -> Bool) {
+    let table = ProcessObjects.symbolTable(including: include).table
+    state.withLock { $0.symbols = table }
+  }
+
+  /// The symbol table of the loaded objects: built on first use and kept (`reloadSymbols()`
+  /// after `dlopen`).
+  public var symbols: SymbolTable {
+    state.withLock { state in
+      if state.symbols == nil { state.symbols = ProcessObjects.symbolTable().table }
+      return state.symbols!
+    }
+  }
+
+  /// What resolving one selector reads once: the memory map and the functions already traced.
+  struct ResolveContext {
+    let map: MemoryMap
+    let known: [UInt64: Target]
+    let bulk: [BulkLink]
+
+    /// The site of the function at `address`: `address` itself when a 5-byte NOP is there, or
+    /// 4 bytes on when it starts with `endbr64`.
+    /// `hint`: see `MemoryMap.isExecutable(_:count:hint:)`.
+    func target(at address: UInt64, name: String?, entry: UInt64? = nil, hint: inout Int) throws(AttachError)
+      -> Target
+    {
+      if !known.isEmpty, let known = known[address] { return known }
+      for link in bulk {
+        // A bulk function's site is its entry, or 4 bytes on (after endbr64).
+        if let index = link.index(of: address) ?? link.index(of: address + 4),
+          link.functions[index] == address
+            || link.sites[index] == address
+        {
+          return Target(function: link.functions[index], site: link.sites[index], name: link.names[index])
+        }
+      }
+      let label = name ?? "0x\(String(address, radix: 16))"
+      guard map.isExecutable(address, count: 9, hint: &hint) else {
+        throw .noPatchSite(function: label, reason: "not in readable executable memory")
+      }
+      // The common case first, without building byte arrays: a 5-byte NOP at the address.
+      if SiteBytes(reading: address).isNop5 { return Target(function: entry ?? address, site: address, name: label) }
+      var site = address
+      if SiteBytes(reading: address).bytes.prefix(4) == X86Instruction.endbr64[...] { site += 4 }
+      switch X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site) {
+      case .nop5:
+        return Target(function: entry ?? address, site: site, name: label)
+      case .nopSled:
+        throw .noPatchSite(
+          function: label,
+          reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)")
+      case let shape:
+        throw .noPatchSite(function: label, reason: "its entry holds \(shape), not a 5-byte NOP")
+      }
+    }
+  }
+
+  func functions(of link: Link) -> [UInt64] {
+    state.withLock { state in
+      state.functions.values.filter { $0.attachments.contains { $0.link.id == link.id } }.map(\.function).sorted()
+    }
+  }
+}

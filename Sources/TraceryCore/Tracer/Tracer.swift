@@ -1,0 +1,208 @@
+import CTracery
+import CTraceryShims
+import Synchronization
+import TraceryELF
+import TraceryX86
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The front door: attaches handlers to functions through per-function trampolines (the
+/// kernel's BPF trampoline) and keeps every site, trampoline and attachment consistent.
+///
+/// All changes go through `commit`, under one lock: a change builds the new trampoline of each
+/// touched function, rewrites all their sites in one `TextPatcher` batch (one text update for N
+/// functions, as the kernel's ftrace updates its records in one batch), and retires the images it replaced to the `Reclaimer`.
+public final class Tracer: Sendable {
+  public static let shared = Tracer()
+
+  let arena: CodeArena
+  let patcher: TextPatcher
+  let state = Mutex(State())
+  private let nextID = Atomic<Int>(1)
+  func nextLinkID() -> Int { nextID.wrappingAdd(1, ordering: .relaxed).oldValue }
+  let guardOffset = Int32(ctracery_guard_offset())
+  let fprobes = Mutex(FprobeRegistry())
+
+  struct Attachment {
+    let link: Link
+    let handler: Handler
+    let statistics: Statistics
+  }
+
+  struct TracedFunction {
+    let function: UInt64
+    let site: UInt64
+    let name: String
+    let original: [UInt8]
+    var model: FunctionModel
+    var attachments: [Attachment] = []
+    var image: Reclaimer.Retired?
+    /// Function-graph users tracing this function (bit i: user i), the stub its site jumps to
+    /// now, and the entry of the graph image that stub calls.
+    var graphMask: UInt16 = 0
+    var graphStub: Reclaimer.Retired?
+    var graphImage: UInt64?
+    /// Ops on this function (ids, in attach order), and the ops image its site calls now (its
+    /// single ops' own trampoline or a shared caller; nil when a per-function trampoline runs
+    /// the callbacks).
+    var ops: [Int] = []
+    var opsEntry: UInt64?
+    /// Multi attachments, and the global trampoline its site calls now (nil when they run in a
+    /// per-function trampoline). `paddingOwned`: the 8 bytes before its entry hold our record
+    /// pointer (or 0), not the compiler's NOPs.
+    var multi: [MultiAttachment] = []
+    var multiEntry: UInt64?
+    var paddingOwned = false
+
+    var isTraced: Bool { !attachments.isEmpty || graphMask != 0 || !ops.isEmpty || !multi.isEmpty }
+  }
+
+  struct State: ~Copyable {
+    var functions: [UInt64: TracedFunction] = [:]
+    var reclaimer = Reclaimer()
+    var symbols: SymbolTable?
+    var graphUsers: [GraphUser?] = Array(repeating: nil, count: 16)
+    /// Graph images for the current users, one per mask (and per ±2 GiB region).
+    var graphImages: [GraphImage] = []
+    var ops: [Int: OpsRecord] = [:]
+    /// Shared callers for the current ops, one per ±2 GiB region.
+    var opsSharedImages: [OpsSharedImage] = []
+    var multi = MultiState()
+  }
+
+  enum Operation {
+    case attach(Attachment, [Target], FunctionModel?)
+    case detach(Int)
+    case graphAttach(Int, [Target], FunctionModel?)
+    case graphDetach(Int)
+    case graphRemoveSites(Int, [UInt64])
+    case opsAttach(OpsRecord, [Target])
+    case opsDetach(Int)
+    case multiAttach([MultiAttachment], [Target])
+    case multiDetach(Int)
+  }
+
+  /// A resolved function: entry address, site, name.
+  struct Target: Equatable {
+    let function: UInt64
+    let site: UInt64
+    let name: String
+  }
+
+  init(arena: CodeArena = .shared, patcher: TextPatcher = .shared) {
+    self.arena = arena
+    self.patcher = patcher
+  }
+
+  // MARK: - Public API
+
+  /// Attaches `handler` to every function `selector` selects, in one batch.
+  ///
+  /// - Parameters:
+  ///   - cookie: handed to the handler on every call.
+  ///   - model: what the functions' trampolines must preserve; default: all that the existing
+  ///     attachments use, or `FunctionModel.unknown`. Exit and modify-return handlers need the
+  ///     stack argument count.
+  ///   - statistics: what to count (`Link.calls`, `Link.handlerTime`); `.none` costs nothing.
+  /// - Throws: `AttachError` when nothing matches, a function has no usable site, or every
+  ///   function failed. Partial failures are in `Link`'s functions and the returned report.
+  @discardableResult
+  public func attach(
+    _ handler: Handler, to selector: FunctionSelector, cookie: UInt64 = 0, model: FunctionModel? = nil,
+    statistics: Statistics = .none
+  ) throws(AttachError) -> Link {
+    var transaction = Transaction(tracer: self)
+    let link = try transaction.attach(handler, to: selector, cookie: cookie, model: model, statistics: statistics)
+    let report = transaction.commit()
+    if link.functions.isEmpty { throw .nothingAttached(report) }
+    return link
+  }
+
+  /// Collects attaches and detaches and applies them in one patch batch.
+  public func transaction(_ body: (inout Transaction) throws(AttachError) -> Void) throws(AttachError)
+    -> TransactionReport
+  {
+    var transaction = Transaction(tracer: self)
+    try body(&transaction)
+    return transaction.commit()
+  }
+
+  /// A batch of changes, applied by `commit()` (or at the end of `Tracer.transaction`).
+  public struct Transaction {
+    let tracer: Tracer
+    var operations: [Operation] = []
+
+    /// Queues an attach; the returned link is live once the transaction commits.
+    public mutating func attach(
+      _ handler: Handler, to selector: FunctionSelector, cookie: UInt64 = 0, model: FunctionModel? = nil,
+      statistics: Statistics = .none
+    ) throws(AttachError) -> Link {
+      let targets = try tracer.resolve(selector)
+      let link = Link(id: tracer.nextLinkID(), tracer: tracer, cookie: cookie)
+      operations.append(.attach(Attachment(link: link, handler: handler, statistics: statistics), targets, model))
+      return link
+    }
+
+    public mutating func detach(_ link: Link) { operations.append(.detach(link.id)) }
+
+    /// Queues an ops attach (see `Tracer.attachOps`); the link is live once the transaction
+    /// commits.
+    public mutating func attachOps(
+      _ callback: OpsCallback, to filter: FunctionSelector, except notrace: FunctionSelector? = nil,
+      cookie: UInt64 = 0, flags: OpsFlags = []
+    ) throws(AttachError) -> OpsLink {
+      var targets = try tracer.resolve(filter)
+      if let notrace {
+        let excluded = Set(try tracer.resolve(notrace).map(\.site))
+        targets.removeAll { excluded.contains($0.site) }
+        guard !targets.isEmpty else { throw .noFunctionMatches("any function outside the notrace set") }
+      }
+      let id = tracer.nextLinkID()
+      let record = OpsRecord(
+        id: id, callback: UInt64(UInt(bitPattern: unsafeBitCast(callback, to: UnsafeRawPointer.self))),
+        cookie: cookie, flags: flags)
+      operations.append(.opsAttach(record, targets))
+      return OpsLink(tracer: tracer, id: id)
+    }
+
+    public mutating func detach(_ ops: OpsLink) { operations.append(.opsDetach(ops.id)) }
+
+    @discardableResult
+    public mutating func commit() -> TransactionReport {
+      defer { operations = [] }
+      return tracer.commit(operations)
+    }
+  }
+
+  /// Frees every retired trampoline no thread is inside any more; returns how many. Also puts
+  /// back the NOPs of multi-attach padding that waited for no thread to be inside a global
+  /// trampoline.
+  @discardableResult
+  public func reclaim() -> Int {
+    withCallerStackMarker { top in
+      state.withLock { state in
+        restorePaddingNops(state: &state, callerStack: top)
+        return state.reclaimer.reclaim(arena: arena, callerStack: top)
+      }
+    }
+  }
+
+  /// Why the last reclaim pass could not inspect every thread (nil when it could).
+  public var reclaimObstacle: String? { state.withLock { $0.reclaimer.lastObstacle } }
+
+  /// Trampolines replaced or detached but not yet freed.
+  public var retiredTrampolines: Int { state.withLock { $0.reclaimer.retired.count } }
+
+  /// Start addresses of the live trampolines (for tests and diagnostics).
+  public var liveTrampolines: [UInt64] {
+    state.withLock { state in state.functions.values.compactMap { $0.image?.block.address } }
+  }
+
+  /// Whether this thread is inside a handler now (its recursion guard is set).
+  public static var recursionGuardIsSet: Bool { ctracery_guard_value() != 0 }
+
+  /// Reloads the symbol table (after `dlopen`), for name and glob selectors.
+  public func reloadSymbols() { state.withLock { $0.symbols = nil } }
+}
