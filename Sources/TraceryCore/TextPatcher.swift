@@ -130,16 +130,28 @@ public final class TextPatcher: Sendable {
       // Step 1.
       var accepted = step1Verify(requests, map: map, outcomes: &report.outcomes)
       guard !accepted.isEmpty else { return report }
-      // Step 2.
-      let restore = step2MakeWritable(&accepted, map: map, outcomes: &report.outcomes)
-      state.statistics.mprotectCalls += restore.count * 2
-      report.writableRanges = restore.count
-      // Steps 3-7.
-      guard !accepted.isEmpty else { return report }
-      step3to7Write(accepted, retired: &state.retired)
+      // Step 2: the pages of the sites writable; steps 3-7 while they are; step 8 (their
+      // protection back) when `withWritablePages` returns.
+      let runs = step2PageRuns(&accepted, map: map, outcomes: &report.outcomes)
+      let written = Self.withWritablePages(runs.map(\.pages)) { refused -> Bool in
+        state.statistics.mprotectCalls += (runs.count - refused.count) * 2
+        report.writableRanges = runs.count - refused.count
+        if !refused.isEmpty {
+          for (index, error) in refused {
+            for site in accepted[runs[index].sites] {
+              report.outcomes[site.request] = .failed("cannot make its page writable: \(error)")
+            }
+          }
+          var kept = accepted
+          for index in refused.keys.sorted(by: >) { kept.removeSubrange(runs[index].sites) }
+          accepted = kept
+        }
+        guard !accepted.isEmpty else { return false }
+        step3to7Write(accepted, retired: &state.retired)
+        return true
+      }
+      guard written else { return report }
       report.coreSyncs = 3
-      // Step 8.
-      for range in restore { try? System.mprotect(range.start, range.length, range.protection) }
       for site in accepted where SiteBytes(reading: site.address) != site.replacement {
         report.outcomes[site.request] = .failed("read-back after patching does not match")
       }
@@ -182,17 +194,18 @@ public final class TextPatcher: Sendable {
           end = max(end, System.pageEnd(sorted[stop].address + 8))
           stop += 1
         }
-        do {
-          try System.mprotect(first, end - first, region.protection | PROT_WRITE | PROT_EXEC)
+        let pages = Protection(start: first, length: end - first, protection: region.protection)
+        Self.withWritablePages([pages]) { refused in
+          guard refused.isEmpty else {
+            failed += sorted[start..<stop].map(\.address)
+            return
+          }
           // One C call for the run: a tuple of two words is laid out as the pair the shim reads.
           sorted[start..<stop].withUnsafeBufferPointer { run in
             ctracery_store_release_pairs(
               UnsafeRawPointer(run.baseAddress!).assumingMemoryBound(to: UInt64.self), run.count)
           }
-          try? System.mprotect(first, end - first, region.protection)
           state.statistics.mprotectCalls += 2
-        } catch {
-          failed += sorted[start..<stop].map(\.address)
         }
         start = stop
       }
@@ -263,22 +276,26 @@ public final class TextPatcher: Sendable {
     let protection: Int32
   }
 
-  /// Step 2: makes the pages of `sites` (sorted) writable and executable, one mprotect per run of
-  /// consecutive pages within one mapping. Sites whose pages cannot be made writable are marked
-  /// failed and removed. Returns the ranges to restore.
-  private func step2MakeWritable(
+  /// Step 2: the pages of `sites` (sorted) as runs of consecutive pages within one mapping, each
+  /// with the range of sites on it, to be made writable together (`withWritablePages`). Sites in
+  /// no mapping are marked failed and removed.
+  private func step2PageRuns(
     _ sites: inout [AcceptedSite], map: MemoryMap, outcomes: inout [PatchOutcome]
-  ) -> [Protection] {
-    var restore: [Protection] = []
-    var refused: [Range<Int>] = []
+  ) -> [(pages: Protection, sites: Range<Int>)] {
+    var unmapped: [Int] = []
+    for (index, site) in sites.enumerated() where map.region(containing: site.address) == nil {
+      outcomes[site.request] = .failed("not mapped")
+      unmapped.append(index)
+    }
+    if !unmapped.isEmpty {
+      var kept = sites
+      for index in unmapped.reversed() { kept.remove(at: index) }
+      sites = kept
+    }
+    var runs: [(pages: Protection, sites: Range<Int>)] = []
     var runStart = 0
     while runStart < sites.count {
-      guard let region = map.region(containing: sites[runStart].address) else {
-        outcomes[sites[runStart].request] = .failed("not mapped")
-        refused.append(runStart..<runStart + 1)
-        runStart += 1
-        continue
-      }
+      let region = map.region(containing: sites[runStart].address)!
       let first = System.pageStart(sites[runStart].address)
       var end = System.pageEnd(sites[runStart].address + 5)
       var runEnd = runStart + 1
@@ -289,23 +306,31 @@ public final class TextPatcher: Sendable {
         end = max(end, System.pageEnd(sites[runEnd].address + 5))
         runEnd += 1
       }
-      do {
-        try System.mprotect(first, end - first, region.protection | PROT_WRITE | PROT_EXEC)
-        restore.append(Protection(start: first, length: end - first, protection: region.protection))
-      } catch {
-        refused.append(runStart..<runEnd)
-        for site in sites[runStart..<runEnd] {
-          outcomes[site.request] = .failed("cannot make its page writable: \(error)")
-        }
-      }
+      runs.append((Protection(start: first, length: end - first, protection: region.protection), runStart..<runEnd))
       runStart = runEnd
     }
-    if !refused.isEmpty {
-      var kept = sites
-      for range in refused.reversed() { kept.removeSubrange(range) }
-      sites = kept
+    return runs
+  }
+
+  /// Runs `body` with the pages of `ranges` writable (XRay's MProtectHelper): each range gets
+  /// PROT_WRITE added to its protection (PROT_EXEC kept: other threads run code there); `body`
+  /// learns which ranges could not be made writable (index → error); every range that was gets
+  /// its protection back when `body` returns.
+  static func withWritablePages<T>(_ ranges: [Protection], _ body: (_ refused: [Int: SystemError]) throws -> T) rethrows
+    -> T
+  {
+    var made: [Protection] = []
+    var refused: [Int: SystemError] = [:]
+    for (index, range) in ranges.enumerated() {
+      do {
+        try System.mprotect(range.start, range.length, range.protection | PROT_WRITE | PROT_EXEC)
+        made.append(range)
+      } catch {
+        refused[index] = error
+      }
     }
-    return restore
+    defer { for range in made { try? System.mprotect(range.start, range.length, range.protection) } }
+    return try body(refused)
   }
 
   /// Steps 3-7 on sites already verified, sorted by address, on writable pages.
@@ -371,16 +396,16 @@ public final class TextPatcher: Sendable {
         }
         guard let region = map.region(containing: site) else { continue }
         let start = System.pageStart(site)
-        let length = System.pageEnd(site + 5) - start
-        do {
-          try System.mprotect(start, length, region.protection | PROT_WRITE | PROT_EXEC)
+        let pages = Protection(start: start, length: System.pageEnd(site + 5) - start, protection: region.protection)
+        Self.withWritablePages([pages]) { refused in
+          if let error = refused.values.first {
+            outcomes.append(.failed("cannot make its page writable: \(error)"))
+            return
+          }
           let pointer = Self.pointer(site)
           for (offset, byte) in X86Instruction.nop5.enumerated() { pointer[offset] = byte }
-          try System.mprotect(start, length, region.protection)
           state.statistics.mprotectCalls += 2
           outcomes.append(.patched)
-        } catch {
-          outcomes.append(.failed("cannot make its page writable: \(error)"))
         }
       }
       return outcomes

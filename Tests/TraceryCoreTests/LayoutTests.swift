@@ -12,6 +12,9 @@ import Testing
 
   @Test func trampolineFrameIsATraceryCall() {
     #expect(TrampolineEmitter.frameSize == Int32(MemoryLayout<tracery_call>.size))
+    #expect(TrampolineEmitter.functionOffset == offset(\tracery_call.function))
+    #expect(TrampolineEmitter.returnAddressOffset == offset(\tracery_call.return_address))
+    #expect(TrampolineEmitter.stackArgumentsOffset == offset(\tracery_call.stack_arguments))
     #expect(TrampolineEmitter.argumentsOffset == offset(\tracery_call.arguments))
     #expect(TrampolineEmitter.raxOffset == offset(\tracery_call.rax))
     #expect(TrampolineEmitter.returnOffset == offset(\tracery_call.return_value))

@@ -401,23 +401,12 @@ extension Tracer {
     let emitter = GraphEmitter(
       users: users, functionModel: model, guardOffset: guardOffset, threadOffset: Int32(ctracery_thread_offset()),
       setupThread: GraphThreads.setupAddress)
-    let size = try emitter.emit(at: stub).bytes.count + 16 * users.count
-    let block: CodeArena.Block
-    do { block = try arena.allocate(near: stub, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
-      throw AttachError.codeMemory("\(error)")
-    }
-    do {
-      let code = try emitter.emit(at: block.address)
-      block.write(code.bytes)
-      let image = GraphImage(
-        mask: mask, model: model, returnHandler: block.address + UInt64(code.returnHandler),
-        image: Reclaimer.Retired(
-          block: block, length: code.bytes.count, frame: nil, unwind: nil, counters: []))
-      state.graphImages.append(image)
-      return image
-    } catch {
-      arena.release(block)
-      throw error
-    }
+    let (block, code) = try placeCode(
+      near: stub, slack: 16 * users.count, emit: emitter.emit(at:), bytes: \.bytes)
+    let image = GraphImage(
+      mask: mask, model: model, returnHandler: block.address + UInt64(code.returnHandler),
+      image: Reclaimer.Retired(block: block, length: code.bytes.count, frame: nil, unwind: nil, counters: []))
+    state.graphImages.append(image)
+    return image
   }
 }

@@ -246,13 +246,8 @@ extension Tracer {
     let emitter = MultiEmitter(
       model: model, lookup: key.padding ? .padding : .hash(table: UInt64(UInt(bitPattern: state.multi.tableWord))),
       guardOffset: guardOffset)
-    let size = try emitter.emit(at: site).count + 16
-    let block: CodeArena.Block
-    do { block = try arena.allocate(near: site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
-      throw AttachError.codeMemory("\(error)")
-    }
-    let code = try emitter.emit(at: block.address)
-    block.write(code)
+    // (Emitting again where it lands used to leak the block when it failed.)
+    let (block, code) = try placeCode(near: site, slack: 16, emit: emitter.emit(at:), bytes: { $0 })
     let image = Reclaimer.Retired(block: block, length: code.count, frame: nil, unwind: nil, counters: [])
     state.multi.trampolines.append((key, image))
     return block.address

@@ -58,11 +58,9 @@ struct MultiEmitter {
     w.putSub(.r10, immediate: 5)
     try putLookup(&w, notFound: intoBody)
     // The register view: function = site, return address, stack arguments.
-    w.putMov(Memory(.rsp, 0), .r10)
-    w.putMov(.r10, Memory(.rsp, size + 8))
-    w.putMov(Memory(.rsp, 8), .r10)
-    w.putLea(.r10, Memory(.rsp, size + 16))
-    w.putMov(Memory(.rsp, 16), .r10)
+    TrampolineEmitter.putRegisterView(
+      &w, function: .register(.r10), returnAddress: Memory(.rsp, size + 8), stackArguments: Memory(.rsp, size + 16),
+      scratch: .r10)
     w.putMovByte(guardByte, immediate: 1)
     // The common case, one entry handler and nothing else: no loop.
     let general = w.newLabel()

@@ -188,20 +188,9 @@ extension Tracer {
   private func opsImage(_ emitter: OpsEmitter, near site: UInt64, keepAlive: (any AnyObject & Sendable)?) throws
     -> Reclaimer.Retired
   {
-    let size = try emitter.emit(at: site).count + 16
-    let block: CodeArena.Block
-    do { block = try arena.allocate(near: site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
-      throw AttachError.codeMemory("\(error)")
-    }
-    do {
-      let code = try emitter.emit(at: block.address)
-      block.write(code)
-      return Reclaimer.Retired(
-        block: block, length: code.count, frame: nil, unwind: nil, counters: [], keepAlive: keepAlive)
-    } catch {
-      arena.release(block)
-      throw error
-    }
+    let (block, code) = try placeCode(near: site, slack: 16, emit: emitter.emit(at:), bytes: { $0 })
+    return Reclaimer.Retired(
+      block: block, length: code.count, frame: nil, unwind: nil, counters: [], keepAlive: keepAlive)
   }
 }
 

@@ -41,11 +41,9 @@ struct OpsEmitter {
     TrampolineEmitter.putSaveArguments(&w, .unknown)
     w.putMov(.r10, Memory(.rsp, size))
     w.putSub(.r10, immediate: 5)
-    w.putMov(Memory(.rsp, 0), .r10)
-    w.putMov(.r10, Memory(.rsp, size + 8))
-    w.putMov(Memory(.rsp, 8), .r10)
-    w.putLea(.r10, Memory(.rsp, size + 16))
-    w.putMov(Memory(.rsp, 16), .r10)
+    TrampolineEmitter.putRegisterView(
+      &w, function: .register(.r10), returnAddress: Memory(.rsp, size + 8), stackArguments: Memory(.rsp, size + 16),
+      scratch: .r10)
     if guarded { w.putMovByte(.fs(guardOffset), immediate: 1) }
     switch target {
     case .callback(let callback, let cookie):

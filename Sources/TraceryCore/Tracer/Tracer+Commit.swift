@@ -322,21 +322,33 @@ extension Tracer {
     let emitter = TrampolineEmitter(
       function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(.entry),
       modifyReturns: calls(.modifyReturn), exits: calls(.exit), guardOffset: guardOffset)
-    // Emit once at a provisional address for the size, then for real where it will run. A
-    // handler call is 8 bytes longer where the handler is out of rel32 reach: leave room.
-    let size =
-      try emitter.emit(at: function.site).bytes.count + 8
-      * (function.attachments.count + ops.count + function.multi.count)
+    // A handler call is 8 bytes longer where the handler is out of rel32 reach.
+    let (block, code) = try placeCode(
+      near: function.site, slack: 8 * (function.attachments.count + ops.count + function.multi.count),
+      emit: emitter.emit(at:), bytes: \.bytes)
+    return Reclaimer.Retired(
+      block: block, length: code.bytes.count, frame: code.frame, unwind: nil,
+      counters: function.attachments.map(\.link.counters) + ops.map(\.counters))
+  }
+
+  /// Code placed where it will run, for every kind of generated code: emitted once at `near`
+  /// for its size (plus `slack` bytes: an instruction may take a longer form where the code
+  /// lands, e.g. a call out of rel32 reach), a block allocated within rel32 reach of `near`,
+  /// the code emitted again at the block's address and written there. The block is released
+  /// when the second emission fails.
+  func placeCode<Code>(
+    near: UInt64, slack: Int, alignment: Int = CodeArena.hotCodeAlignment, emit: (UInt64) throws -> Code,
+    bytes: (Code) -> [UInt8]
+  ) throws -> (block: CodeArena.Block, code: Code) {
+    let size = try bytes(emit(near)).count + slack
     let block: CodeArena.Block
-    do { block = try arena.allocate(near: function.site, size: size, alignment: CodeArena.hotCodeAlignment) } catch {
+    do { block = try arena.allocate(near: near, size: size, alignment: alignment) } catch {
       throw AttachError.codeMemory("\(error)")
     }
     do {
-      let code = try emitter.emit(at: block.address)
-      block.write(code.bytes)
-      return Reclaimer.Retired(
-        block: block, length: code.bytes.count, frame: code.frame, unwind: nil,
-        counters: function.attachments.map(\.link.counters) + ops.map(\.counters))
+      let code = try emit(block.address)
+      block.write(bytes(code))
+      return (block, code)
     } catch {
       arena.release(block)
       throw error

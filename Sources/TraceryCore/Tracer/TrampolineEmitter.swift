@@ -50,12 +50,44 @@ public enum Statistics: Sendable, Equatable {
 /// way there is one epilogue; the out-of-line stubs for the guard paths follow it, which keeps
 /// the unwind table to a few rows (`UnwindInfo`).
 struct TrampolineEmitter {
+  // The `tracery_call` the handlers get (tracery.h; LayoutTests checks each against it).
   static let frameSize: Int32 = 272
+  static let functionOffset: Int32 = 0
+  static let returnAddressOffset: Int32 = 8
+  static let stackArgumentsOffset: Int32 = 16
   static let argumentsOffset: Int32 = 32
   static let raxOffset: Int32 = 80
   static let returnOffset: Int32 = 88
   static let floatArgumentsOffset: Int32 = 112
   static let floatReturnOffset: Int32 = 240
+
+  /// Where the traced function's address comes from for `putRegisterView`.
+  enum FunctionAddress {
+    /// Already in this register.
+    case register(Register)
+    /// This address, within rel32 reach of the code (a rip-relative lea is 3 bytes shorter than
+    /// a movabs).
+    case nearby(UInt64)
+  }
+
+  /// Fills the first words of the `tracery_call` at rsp, the handlers' view of the call: the
+  /// function, the return address, the caller's stack arguments. `scratch` is clobbered (it may
+  /// be the register `function` is in: the function is stored first). One writer for every
+  /// trampoline kind (per-function, ops, multi-attach).
+  static func putRegisterView(
+    _ w: inout X86Writer, function: FunctionAddress, returnAddress: Memory, stackArguments: Memory, scratch: Register
+  ) {
+    switch function {
+    case .register(let register): w.putMov(Memory(.rsp, functionOffset), register)
+    case .nearby(let address):
+      w.putLea(scratch, .rip(address))
+      w.putMov(Memory(.rsp, functionOffset), scratch)
+    }
+    w.putMov(scratch, returnAddress)
+    w.putMov(Memory(.rsp, returnAddressOffset), scratch)
+    w.putLea(scratch, stackArguments)
+    w.putMov(Memory(.rsp, stackArgumentsOffset), scratch)
+  }
 
   let function: UInt64
   let site: UInt64
@@ -202,16 +234,10 @@ struct TrampolineEmitter {
     return Code(bytes: try w.finish(), frame: .framePointer(epilogueStart: epilogueStart, epilogueEnd: epilogueEnd))
   }
 
-  /// Fills the `tracery_call` header: function, return address, stack arguments (r11 scratch).
+  /// The register view for this function (allocated near its site: within rel32 reach).
   private func putCallHeader(_ w: inout X86Writer, returnAddress: Memory, stackArguments: Memory) {
-    w.putMov(.r11, returnAddress)
-    w.putMov(Memory(.rsp, 8), .r11)
-    w.putLea(.r11, stackArguments)
-    w.putMov(Memory(.rsp, 16), .r11)
-    // The function is within rel32 reach of its trampoline (allocated near its site): a
-    // rip-relative lea is 3 bytes shorter than a movabs.
-    w.putLea(.r11, .rip(function))
-    w.putMov(Memory(.rsp, 0), .r11)
+    Self.putRegisterView(
+      &w, function: .nearby(function), returnAddress: returnAddress, stackArguments: stackArguments, scratch: .r11)
   }
 
   /// `body` under this thread's recursion guard: if the guard is already set (we are inside a
