@@ -116,6 +116,16 @@ public final class CodeArena: Sendable {
     return try result.get()
   }
 
+  /// Gives back the end of `block` past its first `size` bytes (rounded up to 16); returns the
+  /// rest. Precondition: nothing uses the bytes given back.
+  func trim(_ block: Block, to size: Int) -> Block {
+    let kept = max(Self.granule, (size + Self.granule - 1) / Self.granule * Self.granule)
+    guard kept < block.size else { return block }
+    let offset = UInt64(kept)
+    release(Block(address: block.address + offset, size: block.size - kept, alias: block.alias + offset))
+    return Block(address: block.address, size: kept, alias: block.alias)
+  }
+
   /// Returns `block` to the arena. Precondition: no thread is inside it or can return into it
   /// (the caller's grace period has passed).
   public func release(_ block: Block) { release(contentsOf: [block]) }

@@ -282,20 +282,15 @@ public final class TextPatcher: Sendable {
   private func step2PageRuns(
     _ sites: inout [AcceptedSite], map: MemoryMap, outcomes: inout [PatchOutcome]
   ) -> [(pages: Protection, sites: Range<Int>)] {
-    var unmapped: [Int] = []
-    for (index, site) in sites.enumerated() where map.region(containing: site.address) == nil {
-      outcomes[site.request] = .failed("not mapped")
-      unmapped.append(index)
-    }
-    if !unmapped.isEmpty {
-      var kept = sites
-      for index in unmapped.reversed() { kept.remove(at: index) }
-      sites = kept
-    }
     var runs: [(pages: Protection, sites: Range<Int>)] = []
     var runStart = 0
     while runStart < sites.count {
-      let region = map.region(containing: sites[runStart].address)!
+      // One lookup per run, not per site (50,000 sites fall in a few dozen runs).
+      guard let region = map.region(containing: sites[runStart].address) else {
+        outcomes[sites[runStart].request] = .failed("not mapped")
+        sites.remove(at: runStart)
+        continue
+      }
       let first = System.pageStart(sites[runStart].address)
       var end = System.pageEnd(sites[runStart].address + 5)
       var runEnd = runStart + 1

@@ -73,13 +73,19 @@ import Testing
     }
     #expect(size == MultiRecord.words(handlers: 4))
     func word(at offset: Int32) -> UInt64 { words[Int(offset) / 8] }
-    #expect(word(at: MultiRecord.singleEntryOffset) == 0)
+    #expect(word(at: MultiRecord.shapeOffset) == 0)
     #expect(word(at: MultiRecord.countOffset(.entry)) == 2)
     #expect(word(at: MultiRecord.countOffset(.modifyReturn)) == 1)
     #expect(word(at: MultiRecord.countOffset(.exit)) == 1)
     // Pairs grouped in the order the trampoline runs them: entries, modify-returns, exits.
     #expect(Array(words[Int(MultiRecord.pairsOffset) / 8..<size]) == [0xa1, 2, 0xa2, 4, 0xb1, 3, 0xe1, 1])
-    words.withUnsafeMutableBufferPointer { _ = MultiRecord.write($0.baseAddress!, handlers: [(.entry, 0xa1, 9)]) }
-    #expect(word(at: MultiRecord.singleEntryOffset) == 1)
+    // One handler: the shape is its kind, for the general and the bulk writer alike.
+    for kind in HandlerKind.order {
+      words.withUnsafeMutableBufferPointer { _ = MultiRecord.write($0.baseAddress!, handlers: [(kind, 0xa1, 9)]) }
+      #expect(word(at: MultiRecord.shapeOffset) == UInt64(kind.rawValue))
+      let general = Array(words[0..<MultiRecord.words(handlers: 1)])
+      words.withUnsafeMutableBufferPointer { MultiRecord.write($0.baseAddress!, kind: kind, handler: 0xa1, cookie: 9) }
+      #expect(Array(words[0..<MultiRecord.words(handlers: 1)]) == general)
+    }
   }
 }

@@ -22,6 +22,15 @@ enum MultiFixture {
 
   static func cookie(tag: UInt64) -> (UInt64) -> UInt64 { { $0 << 4 | tag } }
 
+  /// The exit handler on `sites` with cookies of `tag` (the generated functions' model).
+  static func attachExits(
+    _ tracer: Tracer, to sites: [UInt64], tag: UInt64, lookup: MultiLookup
+  ) throws -> MultiLink {
+    try tracer.attachMulti(
+      exit, to: .addresses(sites), cookie: cookie(tag: tag),
+      model: FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer), strategy: .global(lookup))
+  }
+
   /// Two threads calling every function of `library` until `stop()`, which returns how many of
   /// their passes saw a wrong value.
   struct Callers {
@@ -96,9 +105,7 @@ extension PatchingTests {
       let library = try MultiFixture.padded.get()
       let model = FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer)
       tracery_multi_reset()
-      let exits = try tracer.attachMulti(
-        MultiFixture.exit, to: .addresses(library.sites), cookie: MultiFixture.cookie(tag: 2), model: model,
-        strategy: .global(lookup))
+      let exits = try MultiFixture.attachExits(tracer, to: library.sites, tag: 2, lookup: lookup)
       #expect(MultiFixture.callAll(library))
       #expect(tracery_multi_exits(2) == 10_000 && tracery_multi_ok(2) == 10_000)
       // Modify-return on the first hundred: they return 4242 and skip their bodies; exits still run.
@@ -111,6 +118,80 @@ extension PatchingTests {
       skipped.detach()
       exits.detach()
       #expect(library.sites.allSatisfy { siteTarget($0) == nil })
+      // A modify-return handler alone (the trampoline's path without loops), skipping the body
+      // on some functions and letting it run on others.
+      let first = Array(library.sites.prefix(200))
+      let passing = Set(first.enumerated().filter { $0.offset % 2 == 0 }.map(\.element))
+      let alone = try tracer.attachMulti(
+        MultiFixture.modifyReturn, to: .addresses(first), cookie: { $0 << 4 | (passing.contains($0) ? 14 : 13) },
+        model: model, strategy: .global(lookup))
+      let results = library.functions.prefix(200).map { $0(5) }
+      let skippedCount = results.indices.count(where: { results[$0] == 4242 })
+      let ran = results.indices.filter { results[$0] != 4242 }
+      #expect(skippedCount == 100 && ran == Array(stride(from: 0, to: 200, by: 2)))
+      #expect(ran.allSatisfy { results[$0] == TestSupport.generatedValue(index: $0, x: 5) })
+      #expect(tracery_multi_ok(14) == ran.count && tracery_multi_bad(14) == 0)
+      alone.detach()
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
+    }
+
+    /// An exit link's sites each jump to a stub of their own (16 bytes: call the trampoline,
+    /// ret, the site), so that calls and returns pair up; the stubs of a region share one
+    /// trampoline. Attached and detached over and over while two threads call: every call
+    /// returns its own value, every exit sees its own function, and at the end the stubs are
+    /// freed and the padding has its NOPs back. (Storm: 4 cycles, TRACERY_LONG_TESTS=1 for 100.)
+    @Test func exitLinksGoThroughStubsWhileTwoThreadsCall() throws {
+      let library = try MultiFixture.padded.get()
+      tracery_multi_reset()
+      let callers = MultiFixture.Callers(library)
+      for cycle in 0..<TestSupport.stormIterations(default: 4, long: 100) {
+        let lookup: MultiLookup = cycle % 2 == 0 ? .padding : .hash
+        let link = try MultiFixture.attachExits(tracer, to: library.sites, tag: 9, lookup: lookup)
+        #expect(link.sites.count == library.sites.count)
+        let stubs = library.sites.map { TextPatcher.read($0).first == 0xe9 ? siteTarget($0) : nil }
+        #expect(stubs.allSatisfy { $0 != nil } && Set(stubs).count == library.sites.count)
+        #expect(Set(stubs.compactMap { $0.map(MultiStub.trampoline(of:)) }).count <= 2)
+        #expect(
+          zip(library.sites, stubs).allSatisfy { site, stub in
+            UnsafePointer<UInt64>(bitPattern: UInt(stub! + UInt64(MultiStub.siteOffset)))!.pointee == site
+          })
+        usleep(2_000)
+        #expect(link.detach().failures.isEmpty)
+      }
+      #expect(callers.stop() == 0)
+      #expect(tracery_multi_bad(9) == 0 && tracery_multi_exits(9) > 0)
+      #expect(library.sites.allSatisfy { siteTarget($0) == nil })
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
+      let padding = library.sites.map { UnsafePointer<UInt64>(bitPattern: UInt($0 - 8))!.pointee }
+      #expect(padding.allSatisfy { $0 == 0x9090_9090_9090_9090 })
+    }
+
+    /// Functions of an exit bulk link that an entry link also selects leave the bulk link for
+    /// the general bookkeeping with a stub of their own; when the exit link leaves, they call
+    /// the entry trampoline directly again (no stub), and the others get their NOPs back.
+    @Test(arguments: [MultiLookup.padding, .hash])
+    func exitAndEntryLinksSharingFunctions(lookup: MultiLookup) throws {
+      let library = try MultiFixture.padded.get()
+      tracery_multi_reset()
+      let exits = try MultiFixture.attachExits(tracer, to: library.sites, tag: 10, lookup: lookup)
+      let shared = Array(library.sites.prefix(100))
+      let entries = try tracer.attachMulti(
+        MultiFixture.entry, to: .addresses(shared), cookie: MultiFixture.cookie(tag: 11), strategy: .global(lookup))
+      #expect(tracer.state.withLock { $0.functions.count } == 100)
+      #expect(shared.allSatisfy { TextPatcher.read($0).first == 0xe9 })
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_exits(10) == 10_000 && tracery_multi_ok(11) == 100)
+      exits.detach()
+      #expect(shared.allSatisfy { TextPatcher.read($0).first == 0xe8 })
+      #expect(library.sites.dropFirst(100).allSatisfy { siteTarget($0) == nil })
+      #expect(MultiFixture.callAll(library))
+      #expect(tracery_multi_exits(10) == 10_000 && tracery_multi_ok(11) == 200)
+      #expect(tracery_multi_bad(10) == 0 && tracery_multi_bad(11) == 0)
+      entries.detach()
+      #expect(library.sites.allSatisfy { siteTarget($0) == nil })
+      #expect(tracer.reclaimAll(), "\(tracer.reclaimState)")
+      let padding = library.sites.map { UnsafePointer<UInt64>(bitPattern: UInt($0 - 8))!.pointee }
+      #expect(padding.allSatisfy { $0 == 0x9090_9090_9090_9090 })
     }
 
     @Test func multiAndPerFunctionAttachmentsOnTheSameFunctions() throws {

@@ -105,7 +105,7 @@ struct GraphImage {
   let mask: UInt16
   let model: FunctionModel
   let returnHandler: UInt64
-  let image: Reclaimer.Retired
+  let image: CodeImage
   var entry: UInt64 { image.block.address }
 }
 
@@ -356,7 +356,7 @@ extension Tracer {
   /// `body` is what the stub calls as the function's body: its per-function trampoline when it
   /// has one (entered as from the site), else the body itself.
   func graphStub(for function: TracedFunction, body: UInt64?, state: inout State) throws -> (
-    stub: Reclaimer.Retired, image: UInt64
+    stub: CodeImage, image: UInt64
   ) {
     let site = function.site
     let block: CodeArena.Block
@@ -374,9 +374,9 @@ extension Tracer {
           returnHandler: image.returnHandler)
       else { throw AttachError.codeMemory("graph stub out of reach of 0x\(String(site, radix: 16))") }
       block.write(bytes)
-      var retired = Reclaimer.Retired(block: block, length: bytes.count, frame: nil, unwind: nil, counters: [])
-      retired.leadsTo = [image.entry] + (body.map { [$0] } ?? [])
-      return (retired, image.entry)
+      let stub = CodeImage(block: block, length: bytes.count)
+      stub.leadsTo = [image.entry] + (body.map { [$0] } ?? [])
+      return (stub, image.entry)
     } catch {
       arena.release(block)
       throw error
@@ -405,7 +405,7 @@ extension Tracer {
       near: stub, slack: 16 * users.count, emit: emitter.emit(at:), bytes: \.bytes)
     let image = GraphImage(
       mask: mask, model: model, returnHandler: block.address + UInt64(code.returnHandler),
-      image: Reclaimer.Retired(block: block, length: code.bytes.count, frame: nil, unwind: nil, counters: []))
+      image: CodeImage(block: block, length: code.bytes.count))
     state.graphImages.append(image)
     return image
   }

@@ -64,8 +64,8 @@ struct MultiState {
     word.initialize(to: 0)
     return word
   }()
-  var table: Reclaimer.Retired?
-  var trampolines: [(key: MultiKey, image: Reclaimer.Retired)] = []
+  var table: CodeImage?
+  var trampolines: [(key: MultiKey, image: CodeImage)] = []
   /// Links kept as arrays (`BulkLink`).
   var bulk: [BulkLink] = []
   /// Padding words this tracer set to 0 when their function left, that get their NOPs back once
@@ -75,6 +75,13 @@ struct MultiState {
   /// Records of hash-mode bulk links detached since the last publish: a reader holding the
   /// current table may still reach them, so they are retired with it (`companions`).
   var detachedRecords: [CodeArena.Block] = []
+  /// Stubs (`MultiStub`) retired since padding last got its NOPs back: a thread at a stub's
+  /// `call` is about to enter a global trampoline that reads the padding, so they count as
+  /// global trampolines for `restorePaddingNops` until one pass finds none busy.
+  var retiredStubs: [Range<UInt64>] = []
+  /// Stub blocks of detached bulk links that a general function (one that left the link) still
+  /// jumps to: retired once none does (`Tracer.retireOrphanStubs`).
+  var orphanStubs: [CodeImage] = []
 }
 
 /// The 8-byte padding word before a function's entry that multi-attach keeps a record pointer
@@ -116,6 +123,8 @@ struct MultiKey: Equatable {
   let integerArguments: Int
   let floats: Bool
   let padding: Bool
+  /// Entered from `MultiStub`s (`MultiEmitter.viaStub`), not from sites.
+  let stub: Bool
 }
 
 extension Tracer.TracedFunction {
@@ -130,6 +139,10 @@ extension Tracer.TracedFunction {
   var multiNeedsOwnTrampoline: Bool {
     multi.contains { $0.strategy == .perFunction } || !attachments.isEmpty || !ops.isEmpty || graphMask != 0
   }
+
+  /// Whether its site goes to the global trampoline through a `MultiStub`: it has handlers that
+  /// run after the body, so the trampoline calls the body and returns.
+  var multiNeedsStub: Bool { multi.contains { $0.kind != .entry } }
 
   /// Whether the global trampoline finds its record in its padding.
   var usesPadding: Bool {
@@ -222,8 +235,9 @@ extension Tracer {
     }
   }
 
-  /// The global trampoline for `function`'s class and lookup, near its site.
-  func multiTrampoline(for function: TracedFunction, state: inout State) throws -> UInt64 {
+  /// The global trampoline for `function`'s class and lookup, called from `caller` (its site,
+  /// or its stub).
+  func multiTrampoline(for function: TracedFunction, from caller: UInt64, state: inout State) throws -> UInt64 {
     if function.multi.contains(where: { $0.strategy == .global(.padding) }), !function.hasPadding {
       throw AttachError.noPatchSite(
         function: function.name,
@@ -232,8 +246,46 @@ extension Tracer {
     }
     let model = function.multiClass
     let key = MultiKey(
-      integerArguments: model.integerArguments, floats: model.floatArguments > 0, padding: function.usesPadding)
-    return try globalTrampoline(key: key, model: model, near: function.site, state: &state)
+      integerArguments: model.integerArguments, floats: model.floatArguments > 0, padding: function.usesPadding,
+      stub: function.multiNeedsStub)
+    return try globalTrampoline(key: key, model: model, near: caller, state: &state)
+  }
+
+  /// A `MultiStub` of its own for `function` (within reach of its site), calling its global
+  /// trampoline; returns the stub and the trampoline.
+  func multiStub(for function: TracedFunction, state: inout State) throws -> (stub: CodeImage, trampoline: UInt64) {
+    let block: CodeArena.Block
+    do { block = try arena.allocate(near: function.site, size: MultiStub.size) } catch {
+      throw AttachError.codeMemory("\(error)")
+    }
+    do {
+      let trampoline = try multiTrampoline(for: function, from: block.address, state: &state)
+      // `globalTrampoline` placed it within reach of the stub.
+      block.write(MultiStub.bytes(at: block.address, site: function.site, trampoline: trampoline)!)
+      return (CodeImage(block: block, length: MultiStub.size), trampoline)
+    } catch {
+      arena.release(block)
+      throw error
+    }
+  }
+
+  /// Retires a block of stubs no site jumps to any more (see `MultiState.retiredStubs`).
+  func retireStub(_ stub: CodeImage, state: inout State) {
+    state.multi.retiredStubs.append(stub.block.address..<(stub.block.address + UInt64(stub.block.size)))
+    state.reclaimer.retire(stub)
+  }
+
+  /// Retires the stub blocks of detached bulk links that no general function jumps to now.
+  func retireOrphanStubs(state: inout State) {
+    guard !state.multi.orphanStubs.isEmpty else { return }
+    let used = state.functions.values.compactMap(\.multiStub)
+    for stub in state.multi.orphanStubs {
+      let range = stub.block.address..<(stub.block.address + UInt64(stub.block.size))
+      if !used.contains(where: range.contains) { retireStub(stub, state: &state) }
+    }
+    state.multi.orphanStubs.removeAll { stub in
+      used.allSatisfy { !(stub.block.address..<(stub.block.address + UInt64(stub.block.size))).contains($0) }
+    }
   }
 
   /// The global trampoline for `key` within rel32 reach of `site`, made on first use.
@@ -243,12 +295,13 @@ extension Tracer {
     }) {
       return found.image.block.address
     }
-    let emitter = MultiEmitter(
+    var emitter = MultiEmitter(
       model: model, lookup: key.padding ? .padding : .hash(table: UInt64(UInt(bitPattern: state.multi.tableWord))),
       guardOffset: guardOffset)
+    emitter.viaStub = key.stub
     // (Emitting again where it lands used to leak the block when it failed.)
     let (block, code) = try placeCode(near: site, slack: 16, emit: emitter.emit(at:), bytes: { $0 })
-    let image = Reclaimer.Retired(block: block, length: code.count, frame: nil, unwind: nil, counters: [])
+    let image = CodeImage(block: block, length: code.count)
     state.multi.trampolines.append((key, image))
     return block.address
   }
@@ -314,19 +367,18 @@ extension Tracer {
     ctracery_store_release(state.multi.tableWord, hashedCount == 0 ? 0 : block.address)
     let failed = patcher.writeWords(paddingPointers)
     retireMultiTable(state: &state)
-    state.multi.table = Reclaimer.Retired(
-      block: block, length: 8 * (header + recordWords), frame: nil, unwind: nil, counters: [])
+    state.multi.table = CodeImage(block: block, length: 8 * (header + recordWords))
     return Set(failed.map { $0 + 8 })
   }
 
   /// Retires the current table, with the records of hash-mode bulk links detached since it was
   /// published (a reader holding it may still reach them).
   private func retireMultiTable(state: inout State) {
-    guard var old = state.multi.table else {
+    guard let old = state.multi.table else {
       // No table: no reader can reach them through one.
       for block in state.multi.detachedRecords {
         state.reclaimer.retire(
-          Reclaimer.Retired(block: block, length: block.size, frame: nil, unwind: nil, counters: []))
+          CodeImage(block: block, length: block.size))
       }
       state.multi.detachedRecords = []
       return

@@ -28,11 +28,15 @@ struct BulkLink {
   var cookies: [UInt64]
   /// The 5-byte NOP each site held (packed `SiteBytes`): compilers use different ones.
   var originals: [UInt64]
-  /// The global trampoline each site calls.
+  /// Where each site branches: the global trampoline it calls, or (`viaStubs`) its stub.
   var entries: [UInt64]
+  /// Exit or modify-return links: each site jumps to its own `MultiStub`, in `stubBlocks`
+  /// (one per ±2 GiB region, written once at attach, retired at detach).
+  var viaStubs: Bool
+  var stubBlocks: [CodeImage]
   /// The records, `recordWords` words each; `recordOffsets[i]` is the word offset
   /// of the record of `sites[i]` (records do not move when sites leave).
-  var records: Reclaimer.Retired?
+  var records: CodeImage?
   var recordOffsets: [Int32]
 
   static let recordWords = MultiRecord.words(handlers: 1)
@@ -48,6 +52,12 @@ struct BulkLink {
   }
 
   var strategy: MultiStrategy { .global(padding ? .padding : .hash) }
+
+  /// The branch opcode of its sites: `jmp` to a stub, or `call` the trampoline.
+  var opcode: UInt8 { viaStubs ? 0xe9 : 0xe8 }
+
+  /// The bytes of the site at `index` while it is attached.
+  func siteBytes(_ index: Int) -> SiteBytes { SiteBytes.branch(opcode, at: sites[index], to: entries[index])! }
 
   func attachment(_ index: Int) -> MultiAttachment {
     MultiAttachment(
@@ -90,7 +100,8 @@ extension Tracer {
       ? nil : targets.indices.sorted { targets[$0].site < targets[$1].site }
     var link = BulkLink(
       id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, sites: [], functions: [],
-      names: [], cookies: [], originals: [], entries: [], records: nil, recordOffsets: [])
+      names: [], cookies: [], originals: [], entries: [], viaStubs: kind != .entry, stubBlocks: [], records: nil,
+      recordOffsets: [])
     link.sites.reserveCapacity(targets.count)
     link.functions.reserveCapacity(targets.count)
     link.names.reserveCapacity(targets.count)
@@ -153,27 +164,36 @@ extension Tracer {
     let kind = link.kind
     let handler = link.handler
     var report = TransactionReport()
-    // The global trampoline of the class near each site (one per region; remembered across sites).
+    // The global trampoline of the class near each site (one per region; remembered across
+    // sites), and each site's stub when the link has them.
     let key = MultiKey(
-      integerArguments: link.model.integerArguments, floats: link.model.floatArguments > 0, padding: padding)
-    var entry: UInt64 = 0
+      integerArguments: link.model.integerArguments, floats: link.model.floatArguments > 0, padding: padding,
+      stub: link.viaStubs)
     var unreachable: [Int] = []
     link.entries.reserveCapacity(link.sites.count)
-    for (index, site) in link.sites.enumerated() {
-      if entry == 0 || SiteBytes.branch(0xe8, at: site, to: entry) == nil {
-        do {
-          entry = try globalTrampoline(key: key, model: link.model, near: site, state: &state)
-        } catch {
-          entry = 0
-          report.append(
-            .init(function: link.names[index], address: link.functions[index], outcome: .failed("\(error)")))
-          unreachable.append(index)
+    if link.viaStubs {
+      placeStubs(&link, key: key, unreachable: &unreachable, report: &report, state: &state)
+    } else {
+      var entry: UInt64 = 0
+      for (index, site) in link.sites.enumerated() {
+        if entry == 0 || SiteBytes.branch(0xe8, at: site, to: entry) == nil {
+          do {
+            entry = try globalTrampoline(key: key, model: link.model, near: site, state: &state)
+          } catch {
+            entry = 0
+            report.append(
+              .init(function: link.names[index], address: link.functions[index], outcome: .failed("\(error)")))
+            unreachable.append(index)
+          }
         }
+        link.entries.append(entry)
       }
-      link.entries.append(entry)
     }
     link.remove(unreachable)
-    guard !link.sites.isEmpty else { return report }
+    guard !link.sites.isEmpty else {
+      for stubs in link.stubBlocks { arena.release(stubs.block) }
+      return report
+    }
 
     // One read of the memory map for the padding words and the sites (both under our lock).
     let map = MemoryMap.current()
@@ -188,10 +208,10 @@ extension Tracer {
     link.recordOffsets.reserveCapacity(link.sites.count)
     for index in link.sites.indices {
       let offset = index * BulkLink.recordWords
-      MultiRecord.write(pointer + offset, handlers: [(kind, handler, link.cookies[index])])
+      MultiRecord.write(pointer + offset, kind: kind, handler: handler, cookie: link.cookies[index])
       link.recordOffsets.append(Int32(offset))
     }
-    link.records = Reclaimer.Retired(block: block, length: 8 * words, frame: nil, unwind: nil, counters: [])
+    link.records = CodeImage(block: block, length: 8 * words)
     if padding {
       var pointers: [(address: UInt64, value: UInt64)] = []
       pointers.reserveCapacity(link.sites.count)
@@ -214,7 +234,7 @@ extension Tracer {
       state.multi.bulk.append(link)
       do { _ = try publishMultiTable(currentGlobalFunctions(state), state: &state) } catch {
         state.multi.bulk.removeLast()
-        arena.release(block)
+        arena.release(contentsOf: [block] + link.stubBlocks.map(\.block))
         throw error as? AttachError ?? .codeMemory("\(error)")
       }
     }
@@ -222,8 +242,7 @@ extension Tracer {
     // One batch for every site.
     let requests = link.sites.indices.map { index in
       PatchRequest(
-        site: link.sites[index], expected: SiteBytes(raw: link.originals[index]),
-        replacement: SiteBytes.branch(0xe8, at: link.sites[index], to: link.entries[index])!)
+        site: link.sites[index], expected: SiteBytes(raw: link.originals[index]), replacement: link.siteBytes(index))
     }
     let outcomes = patcher.apply(requests, map: map)
     report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
@@ -265,7 +284,12 @@ extension Tracer {
           function: link.functions[index], site: link.sites[index], name: link.names[index],
           original: SiteBytes(raw: link.originals[index]).bytes, model: .unknown)
         function.multi = [link.attachment(index)]
-        function.multiEntry = link.entries[index]
+        if link.viaStubs {
+          function.multiStub = link.entries[index]
+          function.multiEntry = MultiStub.trampoline(of: link.entries[index])
+        } else {
+          function.multiEntry = link.entries[index]
+        }
         function.paddingOwned = link.padding
         state.functions[link.sites[index]] = function
       }
@@ -279,11 +303,26 @@ extension Tracer {
     let link = state.multi.bulk.remove(at: position)
     let requests = link.sites.indices.map { index in
       PatchRequest(
-        site: link.sites[index], expected: SiteBytes.branch(0xe8, at: link.sites[index], to: link.entries[index])!,
-        replacement: SiteBytes(raw: link.originals[index]))
+        site: link.sites[index], expected: link.siteBytes(index), replacement: SiteBytes(raw: link.originals[index]))
     }
     let outcomes = patcher.apply(requests)
     report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
+    // Stubs: a site that could not be restored jumps to its stub for good (its block is never
+    // freed, as its padding keeps 0); a function that left the link for the general bookkeeping
+    // may still jump to one until its commit settles (`orphanStubs`).
+    let stuck = link.sites.indices.filter { if case .failed = outcomes[$0] { true } else { false } }.map {
+      link.entries[$0]
+    }
+    let moved = state.functions.values.compactMap(\.multiStub)
+    for stubs in link.stubBlocks {
+      let range = stubs.block.address..<(stubs.block.address + UInt64(stubs.block.size))
+      if stuck.contains(where: range.contains) { continue }
+      if moved.contains(where: range.contains) {
+        state.multi.orphanStubs.append(stubs)
+      } else {
+        retireStub(stubs, state: &state)
+      }
+    }
     if link.padding {
       // A site that could not be restored still calls the trampoline: its padding keeps 0 (no
       // record). The others get their NOPs back at once when no thread is inside a global
@@ -295,7 +334,7 @@ extension Tracer {
       for (index, outcome) in outcomes.enumerated() {
         if case .failed = outcome { kept.append(link.sites[index] - 8) } else { restored.append(link.sites[index] - 8) }
       }
-      if globalTrampolinesIdle(state: state, callerStack: callerStack) {
+      if globalTrampolinesIdle(state: &state, callerStack: callerStack) {
         _ = patcher.writeWords(restored.map { ($0, ZeroedPadding.nops) } + kept.map { ($0, 0) })
         ZeroedPadding.add(kept)
       } else {
@@ -312,21 +351,86 @@ extension Tracer {
     return true
   }
 
-  /// Whether no thread is inside a global trampoline or in a handler it called (a reclaimer
-  /// pass over the trampolines: it signals running threads).
-  private func globalTrampolinesIdle(state: borrowing State, callerStack: UInt64) -> Bool {
-    let ranges = state.multi.trampolines.map {
-      $0.image.block.address..<($0.image.block.address + UInt64($0.image.block.size))
+  /// Whether no thread is inside a global trampoline or in a handler it called, or in a stub
+  /// (about to call one): a reclaimer pass over them (it signals running threads). When none
+  /// is, retired stubs no longer count (no thread can enter them again).
+  private func globalTrampolinesIdle(state: inout State, callerStack: UInt64) -> Bool {
+    func range(_ image: CodeImage) -> Range<UInt64> {
+      image.block.address..<(image.block.address + UInt64(image.block.size))
     }
+    var ranges = state.multi.trampolines.map { range($0.image) } + state.multi.retiredStubs
+    ranges += state.multi.orphanStubs.map(range) + state.multi.bulk.flatMap { $0.stubBlocks.map(range) }
     guard !ranges.isEmpty else { return true }
-    guard case .success(let busy) = Reclaimer.busyRanges(ranges, callerStack: callerStack) else { return false }
-    return busy.isEmpty
+    guard case .success(let busy) = Reclaimer.busyRanges(ranges, callerStack: callerStack), busy.isEmpty else {
+      return false
+    }
+    state.multi.retiredStubs = []
+    return true
+  }
+
+  /// Gives each site of `link` a stub: blocks of stubs allocated near runs of sites (one block
+  /// while the sites stay within reach of it), each stub calling the link's global trampoline
+  /// near it. Sites with no stub (out of memory) are reported and listed in `unreachable`.
+  private func placeStubs(
+    _ link: inout BulkLink, key: MultiKey, unreachable: inout [Int], report: inout TransactionReport,
+    state: inout State
+  ) {
+    var block: CodeArena.Block?
+    var bytes: [UInt8] = []
+    var trampoline: UInt64 = 0
+    func finish() {
+      guard let allocated = block else { return }
+      let full = arena.trim(allocated, to: bytes.count)
+      full.write(bytes)
+      link.stubBlocks.append(CodeImage(block: full, length: bytes.count))
+      block = nil
+      bytes = []
+    }
+    for (index, site) in link.sites.enumerated() {
+      var stub = block.map { $0.address + UInt64(bytes.count) } ?? 0
+      if block == nil || bytes.count == block!.size || SiteBytes.branch(0xe9, at: site, to: stub) == nil {
+        finish()
+        do {
+          // Room for the rest of the sites; a block that stops reaching them is cut short
+          // (`finish` gives back what it did not use).
+          let fresh = try arena.allocate(near: site, size: MultiStub.size * (link.sites.count - index))
+          do {
+            trampoline = try globalTrampoline(key: key, model: link.model, near: fresh.address, state: &state)
+          } catch {
+            arena.release(fresh)
+            throw error
+          }
+          block = fresh
+          stub = fresh.address
+        } catch {
+          report.append(
+            .init(function: link.names[index], address: link.functions[index], outcome: .failed("\(error)")))
+          unreachable.append(index)
+          link.entries.append(0)
+          continue
+        }
+      }
+      guard let code = MultiStub.bytes(at: stub, site: site, trampoline: trampoline) else {
+        // The trampoline was placed near the block's start; far into a large block, place another.
+        finish()
+        report.append(
+          .init(
+            function: link.names[index], address: link.functions[index],
+            outcome: .failed("its stub cannot reach the global trampoline")))
+        unreachable.append(index)
+        link.entries.append(0)
+        continue
+      }
+      bytes += code
+      link.entries.append(stub)
+    }
+    finish()
   }
 
   /// Puts the NOPs back into padding that held record pointers once no thread can be inside a
   /// global trampoline (and so about to read it). Cheap when nothing is pending.
   func restorePaddingNops(state: inout State, callerStack: UInt64) {
-    guard !state.multi.pendingNops.isEmpty, globalTrampolinesIdle(state: state, callerStack: callerStack) else {
+    guard !state.multi.pendingNops.isEmpty, globalTrampolinesIdle(state: &state, callerStack: callerStack) else {
       return
     }
     // Only words no tracer has claimed since (a claimed one may hold a record pointer now).

@@ -10,10 +10,14 @@ import TraceryX86
 ///     record = padding: [site - 8]; hash: probe the current table for site (none: return into
 ///              the body). The record (or the table while probing) is kept at [rsp+272] and
 ///              re-checked: a hazard the reclaimer's stack scan sees (see FprobeRoot.withProbes)
-///     entry handlers (one alone: called without the loop); no exit or modify-return handlers:
+///     one handler alone (the record's shape): its kind's path below without loops; else entry
+///     handlers; no exit or modify-return handlers:
 ///     restore, return into the body
 ///     modify-return handlers (any non-zero: skip the body); the body, called with the
 ///     arguments as the handlers left them; exit handlers; return to the real caller
+///
+/// Functions with exit or modify-return handlers enter through a `MultiStub` instead
+/// (`viaStub`): then [rsp] = stub + 5 and the site is read from the stub.
 ///
 /// The record's layout is `MultiRecord`'s. A class has no stack arguments (at most six integer
 /// and eight vector arguments), so the trampoline may call the body from its own frame.
@@ -29,6 +33,13 @@ struct MultiEmitter {
   let model: FunctionModel
   let lookup: Lookup
   let guardOffset: Int32
+  /// Entered from a function's `MultiStub` (the site `jmp`s to the stub, the stub `call`s this
+  /// trampoline): [rsp] = stub + 5, and the site is in the stub (`MultiStub.siteOffset`). Every
+  /// call then has its return (the body's `call` from here, this trampoline's `ret` to the
+  /// stub, the stub's `ret` to the caller), so exits cost no return misprediction. Without a
+  /// stub the site `call`s the trampoline and, with exit handlers, the trampoline returns past
+  /// that call: the return stack buffer is off by one and returns mispredict (+10 ns a call).
+  var viaStub = false
 
   static let frame: Int32 = 304
   static let hazard: Int32 = 272
@@ -55,25 +66,67 @@ struct MultiEmitter {
     w.putSub(.rsp, immediate: size)
     TrampolineEmitter.putSaveArguments(&w, model)
     w.putMov(.r10, Memory(.rsp, size))
-    w.putSub(.r10, immediate: 5)
+    if viaStub {
+      w.putMov(.r10, Memory(.r10, MultiStub.siteOffset - MultiStub.returnOffset))
+    } else {
+      w.putSub(.r10, immediate: 5)
+    }
     try putLookup(&w, notFound: intoBody)
     // The register view: function = site, return address, stack arguments.
     TrampolineEmitter.putRegisterView(
       &w, function: .register(.r10), returnAddress: Memory(.rsp, size + 8), stackArguments: Memory(.rsp, size + 16),
       scratch: .r10)
     w.putMovByte(guardByte, immediate: 1)
-    // The common case, one entry handler and nothing else: no loop.
-    let general = w.newLabel()
-    w.putCmp(Memory(.r11, MultiRecord.singleEntryOffset), immediate: 1)
-    w.putJcc(.notEqual, general)
-    w.putMov(.rdi, .rsp)
-    w.putMov(.rsi, Memory(.r11, MultiRecord.pairsOffset + 8))
-    w.putCall(Memory(.r11, MultiRecord.pairsOffset))
+    // The body of the function (the stub's site + 5, or the return address of the site's call),
+    // called with the arguments as the handlers left them and the guard clear.
+    func putCallBody() {
+      w.putMovByte(guardByte, immediate: 0)
+      TrampolineEmitter.putRestoreArguments(&w, model)
+      if viaStub {
+        putBodyAddress(&w, stubReturn: Memory(.rsp, size))
+        w.putCall(.r11)
+      } else {
+        w.putCall(Memory(.rsp, size))
+      }
+    }
+    func putCallSingle() {
+      w.putMov(.rdi, .rsp)
+      w.putMov(.rsi, Memory(.r11, MultiRecord.pairsOffset + 8))
+      w.putCall(Memory(.r11, MultiRecord.pairsOffset))
+    }
+    func putUnlessShape(_ kind: HandlerKind, jumpTo label: Label) {
+      w.putCmp(Memory(.r11, MultiRecord.shapeOffset), immediate: Int32(kind.rawValue))
+      w.putJcc(.notEqual, label)
+    }
+    let exitsDone = w.newLabel()
+    let returnToCaller = w.newLabel()
+    // The common cases, one handler alone: no loops.
+    let notEntry = w.newLabel()
+    putUnlessShape(.entry, jumpTo: notEntry)
+    putCallSingle()
     // Its own copy of the epilogue: one taken branch fewer on the common path.
     w.putMovByte(guardByte, immediate: 0)
     TrampolineEmitter.putRestoreArguments(&w, model)
     w.putAdd(.rsp, immediate: size)
-    w.putRet()
+    if viaStub { w.putJmp(pass) } else { w.putRet() }
+    w.bind(notEntry)
+    let notExit = w.newLabel()
+    putUnlessShape(.exit, jumpTo: notExit)
+    putCallBody()
+    w.putMovByte(guardByte, immediate: 1)
+    TrampolineEmitter.putSaveReturn(&w, model)
+    w.putMov(.r11, Memory(.rsp, Self.hazard))
+    putCallSingle()
+    w.putJmp(exitsDone)
+    w.bind(notExit)
+    let general = w.newLabel()
+    putUnlessShape(.modifyReturn, jumpTo: general)
+    putCallSingle()
+    // Non-zero: the body is skipped and the handler's return value (in the view) returned.
+    w.putTest32(.rax, .rax)
+    w.putJcc(.notEqual, exitsDone)
+    putCallBody()
+    w.putJmp(returnToCaller)
     w.bind(general)
     let entries = MultiRecord.countOffset(.entry)
     let modifyReturns = MultiRecord.countOffset(.modifyReturn)
@@ -90,26 +143,46 @@ struct MultiEmitter {
     putHandlers(&w, count: modifyReturns, first: Self.pairsAfter(entries), modifyReturn: true)
     w.putCmp(Memory(.rsp, Self.skip), immediate: 0)
     w.putJcc(.notEqual, skipBody)
-    w.putMovByte(guardByte, immediate: 0)
-    TrampolineEmitter.putRestoreArguments(&w, model)
-    w.putCall(Memory(.rsp, size))
+    putCallBody()
     w.putMovByte(guardByte, immediate: 1)
     TrampolineEmitter.putSaveReturn(&w, model)
     w.bind(skipBody)
     putHandlers(&w, count: exits, first: Self.pairsAfter(entries, modifyReturns), modifyReturn: false)
+    w.bind(exitsDone)
     w.putMovByte(guardByte, immediate: 0)
     TrampolineEmitter.putLoadReturn(&w, model)
-    // Drop the frame and the return into the body: back to the real caller.
-    w.putAdd(.rsp, immediate: size + 8)
-    w.putRet()
+    w.bind(returnToCaller)
+    if viaStub {
+      // Back to the stub, whose `ret` returns to the real caller.
+      w.putAdd(.rsp, immediate: size)
+      w.putRet()
+    } else {
+      // Drop the frame and the return into the body: back to the real caller.
+      w.putAdd(.rsp, immediate: size + 8)
+      w.putRet()
+    }
     w.bind(entryOnly)
     w.putMovByte(guardByte, immediate: 0)
     w.bind(intoBody)
     TrampolineEmitter.putRestoreArguments(&w, model)
     w.putAdd(.rsp, immediate: size)
     w.bind(pass)
-    w.putRet()
+    if viaStub {
+      // Into the body with [rsp] = stub + 5: its return goes through the stub's `ret`.
+      putBodyAddress(&w, stubReturn: Memory(.rsp, 0))
+      w.putJmp(.r11)
+    } else {
+      w.putRet()
+    }
     return try w.finish()
+  }
+
+  /// r11 = the body of the function whose stub's return address is at `stubReturn`: its site
+  /// (in the stub) + 5. r11 is free at a function's entry (no argument lives there).
+  private func putBodyAddress(_ w: inout X86Writer, stubReturn: Memory) {
+    w.putMov(.r11, stubReturn)
+    w.putMov(.r11, Memory(.r11, MultiStub.siteOffset - MultiStub.returnOffset))
+    w.putAdd(.r11, immediate: 5)
   }
 
   /// The offset of the first pair of a kind: after the header and the pairs of the kinds whose

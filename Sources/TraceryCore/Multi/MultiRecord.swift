@@ -1,7 +1,8 @@
 /// The record of one function on a global multi-attach trampoline: written here, read by the
 /// code `MultiEmitter` generates, at the offsets below.
 ///
-///     word 0   1 when it holds one entry handler and nothing else (the emitter's fast path), else 0
+///     word 0   the shape: the kind (`HandlerKind` raw value) of its only handler, 0 when it has
+///              more than one (the emitter's paths without loops)
 ///     word 1   number of entry handlers
 ///     word 2   number of modify-return handlers
 ///     word 3   number of exit handlers
@@ -12,8 +13,8 @@
 /// and retires the old one.
 enum MultiRecord {
   static let headerWords = 4
-  /// Byte offset of word 0 (the fast-path flag).
-  static let singleEntryOffset: Int32 = 0
+  /// Byte offset of word 0 (the shape).
+  static let shapeOffset: Int32 = 0
   /// Byte offset of the first (handler, cookie) pair.
   static let pairsOffset: Int32 = 8 * Int32(headerWords)
 
@@ -29,6 +30,17 @@ enum MultiRecord {
   /// Words of a record of `handlers` handlers.
   static func words(handlers: Int) -> Int { headerWords + 2 * handlers }
 
+  /// Writes the record of one handler at `words` (a bulk link's: no arrays, it runs 50,000
+  /// times in an attach).
+  static func write(_ words: UnsafeMutablePointer<UInt64>, kind: HandlerKind, handler: UInt64, cookie: UInt64) {
+    words[0] = UInt64(kind.rawValue)
+    words[1] = kind == .entry ? 1 : 0
+    words[2] = kind == .modifyReturn ? 1 : 0
+    words[3] = kind == .exit ? 1 : 0
+    words[headerWords] = handler
+    words[headerWords + 1] = cookie
+  }
+
   /// Writes the record of `handlers` (any order: grouped by kind here) at `words`; returns its
   /// size in words.
   @discardableResult
@@ -36,7 +48,7 @@ enum MultiRecord {
     _ words: UnsafeMutablePointer<UInt64>, handlers: [(kind: HandlerKind, handler: UInt64, cookie: UInt64)]
   ) -> Int {
     let counts = HandlerKind.order.map { kind in handlers.count { $0.kind == kind } }
-    words[0] = counts == [1, 0, 0] ? 1 : 0
+    words[0] = handlers.count == 1 ? UInt64(handlers[0].kind.rawValue) : 0
     for (index, count) in counts.enumerated() { words[1 + index] = UInt64(count) }
     var at = headerWords
     for kind in HandlerKind.order {

@@ -223,7 +223,7 @@ struct FprobeRegistry: ~Copyable {
   var probes: [Int: (sites: [UInt64], exit: Bool)] = [:]
   var ops: OpsLink?
   var graph: GraphLink?
-  var table: Reclaimer.Retired?
+  var table: CodeImage?
 }
 
 extension Tracer {
@@ -296,7 +296,7 @@ extension Tracer {
     block.write(words.withUnsafeBytes { Array($0) })
     registry.root.current.store(block.address, ordering: .sequentiallyConsistent)
     let old = registry.table
-    registry.table = Reclaimer.Retired(block: block, length: words.count * 8, frame: nil, unwind: nil, counters: [])
+    registry.table = CodeImage(block: block, length: words.count * 8)
 
     var operations: [Operation] = []
     let current = Set(registry.graph?.sites ?? [])

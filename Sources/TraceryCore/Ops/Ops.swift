@@ -52,7 +52,7 @@ final class OpsRecord: @unchecked Sendable {
   /// handler, and these are its (unused) counters.
   let counters = AttachmentCounters()
   /// The ops' own trampolines, one per region.
-  var ownImages: [Reclaimer.Retired] = []
+  var ownImages: [CodeImage] = []
   /// The sites the ops was attached to (its filter minus its notrace, resolved).
   var sites: Set<UInt64> = []
 
@@ -69,7 +69,7 @@ final class OpsRecord: @unchecked Sendable {
 }
 
 /// The shared caller's data: every ops with its set of sites, frozen when the caller image is
-/// made and freed with it (the image's `Reclaimer.Retired.keepAlive`).
+/// made and freed with it (the image's `CodeImage.keepAlive`).
 ///
 /// Layout (words): count, then per ops: callback, cookie, set address, set shift; each set is a
 /// `SiteHash` table of sites, 2^(64 - shift) words.
@@ -127,7 +127,7 @@ final class OpsTable: @unchecked Sendable {
 
 /// One shared caller image (code and the table it passes), for one ±2 GiB region.
 struct OpsSharedImage {
-  let image: Reclaimer.Retired
+  let image: CodeImage
   var entry: UInt64 { image.block.address }
 }
 
@@ -186,10 +186,10 @@ extension Tracer {
   }
 
   private func opsImage(_ emitter: OpsEmitter, near site: UInt64, keepAlive: (any AnyObject & Sendable)?) throws
-    -> Reclaimer.Retired
+    -> CodeImage
   {
     let (block, code) = try placeCode(near: site, slack: 16, emit: emitter.emit(at:), bytes: { $0 })
-    return Reclaimer.Retired(
+    return CodeImage(
       block: block, length: code.count, frame: nil, unwind: nil, counters: [], keepAlive: keepAlive)
   }
 }

@@ -5,6 +5,51 @@ import CTraceryShims
   import Glibc
 #endif
 
+/// Generated code or data in the arena, live (a site reaches it) or retired (waiting for the
+/// `Reclaimer`), and what must live as long as it. A class: functions hold it while live, the
+/// reclaimer once retired, and a reference keeps the function's bookkeeping small (it is copied
+/// a few times per commit).
+///
+/// Protocol: created, changed and retired under the tracer's lock; `unwind` is set once, when
+/// the commit that made it settles (hence `@unchecked Sendable`: the lock orders every access).
+final class CodeImage: @unchecked Sendable {
+  let block: CodeArena.Block
+  let length: Int
+  /// Unwind rows of a per-function trampoline (nil for graph images, which have none).
+  let frame: UnwindInfo.Frame?
+  /// The unwind table of the commit that made it, which owns `block` (nil: no unwinder, or
+  /// not yet live; then the block is released directly).
+  var unwind: UnwindInfo?
+  let counters: [AttachmentCounters]
+  /// Data the code reads (an ops table), freed with it.
+  var keepAlive: (any AnyObject & Sendable)? = nil
+  /// Arena blocks reachable only through this one (the records of a detached hash-mode bulk
+  /// link, reached through a retired hash table): busy when any of them or it is referenced,
+  /// released with it.
+  var companions: [CodeArena.Block] = []
+  /// Start addresses of other blocks this code goes to without leaving a return address behind
+  /// (a graph stub jumps to its image's return handler and calls it, or the function's
+  /// trampoline, from where a stack scan cannot tell): while this one is busy, so are they.
+  var leadsTo: [UInt64] = []
+
+  init(
+    block: CodeArena.Block, length: Int, frame: UnwindInfo.Frame?, unwind: UnwindInfo?, counters: [AttachmentCounters],
+    keepAlive: (any AnyObject & Sendable)? = nil
+  ) {
+    self.block = block
+    self.length = length
+    self.frame = frame
+    self.unwind = unwind
+    self.counters = counters
+    self.keepAlive = keepAlive
+  }
+
+  /// A block that is data or code with no unwind rows and no counters.
+  convenience init(block: CodeArena.Block, length: Int) {
+    self.init(block: block, length: length, frame: nil, unwind: nil, counters: [])
+  }
+}
+
 /// Frees retired trampolines once no thread can be inside them: the user-space form of the
 /// kernel's trampoline image refcount + RCU-tasks, with nothing on the traced call's path.
 ///
@@ -23,7 +68,7 @@ import CTraceryShims
 ///
 /// Function-graph frames can hold a return into a stub on a stack no thread is running on (a
 /// coroutine suspended inside a traced call): every thread's live shadow frames are read too
-/// (`scanShadowStacks`). A stub keeps the code it jumps to busy (`Retired.leadsTo`).
+/// (`scanShadowStacks`). A stub keeps the code it jumps to busy (`CodeImage.leadsTo`).
 ///
 /// Limitations: a thread that is running (CPU-bound, never blocking in a system call) and blocks
 /// the snapshot signal (SIGRTMAX - 1) cannot be inspected without ptrace, so while such a thread
@@ -35,37 +80,16 @@ import CTraceryShims
 ///
 /// Protocol: called only under the tracer's lock.
 struct Reclaimer {
-  /// One trampoline, live or retired, and what must live as long as it.
-  struct Retired {
-    let block: CodeArena.Block
-    let length: Int
-    /// Unwind rows of a per-function trampoline (nil for graph images, which have none).
-    let frame: UnwindInfo.Frame?
-    /// The unwind table of the commit that made it, which owns `block` (nil: no unwinder, or
-    /// not yet live; then the block is released directly).
-    var unwind: UnwindInfo?
-    let counters: [AttachmentCounters]
-    /// Data the code reads (an ops table), freed with it.
-    var keepAlive: (any AnyObject & Sendable)? = nil
-    /// Arena blocks reachable only through this one (the records of a detached hash-mode bulk
-    /// link, reached through a retired hash table): busy when any of them or it is referenced,
-    /// released with it.
-    var companions: [CodeArena.Block] = []
-    /// Start addresses of other blocks this code goes to without leaving a return address behind
-    /// (a graph stub jumps to its image's return handler and calls it, or the function's
-    /// trampoline, from where a stack scan cannot tell): while this one is busy, so are they.
-    var leadsTo: [UInt64] = []
-  }
 
-  private(set) var retired: [Retired] = []
+  private(set) var retired: [CodeImage] = []
   /// Why the last pass freed nothing although images were retired (nil when it could look).
   private(set) var lastObstacle: String?
 
-  mutating func retire(_ image: Retired) { retired.append(image) }
+  mutating func retire(_ image: CodeImage) { retired.append(image) }
 
   /// Retires each of `images` whose entry no site calls; returns the others.
   mutating func retire<Image>(
-    _ images: [Image], unlessCalled called: Set<UInt64>, entry: (Image) -> UInt64, image: (Image) -> Retired
+    _ images: [Image], unlessCalled called: Set<UInt64>, entry: (Image) -> UInt64, image: (Image) -> CodeImage
   ) -> [Image] {
     var kept: [Image] = []
     for candidate in images {
@@ -120,7 +144,7 @@ struct Reclaimer {
       return 0
     }
     busy = Self.closing(busy, over: retired)
-    var kept: [Retired] = []
+    var kept: [CodeImage] = []
     var released: [CodeArena.Block] = []
     for (index, image) in retired.enumerated() {
       if busy.contains(index) {
@@ -138,8 +162,8 @@ struct Reclaimer {
     return freed
   }
 
-  /// `busy` and every retired block a busy one leads to (`Retired.leadsTo`), transitively.
-  static func closing(_ busy: Set<Int>, over retired: [Retired]) -> Set<Int> {
+  /// `busy` and every retired block a busy one leads to (`CodeImage.leadsTo`), transitively.
+  static func closing(_ busy: Set<Int>, over retired: [CodeImage]) -> Set<Int> {
     var byStart: [UInt64: Int] = [:]
     for (index, image) in retired.enumerated() { byStart[image.block.address] = index }
     var closed = busy
@@ -160,7 +184,7 @@ struct Reclaimer {
   static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<Set<Int>, Obstacle> {
     let map = MemoryMap.current()
     var busy: Set<Int> = []
-    // Retired blocks never overlap (the arena hands each byte out once): sorted by start, the
+    // CodeImage blocks never overlap (the arena hands each byte out once): sorted by start, the
     // only candidate for a value is the last block starting at or below it. Thousands of
     // retired graph stubs stay cheap to check.
     let order = ranges.indices.sorted { ranges[$0].lowerBound < ranges[$1].lowerBound }

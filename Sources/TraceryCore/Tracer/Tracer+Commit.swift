@@ -43,13 +43,15 @@ extension Tracer {
   }
 
   /// What a function's site holds in `function`'s state: a `jmp` to its graph stub or its own
-  /// trampoline, a `call` to its ops or multi-attach entry, or its original bytes. The one place
+  /// trampoline or its multi-attach stub, a `call` to its ops or multi-attach entry, or its
+  /// original bytes. The one place
   /// that decides a site's bytes (the kernel's `ftrace_update_record`).
   func siteBytes(_ function: TracedFunction) -> [UInt8] {
     let site = function.site
     if let stub = function.graphStub { return X86Instruction.jmp(at: site, to: stub.block.address)! }
     if let image = function.image { return X86Instruction.jmp(at: site, to: image.block.address)! }
     if let entry = function.opsEntry { return X86Instruction.call(at: site, to: entry)! }
+    if let stub = function.multiStub { return X86Instruction.jmp(at: site, to: stub)! }
     if let entry = function.multiEntry { return X86Instruction.call(at: site, to: entry)! }
     return function.original
   }
@@ -180,6 +182,8 @@ extension Tracer {
       function.graphImage = nil
       function.opsEntry = nil
       function.multiEntry = nil
+      function.multiStub = nil
+      function.multiStubImage = nil
       do {
         // A per-function trampoline runs direct handlers, and ops and multi handlers whenever the
         // function has anything else too; with graph users, the graph stub calls it as the
@@ -195,8 +199,13 @@ extension Tracer {
             for: function, body: function.image?.block.address, state: &state)
         } else if !ownTrampoline && !function.ops.isEmpty {
           function.opsEntry = try opsEntry(for: function, state: &state)
+        } else if !ownTrampoline && !function.multi.isEmpty && function.multiNeedsStub {
+          let (stub, trampoline) = try multiStub(for: function, state: &state)
+          function.multiStubImage = stub
+          function.multiStub = stub.block.address
+          function.multiEntry = trampoline
         } else if !ownTrampoline && !function.multi.isEmpty {
-          function.multiEntry = try multiTrampoline(for: function, state: &state)
+          function.multiEntry = try multiTrampoline(for: function, from: site, state: &state)
         }
       } catch {
         plan.report.append(.init(function: function.name, address: function.function, outcome: .failed("\(error)")))
@@ -235,6 +244,7 @@ extension Tracer {
         .init(
           function: plan.planned[index].function.name, address: plan.planned[index].function.function,
           outcome: .failed("cannot write its record pointer into its padding")))
+      if let stub = plan.planned[index].function.multiStubImage { arena.release(stub.block) }
       plan.planned.remove(at: index)
       plan.requests.remove(at: index)
     }
@@ -250,11 +260,14 @@ extension Tracer {
     for ((site, function), outcome) in zip(plan.planned, outcomes) {
       plan.report.append(.init(function: function.name, address: function.function, outcome: outcome))
       if case .failed = outcome {
-        failed += [function.image, function.graphStub].compactMap { $0?.block }
+        failed += [function.image, function.graphStub, function.multiStubImage].compactMap { $0?.block }
         continue
       }
-      if let old = state.functions[site]?.image { state.reclaimer.retire(old) }
-      if let old = state.functions[site]?.graphStub { state.reclaimer.retire(old) }
+      if let old = state.functions[site] {
+        if let image = old.image { state.reclaimer.retire(image) }
+        if let stub = old.graphStub { state.reclaimer.retire(stub) }
+        if let stub = old.multiStubImage { retireStub(stub, state: &state) }
+      }
       live.append((site, function))
     }
     arena.release(contentsOf: failed)
@@ -277,6 +290,7 @@ extension Tracer {
     }
     _ = patcher.writeWords(cleared)
     ZeroedPadding.add(cleared.map(\.address))
+    retireOrphanStubs(state: &state)
     restorePaddingNops(state: &state, callerStack: callerStack)
     // Old graph images and shared ops callers are retired once no site calls them (a site that
     // failed to move keeps its image, and the image stays listed). A listed image no function
@@ -301,7 +315,7 @@ extension Tracer {
 
   /// The per-function trampoline of `function`; its ops' callbacks run first, as entry handlers,
   /// and its multi handlers after its own of each kind.
-  private func makeImage(for function: TracedFunction, ops: [OpsRecord]) throws -> Reclaimer.Retired {
+  private func makeImage(for function: TracedFunction, ops: [OpsRecord]) throws -> CodeImage {
     let model =
       function.model.stackArgumentWords == nil && !function.multi.isEmpty ? function.multiClass : function.model
     let exits = function.attachments.filter { $0.handler.kind == .exit }
@@ -326,7 +340,7 @@ extension Tracer {
     let (block, code) = try placeCode(
       near: function.site, slack: 8 * (function.attachments.count + ops.count + function.multi.count),
       emit: emitter.emit(at:), bytes: \.bytes)
-    return Reclaimer.Retired(
+    return CodeImage(
       block: block, length: code.bytes.count, frame: code.frame, unwind: nil,
       counters: function.attachments.map(\.link.counters) + ops.map(\.counters))
   }

@@ -38,11 +38,11 @@ public final class Tracer: Sendable {
     let original: [UInt8]
     var model: FunctionModel
     var attachments: [Attachment] = []
-    var image: Reclaimer.Retired?
+    var image: CodeImage?
     /// Function-graph users tracing this function (bit i: user i), the stub its site jumps to
     /// now, and the entry of the graph image that stub calls.
     var graphMask: UInt16 = 0
-    var graphStub: Reclaimer.Retired?
+    var graphStub: CodeImage?
     var graphImage: UInt64?
     /// Ops on this function (ids, in attach order), and the ops image its site calls now (its
     /// single ops' own trampoline or a shared caller; nil when a per-function trampoline runs
@@ -55,6 +55,10 @@ public final class Tracer: Sendable {
     var multi: [MultiAttachment] = []
     var multiEntry: UInt64?
     var paddingOwned = false
+    /// The `MultiStub` its site jumps to (with exit or modify-return multi handlers on a global
+    /// trampoline), and its block when the stub is its own (nil: in a bulk link's stub block).
+    var multiStub: UInt64?
+    var multiStubImage: CodeImage?
 
     var isTraced: Bool { !attachments.isEmpty || graphMask != 0 || !ops.isEmpty || !multi.isEmpty }
   }
