@@ -7,7 +7,8 @@ import TraceryRecord
   import Glibc
 #endif
 
-/// The preloaded agent (`libtracery-agent.so`): started by its constructor before `main`, it
+/// The preloaded agent (`libtracery-agent.so`): started before `main` (and before the program's
+/// constructors) from `CTraceryAgent`'s `__libc_start_main`, once its own Swift runtime is set up, it
 /// attaches the function graph's event recorder to every patchable function of the program and
 /// its libraries, and gives each thread its own event file in the trace directory.
 ///
@@ -67,7 +68,8 @@ enum Agent {
     // (`saveSymbols`), unless --patch chose by name.
     let anonymous = configuration.match == nil ? table.orphanSites.map(\.address) : []
     let sites = chosen.compactMap { table.functions[$0].site } + anonymous
-    // gcc's 1-byte NOP sleds can be rewritten now: the constructor runs before other threads.
+    // gcc's 1-byte NOP sleds can be rewritten now: the agent starts before other threads (unless a
+    // library's constructor started one).
     let sleds = sites.filter { site in
       if case .nopSled = ProcessObjects.shape(at: site) { true } else { false }
     }

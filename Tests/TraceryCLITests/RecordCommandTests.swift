@@ -218,6 +218,22 @@ import TraceryTestSupport
     #expect(all.stdout.contains("after() = 7;"), "\(all.stdout)")
   }
 
+  /// The agent carries its own Swift runtime and starts after that runtime's initializers: a
+  /// start before them (from a constructor) built its dictionaries with one hashing seed and
+  /// searched them with another, and about half the runs lost their values. Six runs in a row
+  /// keep them.
+  @Test func valuesAreKeptInEveryRun() throws {
+    let directory = try TestSupport.temporaryDirectory("record-values-runs")
+    let program = try Self.build([Self.programs.appendingPathComponent("values.c").path], in: directory)
+    for run in 0..<6 {
+      let trace = directory.appendingPathComponent("trace-\(run)")
+      let recorded = try Self.record(trace, [program], options: ["-A", "add@arg1,arg2/x", "-R", "add@retval"])
+      #expect(recorded.status == 0, "\(recorded.stderr)")
+      let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+      #expect(replay.stdout.contains("add(40, 0xfffffffffffffffe) = 38;"), "run \(run): \(replay.stdout)")
+    }
+  }
+
   @Test func argumentsAndReturnValuesAsUftraceShowsThem() throws {
     let directory = try TestSupport.temporaryDirectory("record-values")
     let program = try Self.build([Self.programs.appendingPathComponent("values.c").path], in: directory)

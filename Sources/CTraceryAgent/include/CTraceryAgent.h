@@ -1,5 +1,5 @@
-// The agent's C side: only the constructor that starts it before `main` (Swift has no
-// constructor attribute).
+// The agent's C side: only the hook that starts it before `main` (Swift cannot interpose a libc
+// function with its exact C signature).
 #ifndef CTRACERY_AGENT_H
 #define CTRACERY_AGENT_H
 /// Implemented in Swift (TraceryAgent): reads TRACERY_* from the environment and starts recording.
