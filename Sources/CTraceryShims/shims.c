@@ -151,14 +151,15 @@ static void trap_handler(int sig, siginfo_t *info, void *context) {
         switch (poke->kind) {
         case CTRACERY_POKE_CALL:
           gregs[REG_RSP] -= 8;
-          *(uint64_t *)gregs[REG_RSP] = site + 5;
+          *(uint64_t *)gregs[REG_RSP] = site + 5;  // the end of the 5-byte call
           gregs[REG_RIP] = (greg_t)poke->target;
           break;
         case CTRACERY_POKE_JMP:
           gregs[REG_RIP] = (greg_t)poke->target;
           break;
         default:
-          gregs[REG_RIP] = (greg_t)(site + 5);
+          // The original code: it goes on at the site's resume address.
+          gregs[REG_RIP] = (greg_t)poke->target;
           break;
         }
         handled = 1;

@@ -7,7 +7,7 @@ import TraceryX86
 ///     call mode (site holds `call tramp`):    jmp mode (site holds `jmp tramp`):
 ///       movabs r11, &counter[i]                  movabs r11, &counter[i]
 ///       lock inc qword [r11]                     lock inc qword [r11]
-///       ret                                      jmp site + 5
+///       ret                                      jmp resume (the NOP site's PatchSite.resume)
 ///
 /// Lifetime: the counters and code live until `deinit`, which must come after every site is
 /// back to its original bytes (no thread can be inside a trampoline then).
@@ -51,7 +51,7 @@ package final class CountingTrampolines: @unchecked Sendable {
           writer.putInc(Memory(.r11), locked: true)
           switch mode {
           case .call: writer.putRet()
-          case .jmp: try writer.putJmp(address: sites[index] + 5)
+          case .jmp: try writer.putJmp(address: PatchSite.nop(at: sites[index]).resume)
           }
         }
         block.write(try writer.finish())

@@ -10,6 +10,9 @@ import TraceryX86
 /// Kept packed (a word each), so a batch of 50,000 requests allocates nothing per site.
 public struct PatchRequest: Sendable, Equatable {
   public let site: UInt64
+  /// Where a thread that traps on the site goes when the new bytes are not a branch (the
+  /// original code: `PatchSite.resume`).
+  public let resume: UInt64
   /// Packed 5-byte forms, or nil when the given bytes were not 5 (step 1 then fails the request).
   let expectedBytes: SiteBytes?
   let replacementBytes: SiteBytes?
@@ -19,15 +22,22 @@ public struct PatchRequest: Sendable, Equatable {
   public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
   public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
 
+  /// A request for a NOP site (`PatchSite.nop`); `init(patch:expected:replacement:)` for others.
   public init(site: UInt64, expected: [UInt8], replacement: [UInt8]) {
-    self.site = site
+    self.init(patch: .nop(at: site), expected: expected, replacement: replacement)
+  }
+
+  public init(patch: PatchSite, expected: [UInt8], replacement: [UInt8]) {
+    site = patch.address
+    resume = patch.resume
     expectedBytes = SiteBytes(expected)
     replacementBytes = SiteBytes(replacement)
     malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
   }
 
-  init(site: UInt64, expected: SiteBytes, replacement: SiteBytes) {
+  init(site: UInt64, expected: SiteBytes, replacement: SiteBytes, resume: UInt64? = nil) {
     self.site = site
+    self.resume = resume ?? PatchSite.nop(at: site).resume
     expectedBytes = expected
     replacementBytes = replacement
     malformed = nil
@@ -219,6 +229,7 @@ public final class TextPatcher: Sendable {
     let address: UInt64
     let replacement: SiteBytes
     let kind: ctracery_poke_kind
+    let resume: UInt64
   }
 
   /// Step 1: the requests to carry out, sorted by site; outcomes for the others.
@@ -249,7 +260,9 @@ public final class TextPatcher: Sendable {
           "site 0x\(String(request.site, radix: 16)) holds \(Self.hex(current.bytes)), expected \(Self.hex(request.expected))"
         )
       } else {
-        accepted.append(AcceptedSite(request: index, address: request.site, replacement: replacement, kind: kind))
+        accepted.append(
+          AcceptedSite(
+            request: index, address: request.site, replacement: replacement, kind: kind, resume: request.resume))
       }
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
@@ -292,13 +305,14 @@ public final class TextPatcher: Sendable {
         continue
       }
       let first = System.pageStart(sites[runStart].address)
-      var end = System.pageEnd(sites[runStart].address + 5)
+      let written = UInt64(SiteBytes.length)
+      var end = System.pageEnd(sites[runStart].address + written)
       var runEnd = runStart + 1
       // Extend over following sites in the same mapping whose pages touch or overlap the run.
       while runEnd < sites.count, System.pageStart(sites[runEnd].address) <= end,
-        sites[runEnd].address + 5 <= region.end
+        sites[runEnd].address + written <= region.end
       {
-        end = max(end, System.pageEnd(sites[runEnd].address + 5))
+        end = max(end, System.pageEnd(sites[runEnd].address + written))
         runEnd += 1
       }
       runs.append((Protection(start: first, length: end - first, protection: region.protection), runStart..<runEnd))
@@ -391,7 +405,8 @@ public final class TextPatcher: Sendable {
         }
         guard let region = map.region(containing: site) else { continue }
         let start = System.pageStart(site)
-        let pages = Protection(start: start, length: System.pageEnd(site + 5) - start, protection: region.protection)
+        let end = System.pageEnd(site + UInt64(SiteBytes.length))
+        let pages = Protection(start: start, length: end - start, protection: region.protection)
         Self.withWritablePages([pages]) { refused in
           if let error = refused.values.first {
             outcomes.append(.failed("cannot make its page writable: \(error)"))
@@ -438,7 +453,7 @@ final class PokeTable: @unchecked Sendable {
   init(_ sites: [TextPatcher.AcceptedSite]) {
     pokes = .allocate(capacity: max(sites.count, 1))
     for (index, site) in sites.enumerated() {
-      let target = site.replacement.branchTarget(at: site.address) ?? site.address + 5
+      let target = site.replacement.branchTarget(at: site.address) ?? site.resume
       (pokes + index).initialize(
         to: ctracery_poke(site: site.address, target: target, kind: UInt64(site.kind.rawValue)))
     }
@@ -457,6 +472,9 @@ final class PokeTable: @unchecked Sendable {
 struct SiteBytes: Equatable, Sendable {
   let raw: UInt64
 
+  /// The length of every branch Tracery writes at a site (`call`/`jmp rel32`).
+  static let length = 5
+
   init(raw: UInt64) { self.raw = raw }
 
   /// A 5-byte NOP (`0f 1f 44 00 xx`, any displacement: compilers differ).
@@ -464,7 +482,7 @@ struct SiteBytes: Equatable, Sendable {
 
   /// `call rel32` (0xe8) or `jmp rel32` (0xe9) at `site` to `target`, or nil when out of reach.
   static func branch(_ opcode: UInt8, at site: UInt64, to target: UInt64) -> SiteBytes? {
-    let distance = Int64(bitPattern: target &- (site &+ 5))
+    let distance = Int64(bitPattern: target &- (site &+ UInt64(length)))
     guard let rel = Int32(exactly: distance) else { return nil }
     return SiteBytes(raw: UInt64(opcode) | UInt64(UInt32(bitPattern: rel)) << 8)
   }

@@ -150,6 +150,9 @@ extension X86Writer {
   /// `or reg, simm32` (64-bit).
   public mutating func putOr(_ register: Register, immediate: Int32) { putALU(.or, register, immediate: immediate) }
 
+  /// `movsxd reg, dword [memory]`: a signed 32-bit value widened to 64 bits.
+  public mutating func putMovsxd(_ register: Register, _ memory: Memory) { putMemoryForm(0x63, register, memory) }
+
   /// `cmp reg, qword [memory]` (flags of reg − memory).
   public mutating func putCmp(_ register: Register, _ memory: Memory) { putMemoryForm(0x3b, register, memory) }
 

@@ -153,7 +153,8 @@ extension PatchingTests {
         #expect(Set(stubs.compactMap { $0.map(MultiStub.trampoline(of:)) }).count <= 2)
         #expect(
           zip(library.sites, stubs).allSatisfy { site, stub in
-            UnsafePointer<UInt64>(bitPattern: UInt(stub! + UInt64(MultiStub.siteOffset)))!.pointee == site
+            MultiStub.site(of: stub!) == site
+              && siteTarget(stub! + UInt64(MultiStub.bodyOffset)) == PatchSite.nop(at: site).resume
           })
         usleep(2_000)
         #expect(link.detach().failures.isEmpty)

@@ -54,6 +54,9 @@ let forms: [Form] = [
   Form(name: "mov r13, [r13]", expected: [0x4d, 0x8b, 0x6d, 0x00], disassembly: "mov r13,QWORD PTR [r13+0x0]") {
     $0.putMov(.r13, Memory(.r13))
   },
+  Form(name: "movsxd r10, [r10+7]", expected: [0x4d, 0x63, 0x52, 0x07], disassembly: "movsxd r10,DWORD PTR [r10+0x7]") {
+    $0.putMovsxd(.r10, Memory(.r10, 7))
+  },
   Form(name: "mov rsi, [r12+8]", expected: [0x49, 0x8b, 0x74, 0x24, 0x08], disassembly: "mov rsi,QWORD PTR [r12+0x8]") {
     $0.putMov(.rsi, Memory(.r12, 8))
   },

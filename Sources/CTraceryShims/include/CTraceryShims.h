@@ -71,7 +71,8 @@ size_t ctracery_loaded_objects(struct ctracery_object *out, size_t capacity);
 // ---------------------------------------------------------------------------------------------
 
 enum ctracery_poke_kind {
-  /// Continue at site + 5 (the new instruction is a NOP).
+  /// Continue at target, the site's resume address (the new bytes are the original code: for a
+  /// NOP site, site + 5).
   CTRACERY_POKE_SKIP = 0,
   /// Push site + 5 and continue at target (the new instruction is `call target`).
   CTRACERY_POKE_CALL = 1,

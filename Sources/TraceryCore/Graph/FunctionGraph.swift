@@ -370,7 +370,7 @@ extension Tracer {
         mask: function.graphMask, model: function.model, near: block.address, state: &state)
       guard
         let bytes = GraphEmitter.stub(
-          at: block.address, site: site, body: body ?? site + 5, entry: image.entry,
+          at: block.address, site: site, body: body ?? function.patch.resume, entry: image.entry,
           returnHandler: image.returnHandler)
       else { throw AttachError.codeMemory("graph stub out of reach of 0x\(String(site, radix: 16))") }
       block.write(bytes)

@@ -58,7 +58,7 @@ enum ThreadField: Int32 {
 ///     stub:      call entry            ; returns with ZF set: traced (the real return address
 ///                jne  untraced         ; is on the shadow stack now)
 ///                pop  r10              ; so it leaves the machine stack
-///                call body             ; site + 5, or the function's per-function trampoline;
+///                call body             ; PatchSite.resume, or the function's per-function trampoline;
 ///                jmp  return_handler   ; it sees its stack arguments where they were
 ///     untraced:  jmp  body             ; the stack is as the caller left it
 ///                .quad site            ; at stub + 24, read by the entry
@@ -149,7 +149,7 @@ struct GraphEmitter {
   static let stubResumeOffset: Int32 = 14
 
   /// The stub of the function whose patch site is `site` (see the type's comment), placed at
-  /// `base`; it calls `body` (site + 5, or the function's per-function trampoline, which then
+  /// `base`; it calls `body` (`PatchSite.resume`, or the function's per-function trampoline, which then
   /// runs its handlers around the body). nil when a target is out of rel32 reach.
   static func stub(at base: UInt64, site: UInt64, body: UInt64, entry: UInt64, returnHandler: UInt64) -> [UInt8]? {
     var w = X86Writer(base: base)

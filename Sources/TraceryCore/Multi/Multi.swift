@@ -260,8 +260,10 @@ extension Tracer {
     }
     do {
       let trampoline = try multiTrampoline(for: function, from: block.address, state: &state)
-      // `globalTrampoline` placed it within reach of the stub.
-      block.write(MultiStub.bytes(at: block.address, site: function.site, trampoline: trampoline)!)
+      guard let bytes = MultiStub.bytes(at: block.address, patch: function.patch, trampoline: trampoline) else {
+        throw AttachError.codeMemory("multi-attach stub out of reach of 0x\(String(function.site, radix: 16))")
+      }
+      block.write(bytes)
       return (CodeImage(block: block, length: MultiStub.size), trampoline)
     } catch {
       arena.release(block)

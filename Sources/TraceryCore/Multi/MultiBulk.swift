@@ -281,8 +281,8 @@ extension Tracer {
       let link = state.multi.bulk[position]
       for index in leaving {
         var function = TracedFunction(
-          function: link.functions[index], site: link.sites[index], name: link.names[index],
-          original: SiteBytes(raw: link.originals[index]).bytes, model: .unknown)
+          patch: .nop(at: link.sites[index], function: link.functions[index]), name: link.names[index],
+          original: SiteBytes(raw: link.originals[index]), model: .unknown)
         function.multi = [link.attachment(index)]
         if link.viaStubs {
           function.multiStub = link.entries[index]
@@ -410,7 +410,8 @@ extension Tracer {
           continue
         }
       }
-      guard let code = MultiStub.bytes(at: stub, site: site, trampoline: trampoline) else {
+      let patch = PatchSite.nop(at: site, function: link.functions[index])
+      guard let code = MultiStub.bytes(at: stub, patch: patch, trampoline: trampoline) else {
         // The trampoline was placed near the block's start; far into a large block, place another.
         finish()
         report.append(

@@ -1,7 +1,8 @@
 import TraceryX86
 
 /// Generates an ops entry (the kernel's ftrace ops callers, `ftrace_ops_list_func`): called from a patch site (`call`;
-/// [rsp] = site + 5, [rsp+8] = the real return), it saves the argument registers into a
+/// [rsp] = the body, right after the site: `PatchSite.bodyFollowsBranch`; [rsp+8] = the real
+/// return), it saves the argument registers into a
 /// `tracery_call` (the callback's register view), calls either one ops' callback directly (the
 /// ops' own trampoline) or the shared dispatcher with the image's ops table (the shared caller,
 /// the kernel's list function), then puts the view back:
@@ -40,7 +41,7 @@ struct OpsEmitter {
     w.putSub(.rsp, immediate: size)
     TrampolineEmitter.putSaveArguments(&w, .unknown)
     w.putMov(.r10, Memory(.rsp, size))
-    w.putSub(.r10, immediate: 5)
+    w.putSub(.r10, immediate: Int32(SiteBytes.length))  // the site's `call` returns after it
     TrampolineEmitter.putRegisterView(
       &w, function: .register(.r10), returnAddress: Memory(.rsp, size + 8), stackArguments: Memory(.rsp, size + 16),
       scratch: .r10)
@@ -59,7 +60,7 @@ struct OpsEmitter {
     w.putMov(.r10, Memory(.rsp, 8))
     w.putMov(Memory(.rsp, size + 8), .r10)
     w.putMov(.r10, Memory(.rsp, size))
-    w.putSub(.r10, immediate: 5)
+    w.putSub(.r10, immediate: Int32(SiteBytes.length))  // the site's `call` returns after it
     w.putCmp(.r10, Memory(.rsp, 0))
     w.putJcc(.equal, keep)
     w.putMov(.r10, Memory(.rsp, 0))

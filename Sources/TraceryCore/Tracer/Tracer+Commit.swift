@@ -44,15 +44,19 @@ extension Tracer {
 
   /// What a function's site holds in `function`'s state: a `jmp` to its graph stub or its own
   /// trampoline or its multi-attach stub, a `call` to its ops or multi-attach entry, or its
-  /// original bytes. The one place
-  /// that decides a site's bytes (the kernel's `ftrace_update_record`).
-  func siteBytes(_ function: TracedFunction) -> [UInt8] {
+  /// original bytes. The one place that decides a site's bytes (the kernel's
+  /// `ftrace_update_record`). Every target was placed within rel32 reach of the site.
+  func siteBytes(_ function: TracedFunction) -> SiteBytes {
     let site = function.site
-    if let stub = function.graphStub { return X86Instruction.jmp(at: site, to: stub.block.address)! }
-    if let image = function.image { return X86Instruction.jmp(at: site, to: image.block.address)! }
-    if let entry = function.opsEntry { return X86Instruction.call(at: site, to: entry)! }
-    if let stub = function.multiStub { return X86Instruction.jmp(at: site, to: stub)! }
-    if let entry = function.multiEntry { return X86Instruction.call(at: site, to: entry)! }
+    if let stub = function.graphStub { return SiteBytes.branch(0xe9, at: site, to: stub.block.address)! }
+    if let image = function.image { return SiteBytes.branch(0xe9, at: site, to: image.block.address)! }
+    if let stub = function.multiStub { return SiteBytes.branch(0xe9, at: site, to: stub)! }
+    // Shared trampolines entered by `call` return into the body: it must follow the site.
+    precondition(
+      function.patch.bodyFollowsBranch || (function.opsEntry == nil && function.multiEntry == nil),
+      "a call-form entry needs a site whose body follows its branch")
+    if let entry = function.opsEntry { return SiteBytes.branch(0xe8, at: site, to: entry)! }
+    if let entry = function.multiEntry { return SiteBytes.branch(0xe8, at: site, to: entry)! }
     return function.original
   }
 
@@ -78,8 +82,7 @@ extension Tracer {
     func current(_ target: Target) -> TracedFunction {
       if let function = plan.next[target.site] ?? state.functions[target.site] { return function }
       var function = TracedFunction(
-        function: target.function, site: target.site, name: target.name, original: TextPatcher.read(target.site),
-        model: .unknown)
+        patch: target.patch, name: target.name, original: SiteBytes(reading: target.site), model: .unknown)
       // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
       if ZeroedPadding.claim(before: target.site) {
         function.paddingOwned = true
@@ -211,7 +214,9 @@ extension Tracer {
         plan.report.append(.init(function: function.name, address: function.function, outcome: .failed("\(error)")))
         continue
       }
-      plan.requests.append(PatchRequest(site: site, expected: oldBytes, replacement: siteBytes(function)))
+      plan.requests.append(
+        PatchRequest(
+          site: site, expected: oldBytes, replacement: siteBytes(function), resume: function.patch.resume))
       plan.planned.append((site, function))
     }
   }
@@ -334,7 +339,7 @@ extension Tracer {
       } + function.multi.filter { $0.kind == kind }.map(\.handlerCall)
     }
     let emitter = TrampolineEmitter(
-      function: function.function, site: function.site, model: model, entries: ops.map(\.handlerCall) + calls(.entry),
+      patch: function.patch, model: model, entries: ops.map(\.handlerCall) + calls(.entry),
       modifyReturns: calls(.modifyReturn), exits: calls(.exit), guardOffset: guardOffset)
     // A handler call is 8 bytes longer where the handler is out of rel32 reach.
     let (block, code) = try placeCode(

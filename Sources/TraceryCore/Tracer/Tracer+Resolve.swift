@@ -8,7 +8,7 @@ extension Tracer {
     let (known, bulk) = state.withLock { state in
       var known: [UInt64: Target] = [:]
       for function in state.functions.values {
-        let target = Target(function: function.function, site: function.site, name: function.name)
+        let target = Target(patch: function.patch, name: function.name)
         known[function.function] = target
         known[function.site] = target
       }
@@ -34,7 +34,7 @@ extension Tracer {
         if plain, let name, context.map.isExecutable(address, count: 9, hint: &hint),
           SiteBytes(reading: address).isNop5
         {
-          result.append(Target(function: address, site: address, name: name))
+          result.append(Target(patch: .nop(at: address), name: name))
         } else if let target = try? context.target(at: address, name: name, hint: &hint) {
           result.append(target)
         }
@@ -91,8 +91,7 @@ extension Tracer {
     let known: [UInt64: Target]
     let bulk: [BulkLink]
 
-    /// The site of the function at `address`: `address` itself when a 5-byte NOP is there, or
-    /// 4 bytes on when it starts with `endbr64`.
+    /// The site of the function at `address` (`PatchSite.at`), or the one it has already.
     /// `hint`: see `MemoryMap.isExecutable(_:count:hint:)`.
     func target(at address: UInt64, name: String?, entry: UInt64? = nil, hint: inout Int) throws(AttachError)
       -> Target
@@ -104,26 +103,18 @@ extension Tracer {
           link.functions[index] == address
             || link.sites[index] == address
         {
-          return Target(function: link.functions[index], site: link.sites[index], name: link.names[index])
+          return Target(
+            patch: .nop(at: link.sites[index], function: link.functions[index]), name: link.names[index])
         }
       }
       let label = name ?? "0x\(String(address, radix: 16))"
       guard map.isExecutable(address, count: 9, hint: &hint) else {
         throw .noPatchSite(function: label, reason: "not in readable executable memory")
       }
-      // The common case first, without building byte arrays: a 5-byte NOP at the address.
-      if SiteBytes(reading: address).isNop5 { return Target(function: entry ?? address, site: address, name: label) }
-      var site = address
-      if SiteBytes(reading: address).bytes.prefix(4) == X86Instruction.endbr64[...] { site += 4 }
-      switch X86Instruction.SiteShape(bytes: TextPatcher.read(site), at: site) {
-      case .nop5:
-        return Target(function: entry ?? address, site: site, name: label)
-      case .nopSled:
-        throw .noPatchSite(
-          function: label,
-          reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)")
-      case let shape:
-        throw .noPatchSite(function: label, reason: "its entry holds \(shape), not a 5-byte NOP")
+      do {
+        return Target(patch: try PatchSite.at(address, function: entry), name: label)
+      } catch {
+        throw .noPatchSite(function: label, reason: error.reason)
       }
     }
   }

@@ -32,10 +32,10 @@ public final class Tracer: Sendable {
   }
 
   struct TracedFunction {
-    let function: UInt64
-    let site: UInt64
+    let patch: PatchSite
     let name: String
-    let original: [UInt8]
+    /// The 5 bytes at its site before anything traced it.
+    let original: SiteBytes
     var model: FunctionModel
     var attachments: [Attachment] = []
     var image: CodeImage?
@@ -61,6 +61,9 @@ public final class Tracer: Sendable {
     var multiStubImage: CodeImage?
 
     var isTraced: Bool { !attachments.isEmpty || graphMask != 0 || !ops.isEmpty || !multi.isEmpty }
+    var function: UInt64 { patch.function }
+    /// Its patch site's address: the key of `State.functions`.
+    var site: UInt64 { patch.address }
   }
 
   struct State: ~Copyable {
@@ -90,9 +93,10 @@ public final class Tracer: Sendable {
 
   /// A resolved function: entry address, site, name.
   struct Target: Equatable {
-    let function: UInt64
-    let site: UInt64
+    let patch: PatchSite
     let name: String
+    var function: UInt64 { patch.function }
+    var site: UInt64 { patch.address }
   }
 
   init(arena: CodeArena = .shared, patcher: TextPatcher = .shared) {

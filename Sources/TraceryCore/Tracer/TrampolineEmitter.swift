@@ -89,16 +89,16 @@ struct TrampolineEmitter {
     w.putMov(Memory(.rsp, stackArgumentsOffset), scratch)
   }
 
-  let function: UInt64
-  let site: UInt64
+  let patch: PatchSite
   let model: FunctionModel
   let entries: [HandlerCall]
   let modifyReturns: [HandlerCall]
   let exits: [HandlerCall]
   let guardOffset: Int32
 
-  /// The body of the function: right after its 5-byte site.
-  var body: UInt64 { site + 5 }
+  var function: UInt64 { patch.function }
+  /// The body of the function: where it goes on without the bytes its site's branch replaced.
+  var body: UInt64 { patch.resume }
   var callsOriginal: Bool { !exits.isEmpty || !modifyReturns.isEmpty }
 
   /// The finished code, and the offsets `UnwindInfo` needs.

@@ -1,0 +1,73 @@
+import TraceryX86
+
+/// Where Tracery patches a function and how the function's own code goes on: the kernel's
+/// `dyn_ftrace` record (one per patchable function) with what uftrace's `mcount_patch_func`
+/// decides per kind of site. Every part of the engine takes the body's address from here
+/// (`resume`), never from "site + 5".
+///
+/// The branch Tracery writes is always 5 bytes (`call`/`jmp rel32`, `SiteBytes`) at `address`;
+/// it replaces the first `length` bytes of the function's code there, and `resume` is where the
+/// function goes on without them: the body a trampoline calls or jumps to, and where the patcher
+/// sends a thread that traps on a site being put back (`PatchRequest.resume`).
+///
+/// Which shapes exist, and so what `length` and `resume` are, is decided in one place: `init(at:)`.
+/// Today's one shape is a compiler's NOP; a prologue moved out of line (relocated) would add one
+/// whose `resume` is the moved copy.
+///
+/// Shared trampolines that a site enters with a `call` (ops, multi-attach entry-only) take the
+/// body from the call's return address: only sites whose body follows the branch
+/// (`bodyFollowsBranch`) may enter them that way; others go through a stub (`MultiStub`) or a
+/// per-function trampoline, which read `resume`.
+public struct PatchSite: Sendable, Hashable {
+  public enum Shape: UInt8, Sendable {
+    /// A 5-byte NOP the compiler left at the entry (or right after its `endbr64`):
+    /// `-fpatchable-function-entry`, `-mnop-mcount`, or gcc's 1-byte NOP sled once converted
+    /// (`TextPatcher.convertSleds`). The branch replaces the NOP; the body follows it.
+    case nop
+  }
+
+  /// The function's entry (its symbol's address).
+  public let function: UInt64
+  /// Where the 5-byte branch goes.
+  public let address: UInt64
+  /// Where the function goes on without the bytes the branch replaced.
+  public let resume: UInt64
+  /// How many bytes of the function's code at `address` the branch replaces (at least 5).
+  public let length: UInt8
+  public let shape: Shape
+
+  /// A compiler's 5-byte NOP at `address`, in the function that starts at `function`.
+  public static func nop(at address: UInt64, function: UInt64? = nil) -> PatchSite {
+    PatchSite(
+      function: function ?? address, address: address, resume: address + UInt64(SiteBytes.length),
+      length: UInt8(SiteBytes.length), shape: .nop)
+  }
+
+  /// The site of the function at `entry` (a mapped, executable address), by what its code
+  /// holds: a 5-byte NOP at the entry, or right after an `endbr64` there. Throws the reason
+  /// it has none.
+  static func at(_ entry: UInt64, function: UInt64? = nil) throws(PatchSiteError) -> PatchSite {
+    // The common case first, without building byte arrays.
+    if SiteBytes(reading: entry).isNop5 { return .nop(at: entry, function: function ?? entry) }
+    var address = entry
+    if SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] { address += 4 }
+    switch X86Instruction.SiteShape(bytes: TextPatcher.read(address), at: address) {
+    case .nop5:
+      return .nop(at: address, function: function ?? entry)
+    case .nopSled:
+      throw PatchSiteError(
+        reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)")
+    case let shape:
+      throw PatchSiteError(reason: "its entry holds \(shape), not a 5-byte NOP")
+    }
+  }
+
+  /// Whether the body starts right after the branch, so that a `call` at the site returns into
+  /// it (what shared trampolines entered by `call` rely on).
+  public var bodyFollowsBranch: Bool { resume == address + UInt64(SiteBytes.length) }
+}
+
+/// Why a function has no patch site.
+struct PatchSiteError: Error {
+  let reason: String
+}
