@@ -281,6 +281,13 @@ void ctracery_set_thread_stack(struct ctracery_thread *state) {
 
 static atomic_int snapshot_tid;
 static _Atomic uint64_t snapshot_rip, snapshot_rsp;
+static _Atomic uint64_t snapshot_registers[CTRACERY_SNAPSHOT_REGISTERS];
+// The ucontext slots of rax ... r15 but rsp (a shared trampoline may hold a pointer it has
+// loaded but not yet stored where the stack scan looks: see MultiEmitter's lookup).
+static const int snapshot_register_slots[CTRACERY_SNAPSHOT_REGISTERS] = {
+    REG_RAX, REG_RBX, REG_RCX, REG_RDX, REG_RSI, REG_RDI, REG_RBP, REG_R8,
+    REG_R9,  REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15,
+};
 static atomic_int snapshot_done, snapshot_on_alternate_stack;
 static atomic_int snapshot_installed;
 
@@ -292,6 +299,10 @@ static void snapshot_handler(int sig, siginfo_t *info, void *context) {
   ucontext_t *uc = context;
   atomic_store_explicit(&snapshot_rip, (uint64_t)uc->uc_mcontext.gregs[REG_RIP], memory_order_relaxed);
   atomic_store_explicit(&snapshot_rsp, (uint64_t)uc->uc_mcontext.gregs[REG_RSP], memory_order_relaxed);
+  for (int index = 0; index < CTRACERY_SNAPSHOT_REGISTERS; index++) {
+    atomic_store_explicit(&snapshot_registers[index], (uint64_t)uc->uc_mcontext.gregs[snapshot_register_slots[index]],
+                          memory_order_relaxed);
+  }
   // Interrupted inside a signal handler running on its alternate stack: the stack it interrupted
   // in turn is somewhere else (sigaltstack is async-signal-safe).
   stack_t current;
@@ -303,7 +314,7 @@ static void snapshot_handler(int sig, siginfo_t *info, void *context) {
 
 int ctracery_snapshot_signal(void) { return SIGRTMAX - 1; }
 
-int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_ms) {
+int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms) {
   int expected = 0;
   if (atomic_compare_exchange_strong(&snapshot_installed, &expected, 1)) {
     struct sigaction action;
@@ -325,6 +336,9 @@ int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_
     if (atomic_load_explicit(&snapshot_done, memory_order_acquire)) {
       *rip = atomic_load_explicit(&snapshot_rip, memory_order_relaxed);
       *rsp = atomic_load_explicit(&snapshot_rsp, memory_order_relaxed);
+      for (int index = 0; index < CTRACERY_SNAPSHOT_REGISTERS; index++) {
+        registers[index] = atomic_load_explicit(&snapshot_registers[index], memory_order_relaxed);
+      }
       atomic_store(&snapshot_tid, 0);
       return atomic_load_explicit(&snapshot_on_alternate_stack, memory_order_relaxed) ? 1 : 0;
     }

@@ -227,3 +227,41 @@ void tracery_fixture_spinner_stop(void) {
   atomic_store(&spinner_stop, 1);
   pthread_join(spinner_thread, 0);
 }
+
+/* A thread that holds one address (8 bytes past the masked base it is given) in r12 only, as a
+   global trampoline holds a record between its load and its hazard store. The loop is assembly:
+   a compiler may keep any C variable on the stack as well. */
+static volatile int holder_stop, holder_holding;
+static pthread_t holder_thread;
+static uint64_t holder_masked;
+static void *holder(void *arg) {
+  (void)arg;
+  sigset_t none;
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, 0);
+  uint64_t masked = holder_masked;
+  __asm__ volatile(
+      "movabs $0x5a5a5a5a5a5a5a5a, %%r12\n\t"
+      "xor %0, %%r12\n\t"
+      "add $8, %%r12\n\t"
+      "movl $1, %1\n\t"
+      "1: pause\n\t"
+      "cmpl $0, %2\n\t"
+      "je 1b\n\t"
+      "xor %%r12, %%r12\n\t"
+      :
+      : "r"(masked), "m"(holder_holding), "m"(holder_stop)
+      : "r12", "memory", "cc");
+  return 0;
+}
+void tracery_fixture_holder_start(uint64_t masked_base) {
+  holder_masked = masked_base;
+  holder_stop = 0;
+  holder_holding = 0;
+  pthread_create(&holder_thread, 0, holder, 0);
+  while (!holder_holding) sched_yield();
+}
+void tracery_fixture_holder_stop(void) {
+  holder_stop = 1;
+  pthread_join(holder_thread, 0);
+}

@@ -310,6 +310,34 @@ extension PatchingTests {
       #expect(tracer.reclaimObstacle == nil)
     }
 
+    /// An address a running thread holds only in a register keeps its block busy: a global
+    /// multi-attach trampoline holds a record that way between its load and its hazard store.
+    @Test func anAddressHeldInARegisterIsBusy() throws {
+      let arena = CodeArena()
+      let block = try arena.allocate(near: Fixture.double, size: 64)
+      defer { arena.release(block) }
+      // The range checked is 8 bytes into the block; this frame (which the scan of this thread
+      // covers) holds no address in it, not even a temporary: only the block's start, masked.
+      let key: UInt64 = 0x5a5a_5a5a_5a5a_5a5a
+      let masked = block.address ^ key
+      func scan() -> Result<Set<Int>, Reclaimer.Obstacle> {
+        withCallerStackMarker { marker in
+          let start = (masked ^ key) + 8
+          return Reclaimer.busyRanges([start..<(start + 8)], callerStack: marker)
+        }
+      }
+      #expect(scan().isBusy == false)
+      tracery_fixture_holder_start(masked)
+      let held = scan()
+      tracery_fixture_holder_stop()
+      let released = scan()
+      guard case .success(let busy) = held, case .success(let free) = released else {
+        Issue.record("a thread could not be inspected: \(held) \(released)")
+        return
+      }
+      #expect(busy == [0] && free.isEmpty)
+    }
+
     @Test func typedErrors() throws {
       #expect(throws: AttachError.self) {
         try tracer.attach(.exit(Handlers.exit), to: .address(Fixture.pair))  // unknown stack arguments
@@ -409,4 +437,9 @@ final class AddressBox: @unchecked Sendable {
     let set = Set(addresses)
     return scrambled.map { set.contains(~$0) }
   }
+}
+
+extension Result<Set<Int>, Reclaimer.Obstacle> {
+  /// nil when the scan could not inspect every thread.
+  fileprivate var isBusy: Bool? { if case .success(let busy) = self { !busy.isEmpty } else { nil } }
 }

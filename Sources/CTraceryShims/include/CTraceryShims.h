@@ -104,17 +104,20 @@ uint64_t ctracery_traps_handled(void);
 // Thread snapshots for the trampoline reclaimer (the user-space form of RCU-tasks).
 //
 // The reclaimer frees a retired trampoline only when no thread executes it or holds an address
-// inside it on its stack. For a thread that is running user code it needs that thread's rip and
-// rsp: it sends CTRACERY_SNAPSHOT_SIGNAL, whose handler copies them from the ucontext and
-// acknowledges. One request at a time (the reclaimer holds the tracer's lock).
+// inside it on its stack or in a register. For a thread that is running user code it needs that
+// thread's registers: it sends CTRACERY_SNAPSHOT_SIGNAL, whose handler copies them from the
+// ucontext and acknowledges. One request at a time (the reclaimer holds the tracer's lock).
 
 /// The signal used for snapshots: SIGRTMAX - 1.
 int ctracery_snapshot_signal(void);
-/// Sends the snapshot signal to thread `tid` and waits up to `timeout_ms` for its rip and rsp.
+/// The general-purpose registers a snapshot reports besides rip and rsp (rax ... r15 but rsp).
+#define CTRACERY_SNAPSHOT_REGISTERS 15
+/// Sends the snapshot signal to thread `tid` and waits up to `timeout_ms` for its rip, rsp and
+/// other general-purpose registers (`registers`: CTRACERY_SNAPSHOT_REGISTERS words).
 /// Returns 0 on success, 1 when the thread was running a signal handler on its alternate stack
-/// (rip and rsp are set, but the stack it interrupted is elsewhere), -1 if the thread did not
+/// (the registers are set, but the stack it interrupted is elsewhere), -1 if the thread did not
 /// answer (it may have exited or block the signal).
-int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, int timeout_ms);
+int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms);
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread state that generated code reads and writes at a fixed %fs offset.

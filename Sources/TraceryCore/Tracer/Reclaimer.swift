@@ -59,10 +59,13 @@ final class CodeImage: @unchecked Sendable {
 /// or a handler was called from it, or a signal frame saved a rip in it). A thread can only drop
 /// such references, never gain new ones, so a conservative scan may race with the thread and
 /// still never miss one. Any word that looks like an address inside an image keeps it busy.
+/// Data (a multi-attach record or table) is also referenced by a register between a global
+/// trampoline's load of its address and its store into the frame's hazard slot: a running
+/// thread's registers are checked too, so that lookup needs no re-check after the store.
 ///
 /// Per thread (/proc/self/task): a thread blocked in a system call has its rip and rsp in
-/// /proc/self/task/TID/syscall and is not disturbed; a running thread gets a snapshot signal
-/// whose handler reports them. The stack is scanned from rsp to the end of its mapping. A thread
+/// /proc/self/task/TID/syscall and is not disturbed; any other thread gets a snapshot signal
+/// whose handler reports its registers. The stack is scanned from rsp to the end of its mapping. A thread
 /// that does not answer within 50 ms keeps everything busy (try again later). Reclaiming never
 /// waits on a sleeping thread.
 ///
@@ -215,7 +218,7 @@ struct Reclaimer {
     // detaching from inside a trampoline.
     guard scanStack(from: callerStack) else { return .failure(Obstacle(reason: "own stack not found")) }
     for tid in threadIDs() where tid != me {
-      guard let (rip, rsp, onAlternateStack) = registers(of: tid) else {
+      guard let (rip, rsp, others, onAlternateStack) = registers(of: tid) else {
         // Exited meanwhile: nothing to scan. Otherwise we cannot tell: keep everything.
         if access("/proc/self/task/\(tid)", F_OK) != 0 { continue }
         return .failure(Obstacle(reason: "thread \(tid) did not answer the snapshot signal"))
@@ -224,6 +227,7 @@ struct Reclaimer {
         return .failure(Obstacle(reason: "thread \(tid) is running a signal handler on its alternate stack"))
       }
       check(rip)
+      for value in others { check(value) }
       guard scanStack(from: rsp) else {
         return .failure(Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping"))
       }
@@ -280,20 +284,24 @@ struct Reclaimer {
     return result
   }
 
-  /// rip and rsp of thread `tid`: from procfs while it is blocked (in a system call or
-  /// otherwise), else from a snapshot signal if the thread does not block that signal. A running
-  /// thread that blocks it is polled for up to ~100 ms, until it blocks; then nil.
+  /// rip, rsp and the other general-purpose registers of thread `tid`: rip and rsp from procfs
+  /// while it is blocked in a system call (no generated code holds a pointer only in a register
+  /// across one: none makes system calls), else all of them from a snapshot signal if the thread
+  /// does not block that signal (a thread blocked outside a system call, e.g. on a page fault,
+  /// answers once it runs again). A running thread that blocks the signal is polled for up to
+  /// ~100 ms, until it blocks in a system call; then nil.
   /// `onAlternateStack`: the thread was running a signal handler on its alternate stack, so the
   /// stack it interrupted (which may hold returns into trampolines) is not the one rsp is on.
-  static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64, onAlternateStack: Bool)? {
+  static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64, others: [UInt64], onAlternateStack: Bool)? {
     let signalBlocked = blocksSnapshotSignal(tid)
     for _ in 0..<20 {
-      if let blocked = blockedRegisters(of: tid) { return (blocked.rip, blocked.rsp, false) }
+      if let blocked = blockedRegisters(of: tid) { return (blocked.rip, blocked.rsp, [], false) }
       if !signalBlocked {
         var rip: UInt64 = 0
         var rsp: UInt64 = 0
-        let answer = ctracery_snapshot_thread(tid, &rip, &rsp, 20)
-        if answer >= 0 { return (rip, rsp, answer == 1) }
+        var others = [UInt64](repeating: 0, count: Int(CTRACERY_SNAPSHOT_REGISTERS))
+        let answer = ctracery_snapshot_thread(tid, &rip, &rsp, &others, 20)
+        if answer >= 0 { return (rip, rsp, others, answer == 1) }
       } else {
         usleep(5000)
       }
@@ -301,12 +309,13 @@ struct Reclaimer {
     return nil
   }
 
-  /// "NR arg1 ... arg6 sp pc", or "-1 sp pc" when blocked outside a system call; "running"
-  /// while the thread is runnable.
+  /// rip and rsp of a thread blocked in a system call: "NR arg1 ... arg6 sp pc". nil for "-1 sp
+  /// pc" (blocked outside a system call: its registers may matter, so it is signalled) and for
+  /// "running".
   static func blockedRegisters(of tid: Int32) -> (rip: UInt64, rsp: UInt64)? {
     guard let text = System.readFile("/proc/self/task/\(tid)/syscall") else { return nil }
     let fields = String(decoding: text, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
-    guard let first = fields.first, first != "running", fields.count >= 3,
+    guard let first = fields.first, first != "running", first != "-1", fields.count >= 3,
       let sp = UInt64(fields[fields.count - 2].dropFirst(2), radix: 16),
       let pc = UInt64(fields[fields.count - 1].dropFirst(2), radix: 16)
     else { return nil }

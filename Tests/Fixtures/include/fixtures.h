@@ -76,3 +76,6 @@ void tracery_fixture_tracer_hammers_start(int count);
 /// the one kind of thread the trampoline reclaimer cannot inspect.
 void tracery_fixture_spinner_start(void);
 void tracery_fixture_spinner_stop(void);
+/// A thread spinning with `(masked_base ^ 0x5a5a5a5a5a5a5a5a) + 8` in r12 and nowhere in memory.
+void tracery_fixture_holder_start(uint64_t masked_base);
+void tracery_fixture_holder_stop(void);
