@@ -1,0 +1,146 @@
+/// Moves a function's first instructions out of line, so that a 5-byte branch can take their
+/// place (what uftrace's dynamic patcher and Frida's relocator do): the whole instructions that
+/// cover at least `minimum` bytes are copied to `destination`, re-encoded to run there, and
+/// followed by a `jmp` back to the first instruction not moved.
+///
+/// Re-encoding:
+/// - a `[rip + disp32]` operand gets the displacement that reaches the same address from the copy;
+/// - `jmp rel8/rel32` becomes `jmp rel32`, `jcc rel8/rel32` becomes `jcc rel32`; a target among
+///   the moved instructions is sent to its copy;
+/// - `call rel32` becomes a push of the original return address and a `jmp`: the callee returns
+///   to the original code (the moved range always ends with the call), and a stack walk (an
+///   unwinder, a debugger) sees the stack as the compiler built it.
+///
+/// Refused, with the instruction's offset: what the decoder does not know (vector, x87,
+/// indirect branches, ...), `ret`/`ud2`/`int3`/`hlt` before `minimum` bytes (the function is
+/// shorter than the branch), `syscall` (a thread would stop right after it, inside the moved
+/// range), `loop`/`jrcxz` (no rel32 form), and any target out of rel32 reach of the copy.
+///
+/// What the relocator cannot see is the rest of the program: a branch elsewhere into the moved
+/// range's interior, or an exception landing pad there. Its caller checks those.
+public enum X86Relocator {
+  public enum Refusal: Error, Equatable, Sendable, CustomStringConvertible {
+    case unknownInstruction(offset: Int)
+    case endsFunction(offset: Int)
+    case systemCall(offset: Int)
+    case loop(offset: Int)
+    case outOfReach(offset: Int)
+    case intoMiddleOfInstruction(offset: Int)
+
+    public var description: String {
+      switch self {
+      case .unknownInstruction(let offset): "an instruction the decoder does not know at +\(offset)"
+      case .endsFunction(let offset): "the function ends at +\(offset), before the branch's 5 bytes"
+      case .systemCall(let offset): "a system call at +\(offset)"
+      case .loop(let offset): "a loop/jrcxz at +\(offset) (no rel32 form)"
+      case .outOfReach(let offset): "the instruction at +\(offset) reaches beyond ±2 GiB of the copy"
+      case .intoMiddleOfInstruction(let offset): "the branch at +\(offset) goes into the middle of an instruction"
+      }
+    }
+  }
+
+  /// Where one moved instruction starts, in the original and in the copy.
+  public struct Boundary: Equatable, Sendable {
+    public let original: Int
+    public let copy: Int
+  }
+
+  public struct Relocation: Equatable, Sendable {
+    /// The copy: the moved instructions re-encoded, then `jmp` to the original + `length`.
+    public let bytes: [UInt8]
+    /// How many bytes of the original the moved instructions cover (at least the minimum).
+    public let length: Int
+    /// One per moved instruction, in order: where a thread stopped in the original range goes.
+    public let boundaries: [Boundary]
+  }
+
+  /// The relocation of the code at `address` (its bytes from there on: `code`, at least 15 past
+  /// the last instruction it may need) into a copy at `destination`.
+  public static func relocate(
+    _ code: UnsafeRawBufferPointer, at address: UInt64, to destination: UInt64, minimum: Int = 5
+  ) throws(Refusal) -> Relocation {
+    // Decode the range first: branch targets among the moved instructions need their copies.
+    var moved: [(offset: Int, instruction: X86Decoder.Instruction)] = []
+    var offset = 0
+    while offset < minimum {
+      let rest = UnsafeRawBufferPointer(rebasing: code[offset..<min(code.count, offset + 15)])
+      guard let instruction = X86Decoder.decode(rest, at: address + UInt64(offset)) else {
+        throw .unknownInstruction(offset: offset)
+      }
+      if instruction.flow == .end { throw .endsFunction(offset: offset) }
+      if instruction.isSystemCall { throw .systemCall(offset: offset) }
+      if case .branch = instruction.flow, instruction.condition == nil { throw .loop(offset: offset) }
+      moved.append((offset, instruction))
+      offset += instruction.length
+    }
+    let length = offset
+    // The copy's size of each instruction, hence where each lands.
+    func copySize(_ instruction: X86Decoder.Instruction) -> Int {
+      switch instruction.flow {
+      case .jump: 5
+      case .branch: 6
+      case .call: Self.callSequenceSize
+      case .next, .end: instruction.length
+      }
+    }
+    var boundaries: [Boundary] = []
+    var at = 0
+    for (offset, instruction) in moved {
+      boundaries.append(Boundary(original: offset, copy: at))
+      at += copySize(instruction)
+    }
+    // A target: outside the range as it is; inside, the copy of the instruction it starts.
+    func resolve(_ target: UInt64, from offset: Int) throws(Refusal) -> UInt64 {
+      guard target >= address && target < address + UInt64(length) else { return target }
+      guard let boundary = boundaries.first(where: { UInt64($0.original) == target - address }) else {
+        throw .intoMiddleOfInstruction(offset: offset)
+      }
+      return destination + UInt64(boundary.copy)
+    }
+    func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> [UInt8] {
+      guard let value = Int32(exactly: Int64(bitPattern: target &- end)) else { throw .outOfReach(offset: offset) }
+      return withUnsafeBytes(of: value.littleEndian) { Array($0) }
+    }
+    var bytes: [UInt8] = []
+    for ((offset, instruction), boundary) in zip(moved, boundaries) {
+      let here = destination + UInt64(boundary.copy)
+      let original = Array(code[offset..<offset + instruction.length])
+      switch instruction.flow {
+      case .jump(let target):
+        let to = try resolve(target, from: offset)
+        bytes += [0xe9] + (try rel32(from: here + 5, to: to, offset: offset))
+      case .branch(let target):
+        let to = try resolve(target, from: offset)
+        bytes += [0x0f, 0x80 | instruction.condition!] + (try rel32(from: here + 6, to: to, offset: offset))
+      case .call(let target):
+        let to = try resolve(target, from: offset)
+        let returnAddress = address + UInt64(offset + instruction.length)
+        bytes += Self.pushImmediate64(returnAddress)
+        bytes += [0xe9] + (try rel32(from: here + UInt64(Self.callSequenceSize), to: to, offset: offset))
+      case .next, .end:
+        var copied = original
+        if let at = instruction.ripDisplacementOffset {
+          let raw = (0..<4).reduce(UInt32(0)) { $0 | UInt32(original[at + $1]) << (8 * $1) }
+          let target =
+            address + UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(Int32(bitPattern: raw)))
+          let displacement = try rel32(from: here + UInt64(instruction.length), to: target, offset: offset)
+          copied.replaceSubrange(at..<at + 4, with: displacement)
+        }
+        bytes += copied
+      }
+    }
+    let end = destination + UInt64(bytes.count)
+    bytes += [0xe9] + (try rel32(from: end + 5, to: address + UInt64(length), offset: length))
+    return Relocation(bytes: bytes, length: length, boundaries: boundaries)
+  }
+
+  /// `lea rsp, [rsp - 8]; mov dword [rsp], low; mov dword [rsp + 4], high`: a 64-bit push that
+  /// leaves the flags alone, then the call's `jmp rel32`.
+  static let callSequenceSize = 5 + 7 + 8 + 5
+
+  static func pushImmediate64(_ value: UInt64) -> [UInt8] {
+    let low = withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian) { Array($0) }
+    let high = withUnsafeBytes(of: UInt32(truncatingIfNeeded: value >> 32).littleEndian) { Array($0) }
+    return [0x48, 0x8d, 0x64, 0x24, 0xf8] + [0xc7, 0x04, 0x24] + low + [0xc7, 0x44, 0x24, 0x04] + high
+  }
+}

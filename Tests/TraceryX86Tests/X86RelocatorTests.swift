@@ -1,0 +1,101 @@
+import Testing
+
+@testable import TraceryX86
+
+/// The relocator on instruction sequences whose copies can be written out by hand; running
+/// relocated copies of compiled functions is `RelocationTests` (TraceryCoreTests).
+@Suite struct X86RelocatorTests {
+  static let address: UInt64 = 0x40_1000
+  static let copy: UInt64 = 0x50_0000
+
+  func relocate(_ bytes: [UInt8], to destination: UInt64 = copy) throws(X86Relocator.Refusal)
+    -> X86Relocator.Relocation
+  {
+    let padded = bytes + [UInt8](repeating: 0xcc, count: 16)
+    let result = padded.withUnsafeBytes { raw in
+      Result { () throws(X86Relocator.Refusal) in try X86Relocator.relocate(raw, at: Self.address, to: destination) }
+    }
+    return try result.get()
+  }
+
+  func rel32(_ value: Int64) -> [UInt8] { withUnsafeBytes(of: Int32(value).littleEndian) { Array($0) } }
+
+  /// The jmp back to the first instruction not moved, at the end of a copy of `size` bytes.
+  func jumpBack(after size: Int, length: Int) -> [UInt8] {
+    [0xe9] + rel32(Int64(Self.address) + Int64(length) - (Int64(Self.copy) + Int64(size) + 5))
+  }
+
+  @Test func plainInstructionsAreCopiedWhole() throws {
+    // push rbp; mov rbp, rsp; sub rsp, 0x10: the first two are 4 bytes, so the third moves too.
+    let code: [UInt8] = [0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10]
+    let relocation = try relocate(code)
+    #expect(relocation.length == 8)
+    #expect(relocation.bytes == code + jumpBack(after: 8, length: 8))
+    #expect(relocation.boundaries.map(\.original) == [0, 1, 4] && relocation.boundaries.map(\.copy) == [0, 1, 4])
+  }
+
+  @Test func ripRelativeOperandsKeepTheirTarget() throws {
+    // endbr64; mov eax, [rip + 0x10] (target: end of the mov + 0x10)
+    let code: [UInt8] = [0xf3, 0x0f, 0x1e, 0xfa, 0x8b, 0x05, 0x10, 0, 0, 0]
+    let relocation = try relocate(code)
+    #expect(relocation.length == 10)
+    let target = Int64(Self.address) + 10 + 0x10
+    let expected = Array(code[0..<6]) + rel32(target - (Int64(Self.copy) + 10))
+    #expect(relocation.bytes == expected + jumpBack(after: 10, length: 10))
+  }
+
+  @Test func shortBranchesBecomeLong() throws {
+    // test edi, edi; je +0x20; jmp -0x10
+    let code: [UInt8] = [0x85, 0xff, 0x74, 0x20, 0xeb, 0xf0]
+    let relocation = try relocate(code)
+    #expect(relocation.length == 6)
+    let je = Int64(Self.address) + 4 + 0x20
+    let jmp = Int64(Self.address) + 6 - 0x10
+    let expected: [UInt8] =
+      [0x85, 0xff] + [0x0f, 0x84] + rel32(je - (Int64(Self.copy) + 8)) + [0xe9] + rel32(jmp - (Int64(Self.copy) + 13))
+    #expect(relocation.bytes == expected + jumpBack(after: 13, length: 6))
+    #expect(relocation.boundaries.map(\.copy) == [0, 2, 8])
+  }
+
+  @Test func aBranchIntoTheMovedRangeGoesToTheCopy() throws {
+    // xor eax, eax; jz +0 (to the nop right after it, which moves too); nop
+    let code: [UInt8] = [0x31, 0xc0, 0x74, 0x00, 0x90]
+    let relocation = try relocate(code)
+    #expect(relocation.length == 5)
+    // The jz is 6 bytes in the copy, at 2; the nop at 8.
+    #expect(Array(relocation.bytes[2..<8]) == [0x0f, 0x84] + rel32(0))
+    #expect(relocation.boundaries.map(\.copy) == [0, 2, 8])
+  }
+
+  @Test func aCallPushesTheOriginalReturnAddress() throws {
+    let code: [UInt8] = [0xe8] + rel32(0x100)
+    let relocation = try relocate(code)
+    #expect(relocation.length == 5)
+    let returnAddress = Self.address + 5
+    let push: [UInt8] =
+      [0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24]
+      + withUnsafeBytes(of: UInt32(returnAddress).littleEndian) { Array($0) }
+      + [0xc7, 0x44, 0x24, 0x04, 0, 0, 0, 0]
+    let target = Int64(Self.address) + 5 + 0x100
+    #expect(
+      relocation.bytes == push + [0xe9] + rel32(target - (Int64(Self.copy) + 25)) + jumpBack(after: 25, length: 5))
+  }
+
+  @Test func whatCannotMoveIsRefusedWithItsOffset() {
+    let cases: [([UInt8], X86Relocator.Refusal)] = [
+      ([0x31, 0xc0, 0xc3], .endsFunction(offset: 2)),  // xor eax, eax; ret: 3 bytes
+      ([0x48, 0x89, 0xf8, 0xff, 0xe0], .unknownInstruction(offset: 3)),  // mov rax, rdi; jmp rax
+      ([0x31, 0xc0, 0x0f, 0x05, 0x90], .systemCall(offset: 2)),  // xor eax, eax; syscall
+      ([0x90, 0xe2, 0xfd, 0x90, 0x90], .loop(offset: 1)),
+      ([0x0f, 0x29, 0x04, 0x24, 0x90], .unknownInstruction(offset: 0)),  // movaps [rsp], xmm0
+      ([0x31, 0xc0, 0x74, 0x01, 0x66, 0x90], .intoMiddleOfInstruction(offset: 2)),  // jz into the 2-byte nop
+    ]
+    for (code, refusal) in cases {
+      #expect(throws: refusal, "\(code)") { try relocate(code) }
+    }
+    // A copy more than 2 GiB away cannot reach the original.
+    #expect(throws: X86Relocator.Refusal.outOfReach(offset: 0)) {
+      try relocate([0x8b, 0x05, 0x10, 0, 0, 0], to: 0x7f00_0000_0000)
+    }
+  }
+}
