@@ -1,7 +1,7 @@
-/// A conservative x86-64 decoder for general-purpose code: it knows the lengths, control flow and
-/// RIP-relative operands of the integer instructions compilers emit, and answers nil for
-/// everything else — vector instructions (SSE, AVX, AVX-512, x87, MMX), indirect branches, most
-/// system instructions, and bytes it cannot place. Its user, `X86Relocator`, moves a function's
+/// A conservative x86-64 decoder: it knows the lengths, control flow and RIP-relative operands of
+/// the instructions compilers emit — integer, x87, SSE (legacy and VEX/EVEX-encoded AVX,
+/// AVX-512) — and answers nil for indirect branches, system instructions, and bytes it cannot
+/// place. Its user, `X86Relocator`, moves a function's
 /// first instructions out of line; nil means "do not move this": an instruction it does not know
 /// is never copied as if harmless. Checked against objdump on compiled code and the C library.
 public enum X86Decoder {
@@ -49,6 +49,7 @@ public enum X86Decoder {
     var ripDisplacement: Int?
     var condition: UInt8?
     var systemCall = false
+    var rexSeen = false
 
     init(bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
 
@@ -121,6 +122,7 @@ public enum X86Decoder {
         }
       }
       if opcode & 0xf0 == 0x40 {
+        rexSeen = true
         rexW = opcode & 8 != 0
         guard let byte = next() else { return nil }
         opcode = byte
@@ -183,6 +185,46 @@ public enum X86Decoder {
         // inc, dec, push r/m; indirect calls and jumps (2-5) lead where this decoder cannot see.
         guard let reg = modRM(), reg <= 1 || reg == 6 else { return nil }
         return done()
+      case 0xd8...0xdf:
+        // x87: a ModRM operand, no immediate.
+        return modRM() == nil ? nil : done()
+      case 0xc4, 0xc5:
+        // VEX (in 64-bit mode these are never LES/LDS); a REX before it is invalid.
+        guard !rexSeen else { return nil }
+        var map: UInt8 = 1
+        if opcode == 0xc4 {
+          guard let payload = next() else { return nil }
+          map = payload & 0x1f
+        }
+        guard next() != nil, let vectorOpcode = next() else { return nil }
+        return vector(map: map, opcode: vectorOpcode)
+      case 0x62:
+        // EVEX (BOUND is invalid in 64-bit mode): three payload bytes, the map in the first.
+        guard !rexSeen, let first = next(), let second = next(), second & 0x04 != 0, next() != nil,
+          let vectorOpcode = next()
+        else { return nil }
+        return vector(map: first & 0x07, opcode: vectorOpcode)
+      default:
+        return nil
+      }
+    }
+
+    /// Opcodes of the 0F map that take an 8-bit immediate after their ModRM operand (pshufd and
+    /// the shifts by an immediate, cmpps, pinsrw, pextrw, shufps), in every encoding.
+    static let immediateInMap1: Set<UInt8> = [0x70, 0x71, 0x72, 0x73, 0xc2, 0xc4, 0xc5, 0xc6]
+
+    /// A VEX- or EVEX-encoded instruction's rest, after its opcode: a ModRM operand (but
+    /// vzeroupper/vzeroall), and an 8-bit immediate in the 0F3A map and for `immediateInMap1`.
+    mutating func vector(map: UInt8, opcode: UInt8) -> Instruction? {
+      switch map {
+      case 1:
+        if opcode == 0x77 { return finished(.next) }
+        guard modRM() != nil else { return nil }
+        return !Self.immediateInMap1.contains(opcode) || skip(1) ? finished(.next) : nil
+      case 2, 5, 6:
+        return modRM() == nil ? nil : finished(.next)
+      case 3:
+        return modRM() != nil && skip(1) ? finished(.next) : nil
       default:
         return nil
       }
@@ -217,11 +259,24 @@ public enum X86Decoder {
         // popcnt; without F3 this is not a user-mode instruction.
         return repeatPrefix == 0xf3 && modRM() != nil ? done() : nil
       case 0xae:
-        // Only the fences (lfence, mfence, sfence: register forms 5-7); the memory forms save
-        // and load vector state.
-        guard let modrm = peek(), modrm >> 6 == 3, (modrm >> 3) & 7 >= 5 else { return nil }
-        index += 1
-        return done()
+        // The fences (register forms 5-7), and fxsave, ldmxcsr, clflush and the like.
+        guard let modrm = peek(), modrm >> 6 != 3 || (modrm >> 3) & 7 >= 5 else { return nil }
+        return modRM() == nil ? nil : done()
+      case 0x10...0x17, 0x28...0x2f, 0x50...0x6f, 0x74...0x76, 0x7c...0x7f, 0xc3, 0xc7, 0xd0...0xfe:
+        // SSE and MMX (and movnti, cmpxchg8b/16b, rdrand): a ModRM operand, no immediate.
+        return modRM() == nil ? nil : done()
+      case 0x70...0x73, 0xc2, 0xc4...0xc6:
+        return modRM() != nil && skip(1) ? done() : nil
+      case 0x77:
+        return done()  // emms
+      case 0x38:
+        // The 0F38 map: a ModRM operand, no immediate.
+        guard next() != nil else { return nil }
+        return modRM() == nil ? nil : done()
+      case 0x3a:
+        // The 0F3A map: a ModRM operand and an 8-bit immediate.
+        guard next() != nil else { return nil }
+        return modRM() != nil && skip(1) ? done() : nil
       case 0x80...0x8f:
         guard let displacement = relative(4) else { return nil }
         condition = opcode & 0xf

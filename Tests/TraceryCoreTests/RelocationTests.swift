@@ -108,9 +108,9 @@ extension RelocationTests {
       case .failure(let refusal): refusals["\(refusal)", default: 0] += 1
       }
     }
-    // Measured: 2,545 of 2,600 (Debian 12's libc; the rest: 49 instructions the decoder does
-    // not know, 5 functions shorter than 5 bytes, 1 system call).
+    // Measured: 2,594 of 2,600 (Debian 12's libc; the rest: 5 functions shorter than 5 bytes,
+    // 1 system call). Before the decoder knew SSE/AVX/x87 lengths: 2,545.
     #expect(functions.count > 2_000)
-    #expect(Double(moved) >= 0.95 * Double(functions.count), "moved \(moved) of \(functions.count): \(refusals)")
+    #expect(Double(moved) >= 0.99 * Double(functions.count), "moved \(moved) of \(functions.count): \(refusals)")
   }
 }

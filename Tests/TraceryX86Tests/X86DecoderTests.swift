@@ -4,9 +4,9 @@ import TraceryTestSupport
 
 @testable import TraceryX86
 
-/// The decoder against objdump: on every instruction of real compiled code it must either give
-/// up (nil) or agree on the length, the branch target and the RIP-relative operand's target, and
-/// it must give up on every instruction that names a vector or x87 register.
+/// The decoder against objdump: on every instruction of real compiled code (integer, x87, SSE,
+/// AVX, AVX-512) it must either give up (nil) or agree on the length, the branch target and the
+/// RIP-relative operand's target.
 @Suite struct X86DecoderTests {
   /// One line of `objdump -d --insn-width=16`: address, bytes, text.
   struct Listed {
@@ -30,14 +30,6 @@ import TraceryTestSupport
     return listed
   }
 
-  /// What objdump prints for a vector, x87 or MMX instruction: a register of those files, or
-  /// an x87 mnemonic.
-  static func namesVectorState(_ text: String) -> Bool {
-    ["%xmm", "%ymm", "%zmm", "%st", "%mm", "%k"].contains { text.contains($0) }
-      || text.hasPrefix("f") && !text.hasPrefix("fs ") || text.hasPrefix("v") || text.contains("mxcsr")
-      || text.hasPrefix("xsave") || text.hasPrefix("xrstor") || text.hasPrefix("emms")
-  }
-
   /// Checks every listed instruction; returns how many the decoder knew.
   static func check(_ listed: [Listed], in name: String) -> Int {
     var known = 0
@@ -54,10 +46,6 @@ import TraceryTestSupport
       #expect(
         decoded.length == instruction.bytes.count,
         "\(name) 0x\(String(instruction.address, radix: 16)): \(instruction.text) is \(instruction.bytes.count) bytes, decoded \(decoded.length)"
-      )
-      #expect(
-        !namesVectorState(instruction.text),
-        "\(name) 0x\(String(instruction.address, radix: 16)): \(instruction.text) touches vector state, decoded as \(decoded.flow)"
       )
       // objdump writes a direct target as the operand's first hex number.
       let target: UInt64?
@@ -132,8 +120,9 @@ import TraceryTestSupport
     let listed = try Self.disassemble(program)
     #expect(listed.count > 200)
     let known = Self.check(listed, in: "\(compiler) \(flags)")
-    // Most of this code is integer code the decoder must know.
-    #expect(Double(known) > 0.7 * Double(listed.count), "knew \(known) of \(listed.count)")
+    // Compiled code: the decoder must know nearly all of it (what it does not: the PLT's and
+    // the indirect calls' jumps through memory or registers).
+    #expect(Double(known) > 0.95 * Double(listed.count), "knew \(known) of \(listed.count)")
   }
 
   /// The C library: hand-written assembly, every vector extension the machine has, and a few
@@ -146,7 +135,7 @@ import TraceryTestSupport
     let listed = try Self.disassemble(library)
     #expect(listed.count > 100_000)
     let known = Self.check(listed, in: "libc")
-    #expect(Double(known) > 0.5 * Double(listed.count), "knew \(known) of \(listed.count)")
+    #expect(Double(known) > 0.97 * Double(listed.count), "knew \(known) of \(listed.count)")
   }
 
   @Test func shapesItMustKnowAndRefuse() {
@@ -169,11 +158,17 @@ import TraceryTestSupport
     #expect(decode([0x0f, 0x85, 0, 0, 0, 0])?.condition == 5)
     #expect(decode([0xe2, 0xfe]) == .init(length: 2, flow: .branch(0x1000)))
     #expect(decode([0x0f, 0x05])?.isSystemCall == true)
-    // movaps, vzeroupper, fld, an indirect call, a jump through a register, ldmxcsr, XOP.
-    for bytes: [UInt8] in [
-      [0x0f, 0x29, 0x04, 0x24], [0xc5, 0xf8, 0x77], [0xd9, 0x04, 0x24], [0xff, 0xd0], [0xff, 0xe0],
-      [0x0f, 0xae, 0x14, 0x24], [0x8f, 0xe9, 0x78, 0x01, 0xc0],
-    ] {
+    // movaps [rsp], xmm0; vzeroupper; fld dword [rsp]; ldmxcsr [rsp]; pshufd xmm0, xmm1, 0x1b;
+    // vmovdqu ymm0, [rip + 0x10]; vpternlogd zmm0, zmm1, zmm2, 0xff (EVEX, 0F3A map)
+    #expect(decode([0x0f, 0x29, 0x04, 0x24])?.length == 4)
+    #expect(decode([0xc5, 0xf8, 0x77])?.length == 3)
+    #expect(decode([0xd9, 0x04, 0x24])?.length == 3)
+    #expect(decode([0x0f, 0xae, 0x14, 0x24])?.length == 4)
+    #expect(decode([0x66, 0x0f, 0x70, 0xc1, 0x1b])?.length == 5)
+    #expect(decode([0xc5, 0xfe, 0x6f, 0x05, 0x10, 0, 0, 0]) == .init(length: 8, flow: .next, ripDisplacementOffset: 4))
+    #expect(decode([0x62, 0xf3, 0x75, 0x48, 0x25, 0xc2, 0xff])?.length == 7)
+    // An indirect call, a jump through a register, XOP, a REX before VEX.
+    for bytes: [UInt8] in [[0xff, 0xd0], [0xff, 0xe0], [0x8f, 0xe9, 0x78, 0x01, 0xc0], [0x48, 0xc5, 0xf8, 0x77]] {
       #expect(decode(bytes) == nil, "\(bytes)")
     }
     // Truncated: the bytes end inside the instruction.

@@ -44,6 +44,16 @@ import Testing
     #expect(relocation.bytes == expected + jumpBack(after: 10, length: 10))
   }
 
+  @Test func vectorInstructionsMoveToo() throws {
+    // movaps [rsp], xmm0; vmovdqu ymm1, [rip + 0x20]
+    let code: [UInt8] = [0x0f, 0x29, 0x04, 0x24, 0xc5, 0xfe, 0x6f, 0x0d, 0x20, 0, 0, 0]
+    let relocation = try relocate(code)
+    #expect(relocation.length == 12)
+    let target = Int64(Self.address) + 12 + 0x20
+    let expected = Array(code[0..<8]) + rel32(target - (Int64(Self.copy) + 12))
+    #expect(relocation.bytes == expected + jumpBack(after: 12, length: 12))
+  }
+
   @Test func shortBranchesBecomeLong() throws {
     // test edi, edi; je +0x20; jmp -0x10
     let code: [UInt8] = [0x85, 0xff, 0x74, 0x20, 0xeb, 0xf0]
@@ -87,7 +97,7 @@ import Testing
       ([0x48, 0x89, 0xf8, 0xff, 0xe0], .unknownInstruction(offset: 3)),  // mov rax, rdi; jmp rax
       ([0x31, 0xc0, 0x0f, 0x05, 0x90], .systemCall(offset: 2)),  // xor eax, eax; syscall
       ([0x90, 0xe2, 0xfd, 0x90, 0x90], .loop(offset: 1)),
-      ([0x0f, 0x29, 0x04, 0x24, 0x90], .unknownInstruction(offset: 0)),  // movaps [rsp], xmm0
+      ([0x0f, 0x01, 0xd0, 0x90, 0x90], .unknownInstruction(offset: 0)),  // xgetbv
       ([0x31, 0xc0, 0x74, 0x01, 0x66, 0x90], .intoMiddleOfInstruction(offset: 2)),  // jz into the 2-byte nop
     ]
     for (code, refusal) in cases {
