@@ -1,7 +1,7 @@
 /// A conservative x86-64 decoder: it knows the lengths, control flow and RIP-relative operands of
 /// the instructions compilers emit — integer, x87, SSE (legacy and VEX/EVEX-encoded AVX,
-/// AVX-512) — and answers nil for indirect branches, system instructions, and bytes it cannot
-/// place. Its user, `X86Relocator`, moves a function's
+/// AVX-512) — and answers nil for system instructions and bytes it cannot place. Indirect
+/// branches are known by length only (`Flow.indirect`). Its user, `X86Relocator`, moves a function's
 /// first instructions out of line; nil means "do not move this": an instruction it does not know
 /// is never copied as if harmless. Checked against objdump on compiled code and the C library.
 public enum X86Decoder {
@@ -17,6 +17,8 @@ public enum X86Decoder {
     case call(UInt64)
     /// Nowhere in this function: `ret`, `ud2`, `int3`, `hlt`.
     case end
+    /// Through a register or memory (`jmp`/`call` r/m): where, only the running code knows.
+    case indirect
   }
 
   public struct Instruction: Equatable, Sendable {
@@ -183,8 +185,8 @@ public enum X86Decoder {
         return done()
       case 0xff:
         // inc, dec, push r/m; indirect calls and jumps (2-5) lead where this decoder cannot see.
-        guard let reg = modRM(), reg <= 1 || reg == 6 else { return nil }
-        return done()
+        guard let reg = modRM(), reg != 7 else { return nil }
+        return done(reg >= 2 && reg <= 5 ? .indirect : .next)
       case 0xd8...0xdf:
         // x87: a ModRM operand, no immediate.
         return modRM() == nil ? nil : done()

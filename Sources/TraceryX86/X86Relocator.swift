@@ -11,8 +11,8 @@
 ///   to the original code (the moved range always ends with the call), and a stack walk (an
 ///   unwinder, a debugger) sees the stack as the compiler built it.
 ///
-/// Refused, with the instruction's offset: what the decoder does not know (vector, x87,
-/// indirect branches, ...), `ret`/`ud2`/`int3`/`hlt` before `minimum` bytes (the function is
+/// Refused, with the instruction's offset: what the decoder does not know (system
+/// instructions, ...), indirect branches, `ret`/`ud2`/`int3`/`hlt` before `minimum` bytes (the function is
 /// shorter than the branch), `syscall` (a thread would stop right after it, inside the moved
 /// range), `loop`/`jrcxz` (no rel32 form), and any target out of rel32 reach of the copy.
 ///
@@ -21,6 +21,7 @@
 public enum X86Relocator {
   public enum Refusal: Error, Equatable, Sendable, CustomStringConvertible {
     case unknownInstruction(offset: Int)
+    case indirectBranch(offset: Int)
     case endsFunction(offset: Int)
     case systemCall(offset: Int)
     case loop(offset: Int)
@@ -30,6 +31,7 @@ public enum X86Relocator {
     public var description: String {
       switch self {
       case .unknownInstruction(let offset): "an instruction the decoder does not know at +\(offset)"
+      case .indirectBranch(let offset): "an indirect jump or call at +\(offset)"
       case .endsFunction(let offset): "the function ends at +\(offset), before the branch's 5 bytes"
       case .systemCall(let offset): "a system call at +\(offset)"
       case .loop(let offset): "a loop/jrcxz at +\(offset) (no rel32 form)"
@@ -68,6 +70,7 @@ public enum X86Relocator {
         throw .unknownInstruction(offset: offset)
       }
       if instruction.flow == .end { throw .endsFunction(offset: offset) }
+      if instruction.flow == .indirect { throw .indirectBranch(offset: offset) }
       if instruction.isSystemCall { throw .systemCall(offset: offset) }
       if case .branch = instruction.flow, instruction.condition == nil { throw .loop(offset: offset) }
       moved.append((offset, instruction))
@@ -80,7 +83,7 @@ public enum X86Relocator {
       case .jump: 5
       case .branch: 6
       case .call: Self.callSequenceSize
-      case .next, .end: instruction.length
+      case .next, .end, .indirect: instruction.length
       }
     }
     var boundaries: [Boundary] = []
@@ -117,7 +120,7 @@ public enum X86Relocator {
         let returnAddress = address + UInt64(offset + instruction.length)
         bytes += Self.pushImmediate64(returnAddress)
         bytes += [0xe9] + (try rel32(from: here + UInt64(Self.callSequenceSize), to: to, offset: offset))
-      case .next, .end:
+      case .next, .end, .indirect:
         var copied = original
         if let at = instruction.ripDisplacementOffset {
           let raw = (0..<4).reduce(UInt32(0)) { $0 | UInt32(original[at + $1]) << (8 * $1) }
@@ -142,5 +145,31 @@ public enum X86Relocator {
     let low = withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian) { Array($0) }
     let high = withUnsafeBytes(of: UInt32(truncatingIfNeeded: value >> 32).littleEndian) { Array($0) }
     return [0x48, 0x8d, 0x64, 0x24, 0xf8] + [0xc7, 0x04, 0x24] + low + [0xc7, 0x44, 0x24, 0x04] + high
+  }
+}
+
+extension X86Relocator {
+  /// The offsets (in `function`, which starts at `address`) of the direct branches that go into
+  /// the interior of a moved range of `length` bytes there — to address + 1 ..< address +
+  /// `length`: after the move those bytes hold the branch's displacement, so such a function
+  /// cannot be moved. A linear sweep of the whole function; nil when it meets bytes the decoder
+  /// cannot place (then nothing can be said).
+  public static func branchesIntoMovedRange(
+    of function: UnsafeRawBufferPointer, at address: UInt64, length: Int
+  ) -> [Int]? {
+    var found: [Int] = []
+    var offset = 0
+    while offset < function.count {
+      let rest = UnsafeRawBufferPointer(rebasing: function[offset..<min(function.count, offset + 15)])
+      guard let instruction = X86Decoder.decode(rest, at: address + UInt64(offset)) else { return nil }
+      switch instruction.flow {
+      case .jump(let target), .branch(let target), .call(let target):
+        if target > address && target < address + UInt64(length) { found.append(offset) }
+      case .next, .end, .indirect:
+        break
+      }
+      offset += instruction.length
+    }
+    return found
   }
 }

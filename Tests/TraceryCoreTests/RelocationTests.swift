@@ -28,15 +28,17 @@ import TraceryX86
     __attribute__((noinline)) long r_stack(long a, long b) { volatile long x[4] = {a, b, a + b, a - b}; return x[0] * x[1] + x[2] - x[3]; }
     __attribute__((noinline)) long r_recursive(long a, long b) { return a <= 1 ? b : r_recursive(a - 1, b + a); }
     __attribute__((noinline)) long r_string(long a, long b) { char buffer[64]; snprintf(buffer, sizeof buffer, "%ld-%ld", a, b); return (long)strlen(buffer); }
+    __attribute__((noinline)) long r_spin(long a, long b) { do { a = a * 3 + 1; } while (a < b); return a; }
     """
   static let functions = [
     "r_plain", "r_global", "r_branch", "r_loop", "r_call", "r_table", "r_stack", "r_recursive", "r_string",
+    "r_spin",
   ]
   typealias Function = @convention(c) (Int, Int) -> Int
 
   @Test(arguments: [
-    ("gcc", ["-O2"]), ("gcc", ["-O2", "-fcf-protection=full", "-fstack-protector-all"]), ("clang", ["-O2"]),
-    ("clang", ["-O1", "-fno-omit-frame-pointer"]),
+    ("gcc", ["-O2"]), ("gcc", ["-O2", "-fcf-protection=full", "-fstack-protector-all"]), ("gcc", ["-Os"]),
+    ("clang", ["-O2"]), ("clang", ["-O1", "-fno-omit-frame-pointer"]),
   ])
   func relocatedProloguesRunAsTheFunction(compiler: String, flags: [String]) throws {
     let directory = try TestSupport.temporaryDirectory("tracery-relocate")
@@ -48,9 +50,13 @@ import TraceryX86
       compiler: compiler, sources: [source], flags: flags + ["-shared", "-fPIC"], output: library)
     let handle = try #require(dlopen(library, RTLD_NOW | RTLD_LOCAL))
     defer { dlclose(handle) }
+    // Each function's size, for the sweep that looks for branches into its moved range.
+    let sizes = Dictionary(
+      try ELFFile(path: library).functionSymbols().map { ($0.name, Int($0.size)) }, uniquingKeysWith: max)
     let arena = CodeArena()
     var moved: [String] = []
     var refused: [String: X86Relocator.Refusal] = [:]
+    var branchedInto: [String] = []
     for name in Self.functions {
       let symbol = try #require(dlsym(handle, name))
       let address = UInt64(UInt(bitPattern: symbol))
@@ -66,6 +72,14 @@ import TraceryX86
         continue
       case .success(let relocation):
         #expect(relocation.length >= 5 && relocation.bytes.count <= 128)
+        let body = UnsafeRawBufferPointer(start: symbol, count: try #require(sizes[name]))
+        let intoRange = try #require(
+          X86Relocator.branchesIntoMovedRange(of: body, at: address, length: relocation.length),
+          "\(name): the sweep met bytes it cannot place")
+        guard intoRange.isEmpty else {
+          branchedInto.append(name)
+          continue
+        }
         block.write(relocation.bytes)
         let original = unsafeBitCast(symbol, to: Function.self)
         let copy = unsafeBitCast(UnsafeRawPointer(bitPattern: UInt(block.address))!, to: Function.self)
@@ -79,8 +93,16 @@ import TraceryX86
         moved.append(name)
       }
     }
-    // Built as they ship, every one of these starts with instructions the relocator moves.
-    #expect(moved.count == Self.functions.count, "moved \(moved), refused \(refused)")
+    // Built as they ship, every one of these starts with instructions the relocator moves. At
+    // -O1/-O2 loops are aligned past the moved bytes; at -Os gcc does not align them, and the
+    // loops of r_spin, r_loop and r_recursive go back to their second instruction: found by the
+    // sweep, so those are not moved.
+    #expect(refused.isEmpty, "refused \(refused)")
+    if flags == ["-Os"] {
+      #expect(branchedInto.contains("r_spin") && Set(moved + branchedInto) == Set(Self.functions), "\(branchedInto)")
+    } else {
+      #expect(branchedInto.isEmpty && moved.count == Self.functions.count, "branched into: \(branchedInto)")
+    }
   }
 }
 
@@ -96,6 +118,8 @@ extension RelocationTests {
     let functions = try file.functionSymbols().filter { $0.size >= 5 }
     var moved = 0
     var refusals: [String: Int] = [:]
+    var branchedInto = 0
+    var unswept = 0
     for function in functions {
       guard let bytes = file.bytes(atAddress: function.value, count: 64) else { continue }
       let result = bytes.withUnsafeBytes { raw in
@@ -104,13 +128,24 @@ extension RelocationTests {
         }
       }
       switch result {
-      case .success: moved += 1
+      case .success(let relocation):
+        moved += 1
+        guard let body = file.bytes(atAddress: function.value, count: Int(function.size)) else { continue }
+        switch body.withUnsafeBytes({
+          X86Relocator.branchesIntoMovedRange(of: $0, at: function.value, length: relocation.length)
+        }) {
+        case nil: unswept += 1
+        case let found? where !found.isEmpty: branchedInto += 1
+        default: break
+        }
       case .failure(let refusal): refusals["\(refusal)", default: 0] += 1
       }
     }
     // Measured: 2,594 of 2,600 (Debian 12's libc; the rest: 5 functions shorter than 5 bytes,
-    // 1 system call). Before the decoder knew SSE/AVX/x87 lengths: 2,545.
+    // 1 system call). Before the decoder knew SSE/AVX/x87 lengths: 2,545. Of the 2,594, the
+    // sweep of the function finds a branch into the moved range in 3 and cannot read 2.
     #expect(functions.count > 2_000)
+    #expect(branchedInto + unswept <= functions.count / 100, "\(branchedInto) branched into, \(unswept) unswept")
     #expect(Double(moved) >= 0.99 * Double(functions.count), "moved \(moved) of \(functions.count): \(refusals)")
   }
 }

@@ -51,7 +51,7 @@ import TraceryTestSupport
       let target: UInt64?
       switch decoded.flow {
       case .jump(let address), .branch(let address), .call(let address): target = address
-      case .next, .end: target = nil
+      case .next, .end, .indirect: target = nil
       }
       if let target {
         let operand = instruction.text.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first
@@ -167,8 +167,11 @@ import TraceryTestSupport
     #expect(decode([0x66, 0x0f, 0x70, 0xc1, 0x1b])?.length == 5)
     #expect(decode([0xc5, 0xfe, 0x6f, 0x05, 0x10, 0, 0, 0]) == .init(length: 8, flow: .next, ripDisplacementOffset: 4))
     #expect(decode([0x62, 0xf3, 0x75, 0x48, 0x25, 0xc2, 0xff])?.length == 7)
-    // An indirect call, a jump through a register, XOP, a REX before VEX.
-    for bytes: [UInt8] in [[0xff, 0xd0], [0xff, 0xe0], [0x8f, 0xe9, 0x78, 0x01, 0xc0], [0x48, 0xc5, 0xf8, 0x77]] {
+    // An indirect call, a jump through memory: lengths only.
+    #expect(decode([0xff, 0xd0]) == .init(length: 2, flow: .indirect))
+    #expect(decode([0xff, 0x25, 0x10, 0, 0, 0]) == .init(length: 6, flow: .indirect, ripDisplacementOffset: 2))
+    // XOP, a REX before VEX, ff /7.
+    for bytes: [UInt8] in [[0x8f, 0xe9, 0x78, 0x01, 0xc0], [0x48, 0xc5, 0xf8, 0x77], [0xff, 0xf8]] {
       #expect(decode(bytes) == nil, "\(bytes)")
     }
     // Truncated: the bytes end inside the instruction.

@@ -91,10 +91,31 @@ import Testing
       relocation.bytes == push + [0xe9] + rel32(target - (Int64(Self.copy) + 25)) + jumpBack(after: 25, length: 5))
   }
 
+  /// A loop back to the function's second instruction: moving the first two would leave the
+  /// loop's branch pointing into the jmp written over them.
+  @Test func branchesIntoTheMovedRangeAreFound() throws {
+    // mov rax, rdi; L: lea rax, [rax + rax*2 + 1]; cmp rax, rsi; jl L; ret
+    let code: [UInt8] = [0x48, 0x89, 0xf8, 0x48, 0x8d, 0x44, 0x40, 0x01, 0x48, 0x39, 0xf0, 0x7c, 0xf6, 0xc3]
+    let relocation = try relocate(code)
+    #expect(relocation.length == 8)
+    let found = code.withUnsafeBytes {
+      X86Relocator.branchesIntoMovedRange(of: $0, at: Self.address, length: relocation.length)
+    }
+    #expect(found == [11])
+    // A branch to the range's start is fine (it then meets the jmp), and so is one to its end.
+    let toStart: [UInt8] = [0x48, 0x89, 0xf8, 0x48, 0x8d, 0x44, 0x40, 0x01, 0x7c, 0xf6, 0xeb, 0xfc, 0xc3]
+    #expect(toStart.withUnsafeBytes { X86Relocator.branchesIntoMovedRange(of: $0, at: Self.address, length: 8) } == [])
+    // Bytes the decoder cannot place: nothing can be said.
+    #expect(
+      [0x90, 0x0f, 0x01, 0xd0, 0xc3].withUnsafeBytes {
+        X86Relocator.branchesIntoMovedRange(of: $0, at: Self.address, length: 5)
+      } == nil)
+  }
+
   @Test func whatCannotMoveIsRefusedWithItsOffset() {
     let cases: [([UInt8], X86Relocator.Refusal)] = [
       ([0x31, 0xc0, 0xc3], .endsFunction(offset: 2)),  // xor eax, eax; ret: 3 bytes
-      ([0x48, 0x89, 0xf8, 0xff, 0xe0], .unknownInstruction(offset: 3)),  // mov rax, rdi; jmp rax
+      ([0x48, 0x89, 0xf8, 0xff, 0xe0], .indirectBranch(offset: 3)),  // mov rax, rdi; jmp rax
       ([0x31, 0xc0, 0x0f, 0x05, 0x90], .systemCall(offset: 2)),  // xor eax, eax; syscall
       ([0x90, 0xe2, 0xfd, 0x90, 0x90], .loop(offset: 1)),
       ([0x0f, 0x01, 0xd0, 0x90, 0x90], .unknownInstruction(offset: 0)),  // xgetbv
