@@ -110,10 +110,7 @@ extension RelocationTests {
   /// How much of a real, hand-tuned object the relocator can move: every function of the C
   /// library (its bytes from the file, relocated on paper to an address 256 MiB away).
   @Test func movesMostFunctionsOfTheCLibrary() throws {
-    let maps = try String(contentsOfFile: "/proc/self/maps", encoding: .utf8)
-    let path = try #require(
-      maps.split(separator: "\n").compactMap { $0.split(separator: " ").last.map(String.init) }
-        .first { $0.hasSuffix("/libc.so.6") })
+    let path = try #require(TestSupport.cLibraryPath())
     let file = try ELFFile(path: path)
     let functions = try file.functionSymbols().filter { $0.size >= 5 }
     var moved = 0

@@ -3,6 +3,25 @@ import Foundation
 /// Helpers shared by the test targets: building C programs with the real compilers, running
 /// processes, and locating the package's own files.
 public enum TestSupport {
+  /// The C library this process runs with, from /proc/self/maps read to its end with read(2)
+  /// (Foundation's String(contentsOfFile:) came back cut under AddressSanitizer, whose shadow
+  /// mappings make the file long).
+  public static func cLibraryPath() -> String? {
+    let descriptor = open("/proc/self/maps", O_RDONLY)
+    guard descriptor >= 0 else { return nil }
+    defer { close(descriptor) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+      let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+      guard count > 0 else { break }
+      bytes += chunk[0..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+      .compactMap { $0.split(separator: " ").last.map(String.init) }
+      .first { $0.hasSuffix("/libc.so.6") }
+  }
+
   /// The package root (three levels above this file).
   public static let packageRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
     .deletingLastPathComponent().deletingLastPathComponent()

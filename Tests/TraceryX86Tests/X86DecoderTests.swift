@@ -128,10 +128,7 @@ import TraceryTestSupport
   /// The C library: hand-written assembly, every vector extension the machine has, and a few
   /// hundred thousand instructions.
   @Test func agreesWithObjdumpOnTheCLibrary() throws {
-    let maps = try String(contentsOfFile: "/proc/self/maps", encoding: .utf8)
-    let library = try #require(
-      maps.split(separator: "\n").compactMap { line in line.split(separator: " ").last.map(String.init) }
-        .first { $0.hasSuffix("/libc.so.6") })
+    let library = try #require(TestSupport.cLibraryPath())
     let listed = try Self.disassemble(library)
     #expect(listed.count > 100_000)
     let known = Self.check(listed, in: "libc")
