@@ -247,6 +247,10 @@ public enum X86Decoder {
         return done()
       case 0x31, 0xa2, 0xc8...0xcf:
         return done()
+      case 0x01:
+        // Group 7: xgetbv, rdtscp, rdpkru/wrpkru, ... (and descriptor-table forms): a ModRM
+        // operand, no immediate. Known by length: none of them branches.
+        return modRM() == nil ? nil : done()
       case 0x0b:
         return done(.end)
       case 0x0d, 0x18...0x1f, 0x40...0x4f, 0x90...0x9f, 0xa3, 0xa5, 0xab, 0xad, 0xaf, 0xb0, 0xb1, 0xb3, 0xb6, 0xb7,

@@ -140,9 +140,10 @@ extension RelocationTests {
     }
     // Measured: 2,594 of 2,600 (Debian 12's libc; the rest: 5 functions shorter than 5 bytes,
     // 1 system call). Before the decoder knew SSE/AVX/x87 lengths: 2,545. Of the 2,594, the
-    // sweep of the function finds a branch into the moved range in 3 and cannot read 2.
+    // sweep of the function finds a branch into the moved range in 3 (pthread_rwlock_tryrdlock
+    // and its alias, sem_trywait) and reads every other to its end.
     #expect(functions.count > 2_000)
-    #expect(branchedInto + unswept <= functions.count / 100, "\(branchedInto) branched into, \(unswept) unswept")
+    #expect(branchedInto <= functions.count / 100 && unswept == 0, "\(branchedInto) branched into, \(unswept) unswept")
     #expect(Double(moved) >= 0.99 * Double(functions.count), "moved \(moved) of \(functions.count): \(refusals)")
   }
 }

@@ -107,7 +107,7 @@ import Testing
     #expect(toStart.withUnsafeBytes { X86Relocator.branchesIntoMovedRange(of: $0, at: Self.address, length: 8) } == [])
     // Bytes the decoder cannot place: nothing can be said.
     #expect(
-      [0x90, 0x0f, 0x01, 0xd0, 0xc3].withUnsafeBytes {
+      [0x90, 0x0f, 0x0f, 0xc1, 0xb4, 0xc3].withUnsafeBytes {
         X86Relocator.branchesIntoMovedRange(of: $0, at: Self.address, length: 5)
       } == nil)
   }
@@ -118,7 +118,7 @@ import Testing
       ([0x48, 0x89, 0xf8, 0xff, 0xe0], .indirectBranch(offset: 3)),  // mov rax, rdi; jmp rax
       ([0x31, 0xc0, 0x0f, 0x05, 0x90], .systemCall(offset: 2)),  // xor eax, eax; syscall
       ([0x90, 0xe2, 0xfd, 0x90, 0x90], .loop(offset: 1)),
-      ([0x0f, 0x01, 0xd0, 0x90, 0x90], .unknownInstruction(offset: 0)),  // xgetbv
+      ([0x0f, 0x0f, 0xc1, 0xb4, 0x90], .unknownInstruction(offset: 0)),  // 3DNow! pfmul
       ([0x31, 0xc0, 0x74, 0x01, 0x66, 0x90], .intoMiddleOfInstruction(offset: 2)),  // jz into the 2-byte nop
     ]
     for (code, refusal) in cases {
