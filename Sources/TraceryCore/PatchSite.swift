@@ -24,6 +24,12 @@ public struct PatchSite: Sendable, Hashable {
     /// `-fpatchable-function-entry`, `-mnop-mcount`, or gcc's 1-byte NOP sled once converted
     /// (`TextPatcher.convertSleds`). The branch replaces the NOP; the body follows it.
     case nop
+    /// A function without a NOP: its first whole instructions (`length` bytes, at least 5) are
+    /// moved out of line by `X86Relocator`, and `resume` is that copy, which runs them and jumps
+    /// back. Made only while the process has one thread (moving instructions a thread may be
+    /// executing needs the checks of the trace-any-function issue) and when the function's own
+    /// code never branches into the moved bytes.
+    case relocated
   }
 
   /// The function's entry (its symbol's address).
@@ -65,9 +71,63 @@ public struct PatchSite: Sendable, Hashable {
   /// Whether the body starts right after the branch, so that a `call` at the site returns into
   /// it (what shared trampolines entered by `call` rely on).
   public var bodyFollowsBranch: Bool { resume == address + UInt64(SiteBytes.length) }
+
+  /// The relocated site of the function at `entry` (after its `endbr64`, which indirect calls
+  /// must still find there), before its copy exists: `resume` is 0 until `withCopy(at:)`.
+  /// `size` is the function's size from its symbol, for the sweep that looks for branches into
+  /// the moved bytes.
+  static func relocated(at entry: UInt64, function: UInt64, size: Int) throws(PatchSiteError) -> PatchSite {
+    var address = entry
+    if SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] { address += 4 }
+    let available = Int(entry) + size - Int(address)
+    guard available >= SiteBytes.length else { throw PatchSiteError(reason: "shorter than the 5-byte branch") }
+    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address)), count: available)
+    // Where the copy goes is not known yet: a trial at the site itself sizes the move.
+    let trial = Result { () throws(X86Relocator.Refusal) in try X86Relocator.relocate(code, at: address, to: address) }
+    let length: Int
+    switch trial {
+    case .success(let relocation): length = relocation.length
+    case .failure(let refusal): throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)")
+    }
+    let whole = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: size)
+    switch X86Relocator.branchesIntoMovedRange(of: whole, at: entry, length: Int(address - entry) + length) {
+    case nil: throw PatchSiteError(reason: "its code cannot be read through to look for branches into its start")
+    case let found? where !found.isEmpty:
+      throw PatchSiteError(reason: "its own code branches into its first \(length) bytes (at +\(found[0]))")
+    default: break
+    }
+    return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
+  }
+
+  /// This relocated site with its copy at `copy`.
+  func withCopy(at copy: UInt64) -> PatchSite {
+    PatchSite(function: function, address: address, resume: copy, length: length, shape: shape)
+  }
 }
 
 /// Why a function has no patch site.
 struct PatchSiteError: Error {
   let reason: String
+}
+
+extension Tracer {
+  /// The out-of-line copy of a relocated site's first instructions, placed near it, and the site
+  /// with the copy as its `resume`. Called when the function is first planned (under the lock).
+  func relocatedCopy(of patch: PatchSite) throws -> (PatchSite, CodeImage) {
+    let size = Int(patch.length) + 15
+    // At most 5 instructions move (each at least a byte); the longest copy is a call's 25 bytes.
+    let block = try arena.allocate(near: patch.address, size: 128)
+    do {
+      let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(patch.address)), count: size)
+      let relocation = try X86Relocator.relocate(code, at: patch.address, to: block.address)
+      guard relocation.length == Int(patch.length), relocation.bytes.count <= block.size else {
+        throw AttachError.codeMemory("the relocated copy changed size")
+      }
+      block.write(relocation.bytes)
+      return (patch.withCopy(at: block.address), CodeImage(block: block, length: relocation.bytes.count))
+    } catch {
+      arena.release(block)
+      throw error
+    }
+  }
 }

@@ -244,7 +244,10 @@ public final class TextPatcher: Sendable {
           "a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
         continue
       }
-      guard let kind = replacement.pokeKind else {
+      // Back to the original code of a site whose body does not follow it (relocated): any
+      // bytes; a thread that traps on them meanwhile runs their copy (`resume`).
+      let restoresMovedCode = request.resume != request.site + UInt64(SiteBytes.length)
+      guard let kind = replacement.pokeKind ?? (restoresMovedCode ? CTRACERY_POKE_SKIP : nil) else {
         outcomes[index] = .failed("replacement \(Self.hex(request.replacement)) is not a nop5, call rel32 or jmp rel32")
         continue
       }

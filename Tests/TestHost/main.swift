@@ -7,6 +7,10 @@
 //   tracery-testhost chain
 //     installs a SIGTRAP handler of its own, lets the patcher install its handler on top, then
 //     executes an int3 that is no patch site and raises SIGTRAP: both must reach the first handler.
+//   tracery-testhost relocate LIBRARY
+//     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
+//     an exit handler to all of them by relocating their prologues, calls each, detaches, calls
+//     again, and prints one result line.
 import Glibc
 import TraceryCore
 import TraceryELF
@@ -48,8 +52,60 @@ func chainTest() -> Never {
   }
 }
 
+typealias Function2 = @convention(c) (Int, Int) -> Int
+nonisolated(unsafe) var entries = 0
+nonisolated(unsafe) var exits = 0
+
+func relocateTest(_ library: String) -> Never {
+  guard let handle = dlopen(library, RTLD_NOW) else { fail("dlopen: \(String(cString: dlerror()))") }
+  let names = ["r_plain", "r_branch", "r_loop", "r_call", "r_table", "r_stack", "r_recursive", "r_string", "r_spin"]
+  let functions = names.map { unsafeBitCast(dlsym(handle, $0)!, to: Function2.self) }
+  let addresses = names.map { UInt64(UInt(bitPattern: dlsym(handle, $0)!)) }
+  let inputs = [(0, 5), (1, 2), (7, -3), (12, 40)]
+  let expected = functions.map { function in inputs.map { function($0.0, $0.1) } }
+  func bytes(_ address: UInt64) -> [UInt8] {
+    Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address)), count: 16))
+  }
+  let before = addresses.map(bytes)
+  let tracer = Tracer.shared
+  tracer.relocatesPrologues = true
+  let model = FunctionModel(integerArguments: 2, stackArgumentWords: 0, returns: .integer)
+  do {
+    let entryLink = try tracer.attach(.entry({ _, _ in entries += 1 }), to: .glob("r_*"))
+    let exitLink = try tracer.attach(.exit({ _, _ in exits += 1 }), to: .glob("r_*"), model: model)
+    let relocated = addresses.indices.filter { bytes(addresses[$0]) != before[$0] }.count
+    var wrong = 0
+    for (index, function) in functions.enumerated()
+    where inputs.indices.contains(where: {
+      function(inputs[$0].0, inputs[$0].1) != expected[index][$0]
+    }) {
+      wrong += 1
+    }
+    let (tracedEntries, tracedExits) = (entries, exits)
+    entryLink.detach()
+    exitLink.detach()
+    let restored = addresses.indices.filter { bytes(addresses[$0]) == before[$0] }.count
+    for (index, function) in functions.enumerated()
+    where inputs.indices.contains(where: {
+      function(inputs[$0].0, inputs[$0].1) != expected[index][$0]
+    }) {
+      wrong += 1
+    }
+    let after = (entries, exits)
+    print(
+      "relocated=\(relocated) wrong=\(wrong) balanced=\(tracedEntries == tracedExits) "
+        + "counted=\(tracedEntries >= names.count * inputs.count) restored=\(restored) "
+        + "quiet=\(after == (tracedEntries, tracedExits)) freed=\(tracer.reclaim() >= 0 && tracer.retiredTrampolines == 0)"
+    )
+    exit(0)
+  } catch {
+    fail("\(error)")
+  }
+}
+
 let arguments = CommandLine.arguments
 if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
+if arguments.count == 3 && arguments[1] == "relocate" { relocateTest(arguments[2]) }
 guard arguments.count == 5, arguments[1] == "sleds", let count = Int(arguments[4]) else {
   fail("usage: tracery-testhost sleds LIBRARY PREFIX COUNT")
 }

@@ -26,6 +26,20 @@ import TraceryX86
 
   static let plainSwiftFunction: @convention(c) (Int) -> Int = { $0 &* 3 &+ 1 }
 
+  /// Relocating prologues is refused while other threads run (this test process has several):
+  /// the function without a NOP stays refused as before, with the same reason.
+  @Test func noRelocationWhileOtherThreadsRun() {
+    let tracer = Tracer()
+    tracer.relocatesPrologues = true
+    let swiftFunction = unsafeBitCast(
+      PatchSiteTests.plainSwiftFunction as @convention(c) (Int) -> Int, to: UInt64.self)
+    let error = #expect(throws: AttachError.self) {
+      try tracer.attach(.entry({ _, _ in }), to: .address(swiftFunction))
+    }
+    #expect("\(String(describing: error))".contains("not a 5-byte NOP"), "\(String(describing: error))")
+    #expect(PatchSiteTests.plainSwiftFunction(2) == 7)
+  }
+
   /// A thread that traps on a site being put back goes to its resume address, whatever it is.
   @Test func theTrapHandlerSendsThreadsToTheResumeAddress() {
     let nop = SiteBytes(raw: 0x0044_1f0f)

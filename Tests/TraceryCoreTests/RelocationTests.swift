@@ -147,3 +147,24 @@ extension RelocationTests {
     #expect(Double(moved) >= 0.99 * Double(functions.count), "moved \(moved) of \(functions.count): \(refusals)")
   }
 }
+
+extension RelocationTests {
+  /// Functions built without NOPs, traced by `Tracer` with relocated prologues (entry and exit
+  /// handlers) in a single-threaded process of our own (tracery-testhost): every call returns
+  /// what it did untraced, entries and exits balance, and detaching puts every byte back.
+  @Test(arguments: [["-O2"], ["-O2", "-fcf-protection=full"]])
+  func theTracerTracesFunctionsWithoutNops(flags: [String]) throws {
+    let directory = try TestSupport.temporaryDirectory("tracery-relocate-tracer")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let source = directory.appendingPathComponent("relocate.c").path
+    try Self.source.write(toFile: source, atomically: true, encoding: .utf8)
+    let library = directory.appendingPathComponent("librelocate.so").path
+    try TestSupport.compile(compiler: "gcc", sources: [source], flags: flags + ["-shared", "-fPIC"], output: library)
+    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
+    let result = try TestSupport.run(host, ["relocate", library])
+    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    #expect(
+      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        == "relocated=9 wrong=0 balanced=true counted=true restored=9 quiet=true freed=true")
+  }
+}

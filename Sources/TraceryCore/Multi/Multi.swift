@@ -141,8 +141,9 @@ extension Tracer.TracedFunction {
   }
 
   /// Whether its site goes to the global trampoline through a `MultiStub`: it has handlers that
-  /// run after the body, so the trampoline calls the body and returns.
-  var multiNeedsStub: Bool { multi.contains { $0.kind != .entry } }
+  /// run after the body, so the trampoline calls the body and returns; or its body does not
+  /// follow its site (relocated), so a trampoline entered by `call` could not return into it.
+  var multiNeedsStub: Bool { multi.contains { $0.kind != .entry } || !patch.bodyFollowsBranch }
 
   /// Whether the global trampoline finds its record in its padding.
   var usesPadding: Bool {

@@ -83,6 +83,11 @@ extension Tracer {
       if let function = plan.next[target.site] ?? state.functions[target.site] { return function }
       var function = TracedFunction(
         patch: target.patch, name: target.name, original: SiteBytes(reading: target.site), model: .unknown)
+      if target.patch.shape == .relocated, let (patch, copy) = try? relocatedCopy(of: target.patch) {
+        // (Without room for a copy `resume` stays 0, and `buildImages` reports the function.)
+        function.patch = patch
+        function.relocatedCopy = copy
+      }
       // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
       if ZeroedPadding.claim(before: target.site) {
         function.paddingOwned = true
@@ -188,12 +193,17 @@ extension Tracer {
       function.multiStub = nil
       function.multiStubImage = nil
       do {
+        guard function.patch.resume != 0 else {
+          throw AttachError.codeMemory("no room for the copy of its first instructions near it")
+        }
         // A per-function trampoline runs direct handlers, and ops and multi handlers whenever the
         // function has anything else too; with graph users, the graph stub calls it as the
-        // function's body.
+        // function's body. Ops on a site whose body does not follow it (relocated) need one too:
+        // the shared ops callers return into the site.
         let ownTrampoline =
           !function.attachments.isEmpty || (!function.multi.isEmpty && function.multiNeedsOwnTrampoline)
           || (function.graphMask != 0 && !function.ops.isEmpty)
+          || (!function.ops.isEmpty && !function.patch.bodyFollowsBranch)
         if ownTrampoline {
           function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
         }
@@ -212,6 +222,8 @@ extension Tracer {
         }
       } catch {
         plan.report.append(.init(function: function.name, address: function.function, outcome: .failed("\(error)")))
+        // A copy made for this commit was never reached.
+        if state.functions[site] == nil, let copy = function.relocatedCopy { arena.release(copy.block) }
         continue
       }
       plan.requests.append(
@@ -250,6 +262,9 @@ extension Tracer {
           function: plan.planned[index].function.name, address: plan.planned[index].function.function,
           outcome: .failed("cannot write its record pointer into its padding")))
       if let stub = plan.planned[index].function.multiStubImage { arena.release(stub.block) }
+      if state.functions[plan.planned[index].site] == nil, let copy = plan.planned[index].function.relocatedCopy {
+        arena.release(copy.block)
+      }
       plan.planned.remove(at: index)
       plan.requests.remove(at: index)
     }
@@ -266,6 +281,7 @@ extension Tracer {
       plan.report.append(.init(function: function.name, address: function.function, outcome: outcome))
       if case .failed = outcome {
         failed += [function.image, function.graphStub, function.multiStubImage].compactMap { $0?.block }
+        if state.functions[site] == nil, let copy = function.relocatedCopy { failed.append(copy.block) }
         continue
       }
       if let old = state.functions[site] {
@@ -292,6 +308,8 @@ extension Tracer {
         function.paddingOwned = function.isTraced
       }
       state.functions[site] = function.isTraced ? function : nil
+      // Back to its original bytes: its copy goes once no thread runs in it.
+      if !function.isTraced, let copy = function.relocatedCopy { state.reclaimer.retire(copy) }
     }
     _ = patcher.writeWords(cleared)
     ZeroedPadding.add(cleared.map(\.address))

@@ -5,16 +5,18 @@ extension Tracer {
   // MARK: - Resolution
 
   func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
-    let (known, bulk) = state.withLock { state in
+    let (known, bulk, relocates) = state.withLock { state in
       var known: [UInt64: Target] = [:]
       for function in state.functions.values {
         let target = Target(patch: function.patch, name: function.name)
         known[function.function] = target
         known[function.site] = target
       }
-      return (known, state.multi.bulk)
+      return (known, state.multi.bulk, state.relocatesPrologues)
     }
-    let context = ResolveContext(map: MemoryMap.current(), known: known, bulk: bulk)
+    let context = ResolveContext(
+      map: MemoryMap.current(), known: known, bulk: bulk,
+      relocate: relocates && Reclaimer.threadIDs().count == 1, table: relocates ? symbols : nil)
     switch selector {
     case .address(let address):
       var hint = 0
@@ -54,15 +56,24 @@ extension Tracer {
     matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
   ) throws(AttachError) -> [Target] {
     let table = symbols
-    let chosen = select(table).filter { table.functions[$0].site != nil }
+    let chosen = select(table).filter { table.functions[$0].site != nil || context.relocate }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     var result: [Target] = []
     result.reserveCapacity(chosen.count)
     var hint = 0
     for index in chosen {
       let function = table.functions[index]
+      if function.site == nil {
+        // Relocating: every function of the pattern, without a NOP site; those that cannot be
+        // moved are left out (an attach reports what it could not attach only by address).
+        if let target = try? context.target(at: function.address, name: function.name, hint: &hint) {
+          result.append(target)
+        }
+        continue
+      }
       result.append(try context.target(at: function.site!, name: function.name, entry: function.address, hint: &hint))
     }
+    guard !result.isEmpty else { throw .noFunctionMatches(what) }
     return result
   }
 
@@ -90,6 +101,10 @@ extension Tracer {
     let map: MemoryMap
     let known: [UInt64: Target]
     let bulk: [BulkLink]
+    /// Whether a function without a NOP gets a relocated site (`Tracer.relocatesPrologues`, one
+    /// thread), and the symbol table that gives its size.
+    let relocate: Bool
+    let table: SymbolTable?
 
     /// The site of the function at `address` (`PatchSite.at`), or the one it has already.
     /// `hint`: see `MemoryMap.isExecutable(_:count:hint:)`.
@@ -114,7 +129,16 @@ extension Tracer {
       do {
         return Target(patch: try PatchSite.at(address, function: entry), name: label)
       } catch {
-        throw .noPatchSite(function: label, reason: error.reason)
+        guard relocate, let table, let index = table.function(containing: address),
+          table.functions[index].address == address, table.functions[index].size > 0
+        else { throw .noPatchSite(function: label, reason: error.reason) }
+        do {
+          let patch = try PatchSite.relocated(
+            at: address, function: address, size: Int(table.functions[index].size))
+          return Target(patch: patch, name: label)
+        } catch let refusal {
+          throw .noPatchSite(function: label, reason: "\(error.reason); \(refusal.reason)")
+        }
       }
     }
   }

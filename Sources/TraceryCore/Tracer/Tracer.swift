@@ -32,7 +32,10 @@ public final class Tracer: Sendable {
   }
 
   struct TracedFunction {
-    let patch: PatchSite
+    /// Its site; a relocated one gets its copy's address when the function is first planned.
+    var patch: PatchSite
+    /// The out-of-line copy of its first instructions (`PatchSite.Shape.relocated`).
+    var relocatedCopy: CodeImage?
     let name: String
     /// The 5 bytes at its site before anything traced it.
     let original: SiteBytes
@@ -77,6 +80,7 @@ public final class Tracer: Sendable {
     /// Shared callers for the current ops, one per ±2 GiB region.
     var opsSharedImages: [OpsSharedImage] = []
     var multi = MultiState()
+    var relocatesPrologues = false
   }
 
   enum Operation {
@@ -202,6 +206,15 @@ public final class Tracer: Sendable {
 
   /// Trampolines replaced or detached but not yet freed.
   public var retiredTrampolines: Int { state.withLock { $0.reclaimer.retired.count } }
+
+  /// Whether a function without a NOP at its entry may be traced by moving its first
+  /// instructions out of line (`PatchSite.Shape.relocated`). Off by default; used only while the
+  /// process has one thread (moving code another thread may be executing needs checks that are
+  /// not built yet), else such functions are refused as before.
+  public var relocatesPrologues: Bool {
+    get { state.withLock { $0.relocatesPrologues } }
+    set { state.withLock { $0.relocatesPrologues = newValue } }
+  }
 
   /// Start addresses of the live trampolines (for tests and diagnostics).
   public var liveTrampolines: [UInt64] {
