@@ -54,12 +54,27 @@ enum Agent {
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
     // The tracer's table, of the objects that record patch sites only (read from their section
-    // headers first): resolving the chosen sites below reads the same one.
-    Tracer.shared.loadSymbols { ELFFile.recordsPatchSites(path: $0.path) == true }
+    // headers first), and the program itself with --relocate: resolving the chosen sites below
+    // reads the same one.
+    let program = environment.relocate ? ProcessObjects.list().first?.path : nil
+    Tracer.shared.loadSymbols { ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program }
     let table = Tracer.shared.symbols
     objects = table.objects.map { TracedProcess.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
-    saveSymbols(table, in: directory)
-    var chosen = table.patchableFunctions
+    // --relocate: the program's functions without a site, traced by moving their first
+    // instructions out of line (`Tracer.relocatesPrologues`); their site is the entry, or right
+    // after its endbr64 (`PatchSite.relocated`), which is what their events name.
+    let programObject = table.objects.firstIndex { $0.path == program }
+    let relocatable = Set(
+      table.functions.indices.filter {
+        table.functions[$0].object == programObject && table.functions[$0].site == nil && table.functions[$0].size >= 5
+      })
+    func site(_ index: Int) -> UInt64? {
+      guard relocatable.contains(index) else { return table.functions[index].site }
+      let entry = table.functions[index].address
+      return startsWithEndbr64(entry) ? entry + 4 : entry
+    }
+    saveSymbols(table, in: directory, site: site)
+    var chosen = table.patchableFunctions + relocatable.sorted()
     if let match = configuration.match, let glob = try? Glob(match) {
       // By any of its names (symbol, demangled, without parameters, simple), as readers show them.
       chosen = chosen.filter { Demangler.forms(table.functions[$0].name).contains(where: glob.matches) }
@@ -67,27 +82,27 @@ enum Agent {
     // Sites in no named function (a stripped program's): traced too, named by address
     // (`saveSymbols`), unless --patch chose by name.
     let anonymous = configuration.match == nil ? table.orphanSites.map(\.address) : []
-    let sites = chosen.compactMap { table.functions[$0].site } + anonymous
+    let sites = chosen.compactMap { relocatable.contains($0) ? nil : table.functions[$0].site } + anonymous
     // gcc's 1-byte NOP sleds can be rewritten now: the agent starts before other threads (unless a
     // library's constructor started one).
     let sleds = sites.filter { site in
       if case .nopSled = ProcessObjects.shape(at: site) { true } else { false }
     }
     if !sleds.isEmpty { _ = TextPatcher.shared.convertSleds(sleds) }
-    let addresses = sites
+    // A relocated function is named by its entry (the tracer finds its size there).
+    let addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
     tracedFunctions = addresses.count
     writeProcessInfo()
     pthread_atfork(nil, nil) { Agent.afterFork() }
     atexit(Agent.atExit)
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
+    Tracer.shared.relocatesPrologues = environment.relocate
     recorder = try? Tracer.shared.attachGraph(
       .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
     let specs = ValueRecorder.specs(environment)
     if recorder != nil, !specs.isEmpty {
-      let functions = chosen.compactMap { index in
-        table.functions[index].site.map { (name: table.functions[index].name, site: $0) }
-      }
+      let functions = chosen.compactMap { index in site(index).map { (name: table.functions[index].name, site: $0) } }
       ValueRecorder.attach(specs, kind: environment.patternKind, functions: functions, depth: configuration.depth)
     }
   }
@@ -95,10 +110,10 @@ enum Agent {
   /// Saves the names of each object's patchable functions in `DIR/symbols` (once per object and
   /// trace: a later process that loads the same object finds its file there) and names the file
   /// in `objects`. Written under a private name and renamed, so a reader never sees half a file.
-  static func saveSymbols(_ table: SymbolTable, in directory: String) {
+  static func saveSymbols(_ table: SymbolTable, in directory: String, site: (Int) -> UInt64?) {
     var sites = [[(site: UInt64, name: String)]](repeating: [], count: table.objects.count)
-    for function in table.functions {
-      guard let site = function.site else { continue }
+    for (index, function) in table.functions.enumerated() {
+      guard let site = site(index) else { continue }
       sites[function.object].append((site &- table.objects[function.object].bias, function.name))
     }
     // A site in no named function (a stripped object): OBJECT+0xADDRESS (link-time).
@@ -295,3 +310,8 @@ extension Agent {
 
 @_cdecl("tracery_agent_start")
 public func traceryAgentStart() { Agent.start() }
+
+/// Whether the code at `address` starts with `endbr64` (f3 0f 1e fa).
+private func startsWithEndbr64(_ address: UInt64) -> Bool {
+  UnsafeRawPointer(bitPattern: UInt(address))!.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3
+}

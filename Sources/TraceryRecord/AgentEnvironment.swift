@@ -12,6 +12,8 @@
 ///     TRACERY_ARGUMENTS      -A / -R specs, one per line as `A SPEC` or `R SPEC`
 ///     TRACERY_PATTERN_KIND   how their patterns match: regex (default) or glob
 ///     TRACERY_SHARED         1: trace files readable by others (record --shared)
+///     TRACERY_RELOCATE       1: also the program's functions without patch sites, their first
+///                            instructions moved out of line (record --relocate)
 ///
 /// (The counter's rate travels as TRACERY_TICKS_PER_NS, read by TraceryCore's
 /// `TimeStampCounter`.)
@@ -26,6 +28,7 @@ public struct AgentEnvironment: Sendable, Equatable {
   public var returnSpecs: [String] = []
   public var patternKind: NameMatcher.Kind = .regex
   public var shared = false
+  public var relocate = false
 
   public static let defaultBufferLimit = 2 << 30
 
@@ -44,6 +47,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     static let arguments = "TRACERY_ARGUMENTS"
     static let patternKind = "TRACERY_PATTERN_KIND"
     static let shared = "TRACERY_SHARED"
+    static let relocate = "TRACERY_RELOCATE"
   }
 
   /// Sets (or clears) every variable in `environment`.
@@ -56,6 +60,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     environment[Key.arguments] = lines.isEmpty ? nil : lines.joined(separator: "\n")
     environment[Key.patternKind] = patternKind.rawValue
     environment[Key.shared] = shared ? "1" : nil
+    environment[Key.relocate] = relocate ? "1" : nil
   }
 
   /// What this process was given; nil without a trace directory.
@@ -71,6 +76,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     }
     result.patternKind = value(Key.patternKind).flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
     result.shared = value(Key.shared) == "1"
+    result.relocate = value(Key.relocate) == "1"
     return result
   }
 

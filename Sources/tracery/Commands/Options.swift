@@ -29,6 +29,11 @@ struct RecordOptions: ParsableArguments {
     help: "Let other users read the trace (directory 0755, files 0644); by default only you can (0700, 0600).")
   var shared = false
 
+  @Flag(
+    name: .long,
+    help: "Also trace the program's functions that have no patch site, by moving their first instructions out of line.")
+  var relocate = false
+
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
 

@@ -26,6 +26,7 @@ struct Recorder {
       command: command.joined(separator: " "), program: path, start: ISO8601DateFormatter().string(from: Date()))
     if !filters.arguments.isEmpty { info.add("filter", filters.arguments.joined(separator: " ")) }
     if let pattern = options.patch { info.add("patch", pattern) }
+    if options.relocate { info.add("relocate", "yes") }
     for spec in options.argumentSpecs { info.add("argument", spec) }
     for spec in options.returnSpecs { info.add("retval", spec) }
     guard Files.write(info.text, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
@@ -39,6 +40,7 @@ struct Recorder {
     agentEnvironment.returnSpecs = options.returnSpecs
     agentEnvironment.patternKind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
     agentEnvironment.shared = options.shared
+    agentEnvironment.relocate = options.relocate
     agentEnvironment.apply(to: &environment)
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
@@ -108,9 +110,13 @@ struct Recorder {
     let compiledFilters = try filterMatchers.map { option, pattern in
       do { return try NameMatcher(pattern, kind: kind) } catch { throw UserError("\(option): \(error)") }
     }
-    for input in inputs {
+    for (position, input) in inputs.enumerated() {
       guard let table = try? SymbolTable([input]) else { continue }
-      let functions = table.patchableFunctions
+      // --relocate: the program's own functions count whether or not they have a site.
+      let functions =
+        options.relocate && position == 0
+        ? table.functions.indices.filter { table.functions[$0].site != nil || table.functions[$0].size >= 5 }
+        : table.patchableFunctions
       // Sites in no named function (a stripped object) are traced too, named by address.
       patchable += functions.count + table.orphanSites.count
       for index in functions {
@@ -123,7 +129,7 @@ struct Recorder {
     guard patchable > 0 else {
       throw UserError(
         "\(path) has no patch sites: build it with clang or gcc -fpatchable-function-entry=5 "
-          + "(or gcc -pg -mfentry -mnop-mcount -mrecord-mcount)")
+          + "(or gcc -pg -mfentry -mnop-mcount -mrecord-mcount), or record with --relocate")
     }
     if let pattern = options.patch, matching == 0 {
       throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
