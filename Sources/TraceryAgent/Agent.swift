@@ -70,8 +70,7 @@ enum Agent {
       })
     func site(_ index: Int) -> UInt64? {
       guard relocatable.contains(index) else { return table.functions[index].site }
-      let entry = table.functions[index].address
-      return startsWithEndbr64(entry) ? entry + 4 : entry
+      return PatchSite.relocatedAddress(entry: table.functions[index].address)
     }
     saveSymbols(table, in: directory, site: site)
     var chosen = table.patchableFunctions + relocatable.sorted()
@@ -310,8 +309,3 @@ extension Agent {
 
 @_cdecl("tracery_agent_start")
 public func traceryAgentStart() { Agent.start() }
-
-/// Whether the code at `address` starts with `endbr64` (f3 0f 1e fa).
-private func startsWithEndbr64(_ address: UInt64) -> Bool {
-  UnsafeRawPointer(bitPattern: UInt(address))!.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3
-}

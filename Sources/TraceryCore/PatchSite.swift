@@ -77,8 +77,7 @@ public struct PatchSite: Sendable, Hashable {
   /// `size` is the function's size from its symbol, for the sweep that looks for branches into
   /// the moved bytes.
   static func relocated(at entry: UInt64, function: UInt64, size: Int) throws(PatchSiteError) -> PatchSite {
-    var address = entry
-    if SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] { address += 4 }
+    let address = relocatedAddress(entry: entry)
     let available = Int(entry) + size - Int(address)
     guard available >= SiteBytes.length else { throw PatchSiteError(reason: "shorter than the 5-byte branch") }
     let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address)), count: available)
@@ -97,6 +96,13 @@ public struct PatchSite: Sendable, Hashable {
     default: break
     }
     return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
+  }
+
+  /// Where the branch of a relocated site goes in the function at `entry`: the entry, or right
+  /// after its `endbr64` (which indirect calls must still find there). What the events of such a
+  /// function name as its site.
+  public static func relocatedAddress(entry: UInt64) -> UInt64 {
+    SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] ? entry + 4 : entry
   }
 
   /// This relocated site with its copy at `copy`.
