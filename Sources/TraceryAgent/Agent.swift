@@ -63,14 +63,16 @@ enum Agent {
     // --relocate: the program's functions without a site, traced by moving their first
     // instructions out of line (`Tracer.relocatesPrologues`); their site is the entry, or right
     // after its endbr64 (`PatchSite.relocated`), which is what their events name.
-    let programObject = table.objects.firstIndex { $0.path == program }
-    let relocatable = Set(
-      table.functions.indices.filter {
-        table.functions[$0].object == programObject && table.functions[$0].site == nil && table.functions[$0].size >= 5
-      })
+    let relocatable: Set<Int> =
+      table.objects.firstIndex { $0.path == program }.map { object in
+        Set(
+          table.functions.indices.filter {
+            table.functions[$0].object == object && table.functions[$0].site == nil && table.functions[$0].size >= 5
+          })
+      } ?? []
     func site(_ index: Int) -> UInt64? {
       guard relocatable.contains(index) else { return table.functions[index].site }
-      return PatchSite.relocatedAddress(entry: table.functions[index].address)
+      return PatchSite.afterEndbr64(table.functions[index].address)
     }
     saveSymbols(table, in: directory, site: site)
     var chosen = table.patchableFunctions + relocatable.sorted()

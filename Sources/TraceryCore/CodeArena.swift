@@ -53,6 +53,9 @@ public final class CodeArena: Sendable {
       }
     }
 
+    /// The addresses the block covers.
+    public var range: Range<UInt64> { address..<(address + UInt64(size)) }
+
     /// Whether a rel32 branch at any address in `range` can reach every byte of the block.
     public func isReachable(from site: UInt64) -> Bool {
       CodeArena.reaches(site, address) && CodeArena.reaches(site, address + UInt64(size))

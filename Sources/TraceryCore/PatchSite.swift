@@ -55,8 +55,7 @@ public struct PatchSite: Sendable, Hashable {
   static func at(_ entry: UInt64, function: UInt64? = nil) throws(PatchSiteError) -> PatchSite {
     // The common case first, without building byte arrays.
     if SiteBytes(reading: entry).isNop5 { return .nop(at: entry, function: function ?? entry) }
-    var address = entry
-    if SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] { address += 4 }
+    let address = afterEndbr64(entry)
     switch X86Instruction.SiteShape(bytes: TextPatcher.read(address), at: address) {
     case .nop5:
       return .nop(at: address, function: function ?? entry)
@@ -77,7 +76,7 @@ public struct PatchSite: Sendable, Hashable {
   /// `size` is the function's size from its symbol, for the sweep that looks for branches into
   /// the moved bytes.
   static func relocated(at entry: UInt64, function: UInt64, size: Int) throws(PatchSiteError) -> PatchSite {
-    let address = relocatedAddress(entry: entry)
+    let address = afterEndbr64(entry)
     let available = Int(entry) + size - Int(address)
     guard available >= SiteBytes.length else { throw PatchSiteError(reason: "shorter than the 5-byte branch") }
     let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address)), count: available)
@@ -98,10 +97,9 @@ public struct PatchSite: Sendable, Hashable {
     return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
   }
 
-  /// Where the branch of a relocated site goes in the function at `entry`: the entry, or right
-  /// after its `endbr64` (which indirect calls must still find there). What the events of such a
-  /// function name as its site.
-  public static func relocatedAddress(entry: UInt64) -> UInt64 {
+  /// `entry`, or right after the `endbr64` there (which indirect calls must still find): where a
+  /// site is looked for, and where a relocated site's branch goes (what its events name).
+  public static func afterEndbr64(_ entry: UInt64) -> UInt64 {
     SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] ? entry + 4 : entry
   }
 

@@ -100,40 +100,39 @@ public enum X86Relocator {
       }
       return destination + UInt64(boundary.copy)
     }
-    func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> [UInt8] {
-      guard let value = Int32(exactly: Int64(bitPattern: target &- end)) else { throw .outOfReach(offset: offset) }
-      return withUnsafeBytes(of: value.littleEndian) { Array($0) }
+    func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> Int32 {
+      guard let value = X86Writer.rel32(from: end, to: target) else { throw .outOfReach(offset: offset) }
+      return value
+    }
+    func jmp(at here: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> [UInt8] {
+      guard let bytes = X86Instruction.jmp(at: here, to: target) else { throw .outOfReach(offset: offset) }
+      return bytes
     }
     var bytes: [UInt8] = []
     for ((offset, instruction), boundary) in zip(moved, boundaries) {
       let here = destination + UInt64(boundary.copy)
-      let original = Array(code[offset..<offset + instruction.length])
       switch instruction.flow {
       case .jump(let target):
-        let to = try resolve(target, from: offset)
-        bytes += [0xe9] + (try rel32(from: here + 5, to: to, offset: offset))
+        bytes += try jmp(at: here, to: try resolve(target, from: offset), offset: offset)
       case .branch(let target):
-        let to = try resolve(target, from: offset)
-        bytes += [0x0f, 0x80 | instruction.condition!] + (try rel32(from: here + 6, to: to, offset: offset))
+        bytes += [0x0f, 0x80 | instruction.condition!]
+        bytes.appendLE(try rel32(from: here + 6, to: try resolve(target, from: offset), offset: offset))
       case .call(let target):
-        let to = try resolve(target, from: offset)
-        let returnAddress = address + UInt64(offset + instruction.length)
-        bytes += Self.pushImmediate64(returnAddress)
-        bytes += [0xe9] + (try rel32(from: here + UInt64(Self.callSequenceSize), to: to, offset: offset))
+        bytes += Self.pushImmediate64(address + UInt64(offset + instruction.length))
+        let jmpAt = here + UInt64(Self.callSequenceSize - 5)
+        bytes += try jmp(at: jmpAt, to: try resolve(target, from: offset), offset: offset)
       case .next, .end, .indirect:
-        var copied = original
+        var copied = Array(code[offset..<offset + instruction.length])
         if let at = instruction.ripDisplacementOffset {
-          let raw = (0..<4).reduce(UInt32(0)) { $0 | UInt32(original[at + $1]) << (8 * $1) }
+          let raw = (0..<4).reduce(UInt32(0)) { $0 | UInt32(copied[at + $1]) << (8 * $1) }
           let target =
             address + UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(Int32(bitPattern: raw)))
-          let displacement = try rel32(from: here + UInt64(instruction.length), to: target, offset: offset)
-          copied.replaceSubrange(at..<at + 4, with: displacement)
+          copied.storeLE(try rel32(from: here + UInt64(instruction.length), to: target, offset: offset), at: at)
         }
         bytes += copied
       }
     }
-    let end = destination + UInt64(bytes.count)
-    bytes += [0xe9] + (try rel32(from: end + 5, to: address + UInt64(length), offset: length))
+    bytes += try jmp(at: destination + UInt64(bytes.count), to: address + UInt64(length), offset: length)
     return Relocation(bytes: bytes, length: length, boundaries: boundaries)
   }
 
@@ -142,9 +141,11 @@ public enum X86Relocator {
   static let callSequenceSize = 5 + 7 + 8 + 5
 
   static func pushImmediate64(_ value: UInt64) -> [UInt8] {
-    let low = withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian) { Array($0) }
-    let high = withUnsafeBytes(of: UInt32(truncatingIfNeeded: value >> 32).littleEndian) { Array($0) }
-    return [0x48, 0x8d, 0x64, 0x24, 0xf8] + [0xc7, 0x04, 0x24] + low + [0xc7, 0x44, 0x24, 0x04] + high
+    var bytes: [UInt8] = [0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24]
+    bytes.appendLE(UInt32(truncatingIfNeeded: value))
+    bytes += [0xc7, 0x44, 0x24, 0x04]
+    bytes.appendLE(UInt32(truncatingIfNeeded: value >> 32))
+    return bytes
   }
 }
 

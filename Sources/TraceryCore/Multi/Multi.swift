@@ -274,7 +274,7 @@ extension Tracer {
 
   /// Retires a block of stubs no site jumps to any more (see `MultiState.retiredStubs`).
   func retireStub(_ stub: CodeImage, state: inout State) {
-    state.multi.retiredStubs.append(stub.block.address..<(stub.block.address + UInt64(stub.block.size)))
+    state.multi.retiredStubs.append(stub.block.range)
     state.reclaimer.retire(stub)
   }
 
@@ -282,13 +282,11 @@ extension Tracer {
   func retireOrphanStubs(state: inout State) {
     guard !state.multi.orphanStubs.isEmpty else { return }
     let used = state.functions.values.compactMap(\.multiStub)
+    var kept: [CodeImage] = []
     for stub in state.multi.orphanStubs {
-      let range = stub.block.address..<(stub.block.address + UInt64(stub.block.size))
-      if !used.contains(where: range.contains) { retireStub(stub, state: &state) }
+      if used.contains(where: stub.block.range.contains) { kept.append(stub) } else { retireStub(stub, state: &state) }
     }
-    state.multi.orphanStubs.removeAll { stub in
-      used.allSatisfy { !(stub.block.address..<(stub.block.address + UInt64(stub.block.size))).contains($0) }
-    }
+    state.multi.orphanStubs = kept
   }
 
   /// The global trampoline for `key` within rel32 reach of `site`, made on first use.

@@ -315,9 +315,8 @@ extension Tracer {
     }
     let moved = state.functions.values.compactMap(\.multiStub)
     for stubs in link.stubBlocks {
-      let range = stubs.block.address..<(stubs.block.address + UInt64(stubs.block.size))
-      if stuck.contains(where: range.contains) { continue }
-      if moved.contains(where: range.contains) {
+      if stuck.contains(where: stubs.block.range.contains) { continue }
+      if moved.contains(where: stubs.block.range.contains) {
         state.multi.orphanStubs.append(stubs)
       } else {
         retireStub(stubs, state: &state)
@@ -355,11 +354,8 @@ extension Tracer {
   /// (about to call one): a reclaimer pass over them (it signals running threads). When none
   /// is, retired stubs no longer count (no thread can enter them again).
   private func globalTrampolinesIdle(state: inout State, callerStack: UInt64) -> Bool {
-    func range(_ image: CodeImage) -> Range<UInt64> {
-      image.block.address..<(image.block.address + UInt64(image.block.size))
-    }
-    var ranges = state.multi.trampolines.map { range($0.image) } + state.multi.retiredStubs
-    ranges += state.multi.orphanStubs.map(range) + state.multi.bulk.flatMap { $0.stubBlocks.map(range) }
+    var ranges = state.multi.trampolines.map(\.image.block.range) + state.multi.retiredStubs
+    ranges += state.multi.orphanStubs.map(\.block.range) + state.multi.bulk.flatMap { $0.stubBlocks.map(\.block.range) }
     guard !ranges.isEmpty else { return true }
     guard case .success(let busy) = Reclaimer.busyRanges(ranges, callerStack: callerStack), busy.isEmpty else {
       return false

@@ -30,33 +30,30 @@ enum MultiRecord {
   /// Words of a record of `handlers` handlers.
   static func words(handlers: Int) -> Int { headerWords + 2 * handlers }
 
-  /// Writes the record of one handler at `words` (a bulk link's: no arrays, it runs 50,000
-  /// times in an attach).
+  /// Writes the record of one handler at `words` (a bulk link's, 50,000 times in an attach: no
+  /// array).
   static func write(_ words: UnsafeMutablePointer<UInt64>, kind: HandlerKind, handler: UInt64, cookie: UInt64) {
-    words[0] = UInt64(kind.rawValue)
-    words[1] = kind == .entry ? 1 : 0
-    words[2] = kind == .modifyReturn ? 1 : 0
-    words[3] = kind == .exit ? 1 : 0
-    words[headerWords] = handler
-    words[headerWords + 1] = cookie
+    write(words, handlers: CollectionOfOne((kind: kind, handler: handler, cookie: cookie)))
   }
 
   /// Writes the record of `handlers` (any order: grouped by kind here) at `words`; returns its
   /// size in words.
   @discardableResult
   static func write(
-    _ words: UnsafeMutablePointer<UInt64>, handlers: [(kind: HandlerKind, handler: UInt64, cookie: UInt64)]
+    _ words: UnsafeMutablePointer<UInt64>,
+    handlers: some Collection<(kind: HandlerKind, handler: UInt64, cookie: UInt64)>
   ) -> Int {
-    let counts = HandlerKind.order.map { kind in handlers.count { $0.kind == kind } }
-    words[0] = handlers.count == 1 ? UInt64(handlers[0].kind.rawValue) : 0
-    for (index, count) in counts.enumerated() { words[1 + index] = UInt64(count) }
+    words[Int(shapeOffset) / 8] = handlers.count == 1 ? UInt64(handlers.first!.kind.rawValue) : 0
     var at = headerWords
     for kind in HandlerKind.order {
+      var count: UInt64 = 0
       for item in handlers where item.kind == kind {
         words[at] = item.handler
         words[at + 1] = item.cookie
         at += 2
+        count += 1
       }
+      words[Int(countOffset(kind)) / 8] = count
     }
     return at
   }

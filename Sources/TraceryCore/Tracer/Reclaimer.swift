@@ -131,7 +131,7 @@ struct Reclaimer {
     var owners: [Int] = []
     for (index, image) in retired.enumerated() {
       for block in [image.block] + image.companions {
-        ranges.append(block.address..<(block.address + UInt64(block.size)))
+        ranges.append(block.range)
         owners.append(index)
       }
     }
