@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <signal.h>
 #include <stdlib.h>
 
 #include "CTraceryAgent.h"
@@ -20,4 +21,53 @@ int __libc_start_main(tracery_main main, int argc, char **argv, void (*init)(voi
   if (next == NULL) abort();
   tracery_agent_start();
   return next(main, argc, argv, init, fini, rtld_fini, stack_end);
+}
+
+// ---- SIGTRAP stays deliverable ---------------------------------------------------------------
+// Functions that cannot be relocated are traced through an int3 (`record --relocate`): a thread
+// that blocks SIGTRAP and reaches one would be killed by the kernel (a trap it cannot deliver),
+// and programs do block every signal (workers that leave signals to one thread; handlers
+// installed with a full sa_mask). With --relocate the agent takes SIGTRAP out of every set the
+// program blocks. (glibc's own short windows of all signals blocked run no program code.)
+
+static int keeps_traps(void) {
+  static int decided = -1;
+  if (decided < 0) {
+    const char *relocate = getenv("TRACERY_RELOCATE");
+    decided = getenv("TRACERY_DIR") != NULL && relocate != NULL && relocate[0] == '1';
+  }
+  return decided;
+}
+
+static const sigset_t *without_trap(int how, const sigset_t *set, sigset_t *copy) {
+  if (set == NULL || how == SIG_UNBLOCK || !keeps_traps() || !sigismember(set, SIGTRAP)) return set;
+  *copy = *set;
+  sigdelset(copy, SIGTRAP);
+  return copy;
+}
+
+int pthread_sigmask(int how, const sigset_t *set, sigset_t *old) {
+  static int (*next)(int, const sigset_t *, sigset_t *);
+  if (next == NULL) next = (int (*)(int, const sigset_t *, sigset_t *))dlsym(RTLD_NEXT, "pthread_sigmask");
+  sigset_t copy;
+  return next(how, without_trap(how, set, &copy), old);
+}
+
+int sigprocmask(int how, const sigset_t *set, sigset_t *old) {
+  static int (*next)(int, const sigset_t *, sigset_t *);
+  if (next == NULL) next = (int (*)(int, const sigset_t *, sigset_t *))dlsym(RTLD_NEXT, "sigprocmask");
+  sigset_t copy;
+  return next(how, without_trap(how, set, &copy), old);
+}
+
+int sigaction(int signal, const struct sigaction *action, struct sigaction *old) {
+  static int (*next)(int, const struct sigaction *, struct sigaction *);
+  if (next == NULL) next = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
+  struct sigaction copy;
+  if (action != NULL && keeps_traps() && sigismember(&action->sa_mask, SIGTRAP)) {
+    copy = *action;
+    sigdelset(&copy.sa_mask, SIGTRAP);
+    action = &copy;
+  }
+  return next(signal, action, old);
 }

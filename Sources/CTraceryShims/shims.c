@@ -83,6 +83,7 @@ size_t ctracery_loaded_objects(struct ctracery_object *out, size_t capacity) {
 // ---- SIGTRAP ---------------------------------------------------------------------------------
 
 static _Atomic(const struct ctracery_poke_table *) published_table;
+static _Atomic(const struct ctracery_poke_table *) published_traps;
 static _Atomic uint64_t table_generation;
 static atomic_long handlers_in_flight;
 static _Atomic uint64_t traps_handled;
@@ -136,16 +137,22 @@ static void trap_handler(int sig, siginfo_t *info, void *context) {
       // not explain means a batch began or ended meanwhile: the generation moved, try again.
       uint64_t generation = atomic_load_explicit(&table_generation, memory_order_seq_cst);
       const struct ctracery_poke_table *table = atomic_load_explicit(&published_table, memory_order_seq_cst);
+      const struct ctracery_poke_table *traps = atomic_load_explicit(&published_traps, memory_order_seq_cst);
       uint8_t byte = __atomic_load_n((const uint8_t *)site, __ATOMIC_SEQ_CST);
       if (byte != 0xCC) {
         // The batch finished between the trap and now: run whatever is there now.
-        if (is_patcher_opcode(byte)) {
+        if (is_patcher_opcode(byte) || (traps && find_poke(traps, site))) {
           gregs[REG_RIP] = (greg_t)site;
           handled = 1;
         }
         break;
       }
       const struct ctracery_poke *poke = table ? find_poke(table, site) : NULL;
+      if (!poke && traps) {
+        // A trap site: its int3 stays, and the table says where its branch would go.
+        const struct ctracery_poke *trap = find_poke(traps, site);
+        if (trap && trap->kind == CTRACERY_POKE_JMP) poke = trap;
+      }
       if (poke) {
         // T3: emulate the instruction being installed.
         switch (poke->kind) {
@@ -194,6 +201,11 @@ int ctracery_install_trap_handler(void) {
 
 void ctracery_publish_pokes(const struct ctracery_poke_table *table) {
   atomic_store_explicit(&published_table, table, memory_order_seq_cst);
+  atomic_fetch_add_explicit(&table_generation, 1, memory_order_seq_cst);
+}
+
+void ctracery_publish_traps(const struct ctracery_poke_table *table) {
+  atomic_store_explicit(&published_traps, table, memory_order_seq_cst);
   atomic_fetch_add_explicit(&table_generation, 1, memory_order_seq_cst);
 }
 

@@ -34,6 +34,9 @@ enum Agent {
   nonisolated(unsafe) static var recorder: GraphLink?
   nonisolated(unsafe) static var objects: [TracedProcess.Object] = []
   nonisolated(unsafe) static var tracedFunctions = 0
+  nonisolated(unsafe) static var relocatedFunctions = 0
+  nonisolated(unsafe) static var trappedFunctions = 0
+  nonisolated(unsafe) static var untracedFunctions = 0
 
   static func start() {
     guard let environment = AgentEnvironment.current() else { return }
@@ -61,13 +64,14 @@ enum Agent {
     let table = Tracer.shared.symbols
     objects = table.objects.map { TracedProcess.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
     // --relocate: the program's functions without a site, traced by moving their first
-    // instructions out of line (`Tracer.relocatesPrologues`); their site is the entry, or right
-    // after its endbr64 (`PatchSite.relocated`), which is what their events name.
+    // instructions out of line (`Tracer.relocatesPrologues`), or those that cannot move by an
+    // int3 on their first instruction (`PatchSite.Shape.trap`); their site is the entry, or
+    // right after its endbr64, which is what their events name.
     let relocatable: Set<Int> =
       table.objects.firstIndex { $0.path == program }.map { object in
         Set(
           table.functions.indices.filter {
-            table.functions[$0].object == object && table.functions[$0].site == nil && table.functions[$0].size >= 5
+            table.functions[$0].object == object && table.functions[$0].site == nil && table.functions[$0].size > 0
           })
       } ?? []
     func site(_ index: Int) -> UInt64? {
@@ -92,15 +96,21 @@ enum Agent {
     if !sleds.isEmpty { _ = TextPatcher.shared.convertSleds(sleds) }
     // A relocated function is named by its entry (the tracer finds its size there).
     let addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
-    tracedFunctions = addresses.count
-    writeProcessInfo()
     pthread_atfork(nil, nil) { Agent.afterFork() }
     atexit(Agent.atExit)
+    // The process file says what was traced, so it is written after the attach (before the
+    // program runs, hence before any thread's first event appends to it).
+    defer { writeProcessInfo() }
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
     Tracer.shared.relocatesPrologues = environment.relocate
     recorder = try? Tracer.shared.attachGraph(
       .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
+    let shapes = Tracer.shared.siteShapes
+    tracedFunctions = shapes.values.reduce(0, +)
+    relocatedFunctions = shapes[.relocated] ?? 0
+    trappedFunctions = shapes[.trap] ?? 0
+    untracedFunctions = addresses.count - tracedFunctions
     let specs = ValueRecorder.specs(environment)
     if recorder != nil, !specs.isEmpty {
       let functions = chosen.compactMap { index in site(index).map { (name: table.functions[index].name, site: $0) } }
@@ -164,11 +174,14 @@ enum Agent {
       } ?? []
     var now = timespec()
     clock_gettime(CLOCK_REALTIME, &now)
-    let info = TracedProcess(
+    var info = TracedProcess(
       session: session, pid: pid, parent: getppid(), executable: resolvedExecutable(), arguments: arguments,
       ticksPerNanosecond: TimeStampCounter.ticksPerNanosecond, startTicks: TimeStampCounter.now,
       startRealtimeNanoseconds: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec), objects: objects,
       tracedFunctions: tracedFunctions)
+    info.relocatedFunctions = relocatedFunctions
+    info.trappedFunctions = trappedFunctions
+    info.untracedFunctions = untracedFunctions
     Files.write(info.text, to: path)
   }
 

@@ -30,6 +30,13 @@ public struct PatchSite: Sendable, Hashable {
     /// executing needs the checks of the trace-any-function issue) and when the function's own
     /// code never branches into the moved bytes.
     case relocated
+    /// A function that cannot be relocated (too short, its code branches into its first bytes)
+    /// or may not be now (other threads run): an `int3` on its first instruction (`length` is
+    /// that instruction's), which stays; the SIGTRAP handler sends a thread reaching it where
+    /// the branch would (the kernel's uprobes, in process: ~1-2 µs a call instead of ns), and
+    /// `resume` is the copy of that one instruction. Safe while other threads run: no thread can
+    /// be inside one instruction. The patcher writes `int3` and the site's own next 4 bytes.
+    case trap
   }
 
   /// The function's entry (its symbol's address).
@@ -76,25 +83,97 @@ public struct PatchSite: Sendable, Hashable {
   /// `size` is the function's size from its symbol, for the sweep that looks for branches into
   /// the moved bytes.
   static func relocated(at entry: UInt64, function: UInt64, size: Int) throws(PatchSiteError) -> PatchSite {
-    let address = afterEndbr64(entry)
-    let available = Int(entry) + size - Int(address)
-    guard available >= SiteBytes.length else { throw PatchSiteError(reason: "shorter than the 5-byte branch") }
-    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(address)), count: available)
-    // Where the copy goes is not known yet: a trial at the site itself sizes the move.
-    let trial = Result { () throws(X86Relocator.Refusal) in try X86Relocator.relocate(code, at: address, to: address) }
-    let length: Int
-    switch trial {
-    case .success(let relocation): length = relocation.length
-    case .failure(let refusal): throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)")
+    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: size)
+    return try relocated(code: code, entry: entry, function: function)
+  }
+
+  /// `relocated(at:function:size:)` decided on `code`, the function's bytes (its whole size)
+  /// wherever they are (mapped at `entry`, or read from its file).
+  static func relocated(code: UnsafeRawBufferPointer, entry: UInt64, function: UInt64) throws(PatchSiteError)
+    -> PatchSite
+  {
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
+    let address = entry + UInt64(skip)
+    guard code.count - skip >= SiteBytes.length else {
+      throw PatchSiteError(reason: "shorter than the 5-byte branch", category: .short)
     }
-    let whole = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: size)
-    switch X86Relocator.branchesIntoMovedRange(of: whole, at: entry, length: Int(address - entry) + length) {
-    case nil: throw PatchSiteError(reason: "its code cannot be read through to look for branches into its start")
+    // Where the copy goes is not known yet: a trial at the site itself sizes the move.
+    let length: Int
+    switch Result(catching: { () throws(X86Relocator.Refusal) in
+      try X86Relocator.relocate(UnsafeRawBufferPointer(rebasing: code[skip...]), at: address, to: address)
+    }) {
+    case .success(let relocation): length = relocation.length
+    case .failure(let refusal):
+      throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)", category: .unmovable(refusal))
+    }
+    switch X86Relocator.branchesIntoMovedRange(of: code, at: entry, length: skip + length) {
+    case nil:
+      throw PatchSiteError(
+        reason: "its code cannot be read through to look for branches into its start", category: .unswept)
     case let found? where !found.isEmpty:
-      throw PatchSiteError(reason: "its own code branches into its first \(length) bytes (at +\(found[0]))")
+      throw PatchSiteError(
+        reason: "its own code branches into its first \(length) bytes (at +\(found[0]))", category: .branchedInto)
     default: break
     }
     return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
+  }
+
+  /// The trap site of the function at `entry` (`size` bytes, at least one instruction after its
+  /// `endbr64`): its first instruction, moved alone, before its copy exists (`resume` 0).
+  static func trap(at entry: UInt64, function: UInt64, size: Int) throws(PatchSiteError) -> PatchSite {
+    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: size)
+    return try trap(code: code, entry: entry, function: function)
+  }
+
+  /// `trap(at:function:size:)` decided on the function's bytes.
+  static func trap(code: UnsafeRawBufferPointer, entry: UInt64, function: UInt64) throws(PatchSiteError) -> PatchSite {
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
+    let address = entry + UInt64(skip)
+    guard code.count > skip else { throw PatchSiteError(reason: "no instruction after its endbr64", category: .short) }
+    switch Result(catching: { () throws(X86Relocator.Refusal) in
+      try X86Relocator.relocate(UnsafeRawBufferPointer(rebasing: code[skip...]), at: address, to: address, minimum: 1)
+    }) {
+    case .success(let relocation):
+      return PatchSite(function: function, address: address, resume: 0, length: UInt8(relocation.length), shape: .trap)
+    case .failure(let refusal):
+      throw PatchSiteError(reason: "its first instruction cannot be moved: \(refusal)", category: .unmovable(refusal))
+    }
+  }
+
+  private static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {
+    code.count >= X86Instruction.endbr64.count
+      && code.prefix(X86Instruction.endbr64.count).elementsEqual(
+        X86Instruction.endbr64)
+  }
+
+  /// How Tracery would trace the function whose code is `code` (its whole size) at `entry`, with
+  /// prologue relocation on and only this thread running: at its NOP, by relocating its first
+  /// instructions, by a trap on its first instruction (with why it is not relocated), or not
+  /// at all (why). For coverage surveys (`tracery bench relocate`) of objects not loaded.
+  public static func survey(code: UnsafeRawBufferPointer, entry: UInt64) -> Survey {
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
+    if code.count >= skip + SiteBytes.length,
+      case .nop5 = X86Instruction.SiteShape(bytes: Array(code[skip..<skip + SiteBytes.length]), at: entry)
+    {
+      return .nop
+    }
+    do throws(PatchSiteError) {
+      return .relocated(length: Int(try relocated(code: code, entry: entry, function: entry).length))
+    } catch let notRelocated {
+      do throws(PatchSiteError) {
+        _ = try trap(code: code, entry: entry, function: entry)
+        return .trap(notRelocated.category)
+      } catch {
+        return .refused(error.category)
+      }
+    }
+  }
+
+  public enum Survey: Sendable, Equatable {
+    case nop
+    case relocated(length: Int)
+    case trap(PatchSiteError.Category)
+    case refused(PatchSiteError.Category)
   }
 
   /// `entry`, or right after the `endbr64` there (which indirect calls must still find): where a
@@ -103,31 +182,73 @@ public struct PatchSite: Sendable, Hashable {
     SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] ? entry + 4 : entry
   }
 
-  /// This relocated site with its copy at `copy`.
+  /// This relocated or trap site with its copy at `copy`.
   func withCopy(at copy: UInt64) -> PatchSite {
     PatchSite(function: function, address: address, resume: copy, length: length, shape: shape)
   }
 }
 
-/// Why a function has no patch site.
-struct PatchSiteError: Error {
+/// Why a function has no patch site (of a shape).
+public struct PatchSiteError: Error, Sendable {
+  public enum Category: Sendable, Hashable, CustomStringConvertible {
+    case notNop
+    /// Shorter than the branch (a trap site: no instruction after its endbr64).
+    case short
+    case unmovable(X86Relocator.Refusal)
+    /// The function's own code branches into the bytes the branch would take.
+    case branchedInto
+    /// The sweep for such branches met bytes it could not decode.
+    case unswept
+
+    public var description: String {
+      switch self {
+      case .notNop: "no 5-byte NOP"
+      case .short: "shorter than 5 bytes"
+      case .unmovable(let refusal): "cannot move: \(X86Relocator.kind(of: refusal))"
+      case .branchedInto: "its code branches into its first bytes"
+      case .unswept: "its code does not decode to its end"
+      }
+    }
+  }
+
   let reason: String
+  public let category: Category
+
+  init(reason: String, category: Category = .notNop) {
+    self.reason = reason
+    self.category = category
+  }
 }
 
 extension Tracer {
   /// The out-of-line copy of a relocated site's first instructions, placed near it, and the site
   /// with the copy as its `resume`. Called when the function is first planned (under the lock).
+  /// Where in a trap site's copy block its pad lies: the `jmp` its int3 leads to
+  /// (`patchRequest(from:for:)`), after the copy (at most 30 bytes for one instruction).
+  static let trapPad = 64
+
   func relocatedCopy(of patch: PatchSite) throws -> (PatchSite, CodeImage) {
     let size = Int(patch.length) + 15
     // At most 5 instructions move (each at least a byte); the longest copy is a call's 25 bytes.
     let block = try arena.allocate(near: patch.address, size: 128)
     do {
       let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(patch.address)), count: size)
-      let relocation = try X86Relocator.relocate(code, at: patch.address, to: block.address)
+      // The same instructions as when the site was chosen: those covering its length.
+      let relocation = try X86Relocator.relocate(
+        code, at: patch.address, to: block.address, minimum: Int(patch.length))
       guard relocation.length == Int(patch.length), relocation.bytes.count <= block.size else {
         throw AttachError.codeMemory("the relocated copy changed size")
       }
       block.write(relocation.bytes)
+      if patch.shape == .trap {
+        // Until the function is traced its pad runs the function as it is.
+        let pad = block.address + UInt64(Self.trapPad)
+        guard let jmp = X86Instruction.jmp(at: pad, to: block.address) else {
+          throw AttachError.codeMemory("the trap pad cannot reach the copy")
+        }
+        block.write(jmp, at: Self.trapPad)
+        return (patch.withCopy(at: block.address), CodeImage(block: block, length: Self.trapPad + jmp.count))
+      }
       return (patch.withCopy(at: block.address), CodeImage(block: block, length: relocation.bytes.count))
     } catch {
       arena.release(block)

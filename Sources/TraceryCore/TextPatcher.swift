@@ -18,6 +18,9 @@ public struct PatchRequest: Sendable, Equatable {
   let replacementBytes: SiteBytes?
   /// The bytes as given, kept only when either is not 5 bytes long.
   let malformed: [[UInt8]]?
+  /// For a trap site being traced (`PatchSite.Shape.trap`; the replacement is `int3` and the
+  /// site's own next 4 bytes): where a thread reaching the int3 goes. 0 otherwise.
+  let trapTarget: UInt64
 
   public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
   public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
@@ -33,14 +36,16 @@ public struct PatchRequest: Sendable, Equatable {
     expectedBytes = SiteBytes(expected)
     replacementBytes = SiteBytes(replacement)
     malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
+    trapTarget = 0
   }
 
-  init(site: UInt64, expected: SiteBytes, replacement: SiteBytes, resume: UInt64? = nil) {
+  init(site: UInt64, expected: SiteBytes, replacement: SiteBytes, resume: UInt64? = nil, trapTarget: UInt64 = 0) {
     self.site = site
     self.resume = resume ?? PatchSite.nop(at: site).resume
     expectedBytes = expected
     replacementBytes = replacement
     malformed = nil
+    self.trapTarget = trapTarget
   }
 }
 
@@ -79,6 +84,11 @@ public final class TextPatcher: Sendable {
     var statistics = Statistics()
     /// Poke tables unpublished but perhaps still read by a SIGTRAP handler.
     var retired: [PokeTable] = []
+    /// The trap table's sites (`ctracery_publish_traps`): trap sites (JMP, to their target) and
+    /// sites whose moved code came back over an int3 (REWIND). Entries stay: a thread may trap
+    /// on an int3 and reach its handler only after the site changed again.
+    var traps: [UInt64: ctracery_poke] = [:]
+    var trapTable: PokeTable?
   }
 
   private let state = Mutex(State())
@@ -157,7 +167,9 @@ public final class TextPatcher: Sendable {
           accepted = kept
         }
         guard !accepted.isEmpty else { return false }
+        publishTraps(accepted, restored: false, state: &state)
         step3to7Write(accepted, retired: &state.retired)
+        publishTraps(accepted, restored: true, state: &state)
         return true
       }
       guard written else { return report }
@@ -230,6 +242,43 @@ public final class TextPatcher: Sendable {
     let replacement: SiteBytes
     let kind: ctracery_poke_kind
     let resume: UInt64
+    var trapTarget: UInt64 = 0
+  }
+
+  /// Before step 3 (`restored` false): trap sites this batch makes enter the trap table (to
+  /// their target). After step 7 (`restored` true): sites whose moved code it put back are
+  /// marked to rewind. (Marked before, a thread that trapped on a trap site's int3 before the
+  /// batch and reached its handler before step 4 would find neither its target nor its code.)
+  /// Published at once when anything changed; the old table is retired like a batch's.
+  private func publishTraps(_ sites: [AcceptedSite], restored: Bool, state: inout State) {
+    var changed = false
+    for site in sites {
+      let entry: ctracery_poke
+      if !restored && site.trapTarget != 0 {
+        entry = ctracery_poke(site: site.address, target: site.trapTarget, kind: UInt64(CTRACERY_POKE_JMP.rawValue))
+      } else if restored && site.kind == CTRACERY_POKE_SKIP
+        && site.resume != site.address + UInt64(SiteBytes.length)
+      {
+        entry = ctracery_poke(site: site.address, target: site.address, kind: UInt64(CTRACERY_POKE_REWIND.rawValue))
+      } else {
+        continue
+      }
+      if let old = state.traps[site.address], old.target == entry.target, old.kind == entry.kind { continue }
+      state.traps[site.address] = entry
+      changed = true
+    }
+    guard changed else { return }
+    let table = PokeTable(state.traps.values.sorted { $0.site < $1.site })
+    ctracery_publish_traps(table.header)
+    if let old = state.trapTable { state.retired.append(old) }
+    state.trapTable = table
+  }
+
+  /// The trap sites now (for tests): site → where a thread reaching it goes.
+  public var trapSites: [UInt64: UInt64] {
+    state.withLock { state in
+      state.traps.filter { $0.value.kind == UInt64(CTRACERY_POKE_JMP.rawValue) }.mapValues(\.target)
+    }
   }
 
   /// Step 1: the requests to carry out, sorted by site; outcomes for the others.
@@ -244,10 +293,14 @@ public final class TextPatcher: Sendable {
           "a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
         continue
       }
-      // Back to the original code of a site whose body does not follow it (relocated): any
-      // bytes; a thread that traps on them meanwhile runs their copy (`resume`).
+      // Back to the original code of a site whose body does not follow it (relocated, trap):
+      // any bytes; a thread that traps on them meanwhile runs their copy (`resume`). To a trap
+      // site: `int3` and the site's own bytes; a thread that traps meanwhile goes to its target.
       let restoresMovedCode = request.resume != request.site + UInt64(SiteBytes.length)
-      guard let kind = replacement.pokeKind ?? (restoresMovedCode ? CTRACERY_POKE_SKIP : nil) else {
+      let kind =
+        request.trapTarget != 0
+        ? CTRACERY_POKE_JMP : replacement.pokeKind ?? (restoresMovedCode ? CTRACERY_POKE_SKIP : nil)
+      guard let kind else {
         outcomes[index] = .failed("replacement \(Self.hex(request.replacement)) is not a nop5, call rel32 or jmp rel32")
         continue
       }
@@ -265,7 +318,8 @@ public final class TextPatcher: Sendable {
       } else {
         accepted.append(
           AcceptedSite(
-            request: index, address: request.site, replacement: replacement, kind: kind, resume: request.resume))
+            request: index, address: request.site, replacement: replacement, kind: kind, resume: request.resume,
+            trapTarget: request.trapTarget))
       }
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
@@ -453,15 +507,21 @@ final class PokeTable: @unchecked Sendable {
   let header: UnsafeMutablePointer<ctracery_poke_table>
   private let pokes: UnsafeMutablePointer<ctracery_poke>
 
-  init(_ sites: [TextPatcher.AcceptedSite]) {
-    pokes = .allocate(capacity: max(sites.count, 1))
-    for (index, site) in sites.enumerated() {
-      let target = site.replacement.branchTarget(at: site.address) ?? site.resume
-      (pokes + index).initialize(
-        to: ctracery_poke(site: site.address, target: target, kind: UInt64(site.kind.rawValue)))
-    }
+  convenience init(_ sites: [TextPatcher.AcceptedSite]) {
+    self.init(
+      sites.map { site in
+        let target =
+          site.trapTarget != 0 ? site.trapTarget : site.replacement.branchTarget(at: site.address) ?? site.resume
+        return ctracery_poke(site: site.address, target: target, kind: UInt64(site.kind.rawValue))
+      })
+  }
+
+  /// `entries` sorted by site.
+  init(_ entries: [ctracery_poke]) {
+    pokes = .allocate(capacity: max(entries.count, 1))
+    for (index, entry) in entries.enumerated() { (pokes + index).initialize(to: entry) }
     header = .allocate(capacity: 1)
-    header.initialize(to: ctracery_poke_table(pokes: pokes, count: sites.count))
+    header.initialize(to: ctracery_poke_table(pokes: pokes, count: entries.count))
   }
 
   deinit {

@@ -279,8 +279,13 @@ public struct TracedProcess: Sendable, Equatable {
   public var startTicks: UInt64
   public var startRealtimeNanoseconds: UInt64
   public var objects: [Object]
-  /// Functions whose sites were patched.
+  /// Functions whose sites were patched; of them, those whose first instructions were moved
+  /// out of line (`record --relocate`) and those traced through an int3 (slower: a signal a
+  /// call); and the functions chosen that could not be traced at all.
   public var tracedFunctions: Int
+  public var relocatedFunctions = 0
+  public var trappedFunctions = 0
+  public var untracedFunctions = 0
   /// The threads that made an event file, in order (`thread TID` lines, appended by the agent
   /// when each file is made).
   public var threads: [Int32] = []
@@ -315,6 +320,9 @@ public struct TracedProcess: Sendable, Equatable {
       "start-realtime-ns \(startRealtimeNanoseconds)",
       "traced-functions \(tracedFunctions)",
     ]
+    if relocatedFunctions > 0 { lines.append("relocated-functions \(relocatedFunctions)") }
+    if trappedFunctions > 0 { lines.append("trapped-functions \(trappedFunctions)") }
+    if untracedFunctions > 0 { lines.append("untraced-functions \(untracedFunctions)") }
     lines += arguments.map { "argument \(TextField.escape($0))" }
     lines += objects.map {
       "object 0x\(String($0.bias, radix: 16)) \($0.buildID ?? "-") \(TextField.escape($0.path))"
@@ -392,6 +400,10 @@ public struct TracedProcess: Sendable, Equatable {
     self.threads = threads
     self.threadEnds = threadEnds
     self.ended = ended
+    // (Written only when not 0, and not by recorders before trace-any-function.)
+    relocatedFunctions = fields["relocated-functions"].flatMap { Int($0) } ?? 0
+    trappedFunctions = fields["trapped-functions"].flatMap { Int($0) } ?? 0
+    untracedFunctions = fields["untraced-functions"].flatMap { Int($0) } ?? 0
   }
 }
 

@@ -12,14 +12,16 @@
 ///   unwinder, a debugger) sees the stack as the compiler built it.
 ///
 /// Refused, with the instruction's offset: what the decoder does not know (system
-/// instructions, ...), indirect branches, `ret`/`ud2`/`int3`/`hlt` before `minimum` bytes (the function is
-/// shorter than the branch), `syscall` (a thread would stop right after it, inside the moved
-/// range), `loop`/`jrcxz` (no rel32 form), and any target out of rel32 reach of the copy.
+/// instructions, ...), and before the last instruction moved: indirect branches,
+/// `ret`/`ud2`/`int3`/`hlt` (the function is shorter than the branch), `syscall` (a thread would
+/// stop right after it, inside the moved range); anywhere: `loop`/`jrcxz` (no rel32 form), and
+/// any target out of rel32 reach of the copy. With `minimum` 1 (the first instruction alone, for
+/// an `int3` site) only those last refusals remain.
 ///
 /// What the relocator cannot see is the rest of the program: a branch elsewhere into the moved
 /// range's interior, or an exception landing pad there. Its caller checks those.
 public enum X86Relocator {
-  public enum Refusal: Error, Equatable, Sendable, CustomStringConvertible {
+  public enum Refusal: Error, Hashable, Sendable, CustomStringConvertible {
     case unknownInstruction(offset: Int)
     case indirectBranch(offset: Int)
     case endsFunction(offset: Int)
@@ -38,6 +40,19 @@ public enum X86Relocator {
       case .outOfReach(let offset): "the instruction at +\(offset) reaches beyond ±2 GiB of the copy"
       case .intoMiddleOfInstruction(let offset): "the branch at +\(offset) goes into the middle of an instruction"
       }
+    }
+  }
+
+  /// What a refusal is about, without where (for counting refusals by kind).
+  public static func kind(of refusal: Refusal) -> String {
+    switch refusal {
+    case .unknownInstruction: "an instruction the decoder does not know"
+    case .indirectBranch: "an indirect jump or call"
+    case .endsFunction: "the function ends first"
+    case .systemCall: "a system call"
+    case .loop: "loop/jrcxz"
+    case .outOfReach: "out of rel32 reach"
+    case .intoMiddleOfInstruction: "a branch into an instruction"
     }
   }
 
@@ -69,9 +84,15 @@ public enum X86Relocator {
       guard let instruction = X86Decoder.decode(rest, at: address + UInt64(offset)) else {
         throw .unknownInstruction(offset: offset)
       }
-      if instruction.flow == .end { throw .endsFunction(offset: offset) }
-      if instruction.flow == .indirect { throw .indirectBranch(offset: offset) }
-      if instruction.isSystemCall { throw .systemCall(offset: offset) }
+      // The last instruction moved may end the function, branch indirectly or enter the kernel:
+      // its copy does the same, and nothing after it is overwritten (a thread blocked in its
+      // system call resumes after the moved range). Before the last, each would leave bytes that
+      // the branch overwrites: code past the function's end, or a return into the moved range.
+      if offset + instruction.length < minimum {
+        if instruction.flow == .end { throw .endsFunction(offset: offset) }
+        if instruction.flow == .indirect { throw .indirectBranch(offset: offset) }
+        if instruction.isSystemCall { throw .systemCall(offset: offset) }
+      }
       if case .branch = instruction.flow, instruction.condition == nil { throw .loop(offset: offset) }
       moved.append((offset, instruction))
       offset += instruction.length

@@ -9,8 +9,8 @@
 //     executes an int3 that is no patch site and raises SIGTRAP: both must reach the first handler.
 //   tracery-testhost relocate LIBRARY
 //     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
-//     an exit handler to all of them by relocating their prologues, calls each, detaches, calls
-//     again, and prints one result line.
+//     an exit handler to all of them by relocating their prologues (or trap sites), calls each,
+//     detaches, calls again, and prints one result line.
 import Glibc
 import TraceryCore
 import TraceryELF
@@ -58,7 +58,10 @@ nonisolated(unsafe) var exits = 0
 
 func relocateTest(_ library: String) -> Never {
   guard let handle = dlopen(library, RTLD_NOW) else { fail("dlopen: \(String(cString: dlerror()))") }
-  let names = ["r_plain", "r_branch", "r_loop", "r_call", "r_table", "r_stack", "r_recursive", "r_string", "r_spin"]
+  let names = [
+    "r_plain", "r_branch", "r_loop", "r_call", "r_table", "r_stack", "r_recursive", "r_string", "r_spin", "r_short",
+    "r_backward",
+  ]
   let functions = names.map { unsafeBitCast(dlsym(handle, $0)!, to: Function2.self) }
   let addresses = names.map { UInt64(UInt(bitPattern: dlsym(handle, $0)!)) }
   let inputs = [(0, 5), (1, 2), (7, -3), (12, 40)]
@@ -74,6 +77,8 @@ func relocateTest(_ library: String) -> Never {
     let entryLink = try tracer.attach(.entry({ _, _ in entries += 1 }), to: .glob("r_*"))
     let exitLink = try tracer.attach(.exit({ _, _ in exits += 1 }), to: .glob("r_*"), model: model)
     let relocated = addresses.indices.filter { bytes(addresses[$0]) != before[$0] }.count
+    let traps = TextPatcher.shared.trapSites.count
+    let trapsBefore = TrapStatistics.handled
     var wrong = 0
     for (index, function) in functions.enumerated()
     where inputs.indices.contains(where: {
@@ -82,6 +87,8 @@ func relocateTest(_ library: String) -> Never {
       wrong += 1
     }
     let (tracedEntries, tracedExits) = (entries, exits)
+    // Each call of the two trap sites' functions went through the SIGTRAP handler.
+    let trapped = TrapStatistics.handled - trapsBefore >= 2 * UInt64(inputs.count)
     entryLink.detach()
     exitLink.detach()
     let restored = addresses.indices.filter { bytes(addresses[$0]) == before[$0] }.count
@@ -93,7 +100,7 @@ func relocateTest(_ library: String) -> Never {
     }
     let after = (entries, exits)
     print(
-      "relocated=\(relocated) wrong=\(wrong) balanced=\(tracedEntries == tracedExits) "
+      "relocated=\(relocated) traps=\(traps) trapped=\(trapped) wrong=\(wrong) balanced=\(tracedEntries == tracedExits) "
         + "counted=\(tracedEntries >= names.count * inputs.count) restored=\(restored) "
         + "quiet=\(after == (tracedEntries, tracedExits)) freed=\(tracer.reclaim() >= 0 && tracer.retiredTrampolines == 0)"
     )

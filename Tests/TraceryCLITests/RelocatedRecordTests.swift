@@ -24,11 +24,32 @@ import TraceryTestSupport
     // Every recorded function was entered as often as callgrind counts it.
     let counts = try RecordCommandTests.recordedCounts(trace)
     let expected = try CorpusTests.callgrind(program, [], in: directory)
-    for name in ["main", "leaf", "mid", "top", "even", "odd"] {
+    // (gcc's worker is a 2-byte `jmp leaf`: too short to relocate, traced through an int3.)
+    for name in ["main", "leaf", "mid", "top", "even", "odd", "worker"] {
       #expect(counts[name] != nil, "\(name) was not recorded: \(counts.keys.sorted())")
     }
     for (name, count) in counts {
       #expect(expected[name] == count, "\(name): recorded \(count), callgrind \(expected[name] ?? 0)")
     }
+  }
+
+  /// A function too short to relocate is traced through an int3 (`PatchSite.Shape.trap`), also
+  /// in a thread that blocks every signal: the agent keeps SIGTRAP out of the sets the program
+  /// blocks (without that, the kernel kills the program at the first trap).
+  @Test func functionsThatCannotMoveAreTracedThroughATrap() throws {
+    let directory = try TestSupport.temporaryDirectory("record-trap")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = directory.appendingPathComponent("masked").path
+    try TestSupport.compile(
+      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("masked.c").path],
+      flags: ["-O2", "-pthread"], output: program)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program], options: ["--relocate"])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == "499501\n")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["tiny"] == 1001 && counts["worker"] == 1 && counts["main"] == 1, "\(counts)")
+    let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("1 through an int3"), "\(info)")
   }
 }

@@ -1,4 +1,6 @@
 import CTraceryShims
+import Foundation
+import Synchronization
 import Testing
 import TraceryFixtures
 import TraceryX86
@@ -26,18 +28,54 @@ import TraceryX86
 
   static let plainSwiftFunction: @convention(c) (Int) -> Int = { $0 &* 3 &+ 1 }
 
-  /// Relocating prologues is refused while other threads run (this test process has several):
-  /// the function without a NOP stays refused as before, with the same reason.
-  @Test func noRelocationWhileOtherThreadsRun() {
+  /// While other threads run (this test process has several) prologues are not moved: a
+  /// function without a NOP gets a trap site instead. Two threads call it all along while it
+  /// is attached and detached ten times: every call returns what it should, the handlers see
+  /// the calls made while attached, and its bytes come back after each detach.
+  static let trapEntries = Atomic<Int>(0)
+  static let trapExits = Atomic<Int>(0)
+
+  @Test func trapSitesWhileOtherThreadsRun() throws {
     let tracer = Tracer()
     tracer.relocatesPrologues = true
-    let swiftFunction = unsafeBitCast(
-      PatchSiteTests.plainSwiftFunction as @convention(c) (Int) -> Int, to: UInt64.self)
-    let error = #expect(throws: AttachError.self) {
-      try tracer.attach(.entry({ _, _ in }), to: .address(swiftFunction))
+    let function = PatchSiteTests.plainSwiftFunction
+    let address = unsafeBitCast(function as @convention(c) (Int) -> Int, to: UInt64.self)
+    let before = SiteBytes(reading: address)
+    let stop = Atomic<Bool>(false)
+    let wrong = Atomic<Int>(0)
+    let calls = Atomic<Int>(0)
+    let callers = (0..<2).map { _ in
+      Thread {
+        var n = 0
+        while !stop.load(ordering: .relaxed) {
+          if function(n) != n &* 3 &+ 1 { wrong.add(1, ordering: .relaxed) }
+          n += 1
+        }
+        calls.add(n, ordering: .relaxed)
+      }
     }
-    #expect("\(String(describing: error))".contains("not a 5-byte NOP"), "\(String(describing: error))")
-    #expect(PatchSiteTests.plainSwiftFunction(2) == 7)
+    for caller in callers { caller.start() }
+    defer { stop.store(true, ordering: .relaxed) }
+    let model = FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer)
+    for _ in 0..<10 {
+      let entry = try tracer.attach(
+        .entry({ _, _ in PatchSiteTests.trapEntries.add(1, ordering: .relaxed) }), to: .address(address))
+      let exit = try tracer.attach(
+        .exit({ _, _ in PatchSiteTests.trapExits.add(1, ordering: .relaxed) }), to: .address(address), model: model)
+      #expect(SiteBytes(reading: address).byte(0) == 0xcc)
+      #expect(function(4) == 13)
+      usleep(2_000)
+      exit.detach()
+      entry.detach()
+      #expect(SiteBytes(reading: address) == before)
+    }
+    stop.store(true, ordering: .relaxed)
+    while callers.contains(where: { !$0.isFinished }) { usleep(1_000) }
+    #expect(wrong.load(ordering: .relaxed) == 0)
+    let entries = Self.trapEntries.load(ordering: .relaxed)
+    #expect(entries >= 10 && Self.trapExits.load(ordering: .relaxed) >= 10)
+    #expect(calls.load(ordering: .relaxed) > entries / 2)
+    #expect(tracer.reclaim() >= 0)
   }
 
   /// A thread that traps on a site being put back goes to its resume address, whatever it is.

@@ -29,6 +29,11 @@ import TraceryX86
     __attribute__((noinline)) long r_recursive(long a, long b) { return a <= 1 ? b : r_recursive(a - 1, b + a); }
     __attribute__((noinline)) long r_string(long a, long b) { char buffer[64]; snprintf(buffer, sizeof buffer, "%ld-%ld", a, b); return (long)strlen(buffer); }
     __attribute__((noinline)) long r_spin(long a, long b) { do { a = a * 3 + 1; } while (a < b); return a; }
+    __attribute__((noinline)) long r_short(long a, long b) { return b; }
+    /* Its loop branches back into its first 5 bytes: it cannot be relocated (a trap site). */
+    __asm__(".globl r_backward\\n.type r_backward, @function\\nr_backward:\\n"
+            "  mov %rdi, %rax\\n1: add $1, %rax\\n  cmp %rsi, %rax\\n  jl 1b\\n  ret\\n"
+            ".size r_backward, .-r_backward\\n");
     """
   static let functions = [
     "r_plain", "r_global", "r_branch", "r_loop", "r_call", "r_table", "r_stack", "r_recursive", "r_string",
@@ -151,7 +156,8 @@ extension RelocationTests {
 extension RelocationTests {
   /// Functions built without NOPs, traced by `Tracer` with relocated prologues (entry and exit
   /// handlers) in a single-threaded process of our own (tracery-testhost): every call returns
-  /// what it did untraced, entries and exits balance, and detaching puts every byte back.
+  /// what it did untraced, entries and exits balance, and detaching puts every byte back. The
+  /// two that cannot be relocated (4 bytes; a loop back into its first bytes) get trap sites.
   @Test(arguments: [["-O2"], ["-O2", "-fcf-protection=full"]])
   func theTracerTracesFunctionsWithoutNops(flags: [String]) throws {
     let directory = try TestSupport.temporaryDirectory("tracery-relocate-tracer")
@@ -165,6 +171,6 @@ extension RelocationTests {
     #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
     #expect(
       result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        == "relocated=9 wrong=0 balanced=true counted=true restored=9 quiet=true freed=true")
+        == "relocated=11 traps=2 trapped=true wrong=0 balanced=true counted=true restored=11 quiet=true freed=true")
   }
 }

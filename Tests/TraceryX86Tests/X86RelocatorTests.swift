@@ -8,12 +8,14 @@ import Testing
   static let address: UInt64 = 0x40_1000
   static let copy: UInt64 = 0x50_0000
 
-  func relocate(_ bytes: [UInt8], to destination: UInt64 = copy) throws(X86Relocator.Refusal)
+  func relocate(_ bytes: [UInt8], to destination: UInt64 = copy, minimum: Int = 5) throws(X86Relocator.Refusal)
     -> X86Relocator.Relocation
   {
     let padded = bytes + [UInt8](repeating: 0xcc, count: 16)
     let result = padded.withUnsafeBytes { raw in
-      Result { () throws(X86Relocator.Refusal) in try X86Relocator.relocate(raw, at: Self.address, to: destination) }
+      Result { () throws(X86Relocator.Refusal) in
+        try X86Relocator.relocate(raw, at: Self.address, to: destination, minimum: minimum)
+      }
     }
     return try result.get()
   }
@@ -115,7 +117,7 @@ import Testing
   @Test func whatCannotMoveIsRefusedWithItsOffset() {
     let cases: [([UInt8], X86Relocator.Refusal)] = [
       ([0x31, 0xc0, 0xc3], .endsFunction(offset: 2)),  // xor eax, eax; ret: 3 bytes
-      ([0x48, 0x89, 0xf8, 0xff, 0xe0], .indirectBranch(offset: 3)),  // mov rax, rdi; jmp rax
+      ([0x90, 0xff, 0xe0, 0x90, 0x90], .indirectBranch(offset: 1)),  // nop; jmp rax; ...
       ([0x31, 0xc0, 0x0f, 0x05, 0x90], .systemCall(offset: 2)),  // xor eax, eax; syscall
       ([0x90, 0xe2, 0xfd, 0x90, 0x90], .loop(offset: 1)),
       ([0x0f, 0x0f, 0xc1, 0xb4, 0x90], .unknownInstruction(offset: 0)),  // 3DNow! pfmul
@@ -128,5 +130,25 @@ import Testing
     #expect(throws: X86Relocator.Refusal.outOfReach(offset: 0)) {
       try relocate([0x8b, 0x05, 0x10, 0, 0, 0], to: 0x7f00_0000_0000)
     }
+  }
+
+  /// The last instruction moved may end the function, jump indirectly or enter the kernel: its
+  /// copy does the same, and nothing after it is overwritten.
+  @Test func theLastInstructionMovedMayEndTheFunction() throws {
+    // mov rax, rdi; jmp rax: the jump ends the 5 bytes.
+    let indirect = try relocate([0x48, 0x89, 0xf8, 0xff, 0xe0])
+    #expect(indirect.length == 5 && Array(indirect.bytes.prefix(5)) == [0x48, 0x89, 0xf8, 0xff, 0xe0])
+    // A 5-byte function ending in ret moves whole.
+    let returning = try relocate([0x5b, 0x5d, 0x41, 0x5c, 0xc3])  // pop rbx; pop rbp; pop r12; ret
+    #expect(returning.length == 5 && returning.bytes.prefix(5).last == 0xc3)
+    // The first instruction alone (an int3 site): a 1-byte function, and a jmp through the GOT
+    // whose operand is re-encoded for the copy.
+    let ret = try relocate([0xc3], minimum: 1)
+    #expect(ret.length == 1 && ret.bytes.first == 0xc3)
+    let thunk = try relocate([0xff, 0x25, 0x10, 0, 0, 0], minimum: 1)  // jmp [rip + 0x10]
+    let target = Self.address + 6 + 0x10
+    #expect(thunk.length == 6 && Array(thunk.bytes.prefix(2)) == [0xff, 0x25])
+    #expect(Array(thunk.bytes[2..<6]) == rel32(Int64(target) - Int64(Self.copy + 6)))
+    #expect(throws: X86Relocator.Refusal.loop(offset: 0)) { try relocate([0xe2, 0xfe], minimum: 1) }
   }
 }

@@ -60,14 +60,17 @@ size_t ctracery_loaded_objects(struct ctracery_object *out, size_t capacity);
 //
 // Protocol (patcher thread | trapping thread):
 //   P1 store table, then generation += 1  | T1 in_flight += 1
-//   P2 write 0xCC at every site ...       | T2 load generation, table, then the byte at rip-1
-//   ...                                   | T3 emulate if the table has the site; rewind if the
-//   Pn store NULL, then generation += 1   |    byte is no longer 0xCC; retry if the generation
+//   P2 write 0xCC at every site ...       | T2 load generation, both tables, then the byte at
+//   ...                                   |    rip-1
+//   Pn store NULL, then generation += 1   | T3 emulate if the batch table (else the trap table,
+//                                         |    `ctracery_publish_traps`) has the site; rewind if
+//                                         |    the byte is no longer 0xCC; retry if the generation
 //                                         |    moved; else chain. Then in_flight -= 1.
 //   A retired table is freed only after the patcher has seen in_flight == 0 after retiring it.
 // (All of these are sequentially consistent.) A trap whose byte is no longer 0xCC (the patch
-// finished before the handler ran) re-executes the instruction now there (rip -= 1). Any other
-// trap goes to the handler installed before ours.
+// finished before the handler ran) re-executes the instruction now there (rip -= 1) when that
+// byte is one the patcher writes or the trap table names the site. Any other trap goes to the
+// handler installed before ours.
 // ---------------------------------------------------------------------------------------------
 
 enum ctracery_poke_kind {
@@ -78,6 +81,9 @@ enum ctracery_poke_kind {
   CTRACERY_POKE_CALL = 1,
   /// Continue at target (the new instruction is `jmp target`).
   CTRACERY_POKE_JMP = 2,
+  /// Only in the trap table: the site's own code is back (a trap site or a relocated one was
+  /// restored); a thread that trapped on the int3 before it went re-executes the site.
+  CTRACERY_POKE_REWIND = 3,
 };
 
 struct ctracery_poke {
@@ -95,6 +101,13 @@ struct ctracery_poke_table {
 int ctracery_install_trap_handler(void);
 /// Publishes `table` (NULL to unpublish), then advances the table generation.
 void ctracery_publish_pokes(const struct ctracery_poke_table *table);
+/// Publishes the trap table (NULL for none), then advances the table generation: the sites that
+/// keep an int3 (kind JMP: a trap site, `PatchSite.Shape.trap`, continues at target) and those
+/// whose original code came back over one (kind REWIND). A trap at a site whose byte is 0xCC and
+/// that no batch explains is emulated from it; a trap whose byte is no longer 0xCC rewinds when
+/// the site is in it (any original byte, not only the patcher's opcodes). Retired like a batch's
+/// table: freed only once no handler is in flight.
+void ctracery_publish_traps(const struct ctracery_poke_table *table);
 /// Number of SIGTRAP handlers currently between T1 and T3.
 long ctracery_trap_handlers_in_flight(void);
 /// Traps the handler emulated or rewound since the process started (for tests and statistics).

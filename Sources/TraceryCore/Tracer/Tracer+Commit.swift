@@ -60,6 +60,39 @@ extension Tracer {
     return function.original
   }
 
+  /// The request that takes `function`'s site from `old` (its `siteBytes` before) to its
+  /// `siteBytes` now. A trap site (`PatchSite.Shape.trap`) keeps one target while it is traced,
+  /// its pad (`trapPad`, a `jmp` in its copy's block): tracing it writes the pad, then `int3`
+  /// at the site; retargeting it patches the pad's `jmp` live (the site stays as it is); leaving
+  /// puts the site's byte back. So the trap table never sends a thread to code being retired.
+  /// nil when the pad's `jmp` cannot reach the new code.
+  private func patchRequest(from old: SiteBytes, for function: TracedFunction) -> PatchRequest? {
+    let new = siteBytes(function)
+    guard function.patch.shape == .trap, let copy = function.relocatedCopy else {
+      return PatchRequest(site: function.site, expected: old, replacement: new, resume: function.patch.resume)
+    }
+    let pad = copy.block.address + UInt64(Self.trapPad)
+    let trapped = SiteBytes(raw: function.original.raw & ~0xff | 0xcc)
+    let wasTraced = old != function.original
+    let isTraced = new != function.original
+    guard isTraced else {
+      return PatchRequest(
+        site: function.site, expected: wasTraced ? trapped : old, replacement: new, resume: function.patch.resume)
+    }
+    guard let target = new.branchTarget(at: function.site), let jmp = SiteBytes.branch(0xe9, at: pad, to: target)
+    else { return nil }
+    guard wasTraced, let oldTarget = old.branchTarget(at: function.site),
+      let oldJmp = SiteBytes.branch(0xe9, at: pad, to: oldTarget)
+    else {
+      // No thread has reached the pad yet: its copy is this traced life's own.
+      copy.block.write(jmp.bytes, at: Self.trapPad)
+      return PatchRequest(
+        site: function.site, expected: function.original, replacement: trapped, resume: function.patch.resume,
+        trapTarget: pad)
+    }
+    return PatchRequest(site: pad, expected: oldJmp, replacement: jmp, resume: pad + 5)
+  }
+
   /// Phase 1: the new attachment lists (and graph masks, ops, multi attachments) of every
   /// function the operations touch, and the functions whose image must move because the set of
   /// graph users or ops changed.
@@ -83,7 +116,7 @@ extension Tracer {
       if let function = plan.next[target.site] ?? state.functions[target.site] { return function }
       var function = TracedFunction(
         patch: target.patch, name: target.name, original: SiteBytes(reading: target.site), model: .unknown)
-      if target.patch.shape == .relocated, let (patch, copy) = try? relocatedCopy(of: target.patch) {
+      if target.patch.shape != .nop, let (patch, copy) = try? relocatedCopy(of: target.patch) {
         // (Without room for a copy `resume` stays 0, and `buildImages` reports the function.)
         function.patch = patch
         function.relocatedCopy = copy
@@ -226,9 +259,15 @@ extension Tracer {
         if state.functions[site] == nil, let copy = function.relocatedCopy { arena.release(copy.block) }
         continue
       }
-      plan.requests.append(
-        PatchRequest(
-          site: site, expected: oldBytes, replacement: siteBytes(function), resume: function.patch.resume))
+      guard let request = patchRequest(from: oldBytes, for: function) else {
+        plan.report.append(
+          .init(
+            function: function.name, address: function.function, outcome: .failed("its trap pad cannot reach its code"))
+        )
+        if state.functions[site] == nil, let copy = function.relocatedCopy { arena.release(copy.block) }
+        continue
+      }
+      plan.requests.append(request)
       plan.planned.append((site, function))
     }
   }

@@ -16,7 +16,7 @@ extension Tracer {
     }
     let context = ResolveContext(
       map: MemoryMap.current(), known: known, bulk: bulk,
-      relocate: relocates && Reclaimer.threadIDs().count == 1, table: relocates ? symbols : nil)
+      relocate: relocates && Reclaimer.threadIDs().count == 1, trap: relocates, table: relocates ? symbols : nil)
     switch selector {
     case .address(let address):
       var hint = 0
@@ -56,7 +56,7 @@ extension Tracer {
     matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
   ) throws(AttachError) -> [Target] {
     let table = symbols
-    let chosen = select(table).filter { table.functions[$0].site != nil || context.relocate }
+    let chosen = select(table).filter { table.functions[$0].site != nil || context.trap }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     var result: [Target] = []
     result.reserveCapacity(chosen.count)
@@ -102,8 +102,10 @@ extension Tracer {
     let known: [UInt64: Target]
     let bulk: [BulkLink]
     /// Whether a function without a NOP gets a relocated site (`Tracer.relocatesPrologues`, one
-    /// thread), and the symbol table that gives its size.
+    /// thread), else a trap site (`trap`: `Tracer.relocatesPrologues`), and the symbol table
+    /// that gives its size.
     let relocate: Bool
+    let trap: Bool
     let table: SymbolTable?
 
     /// The site of the function at `address` (`PatchSite.at`), or the one it has already.
@@ -129,15 +131,23 @@ extension Tracer {
       do {
         return Target(patch: try PatchSite.at(address, function: entry), name: label)
       } catch {
-        guard relocate, let table, let index = table.function(containing: address),
+        guard trap, let table, let index = table.function(containing: address),
           table.functions[index].address == address, table.functions[index].size > 0
         else { throw .noPatchSite(function: label, reason: error.reason) }
+        let size = Int(table.functions[index].size)
+        var notRelocated = "other threads run"
+        if relocate {
+          do {
+            return Target(patch: try PatchSite.relocated(at: address, function: address, size: size), name: label)
+          } catch let refusal {
+            notRelocated = refusal.reason
+          }
+        }
         do {
-          let patch = try PatchSite.relocated(
-            at: address, function: address, size: Int(table.functions[index].size))
-          return Target(patch: patch, name: label)
+          return Target(patch: try PatchSite.trap(at: address, function: address, size: size), name: label)
         } catch let refusal {
-          throw .noPatchSite(function: label, reason: "\(error.reason); \(refusal.reason)")
+          throw .noPatchSite(
+            function: label, reason: "\(error.reason); not relocated: \(notRelocated); \(refusal.reason)")
         }
       }
     }

@@ -208,12 +208,20 @@ public final class Tracer: Sendable {
   public var retiredTrampolines: Int { state.withLock { $0.reclaimer.retired.count } }
 
   /// Whether a function without a NOP at its entry may be traced by moving its first
-  /// instructions out of line (`PatchSite.Shape.relocated`). Off by default; used only while the
-  /// process has one thread (moving code another thread may be executing needs checks that are
-  /// not built yet), else such functions are refused as before.
+  /// instructions out of line (`PatchSite.Shape.relocated`), or, when they cannot be moved or
+  /// other threads run (moving code another thread may be executing needs checks that are not
+  /// built yet), through an int3 on its first instruction (`PatchSite.Shape.trap`: a signal a
+  /// call). Off by default: such functions are then refused.
   public var relocatesPrologues: Bool {
     get { state.withLock { $0.relocatesPrologues } }
     set { state.withLock { $0.relocatesPrologues = newValue } }
+  }
+
+  /// How many traced functions have a site of each shape.
+  public var siteShapes: [PatchSite.Shape: Int] {
+    state.withLock { state in
+      state.functions.values.reduce(into: [:]) { counts, function in counts[function.patch.shape, default: 0] += 1 }
+    }
   }
 
   /// Start addresses of the live trampolines (for tests and diagnostics).

@@ -25,13 +25,17 @@ struct Bench: ParsableCommand {
         read    replay, report and dump --chrome of a ~100 MB trace of the generated program: \
       seconds (ns per recorded call) and peak memory, beside uftrace's readers on its own trace of \
       the same run when installed (at most 3 runs each).
+        relocate how every function of libc, libstdc++, the Swift runtime, FoundationEssentials, \
+      this program (Swift -O) and gzip (gcc -O2, built from Debian's sources once) would be traced \
+      with --relocate: at a NOP, relocated, through an int3 (and why), or not; ns per function to \
+      decide, and the share of functions of 5 bytes or more relocated and traceable.
       Each figure is the median of --runs runs. --json prints one object per line with the keys \
       suite, name, n, ns_per_item (and baseline_ns_per_item where an untraced baseline applies).
       """
   )
 
   enum Suite: String, ExpressibleByArgument, CaseIterable {
-    case patch, trigger, graph, record, read
+    case patch, trigger, graph, record, read, relocate
   }
 
   @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -75,6 +79,7 @@ struct Bench: ParsableCommand {
       case .graph: try GraphBench(runs: runs).run(report)
       case .record: try RecordBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .read: try ReadBench(runs: min(runs, 3), cacheDirectory: cacheDirectory).run(report)
+      case .relocate: try RelocateBench(runs: min(runs, 3), cacheDirectory: cacheDirectory).run(report)
       }
     }
   }

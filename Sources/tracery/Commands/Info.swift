@@ -28,7 +28,10 @@ struct Info: ParsableCommand {
         processes +=
           "# process \(process.session) (pid \(process.pid), parent \(process.parent)): \(process.executable)\n"
         processes += "#   arguments : \(process.arguments.joined(separator: " "))\n"
-        processes += "#   traced    : \(process.tracedFunctions) functions\n"
+        processes += "#   traced    : \(process.tracedFunctions) functions\(Self.shapes(of: process))\n"
+        if process.untracedFunctions > 0 {
+          processes += "#   untraced  : \(process.untracedFunctions) functions (no site could be made)\n"
+        }
         processes += "#   ended     : \(Self.ending(of: process, in: trace))\n"
         processes +=
           "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
@@ -44,6 +47,15 @@ struct Info: ParsableCommand {
   }
 
   /// How a process image's recording ended, from its process file's `end` line.
+  /// How the traced functions were reached, when any were not at a NOP: " (3 relocated, 1
+  /// through an int3)".
+  static func shapes(of process: TracedProcess) -> String {
+    var parts: [String] = []
+    if process.relocatedFunctions > 0 { parts.append("\(process.relocatedFunctions) relocated") }
+    if process.trappedFunctions > 0 { parts.append("\(process.trappedFunctions) through an int3") }
+    return parts.isEmpty ? "" : " (\(parts.joined(separator: ", ")))"
+  }
+
   static func ending(of process: TracedProcess, in trace: Trace) -> String {
     if process.ended { return "exit ran (the exiting thread's events sealed)" }
     let parts = process.session.split(separator: ".")
