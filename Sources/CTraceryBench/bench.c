@@ -12,6 +12,23 @@ __attribute__((aligned(64))) long tracery_bench_loop(long iterations) {
   return sum;
 }
 
+// The same body without a NOP (as programs ship): its first instructions (push rbp; mov rbp,
+// rsp; lea) are relocated, and the copy jumps back to the rest.
+__attribute__((aligned(64), noinline)) long tracery_bench_plain_target(long x) { return x + 1; }
+
+// 4 bytes (`mov rax, rdi; ret`): too short to relocate, traced through an int3. (In assembly:
+// this target is built with frame pointers, whose push and mov would make room to relocate.)
+__asm__(".text\n.p2align 6\n.globl tracery_bench_short_target\n.type tracery_bench_short_target, @function\n"
+        "tracery_bench_short_target:\n  mov %rdi, %rax\n  ret\n"
+        ".size tracery_bench_short_target, .-tracery_bench_short_target\n");
+
+__attribute__((aligned(64))) long tracery_bench_loop_calling(long (*function)(long), long iterations) {
+  long (*volatile target)(long) = function;
+  long sum = 0;
+  for (long i = 0; i < iterations; i++) sum += target(i);
+  return sum;
+}
+
 __attribute__((aligned(64))) void tracery_bench_empty_entry(tracery_call *call, uint64_t cookie) {
   (void)call;
   (void)cookie;

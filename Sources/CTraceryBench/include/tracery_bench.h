@@ -9,6 +9,11 @@
 long tracery_bench_target(long x);
 /// Calls tracery_bench_target `iterations` times through a volatile pointer; returns the sum.
 long tracery_bench_loop(long iterations);
+/// x + 1 without a NOP (traced through a relocated prologue), and x in 4 bytes (through an int3).
+long tracery_bench_plain_target(long x);
+long tracery_bench_short_target(long x);
+/// Calls `function` `iterations` times through a volatile pointer; returns the sum.
+long tracery_bench_loop_calling(long (*function)(long), long iterations);
 
 void tracery_bench_empty_entry(tracery_call *call, uint64_t cookie);
 void tracery_bench_empty_exit(tracery_call *call, uint64_t cookie);

@@ -40,7 +40,7 @@ struct MultiBench {
   /// Every function of the generated object and the target, one entry handler, one call.
   private func all(_ report: BenchReport, target: UInt64, loop: () -> Double, model: FunctionModel) throws {
     let library = try GeneratedLibrary.path(
-      functions: Self.allFunctions, directory: cacheDirectory, report: report, padded: true)
+      functions: Self.allFunctions, directory: cacheDirectory, report: report, sites: .padded)
     guard let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL) else {
       throw UserError("cannot load \(library): \(String(cString: dlerror()))")
     }

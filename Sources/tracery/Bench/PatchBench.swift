@@ -66,6 +66,44 @@ struct PatchBench {
       report.figure(name: "unpatch", n: size, nsPerItem: median(unpatchSamples) / Double(size))
     }
     try attachAll(report)
+    try attachRelocated(report)
+  }
+
+  /// `attach-relocated`/`detach-relocated`: `attach` on 50,000 functions built without NOPs
+  /// (another generated object, `tr_p*`), each traced through its relocated prologue (this
+  /// process has one thread): the relocation, the copies and the same trampolines and batch.
+  func attachRelocated(_ report: BenchReport) throws {
+    guard report.wants("attach-relocated") else { return }
+    let library = try GeneratedLibrary.path(
+      functions: Self.functionCount, directory: cacheDirectory, report: report, sites: .none)
+    guard let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL) else {
+      throw UserError("cannot load \(library): \(String(cString: dlerror()))")
+    }
+    defer { dlclose(handle) }
+    let tracer = Tracer.shared
+    tracer.reloadSymbols()
+    tracer.relocatesPrologues = true
+    defer { tracer.relocatesPrologues = false }
+    let empty: EntryHandler = { _, _ in }
+    let model = FunctionModel(integerArguments: 1)
+    var attachSamples: [Double] = []
+    var detachSamples: [Double] = []
+    for _ in 0..<max(1, min(runs, 3)) {
+      var link: Link?
+      attachSamples.append(try time { link = try tracer.attach(.entry(empty), to: .glob("tr_p*"), model: model) })
+      let relocated = tracer.siteShapes[.relocated] ?? 0
+      guard let link, link.functions.count == Self.functionCount, relocated == Self.functionCount else {
+        throw UserError(
+          "attached to \(link?.functions.count ?? 0) functions (\(relocated) relocated), expected \(Self.functionCount)"
+        )
+      }
+      detachSamples.append(time { _ = link.detach() })
+      tracer.reclaim()
+    }
+    report.figure(
+      name: "attach-relocated", n: Self.functionCount, nsPerItem: median(attachSamples) / Double(Self.functionCount))
+    report.figure(
+      name: "detach-relocated", n: Self.functionCount, nsPerItem: median(detachSamples) / Double(Self.functionCount))
   }
 
   /// One entry handler attached to every generated function by one glob, and detached, through
@@ -105,25 +143,41 @@ struct PatchBench {
 
 /// Generated C programs for benchmarks, built once with clang and cached by content.
 enum GeneratedLibrary {
-  /// `padded`: 8 bytes of NOPs before each entry (for multi-attach records).
-  static func path(functions: Int, directory: String, report: BenchReport, padded: Bool = false) throws -> String {
+  enum Sites: String {
+    /// A 5-byte NOP at each entry.
+    case nop = ""
+    /// 8 bytes of NOPs before each entry (for multi-attach records) and a 5-byte NOP at it.
+    case padded = "-padded"
+    /// None: built as programs ship (traced by relocating their prologues).
+    case none = "-plain"
+  }
+
+  static func path(functions: Int, directory: String, report: BenchReport, sites: Sites = .nop) throws -> String {
     let version = 1
-    let path = "\(directory)/functions-\(functions)\(padded ? "-padded" : "")-v\(version).so"
+    let path = "\(directory)/functions-\(functions)\(sites.rawValue)-v\(version).so"
     if FileManager.default.fileExists(atPath: path) { return path }
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     report.note("building \(path) with clang (\(functions) functions; once, then cached)…")
     var source = "typedef long (*tr_fn)(long);\n"
     source.reserveCapacity(functions * 64)
-    for index in 0..<functions { source += "long tr_f\(index)(long x) { return x * \(index % 97 + 3) + \(index); }\n" }
-    source += "tr_fn tr_table[\(functions)] = {" + (0..<functions).map { "tr_f\($0)" }.joined(separator: ",") + "};\n"
+    // (Functions without NOPs are named tr_p*, so that both objects can be loaded at once.)
+    let prefix = sites == .none ? "tr_p" : "tr_f"
+    for index in 0..<functions {
+      source += "long \(prefix)\(index)(long x) { return x * \(index % 97 + 3) + \(index); }\n"
+    }
+    source +=
+      "tr_fn \(prefix == "tr_f" ? "tr_table" : "tr_ptable")[\(functions)] = {"
+      + (0..<functions).map { "\(prefix)\($0)" }.joined(separator: ",") + "};\n"
     let sourcePath = path + ".c"
     try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
     let temporary = path + ".tmp"
     try clang(
       [
-        "-O1", "-shared", "-fPIC", padded ? "-fpatchable-function-entry=13,8" : "-fpatchable-function-entry=5",
-        sourcePath, "-o", temporary,
-      ], building: sourcePath)
+        "-O1", "-shared", "-fPIC", sourcePath, "-o", temporary,
+      ]
+        + (sites == .padded
+          ? ["-fpatchable-function-entry=13,8"] : sites == .nop ? ["-fpatchable-function-entry=5"] : []),
+      building: sourcePath)
     try FileManager.default.moveItem(atPath: temporary, toPath: path)
     try? FileManager.default.removeItem(atPath: sourcePath)
     return path

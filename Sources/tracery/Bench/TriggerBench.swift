@@ -84,6 +84,44 @@ struct TriggerBench {
       report.figure(name: variant.name, n: Self.iterations, nsPerItem: traced, baseline: baseline)
     }
     try MultiBench(runs: runs, cacheDirectory: cacheDirectory).run(report, target: target, loop: loop)
+    try withoutNops(report)
     Tracer.shared.reclaim()
+  }
+
+  /// `entry-c-relocated`: the empty C entry handler on the same body without a NOP, through its
+  /// relocated prologue; `entry-c-trap`: on a 4-byte function, through an int3 (a signal a call:
+  /// 20,000 calls). Each checks the site shape it names, beside its own untraced loop.
+  private func withoutNops(_ report: BenchReport) throws {
+    typealias Target = @convention(c) (Int) -> Int
+    let cases: [(name: String, function: Target, iterations: Int, shape: PatchSite.Shape, offset: Int)] = [
+      ("entry-c-relocated", tracery_bench_plain_target, Self.iterations, .relocated, 1),
+      ("entry-c-trap", tracery_bench_short_target, 20_000, .trap, 0),
+    ]
+    Tracer.shared.relocatesPrologues = true
+    defer { Tracer.shared.relocatesPrologues = false }
+    for test in cases where report.wants(test.name) {
+      let address = UInt64(UInt(bitPattern: unsafeBitCast(test.function, to: UnsafeRawPointer.self)))
+      let expected = test.iterations * (test.iterations - 1) / 2 + test.offset * test.iterations
+      let loop = {
+        var sum = 0
+        let time = medianNanoseconds(runs: runs) { sum = tracery_bench_loop_calling(test.function, test.iterations) }
+        precondition(sum == expected, "the traced function returned a wrong value")
+        return time / Double(test.iterations)
+      }
+      _ = loop()
+      let baseline = loop()
+      let link: Link
+      do {
+        link = try Tracer.shared.attach(TriggerBench.cHandlers["entry"]!, to: .address(address))
+      } catch {
+        throw UserError("cannot attach for \(test.name): \(error)")
+      }
+      defer { link.detach() }
+      guard Tracer.shared.siteShapes[test.shape] == 1 else {
+        throw UserError("\(test.name): the function got another site shape (\(Tracer.shared.siteShapes))")
+      }
+      let traced = loop()
+      report.figure(name: test.name, n: test.iterations, nsPerItem: traced, baseline: baseline)
+    }
   }
 }
