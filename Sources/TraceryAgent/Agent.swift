@@ -37,6 +37,7 @@ enum Agent {
   nonisolated(unsafe) static var relocatedFunctions = 0
   nonisolated(unsafe) static var trappedFunctions = 0
   nonisolated(unsafe) static var untracedFunctions = 0
+  nonisolated(unsafe) static var leftOutAsync = 0
 
   static func start() {
     guard let environment = AgentEnvironment.current() else { return }
@@ -67,13 +68,19 @@ enum Agent {
     // instructions out of line (`Tracer.relocatesPrologues`), or those that cannot move by an
     // int3 on their first instruction (`PatchSite.Shape.trap`); their site is the entry, or
     // right after its endbr64, which is what their events name.
-    let relocatable: Set<Int> =
+    var relocatable: Set<Int> =
       table.objects.firstIndex { $0.path == program }.map { object in
         Set(
           table.functions.indices.filter {
             table.functions[$0].object == object && table.functions[$0].site == nil && table.functions[$0].size > 0
           })
       } ?? []
+    // Swift async functions (and their partial functions) are left out: they continue by tail
+    // calls to continuations that return on the executor's stack, which the function graph's
+    // shadow stack does not follow yet (the program stopped at its corrupt-shadow-stack ud2).
+    let asynchronous = relocatable.filter { Self.isSwiftAsync(table.functions[$0].name) }
+    relocatable.subtract(asynchronous)
+    leftOutAsync = asynchronous.count
     func site(_ index: Int) -> UInt64? {
       guard relocatable.contains(index) else { return table.functions[index].site }
       return PatchSite.afterEndbr64(table.functions[index].address)
@@ -116,6 +123,15 @@ enum Agent {
       let functions = chosen.compactMap { index in site(index).map { (name: table.functions[index].name, site: $0) } }
       ValueRecorder.attach(specs, kind: environment.patternKind, functions: functions, depth: configuration.depth)
     }
+  }
+
+  /// Whether `name` is a Swift async function or one of its partial functions (by its demangled
+  /// form: "... async -> ...", "@callee_guaranteed @async () -> ..." (thunks), "(1) await resume
+  /// partial function for ...").
+  static func isSwiftAsync(_ name: String) -> Bool {
+    guard name.hasPrefix("$s") || name.hasPrefix("_$s") else { return false }
+    let demangled = Demangler.demangle(name)
+    return demangled.contains(" async") || demangled.contains("@async") || demangled.contains("partial function for")
   }
 
   /// Saves the names of each object's patchable functions in `DIR/symbols` (once per object and
@@ -182,6 +198,7 @@ enum Agent {
     info.relocatedFunctions = relocatedFunctions
     info.trappedFunctions = trappedFunctions
     info.untracedFunctions = untracedFunctions
+    info.asyncFunctions = leftOutAsync
     Files.write(info.text, to: path)
   }
 

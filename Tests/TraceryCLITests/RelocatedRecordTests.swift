@@ -52,4 +52,31 @@ import TraceryTestSupport
     let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
     #expect(info.contains("1 through an int3"), "\(info)")
   }
+
+  /// A Swift program built as it ships (`swiftc -O`; swiftc has no patchable-entry flag): its
+  /// functions are recorded with Swift names, and it prints what it prints untraced (its three-
+  /// word return, its thrown error, its task group). Its async functions are left out, and said.
+  @Test func aSwiftProgramIsRecordedWithSwiftNames() throws {
+    let directory = try TestSupport.temporaryDirectory("record-swift")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = directory.appendingPathComponent("swiftdemo").path
+    let source = TestSupport.packageRoot.appendingPathComponent("Examples/swiftdemo/swiftdemo.swift").path
+    try TestSupport.compile(compiler: "swiftc", sources: [source], flags: ["-O", "-parse-as-library"], output: program)
+    let untraced = try TestSupport.run(program, [])
+    #expect(untraced.status == 0 && untraced.stdout.contains("triple 3 2 1"), "\(untraced.stdout)")
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program], options: ["--relocate"])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    for (name, count) in [
+      ("swiftdemo.total(Swift.Array<swiftdemo.Shape>) -> Swift.Double", 1),
+      ("swiftdemo.checkEven(Swift.Int) throws -> Swift.Int", 2),
+      ("swiftdemo.triple(Swift.Int, Swift.Int, Swift.Int) -> (Swift.Int, Swift.Int, Swift.Int)", 1),
+    ] {
+      #expect(counts[name] == count, "\(name): \(counts[name] ?? 0) (recorded: \(counts.keys.sorted()))")
+    }
+    let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("Swift async functions (not followed yet)"), "\(info)")
+  }
 }
