@@ -82,16 +82,19 @@ public struct PatchSite: Sendable, Hashable {
   /// must still find there), before its copy exists: `resume` is 0 until `withCopy(at:)`.
   /// `size` is the function's size from its symbol, for the sweep that looks for branches into
   /// the moved bytes.
-  static func relocated(at entry: UInt64, function: UInt64, size: Int) throws(PatchSiteError) -> PatchSite {
+  /// `entryPoints`: its object's (nil: only the function's own code is swept).
+  static func relocated(at entry: UInt64, function: UInt64, size: Int, entryPoints: EntryPoints?)
+    throws(PatchSiteError) -> PatchSite
+  {
     let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: size)
-    return try relocated(code: code, entry: entry, function: function)
+    return try relocated(code: code, entry: entry, function: function, entryPoints: entryPoints)
   }
 
-  /// `relocated(at:function:size:)` decided on `code`, the function's bytes (its whole size)
-  /// wherever they are (mapped at `entry`, or read from its file).
-  static func relocated(code: UnsafeRawBufferPointer, entry: UInt64, function: UInt64) throws(PatchSiteError)
-    -> PatchSite
-  {
+  /// `relocated(at:function:size:entryPoints:)` decided on `code`, the function's bytes (its
+  /// whole size) wherever they are (mapped at `entry`, or read from its file).
+  static func relocated(
+    code: UnsafeRawBufferPointer, entry: UInt64, function: UInt64, entryPoints: EntryPoints?
+  ) throws(PatchSiteError) -> PatchSite {
     let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
     let address = entry + UInt64(skip)
     guard code.count - skip >= SiteBytes.length else {
@@ -114,6 +117,12 @@ public struct PatchSite: Sendable, Hashable {
       throw PatchSiteError(
         reason: "its own code branches into its first \(length) bytes (at +\(found[0]))", category: .branchedInto)
     default: break
+    }
+    // Code elsewhere in the object (a .cold part, another function) or an exception landing pad.
+    if let entryPoints, let target = entryPoints.first(in: (address + 1)..<(address + UInt64(length))) {
+      throw PatchSiteError(
+        reason: "its object's code (a branch, or a landing pad) enters its first \(length) bytes at +\(target - entry)",
+        category: .enteredFromElsewhere)
     }
     return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
   }
@@ -150,7 +159,7 @@ public struct PatchSite: Sendable, Hashable {
   /// prologue relocation on and only this thread running: at its NOP, by relocating its first
   /// instructions, by a trap on its first instruction (with why it is not relocated), or not
   /// at all (why). For coverage surveys (`tracery bench relocate`) of objects not loaded.
-  public static func survey(code: UnsafeRawBufferPointer, entry: UInt64) -> Survey {
+  public static func survey(code: UnsafeRawBufferPointer, entry: UInt64, entryPoints: EntryPoints? = nil) -> Survey {
     let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
     if code.count >= skip + SiteBytes.length,
       case .nop5 = X86Instruction.SiteShape(bytes: Array(code[skip..<skip + SiteBytes.length]), at: entry)
@@ -158,7 +167,8 @@ public struct PatchSite: Sendable, Hashable {
       return .nop
     }
     do throws(PatchSiteError) {
-      return .relocated(length: Int(try relocated(code: code, entry: entry, function: entry).length))
+      return .relocated(
+        length: Int(try relocated(code: code, entry: entry, function: entry, entryPoints: entryPoints).length))
     } catch let notRelocated {
       do throws(PatchSiteError) {
         _ = try trap(code: code, entry: entry, function: entry)
@@ -197,6 +207,8 @@ public struct PatchSiteError: Error, Sendable {
     case unmovable(X86Relocator.Refusal)
     /// The function's own code branches into the bytes the branch would take.
     case branchedInto
+    /// Other code of its object branches there, or an exception landing pad is there.
+    case enteredFromElsewhere
     /// The sweep for such branches met bytes it could not decode.
     case unswept
 
@@ -206,6 +218,7 @@ public struct PatchSiteError: Error, Sendable {
       case .short: "shorter than 5 bytes"
       case .unmovable(let refusal): "cannot move: \(X86Relocator.kind(of: refusal))"
       case .branchedInto: "its code branches into its first bytes"
+      case .enteredFromElsewhere: "its object's code or a landing pad enters its first bytes"
       case .unswept: "its code does not decode to its end"
       }
     }

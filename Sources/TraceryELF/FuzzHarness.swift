@@ -5,7 +5,8 @@
 /// What the ELF fuzz target (Fuzz/ELF.swift, run by scripts/fuzz.sh) does with one input, here so
 /// that the regression tests feed the inputs that once crashed (Fuzz/Regressions/elf) through
 /// the same path: everything the reader derives from a file's bytes (header, segments,
-/// sections, symbols, patch-site records, DT_NEEDED, build-id, the symbol table), and the
+/// sections, symbols, patch-site records, DT_NEEDED, build-id, call frames and landing pads, the
+/// symbol table), and the
 /// headers-only section-name reader through a file. It must return; a trap is the bug.
 enum FuzzHarness {
   /// Returns whether the bytes were accepted as an ELF file.
@@ -21,6 +22,9 @@ enum FuzzHarness {
       _ = try? file.patchSiteRecords()
       _ = try? file.neededLibraries()
       _ = file.buildID()
+      for description in file.frameDescriptions().descriptions.prefix(256) {
+        if let lsda = description.lsda { _ = file.landingPads(lsda: lsda, functionStart: description.start) }
+      }
       if let table = try? SymbolTable([SymbolTable.Input(path: "fuzz", bias: 0x1000, file: file)]) {
         for function in table.functions.prefix(64) {
           _ = table.function(containing: function.address)

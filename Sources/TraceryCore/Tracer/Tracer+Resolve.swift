@@ -138,7 +138,11 @@ extension Tracer {
         var notRelocated = "other threads run"
         if relocate {
           do {
-            return Target(patch: try PatchSite.relocated(at: address, function: address, size: size), name: label)
+            let object = table.objects[table.functions[index].object]
+            let patch = try PatchSite.relocated(
+              at: address, function: address, size: size,
+              entryPoints: EntryPoints.of(path: object.path, bias: object.bias))
+            return Target(patch: patch, name: label)
           } catch let refusal {
             notRelocated = refusal.reason
           }

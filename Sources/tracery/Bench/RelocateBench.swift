@@ -14,7 +14,9 @@ import TraceryX86
 /// works; skipped otherwise).
 ///
 /// Figures: `coverage-OBJECT`, n = functions, ns per function to decide (decode, relocate on
-/// paper, sweep the function for branches into its first bytes), with the counts and the
+/// paper, sweep the function for branches into its first bytes, look up the object's entry
+/// points), the time to find those entry points once for the object (`sweep_ms`: every function
+/// decoded, landing pads read; `unswept`: functions it could not decode to their end), the counts and the
 /// percentages of functions with room for the branch (5 bytes, after an endbr64) relocated and
 /// traceable (relocated or trap).
 struct RelocateBench {
@@ -43,10 +45,14 @@ struct RelocateBench {
       }
       return (code, symbol.value)
     }
+    // The object's entry points (branch targets from every function, landing pads): once per
+    // object, timed apart.
+    var entryPoints: EntryPoints?
+    let sweepTime = medianNanoseconds(runs: runs) { entryPoints = EntryPoints(file: file, bias: 0) }
     var outcomes: [PatchSite.Survey] = []
     let time = medianNanoseconds(runs: runs) {
       outcomes = functions.map { code, address in
-        code.withUnsafeBytes { PatchSite.survey(code: $0, entry: address) }
+        code.withUnsafeBytes { PatchSite.survey(code: $0, entry: address, entryPoints: entryPoints) }
       }
     }
     var nop = 0
@@ -81,7 +87,8 @@ struct RelocateBench {
       extra: [
         "nop": Double(nop), "relocated": Double(relocated), "trap": Double(traps),
         "refused": Double(refused.values.reduce(0, +)), "relocated_pct_5": percent(largeRelocated),
-        "traceable_pct_5": percent(largeTraceable),
+        "traceable_pct_5": percent(largeTraceable), "sweep_ms": sweepTime / 1e6,
+        "unswept": Double(entryPoints?.unswept ?? 0),
       ])
     func listed(_ counts: [String: Int]) -> String {
       counts.sorted { $0.value > $1.value }.map { "\($0.value) \($0.key)" }.joined(separator: "; ")
