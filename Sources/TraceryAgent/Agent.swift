@@ -61,7 +61,10 @@ enum Agent {
     // headers first), and the program itself with --relocate: resolving the chosen sites below
     // reads the same one.
     let program = environment.relocate ? ProcessObjects.list().first?.path : nil
-    Tracer.shared.loadSymbols { ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program }
+    // (With --relocate, a stripped program's functions come from its call frames.)
+    Tracer.shared.loadSymbols(
+      including: { ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program },
+      unnamed: { $0.path == program })
     let table = Tracer.shared.symbols
     objects = table.objects.map { TracedProcess.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
     // --relocate: the program's functions without a site, traced by moving their first

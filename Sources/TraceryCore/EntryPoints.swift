@@ -17,6 +17,12 @@ public struct EntryPoints: Sendable {
   let bias: UInt64
   /// Functions whose sweep stopped before their end.
   public let unswept: Int
+  /// Link-time addresses that are entered as functions: direct call targets, addresses the code
+  /// takes (RIP-relative operands), addresses the data holds (`R_X86_64_RELATIVE` addends), the
+  /// entry point; sorted. (A `.cold` part is only ever jumped to.)
+  let functionStarts: [UInt64]
+  /// The object's call frames (FDE ranges) that no function symbol covers.
+  let unnamedFrames: [(address: UInt64, size: UInt64)]
 
   public init(file: ELFFile, bias: UInt64) {
     var ranges: [(start: UInt64, size: UInt64)] = []
@@ -25,6 +31,7 @@ public struct EntryPoints: Sendable {
     ranges += frames.descriptions.map { ($0.start, $0.size) }
     ranges.sort { $0.start < $1.start }
     var targets: [UInt64] = []
+    var starts: [UInt64] = file.relativeAddends() + [file.entry]
     var unswept = 0
     var previous: UInt64?
     for range in ranges where range.size > 0 && range.start != previous {
@@ -38,8 +45,15 @@ public struct EntryPoints: Sendable {
           let rest = UnsafeRawBufferPointer(rebasing: raw[offset..<min(raw.count, offset + 15)])
           guard let instruction = X86Decoder.decode(rest, at: range.start + UInt64(offset)) else { return false }
           switch instruction.flow {
-          case .jump(let target), .branch(let target), .call(let target): targets.append(target)
+          case .jump(let target), .branch(let target): targets.append(target)
+          case .call(let target):
+            targets.append(target)
+            starts.append(target)
           case .next, .end, .indirect: break
+          }
+          if let at = instruction.ripDisplacementOffset, offset + at + 4 <= raw.count {
+            let displacement = Int32(bitPattern: raw.loadUnaligned(fromByteOffset: offset + at, as: UInt32.self))
+            starts.append(range.start &+ UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(displacement)))
           }
           offset += instruction.length
         }
@@ -58,6 +72,34 @@ public struct EntryPoints: Sendable {
     self.targets = unique
     self.bias = bias
     self.unswept = unswept
+    starts.sort()
+    functionStarts = starts
+    let symbols = ((try? file.functionSymbols()) ?? []).filter { $0.size > 0 }.sorted { $0.value < $1.value }
+    unnamedFrames = frames.descriptions.filter { frame in
+      // Covered when a symbol's range overlaps the frame's.
+      var lower = 0
+      var upper = symbols.count
+      while lower < upper {
+        let middle = (lower + upper) / 2
+        if symbols[middle].value + symbols[middle].size <= frame.start { lower = middle + 1 } else { upper = middle }
+      }
+      return !(lower < symbols.count && symbols[lower].value < frame.start + frame.size)
+    }.map { ($0.start, $0.size) }
+  }
+
+  /// The functions of a stripped object that no symbol names: its call frames whose start is
+  /// entered as a function (`functionStarts`), link-time address and size. A frame only jumped
+  /// to (a `.cold` part) or only reached by tail calls is left out.
+  public var unnamedFunctions: [(address: UInt64, size: UInt64)] {
+    unnamedFrames.filter { frame in
+      var lower = 0
+      var upper = functionStarts.count
+      while lower < upper {
+        let middle = (lower + upper) / 2
+        if functionStarts[middle] < frame.address { lower = middle + 1 } else { upper = middle }
+      }
+      return lower < functionStarts.count && functionStarts[lower] == frame.address
+    }
   }
 
   /// The first target in `range` (runtime addresses), if any.
@@ -77,9 +119,15 @@ public struct EntryPoints: Sendable {
   static let cache = Mutex<[String: EntryPoints]>([:])
 
   static func of(path: String, bias: UInt64) -> EntryPoints? {
+    if let known = cache.withLock({ $0["\(bias) \(path)"] }) { return known }
+    guard let file = try? ELFFile(path: path) else { return nil }
+    return of(file: file, path: path, bias: bias)
+  }
+
+  /// `of(path:bias:)` with the object's file already read.
+  static func of(file: ELFFile, path: String, bias: UInt64) -> EntryPoints {
     let key = "\(bias) \(path)"
     if let known = cache.withLock({ $0[key] }) { return known }
-    guard let file = try? ELFFile(path: path) else { return nil }
     let points = EntryPoints(file: file, bias: bias)
     cache.withLock { $0[key] = points }
     return points

@@ -35,14 +35,19 @@ public enum ProcessObjects {
 
   /// The symbol table of the loaded objects `include` accepts, and the objects that could not be
   /// read (with why).
+  /// `unnamed`: the objects whose functions no symbol names are added too (a stripped program's,
+  /// from its call frames: `EntryPoints.unnamedFunctions`).
   public static func symbolTable(
-    including include: (Entry) -> Bool = { _ in true }
+    including include: (Entry) -> Bool = { _ in true }, unnamed: (Entry) -> Bool = { _ in false }
   ) -> (table: SymbolTable, unreadable: [(path: String, error: ELFError)]) {
     var inputs: [SymbolTable.Input] = []
     var unreadable: [(path: String, error: ELFError)] = []
     for entry in list() where include(entry) {
       do {
-        inputs.append(SymbolTable.Input(path: entry.path, bias: entry.bias, file: try ELFFile(path: entry.path)))
+        let file = try ELFFile(path: entry.path)
+        let functions =
+          unnamed(entry) ? EntryPoints.of(file: file, path: entry.path, bias: entry.bias).unnamedFunctions : []
+        inputs.append(SymbolTable.Input(path: entry.path, bias: entry.bias, file: file, unnamed: functions))
       } catch {
         unreadable.append((entry.path, error))
       }

@@ -78,6 +78,25 @@ extension ELFFile {
     return (Int(strings.offset), Int(strings.offset + strings.size))
   }
 
+  /// Whether the object keeps its full symbol table (`.symtab`): not stripped.
+  public var hasSymbolTable: Bool { sections.contains { $0.type == ELFConstants.SHT_SYMTAB && $0.size > 0 } }
+
+  /// The addends of every `R_X86_64_RELATIVE` relocation: in a position-independent object, the
+  /// link-time addresses its data points at (function pointer tables, `.init_array`, vtables).
+  public func relativeAddends() -> [UInt64] {
+    var result: [UInt64] = []
+    for section in sections where section.type == ELFConstants.SHT_RELA && section.entrySize == 24 {
+      guard bytes.contains(offset: section.offset, size: section.size) else { continue }
+      for index in 0..<Int(section.size / 24) {
+        let base = Int(section.offset) + index * 24
+        if UInt32(truncatingIfNeeded: bytes.u64(base + 8)) == ELFConstants.R_X86_64_RELATIVE {
+          result.append(bytes.u64(base + 16))
+        }
+      }
+    }
+    return result
+  }
+
   /// The addends of the `R_X86_64_RELATIVE` relocations of the 8-byte words of `range`, one
   /// element per word (nil where a word has none). lld leaves the words of
   /// `__patchable_function_entries` zero in PIE and shared objects and puts the value here only.

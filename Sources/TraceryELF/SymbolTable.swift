@@ -18,12 +18,21 @@ public struct SymbolTable: Sendable {
     public let path: String
     public let bias: UInt64
     public let file: ELFFile
+    /// Functions no symbol names (a stripped object's, found from its call frames: link-time
+    /// address and size); named `FILE+0xADDRESS`, as readers name sites in no named function.
+    public let unnamed: [(address: UInt64, size: UInt64)]
 
-    public init(path: String, bias: UInt64, file: ELFFile) {
+    public init(path: String, bias: UInt64, file: ELFFile, unnamed: [(address: UInt64, size: UInt64)] = []) {
       self.path = path
       self.bias = bias
       self.file = file
+      self.unnamed = unnamed
     }
+  }
+
+  /// The name of a function no symbol names: `FILE+0xADDRESS` (link-time address).
+  public static func unnamedName(path: String, address: UInt64) -> String {
+    "\(path.split(separator: "/").last.map(String.init) ?? "?")+0x\(String(address, radix: 16))"
   }
 
   /// One function.
@@ -66,6 +75,14 @@ public struct SymbolTable: Sendable {
         Function(
           name: $0.name, address: $0.value &+ input.bias, size: $0.size, object: objectIndex, site: nil,
           siteSource: nil)
+      }
+      if !input.unnamed.isEmpty {
+        own += input.unnamed.map {
+          Function(
+            name: Self.unnamedName(path: input.path, address: $0.address), address: $0.address &+ input.bias,
+            size: $0.size, object: objectIndex, site: nil, siteSource: nil)
+        }
+        own.sort { $0.address < $1.address }
       }
       Self.attach(sites: sites, bias: input.bias, to: &own) { orphans.append((objectIndex, $0)) }
       functions.append(contentsOf: own)

@@ -79,4 +79,47 @@ import TraceryTestSupport
     let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
     #expect(info.contains("Swift async functions (not followed yet)"), "\(info)")
   }
+
+  /// A program exactly as Debian ships it: /usr/bin/gzip, stripped (no .symtab) and built without
+  /// patch-site flags. Its functions come from its call frames (named `gzip+0xADDRESS`); it
+  /// compresses as untraced, and every recorded function was entered as often as callgrind
+  /// counts calls of the function at that address — more for functions some `jmp` enters (a
+  /// tail call: an entry Tracery records, which callgrind, knowing no functions of a stripped
+  /// program, counts as a jump inside the caller; objdump lists those jumps).
+  @Test func aStrippedDistributionProgramIsRecorded() throws {
+    let gzip = "/usr/bin/gzip"
+    try #require(FileManager.default.isExecutableFile(atPath: gzip))
+    let directory = try TestSupport.temporaryDirectory("record-stripped")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let input = directory.appendingPathComponent("input.txt")
+    try CorpusTests.text(bytes: 300_000, seed: 5).write(to: input)
+    let untraced = try TestSupport.run(gzip, ["-9", "-c", "-n", input.path])
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [gzip, "-9", "-c", "-n", input.path], options: ["--relocate"])
+    #expect(traced.status == 0 && untraced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts.count >= 20, "\(counts)")
+    let expected = try CorpusTests.callgrind(gzip, ["-9", "-c", "-n", input.path], in: directory)
+    let disassembly = try TestSupport.run("/usr/bin/objdump", ["-d", "--no-show-raw-insn", gzip]).stdout
+    let jumpedTo = Set(
+      disassembly.split(separator: "\n").compactMap { line -> UInt64? in
+        let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+        guard fields.count >= 3, fields[1] == "jmp" else { return nil }
+        return UInt64(fields[2], radix: 16)
+      })
+    var tailCalled = 0
+    for (name, count) in counts {
+      let address = try #require(name.split(separator: "+0x").last.flatMap { UInt64($0, radix: 16) }, "\(name)")
+      let hex = String(address, radix: 16)
+      let calls = expected["0x" + String(repeating: "0", count: 16 - hex.count) + hex] ?? 0
+      if jumpedTo.contains(address) {
+        tailCalled += 1
+        #expect(count >= calls, "\(name): recorded \(count), callgrind \(calls)")
+      } else {
+        #expect(count == calls, "\(name): recorded \(count), callgrind \(calls)")
+      }
+    }
+    #expect(tailCalled < counts.count / 2)
+  }
 }

@@ -82,8 +82,12 @@ extension Tracer {
   /// that traces only patchable code need not read the C library or the Swift runtime (each
   /// agent start read ~20 MB of objects that have no sites). Functions of the objects left out
   /// are then unknown by name.
-  public func loadSymbols(including include: (ProcessObjects.Entry) -> Bool) {
-    let table = ProcessObjects.symbolTable(including: include).table
+  /// `unnamed`: objects whose functions no symbol names are added too (a stripped program's, from
+  /// its call frames), named `FILE+0xADDRESS`: for `relocatesPrologues`.
+  public func loadSymbols(
+    including include: (ProcessObjects.Entry) -> Bool, unnamed: (ProcessObjects.Entry) -> Bool = { _ in false }
+  ) {
+    let table = ProcessObjects.symbolTable(including: include, unnamed: unnamed).table
     state.withLock { $0.symbols = table }
   }
 

@@ -111,11 +111,18 @@ struct Recorder {
       do { return try NameMatcher(pattern, kind: kind) } catch { throw UserError("\(option): \(error)") }
     }
     for (position, input) in inputs.enumerated() {
-      guard let table = try? SymbolTable([input]) else { continue }
-      // --relocate: the program's own functions count whether or not they have a site.
+      // --relocate: the program's own functions count whether or not they have a site (a
+      // stripped program's from its call frames, as the agent finds them).
+      let relocating = options.relocate && position == 0
+      let unnamed = relocating ? EntryPoints(file: input.file, bias: 0).unnamedFunctions : []
+      guard
+        let table = try? SymbolTable([
+          SymbolTable.Input(path: input.path, bias: input.bias, file: input.file, unnamed: unnamed)
+        ])
+      else { continue }
       let functions =
-        options.relocate && position == 0
-        ? table.functions.indices.filter { table.functions[$0].site != nil || table.functions[$0].size >= 5 }
+        relocating
+        ? table.functions.indices.filter { table.functions[$0].site != nil || table.functions[$0].size > 0 }
         : table.patchableFunctions
       // Sites in no named function (a stripped object) are traced too, named by address.
       patchable += functions.count + table.orphanSites.count
