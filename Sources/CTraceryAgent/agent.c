@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <link.h>
+#include <string.h>
 #include <signal.h>
 #include <stdlib.h>
 
@@ -70,4 +72,34 @@ int sigaction(int signal, const struct sigaction *action, struct sigaction *old)
     action = &copy;
   }
   return next(signal, action, old);
+}
+
+// ---- dlopen and dlclose ----------------------------------------------------------------------
+// Objects loaded later are traced before dlopen returns to the program (their constructors, run
+// inside it, are not); an object's sites leave the recorder before dlclose may unmap it, and come
+// back when it stayed loaded.
+
+void *dlopen(const char *file, int mode) {
+  static void *(*next)(const char *, int);
+  if (next == NULL) next = (void *(*)(const char *, int))dlsym(RTLD_NEXT, "dlopen");
+  void *handle = next(file, mode);
+  if (handle != NULL && getenv("TRACERY_DIR") != NULL) tracery_agent_loaded();
+  return handle;
+}
+
+int dlclose(void *handle) {
+  static int (*next)(void *);
+  if (next == NULL) next = (int (*)(void *))dlsym(RTLD_NEXT, "dlclose");
+  struct link_map *map = NULL;
+  char path[4096] = "";
+  unsigned long bias = 0;
+  if (getenv("TRACERY_DIR") != NULL && dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map != NULL &&
+      map->l_name != NULL) {
+    strncpy(path, map->l_name, sizeof path - 1);
+    bias = (unsigned long)map->l_addr;
+    tracery_agent_unloading(path, bias);
+  }
+  int result = next(handle);
+  if (path[0] != 0) tracery_agent_unloaded(path, bias);
+  return result;
 }

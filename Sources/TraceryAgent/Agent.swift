@@ -116,6 +116,10 @@ enum Agent {
     Tracer.shared.relocatesPrologues = environment.relocate
     recorder = try? Tracer.shared.attachGraph(
       .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
+    for (index, object) in table.objects.enumerated() {
+      objectSites[objectKey(object.path, object.bias)] =
+        chosen.filter { table.functions[$0].object == index }.compactMap { site($0) }
+    }
     let shapes = Tracer.shared.siteShapes
     tracedFunctions = shapes.values.reduce(0, +)
     relocatedFunctions = shapes[.relocated] ?? 0
@@ -141,6 +145,13 @@ enum Agent {
   /// trace: a later process that loads the same object finds its file there) and names the file
   /// in `objects`. Written under a private name and renamed, so a reader never sees half a file.
   static func saveSymbols(_ table: SymbolTable, in directory: String, site: (Int) -> UInt64?) {
+    for (index, key) in symbolFiles(table, in: directory, site: site) { objects[index].symbols = key }
+  }
+
+  /// Writes the symbol files of `table`'s objects that have sites; returns each one's key by
+  /// object index.
+  static func symbolFiles(_ table: SymbolTable, in directory: String, site: (Int) -> UInt64?) -> [Int: String] {
+    var keys: [Int: String] = [:]
     var sites = [[(site: UInt64, name: String)]](repeating: [], count: table.objects.count)
     for (index, function) in table.functions.enumerated() {
       guard let site = site(index) else { continue }
@@ -158,12 +169,92 @@ enum Agent {
       let identity = FileIdentity(path: object.path)
       let buildID = object.buildID.map(TracedProcess.Object.hex)
       guard let key = SymbolFile.key(buildID: buildID, identity: identity) else { continue }
-      objects[index].symbols = key
+      keys[index] = key
       let path = "\(folder)/\(key).sym"
       guard access(path, F_OK) != 0 else { continue }
       let file = SymbolFile(path: object.path, buildID: buildID, identity: identity, sites: sites[index])
       let temporary = "\(path).\(getpid())"
       if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
+    }
+    return keys
+  }
+
+  // MARK: - dlopen and dlclose
+
+  /// The sites traced per loaded object ("BIAS PATH"), for `dlclose`.
+  nonisolated(unsafe) static var objectSites: [String: [UInt64]] = [:]
+  /// Serialises `loaded` and `unloading` (any thread may call `dlopen`).
+  nonisolated(unsafe) static let loadLock: UnsafeMutablePointer<pthread_mutex_t> = {
+    let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    pthread_mutex_init(lock, nil)
+    return lock
+  }()
+
+  static func objectKey(_ path: String, _ bias: UInt64) -> String { "\(bias) \(path)" }
+
+  /// After a `dlopen` that succeeded (CTraceryAgent interposes it), before it returns to the
+  /// program: objects loaded since the agent last looked that record patch sites are traced from
+  /// now on (their constructors, which ran inside `dlopen`, are not), named like the others (a
+  /// symbol file, an `object` line appended to the process file).
+  static func loaded() {
+    guard let configuration, recorder != nil || !objects.isEmpty else { return }
+    pthread_mutex_lock(loadLock)
+    defer { pthread_mutex_unlock(loadLock) }
+    let known = Set(objects.map { objectKey($0.path, $0.bias) })
+    let fresh = ProcessObjects.list().filter {
+      !known.contains(objectKey($0.path, $0.bias)) && ELFFile.recordsPatchSites(path: $0.path) == true
+    }
+    guard !fresh.isEmpty else { return }
+    let freshKeys = Set(fresh.map { objectKey($0.path, $0.bias) })
+    let table = ProcessObjects.symbolTable(including: { freshKeys.contains(objectKey($0.path, $0.bias)) }).table
+    let keys = symbolFiles(table, in: configuration.directory) { table.functions[$0].site }
+    var sites: [UInt64] = []
+    for (index, object) in table.objects.enumerated() {
+      var entry = TracedProcess.Object(path: object.path, bias: object.bias, buildIDBytes: object.buildID)
+      entry.symbols = keys[index]
+      objects.append(entry)
+      appendToProcessFile(entry.line)
+      let own =
+        table.functions.filter { $0.object == index }.compactMap(\.site)
+        + table.orphanSites.filter { $0.object == index }.map(\.address)
+      objectSites[objectKey(object.path, object.bias)] = own
+      sites += own
+    }
+    guard !sites.isEmpty else { return }
+    // The tracer's own table must name the new functions too.
+    Tracer.shared.loadSymbols(including: { ELFFile.recordsPatchSites(path: $0.path) == true })
+    if let recorder {
+      _ = try? recorder.add(.addresses(sites))
+    } else {
+      recorder = try? Tracer.shared.attachGraph(
+        .recorder(refill: Agent.refill), to: .addresses(sites), depthLimit: configuration.depth)
+    }
+  }
+
+  /// Before a `dlclose` of the object at `path` (bias `bias`): its sites leave the recorder, since
+  /// the object may be unmapped; `stillLoaded` after the call puts them back when it was not.
+  static func unloading(path: String, bias: UInt64) {
+    guard let recorder else { return }
+    pthread_mutex_lock(loadLock)
+    defer { pthread_mutex_unlock(loadLock) }
+    guard let sites = objectSites[objectKey(path, bias)], !sites.isEmpty else { return }
+    recorder.remove(sites: sites)
+  }
+
+  /// After that `dlclose`: an object still loaded (its handle was counted more than once) is
+  /// traced again; one gone is forgotten (another object may be loaded at its address later).
+  static func unloaded(path: String, bias: UInt64) {
+    guard let recorder else { return }
+    pthread_mutex_lock(loadLock)
+    defer { pthread_mutex_unlock(loadLock) }
+    let key = objectKey(path, bias)
+    guard let sites = objectSites[key], !sites.isEmpty else { return }
+    if ProcessObjects.list().contains(where: { objectKey($0.path, $0.bias) == key }) {
+      _ = try? recorder.add(.addresses(sites))
+    } else {
+      objectSites[key] = nil
+      objects.removeAll { objectKey($0.path, $0.bias) == key }
+      Tracer.shared.loadSymbols(including: { ELFFile.recordsPatchSites(path: $0.path) == true })
     }
   }
 
@@ -344,3 +435,16 @@ extension Agent {
 
 @_cdecl("tracery_agent_start")
 public func traceryAgentStart() { Agent.start() }
+
+@_cdecl("tracery_agent_loaded")
+public func traceryAgentLoaded() { Agent.loaded() }
+
+@_cdecl("tracery_agent_unloading")
+public func traceryAgentUnloading(_ path: UnsafePointer<CChar>, _ bias: UInt) {
+  Agent.unloading(path: String(cString: path), bias: UInt64(bias))
+}
+
+@_cdecl("tracery_agent_unloaded")
+public func traceryAgentUnloaded(_ path: UnsafePointer<CChar>, _ bias: UInt) {
+  Agent.unloaded(path: String(cString: path), bias: UInt64(bias))
+}

@@ -267,6 +267,13 @@ public struct TracedProcess: Sendable, Equatable {
     public static func hex(_ bytes: [UInt8]) -> String {
       bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
+
+    /// Its line in the process file: `object 0xBIAS BUILDID PATH [SYMBOLS]` (also appended by
+    /// the agent for an object loaded later).
+    public var line: String {
+      "object 0x\(String(bias, radix: 16)) \(buildID ?? "-") \(TextField.escape(path))"
+        + (symbols.map { " " + $0 } ?? "")
+    }
   }
 
   public var session: String
@@ -327,10 +334,7 @@ public struct TracedProcess: Sendable, Equatable {
     if untracedFunctions > 0 { lines.append("untraced-functions \(untracedFunctions)") }
     if asyncFunctions > 0 { lines.append("async-functions \(asyncFunctions)") }
     lines += arguments.map { "argument \(TextField.escape($0))" }
-    lines += objects.map {
-      "object 0x\(String($0.bias, radix: 16)) \($0.buildID ?? "-") \(TextField.escape($0.path))"
-        + ($0.symbols.map { " " + $0 } ?? "")
-    }
+    lines += objects.map(\.line)
     lines += threads.map { "thread \($0)" }
     lines += threadEnds.sorted { $0.key < $1.key }.map { "thread-end \($0.key) \($0.value)" }
     if ended { lines.append("end") }

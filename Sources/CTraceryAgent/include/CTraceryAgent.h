@@ -1,7 +1,12 @@
-// The agent's C side: only the hook that starts it before `main` (Swift cannot interpose a libc
-// function with its exact C signature).
+// The agent's C side: the hooks that start it before `main` and follow dlopen/dlclose, and the
+// signal-mask interposers (Swift cannot interpose a libc function with its exact C signature).
 #ifndef CTRACERY_AGENT_H
 #define CTRACERY_AGENT_H
 /// Implemented in Swift (TraceryAgent): reads TRACERY_* from the environment and starts recording.
 void tracery_agent_start(void);
+/// After a successful dlopen: traces the objects it loaded that record patch sites.
+void tracery_agent_loaded(void);
+/// Around a dlclose of the object at `path` loaded at `bias`.
+void tracery_agent_unloading(const char *path, unsigned long bias);
+void tracery_agent_unloaded(const char *path, unsigned long bias);
 #endif

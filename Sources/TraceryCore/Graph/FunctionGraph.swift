@@ -59,6 +59,18 @@ public final class GraphLink: Sendable {
   /// Sites (patch-site addresses) this user traces now.
   public var sites: [UInt64] { tracer.graphSites(of: index) }
 
+  /// Adds functions to this user in one batch (those of an object loaded later, say).
+  @discardableResult
+  public func add(_ selector: FunctionSelector) throws(AttachError) -> TransactionReport {
+    let targets = try tracer.resolve(selector)
+    return tracer.commit([.graphAttach(index, targets, nil)])
+  }
+
+  /// Removes the functions at `sites` from this user in one batch (an object about to be
+  /// unloaded, say); calls of theirs in flight end untraced.
+  @discardableResult
+  public func remove(sites: [UInt64]) -> TransactionReport { tracer.commit([.graphRemoveSites(index, sites)]) }
+
   /// Removes the user from every function in one batch. Calls in flight are not given to its
   /// exit handler any more. Detaching twice does nothing.
   @discardableResult
