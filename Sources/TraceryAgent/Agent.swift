@@ -105,7 +105,19 @@ enum Agent {
     }
     if !sleds.isEmpty { _ = TextPatcher.shared.convertSleds(sleds) }
     // A relocated function is named by its entry (the tracer finds its size there).
-    let addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
+    var addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
+    // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
+    if environment.libraryCalls, let main = ProcessObjects.list().first {
+      let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias)) ?? []
+      let glob = configuration.match.flatMap { try? Glob($0) }
+      let chosenStubs = stubs.filter { stub in
+        glob.map { $0.matches(stub.name) || $0.matches(stub.name + "@plt") } ?? true
+      }
+      if !chosenStubs.isEmpty {
+        saveLibraryCallNames(chosenStubs, in: directory)
+        addresses += chosenStubs.map(\.site)
+      }
+    }
     pthread_atfork(nil, nil) { Agent.afterFork() }
     atexit(Agent.atExit)
     // The process file says what was traced, so it is written after the attach (before the
@@ -177,6 +189,21 @@ enum Agent {
       if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
     }
     return keys
+  }
+
+  /// Names the library-call stubs (`NAME@plt`) in a symbol file of their own, listed in the
+  /// process file as the object `[library calls]` (its sites are runtime addresses: bias 0).
+  static func saveLibraryCallNames(_ stubs: [LibraryCalls.Stub], in directory: String) {
+    // (Before the session is named: this process's pid and the counter's reading make it unique.)
+    let key = "libcalls-\(getpid())-\(TimeStampCounter.now)"
+    let folder = directory + "/symbols"
+    mkdir(folder, TraceFormat.directoryMode)
+    let file = SymbolFile(
+      path: "[library calls]", buildID: nil, identity: nil, sites: stubs.map { ($0.site, $0.name + "@plt") })
+    let path = "\(folder)/\(key).sym"
+    let temporary = "\(path).\(getpid())"
+    if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
+    objects.append(TracedProcess.Object(path: "[library calls]", bias: 0, buildID: nil, symbols: key))
   }
 
   // MARK: - dlopen and dlclose

@@ -78,6 +78,46 @@ extension ELFFile {
     return (Int(strings.offset), Int(strings.offset + strings.size))
   }
 
+  /// A function this object calls in another object through its PLT: the GOT slot the dynamic
+  /// linker fills with the function's address (`R_X86_64_JUMP_SLOT`).
+  public struct ImportSlot: Sendable, Equatable {
+    /// Link-time address of the GOT slot.
+    public let slot: UInt64
+    public let name: String
+  }
+
+  /// The object's PLT imports (`R_X86_64_JUMP_SLOT` relocations of undefined symbols), in order.
+  public func importSlots() throws(ELFError) -> [ImportSlot] {
+    var result: [ImportSlot] = []
+    for section in sections where section.type == ELFConstants.SHT_RELA && section.size > 0 {
+      guard section.entrySize == 24 else {
+        throw .badEntrySize(table: section.name, size: Int(clamping: section.entrySize), expected: 24)
+      }
+      guard bytes.contains(offset: section.offset, size: section.size) else {
+        throw .outOfBounds(what: section.name, offset: section.offset, size: section.size, fileSize: bytes.count)
+      }
+      let count = Int(section.size / 24)
+      var symbols: [Symbol]?
+      for index in 0..<count {
+        let base = Int(section.offset) + index * 24
+        let info = bytes.u64(base + 8)
+        guard UInt32(truncatingIfNeeded: info) == ELFConstants.R_X86_64_JUMP_SLOT else { continue }
+        if symbols == nil {
+          guard Int(section.link) < sections.count else {
+            throw .badSectionIndex(what: "symbols of \(section.name)", index: Int(section.link), count: sections.count)
+          }
+          symbols = try self.symbols(in: sections[Int(section.link)])
+        }
+        let symbol = Int(info >> 32)
+        guard let symbols, symbol > 0, symbol < symbols.count, symbols[symbol].sectionIndex == 0,
+          !symbols[symbol].name.isEmpty
+        else { continue }
+        result.append(ImportSlot(slot: bytes.u64(base), name: symbols[symbol].name))
+      }
+    }
+    return result
+  }
+
   /// Whether the object keeps its full symbol table (`.symtab`): not stripped.
   public var hasSymbolTable: Bool { sections.contains { $0.type == ELFConstants.SHT_SYMTAB && $0.size > 0 } }
 

@@ -246,6 +246,7 @@ public enum ELFConstants {
   public static let SHN_UNDEF: UInt16 = 0
   public static let R_X86_64_64: UInt32 = 1
   public static let R_X86_64_RELATIVE: UInt32 = 8
+  public static let R_X86_64_JUMP_SLOT: UInt32 = 7
   public static let DT_NEEDED: UInt64 = 1
   public static let DT_RPATH: UInt64 = 15
   public static let DT_RUNPATH: UInt64 = 29

@@ -23,6 +23,7 @@ enum FuzzHarness {
       _ = try? file.neededLibraries()
       _ = file.buildID()
       _ = file.relativeAddends()
+      _ = try? file.importSlots()
       for description in file.frameDescriptions().descriptions.prefix(256) {
         if let lsda = description.lsda { _ = file.landingPads(lsda: lsda, functionStart: description.start) }
       }

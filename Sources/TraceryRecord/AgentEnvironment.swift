@@ -14,6 +14,8 @@
 ///     TRACERY_SHARED         1: trace files readable by others (record --shared)
 ///     TRACERY_RELOCATE       1: also the program's functions without patch sites, their first
 ///                            instructions moved out of line (record --relocate)
+///     TRACERY_LIBCALL        1: the program's calls through its PLT are recorded as calls of
+///                            `NAME@plt` (record --libcall; the CLI also sets LD_BIND_NOW)
 ///
 /// (The counter's rate travels as TRACERY_TICKS_PER_NS, read by TraceryCore's
 /// `TimeStampCounter`.)
@@ -29,6 +31,7 @@ public struct AgentEnvironment: Sendable, Equatable {
   public var patternKind: NameMatcher.Kind = .regex
   public var shared = false
   public var relocate = false
+  public var libraryCalls = false
 
   public static let defaultBufferLimit = 2 << 30
 
@@ -48,6 +51,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     static let patternKind = "TRACERY_PATTERN_KIND"
     static let shared = "TRACERY_SHARED"
     static let relocate = "TRACERY_RELOCATE"
+    static let libraryCalls = "TRACERY_LIBCALL"
   }
 
   /// Sets (or clears) every variable in `environment`.
@@ -61,6 +65,9 @@ public struct AgentEnvironment: Sendable, Equatable {
     environment[Key.patternKind] = patternKind.rawValue
     environment[Key.shared] = shared ? "1" : nil
     environment[Key.relocate] = relocate ? "1" : nil
+    environment[Key.libraryCalls] = libraryCalls ? "1" : nil
+    // Library calls are followed through bound GOT slots: bind them all at load.
+    if libraryCalls { environment["LD_BIND_NOW"] = "1" }
   }
 
   /// What this process was given; nil without a trace directory.
@@ -77,6 +84,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     result.patternKind = value(Key.patternKind).flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
     result.shared = value(Key.shared) == "1"
     result.relocate = value(Key.relocate) == "1"
+    result.libraryCalls = value(Key.libraryCalls) == "1"
     return result
   }
 

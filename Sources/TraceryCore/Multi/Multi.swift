@@ -96,10 +96,15 @@ enum ZeroedPadding {
   /// What the compiler leaves there (`-fpatchable-function-entry=N,8`).
   static let nops: UInt64 = 0x9090_9090_9090_9090
 
-  /// The word before `site`, or nil when `site` is not 8-byte aligned (no padding word then).
+  /// The word before `site`, or nil when `site` is not 8-byte aligned (no padding word then) or
+  /// that word is not mapped (a site at the start of a mapping: read through the kernel then).
   /// Precondition: `site` is a mapped function's patch site.
   static func word(before site: UInt64) -> UInt64? {
-    site % 8 == 0 ? UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee : nil
+    guard site % 8 == 0 else { return nil }
+    if site % System.pageSize >= 8 { return UnsafePointer<UInt64>(bitPattern: UInt(site - 8))!.pointee }
+    var word: UInt64 = 0
+    let read = ctracery_read_memory(&word, UnsafeRawPointer(bitPattern: UInt(site - 8)), 8)
+    return read == 8 ? word : nil
   }
 
   /// Takes the word before `site` when it is a zeroed one (0 now, and in the set).

@@ -82,12 +82,12 @@ enum GeneratedProgram {
 
   /// Entry events below `main` (depth 1 and deeper) in the event files of a directory the agent
   /// wrote (every thread): the calls the benchmark programs count.
-  static func recordedEntries(in directory: String) throws -> Int {
+  static func recordedEntries(in directory: String, minimumDepth: Int = 1) throws -> Int {
     var entries = 0
     for name in try FileManager.default.contentsOfDirectory(atPath: directory) where name.hasSuffix(".events") {
       guard let file = ThreadFile.open(path: directory + "/" + name, name: name).file else { continue }
       var cursor = EventCursor(file)
-      while let event = cursor.next() { if event.kind == .entry && event.depth > 0 { entries += 1 } }
+      while let event = cursor.next() { if event.kind == .entry && event.depth >= minimumDepth { entries += 1 } }
     }
     return entries
   }

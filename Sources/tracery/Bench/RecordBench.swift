@@ -13,6 +13,9 @@ import TraceryRecord
 /// - `program-tracery`, `program-uftrace`: the generated program (`GeneratedProgram`: 2,200
 ///   distinct functions, a call tree and deep chains, ~4.2 M calls) timed whole, start-up
 ///   included, untraced and recorded; ns per recorded call over the untraced run.
+/// - `libcall`, `libcall-uftrace`: 1,000,000 `strlen` calls through the PLT under `record
+///   --libcall` (entries checked against the program's count) and `uftrace record --force`,
+///   beside the same loop untraced.
 /// - `children-patchable`, `children-plain`: a parent that starts 50 children one after another
 ///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced.
 struct RecordBench {
@@ -88,6 +91,7 @@ struct RecordBench {
       name: "tracery", n: calls, nsPerItem: median(traced), baseline: baseline,
       extra: ["overhead_ns_per_call": median(traced) - baseline])
 
+    if report.wants("libcall") { try libraryCalls(report, agent: agent, traces: traces, directory: directory) }
     let uftrace = try? ProgramLocator.locate("uftrace")
     try generatedProgram(report, uftrace: uftrace, agent: agent, traces: traces)
     try children(report, agent: agent, traces: traces, directory: directory)
@@ -210,6 +214,71 @@ struct RecordBench {
         extra: ["overhead_ms_per_child": (tracedPerChild - perChild) / 1e6])
     }
   }
+
+  /// `libcall`: a loop of 1,000,000 `strlen` calls through the PLT, timed by the program itself,
+  /// untraced and under `record --libcall` (every call recorded as `strlen@plt`; the trace's
+  /// entries checked against the program's count).
+  private func libraryCalls(_ report: BenchReport, agent: String, traces: String, directory: String) throws {
+    let source = directory + "/libcall.c"
+    let program = directory + "/libcall"
+    try Self.libraryCallSource.write(toFile: source, atomically: true, encoding: .utf8)
+    try GeneratedLibrary.clang(["-O2", "-fno-builtin", source, "-o", program], building: source)
+    var environment = Self.agentEnvironment(agent, traces)
+    var settings = AgentEnvironment(directory: traces)
+    settings.libraryCalls = true
+    settings.apply(to: &environment)
+    var untraced: [Double] = []
+    var traced: [Double] = []
+    var calls = 0
+    for _ in 0..<runs {
+      untraced.append(try measure(program, environment: [:]).perCall)
+      try? FileManager.default.removeItem(atPath: traces)
+      try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
+      let recorded = try measure(program, environment: environment)
+      traced.append(recorded.perCall)
+      calls = recorded.calls
+      // Its strlen calls, two clock_gettime, a printf (all from main, untraced: depth 0) and
+      // __cxa_finalize at exit.
+      let entries = try GeneratedProgram.recordedEntries(in: traces, minimumDepth: 0)
+      guard entries == calls + 4 else {
+        throw UserError("the trace holds \(entries) entries but the program made \(calls + 4) library calls")
+      }
+    }
+    let baseline = median(untraced)
+    report.figure(
+      name: "libcall", n: calls, nsPerItem: median(traced), baseline: baseline,
+      extra: ["overhead_ns_per_call": median(traced) - baseline])
+    // uftrace records library calls by default; `--force` lets it trace a binary built without
+    // -pg (only its PLT calls then).
+    guard let uftrace = try? ProgramLocator.locate("uftrace") else { return }
+    var peer: [Double] = []
+    for _ in 0..<runs {
+      try? FileManager.default.removeItem(atPath: traces)
+      peer.append(
+        try measure(uftrace, arguments: ["record", "-d", traces, "--force", program], environment: [:]).perCall)
+    }
+    report.figure(
+      name: "libcall-uftrace", n: calls, nsPerItem: median(peer), baseline: baseline,
+      extra: ["overhead_ns_per_call": median(peer) - baseline])
+  }
+
+  static let libraryCallSource = """
+    #include <stdio.h>
+    #include <string.h>
+    #include <time.h>
+    int main(int argc, char **argv) {
+      (void)argv;
+      static char text[64] = "abcdefghijklmnopqrstuvwxyz";
+      long calls = 1000000, sum = 0;
+      struct timespec a, b;
+      clock_gettime(CLOCK_MONOTONIC, &a);
+      for (long i = 0; i < calls; i++) sum += strlen(text + (i & 7) + argc - 1);
+      clock_gettime(CLOCK_MONOTONIC, &b);
+      printf("calls %ld ns %ld sum %ld\\n", calls,
+             (long)((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec)), sum);
+      return 0;
+    }
+    """
 
   private func measure(_ executable: String, arguments: [String] = [], environment: [String: String]) throws -> (
     calls: Int, perCall: Double

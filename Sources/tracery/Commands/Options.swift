@@ -34,6 +34,14 @@ struct RecordOptions: ParsableArguments {
     help: "Also trace the program's functions that have no patch site, by moving their first instructions out of line.")
   var relocate = false
 
+  @Flag(
+    name: .long,
+    help: """
+      Also record the program's calls to other objects through its PLT (printf, malloc, ...) as calls of \
+      NAME@plt, by pointing its GOT at stubs of ours (sets LD_BIND_NOW for the program).
+      """)
+  var libcall = false
+
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
 

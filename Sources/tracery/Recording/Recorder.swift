@@ -27,6 +27,7 @@ struct Recorder {
     if !filters.arguments.isEmpty { info.add("filter", filters.arguments.joined(separator: " ")) }
     if let pattern = options.patch { info.add("patch", pattern) }
     if options.relocate { info.add("relocate", "yes") }
+    if options.libcall { info.add("libcall", "yes") }
     for spec in options.argumentSpecs { info.add("argument", spec) }
     for spec in options.returnSpecs { info.add("retval", spec) }
     guard Files.write(info.text, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
@@ -41,6 +42,7 @@ struct Recorder {
     agentEnvironment.patternKind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
     agentEnvironment.shared = options.shared
     agentEnvironment.relocate = options.relocate
+    agentEnvironment.libraryCalls = options.libcall
     agentEnvironment.apply(to: &environment)
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
@@ -126,6 +128,8 @@ struct Recorder {
         : table.patchableFunctions
       // Sites in no named function (a stripped object) are traced too, named by address.
       patchable += functions.count + table.orphanSites.count
+      // --libcall: the program's PLT imports are traced even when it has no site of its own.
+      if options.libcall && position == 0 { patchable += (try? input.file.importSlots().count) ?? 0 }
       for index in functions {
         let name = table.functions[index].name
         if let glob, Demangler.forms(name).contains(where: glob.matches) { matching += 1 }

@@ -1,0 +1,106 @@
+import TraceryELF
+import TraceryX86
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Calls from an object to functions of other objects through its PLT (`printf`, `malloc`,
+/// `pthread_create`), made traceable without touching any code (uftrace records them by
+/// default): each import's GOT slot is pointed at a stub of ours,
+///
+///     stub:  nop5                 (an ordinary patch site: any tracer traces it as a function)
+///            jmp [rip + target]   (the function the slot held)
+///
+/// so a call through the PLT enters the stub, and the tracer's branch at its NOP sees the call
+/// with its caller's return address, as if the library function itself had a site.
+///
+/// Protocol: installed while the process has one thread (the agent's start), after the dynamic
+/// linker bound every slot (`LD_BIND_NOW`, which `tracery record` sets): a slot still pointing
+/// into its own object (lazy binding not done yet) is left alone, since the resolver would write
+/// over the stub. Slots are never put back (the stubs stay for the process's life).
+///
+/// Left out: functions that do not return once to their caller on the same stack (`setjmp` and
+/// `vfork` return twice, `longjmp` and `exit` never, `__cxa_throw` unwinds, context switches),
+/// where a traced call frame would be wrong.
+public enum LibraryCalls {
+  public struct Stub: Sendable, Equatable {
+    /// The imported function's name.
+    public let name: String
+    /// The stub's patch site (its address).
+    public let site: UInt64
+  }
+
+  static let skipped: Set<String> = [
+    "__libc_start_main", "exit", "_exit", "_Exit", "quick_exit", "abort", "longjmp", "_longjmp", "siglongjmp",
+    "__longjmp_chk", "setjmp", "_setjmp", "sigsetjmp", "__sigsetjmp", "vfork", "clone", "clone3", "__cxa_throw",
+    "__cxa_rethrow", "_Unwind_Resume", "_Unwind_RaiseException", "_Unwind_ForcedUnwind", "getcontext",
+    "setcontext", "swapcontext", "makecontext", "pthread_exit", "__stack_chk_fail", "__assert_fail",
+    "__fortify_fail", "__chk_fail", "err", "errx", "verr", "verrx",
+  ]
+
+  /// The stub's size (a 5-byte NOP, a 6-byte `jmp [rip + disp32]`, padding) and its target
+  /// word's.
+  static let stubSize = 16
+
+  /// Points every PLT slot of the object at `path` (loaded at `bias`) at a stub, and returns the
+  /// stubs (empty when it imports nothing through its PLT, or its slots are not bound yet).
+  public static func install(path: String, bias: UInt64, arena: CodeArena = .shared) throws -> [Stub] {
+    let file = try ELFFile(path: path)
+    let imports = try file.importSlots().filter { !skipped.contains($0.name) }
+    let map = MemoryMap.current()
+    // A bound slot holds an address outside the object's own mappings (the resolver's path
+    // points into its PLT).
+    let objectRange = objectExtent(file, bias: bias)
+    var chosen: [(name: String, slot: UInt64, target: UInt64)] = []
+    for entry in imports {
+      let slot = entry.slot &+ bias
+      guard slot % 8 == 0, map.region(containing: slot)?.readable == true else { continue }
+      let target = UnsafePointer<UInt64>(bitPattern: UInt(slot))!.pointee
+      guard target != 0, !objectRange.contains(target) else { continue }
+      chosen.append((entry.name, slot, target))
+    }
+    guard !chosen.isEmpty else { return [] }
+    let size = chosen.count * (stubSize + 8)
+    let block = try arena.allocate(near: objectRange.lowerBound, size: size)
+    var bytes: [UInt8] = []
+    bytes.reserveCapacity(size)
+    let targets = chosen.count * stubSize
+    for index in chosen.indices {
+      let stub = block.address + UInt64(index * stubSize)
+      let word = block.address + UInt64(targets + index * 8)
+      bytes += X86Instruction.nop5
+      bytes += [0xff, 0x25]
+      withUnsafeBytes(of: Int32(truncatingIfNeeded: Int64(bitPattern: word &- (stub + 11))).littleEndian) {
+        bytes += $0
+      }
+      bytes += [UInt8](repeating: 0xcc, count: stubSize - 11)
+    }
+    for entry in chosen { withUnsafeBytes(of: entry.target.littleEndian) { bytes += $0 } }
+    block.write(bytes)
+    // The slots: in RELRO (read-only once bound) or writable data; one aligned store each.
+    var written: [Stub] = []
+    for (index, entry) in chosen.enumerated() {
+      let stub = block.address + UInt64(index * stubSize)
+      guard let region = map.region(containing: entry.slot) else { continue }
+      let page = UnsafeMutableRawPointer(bitPattern: UInt(System.pageStart(entry.slot)))
+      let pageSize = Int(System.pageSize)
+      let restore = (region.readable ? PROT_READ : 0) | (region.writable ? PROT_WRITE : 0)
+      if !region.writable {
+        guard mprotect(page, pageSize, PROT_READ | PROT_WRITE) == 0 else { continue }
+      }
+      UnsafeMutablePointer<UInt64>(bitPattern: UInt(entry.slot))!.pointee = stub
+      if !region.writable { mprotect(page, pageSize, restore) }
+      written.append(Stub(name: entry.name, site: stub))
+    }
+    return written
+  }
+
+  /// The object's loaded extent (runtime addresses), from its loadable segments.
+  static func objectExtent(_ file: ELFFile, bias: UInt64) -> Range<UInt64> {
+    let loads = file.segments.filter { $0.type == ELFConstants.PT_LOAD }
+    let low = loads.map(\.virtualAddress).min() ?? 0
+    let high = loads.map { $0.virtualAddress + $0.memorySize }.max() ?? 0
+    return (low &+ bias)..<(high &+ bias)
+  }
+}
