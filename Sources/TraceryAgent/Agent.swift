@@ -108,7 +108,7 @@ enum Agent {
     var addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
     // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
     if environment.libraryCalls, let main = ProcessObjects.list().first {
-      let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias)) ?? []
+      let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias, skip: Self.isSwiftAsync)) ?? []
       let glob = configuration.match.flatMap { try? Glob($0) }
       let chosenStubs = stubs.filter { stub in
         glob.map { $0.matches(stub.name) || $0.matches(stub.name + "@plt") } ?? true

@@ -22,7 +22,8 @@ import TraceryX86
 ///
 /// Left out: functions that do not return once to their caller on the same stack (`setjmp` and
 /// `vfork` return twice, `longjmp` and `exit` never, `__cxa_throw` unwinds, context switches),
-/// where a traced call frame would be wrong.
+/// where a traced call frame would be wrong; `fork` (it returns in two processes); Swift
+/// concurrency's tail-called entry points and async functions.
 public enum LibraryCalls {
   public struct Stub: Sendable, Equatable {
     /// The imported function's name.
@@ -37,7 +38,15 @@ public enum LibraryCalls {
     "__cxa_rethrow", "_Unwind_Resume", "_Unwind_RaiseException", "_Unwind_ForcedUnwind", "getcontext",
     "setcontext", "swapcontext", "makecontext", "pthread_exit", "__stack_chk_fail", "__assert_fail",
     "__fortify_fail", "__chk_fail", "err", "errx", "verr", "verrx",
+    // Returns in two processes: the child's first event would close a call its parent's file opened.
+    "fork", "_Fork",
   ]
+
+  /// Swift concurrency's entry points that async code tail-calls and that continue elsewhere
+  /// (`swift_task_switch`, a task group's `next`): left out like the async functions themselves.
+  static func isSwiftConcurrency(_ name: String) -> Bool {
+    name.hasPrefix("swift_task") || name.hasPrefix("swift_asyncLet") || name.hasPrefix("swift_continuation")
+  }
 
   /// The stub's size (a 5-byte NOP, a 6-byte `jmp [rip + disp32]`, padding) and its target
   /// word's.
@@ -45,9 +54,14 @@ public enum LibraryCalls {
 
   /// Points every PLT slot of the object at `path` (loaded at `bias`) at a stub, and returns the
   /// stubs (empty when it imports nothing through its PLT, or its slots are not bound yet).
-  public static func install(path: String, bias: UInt64, arena: CodeArena = .shared) throws -> [Stub] {
+  /// `skip`: more names to leave alone (the agent's: Swift async functions, by demangled name).
+  public static func install(
+    path: String, bias: UInt64, arena: CodeArena = .shared, skip: (String) -> Bool = { _ in false }
+  ) throws -> [Stub] {
     let file = try ELFFile(path: path)
-    let imports = try file.importSlots().filter { !skipped.contains($0.name) }
+    let imports = try file.importSlots().filter {
+      !skipped.contains($0.name) && !isSwiftConcurrency($0.name) && !skip($0.name)
+    }
     let map = MemoryMap.current()
     // A bound slot holds an address outside the object's own mappings (the resolver's path
     // points into its PLT).

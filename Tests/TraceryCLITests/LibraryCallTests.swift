@@ -52,4 +52,33 @@ import TraceryTestSupport
       #expect(expected[name] == count, "\(name): recorded \(count), callgrind \(expected[name] ?? 0)")
     }
   }
+
+  /// A forked child and a Swift program with async functions run as untraced under --libcall:
+  /// `fork` (it returns in two processes) and Swift concurrency's tail-called entry points are
+  /// left alone (traced, the child's file began with the exit of its parent's call, and the
+  /// Swift program stopped at the graph's corrupt-shadow-stack check).
+  @Test func forkAndSwiftConcurrencyAreLeftAlone() throws {
+    let directory = try TestSupport.temporaryDirectory("libcall-fork")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let demo = directory.appendingPathComponent("demo").path
+    try TestSupport.compile(
+      compiler: "clang", sources: [RecordCommandTests.examples.appendingPathComponent("demo/demo.c").path],
+      flags: ["-O1", "-fpatchable-function-entry=5", "-pthread"], output: demo)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [demo, "7"], options: ["--libcall"])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    let report = try TestSupport.run(OptimizedProgramTests.tracery, ["report", "-d", trace.path])
+    #expect(report.stderr.isEmpty && report.stdout.contains("child_work"), "\(report.stdout)\(report.stderr)")
+    #expect(report.stdout.contains("printf@plt") && !report.stdout.contains("fork@plt"))
+    let swiftdemo = directory.appendingPathComponent("swiftdemo").path
+    try TestSupport.compile(
+      compiler: "swiftc",
+      sources: [TestSupport.packageRoot.appendingPathComponent("Examples/swiftdemo/swiftdemo.swift").path],
+      flags: ["-O", "-parse-as-library"], output: swiftdemo)
+    let swiftTrace = directory.appendingPathComponent("swift")
+    let swiftRun = try RecordCommandTests.record(swiftTrace, [swiftdemo], options: ["--libcall", "--relocate"])
+    #expect(swiftRun.status == 0 && swiftRun.stdout.contains("tasks 1698"), "\(swiftRun.stderr)")
+    let counts = try RecordCommandTests.recordedCounts(swiftTrace)
+    #expect(counts["swift_allocObject@plt", default: 0] > 0 && counts["swift_task_switch@plt"] == nil, "\(counts.keys)")
+  }
 }
