@@ -101,27 +101,32 @@ public struct PatchSite: Sendable, Hashable {
       throw PatchSiteError(reason: "shorter than the 5-byte branch", category: .short)
     }
     // Where the copy goes is not known yet: a trial at the site itself sizes the move.
+    let body = UnsafeRawBufferPointer(rebasing: code[skip...])
     let length: Int
     switch Result(catching: { () throws(X86Relocator.Refusal) in
-      try X86Relocator.relocate(UnsafeRawBufferPointer(rebasing: code[skip...]), at: address, to: address)
+      try X86Relocator.relocate(body, at: address, to: address)
     }) {
     case .success(let relocation): length = relocation.length
     case .failure(let refusal):
       throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)", category: .unmovable(refusal))
     }
-    switch X86Relocator.branchesIntoMovedRange(of: code, at: entry, length: skip + length) {
+    // Only the branch's 5 bytes are overwritten: what must not be entered is their interior (a
+    // moved instruction past them stays as it was, and a branch to it still finds it).
+    let overwritten = UInt64(SiteBytes.length)
+    switch X86Relocator.branchesIntoMovedRange(of: code, at: entry, length: skip + SiteBytes.length) {
     case nil:
       throw PatchSiteError(
         reason: "its code cannot be read through to look for branches into its start", category: .unswept)
     case let found? where !found.isEmpty:
       throw PatchSiteError(
-        reason: "its own code branches into its first \(length) bytes (at +\(found[0]))", category: .branchedInto)
+        reason: "its own code branches into the first 5 bytes the branch takes (at +\(found[0]))",
+        category: .branchedInto)
     default: break
     }
     // Code elsewhere in the object (a .cold part, another function) or an exception landing pad.
-    if let entryPoints, let target = entryPoints.first(in: (address + 1)..<(address + UInt64(length))) {
+    if let entryPoints, let target = entryPoints.first(in: (address + 1)..<(address + overwritten)) {
       throw PatchSiteError(
-        reason: "its object's code (a branch, or a landing pad) enters its first \(length) bytes at +\(target - entry)",
+        reason: "its object's code (a branch, or a landing pad) enters the branch's 5 bytes at +\(target - entry)",
         category: .enteredFromElsewhere)
     }
     return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
@@ -249,7 +254,10 @@ extension Tracer {
       // The same instructions as when the site was chosen: those covering its length.
       let relocation = try X86Relocator.relocate(
         code, at: patch.address, to: block.address, minimum: Int(patch.length))
-      guard relocation.length == Int(patch.length), relocation.bytes.count <= block.size else {
+      // (A trap site's copy is one instruction, and its pad follows at `trapPad`.)
+      guard relocation.length == Int(patch.length),
+        relocation.bytes.count <= (patch.shape == .trap ? Self.trapPad : block.size)
+      else {
         throw AttachError.codeMemory("the relocated copy changed size")
       }
       block.write(relocation.bytes)

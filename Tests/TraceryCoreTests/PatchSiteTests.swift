@@ -78,6 +78,28 @@ import TraceryX86
     #expect(tracer.reclaim() >= 0)
   }
 
+  /// How a function without a NOP is decided (`PatchSite.survey`, the code as bytes): the whole
+  /// instructions covering 5 bytes move; a branch to its sixth byte is no obstacle (only the
+  /// first 5 are overwritten), one into its first 5 bytes makes it a trap site; so does being
+  /// 4 bytes long.
+  @Test func onlyTheFirstFiveBytesMatter() {
+    func survey(_ bytes: [UInt8]) -> PatchSite.Survey {
+      let padded = bytes + [UInt8](repeating: 0xcc, count: 16)
+      return padded.withUnsafeBytes { raw in
+        PatchSite.survey(code: UnsafeRawBufferPointer(rebasing: raw[0..<bytes.count]), entry: 0x40_1000)
+      }
+    }
+    // push rbp; mov rbp, rsp; lea rax, [rdi + 1]; pop rbp; ret
+    #expect(survey([0x55, 0x48, 0x89, 0xe5, 0x48, 0x8d, 0x47, 0x01, 0x5d, 0xc3]) == .relocated(length: 8))
+    // mov eax, edi; add eax, 1; 1: add eax, 2; cmp eax, 100; jl 1b; ret — the loop enters +5.
+    let loop: [UInt8] = [0x89, 0xf8, 0x83, 0xc0, 0x01, 0x83, 0xc0, 0x02, 0x83, 0xf8, 0x64, 0x7c, 0xf8, 0xc3]
+    #expect(survey(loop) == .relocated(length: 5))
+    // mov eax, edi; 1: add eax, 2; cmp eax, 100; jl 1b; ret — the loop enters +2.
+    let inside: [UInt8] = [0x89, 0xf8, 0x83, 0xc0, 0x02, 0x83, 0xf8, 0x64, 0x7c, 0xf8, 0xc3]
+    #expect(survey(inside) == .trap(.branchedInto))
+    #expect(survey([0x48, 0x89, 0xf8, 0xc3]) == .trap(.short))
+  }
+
   /// A thread that traps on a site being put back goes to its resume address, whatever it is.
   @Test func theTrapHandlerSendsThreadsToTheResumeAddress() {
     let nop = SiteBytes(raw: 0x0044_1f0f)
