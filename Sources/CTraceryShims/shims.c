@@ -141,7 +141,7 @@ static void trap_handler(int sig, siginfo_t *info, void *context) {
       uint8_t byte = __atomic_load_n((const uint8_t *)site, __ATOMIC_SEQ_CST);
       if (byte != 0xCC) {
         // The batch finished between the trap and now: run whatever is there now.
-        if (is_patcher_opcode(byte) || (traps && find_poke(traps, site))) {
+        if (is_patcher_opcode(byte) || (table && find_poke(table, site)) || (traps && find_poke(traps, site))) {
           gregs[REG_RIP] = (greg_t)site;
           handled = 1;
         }
@@ -302,6 +302,8 @@ static const int snapshot_register_slots[CTRACERY_SNAPSHOT_REGISTERS] = {
 };
 static atomic_int snapshot_done, snapshot_on_alternate_stack;
 static atomic_int snapshot_installed;
+static _Atomic(const struct ctracery_move_table *) published_moves;
+static _Atomic uint64_t threads_moved;
 
 static void snapshot_handler(int sig, siginfo_t *info, void *context) {
   (void)sig;
@@ -315,6 +317,18 @@ static void snapshot_handler(int sig, siginfo_t *info, void *context) {
     atomic_store_explicit(&snapshot_registers[index], (uint64_t)uc->uc_mcontext.gregs[snapshot_register_slots[index]],
                           memory_order_relaxed);
   }
+  // Stopped at an instruction of a prologue being moved out of line: continue at its copy.
+  const struct ctracery_move_table *moves = atomic_load_explicit(&published_moves, memory_order_acquire);
+  if (moves != NULL) {
+    uint64_t rip = (uint64_t)uc->uc_mcontext.gregs[REG_RIP];
+    for (size_t index = 0; index < moves->count; index++) {
+      if (moves->pairs[2 * index] != rip) continue;
+      uc->uc_mcontext.gregs[REG_RIP] = (greg_t)moves->pairs[2 * index + 1];
+      atomic_store_explicit(&snapshot_rip, moves->pairs[2 * index + 1], memory_order_relaxed);
+      atomic_fetch_add_explicit(&threads_moved, 1, memory_order_relaxed);
+      break;
+    }
+  }
   // Interrupted inside a signal handler running on its alternate stack: the stack it interrupted
   // in turn is somewhere else (sigaltstack is async-signal-safe).
   stack_t current;
@@ -325,6 +339,12 @@ static void snapshot_handler(int sig, siginfo_t *info, void *context) {
 }
 
 int ctracery_snapshot_signal(void) { return SIGRTMAX - 1; }
+
+void ctracery_publish_moves(const struct ctracery_move_table *table) {
+  atomic_store_explicit(&published_moves, table, memory_order_seq_cst);
+}
+
+uint64_t ctracery_threads_moved(void) { return atomic_load_explicit(&threads_moved, memory_order_relaxed); }
 
 int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms) {
   int expected = 0;

@@ -26,12 +26,13 @@ public struct PatchSite: Sendable, Hashable {
     case nop
     /// A function without a NOP: its first whole instructions (`length` bytes, at least 5) are
     /// moved out of line by `X86Relocator`, and `resume` is that copy, which runs them and jumps
-    /// back. Made only while the process has one thread (moving instructions a thread may be
-    /// executing needs the checks of the trace-any-function issue) and when the function's own
-    /// code never branches into the moved bytes.
+    /// back. Made when no code of its object branches into the branch's 5 bytes; while other
+    /// threads run, a thread stopped inside them is moved to the copy first
+    /// (`TextPatcher.moveThreadsOut`).
     case relocated
-    /// A function that cannot be relocated (too short, its code branches into its first bytes)
-    /// or may not be now (other threads run): an `int3` on its first instruction (`length` is
+    /// A function that cannot be relocated (too short, code branches into its first bytes) or
+    /// may not be now (a thread that cannot be inspected runs): an `int3` on its first
+    /// instruction (`length` is
     /// that instruction's), which stays; the SIGTRAP handler sends a thread reaching it where
     /// the branch would (the kernel's uprobes, in process: ~1-2 µs a call instead of ns), and
     /// `resume` is the copy of that one instruction. Safe while other threads run: no thread can

@@ -21,6 +21,10 @@ public struct PatchRequest: Sendable, Equatable {
   /// For a trap site being traced (`PatchSite.Shape.trap`; the replacement is `int3` and the
   /// site's own next 4 bytes): where a thread reaching the int3 goes. 0 otherwise.
   let trapTarget: UInt64
+  /// For a relocated prologue being traced while other threads may run: (from, to) pairs, each
+  /// instruction inside the site's first 5 bytes and the same instruction in its copy. A thread
+  /// stopped at one is moved before the branch's displacement is written over it.
+  let moves: [UInt64]
 
   public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
   public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
@@ -37,15 +41,20 @@ public struct PatchRequest: Sendable, Equatable {
     replacementBytes = SiteBytes(replacement)
     malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
     trapTarget = 0
+    moves = []
   }
 
-  init(site: UInt64, expected: SiteBytes, replacement: SiteBytes, resume: UInt64? = nil, trapTarget: UInt64 = 0) {
+  init(
+    site: UInt64, expected: SiteBytes, replacement: SiteBytes, resume: UInt64? = nil, trapTarget: UInt64 = 0,
+    moves: [UInt64] = []
+  ) {
     self.site = site
     self.resume = resume ?? PatchSite.nop(at: site).resume
     expectedBytes = expected
     replacementBytes = replacement
     malformed = nil
     self.trapTarget = trapTarget
+    self.moves = moves
   }
 }
 
@@ -109,6 +118,9 @@ public final class TextPatcher: Sendable {
   ///   3. Publish the batch to the SIGTRAP handler (sorted by site).
   ///   4. Write `int3` over the first byte of every site; sync all cores. From here a thread
   ///      reaching a site traps and the handler emulates the new instruction.
+  ///   4½. Relocated prologues only (requests with moves): every other thread stopped inside a
+  ///      site's first 5 bytes is moved to the same instruction in its copy; a site some thread
+  ///      still refers into (a signal frame) is abandoned: its first byte put back.
   ///   5. Write bytes 1...4 of every site; sync. No thread can decode them: byte 0 is int3.
   ///   6. Write the new first byte of every site; sync. Each site is now whole and new.
   ///   7. Unpublish the batch and wait for handlers still reading it; a handler that runs later
@@ -168,8 +180,21 @@ public final class TextPatcher: Sendable {
         }
         guard !accepted.isEmpty else { return false }
         publishTraps(accepted, restored: false, state: &state)
-        step3to7Write(accepted, retired: &state.retired)
-        publishTraps(accepted, restored: true, state: &state)
+        let written = accepted
+        var retired = state.retired
+        state.retired = []
+        defer { state.retired += retired }
+        let abandoned = step3to7Write(accepted, retired: &retired) { abandoned in
+          // Before the batch is unpublished (a late trap finds one table or the other): an
+          // abandoned site got its own first byte back over an int3, so a thread that trapped
+          // there meanwhile re-executes it (a rewind entry, like a restored relocated site's).
+          publishTraps(
+            written, restored: true, state: &state, rewinding: Set(abandoned.keys.map { written[$0].address }))
+        }
+        for (index, reason) in abandoned {
+          report.outcomes[accepted[index].request] = .failed(reason)
+        }
+        if !abandoned.isEmpty { accepted = accepted.indices.filter { abandoned[$0] == nil }.map { accepted[$0] } }
         return true
       }
       guard written else { return report }
@@ -243,6 +268,9 @@ public final class TextPatcher: Sendable {
     let kind: ctracery_poke_kind
     let resume: UInt64
     var trapTarget: UInt64 = 0
+    var moves: [UInt64] = []
+    /// The site's first byte before the batch (put back if the site cannot be finished).
+    var original: UInt8 = 0
   }
 
   /// Before step 3 (`restored` false): trap sites this batch makes enter the trap table (to
@@ -250,14 +278,17 @@ public final class TextPatcher: Sendable {
   /// marked to rewind. (Marked before, a thread that trapped on a trap site's int3 before the
   /// batch and reached its handler before step 4 would find neither its target nor its code.)
   /// Published at once when anything changed; the old table is retired like a batch's.
-  private func publishTraps(_ sites: [AcceptedSite], restored: Bool, state: inout State) {
+  private func publishTraps(
+    _ sites: [AcceptedSite], restored: Bool, state: inout State, rewinding: Set<UInt64> = []
+  ) {
     var changed = false
     for site in sites {
       let entry: ctracery_poke
       if !restored && site.trapTarget != 0 {
         entry = ctracery_poke(site: site.address, target: site.trapTarget, kind: UInt64(CTRACERY_POKE_JMP.rawValue))
-      } else if restored && site.kind == CTRACERY_POKE_SKIP
-        && site.resume != site.address + UInt64(SiteBytes.length)
+      } else if restored
+        && (rewinding.contains(site.address)
+          || (site.kind == CTRACERY_POKE_SKIP && site.resume != site.address + UInt64(SiteBytes.length)))
       {
         entry = ctracery_poke(site: site.address, target: site.address, kind: UInt64(CTRACERY_POKE_REWIND.rawValue))
       } else {
@@ -319,7 +350,7 @@ public final class TextPatcher: Sendable {
         accepted.append(
           AcceptedSite(
             request: index, address: request.site, replacement: replacement, kind: kind, resume: request.resume,
-            trapTarget: request.trapTarget))
+            trapTarget: request.trapTarget, moves: request.moves, original: current.byte(0)))
       }
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
@@ -400,14 +431,25 @@ public final class TextPatcher: Sendable {
   }
 
   /// Steps 3-7 on sites already verified, sorted by address, on writable pages.
-  private func step3to7Write(_ sites: [AcceptedSite], retired: inout [PokeTable]) {
-    let table = PokeTable(sites)
+  /// Returns the sites (by index) abandoned after step 4, with why: their first byte is back and
+  /// the rest never changed.
+  private func step3to7Write(
+    _ all: [AcceptedSite], retired: inout [PokeTable], beforeUnpublishing: ([Int: String]) -> Void
+  ) -> [Int: String] {
+    let table = PokeTable(all)
     // Step 3. Publishing is sequentially consistent, and the writes below follow an opaque call,
     // so no int3 can become visible before the table.
     ctracery_publish_pokes(table.header)
     // Step 4.
-    for site in sites { Self.pointer(site.address).pointee = 0xcc }
+    for site in all { Self.pointer(site.address).pointee = 0xcc }
     CoreSync.syncAllCores()
+    // Step 4½: no thread may stay inside a prologue whose bytes 1-4 change (relocated sites).
+    let abandoned = all.contains { !$0.moves.isEmpty } ? Self.moveThreadsOut(of: all) : [:]
+    if !abandoned.isEmpty {
+      for index in abandoned.keys { Self.pointer(all[index].address).pointee = all[index].original }
+      CoreSync.syncAllCores()
+    }
+    let sites = abandoned.isEmpty ? all : all.indices.filter { abandoned[$0] == nil }.map { all[$0] }
     // Step 5.
     for site in sites {
       let pointer = Self.pointer(site.address)
@@ -417,6 +459,7 @@ public final class TextPatcher: Sendable {
     // Step 6.
     for site in sites { Self.pointer(site.address).pointee = site.replacement.byte(0) }
     CoreSync.syncAllCores()
+    beforeUnpublishing(abandoned)
     // Step 7. A handler may still be reading this table (a trapped thread can be descheduled
     // anywhere in its handler): retire it, and free every retired table once no handler is in
     // flight. Waiting here instead could cost a whole scheduler time slice per batch.
@@ -426,7 +469,58 @@ public final class TextPatcher: Sendable {
       while ctracery_trap_handlers_in_flight() != 0 { sched_yield() }
     }
     if ctracery_trap_handlers_in_flight() == 0 { retired.removeAll() }
+    return abandoned
   }
+
+  /// The move table last published (kept until the next one: a snapshot signal that arrives
+  /// after its request timed out may still read it).
+  nonisolated(unsafe) private static var lastMoves:
+    (UnsafeMutablePointer<ctracery_move_table>, UnsafeMutablePointer<UInt64>)?
+
+  /// Step 4½, with every relocated site's int3 in place (no thread can enter its first 5 bytes
+  /// any more): every other thread is snapshotted with the sites' moves published, so one
+  /// stopped inside those bytes continues at the same instruction in the copy
+  /// (`ctracery_publish_moves`). Then any thread still referencing an address inside them — a
+  /// signal frame's saved rip (a handler running on top of such a thread), a blocked thread,
+  /// a register — makes its site abandoned, as does a thread that cannot be inspected.
+  private static func moveThreadsOut(of sites: [AcceptedSite]) -> [Int: String] {
+    let moving = sites.indices.filter { !sites[$0].moves.isEmpty }
+    let flat = moving.flatMap { sites[$0].moves }
+    let pairs = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, flat.count))
+    pairs.initialize(from: flat, count: flat.count)
+    let table = UnsafeMutablePointer<ctracery_move_table>.allocate(capacity: 1)
+    table.initialize(to: ctracery_move_table(pairs: pairs, count: flat.count / 2))
+    ctracery_publish_moves(table)
+    let interiors = moving.map { (sites[$0].address + 1)..<(sites[$0].address + UInt64(SiteBytes.length)) }
+    // A thread inside the SIGTRAP handler for one of these int3s has the site + 1 in its signal
+    // frame until the handler returns (in microseconds): look again a few times before giving up.
+    var outcome = withCallerStackMarker { marker in Reclaimer.busyRanges(interiors, callerStack: marker) }
+    for _ in 0..<5 {
+      guard case .success(let busy) = outcome, !busy.isEmpty else { break }
+      usleep(200)
+      outcome = withCallerStackMarker { marker in Reclaimer.busyRanges(interiors, callerStack: marker) }
+    }
+    ctracery_publish_moves(nil)
+    if let (previousTable, previousPairs) = lastMoves {
+      previousTable.deallocate()
+      previousPairs.deallocate()
+    }
+    lastMoves = (table, pairs)
+    switch outcome {
+    case .success(let busy):
+      return Dictionary(
+        uniqueKeysWithValues: busy.map {
+          (moving[$0], "\(abandoned): a thread holds an address inside its first 5 bytes (a signal frame, a register)")
+        })
+    case .failure(let obstacle):
+      return Dictionary(
+        uniqueKeysWithValues: moving.map { ($0, "\(abandoned): threads cannot all be inspected: \(obstacle.reason)") })
+    }
+  }
+
+  /// How the outcome of a relocated site abandoned in step 4½ begins (`Tracer.commit` then
+  /// traces the function through an int3).
+  static let abandoned = "relocation abandoned"
 
   /// Rewrites gcc's five 1-byte NOPs at each of `sites` into one 5-byte NOP.
   ///

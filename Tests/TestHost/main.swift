@@ -7,11 +7,17 @@
 //   tracery-testhost chain
 //     installs a SIGTRAP handler of its own, lets the patcher install its handler on top, then
 //     executes an int3 that is no patch site and raises SIGTRAP: both must reach the first handler.
+//   tracery-testhost relocate-live LIBRARY
+//     two threads call r_plain (built without NOPs) in a loop while it is traced by relocating its
+//     prologue and untraced again, 200 times (threads stopped inside its first bytes are moved to
+//     the copy); prints one result line.
 //   tracery-testhost relocate LIBRARY
 //     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
 //     an exit handler to all of them by relocating their prologues (or trap sites), calls each,
 //     detaches, calls again, and prints one result line.
+import CTraceryShims
 import Glibc
+import Synchronization
 import TraceryCore
 import TraceryELF
 import TraceryX86
@@ -110,8 +116,74 @@ func relocateTest(_ library: String) -> Never {
   }
 }
 
+nonisolated(unsafe) var liveFunction: Function2?
+let liveStop = Atomic<Bool>(false)
+let liveWrong = Atomic<Int>(0)
+let liveCalls = Atomic<Int>(0)
+
+/// Two threads call r_plain (a * 3 + b; built without NOPs, with frame pointers: its first
+/// instruction is a 1-byte push) in a loop while an entry and an exit handler are attached by
+/// relocating its prologue and detached again, 200 times.
+func relocateLiveTest(_ library: String) -> Never {
+  guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_plain") else {
+    fail("dlopen: \(String(cString: dlerror()))")
+  }
+  // As a program starts: no signal blocked (the test runner that started us blocks some, and
+  // threads inherit the mask).
+  var none = sigset_t()
+  sigemptyset(&none)
+  sigprocmask(SIG_SETMASK, &none, nil)
+  let function = unsafeBitCast(symbol, to: Function2.self)
+  liveFunction = function
+  let site = PatchSite.afterEndbr64(UInt64(UInt(bitPattern: symbol)))
+  let before = TextPatcher.read(site)
+  let worker: @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? = { _ in
+    var n = 0
+    while !liveStop.load(ordering: .relaxed) {
+      if liveFunction!(n, 1) != n &* 3 &+ 1 { liveWrong.add(1, ordering: .relaxed) }
+      n += 1
+    }
+    liveCalls.add(n, ordering: .relaxed)
+    return nil
+  }
+  var threads: [pthread_t] = []
+  for _ in 0..<2 {
+    var thread = pthread_t()
+    pthread_create(&thread, nil, worker, nil)
+    threads.append(thread)
+  }
+  let tracer = Tracer.shared
+  tracer.relocatesPrologues = true
+  let model = FunctionModel(integerArguments: 2, stackArgumentWords: 0, returns: .integer)
+  var relocated = 0
+  var restored = 0
+  let cycles = 200
+  do {
+    for _ in 0..<cycles {
+      let entryLink = try tracer.attach(
+        .entry({ _, _ in entries += 1 }), to: .address(UInt64(UInt(bitPattern: symbol))))
+      let exitLink = try tracer.attach(
+        .exit({ _, _ in exits += 1 }), to: .address(UInt64(UInt(bitPattern: symbol))), model: model)
+      if TextPatcher.read(site).first == 0xe9 { relocated += 1 }
+      usleep(500)
+      exitLink.detach()
+      entryLink.detach()
+      if TextPatcher.read(site) == before { restored += 1 }
+    }
+  } catch {
+    fail("\(error)")
+  }
+  liveStop.store(true, ordering: .relaxed)
+  for thread in threads { pthread_join(thread, nil) }
+  print(
+    "cycles=\(cycles) relocated=\(relocated) restored=\(restored) wrong=\(liveWrong.load(ordering: .relaxed)) "
+      + "called=\(liveCalls.load(ordering: .relaxed) > cycles) moved=\(ctracery_threads_moved())")
+  exit(0)
+}
+
 let arguments = CommandLine.arguments
 if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
+if arguments.count == 3 && arguments[1] == "relocate-live" { relocateLiveTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate" { relocateTest(arguments[2]) }
 guard arguments.count == 5, arguments[1] == "sleds", let count = Int(arguments[4]) else {
   fail("usage: tracery-testhost sleds LIBRARY PREFIX COUNT")

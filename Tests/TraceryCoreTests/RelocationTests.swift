@@ -174,3 +174,35 @@ extension RelocationTests {
         == "relocated=11 traps=2 trapped=true wrong=0 balanced=true counted=true restored=11 quiet=true freed=true")
   }
 }
+
+extension RelocationTests {
+  /// Relocating a prologue while threads run it (tracery-testhost, whose threads can all be
+  /// inspected): two threads call r_plain (first instruction a 1-byte `push rbp`) in a loop while
+  /// it is traced and untraced 200 times. Nearly every cycle relocates it (a `jmp` at its entry,
+  /// not an int3), every call returns what it should (a thread stopped after the push is moved to the
+  /// same instruction in the copy before the branch's other bytes are written), and every detach
+  /// puts its bytes back.
+  @Test func aPrologueIsRelocatedWhileThreadsRunIt() throws {
+    let directory = try TestSupport.temporaryDirectory("tracery-relocate-live")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let source = directory.appendingPathComponent("relocate.c").path
+    try Self.source.write(toFile: source, atomically: true, encoding: .utf8)
+    let library = directory.appendingPathComponent("librelocate.so").path
+    try TestSupport.compile(
+      compiler: "gcc", sources: [source], flags: ["-O2", "-fno-omit-frame-pointer", "-shared", "-fPIC"],
+      output: library)
+    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
+    let result = try TestSupport.run(host, ["relocate-live", library])
+    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    let fields = Dictionary(
+      result.stdout.split(whereSeparator: \.isWhitespace).compactMap { field -> (String, String)? in
+        let parts = field.split(separator: "=")
+        return parts.count == 2 ? (String(parts[0]), String(parts[1])) : nil
+      }
+    ) { first, _ in first }
+    #expect(fields["restored"] == "200" && fields["wrong"] == "0" && fields["called"] == "true", "\(result.stdout)")
+    // A cycle whose relocation had to be abandoned (a thread caught inside the SIGTRAP handler
+    // for its int3 every time it looked) traces the function through an int3 instead: rare.
+    #expect(Int(fields["relocated"] ?? "") ?? 0 >= 180, "\(result.stdout)")
+  }
+}

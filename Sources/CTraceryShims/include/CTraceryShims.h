@@ -132,6 +132,19 @@ int ctracery_snapshot_signal(void);
 /// answer (it may have exited or block the signal).
 int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms);
 
+/// Instruction moves for prologues being relocated while threads run: `pairs` holds `count`
+/// (from, to) addresses, an instruction inside a site's first 5 bytes and the same instruction in
+/// its copy. While a table is published, a snapshot of a thread stopped at a `from` moves it to
+/// its `to` (and reports that rip). Published and unpublished by the patcher, between writing its
+/// int3s and the branch's other bytes.
+struct ctracery_move_table {
+  const uint64_t *pairs;
+  size_t count;
+};
+void ctracery_publish_moves(const struct ctracery_move_table *table);
+/// Threads moved so far (for tests).
+uint64_t ctracery_threads_moved(void);
+
 // ---------------------------------------------------------------------------------------------
 // Per-thread state that generated code reads and writes at a fixed %fs offset.
 

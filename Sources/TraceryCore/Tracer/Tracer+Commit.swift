@@ -4,8 +4,48 @@ extension Tracer {
   // MARK: - Commit
 
   /// Applies `operations` in one patch batch (see the type's comment) and reports per function.
+  /// Relocated prologues the patcher had to abandon (a thread it could not see out of their
+  /// first bytes) are traced through an int3 instead, in a second batch.
   func commit(_ operations: [Operation]) -> TransactionReport {
-    withCallerStackMarker { top in commit(operations, callerStack: top) }
+    var report = withCallerStackMarker { top in commit(operations, callerStack: top) }
+    let abandoned = Set(
+      report.entries.compactMap { entry -> UInt64? in
+        guard case .failed(let reason) = entry.outcome, reason.hasPrefix(TextPatcher.abandoned) else { return nil }
+        return entry.address
+      })
+    guard !abandoned.isEmpty else { return report }
+    let table = symbols
+    func traps(_ targets: [Target]) -> [Target] {
+      targets.compactMap { target in
+        guard abandoned.contains(target.patch.function), let index = table.function(containing: target.patch.function),
+          let patch = try? PatchSite.trap(
+            at: target.patch.function, function: target.patch.function, size: Int(table.functions[index].size))
+        else { return nil }
+        return Target(patch: patch, name: target.name)
+      }
+    }
+    let retry = operations.compactMap { operation -> Operation? in
+      switch operation {
+      case .attach(let attachment, let targets, let model):
+        let again = traps(targets)
+        return again.isEmpty ? nil : .attach(attachment, again, model)
+      case .graphAttach(let index, let targets, let model):
+        let again = traps(targets)
+        return again.isEmpty ? nil : .graphAttach(index, again, model)
+      case .opsAttach(let record, let targets):
+        let again = traps(targets)
+        return again.isEmpty ? nil : .opsAttach(record, again)
+      case .multiAttach(let attachments, let targets):
+        let again = traps(targets)
+        return again.isEmpty ? nil : .multiAttach(attachments, again)
+      default:
+        return nil
+      }
+    }
+    guard !retry.isEmpty else { return report }
+    let second = withCallerStackMarker { top in commit(retry, callerStack: top) }
+    report.entries = report.entries.filter { !abandoned.contains($0.address) } + second.entries
+    return report
   }
 
   /// What one commit has decided so far, handed from phase to phase (all under the lock).
@@ -69,7 +109,9 @@ extension Tracer {
   private func patchRequest(from old: SiteBytes, for function: TracedFunction) -> PatchRequest? {
     let new = siteBytes(function)
     guard function.patch.shape == .trap, let copy = function.relocatedCopy else {
-      return PatchRequest(site: function.site, expected: old, replacement: new, resume: function.patch.resume)
+      return PatchRequest(
+        site: function.site, expected: old, replacement: new, resume: function.patch.resume,
+        moves: old == function.original && new != function.original ? moves(for: function) : [])
     }
     let pad = copy.block.address + UInt64(Self.trapPad)
     let trapped = SiteBytes(raw: function.original.raw & ~0xff | 0xcc)
@@ -91,6 +133,23 @@ extension Tracer {
         trapTarget: pad)
     }
     return PatchRequest(site: pad, expected: oldJmp, replacement: jmp, resume: pad + 5)
+  }
+
+  /// For a relocated prologue about to be overwritten: each instruction that starts inside the
+  /// branch's 5 bytes (past the first) and where the same instruction is in the copy, as (from,
+  /// to) pairs: where the patcher moves a thread stopped there (`TextPatcher.moveThreadsOut`).
+  private func moves(for function: TracedFunction) -> [UInt64] {
+    guard function.patch.shape == .relocated, let copy = function.relocatedCopy else { return [] }
+    let site = function.site
+    let code = UnsafeRawBufferPointer(
+      start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(function.patch.length) + 15)
+    guard
+      let relocation = try? X86Relocator.relocate(
+        code, at: site, to: copy.block.address, minimum: Int(function.patch.length))
+    else { return [] }
+    return relocation.boundaries.filter { (1..<SiteBytes.length).contains($0.original) }.flatMap {
+      [site + UInt64($0.original), copy.block.address + UInt64($0.copy)]
+    }
   }
 
   /// Phase 1: the new attachment lists (and graph masks, ops, multi attachments) of every
@@ -318,9 +377,15 @@ extension Tracer {
     var failed: [CodeArena.Block] = []
     for ((site, function), outcome) in zip(plan.planned, outcomes) {
       plan.report.append(.init(function: function.name, address: function.function, outcome: outcome))
-      if case .failed = outcome {
-        failed += [function.image, function.graphStub, function.multiStubImage].compactMap { $0?.block }
-        if state.functions[site] == nil, let copy = function.relocatedCopy { failed.append(copy.block) }
+      if case .failed(let reason) = outcome {
+        let built = [function.image, function.graphStub, function.multiStubImage].compactMap { $0 }
+        let copy = state.functions[site] == nil ? function.relocatedCopy : nil
+        if reason.hasPrefix(TextPatcher.abandoned) {
+          // Its int3 stood for a while: a thread that trapped then may be running this code.
+          for image in built + [copy].compactMap({ $0 }) { state.reclaimer.retire(image) }
+        } else {
+          failed += built.map(\.block) + [copy?.block].compactMap { $0 }
+        }
         continue
       }
       if let old = state.functions[site] {

@@ -1,3 +1,4 @@
+import CTraceryShims
 import TraceryELF
 import TraceryX86
 
@@ -16,7 +17,7 @@ extension Tracer {
     }
     let context = ResolveContext(
       map: MemoryMap.current(), known: known, bulk: bulk,
-      relocate: relocates && Reclaimer.threadIDs().count == 1, trap: relocates, table: relocates ? symbols : nil)
+      relocate: relocates && Self.threadsCanBeMoved(), trap: relocates, table: relocates ? symbols : nil)
     switch selector {
     case .address(let address):
       var hint = 0
@@ -49,6 +50,17 @@ extension Tracer {
       let glob: Glob
       do { glob = try Glob(pattern) } catch { throw .invalidPattern("\(error)") }
       return try targets(matching: "'\(pattern)'", context) { table in table.functions(matching: glob) }
+    }
+  }
+
+  /// Whether the patcher can likely see every other thread out of a prologue it relocates
+  /// (`TextPatcher.moveThreadsOut`): none of them is running with the snapshot signal blocked
+  /// (it would be polled for ~100 ms, then the relocation abandoned for an int3). Functions are
+  /// given trap sites at once otherwise.
+  static func threadsCanBeMoved() -> Bool {
+    let me = ctracery_gettid()
+    return Reclaimer.threadIDs().allSatisfy { tid in
+      tid == me || !Reclaimer.blocksSnapshotSignal(tid) || Reclaimer.blockedRegisters(of: tid) != nil
     }
   }
 
@@ -105,9 +117,8 @@ extension Tracer {
     let map: MemoryMap
     let known: [UInt64: Target]
     let bulk: [BulkLink]
-    /// Whether a function without a NOP gets a relocated site (`Tracer.relocatesPrologues`, one
-    /// thread), else a trap site (`trap`: `Tracer.relocatesPrologues`), and the symbol table
-    /// that gives its size.
+    /// Whether a function without a NOP gets a relocated site, else a trap site
+    /// (`Tracer.relocatesPrologues` both), and the symbol table that gives its size.
     let relocate: Bool
     let trap: Bool
     let table: SymbolTable?
@@ -139,7 +150,7 @@ extension Tracer {
           table.functions[index].address == address, table.functions[index].size > 0
         else { throw .noPatchSite(function: label, reason: error.reason) }
         let size = Int(table.functions[index].size)
-        var notRelocated = "other threads run"
+        var notRelocated = "relocation is off"
         if relocate {
           do {
             let object = table.objects[table.functions[index].object]

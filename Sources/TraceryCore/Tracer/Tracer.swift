@@ -208,10 +208,10 @@ public final class Tracer: Sendable {
   public var retiredTrampolines: Int { state.withLock { $0.reclaimer.retired.count } }
 
   /// Whether a function without a NOP at its entry may be traced by moving its first
-  /// instructions out of line (`PatchSite.Shape.relocated`), or, when they cannot be moved or
-  /// other threads run (moving code another thread may be executing needs checks that are not
-  /// built yet), through an int3 on its first instruction (`PatchSite.Shape.trap`: a signal a
-  /// call). Off by default: such functions are then refused.
+  /// instructions out of line (`PatchSite.Shape.relocated`; with other threads running, those
+  /// stopped inside the moved bytes are moved to the copy), or, when they cannot be moved or a
+  /// thread that cannot be inspected runs, through an int3 on its first instruction
+  /// (`PatchSite.Shape.trap`: a signal a call). Off by default: such functions are then refused.
   public var relocatesPrologues: Bool {
     get { state.withLock { $0.relocatesPrologues } }
     set { state.withLock { $0.relocatesPrologues = newValue } }

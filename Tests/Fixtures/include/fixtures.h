@@ -79,3 +79,5 @@ void tracery_fixture_spinner_stop(void);
 /// A thread spinning with `(masked_base ^ 0x5a5a5a5a5a5a5a5a) + 8` in r12 and nowhere in memory.
 void tracery_fixture_holder_start(uint64_t masked_base);
 void tracery_fixture_holder_stop(void);
+/// x, in 4 bytes without a NOP (`mov rax, rdi; ret`): traced through an int3.
+long tracery_fixture_short(long x);
