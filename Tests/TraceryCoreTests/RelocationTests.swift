@@ -41,6 +41,16 @@ import TraceryX86
   ]
   typealias Function = @convention(c) (Int, Int) -> Int
 
+  /// `source` built as a shared library in `directory`.
+  static func library(compiler: String, flags: [String], in directory: URL) throws -> String {
+    let source = directory.appendingPathComponent("relocate.c").path
+    try Self.source.write(toFile: source, atomically: true, encoding: .utf8)
+    let library = directory.appendingPathComponent("librelocate.so").path
+    try TestSupport.compile(
+      compiler: compiler, sources: [source], flags: flags + ["-shared", "-fPIC"], output: library)
+    return library
+  }
+
   @Test(arguments: [
     ("gcc", ["-O2"]), ("gcc", ["-O2", "-fcf-protection=full", "-fstack-protector-all"]), ("gcc", ["-Os"]),
     ("clang", ["-O2"]), ("clang", ["-O1", "-fno-omit-frame-pointer"]),
@@ -48,11 +58,7 @@ import TraceryX86
   func relocatedProloguesRunAsTheFunction(compiler: String, flags: [String]) throws {
     let directory = try TestSupport.temporaryDirectory("tracery-relocate")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let source = directory.appendingPathComponent("relocate.c").path
-    try Self.source.write(toFile: source, atomically: true, encoding: .utf8)
-    let library = directory.appendingPathComponent("librelocate.so").path
-    try TestSupport.compile(
-      compiler: compiler, sources: [source], flags: flags + ["-shared", "-fPIC"], output: library)
+    let library = try Self.library(compiler: compiler, flags: flags, in: directory)
     let handle = try #require(dlopen(library, RTLD_NOW | RTLD_LOCAL))
     defer { dlclose(handle) }
     // Each function's size, for the sweep that looks for branches into its moved range.
@@ -162,10 +168,7 @@ extension RelocationTests {
   func theTracerTracesFunctionsWithoutNops(flags: [String]) throws {
     let directory = try TestSupport.temporaryDirectory("tracery-relocate-tracer")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let source = directory.appendingPathComponent("relocate.c").path
-    try Self.source.write(toFile: source, atomically: true, encoding: .utf8)
-    let library = directory.appendingPathComponent("librelocate.so").path
-    try TestSupport.compile(compiler: "gcc", sources: [source], flags: flags + ["-shared", "-fPIC"], output: library)
+    let library = try Self.library(compiler: "gcc", flags: flags, in: directory)
     let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
     let result = try TestSupport.run(host, ["relocate", library])
     #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
@@ -185,12 +188,7 @@ extension RelocationTests {
   @Test func aPrologueIsRelocatedWhileThreadsRunIt() throws {
     let directory = try TestSupport.temporaryDirectory("tracery-relocate-live")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let source = directory.appendingPathComponent("relocate.c").path
-    try Self.source.write(toFile: source, atomically: true, encoding: .utf8)
-    let library = directory.appendingPathComponent("librelocate.so").path
-    try TestSupport.compile(
-      compiler: "gcc", sources: [source], flags: ["-O2", "-fno-omit-frame-pointer", "-shared", "-fPIC"],
-      output: library)
+    let library = try Self.library(compiler: "gcc", flags: ["-O2", "-fno-omit-frame-pointer"], in: directory)
     let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
     let result = try TestSupport.run(host, ["relocate-live", library])
     #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
