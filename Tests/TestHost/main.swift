@@ -7,6 +7,9 @@
 //   tracery-testhost chain
 //     installs a SIGTRAP handler of its own, lets the patcher install its handler on top, then
 //     executes an int3 that is no patch site and raises SIGTRAP: both must reach the first handler.
+//   tracery-testhost relocate-parked LIBRARY
+//     a thread stopped by a fault inside r_parked's first bytes while r_parked is attached; prints
+//     one result line.
 //   tracery-testhost relocate-live LIBRARY
 //     two threads call r_plain (built without NOPs) in a loop while it is traced by relocating its
 //     prologue and untraced again, 200 times (threads stopped inside its first bytes are moved to
@@ -181,8 +184,68 @@ func relocateLiveTest(_ library: String) -> Never {
   exit(0)
 }
 
+nonisolated(unsafe) var parkedPage: UnsafeMutableRawPointer?
+let parkedFaulted = Atomic<Bool>(false)
+let parkedRelease = Atomic<Bool>(false)
+nonisolated(unsafe) var parkedResult = 0
+
+/// A thread calls r_parked(page) on a page without access: it faults right after the function's
+/// push and waits in its SIGSEGV handler (the signal frame holds the function's second byte)
+/// while r_parked is attached by relocating its prologue; then it is released.
+func relocateParkedTest(_ library: String) -> Never {
+  var none = sigset_t()
+  sigemptyset(&none)
+  sigprocmask(SIG_SETMASK, &none, nil)
+  guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_parked") else {
+    fail("dlopen: \(String(cString: dlerror()))")
+  }
+  typealias Parked = @convention(c) (UnsafeMutableRawPointer?) -> Int
+  let function = unsafeBitCast(symbol, to: Parked.self)
+  let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+  guard let page = mmap(nil, pageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), page != MAP_FAILED
+  else { fail("mmap") }
+  page.storeBytes(of: 41, as: Int.self)
+  mprotect(page, pageSize, PROT_NONE)
+  parkedPage = page
+  var action = sigaction()
+  action.__sigaction_handler.sa_sigaction = { _, _, _ in
+    parkedFaulted.store(true, ordering: .relaxed)
+    while !parkedRelease.load(ordering: .relaxed) { sched_yield() }
+    mprotect(parkedPage, Int(sysconf(Int32(_SC_PAGESIZE))), PROT_READ)
+  }
+  action.sa_flags = SA_SIGINFO
+  sigemptyset(&action.sa_mask)
+  sigaction(SIGSEGV, &action, nil)
+  let worker: @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? = { argument in
+    let parked = unsafeBitCast(argument, to: Parked.self)
+    parkedResult = parked(parkedPage)
+    return nil
+  }
+  var thread = pthread_t()
+  pthread_create(&thread, nil, worker, unsafeBitCast(function, to: UnsafeMutableRawPointer.self))
+  while !parkedFaulted.load(ordering: .relaxed) { sched_yield() }
+  let tracer = Tracer.shared
+  tracer.relocatesPrologues = true
+  let address = UInt64(UInt(bitPattern: symbol))
+  do {
+    let link = try tracer.attach(.entry({ _, _ in entries += 1 }), to: .address(address))
+    let first = TextPatcher.read(PatchSite.afterEndbr64(address)).first
+    parkedRelease.store(true, ordering: .relaxed)
+    pthread_join(thread, nil)
+    let later = function(page)
+    print(
+      "parked=true site=\(first == 0xcc ? "int3" : first == 0xe9 ? "relocated" : "?") parkedResult=\(parkedResult) "
+        + "laterResult=\(later) traced=\(entries >= 1)")
+    link.detach()
+    exit(0)
+  } catch {
+    fail("\(error)")
+  }
+}
+
 let arguments = CommandLine.arguments
 if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
+if arguments.count == 3 && arguments[1] == "relocate-parked" { relocateParkedTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate-live" { relocateLiveTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate" { relocateTest(arguments[2]) }
 guard arguments.count == 5, arguments[1] == "sleds", let count = Int(arguments[4]) else {

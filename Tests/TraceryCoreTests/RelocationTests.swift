@@ -30,6 +30,10 @@ import TraceryX86
     __attribute__((noinline)) long r_string(long a, long b) { char buffer[64]; snprintf(buffer, sizeof buffer, "%ld-%ld", a, b); return (long)strlen(buffer); }
     __attribute__((noinline)) long r_spin(long a, long b) { do { a = a * 3 + 1; } while (a < b); return a; }
     __attribute__((noinline)) long r_short(long a, long b) { return b; }
+    /* *p + 1, its load at +1: a thread can be stopped by a fault right after its push. */
+    __asm__(".globl r_parked\\n.type r_parked, @function\\nr_parked:\\n"
+            "  push %rbp\\n  mov (%rdi), %rax\\n  pop %rbp\\n  add $1, %rax\\n  ret\\n"
+            ".size r_parked, .-r_parked\\n");
     /* Its loop branches back into its first 5 bytes: it cannot be relocated (a trap site). */
     __asm__(".globl r_backward\\n.type r_backward, @function\\nr_backward:\\n"
             "  mov %rdi, %rax\\n1: add $1, %rax\\n  cmp %rsi, %rax\\n  jl 1b\\n  ret\\n"
@@ -202,5 +206,24 @@ extension RelocationTests {
     // A cycle whose relocation had to be abandoned (a thread caught inside the SIGTRAP handler
     // for its int3 every time it looked) traces the function through an int3 instead: rare.
     #expect(Int(fields["relocated"] ?? "") ?? 0 >= 180, "\(result.stdout)")
+  }
+}
+
+extension RelocationTests {
+  /// A thread stopped inside a prologue where it cannot be moved: it faulted on the load right
+  /// after r_parked's 1-byte push and waits in its SIGSEGV handler, whose signal frame will
+  /// resume it at the function's second byte. Relocating r_parked now is abandoned (the stack
+  /// scan finds that address) and the function gets an int3 instead; released, the thread
+  /// finishes its call as untraced code would (42), and later calls are traced.
+  @Test func aThreadParkedInsideAPrologueContinuesCorrectly() throws {
+    let directory = try TestSupport.temporaryDirectory("tracery-relocate-parked")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let library = try Self.library(compiler: "gcc", flags: ["-O2"], in: directory)
+    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
+    let result = try TestSupport.run(host, ["relocate-parked", library])
+    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    #expect(
+      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        == "parked=true site=int3 parkedResult=42 laterResult=42 traced=true", "\(result.stdout)")
   }
 }
