@@ -21,10 +21,11 @@ public struct PatchRequest: Sendable, Equatable {
   /// For a trap site being traced (`PatchSite.Shape.trap`; the replacement is `int3` and the
   /// site's own next 4 bytes): where a thread reaching the int3 goes. 0 otherwise.
   let trapTarget: UInt64
-  /// For a relocated prologue being traced while other threads may run: (from, to) pairs, each
-  /// instruction inside the site's first 5 bytes and the same instruction in its copy. A thread
-  /// stopped at one is moved before the branch's displacement is written over it.
-  let moves: [UInt64]
+  /// For a relocated prologue being traced: its copy and the bytes its moved instructions cover.
+  /// While other threads run, one stopped inside the site's first 5 bytes is moved to the same
+  /// instruction in the copy before the branch's displacement is written over it. 0: none.
+  let relocatedCopy: UInt64
+  let relocatedLength: UInt8
 
   public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
   public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
@@ -41,12 +42,13 @@ public struct PatchRequest: Sendable, Equatable {
     replacementBytes = SiteBytes(replacement)
     malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
     trapTarget = 0
-    moves = []
+    relocatedCopy = 0
+    relocatedLength = 0
   }
 
   init(
     site: UInt64, expected: SiteBytes, replacement: SiteBytes, resume: UInt64? = nil, trapTarget: UInt64 = 0,
-    moves: [UInt64] = []
+    relocatedCopy: UInt64 = 0, relocatedLength: UInt8 = 0
   ) {
     self.site = site
     self.resume = resume ?? PatchSite.nop(at: site).resume
@@ -54,7 +56,8 @@ public struct PatchRequest: Sendable, Equatable {
     replacementBytes = replacement
     malformed = nil
     self.trapTarget = trapTarget
-    self.moves = moves
+    self.relocatedCopy = relocatedCopy
+    self.relocatedLength = relocatedLength
   }
 }
 
@@ -118,7 +121,7 @@ public final class TextPatcher: Sendable {
   ///   3. Publish the batch to the SIGTRAP handler (sorted by site).
   ///   4. Write `int3` over the first byte of every site; sync all cores. From here a thread
   ///      reaching a site traps and the handler emulates the new instruction.
-  ///   4½. Relocated prologues only (requests with moves): every other thread stopped inside a
+  ///   4½. Relocated prologues, while other threads run: every other thread stopped inside a
   ///      site's first 5 bytes is moved to the same instruction in its copy; a site some thread
   ///      still refers into (a signal frame) is abandoned: its first byte put back.
   ///   5. Write bytes 1...4 of every site; sync. No thread can decode them: byte 0 is int3.
@@ -268,7 +271,8 @@ public final class TextPatcher: Sendable {
     let kind: ctracery_poke_kind
     let resume: UInt64
     var trapTarget: UInt64 = 0
-    var moves: [UInt64] = []
+    var relocatedCopy: UInt64 = 0
+    var relocatedLength: UInt8 = 0
     /// The site's first byte before the batch (put back if the site cannot be finished).
     var original: UInt8 = 0
   }
@@ -350,7 +354,8 @@ public final class TextPatcher: Sendable {
         accepted.append(
           AcceptedSite(
             request: index, address: request.site, replacement: replacement, kind: kind, resume: request.resume,
-            trapTarget: request.trapTarget, moves: request.moves, original: current.byte(0)))
+            trapTarget: request.trapTarget, relocatedCopy: request.relocatedCopy,
+            relocatedLength: request.relocatedLength, original: current.byte(0)))
       }
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
@@ -444,7 +449,9 @@ public final class TextPatcher: Sendable {
     for site in all { Self.pointer(site.address).pointee = 0xcc }
     CoreSync.syncAllCores()
     // Step 4½: no thread may stay inside a prologue whose bytes 1-4 change (relocated sites).
-    let abandoned = all.contains { !$0.moves.isEmpty } ? Self.moveThreadsOut(of: all) : [:]
+    // (Threads that start from here on cannot be inside: every site's first byte is int3 now.)
+    let abandoned =
+      all.contains { $0.relocatedCopy != 0 } && Reclaimer.threadIDs().count > 1 ? Self.moveThreadsOut(of: all) : [:]
     if !abandoned.isEmpty {
       for index in abandoned.keys { Self.pointer(all[index].address).pointee = all[index].original }
       CoreSync.syncAllCores()
@@ -484,8 +491,8 @@ public final class TextPatcher: Sendable {
   /// signal frame's saved rip (a handler running on top of such a thread), a blocked thread,
   /// a register — makes its site abandoned, as does a thread that cannot be inspected.
   private static func moveThreadsOut(of sites: [AcceptedSite]) -> [Int: String] {
-    let moving = sites.indices.filter { !sites[$0].moves.isEmpty }
-    let flat = moving.flatMap { sites[$0].moves }
+    let moving = sites.indices.filter { sites[$0].relocatedCopy != 0 }
+    let flat = moving.flatMap { moves(of: sites[$0]) }
     let pairs = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, flat.count))
     pairs.initialize(from: flat, count: flat.count)
     let table = UnsafeMutablePointer<ctracery_move_table>.allocate(capacity: 1)
@@ -516,6 +523,25 @@ public final class TextPatcher: Sendable {
       return Dictionary(
         uniqueKeysWithValues: moving.map { ($0, "\(abandoned): threads cannot all be inspected: \(obstacle.reason)") })
     }
+  }
+
+  /// (from, to) pairs for a relocated site: each instruction that starts inside its first 5
+  /// bytes (past the first) and the same instruction in its copy. From the code as it was (its
+  /// first byte is int3 by now).
+  private static func moves(of site: AcceptedSite) -> [UInt64] {
+    var code = Array(
+      UnsafeRawBufferPointer(
+        start: UnsafeRawPointer(bitPattern: UInt(site.address)), count: Int(site.relocatedLength) + 15))
+    code[0] = site.original
+    let relocation = code.withUnsafeBytes { raw in
+      try? X86Relocator.relocate(raw, at: site.address, to: site.relocatedCopy, minimum: Int(site.relocatedLength))
+    }
+    var pairs: [UInt64] = []
+    for boundary in relocation?.boundaries ?? [] where (1..<SiteBytes.length).contains(boundary.original) {
+      pairs.append(site.address + UInt64(boundary.original))
+      pairs.append(site.relocatedCopy + UInt64(boundary.copy))
+    }
+    return pairs
   }
 
   /// How the outcome of a relocated site abandoned in step 4½ begins (`Tracer.commit` then

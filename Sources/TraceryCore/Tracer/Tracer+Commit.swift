@@ -108,10 +108,13 @@ extension Tracer {
   /// nil when the pad's `jmp` cannot reach the new code.
   private func patchRequest(from old: SiteBytes, for function: TracedFunction) -> PatchRequest? {
     let new = siteBytes(function)
+    // A relocated prologue's bytes are about to be overwritten (the patcher moves threads out).
+    let installs = old == function.original && new != function.original
     guard function.patch.shape == .trap, let copy = function.relocatedCopy else {
       return PatchRequest(
         site: function.site, expected: old, replacement: new, resume: function.patch.resume,
-        moves: old == function.original && new != function.original ? moves(for: function) : [])
+        relocatedCopy: installs && function.patch.shape == .relocated ? function.patch.resume : 0,
+        relocatedLength: installs && function.patch.shape == .relocated ? function.patch.length : 0)
     }
     let pad = copy.block.address + UInt64(Self.trapPad)
     let trapped = SiteBytes(raw: function.original.raw & ~0xff | 0xcc)
@@ -133,23 +136,6 @@ extension Tracer {
         trapTarget: pad)
     }
     return PatchRequest(site: pad, expected: oldJmp, replacement: jmp, resume: pad + 5)
-  }
-
-  /// For a relocated prologue about to be overwritten: each instruction that starts inside the
-  /// branch's 5 bytes (past the first) and where the same instruction is in the copy, as (from,
-  /// to) pairs: where the patcher moves a thread stopped there (`TextPatcher.moveThreadsOut`).
-  private func moves(for function: TracedFunction) -> [UInt64] {
-    guard function.patch.shape == .relocated, let copy = function.relocatedCopy else { return [] }
-    let site = function.site
-    let code = UnsafeRawBufferPointer(
-      start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(function.patch.length) + 15)
-    guard
-      let relocation = try? X86Relocator.relocate(
-        code, at: site, to: copy.block.address, minimum: Int(function.patch.length))
-    else { return [] }
-    return relocation.boundaries.filter { (1..<SiteBytes.length).contains($0.original) }.flatMap {
-      [site + UInt64($0.original), copy.block.address + UInt64($0.copy)]
-    }
   }
 
   /// Phase 1: the new attachment lists (and graph masks, ops, multi attachments) of every
