@@ -278,10 +278,11 @@ public final class TextPatcher: Sendable {
   }
 
   /// Before step 3 (`restored` false): trap sites this batch makes enter the trap table (to
-  /// their target). After step 7 (`restored` true): sites whose moved code it put back are
-  /// marked to rewind. (Marked before, a thread that trapped on a trap site's int3 before the
-  /// batch and reached its handler before step 4 would find neither its target nor its code.)
-  /// Published at once when anything changed; the old table is retired like a batch's.
+  /// their target). After step 6, before the batch table is unpublished (`restored` true): sites
+  /// whose moved code it put back, and sites abandoned in step 4½ (`rewinding`), are marked to
+  /// rewind. (Marked before the batch, a thread that trapped on a trap site's int3 before it and
+  /// reached its handler before step 4 would find neither its target nor its code.) Published
+  /// at once when anything changed; the old table is retired like a batch's.
   private func publishTraps(
     _ sites: [AcceptedSite], restored: Bool, state: inout State, rewinding: Set<UInt64> = []
   ) {
