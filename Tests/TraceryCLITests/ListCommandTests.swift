@@ -70,6 +70,33 @@ import TraceryTestSupport
     #expect(result.stdout.contains("no patch sites in libc.so.6"))
   }
 
+  /// `--relocate` lists the program's functions without a site as `record --relocate` would
+  /// trace them: gcc -O2's tails.c has none with a site; its 2-byte `worker` goes through an int3,
+  /// the others are relocated.
+  @Test func relocateListsHowEachFunctionWouldBeTraced() throws {
+    let directory = try TestSupport.temporaryDirectory("list-relocate")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = directory.appendingPathComponent("tails").path
+    try TestSupport.compile(
+      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("tails.c").path],
+      flags: ["-O2", "-pthread"], output: program)
+    let plain = try TestSupport.run(Self.tracery, ["list", program])
+    #expect(plain.status != 0 && plain.stderr.contains("no patch sites"))
+    let listed = try TestSupport.run(Self.tracery, ["list", "--relocate", program])
+    #expect(listed.status == 0, "\(listed.stderr)")
+    let rows = Dictionary(
+      listed.stdout.split(separator: "\n").compactMap { line -> (String, String)? in
+        let fields = line.split(separator: " ")
+        guard fields.count >= 3, fields[0].hasPrefix("0x") else { return nil }
+        return (String(fields.last!), String(fields[1]))
+      }
+    ) { first, _ in first }
+    #expect(rows["worker"] == "int3", "\(listed.stdout)")
+    for name in ["main", "leaf", "mid", "top", "even", "odd", "jumper", "jump_mid"] {
+      #expect(rows[name] == "moved", "\(name): \(listed.stdout)")
+    }
+  }
+
   @Test func matchFiltersByGlob() throws {
     let path = try ELFFixtures.clangDemo()
     let result = try TestSupport.run(Self.tracery, ["list", "--match", "[fr][ie]*", path])

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TraceryCore
 import TraceryELF
 import TraceryRecord
 import TraceryX86
@@ -10,7 +11,9 @@ struct List: ParsableCommand {
     discussion: """
       Reads PROGRAM and every shared object it needs from disk (nothing is run) and prints each \
       function that starts with a patch site: its site address (link-time, as nm shows it), the \
-      shape of the site, which section recorded it, and the function's name.
+      shape of the site, which section recorded it, and the function's name. With --relocate, also \
+      the program's other functions as `record --relocate` would trace them (moved: a relocated \
+      prologue; int3: through a trap, with why).
       """
   )
 
@@ -23,6 +26,15 @@ struct List: ParsableCommand {
 
   @Flag(name: .long, help: "Also list the objects that have no patch sites.")
   var all = false
+
+  @Flag(
+    name: .long,
+    help: """
+      Also list the program's functions without a patch site as `record --relocate` would trace them: \
+      relocated (its first instructions moved out of line), through an int3 (and why it is not relocated), \
+      or not at all (why).
+      """)
+  var relocate = false
 
   @Argument(help: "The program (a path, or a name looked up in PATH) or a shared object.")
   var program: String
@@ -54,14 +66,35 @@ struct List: ParsableCommand {
       var totalPatchable = 0
       var totalMatched = 0
       var withoutSites: [String] = []
-      for object in objects {
+      for (position, object) in objects.enumerated() {
+        let relocating = relocate && position == 0
+        let entryPoints = relocating ? EntryPoints(file: object.file, bias: 0) : nil
         let table: SymbolTable
         do {
-          table = try SymbolTable([SymbolTable.Input(path: object.path, bias: 0, file: object.file)])
+          table = try SymbolTable([
+            SymbolTable.Input(
+              path: object.path, bias: 0, file: object.file, unnamed: entryPoints?.unnamedFunctions ?? [])
+          ])
         } catch {
           throw UserError("\(object.path): \(error)")
         }
-        let patchable = table.patchableFunctions
+        // --relocate: how each function without a site would be traced (nil: it has a site).
+        var planned: [Int: PatchSite.Survey] = [:]
+        if relocating {
+          for index in table.functions.indices
+          where table.functions[index].site == nil && table.functions[index].size > 0 {
+            let function = table.functions[index]
+            guard let code = object.file.bytes(atAddress: function.address, count: Int(function.size)) else { continue }
+            planned[index] = code.withUnsafeBytes {
+              PatchSite.survey(code: $0, entry: function.address, entryPoints: entryPoints)
+            }
+          }
+        }
+        let patchable =
+          (table.patchableFunctions
+          + planned.keys.filter {
+            if case .refused = planned[$0]! { false } else { true }
+          }).sorted()
         totalPatchable += patchable.count
         guard !patchable.isEmpty else {
           withoutSites.append(object.name)
@@ -78,10 +111,28 @@ struct List: ParsableCommand {
         output += "  SITE                KIND      RECORDED IN                   FUNCTION\n"
         for index in rows {
           let function = table.functions[index]
-          let site = function.site!
-          let shape = object.file.bytes(atAddress: site, count: 5).map { X86Instruction.SiteShape(bytes: $0, at: site) }
-          output += "  0x\(Self.hex16(site))  \(Self.pad(Self.kind(shape), 8))  "
-          output += "\(Self.pad(function.siteSource?.sectionName ?? "", 28))  "
+          let kind: String
+          let recorded: String
+          var site = function.site ?? function.address
+          switch planned[index] {
+          case nil:
+            let shape = object.file.bytes(atAddress: site, count: 5).map {
+              X86Instruction.SiteShape(bytes: $0, at: site)
+            }
+            (kind, recorded) = (Self.kind(shape), function.siteSource?.sectionName ?? "")
+          case .relocated(let length)?:
+            (kind, recorded) = ("moved", "--relocate: \(length) bytes moved")
+          case .trap(let why)?:
+            (kind, recorded) = ("int3", "--relocate: \(why)")
+          case .nop?, .refused?:
+            continue
+          }
+          if planned[index] != nil, let bytes = object.file.bytes(atAddress: function.address, count: 4),
+            bytes == X86Instruction.endbr64
+          {
+            site += 4
+          }
+          output += "  0x\(Self.hex16(site))  \(Self.pad(kind, 8))  \(Self.pad(recorded, 28))  "
           output += "\(Demangler.name(function.name, style: demangle))\n"
         }
         output += "\n"
