@@ -17,6 +17,11 @@ import TraceryTestSupport
     let refused = try RecordCommandTests.record(directory.appendingPathComponent("refused"), [program])
     #expect(refused.status != 0 && refused.stderr.contains("--relocate"), "\(refused.stderr)")
     let untraced = try TestSupport.run(program, [])
+    // Value recording is refused with --relocate, saying why (gcc's -fipa-ra: a program printed
+    // wrong numbers when handlers ran around a function its caller relied on).
+    let values = try RecordCommandTests.record(
+      directory.appendingPathComponent("values"), [program], options: ["--relocate", "-R", "leaf@retval"])
+    #expect(values.status != 0 && values.stderr.contains("-fipa-ra"), "\(values.stderr)")
     let trace = directory.appendingPathComponent("trace")
     let traced = try RecordCommandTests.record(trace, [program], options: ["--relocate"])
     #expect(traced.status == untraced.status, "\(traced.stderr)")

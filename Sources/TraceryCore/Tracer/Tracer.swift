@@ -212,6 +212,13 @@ public final class Tracer: Sendable {
   /// stopped inside the moved bytes are moved to the copy), or, when they cannot be moved or a
   /// thread that cannot be inspected runs, through an int3 on its first instruction
   /// (`PatchSite.Shape.trap`: a signal a call). Off by default: such functions are then refused.
+  ///
+  /// Caution: code built without patch sites may have been compiled with gcc's `-fipa-ra` (on at
+  /// -O2), whose callers keep values in call-clobbered registers the callee does not touch.
+  /// Handlers (and the trampolines around them) change such registers: a caller may then see
+  /// wrong values. The function graph's recorder touches only r10 and r11 besides what it saves;
+  /// handlers that must be safe there should be attached only to functions built with patch
+  /// sites (gcc turns `-fipa-ra` off for those).
   public var relocatesPrologues: Bool {
     get { state.withLock { $0.relocatesPrologues } }
     set { state.withLock { $0.relocatesPrologues = newValue } }
