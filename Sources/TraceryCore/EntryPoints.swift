@@ -25,8 +25,9 @@ public struct EntryPoints: Sendable {
   let unnamedFrames: [(address: UInt64, size: UInt64)]
 
   public init(file: ELFFile, bias: UInt64) {
-    var ranges: [(start: UInt64, size: UInt64)] = []
-    if let symbols = try? file.functionSymbols() { ranges += symbols.map { ($0.value, $0.size) } }
+    // Sorted by address (`functionSymbols`), read once for the sweep and for the frames they cover.
+    let symbols = (try? file.functionSymbols()) ?? []
+    var ranges: [(start: UInt64, size: UInt64)] = symbols.map { ($0.value, $0.size) }
     let frames = file.frameDescriptions()
     ranges += frames.descriptions.map { ($0.start, $0.size) }
     ranges.sort { $0.start < $1.start }
@@ -74,16 +75,11 @@ public struct EntryPoints: Sendable {
     self.unswept = unswept
     starts.sort()
     functionStarts = starts
-    let symbols = ((try? file.functionSymbols()) ?? []).filter { $0.size > 0 }.sorted { $0.value < $1.value }
+    let sized = symbols.filter { $0.size > 0 }
     unnamedFrames = frames.descriptions.filter { frame in
       // Covered when a symbol's range overlaps the frame's.
-      var lower = 0
-      var upper = symbols.count
-      while lower < upper {
-        let middle = (lower + upper) / 2
-        if symbols[middle].value + symbols[middle].size <= frame.start { lower = middle + 1 } else { upper = middle }
-      }
-      return !(lower < symbols.count && symbols[lower].value < frame.start + frame.size)
+      let index = sized.firstIndex(notBelow: frame.start + 1) { $0.value + $0.size }
+      return !(index < sized.count && sized[index].value < frame.start + frame.size)
     }.map { ($0.start, $0.size) }
   }
 
@@ -92,27 +88,16 @@ public struct EntryPoints: Sendable {
   /// to (a `.cold` part) or only reached by tail calls is left out.
   public var unnamedFunctions: [(address: UInt64, size: UInt64)] {
     unnamedFrames.filter { frame in
-      var lower = 0
-      var upper = functionStarts.count
-      while lower < upper {
-        let middle = (lower + upper) / 2
-        if functionStarts[middle] < frame.address { lower = middle + 1 } else { upper = middle }
-      }
-      return lower < functionStarts.count && functionStarts[lower] == frame.address
+      let index = functionStarts.firstIndex(notBelow: frame.address) { $0 }
+      return index < functionStarts.count && functionStarts[index] == frame.address
     }
   }
 
   /// The first target in `range` (runtime addresses), if any.
   public func first(in range: Range<UInt64>) -> UInt64? {
-    let low = range.lowerBound &- bias
-    var lower = 0
-    var upper = targets.count
-    while lower < upper {
-      let middle = (lower + upper) / 2
-      if targets[middle] < low { lower = middle + 1 } else { upper = middle }
-    }
-    guard lower < targets.count, targets[lower] &+ bias < range.upperBound else { return nil }
-    return targets[lower] &+ bias
+    let index = targets.firstIndex(notBelow: range.lowerBound &- bias) { $0 }
+    guard index < targets.count, targets[index] &+ bias < range.upperBound else { return nil }
+    return targets[index] &+ bias
   }
 
   /// Entry points of loaded objects, built once per object (path and bias) on first use.

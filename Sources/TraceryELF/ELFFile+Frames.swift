@@ -202,7 +202,17 @@ private struct FrameReader {
   mutating func u32() -> UInt32? { fixed(UInt32.self) }
   mutating func u64() -> UInt64? { fixed(UInt64.self) }
 
-  mutating func uleb(end limit: Int) -> UInt64? {
+  mutating func uleb(end limit: Int) -> UInt64? { leb(end: limit)?.value }
+
+  mutating func sleb(end limit: Int) -> Int64? {
+    guard let (value, bits, last) = leb(end: limit) else { return nil }
+    // Negative when the last byte's sign bit is set: extend it above the bits read.
+    let extended = bits < 64 && last & 0x40 != 0 ? value | ~((UInt64(1) << bits) - 1) : value
+    return Int64(bitPattern: extended)
+  }
+
+  /// A LEB128 number: its low 64 bits, how many bits it had (7 a byte), and its last byte.
+  private mutating func leb(end limit: Int) -> (value: UInt64, bits: UInt64, last: UInt8)? {
     var result: UInt64 = 0
     var shift: UInt64 = 0
     while offset < min(limit, end) {
@@ -210,23 +220,7 @@ private struct FrameReader {
       offset += 1
       if shift < 64 { result |= UInt64(byte & 0x7f) << shift }
       shift += 7
-      if byte & 0x80 == 0 { return result }
-    }
-    return nil
-  }
-
-  mutating func sleb(end limit: Int) -> Int64? {
-    var result: Int64 = 0
-    var shift: Int64 = 0
-    while offset < min(limit, end) {
-      let byte = bytes[offset]
-      offset += 1
-      if shift < 64 { result |= Int64(byte & 0x7f) << shift }
-      shift += 7
-      if byte & 0x80 == 0 {
-        if shift < 64 && byte & 0x40 != 0 { result |= -(Int64(1) << shift) }
-        return result
-      }
+      if byte & 0x80 == 0 { return (result, shift, byte) }
     }
     return nil
   }

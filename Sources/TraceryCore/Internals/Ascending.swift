@@ -6,4 +6,16 @@ extension RandomAccessCollection where Index == Int {
       strictly ? key(self[index - 1]) < key(self[index]) : key(self[index - 1]) <= key(self[index])
     }
   }
+
+  /// The first index whose `key` is not below `value`, in a collection sorted by `key` (its count
+  /// when there is none): a binary search.
+  func firstIndex(notBelow value: UInt64, by key: (Element) -> UInt64) -> Int {
+    var lower = 0
+    var upper = count
+    while lower < upper {
+      let middle = (lower + upper) / 2
+      if key(self[middle]) < value { lower = middle + 1 } else { upper = middle }
+    }
+    return lower
+  }
 }
