@@ -57,14 +57,10 @@ enum Agent {
       directory: directory, match: environment.match, depth: environment.depth, bufferLimit: environment.bufferLimit)
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
-    // The tracer's table, of the objects that record patch sites only (read from their section
-    // headers first), and the program itself with --relocate: resolving the chosen sites below
-    // reads the same one.
     let program = environment.relocate ? ProcessObjects.list().first?.path : nil
-    // (With --relocate, a stripped program's functions come from its call frames.)
-    Tracer.shared.loadSymbols(
-      including: { ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program },
-      unnamed: { $0.path == program })
+    relocatedProgram = program
+    // Resolving the chosen sites below reads the same table.
+    loadTracerSymbols()
     let table = Tracer.shared.symbols
     objects = table.objects.map { TracedProcess.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
     // --relocate: the program's functions without a site, traced by moving their first
@@ -219,6 +215,19 @@ enum Agent {
 
   static func objectKey(_ path: String, _ bias: UInt64) -> String { "\(bias) \(path)" }
 
+  /// The program, when its functions without a site are traced too (--relocate).
+  nonisolated(unsafe) static var relocatedProgram: String?
+
+  /// The tracer's table: the objects that record patch sites only (read from their section
+  /// headers first), and the program itself with --relocate (a stripped program's functions then
+  /// come from its call frames). At start, and again when `dlopen` or `dlclose` change the set.
+  static func loadTracerSymbols() {
+    let program = relocatedProgram
+    Tracer.shared.loadSymbols(
+      including: { ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program },
+      unnamed: { $0.path == program })
+  }
+
   /// After a `dlopen` that succeeded (CTraceryAgent interposes it), before it returns to the
   /// program: objects loaded since the agent last looked that record patch sites are traced from
   /// now on (their constructors, which ran inside `dlopen`, are not), named like the others (a
@@ -232,11 +241,17 @@ enum Agent {
       !known.contains(objectKey($0.path, $0.bias)) && ELFFile.recordsPatchSites(path: $0.path) == true
     }
     guard !fresh.isEmpty else { return }
+    // The tracer's table must name the new functions too: reloaded, it is also where they are read.
+    loadTracerSymbols()
+    let table = Tracer.shared.symbols
     let freshKeys = Set(fresh.map { objectKey($0.path, $0.bias) })
-    let table = ProcessObjects.symbolTable(including: { freshKeys.contains(objectKey($0.path, $0.bias)) }).table
-    let keys = symbolFiles(table, in: configuration.directory) { table.functions[$0].site }
+    let freshObjects = Set(
+      table.objects.indices.filter { freshKeys.contains(objectKey(table.objects[$0].path, table.objects[$0].bias)) })
+    let keys = symbolFiles(table, in: configuration.directory) { index in
+      freshObjects.contains(table.functions[index].object) ? table.functions[index].site : nil
+    }
     var sites: [UInt64] = []
-    for (index, object) in table.objects.enumerated() {
+    for (index, object) in table.objects.enumerated() where freshObjects.contains(index) {
       var entry = TracedProcess.Object(path: object.path, bias: object.bias, buildIDBytes: object.buildID)
       entry.symbols = keys[index]
       objects.append(entry)
@@ -248,8 +263,6 @@ enum Agent {
       sites += own
     }
     guard !sites.isEmpty else { return }
-    // The tracer's own table must name the new functions too.
-    Tracer.shared.loadSymbols(including: { ELFFile.recordsPatchSites(path: $0.path) == true })
     if let recorder {
       _ = try? recorder.add(.addresses(sites))
     } else {
@@ -281,7 +294,7 @@ enum Agent {
     } else {
       objectSites[key] = nil
       objects.removeAll { objectKey($0.path, $0.bias) == key }
-      Tracer.shared.loadSymbols(including: { ELFFile.recordsPatchSites(path: $0.path) == true })
+      loadTracerSymbols()
     }
   }
 
