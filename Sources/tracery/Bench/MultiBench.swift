@@ -41,9 +41,7 @@ struct MultiBench {
   private func all(_ report: BenchReport, target: UInt64, loop: () -> Double, model: FunctionModel) throws {
     let library = try GeneratedLibrary.path(
       functions: Self.allFunctions, directory: cacheDirectory, report: report, sites: .padded)
-    guard let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL) else {
-      throw UserError("cannot load \(library): \(String(cString: dlerror()))")
-    }
+    let handle = try GeneratedLibrary.load(library)
     defer { dlclose(handle) }
     let tracer = Tracer.shared
     tracer.reloadSymbols()

@@ -34,9 +34,7 @@ struct PatchBench {
     report.figure(name: "glob", n: table.functions.count, nsPerItem: globTime / Double(table.functions.count))
 
     // Load it and find its live sites.
-    guard let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL) else {
-      throw UserError("cannot load \(library): \(String(cString: dlerror()))")
-    }
+    let handle = try GeneratedLibrary.load(library)
     defer { dlclose(handle) }
     let resolved = URL(fileURLWithPath: library).resolvingSymlinksInPath().path
     guard let loaded = ProcessObjects.list().first(where: { $0.path == library || $0.path == resolved }) else {
@@ -65,71 +63,48 @@ struct PatchBench {
       report.figure(name: "patch", n: size, nsPerItem: median(patchSamples) / Double(size))
       report.figure(name: "unpatch", n: size, nsPerItem: median(unpatchSamples) / Double(size))
     }
-    try attachAll(report)
-    try attachRelocated(report)
-  }
-
-  /// `attach-relocated`/`detach-relocated`: `attach` on 50,000 functions built without NOPs
-  /// (another generated object, `tr_p*`), each traced through its relocated prologue (this
-  /// process has one thread): the relocation, the copies and the same trampolines and batch.
-  func attachRelocated(_ report: BenchReport) throws {
+    try attachEvery(report, prefix: "tr_f", shape: .nop, name: "attach", detachName: "detach")
     guard report.wants("attach-relocated") else { return }
-    let library = try GeneratedLibrary.path(
+    // 50,000 functions built without NOPs (another generated object, `tr_p*`), each traced
+    // through its relocated prologue (this process has one thread).
+    let plain = try GeneratedLibrary.path(
       functions: Self.functionCount, directory: cacheDirectory, report: report, sites: .none)
-    guard let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL) else {
-      throw UserError("cannot load \(library): \(String(cString: dlerror()))")
-    }
-    defer { dlclose(handle) }
-    let tracer = Tracer.shared
-    tracer.reloadSymbols()
-    tracer.relocatesPrologues = true
-    defer { tracer.relocatesPrologues = false }
-    let empty: EntryHandler = { _, _ in }
-    let model = FunctionModel(integerArguments: 1)
-    var attachSamples: [Double] = []
-    var detachSamples: [Double] = []
-    for _ in 0..<max(1, min(runs, 3)) {
-      var link: Link?
-      attachSamples.append(try time { link = try tracer.attach(.entry(empty), to: .glob("tr_p*"), model: model) })
-      let relocated = tracer.siteShapes[.relocated] ?? 0
-      guard let link, link.functions.count == Self.functionCount, relocated == Self.functionCount else {
-        throw UserError(
-          "attached to \(link?.functions.count ?? 0) functions (\(relocated) relocated), expected \(Self.functionCount)"
-        )
-      }
-      detachSamples.append(time { _ = link.detach() })
-      tracer.reclaim()
-    }
-    report.figure(
-      name: "attach-relocated", n: Self.functionCount, nsPerItem: median(attachSamples) / Double(Self.functionCount))
-    report.figure(
-      name: "detach-relocated", n: Self.functionCount, nsPerItem: median(detachSamples) / Double(Self.functionCount))
+    let plainHandle = try GeneratedLibrary.load(plain)
+    defer { dlclose(plainHandle) }
+    Tracer.shared.relocatesPrologues = true
+    defer { Tracer.shared.relocatesPrologues = false }
+    try attachEvery(report, prefix: "tr_p", shape: .relocated, name: "attach-relocated", detachName: "detach-relocated")
   }
 
-  /// One entry handler attached to every generated function by one glob, and detached, through
-  /// `Tracer`: resolve, generate 50,000 trampolines, one patch batch (and back).
-  func attachAll(_ report: BenchReport) throws {
+  /// `attach`/`detach` (and `-relocated`): one entry handler attached to every generated function
+  /// named `prefix*` by one glob, and detached, through `Tracer`: resolve, (relocate,) generate
+  /// 50,000 trampolines, one patch batch (and back); every function must get a site of `shape`.
+  func attachEvery(
+    _ report: BenchReport, prefix: String, shape: PatchSite.Shape, name: String, detachName: String
+  ) throws {
     let tracer = Tracer.shared
     tracer.reloadSymbols()
     let empty: EntryHandler = { _, _ in }
     let model = FunctionModel(integerArguments: 1)
     // Loads the symbol table of the whole process once, outside the timing.
-    try tracer.attach(.entry(empty), to: .name("tr_f0"), model: model).detach()
+    try tracer.attach(.entry(empty), to: .name("\(prefix)0"), model: model).detach()
     var attachSamples: [Double] = []
     var detachSamples: [Double] = []
     for _ in 0..<max(1, min(runs, 3)) {
       var link: Link?
-      attachSamples.append(try time { link = try tracer.attach(.entry(empty), to: .glob("tr_f*"), model: model) })
-      guard let link, link.functions.count == Self.functionCount else {
-        throw UserError("attached to \(link?.functions.count ?? 0) functions, expected \(Self.functionCount)")
+      attachSamples.append(try time { link = try tracer.attach(.entry(empty), to: .glob("\(prefix)*"), model: model) })
+      let shaped = tracer.siteShapes[shape] ?? 0
+      guard let link, link.functions.count == Self.functionCount, shaped == Self.functionCount else {
+        throw UserError(
+          "attached to \(link?.functions.count ?? 0) functions (\(shaped) with a \(shape) site), "
+            + "expected \(Self.functionCount)")
       }
       detachSamples.append(time { _ = link.detach() })
       tracer.reclaim()
     }
+    report.figure(name: name, n: Self.functionCount, nsPerItem: median(attachSamples) / Double(Self.functionCount))
     report.figure(
-      name: "attach", n: Self.functionCount, nsPerItem: median(attachSamples) / Double(Self.functionCount))
-    report.figure(
-      name: "detach", n: Self.functionCount, nsPerItem: median(detachSamples) / Double(Self.functionCount))
+      name: detachName, n: Self.functionCount, nsPerItem: median(detachSamples) / Double(Self.functionCount))
   }
 
   static func expectAllPatched(_ outcomes: [PatchOutcome]) throws {
@@ -181,6 +156,14 @@ enum GeneratedLibrary {
     try FileManager.default.moveItem(atPath: temporary, toPath: path)
     try? FileManager.default.removeItem(atPath: sourcePath)
     return path
+  }
+
+  /// Loads the generated object at `path` into this process; the caller closes it.
+  static func load(_ path: String) throws -> UnsafeMutableRawPointer {
+    guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+      throw UserError("cannot load \(path): \(String(cString: dlerror()))")
+    }
+    return handle
   }
 
   /// Runs clang (found on PATH) with `arguments`.
