@@ -13,14 +13,11 @@ import TraceryTestSupport
     defer { try? FileManager.default.removeItem(at: directory) }
     let programs = RecordCommandTests.programs
     let plugin = directory.appendingPathComponent("libplugin.so").path
-    let host = directory.appendingPathComponent("dlhost").path
     let flags = ["-O2", "-fpatchable-function-entry=5"]
     try TestSupport.compile(
       compiler: "clang", sources: [programs.appendingPathComponent("plugin.c").path],
       flags: flags + ["-shared", "-fPIC"], output: plugin)
-    try TestSupport.compile(
-      compiler: "clang", sources: [programs.appendingPathComponent("dlhost.c").path], flags: flags + ["-ldl"],
-      output: host)
+    let host = try RecordCommandTests.program("dlhost", compiler: "clang", flags: flags + ["-ldl"], in: directory)
     let trace = directory.appendingPathComponent("trace")
     let traced = try RecordCommandTests.record(trace, [host, plugin])
     #expect(traced.status == 0, "\(traced.stderr)")

@@ -6,11 +6,7 @@ import TraceryTestSupport
 /// (its GOT pointed at stubs of Tracery's; no code patched).
 @Suite struct LibraryCallTests {
   static func build(_ name: String, in directory: URL, flags: [String] = []) throws -> String {
-    let program = directory.appendingPathComponent(name).path
-    try TestSupport.compile(
-      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("\(name).c").path],
-      flags: ["-O2", "-fpatchable-function-entry=5"] + flags, output: program)
-    return program
+    try RecordCommandTests.program(name, flags: ["-O2", "-fpatchable-function-entry=5"] + flags, in: directory)
   }
 
   /// The replay shows each library call where the program made it, as uftrace does.
@@ -70,11 +66,7 @@ import TraceryTestSupport
     let report = try TestSupport.run(OptimizedProgramTests.tracery, ["report", "-d", trace.path])
     #expect(report.stderr.isEmpty && report.stdout.contains("child_work"), "\(report.stdout)\(report.stderr)")
     #expect(report.stdout.contains("printf@plt") && !report.stdout.contains("fork@plt"))
-    let swiftdemo = directory.appendingPathComponent("swiftdemo").path
-    try TestSupport.compile(
-      compiler: "swiftc",
-      sources: [TestSupport.packageRoot.appendingPathComponent("Examples/swiftdemo/swiftdemo.swift").path],
-      flags: ["-O", "-parse-as-library"], output: swiftdemo)
+    let swiftdemo = try RecordCommandTests.swiftDemo(in: directory)
     let swiftTrace = directory.appendingPathComponent("swift")
     let swiftRun = try RecordCommandTests.record(swiftTrace, [swiftdemo], options: ["--libcall", "--relocate"])
     #expect(swiftRun.status == 0 && swiftRun.stdout.contains("tasks 1698"), "\(swiftRun.stderr)")

@@ -76,10 +76,7 @@ import TraceryTestSupport
   @Test func relocateListsHowEachFunctionWouldBeTraced() throws {
     let directory = try TestSupport.temporaryDirectory("list-relocate")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let program = directory.appendingPathComponent("tails").path
-    try TestSupport.compile(
-      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("tails.c").path],
-      flags: ["-O2", "-pthread"], output: program)
+    let program = try RecordCommandTests.program("tails", flags: ["-O2", "-pthread"], in: directory)
     let plain = try TestSupport.run(Self.tracery, ["list", program])
     #expect(plain.status != 0 && plain.stderr.contains("no patch sites"))
     let listed = try TestSupport.run(Self.tracery, ["list", "--relocate", program])

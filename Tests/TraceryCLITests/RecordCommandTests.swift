@@ -28,6 +28,23 @@ import TraceryTestSupport
     return output
   }
 
+  /// `Programs/NAME.c` built with `compiler` and exactly `flags` into `directory/NAME`.
+  static func program(_ name: String, compiler: String = "gcc", flags: [String], in directory: URL) throws -> String {
+    let output = directory.appendingPathComponent(name).path
+    try TestSupport.compile(
+      compiler: compiler, sources: [programs.appendingPathComponent("\(name).c").path], flags: flags, output: output)
+    return output
+  }
+
+  /// `Examples/swiftdemo` built as it ships (`swiftc -O`) into `directory/swiftdemo`.
+  static func swiftDemo(in directory: URL) throws -> String {
+    let output = directory.appendingPathComponent("swiftdemo").path
+    try TestSupport.compile(
+      compiler: "swiftc", sources: [examples.appendingPathComponent("swiftdemo/swiftdemo.swift").path],
+      flags: ["-O", "-parse-as-library"], output: output)
+    return output
+  }
+
   static func record(_ directory: URL, _ command: [String], options: [String] = []) throws -> TestSupport.ProcessResult
   {
     try TestSupport.run(tracery, ["record", "-d", directory.path] + options + ["--"] + command)

@@ -9,10 +9,8 @@ import TraceryTestSupport
   func programsWithoutNopsAreRecordedWithRelocate(compiler: String, flags: [String]) throws {
     let directory = try TestSupport.temporaryDirectory("record-relocate")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let program = directory.appendingPathComponent("program").path
-    try TestSupport.compile(
-      compiler: compiler, sources: [RecordCommandTests.programs.appendingPathComponent("tails.c").path],
-      flags: ["-O2", "-pthread"] + flags, output: program)
+    let program = try RecordCommandTests.program(
+      "tails", compiler: compiler, flags: ["-O2", "-pthread"] + flags, in: directory)
     // Without --relocate such a program is refused, with the way out named.
     let refused = try RecordCommandTests.record(directory.appendingPathComponent("refused"), [program])
     #expect(refused.status != 0 && refused.stderr.contains("--relocate"), "\(refused.stderr)")
@@ -44,10 +42,7 @@ import TraceryTestSupport
   @Test func functionsThatCannotMoveAreTracedThroughATrap() throws {
     let directory = try TestSupport.temporaryDirectory("record-trap")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let program = directory.appendingPathComponent("masked").path
-    try TestSupport.compile(
-      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("masked.c").path],
-      flags: ["-O2", "-pthread"], output: program)
+    let program = try RecordCommandTests.program("masked", flags: ["-O2", "-pthread"], in: directory)
     let trace = directory.appendingPathComponent("trace")
     let traced = try RecordCommandTests.record(trace, [program], options: ["--relocate"])
     #expect(traced.status == 0, "\(traced.stderr)")
@@ -64,9 +59,7 @@ import TraceryTestSupport
   @Test func aSwiftProgramIsRecordedWithSwiftNames() throws {
     let directory = try TestSupport.temporaryDirectory("record-swift")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let program = directory.appendingPathComponent("swiftdemo").path
-    let source = TestSupport.packageRoot.appendingPathComponent("Examples/swiftdemo/swiftdemo.swift").path
-    try TestSupport.compile(compiler: "swiftc", sources: [source], flags: ["-O", "-parse-as-library"], output: program)
+    let program = try RecordCommandTests.swiftDemo(in: directory)
     let untraced = try TestSupport.run(program, [])
     #expect(untraced.status == 0 && untraced.stdout.contains("triple 3 2 1"), "\(untraced.stdout)")
     let trace = directory.appendingPathComponent("trace")
