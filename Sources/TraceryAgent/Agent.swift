@@ -480,11 +480,11 @@ public func traceryAgentStart() { Agent.start() }
 public func traceryAgentLoaded() { Agent.loaded() }
 
 @_cdecl("tracery_agent_unloading")
-public func traceryAgentUnloading(_ path: UnsafePointer<CChar>, _ bias: UInt) {
-  Agent.unloading(path: String(cString: path), bias: UInt64(bias))
+public func traceryAgentUnloading(_ name: UnsafePointer<CChar>, _ bias: UInt) {
+  Agent.unloading(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias))
 }
 
 @_cdecl("tracery_agent_unloaded")
-public func traceryAgentUnloaded(_ path: UnsafePointer<CChar>, _ bias: UInt) {
-  Agent.unloaded(path: String(cString: path), bias: UInt64(bias))
+public func traceryAgentUnloaded(_ name: UnsafePointer<CChar>, _ bias: UInt) {
+  Agent.unloaded(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias))
 }

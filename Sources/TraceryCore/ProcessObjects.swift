@@ -12,6 +12,14 @@ public enum ProcessObjects {
     public let bias: UInt64
   }
 
+  /// The file of a loaded object, from the name the loader keeps (`link_map.l_name`): empty for
+  /// the program; as it was given to `dlopen`, so `./plugin.so` is relative (to the directory then
+  /// current, which it normally still is); the vDSO's has no slash and no file (returned as is).
+  public static func path(ofLoaded name: String) -> String {
+    if name.isEmpty { return System.resolvedPath("/proc/self/exe") }
+    return name.hasPrefix("/") || !name.contains("/") ? name : System.resolvedPath(name)
+  }
+
   /// Every loaded object that has a file (the vDSO has none and is left out).
   public static func list() -> [Entry] {
     var capacity = 64
@@ -24,8 +32,7 @@ public enum ProcessObjects {
       }
       var entries: [Entry] = []
       for object in raw.prefix(count) {
-        let name = object.name.map { String(cString: $0) } ?? ""
-        let path = name.isEmpty ? System.resolvedPath("/proc/self/exe") : name
+        let path = Self.path(ofLoaded: object.name.map { String(cString: $0) } ?? "")
         guard path.hasPrefix("/") else { continue }
         entries.append(Entry(path: path, bias: object.bias))
       }
