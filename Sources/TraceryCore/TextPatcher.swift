@@ -18,14 +18,21 @@ public struct PatchRequest: Sendable, Equatable {
   let replacementBytes: SiteBytes?
   /// The bytes as given, kept only when either is not 5 bytes long.
   let malformed: [[UInt8]]?
+  /// A trap site's target, or a relocated prologue's copy (`relocatedLength` not 0): one word,
+  /// the two never go together (a request stays a few words).
+  private let special: UInt64
+  /// For a relocated prologue being traced: the bytes its moved instructions cover. While other
+  /// threads run, one stopped inside the site's first 5 bytes is moved to the same instruction
+  /// in the copy (`relocatedCopy`) before the branch's displacement is written over it. 0: none.
+  let relocatedLength: UInt8
+
   /// For a trap site being traced (`PatchSite.Shape.trap`; the replacement is `int3` and the
   /// site's own next 4 bytes): where a thread reaching the int3 goes. 0 otherwise.
-  let trapTarget: UInt64
-  /// For a relocated prologue being traced: its copy and the bytes its moved instructions cover.
-  /// While other threads run, one stopped inside the site's first 5 bytes is moved to the same
-  /// instruction in the copy before the branch's displacement is written over it. 0: none.
-  let relocatedCopy: UInt64
-  let relocatedLength: UInt8
+  var trapTarget: UInt64 { relocatedLength == 0 ? special : 0 }
+  var relocatedCopy: UInt64 { relocatedLength == 0 ? 0 : special }
+  /// More than a NOP/branch rewrite: a trap site, a relocated prologue, or a site whose body
+  /// does not follow it (`resume` elsewhere). A batch without any does no per-site work for them.
+  var isSpecial: Bool { special != 0 || resume != site + UInt64(SiteBytes.length) }
 
   public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
   public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
@@ -41,8 +48,7 @@ public struct PatchRequest: Sendable, Equatable {
     expectedBytes = SiteBytes(expected)
     replacementBytes = SiteBytes(replacement)
     malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
-    trapTarget = 0
-    relocatedCopy = 0
+    special = 0
     relocatedLength = 0
   }
 
@@ -55,8 +61,8 @@ public struct PatchRequest: Sendable, Equatable {
     expectedBytes = expected
     replacementBytes = replacement
     malformed = nil
-    self.trapTarget = trapTarget
-    self.relocatedCopy = relocatedCopy
+    precondition(trapTarget == 0 || relocatedLength == 0, "a site is a trap site or a relocated one")
+    special = relocatedLength == 0 ? trapTarget : relocatedCopy
     self.relocatedLength = relocatedLength
   }
 }
@@ -163,7 +169,8 @@ public final class TextPatcher: Sendable {
       }
       let map = given ?? MemoryMap.current()
       // Step 1.
-      var accepted = step1Verify(requests, map: map, outcomes: &report.outcomes)
+      var special = false
+      var accepted = step1Verify(requests, map: map, outcomes: &report.outcomes, special: &special)
       guard !accepted.isEmpty else { return report }
       // Step 2: the pages of the sites writable; steps 3-7 while they are; step 8 (their
       // protection back) when `withWritablePages` returns.
@@ -182,17 +189,19 @@ public final class TextPatcher: Sendable {
           accepted = kept
         }
         guard !accepted.isEmpty else { return false }
-        publishTraps(accepted, restored: false, state: &state)
-        let written = accepted
+        let specials = special ? Self.specials(accepted, requests) : []
+        let specialSites = specials.map { (site: accepted[$0], request: requests[accepted[$0].request]) }
+        publishTraps(specialSites, restored: false, state: &state)
         var retired = state.retired
         state.retired = []
         defer { state.retired += retired }
-        let abandoned = step3to7Write(accepted, retired: &retired) { abandoned in
+        let abandoned = step3to7Write(accepted, special: specials, requests: requests, retired: &retired) {
+          abandoned in
           // Before the batch is unpublished (a late trap finds one table or the other): an
           // abandoned site got its own first byte back over an int3, so a thread that trapped
           // there meanwhile re-executes it (a rewind entry, like a restored relocated site's).
           publishTraps(
-            written, restored: true, state: &state, rewinding: Set(abandoned.keys.map { written[$0].address }))
+            specialSites, restored: true, state: &state, rewinding: Set(abandoned.keys.map { accepted[$0].address }))
         }
         for (index, reason) in abandoned {
           report.outcomes[accepted[index].request] = .failed(reason)
@@ -269,12 +278,16 @@ public final class TextPatcher: Sendable {
     let address: UInt64
     let replacement: SiteBytes
     let kind: ctracery_poke_kind
+    /// Where a trapping thread goes when the new bytes are no branch: the original code's
+    /// resume address, or a trap site's target (`PatchRequest.trapTarget`).
     let resume: UInt64
-    var trapTarget: UInt64 = 0
-    var relocatedCopy: UInt64 = 0
-    var relocatedLength: UInt8 = 0
-    /// The site's first byte before the batch (put back if the site cannot be finished).
-    var original: UInt8 = 0
+  }
+
+  /// The accepted sites (indices) that are more than a NOP/branch rewrite: trap sites, and
+  /// relocated prologues installed or put back. Usually none: a batch of plain sites then does
+  /// nothing more per site than before trap and relocated sites existed.
+  private static func specials(_ accepted: [AcceptedSite], _ requests: [PatchRequest]) -> [Int] {
+    accepted.indices.filter { requests[accepted[$0].request].isSpecial }
   }
 
   /// Before step 3 (`restored` false): trap sites this batch makes enter the trap table (to
@@ -284,13 +297,14 @@ public final class TextPatcher: Sendable {
   /// reached its handler before step 4 would find neither its target nor its code.) Published
   /// at once when anything changed; the old table is retired like a batch's.
   private func publishTraps(
-    _ sites: [AcceptedSite], restored: Bool, state: inout State, rewinding: Set<UInt64> = []
+    _ sites: [(site: AcceptedSite, request: PatchRequest)], restored: Bool, state: inout State,
+    rewinding: Set<UInt64> = []
   ) {
     var changed = false
-    for site in sites {
+    for (site, request) in sites {
       let entry: ctracery_poke
-      if !restored && site.trapTarget != 0 {
-        entry = ctracery_poke(site: site.address, target: site.trapTarget, kind: UInt64(CTRACERY_POKE_JMP.rawValue))
+      if !restored && request.trapTarget != 0 {
+        entry = ctracery_poke(site: site.address, target: request.trapTarget, kind: UInt64(CTRACERY_POKE_JMP.rawValue))
       } else if restored
         && (rewinding.contains(site.address)
           || (site.kind == CTRACERY_POKE_SKIP && site.resume != site.address + UInt64(SiteBytes.length)))
@@ -318,8 +332,10 @@ public final class TextPatcher: Sendable {
   }
 
   /// Step 1: the requests to carry out, sorted by site; outcomes for the others.
-  private func step1Verify(_ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome]) -> [AcceptedSite]
-  {
+  /// `special`: set when some request `isSpecial`.
+  private func step1Verify(
+    _ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome], special: inout Bool
+  ) -> [AcceptedSite] {
     var accepted: [AcceptedSite] = []
     accepted.reserveCapacity(requests.count)
     var hint = 0
@@ -333,6 +349,7 @@ public final class TextPatcher: Sendable {
       // any bytes; a thread that traps on them meanwhile runs their copy (`resume`). To a trap
       // site: `int3` and the site's own bytes; a thread that traps meanwhile goes to its target.
       let restoresMovedCode = request.resume != request.site + UInt64(SiteBytes.length)
+      if request.isSpecial { special = true }
       let kind =
         request.trapTarget != 0
         ? CTRACERY_POKE_JMP : replacement.pokeKind ?? (restoresMovedCode ? CTRACERY_POKE_SKIP : nil)
@@ -354,9 +371,8 @@ public final class TextPatcher: Sendable {
       } else {
         accepted.append(
           AcceptedSite(
-            request: index, address: request.site, replacement: replacement, kind: kind, resume: request.resume,
-            trapTarget: request.trapTarget, relocatedCopy: request.relocatedCopy,
-            relocatedLength: request.relocatedLength, original: current.byte(0)))
+            request: index, address: request.site, replacement: replacement, kind: kind,
+            resume: request.trapTarget != 0 ? request.trapTarget : request.resume))
       }
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
@@ -439,8 +455,10 @@ public final class TextPatcher: Sendable {
   /// Steps 3-7 on sites already verified, sorted by address, on writable pages.
   /// Returns the sites (by index) abandoned after step 4, with why: their first byte is back and
   /// the rest never changed.
+  /// `special`: `Self.specials(all, requests)`.
   private func step3to7Write(
-    _ all: [AcceptedSite], retired: inout [PokeTable], beforeUnpublishing: ([Int: String]) -> Void
+    _ all: [AcceptedSite], special: [Int], requests: [PatchRequest], retired: inout [PokeTable],
+    beforeUnpublishing: ([Int: String]) -> Void
   ) -> [Int: String] {
     let table = PokeTable(all)
     // Step 3. Publishing is sequentially consistent, and the writes below follow an opaque call,
@@ -451,10 +469,15 @@ public final class TextPatcher: Sendable {
     CoreSync.syncAllCores()
     // Step 4½: no thread may stay inside a prologue whose bytes 1-4 change (relocated sites).
     // (Threads that start from here on cannot be inside: every site's first byte is int3 now.)
+    let moving = special.filter { requests[all[$0].request].relocatedCopy != 0 }
     let abandoned =
-      all.contains { $0.relocatedCopy != 0 } && Reclaimer.threadIDs().count > 1 ? Self.moveThreadsOut(of: all) : [:]
+      !moving.isEmpty && Reclaimer.threadIDs().count > 1
+      ? Self.moveThreadsOut(of: moving.map { (index: $0, request: requests[all[$0].request]) }) : [:]
     if !abandoned.isEmpty {
-      for index in abandoned.keys { Self.pointer(all[index].address).pointee = all[index].original }
+      // The request's expected bytes are what the site held before the batch.
+      for index in abandoned.keys {
+        Self.pointer(all[index].address).pointee = requests[all[index].request].expected[0]
+      }
       CoreSync.syncAllCores()
     }
     let sites = abandoned.isEmpty ? all : all.indices.filter { abandoned[$0] == nil }.map { all[$0] }
@@ -491,15 +514,15 @@ public final class TextPatcher: Sendable {
   /// (`ctracery_publish_moves`). Then any thread still referencing an address inside them — a
   /// signal frame's saved rip (a handler running on top of such a thread), a blocked thread,
   /// a register — makes its site abandoned, as does a thread that cannot be inspected.
-  private static func moveThreadsOut(of sites: [AcceptedSite]) -> [Int: String] {
-    let moving = sites.indices.filter { sites[$0].relocatedCopy != 0 }
-    let flat = moving.flatMap { moves(of: sites[$0]) }
+  /// `moving`: each site's index in the batch and its request.
+  private static func moveThreadsOut(of moving: [(index: Int, request: PatchRequest)]) -> [Int: String] {
+    let flat = moving.flatMap { moves(of: $0.request) }
     let pairs = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, flat.count))
     pairs.initialize(from: flat, count: flat.count)
     let table = UnsafeMutablePointer<ctracery_move_table>.allocate(capacity: 1)
     table.initialize(to: ctracery_move_table(pairs: pairs, count: flat.count / 2))
     ctracery_publish_moves(table)
-    let interiors = moving.map { (sites[$0].address + 1)..<(sites[$0].address + UInt64(SiteBytes.length)) }
+    let interiors = moving.map { ($0.request.site + 1)..<($0.request.site + UInt64(SiteBytes.length)) }
     // A thread inside the SIGTRAP handler for one of these int3s has the site + 1 in its signal
     // frame until the handler returns (in microseconds): look again a few times before giving up.
     var outcome = withCallerStackMarker { marker in Reclaimer.busyRanges(interiors, callerStack: marker) }
@@ -518,29 +541,34 @@ public final class TextPatcher: Sendable {
     case .success(let busy):
       return Dictionary(
         uniqueKeysWithValues: busy.map {
-          (moving[$0], "\(abandoned): a thread holds an address inside its first 5 bytes (a signal frame, a register)")
+          (
+            moving[$0].index,
+            "\(abandoned): a thread holds an address inside its first 5 bytes (a signal frame, a register)"
+          )
         })
     case .failure(let obstacle):
       return Dictionary(
-        uniqueKeysWithValues: moving.map { ($0, "\(abandoned): threads cannot all be inspected: \(obstacle.reason)") })
+        uniqueKeysWithValues: moving.map {
+          ($0.index, "\(abandoned): threads cannot all be inspected: \(obstacle.reason)")
+        })
     }
   }
 
   /// (from, to) pairs for a relocated site: each instruction that starts inside its first 5
   /// bytes (past the first) and the same instruction in its copy. From the code as it was (its
   /// first byte is int3 by now).
-  private static func moves(of site: AcceptedSite) -> [UInt64] {
+  private static func moves(of request: PatchRequest) -> [UInt64] {
+    let site = request.site
     var code = Array(
-      UnsafeRawBufferPointer(
-        start: UnsafeRawPointer(bitPattern: UInt(site.address)), count: Int(site.relocatedLength) + 15))
-    code[0] = site.original
+      UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(request.relocatedLength) + 15))
+    code[0] = request.expected[0]
     let relocation = code.withUnsafeBytes { raw in
-      try? X86Relocator.relocate(raw, at: site.address, to: site.relocatedCopy, minimum: Int(site.relocatedLength))
+      try? X86Relocator.relocate(raw, at: site, to: request.relocatedCopy, minimum: Int(request.relocatedLength))
     }
     var pairs: [UInt64] = []
     for boundary in relocation?.boundaries ?? [] where (1..<SiteBytes.length).contains(boundary.original) {
-      pairs.append(site.address + UInt64(boundary.original))
-      pairs.append(site.relocatedCopy + UInt64(boundary.copy))
+      pairs.append(site + UInt64(boundary.original))
+      pairs.append(request.relocatedCopy + UInt64(boundary.copy))
     }
     return pairs
   }
@@ -632,7 +660,7 @@ final class PokeTable: @unchecked Sendable {
     self.init(
       sites.map { site in
         let target =
-          site.trapTarget != 0 ? site.trapTarget : site.replacement.branchTarget(at: site.address) ?? site.resume
+          site.replacement.branchTarget(at: site.address) ?? site.resume
         return ctracery_poke(site: site.address, target: target, kind: UInt64(site.kind.rawValue))
       })
   }
