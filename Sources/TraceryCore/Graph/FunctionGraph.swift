@@ -116,6 +116,7 @@ extension tracery_graph_frame {
 struct GraphImage {
   let mask: UInt16
   let model: FunctionModel
+  let preservesAll: Bool
   let returnHandler: UInt64
   let image: CodeImage
   var entry: UInt64 { image.block.address }
@@ -379,7 +380,8 @@ extension Tracer {
     }
     do {
       let image = try graphImage(
-        mask: function.graphMask, model: function.model, near: block.address, state: &state)
+        mask: function.graphMask, model: function.model, preservesAll: function.patch.shape != .nop,
+        near: block.address, state: &state)
       guard
         let bytes = GraphEmitter.stub(
           at: block.address, site: site, body: body ?? function.patch.resume, entry: image.entry,
@@ -396,14 +398,14 @@ extension Tracer {
   }
 
   /// The graph image for `mask` and `model` that a stub at `stub` reaches, made when there is
-  /// none.
+  /// none. `preservesAll`: for functions without a compiler's patch site (`GraphEmitter`).
   private func graphImage(
-    mask: UInt16, model: FunctionModel, near stub: UInt64, state: inout State
+    mask: UInt16, model: FunctionModel, preservesAll: Bool, near stub: UInt64, state: inout State
   ) throws -> GraphImage {
     let end = stub + UInt64(GraphEmitter.stubSize)
     if let image = state.graphImages.first(where: {
-      $0.mask == mask && $0.model == model && $0.image.block.isReachable(from: stub)
-        && $0.image.block.isReachable(from: end)
+      $0.mask == mask && $0.model == model && $0.preservesAll == preservesAll
+        && $0.image.block.isReachable(from: stub) && $0.image.block.isReachable(from: end)
     }) {
       return image
     }
@@ -411,12 +413,12 @@ extension Tracer {
       mask & (1 << index) != 0 ? state.graphUsers[index]?.code(index: index) : nil
     }
     let emitter = GraphEmitter(
-      users: users, functionModel: model, guardOffset: guardOffset, threadOffset: Int32(ctracery_thread_offset()),
-      setupThread: GraphThreads.setupAddress)
+      users: users, functionModel: model, preservesAll: preservesAll, guardOffset: guardOffset,
+      threadOffset: Int32(ctracery_thread_offset()), setupThread: GraphThreads.setupAddress)
     let (block, code) = try placeCode(
       near: stub, slack: 16 * users.count, emit: emitter.emit(at:), bytes: \.bytes)
     let image = GraphImage(
-      mask: mask, model: model, returnHandler: block.address + UInt64(code.returnHandler),
+      mask: mask, model: model, preservesAll: preservesAll, returnHandler: block.address + UInt64(code.returnHandler),
       image: CodeImage(block: block, length: code.bytes.count))
     state.graphImages.append(image)
     return image

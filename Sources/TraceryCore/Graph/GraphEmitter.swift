@@ -56,8 +56,8 @@ enum ThreadField: Int32 {
 /// calls the entry, then the function's body, then jumps to the return handler:
 ///
 ///     stub:      call entry            ; returns with ZF set: traced (the real return address
-///                jne  untraced         ; is on the shadow stack now)
-///                pop  r10              ; so it leaves the machine stack
+///                jne  untraced         ; is on the shadow stack now, and `ret 8` took it off
+///                                      ; the machine stack)
 ///                call body             ; PatchSite.resume, or the function's per-function trampoline;
 ///                jmp  return_handler   ; it sees its stack arguments where they were
 ///     untraced:  jmp  body             ; the stack is as the caller left it
@@ -100,6 +100,16 @@ enum ThreadField: Int32 {
 /// the callee's results (the stale-frame rule in `emitEntry` says how the entry tells this from
 /// a stale frame).
 ///
+/// Registers: an image for functions with a compiler's patch site changes only registers a call
+/// may change and the function does not read (r10, r11; rcx, rsi, rdi, r8, r9 after it returned).
+/// A function without one (a relocated prologue, an int3 site: `preservesAll`) may have callers
+/// built with gcc's `-fipa-ra` (on at -O2; gcc turns it off only for functions with patch
+/// sites), which keep values in any register the callee is known not to touch: its image gives
+/// back every register but rsp and the flags, at the entry and at the return (r10 and r11 pushed
+/// first; around handlers every call-clobbered register, xmm8-15 included when they may use
+/// vector registers; around the refill call xmm8-15 too), and it aligns rsp itself before
+/// calling anything (`putAlignStack`: such a function may be called with rsp unaligned).
+///
 /// Below the first frame lies a sentinel frame whose stack arguments are the highest address and
 /// whose depth is -1, so both searches end there.
 ///
@@ -123,6 +133,8 @@ struct GraphEmitter {
   let users: [GraphUserCode]
   /// What the functions reaching this image pass and return in registers.
   let functionModel: FunctionModel
+  /// Every register but rsp and the flags comes back as it was (see the type's comment).
+  let preservesAll: Bool
   let guardOffset: Int32
   let threadOffset: Int32
   /// `void setup(void)`: sets up this thread's shadow stack.
@@ -133,8 +145,14 @@ struct GraphEmitter {
   /// What the handlers' frames save: the function model's registers, without the vector ones
   /// when no user's handlers touch vector registers.
   var model: FunctionModel {
-    users.contains(where: \.vectorRegisters) ? functionModel : functionModel.withoutVectorRegisters
+    let model = preservesAll ? FunctionModel.unknown : functionModel
+    return usesVectorRegisters ? model : model.withoutVectorRegisters
   }
+
+  private var usesVectorRegisters: Bool { users.contains(where: \.vectorRegisters) }
+
+  /// Bytes the entry pushes first (r10, r11) when it preserves every register.
+  private var entryPushes: Int32 { preservesAll ? 16 : 0 }
 
   struct Code {
     let bytes: [UInt8]
@@ -146,7 +164,7 @@ struct GraphEmitter {
   /// the body returns (the frame's `resume`).
   static let stubSize = 32
   static let stubSiteOffset: Int32 = 24
-  static let stubResumeOffset: Int32 = 14
+  static let stubResumeOffset: Int32 = 12
 
   /// The stub of the function whose patch site is `site` (see the type's comment), placed at
   /// `base`; it calls `body` (`PatchSite.resume`, or the function's per-function trampoline, which then
@@ -157,7 +175,6 @@ struct GraphEmitter {
     do {
       try w.putCall(address: entry)
       w.putJcc(.notEqual, untraced, short: true)
-      w.putPop(.r10)
       try w.putCall(address: body)
       precondition(w.bytes.count == Self.stubResumeOffset, "the stub's layout")
       try w.putJmp(address: returnHandler)
@@ -198,7 +215,13 @@ struct GraphEmitter {
     let popStale = w.newLabel()
     let push = w.newLabel()
     let unpublish = w.newLabel()
+    // rsp + pushes: the stub's return address; + 8 the real one; + 16 the stack arguments.
+    let pushes = entryPushes
 
+    if preservesAll {
+      w.putPush(.r10)
+      w.putPush(.r11)
+    }
     w.putCmpByte(.fs(guardOffset), immediate: 0)
     w.putJcc(.notEqual, done)
     w.bind(retry)
@@ -206,7 +229,7 @@ struct GraphEmitter {
     w.putCmp(.r11, field(.limit))
     w.putJcc(.aboveOrEqual, slow)
     // A live caller's stack arguments are above ours (rsp + 16); when not, the stale-frame rule below.
-    w.putLea(.r10, Memory(.rsp, 16))
+    w.putLea(.r10, Memory(.rsp, pushes + 16))
     w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
     w.putJcc(.aboveOrEqual, popStale)
     w.bind(push)
@@ -214,7 +237,7 @@ struct GraphEmitter {
     w.putLea(.r10, Memory(.r11, frame))
     w.putMov(field(.top), .r10)
     // A signal between filling and publishing may have pushed (and popped) its own frame here.
-    w.putLea(.r10, Memory(.rsp, 16))
+    w.putLea(.r10, Memory(.rsp, pushes + 16))
     w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
     w.putJcc(.notEqual, push)
 
@@ -231,8 +254,7 @@ struct GraphEmitter {
       w.putPop(.rax)
     }
     if let declined {
-      w.putXor32(.r10, .r10)
-      w.putRet()
+      putLeaveEntry(&w, traced: true)
       cold.append { [self] w in
         w.bind(declined)
         if self.hasHandlers {
@@ -246,16 +268,12 @@ struct GraphEmitter {
     } else {
       w.putCmp(Memory(.r11, Self.takenOffset), immediate: 0)
       w.putJcc(.equal, unpublish)
-      // Traced: ZF set; the stub pops the real return address (now in the frame).
-      w.putXor32(.r10, .r10)
-      w.putRet()
+      putLeaveEntry(&w, traced: true)
     }
     w.bind(unpublish)
     w.putMov(field(.top), .r11)
     w.bind(done)
-    // Untraced: ZF clear (rsp is never 0), the stack as it was.
-    w.putTest(.rsp, .rsp)
-    w.putRet()
+    putLeaveEntry(&w, traced: false)
 
     // Not set up (limit 0, top 0): set up and retry. Disabled (top 1, limit 0): return. Full:
     // count it and return.
@@ -294,7 +312,7 @@ struct GraphEmitter {
       w.putCmp(.rax, .r10)
       w.putJcc(.notEqual, drop)
       // Our return address ([rsp+8] before the push) is where its body returns: a tail call.
-      w.putMov(.rax, Memory(.rsp, 16))
+      w.putMov(.rax, Memory(.rsp, pushes + 16))
       w.putCmp(.rax, Memory(.r11, Self.resumeOffset - frame))
       w.putJcc(.equal, keep)
       w.bind(drop)
@@ -326,14 +344,31 @@ struct GraphEmitter {
   /// 0 and each user that wants the exit sets its bit.
   private var decidesAtEntry: Bool { users.count == 1 && users[0].takesExits }
 
+  /// Leaves the entry: traced, with ZF set and the real return address (now in the frame) taken
+  /// off the stack by `ret 8`; untraced, with ZF clear (rsp is never 0) and the stack as it was.
+  private func putLeaveEntry(_ w: inout X86Writer, traced: Bool) {
+    if preservesAll {
+      w.putPop(.r11)
+      w.putPop(.r10)
+    }
+    if traced {
+      w.putCmp(.rsp, .rsp)
+      w.putRet(popping: 8)
+    } else {
+      w.putTest(.rsp, .rsp)
+      w.putRet()
+    }
+  }
+
   /// Fills the frame at r11 (not yet published): site, real return, stack arguments, depth (and
   /// taken = 0 unless the one user decides at the entry).
   private func putFillFrame(_ w: inout X86Writer) {
-    w.putLea(.r10, Memory(.rsp, 16))
+    let pushes = entryPushes
+    w.putLea(.r10, Memory(.rsp, pushes + 16))
     w.putMov(Memory(.r11, Self.stackArgumentsOffset), .r10)
-    w.putMov(.r10, Memory(.rsp, 8))
+    w.putMov(.r10, Memory(.rsp, pushes + 8))
     w.putMov(Memory(.r11, Self.returnOffset), .r10)
-    w.putMov(.r10, Memory(.rsp, 0))
+    w.putMov(.r10, Memory(.rsp, pushes))
     w.putLea(.r10, Memory(.r10, Self.stubResumeOffset - 5))
     w.putMov(Memory(.r11, Self.resumeOffset), .r10)
     w.putMov(.r10, Memory(.r10, Self.stubSiteOffset - Self.stubResumeOffset))
@@ -352,7 +387,13 @@ struct GraphEmitter {
   ) throws {
     TrampolineEmitter.putSaveArguments(&w, model, base: .r11)
     w.putPush(.rbx)
-    w.putSub(.rsp, immediate: 8)
+    if preservesAll {
+      putAlignStack(&w)
+      w.putSub(.rsp, immediate: Int32(upperVectorRegisters.count) * 16)
+      putSaveVectors(&w, upperVectorRegisters, at: 0)
+    } else {
+      w.putSub(.rsp, immediate: 8)
+    }
     w.putMov(.rbx, .r11)
     w.putMovByte(.fs(guardOffset), immediate: 1)
     for user in users { try putUserEntry(&w, user, withHandlers: true, declined: declined, cold: &cold) }
@@ -364,9 +405,43 @@ struct GraphEmitter {
   private func putHandlersEpilogue(_ w: inout X86Writer) {
     w.putMovByte(.fs(guardOffset), immediate: 0)
     w.putMov(.r11, .rbx)
-    w.putAdd(.rsp, immediate: 8)
+    if preservesAll {
+      putLoadVectors(&w, upperVectorRegisters, at: 0)
+      putUnalignStack(&w)
+    } else {
+      w.putAdd(.rsp, immediate: 8)
+    }
     w.putPop(.rbx)
     TrampolineEmitter.putRestoreArguments(&w, model, base: .r11)
+  }
+
+  /// The vector registers the model does not save that handlers may change: xmm8-15 when the
+  /// image preserves every register and a user may use vector registers.
+  private var upperVectorRegisters: [XMMRegister] {
+    preservesAll && usesVectorRegisters ? (8..<16).map { XMMRegister(UInt8($0)) } : []
+  }
+
+  /// A function without a compiler's patch site may be entered with rsp not 16-byte aligned at
+  /// its caller's `call` (gcc's -fipa-stack-alignment, on at -O2, skips the alignment for
+  /// callees it sees need none), so its image aligns rsp before calling anything: rbp keeps the
+  /// old rsp (pushed first) until `putUnalignStack`.
+  private func putAlignStack(_ w: inout X86Writer) {
+    w.putPush(.rbp)
+    w.putMov(.rbp, .rsp)
+    w.putAnd(.rsp, immediate: -16)
+  }
+
+  private func putUnalignStack(_ w: inout X86Writer) {
+    w.putMov(.rsp, .rbp)
+    w.putPop(.rbp)
+  }
+
+  private func putSaveVectors(_ w: inout X86Writer, _ registers: [XMMRegister], at offset: Int32) {
+    for (index, register) in registers.enumerated() { w.putMovdqu(Memory(.rsp, offset + 16 * Int32(index)), register) }
+  }
+
+  private func putLoadVectors(_ w: inout X86Writer, _ registers: [XMMRegister], at offset: Int32) {
+    for (index, register) in registers.enumerated() { w.putMovdqu(register, Memory(.rsp, offset + 16 * Int32(index))) }
   }
 
   /// One user's entry part. With handlers, the frame pointer is reloaded from rbx (calls clobber
@@ -474,21 +549,35 @@ struct GraphEmitter {
     }
   }
 
+  private static let callClobbered: [Register] = [.rax, .rcx, .rdx, .rsi, .rdi, .r8, .r9, .r10, .r11]
+
   /// Calls `void target(void)` preserving every register a C call may clobber (rax, rcx, rdx,
-  /// rsi, rdi, r8-r11, xmm0-7), with the guard held.
+  /// rsi, rdi, r8-r11, xmm0-7; xmm8-15 too when the image preserves every register), with the
+  /// guard held.
   private func putSlowCall(_ w: inout X86Writer, _ target: UInt64, rspAligned: Bool, guardHeld: Bool) throws {
-    let saved: [Register] = [.rax, .rcx, .rdx, .rsi, .rdi, .r8, .r9, .r10, .r11]
-    let size: Int32 = 9 * 8 + 8 * 16 + (rspAligned ? 8 : 0)  // 200 or 208: rsp aligned at the call
+    let vectors = (0..<(preservesAll ? 16 : 8)).map { XMMRegister(UInt8($0)) }
+    // 9 words and 8 or 16 vectors: rsp 8 mod 16 after it; aligned at the call with 8 more when
+    // it was aligned before (always, after aligning it).
+    if preservesAll { putAlignStack(&w) }
+    let size = Int32(Self.callClobbered.count * 8 + vectors.count * 16) + (rspAligned || preservesAll ? 8 : 0)
     w.putSub(.rsp, immediate: size)
-    for (index, register) in saved.enumerated() { w.putMov(Memory(.rsp, 8 * Int32(index)), register) }
-    for index in 0..<8 { w.putMovdqu(Memory(.rsp, 72 + 16 * Int32(index)), XMMRegister(UInt8(index))) }
+    for (index, register) in Self.callClobbered.enumerated() {
+      w.putMov(Memory(.rsp, 8 * Int32(index)), register)
+    }
+    putSaveVectors(&w, vectors, at: 72)
     if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 1) }
     w.putMov(.rax, immediate: target)
     w.putCall(.rax)
     if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 0) }
-    for index in 0..<8 { w.putMovdqu(XMMRegister(UInt8(index)), Memory(.rsp, 72 + 16 * Int32(index))) }
-    for (index, register) in saved.enumerated() { w.putMov(register, Memory(.rsp, 8 * Int32(index))) }
-    w.putAdd(.rsp, immediate: size)
+    putLoadVectors(&w, vectors, at: 72)
+    for (index, register) in Self.callClobbered.enumerated() {
+      w.putMov(register, Memory(.rsp, 8 * Int32(index)))
+    }
+    if preservesAll {
+      putUnalignStack(&w)
+    } else {
+      w.putAdd(.rsp, immediate: size)
+    }
   }
 
   // MARK: - Return handler
@@ -499,24 +588,63 @@ struct GraphEmitter {
     let corrupt = w.newLabel()
     // rsp = the frame's stack arguments (the slot + 8): the frame is the topmost one whose stack
     // arguments are rsp. Frames above it belong to other stacks or ended (`putRotate`).
+    // Preserving every register: the slot left free, r10 and r11 below it, and r10 = the stack
+    // arguments while the frame is looked for.
+    if preservesAll {
+      w.putSub(.rsp, immediate: 8)
+      w.putPush(.r10)
+      w.putPush(.r11)
+    }
+    func compareStackArguments(_ w: inout X86Writer) {
+      if preservesAll {
+        w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
+      } else {
+        w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
+      }
+    }
     w.putMov(.r11, field(.top))
     w.putSub(.r11, immediate: Self.frameSize)
-    w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
+    if preservesAll { w.putLea(.r10, Memory(.rsp, 24)) }
+    compareStackArguments(&w)
     w.putJcc(.notEqual, find)
     w.bind(found)
-    // The real return address back into the slot: rsp = slot, 8 mod 16.
+    // The real return address back into the slot: rsp = slot, 8 mod 16 (or 24 below it).
     w.putMov(.r10, Memory(.r11, Self.returnOffset))
-    w.putPush(.r10)
+    if preservesAll {
+      w.putMov(Memory(.rsp, 16), .r10)
+    } else {
+      w.putPush(.r10)
+    }
 
     if hasHandlers {
       TrampolineEmitter.putSaveReturn(&w, model, base: .r11)
-      w.putPush(.rbx)  // rsp aligned at the calls
+      // What the model's results leave out, when every register is preserved.
+      let scratch: [Register] = preservesAll ? [.rcx, .rsi, .rdi, .r8, .r9] : []
+      let vectors = preservesAll && usesVectorRegisters ? (2..<16).map { XMMRegister(UInt8($0)) } : []
+      if preservesAll {
+        putAlignStack(&w)
+        w.putSub(.rsp, immediate: Int32(48 + 16 * vectors.count))
+        for (index, register) in scratch.enumerated() { w.putMov(Memory(.rsp, 8 * Int32(index)), register) }
+        putSaveVectors(&w, vectors, at: 48)
+        w.putPush(.rbx)
+        w.putSub(.rsp, immediate: 8)  // rsp aligned at the calls
+      } else {
+        w.putPush(.rbx)  // rsp aligned at the calls
+      }
       w.putMov(.rbx, .r11)
       w.putMovByte(.fs(guardOffset), immediate: 1)
       for user in users { try putUserExit(&w, user, withHandlers: true, cold: &cold) }
       w.putMovByte(.fs(guardOffset), immediate: 0)
       w.putMov(.r11, .rbx)
-      w.putPop(.rbx)
+      if preservesAll {
+        w.putAdd(.rsp, immediate: 8)
+        w.putPop(.rbx)
+        putLoadVectors(&w, vectors, at: 48)
+        for (index, register) in scratch.enumerated() { w.putMov(register, Memory(.rsp, 8 * Int32(index))) }
+        putUnalignStack(&w)
+      } else {
+        w.putPop(.rbx)
+      }
       TrampolineEmitter.putLoadReturn(&w, model, base: .r11)
     } else {
       w.putPush(.rax)
@@ -526,6 +654,10 @@ struct GraphEmitter {
       w.putPop(.rax)
     }
     w.putMov(field(.top), .r11)
+    if preservesAll {
+      w.putPop(.r11)
+      w.putPop(.r10)
+    }
     w.putRet()
     cold.append { [self] w in
       let deeper = w.newLabel()
@@ -533,10 +665,17 @@ struct GraphEmitter {
       w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
       w.putJcc(.equal, corrupt)
       w.putSub(.r11, immediate: Self.frameSize)
-      w.putCmp(.rsp, Memory(.r11, Self.stackArgumentsOffset))
+      compareStackArguments(&w)
       w.putJcc(.notEqual, find)
       w.bind(deeper)
-      self.putRotate(&w)
+      if self.preservesAll {
+        let rotated: [Register] = [.rcx, .rsi, .rdi, .r8, .r9]
+        for register in rotated { w.putPush(register) }
+        self.putRotate(&w, stackArguments: 24 + 8 * Int32(rotated.count))
+        for register in rotated.reversed() { w.putPop(register) }
+      } else {
+        self.putRotate(&w, stackArguments: 0)
+      }
       w.putJmp(found)
       // No frame for this return (the sentinel, whose stack arguments are the highest address,
       // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
@@ -555,7 +694,8 @@ struct GraphEmitter {
   /// for stale, never matched), so a signal handler's traced calls push above it and cannot land
   /// on a frame being moved. Uses rcx, rsi, rdi, r8-r11 (free at a return); rax, rdx, xmm0-1 hold
   /// the results. The shadow stack keeps a frame of room for the guard (`GraphThreads`).
-  private func putRotate(_ w: inout X86Writer) {
+  /// `stackArguments`: the return's stack arguments are at rsp + that.
+  private func putRotate(_ w: inout X86Writer, stackArguments: Int32) {
     let frame = Self.frameSize
     let next = w.newLabel()
     let keep = w.newLabel()
@@ -581,7 +721,7 @@ struct GraphEmitter {
     w.putJcc(.aboveOrEqual, placed)
     // Dropped: we are on the thread's own stack, and so is the frame, below us.
     w.putMov(.r9, Memory(.rsi, Self.stackArgumentsOffset))
-    w.putLea(.r10, Memory(.rsp, frame))
+    w.putLea(.r10, Memory(.rsp, frame + stackArguments))
     putJump(&w, to: keep, unlessOnThreadStack: .r10)
     w.putCmp(.r9, field(.stackLow))
     w.putJcc(.below, keep)

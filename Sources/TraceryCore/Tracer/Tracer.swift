@@ -214,11 +214,12 @@ public final class Tracer: Sendable {
   /// (`PatchSite.Shape.trap`: a signal a call). Off by default: such functions are then refused.
   ///
   /// Caution: code built without patch sites may have been compiled with gcc's `-fipa-ra` (on at
-  /// -O2), whose callers keep values in call-clobbered registers the callee does not touch.
-  /// Handlers (and the trampolines around them) change such registers: a caller may then see
-  /// wrong values. The function graph's recorder touches only r10 and r11 besides what it saves;
-  /// handlers that must be safe there should be attached only to functions built with patch
-  /// sites (gcc turns `-fipa-ra` off for those).
+  /// -O2), whose callers keep values in call-clobbered registers the callee does not touch, and
+  /// with `-fipa-stack-alignment`, whose callers may call it with rsp not 16-byte aligned. The
+  /// function graph (`attachGraph`, the recorder) gives such functions images that preserve every
+  /// register and align the stack before calling anything (`GraphEmitter.preservesAll`). The
+  /// per-function trampolines, ops and multi-attach do not yet: handlers attached through them
+  /// should go only on functions built with patch sites (gcc turns both off for those).
   public var relocatesPrologues: Bool {
     get { state.withLock { $0.relocatesPrologues } }
     set { state.withLock { $0.relocatesPrologues = newValue } }

@@ -10,6 +10,8 @@ import TraceryRecord
 ///   (start-up and the agent's attach are left out) and counts its calls; the bench checks that
 ///   the trace holds exactly that many entries (each of fib's two calls is kept a real call: at
 ///   -O2 clang had turned one into a loop, and the bench divided by twice the calls that ran).
+/// - `tracery-relocated`: the same fib built without patch sites, recorded with
+///   `--relocate` (entries checked the same way), beside the same untraced baseline.
 /// - `program-tracery`, `program-uftrace`: the generated program (`GeneratedProgram`: 2,200
 ///   distinct functions, a call tree and deep chains, ~4.2 M calls) timed whole, start-up
 ///   included, untraced and recorded; ns per recorded call over the untraced run.
@@ -24,11 +26,13 @@ struct RecordBench {
 
   /// The agent preloaded, recording into `traces` as `tracery record` would ask it to (with the
   /// counter's rate measured once, here).
-  static func agentEnvironment(_ agent: String, _ traces: String) -> [String: String] {
+  static func agentEnvironment(_ agent: String, _ traces: String, relocate: Bool = false) -> [String: String] {
     var environment = [
       "LD_PRELOAD": agent, TimeStampCounter.environmentKey: String(TimeStampCounter.ticksPerNanosecond),
     ]
-    AgentEnvironment(directory: traces).apply(to: &environment)
+    var settings = AgentEnvironment(directory: traces)
+    settings.relocate = relocate
+    settings.apply(to: &environment)
     return environment
   }
 
@@ -66,30 +70,40 @@ struct RecordBench {
     try Self.source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
     try GeneratedLibrary.clang(
       ["-O2", "-fpatchable-function-entry=5", sourcePath, "-o", program], building: sourcePath)
+    // `tracery-relocated`: the same fib built without patch sites, recorded with --relocate: its
+    // prologue moved out of line, and its graph image preserving every register
+    // (`GraphEmitter.preservesAll`).
+    let plainProgram = directory + "/fib-plain"
+    try GeneratedLibrary.clang(["-O2", sourcePath, "-o", plainProgram], building: sourcePath)
     let agent = try Recorder.agentPath()
     let traces = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-bench-\(getpid())").path
     defer { try? FileManager.default.removeItem(atPath: traces) }
 
     var untraced: [Double] = []
     var traced: [Double] = []
+    var relocated: [Double] = []
     var calls = 0
     for _ in 0..<runs {
-      let plain = try measure(program, environment: [:])
-      untraced.append(plain.perCall)
-      try? FileManager.default.removeItem(atPath: traces)
-      try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
-      let recorded = try measure(program, environment: Self.agentEnvironment(agent, traces))
-      traced.append(recorded.perCall)
-      calls = recorded.calls
-      let entries = try GeneratedProgram.recordedEntries(in: traces)
-      guard entries == calls else {
-        throw UserError("the trace holds \(entries) entries but fib counted \(calls) calls: the figure would be wrong")
+      untraced.append(try measure(program, environment: [:]).perCall)
+      for (target, relocate) in [(program, false), (plainProgram, true)] {
+        try? FileManager.default.removeItem(atPath: traces)
+        try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
+        let recorded = try measure(target, environment: Self.agentEnvironment(agent, traces, relocate: relocate))
+        if relocate { relocated.append(recorded.perCall) } else { traced.append(recorded.perCall) }
+        calls = recorded.calls
+        let entries = try GeneratedProgram.recordedEntries(in: traces)
+        guard entries == calls else {
+          throw UserError(
+            "the trace holds \(entries) entries but fib counted \(calls) calls: the figure would be wrong")
+        }
       }
     }
     let baseline = median(untraced)
-    report.figure(
-      name: "tracery", n: calls, nsPerItem: median(traced), baseline: baseline,
-      extra: ["overhead_ns_per_call": median(traced) - baseline])
+    for (name, figures) in [("tracery", traced), ("tracery-relocated", relocated)] {
+      report.figure(
+        name: name, n: calls, nsPerItem: median(figures), baseline: baseline,
+        extra: ["overhead_ns_per_call": median(figures) - baseline])
+    }
 
     if report.wants("libcall") { try libraryCalls(report, agent: agent, traces: traces, directory: directory) }
     let uftrace = try? ProgramLocator.locate("uftrace")

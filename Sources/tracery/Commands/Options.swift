@@ -47,14 +47,6 @@ struct RecordOptions: ParsableArguments {
 
   func validate() throws {
     _ = try valueSpecs()
-    // gcc -O2's -fipa-ra lets a caller keep values in registers the callee does not touch; a
-    // function built without patch sites may be such a callee, and the value handlers' calls use
-    // those registers (a program printed wrong numbers: session 8's notes).
-    if relocate && !(argumentSpecs.isEmpty && returnSpecs.isEmpty) {
-      throw ValidationError(
-        "-A/-R cannot be used with --relocate yet: recording values would change registers that code built "
-          + "without patch sites may rely on (gcc's -fipa-ra)")
-    }
   }
 
   /// The -A and -R specs, parsed.
