@@ -41,6 +41,8 @@ let package = Package(
       name: "TraceryRecord", dependencies: ["CTracery"],
       swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
     .target(name: "CTraceryAgent"),
+    // ptrace for `record -p` (glibc's ptrace is variadic).
+    .target(name: "CTraceryInject"),
     // The agent carries its own Swift runtime, kept private: loading libswiftCore.so and its
     // companions cost every traced process 2.2 ms (it starts from `__libc_start_main`, after the
     // runtime's initializers: see CTraceryAgent).
@@ -51,7 +53,7 @@ let package = Package(
     .executableTarget(
       name: "tracery",
       dependencies: [
-        "TraceryCore", "TraceryELF", "TraceryRecord", "CTraceryBench",
+        "TraceryCore", "TraceryELF", "TraceryRecord", "TraceryX86", "CTraceryBench", "CTraceryInject",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]
     ),

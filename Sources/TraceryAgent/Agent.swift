@@ -38,9 +38,21 @@ enum Agent {
   nonisolated(unsafe) static var trappedFunctions = 0
   nonisolated(unsafe) static var untracedFunctions = 0
   nonisolated(unsafe) static var leftOutAsync = 0
+  nonisolated(unsafe) static var handlersRegistered = false
+  /// Why the recorder could not be attached, if it could not.
+  nonisolated(unsafe) static var attachError: String?
+  /// Counts recordings in this process (`record -p` attaches and detaches): a thread's file
+  /// belongs to the recording it was opened in (`ThreadRecording`).
+  nonisolated(unsafe) static var recording: UInt64 = 0
 
   static func start() {
     guard let environment = AgentEnvironment.current() else { return }
+    start(environment, attaching: false)
+  }
+
+  /// Attaches the recorder as `environment` asks. `attaching`: into a program that is already
+  /// running (`record -p`, `attach(settingsPath:)`), whose other threads run meanwhile.
+  static func start(_ environment: AgentEnvironment, attaching: Bool) {
     let directory = environment.directory
     // Only into a directory of this user's, that is not a symbolic link: another user's (or one
     // others may write) could be made to receive, or redirect, what this program passes around.
@@ -95,11 +107,11 @@ enum Agent {
     let anonymous = configuration.match == nil ? table.orphanSites.map(\.address) : []
     let sites = chosen.compactMap { relocatable.contains($0) ? nil : table.functions[$0].site } + anonymous
     // gcc's 1-byte NOP sleds can be rewritten now: the agent starts before other threads (unless a
-    // library's constructor started one).
+    // library's constructor started one). Not in a running program: such sites stay untraced.
     let sleds = sites.filter { site in
       if case .nopSled = ProcessObjects.shape(at: site) { true } else { false }
     }
-    if !sleds.isEmpty { _ = TextPatcher.shared.convertSleds(sleds) }
+    if !sleds.isEmpty, !attaching { _ = TextPatcher.shared.convertSleds(sleds) }
     // A relocated function is named by its entry (the tracer finds its size there).
     var addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
     // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
@@ -114,16 +126,35 @@ enum Agent {
         addresses += chosenStubs.map(\.site)
       }
     }
-    pthread_atfork(nil, nil) { Agent.afterFork() }
-    atexit(Agent.atExit)
+    if !handlersRegistered {
+      handlersRegistered = true
+      pthread_atfork(nil, nil) { Agent.afterFork() }
+      atexit(Agent.atExit)
+    }
     // The process file says what was traced, so it is written after the attach (before the
-    // program runs, hence before any thread's first event appends to it).
-    defer { writeProcessInfo() }
+    // program runs, hence before any thread's first event appends to it). In a running program
+    // threads record as soon as the batch is done, and their first events name the session and
+    // append to the file: it is written first, and what was traced appended (the last line of a
+    // key is the one readers keep).
+    if attaching { writeProcessInfo() }
+    defer {
+      if attaching {
+        appendToProcessFile(
+          "traced-functions \(tracedFunctions)\nrelocated-functions \(relocatedFunctions)\n"
+            + "trapped-functions \(trappedFunctions)\nuntraced-functions \(untracedFunctions)")
+      } else {
+        writeProcessInfo()
+      }
+    }
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
     Tracer.shared.relocatesPrologues = environment.relocate
-    recorder = try? Tracer.shared.attachGraph(
-      .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
+    do {
+      recorder = try Tracer.shared.attachGraph(
+        .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
+    } catch {
+      attachError = "\(error)"
+    }
     for (index, object) in table.objects.enumerated() {
       objectSites[objectKey(object.path, object.bias)] =
         chosen.filter { table.functions[$0].object == index }.compactMap { site($0) }
@@ -355,9 +386,22 @@ enum Agent {
   /// saved) when this thread's chunk is full, or on its first event.
   static let refill: @convention(c) () -> Void = {
     let state = ctracery_thread_state()!
+    if state.pointee.owner > 1, ThreadRecording.of(state).recording != Agent.recording {
+      // A file of an earlier recording (`record -p` detached since; `forceRefills` sent this
+      // thread here): closed by its own thread. Its last events were the exits of calls that
+      // recording saw begin.
+      let old = Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
+        .takeRetainedValue()
+      _ = old.file.close(cursor: state.pointee.event_cursor)
+      state.pointee.owner = 0
+      state.pointee.event_cursor = 0
+      state.pointee.event_end = 0
+    }
     let file: EventFile
     if state.pointee.owner == 0 {
-      guard let configuration = Agent.configuration,
+      // Not recording (detached): nothing to write to; the event is dropped.
+      guard let configuration = Agent.configuration else { return }
+      guard
         let created = EventFile(
           path: "\(configuration.directory)/\(Agent.session)-\(ctracery_gettid()).events", pid: getpid(),
           tid: ctracery_gettid(), chunkSize: Configuration.chunkSize, limit: configuration.bufferLimit)
@@ -365,7 +409,8 @@ enum Agent {
         state.pointee.owner = 1  // no file: this thread's events are dropped (counted in its state)
         return
       }
-      state.pointee.owner = UInt64(UInt(bitPattern: Unmanaged.passRetained(created).toOpaque()))
+      let owner = ThreadRecording(file: created, recording: Agent.recording)
+      state.pointee.owner = UInt64(UInt(bitPattern: Unmanaged.passRetained(owner).toOpaque()))
       pthread_setspecific(Agent.threadKey, UnsafeRawPointer(bitPattern: 1))
       // The process file lists its threads: a reader tells a deleted thread file from one
       // never written.
@@ -374,8 +419,7 @@ enum Agent {
     } else if state.pointee.owner == 1 {
       return
     } else {
-      file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
-        .takeUnretainedValue()
+      file = ThreadRecording.of(state).file
     }
     // The recorder writes while cursor < end: 8 bytes short of the chunk's end leaves room for a
     // 16-byte entry (the reader skips a chunk's last 8 bytes when they are zero). In a thread's
@@ -429,7 +473,8 @@ enum Agent {
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
       if owner > 1 {
-        let file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!).takeRetainedValue()
+        let file = Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!)
+          .takeRetainedValue().file
         let end = file.close(cursor: cursor)
         Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)")
       }
@@ -461,8 +506,7 @@ extension Agent {
   static let atExit: @convention(c) () -> Void = {
     let state = ctracery_thread_state()!
     if state.pointee.owner > 1 {
-      let file = Unmanaged<EventFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
-        .takeUnretainedValue()
+      let file = ThreadRecording.of(state).file
       let end = file.finish(cursor: state.pointee.event_cursor)
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
@@ -487,4 +531,22 @@ public func traceryAgentUnloading(_ name: UnsafePointer<CChar>, _ bias: UInt) {
 @_cdecl("tracery_agent_unloaded")
 public func traceryAgentUnloaded(_ name: UnsafePointer<CChar>, _ bias: UInt) {
   Agent.unloaded(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias))
+}
+
+/// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the
+/// recording it belongs to.
+final class ThreadRecording {
+  let file: EventFile
+  let recording: UInt64
+
+  init(file: EventFile, recording: UInt64) {
+    self.file = file
+    self.recording = recording
+  }
+
+  /// The owner of `state` (its owner word must hold one: > 1).
+  static func of(_ state: UnsafeMutablePointer<ctracery_thread>) -> ThreadRecording {
+    Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
+      .takeUnretainedValue()
+  }
 }

@@ -19,6 +19,13 @@ enum ValueRecorder {
   nonisolated(unsafe) static var items: [UInt64: [ValueSpec.Item]] = [:]
   nonisolated(unsafe) static var link: GraphLink?
 
+  /// Takes the user off every function (`record -p`'s detach). `items` stays as it was until the
+  /// next attach replaces it: a handler that began before may still read it.
+  static func detach() {
+    link?.detach()
+    link = nil
+  }
+
   /// The specs the CLI passed (`AgentEnvironment`); unparsable ones are skipped (the CLI checked
   /// them).
   static func specs(_ environment: AgentEnvironment) -> [ValueSpec] {
@@ -31,6 +38,7 @@ enum ValueRecorder {
   static func attach(
     _ specs: [ValueSpec], kind: NameMatcher.Kind, functions: [(name: String, site: UInt64)], depth: Int?
   ) {
+    items = [:]
     for spec in specs {
       guard let matcher = try? NameMatcher(spec.pattern, kind: kind) else { continue }
       for function in functions where matcher.matchesFunction(function.name) {

@@ -72,20 +72,45 @@ public struct AgentEnvironment: Sendable, Equatable {
 
   /// What this process was given; nil without a trace directory.
   public static func current() -> AgentEnvironment? {
-    func value(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
-    guard let directory = value(Key.directory), !directory.isEmpty else { return nil }
-    var result = AgentEnvironment(
-      directory: directory, match: value(Key.match), depth: value(Key.depth).flatMap { Int($0) },
-      bufferLimit: value(Key.bufferLimit).flatMap { Int($0) } ?? defaultBufferLimit)
-    for line in (value(Key.arguments) ?? "").split(separator: "\n") where line.count > 2 {
-      if line.hasPrefix("A ") { result.argumentSpecs.append(String(line.dropFirst(2))) }
-      if line.hasPrefix("R ") { result.returnSpecs.append(String(line.dropFirst(2))) }
+    AgentEnvironment { name in getenv(name).map { String(cString: $0) } }
+  }
+
+  /// The settings as `NAME=VALUE` lines, for an agent attached to a running process (whose
+  /// environment is the program's): `record -p` writes them to a file the agent reads. A value's
+  /// lines (the -A/-R specs) become lines of the same name.
+  public var settingsText: String {
+    var variables: [String: String] = [:]
+    apply(to: &variables)
+    return variables.sorted { $0.key < $1.key }.flatMap { name, value in
+      value.split(separator: "\n", omittingEmptySubsequences: false).map { "\(name)=\($0)\n" }
+    }.joined()
+  }
+
+  /// Reads `settingsText`; nil without a trace directory.
+  public init?(settingsText text: String) {
+    var variables: [String: String] = [:]
+    for line in text.split(separator: "\n") {
+      guard let equals = line.firstIndex(of: "=") else { continue }
+      let name = String(line[..<equals])
+      let value = String(line[line.index(after: equals)...])
+      variables[name] = variables[name].map { $0 + "\n" + value } ?? value
     }
-    result.patternKind = value(Key.patternKind).flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
-    result.shared = value(Key.shared) == "1"
-    result.relocate = value(Key.relocate) == "1"
-    result.libraryCalls = value(Key.libraryCalls) == "1"
-    return result
+    self.init { variables[$0] }
+  }
+
+  private init?(lookup value: (String) -> String?) {
+    guard let directory = value(Key.directory), !directory.isEmpty else { return nil }
+    self.init(
+      directory: directory, match: value(Key.match), depth: value(Key.depth).flatMap { Int($0) },
+      bufferLimit: value(Key.bufferLimit).flatMap { Int($0) } ?? Self.defaultBufferLimit)
+    for line in (value(Key.arguments) ?? "").split(separator: "\n") where line.count > 2 {
+      if line.hasPrefix("A ") { argumentSpecs.append(String(line.dropFirst(2))) }
+      if line.hasPrefix("R ") { returnSpecs.append(String(line.dropFirst(2))) }
+    }
+    patternKind = value(Key.patternKind).flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
+    shared = value(Key.shared) == "1"
+    relocate = value(Key.relocate) == "1"
+    libraryCalls = value(Key.libraryCalls) == "1"
   }
 
   /// Whether this process was asked to keep traces readable by others (the CLI sets it for its

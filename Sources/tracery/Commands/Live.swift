@@ -18,7 +18,13 @@ struct Live: ParsableCommand {
     try reportingUserErrors {
       let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-live-\(getpid())").path
       defer { try? FileManager.default.removeItem(atPath: directory) }
-      let status = try Recorder(options: record, filters: filters).run(directory: directory)
+      let recorder = Recorder(options: record, filters: filters)
+      var status = ProgramStatus.exited(0)
+      if let pid = record.pid {
+        try Attacher(recorder: recorder, pid: pid, duration: record.durationNanoseconds).run(directory: directory)
+      } else {
+        status = try recorder.run(directory: directory)
+      }
       try TraceReading.read(directory, filters: filters, demangle: demangle) {
         trace, threads, filter, symbolizer, output in
         Readers.replay(trace, threads: threads, filter: filter, names: symbolizer.names, output: output)

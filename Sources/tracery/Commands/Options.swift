@@ -42,12 +42,35 @@ struct RecordOptions: ParsableArguments {
       """)
   var libcall = false
 
+  @Option(
+    name: [.customShort("p"), .customLong("pid")],
+    help: "Attach to this running process instead of starting a program; detach on Ctrl-C or after --duration.")
+  var pid: Int32?
+
+  @Option(name: .long, help: "With -p: record this long, then detach (e.g. 500ms, 5s).")
+  var duration: String?
+
   @Argument(parsing: .captureForPassthrough, help: "-- PROGRAM ARGS...")
   var command: [String] = []
 
   func validate() throws {
     _ = try valueSpecs()
+    if let duration {
+      guard pid != nil else { throw ValidationError("--duration needs -p PID") }
+      guard let nanoseconds = FilterOptions.nanoseconds(duration), nanoseconds > 0 else {
+        throw ValidationError("invalid --duration '\(duration)' (use a number with ns, us, ms or s)")
+      }
+    }
+    if pid != nil {
+      guard command.isEmpty || command == ["--"] else {
+        throw ValidationError("-p attaches to a running process: give no program")
+      }
+      if libcall { throw ValidationError("--libcall cannot be used with -p yet") }
+    }
   }
+
+  /// --duration in nanoseconds.
+  var durationNanoseconds: Double? { duration.flatMap(FilterOptions.nanoseconds) }
 
   /// The -A and -R specs, parsed.
   func valueSpecs() throws -> [ValueSpec] {

@@ -24,7 +24,12 @@ struct Record: ParsableCommand {
 
   func run() throws {
     try reportingUserErrors {
-      let status = try Recorder(options: record, filters: filters).run(directory: directory)
+      let recorder = Recorder(options: record, filters: filters)
+      if let pid = record.pid {
+        try Attacher(recorder: recorder, pid: pid, duration: record.durationNanoseconds).run(directory: directory)
+        return
+      }
+      let status = try recorder.run(directory: directory)
       try status.passThrough()
     }
   }

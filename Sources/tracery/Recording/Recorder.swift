@@ -21,29 +21,14 @@ struct Recorder {
     let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
     // The files this process writes (info) take the trace's mode too (TraceFormat.fileMode).
     if options.shared { AgentEnvironment.requestShared() }
-    try prepare(absolute)
-    var info = RecordingInfo(
-      command: command.joined(separator: " "), program: path, start: ISO8601DateFormatter().string(from: Date()))
-    if !filters.arguments.isEmpty { info.add("filter", filters.arguments.joined(separator: " ")) }
-    if let pattern = options.patch { info.add("patch", pattern) }
-    if options.relocate { info.add("relocate", "yes") }
-    if options.libcall { info.add("libcall", "yes") }
-    for spec in options.argumentSpecs { info.add("argument", spec) }
-    for spec in options.returnSpecs { info.add("retval", spec) }
+    try Self.prepare(absolute, shared: options.shared)
+    let info = recordingInfo(command: command.joined(separator: " "), program: path)
     guard Files.write(info.text, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
 
     var environment = Foundation.ProcessInfo.processInfo.environment
     environment["LD_PRELOAD"] = [agent, environment["LD_PRELOAD"]].compactMap { $0 }.filter { !$0.isEmpty }.joined(
       separator: ":")
-    var agentEnvironment = AgentEnvironment(
-      directory: absolute, match: options.patch, depth: filters.depth, bufferLimit: max(1, options.bufferLimit) << 20)
-    agentEnvironment.argumentSpecs = options.argumentSpecs
-    agentEnvironment.returnSpecs = options.returnSpecs
-    agentEnvironment.patternKind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
-    agentEnvironment.shared = options.shared
-    agentEnvironment.relocate = options.relocate
-    agentEnvironment.libraryCalls = options.libcall
-    agentEnvironment.apply(to: &environment)
+    agentEnvironment(directory: absolute).apply(to: &environment)
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
@@ -64,6 +49,31 @@ struct Recorder {
       )
     }
     return status
+  }
+
+  /// What the agent is asked to do, for a trace in `directory`.
+  func agentEnvironment(directory: String) -> AgentEnvironment {
+    var environment = AgentEnvironment(
+      directory: directory, match: options.patch, depth: filters.depth, bufferLimit: max(1, options.bufferLimit) << 20)
+    environment.argumentSpecs = options.argumentSpecs
+    environment.returnSpecs = options.returnSpecs
+    environment.patternKind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
+    environment.shared = options.shared
+    environment.relocate = options.relocate
+    environment.libraryCalls = options.libcall
+    return environment
+  }
+
+  /// The trace's `info`: the command, its options.
+  func recordingInfo(command: String, program: String) -> RecordingInfo {
+    var info = RecordingInfo(command: command, program: program, start: ISO8601DateFormatter().string(from: Date()))
+    if !filters.arguments.isEmpty { info.add("filter", filters.arguments.joined(separator: " ")) }
+    if let pattern = options.patch { info.add("patch", pattern) }
+    if options.relocate { info.add("relocate", "yes") }
+    if options.libcall { info.add("libcall", "yes") }
+    for spec in options.argumentSpecs { info.add("argument", spec) }
+    for spec in options.returnSpecs { info.add("retval", spec) }
+    return info
   }
 
   /// Cuts every event file of a process that has ended down to what it wrote (a file grows by
@@ -156,7 +166,9 @@ struct Recorder {
     }
   }
 
-  private func prepare(_ directory: String) throws {
+  /// Creates the trace directory (an old trace moved aside to DIR.old): new, this user's, private
+  /// unless `shared`.
+  static func prepare(_ directory: String, shared: Bool) throws {
     let manager = FileManager.default
     // Never through a symbolic link: in a shared /tmp, another user could point it anywhere.
     var status = stat()
@@ -182,10 +194,10 @@ struct Recorder {
       throw UserError("cannot create \(directory): \(error)")
     }
     // The trace directory itself: new, this user's, private unless --shared.
-    guard mkdir(directory, options.shared ? 0o755 : 0o700) == 0 else {
+    guard mkdir(directory, shared ? 0o755 : 0o700) == 0 else {
       throw UserError("cannot create \(directory): \(String(cString: strerror(errno)))")
     }
-    chmod(directory, options.shared ? 0o755 : 0o700)
+    chmod(directory, shared ? 0o755 : 0o700)
   }
 
   /// libtracery-agent.so next to this executable (SwiftPM builds both into one directory), or

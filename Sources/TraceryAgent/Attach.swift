@@ -1,0 +1,138 @@
+import CTraceryShims
+import TraceryCore
+import TraceryRecord
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// `tracery record -p PID`: the agent loaded into a running program (the CLI's injector started a
+/// thread that `dlopen`ed it and called `tracery_agent_attach`).
+///
+/// Protocol, over the Unix socket `DIR/control` the CLI listens on (lines):
+///
+///     agent → CLI   attached N        N functions traced (one patch batch), or
+///                   error MESSAGE     nothing was attached
+///     CLI → agent   stop              (or the connection closes: the CLI was killed)
+///     agent → CLI   detached          every site back as it was, the recording ended
+///
+/// The attach runs on the injected thread, which lives until the detach and then ends (it is
+/// detached, nobody joins it). Detaching takes every site out in one batch, then sends each
+/// thread that ever recorded to its refill at its next event (`forceRefills`), where it closes
+/// its file of this recording itself (`ThreadRecording`): calls that began while attached still
+/// end on trampolines and stubs the reclaimer keeps until no thread is in them, and their exits
+/// land in that file. Attaching again finds the agent loaded and records into the new directory.
+extension Agent {
+  /// One attach or detach at a time.
+  nonisolated(unsafe) static let attachLock: UnsafeMutablePointer<pthread_mutex_t> = {
+    let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    pthread_mutex_init(lock, nil)
+    return lock
+  }()
+
+  static func attach(settingsPath: String) {
+    pthread_detach(pthread_self())
+    guard let bytes = Files.read(settingsPath),
+      let environment = AgentEnvironment(settingsText: String(decoding: bytes, as: UTF8.self))
+    else { return }
+    let control = connectControl(environment.directory + "/control")
+    guard control >= 0 else { return }
+    defer { close(control) }
+    pthread_mutex_lock(attachLock)
+    defer { pthread_mutex_unlock(attachLock) }
+    guard recorder == nil, configuration == nil else {
+      send(control, "error the agent in this process is recording already\n")
+      return
+    }
+    recording &+= 1
+    attachError = nil
+    objects = []
+    objectSites = [:]
+    forceRefills()
+    start(environment, attaching: true)
+    guard recorder != nil else {
+      configuration = nil
+      let reason = (attachError ?? "").split(separator: "\n").first.map(String.init) ?? ""
+      send(control, "error no function could be traced: \(reason)\n")
+      return
+    }
+    send(control, "attached \(tracedFunctions)\n")
+    waitForStop(control)
+    detach()
+    send(control, "detached\n")
+  }
+
+  /// Every site back in one batch; the recording ends (see the type's comment).
+  static func detach() {
+    ValueRecorder.detach()
+    recorder?.detach()
+    recorder = nil
+    configuration = nil
+    recording &+= 1
+    forceRefills()
+    EventFile.sealLeftChunks()
+    appendToProcessFile("end")
+    processPath = ""
+    Tracer.shared.reclaim()
+  }
+
+  /// Sends every thread that has recorded to its refill at its next event (its chunk's end set
+  /// to 0: a plain store into its state; at worst a thread in its refill just then keeps its old
+  /// file one chunk longer).
+  static func forceRefills() {
+    var states = [UInt64](repeating: 0, count: 4096)
+    let count = ctracery_shadow_threads(&states, states.count)
+    for state in states.prefix(max(0, count)) {
+      UnsafeMutablePointer<ctracery_thread>(bitPattern: UInt(state))?.pointee.event_end = 0
+    }
+  }
+
+  /// Blocks until the CLI says `stop` or closes the connection.
+  private static func waitForStop(_ control: Int32) {
+    var buffer = [UInt8](repeating: 0, count: 256)
+    var line: [UInt8] = []
+    while true {
+      let count = read(control, &buffer, buffer.count)
+      if count < 0, errno == EINTR { continue }
+      guard count > 0 else { return }
+      line += buffer.prefix(count)
+      if line.contains(UInt8(ascii: "\n")) { return }
+    }
+  }
+
+  private static func send(_ control: Int32, _ text: String) {
+    _ = text.withCString { write(control, $0, strlen($0)) }
+  }
+
+  /// A connected Unix stream socket to `path`, or -1.
+  private static func connectControl(_ path: String) -> Int32 {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return -1 }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+      close(fd)
+      return -1
+    }
+    withUnsafeMutableBytes(of: &address.sun_path) { slot in
+      slot.copyBytes(from: bytes)
+      slot[bytes.count] = 0
+    }
+    let connected = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
+    guard connected == 0 else {
+      close(fd)
+      return -1
+    }
+    return fd
+  }
+}
+
+@_cdecl("tracery_agent_attach")
+public func traceryAgentAttach(_ settings: UnsafePointer<CChar>) {
+  Agent.attach(settingsPath: String(cString: settings))
+}

@@ -1,0 +1,237 @@
+import Foundation
+import Testing
+import TraceryTestSupport
+
+/// `tracery record -p PID`: attaching to a running program, recording, detaching, again and
+/// again, and the refusals that come before any of it.
+@Suite(.serialized) struct AttachTests {
+  /// A program started in the background with a pipe to its stdin (closing it ends the program).
+  final class Running {
+    let process = Process()
+    let input = Pipe()
+    let output = Pipe()
+    var pid: Int32 { process.processIdentifier }
+
+    init(_ path: String, _ arguments: [String] = []) throws {
+      process.executableURL = URL(fileURLWithPath: path)
+      process.arguments = arguments
+      process.standardInput = input
+      process.standardOutput = output
+      try process.run()
+    }
+
+    /// The program's first line (it prints one when it is ready).
+    func firstLine() -> String {
+      var line = Data()
+      while true {
+        let byte = output.fileHandleForReading.readData(ofLength: 1)
+        if byte.isEmpty || byte == Data("\n".utf8) { break }
+        line += byte
+      }
+      return String(decoding: line, as: UTF8.self)
+    }
+
+    /// Closes its stdin; what it printed after its first line, and its exit status.
+    func finish() -> (output: String, status: Int32) {
+      try? input.fileHandleForWriting.close()
+      let rest = output.fileHandleForReading.readDataToEndOfFile()
+      process.waitUntilExit()
+      return (String(decoding: rest, as: UTF8.self), process.terminationStatus)
+    }
+
+    deinit {
+      if process.isRunning { process.terminate() }
+    }
+  }
+
+  /// `running.c` built with clang -O2 and patch sites, started, and ready.
+  static func startRunning(in directory: URL) throws -> (program: String, running: Running) {
+    let program = try RecordCommandTests.program(
+      "running", compiler: "clang", flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
+    let running = try Running(program)
+    #expect(running.firstLine() == "ready")
+    return (program, running)
+  }
+
+  static let cycles = ProcessInfo.processInfo.environment["TRACERY_LONG_TESTS"] == "1" ? 50 : 4
+
+  /// The program's text as the process has it now, and as its file has it.
+  static func text(of pid: Int32, program: String) throws -> (memory: [UInt8], file: [UInt8]) {
+    let maps = try String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)
+    let resolved = URL(fileURLWithPath: program).resolvingSymlinksInPath().path
+    guard
+      let line = maps.split(separator: "\n").first(where: { $0.contains(" r-xp ") && $0.hasSuffix(resolved) })
+    else { return ([], []) }
+    let fields = line.split(separator: " ")
+    let range = fields[0].split(separator: "-").compactMap { UInt64($0, radix: 16) }
+    let offset = UInt64(fields[2], radix: 16) ?? 0
+    let count = Int(range[1] - range[0])
+    let memory = FileHandle(forReadingAtPath: "/proc/\(pid)/mem")!
+    defer { try? memory.close() }
+    try memory.seek(toOffset: range[0])
+    let inMemory = [UInt8](memory.readData(ofLength: count))
+    let file = FileHandle(forReadingAtPath: program)!
+    defer { try? file.close() }
+    try file.seek(toOffset: offset)
+    return (inMemory, [UInt8](file.readData(ofLength: count)))
+  }
+
+  /// Calls per function, from `tracery report` (millions of calls: not through `dump`).
+  static func calls(_ trace: URL) throws -> [String: Int] {
+    let report = try TestSupport.run(OptimizedProgramTests.tracery, ["report", "-d", trace.path])
+    #expect(report.status == 0, "\(report.stderr)")
+    var counts: [String: Int] = [:]
+    for line in report.stdout.split(separator: "\n") {
+      // "TOTAL UNIT SELF UNIT CALLS MIN UNIT MAX UNIT NAME"
+      let fields = line.split(separator: " ")
+      if fields.count == 10, let calls = Int(fields[4]) { counts[String(fields[9])] = calls }
+    }
+    return counts
+  }
+
+  static func residentKiB(_ pid: Int32) -> Int {
+    let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+  }
+
+  /// A multi-threaded program (two threads in loops of traced calls, one blocked in read, one
+  /// in nanosleep) attached to, recorded and detached from several times (50 with
+  /// TRACERY_LONG_TESTS=1): each recording holds the busy threads' calls, after each detach the
+  /// program's text is its file's again byte for byte, its memory stays bounded, and at the end
+  /// its checksums are right and none of its system calls saw EINTR.
+  @Test func attachRecordDetachAgainAndAgain() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-cycles")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let (program, running) = try Self.startRunning(in: directory)
+    let original = try Self.text(of: running.pid, program: program)
+    try #require(!original.memory.isEmpty && original.memory == original.file)
+    var resident: [Int] = []
+    for cycle in 0..<Self.cycles {
+      let trace = directory.appendingPathComponent("trace-\(cycle)")
+      let recorded = try TestSupport.run(
+        OptimizedProgramTests.tracery,
+        // 1 MiB of events per thread: the busy threads make ~10 million calls a second; the rest
+        // are dropped and counted, which keeps the readers quick.
+        ["record", "-p", String(running.pid), "--duration", "150ms", "--buffer-limit", "1", "-d", trace.path])
+      try #require(recorded.status == 0, "cycle \(cycle): \(recorded.stderr)")
+      #expect(recorded.stderr.contains("attached to process \(running.pid) (6 functions)"), "\(recorded.stderr)")
+      let counts = try Self.calls(trace)
+      #expect((counts["mix"] ?? 0) > 1000 && (counts["step"] ?? 0) > 1000, "cycle \(cycle): \(counts)")
+      // Every site is back as the file has it.
+      let text = try Self.text(of: running.pid, program: program)
+      #expect(text.memory == text.file, "cycle \(cycle): the program's text differs from its file after the detach")
+      resident.append(Self.residentKiB(running.pid))
+    }
+    let info = try TestSupport.run(
+      OptimizedProgramTests.tracery, ["info", "-d", directory.appendingPathComponent("trace-0").path])
+    #expect(info.stdout.contains("running"), "\(info.stdout)")
+    // Memory: what the first attach brought (the agent, its runtime) stays; later cycles add
+    // little (2 MiB of slack a cycle would be a leak of each recording's buffers).
+    if let first = resident.first, let last = resident.last {
+      #expect(last - first < 16 * 1024 + 512 * Self.cycles, "resident KiB per cycle: \(resident)")
+    }
+    let end = running.finish()
+    #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
+  }
+
+  /// The CLI killed while recording: the agent sees its connection close, detaches by itself, and
+  /// the program runs on unharmed.
+  @Test func aKilledRecorderStillDetaches() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-killed")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let (program, running) = try Self.startRunning(in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorder = Process()
+    recorder.executableURL = URL(fileURLWithPath: OptimizedProgramTests.tracery)
+    recorder.arguments = ["record", "-p", String(running.pid), "-d", trace.path]
+    let errors = Pipe()
+    recorder.standardError = errors
+    try recorder.run()
+    // Attached once it says so.
+    var said = Data()
+    while !String(decoding: said, as: UTF8.self).contains("recording until Ctrl-C") {
+      let more = errors.fileHandleForReading.availableData
+      try #require(!more.isEmpty, "\(String(decoding: said, as: UTF8.self))")
+      said += more
+    }
+    usleep(100_000)
+    kill(recorder.processIdentifier, SIGKILL)
+    recorder.waitUntilExit()
+    // The agent detaches: its process file ends, the text is the file's again.
+    let deadline = Date().addingTimeInterval(10)
+    var detached = false
+    while Date() < deadline, !detached {
+      let files = (try? FileManager.default.contentsOfDirectory(atPath: trace.path)) ?? []
+      detached = files.filter { $0.hasPrefix("process-") }.contains { name in
+        ((try? String(contentsOfFile: trace.path + "/" + name, encoding: .utf8)) ?? "").hasSuffix("end\n")
+      }
+      if !detached { usleep(50_000) }
+    }
+    #expect(detached)
+    let text = try Self.text(of: running.pid, program: program)
+    #expect(!text.memory.isEmpty && text.memory == text.file)
+    let end = running.finish()
+    #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
+  }
+
+  /// Each refusal before anything is touched, with its reason: no such process, a process a
+  /// debugger holds, one under a seccomp filter, a statically linked one; and options that do not
+  /// go with -p.
+  @Test func refusalsSayWhy() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-refused")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let tracery = OptimizedProgramTests.tracery
+    func attach(_ pid: Int32, _ options: [String] = []) throws -> TestSupport.ProcessResult {
+      try TestSupport.run(
+        tracery, ["record", "-p", String(pid), "-d", directory.appendingPathComponent("trace").path] + options)
+    }
+    // No such process (pids do not go this high by default).
+    let missing = try attach(4_000_000)
+    #expect(missing.status != 0 && missing.stderr.contains("no process 4000000"), "\(missing.stderr)")
+
+    let (_, running) = try Self.startRunning(in: directory)
+    let holder = try Running(
+      try RecordCommandTests.program("holder", flags: ["-O2"], in: directory), [String(running.pid)])
+    #expect(holder.firstLine() == "holding")
+    let held = try attach(running.pid)
+    #expect(held.status != 0 && held.stderr.contains("already traced by process \(holder.pid)"), "\(held.stderr)")
+    _ = holder.finish()
+
+    let options = try attach(running.pid, ["--libcall"])
+    #expect(options.status != 0 && options.stderr.contains("--libcall cannot be used with -p"), "\(options.stderr)")
+    let program2 = try TestSupport.run(
+      tracery,
+      ["record", "-p", String(running.pid), "-d", directory.appendingPathComponent("t").path, "--", "/bin/true"])
+    #expect(program2.status != 0 && program2.stderr.contains("give no program"), "\(program2.stderr)")
+    let duration = try TestSupport.run(tracery, ["record", "--duration", "1s", "--", "/bin/true"])
+    #expect(duration.status != 0 && duration.stderr.contains("--duration needs -p"), "\(duration.stderr)")
+    #expect(running.finish().output == "checksums ok, interrupted 0\n")
+
+    let filtered = try Running(
+      try RecordCommandTests.program(
+        "filtered", compiler: "clang", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory))
+    #expect(filtered.firstLine() == "ready 1")
+    let sandboxed = try attach(filtered.pid)
+    #expect(sandboxed.status != 0 && sandboxed.stderr.contains("seccomp filter"), "\(sandboxed.stderr)")
+    #expect(filtered.finish().status == 0)
+
+    // Statically linked: no libc to load the agent with.
+    let linkedStatically = try Running(
+      try RecordCommandTests.program(
+        "running", compiler: "gcc", flags: ["-O2", "-pthread", "-static", "-fpatchable-function-entry=5"],
+        in: directory.appendingPathComponent("static", isDirectory: true).creatingDirectory()))
+    #expect(linkedStatically.firstLine() == "ready")
+    let noLibc = try attach(linkedStatically.pid)
+    #expect(noLibc.status != 0 && noLibc.stderr.contains("statically linked"), "\(noLibc.stderr)")
+    #expect(linkedStatically.finish().output == "checksums ok, interrupted 0\n")
+  }
+}
+
+extension URL {
+  /// Creates the directory (and its parents), then returns it.
+  fileprivate func creatingDirectory() throws -> URL {
+    try FileManager.default.createDirectory(at: self, withIntermediateDirectories: true)
+    return self
+  }
+}
