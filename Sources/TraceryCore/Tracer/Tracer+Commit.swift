@@ -173,11 +173,14 @@ extension Tracer {
       }
       return function
     }
+    // (A detach of 50,000 functions: no set of every site, no table grown one insert at a time.)
+    plan.next.reserveCapacity(state.functions.count)
     func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
-      for site in Set(plan.next.keys).union(state.functions.keys) {
-        guard var function = plan.next[site] ?? state.functions[site], matches(function) else { continue }
-        change(&function)
-        plan.next[site] = function
+      for site in Array(plan.next.keys) where matches(plan.next[site]!) { change(&plan.next[site]!) }
+      for (site, function) in state.functions where plan.next[site] == nil && matches(function) {
+        var changed = function
+        change(&changed)
+        plan.next[site] = changed
       }
     }
     for operation in operations {

@@ -1,5 +1,6 @@
 import CTraceryInject
 import Foundation
+import TraceryCore
 import TraceryRecord
 
 /// `tracery record -p PID`: attaches to a running process, records until Ctrl-C, `--duration`
@@ -10,13 +11,26 @@ struct Attacher {
   let pid: pid_t
   /// Nanoseconds to record, or nil: until Ctrl-C.
   let duration: Double?
+  /// Says nothing on stderr (`bench attach`).
+  var quiet = false
+
+  /// When each step ended, for `bench attach`.
+  struct Timing {
+    /// The counter's reading when `run` began (events carry the same counter).
+    var startTicks: UInt64 = 0
+    var attachedNanoseconds: Double = 0
+    var detachNanoseconds: Double = 0
+  }
+  private(set) var timing = Timing()
 
   /// Set by SIGINT while recording.
   nonisolated(unsafe) static var interrupted: sig_atomic_t = 0
 
   /// Records; returns the number of functions the agent traced.
   @discardableResult
-  func run(directory: String) throws -> Int {
+  mutating func run(directory: String) throws -> Int {
+    timing.startTicks = TimeStampCounter.now
+    let start = ContinuousClock.now
     try Injector.preflight(pid)
     let agent = try Recorder.agentPath()
     let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
@@ -51,13 +65,14 @@ struct Attacher {
     guard answer.hasPrefix("attached "), let functions = Int(answer.dropFirst(9)) else {
       throw UserError("the agent in process \(pid) said '\(answer)'")
     }
+    timing.attachedNanoseconds = Self.nanoseconds(ContinuousClock.now - start)
     let oldInterrupt = signal(SIGINT) { _ in Attacher.interrupted = 1 }
     defer { signal(SIGINT, oldInterrupt) }
     Self.interrupted = 0
     let message =
       "tracery: attached to process \(pid) (\(functions) functions); recording "
       + (duration == nil ? "until Ctrl-C\n" : "for \(recorder.options.duration ?? "")\n")
-    FileHandle.standardError.write(Data(message.utf8))
+    if !quiet { FileHandle.standardError.write(Data(message.utf8)) }
     let deadline = duration.map { DispatchTime.now().uptimeNanoseconds + UInt64($0) }
     var ended = false
     while Self.interrupted == 0 {
@@ -68,14 +83,20 @@ struct Attacher {
       }
     }
     if !ended {
+      let stop = ContinuousClock.now
       _ = "stop\n".withCString { write(control, $0, strlen($0)) }
       guard reader.line(timeoutMilliseconds: 30_000) == "detached" else {
         throw UserError("the agent in process \(pid) did not confirm its detach")
       }
+      timing.detachNanoseconds = Self.nanoseconds(ContinuousClock.now - stop)
     }
     _ = Files.append(ended ? "process-ended\n" : "detached\n", to: absolute + "/info")
     Recorder.trimEventFiles(in: absolute)
     return functions
+  }
+
+  private static func nanoseconds(_ duration: Duration) -> Double {
+    Double(duration.components.seconds) * 1e9 + Double(duration.components.attoseconds) / 1e9
   }
 
   /// A Unix stream socket listening at `path` (only this user may connect: the trace directory

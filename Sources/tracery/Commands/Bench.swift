@@ -29,13 +29,16 @@ struct Bench: ParsableCommand {
       this program (Swift -O) and gzip (gcc -O2, built from Debian's sources once) would be traced \
       with --relocate: at a NOP, relocated, through an int3 (and why), or not; ns per function to \
       decide, and the share of functions of 5 bytes or more relocated and traceable.
+        attach  record -p on a running program calling a generated object of 1,000 and 50,000 \
+      patchable functions: ms from the command to the agent's attached, to the first recorded event, \
+      and to detach, for the first attach (which loads the agent) and the later ones.
       Each figure is the median of --runs runs. --json prints one object per line with the keys \
       suite, name, n, ns_per_item (and baseline_ns_per_item where an untraced baseline applies).
       """
   )
 
   enum Suite: String, ExpressibleByArgument, CaseIterable {
-    case patch, trigger, graph, record, read, relocate
+    case patch, trigger, graph, record, read, relocate, attach
   }
 
   @Argument(help: "The suite to run: \(Suite.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -78,6 +81,7 @@ struct Bench: ParsableCommand {
       case .trigger: try TriggerBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .graph: try GraphBench(runs: runs).run(report)
       case .record: try RecordBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
+      case .attach: try AttachBench(runs: runs, cacheDirectory: cacheDirectory).run(report)
       case .read: try ReadBench(runs: min(runs, 3), cacheDirectory: cacheDirectory).run(report)
       case .relocate: try RelocateBench(runs: min(runs, 3), cacheDirectory: cacheDirectory).run(report)
       }

@@ -21,7 +21,8 @@ struct Live: ParsableCommand {
       let recorder = Recorder(options: record, filters: filters)
       var status = ProgramStatus.exited(0)
       if let pid = record.pid {
-        try Attacher(recorder: recorder, pid: pid, duration: record.durationNanoseconds).run(directory: directory)
+        var attacher = Attacher(recorder: recorder, pid: pid, duration: record.durationNanoseconds)
+        try attacher.run(directory: directory)
       } else {
         status = try recorder.run(directory: directory)
       }

@@ -26,7 +26,8 @@ struct Record: ParsableCommand {
     try reportingUserErrors {
       let recorder = Recorder(options: record, filters: filters)
       if let pid = record.pid {
-        try Attacher(recorder: recorder, pid: pid, duration: record.durationNanoseconds).run(directory: directory)
+        var attacher = Attacher(recorder: recorder, pid: pid, duration: record.durationNanoseconds)
+        try attacher.run(directory: directory)
         return
       }
       let status = try recorder.run(directory: directory)
