@@ -35,12 +35,8 @@ struct AttachBench {
     """
 
   func run(_ report: BenchReport) throws {
-    let directory = cacheDirectory + "/attach"
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-    let sourcePath = directory + "/host.c"
-    let host = directory + "/host"
-    try Self.hostSource.write(toFile: sourcePath, atomically: true, encoding: .utf8)
-    try GeneratedLibrary.clang(["-O2", sourcePath, "-o", host, "-ldl"], building: sourcePath)
+    let host = try GeneratedLibrary.program(
+      Self.hostSource, named: "host", in: cacheDirectory + "/attach", flags: ["-O2", "-ldl"])
     for functions in [1_000, 50_000] {
       let library = try GeneratedLibrary.path(functions: functions, directory: cacheDirectory, report: report)
       let process = Process()

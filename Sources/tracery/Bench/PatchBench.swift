@@ -166,6 +166,17 @@ enum GeneratedLibrary {
     return handle
   }
 
+  /// `source` (C) written to `directory/name.c` and built by clang with `flags` into
+  /// `directory/name`; returns the program's path.
+  static func program(_ source: String, named name: String, in directory: String, flags: [String]) throws -> String {
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    let sourcePath = "\(directory)/\(name).c"
+    let program = "\(directory)/\(name)"
+    try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+    try clang([sourcePath, "-o", program] + flags, building: sourcePath)
+    return program
+  }
+
   /// Runs clang (found on PATH) with `arguments`.
   static func clang(_ arguments: [String], building source: String) throws {
     let process = Process()
