@@ -39,6 +39,8 @@ enum Agent {
   nonisolated(unsafe) static var untracedFunctions = 0
   nonisolated(unsafe) static var leftOutAsync = 0
   nonisolated(unsafe) static var handlersRegistered = false
+  /// gcc NOP sleds left untraced in a running program (see `start`).
+  nonisolated(unsafe) static var untracedSleds = 0
   /// Why the recorder could not be attached, if it could not.
   nonisolated(unsafe) static var attachError: String?
   /// Counts recordings in this process (`record -p` attaches and detaches): a thread's file
@@ -107,13 +109,33 @@ enum Agent {
     let anonymous = configuration.match == nil ? table.orphanSites.map(\.address) : []
     let sites = chosen.compactMap { relocatable.contains($0) ? nil : table.functions[$0].site } + anonymous
     // gcc's 1-byte NOP sleds can be rewritten now: the agent starts before other threads (unless a
-    // library's constructor started one). Not in a running program: such sites stay untraced.
+    // library's constructor started one). In a running program a thread may be stopped between
+    // two of those NOPs: there they are moved out of line like a prologue (five NOPs and a jump
+    // back, `Tracer.relocatesPrologues`), which moves such a thread to the copy. Not when a
+    // thread cannot be looked at (it blocks the snapshot signal): the tracer would fall back on
+    // int3 sites, and a thread that blocks SIGTRAP (the agent does not keep it deliverable when
+    // it was not preloaded) would be killed at one; those functions stay untraced then.
     let sleds = sites.filter { site in
       if case .nopSled = ProcessObjects.shape(at: site) { true } else { false }
     }
-    if !sleds.isEmpty, !attaching { _ = TextPatcher.shared.convertSleds(sleds) }
+    var movedSleds = false
+    var sitesToTrace = sites
+    if !sleds.isEmpty {
+      if !attaching {
+        _ = TextPatcher.shared.convertSleds(sleds)
+      } else if Tracer.threadsCanBeMoved() {
+        movedSleds = true
+      } else {
+        let left = Set(sleds)
+        sitesToTrace.removeAll { left.contains($0) }
+        untracedSleds = sleds.count
+        attachError =
+          "\(sleds.count) functions have gcc's 5×1-byte NOP sleds, which cannot be rewritten while a thread "
+          + "that blocks signal \(ctracery_snapshot_signal()) (SIGRTMAX-1) runs (build with clang)"
+      }
+    }
     // A relocated function is named by its entry (the tracer finds its size there).
-    var addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
+    var addresses = sitesToTrace + chosen.filter(relocatable.contains).map { table.functions[$0].address }
     // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
     if environment.libraryCalls, let main = ProcessObjects.list().first {
       let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias, skip: Self.isSwiftAsync)) ?? []
@@ -148,7 +170,7 @@ enum Agent {
     }
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
-    Tracer.shared.relocatesPrologues = environment.relocate
+    Tracer.shared.relocatesPrologues = environment.relocate || movedSleds
     do {
       recorder = try Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
@@ -163,7 +185,7 @@ enum Agent {
     tracedFunctions = shapes.values.reduce(0, +)
     relocatedFunctions = shapes[.relocated] ?? 0
     trappedFunctions = shapes[.trap] ?? 0
-    untracedFunctions = addresses.count - tracedFunctions
+    untracedFunctions = addresses.count - tracedFunctions + untracedSleds
     let specs = ValueRecorder.specs(environment)
     if recorder != nil, !specs.isEmpty {
       let functions = chosen.compactMap { index in site(index).map { (name: table.functions[index].name, site: $0) } }

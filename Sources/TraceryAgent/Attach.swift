@@ -46,6 +46,7 @@ extension Agent {
     }
     recording &+= 1
     attachError = nil
+    untracedSleds = 0
     objects = []
     objectSites = [:]
     forceRefills()
@@ -100,8 +101,9 @@ extension Agent {
     }
   }
 
+  /// MSG_NOSIGNAL: a CLI that is gone must not kill the program with SIGPIPE.
   private static func send(_ control: Int32, _ text: String) {
-    _ = text.withCString { write(control, $0, strlen($0)) }
+    _ = text.withCString { Glibc.send(control, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
   }
 
   /// A connected Unix stream socket to `path`, or -1.

@@ -44,10 +44,11 @@ import TraceryTestSupport
     }
   }
 
-  /// `running.c` built with clang -O2 and patch sites, started, and ready.
-  static func startRunning(in directory: URL) throws -> (program: String, running: Running) {
+  /// `running.c` built with -O2 and patch sites (clang: a 5-byte NOP; gcc: five 1-byte NOPs),
+  /// started, and ready.
+  static func startRunning(in directory: URL, compiler: String = "clang") throws -> (program: String, running: Running) {
     let program = try RecordCommandTests.program(
-      "running", compiler: "clang", flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
+      "running", compiler: compiler, flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
     let running = try Running(program)
     #expect(running.firstLine() == "ready")
     return (program, running)
@@ -99,11 +100,13 @@ import TraceryTestSupport
   /// in nanosleep) attached to, recorded and detached from several times (50 with
   /// TRACERY_LONG_TESTS=1): each recording holds the busy threads' calls, after each detach the
   /// program's text is its file's again byte for byte, its memory stays bounded, and at the end
-  /// its checksums are right and none of its system calls saw EINTR.
-  @Test func attachRecordDetachAgainAndAgain() throws {
+  /// its checksums are right and none of its system calls saw EINTR. Built by gcc, its sites are
+  /// 1-byte NOP sleds, which a running program's threads may be stopped inside: they are moved
+  /// out of line like a prologue (and come back whole at the detach).
+  @Test(arguments: ["clang", "gcc"]) func attachRecordDetachAgainAndAgain(compiler: String) throws {
     let directory = try TestSupport.temporaryDirectory("attach-cycles")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let (program, running) = try Self.startRunning(in: directory)
+    let (program, running) = try Self.startRunning(in: directory, compiler: compiler)
     let original = try Self.text(of: running.pid, program: program)
     try #require(!original.memory.isEmpty && original.memory == original.file)
     var resident: [Int] = []

@@ -57,7 +57,7 @@ extension Tracer {
   /// (`TextPatcher.moveThreadsOut`): none of them is running with the snapshot signal blocked
   /// (it would be polled for ~100 ms, then the relocation abandoned for an int3). Functions are
   /// given trap sites at once otherwise.
-  static func threadsCanBeMoved() -> Bool {
+  public static func threadsCanBeMoved() -> Bool {
     let me = ctracery_gettid()
     return Reclaimer.threadIDs().allSatisfy { tid in
       tid == me || !Reclaimer.blocksSnapshotSignal(tid) || Reclaimer.blockedRegisters(of: tid) != nil

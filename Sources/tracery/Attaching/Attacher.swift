@@ -84,7 +84,8 @@ struct Attacher {
     }
     if !ended {
       let stop = ContinuousClock.now
-      _ = "stop\n".withCString { write(control, $0, strlen($0)) }
+      // (MSG_NOSIGNAL: the process may have ended just now.)
+      _ = "stop\n".withCString { send(control, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
       guard reader.line(timeoutMilliseconds: 30_000) == "detached" else {
         throw UserError("the agent in process \(pid) did not confirm its detach")
       }

@@ -6,6 +6,7 @@
 // call the program can see).
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +65,11 @@ static void *sleeper(void *unused) {
 }
 
 int main(void) {
+  // Started from a shell, a program's signal mask is empty; started by the test runner it would
+  // inherit the runner's (which blocks real-time signals).
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
   if (pipe(pipe_ends) != 0) return 1;
   struct busy work[2] = {{1, 0, 0}, {2, 0, 0}};
   pthread_t threads[4];
