@@ -46,7 +46,8 @@ import TraceryTestSupport
 
   /// `running.c` built with -O2 and patch sites (clang: a 5-byte NOP; gcc: five 1-byte NOPs),
   /// started, and ready.
-  static func startRunning(in directory: URL, compiler: String = "clang") throws -> (program: String, running: Running) {
+  static func startRunning(in directory: URL, compiler: String = "clang") throws -> (program: String, running: Running)
+  {
     let program = try RecordCommandTests.program(
       "running", compiler: compiler, flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
     let running = try Running(program)
