@@ -204,6 +204,8 @@ import TraceryTestSupport
 
     let options = try attach(running.pid, ["--libcall"])
     #expect(options.status != 0 && options.stderr.contains("--libcall cannot be used with -p"), "\(options.stderr)")
+    let relocate = try attach(running.pid, ["--relocate"])
+    #expect(relocate.status != 0 && relocate.stderr.contains("blocks SIGTRAP"), "\(relocate.stderr)")
     let program2 = try TestSupport.run(
       tracery,
       ["record", "-p", String(running.pid), "-d", directory.appendingPathComponent("t").path, "--", "/bin/true"])
