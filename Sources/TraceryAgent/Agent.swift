@@ -158,7 +158,10 @@ enum Agent {
     // threads record as soon as the batch is done, and their first events name the session and
     // append to the file: it is written first, and what was traced appended (the last line of a
     // key is the one readers keep).
-    if attaching { writeProcessInfo() }
+    if attaching {
+      writeProcessInfo()
+      allowRefills()
+    }
     defer {
       if attaching {
         appendToProcessFile(
@@ -370,7 +373,7 @@ enum Agent {
     session = "\(pid).\(generation)"
     processPath = path
     let arguments =
-      Files.read("/proc/self/cmdline").map { bytes in
+      Files.read("/proc/thread-self/cmdline").map { bytes in
         bytes.split(separator: 0, omittingEmptySubsequences: false).dropLast().map {
           String(decoding: $0, as: UTF8.self)
         }
@@ -391,7 +394,7 @@ enum Agent {
 
   static func resolvedExecutable() -> String {
     var buffer = [CChar](repeating: 0, count: 4096)
-    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let count = readlink("/proc/thread-self/exe", &buffer, buffer.count - 1)
     return count > 0 ? String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
   }
 
@@ -407,6 +410,9 @@ enum Agent {
   /// The recorder's refill: called by generated code (recursion guard held, every register
   /// saved) when this thread's chunk is full, or on its first event.
   static let refill: @convention(c) () -> Void = {
+    // While `record -p` changes what is read here, the event is dropped (counted by the caller).
+    guard enterRefill() else { return }
+    defer { leaveRefill() }
     let state = ctracery_thread_state()!
     if state.pointee.owner > 1, ThreadRecording.of(state).recording != Agent.recording {
       // A file of an earlier recording (`record -p` detached since; `forceRefills` sent this
@@ -472,7 +478,10 @@ enum Agent {
   /// recorder, on a subset of the same functions, declines those too).
   static let unwound: UnwoundHandler = { frame in
     let depth = frame.pointee.depth
-    if let limit = Agent.configuration?.depth, depth >= UInt64(max(0, limit)) { return }
+    guard Agent.enterRefill() else { return }
+    let limit = Agent.configuration?.depth
+    Agent.leaveRefill()
+    if let limit, depth >= UInt64(max(0, limit)) { return }
     let state = ctracery_thread_state()!
     if state.pointee.event_cursor >= state.pointee.event_end { Agent.refill() }
     guard state.pointee.event_cursor < state.pointee.event_end else {
@@ -488,6 +497,8 @@ enum Agent {
   static let threadKey: pthread_key_t = {
     var key = pthread_key_t()
     pthread_key_create(&key) { _ in
+      Agent.waitToEnterRefill()
+      defer { Agent.leaveRefill() }
       let state = ctracery_thread_state()!
       let owner = state.pointee.owner
       let cursor = state.pointee.event_cursor
@@ -495,10 +506,11 @@ enum Agent {
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
       if owner > 1 {
-        let file = Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!)
-          .takeRetainedValue().file
-        let end = file.close(cursor: cursor)
-        Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)")
+        let thread = Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!)
+          .takeRetainedValue()
+        let end = thread.file.close(cursor: cursor)
+        // (A file of an earlier recording is not listed in this one's process file.)
+        if thread.recording == Agent.recording { Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
       }
     }
     return key
@@ -526,13 +538,15 @@ extension Agent {
   /// records nothing after this (its later events are dropped and counted); threads still running
   /// keep their last chunk open (readers check its events one by one).
   static let atExit: @convention(c) () -> Void = {
+    waitToEnterRefill()
+    defer { leaveRefill() }
     let state = ctracery_thread_state()!
     if state.pointee.owner > 1 {
-      let file = ThreadRecording.of(state).file
-      let end = file.finish(cursor: state.pointee.event_cursor)
+      let thread = ThreadRecording.of(state)
+      let end = thread.file.finish(cursor: state.pointee.event_cursor)
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
-      appendToProcessFile("thread-end \(ctracery_gettid()) \(end)")
+      if thread.recording == recording { appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
     }
     EventFile.sealLeftChunks()
     appendToProcessFile("end")

@@ -1,4 +1,5 @@
 import CTraceryShims
+import Synchronization
 import TraceryCore
 import TraceryRecord
 
@@ -23,6 +24,34 @@ import TraceryRecord
 /// end on trampolines and stubs the reclaimer keeps until no thread is in them, and their exits
 /// land in that file. Attaching again finds the agent loaded and records into the new directory.
 extension Agent {
+  /// What the recorder's refill (and a thread's exit) reads — the configuration, the session, the
+  /// process file, the recording's number — is changed by an attach or a detach while the
+  /// program's threads run: they would read Swift strings being replaced. Bit 0 set: being
+  /// changed (`stopRefills`); the other bits count the refills in flight, 2 each. A refill that
+  /// finds it set drops its event; a thread's exit waits.
+  static let refillGate = Atomic<Int>(0)
+
+  /// false: do not read the shared state (being changed); else call `leaveRefill` when done.
+  static func enterRefill() -> Bool {
+    guard refillGate.add(2, ordering: .sequentiallyConsistent).newValue & 1 != 0 else { return true }
+    refillGate.subtract(2, ordering: .sequentiallyConsistent)
+    return false
+  }
+
+  static func waitToEnterRefill() {
+    while !enterRefill() { usleep(50) }
+  }
+
+  static func leaveRefill() { refillGate.subtract(2, ordering: .sequentiallyConsistent) }
+
+  /// Closes the gate and waits until no refill reads the shared state.
+  static func stopRefills() {
+    refillGate.bitwiseOr(1, ordering: .sequentiallyConsistent)
+    while refillGate.load(ordering: .sequentiallyConsistent) != 1 { usleep(20) }
+  }
+
+  static func allowRefills() { refillGate.bitwiseAnd(~1, ordering: .sequentiallyConsistent) }
+
   /// One attach or detach at a time.
   nonisolated(unsafe) static let attachLock: UnsafeMutablePointer<pthread_mutex_t> = {
     let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
@@ -44,6 +73,9 @@ extension Agent {
       send(control, "error the agent in this process is recording already\n")
       return
     }
+    // Closed until `start` has named the session and written the process file (it opens it
+    // before patching).
+    stopRefills()
     recording &+= 1
     attachError = nil
     untracedSleds = 0
@@ -51,6 +83,7 @@ extension Agent {
     objectSites = [:]
     forceRefills()
     start(environment, attaching: true)
+    allowRefills()
     guard recorder != nil else {
       configuration = nil
       let reason = (attachError ?? "").split(separator: "\n").first.map(String.init) ?? ""
@@ -68,12 +101,14 @@ extension Agent {
     ValueRecorder.detach()
     recorder?.detach()
     recorder = nil
+    stopRefills()
     configuration = nil
     recording &+= 1
-    forceRefills()
     EventFile.sealLeftChunks()
     appendToProcessFile("end")
     processPath = ""
+    allowRefills()
+    forceRefills()
     Tracer.shared.reclaim()
   }
 

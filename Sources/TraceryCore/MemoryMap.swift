@@ -19,7 +19,7 @@ struct MemoryMap: Sendable {
   private let executable: [UInt64]
 
   static func current() -> MemoryMap {
-    MemoryMap(parsing: System.readFile("/proc/self/maps") ?? [])
+    MemoryMap(parsing: System.readFile("/proc/thread-self/maps") ?? [])
   }
 
   /// Parses the text of `/proc/PID/maps`: `start-end perms offset dev inode path` per line (only

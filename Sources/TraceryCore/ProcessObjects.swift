@@ -6,7 +6,8 @@ import TraceryX86
 public enum ProcessObjects {
   /// One loaded object.
   public struct Entry: Sendable, Equatable {
-    /// Absolute path of its file ("/proc/self/exe" resolved for the main program).
+    /// Absolute path of its file (the thread's /proc exe link resolved for the main program:
+    /// /proc/self/exe is gone once the main thread has exited, while others run).
     public let path: String
     /// Runtime address = link-time address + bias.
     public let bias: UInt64
@@ -16,7 +17,7 @@ public enum ProcessObjects {
   /// the program; as it was given to `dlopen`, so `./plugin.so` is relative (to the directory then
   /// current, which it normally still is); the vDSO's has no slash and no file (returned as is).
   public static func path(ofLoaded name: String) -> String {
-    if name.isEmpty { return System.resolvedPath("/proc/self/exe") }
+    if name.isEmpty { return System.resolvedPath("/proc/thread-self/exe") }
     return name.hasPrefix("/") || !name.contains("/") ? name : System.resolvedPath(name)
   }
 

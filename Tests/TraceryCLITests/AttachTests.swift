@@ -46,11 +46,12 @@ import TraceryTestSupport
 
   /// `running.c` built with -O2 and patch sites (clang: a 5-byte NOP; gcc: five 1-byte NOPs),
   /// started, and ready.
-  static func startRunning(in directory: URL, compiler: String = "clang") throws -> (program: String, running: Running)
-  {
+  static func startRunning(
+    in directory: URL, compiler: String = "clang", arguments: [String] = []
+  ) throws -> (program: String, running: Running) {
     let program = try RecordCommandTests.program(
       "running", compiler: compiler, flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
-    let running = try Running(program)
+    let running = try Running(program, arguments)
     #expect(running.firstLine() == "ready")
     return (program, running)
   }
@@ -119,7 +120,7 @@ import TraceryTestSupport
         // are dropped and counted, which keeps the readers quick.
         ["record", "-p", String(running.pid), "--duration", "150ms", "--buffer-limit", "1", "-d", trace.path])
       try #require(recorded.status == 0, "cycle \(cycle): \(recorded.stderr)")
-      #expect(recorded.stderr.contains("attached to process \(running.pid) (6 functions)"), "\(recorded.stderr)")
+      #expect(recorded.stderr.contains("attached to process \(running.pid) (7 functions)"), "\(recorded.stderr)")
       let counts = try Self.calls(trace)
       #expect((counts["mix"] ?? 0) > 1000 && (counts["step"] ?? 0) > 1000, "cycle \(cycle): \(counts)")
       // Every site is back as the file has it.
@@ -135,6 +136,23 @@ import TraceryTestSupport
     if let first = resident.first, let last = resident.last {
       #expect(last - first < 16 * 1024 + 512 * Self.cycles, "resident KiB per cycle: \(resident)")
     }
+    let end = running.finish()
+    #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
+  }
+
+  /// A program whose main thread has left (`pthread_exit`: a zombie thread ptrace cannot stop)
+  /// is attached to through another of its threads.
+  @Test func aProgramWhoseMainThreadExited() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-main-exited")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let (_, running) = try Self.startRunning(in: directory, arguments: ["exit-main"])
+    usleep(100_000)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try TestSupport.run(
+      OptimizedProgramTests.tracery,
+      ["record", "-p", String(running.pid), "--duration", "100ms", "--buffer-limit", "1", "-d", trace.path])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect((try Self.calls(trace)["mix"] ?? 0) > 1000)
     let end = running.finish()
     #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
   }

@@ -36,7 +36,9 @@ struct Attacher {
     let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
     if recorder.options.shared { AgentEnvironment.requestShared() }
     let executable =
-      (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")) ?? "process \(pid)"
+      (try? FileManager.default.destinationOfSymbolicLink(
+        atPath: "/proc/\(pid)/task/\(Injector.liveThread(of: pid))/exe"))
+      ?? "process \(pid)"
     try Recorder.prepare(absolute, shared: recorder.options.shared)
     var info = recorder.recordingInfo(command: "attach \(pid)", program: executable)
     info.add("attached", String(pid))

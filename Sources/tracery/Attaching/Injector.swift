@@ -84,7 +84,8 @@ enum Injector {
   /// The offset of `pid`'s libc from this process's (the same file in both).
   private static func libcBase(in pid: pid_t) throws -> Int64 {
     guard let own = libc(in: "/proc/self/maps").first else { throw UserError("this process maps no libc") }
-    let theirs = libc(in: "/proc/\(pid)/maps")
+    // (Through a live thread: a main thread that has exited shows no mappings.)
+    let theirs = libc(in: "/proc/\(pid)/task/\(liveThread(of: pid))/maps")
     guard !theirs.isEmpty else {
       throw UserError("process \(pid) does not load libc (statically linked?): the agent cannot be loaded into it")
     }
@@ -93,6 +94,17 @@ enum Injector {
         "process \(pid) maps another libc than tracery's (another root or container?): the agent cannot be loaded")
     }
     return Int64(bitPattern: match.start &- own.start)
+  }
+
+  /// The thread to stop: the main one, unless it has exited (`pthread_exit` in main leaves it a
+  /// zombie, which ptrace cannot stop) while others run.
+  static func liveThread(of pid: pid_t) -> pid_t {
+    func isZombie(_ tid: String) -> Bool {
+      procText("/proc/\(pid)/task/\(tid)/status").split(separator: "\n").contains { $0.hasPrefix("State:\tZ") }
+    }
+    guard isZombie(String(pid)) else { return pid }
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.compactMap { Int32($0) }.sorted().first { !isZombie(String($0)) } ?? pid
   }
 
   /// The address in `pid` of libc's `name`.
@@ -111,7 +123,7 @@ enum Injector {
     let dlopen = try function("dlopen", offset: offset)
     let dlsym = try function("dlsym", offset: offset)
     let munmap = try function("munmap", offset: offset)
-    var thread = try RemoteThread(pid: pid)
+    var thread = try RemoteThread(process: pid, tid: liveThread(of: pid))
     defer { thread.detach() }
     let pageSize: UInt64 = 4096
     let page = try thread.call(

@@ -15,55 +15,59 @@ import Foundation
 /// Memory is written through /proc/PID/mem, which reaches read-only and executable pages of a
 /// process we trace.
 struct RemoteThread {
-  let pid: pid_t
+  /// The thread (the process's own id for its main thread).
+  let tid: pid_t
   private let memory: Int32
   private let saved: user_regs_struct
   private var stopped = true
 
-  /// Seizes and stops `pid`'s main thread. Throws with the reason when it cannot.
-  init(pid: pid_t) throws {
-    self.pid = pid
-    memory = open("/proc/\(pid)/mem", O_RDWR | O_CLOEXEC)
-    guard memory >= 0 else { throw UserError("cannot open /proc/\(pid)/mem: \(String(cString: strerror(errno)))") }
-    guard ctracery_ptrace_seize(pid) == 0 else {
+  /// Seizes and stops thread `tid` of process `process`. Throws with the reason when it cannot.
+  init(process: pid_t, tid: pid_t) throws {
+    self.tid = tid
+    // (The thread's own view: a main thread that has exited has no memory to show.)
+    memory = open("/proc/\(process)/task/\(tid)/mem", O_RDWR | O_CLOEXEC)
+    guard memory >= 0 else {
+      throw UserError("cannot open /proc/\(process)/mem: \(String(cString: strerror(errno)))")
+    }
+    guard ctracery_ptrace_seize(tid) == 0 else {
       let reason = String(cString: strerror(errno))
       close(memory)
-      throw UserError("cannot trace process \(pid) (ptrace: \(reason))")
+      throw UserError("cannot trace thread \(tid) of process \(process) (ptrace: \(reason))")
     }
     do {
-      guard ctracery_ptrace_interrupt(pid) == 0 else { throw UserError("cannot stop process \(pid)") }
-      try Self.waitForInterrupt(pid)
+      guard ctracery_ptrace_interrupt(tid) == 0 else { throw UserError("cannot stop thread \(tid)") }
+      try Self.waitForInterrupt(tid)
       var registers = user_regs_struct()
-      guard ctracery_ptrace_getregs(pid, &registers) == 0 else { throw UserError("cannot read the registers") }
+      guard ctracery_ptrace_getregs(tid, &registers) == 0 else { throw UserError("cannot read the registers") }
       saved = registers
     } catch {
-      _ = ctracery_ptrace_detach(pid, 0)
+      _ = ctracery_ptrace_detach(tid, 0)
       close(memory)
       throw error
     }
   }
 
   /// Waits for the interrupt's stop; signal-delivery stops on the way are passed on.
-  private static func waitForInterrupt(_ pid: pid_t) throws {
+  private static func waitForInterrupt(_ tid: pid_t) throws {
     while true {
-      let status = try waitStop(pid)
+      let status = try waitStop(tid)
       let signal = (status >> 8) & 0xff
       if ctracery_ptrace_event(status) == ctracery_ptrace_event_stop() { return }
-      guard ctracery_ptrace_cont(pid, signal) == 0 else { throw UserError("cannot resume process \(pid)") }
+      guard ctracery_ptrace_cont(tid, signal) == 0 else { throw UserError("cannot resume thread \(tid)") }
     }
   }
 
-  /// The next stop of `pid` (its wait status); throws when it ended instead.
-  private static func waitStop(_ pid: pid_t) throws -> Int32 {
+  /// The next stop of `tid` (its wait status); throws when it ended instead.
+  private static func waitStop(_ tid: pid_t) throws -> Int32 {
     var status: Int32 = 0
     while true {
-      let result = waitpid(pid, &status, __WALL)
-      if result == pid { break }
+      let result = waitpid(tid, &status, __WALL)
+      if result == tid { break }
       guard result < 0, errno == EINTR else {
-        throw UserError("waiting for process \(pid): \(String(cString: strerror(errno)))")
+        throw UserError("waiting for thread \(tid): \(String(cString: strerror(errno)))")
       }
     }
-    guard status & 0xff == 0x7f else { throw UserError("process \(pid) ended while being attached to") }
+    guard status & 0xff == 0x7f else { throw UserError("thread \(tid) ended while being attached to") }
     return status
   }
 
@@ -81,11 +85,11 @@ struct RemoteThread {
     registers.orig_rax = UInt64.max
     let slots: [WritableKeyPath<user_regs_struct, UInt64>] = [\.rdi, \.rsi, \.rdx, \.rcx, \.r8, \.r9]
     for (slot, value) in zip(slots, arguments) { registers[keyPath: slot] = value }
-    guard ctracery_ptrace_setregs(pid, &registers) == 0 else { throw UserError("cannot set the registers") }
+    guard ctracery_ptrace_setregs(tid, &registers) == 0 else { throw UserError("cannot set the registers") }
     var signal: Int32 = 0
     while true {
-      guard ctracery_ptrace_cont(pid, signal) == 0 else { throw UserError("cannot resume process \(pid)") }
-      let status = try Self.waitStop(pid)
+      guard ctracery_ptrace_cont(tid, signal) == 0 else { throw UserError("cannot resume thread \(tid)") }
+      let status = try Self.waitStop(tid)
       signal = (status >> 8) & 0xff
       guard ctracery_ptrace_event(status) == 0 else {
         signal = 0
@@ -93,9 +97,9 @@ struct RemoteThread {
       }
       if signal == SIGSEGV {
         var result = user_regs_struct()
-        guard ctracery_ptrace_getregs(pid, &result) == 0 else { throw UserError("cannot read the registers") }
+        guard ctracery_ptrace_getregs(tid, &result) == 0 else { throw UserError("cannot read the registers") }
         guard result.rip == 0 else {
-          throw UserError("a call in process \(pid) faulted at 0x\(String(result.rip, radix: 16))")
+          throw UserError("a call in thread \(tid) faulted at 0x\(String(result.rip, radix: 16))")
         }
         return result.rax
       }
@@ -109,7 +113,7 @@ struct RemoteThread {
   func write(_ bytes: [UInt8], at address: UInt64) throws {
     let written = bytes.withUnsafeBytes { pwrite(memory, $0.baseAddress, $0.count, off_t(Int64(bitPattern: address))) }
     guard written == bytes.count else {
-      throw UserError("cannot write process \(pid)'s memory at 0x\(String(address, radix: 16))")
+      throw UserError("cannot write the memory of thread \(tid) at 0x\(String(address, radix: 16))")
     }
   }
 
@@ -117,7 +121,7 @@ struct RemoteThread {
     var bytes = [UInt8](repeating: 0, count: count)
     let done = bytes.withUnsafeMutableBytes { pread(memory, $0.baseAddress, count, off_t(Int64(bitPattern: address))) }
     guard done == count else {
-      throw UserError("cannot read process \(pid)'s memory at 0x\(String(address, radix: 16))")
+      throw UserError("cannot read the memory of thread \(tid) at 0x\(String(address, radix: 16))")
     }
     return bytes
   }
@@ -127,8 +131,8 @@ struct RemoteThread {
     guard stopped else { return }
     stopped = false
     var registers = saved
-    _ = ctracery_ptrace_setregs(pid, &registers)
-    _ = ctracery_ptrace_detach(pid, 0)
+    _ = ctracery_ptrace_setregs(tid, &registers)
+    _ = ctracery_ptrace_detach(tid, 0)
     close(memory)
   }
 }

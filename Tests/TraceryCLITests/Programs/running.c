@@ -10,6 +10,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -64,21 +65,12 @@ static void *sleeper(void *unused) {
   return NULL;
 }
 
-int main(void) {
-  // Started from a shell, a program's signal mask is empty; started by the test runner it would
-  // inherit the runner's (which blocks real-time signals).
-  sigset_t none;
-  sigemptyset(&none);
-  sigprocmask(SIG_SETMASK, &none, NULL);
-  if (pipe(pipe_ends) != 0) return 1;
-  struct busy work[2] = {{1, 0, 0}, {2, 0, 0}};
-  pthread_t threads[4];
-  pthread_create(&threads[0], NULL, busy, &work[0]);
-  pthread_create(&threads[1], NULL, busy, &work[1]);
-  pthread_create(&threads[2], NULL, reader, NULL);
-  pthread_create(&threads[3], NULL, sleeper, NULL);
-  printf("ready\n");
-  fflush(stdout);
+static struct busy work[2] = {{1, 0, 0}, {2, 0, 0}};
+static pthread_t threads[4];
+
+// Waits for stdin to close, stops the threads, says whether every loop checked out, and exits.
+static void *finish(void *unused) {
+  (void)unused;
   char line[64];
   while (fgets(line, sizeof line, stdin) != NULL) {
   }
@@ -89,5 +81,29 @@ int main(void) {
   int good = 0;
   for (int i = 0; i < 2; i++) good += work[i].wrong == 0 && work[i].loops > 0;
   printf("checksums %s, interrupted %ld\n", good == 2 ? "ok" : "WRONG", atomic_load(&interrupted));
-  return good == 2 ? 0 : 1;
+  fflush(stdout);
+  exit(good == 2 ? 0 : 1);
+}
+
+// With the argument `exit-main`, the main thread leaves by pthread_exit once the others run (it
+// stays a zombie thread, which ptrace cannot stop): a fifth thread waits for stdin instead.
+int main(int argc, char **argv) {
+  // Started from a shell, a program's signal mask is empty; started by the test runner it would
+  // inherit the runner's (which blocks real-time signals).
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  if (pipe(pipe_ends) != 0) return 1;
+  pthread_create(&threads[0], NULL, busy, &work[0]);
+  pthread_create(&threads[1], NULL, busy, &work[1]);
+  pthread_create(&threads[2], NULL, reader, NULL);
+  pthread_create(&threads[3], NULL, sleeper, NULL);
+  printf("ready\n");
+  fflush(stdout);
+  if (argc > 1 && strcmp(argv[1], "exit-main") == 0) {
+    pthread_t waiter;
+    pthread_create(&waiter, NULL, finish, NULL);
+    pthread_exit(NULL);
+  }
+  finish(NULL);
 }
