@@ -174,6 +174,9 @@ enum Agent {
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
     Tracer.shared.relocatesPrologues = environment.relocate || movedSleds
+    // In a running program a thread may block SIGTRAP (the agent keeps it deliverable only when
+    // preloaded): no int3 sites there; what cannot be relocated stays untraced.
+    Tracer.shared.usesTrapSites = !attaching
     do {
       recorder = try Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)

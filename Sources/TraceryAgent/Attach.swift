@@ -86,7 +86,12 @@ extension Agent {
     allowRefills()
     guard recorder != nil else {
       configuration = nil
-      let reason = (attachError ?? "").split(separator: "\n").first.map(String.init) ?? ""
+      var reason = (attachError ?? "").split(separator: "\n").first.map(String.init) ?? ""
+      if environment.relocate, !Tracer.threadsCanBeMoved() {
+        reason +=
+          " (a thread blocks signal \(ctracery_snapshot_signal()), SIGRTMAX-1: no prologue can be moved while it "
+          + "cannot be looked at)"
+      }
       send(control, "error no function could be traced: \(reason)\n")
       return
     }

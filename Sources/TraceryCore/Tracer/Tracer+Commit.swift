@@ -5,7 +5,8 @@ extension Tracer {
 
   /// Applies `operations` in one patch batch (see the type's comment) and reports per function.
   /// Relocated prologues the patcher had to abandon (a thread it could not see out of their
-  /// first bytes) are traced through an int3 instead, in a second batch.
+  /// first bytes) are traced through an int3 instead, in a second batch (unless
+  /// `usesTrapSites` is off: they stay untraced, reported).
   func commit(_ operations: [Operation]) -> TransactionReport {
     var report = withCallerStackMarker { top in commit(operations, callerStack: top) }
     let abandoned = Set(
@@ -13,7 +14,7 @@ extension Tracer {
         guard case .failed(let reason) = entry.outcome, reason.hasPrefix(TextPatcher.abandoned) else { return nil }
         return entry.address
       })
-    guard !abandoned.isEmpty else { return report }
+    guard !abandoned.isEmpty, usesTrapSites else { return report }
     let table = symbols
     func traps(_ targets: [Target]) -> [Target] {
       targets.compactMap { target in

@@ -6,18 +6,19 @@ extension Tracer {
   // MARK: - Resolution
 
   func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
-    let (known, bulk, relocates) = state.withLock { state in
+    let (known, bulk, relocates, trapSites) = state.withLock { state in
       var known: [UInt64: Target] = [:]
       for function in state.functions.values {
         let target = Target(patch: function.patch, name: function.name)
         known[function.function] = target
         known[function.site] = target
       }
-      return (known, state.multi.bulk, state.relocatesPrologues)
+      return (known, state.multi.bulk, state.relocatesPrologues, state.usesTrapSites)
     }
     let context = ResolveContext(
       map: MemoryMap.current(), known: known, bulk: bulk,
-      relocate: relocates && Self.threadsCanBeMoved(), trap: relocates, table: relocates ? symbols : nil)
+      relocate: relocates && Self.threadsCanBeMoved(), trap: relocates, trapSites: trapSites,
+      table: relocates ? symbols : nil)
     switch selector {
     case .address(let address):
       var hint = 0
@@ -121,6 +122,9 @@ extension Tracer {
     /// (`Tracer.relocatesPrologues` both), and the symbol table that gives its size.
     let relocate: Bool
     let trap: Bool
+    /// Whether the fallback may be a trap site (`Tracer.usesTrapSites`): else such a function is
+    /// refused.
+    let trapSites: Bool
     let table: SymbolTable?
 
     /// The site of the function at `address` (`PatchSite.at`), or the one it has already.
@@ -161,6 +165,10 @@ extension Tracer {
           } catch let refusal {
             notRelocated = refusal.reason
           }
+        }
+        guard trapSites else {
+          throw .noPatchSite(
+            function: label, reason: "\(error.reason); not relocated: \(notRelocated); int3 sites are off")
         }
         do {
           return Target(patch: try PatchSite.trap(at: address, function: address, size: size), name: label)

@@ -81,6 +81,7 @@ public final class Tracer: Sendable {
     var opsSharedImages: [OpsSharedImage] = []
     var multi = MultiState()
     var relocatesPrologues = false
+    var usesTrapSites = true
   }
 
   enum Operation {
@@ -223,6 +224,15 @@ public final class Tracer: Sendable {
   public var relocatesPrologues: Bool {
     get { state.withLock { $0.relocatesPrologues } }
     set { state.withLock { $0.relocatesPrologues = newValue } }
+  }
+
+  /// Whether a function that cannot be relocated (or whose relocation had to be abandoned) is
+  /// traced through an int3 when `relocatesPrologues` is on (the default), or refused. Turn it off
+  /// where a thread may block SIGTRAP: the kernel kills a thread that traps with it blocked (the
+  /// agent keeps it deliverable only in a program it was preloaded into).
+  public var usesTrapSites: Bool {
+    get { state.withLock { $0.usesTrapSites } }
+    set { state.withLock { $0.usesTrapSites = newValue } }
   }
 
   /// How many traced functions have a site of each shape.

@@ -66,13 +66,6 @@ struct RecordOptions: ParsableArguments {
         throw ValidationError("-p attaches to a running process: give no program")
       }
       if libcall { throw ValidationError("--libcall cannot be used with -p yet") }
-      // Functions that cannot be moved would go through an int3, and a thread of a running
-      // program may block SIGTRAP (the agent keeps it deliverable only when preloaded).
-      if relocate {
-        throw ValidationError(
-          "--relocate cannot be used with -p yet: a function that cannot be moved is traced through an int3, "
-            + "which kills a thread of a running program that blocks SIGTRAP")
-      }
     }
   }
 
