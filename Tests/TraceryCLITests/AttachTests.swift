@@ -56,6 +56,19 @@ import TraceryTestSupport
     return (program, running)
   }
 
+  /// 100 ms of `record -p` on a started `running.c` (its busy threads' calls recorded), then its
+  /// end: every loop checked out, no EINTR.
+  static func recordOnceAndFinish(_ running: Running, in directory: URL) throws {
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try TestSupport.run(
+      OptimizedProgramTests.tracery,
+      ["record", "-p", String(running.pid), "--duration", "100ms", "--buffer-limit", "1", "-d", trace.path])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect((try calls(trace)["mix"] ?? 0) > 1000)
+    let end = running.finish()
+    #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
+  }
+
   static let cycles = ProcessInfo.processInfo.environment["TRACERY_LONG_TESTS"] == "1" ? 50 : 4
 
   /// The program's text as the process has it now, and as its file has it.
@@ -147,14 +160,7 @@ import TraceryTestSupport
     defer { try? FileManager.default.removeItem(at: directory) }
     let (_, running) = try Self.startRunning(in: directory, arguments: ["exit-main"])
     usleep(100_000)
-    let trace = directory.appendingPathComponent("trace")
-    let recorded = try TestSupport.run(
-      OptimizedProgramTests.tracery,
-      ["record", "-p", String(running.pid), "--duration", "100ms", "--buffer-limit", "1", "-d", trace.path])
-    #expect(recorded.status == 0, "\(recorded.stderr)")
-    #expect((try Self.calls(trace)["mix"] ?? 0) > 1000)
-    let end = running.finish()
-    #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
+    try Self.recordOnceAndFinish(running, in: directory)
   }
 
   /// Debian's own gzip (stripped, no patch sites) attached to with --relocate while it compresses,
@@ -200,6 +206,22 @@ import TraceryTestSupport
     #expect(recorded > 1000, "calls recorded: \(recorded)")
     let traced = try TestSupport.run("/bin/sh", ["-c", "cksum < \(input).gz"])
     #expect(traced.stdout == untraced.stdout, "the compressed output differs from gzip's untraced output")
+  }
+
+  /// Root attaching to a process of another user's (as to a daemon): the agent runs as that user
+  /// and records only into a directory of its own, so the trace directory becomes its; the
+  /// recording works, and the program is unharmed.
+  @Test(.enabled(if: geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")))
+  func aProcessOfAnotherUser() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-other-user")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    chmod(directory.path, 0o755)
+    let program = try RecordCommandTests.program(
+      "running", compiler: "clang", flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
+    let running = try Running(
+      "/usr/bin/setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", program])
+    #expect(running.firstLine() == "ready")
+    try Self.recordOnceAndFinish(running, in: directory)
   }
 
   /// The CLI killed while recording: the agent sees its connection close, detaches by itself, and

@@ -54,6 +54,14 @@ struct Attacher {
       unlink(socketPath)
       unlink(settings)
     }
+    // A process of another user's (root attaching to a daemon): the agent runs as that user, and
+    // records only into a directory of its own that only it may write: the directory, the
+    // settings and the socket become its (this process, privileged, still reads them).
+    if let owner = Self.owner(of: pid), owner.uid != geteuid() {
+      for path in [absolute, settings, socketPath] where chown(path, owner.uid, owner.gid) != 0 {
+        throw UserError("cannot give \(path) to the process's user: \(String(cString: strerror(errno)))")
+      }
+    }
     try Injector.inject(pid: pid, agent: agent, settings: settings)
     // The agent answers from its own thread once loaded (its first load measures the counter's
     // rate and reads the symbol tables: allow for big programs).
@@ -96,6 +104,18 @@ struct Attacher {
     _ = Files.append(ended ? "process-ended\n" : "detached\n", to: absolute + "/info")
     Recorder.trimEventFiles(in: absolute)
     return functions
+  }
+
+  /// The effective user and group of `pid`.
+  private static func owner(of pid: pid_t) -> (uid: uid_t, gid: gid_t)? {
+    let status = Files.read("/proc/\(pid)/status").map { String(decoding: $0, as: UTF8.self) } ?? ""
+    func effective(_ name: String) -> UInt32? {
+      status.split(separator: "\n").first { $0.hasPrefix(name + ":") }.flatMap { line in
+        line.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst(2).first.flatMap { UInt32($0) }
+      }
+    }
+    guard let uid = effective("Uid"), let gid = effective("Gid") else { return nil }
+    return (uid, gid)
   }
 
   private static func nanoseconds(_ duration: Duration) -> Double {
