@@ -536,12 +536,18 @@ extension ThreadFile {
   /// gone. Returns the bytes freed.
   @discardableResult
   public static func trim(path: String) -> Int {
+    // Never through a symbolic link, and only a regular file: the directory may belong to the
+    // traced program's user (`record -p` on another user's process), who could point a name at
+    // any file the trimming user may write. The file opened is the one cut.
+    let fd = Glibc.open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)
+    guard fd >= 0 else { return 0 }
+    defer { close(fd) }
     var status = stat()
-    guard stat(path, &status) == 0 else { return 0 }
+    guard fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFREG else { return 0 }
     let size = Int(status.st_size)
     guard size > TraceFormat.headerSize else { return 0 }
     let end = min(size, ByteWindow(path: path, size: size).dataEnd(from: TraceFormat.headerSize) + 8)
-    guard end < size, truncate(path, off_t(end)) == 0 else { return 0 }
+    guard end < size, ftruncate(fd, off_t(end)) == 0 else { return 0 }
     return size - end
   }
 }

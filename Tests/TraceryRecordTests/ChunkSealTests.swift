@@ -59,6 +59,22 @@ import Testing
 
   static func chunkStart(_ chunk: Int) -> Int { TraceFormat.headerSize + chunk * chunkSize }
 
+  /// Trimming cuts a file down to its events, but never a file reached through a symbolic link
+  /// (the directory may belong to the traced program's user, who could point a name anywhere).
+  @Test func trimmingCutsTheFileButNotThroughALink() {
+    let base = "/tmp/tracery-trim-test-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+    var bytes = Self.file(chunks: 2, lastCalls: 3)
+    bytes += [UInt8](repeating: 0, count: 4096)  // room reserved past the events, as a chunk has
+    #expect(Files.write(bytes, to: base + ".events"))
+    #expect(Files.write(bytes, to: base + ".other"))
+    #expect(symlink(base + ".other", base + "-link.events") == 0)
+    defer { for name in [".events", ".other", "-link.events"] { unlink(base + name) } }
+    #expect(ThreadFile.trim(path: base + "-link.events") == 0)
+    #expect(Files.read(base + ".other")?.count == bytes.count)
+    let cut = ThreadFile.trim(path: base + ".events")
+    #expect(cut > 0 && Files.read(base + ".events")?.count == bytes.count - cut, "cut \(cut) of \(bytes.count)")
+  }
+
   @Test func sealedChunksReadWithoutDamage() {
     let (events, damage) = Self.read(Self.file(chunks: 3))
     #expect(damage.isEmpty, "\(damage)")

@@ -259,11 +259,13 @@ enum ProgramStatus {
 }
 
 extension Files {
+  /// Appends to an existing file, never through a symbolic link (the trace directory may belong
+  /// to the traced program's user: `record -p` on another user's process).
   static func append(_ text: String, to path: String) -> Bool {
-    guard let handle = FileHandle(forWritingAtPath: path) else { return false }
-    defer { try? handle.close() }
-    handle.seekToEndOfFile()
-    handle.write(Data(text.utf8))
-    return true
+    let fd = open(path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    let bytes = Array(text.utf8)
+    return bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } == bytes.count
   }
 }
