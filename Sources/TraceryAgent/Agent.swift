@@ -39,8 +39,6 @@ enum Agent {
   nonisolated(unsafe) static var untracedFunctions = 0
   nonisolated(unsafe) static var leftOutAsync = 0
   nonisolated(unsafe) static var handlersRegistered = false
-  /// gcc NOP sleds left untraced in a running program (see `start`).
-  nonisolated(unsafe) static var untracedSleds = 0
   /// Why the recorder could not be attached, if it could not.
   nonisolated(unsafe) static var attachError: String?
   /// Counts recordings in this process (`record -p` attaches and detaches): a thread's file
@@ -111,31 +109,15 @@ enum Agent {
     // gcc's 1-byte NOP sleds can be rewritten now: the agent starts before other threads (unless a
     // library's constructor started one). In a running program a thread may be stopped between
     // two of those NOPs: there they are moved out of line like a prologue (five NOPs and a jump
-    // back, `Tracer.relocatesPrologues`), which moves such a thread to the copy. Not when a
-    // thread cannot be looked at (it blocks the snapshot signal): the tracer would fall back on
-    // int3 sites, and a thread that blocks SIGTRAP (the agent does not keep it deliverable when
-    // it was not preloaded) would be killed at one; those functions stay untraced then.
+    // back, `Tracer.relocatesPrologues`), which moves such a thread to the copy (and, as no int3
+    // sites are made there, a sled that cannot be moved stays untraced).
     let sleds = sites.filter { site in
       if case .nopSled = ProcessObjects.shape(at: site) { true } else { false }
     }
-    var movedSleds = false
-    var sitesToTrace = sites
-    if !sleds.isEmpty {
-      if !attaching {
-        _ = TextPatcher.shared.convertSleds(sleds)
-      } else if Tracer.threadsCanBeMoved() {
-        movedSleds = true
-      } else {
-        let left = Set(sleds)
-        sitesToTrace.removeAll { left.contains($0) }
-        untracedSleds = sleds.count
-        attachError =
-          "\(sleds.count) functions have gcc's 5×1-byte NOP sleds, which cannot be rewritten while a thread "
-          + "that blocks signal \(ctracery_snapshot_signal()) (SIGRTMAX-1) runs (build with clang)"
-      }
-    }
+    if !sleds.isEmpty, !attaching { _ = TextPatcher.shared.convertSleds(sleds) }
+    let movesSleds = attaching && !sleds.isEmpty
     // A relocated function is named by its entry (the tracer finds its size there).
-    var addresses = sitesToTrace + chosen.filter(relocatable.contains).map { table.functions[$0].address }
+    var addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
     // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
     if environment.libraryCalls, let main = ProcessObjects.list().first {
       let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias, skip: Self.isSwiftAsync)) ?? []
@@ -173,7 +155,7 @@ enum Agent {
     }
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
-    Tracer.shared.relocatesPrologues = environment.relocate || movedSleds
+    Tracer.shared.relocatesPrologues = environment.relocate || movesSleds
     // In a running program a thread may block SIGTRAP (the agent keeps it deliverable only when
     // preloaded): no int3 sites there; what cannot be relocated stays untraced.
     Tracer.shared.usesTrapSites = !attaching
@@ -191,7 +173,7 @@ enum Agent {
     tracedFunctions = shapes.values.reduce(0, +)
     relocatedFunctions = shapes[.relocated] ?? 0
     trappedFunctions = shapes[.trap] ?? 0
-    untracedFunctions = addresses.count - tracedFunctions + untracedSleds
+    untracedFunctions = addresses.count - tracedFunctions
     let specs = ValueRecorder.specs(environment)
     if recorder != nil, !specs.isEmpty {
       let functions = chosen.compactMap { index in site(index).map { (name: table.functions[index].name, site: $0) } }
@@ -421,9 +403,7 @@ enum Agent {
       // A file of an earlier recording (`record -p` detached since; `forceRefills` sent this
       // thread here): closed by its own thread. Its last events were the exits of calls that
       // recording saw begin.
-      let old = Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
-        .takeRetainedValue()
-      _ = old.file.close(cursor: state.pointee.event_cursor)
+      _ = ThreadRecording.take(state.pointee.owner).file.close(cursor: state.pointee.event_cursor)
       state.pointee.owner = 0
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
@@ -509,8 +489,7 @@ enum Agent {
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
       if owner > 1 {
-        let thread = Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!)
-          .takeRetainedValue()
+        let thread = ThreadRecording.take(owner)
         let end = thread.file.close(cursor: cursor)
         // (A file of an earlier recording is not listed in this one's process file.)
         if thread.recording == Agent.recording { Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
@@ -585,7 +564,11 @@ final class ThreadRecording {
 
   /// The owner of `state` (its owner word must hold one: > 1).
   static func of(_ state: UnsafeMutablePointer<ctracery_thread>) -> ThreadRecording {
-    Unmanaged<ThreadRecording>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!)
-      .takeUnretainedValue()
+    Unmanaged.fromOpaque(UnsafeRawPointer(bitPattern: UInt(state.pointee.owner))!).takeUnretainedValue()
+  }
+
+  /// The one an owner word holds (> 1), taking the word's reference (the word is cleared next).
+  static func take(_ owner: UInt64) -> ThreadRecording {
+    Unmanaged.fromOpaque(UnsafeRawPointer(bitPattern: UInt(owner))!).takeRetainedValue()
   }
 }

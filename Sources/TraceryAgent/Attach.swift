@@ -10,12 +10,8 @@ import TraceryRecord
 /// `tracery record -p PID`: the agent loaded into a running program (the CLI's injector started a
 /// thread that `dlopen`ed it and called `tracery_agent_attach`).
 ///
-/// Protocol, over the Unix socket `DIR/control` the CLI listens on (lines):
-///
-///     agent → CLI   attached N        N functions traced (one patch batch), or
-///                   error MESSAGE     nothing was attached
-///     CLI → agent   stop              (or the connection closes: the CLI was killed)
-///     agent → CLI   detached          every site back as it was, the recording ended
+/// It answers over `ControlSocket` (`DIR/control`, the CLI listens): `attached N` or `error`,
+/// then waits for `stop` (or the connection's end) and answers `detached`.
 ///
 /// The attach runs on the injected thread, which lives until the detach and then ends (it is
 /// detached, nobody joins it). Detaching takes every site out in one batch, then sends each
@@ -64,13 +60,14 @@ extension Agent {
     guard let bytes = Files.read(settingsPath),
       let environment = AgentEnvironment(settingsText: String(decoding: bytes, as: UTF8.self))
     else { return }
-    let control = connectControl(environment.directory + "/control")
+    let control = connectControl(ControlSocket.path(in: environment.directory))
     guard control >= 0 else { return }
     defer { close(control) }
     pthread_mutex_lock(attachLock)
     defer { pthread_mutex_unlock(attachLock) }
     guard recorder == nil, configuration == nil else {
-      send(control, "error the agent in this process is recording already\n")
+      ControlSocket.send(
+        control, ControlSocket.line(ControlSocket.error, "the agent in this process is recording already"))
       return
     }
     // Closed until `start` has named the session and written the process file (it opens it
@@ -78,7 +75,6 @@ extension Agent {
     stopRefills()
     recording &+= 1
     attachError = nil
-    untracedSleds = 0
     objects = []
     objectSites = [:]
     forceRefills()
@@ -87,18 +83,18 @@ extension Agent {
     guard recorder != nil else {
       configuration = nil
       var reason = (attachError ?? "").split(separator: "\n").first.map(String.init) ?? ""
-      if environment.relocate, !Tracer.threadsCanBeMoved() {
+      if Tracer.shared.relocatesPrologues, !Tracer.threadsCanBeMoved() {
         reason +=
-          " (a thread blocks signal \(ctracery_snapshot_signal()), SIGRTMAX-1: no prologue can be moved while it "
-          + "cannot be looked at)"
+          " (a thread blocks signal \(ctracery_snapshot_signal()), SIGRTMAX-1: no prologue or gcc NOP sled can be "
+          + "moved while it cannot be looked at)"
       }
-      send(control, "error no function could be traced: \(reason)\n")
+      ControlSocket.send(control, ControlSocket.line(ControlSocket.error, "no function could be traced: \(reason)"))
       return
     }
-    send(control, "attached \(tracedFunctions)\n")
+    ControlSocket.send(control, ControlSocket.line(ControlSocket.attached, String(tracedFunctions)))
     waitForStop(control)
     detach()
-    send(control, "detached\n")
+    ControlSocket.send(control, ControlSocket.line(ControlSocket.detached))
   }
 
   /// Every site back in one batch; the recording ends (see the type's comment).
@@ -141,32 +137,11 @@ extension Agent {
     }
   }
 
-  /// MSG_NOSIGNAL: a CLI that is gone must not kill the program with SIGPIPE.
-  private static func send(_ control: Int32, _ text: String) {
-    _ = text.withCString { Glibc.send(control, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-  }
-
   /// A connected Unix stream socket to `path`, or -1.
   private static func connectControl(_ path: String) -> Int32 {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    let fd = ControlSocket.socket()
     guard fd >= 0 else { return -1 }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(path.utf8)
-    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-      close(fd)
-      return -1
-    }
-    withUnsafeMutableBytes(of: &address.sun_path) { slot in
-      slot.copyBytes(from: bytes)
-      slot[bytes.count] = 0
-    }
-    let connected = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-      }
-    }
-    guard connected == 0 else {
+    guard ControlSocket.withAddress(path, { connect(fd, $0, $1) }) == 0 else {
       close(fd)
       return -1
     }

@@ -550,6 +550,9 @@ struct GraphEmitter {
   }
 
   private static let callClobbered: [Register] = [.rax, .rcx, .rdx, .rsi, .rdi, .r8, .r9, .r10, .r11]
+  /// The call-clobbered registers a return neither hands back (rax, rdx) nor saves first (r10,
+  /// r11): what a preserve-all return keeps around its handlers and `putRotate`.
+  private static let returnScratch: [Register] = [.rcx, .rsi, .rdi, .r8, .r9]
 
   /// Calls `void target(void)` preserving every register a C call may clobber (rax, rcx, rdx,
   /// rsi, rdi, r8-r11, xmm0-7; xmm8-15 too when the image preserves every register), with the
@@ -619,13 +622,15 @@ struct GraphEmitter {
     if hasHandlers {
       TrampolineEmitter.putSaveReturn(&w, model, base: .r11)
       // What the model's results leave out, when every register is preserved.
-      let scratch: [Register] = preservesAll ? [.rcx, .rsi, .rdi, .r8, .r9] : []
-      let vectors = preservesAll && usesVectorRegisters ? (2..<16).map { XMMRegister(UInt8($0)) } : []
+      let scratch = Self.returnScratch
+      let vectors = usesVectorRegisters ? (2..<16).map { XMMRegister(UInt8($0)) } : []
+      // The words, rounded up to 16 bytes, then the vectors.
+      let vectorsAt = Int32((8 * scratch.count + 15) & ~15)
       if preservesAll {
         putAlignStack(&w)
-        w.putSub(.rsp, immediate: Int32(48 + 16 * vectors.count))
+        w.putSub(.rsp, immediate: vectorsAt + Int32(16 * vectors.count))
         for (index, register) in scratch.enumerated() { w.putMov(Memory(.rsp, 8 * Int32(index)), register) }
-        putSaveVectors(&w, vectors, at: 48)
+        putSaveVectors(&w, vectors, at: vectorsAt)
         w.putPush(.rbx)
         w.putSub(.rsp, immediate: 8)  // rsp aligned at the calls
       } else {
@@ -639,7 +644,7 @@ struct GraphEmitter {
       if preservesAll {
         w.putAdd(.rsp, immediate: 8)
         w.putPop(.rbx)
-        putLoadVectors(&w, vectors, at: 48)
+        putLoadVectors(&w, vectors, at: vectorsAt)
         for (index, register) in scratch.enumerated() { w.putMov(register, Memory(.rsp, 8 * Int32(index))) }
         putUnalignStack(&w)
       } else {
@@ -669,10 +674,9 @@ struct GraphEmitter {
       w.putJcc(.notEqual, find)
       w.bind(deeper)
       if self.preservesAll {
-        let rotated: [Register] = [.rcx, .rsi, .rdi, .r8, .r9]
-        for register in rotated { w.putPush(register) }
-        self.putRotate(&w, stackArguments: 24 + 8 * Int32(rotated.count))
-        for register in rotated.reversed() { w.putPop(register) }
+        for register in Self.returnScratch { w.putPush(register) }
+        self.putRotate(&w, stackArguments: 24 + 8 * Int32(Self.returnScratch.count))
+        for register in Self.returnScratch.reversed() { w.putPop(register) }
       } else {
         self.putRotate(&w, stackArguments: 0)
       }

@@ -47,7 +47,7 @@ struct Attacher {
     guard Files.write(recorder.agentEnvironment(directory: absolute).settingsText, to: settings) else {
       throw UserError("cannot write \(settings)")
     }
-    let socketPath = absolute + "/control"
+    let socketPath = ControlSocket.path(in: absolute)
     let listener = try Self.listen(socketPath)
     defer {
       close(listener)
@@ -65,14 +65,17 @@ struct Attacher {
     try Injector.inject(pid: pid, agent: agent, settings: settings)
     // The agent answers from its own thread once loaded (its first load measures the counter's
     // rate and reads the symbol tables: allow for big programs).
-    let control = try accept(listener, timeoutMilliseconds: 20_000)
+    let control = try accept(listener, agent: agent, timeoutMilliseconds: 20_000)
     defer { close(control) }
     var reader = LineReader(fd: control)
     guard let answer = reader.line(timeoutMilliseconds: 60_000) else {
       throw UserError("the agent in process \(pid) did not answer")
     }
-    if answer.hasPrefix("error ") { throw UserError("process \(pid): \(answer.dropFirst(6))") }
-    guard answer.hasPrefix("attached "), let functions = Int(answer.dropFirst(9)) else {
+    if let error = ControlSocket.argument(of: answer, after: ControlSocket.error) {
+      throw UserError("process \(pid): \(error)")
+    }
+    guard let count = ControlSocket.argument(of: answer, after: ControlSocket.attached), let functions = Int(count)
+    else {
       throw UserError("the agent in process \(pid) said '\(answer)'")
     }
     timing.attachedNanoseconds = Self.nanoseconds(ContinuousClock.now - start)
@@ -94,9 +97,8 @@ struct Attacher {
     }
     if !ended {
       let stop = ContinuousClock.now
-      // (MSG_NOSIGNAL: the process may have ended just now.)
-      _ = "stop\n".withCString { send(control, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-      guard reader.line(timeoutMilliseconds: 30_000) == "detached" else {
+      ControlSocket.send(control, ControlSocket.line(ControlSocket.stop))
+      guard reader.line(timeoutMilliseconds: 30_000) == ControlSocket.detached else {
         throw UserError("the agent in process \(pid) did not confirm its detach")
       }
       timing.detachNanoseconds = Self.nanoseconds(ContinuousClock.now - stop)
@@ -108,11 +110,10 @@ struct Attacher {
 
   /// The effective user and group of `pid`.
   private static func owner(of pid: pid_t) -> (uid: uid_t, gid: gid_t)? {
-    let status = Files.read("/proc/\(pid)/status").map { String(decoding: $0, as: UTF8.self) } ?? ""
+    // "Uid:" and "Gid:" list real, effective, saved and file-system ids.
     func effective(_ name: String) -> UInt32? {
-      status.split(separator: "\n").first { $0.hasPrefix(name + ":") }.flatMap { line in
-        line.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst(2).first.flatMap { UInt32($0) }
-      }
+      Injector.statusField(name, of: "/proc/\(pid)/status")?.split(whereSeparator: \.isWhitespace).dropFirst()
+        .first.flatMap { UInt32($0) }
     }
     guard let uid = effective("Uid"), let gid = effective("Gid") else { return nil }
     return (uid, gid)
@@ -125,21 +126,11 @@ struct Attacher {
   /// A Unix stream socket listening at `path` (only this user may connect: the trace directory
   /// is private, and the peer is checked on accept).
   private static func listen(_ path: String) throws -> Int32 {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    let fd = ControlSocket.socket()
     guard fd >= 0 else { throw UserError("cannot create a socket: \(String(cString: strerror(errno)))") }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(path.utf8)
-    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+    guard let bound = ControlSocket.withAddress(path, { bind(fd, $0, $1) }) else {
       close(fd)
       throw UserError("the trace directory's path is too long for a socket (\(path))")
-    }
-    withUnsafeMutableBytes(of: &address.sun_path) { slot in
-      slot.copyBytes(from: bytes)
-      slot[bytes.count] = 0
-    }
-    let bound = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
     }
     guard bound == 0, chmod(path, 0o600) == 0, Glibc.listen(fd, 1) == 0 else {
       close(fd)
@@ -149,7 +140,7 @@ struct Attacher {
   }
 
   /// The agent's connection: from the process attached to, nothing else.
-  private func accept(_ listener: Int32, timeoutMilliseconds: Int32) throws -> Int32 {
+  private func accept(_ listener: Int32, agent: String, timeoutMilliseconds: Int32) throws -> Int32 {
     var waited: Int32 = 0
     while waited < timeoutMilliseconds {
       var poller = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
@@ -165,7 +156,7 @@ struct Attacher {
     }
     throw UserError(
       "the agent did not start in process \(pid) within \(timeoutMilliseconds / 1000) s (could it load "
-        + "\(try Recorder.agentPath())?)")
+        + "\(agent)?)")
   }
 }
 

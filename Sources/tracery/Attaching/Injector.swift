@@ -20,12 +20,7 @@ enum Injector {
   static func preflight(_ pid: pid_t) throws {
     guard kill(pid, 0) == 0 || errno == EPERM else { throw UserError("no process \(pid)") }
     guard pid != getpid() else { throw UserError("tracery cannot attach to itself") }
-    let status = procText("/proc/\(pid)/status")
-    func field(_ name: String) -> String? {
-      status.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map {
-        $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces)
-      }
-    }
+    func field(_ name: String) -> String? { statusField(name, of: "/proc/\(pid)/status") }
     let privileged = Self.hasPtraceCapability()
     let scope = Int(procText("/proc/sys/kernel/yama/ptrace_scope").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
     if scope >= 3 {
@@ -39,7 +34,7 @@ enum Injector {
         "kernel.yama.ptrace_scope is 1: only a parent may trace a process; run tracery as root, or "
           + "'sysctl kernel.yama.ptrace_scope=0'")
     }
-    if !privileged, let uids = field("Uid")?.split(separator: "\t").compactMap({ UInt32($0) }),
+    if !privileged, let uids = field("Uid")?.split(whereSeparator: \.isWhitespace).compactMap({ UInt32($0) }),
       uids.contains(where: { $0 != geteuid() })
     {
       throw UserError("process \(pid) belongs to another user: attaching needs CAP_SYS_PTRACE (run tracery as root)")
@@ -60,12 +55,18 @@ enum Injector {
     Files.read(path).map { String(decoding: $0, as: UTF8.self) } ?? ""
   }
 
+  /// The value of the `NAME:` line of a /proc status file, without the spaces around it.
+  static func statusField(_ name: String, of path: String) -> String? {
+    procText(path).split(separator: "\n").first { $0.hasPrefix(name + ":") }.map {
+      $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces)
+    }
+  }
+
   /// Whether this process has CAP_SYS_PTRACE (bit 19 of its effective set).
   static func hasPtraceCapability() -> Bool {
-    let status = procText("/proc/self/status")
-    guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
-      let bits = UInt64(line.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16)
-    else { return false }
+    guard let field = statusField("CapEff", of: "/proc/self/status"), let bits = UInt64(field, radix: 16) else {
+      return false
+    }
     return bits & (1 << 19) != 0
   }
 
@@ -100,7 +101,7 @@ enum Injector {
   /// zombie, which ptrace cannot stop) while others run.
   static func liveThread(of pid: pid_t) -> pid_t {
     func isZombie(_ tid: String) -> Bool {
-      procText("/proc/\(pid)/task/\(tid)/status").split(separator: "\n").contains { $0.hasPrefix("State:\tZ") }
+      statusField("State", of: "/proc/\(pid)/task/\(tid)/status")?.hasPrefix("Z") == true
     }
     guard isZombie(String(pid)) else { return pid }
     let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []

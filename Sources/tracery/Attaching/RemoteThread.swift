@@ -12,8 +12,8 @@ import Foundation
 /// happened (the program sees no EINTR). Signals that arrive for the thread meanwhile are passed
 /// on, not lost.
 ///
-/// Memory is written through /proc/PID/mem, which reaches read-only and executable pages of a
-/// process we trace.
+/// Memory is written through the thread's /proc/PID/task/TID/mem, which reaches read-only and
+/// executable pages of a process we trace.
 struct RemoteThread {
   /// The thread (the process's own id for its main thread).
   let tid: pid_t
@@ -25,10 +25,9 @@ struct RemoteThread {
   init(process: pid_t, tid: pid_t) throws {
     self.tid = tid
     // (The thread's own view: a main thread that has exited has no memory to show.)
-    memory = open("/proc/\(process)/task/\(tid)/mem", O_RDWR | O_CLOEXEC)
-    guard memory >= 0 else {
-      throw UserError("cannot open /proc/\(process)/mem: \(String(cString: strerror(errno)))")
-    }
+    let path = "/proc/\(process)/task/\(tid)/mem"
+    memory = open(path, O_RDWR | O_CLOEXEC)
+    guard memory >= 0 else { throw UserError("cannot open \(path): \(String(cString: strerror(errno)))") }
     guard ctracery_ptrace_seize(tid) == 0 else {
       let reason = String(cString: strerror(errno))
       close(memory)
