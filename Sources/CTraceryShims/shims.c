@@ -108,6 +108,15 @@ static const struct ctracery_poke *find_poke(const struct ctracery_poke_table *t
 }
 
 static void chain_to_previous(int sig, siginfo_t *info, void *context) {
+  // Ours holds the snapshot signal off (see ctracery_install_trap_handler); the program's own
+  // handler runs with it as the interrupted code had it (it may never return: longjmp).
+  ucontext_t *uc = context;
+  if (!sigismember(&uc->uc_sigmask, ctracery_snapshot_signal())) {
+    sigset_t snapshot;
+    sigemptyset(&snapshot);
+    sigaddset(&snapshot, ctracery_snapshot_signal());
+    pthread_sigmask(SIG_UNBLOCK, &snapshot, NULL);
+  }
   if (previous_action.sa_flags & SA_SIGINFO) {
     if (previous_action.sa_sigaction) previous_action.sa_sigaction(sig, info, context);
     return;
@@ -121,6 +130,8 @@ static void chain_to_previous(int sig, siginfo_t *info, void *context) {
   }
   previous_action.sa_handler(sig);
 }
+
+static void answer_snapshot_after_trap(ucontext_t *uc);
 
 static void trap_handler(int sig, siginfo_t *info, void *context) {
   ucontext_t *uc = context;
@@ -178,6 +189,7 @@ static void trap_handler(int sig, siginfo_t *info, void *context) {
     atomic_fetch_sub_explicit(&handlers_in_flight, 1, memory_order_seq_cst);
     if (handled) {
       atomic_fetch_add_explicit(&traps_handled, 1, memory_order_relaxed);
+      answer_snapshot_after_trap(uc);
       return;
     }
   }
@@ -191,7 +203,12 @@ int ctracery_install_trap_handler(void) {
   memset(&action, 0, sizeof action);
   action.sa_sigaction = trap_handler;
   action.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+  // The snapshot signal waits until this handler has returned: its frame holds the trapping
+  // site + 1 as rip until then, which a relocation taking place would see as a thread inside the
+  // bytes it moves (and give up on them). Deferred, it finds the thread where the handler sent
+  // it, microseconds later.
   sigemptyset(&action.sa_mask);
+  sigaddset(&action.sa_mask, ctracery_snapshot_signal());
   if (sigaction(SIGTRAP, &action, &previous_action) != 0) {
     atomic_store(&installed, 0);
     return -1;
@@ -305,12 +322,14 @@ static atomic_int snapshot_installed;
 static _Atomic(const struct ctracery_move_table *) published_moves;
 static _Atomic uint64_t threads_moved;
 
-static void snapshot_handler(int sig, siginfo_t *info, void *context) {
-  (void)sig;
-  (void)info;
-  // A late signal from an earlier, timed-out request finds another tid and does nothing.
-  if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) != (int)syscall(SYS_gettid)) return;
-  ucontext_t *uc = context;
+// Answers the request for this thread, if there is one, with the context `uc` (which the thread
+// resumes with). Claiming the request (its tid swapped for 0) makes the answer one handler's:
+// the trap handler may answer, then the snapshot signal it held off arrive and find none.
+static void answer_snapshot(ucontext_t *uc, int on_alternate_stack) {
+  int tid = (int)syscall(SYS_gettid);
+  if (!atomic_compare_exchange_strong_explicit(&snapshot_tid, &tid, 0, memory_order_acq_rel, memory_order_relaxed)) {
+    return;
+  }
   atomic_store_explicit(&snapshot_rip, (uint64_t)uc->uc_mcontext.gregs[REG_RIP], memory_order_relaxed);
   atomic_store_explicit(&snapshot_rsp, (uint64_t)uc->uc_mcontext.gregs[REG_RSP], memory_order_relaxed);
   for (int index = 0; index < CTRACERY_SNAPSHOT_REGISTERS; index++) {
@@ -329,13 +348,35 @@ static void snapshot_handler(int sig, siginfo_t *info, void *context) {
       break;
     }
   }
-  // Interrupted inside a signal handler running on its alternate stack: the stack it interrupted
-  // in turn is somewhere else (sigaltstack is async-signal-safe).
-  stack_t current;
-  int alternate = sigaltstack(NULL, &current) == 0 && (current.ss_flags & SS_ONSTACK);
-  atomic_store_explicit(&snapshot_on_alternate_stack, alternate, memory_order_relaxed);
+  atomic_store_explicit(&snapshot_on_alternate_stack, on_alternate_stack, memory_order_relaxed);
   // Release: publishes rip and rsp; pairs with the acquire load in ctracery_snapshot_thread.
   atomic_store_explicit(&snapshot_done, 1, memory_order_release);
+}
+
+static void snapshot_handler(int sig, siginfo_t *info, void *context) {
+  (void)sig;
+  (void)info;
+  // A late signal from an earlier, timed-out request finds no request, or another tid's.
+  if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) != (int)syscall(SYS_gettid)) return;
+  // Interrupted inside a signal handler running on its alternate stack: the stack it interrupted
+  // in turn is somewhere else (sigaltstack is async-signal-safe). This handler runs on the
+  // interrupted stack (no SA_ONSTACK).
+  stack_t current;
+  int alternate = sigaltstack(NULL, &current) == 0 && (current.ss_flags & SS_ONSTACK);
+  answer_snapshot(context, alternate);
+}
+
+// The end of a SIGTRAP handler that sent its thread on: a request for this thread (whose snapshot
+// signal is held off while the handler runs) is answered with where the thread resumes. A thread
+// that traps at every call would otherwise show the signal blocked nearly whenever its mask is
+// read, and never be signalled.
+static void answer_snapshot_after_trap(ucontext_t *uc) {
+  if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) == 0) return;
+  stack_t alternate;
+  uint64_t rsp = (uint64_t)uc->uc_mcontext.gregs[REG_RSP];
+  int on = sigaltstack(NULL, &alternate) == 0 && !(alternate.ss_flags & SS_DISABLE) &&
+           rsp > (uint64_t)alternate.ss_sp && rsp <= (uint64_t)alternate.ss_sp + alternate.ss_size;
+  answer_snapshot(uc, on);
 }
 
 int ctracery_snapshot_signal(void) { return SIGRTMAX - 1; }
@@ -346,7 +387,22 @@ void ctracery_publish_moves(const struct ctracery_move_table *table) {
 
 uint64_t ctracery_threads_moved(void) { return atomic_load_explicit(&threads_moved, memory_order_relaxed); }
 
-int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms) {
+// One request at a time, whichever tracer or thread asks: the request is a single slot.
+static pthread_mutex_t snapshot_request_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int snapshot_thread_locked(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms,
+                                  int send_signal);
+
+int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms,
+                             int send_signal) {
+  pthread_mutex_lock(&snapshot_request_lock);
+  int answer = snapshot_thread_locked(tid, rip, rsp, registers, timeout_ms, send_signal);
+  pthread_mutex_unlock(&snapshot_request_lock);
+  return answer;
+}
+
+static int snapshot_thread_locked(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms,
+                                  int send_signal) {
   int expected = 0;
   if (atomic_compare_exchange_strong(&snapshot_installed, &expected, 1)) {
     struct sigaction action;
@@ -358,7 +414,7 @@ int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *re
   }
   atomic_store_explicit(&snapshot_done, 0, memory_order_relaxed);
   atomic_store_explicit(&snapshot_tid, tid, memory_order_release);
-  if (syscall(SYS_tgkill, getpid(), tid, ctracery_snapshot_signal()) != 0) {
+  if (send_signal && syscall(SYS_tgkill, getpid(), tid, ctracery_snapshot_signal()) != 0) {
     atomic_store(&snapshot_tid, 0);
     return -1;
   }
@@ -371,14 +427,16 @@ int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *re
       for (int index = 0; index < CTRACERY_SNAPSHOT_REGISTERS; index++) {
         registers[index] = atomic_load_explicit(&snapshot_registers[index], memory_order_relaxed);
       }
-      atomic_store(&snapshot_tid, 0);
       return atomic_load_explicit(&snapshot_on_alternate_stack, memory_order_relaxed) ? 1 : 0;
     }
     clock_gettime(CLOCK_MONOTONIC, &now);
     long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
     if (elapsed > timeout_ms) {
-      atomic_store(&snapshot_tid, 0);
-      return -1;
+      // Withdrawn, unless a handler has just claimed it: then its answer is moments away.
+      int claimed = tid;
+      if (atomic_compare_exchange_strong(&snapshot_tid, &claimed, 0)) return -1;
+      while (!atomic_load_explicit(&snapshot_done, memory_order_acquire)) sched_yield();
+      continue;
     }
     sched_yield();
   }

@@ -91,7 +91,15 @@ extension Agent {
       ControlSocket.send(control, ControlSocket.line(ControlSocket.error, "no function could be traced: \(reason)"))
       return
     }
-    ControlSocket.send(control, ControlSocket.line(ControlSocket.attached, String(tracedFunctions)))
+    // "N", or "N U NAME: REASON" when U functions could not be traced (the first one's reason).
+    var answer = String(tracedFunctions)
+    if untracedFunctions > 0 {
+      answer += " \(untracedFunctions)"
+      if let first = recorder?.attachFailures.first, case .failed(let reason) = first.outcome {
+        answer += " \(first.function): \(reason)".split(separator: "\n").first.map(String.init) ?? ""
+      }
+    }
+    ControlSocket.send(control, ControlSocket.line(ControlSocket.attached, answer))
     waitForStop(control)
     detach()
     ControlSocket.send(control, ControlSocket.line(ControlSocket.detached))

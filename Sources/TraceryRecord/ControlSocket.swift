@@ -6,7 +6,8 @@
 /// one home for both sides (the CLI listens, the agent connects), as `AgentEnvironment` is for
 /// the settings. Lines, each ending in a newline:
 ///
-///     agent → CLI   attached N        N functions traced (one patch batch), or
+///     agent → CLI   attached N [U R]  N functions traced (one patch batch); U could not be,
+///                                     R the first one's name and reason; or
 ///                   error MESSAGE     nothing was attached
 ///     CLI → agent   stop              (or the connection closes: the CLI was killed)
 ///     agent → CLI   detached          every site back as it was, the recording ended

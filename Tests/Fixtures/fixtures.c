@@ -271,3 +271,7 @@ void tracery_fixture_holder_stop(void) {
 __asm__(".text\n.p2align 4\n.globl tracery_fixture_short\n.type tracery_fixture_short, @function\n"
         "tracery_fixture_short:\n  mov %rdi, %rax\n  ret\n"
         ".size tracery_fixture_short, .-tracery_fixture_short\n");
+// The same, for a test that runs beside the one using the first (a site has one tracer).
+__asm__(".text\n.p2align 4\n.globl tracery_fixture_short_other\n.type tracery_fixture_short_other, @function\n"
+        "tracery_fixture_short_other:\n  mov %rdi, %rax\n  ret\n"
+        ".size tracery_fixture_short_other, .-tracery_fixture_short_other\n");

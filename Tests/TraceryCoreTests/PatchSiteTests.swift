@@ -94,6 +94,67 @@ import TraceryX86
     #expect(tracer.reclaim() >= 0)
   }
 
+  /// A thread that traps at every call (a trap site) spends most of its time in the SIGTRAP
+  /// handler, whose signal frame holds the site + 1 until the handler sends it on. A snapshot
+  /// taken there would show the thread inside the site's first bytes, and a relocation under way
+  /// would give up on them (seen: `record -p` on gcc's NOP sleds dropped the hottest functions).
+  /// The handler holds the snapshot signal off and answers as it ends: every look finds the
+  /// thread where it resumes, never inside the site.
+  @Test func aThreadInTheTrapHandlerIsSeenWhereItResumes() throws {
+    let tracer = Tracer()
+    tracer.relocatesPrologues = true
+    let function: @convention(c) (Int) -> Int = tracery_fixture_short_other
+    let address = UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
+    let site = PatchSite.afterEndbr64(address)
+    let link = try tracer.attach(.entry({ _, _ in }), to: .address(address))
+    defer { link.detach() }
+    try #require(SiteBytes(reading: site).byte(0) == 0xcc)
+    let stop = Atomic<Bool>(false)
+    let callerID = Atomic<Int32>(0)
+    let caller = Thread {
+      // The runner's threads inherit a mask that blocks the snapshot signal: this one takes it.
+      var snapshot = sigset_t()
+      sigemptyset(&snapshot)
+      sigaddset(&snapshot, ctracery_snapshot_signal())
+      pthread_sigmask(SIG_UNBLOCK, &snapshot, nil)
+      callerID.store(ctracery_gettid(), ordering: .relaxed)
+      var n = 0
+      while !stop.load(ordering: .relaxed) {
+        _ = function(n)
+        n += 1
+      }
+    }
+    caller.start()
+    defer { stop.store(true, ordering: .relaxed) }
+    while callerID.load(ordering: .relaxed) == 0 { usleep(100) }
+    let tid = callerID.load(ordering: .relaxed)
+    let inside = (site + 1)..<(site + 5)
+    let trapsBefore = TrapStatistics.handled
+    var seenInside = 0
+    var unanswered = 0
+    // (This thread only: other tests' threads may run beside it, some of them uninspectable.)
+    for _ in 0..<300 {
+      guard let (rip, rsp, others, _) = Reclaimer.registers(of: tid) else {
+        unanswered += 1
+        continue
+      }
+      var words = [rip] + others
+      if let region = MemoryMap.current().region(containing: rsp) {
+        var at = rsp & ~7
+        while at + 8 <= region.end {
+          words.append(UnsafePointer<UInt64>(bitPattern: UInt(at))!.pointee)
+          at += 8
+        }
+      }
+      if words.contains(where: inside.contains) { seenInside += 1 }
+    }
+    stop.store(true, ordering: .relaxed)
+    while !caller.isFinished { usleep(1_000) }
+    #expect(TrapStatistics.handled - trapsBefore > 1000)
+    #expect(
+      seenInside == 0 && unanswered == 0, "inside the site at \(seenInside) of 300 looks, \(unanswered) unanswered")
+  }
+
   /// How a function without a NOP is decided (`PatchSite.survey`, the code as bytes): the whole
   /// instructions covering 5 bytes move; a branch to its sixth byte is no obstacle (only the
   /// first 5 are overwritten), one into its first 5 bytes makes it a trap site; so does being

@@ -119,18 +119,21 @@ uint64_t ctracery_traps_handled(void);
 // The reclaimer frees a retired trampoline only when no thread executes it or holds an address
 // inside it on its stack or in a register. For a thread that is running user code it needs that
 // thread's registers: it sends CTRACERY_SNAPSHOT_SIGNAL, whose handler copies them from the
-// ucontext and acknowledges. One request at a time (the reclaimer holds the tracer's lock).
+// ucontext and acknowledges. One request at a time (a lock in the shim: any tracer may ask).
 
 /// The signal used for snapshots: SIGRTMAX - 1.
 int ctracery_snapshot_signal(void);
 /// The general-purpose registers a snapshot reports besides rip and rsp (rax ... r15 but rsp).
 #define CTRACERY_SNAPSHOT_REGISTERS 15
-/// Sends the snapshot signal to thread `tid` and waits up to `timeout_ms` for its rip, rsp and
-/// other general-purpose registers (`registers`: CTRACERY_SNAPSHOT_REGISTERS words).
+/// Asks thread `tid` for its rip, rsp and other general-purpose registers (`registers`:
+/// CTRACERY_SNAPSHOT_REGISTERS words) and waits up to `timeout_ms`. With `send_signal` it sends the
+/// snapshot signal; without, only the end of the SIGTRAP handler answers (the handler holds the
+/// signal off, so a thread inside it shows the signal blocked: it answers with where it resumes).
 /// Returns 0 on success, 1 when the thread was running a signal handler on its alternate stack
 /// (the registers are set, but the stack it interrupted is elsewhere), -1 if the thread did not
 /// answer (it may have exited or block the signal).
-int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms);
+int ctracery_snapshot_thread(int tid, uint64_t *rip, uint64_t *rsp, uint64_t *registers, int timeout_ms,
+                             int send_signal);
 
 /// Instruction moves for prologues being relocated while threads run: `pairs` holds `count`
 /// (from, to) addresses, an instruction inside a site's first 5 bytes and the same instruction in

@@ -48,6 +48,8 @@ public final class GraphLink: Sendable {
   /// which points at `frame.data[dataOffset]`.
   public let dataOffset: Int
   public let dataWords: Int
+  /// What the attach that made this link did to each function (`attachGraph`).
+  let attachReport = Mutex(TransactionReport())
 
   init(tracer: Tracer, index: Int, dataOffset: Int, dataWords: Int) {
     self.tracer = tracer
@@ -55,6 +57,9 @@ public final class GraphLink: Sendable {
     self.dataOffset = dataOffset
     self.dataWords = dataWords
   }
+
+  /// The functions the attach that made this link could not trace, and why.
+  public var attachFailures: [TransactionReport.Entry] { attachReport.withLock { $0.failures } }
 
   /// Sites (patch-site addresses) this user traces now.
   public var sites: [UInt64] { tracer.graphSites(of: index) }
@@ -299,10 +304,15 @@ extension Tracer {
     _ handlers: GraphHandlers, to selector: FunctionSelector, cookie: UInt64 = 0, dataWords: Int = 0,
     depthLimit: Int? = nil, vectorRegisters: Bool = true, model: FunctionModel? = nil
   ) throws(AttachError) -> GraphLink {
-    let targets = try resolve(selector)
+    var refused = TransactionReport()
+    let targets = try resolve(selector, refused: &refused)
     let link = try makeGraphUser(
       handlers, cookie: cookie, dataWords: dataWords, depthLimit: depthLimit, vectorRegisters: vectorRegisters)
     let report = commit([.graphAttach(link.index, targets, model)])
+    link.attachReport.withLock {
+      $0 = refused
+      $0.append(contentsOf: report)
+    }
     if link.sites.isEmpty {
       _ = commit([.graphDetach(link.index)])
       throw .nothingAttached(report)

@@ -289,24 +289,28 @@ struct Reclaimer {
   /// across one: none makes system calls), else all of them from a snapshot signal if the thread
   /// does not block that signal (a thread blocked outside a system call, e.g. on a page fault,
   /// answers once it runs again). A running thread that blocks the signal is polled for up to
-  /// ~100 ms, until it blocks in a system call; then nil.
+  /// ~100 ms, until it blocks in a system call or answers from the SIGTRAP handler; then nil.
   /// `onAlternateStack`: the thread was running a signal handler on its alternate stack, so the
   /// stack it interrupted (which may hold returns into trampolines) is not the one rsp is on.
   static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64, others: [UInt64], onAlternateStack: Bool)? {
-    let signalBlocked = blocksSnapshotSignal(tid)
     for _ in 0..<20 {
       if let blocked = blockedRegisters(of: tid) { return (blocked.rip, blocked.rsp, [], false) }
-      if !signalBlocked {
-        var rip: UInt64 = 0
-        var rsp: UInt64 = 0
-        var others = [UInt64](repeating: 0, count: Int(CTRACERY_SNAPSHOT_REGISTERS))
-        let answer = ctracery_snapshot_thread(tid, &rip, &rsp, &others, 20)
-        if answer >= 0 { return (rip, rsp, others, answer == 1) }
-      } else {
-        usleep(5000)
-      }
+      if let snapshot = snapshot(of: tid) { return snapshot }
     }
     return nil
+  }
+
+  /// The registers of running thread `tid` from a snapshot: by signal if it does not block the
+  /// snapshot signal (20 ms to answer), else only if it is running the SIGTRAP handler, which
+  /// blocks the signal for microseconds and answers as it ends (5 ms). (Read each time: a thread
+  /// that traps at every call shows the signal blocked at nearly every look.)
+  static func snapshot(of tid: Int32) -> (rip: UInt64, rsp: UInt64, others: [UInt64], onAlternateStack: Bool)? {
+    let signal = !blocksSnapshotSignal(tid)
+    var rip: UInt64 = 0
+    var rsp: UInt64 = 0
+    var others = [UInt64](repeating: 0, count: Int(CTRACERY_SNAPSHOT_REGISTERS))
+    let answer = ctracery_snapshot_thread(tid, &rip, &rsp, &others, signal ? 20 : 5, signal ? 1 : 0)
+    return answer >= 0 ? (rip, rsp, others, answer == 1) : nil
   }
 
   /// rip and rsp of a thread blocked in a system call: "NR arg1 ... arg6 sp pc". nil for "-1 sp

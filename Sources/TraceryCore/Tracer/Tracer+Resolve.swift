@@ -6,6 +6,13 @@ extension Tracer {
   // MARK: - Resolution
 
   func resolve(_ selector: FunctionSelector) throws(AttachError) -> [Target] {
+    var refused = TransactionReport()
+    return try resolve(selector, refused: &refused)
+  }
+
+  /// `refused`: functions of an `.addresses` selector that no site could be made for, and why
+  /// (the other selectors throw when a function they name has none).
+  func resolve(_ selector: FunctionSelector, refused: inout TransactionReport) throws(AttachError) -> [Target] {
     let (known, bulk, relocates, trapSites) = state.withLock { state in
       var known: [UInt64: Target] = [:]
       for function in state.functions.values {
@@ -39,8 +46,15 @@ extension Tracer {
           SiteBytes(reading: address).isNop5
         {
           result.append(Target(patch: .nop(at: address), name: name))
-        } else if let target = try? context.target(at: address, name: name, hint: &hint) {
-          result.append(target)
+        } else {
+          do {
+            result.append(try context.target(at: address, name: name, hint: &hint))
+          } catch {
+            let reason: String
+            if case .noPatchSite(_, let why) = error { reason = why } else { reason = "\(error)" }
+            refused.append(
+              .init(function: name ?? "0x\(String(address, radix: 16))", address: address, outcome: .failed(reason)))
+          }
         }
       }
       guard !result.isEmpty else { throw .noFunctionMatches("any of \(addresses.count) addresses") }
@@ -57,11 +71,13 @@ extension Tracer {
   /// Whether the patcher can likely see every other thread out of a prologue it relocates
   /// (`TextPatcher.moveThreadsOut`): none of them is running with the snapshot signal blocked
   /// (it would be polled for ~100 ms, then the relocation abandoned for an int3). Functions are
-  /// given trap sites at once otherwise.
+  /// given trap sites at once otherwise. A thread running the SIGTRAP handler blocks the signal
+  /// for microseconds and answers a snapshot as the handler ends (`Reclaimer.snapshot`).
   public static func threadsCanBeMoved() -> Bool {
     let me = ctracery_gettid()
     return Reclaimer.threadIDs().allSatisfy { tid in
       tid == me || !Reclaimer.blocksSnapshotSignal(tid) || Reclaimer.blockedRegisters(of: tid) != nil
+        || Reclaimer.snapshot(of: tid) != nil
     }
   }
 

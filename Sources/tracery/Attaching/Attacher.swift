@@ -74,16 +74,23 @@ struct Attacher {
     if let error = ControlSocket.argument(of: answer, after: ControlSocket.error) {
       throw UserError("process \(pid): \(error)")
     }
-    guard let count = ControlSocket.argument(of: answer, after: ControlSocket.attached), let functions = Int(count)
+    guard let attached = ControlSocket.argument(of: answer, after: ControlSocket.attached),
+      let functions = attached.split(separator: " ", maxSplits: 1).first.flatMap({ Int($0) })
     else {
       throw UserError("the agent in process \(pid) said '\(answer)'")
     }
+    // "N U NAME: REASON": U functions the agent could not trace, the first one's reason.
+    let untraced = attached.split(separator: " ", maxSplits: 2).dropFirst()
+    let untracedNote =
+      untraced.first.map { count in
+        "; \(count) not traced" + (untraced.dropFirst().first.map { ", e.g. \($0)" } ?? "")
+      } ?? ""
     timing.attachedNanoseconds = Self.nanoseconds(ContinuousClock.now - start)
     let oldInterrupt = signal(SIGINT) { _ in Attacher.interrupted = 1 }
     defer { signal(SIGINT, oldInterrupt) }
     Self.interrupted = 0
     let message =
-      "tracery: attached to process \(pid) (\(functions) functions); recording "
+      "tracery: attached to process \(pid) (\(functions) functions\(untracedNote)); recording "
       + (duration == nil ? "until Ctrl-C\n" : "for \(recorder.options.duration ?? "")\n")
     if !quiet { FileHandle.standardError.write(Data(message.utf8)) }
     let deadline = duration.map { DispatchTime.now().uptimeNanoseconds + UInt64($0) }

@@ -81,3 +81,4 @@ void tracery_fixture_holder_start(uint64_t masked_base);
 void tracery_fixture_holder_stop(void);
 /// x, in 4 bytes without a NOP (`mov rax, rdi; ret`): traced through an int3.
 long tracery_fixture_short(long x);
+long tracery_fixture_short_other(long x);
