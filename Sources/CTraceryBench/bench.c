@@ -43,6 +43,22 @@ __attribute__((aligned(64))) int tracery_bench_empty_modify_return(tracery_call 
   return 0;
 }
 
+// The empty handlers' counting twins: each adds 1 to the word its cookie points at (a bench's
+// proof that its handlers ran once per call).
+void tracery_bench_counting_entry(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  ++*(uint64_t *)cookie;
+}
+void tracery_bench_counting_exit(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  ++*(uint64_t *)cookie;
+}
+int tracery_bench_counting_modify_return(tracery_call *call, uint64_t cookie) {
+  (void)call;
+  ++*(uint64_t *)cookie;
+  return 0;
+}
+
 __attribute__((aligned(64))) int tracery_bench_empty_graph_entry(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie) {
   (void)frame;
   (void)data;

@@ -18,6 +18,10 @@ long tracery_bench_loop_calling(long (*function)(long), long iterations);
 void tracery_bench_empty_entry(tracery_call *call, uint64_t cookie);
 void tracery_bench_empty_exit(tracery_call *call, uint64_t cookie);
 int tracery_bench_empty_modify_return(tracery_call *call, uint64_t cookie);
+/// The same, each adding 1 to the word at `cookie`.
+void tracery_bench_counting_entry(tracery_call *call, uint64_t cookie);
+void tracery_bench_counting_exit(tracery_call *call, uint64_t cookie);
+int tracery_bench_counting_modify_return(tracery_call *call, uint64_t cookie);
 /// Empty graph handlers (the entry asks for the exit) and fprobe handlers.
 int tracery_bench_empty_graph_entry(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
 void tracery_bench_empty_graph_exit(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);

@@ -313,7 +313,7 @@ extension Tracer {
       $0 = refused
       $0.append(contentsOf: report)
     }
-    if link.sites.isEmpty {
+    if !hasGraphSites(of: link.index) {
       _ = commit([.graphDetach(link.index)])
       throw .nothingAttached(report)
     }
@@ -370,8 +370,14 @@ extension Tracer {
 
   func graphSites(of index: Int) -> [UInt64] {
     state.withLock { state in
-      state.functions.values.filter { $0.graphMask & (1 << index) != 0 }.map(\.site).sorted()
+      var sites: [UInt64] = []
+      for (site, function) in state.functions where function.graphMask & (1 << index) != 0 { sites.append(site) }
+      return sites.sorted()
     }
+  }
+
+  func hasGraphSites(of index: Int) -> Bool {
+    state.withLock { state in state.functions.values.contains { $0.graphMask & (1 << index) != 0 } }
   }
 
   /// A new stub for `function` (see `GraphEmitter`), calling the image of its mask; the image is

@@ -140,6 +140,15 @@ public struct TransactionReport: Sendable, Equatable, CustomStringConvertible {
 
   mutating func append(_ batch: Batch) { batches.append(batch) }
 
+  /// The addresses of the entries whose outcome `matches` (without making the entries).
+  func addresses(where matches: (PatchOutcome) -> Bool) -> Set<UInt64> {
+    var result = Set(listed.filter { matches($0.outcome) }.map(\.address))
+    for batch in batches {
+      for index in batch.outcomes.indices where matches(batch.outcomes[index]) { result.insert(batch.addresses[index]) }
+    }
+    return result
+  }
+
   public var failures: [Entry] { entries.filter { if case .failed = $0.outcome { true } else { false } } }
 
   public static func == (left: TransactionReport, right: TransactionReport) -> Bool { left.entries == right.entries }

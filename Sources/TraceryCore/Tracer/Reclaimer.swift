@@ -129,8 +129,12 @@ struct Reclaimer {
     lastPass = ContinuousClock.now
     var ranges: [Range<UInt64>] = []
     var owners: [Int] = []
+    ranges.reserveCapacity(retired.count)
+    owners.reserveCapacity(retired.count)
     for (index, image) in retired.enumerated() {
-      for block in [image.block] + image.companions {
+      ranges.append(image.block.range)
+      owners.append(index)
+      for block in image.companions {
         ranges.append(block.range)
         owners.append(index)
       }
@@ -167,6 +171,7 @@ struct Reclaimer {
 
   /// `busy` and every retired block a busy one leads to (`CodeImage.leadsTo`), transitively.
   static func closing(_ busy: Set<Int>, over retired: [CodeImage]) -> Set<Int> {
+    guard !busy.isEmpty else { return busy }
     var byStart: [UInt64: Int] = [:]
     for (index, image) in retired.enumerated() { byStart[image.block.address] = index }
     var closed = busy

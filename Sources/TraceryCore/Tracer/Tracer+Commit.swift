@@ -9,12 +9,11 @@ extension Tracer {
   /// `usesTrapSites` is off: they stay untraced, reported).
   func commit(_ operations: [Operation]) -> TransactionReport {
     var report = withCallerStackMarker { top in commit(operations, callerStack: top) }
-    let abandoned = Set(
-      report.entries.compactMap { entry -> UInt64? in
-        guard case .failed(let reason) = entry.outcome, reason.hasPrefix(TextPatcher.abandoned) else { return nil }
-        return entry.address
-      })
-    guard !abandoned.isEmpty, usesTrapSites else { return report }
+    guard usesTrapSites else { return report }
+    let abandoned = report.addresses { outcome in
+      if case .failed(let reason) = outcome { reason.hasPrefix(TextPatcher.abandoned) } else { false }
+    }
+    guard !abandoned.isEmpty else { return report }
     let table = symbols
     func traps(_ targets: [Target]) -> [Target] {
       targets.compactMap { target in
@@ -73,6 +72,11 @@ extension Tracer {
   @inline(never)
   private func commit(_ operations: [Operation], callerStack: UInt64) -> TransactionReport {
     state.withLock { state in
+      if operations.count == 1, case .graphDetach(let index) = operations[0],
+        let report = detachOnlyGraphUser(index, state: &state, callerStack: callerStack)
+      {
+        return report
+      }
       var plan = CommitPlan()
       self.plan(operations, into: &plan, state: &state, callerStack: callerStack)
       buildImages(&plan, state: &state)
@@ -107,7 +111,7 @@ extension Tracer {
   /// at the site; retargeting it patches the pad's `jmp` live (the site stays as it is); leaving
   /// puts the site's byte back. So the trap table never sends a thread to code being retired.
   /// nil when the pad's `jmp` cannot reach the new code.
-  private func patchRequest(from old: SiteBytes, for function: TracedFunction) -> PatchRequest? {
+  func patchRequest(from old: SiteBytes, for function: TracedFunction) -> PatchRequest? {
     let new = siteBytes(function)
     // A relocated prologue's bytes are about to be overwritten (the patcher moves threads out).
     let installs = old == function.original && new != function.original
@@ -175,7 +179,15 @@ extension Tracer {
       return function
     }
     // (A detach of 50,000 functions: no set of every site, no table grown one insert at a time.)
-    plan.next.reserveCapacity(state.functions.count)
+    var targets = 0
+    for operation in operations {
+      switch operation {
+      case .attach(_, let list, _), .graphAttach(_, let list, _), .opsAttach(_, let list), .multiAttach(_, let list):
+        targets += list.count
+      default: break
+      }
+    }
+    plan.next.reserveCapacity(max(state.functions.count, targets))
     func remove(_ matches: (TracedFunction) -> Bool, _ change: (inout TracedFunction) -> Void) {
       for site in Array(plan.next.keys) where matches(plan.next[site]!) { change(&plan.next[site]!) }
       for (site, function) in state.functions where plan.next[site] == nil && matches(function) {
@@ -363,11 +375,19 @@ extension Tracer {
   /// that no longer holds a record; retire replaced images and the graph images and shared ops
   /// callers no site calls any more; reclaim when due.
   private func settle(_ plan: inout CommitPlan, outcomes: [PatchOutcome], state: inout State, callerStack: UInt64) {
-    var live: [(site: UInt64, function: TracedFunction)] = []
+    // (Indices into `plan.planned`, whose functions are read and changed in place: each copy of
+    // a function's state costs, and a commit may have 50,000.)
+    var live: [Int] = []
     var failed: [CodeArena.Block] = []
-    for ((site, function), outcome) in zip(plan.planned, outcomes) {
-      plan.report.append(.init(function: function.name, address: function.function, outcome: outcome))
+    live.reserveCapacity(plan.planned.count)
+    for (index, outcome) in zip(plan.planned.indices, outcomes) {
+      let site = plan.planned[index].site
+      plan.report.append(
+        .init(
+          function: plan.planned[index].function.name, address: plan.planned[index].function.function,
+          outcome: outcome))
       if case .failed(let reason) = outcome {
+        let function = plan.planned[index].function
         let built = [function.image, function.graphStub, function.multiStubImage].compactMap { $0 }
         let copy = state.functions[site] == nil ? function.relocatedCopy : nil
         if reason.hasPrefix(TextPatcher.abandoned) {
@@ -378,15 +398,15 @@ extension Tracer {
         }
         continue
       }
-      if let old = state.functions[site] {
-        if let image = old.image { state.reclaimer.retire(image) }
-        if let stub = old.graphStub { state.reclaimer.retire(stub) }
-        if let stub = old.multiStubImage { retireStub(stub, state: &state) }
+      if let old = state.functions.index(forKey: site) {
+        if let image = state.functions.values[old].image { state.reclaimer.retire(image) }
+        if let stub = state.functions.values[old].graphStub { state.reclaimer.retire(stub) }
+        if let stub = state.functions.values[old].multiStubImage { retireStub(stub, state: &state) }
       }
-      live.append((site, function))
+      live.append(index)
     }
     arena.release(contentsOf: failed)
-    let images = live.compactMap(\.function.image)
+    let images = live.compactMap { plan.planned[$0].function.image }
     let table =
       UnwindInfo.isAvailable && !images.isEmpty
       ? UnwindInfo(images.map { .init(block: $0.block, length: $0.length, frame: $0.frame!) }, arena: arena) : nil
@@ -394,16 +414,20 @@ extension Tracer {
     // finds no record). A function leaving for good gets its NOPs back once no thread is inside
     // a global trampoline (one may have called it just before its site changed).
     var cleared: [(address: UInt64, value: UInt64)] = []
-    for (site, var function) in live {
-      function.image?.unwind = table
-      if function.paddingOwned && (function.multiEntry == nil || !function.usesPadding) {
+    for index in live {
+      let site = plan.planned[index].site
+      plan.planned[index].function.image?.unwind = table
+      let traced = plan.planned[index].function.isTraced
+      if plan.planned[index].function.paddingOwned
+        && (plan.planned[index].function.multiEntry == nil || !plan.planned[index].function.usesPadding)
+      {
         cleared.append((site - 8, 0))
-        if !function.isTraced { state.multi.pendingNops.insert(site - 8) }
-        function.paddingOwned = function.isTraced
+        if !traced { state.multi.pendingNops.insert(site - 8) }
+        plan.planned[index].function.paddingOwned = traced
       }
-      state.functions[site] = function.isTraced ? function : nil
+      state.functions[site] = traced ? plan.planned[index].function : nil
       // Back to its original bytes: its copy goes once no thread runs in it.
-      if !function.isTraced, let copy = function.relocatedCopy { state.reclaimer.retire(copy) }
+      if !traced, let copy = plan.planned[index].function.relocatedCopy { state.reclaimer.retire(copy) }
     }
     _ = patcher.writeWords(cleared)
     ZeroedPadding.add(cleared.map(\.address))
@@ -412,13 +436,21 @@ extension Tracer {
     // Old graph images and shared ops callers are retired once no site calls them (a site that
     // failed to move keeps its image, and the image stays listed). A listed image no function
     // uses any more (its functions moved to another model, or failed to move to it) goes too.
-    let calledGraph = Set(state.functions.values.compactMap(\.graphImage))
+    var calledGraph: Set<UInt64> = []
+    for index in state.functions.indices {
+      if let entry = state.functions.values[index].graphImage { calledGraph.insert(entry) }
+    }
     var retiredGraphImages = plan.retiredGraphImages
     retiredGraphImages += state.graphImages.filter { !calledGraph.contains($0.entry) }
     state.graphImages.removeAll { !calledGraph.contains($0.entry) }
     state.graphImages += state.reclaimer.retire(
       retiredGraphImages, unlessCalled: calledGraph, entry: \.entry, image: \.image)
-    let calledByOps = Set(state.functions.values.compactMap(\.opsEntry))
+    var calledByOps: Set<UInt64> = []
+    if !plan.retiredSharedImages.isEmpty || !plan.removedOps.isEmpty {
+      for index in state.functions.indices {
+        if let entry = state.functions.values[index].opsEntry { calledByOps.insert(entry) }
+      }
+    }
     state.opsSharedImages += state.reclaimer.retire(
       plan.retiredSharedImages, unlessCalled: calledByOps, entry: \.entry, image: \.image)
     // The own trampolines of ops that left.

@@ -30,6 +30,12 @@ struct MultiBench {
         }
         let traced = loop()
         link.detach()
+        try TriggerBench.proveEachCallRuns(name, kinds: [handler.kind], run: TriggerBench.proofLoop) {
+          handler, cookie in
+          let link = try Tracer.shared.attachMulti(
+            handler, to: .address(target), cookie: { _ in cookie }, model: model, strategy: .global(lookup))
+          return { link.detach() }
+        }
         report.figure(name: name, n: TriggerBench.iterations, nsPerItem: traced, baseline: baseline)
       }
     }

@@ -35,6 +35,54 @@ struct TriggerBench {
         to: ModifyReturnHandler.self)),
   ]
 
+  /// The empty C handlers' counting twins (each adds 1 at its cookie), by kind.
+  static let countingHandlers: [HandlerKind: Handler] = [
+    .entry: .entry(
+      unsafeBitCast(
+        tracery_bench_counting_entry as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
+        to: EntryHandler.self)),
+    .exit: .exit(
+      unsafeBitCast(
+        tracery_bench_counting_exit as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Void,
+        to: ExitHandler.self)),
+    .modifyReturn: .modifyReturn(
+      unsafeBitCast(
+        tracery_bench_counting_modify_return
+          as @convention(c) (UnsafeMutablePointer<tracery_call>?, UInt64) -> Int32,
+        to: ModifyReturnHandler.self)),
+  ]
+
+  /// What a figure divides by is what ran: `handlers`' kinds attached again as counting twins,
+  /// the same way (`attach`: a handler and its cookie, returning its detach), and `calls`
+  /// (`run`: calls made) must have run each exactly once per call. An attach that traced nothing,
+  /// or a lookup that missed (an empty handler shows neither), fails the bench.
+  static func proveEachCallRuns(
+    _ name: String, kinds: [HandlerKind], run: () -> Int,
+    attach: (Handler, UInt64) throws -> () -> Void
+  ) throws {
+    let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: kinds.count)
+    counters.initialize(repeating: 0, count: kinds.count)
+    defer { counters.deallocate() }
+    var detaches: [() -> Void] = []
+    for (index, kind) in kinds.enumerated() {
+      let cookie = UInt64(UInt(bitPattern: counters + index))
+      do { detaches.append(try attach(countingHandlers[kind]!, cookie)) } catch {
+        throw UserError("\(name): cannot attach its counting twin: \(error)")
+      }
+    }
+    let calls = run()
+    for detach in detaches { detach() }
+    for (index, kind) in kinds.enumerated() where counters[index] != UInt64(calls) {
+      throw UserError("\(name): the \(kind) handler ran \(counters[index]) times for \(calls) calls")
+    }
+  }
+
+  /// Calls of `tracery_bench_target` made by a short run of the bench's loop.
+  static func proofLoop() -> Int {
+    _ = tracery_bench_loop(100_000)
+    return 100_000
+  }
+
   static var variants: [Variant] {
     let c = cHandlers
     let swift: [String: Handler] = [
@@ -81,6 +129,11 @@ struct TriggerBench {
       }
       let traced = loop()
       for link in links { link.detach() }
+      try Self.proveEachCallRuns(variant.name, kinds: variant.handlers.map(\.kind), run: Self.proofLoop) {
+        handler, cookie in
+        let link = try Tracer.shared.attach(handler, to: .address(target), cookie: cookie, model: model)
+        return { link.detach() }
+      }
       report.figure(name: variant.name, n: Self.iterations, nsPerItem: traced, baseline: baseline)
     }
     try MultiBench(runs: runs, cacheDirectory: cacheDirectory).run(report, target: target, loop: loop)
@@ -120,11 +173,22 @@ struct TriggerBench {
       } catch {
         throw UserError("cannot attach for \(test.name): \(error)")
       }
-      defer { link.detach() }
       guard Tracer.shared.siteShapes[test.shape] == 1 else {
+        link.detach()
         throw UserError("\(test.name): the function got another site shape (\(Tracer.shared.siteShapes))")
       }
       let traced = loop()
+      link.detach()
+      try Self.proveEachCallRuns(
+        test.name, kinds: [.entry],
+        run: {
+          _ = tracery_bench_loop_calling(test.function, 1_000)
+          return 1_000
+        }
+      ) { handler, cookie in
+        let link = try Tracer.shared.attach(handler, to: .address(address), cookie: cookie)
+        return { link.detach() }
+      }
       report.figure(name: test.name, n: test.iterations, nsPerItem: traced, baseline: baseline)
     }
   }
