@@ -211,9 +211,12 @@ final class ByteWindow {
 ///     an entry whose counter runs backwards, or    damage
 ///       more than 2^52 ticks (weeks) ahead
 ///     an entry deeper than the open ones + 1, an   damage, unless events were dropped (a
-///       exit with no open entry at its depth         full disk leaves gaps) or it is the
+///       exit with no open entry at its depth         full disk leaves gaps), it is the
 ///                                                  file's first (a fork child's file
-///                                                  begins inside its parent's calls)
+///                                                  begins inside its parent's calls), or
+///                                                  it and the next two events are in
+///                                                  order (a thread that switches stacks:
+///                                                  `confirmedDespiteDepth`)
 ///
 /// After damage, reading resumes at the first entry whose counter fits and whose next two
 /// events fit it, counting as open the entries the damaged bytes could have held.
@@ -285,7 +288,19 @@ public struct EventCursor {
           pending = event
           if let given { return given }
         }
-      case .event, .notAnEvent:
+      case .unexpectedDepth(let decoded, let size)
+      where damaged == nil && decoder.last != 0 && confirmedDespiteDepth(decoded, after: offset + size, end: end):
+        // A thread that switched stacks (coroutines: swapcontext, a fiber library) has events
+        // whose depths jump where the other stack's calls resume.
+        decoder.accept(decoded)
+        offset += size
+        if case .event(let event) = decoded {
+          eventsBefore = true
+          let given = pending
+          pending = event
+          if let given { return given }
+        }
+      case .event, .unexpectedDepth, .notAnEvent:
         begin(at: offset, "not an event")
         offset += 8
       case .cut:
@@ -412,6 +427,8 @@ public struct EventCursor {
     case notAnEvent
     /// An event that goes past the end of the file.
     case cut
+    /// An event that fits in every way but its depth (see `confirmedDespiteDepth`).
+    case unexpectedDepth(Event.Decoder.Decoded, size: Int)
   }
 
   /// What is at `offset`, read with `decoder`'s knowledge. `resumingFrom`: where the damage
@@ -440,10 +457,48 @@ public struct EventCursor {
         word, load: { offset + $0 + 8 <= chunkEnd ? source.word(offset + $0) : nil },
         byteAt: { offset + $0 < chunkEnd ? source.byte(offset + $0) : nil })
     else { return offset + 16 > file.size ? .cut : .notAnEvent }
-    let plausible = Self.plausible(
-      decoded, decoder: decoder, swallowed: resumingFrom.map { (offset - $0) / 16 }, eventsBefore: eventsBefore,
-      gapsExpected: gapsExpected)
-    return plausible ? .event(decoded, size: size) : .notAnEvent
+    let swallowed = resumingFrom.map { (offset - $0) / 16 }
+    if Self.plausible(
+      decoded, decoder: decoder, swallowed: swallowed, eventsBefore: eventsBefore, gapsExpected: gapsExpected)
+    {
+      return .event(decoded, size: size)
+    }
+    // (With gaps expected, no depth is checked.)
+    let fitsButItsDepth = Self.plausible(
+      decoded, decoder: decoder, swallowed: swallowed, eventsBefore: eventsBefore, gapsExpected: true)
+    return fitsButItsDepth ? .unexpectedDepth(decoded, size: size) : .notAnEvent
+  }
+
+  /// An event whose depth does not follow the open calls (an entry deeper than them + 1, an exit
+  /// with no open entry at its depth) is taken, mid-file, when its counter does not run
+  /// backwards at all and the two events after it fit it in every way, depth included, their
+  /// counters not running backwards either: what a thread that switches stacks writes (the
+  /// recorder's depths count one shadow stack per thread, and a coroutine's calls resume on top
+  /// of whatever the other stack did meanwhile). Scribbled bytes almost never pass: their counter
+  /// would have to fall between two real events'.
+  private func confirmedDespiteDepth(_ decoded: Event.Decoder.Decoded, after next: Int, end: Int) -> Bool {
+    guard case .event(let event) = decoded, event.timestamp >= decoder.last else { return false }
+    var decoder = self.decoder
+    decoder.accept(decoded)
+    var previous = event.timestamp
+    var offset = next
+    var seen = 0
+    while seen < 2, offset < end {
+      switch step(at: offset, decoder: decoder, resumingFrom: nil, eventsBefore: true, end: end) {
+      case .event(let decoded, let size):
+        if case .event(let following) = decoded {
+          guard following.timestamp >= previous else { return false }
+          previous = following.timestamp
+        }
+        decoder.accept(decoded)
+        offset += size
+        seen += 1
+      case .tail(let next): offset = next
+      case .cut: return true
+      case .zeros, .notAnEvent, .unexpectedDepth: return false
+      }
+    }
+    return true
   }
 
   /// An event with nothing to check its counter against (the first, or the first after damage)
@@ -464,7 +519,7 @@ public struct EventCursor {
         seen += 1
       case .tail(let next): offset = next
       case .cut: return true
-      case .zeros, .notAnEvent: return false
+      case .zeros, .notAnEvent, .unexpectedDepth: return false
       }
     }
     return true

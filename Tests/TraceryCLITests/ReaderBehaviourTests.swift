@@ -26,6 +26,25 @@ import TraceryTestSupport
     try TestSupport.run(Self.tracery, arguments)
   }
 
+  /// A thread that switches stacks (coroutines) writes events whose depths jump where the other
+  /// stack's suspended calls resume: every call is read, exactly once, and none of it is called
+  /// damage (it was: the rest of the file was skipped as "not an event").
+  @Test func aThreadThatSwitchesStacksIsReadWhole() throws {
+    let directory = try TestSupport.temporaryDirectory("coroutines")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "coroutines", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, "1000"])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["outer"] == 1000 && counts["inner"] == 1000 && counts["leaf"] == 3999, "\(counts)")
+    for reader in [["replay"], ["report"], ["dump", "--chrome"]] {
+      let read = try run(reader + ["-d", trace.path])
+      #expect(read.status == 0 && !read.stderr.contains("damaged"), "\(reader): \(read.stderr)")
+    }
+  }
+
   @Test func theReadmeValueExamplesShowWhatTheySay() throws {
     let trace = try Self.demo.get().trace
     let replay = try run(["replay", "-d", trace.path])
