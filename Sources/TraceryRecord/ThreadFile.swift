@@ -478,27 +478,7 @@ public struct EventCursor {
   /// would have to fall between two real events'.
   private func confirmedDespiteDepth(_ decoded: Event.Decoder.Decoded, after next: Int, end: Int) -> Bool {
     guard case .event(let event) = decoded, event.timestamp >= decoder.last else { return false }
-    var decoder = self.decoder
-    decoder.accept(decoded)
-    var previous = event.timestamp
-    var offset = next
-    var seen = 0
-    while seen < 2, offset < end {
-      switch step(at: offset, decoder: decoder, resumingFrom: nil, eventsBefore: true, end: end) {
-      case .event(let decoded, let size):
-        if case .event(let following) = decoded {
-          guard following.timestamp >= previous else { return false }
-          previous = following.timestamp
-        }
-        decoder.accept(decoded)
-        offset += size
-        seen += 1
-      case .tail(let next): offset = next
-      case .cut: return true
-      case .zeros, .notAnEvent, .unexpectedDepth: return false
-      }
-    }
-    return true
+    return nextTwoFit(after: decoded, at: next, end: end, inOrderFrom: event.timestamp)
   }
 
   /// An event with nothing to check its counter against (the first, or the first after damage)
@@ -507,13 +487,24 @@ public struct EventCursor {
     guard case .event(let event) = decoded else { return false }
     // A file that begins with exits (a fork child returning from its parent's calls).
     if event.kind == .exit { return !eventsBefore && damaged == nil }
+    return nextTwoFit(after: decoded, at: next, end: end, inOrderFrom: nil)
+  }
+
+  /// Whether the events at `next` (two, or up to the end of the data) fit, once `decoded` is
+  /// taken; with `inOrderFrom`, their counters must not run back from it at all.
+  private func nextTwoFit(after decoded: Event.Decoder.Decoded, at next: Int, end: Int, inOrderFrom: UInt64?) -> Bool {
     var decoder = self.decoder
     decoder.accept(decoded)
+    var previous = inOrderFrom
     var offset = next
     var seen = 0
     while seen < 2, offset < end {
       switch step(at: offset, decoder: decoder, resumingFrom: nil, eventsBefore: true, end: end) {
       case .event(let decoded, let size):
+        if let last = previous, case .event(let following) = decoded {
+          guard following.timestamp >= last else { return false }
+          previous = following.timestamp
+        }
         decoder.accept(decoded)
         offset += size
         seen += 1
