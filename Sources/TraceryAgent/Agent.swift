@@ -38,6 +38,8 @@ enum Agent {
   nonisolated(unsafe) static var trappedFunctions = 0
   nonisolated(unsafe) static var untracedFunctions = 0
   nonisolated(unsafe) static var leftOutAsync = 0
+  /// The program's GOT slots `record -p --libcall` pointed at stubs, put back at the detach.
+  nonisolated(unsafe) static var libraryCallStubs: [LibraryCalls.Stub] = []
   nonisolated(unsafe) static var handlersRegistered = false
   /// Why the recorder could not be attached, if it could not.
   nonisolated(unsafe) static var attachError: String?
@@ -121,6 +123,7 @@ enum Agent {
     // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
     if environment.libraryCalls, let main = ProcessObjects.list().first {
       let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias, skip: Self.isSwiftAsync)) ?? []
+      if attaching { libraryCallStubs = stubs }
       let glob = configuration.match.flatMap { try? Glob($0) }
       let chosenStubs = stubs.filter { stub in
         glob.map { $0.matches(stub.name) || $0.matches(stub.name + "@plt") } ?? true

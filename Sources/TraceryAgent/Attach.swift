@@ -110,6 +110,9 @@ extension Agent {
     ValueRecorder.detach()
     recorder?.detach()
     recorder = nil
+    // The stubs' sites are back to NOPs: the library calls go straight to their functions again.
+    LibraryCalls.uninstall(libraryCallStubs)
+    libraryCallStubs = []
     stopRefills()
     configuration = nil
     recording &+= 1

@@ -15,10 +15,13 @@ import TraceryX86
 /// so a call through the PLT enters the stub, and the tracer's branch at its NOP sees the call
 /// with its caller's return address, as if the library function itself had a site.
 ///
-/// Protocol: installed while the process has one thread (the agent's start), after the dynamic
-/// linker bound every slot (`LD_BIND_NOW`, which `tracery record` sets): a slot still pointing
-/// into its own object (lazy binding not done yet) is left alone, since the resolver would write
-/// over the stub. Slots are never put back (the stubs stay for the process's life).
+/// Protocol: installed at the agent's start, after the dynamic linker bound every slot
+/// (`LD_BIND_NOW`, which `tracery record` sets), or in a running process (`record -p`), where
+/// only the slots bound so far are taken: a slot still pointing into its own object (lazy binding
+/// not done yet) is left alone, since the resolver would write over the stub. Each slot is one
+/// aligned 8-byte store, so a thread calling through it meanwhile reaches the function either
+/// way. `uninstall` puts the slots back (a detach); the stubs stay for the process's life (a
+/// thread may be in one).
 ///
 /// Left out: functions that do not return once to their caller on the same stack (`setjmp` and
 /// `vfork` return twice, `longjmp` and `exit` never, `__cxa_throw` unwinds, context switches),
@@ -30,6 +33,9 @@ public enum LibraryCalls {
     public let name: String
     /// The stub's patch site (its address).
     public let site: UInt64
+    /// The GOT slot pointed at the stub, and what it held (the function).
+    public let slot: UInt64
+    public let target: UInt64
   }
 
   static let skipped: Set<String> = [
@@ -92,22 +98,37 @@ public enum LibraryCalls {
     }
     for entry in chosen { withUnsafeBytes(of: entry.target.littleEndian) { bytes += $0 } }
     block.write(bytes)
-    // The slots: in RELRO (read-only once bound) or writable data; one aligned store each.
     var written: [Stub] = []
     for (index, entry) in chosen.enumerated() {
       let stub = block.address + UInt64(index * stubSize)
-      guard let region = map.region(containing: entry.slot) else { continue }
-      let page = UnsafeMutableRawPointer(bitPattern: UInt(System.pageStart(entry.slot)))
-      let pageSize = Int(System.pageSize)
-      let restore = (region.readable ? PROT_READ : 0) | (region.writable ? PROT_WRITE : 0)
-      if !region.writable {
-        guard mprotect(page, pageSize, PROT_READ | PROT_WRITE) == 0 else { continue }
+      if write(stub, toSlot: entry.slot, map: map) {
+        written.append(Stub(name: entry.name, site: stub, slot: entry.slot, target: entry.target))
       }
-      UnsafeMutablePointer<UInt64>(bitPattern: UInt(entry.slot))!.pointee = stub
-      if !region.writable { mprotect(page, pageSize, restore) }
-      written.append(Stub(name: entry.name, site: stub))
     }
     return written
+  }
+
+  /// Puts back each of `stubs`' slots that still points at its stub (the function it held).
+  public static func uninstall(_ stubs: [Stub]) {
+    let map = MemoryMap.current()
+    for stub in stubs where UnsafePointer<UInt64>(bitPattern: UInt(stub.slot))?.pointee == stub.site {
+      _ = write(stub.target, toSlot: stub.slot, map: map)
+    }
+  }
+
+  /// One aligned store into a slot, in RELRO (read-only once bound: made writable for it) or in
+  /// writable data.
+  private static func write(_ value: UInt64, toSlot slot: UInt64, map: MemoryMap) -> Bool {
+    guard let region = map.region(containing: slot) else { return false }
+    let page = UnsafeMutableRawPointer(bitPattern: UInt(System.pageStart(slot)))
+    let pageSize = Int(System.pageSize)
+    let restore = (region.readable ? PROT_READ : 0) | (region.writable ? PROT_WRITE : 0)
+    if !region.writable {
+      guard mprotect(page, pageSize, PROT_READ | PROT_WRITE) == 0 else { return false }
+    }
+    UnsafeMutablePointer<UInt64>(bitPattern: UInt(slot))!.pointee = value
+    if !region.writable { mprotect(page, pageSize, restore) }
+    return true
   }
 
   /// The object's loaded extent (runtime addresses), from its loadable segments.

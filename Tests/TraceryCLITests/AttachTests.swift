@@ -153,6 +153,66 @@ import TraceryTestSupport
     #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
   }
 
+  /// `record -p --libcall`: the running program's bound PLT slots are pointed at stubs while it
+  /// is recorded (its sleeping thread's `nanosleep` calls are recorded as `nanosleep@plt`), and
+  /// hold their functions again after the detach; twice, and the program is unharmed.
+  @Test func libraryCallsOfARunningProgram() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-libcall")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let (program, running) = try Self.startRunning(in: directory)
+    let slots = try Self.jumpSlots(of: program, pid: running.pid)
+    try #require(slots.contains { $0.name == "nanosleep" })
+    let before = try Self.words(at: slots.map(\.address), pid: running.pid)
+    for cycle in 0..<2 {
+      let trace = directory.appendingPathComponent("trace-\(cycle)")
+      let recorded = try TestSupport.run(
+        OptimizedProgramTests.tracery,
+        [
+          "record", "-p", String(running.pid), "--libcall", "--duration", "150ms", "--buffer-limit", "1", "-d",
+          trace.path,
+        ])
+      try #require(recorded.status == 0, "\(recorded.stderr)")
+      let counts = try Self.calls(trace)
+      #expect((counts["nanosleep@plt"] ?? 0) >= 2 && (counts["mix"] ?? 0) > 1000, "cycle \(cycle): \(counts)")
+      // Every slot bound before holds what it held (those bound since, their functions).
+      let after = try Self.words(at: slots.map(\.address), pid: running.pid)
+      for (index, slot) in slots.enumerated() where before[index] != after[index] {
+        let boundBefore = before[index] >> 40 == 0x7f
+        #expect(!boundBefore, "cycle \(cycle): \(slot.name)'s slot holds 0x\(String(after[index], radix: 16))")
+      }
+    }
+    let end = running.finish()
+    #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
+  }
+
+  /// The program's PLT slots (`R_X86_64_JUMP_SLOT`, from readelf) at their runtime addresses.
+  static func jumpSlots(of program: String, pid: Int32) throws -> [(name: String, address: UInt64)] {
+    let relocations = try TestSupport.run("/usr/bin/readelf", ["-rW", program])
+    let maps = try String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)
+    let resolved = URL(fileURLWithPath: program).resolvingSymlinksInPath().path
+    // The first mapping of the file (offset 0) is its load address: a PIE's bias.
+    guard let first = maps.split(separator: "\n").first(where: { $0.hasSuffix(resolved) }),
+      let bias = first.split(separator: "-").first.flatMap({ UInt64($0, radix: 16) })
+    else { return [] }
+    return relocations.stdout.split(separator: "\n").compactMap { line in
+      let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+      guard fields.count >= 5, fields[2] == "R_X86_64_JUMP_SLOT", let offset = UInt64(fields[0], radix: 16) else {
+        return nil
+      }
+      return (String(fields[4].split(separator: "@").first ?? ""), bias + offset)
+    }
+  }
+
+  static func words(at addresses: [UInt64], pid: Int32) throws -> [UInt64] {
+    let memory = try #require(FileHandle(forReadingAtPath: "/proc/\(pid)/mem"))
+    defer { try? memory.close() }
+    return try addresses.map { address in
+      try memory.seek(toOffset: address)
+      let data = memory.readData(ofLength: 8)
+      return data.count == 8 ? data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } : 0
+    }
+  }
+
   /// A program whose main thread has left (`pthread_exit`: a zombie thread ptrace cannot stop)
   /// is attached to through another of its threads.
   @Test func aProgramWhoseMainThreadExited() throws {
@@ -290,8 +350,6 @@ import TraceryTestSupport
     #expect(held.status != 0 && held.stderr.contains("already traced by process \(holder.pid)"), "\(held.stderr)")
     _ = holder.finish()
 
-    let options = try attach(running.pid, ["--libcall"])
-    #expect(options.status != 0 && options.stderr.contains("--libcall cannot be used with -p"), "\(options.stderr)")
     let program2 = try TestSupport.run(
       tracery,
       ["record", "-p", String(running.pid), "-d", directory.appendingPathComponent("t").path, "--", "/bin/true"])

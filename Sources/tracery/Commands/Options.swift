@@ -65,7 +65,6 @@ struct RecordOptions: ParsableArguments {
       guard command.isEmpty || command == ["--"] else {
         throw ValidationError("-p attaches to a running process: give no program")
       }
-      if libcall { throw ValidationError("--libcall cannot be used with -p yet") }
     }
   }
 
