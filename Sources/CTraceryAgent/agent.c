@@ -3,6 +3,8 @@
 #include <link.h>
 #include <string.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "CTraceryAgent.h"
@@ -78,23 +80,41 @@ int sigaction(int signal, const struct sigaction *action, struct sigaction *old)
 // Objects loaded later are traced before dlopen returns to the program (their constructors, run
 // inside it, are not); an object's sites leave the recorder before dlclose may unmap it, and come
 // back when it stayed loaded.
+//
+// Preloaded, the agent's `dlopen` and `dlclose` come first in the global scope. Loaded into a
+// running process (`record -p`), it is not in that scope: the program's GOT slots for them are
+// pointed at the same code while attached (`Agent.followDlopen`, with the functions the slots
+// led to in `tracery_agent_next_*`).
 
-void *dlopen(const char *file, int mode) {
-  static void *(*next)(const char *, int);
-  if (next == NULL) next = (void *(*)(const char *, int))dlsym(RTLD_NEXT, "dlopen");
+static void *(*tracery_agent_next_dlopen)(const char *, int);
+static int (*tracery_agent_next_dlclose)(void *);
+static atomic_int tracery_agent_following;
+
+static int following(void) { return atomic_load(&tracery_agent_following) || getenv("TRACERY_DIR") != NULL; }
+
+static void *agent_dlopen(const char *file, int mode) {
+  static void *(*preloaded_next)(const char *, int);
+  void *(*next)(const char *, int) = tracery_agent_next_dlopen;
+  if (next == NULL) {
+    if (preloaded_next == NULL) preloaded_next = (void *(*)(const char *, int))dlsym(RTLD_NEXT, "dlopen");
+    next = preloaded_next;
+  }
   void *handle = next(file, mode);
-  if (handle != NULL && getenv("TRACERY_DIR") != NULL) tracery_agent_loaded();
+  if (handle != NULL && following()) tracery_agent_loaded();
   return handle;
 }
 
-int dlclose(void *handle) {
-  static int (*next)(void *);
-  if (next == NULL) next = (int (*)(void *))dlsym(RTLD_NEXT, "dlclose");
+static int agent_dlclose(void *handle) {
+  static int (*preloaded_next)(void *);
+  int (*next)(void *) = tracery_agent_next_dlclose;
+  if (next == NULL) {
+    if (preloaded_next == NULL) preloaded_next = (int (*)(void *))dlsym(RTLD_NEXT, "dlclose");
+    next = preloaded_next;
+  }
   struct link_map *map = NULL;
   char path[4096] = "";
   unsigned long bias = 0;
-  if (getenv("TRACERY_DIR") != NULL && dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map != NULL &&
-      map->l_name != NULL) {
+  if (following() && dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map != NULL && map->l_name != NULL) {
     strncpy(path, map->l_name, sizeof path - 1);
     bias = (unsigned long)map->l_addr;
     tracery_agent_unloading(path, bias);
@@ -103,3 +123,16 @@ int dlclose(void *handle) {
   if (path[0] != 0) tracery_agent_unloaded(path, bias);
   return result;
 }
+
+void *dlopen(const char *file, int mode) { return agent_dlopen(file, mode); }
+int dlclose(void *handle) { return agent_dlclose(handle); }
+
+// The code the GOT slots are pointed at (these, not `dlopen`: from inside a library not in the
+// global scope, that name could bind to libc's).
+void tracery_agent_following_set(int on) { atomic_store(&tracery_agent_following, on); }
+void tracery_agent_set_next(void *open, void *close) {
+  tracery_agent_next_dlopen = (void *(*)(const char *, int))open;
+  tracery_agent_next_dlclose = (int (*)(void *))close;
+}
+uint64_t tracery_agent_dlopen_code(void) { return (uint64_t)(uintptr_t)agent_dlopen; }
+uint64_t tracery_agent_dlclose_code(void) { return (uint64_t)(uintptr_t)agent_dlclose; }

@@ -1,6 +1,8 @@
+import CTraceryAgent
 import CTraceryShims
 import Synchronization
 import TraceryCore
+import TraceryELF
 import TraceryRecord
 
 #if canImport(Glibc)
@@ -99,6 +101,7 @@ extension Agent {
         answer += " \(first.function): \(reason)".split(separator: "\n").first.map(String.init) ?? ""
       }
     }
+    followDlopen()
     ControlSocket.send(control, ControlSocket.line(ControlSocket.attached, answer))
     waitForStop(control)
     detach()
@@ -107,6 +110,10 @@ extension Agent {
 
   /// Every site back in one batch; the recording ends (see the type's comment).
   static func detach() {
+    unfollowDlopen()
+    // (A dlopen in flight finishes its `loaded` first: it reads what is torn down here.)
+    pthread_mutex_lock(loadLock)
+    defer { pthread_mutex_unlock(loadLock) }
     ValueRecorder.detach()
     recorder?.detach()
     recorder = nil
@@ -133,6 +140,42 @@ extension Agent {
     for state in states.prefix(max(0, count)) {
       UnsafeMutablePointer<ctracery_thread>(bitPattern: UInt(state))?.pointee.event_end = 0
     }
+  }
+
+  /// The program's and its libraries' GOT slots for `dlopen` and `dlclose`, pointed at the
+  /// agent's hooks while attached (`agent.c`): objects loaded meanwhile are traced as they are
+  /// when the agent is preloaded. Each: the slot, what it held (a function, or its PLT's lazy
+  /// path), and what it was given.
+  nonisolated(unsafe) static var dlopenSlots: [(slot: UInt64, held: UInt64, code: UInt64)] = []
+
+  static func followDlopen() {
+    // Not in the global scope, the agent finds the functions the program would reach there.
+    guard let open = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "dlopen"),
+      let close = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "dlclose")
+    else { return }
+    tracery_agent_set_next(open, close)
+    let codes = ["dlopen": tracery_agent_dlopen_code(), "dlclose": tracery_agent_dlclose_code()]
+    for object in ProcessObjects.list() where !object.path.contains("libtracery-agent") {
+      guard let slots = try? ELFFile(path: object.path).importSlots() else { continue }
+      for entry in slots {
+        guard let code = codes[entry.name] else { continue }
+        let slot = entry.slot &+ object.bias
+        guard slot % 8 == 0, let held = UnsafePointer<UInt64>(bitPattern: UInt(slot))?.pointee,
+          LibraryCalls.redirect(slot: slot, to: code)
+        else { continue }
+        dlopenSlots.append((slot, held, code))
+      }
+    }
+    tracery_agent_following_set(1)
+  }
+
+  /// The slots back as they were (those nothing changed since); the hooks stop.
+  static func unfollowDlopen() {
+    tracery_agent_following_set(0)
+    for entry in dlopenSlots where UnsafePointer<UInt64>(bitPattern: UInt(entry.slot))?.pointee == entry.code {
+      _ = LibraryCalls.redirect(slot: entry.slot, to: entry.held)
+    }
+    dlopenSlots = []
   }
 
   /// Blocks until the CLI says `stop` or closes the connection.

@@ -116,6 +116,12 @@ public enum LibraryCalls {
     }
   }
 
+  /// Points the GOT slot at `slot` at `code` (one aligned store, as `install` does); false when
+  /// the slot cannot be written.
+  public static func redirect(slot: UInt64, to code: UInt64) -> Bool {
+    write(code, toSlot: slot, map: MemoryMap.current())
+  }
+
   /// One aligned store into a slot, in RELRO (read-only once bound: made writable for it) or in
   /// writable data.
   private static func write(_ value: UInt64, toSlot slot: UInt64, map: MemoryMap) -> Bool {

@@ -185,6 +185,46 @@ import TraceryTestSupport
     #expect(end.status == 0 && end.output == "checksums ok, interrupted 0\n", "\(end.output)")
   }
 
+  /// A plugin `dlopen`ed while the program is attached to is traced from its load (the program's
+  /// `dlopen` slot leads to the agent's hook until the detach); after the detach, loading it again
+  /// traces nothing and the program still works.
+  @Test func anObjectLoadedWhileAttached() throws {
+    let directory = try TestSupport.temporaryDirectory("attach-dlopen")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let flags = ["-O2", "-fpatchable-function-entry=5"]
+    let plugin = directory.appendingPathComponent("libplugin.so").path
+    try TestSupport.compile(
+      compiler: "clang", sources: [RecordCommandTests.programs.appendingPathComponent("plugin.c").path],
+      flags: flags + ["-shared", "-fPIC"], output: plugin)
+    let program = try RecordCommandTests.program("lateload", compiler: "clang", flags: flags, in: directory)
+    let running = try Running(program)
+    try #require(running.firstLine() == "ready")
+    let trace = directory.appendingPathComponent("trace")
+    let recorder = Process()
+    recorder.executableURL = URL(fileURLWithPath: OptimizedProgramTests.tracery)
+    recorder.arguments = ["record", "-p", String(running.pid), "--duration", "1500ms", "-d", trace.path]
+    let said = Pipe()
+    recorder.standardError = said
+    try recorder.run()
+    // Told to load once the agent said it attached.
+    var line = Data()
+    while !String(decoding: line, as: UTF8.self).contains("recording") {
+      let byte = said.fileHandleForReading.readData(ofLength: 1)
+      if byte.isEmpty { break }
+      line += byte
+    }
+    running.input.fileHandleForWriting.write(Data("load \(plugin)\n".utf8))
+    #expect(running.firstLine() == "called 3002000")
+    recorder.waitUntilExit()
+    #expect(recorder.terminationStatus == 0, "\(String(decoding: line, as: UTF8.self))")
+    let counts = try Self.calls(trace)
+    #expect(counts["plugin_work"] == 1000 && counts["plugin_helper"] == 2000, "\(counts)")
+    running.input.fileHandleForWriting.write(Data("close\nload \(plugin)\n".utf8))
+    #expect(running.firstLine() == "closed" && running.firstLine() == "called 3002000")
+    let end = running.finish()
+    #expect(end.status == 0)
+  }
+
   /// The program's PLT slots (`R_X86_64_JUMP_SLOT`, from readelf) at their runtime addresses.
   static func jumpSlots(of program: String, pid: Int32) throws -> [(name: String, address: UInt64)] {
     let relocations = try TestSupport.run("/usr/bin/readelf", ["-rW", program])

@@ -9,4 +9,12 @@ void tracery_agent_loaded(void);
 /// Around a dlclose of the object at `path` loaded at `bias`.
 void tracery_agent_unloading(const char *path, unsigned long bias);
 void tracery_agent_unloaded(const char *path, unsigned long bias);
+
+#include <stdint.h>
+/// `record -p`: while on, the dlopen/dlclose hooks run (preloaded, TRACERY_DIR says so); the
+/// functions the program's slots led to; the hooks' code, which those slots are pointed at.
+void tracery_agent_following_set(int on);
+void tracery_agent_set_next(void *open, void *close);
+uint64_t tracery_agent_dlopen_code(void);
+uint64_t tracery_agent_dlclose_code(void);
 #endif
