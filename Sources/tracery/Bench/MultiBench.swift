@@ -82,6 +82,14 @@ struct MultiBench {
         detachSamples.append(medianNanoseconds(runs: 1) { link.detach() })
         tracer.reclaim()
       }
+      // The same 50,001 functions, every cookie the one counter: the target's lookup among them
+      // finds its record once per call.
+      try TriggerBench.proveEachCallRuns("entry-multi-all-\(lookup)", kinds: [.entry], run: TriggerBench.proofLoop) {
+        handler, cookie in
+        let link = try tracer.attachMulti(
+          handler, to: .addresses(sites), cookie: { _ in cookie }, model: model, strategy: .global(lookup))
+        return { link.detach() }
+      }
       report.figure(
         name: "entry-multi-all-\(lookup)", n: TriggerBench.iterations, nsPerItem: median(traced),
         baseline: median(baselines))
