@@ -160,10 +160,7 @@ extension Agent {
       for entry in slots {
         guard let code = codes[entry.name] else { continue }
         let slot = entry.slot &+ object.bias
-        guard slot % 8 == 0, let held = UnsafePointer<UInt64>(bitPattern: UInt(slot))?.pointee,
-          LibraryCalls.redirect(slot: slot, to: code)
-        else { continue }
-        dlopenSlots.append((slot, held, code))
+        if let held = LibraryCalls.exchange(slot: slot, with: code) { dlopenSlots.append((slot, held, code)) }
       }
     }
     tracery_agent_following_set(1)
@@ -172,9 +169,7 @@ extension Agent {
   /// The slots back as they were (those nothing changed since); the hooks stop.
   static func unfollowDlopen() {
     tracery_agent_following_set(0)
-    for entry in dlopenSlots where UnsafePointer<UInt64>(bitPattern: UInt(entry.slot))?.pointee == entry.code {
-      _ = LibraryCalls.redirect(slot: entry.slot, to: entry.held)
-    }
+    for entry in dlopenSlots { _ = LibraryCalls.exchange(slot: entry.slot, with: entry.held, ifHolding: entry.code) }
     dlopenSlots = []
   }
 

@@ -101,7 +101,7 @@ public enum LibraryCalls {
     var written: [Stub] = []
     for (index, entry) in chosen.enumerated() {
       let stub = block.address + UInt64(index * stubSize)
-      if write(stub, toSlot: entry.slot, map: map) {
+      if exchange(slot: entry.slot, with: stub, map: map) != nil {
         written.append(Stub(name: entry.name, site: stub, slot: entry.slot, target: entry.target))
       }
     }
@@ -111,21 +111,30 @@ public enum LibraryCalls {
   /// Puts back each of `stubs`' slots that still points at its stub (the function it held).
   public static func uninstall(_ stubs: [Stub]) {
     let map = MemoryMap.current()
-    for stub in stubs where UnsafePointer<UInt64>(bitPattern: UInt(stub.slot))?.pointee == stub.site {
-      _ = write(stub.target, toSlot: stub.slot, map: map)
+    for stub in stubs {
+      _ = exchange(slot: stub.slot, with: stub.target, ifHolding: stub.site, map: map)
     }
   }
 
-  /// Points the GOT slot at `slot` at `code` (one aligned store, as `install` does); false when
-  /// the slot cannot be written.
-  public static func redirect(slot: UInt64, to code: UInt64) -> Bool {
-    write(code, toSlot: slot, map: MemoryMap.current())
+  /// Stores `value` into the GOT slot at `slot` (one aligned store, as `install` does) and returns
+  /// what it held; with `ifHolding`, only when it held that. nil: nothing stored (the slot is not
+  /// aligned, readable and writable, or held something else).
+  public static func exchange(slot: UInt64, with value: UInt64, ifHolding expected: UInt64? = nil) -> UInt64? {
+    exchange(slot: slot, with: value, ifHolding: expected, map: MemoryMap.current())
   }
 
-  /// One aligned store into a slot, in RELRO (read-only once bound: made writable for it) or in
-  /// writable data.
-  private static func write(_ value: UInt64, toSlot slot: UInt64, map: MemoryMap) -> Bool {
-    guard let region = map.region(containing: slot) else { return false }
+  static func exchange(slot: UInt64, with value: UInt64, ifHolding expected: UInt64? = nil, map: MemoryMap)
+    -> UInt64?
+  {
+    guard slot % 8 == 0, let region = map.region(containing: slot), region.readable,
+      let held = UnsafePointer<UInt64>(bitPattern: UInt(slot))?.pointee, expected == nil || held == expected
+    else { return nil }
+    return write(value, toSlot: slot, region: region) ? held : nil
+  }
+
+  /// One aligned store into a slot in `region`: RELRO (read-only once bound: made writable for
+  /// it) or writable data.
+  private static func write(_ value: UInt64, toSlot slot: UInt64, region: MemoryMap.Region) -> Bool {
     let page = UnsafeMutableRawPointer(bitPattern: UInt(System.pageStart(slot)))
     let pageSize = Int(System.pageSize)
     let restore = (region.readable ? PROT_READ : 0) | (region.writable ? PROT_WRITE : 0)

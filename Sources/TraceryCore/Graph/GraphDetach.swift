@@ -49,10 +49,7 @@ extension Tracer {
       }
     }
     // No site calls a graph image now, unless one that could not be put back does.
-    var called: Set<UInt64> = []
-    for function in state.functions.values { if let entry = function.graphImage { called.insert(entry) } }
-    let images = state.graphImages
-    state.graphImages = state.reclaimer.retire(images, unlessCalled: called, entry: \.entry, image: \.image)
+    retireGraphImages([], state: &state)
     restorePaddingNops(state: &state, callerStack: callerStack)
     if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
     var report = TransactionReport()

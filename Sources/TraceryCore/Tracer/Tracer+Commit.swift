@@ -433,18 +433,8 @@ extension Tracer {
     ZeroedPadding.add(cleared.map(\.address))
     retireOrphanStubs(state: &state)
     restorePaddingNops(state: &state, callerStack: callerStack)
-    // Old graph images and shared ops callers are retired once no site calls them (a site that
-    // failed to move keeps its image, and the image stays listed). A listed image no function
-    // uses any more (its functions moved to another model, or failed to move to it) goes too.
-    var calledGraph: Set<UInt64> = []
-    for index in state.functions.indices {
-      if let entry = state.functions.values[index].graphImage { calledGraph.insert(entry) }
-    }
-    var retiredGraphImages = plan.retiredGraphImages
-    retiredGraphImages += state.graphImages.filter { !calledGraph.contains($0.entry) }
-    state.graphImages.removeAll { !calledGraph.contains($0.entry) }
-    state.graphImages += state.reclaimer.retire(
-      retiredGraphImages, unlessCalled: calledGraph, entry: \.entry, image: \.image)
+    retireGraphImages(plan.retiredGraphImages, state: &state)
+    // Shared ops callers are retired once no site calls them.
     var calledByOps: Set<UInt64> = []
     if !plan.retiredSharedImages.isEmpty || !plan.removedOps.isEmpty {
       for index in state.functions.indices {
@@ -460,6 +450,19 @@ extension Tracer {
       }
     }
     if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
+  }
+
+  /// Old graph images are retired once no site calls them (`replaced`: a site that failed to
+  /// move keeps its image, and the image stays listed); so is a listed image no function uses
+  /// any more (its functions moved to another model, failed to move to it, or left).
+  func retireGraphImages(_ replaced: [GraphImage], state: inout State) {
+    var called: Set<UInt64> = []
+    for index in state.functions.indices {
+      if let entry = state.functions.values[index].graphImage { called.insert(entry) }
+    }
+    let unused = replaced + state.graphImages.filter { !called.contains($0.entry) }
+    state.graphImages.removeAll { !called.contains($0.entry) }
+    state.graphImages += state.reclaimer.retire(unused, unlessCalled: called, entry: \.entry, image: \.image)
   }
 
   /// The per-function trampoline of `function`; its ops' callbacks run first, as entry handlers,

@@ -69,6 +69,9 @@ public final class Tracer: Sendable {
       var multiStub: UInt64?
       var multiStubImage: CodeImage?
 
+      /// Per-function, ops or multi-attach handlers.
+      var hasHandlers: Bool { !attachments.isEmpty || !ops.isEmpty || !multi.isEmpty }
+
       func copy() -> More {
         let copy = More()
         copy.attachments = attachments
@@ -144,13 +147,9 @@ public final class Tracer: Sendable {
       set { set(\.multiStubImage, newValue, isDefault: newValue == nil) }
     }
 
-    var isTraced: Bool {
-      graphMask != 0 || (more.map { !$0.attachments.isEmpty || !$0.ops.isEmpty || !$0.multi.isEmpty } ?? false)
-    }
+    var isTraced: Bool { graphMask != 0 || more?.hasHandlers == true }
     /// Whether anything but the function graph traces it, or owns its padding.
-    var hasOtherHandlers: Bool {
-      more.map { !$0.attachments.isEmpty || !$0.ops.isEmpty || !$0.multi.isEmpty || $0.paddingOwned } ?? false
-    }
+    var hasOtherHandlers: Bool { more.map { $0.hasHandlers || $0.paddingOwned } ?? false }
     var function: UInt64 { patch.function }
     /// Its patch site's address: the key of `State.functions`.
     var site: UInt64 { patch.address }
