@@ -45,11 +45,21 @@ let package = Package(
     .target(name: "CTraceryInject"),
     // The agent carries its own Swift runtime, kept private: loading libswiftCore.so and its
     // companions cost every traced process 2.2 ms (it starts from `__libc_start_main`, after the
-    // runtime's initializers: see CTraceryAgent).
+    // runtime's initializers: see CTraceryAgent). The runtime's C++ library is linked in too
+    // (`link/libstdc++.so` is a linker script naming libstdc++.a, found first through -L): loading
+    // libstdc++.so cost every C program ~0.2 ms more. Its symbols stay private (--exclude-libs);
+    // the one it shares a name with, `__cxa_begin_catch`, is the shims' interposer, linked first
+    // and kept (--allow-multiple-definition; gold then rejected the archive's probe notes, lld
+    // does not).
     .target(
       name: "TraceryAgent",
       dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"],
-      linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "--exclude-libs=ALL"])]),
+      linkerSettings: [
+        .unsafeFlags([
+          "-static-stdlib", "-use-ld=lld", "-LSources/CTraceryAgent/link", "-Xlinker", "--allow-multiple-definition",
+          "-Xlinker", "--exclude-libs=ALL",
+        ])
+      ]),
     .executableTarget(
       name: "tracery",
       dependencies: [

@@ -276,6 +276,8 @@ extension Tracer {
   /// and the patch request from what the site holds now to that. A function whose code cannot
   /// be built is reported and left as it is.
   private func buildImages(_ plan: inout CommitPlan, state: inout State) {
+    plan.requests.reserveCapacity(plan.next.count)
+    plan.planned.reserveCapacity(plan.next.count)
     for site in plan.next.keys.sorted() {
       var function = plan.next[site]!
       let oldBytes = state.functions[site].map(siteBytes) ?? function.original
@@ -414,6 +416,7 @@ extension Tracer {
     // finds no record). A function leaving for good gets its NOPs back once no thread is inside
     // a global trampoline (one may have called it just before its site changed).
     var cleared: [(address: UInt64, value: UInt64)] = []
+    state.functions.reserveCapacity(state.functions.count + live.count)
     for index in live {
       let site = plan.planned[index].site
       plan.planned[index].function.image?.unwind = table
