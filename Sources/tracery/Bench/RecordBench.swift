@@ -10,6 +10,9 @@ import TraceryRecord
 ///   (start-up and the agent's attach are left out) and counts its calls; the bench checks that
 ///   the trace holds exactly that many entries (each of fib's two calls is kept a real call: at
 ///   -O2 clang had turned one into a loop, and the bench divided by twice the calls that ran).
+/// - `floor-timestamps`: the same fib taking two time stamps per call itself, inline, each stored
+///   with a word into a small ring, untraced: the floor under any recorder that times each call
+///   (two `rdtsc` cost ~17 ns per call in fib here), beside the same untraced baseline.
 /// - `tracery-relocated`: the same fib built without patch sites, recorded with
 ///   `--relocate` (entries checked the same way), beside the same untraced baseline.
 /// - `program-tracery`, `program-uftrace`: the generated program (`GeneratedProgram`: 2,200
@@ -41,13 +44,29 @@ struct RecordBench {
     #include <stdlib.h>
     #include <time.h>
     static long calls;
+    #ifdef TRACERY_FLOOR
+    static unsigned long ring[8192], position;
+    static inline void stamp(unsigned long word) {
+      unsigned int low, high;
+      __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
+      ring[position++ & 8191] = word;
+      ring[position++ & 8191] = (unsigned long)high << 32 | low;
+    }
+    #else
+    #define stamp(word) ((void)0)
+    #endif
     __attribute__((noinline)) long fib(long n) {
+      stamp(n);
       calls++;
-      if (n < 2) return n;
+      if (n < 2) {
+        stamp(n);
+        return n;
+      }
       long a = fib(n - 1);
       __asm__ volatile("" : "+r"(a));
       long b = fib(n - 2);
       __asm__ volatile("" : "+r"(b));
+      stamp(n);
       return a + b;
     }
     int main(int argc, char **argv) {
@@ -75,6 +94,11 @@ struct RecordBench {
     // (`GraphEmitter.preservesAll`).
     let plainProgram = directory + "/fib-plain"
     try GeneratedLibrary.clang(["-O2", sourcePath, "-o", plainProgram], building: sourcePath)
+    // `floor-timestamps`: fib itself takes the two time stamps a recorded call needs and stores
+    // them with a word each into a small ring (no trampoline, no fresh pages): what no recorder
+    // that times each call can go below on this machine.
+    let floorProgram = directory + "/fib-floor"
+    try GeneratedLibrary.clang(["-O2", "-DTRACERY_FLOOR", sourcePath, "-o", floorProgram], building: sourcePath)
     let agent = try Recorder.agentPath()
     let traces = FileManager.default.temporaryDirectory.appendingPathComponent("tracery-bench-\(getpid())").path
     defer { try? FileManager.default.removeItem(atPath: traces) }
@@ -82,15 +106,19 @@ struct RecordBench {
     var untraced: [Double] = []
     var traced: [Double] = []
     var relocated: [Double] = []
+    var floor: [Double] = []
     var calls = 0
     for _ in 0..<runs {
       untraced.append(try measure(program, environment: [:]).perCall)
+      let stamped = try measure(floorProgram, environment: [:])
+      floor.append(stamped.perCall)
       for (target, relocate) in [(program, false), (plainProgram, true)] {
         try? FileManager.default.removeItem(atPath: traces)
         try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
         let recorded = try measure(target, environment: Self.agentEnvironment(agent, traces, relocate: relocate))
         if relocate { relocated.append(recorded.perCall) } else { traced.append(recorded.perCall) }
         calls = recorded.calls
+        guard stamped.calls == calls else { throw UserError("fib-floor counted \(stamped.calls) calls, fib \(calls)") }
         let entries = try GeneratedProgram.recordedEntries(in: traces)
         guard entries == calls else {
           throw UserError(
@@ -99,7 +127,7 @@ struct RecordBench {
       }
     }
     let baseline = median(untraced)
-    for (name, figures) in [("tracery", traced), ("tracery-relocated", relocated)] {
+    for (name, figures) in [("floor-timestamps", floor), ("tracery", traced), ("tracery-relocated", relocated)] {
       report.figure(
         name: name, n: calls, nsPerItem: median(figures), baseline: baseline,
         extra: ["overhead_ns_per_call": median(figures) - baseline])

@@ -17,9 +17,9 @@ struct Bench: ParsableCommand {
       user also with the function's model, and with handlers that promise no vector registers), an \
       entry-only and an entry+exit fprobe, one ops through its own trampoline, and 1, 2 and 10 ops through \
       the shared caller, each beside the untraced call measured just before.
-        record  ns per call of a recursive fib program untraced (the baseline), recorded by \
-      the agent (every function; the trace's entries checked against the program's count), and \
-      recorded by `uftrace record` when installed; a generated program of 2,200 functions (~4.2 M \
+        record  ns per call of a recursive fib program untraced (the baseline), taking two time \
+      stamps per call itself (the floor), recorded by the agent (every function; the trace's \
+      entries checked against the program's count), and recorded by `uftrace record` when installed; a generated program of 2,200 functions (~4.2 M \
       calls) timed whole, start-up included, untraced, recorded and under uftrace; and a parent \
       starting 50 children (patchable, and /bin/true), untraced and recorded: ms per child.
         read    replay, report and dump --chrome of a ~100 MB trace of the generated program: \
