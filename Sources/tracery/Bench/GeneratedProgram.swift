@@ -17,6 +17,17 @@ enum GeneratedProgram {
       #include <time.h>
       static long calls;
       #define NOINLINE __attribute__((noinline))
+      #ifdef TRACERY_FLOOR
+      static unsigned long ring[8192], position;
+      static inline void stamp(unsigned long word) {
+        unsigned int low, high;
+        __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
+        ring[position++ & 8191] = word;
+        ring[position++ & 8191] = (unsigned long)high << 32 | low;
+      }
+      #else
+      #define stamp(word) ((void)0)
+      #endif
 
       """
     for index in 0..<functions { text += "NOINLINE long f\(index)(long x, int d);\n" }
@@ -26,12 +37,17 @@ enum GeneratedProgram {
       let b = (index * 13 + 5) % functions
       text += """
         NOINLINE long f\(index)(long x, int d) {
+          stamp(\(index));
           calls++;
-          if (d <= 0) return x + \(index);
+          if (d <= 0) {
+            stamp(\(index));
+            return x + \(index);
+          }
           long r = f\(a)(x + 1, d - 1);
           __asm__ volatile("" : "+r"(r));
           long s = f\(b)(x ^ r, d - 1);
           __asm__ volatile("" : "+r"(s));
+          stamp(\(index));
           return r + s;
         }
 
@@ -39,9 +55,9 @@ enum GeneratedProgram {
     }
     for index in 0..<chain {
       text +=
-        "NOINLINE long c\(index)(long x) { calls++; long r = c\(index + 1)(x + 1); __asm__ volatile(\"\" : \"+r\"(r)); return r + 1; }\n"
+        "NOINLINE long c\(index)(long x) { stamp(\(index)); calls++; long r = c\(index + 1)(x + 1); __asm__ volatile(\"\" : \"+r\"(r)); stamp(\(index)); return r + 1; }\n"
     }
-    text += "NOINLINE long c\(chain)(long x) { calls++; return x; }\n"
+    text += "NOINLINE long c\(chain)(long x) { stamp(\(chain)); calls++; stamp(\(chain)); return x; }\n"
     text += """
       typedef long (*tree)(long, int);
       static tree roots[] = {f0, f1, f2, f3, f4, f5, f6, f7};
@@ -57,18 +73,23 @@ enum GeneratedProgram {
     return text
   }
 
-  /// Builds the program into `directory` (once per source) and returns its path.
-  static func build(in directory: String) throws -> String {
+  /// Builds the program into `directory` (once per source) and returns its path. `floor`: the
+  /// variant whose functions take the two time stamps of a recorded call themselves (inline
+  /// `rdtsc`, stored into a small ring), run untraced: the floor under any recorder that times
+  /// each call.
+  static func build(in directory: String, floor: Bool = false) throws -> String {
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     let sourcePath = directory + "/generated.c"
-    let program = directory + "/generated"
+    let program = directory + (floor ? "/generated-floor" : "/generated")
     let text = source
-    if (try? String(contentsOfFile: sourcePath, encoding: .utf8)) != text
-      || !FileManager.default.fileExists(atPath: program)
-    {
+    if (try? String(contentsOfFile: sourcePath, encoding: .utf8)) != text {
       try text.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+      for stale in ["/generated", "/generated-floor"] { try? FileManager.default.removeItem(atPath: directory + stale) }
+    }
+    if !FileManager.default.fileExists(atPath: program) {
       try GeneratedLibrary.clang(
-        ["-O2", "-fpatchable-function-entry=5", sourcePath, "-o", program], building: sourcePath)
+        ["-O2", "-fpatchable-function-entry=5"] + (floor ? ["-DTRACERY_FLOOR"] : []) + [sourcePath, "-o", program],
+        building: sourcePath)
     }
     return program
   }

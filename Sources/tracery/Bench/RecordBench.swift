@@ -18,6 +18,7 @@ import TraceryRecord
 /// - `program-tracery`, `program-uftrace`: the generated program (`GeneratedProgram`: 2,200
 ///   distinct functions, a call tree and deep chains, ~4.2 M calls) timed whole, start-up
 ///   included, untraced and recorded; ns per recorded call over the untraced run.
+///   `program-floor`: its variant taking two time stamps per call inline (as `floor-timestamps`).
 /// - `libcall`, `libcall-uftrace`: 1,000,000 `strlen` calls through the PLT under `record
 ///   --libcall` (entries checked against the program's count) and `uftrace record --force`,
 ///   beside the same loop untraced.
@@ -165,8 +166,10 @@ struct RecordBench {
   /// The generated program, whole runs: untraced, recorded by the agent, recorded by uftrace.
   private func generatedProgram(_ report: BenchReport, uftrace: String?, agent: String, traces: String) throws {
     let program = try GeneratedProgram.build(in: cacheDirectory + "/generated")
+    let floorProgram = try GeneratedProgram.build(in: cacheDirectory + "/generated", floor: true)
     let arguments = ["16", "32"]
     var untraced: [Double] = []
+    var floor: [Double] = []
     var traced: [Double] = []
     var uftraced: [Double] = []
     var calls = 0
@@ -177,6 +180,11 @@ struct RecordBench {
       }
       calls = counted
       untraced.append(plain.seconds)
+      let stamped = try MeasuredRun.run(floorProgram, arguments)
+      guard stamped.status == 0, GeneratedProgram.calls(in: stamped.output) == calls else {
+        throw UserError("the generated program's floor variant failed or counted other calls: \(stamped.output)")
+      }
+      floor.append(stamped.seconds)
       try? FileManager.default.removeItem(atPath: traces)
       try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
       let recorded = try MeasuredRun.run(
@@ -195,7 +203,8 @@ struct RecordBench {
       }
     }
     let baseline = median(untraced) * 1e9 / Double(calls)
-    for (name, samples) in [("program-tracery", traced), ("program-uftrace", uftraced)] where !samples.isEmpty {
+    for (name, samples) in [("program-floor", floor), ("program-tracery", traced), ("program-uftrace", uftraced)]
+    where !samples.isEmpty {
       let perCall = median(samples) * 1e9 / Double(calls)
       report.figure(
         name: name, n: calls, nsPerItem: perCall, baseline: baseline,
