@@ -10,6 +10,24 @@ enum GeneratedProgram {
   static let functions = 2_000
   static let chain = 200
 
+  /// `stamp(word)`: with TRACERY_FLOOR defined, what a recorded call's event costs at least
+  /// (an `rdtsc`, two words into a small ring: no trampoline, no fresh pages); else nothing.
+  /// The benchmarks' C programs call it at each function's entry and before each return.
+  static let floorStamp = """
+    #ifdef TRACERY_FLOOR
+    static unsigned long ring[8192], position;
+    static inline void stamp(unsigned long word) {
+      unsigned int low, high;
+      __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
+      ring[position++ & 8191] = word;
+      ring[position++ & 8191] = (unsigned long)high << 32 | low;
+    }
+    #else
+    #define stamp(word) ((void)0)
+    #endif
+
+    """
+
   static var source: String {
     var text = """
       #include <stdio.h>
@@ -17,18 +35,7 @@ enum GeneratedProgram {
       #include <time.h>
       static long calls;
       #define NOINLINE __attribute__((noinline))
-      #ifdef TRACERY_FLOOR
-      static unsigned long ring[8192], position;
-      static inline void stamp(unsigned long word) {
-        unsigned int low, high;
-        __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
-        ring[position++ & 8191] = word;
-        ring[position++ & 8191] = (unsigned long)high << 32 | low;
-      }
-      #else
-      #define stamp(word) ((void)0)
-      #endif
-
+      \(floorStamp)
       """
     for index in 0..<functions { text += "NOINLINE long f\(index)(long x, int d);\n" }
     for index in 0...chain { text += "NOINLINE long c\(index)(long x);\n" }

@@ -45,17 +45,7 @@ struct RecordBench {
     #include <stdlib.h>
     #include <time.h>
     static long calls;
-    #ifdef TRACERY_FLOOR
-    static unsigned long ring[8192], position;
-    static inline void stamp(unsigned long word) {
-      unsigned int low, high;
-      __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
-      ring[position++ & 8191] = word;
-      ring[position++ & 8191] = (unsigned long)high << 32 | low;
-    }
-    #else
-    #define stamp(word) ((void)0)
-    #endif
+    \(GeneratedProgram.floorStamp)
     __attribute__((noinline)) long fib(long n) {
       stamp(n);
       calls++;
