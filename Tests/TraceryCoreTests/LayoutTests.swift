@@ -1,5 +1,6 @@
 import CTracery
 import Testing
+import TraceryX86
 
 @testable import TraceryCore
 
@@ -87,5 +88,34 @@ import Testing
       words.withUnsafeMutableBufferPointer { MultiRecord.write($0.baseAddress!, kind: kind, handler: 0xa1, cookie: 9) }
       #expect(Array(words[0..<MultiRecord.words(handlers: 1)]) == general)
     }
+  }
+
+  /// The graph stub is written byte by byte (`GraphEmitter.stub`): the same bytes X86Writer
+  /// writes for its layout, its resume point and site word where the return handler reads them,
+  /// and nil when a target is out of rel32 reach.
+  @Test func graphStubIsWhatTheWriterWrites() throws {
+    let base: UInt64 = 0x7f00_0000_1000
+    let targets: [(body: UInt64, entry: UInt64, returnHandler: UInt64)] = [
+      (base + 0x40, base + 0x2000, base + 0x2100), (base - 0x7000_0000, base + 0x7000_0000, base - 16),
+    ]
+    for (body, entry, returnHandler) in targets {
+      var w = X86Writer(base: base)
+      let untraced = w.newLabel()
+      try w.putCall(address: entry)
+      w.putJcc(.notEqual, untraced, short: true)
+      try w.putCall(address: body)
+      #expect(w.bytes.count == GraphEmitter.stubResumeOffset)
+      try w.putJmp(address: returnHandler)
+      w.bind(untraced)
+      try w.putJmp(address: body)
+      var expected = try w.finish()
+      expected += [UInt8](repeating: 0xcc, count: Int(GraphEmitter.stubSiteOffset) - expected.count)
+      withUnsafeBytes(of: UInt64(0x1234_5678_9abc).littleEndian) { expected += $0 }
+      let bytes = GraphEmitter.stub(
+        at: base, site: 0x1234_5678_9abc, body: body, entry: entry, returnHandler: returnHandler)
+      #expect(bytes == expected)
+      #expect(bytes?.count == GraphEmitter.stubSize)
+    }
+    #expect(GraphEmitter.stub(at: base, site: 1, body: base + 0x1_0000_0000, entry: base, returnHandler: base) == nil)
   }
 }
