@@ -79,6 +79,16 @@ public struct PatchSite: Sendable, Hashable {
   /// it (what shared trampolines entered by `call` rely on).
   public var bodyFollowsBranch: Bool { resume == address + UInt64(SiteBytes.length) }
 
+  /// Whether code reaching this site must find every register as its caller left it, and may
+  /// find rsp unaligned: a function built without patch sites may have gcc `-fipa-ra` callers
+  /// (they keep values in call-clobbered registers it does not touch) and
+  /// `-fipa-stack-alignment` ones; gcc turns both off for functions with patch sites. Every
+  /// shape but a compiler's NOP is taken as such (a relocated sled too: cheaper to keep than to
+  /// tell). The graph images (`GraphEmitter.preservesAll`) and the per-function trampolines
+  /// (`TrampolineEmitter.preservesAll`) keep every register for these; ops and multi-attach
+  /// handlers run in a per-function trampoline here, never in a shared one.
+  public var keepsEveryRegister: Bool { shape != .nop }
+
   /// The relocated site of the function at `entry` (after its `endbr64`, which indirect calls
   /// must still find there), before its copy exists: `resume` is 0 until `withCopy(at:)`.
   /// `size` is the function's size from its symbol, for the sweep that looks for branches into

@@ -14,6 +14,12 @@
 //     two threads call r_plain (built without NOPs) in a loop while it is traced by relocating its
 //     prologue and untraced again, 200 times (threads stopped inside its first bytes are moved to
 //     the copy); prints one result line.
+//   tracery-testhost registers LIBRARY
+//     loads LIBRARY (gcc -O2 without patch sites: mix/fmix keep values in call-clobbered
+//     registers across calls of leaf/fleaf, fmix calls fleaf with rsp unaligned), attaches the
+//     library's `clobber` handlers to leaf and fleaf through every kind of handler code
+//     (per-function entry, exit, modify-return; ops; multi-attach per function and global),
+//     calls mix and fmix under each, and prints one result line.
 //   tracery-testhost relocate LIBRARY
 //     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
 //     an exit handler to all of them by relocating their prologues (or trap sites), calls each,
@@ -117,6 +123,77 @@ func relocateTest(_ library: String) -> Never {
   } catch {
     fail("\(error)")
   }
+}
+
+typealias Mix = @convention(c) (UnsafePointer<UInt32>, Int32) -> UInt32
+typealias FloatMix = @convention(c) (UnsafePointer<Double>, Int32) -> Double
+
+/// Every kind of handler code on functions built without patch sites, whose callers keep values
+/// in call-clobbered registers and call them with rsp unaligned: each must keep every register
+/// and align the stack (the library's handler sets every call-clobbered register to all ones and
+/// faults on an unaligned stack).
+func registersTest(_ library: String) -> Never {
+  guard let handle = dlopen(library, RTLD_NOW) else { fail("dlopen: \(String(cString: dlerror()))") }
+  func symbol<T>(_ name: String, _ type: T.Type) -> T { unsafeBitCast(dlsym(handle, name)!, to: type) }
+  let mix = symbol("mix", Mix.self)
+  let fmix = symbol("fmix", FloatMix.self)
+  let clobber = symbol("clobber", EntryHandler.self)
+  let clobberModify = symbol("clobber_modify", ModifyReturnHandler.self)
+  let clobbers = dlsym(handle, "clobbers")!.assumingMemoryBound(to: UInt64.self)
+  // leaf and fleaf are static (as registers.c's): the library exports their addresses.
+  let exported: [String] = ["leaf_address", "fleaf_address"]
+  let leaves = exported.map { name in dlsym(handle, name)!.assumingMemoryBound(to: UInt64.self).pointee }
+  var integers: [UInt32] = (0..<13).map { UInt32($0 * 7 + 1) }
+  var floats: [Double] = (0..<14).map { Double($0) * 0.25 + 1 }
+  func results() -> (UInt32, Double) { (mix(&integers, 100), fmix(&floats, 20)) }
+  let expected = results()
+  let tracer = Tracer.shared
+  tracer.relocatesPrologues = true
+  let model = FunctionModel(integerArguments: 1, floatArguments: 1, stackArgumentWords: 0, returns: .unknown)
+  let modes = ["entry", "exit", "modify-return", "ops", "multi", "multi-global"]
+  /// Attaches `mode`'s handler to leaf and fleaf; returns its detach.
+  func attach(_ mode: String) throws -> () -> Void {
+    switch mode {
+    case "entry":
+      let link = try tracer.attach(.entry(clobber), to: .addresses(leaves))
+      return { _ = link.detach() }
+    case "exit":
+      let link = try tracer.attach(.exit(clobber), to: .addresses(leaves), model: model)
+      return { _ = link.detach() }
+    case "modify-return":
+      let link = try tracer.attach(.modifyReturn(clobberModify), to: .addresses(leaves), model: model)
+      return { _ = link.detach() }
+    case "ops":
+      let link = try tracer.attachOps(clobber, to: .addresses(leaves))
+      return { _ = link.detach() }
+    case "multi":
+      let link = try tracer.attachMulti(.exit(clobber), to: .addresses(leaves), model: model, strategy: .perFunction)
+      return { _ = link.detach() }
+    default:
+      let link = try tracer.attachMulti(
+        .entry(clobber), to: .addresses(leaves), model: model, strategy: .global(.hash))
+      return { _ = link.detach() }
+    }
+  }
+  var wrong: [String] = []
+  var quiet: [String] = []
+  do {
+    for name in modes {
+      let before = clobbers.pointee
+      let detach = try attach(name)
+      let traced = results()
+      if traced != expected { wrong.append(name) }
+      if clobbers.pointee - before != 100 * 13 + 20 * 14 { quiet.append(name) }
+      detach()
+    }
+  } catch {
+    fail("\(error)")
+  }
+  let untraced = results() == expected
+  print(
+    "modes=\(modes.count) wrong=\(wrong.joined(separator: ",")) uncounted=\(quiet.joined(separator: ",")) "
+      + "untraced=\(untraced)")
+  exit(0)
 }
 
 nonisolated(unsafe) var liveFunction: Function2?
@@ -248,6 +325,7 @@ if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
 if arguments.count == 3 && arguments[1] == "relocate-parked" { relocateParkedTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate-live" { relocateLiveTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate" { relocateTest(arguments[2]) }
+if arguments.count == 3 && arguments[1] == "registers" { registersTest(arguments[2]) }
 guard arguments.count == 5, arguments[1] == "sleds", let count = Int(arguments[4]) else {
   fail("usage: tracery-testhost sleds LIBRARY PREFIX COUNT")
 }

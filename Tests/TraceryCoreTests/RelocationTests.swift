@@ -227,3 +227,68 @@ extension RelocationTests {
         == "parked=true site=int3 parkedResult=42 laterResult=42 traced=true", "\(result.stdout)")
   }
 }
+
+extension RelocationTests {
+  /// The record tests' `registers.c` (its hazards: see there) in a library built as it ships,
+  /// its static leaf functions' addresses exported, and a handler that sets every call-clobbered
+  /// register to all ones and faults on an unaligned stack (an aligned `movaps` to its frame).
+  static var registersSource: String {
+    get throws {
+      let program = TestSupport.packageRoot.appendingPathComponent("Tests/TraceryCLITests/Programs/registers.c")
+      return try String(contentsOf: program, encoding: .utf8) + Self.clobberSource
+    }
+  }
+  static let clobberSource = """
+    #include <stdint.h>
+    unsigned (*volatile leaf_address)(unsigned) = leaf;
+    double (*volatile fleaf_address)(double) = fleaf;
+    volatile uint64_t clobbers;
+    void clobber(void *call, uint64_t cookie) {
+      __attribute__((aligned(16))) volatile double slot[2];
+      __asm__ volatile("movaps %%xmm0, %0" : "=m"(slot));
+      __asm__ volatile(
+          "mov $-1, %%rax\\n mov $-1, %%rcx\\n mov $-1, %%rdx\\n mov $-1, %%rsi\\n mov $-1, %%rdi\\n"
+          "mov $-1, %%r8\\n mov $-1, %%r9\\n mov $-1, %%r10\\n mov $-1, %%r11\\n"
+          "pcmpeqd %%xmm0, %%xmm0\\n pcmpeqd %%xmm1, %%xmm1\\n pcmpeqd %%xmm2, %%xmm2\\n"
+          "pcmpeqd %%xmm3, %%xmm3\\n pcmpeqd %%xmm4, %%xmm4\\n pcmpeqd %%xmm5, %%xmm5\\n"
+          "pcmpeqd %%xmm6, %%xmm6\\n pcmpeqd %%xmm7, %%xmm7\\n pcmpeqd %%xmm8, %%xmm8\\n"
+          "pcmpeqd %%xmm9, %%xmm9\\n pcmpeqd %%xmm10, %%xmm10\\n pcmpeqd %%xmm11, %%xmm11\\n"
+          "pcmpeqd %%xmm12, %%xmm12\\n pcmpeqd %%xmm13, %%xmm13\\n pcmpeqd %%xmm14, %%xmm14\\n"
+          "pcmpeqd %%xmm15, %%xmm15\\n"
+          ::: "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3",
+          "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",
+          "xmm15", "memory");
+      clobbers++;
+    }
+    int clobber_modify(void *call, uint64_t cookie) { clobber(call, cookie); return 0; }
+    """
+
+  /// Handlers of every kind on functions built without patch sites whose gcc -O2 callers keep
+  /// values in call-clobbered registers across the calls (`-fipa-ra`) and call them with rsp
+  /// unaligned (`-fipa-stack-alignment`): per-function entry, exit and modify-return
+  /// trampolines, ops, multi-attach per function and through a global strategy. A handler that
+  /// sets every call-clobbered register changes nothing the callers compute, and none runs on
+  /// an unaligned stack (before, the per-function trampolines kept only the model's registers:
+  /// `mix` and `fmix` returned other values).
+  @Test func everyHandlerKindKeepsTheRegistersOfFunctionsWithoutPatchSites() throws {
+    let directory = try TestSupport.temporaryDirectory("tracery-relocate-registers")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let source = directory.appendingPathComponent("registers.c").path
+    try (try Self.registersSource).write(toFile: source, atomically: true, encoding: .utf8)
+    let library = directory.appendingPathComponent("libregisters.so").path
+    try TestSupport.compile(compiler: "gcc", sources: [source], flags: ["-O2", "-shared", "-fPIC"], output: library)
+    // The hazards are in the library: mix keeps r10 and r11 across its calls; fmix has no frame.
+    let code = try TestSupport.run("/usr/bin/objdump", ["-d", "--no-show-raw-insn", library]).stdout
+    func body(_ name: String) -> String {
+      guard let start = code.range(of: "<\(name)>:\n") else { return "" }
+      return String(code[start.upperBound...]).components(separatedBy: "\n\n")[0]
+    }
+    try #require(body("mix").contains("%r10d") && body("mix").contains("%r11d"), "\(body("mix"))")
+    try #require(!body("fmix").contains("push") && !body("fmix").contains(",%rsp"), "\(body("fmix"))")
+    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
+    let result = try TestSupport.run(host, ["registers", library])
+    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    #expect(
+      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "modes=6 wrong= uncounted= untraced=true")
+  }
+}

@@ -143,6 +143,7 @@ extension Tracer.TracedFunction {
   /// Whether its multi handlers run in a per-function trampoline rather than the global one.
   var multiNeedsOwnTrampoline: Bool {
     multi.contains { $0.strategy == .perFunction } || !attachments.isEmpty || !ops.isEmpty || graphMask != 0
+      || patch.keepsEveryRegister
   }
 
   /// Whether its site goes to the global trampoline through a `MultiStub`: it has handlers that

@@ -295,11 +295,12 @@ extension Tracer {
         // A per-function trampoline runs direct handlers, and ops and multi handlers whenever the
         // function has anything else too; with graph users, the graph stub calls it as the
         // function's body. Ops on a site whose body does not follow it (relocated) need one too:
-        // the shared ops callers return into the site.
+        // the shared ops callers return into the site; and so do ops on a function whose
+        // registers must all be kept (`PatchSite.keepsEveryRegister`).
         let ownTrampoline =
           !function.attachments.isEmpty || (!function.multi.isEmpty && function.multiNeedsOwnTrampoline)
           || (function.graphMask != 0 && !function.ops.isEmpty)
-          || (!function.ops.isEmpty && !function.patch.bodyFollowsBranch)
+          || (!function.ops.isEmpty && (!function.patch.bodyFollowsBranch || function.patch.keepsEveryRegister))
         if ownTrampoline {
           function.image = try makeImage(for: function, ops: function.ops.compactMap { state.ops[$0] })
         }

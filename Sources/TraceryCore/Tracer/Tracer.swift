@@ -300,13 +300,13 @@ public final class Tracer: Sendable {
   /// thread that cannot be inspected runs, through an int3 on its first instruction
   /// (`PatchSite.Shape.trap`: a signal a call). Off by default: such functions are then refused.
   ///
-  /// Caution: code built without patch sites may have been compiled with gcc's `-fipa-ra` (on at
-  /// -O2), whose callers keep values in call-clobbered registers the callee does not touch, and
-  /// with `-fipa-stack-alignment`, whose callers may call it with rsp not 16-byte aligned. The
-  /// function graph (`attachGraph`, the recorder) gives such functions images that preserve every
-  /// register and align the stack before calling anything (`GraphEmitter.preservesAll`). The
-  /// per-function trampolines, ops and multi-attach do not yet: handlers attached through them
-  /// should go only on functions built with patch sites (gcc turns both off for those).
+  /// Code built without patch sites may have been compiled with gcc's `-fipa-ra` (on at -O2),
+  /// whose callers keep values in call-clobbered registers the callee does not touch, and with
+  /// `-fipa-stack-alignment`, whose callers may call it with rsp not 16-byte aligned. Every kind
+  /// of handler on such a function runs in code that aligns the stack and keeps every
+  /// call-clobbered register (`PatchSite.keepsEveryRegister`): the function graph's images
+  /// (`GraphEmitter.preservesAll`) and per-function trampolines, which also run its ops and
+  /// multi-attach handlers (never the shared callers or global trampolines there).
   public var relocatesPrologues: Bool {
     get { state.withLock { $0.relocatesPrologues } }
     set { state.withLock { $0.relocatesPrologues = newValue } }

@@ -101,6 +101,22 @@ struct TrampolineEmitter {
   var body: UInt64 { patch.resume }
   var callsOriginal: Bool { !exits.isEmpty || !modifyReturns.isEmpty }
 
+  /// For functions built without patch sites (`PatchSite.keepsEveryRegister`): gcc's callers
+  /// of such a function may keep values in call-clobbered registers it does not touch
+  /// (`-fipa-ra`) and call it with rsp not 16-byte aligned (`-fipa-stack-alignment`). The
+  /// trampoline then aligns its frame (a frame pointer, `and rsp, -16`) and keeps every
+  /// call-clobbered register (rax, rcx, rdx, rsi, rdi, r8-r11, xmm0-15) around its handlers:
+  /// the body sees the registers it was called with (but arguments handlers changed), the
+  /// caller those the body returned with (but results handlers changed).
+  var preservesAll: Bool { patch.keepsEveryRegister }
+
+  /// Below the tracery_call in a frame that preserves every register: xmm0-15, then the
+  /// integer registers `kept`.
+  static let keptVectorsOffset: Int32 = frameSize
+  static let keptIntegersOffset: Int32 = frameSize + 256
+  static let kept: [Register] = [.rax, .rcx, .rdx, .rsi, .rdi, .r8, .r9, .r10, .r11]
+  static let keepingFrameSize: Int32 = (keptIntegersOffset + 8 * Int32(kept.count) + 15) / 16 * 16
+
   /// The finished code, and the offsets `UnwindInfo` needs.
   struct Code {
     let bytes: [UInt8]
@@ -116,37 +132,90 @@ struct TrampolineEmitter {
     return callsOriginal ? try emitWithOriginal(at: base) : try emitEntryOnly(at: base)
   }
 
+  /// `push rbp; mov rbp, rsp` (unwind rows 1 and 2 are at offsets 1 and 4), then the frame.
+  /// Keeping every register, the frame is aligned here and the registers as called are kept
+  /// below the tracery_call.
+  private func putFramePointerPrologue(_ w: inout X86Writer) {
+    w.putPush(.rbp)
+    w.putMov(.rbp, .rsp)
+    if preservesAll {
+      w.putAnd(.rsp, immediate: -16)
+      w.putSub(.rsp, immediate: Self.keepingFrameSize)
+      Self.putKeepAll(&w)
+    } else {
+      w.putSub(.rsp, immediate: Self.frameSize)
+    }
+  }
+
+  /// Saves every call-clobbered register below the tracery_call at rsp + `frame` (16-byte aligned).
+  static func putKeepAll(_ w: inout X86Writer, frame: Int32 = 0) {
+    for index in 0..<16 {
+      w.putMovaps(Memory(.rsp, frame + keptVectorsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
+    }
+    for (index, register) in kept.enumerated() {
+      w.putMov(Memory(.rsp, frame + keptIntegersOffset + 8 * Int32(index)), register)
+    }
+  }
+
+  /// Loads back what `putKeepAll` saved.
+  static func putRestoreAll(_ w: inout X86Writer, frame: Int32 = 0) {
+    for index in 0..<16 {
+      w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, frame + keptVectorsOffset + 16 * Int32(index)))
+    }
+    for (index, register) in kept.enumerated() {
+      w.putMov(register, Memory(.rsp, frame + keptIntegersOffset + 8 * Int32(index)))
+    }
+  }
+
   /// Entry handlers only: no frame pointer, and the trampoline ends by jumping into the body.
   ///
   ///     rsp+288 ...  caller's stack arguments
   ///     rsp+280      return address to the caller
   ///     rsp+0 ... rsp+271: tracery_call        (rsp 16-byte aligned)
+  ///
+  /// Keeping every register (`preservesAll`), the frame is `emitWithOriginal`'s (a frame
+  /// pointer, aligned, the registers kept below the tracery_call).
   private func emitEntryOnly(at base: UInt64) throws -> Code {
     var w = X86Writer(base: base)
     let entryDone = w.newLabel()
     let skipEntry = w.newLabel()
     let frame = Self.entryOnlyFrame
-    w.putSub(.rsp, immediate: frame)
+    if preservesAll {
+      putFramePointerPrologue(&w)
+    } else {
+      w.putSub(.rsp, immediate: frame)
+    }
     let prologueEnd = w.bytes.count
     saveArguments(&w)
-    putCallHeader(&w, returnAddress: Memory(.rsp, frame), stackArguments: Memory(.rsp, frame + 8))
+    if preservesAll {
+      putCallHeader(&w, returnAddress: Memory(.rbp, 8), stackArguments: Memory(.rbp, 16))
+    } else {
+      putCallHeader(&w, returnAddress: Memory(.rsp, frame), stackArguments: Memory(.rsp, frame + 8))
+    }
     try putGuarded(&w, skip: skipEntry) { w in
       for call in entries { try putHandlerCall(&w, call) }
     }
     w.bind(entryDone)
+    if preservesAll { Self.putRestoreAll(&w) }
     restoreArguments(&w, frame: 0)
-    w.putAdd(.rsp, immediate: frame)
-    let afterAdd = w.bytes.count
+    let release = w.bytes.count
+    if preservesAll {
+      w.putLeave()
+    } else {
+      w.putAdd(.rsp, immediate: frame)
+    }
+    let afterRelease = w.bytes.count
     try w.putJmp(address: body)
     let epilogueEnd = w.bytes.count
     w.bind(skipEntry)
     for call in entries { putSkipCount(&w, call) }
     w.putJmp(entryDone)
     w.putUd2()
-    return Code(
-      bytes: try w.finish(),
-      frame: .stackPointer(size: Int(frame), prologueEnd: prologueEnd, afterRelease: afterAdd, epilogueEnd: epilogueEnd)
-    )
+    let unwind: UnwindInfo.Frame =
+      preservesAll
+      ? .framePointer(epilogueStart: release, epilogueEnd: epilogueEnd)
+      : .stackPointer(size: Int(frame), prologueEnd: prologueEnd, afterRelease: afterRelease, epilogueEnd: epilogueEnd)
+    return Code(bytes: try w.finish(), frame: unwind)
   }
 
   /// Exit or modify-return handlers: a frame-pointer frame around a call of the body.
@@ -160,10 +229,7 @@ struct TrampolineEmitter {
     let exitDone = w.newLabel()
     let skipExit = w.newLabel()
 
-    // Prologue (unwind rows 1 and 2 are at offsets 1 and 4).
-    w.putPush(.rbp)
-    w.putMov(.rbp, .rsp)
-    w.putSub(.rsp, immediate: Self.frameSize)
+    putFramePointerPrologue(&w)
     saveArguments(&w)
     putCallHeader(&w, returnAddress: Memory(.rbp, 8), stackArguments: Memory(.rbp, 16))
     if !modifyReturns.isEmpty {
@@ -198,9 +264,13 @@ struct TrampolineEmitter {
           w.putMov(Memory(.rsp, 8 * word), .r11)
         }
       }
+      // The body gets the registers as called (but the arguments as the handlers left them);
+      // the caller gets them as the body returned (a skipped body: as called).
+      if preservesAll { Self.putRestoreAll(&w, frame: stackBytes) }
       restoreArguments(&w, frame: stackBytes)
       try w.putCall(address: body)
       if stackBytes > 0 { w.putAdd(.rsp, immediate: stackBytes) }
+      if preservesAll { Self.putKeepAll(&w) }
       saveReturn(&w)
       w.bind(afterBody)
       if !exits.isEmpty {
@@ -209,6 +279,7 @@ struct TrampolineEmitter {
         }
       }
       w.bind(exitDone)
+      if preservesAll { Self.putRestoreAll(&w) }
       loadReturn(&w)
       epilogueStart = w.bytes.count
       w.putLeave()
