@@ -2,8 +2,9 @@ import Foundation
 import Testing
 import TraceryTestSupport
 
-/// `tracery record --relocate` on programs built without any patch-site flag (as most programs
-/// ship): the program's functions are traced by moving their first instructions out of line.
+/// `tracery record` on programs built without any patch-site flag (as most programs ship): the
+/// program's functions are traced by moving their first instructions out of line (`--relocate`,
+/// which a program without a patch site of its own gets without asking).
 @Suite struct RelocatedRecordTests {
   @Test(arguments: [("gcc", ["-fomit-frame-pointer"]), ("clang", ["-fcf-protection=full"])])
   func programsWithoutNopsAreRecordedWithRelocate(compiler: String, flags: [String]) throws {
@@ -11,9 +12,6 @@ import TraceryTestSupport
     defer { try? FileManager.default.removeItem(at: directory) }
     let program = try RecordCommandTests.program(
       "tails", compiler: compiler, flags: ["-O2", "-pthread"] + flags, in: directory)
-    // Without --relocate such a program is refused, with the way out named.
-    let refused = try RecordCommandTests.record(directory.appendingPathComponent("refused"), [program])
-    #expect(refused.status != 0 && refused.stderr.contains("--relocate"), "\(refused.stderr)")
     let untraced = try TestSupport.run(program, [])
     let trace = directory.appendingPathComponent("trace")
     let traced = try RecordCommandTests.record(trace, [program], options: ["--relocate"])
@@ -29,6 +27,13 @@ import TraceryTestSupport
     for (name, count) in counts {
       #expect(expected[name] == count, "\(name): recorded \(count), callgrind \(expected[name] ?? 0)")
     }
+    // Without --relocate: the same (the program has no patch site of its own), and `info` says so.
+    let unasked = directory.appendingPathComponent("unasked")
+    let again = try RecordCommandTests.record(unasked, [program])
+    #expect(again.status == untraced.status && again.stdout == untraced.stdout, "\(again.stderr)")
+    #expect(try RecordCommandTests.recordedCounts(unasked) == counts)
+    let info = try String(contentsOf: unasked.appendingPathComponent("info"), encoding: .utf8)
+    #expect(info.contains("relocate yes"), "\(info)")
   }
 
   /// gcc -O2 callers rely on more than the ABI promises of a callee built without patch sites

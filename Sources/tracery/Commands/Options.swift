@@ -31,7 +31,10 @@ struct RecordOptions: ParsableArguments {
 
   @Flag(
     name: .long,
-    help: "Also trace the program's functions that have no patch site, by moving their first instructions out of line.")
+    help: """
+      Also trace the program's functions that have no patch site, by moving their first instructions out of line \
+      (a program without any patch site gets this without asking).
+      """)
   var relocate = false
 
   @Flag(

@@ -8,8 +8,9 @@ struct Record: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Run a program with the agent preloaded and record every call of its patchable functions.",
     discussion: """
-      The program (and its libraries) must have patch sites: build with clang or gcc \
-      -fpatchable-function-entry=5, or gcc -pg -mfentry -mnop-mcount -mrecord-mcount. The \
+      Functions with patch sites (clang or gcc -fpatchable-function-entry=5, or gcc -pg -mfentry \
+      -mnop-mcount -mrecord-mcount) are traced through them; a program without any has its own \
+      functions traced by relocating their first instructions (as --relocate asks for). The \
       program's exit status and signals pass through.
       """
   )

@@ -16,19 +16,19 @@ struct Recorder {
       throw UserError("no program given: tracery record [OPTIONS] -- PROGRAM [ARGS...]")
     }
     let path = try ProgramLocator.locate(program)
-    try checkPatchSites(path)
+    let relocate = try checkPatchSites(path)
     let agent = try Self.agentPath()
     let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
     // The files this process writes (info) take the trace's mode too (TraceFormat.fileMode).
     if options.shared { AgentEnvironment.requestShared() }
     try Self.prepare(absolute, shared: options.shared)
-    let info = recordingInfo(command: command.joined(separator: " "), program: path)
+    let info = recordingInfo(command: command.joined(separator: " "), program: path, relocate: relocate)
     guard Files.write(info.text, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
 
     var environment = Foundation.ProcessInfo.processInfo.environment
     environment["LD_PRELOAD"] = [agent, environment["LD_PRELOAD"]].compactMap { $0 }.filter { !$0.isEmpty }.joined(
       separator: ":")
-    agentEnvironment(directory: absolute).apply(to: &environment)
+    agentEnvironment(directory: absolute, relocate: relocate).apply(to: &environment)
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
@@ -51,25 +51,27 @@ struct Recorder {
     return status
   }
 
-  /// What the agent is asked to do, for a trace in `directory`.
-  func agentEnvironment(directory: String) -> AgentEnvironment {
+  /// What the agent is asked to do, for a trace in `directory`. `relocate`: the program's
+  /// functions without a patch site are traced by relocation (`--relocate`, or a program with
+  /// no patch site at all: `checkPatchSites`).
+  func agentEnvironment(directory: String, relocate: Bool? = nil) -> AgentEnvironment {
     var environment = AgentEnvironment(
       directory: directory, match: options.patch, depth: filters.depth, bufferLimit: max(1, options.bufferLimit) << 20)
     environment.argumentSpecs = options.argumentSpecs
     environment.returnSpecs = options.returnSpecs
     environment.patternKind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
     environment.shared = options.shared
-    environment.relocate = options.relocate
+    environment.relocate = relocate ?? options.relocate
     environment.libraryCalls = options.libcall
     return environment
   }
 
   /// The trace's `info`: the command, its options.
-  func recordingInfo(command: String, program: String) -> RecordingInfo {
+  func recordingInfo(command: String, program: String, relocate: Bool? = nil) -> RecordingInfo {
     var info = RecordingInfo(command: command, program: program, start: ISO8601DateFormatter().string(from: Date()))
     if !filters.arguments.isEmpty { info.add("filter", filters.arguments.joined(separator: " ")) }
     if let pattern = options.patch { info.add("patch", pattern) }
-    if options.relocate { info.add("relocate", "yes") }
+    if relocate ?? options.relocate { info.add("relocate", "yes") }
     if options.libcall { info.add("libcall", "yes") }
     for spec in options.argumentSpecs { info.add("argument", spec) }
     for spec in options.returnSpecs { info.add("retval", spec) }
@@ -87,8 +89,11 @@ struct Recorder {
     }
   }
 
-  /// The program or one of its libraries must have patch sites (and match --patch).
-  private func checkPatchSites(_ path: String) throws {
+  /// The program or one of its libraries must have something to trace (and match --patch).
+  /// Returns whether the program's functions without a patch site are traced by moving their
+  /// first instructions out of line: asked for (`--relocate`), or the program has no patch site
+  /// of its own (built as programs ship: then that is how it is traced).
+  private func checkPatchSites(_ path: String) throws -> Bool {
     let file: ELFFile
     do { file = try ELFFile(path: path) } catch { throw UserError("\(path): \(error)") }
     // The agent is a shared library the dynamic loader preloads: a program without one (static)
@@ -98,6 +103,7 @@ struct Recorder {
         "\(path) is statically linked: the agent (a shared library) cannot be preloaded into it; "
           + "link it dynamically to trace it")
     }
+    let relocate = options.relocate || ((try? file.patchSiteRecords().isEmpty) ?? true)
     var inputs = [SymbolTable.Input(path: path, bias: 0, file: file)]
     for library in LibraryResolver(environment: Foundation.ProcessInfo.processInfo.environment).dependencies(
       of: path, file: file)
@@ -125,7 +131,7 @@ struct Recorder {
     for (position, input) in inputs.enumerated() {
       // --relocate: the program's own functions count whether or not they have a site (a
       // stripped program's from its call frames, as the agent finds them).
-      let relocating = options.relocate && position == 0
+      let relocating = relocate && position == 0
       let unnamed = relocating ? EntryPoints(file: input.file, bias: 0).unnamedFunctions : []
       guard
         let table = try? SymbolTable([
@@ -147,11 +153,7 @@ struct Recorder {
         for (at, matcher) in compiledFilters.enumerated() where matcher.matchesFunction(name) { filterMatches[at] += 1 }
       }
     }
-    guard patchable > 0 else {
-      throw UserError(
-        "\(path) has no patch sites: build it with clang or gcc -fpatchable-function-entry=5 "
-          + "(or gcc -pg -mfentry -mnop-mcount -mrecord-mcount), or record with --relocate")
-    }
+    guard patchable > 0 else { throw UserError("\(path) has no function to trace (no symbols, no call frames)") }
     if let pattern = options.patch, matching == 0 {
       throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
     }
@@ -164,6 +166,7 @@ struct Recorder {
       let (option, pattern) = filterMatchers[index]
       throw UserError("\(option): no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
     }
+    return relocate
   }
 
   /// Creates the trace directory (an old trace moved aside to DIR.old): new, this user's, private
