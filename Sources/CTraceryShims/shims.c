@@ -85,6 +85,11 @@ size_t ctracery_loaded_objects(struct ctracery_object *out, size_t capacity) {
 static _Atomic(const struct ctracery_poke_table *) published_table;
 static _Atomic(const struct ctracery_poke_table *) published_traps;
 static _Atomic uint64_t table_generation;
+// The recursion guard (see ctracery_guard_offset): the signal handlers below hold it while they
+// run, so that library functions they call (syscall, sigaltstack), traced when --patch reaches
+// libraries, record nothing from inside them.
+static __thread uint8_t recursion_guard __attribute__((tls_model("initial-exec")));
+
 static atomic_long handlers_in_flight;
 static _Atomic uint64_t traps_handled;
 static struct sigaction previous_action;
@@ -133,8 +138,19 @@ static void chain_to_previous(int sig, siginfo_t *info, void *context) {
 
 static void answer_snapshot_after_trap(ucontext_t *uc);
 
+static int handle_trap(siginfo_t *info, ucontext_t *uc);
+
 static void trap_handler(int sig, siginfo_t *info, void *context) {
-  ucontext_t *uc = context;
+  uint8_t guard = recursion_guard;
+  recursion_guard = 1;
+  int handled = handle_trap(info, context);
+  recursion_guard = guard;
+  // Not ours: the program's handler runs as it would untraced (its calls traced as usual).
+  if (!handled) chain_to_previous(sig, info, context);
+}
+
+// Whether the trap was a site's (the thread then resumes where the site sends it).
+static int handle_trap(siginfo_t *info, ucontext_t *uc) {
   greg_t *gregs = uc->uc_mcontext.gregs;
   if (info->si_code == SI_KERNEL) {
     // T1: announce ourselves before looking at any table (pairs with the patcher's check of
@@ -190,10 +206,10 @@ static void trap_handler(int sig, siginfo_t *info, void *context) {
     if (handled) {
       atomic_fetch_add_explicit(&traps_handled, 1, memory_order_relaxed);
       answer_snapshot_after_trap(uc);
-      return;
+      return 1;
     }
   }
-  chain_to_previous(sig, info, context);
+  return 0;
 }
 
 int ctracery_install_trap_handler(void) {
@@ -234,7 +250,6 @@ uint64_t ctracery_traps_handled(void) { return atomic_load_explicit(&traps_handl
 
 // ---- Per-thread state --------------------------------------------------------------------------
 
-static __thread uint8_t recursion_guard __attribute__((tls_model("initial-exec")));
 
 long ctracery_guard_offset(void) {
   char *thread_pointer;
@@ -356,14 +371,18 @@ static void answer_snapshot(ucontext_t *uc, int on_alternate_stack) {
 static void snapshot_handler(int sig, siginfo_t *info, void *context) {
   (void)sig;
   (void)info;
+  uint8_t guard = recursion_guard;
+  recursion_guard = 1;
   // A late signal from an earlier, timed-out request finds no request, or another tid's.
-  if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) != (int)syscall(SYS_gettid)) return;
-  // Interrupted inside a signal handler running on its alternate stack: the stack it interrupted
-  // in turn is somewhere else (sigaltstack is async-signal-safe). This handler runs on the
-  // interrupted stack (no SA_ONSTACK).
-  stack_t current;
-  int alternate = sigaltstack(NULL, &current) == 0 && (current.ss_flags & SS_ONSTACK);
-  answer_snapshot(context, alternate);
+  if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) == (int)syscall(SYS_gettid)) {
+    // Interrupted inside a signal handler running on its alternate stack: the stack it
+    // interrupted in turn is somewhere else (sigaltstack is async-signal-safe). This handler
+    // runs on the interrupted stack (no SA_ONSTACK).
+    stack_t current;
+    int alternate = sigaltstack(NULL, &current) == 0 && (current.ss_flags & SS_ONSTACK);
+    answer_snapshot(context, alternate);
+  }
+  recursion_guard = guard;
 }
 
 // The end of a SIGTRAP handler that sent its thread on: a request for this thread (whose snapshot

@@ -47,6 +47,15 @@ enum Agent {
   /// belongs to the recording it was opened in (`ThreadRecording`).
   nonisolated(unsafe) static var recording: UInt64 = 0
 
+  /// Runs `body` with this thread's recursion guard held: the agent's own calls into traced code
+  /// (library functions, when --patch reaches them) are not the program's, and an event written
+  /// while the agent changes this thread's file could land in a chunk it has just unmapped.
+  static func guarded<T>(_ body: () -> T) -> T {
+    let previous = ctracery_swap_guard(1)
+    defer { _ = ctracery_swap_guard(previous) }
+    return body()
+  }
+
   static func start() {
     guard let environment = AgentEnvironment.current() else { return }
     start(environment, attaching: false)
@@ -73,21 +82,30 @@ enum Agent {
     _ = TimeStampCounter.ticksPerNanosecond
     let program = environment.relocate ? ProcessObjects.list().first?.path : nil
     relocatedProgram = program
+    // --patch with relocation reaches every loaded object's functions whose names match, not
+    // only the program's (`mayRelocate(libraryAt:)` says which objects).
+    relocatesLibraries = program != nil && configuration.match != nil
+    EventFile.helperThreadStarts = { _ = ctracery_swap_guard(1) }
     // Resolving the chosen sites below reads the same table.
     loadTracerSymbols()
     let table = Tracer.shared.symbols
     objects = table.objects.map { TracedProcess.Object(path: $0.path, bias: $0.bias, buildIDBytes: $0.buildID) }
-    // --relocate: the program's functions without a site, traced by moving their first
-    // instructions out of line (`Tracer.relocatesPrologues`), or those that cannot move by an
-    // int3 on their first instruction (`PatchSite.Shape.trap`); their site is the entry, or
-    // right after its endbr64, which is what their events name.
-    var relocatable: Set<Int> =
-      table.objects.firstIndex { $0.path == program }.map { object in
-        Set(
-          table.functions.indices.filter {
-            table.functions[$0].object == object && table.functions[$0].site == nil && table.functions[$0].size > 0
-          })
-      } ?? []
+    // --relocate: the program's functions without a site (and with --patch, the libraries'),
+    // traced by moving their first instructions out of line (`Tracer.relocatesPrologues`), or
+    // those of the program that cannot move by an int3 on their first instruction
+    // (`PatchSite.Shape.trap`; a library's are left untraced: the agent's own code calls into
+    // libraries, its SIGTRAP handler among it); their site is the entry, or right after its
+    // endbr64, which is what their events name.
+    let relocatableObjects = Set(
+      table.objects.indices.filter {
+        table.objects[$0].path == program || (relocatesLibraries && mayRelocate(libraryAt: table.objects[$0].path))
+      })
+    var relocatable = Set(
+      table.functions.indices.filter {
+        relocatableObjects.contains(table.functions[$0].object) && table.functions[$0].site == nil
+          && table.functions[$0].size > 0
+          && (table.objects[table.functions[$0].object].path == program || !Self.leftUntraced(table.functions[$0].name))
+      })
     // Swift async functions (and their partial functions) are left out: they continue by tail
     // calls to continuations that return on the executor's stack, which the function graph's
     // shadow stack does not follow yet (the program stopped at its corrupt-shadow-stack ud2).
@@ -162,6 +180,7 @@ enum Agent {
     // In a running program a thread may block SIGTRAP (the agent keeps it deliverable only when
     // preloaded): no int3 sites there; what cannot be relocated stays untraced.
     Tracer.shared.usesTrapSites = !attaching
+    Tracer.shared.trapSiteObjects = relocatesLibraries ? Set(program.map { [$0] } ?? []) : nil
     do {
       recorder = try Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
@@ -267,10 +286,62 @@ enum Agent {
   /// come from its call frames). At start, and again when `dlopen` or `dlclose` change the set.
   static func loadTracerSymbols() {
     let program = relocatedProgram
+    let libraries = relocatesLibraries
     Tracer.shared.loadSymbols(
-      including: { ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program },
+      including: {
+        ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program
+          || (libraries && mayRelocate(libraryAt: $0.path))
+      },
       unnamed: { $0.path == program })
   }
+
+  /// Whether --patch with relocation (`relocatesLibraries`) may move functions of the object at
+  /// `path`: any but the agent itself, the dynamic loader (it runs before a thread's state
+  /// exists, and to bind the agent's own calls), the unwinder the agent wraps (libgcc_s), and
+  /// Swift's concurrency runtime (its executors switch tasks by tail calls into continuations,
+  /// which the function graph's shadow stack does not follow: the program stopped at the graph's
+  /// corrupt-shadow-stack `ud2`).
+  static func mayRelocate(libraryAt path: String) -> Bool {
+    let name = path.split(separator: "/").last.map(String.init) ?? path
+    return path != agentPath && !name.hasPrefix("ld-linux") && !name.hasPrefix("libgcc_s.")
+      && !name.hasPrefix("libswift_Concurrency.")
+  }
+
+  /// Library functions --patch never reaches: those that return twice (their second return
+  /// would come back through a frame the first one ended: a program printed another sum after a
+  /// `longjmp` to its `setjmp`); those whose child runs on the caller's stack and thread state
+  /// (`vfork`, the `clone` family under `posix_spawn`); `_Fork`, the system call inside `fork`,
+  /// whose child returns before the agent's fork handler gives it files of its own (its exit
+  /// event landed in the parent's chunk: the two are shared mappings); and the machinery that
+  /// exceptions run through: the unwinder's and the C++ runtime's entry points, which the agent
+  /// wraps, and the loader's lookups (`dl*`, `_dl_*`: their errors leave by `longjmp`), which
+  /// the unwinder and those wrappers call (a C++ program crashed in a throw).
+  static func leftUntraced(_ name: String) -> Bool {
+    let base = name.split(separator: "@").first.map(String.init) ?? name
+    return [
+      "setjmp", "_setjmp", "__setjmp", "sigsetjmp", "__sigsetjmp", "getcontext", "__getcontext", "vfork", "__vfork",
+      "clone", "__clone", "clone3", "__clone3", "__clone_internal", "_Fork",
+    ].contains(base) || base.hasPrefix("_Unwind_") || base.hasPrefix("__cxa_") || base.hasPrefix("__gxx_personality")
+      || base.hasPrefix("dl") || base.hasPrefix("_dl_")
+  }
+
+  /// This library's path: the file mapped where its code is.
+  static let agentPath: String? = {
+    let address = UInt(bitPattern: unsafeBitCast(Agent.refill, to: UnsafeRawPointer.self))
+    guard let maps = Files.read("/proc/self/maps") else { return nil }
+    for line in String(decoding: maps, as: UTF8.self).split(separator: "\n") {
+      let fields = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+      let range = fields.first?.split(separator: "-") ?? []
+      guard fields.count == 6, range.count == 2, let low = UInt(range[0], radix: 16),
+        let high = UInt(range[1], radix: 16), (low..<high).contains(address)
+      else { continue }
+      return String(fields[5].drop(while: { $0 == " " }))
+    }
+    return nil
+  }()
+
+  /// --patch reaches the libraries' functions too (with relocation): see `start`.
+  nonisolated(unsafe) static var relocatesLibraries = false
 
   /// After a `dlopen` that succeeded (CTraceryAgent interposes it), before it returns to the
   /// program: objects loaded since the agent last looked that record patch sites are traced from
@@ -388,6 +459,8 @@ enum Agent {
 
   /// In the child of a fork: the parent's files are not ours; start a session of our own.
   static func afterFork() {
+    let guardHeld = ctracery_swap_guard(1)
+    defer { _ = ctracery_swap_guard(guardHeld) }
     let state = ctracery_thread_state()!
     state.pointee.owner = 0
     state.pointee.event_cursor = 0
@@ -483,6 +556,8 @@ enum Agent {
   static let threadKey: pthread_key_t = {
     var key = pthread_key_t()
     pthread_key_create(&key) { _ in
+      let guardHeld = ctracery_swap_guard(1)
+      defer { _ = ctracery_swap_guard(guardHeld) }
       Agent.waitToEnterRefill()
       defer { Agent.leaveRefill() }
       let state = ctracery_thread_state()!
@@ -523,6 +598,8 @@ extension Agent {
   /// records nothing after this (its later events are dropped and counted); threads still running
   /// keep their last chunk open (readers check its events one by one).
   static let atExit: @convention(c) () -> Void = {
+    let guardHeld = ctracery_swap_guard(1)
+    defer { _ = ctracery_swap_guard(guardHeld) }
     waitToEnterRefill()
     defer { leaveRefill() }
     let state = ctracery_thread_state()!
@@ -538,20 +615,22 @@ extension Agent {
   }
 }
 
+// The agent's entry points run with the thread's recursion guard held (`Agent.guarded`).
+
 @_cdecl("tracery_agent_start")
-public func traceryAgentStart() { Agent.start() }
+public func traceryAgentStart() { Agent.guarded { Agent.start() } }
 
 @_cdecl("tracery_agent_loaded")
-public func traceryAgentLoaded() { Agent.loaded() }
+public func traceryAgentLoaded() { Agent.guarded { Agent.loaded() } }
 
 @_cdecl("tracery_agent_unloading")
 public func traceryAgentUnloading(_ name: UnsafePointer<CChar>, _ bias: UInt) {
-  Agent.unloading(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias))
+  Agent.guarded { Agent.unloading(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias)) }
 }
 
 @_cdecl("tracery_agent_unloaded")
 public func traceryAgentUnloaded(_ name: UnsafePointer<CChar>, _ bias: UInt) {
-  Agent.unloaded(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias))
+  Agent.guarded { Agent.unloaded(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias)) }
 }
 
 /// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the

@@ -200,5 +200,5 @@ extension Agent {
 
 @_cdecl("tracery_agent_attach")
 public func traceryAgentAttach(_ settings: UnsafePointer<CChar>) {
-  Agent.attach(settingsPath: String(cString: settings))
+  Agent.guarded { Agent.attach(settingsPath: String(cString: settings)) }
 }

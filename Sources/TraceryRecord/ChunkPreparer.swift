@@ -104,6 +104,7 @@ final class ChunkPreparer: @unchecked Sendable {
   }
 
   private func serve() -> UnsafeMutableRawPointer? {
+    EventFile.helperThreadStarts?()
     while true {
       pthread_mutex_lock(mutex)
       while queue.isEmpty { pthread_cond_wait(wake, mutex) }

@@ -276,6 +276,10 @@ public final class EventFile: @unchecked Sendable {
     return lastEnd
   }
 
+  /// Run first on the helper thread that prepares and retires chunks (the agent holds that
+  /// thread's recursion guard: its calls are never the program's).
+  nonisolated(unsafe) public static var helperThreadStarts: (() -> Void)?
+
   /// At process exit: seals the chunks other threads left that the helper has not sealed yet.
   public static func sealLeftChunks() { ChunkPreparer.shared.drain() }
 

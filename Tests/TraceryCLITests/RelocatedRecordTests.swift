@@ -167,4 +167,52 @@ import TraceryTestSupport
     }
     #expect(tailCalled < counts.count / 2)
   }
+
+  /// `--patch GLOB` with relocation reaches the libraries' functions too: the C library's
+  /// `qsort` (and `qsort_r`, which it calls) are recorded around the program's comparison
+  /// function, called as often as the program counts. Then every function of every library
+  /// (`--patch '*'`, some 2,800 of the C library's, libstdc++'s for C++) under programs that
+  /// `longjmp` to a `setjmp`, start threads, fork, and throw C++ exceptions: each prints what it
+  /// prints untraced.
+  @Test func patchReachesLibraryFunctions() throws {
+    let directory = try TestSupport.temporaryDirectory("record-libraries")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let sorts = try RecordCommandTests.program("sorts", flags: ["-O2"], in: directory)
+    let untraced = try TestSupport.run(sorts, [])
+    let compared = try #require(
+      Int(untraced.stdout.split(separator: " ").last?.trimmingCharacters(in: .newlines) ?? ""))
+    let trace = directory.appendingPathComponent("trace-sorts")
+    let traced = try RecordCommandTests.record(trace, [sorts], options: ["--patch", "*sort*"])
+    #expect(traced.status == 0 && traced.stdout == untraced.stdout, "\(traced.stderr)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["sort_numbers"] == 1 && counts["qsort"] == 1 && counts["sort_compare"] == compared, "\(counts)")
+    let replay = try TestSupport.run(OptimizedProgramTests.tracery, ["replay", "-d", trace.path]).stdout
+    #expect(replay.contains("sort_numbers() {\n") && replay.contains("qsort() {\n"), "\(replay.prefix(1500))")
+    let nested = replay.components(separatedBy: "\n").first { $0.hasSuffix("sort_compare();") } ?? ""
+    #expect(
+      nested.contains("|       sort_compare();"), "sort_compare is not called inside qsort: \(replay.prefix(1500))")
+
+    let programs = [
+      ("tails", "gcc", ["-O2", "-pthread"]), ("children", "gcc", ["-O2"]), ("throws", "clang++", ["-O2"]),
+    ]
+    for (name, compiler, flags) in programs {
+      let program: String
+      if compiler == "clang++" {
+        program = directory.appendingPathComponent(name).path
+        try TestSupport.compile(
+          compiler: compiler, sources: [RecordCommandTests.programs.appendingPathComponent("\(name).cpp").path],
+          flags: flags, output: program)
+      } else {
+        program = try RecordCommandTests.program(name, compiler: compiler, flags: flags, in: directory)
+      }
+      let plain = try TestSupport.run(program, [])
+      let everything = directory.appendingPathComponent("all-\(name)")
+      let result = try RecordCommandTests.record(everything, [program], options: ["--patch", "*"])
+      #expect(result.status == plain.status && result.stdout == plain.stdout, "\(name): \(result.stderr)")
+      let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", everything.path]).stdout
+      let line = info.components(separatedBy: "\n").first { $0.contains("traced    :") } ?? ""
+      let traced = Int(line.split(separator: ":").last?.split(separator: " ").first ?? "") ?? 0
+      #expect(traced > 2_000, "\(name): \(line)")
+    }
+  }
 }

@@ -6,10 +6,12 @@ extension Tracer {
   /// Applies `operations` in one patch batch (see the type's comment) and reports per function.
   /// Relocated prologues the patcher had to abandon (a thread it could not see out of their
   /// first bytes) are traced through an int3 instead, in a second batch (unless
-  /// `usesTrapSites` is off: they stay untraced, reported).
+  /// `usesTrapSites` is off or `trapSiteObjects` leaves their object out: they stay untraced,
+  /// reported).
   func commit(_ operations: [Operation]) -> TransactionReport {
     var report = withCallerStackMarker { top in commit(operations, callerStack: top) }
-    guard usesTrapSites else { return report }
+    let (trapSites, trapSiteObjects) = state.withLock { ($0.usesTrapSites, $0.trapSiteObjects) }
+    guard trapSites else { return report }
     let abandoned = report.addresses { outcome in
       if case .failed(let reason) = outcome { reason.hasPrefix(TextPatcher.abandoned) } else { false }
     }
@@ -18,6 +20,7 @@ extension Tracer {
     func traps(_ targets: [Target]) -> [Target] {
       targets.compactMap { target in
         guard abandoned.contains(target.patch.function), let index = table.function(containing: target.patch.function),
+          trapSiteObjects?.contains(table.objects[table.functions[index].object].path) ?? true,
           let patch = try? PatchSite.trap(
             at: target.patch.function, function: target.patch.function, size: Int(table.functions[index].size))
         else { return nil }

@@ -13,19 +13,21 @@ extension Tracer {
   /// `refused`: functions of an `.addresses` selector that no site could be made for, and why
   /// (the other selectors throw when a function they name has none).
   func resolve(_ selector: FunctionSelector, refused: inout TransactionReport) throws(AttachError) -> [Target] {
-    let (known, bulk, relocates, trapSites) = state.withLock { state in
+    let (known, bulk, relocates, trapSites, trapSiteObjects) = state.withLock { state in
       var known: [UInt64: Target] = [:]
       for function in state.functions.values {
         let target = Target(patch: function.patch, name: function.name)
         known[function.function] = target
         known[function.site] = target
       }
-      return (known, state.multi.bulk, state.relocatesPrologues, state.usesTrapSites)
+      return (
+        known, state.multi.bulk, state.relocatesPrologues, state.usesTrapSites, state.trapSiteObjects
+      )
     }
     let context = ResolveContext(
       map: MemoryMap.current(), known: known, bulk: bulk,
       relocate: relocates && Self.threadsCanBeMoved(), trap: relocates, trapSites: trapSites,
-      table: relocates ? symbols : nil)
+      trapSiteObjects: trapSiteObjects, table: relocates ? symbols : nil)
     switch selector {
     case .address(let address):
       var hint = 0
@@ -141,6 +143,8 @@ extension Tracer {
     /// Whether the fallback may be a trap site (`Tracer.usesTrapSites`): else such a function is
     /// refused.
     let trapSites: Bool
+    /// `Tracer.trapSiteObjects`.
+    let trapSiteObjects: Set<String>?
     let table: SymbolTable?
 
     /// The site of the function at `address` (`PatchSite.at`), or the one it has already.
@@ -185,6 +189,11 @@ extension Tracer {
         guard trapSites else {
           throw .noPatchSite(
             function: label, reason: "\(error.reason); not relocated: \(notRelocated); int3 sites are off")
+        }
+        if let trapSiteObjects, !trapSiteObjects.contains(table.objects[table.functions[index].object].path) {
+          throw .noPatchSite(
+            function: label,
+            reason: "\(error.reason); not relocated: \(notRelocated); no int3 sites in its object")
         }
         do {
           return Target(patch: try PatchSite.trap(at: address, function: address, size: size), name: label)

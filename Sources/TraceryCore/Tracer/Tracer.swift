@@ -168,6 +168,7 @@ public final class Tracer: Sendable {
     var multi = MultiState()
     var relocatesPrologues = false
     var usesTrapSites = true
+    var trapSiteObjects: Set<String>?
   }
 
   enum Operation {
@@ -319,6 +320,16 @@ public final class Tracer: Sendable {
   public var usesTrapSites: Bool {
     get { state.withLock { $0.usesTrapSites } }
     set { state.withLock { $0.usesTrapSites = newValue } }
+  }
+
+  /// When set, only functions of these objects (paths, as `ProcessObjects` lists them) may get
+  /// an int3 site; another object's function that cannot be relocated is refused. For code the
+  /// tracer's own machinery may run: the SIGTRAP handler reaching an int3 site of a function it
+  /// calls (libc's `syscall`, say) would trap with SIGTRAP blocked, and the kernel kills such a
+  /// thread.
+  public var trapSiteObjects: Set<String>? {
+    get { state.withLock { $0.trapSiteObjects } }
+    set { state.withLock { $0.trapSiteObjects = newValue } }
   }
 
   /// How many traced functions have a site of each shape.

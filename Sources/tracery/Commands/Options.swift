@@ -7,7 +7,12 @@ import TraceryRecord
 /// Options of `record` and `live` that decide what the agent patches and records, and the
 /// program to run.
 struct RecordOptions: ParsableArguments {
-  @Option(name: .long, help: "Patch only the functions whose name matches this glob.")
+  @Option(
+    name: .long,
+    help: """
+      Patch only the functions whose name matches this glob; with relocation (--relocate, or a program \
+      without patch sites), the libraries' functions it matches too.
+      """)
   var patch: String?
 
   @Option(

@@ -130,9 +130,10 @@ struct Recorder {
     }
     for (position, input) in inputs.enumerated() {
       // --relocate: the program's own functions count whether or not they have a site (a
-      // stripped program's from its call frames, as the agent finds them).
-      let relocating = relocate && position == 0
-      let unnamed = relocating ? EntryPoints(file: input.file, bias: 0).unnamedFunctions : []
+      // stripped program's from its call frames, as the agent finds them); with --patch, its
+      // libraries' too (the agent relocates those the glob matches).
+      let relocating = relocate && (position == 0 || options.patch != nil)
+      let unnamed = relocating && position == 0 ? EntryPoints(file: input.file, bias: 0).unnamedFunctions : []
       guard
         let table = try? SymbolTable([
           SymbolTable.Input(path: input.path, bias: input.bias, file: input.file, unnamed: unnamed)
