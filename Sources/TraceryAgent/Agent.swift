@@ -353,7 +353,8 @@ enum Agent {
     defer { pthread_mutex_unlock(loadLock) }
     let known = Set(objects.map { objectKey($0.path, $0.bias) })
     let fresh = ProcessObjects.list().filter {
-      !known.contains(objectKey($0.path, $0.bias)) && ELFFile.recordsPatchSites(path: $0.path) == true
+      !known.contains(objectKey($0.path, $0.bias))
+        && (ELFFile.recordsPatchSites(path: $0.path) == true || (relocatesLibraries && mayRelocate(libraryAt: $0.path)))
     }
     guard !fresh.isEmpty else { return }
     // The tracer's table must name the new functions too: reloaded, it is also where they are read.
@@ -362,27 +363,36 @@ enum Agent {
     let freshKeys = Set(fresh.map { objectKey($0.path, $0.bias) })
     let freshObjects = Set(
       table.objects.indices.filter { freshKeys.contains(objectKey(table.objects[$0].path, table.objects[$0].bias)) })
-    let keys = symbolFiles(table, in: configuration.directory) { index in
-      freshObjects.contains(table.functions[index].object) ? table.functions[index].site : nil
+    // As at the start: the --patch glob chooses; a function without a site is relocated when
+    // --patch reaches libraries (named by its entry, its events by the site after any endbr64).
+    let glob = configuration.match.flatMap { try? Glob($0) }
+    func site(_ index: Int) -> (site: UInt64, address: UInt64)? {
+      let function = table.functions[index]
+      guard freshObjects.contains(function.object) else { return nil }
+      if let glob, !Demangler.forms(function.name).contains(where: glob.matches) { return nil }
+      if let site = function.site { return (site, site) }
+      guard relocatesLibraries, function.size > 0, !leftUntraced(function.name), !isSwiftAsync(function.name)
+      else { return nil }
+      return (PatchSite.afterEndbr64(function.address), function.address)
     }
-    var sites: [UInt64] = []
+    let keys = symbolFiles(table, in: configuration.directory) { site($0)?.site }
+    var addresses: [UInt64] = []
     for (index, object) in table.objects.enumerated() where freshObjects.contains(index) {
       var entry = TracedProcess.Object(path: object.path, bias: object.bias, buildIDBytes: object.buildID)
       entry.symbols = keys[index]
       objects.append(entry)
       appendToProcessFile(entry.line)
-      let own =
-        table.functions.filter { $0.object == index }.compactMap(\.site)
-        + table.orphanSites.filter { $0.object == index }.map(\.address)
-      objectSites[objectKey(object.path, object.bias)] = own
-      sites += own
+      let chosen = table.functions.indices.filter { table.functions[$0].object == index }.compactMap(site)
+      let orphans = glob == nil ? table.orphanSites.filter { $0.object == index }.map(\.address) : []
+      objectSites[objectKey(object.path, object.bias)] = chosen.map(\.site) + orphans
+      addresses += chosen.map(\.address) + orphans
     }
-    guard !sites.isEmpty else { return }
+    guard !addresses.isEmpty else { return }
     if let recorder {
-      _ = try? recorder.add(.addresses(sites))
+      _ = try? recorder.add(.addresses(addresses))
     } else {
       recorder = try? Tracer.shared.attachGraph(
-        .recorder(refill: Agent.refill), to: .addresses(sites), depthLimit: configuration.depth)
+        .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
     }
   }
 

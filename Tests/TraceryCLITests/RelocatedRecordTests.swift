@@ -170,7 +170,8 @@ import TraceryTestSupport
 
   /// `--patch GLOB` with relocation reaches the libraries' functions too: the C library's
   /// `qsort` (and `qsort_r`, which it calls) are recorded around the program's comparison
-  /// function, called as often as the program counts. Then every function of every library
+  /// function, called as often as the program counts; so are a plugin's, `dlopen`ed later (and
+  /// again after a `dlclose`). Then every function of every library
   /// (`--patch '*'`, some 2,800 of the C library's, libstdc++'s for C++) under programs that
   /// `longjmp` to a `setjmp`, start threads, fork, and throw C++ exceptions: each prints what it
   /// prints untraced.
@@ -191,6 +192,21 @@ import TraceryTestSupport
     let nested = replay.components(separatedBy: "\n").first { $0.hasSuffix("sort_compare();") } ?? ""
     #expect(
       nested.contains("|       sort_compare();"), "sort_compare is not called inside qsort: \(replay.prefix(1500))")
+
+    // A plugin built without patch sites, loaded with dlopen after the start (twice: closed in
+    // between): its functions the glob matches are relocated as it loads.
+    let plugin = directory.appendingPathComponent("plugin.so").path
+    try TestSupport.compile(
+      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("plugin.c").path],
+      flags: ["-O2", "-shared", "-fPIC"], output: plugin)
+    let host = try RecordCommandTests.program("dlhost", flags: ["-O2", "-ldl"], in: directory)
+    let loads = directory.appendingPathComponent("trace-plugin")
+    let loaded = try RecordCommandTests.record(loads, [host, plugin], options: ["--patch", "*plugin*"])
+    #expect(loaded.status == 0 && loaded.stdout == "90\n", "\(loaded.stderr)")
+    let pluginCounts = try RecordCommandTests.recordedCounts(loads)
+    #expect(
+      pluginCounts["call_plugin"] == 6 && pluginCounts["plugin_work"] == 6 && pluginCounts["plugin_helper"] == 12,
+      "\(pluginCounts)")
 
     let programs = [
       ("tails", "gcc", ["-O2", "-pthread"]), ("children", "gcc", ["-O2"]), ("throws", "clang++", ["-O2"]),
