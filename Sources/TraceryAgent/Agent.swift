@@ -80,11 +80,14 @@ enum Agent {
       directory: directory, match: environment.match, depth: environment.depth, bufferLimit: environment.bufferLimit)
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
-    let program = environment.relocate ? ProcessObjects.list().first?.path : nil
+    let main = ProcessObjects.list().first?.path
+    let program = environment.relocate ? main : nil
     relocatedProgram = program
-    // --patch with relocation reaches every loaded object's functions whose names match, not
-    // only the program's (`mayRelocate(libraryAt:)` says which objects).
-    relocatesLibraries = program != nil && configuration.match != nil
+    // --patch with relocation, or -l/--nest-libcall, reaches the libraries' functions too (those
+    // the glob matches, or all), not only the program's (`mayRelocate(libraryAt:)` says which
+    // objects).
+    relocatesLibraries = (program != nil && configuration.match != nil) || environment.nestLibraryCalls
+    mainProgram = main
     EventFile.helperThreadStarts = { _ = ctracery_swap_guard(1) }
     // Resolving the chosen sites below reads the same table.
     loadTracerSymbols()
@@ -98,7 +101,8 @@ enum Agent {
     // endbr64, which is what their events name.
     let relocatableObjects = Set(
       table.objects.indices.filter {
-        table.objects[$0].path == program || (relocatesLibraries && mayRelocate(libraryAt: table.objects[$0].path))
+        table.objects[$0].path == program
+          || (relocatesLibraries && mayRelocate(libraryAt: table.objects[$0].path))
       })
     var relocatable = Set(
       table.functions.indices.filter {
@@ -176,7 +180,7 @@ enum Agent {
     }
     guard !addresses.isEmpty else { return }
     Tracer.unwoundHandler = Agent.unwound
-    Tracer.shared.relocatesPrologues = environment.relocate || movesSleds
+    Tracer.shared.relocatesPrologues = environment.relocate || movesSleds || relocatesLibraries
     // In a running program a thread may block SIGTRAP (the agent keeps it deliverable only when
     // preloaded): no int3 sites there; what cannot be relocated stays untraced.
     Tracer.shared.usesTrapSites = !attaching
@@ -303,9 +307,12 @@ enum Agent {
   /// corrupt-shadow-stack `ud2`).
   static func mayRelocate(libraryAt path: String) -> Bool {
     let name = path.split(separator: "/").last.map(String.init) ?? path
-    return path != agentPath && !name.hasPrefix("ld-linux") && !name.hasPrefix("libgcc_s.")
+    return path != mainProgram && path != agentPath && !name.hasPrefix("ld-linux") && !name.hasPrefix("libgcc_s.")
       && !name.hasPrefix("libswift_Concurrency.")
   }
+
+  /// The program's own file (the first loaded object).
+  nonisolated(unsafe) static var mainProgram: String?
 
   /// Library functions --patch never reaches: those that return twice (their second return
   /// would come back through a frame the first one ended: a program printed another sum after a
@@ -536,7 +543,9 @@ enum Agent {
         file.prepareNext()
         state.pointee.event_end = start + UInt64(chunk.count - 8)
       }
-    } else {
+    } else if !file.isFinished {
+      // (After the exiting thread's recording ended, calls the exit handlers run after the
+      // agent's make are not losses: the trace ends where the process's recording did.)
       file.countDropped()
     }
   }
@@ -605,7 +614,7 @@ extension Agent {
   /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the
   /// helper has not sealed yet, and writes `thread-end` and `end` in the process file, so that
   /// readers can check what was written and know the process was not killed. The exiting thread
-  /// records nothing after this (its later events are dropped and counted); threads still running
+  /// records nothing after this (its later events are dropped, not counted); threads still running
   /// keep their last chunk open (readers check its events one by one).
   static let atExit: @convention(c) () -> Void = {
     let guardHeld = ctracery_swap_guard(1)

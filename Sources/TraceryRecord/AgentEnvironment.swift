@@ -16,6 +16,8 @@
 ///                            instructions moved out of line (record --relocate)
 ///     TRACERY_LIBCALL        1: the program's calls through its PLT are recorded as calls of
 ///                            `NAME@plt` (record --libcall; the CLI also sets LD_BIND_NOW)
+///     TRACERY_NEST_LIBCALL   1: the libraries' functions (those TRACERY_MATCH names, or all) are
+///                            traced too, relocated (record -l/--nest-libcall)
 ///
 /// (The counter's rate travels as TRACERY_TICKS_PER_NS, read by TraceryCore's
 /// `TimeStampCounter`.)
@@ -32,6 +34,7 @@ public struct AgentEnvironment: Sendable, Equatable {
   public var shared = false
   public var relocate = false
   public var libraryCalls = false
+  public var nestLibraryCalls = false
 
   public static let defaultBufferLimit = 2 << 30
 
@@ -52,6 +55,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     static let shared = "TRACERY_SHARED"
     static let relocate = "TRACERY_RELOCATE"
     static let libraryCalls = "TRACERY_LIBCALL"
+    static let nestLibraryCalls = "TRACERY_NEST_LIBCALL"
   }
 
   /// Sets (or clears) every variable in `environment`.
@@ -66,6 +70,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     environment[Key.shared] = shared ? "1" : nil
     environment[Key.relocate] = relocate ? "1" : nil
     environment[Key.libraryCalls] = libraryCalls ? "1" : nil
+    environment[Key.nestLibraryCalls] = nestLibraryCalls ? "1" : nil
     // Library calls are followed through bound GOT slots: bind them all at load.
     if libraryCalls { environment["LD_BIND_NOW"] = "1" }
   }
@@ -111,6 +116,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     shared = value(Key.shared) == "1"
     relocate = value(Key.relocate) == "1"
     libraryCalls = value(Key.libraryCalls) == "1"
+    nestLibraryCalls = value(Key.nestLibraryCalls) == "1"
   }
 
   /// Whether this process was asked to keep traces readable by others (the CLI sets it for its

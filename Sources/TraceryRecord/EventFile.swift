@@ -113,6 +113,9 @@ public final class EventFile: @unchecked Sendable {
     return UnsafeMutableRawBufferPointer(start: mapped, count: chunkSize)
   }
 
+  /// Whether `finish` ended this file (the thread's recording ended at the process's exit).
+  public var isFinished: Bool { finished }
+
   /// Chunks taken so far (the current one included).
   public var chunksTaken: Int { chunks }
 

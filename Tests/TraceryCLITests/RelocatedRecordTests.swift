@@ -193,6 +193,25 @@ import TraceryTestSupport
     #expect(
       nested.contains("|       sort_compare();"), "sort_compare is not called inside qsort: \(replay.prefix(1500))")
 
+    // -l/--nest-libcall: a program with patch sites (traced through them), the libraries'
+    // functions relocated, nested where the program calls them; after the recording ended at
+    // exit, nothing is counted as dropped.
+    try FileManager.default.createDirectory(
+      at: directory.appendingPathComponent("nop"), withIntermediateDirectories: true)
+    let nopSorts = try RecordCommandTests.program(
+      "sorts", compiler: "clang", flags: ["-O2", "-fpatchable-function-entry=5"],
+      in: directory.appendingPathComponent("nop"))
+    let nestedTrace = directory.appendingPathComponent("trace-nested")
+    let nestedRun = try RecordCommandTests.record(nestedTrace, [nopSorts], options: ["-l"])
+    #expect(nestedRun.status == 0 && nestedRun.stdout == untraced.stdout, "\(nestedRun.stderr)")
+    let nestedCounts = try RecordCommandTests.recordedCounts(nestedTrace)
+    #expect(
+      nestedCounts["qsort"] == 1 && nestedCounts["sort_compare"] == compared,
+      "\(nestedCounts.filter { $0.key.contains("sort") })")
+    let nestedReplay = try TestSupport.run(OptimizedProgramTests.tracery, ["replay", "-d", nestedTrace.path])
+    #expect(nestedReplay.stdout.contains("    sort_numbers() {\n"), "\(nestedReplay.stdout.prefix(800))")
+    #expect(!nestedReplay.stderr.contains("dropped"), "\(nestedReplay.stderr)")
+
     // A plugin built without patch sites, loaded with dlopen after the start (twice: closed in
     // between): its functions the glob matches are relocated as it loads.
     let plugin = directory.appendingPathComponent("plugin.so").path

@@ -50,6 +50,14 @@ struct RecordOptions: ParsableArguments {
       """)
   var libcall = false
 
+  @Flag(
+    name: [.customShort("l"), .customLong("nest-libcall")],
+    help: """
+      Also trace into the libraries: their functions (those --patch names, or all) are traced by moving their \
+      first instructions out of line, nested where the program calls them.
+      """)
+  var nestLibcall = false
+
   @Option(
     name: [.customShort("p"), .customLong("pid")],
     help: "Attach to this running process instead of starting a program; detach on Ctrl-C or after --duration.")

@@ -63,6 +63,7 @@ struct Recorder {
     environment.shared = options.shared
     environment.relocate = relocate ?? options.relocate
     environment.libraryCalls = options.libcall
+    environment.nestLibraryCalls = options.nestLibcall
     return environment
   }
 
@@ -73,6 +74,7 @@ struct Recorder {
     if let pattern = options.patch { info.add("patch", pattern) }
     if relocate ?? options.relocate { info.add("relocate", "yes") }
     if options.libcall { info.add("libcall", "yes") }
+    if options.nestLibcall { info.add("nest-libcall", "yes") }
     for spec in options.argumentSpecs { info.add("argument", spec) }
     for spec in options.returnSpecs { info.add("retval", spec) }
     return info
@@ -130,9 +132,10 @@ struct Recorder {
     }
     for (position, input) in inputs.enumerated() {
       // --relocate: the program's own functions count whether or not they have a site (a
-      // stripped program's from its call frames, as the agent finds them); with --patch, its
-      // libraries' too (the agent relocates those the glob matches).
-      let relocating = relocate && (position == 0 || options.patch != nil)
+      // stripped program's from its call frames, as the agent finds them); with --patch (or
+      // -l), its libraries' too (the agent relocates those the glob matches).
+      let relocating =
+        position == 0 ? relocate : (relocate && options.patch != nil) || options.nestLibcall
       let unnamed = relocating && position == 0 ? EntryPoints(file: input.file, bias: 0).unnamedFunctions : []
       guard
         let table = try? SymbolTable([
