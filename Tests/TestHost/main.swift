@@ -139,6 +139,7 @@ func registersTest(_ library: String) -> Never {
   let fmix = symbol("fmix", FloatMix.self)
   let clobber = symbol("clobber", EntryHandler.self)
   let clobberModify = symbol("clobber_modify", ModifyReturnHandler.self)
+  let clobberSkip = symbol("clobber_skip", ModifyReturnHandler.self)
   let clobbers = dlsym(handle, "clobbers")!.assumingMemoryBound(to: UInt64.self)
   // leaf and fleaf are static (as registers.c's): the library exports their addresses.
   let exported: [String] = ["leaf_address", "fleaf_address"]
@@ -150,7 +151,7 @@ func registersTest(_ library: String) -> Never {
   let tracer = Tracer.shared
   tracer.relocatesPrologues = true
   let model = FunctionModel(integerArguments: 1, floatArguments: 1, stackArgumentWords: 0, returns: .unknown)
-  let modes = ["entry", "exit", "modify-return", "ops", "multi", "multi-global"]
+  let modes = ["entry", "exit", "modify-return", "modify-return-skip", "ops", "multi", "multi-global"]
   /// Attaches `mode`'s handler to leaf and fleaf; returns its detach.
   func attach(_ mode: String) throws -> () -> Void {
     switch mode {
@@ -163,6 +164,19 @@ func registersTest(_ library: String) -> Never {
     case "modify-return":
       let link = try tracer.attach(.modifyReturn(clobberModify), to: .addresses(leaves), model: model)
       return { _ = link.detach() }
+    case "modify-return-skip":
+      // Precise models: with `.unknown`, a skipped body hands back all four result registers
+      // from the call (rdx and xmm1 too), and a caller may keep values in those a callee does
+      // not touch.
+      let models = [
+        FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer),
+        FunctionModel(integerArguments: 0, floatArguments: 1, stackArgumentWords: 0, returns: .double),
+      ]
+      let links = try leaves.indices.map { index in
+        try tracer.attach(
+          .modifyReturn(clobberSkip), to: .address(leaves[index]), cookie: UInt64(index + 1), model: models[index])
+      }
+      return { for link in links { _ = link.detach() } }
     case "ops":
       let link = try tracer.attachOps(clobber, to: .addresses(leaves))
       return { _ = link.detach() }

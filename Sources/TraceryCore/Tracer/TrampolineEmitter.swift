@@ -141,30 +141,42 @@ struct TrampolineEmitter {
     if preservesAll {
       w.putAnd(.rsp, immediate: -16)
       w.putSub(.rsp, immediate: Self.keepingFrameSize)
-      Self.putKeepAll(&w)
+      Self.putKeepAll(&w, beyond: model)
     } else {
       w.putSub(.rsp, immediate: Self.frameSize)
     }
   }
 
-  /// Saves every call-clobbered register below the tracery_call at rsp + `frame` (16-byte aligned).
-  static func putKeepAll(_ w: inout X86Writer, frame: Int32 = 0) {
-    for index in 0..<16 {
+  /// Saves every call-clobbered register below the tracery_call at rsp + `frame` (16-byte
+  /// aligned), but those `model` says the tracery_call holds (`saveArguments`: the arguments,
+  /// which are restored from there): passing `nil` keeps them all.
+  static func putKeepAll(_ w: inout X86Writer, frame: Int32 = 0, beyond model: FunctionModel? = nil) {
+    let (integers, vectors) = keptRegisters(beyond: model)
+    for index in vectors {
       w.putMovaps(Memory(.rsp, frame + keptVectorsOffset + 16 * Int32(index)), XMMRegister(UInt8(index)))
     }
-    for (index, register) in kept.enumerated() {
-      w.putMov(Memory(.rsp, frame + keptIntegersOffset + 8 * Int32(index)), register)
+    for index in integers {
+      w.putMov(Memory(.rsp, frame + keptIntegersOffset + 8 * Int32(index)), kept[index])
     }
   }
 
   /// Loads back what `putKeepAll` saved.
-  static func putRestoreAll(_ w: inout X86Writer, frame: Int32 = 0) {
-    for index in 0..<16 {
+  static func putRestoreAll(_ w: inout X86Writer, frame: Int32 = 0, beyond model: FunctionModel? = nil) {
+    let (integers, vectors) = keptRegisters(beyond: model)
+    for index in vectors {
       w.putMovaps(XMMRegister(UInt8(index)), Memory(.rsp, frame + keptVectorsOffset + 16 * Int32(index)))
     }
-    for (index, register) in kept.enumerated() {
-      w.putMov(register, Memory(.rsp, frame + keptIntegersOffset + 8 * Int32(index)))
+    for index in integers {
+      w.putMov(kept[index], Memory(.rsp, frame + keptIntegersOffset + 8 * Int32(index)))
     }
+  }
+
+  /// Indices into `kept` and the xmm registers to keep beyond what `model`'s tracery_call holds.
+  private static func keptRegisters(beyond model: FunctionModel?) -> (integers: [Int], vectors: Range<Int>) {
+    guard let model else { return (Array(kept.indices), 0..<16) }
+    var inCall = Set(Register.arguments.prefix(model.integerArguments))
+    if model.isVariadic { inCall.insert(.rax) }
+    return (kept.indices.filter { !inCall.contains(kept[$0]) }, model.floatArguments..<16)
   }
 
   /// Entry handlers only: no frame pointer, and the trampoline ends by jumping into the body.
@@ -196,7 +208,7 @@ struct TrampolineEmitter {
       for call in entries { try putHandlerCall(&w, call) }
     }
     w.bind(entryDone)
-    if preservesAll { Self.putRestoreAll(&w) }
+    if preservesAll { Self.putRestoreAll(&w, beyond: model) }
     restoreArguments(&w, frame: 0)
     let release = w.bytes.count
     if preservesAll {
@@ -266,7 +278,7 @@ struct TrampolineEmitter {
       }
       // The body gets the registers as called (but the arguments as the handlers left them);
       // the caller gets them as the body returned (a skipped body: as called).
-      if preservesAll { Self.putRestoreAll(&w, frame: stackBytes) }
+      if preservesAll { Self.putRestoreAll(&w, frame: stackBytes, beyond: model) }
       restoreArguments(&w, frame: stackBytes)
       try w.putCall(address: body)
       if stackBytes > 0 { w.putAdd(.rsp, immediate: stackBytes) }
@@ -294,6 +306,13 @@ struct TrampolineEmitter {
     if !modifyReturns.isEmpty {
       w.bind(skipBody)
       w.putMovByte(guardByte, immediate: 0)
+      if preservesAll {
+        // The caller gets the registers as called (the arguments as the handlers left them):
+        // what the return path restores, all of it, is written as the body's return would.
+        Self.putRestoreAll(&w, beyond: model)
+        restoreArguments(&w, frame: 0)
+        Self.putKeepAll(&w)
+      }
       w.putJmp(afterBody)
     }
     if !exits.isEmpty {
