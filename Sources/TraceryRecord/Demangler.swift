@@ -67,6 +67,12 @@ public enum Demangler {
     return result
   }
 
+  /// Whether `matches` accepts any of `symbol`'s forms: the symbol itself first, demangled only
+  /// when it does not (demangling is what costs: --patch '*' over 37,000 Swift runtime symbols).
+  public static func anyForm(of symbol: String, matches: (String) -> Bool) -> Bool {
+    matches(symbol) || forms(symbol).dropFirst().contains(where: matches)
+  }
+
   /// `symbol` as `style` shows it.
   public static func name(_ symbol: String, style: Style) -> String {
     switch style {

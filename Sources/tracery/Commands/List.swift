@@ -102,7 +102,7 @@ struct List: ParsableCommand {
           continue
         }
         let rows = patchable.filter { index in
-          glob.map { Demangler.forms(table.functions[index].name).contains(where: $0.matches) } ?? true
+          glob.map { Demangler.anyForm(of: table.functions[index].name, matches: $0.matches) } ?? true
         }
         totalMatched += rows.count
         guard !rows.isEmpty || all else { continue }

@@ -152,7 +152,7 @@ struct Recorder {
       if options.libcall && position == 0 { patchable += (try? input.file.importSlots().count) ?? 0 }
       for index in functions {
         let name = table.functions[index].name
-        if let glob, Demangler.forms(name).contains(where: glob.matches) { matching += 1 }
+        if let glob, Demangler.anyForm(of: name, matches: glob.matches) { matching += 1 }
         for (at, matcher) in matchers.enumerated() where matcher.matchesFunction(name) { specMatches[at] += 1 }
         for (at, matcher) in compiledFilters.enumerated() where matcher.matchesFunction(name) { filterMatches[at] += 1 }
       }
