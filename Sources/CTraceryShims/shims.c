@@ -250,7 +250,6 @@ uint64_t ctracery_traps_handled(void) { return atomic_load_explicit(&traps_handl
 
 // ---- Per-thread state --------------------------------------------------------------------------
 
-
 long ctracery_guard_offset(void) {
   char *thread_pointer;
   __asm__("mov %%fs:0, %0" : "=r"(thread_pointer));

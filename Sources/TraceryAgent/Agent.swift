@@ -305,8 +305,8 @@ enum Agent {
       unnamed: { $0.path == program })
   }
 
-  /// Whether --patch with relocation (`relocatesLibraries`) may move functions of the object at
-  /// `path`: any but the agent itself, the dynamic loader (it runs before a thread's state
+  /// Whether `relocatesLibraries` may move functions of the object at `path`: any but the
+  /// program (its own functions follow --relocate), the agent itself, the dynamic loader (it runs before a thread's state
   /// exists, and to bind the agent's own calls), the unwinder the agent wraps (libgcc_s), and
   /// Swift's concurrency runtime (its executors switch tasks by tail calls into continuations,
   /// which the function graph's shadow stack does not follow: the program stopped at the graph's
@@ -320,7 +320,7 @@ enum Agent {
   /// The program's own file (the first loaded object).
   nonisolated(unsafe) static var mainProgram: String?
 
-  /// Library functions --patch never reaches: those that return twice (their second return
+  /// Library functions --patch and -l never reach: those that return twice (their second return
   /// would come back through a frame the first one ended: a program printed another sum after a
   /// `longjmp` to its `setjmp`); those whose child runs on the caller's stack and thread state
   /// (`vfork`, the `clone` family under `posix_spawn`); `_Fork`, the system call inside `fork`,
@@ -353,7 +353,8 @@ enum Agent {
     return nil
   }()
 
-  /// --patch reaches the libraries' functions too (with relocation): see `start`.
+  /// The libraries' functions are traced too, relocated (--patch with relocation, or
+  /// -l/--nest-libcall): see `start`.
   nonisolated(unsafe) static var relocatesLibraries = false
 
   /// After a `dlopen` that succeeded (CTraceryAgent interposes it), before it returns to the
