@@ -328,12 +328,14 @@ enum Agent {
   /// event landed in the parent's chunk: the two are shared mappings); and the machinery that
   /// exceptions run through: the unwinder's and the C++ runtime's entry points, which the agent
   /// wraps, and the loader's lookups (`dl*`, `_dl_*`: their errors leave by `longjmp`), which
-  /// the unwinder and those wrappers call (a C++ program crashed in a throw).
+  /// the unwinder and those wrappers call (a C++ program crashed in a throw). And
+  /// `__ctype_init`, which every new thread runs before its own function: the agent's helper
+  /// thread (whose guard is held from its function on) showed up as a thread of the program.
   static func leftUntraced(_ name: String) -> Bool {
     let base = name.split(separator: "@").first.map(String.init) ?? name
     return [
       "setjmp", "_setjmp", "__setjmp", "sigsetjmp", "__sigsetjmp", "getcontext", "__getcontext", "vfork", "__vfork",
-      "clone", "__clone", "clone3", "__clone3", "__clone_internal", "_Fork",
+      "clone", "__clone", "clone3", "__clone3", "__clone_internal", "_Fork", "__ctype_init",
     ].contains(base) || base.hasPrefix("_Unwind_") || base.hasPrefix("__cxa_") || base.hasPrefix("__gxx_personality")
       || base.hasPrefix("dl") || base.hasPrefix("_dl_")
   }
