@@ -10,7 +10,8 @@ import TraceryTestSupport
 /// - every thread's calls nest (each exit closes the innermost open call; what stays open at the
 ///   end is one chain, the calls the process exited inside);
 /// - every traced function's call count equals valgrind's callgrind count on the same binary
-///   (callgrind counts every call exactly, a tail call included).
+///   (callgrind counts every call exactly, a tail call included);
+/// - under `-l` (the libraries' functions relocated and traced too) the same holds but the counts.
 ///
 /// Counts are compared on single-threaded workloads: in zstd's multithreaded mode the counts of
 /// 20-35 functions (the main thread's polling loop, per-worker contexts made on demand) depend on
@@ -209,15 +210,16 @@ import TraceryTestSupport
   /// Runs `workload` untraced and recorded in fresh directories under `work`; checks that the
   /// output, status and written files are the same and that every thread's calls nest. Returns
   /// the trace, the entry counts and the times.
-  static func recordAsUntraced(_ binary: String, _ workload: Workload, in work: URL, name: String) throws -> (
-    trace: URL, counts: [String: Int], untraced: Double, traced: Double
-  ) {
+  static func recordAsUntraced(
+    _ binary: String, _ workload: Workload, in work: URL, name: String, options: [String] = []
+  ) throws -> (trace: URL, counts: [String: Int], untraced: Double, traced: Double) {
     let trace = work.appendingPathComponent("\(name)-trace")
     func run(traced: Bool) throws -> (result: TestSupport.ProcessResult, outputs: [Data], seconds: Double) {
       let directory = work.appendingPathComponent("\(name)-\(traced ? "traced" : "untraced")")
       try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
       let (arguments, outputs) = try workload(directory)
-      let command = traced ? "'\(tracery)' record -d '\(trace.path)' -- '\(binary)' " : "'\(binary)' "
+      let record = "'\(tracery)' record -d '\(trace.path)' " + options.map { "'\($0)' " }.joined()
+      let command = traced ? record + "-- '\(binary)' " : "'\(binary)' "
       let start = Date()
       let result = try shell(command + arguments.map { "'\($0)'" }.joined(separator: " "), in: directory)
       let seconds = Date().timeIntervalSince(start)
@@ -247,6 +249,12 @@ import TraceryTestSupport
       #expect(
         info.contains("threads   : 3") || info.contains("threads   : 4") || info.contains("threads   : 5"), "\(info)")
     }
+
+    // -l: the C library's functions (and libstdc++'s) traced too, relocated, under the same
+    // checks: output, status, files, nesting, a clean replay.
+    let nested = try Self.recordAsUntraced(binary, program.workload, in: work, name: "nested", options: ["-l"])
+    #expect(nested.counts["__libc_start_main"] == 1, "\(nested.counts.keys.sorted().prefix(20))")
+    #expect(nested.counts.count > run.counts.count + 30, "\(nested.counts.count) against \(run.counts.count)")
 
     // Symbols that share an address (a constructor's C1 and C2) are one function: callgrind
     // names it by one of them, the trace by another.
