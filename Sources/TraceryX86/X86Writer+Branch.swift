@@ -100,6 +100,10 @@ extension X86Writer {
   /// `leave`.
   public mutating func putLeave() { emit(0xc9) }
 
+  /// Instructions another writer encoded, that name no label and no address (they mean the same
+  /// wherever they land): a run a caller emits often, encoded once.
+  public mutating func putEncoded(_ instructions: [UInt8]) { emit(instructions) }
+
   /// `count` bytes of NOPs, in the fewest recommended multi-byte NOP instructions.
   public mutating func putNop(count: Int) {
     var left = count
