@@ -80,7 +80,8 @@ enum Agent {
       directory: directory, match: environment.match, depth: environment.depth, bufferLimit: environment.bufferLimit)
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
-    let main = ProcessObjects.list().first?.path
+    // (Listing the loaded objects is start-up work a process that relocates nothing skips.)
+    let main = environment.relocate || environment.nestLibraryCalls ? ProcessObjects.list().first?.path : nil
     let program = environment.relocate ? main : nil
     relocatedProgram = program
     // --patch with relocation, or -l/--nest-libcall, reaches the libraries' functions too (those
