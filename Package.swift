@@ -8,6 +8,14 @@
 // - TRACERY_LONG_TESTS=1 runs the storm tests for longer.
 import PackageDescription
 
+// The modules the agent carries into every traced process: generic types' metadata reached
+// through accessor calls, not by demangling their mangled names at first use (the default: smaller
+// code, but a fresh process demangled dozens of types in the agent's start, ~0.1 ms of each
+// traced child).
+let agentModule: [SwiftSetting] = [
+  .unsafeFlags(["-Xfrontend", "-disable-concrete-type-metadata-mangled-name-accessors"])
+]
+
 let package = Package(
   name: "Tracery",
   products: [
@@ -30,16 +38,18 @@ let package = Package(
     .target(name: "CTracery"),
     // The traced function and empty C handlers of `tracery bench trigger`.
     .target(name: "CTraceryBench", dependencies: ["CTracery"]),
-    .target(name: "TraceryELF"),
-    .target(name: "TraceryX86"),
-    .target(name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims", "CTracery"]),
+    .target(name: "TraceryELF", swiftSettings: agentModule),
+    .target(name: "TraceryX86", swiftSettings: agentModule),
+    .target(
+      name: "TraceryCore", dependencies: ["TraceryELF", "TraceryX86", "CTraceryShims", "CTracery"],
+      swiftSettings: agentModule),
     // Event format, per-thread event files, the trace directory reader and its reports. Imports
     // no other Tracery module (and not Foundation: the agent links it).
     // Dynamic exclusivity checks off: the readers' per-event loops touch class state and
     // captured variables millions of times, from one thread (measured: ~7% of a replay).
     .target(
       name: "TraceryRecord", dependencies: ["CTracery"],
-      swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
+      swiftSettings: agentModule + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
     .target(name: "CTraceryAgent"),
     // ptrace for `record -p` (glibc's ptrace is variadic).
     .target(name: "CTraceryInject"),
@@ -54,6 +64,7 @@ let package = Package(
     .target(
       name: "TraceryAgent",
       dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"],
+      swiftSettings: agentModule,
       linkerSettings: [
         .unsafeFlags([
           "-static-stdlib", "-use-ld=lld", "-LSources/CTraceryAgent/link", "-Xlinker", "--allow-multiple-definition",

@@ -446,16 +446,15 @@ enum Agent {
     let pid = getpid()
     var generation = 0
     var path = ""
+    var fd: Int32 = -1
     while true {
       path = "\(configuration.directory)/process-\(pid).\(generation).info"
-      let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
-      if fd >= 0 {
-        close(fd)
-        break
-      }
+      fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
+      if fd >= 0 { break }
       guard errno == EEXIST, generation < 1000 else { return }
       generation += 1
     }
+    defer { close(fd) }
     session = "\(pid).\(generation)"
     processPath = path
     let arguments =
@@ -475,7 +474,7 @@ enum Agent {
     info.trappedFunctions = trappedFunctions
     info.untracedFunctions = untracedFunctions
     info.asyncFunctions = leftOutAsync
-    Files.write(info.text, to: path)
+    Files.write(Array(info.text.utf8), toDescriptor: fd)
   }
 
   static func resolvedExecutable() -> String {

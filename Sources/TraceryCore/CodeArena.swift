@@ -194,9 +194,13 @@ public final class CodeArena: Sendable {
     let fd: Int32
     do { fd = try System.memfd(name: "tracery-code", size: size) } catch { throw .system(error) }
     defer { System.close(fd) }
-    // Other threads may map memory between reading the map and mapping: retry a few times.
-    for _ in 0..<8 {
-      guard let hint = placement(near: near, size: UInt64(size)) else { break }
+    // Other threads may map memory between reading the map and mapping: retry a few times, the
+    // first time with the last map read (`MemoryMap.recent`), then with fresh ones.
+    for attempt in 0..<8 {
+      guard let hint = placement(near: near, size: UInt64(size), in: attempt == 0 ? .recent() : .current()) else {
+        if attempt == 0 { continue }
+        break
+      }
       let code: UInt64
       do {
         code = try System.mmap(
@@ -219,14 +223,14 @@ public final class CodeArena: Sendable {
 
   /// A page-aligned address for `size` bytes in the unmapped gap nearest to `near`, every byte
   /// within reach of it.
-  static func placement(near: UInt64, size: UInt64) -> UInt64? {
+  static func placement(near: UInt64, size: UInt64, in map: MemoryMap = .current()) -> UInt64? {
     let page = System.pageSize
     let low = near > reach ? System.pageEnd(near - reach) : page * 16
     let high = System.pageStart(min(near &+ reach, 0x7fff_ffff_f000) - size)
     guard high > low else { return nil }
     var best: UInt64?
     var bestDistance = UInt64.max
-    for gap in MemoryMap.current().gaps(atLeast: size, within: low..<(high + size)) {
+    for gap in map.gaps(atLeast: size, within: low..<(high + size)) {
       // Closest point of the gap to `near`, kept one page away from its neighbours.
       let first = System.pageEnd(gap.lowerBound) + page
       let last = System.pageStart(gap.upperBound - size) - page

@@ -17,7 +17,14 @@ public enum ProcessObjects {
   /// the program; as it was given to `dlopen`, so `./plugin.so` is relative (to the directory then
   /// current, which it normally still is); the vDSO's has no slash and no file (returned as is).
   public static func path(ofLoaded name: String) -> String {
-    if name.isEmpty { return System.resolvedPath("/proc/thread-self/exe") }
+    if name.isEmpty {
+      // (A deleted program's link reads "PATH (deleted)": realpath then fails and the link
+      // itself, which still opens the file, is the path.)
+      return System.linkTarget("/proc/thread-self/exe").flatMap {
+        $0.hasPrefix("/") && !$0.hasSuffix(" (deleted)") ? $0 : nil
+      }
+        ?? System.resolvedPath("/proc/thread-self/exe")
+    }
     return name.hasPrefix("/") || !name.contains("/") ? name : System.resolvedPath(name)
   }
 

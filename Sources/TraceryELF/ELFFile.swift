@@ -259,13 +259,32 @@ extension ELFFile {
   /// file's size): what a tracer asks of every object it loads, most of which have none. nil
   /// when the file cannot be read as ELF64.
   public static func recordsPatchSites(path: String) -> Bool? {
-    sectionNames(path: path).map { $0.contains("__patchable_function_entries") || $0.contains("__mcount_loc") }
+    // Compared as bytes in place: every traced process asks this of every object it loads, and
+    // a set of strings per object was ~0.1 ms of a small program's start.
+    let wanted: [[UInt8]] = [Array("__patchable_function_entries".utf8), Array("__mcount_loc".utf8)]
+    var found = false
+    let readable = forEachSectionName(path: path) { name in
+      found = wanted.contains { name.elementsEqual($0) }
+      return !found
+    }
+    return readable ? found : nil
   }
 
   /// The names of the file's sections, from its headers only; nil when they cannot be read.
   public static func sectionNames(path: String) -> Set<String>? {
+    var result = Set<String>()
+    let readable = forEachSectionName(path: path) { name in
+      result.insert(String(decoding: name, as: UTF8.self))
+      return true
+    }
+    return readable ? result : nil
+  }
+
+  /// Calls `body` with each section's name (its bytes, without the terminating zero) read from
+  /// the file's headers only, until it returns false; false when the headers cannot be read.
+  private static func forEachSectionName(path: String, _ body: (UnsafeBufferPointer<UInt8>) -> Bool) -> Bool {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
+    guard fd >= 0 else { return false }
     defer { close(fd) }
     func read(_ offset: UInt64, _ count: Int) -> [UInt8]? {
       guard count >= 0, count <= 1 << 26, offset <= UInt64(Int.max) else { return nil }
@@ -277,29 +296,33 @@ extension ELFFile {
     func u32(_ bytes: [UInt8], _ at: Int) -> UInt64 { (0..<4).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * $1) } }
     func u64(_ bytes: [UInt8], _ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * $1) } }
     guard let header = read(0, 64), header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1 else {
-      return nil
+      return false
     }
     let tableOffset = u64(header, 40)
     let entrySize = u16(header, 58)
     var count = u16(header, 60)
     var namesIndex = u16(header, 62)
-    guard tableOffset != 0, entrySize == 64 else { return tableOffset == 0 ? [] : nil }
+    guard tableOffset != 0, entrySize == 64 else { return tableOffset == 0 }
     if count == 0 || namesIndex == 0xffff {
-      guard let first = read(tableOffset, 64) else { return nil }
+      guard let first = read(tableOffset, 64) else { return false }
       if count == 0 { count = Int(clamping: u64(first, 32)) }
       if namesIndex == 0xffff { namesIndex = Int(u32(first, 40)) }
     }
-    guard count > 0, count <= 1 << 20, namesIndex < count, let table = read(tableOffset, count * 64) else { return nil }
+    guard count > 0, count <= 1 << 20, namesIndex < count, let table = read(tableOffset, count * 64) else {
+      return false
+    }
     let namesOffset = u64(table, namesIndex * 64 + 24)
     let namesSize = u64(table, namesIndex * 64 + 32)
-    guard namesSize <= 1 << 24, let names = read(namesOffset, Int(namesSize)) else { return nil }
-    var result = Set<String>()
-    for index in 0..<count {
-      let start = Int(u32(table, index * 64))
-      guard start < names.count else { continue }
-      let end = names[start...].firstIndex(of: 0) ?? names.count
-      result.insert(String(decoding: names[start..<end], as: UTF8.self))
+    guard namesSize <= 1 << 24, let names = read(namesOffset, Int(namesSize)) else { return false }
+    return names.withUnsafeBufferPointer { all in
+      for index in 0..<count {
+        let start = Int(u32(table, index * 64))
+        guard start < all.count else { continue }
+        var end = start
+        while end < all.count && all[end] != 0 { end += 1 }
+        guard body(UnsafeBufferPointer(rebasing: all[start..<end])) else { break }
+      }
+      return true
     }
-    return result
   }
 }

@@ -51,7 +51,9 @@ extension Tracer {
     // No site calls a graph image now, unless one that could not be put back does.
     retireGraphImages([], state: &state)
     restorePaddingNops(state: &state, callerStack: callerStack)
-    if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
+    if state.reclaimer.isDue(now: System.monotonicNanoseconds()) {
+      _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack)
+    }
     var report = TransactionReport()
     report.append(
       TransactionReport.Batch(names: leaving.map(\.name), addresses: leaving.map(\.function), outcomes: outcomes))

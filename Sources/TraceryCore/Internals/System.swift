@@ -60,22 +60,40 @@ enum System {
 
   static func close(_ fd: Int32) { _ = Glibc.close(fd) }
 
+  /// The monotonic clock, in nanoseconds. (Not `ContinuousClock`: it lives in Swift's
+  /// concurrency library, which would bring that runtime and libdispatch into the agent, and
+  /// their constructors into every traced process's start, ~0.1 ms.)
+  static func monotonicNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+  }
+
   /// The whole content of a (small, procfs) file, or nil.
   static func readFile(_ path: String) -> [UInt8]? {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { _ = Glibc.close(fd) }
-    // procfs files report size 0: read into a growing buffer.
-    var result = [UInt8](repeating: 0, count: 32768)
-    var used = 0
-    while true {
-      if used == result.count { result.append(contentsOf: repeatElement(0, count: result.count)) }
-      let got = result.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
-      if got < 0 && errno == EINTR { continue }
-      if got <= 0 { break }
-      used += got
+    // procfs files report size 0: read into a growing buffer, never zeroed (a zeroed 32 KiB
+    // buffer was a page fault per 4 KiB for a map a page long, three times per traced process).
+    var result: [UInt8] = []
+    var capacity = 32768
+    var ended = false
+    while !ended {
+      result = [UInt8](unsafeUninitializedCapacity: capacity) { buffer, initialized in
+        initialized = buffer.initialize(from: result).1
+        while initialized < capacity {
+          let got = read(fd, buffer.baseAddress! + initialized, capacity - initialized)
+          if got < 0 && errno == EINTR { continue }
+          if got <= 0 {
+            ended = true
+            break
+          }
+          initialized += got
+        }
+      }
+      capacity *= 2
     }
-    result.removeSubrange(used...)
     return result
   }
 
@@ -92,6 +110,15 @@ enum System {
       return line.dropFirst(prefix.count).trimmingCharacters(in: " \t")
     }
     return nil
+  }
+
+  /// Where the symbolic link at `path` points (one readlink, as the kernel's own links under
+  /// /proc hold an absolute, resolved path: `realpath` would walk and readlink each component).
+  static func linkTarget(_ path: String) -> String? {
+    var buffer = [CChar](repeating: 0, count: 4097)
+    let count = readlink(path, &buffer, 4096)
+    guard count > 0 else { return nil }
+    return String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
   }
 
   static func resolvedPath(_ path: String) -> String {

@@ -108,14 +108,16 @@ struct Reclaimer {
   /// to `maximumInterval`), so that commits stay prompt in a process whose running threads block
   /// the snapshot signal.
   static let retiredThreshold = 64
-  static let interval: Duration = .milliseconds(200)
-  static let maximumInterval: Duration = .seconds(10)
-  private var lastPass = ContinuousClock.now
-  private var backoff: Duration = Reclaimer.interval
+  /// Nanoseconds (`System.monotonicNanoseconds`).
+  static let interval: UInt64 = 200_000_000
+  static let maximumInterval: UInt64 = 10_000_000_000
+  private var lastPass = System.monotonicNanoseconds()
+  private var backoff = Reclaimer.interval
 
-  func isDue(now: ContinuousClock.Instant) -> Bool {
+  /// `now`: `System.monotonicNanoseconds()`.
+  func isDue(now: UInt64) -> Bool {
     guard !retired.isEmpty else { return false }
-    if now - lastPass >= backoff { return true }
+    if now >= lastPass && now - lastPass >= backoff { return true }
     // Many retired images: try at once, unless the last pass failed (then wait out the backoff).
     return retired.count >= Self.retiredThreshold && backoff == Self.interval
   }
@@ -126,7 +128,7 @@ struct Reclaimer {
   /// locals, which hold image addresses, are not mistaken for references.
   mutating func reclaim(arena: CodeArena, callerStack: UInt64) -> Int {
     guard !retired.isEmpty else { return 0 }
-    lastPass = ContinuousClock.now
+    lastPass = System.monotonicNanoseconds()
     var ranges: [Range<UInt64>] = []
     var owners: [Int] = []
     ranges.reserveCapacity(retired.count)

@@ -19,13 +19,11 @@ public enum TimeStampCounter {
     if let text = getenv(environmentKey).map({ String(cString: $0) }), let rate = Double(text), rate > 0 {
       return rate
     }
-    let clock = ContinuousClock()
-    let start = clock.now
+    let start = System.monotonicNanoseconds()
     let startTicks = ctracery_rdtsc()
-    while clock.now - start < .milliseconds(10) {}
+    while System.monotonicNanoseconds() - start < 10_000_000 {}
     let ticks = Double(ctracery_rdtsc() - startTicks)
-    let elapsed = clock.now - start
-    let nanoseconds = Double(elapsed.components.seconds) * 1e9 + Double(elapsed.components.attoseconds) / 1e9
+    let nanoseconds = Double(System.monotonicNanoseconds() - start)
     return max(ticks / nanoseconds, 1e-3)
   }()
 }

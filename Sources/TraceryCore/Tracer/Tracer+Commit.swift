@@ -456,7 +456,9 @@ extension Tracer {
         state.reclaimer.retire(image)
       }
     }
-    if state.reclaimer.isDue(now: .now) { _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack) }
+    if state.reclaimer.isDue(now: System.monotonicNanoseconds()) {
+      _ = state.reclaimer.reclaim(arena: arena, callerStack: callerStack)
+    }
   }
 
   /// Old graph images are retired once no site calls them (`replaced`: a site that failed to
