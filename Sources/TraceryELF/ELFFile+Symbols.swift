@@ -12,7 +12,9 @@ extension ELFFile {
     public let sectionIndex: UInt16
 
     /// A function defined in this object (not an import).
-    public var isDefinedFunction: Bool {
+    public var isDefinedFunction: Bool { Self.isDefinedFunction(type: type, sectionIndex: sectionIndex, value: value) }
+
+    static func isDefinedFunction(type: UInt8, sectionIndex: UInt16, value: UInt64) -> Bool {
       (type == ELFConstants.STT_FUNC || type == ELFConstants.STT_GNU_IFUNC) && sectionIndex != ELFConstants.SHN_UNDEF
         && value != 0
     }
@@ -20,6 +22,14 @@ extension ELFFile {
 
   /// The symbols of the symbol table section `section` (`SHT_SYMTAB` or `SHT_DYNSYM`).
   public func symbols(in section: Section) throws(ELFError) -> [Symbol] {
+    try symbols(in: section) { _, _, _ in true }
+  }
+
+  /// The symbols of `section` whose type, section index and value `wanted` accepts (decided
+  /// before their names are read: a program's symbol table is mostly other symbols).
+  func symbols(
+    in section: Section, where wanted: (_ type: UInt8, _ sectionIndex: UInt16, _ value: UInt64) -> Bool
+  ) throws(ELFError) -> [Symbol] {
     guard section.size > 0 else { return [] }
     guard section.entrySize == 24 else {
       throw .badEntrySize(table: section.name, size: Int(clamping: section.entrySize), expected: 24)
@@ -35,8 +45,17 @@ extension ELFFile {
     result.reserveCapacity(count)
     for index in 0..<count {
       let base = Int(section.offset) + index * 24
-      let nameOffset = Int(bytes.u32(base))
       let info = bytes.u8(base + 4)
+      let value = bytes.u64(base + 8)
+      let sectionIndex = bytes.u16(base + 6)
+      let nameOffset = Int(bytes.u32(base))
+      guard wanted(info & 0xf, sectionIndex, value) else {
+        // Not read, but a name outside its table is still the corruption it is.
+        guard strings.start + nameOffset < strings.end else {
+          throw .badStringOffset(table: "string table of \(section.name)", offset: UInt64(nameOffset))
+        }
+        continue
+      }
       var name = ""
       if nameOffset != 0 {
         guard
@@ -46,8 +65,8 @@ extension ELFFile {
       }
       result.append(
         Symbol(
-          name: name, value: bytes.u64(base + 8), size: bytes.u64(base + 16), type: info & 0xf, binding: info >> 4,
-          sectionIndex: bytes.u16(base + 6)))
+          name: name, value: value, size: bytes.u64(base + 16), type: info & 0xf, binding: info >> 4,
+          sectionIndex: sectionIndex))
     }
     return result
   }
@@ -58,7 +77,9 @@ extension ELFFile {
     var table = sections.first { $0.type == ELFConstants.SHT_SYMTAB && $0.size > 0 }
     if table == nil { table = sections.first { $0.type == ELFConstants.SHT_DYNSYM } }
     guard let table else { return [] }
-    var functions = try symbols(in: table).filter { $0.isDefinedFunction && !$0.name.isEmpty }
+    var functions = try symbols(in: table) { type, sectionIndex, value in
+      Symbol.isDefinedFunction(type: type, sectionIndex: sectionIndex, value: value)
+    }.filter { !$0.name.isEmpty }
     functions.sort { ($0.value, $0.name) < ($1.value, $1.name) }
     var unique: [Symbol] = []
     unique.reserveCapacity(functions.count)

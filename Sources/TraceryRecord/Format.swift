@@ -425,16 +425,25 @@ public struct TracedProcess: Sendable, Equatable {
 /// Percent-escaping for one-line text fields (space, newline, percent and control characters).
 public enum TextField {
   public static func escape(_ value: String) -> String {
+    guard value.utf8.contains(where: needsEscape) else { return value }
     var bytes: [UInt8] = []
+    appendEscaped(value, to: &bytes)
+    return String(decoding: bytes, as: UTF8.self)
+  }
+
+  /// `escape(value)`'s bytes, appended to `bytes` (the agent writes thousands of names so).
+  public static func appendEscaped(_ value: String, to bytes: inout [UInt8]) {
+    let digits = Array("0123456789ABCDEF".utf8)
     for byte in value.utf8 {
-      if byte <= 0x20 || byte == UInt8(ascii: "%") || byte == 0x7f {
-        bytes += Array(("%" + String(byte, radix: 16, uppercase: true).leftPadded(to: 2)).utf8)
+      if needsEscape(byte) {
+        bytes += [UInt8(ascii: "%"), digits[Int(byte >> 4)], digits[Int(byte & 15)]]
       } else {
         bytes.append(byte)
       }
     }
-    return String(decoding: bytes, as: UTF8.self)
   }
+
+  private static func needsEscape(_ byte: UInt8) -> Bool { byte <= 0x20 || byte == UInt8(ascii: "%") || byte == 0x7f }
 
   public static func unescape(_ value: String) -> String {
     var bytes: [UInt8] = []

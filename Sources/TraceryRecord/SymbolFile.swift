@@ -42,13 +42,25 @@ public struct SymbolFile: Sendable, Equatable {
   }
 
   public var text: String {
-    var lines = [
-      "tracery-symbols 1", "path \(TextField.escape(path))", "build-id \(buildID ?? "-")",
-      "identity " + (identity.map { "\($0.device) \($0.inode) \($0.size) \($0.modified)" } ?? "-"),
-    ]
-    lines.reserveCapacity(sites.count + 4)
-    for (site, name) in sites { lines.append(String(site, radix: 16) + " " + TextField.escape(name)) }
-    return lines.joined(separator: "\n") + "\n"
+    let header =
+      "tracery-symbols 1\npath \(TextField.escape(path))\nbuild-id \(buildID ?? "-")\nidentity "
+      + (identity.map { "\($0.device) \($0.inode) \($0.size) \($0.modified)" } ?? "-") + "\n"
+    // Bytes, not a string per line: every traced process that is first to load an object writes
+    // one line per function (~0.2 µs a line as strings joined, ~0.4 ms of a 2,200-function start).
+    var bytes = Array(header.utf8)
+    bytes.reserveCapacity(bytes.count + sites.count * 32)
+    let digits = Array("0123456789abcdef".utf8)
+    for (site, name) in sites {
+      var shift = max(0, (63 - site.leadingZeroBitCount) / 4 * 4)
+      while shift >= 0 {
+        bytes.append(digits[Int((site >> UInt64(shift)) & 15)])
+        shift -= 4
+      }
+      bytes.append(UInt8(ascii: " "))
+      TextField.appendEscaped(name, to: &bytes)
+      bytes.append(UInt8(ascii: "\n"))
+    }
+    return String(decoding: bytes, as: UTF8.self)
   }
 
   public init(text: String) throws(TraceError) {
