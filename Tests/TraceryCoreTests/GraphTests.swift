@@ -413,6 +413,34 @@ extension PatchingTests {
       }
     }
 
+    /// A first attach in a tracer that traces nothing (`attachFreshGraphUser`): the stubs of
+    /// neighbouring sites are slices of one block, in site order; a second user then moves every
+    /// site through the general commit (new stubs), and the slices are released one by one.
+    @Test func aFreshAttachSharesOneStubBlockAndLeavesTheGeneralState() throws {
+      let sites = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner].sorted()
+      let before = sites.map { TextPatcher.read($0) }
+      let first = try tracer.attachGraph(
+        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit), to: .addresses(sites))
+      // (Stub addresses stay out of this frame: the reclaimer's stack scan would see them.)
+      func stubs() -> [UInt64] {
+        tracer.state.withLock { state in sites.compactMap { state.functions[$0]?.graphStub?.block.address } }
+      }
+      let contiguous =
+        stubs().count == 3
+        && zip(stubs(), stubs().dropFirst()).allSatisfy { $1 == $0 + UInt64(GraphEmitter.stubSize) }
+      #expect(contiguous)
+      let firstStubs = AddressBox(stubs())
+      let second = try GraphFixture.attachRecording(tracer, to: .addresses(sites), cookie: 7)
+      #expect(stubs().count == 3 && firstStubs.isDisjoint(with: stubs()))
+      tracery_graph_events_reset()
+      let result = tracery_graph_outer(3)
+      #expect(GraphFixture.events.count == 6, "\(GraphFixture.events.count) events for \(result)")
+      first.detach()
+      second.detach()
+      #expect(sites.map { TextPatcher.read($0) } == before)
+      #expect(tracer.state.withLock { $0.functions.isEmpty })
+    }
+
     @Test func recursionTenThousandDeep() throws {
       let link = try tracer.attachGraph(
         .handlers(entry: nil, exit: nil), to: .address(GraphFixture.recurse))

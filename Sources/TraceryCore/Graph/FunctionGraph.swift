@@ -415,7 +415,7 @@ extension Tracer {
 
   /// The graph image for `mask` and `model` that a stub at `stub` reaches, made when there is
   /// none. `preservesAll`: for functions without a compiler's patch site (`GraphEmitter`).
-  private func graphImage(
+  func graphImage(
     mask: UInt16, model: FunctionModel, preservesAll: Bool, near stub: UInt64, state: inout State
   ) throws -> GraphImage {
     let end = stub + UInt64(GraphEmitter.stubSize)

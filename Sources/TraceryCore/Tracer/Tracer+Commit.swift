@@ -80,6 +80,11 @@ extension Tracer {
       {
         return report
       }
+      if operations.count == 1, case .graphAttach(let index, let targets, let model) = operations[0],
+        let report = attachFreshGraphUser(index, targets, model: model, state: &state, callerStack: callerStack)
+      {
+        return report
+      }
       var plan = CommitPlan()
       self.plan(operations, into: &plan, state: &state, callerStack: callerStack)
       buildImages(&plan, state: &state)

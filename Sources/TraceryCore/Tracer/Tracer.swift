@@ -335,10 +335,15 @@ public final class Tracer: Sendable {
   /// How many traced functions have a site of each shape.
   public var siteShapes: [PatchSite.Shape: Int] {
     state.withLock { state in
-      // (Through the index, in place: copying 50,000 functions' states took milliseconds.)
-      var counts: [PatchSite.Shape: Int] = [:]
-      for index in state.functions.indices { counts[state.functions.values[index].patch.shape, default: 0] += 1 }
-      return counts
+      // (Through the index, in place: copying 50,000 functions' states took milliseconds; and
+      // counted by raw value: a dictionary update per function took ~5 ms of them.)
+      var counts = [Int](repeating: 0, count: 256)
+      for index in state.functions.indices { counts[Int(state.functions.values[index].patch.shape.rawValue)] += 1 }
+      var shapes: [PatchSite.Shape: Int] = [:]
+      for (raw, count) in counts.enumerated() where count > 0 {
+        if let shape = PatchSite.Shape(rawValue: UInt8(raw)) { shapes[shape] = count }
+      }
+      return shapes
     }
   }
 
