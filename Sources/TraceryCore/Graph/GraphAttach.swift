@@ -37,8 +37,6 @@ extension Tracer {
       start = end
       let block = try? arena.allocate(
         near: first, size: run.count * GraphEmitter.stubSize, alignment: GraphEmitter.stubSize)
-      var bytes: [UInt8] = []
-      bytes.reserveCapacity(run.count * GraphEmitter.stubSize)
       var unused: [CodeArena.Block] = []
       for (slot, index) in run.enumerated() {
         let target = targets[index]
@@ -55,26 +53,29 @@ extension Tracer {
             address: block.address + UInt64(slot * GraphEmitter.stubSize), size: GraphEmitter.stubSize,
             alias: block.alias + UInt64(slot * GraphEmitter.stubSize))
         }
-        // Its stub in the run's block, calling the graph image for its mask and model.
-        var code: [UInt8]?
+        // Its stub in the run's block (written in place through the block's writable alias: no
+        // thread can run it before its site is patched), calling the graph image for its mask
+        // and model.
         if let stub,
           let image = try? graphImage(
             mask: function.graphMask, model: function.model, preservesAll: false, near: stub.address, state: &state),
-          let made = GraphEmitter.stub(
-            at: stub.address, site: target.site, body: function.patch.resume, entry: image.entry,
-            returnHandler: image.returnHandler)
+          GraphEmitter.writeStub(
+            into: UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!, at: stub.address, site: target.site,
+            body: function.patch.resume, entry: image.entry, returnHandler: image.returnHandler)
         {
-          let stubImage = CodeImage(block: stub, length: made.count)
+          let stubImage = CodeImage(block: stub, length: GraphEmitter.stubSize)
           stubImage.leadsTo = [image.entry]
           function.graphStub = stubImage
           function.graphImage = image.entry
-          code = made
         }
-        guard let code, let request = patchRequest(from: function.original, for: function) else {
+        guard function.graphStub != nil, let request = patchRequest(from: function.original, for: function) else {
           // No block, or out of its reach: a stub of its own, as the general path makes. (The
-          // slot is released once the block is written: the new stub may not land in it.)
-          if let stub { unused.append(stub) }
-          bytes += [UInt8](repeating: 0xcc, count: GraphEmitter.stubSize)
+          // slot is released after the run: the new stub may not land in it.)
+          if let stub {
+            UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!.initializeMemory(
+              as: UInt8.self, repeating: 0xcc, count: GraphEmitter.stubSize)
+            unused.append(stub)
+          }
           do {
             (function.graphStub, function.graphImage) = try graphStub(for: function, body: nil, state: &state)
             guard let request = patchRequest(from: function.original, for: function) else {
@@ -88,12 +89,10 @@ extension Tracer {
           }
           continue
         }
-        bytes += code + [UInt8](repeating: 0xcc, count: GraphEmitter.stubSize - code.count)
         requests.append(request)
         sites.append(target.site)
         state.functions[target.site] = function
       }
-      block?.write(bytes)
       arena.release(contentsOf: unused)
     }
     let outcomes = patcher.apply(requests)

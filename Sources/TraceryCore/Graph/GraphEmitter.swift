@@ -170,6 +170,20 @@ struct GraphEmitter {
   /// `base`; it calls `body` (`PatchSite.resume`, or the function's per-function trampoline, which then
   /// runs its handlers around the body). nil when a target is out of rel32 reach.
   static func stub(at base: UInt64, site: UInt64, body: UInt64, entry: UInt64, returnHandler: UInt64) -> [UInt8]? {
+    var bytes = [UInt8](repeating: 0, count: stubSize)
+    let written = bytes.withUnsafeMutableBytes { buffer in
+      writeStub(
+        into: buffer.baseAddress!, at: base, site: site, body: body, entry: entry, returnHandler: returnHandler)
+    }
+    return written ? bytes : nil
+  }
+
+  /// `stub(at:...)`'s `stubSize` bytes, stored at `destination` (a first attach writes its runs of
+  /// stubs so, into one buffer); false, with nothing stored, when a target is out of reach.
+  static func writeStub(
+    into destination: UnsafeMutableRawPointer, at base: UInt64, site: UInt64, body: UInt64, entry: UInt64,
+    returnHandler: UInt64
+  ) -> Bool {
     // Written byte by byte, not through X86Writer: one stub per traced function, and the
     // writer's labels and buffers were half of a 2,200-function attach's stub time.
     //     +0  call entry        +5  jne +10 (to +17)   +7  call body
@@ -179,21 +193,19 @@ struct GraphEmitter {
     }
     guard let toEntry = relative(entry, from: 5), let toBody = relative(body, from: 12),
       let toReturn = relative(returnHandler, from: 17), let toBodyUntraced = relative(body, from: 22)
-    else { return nil }
-    var bytes: [UInt8] = []
-    bytes.reserveCapacity(stubSize)
-    func put(_ opcode: UInt8, _ displacement: Int32) {
-      bytes.append(opcode)
-      withUnsafeBytes(of: displacement.littleEndian) { bytes += $0 }
+    else { return false }
+    func put(_ opcode: UInt8, _ displacement: Int32, at offset: Int) {
+      destination.storeBytes(of: opcode, toByteOffset: offset, as: UInt8.self)
+      destination.storeBytes(of: displacement.littleEndian, toByteOffset: offset + 1, as: Int32.self)
     }
-    put(0xe8, toEntry)
-    bytes += [0x75, 0x0a]
-    put(0xe8, toBody)
-    put(0xe9, toReturn)
-    put(0xe9, toBodyUntraced)
-    bytes += [0xcc, 0xcc]
-    withUnsafeBytes(of: site.littleEndian) { bytes += $0 }
-    return bytes
+    put(0xe8, toEntry, at: 0)
+    destination.storeBytes(of: 0x0a75, toByteOffset: 5, as: UInt16.self)  // jne +10
+    put(0xe8, toBody, at: 7)
+    put(0xe9, toReturn, at: 12)
+    put(0xe9, toBodyUntraced, at: 17)
+    destination.storeBytes(of: 0xcccc, toByteOffset: 22, as: UInt16.self)
+    destination.storeBytes(of: site.littleEndian, toByteOffset: 24, as: UInt64.self)
+    return true
   }
 
   func field(_ field: ThreadField) -> Memory { .fs(threadOffset + field.rawValue) }
