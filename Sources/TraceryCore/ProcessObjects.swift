@@ -59,9 +59,12 @@ public enum ProcessObjects {
     var unreadable: [(path: String, error: ELFError)] = []
     for entry in list() where include(entry) {
       do {
-        let file = try ELFFile(path: entry.path)
+        // Their code is in memory: files are read without it, but for the objects whose entry
+        // points are found in their code (`EntryPoints` decodes it).
+        let findsEntryPoints = unnamed(entry)
+        let file = try findsEntryPoints ? ELFFile(path: entry.path) : ELFFile(pathWithoutCode: entry.path)
         let functions =
-          unnamed(entry) ? EntryPoints.of(file: file, path: entry.path, bias: entry.bias).unnamedFunctions : []
+          findsEntryPoints ? EntryPoints.of(file: file, path: entry.path, bias: entry.bias).unnamedFunctions : []
         inputs.append(SymbolTable.Input(path: entry.path, bias: entry.bias, file: file, unnamed: functions))
       } catch {
         unreadable.append((entry.path, error))

@@ -53,6 +53,19 @@ public struct ELFFile: Sendable {
     try self.init(bytes: try Self.readFile(path))
   }
 
+  /// The file at `path` without its code: sections of executable code read as `SHT_NOBITS`
+  /// (no file bytes) and segments without file bytes, everything else as in `init(path:)`. For
+  /// what a tracer reads of every loaded object (symbols, patch sites, relocations, notes, call
+  /// frames), whose code is in memory: a 2,200-function program's file was ~0.3 ms of page
+  /// faults and copying per traced process, 60% of it code. Small files are read whole.
+  public init(pathWithoutCode path: String) throws(ELFError) {
+    if let compact = Self.readFileWithoutCode(path) {
+      try self.init(bytes: compact)
+    } else {
+      try self.init(bytes: try Self.readFile(path))
+    }
+  }
+
   /// Validates `bytes` as an ELF64 little-endian x86-64 object.
   public init(bytes raw: [UInt8]) throws(ELFError) {
     let bytes = ELFBytes(storage: raw)
@@ -108,6 +121,72 @@ public struct ELFFile: Sendable {
   public func bytes(atAddress address: UInt64, count: Int) -> [UInt8]? {
     guard count >= 0, let offset = fileOffset(ofAddress: address, count: UInt64(count)) else { return nil }
     return Array(bytes.storage[offset..<offset + count])
+  }
+
+  /// A compact image of the file at `path` (see `init(pathWithoutCode:)`): its header, program
+  /// headers with no file bytes, the file bytes of every section but code, then the section
+  /// headers with their new offsets. nil when the file is small, or unusual enough that the
+  /// whole file should be read (and judged) instead.
+  static func readFileWithoutCode(_ path: String) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var status = stat()
+    guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG, status.st_size >= 1 << 18 else { return nil }
+    let size = UInt64(status.st_size)
+    func read(_ offset: UInt64, _ count: UInt64, into image: inout [UInt8]) -> Bool {
+      guard count <= size, offset <= size - count else { return false }
+      let start = image.count
+      image += repeatElement(0, count: Int(count))
+      let got = image.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + start, Int(count), off_t(offset)) }
+      return got == Int(count)
+    }
+    var header: [UInt8] = []
+    guard read(0, 64, into: &header), header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1 else {
+      return nil
+    }
+    let bytes = ELFBytes(storage: header)
+    let (programOffset, programCount) = (bytes.u64(32), UInt64(bytes.u16(56)))
+    let (sectionOffset, sectionCount) = (bytes.u64(40), UInt64(bytes.u16(60)))
+    guard bytes.u16(54) == 56, bytes.u16(58) == 64, sectionOffset != 0, sectionCount > 0, bytes.u16(62) < 0xff00
+    else { return nil }
+    var table: [UInt8] = []
+    guard read(sectionOffset, sectionCount * 64, into: &table) else { return nil }
+    var image = header
+    // Program headers: types and addresses kept, no file bytes.
+    let newProgramOffset = UInt64(image.count)
+    guard programCount == 0 || read(programOffset, programCount * 56, into: &image) else { return nil }
+    for index in 0..<Int(programCount) {
+      let base = Int(newProgramOffset) + index * 56
+      image.replaceSubrange((base + 8)..<(base + 16), with: repeatElement(0, count: 8))  // p_offset
+      image.replaceSubrange((base + 32)..<(base + 40), with: repeatElement(0, count: 8))  // p_filesz
+    }
+    var skipped: UInt64 = 0
+    for index in 0..<Int(sectionCount) {
+      let base = index * 64
+      let entry = ELFBytes(storage: Array(table[base..<(base + 64)]))
+      let (type, flags, offset, length) = (entry.u32(4), entry.u64(8), entry.u64(24), entry.u64(32))
+      guard type != ELFConstants.SHT_NOBITS, type != ELFConstants.SHT_NULL else { continue }
+      var newOffset: UInt64 = 0
+      if flags & ELFConstants.SHF_EXECINSTR != 0 {
+        skipped += length
+        withUnsafeBytes(of: ELFConstants.SHT_NOBITS.littleEndian) {
+          table.replaceSubrange((base + 4)..<(base + 8), with: $0)
+        }
+      } else {
+        image += repeatElement(0, count: (8 - image.count % 8) % 8)
+        newOffset = UInt64(image.count)
+        guard read(offset, length, into: &image) else { return nil }
+      }
+      withUnsafeBytes(of: newOffset.littleEndian) { table.replaceSubrange((base + 24)..<(base + 32), with: $0) }
+    }
+    guard skipped >= 1 << 16 else { return nil }
+    image += repeatElement(0, count: (8 - image.count % 8) % 8)
+    let newSectionOffset = UInt64(image.count)
+    image += table
+    withUnsafeBytes(of: newProgramOffset.littleEndian) { image.replaceSubrange(32..<40, with: $0) }
+    withUnsafeBytes(of: newSectionOffset.littleEndian) { image.replaceSubrange(40..<48, with: $0) }
+    return image
   }
 
   static func readFile(_ path: String) throws(ELFError) -> [UInt8] {

@@ -116,6 +116,31 @@ import TraceryTestSupport
 extension ELFFileTests {
   /// What the agent asks of every loaded object before reading it whole: its section names, from
   /// the headers alone, agree with the full reader's.
+  /// Read without its code (`init(pathWithoutCode:)`), an object gives the same symbols, patch
+  /// sites, build id and section table; its code sections have no file bytes, nor do its
+  /// segments. The C library (dynamic symbols only), and this test's own executable (a symbol
+  /// table, patch sites of the C fixtures and relocations for them in a PIE).
+  @Test(arguments: ["/lib/x86_64-linux-gnu/libc.so.6", "/proc/self/exe"])
+  func anObjectReadWithoutItsCode(path: String) throws {
+    let resolved = path == "/proc/self/exe" ? try FileManager.default.destinationOfSymbolicLink(atPath: path) : path
+    let full = try ELFFile(path: resolved)
+    let compact = try ELFFile(pathWithoutCode: resolved)
+    let code = full.sections.filter { $0.flags & ELFConstants.SHF_EXECINSTR != 0 }.reduce(0) { $0 + Int($1.size) }
+    #expect(code > 1 << 16)
+    #expect(try #require(ELFFile.readFileWithoutCode(resolved)).count <= full.bytes.count - code + (1 << 16))
+    #expect(try compact.functionSymbols() == full.functionSymbols())
+    #expect(try compact.patchSiteRecords() == full.patchSiteRecords())
+    #expect(compact.buildID() != nil && compact.buildID() == full.buildID())
+    #expect(compact.sections.map(\.name) == full.sections.map(\.name))
+    let text = try #require(compact.section(named: ".text"))
+    #expect(!text.hasFileBytes && compact.contents(of: text).isEmpty)
+    #expect(compact.bytes(atAddress: text.address, count: 16) == nil)
+    #expect(full.bytes(atAddress: text.address, count: 16) != nil)
+    if path == "/proc/self/exe" { #expect(try !compact.patchSiteRecords().isEmpty) }
+    // A small file is read whole.
+    #expect(ELFFile.readFileWithoutCode(try ELFFixtures.clangDemo()) == nil)
+  }
+
   @Test func sectionNamesFromTheHeadersAlone() throws {
     let demo = try ELFFixtures.clangDemo()
     let names = try #require(ELFFile.sectionNames(path: demo))
