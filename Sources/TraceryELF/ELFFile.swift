@@ -134,59 +134,75 @@ public struct ELFFile: Sendable {
     var status = stat()
     guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG, status.st_size >= 1 << 18 else { return nil }
     let size = UInt64(status.st_size)
-    func read(_ offset: UInt64, _ count: UInt64, into image: inout [UInt8]) -> Bool {
+    func read(_ offset: UInt64, _ count: UInt64, into destination: UnsafeMutableRawPointer) -> Bool {
       guard count <= size, offset <= size - count else { return false }
-      let start = image.count
-      image += repeatElement(0, count: Int(count))
-      let got = image.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + start, Int(count), off_t(offset)) }
-      return got == Int(count)
+      return pread(fd, destination, Int(count), off_t(offset)) == Int(count)
     }
-    var header: [UInt8] = []
-    guard read(0, 64, into: &header), header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1 else {
-      return nil
-    }
+    var header = [UInt8](repeating: 0, count: 64)
+    guard header.withUnsafeMutableBytes({ read(0, 64, into: $0.baseAddress!) }),
+      header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1
+    else { return nil }
     let bytes = ELFBytes(storage: header)
-    let (programOffset, programCount) = (bytes.u64(32), UInt64(bytes.u16(56)))
-    let (sectionOffset, sectionCount) = (bytes.u64(40), UInt64(bytes.u16(60)))
+    let (programOffset, programCount) = (bytes.u64(32), Int(bytes.u16(56)))
+    let (sectionOffset, sectionCount) = (bytes.u64(40), Int(bytes.u16(60)))
     guard bytes.u16(54) == 56, bytes.u16(58) == 64, sectionOffset != 0, sectionCount > 0, bytes.u16(62) < 0xff00
     else { return nil }
-    var table: [UInt8] = []
-    guard read(sectionOffset, sectionCount * 64, into: &table) else { return nil }
-    var image = header
-    // Program headers: types and addresses kept, no file bytes.
-    let newProgramOffset = UInt64(image.count)
-    guard programCount == 0 || read(programOffset, programCount * 56, into: &image) else { return nil }
-    for index in 0..<Int(programCount) {
-      let base = Int(newProgramOffset) + index * 56
-      image.replaceSubrange((base + 8)..<(base + 16), with: repeatElement(0, count: 8))  // p_offset
-      image.replaceSubrange((base + 32)..<(base + 40), with: repeatElement(0, count: 8))  // p_filesz
+    var table = [UInt8](repeating: 0, count: sectionCount * 64)
+    guard table.withUnsafeMutableBytes({ read(sectionOffset, UInt64(sectionCount * 64), into: $0.baseAddress!) }) else {
+      return nil
     }
+    // The layout: header, program headers, each kept section 8-aligned, the section table.
+    func aligned(_ position: Int) -> Int { (position + 7) & ~7 }
+    let programAt = 64
+    var position = programAt + programCount * 56
+    var copies: [(from: UInt64, count: UInt64, to: Int)] = []
     var skipped: UInt64 = 0
-    for index in 0..<Int(sectionCount) {
-      let base = index * 64
-      let entry = ELFBytes(storage: Array(table[base..<(base + 64)]))
-      let (type, flags, offset, length) = (entry.u32(4), entry.u64(8), entry.u64(24), entry.u64(32))
-      guard type != ELFConstants.SHT_NOBITS, type != ELFConstants.SHT_NULL else { continue }
-      var newOffset: UInt64 = 0
-      if flags & ELFConstants.SHF_EXECINSTR != 0 {
-        skipped += length
-        withUnsafeBytes(of: ELFConstants.SHT_NOBITS.littleEndian) {
-          table.replaceSubrange((base + 4)..<(base + 8), with: $0)
+    let done: Bool = table.withUnsafeMutableBytes { entries in
+      for index in 0..<sectionCount {
+        let base = index * 64
+        let type = entries.load(fromByteOffset: base + 4, as: UInt32.self)
+        let flags = entries.loadUnaligned(fromByteOffset: base + 8, as: UInt64.self)
+        let (offset, length) = (
+          entries.loadUnaligned(fromByteOffset: base + 24, as: UInt64.self),
+          entries.loadUnaligned(fromByteOffset: base + 32, as: UInt64.self)
+        )
+        guard type != ELFConstants.SHT_NOBITS, type != ELFConstants.SHT_NULL else { continue }
+        if flags & ELFConstants.SHF_EXECINSTR != 0 {
+          // Code: no file bytes (SHT_NOBITS, offset 0).
+          skipped += length
+          entries.storeBytes(of: ELFConstants.SHT_NOBITS, toByteOffset: base + 4, as: UInt32.self)
+          entries.storeBytes(of: UInt64(0), toByteOffset: base + 24, as: UInt64.self)
+        } else {
+          guard length <= size, offset <= size - length else { return false }
+          position = aligned(position)
+          copies.append((offset, length, position))
+          entries.storeBytes(of: UInt64(position), toByteOffset: base + 24, as: UInt64.self)
+          position += Int(length)
         }
-      } else {
-        image += repeatElement(0, count: (8 - image.count % 8) % 8)
-        newOffset = UInt64(image.count)
-        guard read(offset, length, into: &image) else { return nil }
       }
-      withUnsafeBytes(of: newOffset.littleEndian) { table.replaceSubrange((base + 24)..<(base + 32), with: $0) }
+      return true
     }
-    guard skipped >= 1 << 16 else { return nil }
-    image += repeatElement(0, count: (8 - image.count % 8) % 8)
-    let newSectionOffset = UInt64(image.count)
-    image += table
-    withUnsafeBytes(of: newProgramOffset.littleEndian) { image.replaceSubrange(32..<40, with: $0) }
-    withUnsafeBytes(of: newSectionOffset.littleEndian) { image.replaceSubrange(40..<48, with: $0) }
-    return image
+    guard done, skipped >= 1 << 16 else { return nil }
+    let tableAt = aligned(position)
+    var image = [UInt8](repeating: 0, count: tableAt + table.count)
+    let filled = image.withUnsafeMutableBytes { image -> Bool in
+      let base = image.baseAddress!
+      header.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: 64) }
+      base.storeBytes(of: UInt64(programAt), toByteOffset: 32, as: UInt64.self)
+      base.storeBytes(of: UInt64(tableAt), toByteOffset: 40, as: UInt64.self)
+      guard programCount == 0 || read(programOffset, UInt64(programCount * 56), into: base + programAt) else {
+        return false
+      }
+      // Program headers: types and addresses kept, no file bytes (p_offset, p_filesz 0).
+      for index in 0..<programCount {
+        base.storeBytes(of: UInt64(0), toByteOffset: programAt + index * 56 + 8, as: UInt64.self)
+        base.storeBytes(of: UInt64(0), toByteOffset: programAt + index * 56 + 32, as: UInt64.self)
+      }
+      for copy in copies where !read(copy.from, copy.count, into: base + copy.to) { return false }
+      table.withUnsafeBytes { (base + tableAt).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+      return true
+    }
+    return filled ? image : nil
   }
 
   static func readFile(_ path: String) throws(ELFError) -> [UInt8] {

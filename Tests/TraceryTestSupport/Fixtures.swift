@@ -19,6 +19,22 @@ public enum ELFFixtures {
     return output
   }
 
+  /// A shared library of 8,000 functions with patch sites and a build id (~300 KiB of code):
+  /// large enough to be read without its code (`ELFFile(pathWithoutCode:)`).
+  public static func manyFunctionsLibrary() throws -> String {
+    let output = directory.appendingPathComponent("libmany.so").path
+    if !FileManager.default.fileExists(atPath: output) {
+      let source = directory.appendingPathComponent("many-\(UUID().uuidString).c").path
+      try TestSupport.writeGeneratedFunctions(count: 8000, prefix: "many_", to: source)
+      let temporary = output + ".\(UUID().uuidString)"
+      try TestSupport.compile(
+        compiler: "clang", sources: [source],
+        flags: ["-O2", "-fPIC", "-shared", "-fpatchable-function-entry=5", "-Wl,--build-id"], output: temporary)
+      guard rename(temporary, output) == 0 else { throw TestSupport.CompileError(description: "rename \(temporary)") }
+    }
+    return output
+  }
+
   public static func clangDemo() throws -> String {
     try demo("demo-clang", compiler: "clang", flags: ["-O1", "-fpatchable-function-entry=5"])
   }
