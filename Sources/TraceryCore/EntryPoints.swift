@@ -31,8 +31,14 @@ public struct EntryPoints: Sendable {
     let frames = file.frameDescriptions()
     ranges += frames.descriptions.map { ($0.start, $0.size) }
     ranges.sort { $0.start < $1.start }
+    // Only addresses inside the functions' span can start one: the many that point into data
+    // (most RIP-relative operands, most relocated words) are not kept (sorting them was a
+    // quarter of this sweep for bash).
+    let low = ranges.first?.start ?? 0
+    let high = ranges.reduce(low) { max($0, $1.start &+ $1.size) }
+    let span = low..<max(low, high)
     var targets: [UInt64] = []
-    var starts: [UInt64] = file.relativeAddends() + [file.entry]
+    var starts: [UInt64] = (file.relativeAddends() + [file.entry]).filter(span.contains)
     var unswept = 0
     var previous: UInt64?
     for range in ranges where range.size > 0 && range.start != previous {
@@ -49,12 +55,13 @@ public struct EntryPoints: Sendable {
           case .jump(let target), .branch(let target): targets.append(target)
           case .call(let target):
             targets.append(target)
-            starts.append(target)
+            if span.contains(target) { starts.append(target) }
           case .next, .end, .indirect: break
           }
           if let at = instruction.ripDisplacementOffset, offset + at + 4 <= raw.count {
             let displacement = Int32(bitPattern: raw.loadUnaligned(fromByteOffset: offset + at, as: UInt32.self))
-            starts.append(range.start &+ UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(displacement)))
+            let address = range.start &+ UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(displacement))
+            if span.contains(address) { starts.append(address) }
           }
           offset += instruction.length
         }

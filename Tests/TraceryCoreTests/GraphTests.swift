@@ -414,13 +414,16 @@ extension PatchingTests {
     }
 
     /// A first attach in a tracer that traces nothing (`attachFreshGraphUser`): the stubs of
-    /// neighbouring sites are slices of one block, in site order; a second user then moves every
-    /// site through the general commit (new stubs), and the slices are released one by one.
+    /// neighbouring sites are slices of one block, in site order, one per site however often it
+    /// is named; a second user then moves every site through the general commit (new stubs),
+    /// and the slices are released one by one.
     @Test func aFreshAttachSharesOneStubBlockAndLeavesTheGeneralState() throws {
       let sites = [GraphFixture.outer, GraphFixture.middle, GraphFixture.inner].sorted()
       let before = sites.map { TextPatcher.read($0) }
+      // (Each site named twice, as aliases do: one state per site.)
       let first = try tracer.attachGraph(
-        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit), to: .addresses(sites))
+        .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit), to: .addresses(sites + sites))
+      #expect(tracer.state.withLock { $0.functions.count } == 3)
       // (Stub addresses stay out of this frame: the reclaimer's stack scan would see them.)
       func stubs() -> [UInt64] {
         tracer.state.withLock { state in sites.compactMap { state.functions[$0]?.graphStub?.block.address } }

@@ -5,16 +5,25 @@ extension Tracer {
   /// which copy each function's state several times through tables as large as the attach (for
   /// 50,000 functions, ~70 ms of a traced process's start). The state it leaves is the one the
   /// general path would: a `TracedFunction` per site with its own stub (a slice of the run's
-  /// block, released or retired on its own). nil when the general path is needed: the tracer
-  /// traces something already, or a target is not at a NOP site (relocated and trap sites make
-  /// copies and pads first).
+  /// block, released or retired on its own; a function without a NOP site gets the copy of its
+  /// first instructions, and a trap site its pad, as in the general path). nil when the general
+  /// path is needed: the tracer traces something already.
   func attachFreshGraphUser(
     _ user: Int, _ targets: [Target], model: FunctionModel?, state: inout State, callerStack: UInt64
   ) -> TransactionReport? {
     guard state.functions.isEmpty, state.graphImages.isEmpty, state.multi.bulk.isEmpty,
-      state.graphUsers[user] != nil, targets.allSatisfy({ $0.patch.shape == .nop })
+      state.graphUsers[user] != nil
     else { return nil }
-    let order = targets.indices.sorted { targets[$0].site < targets[$1].site }
+    // Prologues moved out of line while other threads run (`record -p`, gcc's sleds) take the
+    // general path: through this one, relocations were abandoned more often (a thread seen
+    // holding an address inside the first bytes), cause not found yet.
+    if targets.contains(where: { $0.patch.shape != .nop }), Reclaimer.threadIDs().count > 1 { return nil }
+    // In site order, each site once (aliases name one function: the general path's plan keeps
+    // one state per site too).
+    var order = targets.indices.sorted { targets[$0].site < targets[$1].site }
+    order = order.indices.compactMap {
+      $0 > 0 && targets[order[$0]].site == targets[order[$0 - 1]].site ? nil : order[$0]
+    }
     // Each function's state goes into the table as it is made (no other copy: 50,000 copies
     // and their releases were a fifth of this attach); those whose site could not be patched
     // leave it again.
@@ -43,22 +52,38 @@ extension Tracer {
         var function = TracedFunction(
           patch: target.patch, name: target.name, original: SiteBytes(reading: target.site), model: model ?? .unknown)
         function.graphMask = 1 << user
-        // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
-        if ZeroedPadding.claim(before: target.site) {
-          function.paddingOwned = true
-          state.multi.pendingNops.remove(target.site - 8)
-        }
         let stub = block.map { block in
           CodeArena.Block(
             address: block.address + UInt64(slot * GraphEmitter.stubSize), size: GraphEmitter.stubSize,
             alias: block.alias + UInt64(slot * GraphEmitter.stubSize))
+        }
+        if target.patch.shape != .nop {
+          // Its first instructions out of line (and a trap site's pad), as `plan` makes them.
+          guard let (patch, copy) = try? relocatedCopy(of: target.patch) else {
+            let error = AttachError.codeMemory("no room for the copy of its first instructions near it")
+            failures.append(.init(function: target.name, address: target.function, outcome: .failed("\(error)")))
+            if let stub {
+              UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!.initializeMemory(
+                as: UInt8.self, repeating: 0xcc, count: GraphEmitter.stubSize)
+              unused.append(stub)
+            }
+            continue
+          }
+          function.patch = patch
+          function.relocatedCopy = copy
+        }
+        // Padding zeroed after an earlier use (by any tracer) is ours again (`ZeroedPadding`).
+        if ZeroedPadding.claim(before: target.site) {
+          function.paddingOwned = true
+          state.multi.pendingNops.remove(target.site - 8)
         }
         // Its stub in the run's block (written in place through the block's writable alias: no
         // thread can run it before its site is patched), calling the graph image for its mask
         // and model.
         if let stub,
           let image = try? graphImage(
-            mask: function.graphMask, model: function.model, preservesAll: false, near: stub.address, state: &state),
+            mask: function.graphMask, model: function.model, preservesAll: function.patch.shape != .nop,
+            near: stub.address, state: &state),
           GraphEmitter.writeStub(
             into: UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!, at: stub.address, site: target.site,
             body: function.patch.resume, entry: image.entry, returnHandler: image.returnHandler)
@@ -86,6 +111,7 @@ extension Tracer {
             state.functions[target.site] = function
           } catch {
             failures.append(.init(function: function.name, address: function.function, outcome: .failed("\(error)")))
+            if let copy = function.relocatedCopy { arena.release(copy.block) }
           }
           continue
         }
@@ -108,12 +134,12 @@ extension Tracer {
       addresses.append(state.functions.values[index].function)
       guard case .patched = outcome else {
         let function = state.functions.remove(at: index).value
-        guard let stub = function.graphStub else { continue }
+        let built = [function.graphStub, function.relocatedCopy].compactMap { $0 }
         if case .failed(let reason) = outcome, reason.hasPrefix(TextPatcher.abandoned) {
           // Its int3 stood for a while: a thread that trapped then may be running this code.
-          state.reclaimer.retire(stub)
+          for image in built { state.reclaimer.retire(image) }
         } else {
-          failed.append(stub.block)
+          failed += built.map(\.block)
         }
         continue
       }

@@ -216,7 +216,13 @@ extension Tracer {
       case .detach(let id):
         remove({ $0.attachments.contains { $0.link.id == id } }) { $0.attachments.removeAll { $0.link.id == id } }
       case .graphAttach(let index, let targets, let model):
-        plan.graphUsersChanged = true
+        // A user's first functions: every image is remade (images bake in their users' slots and
+        // generations). More functions for a user that traces some already change no image
+        // (theirs get the image of their new mask): the agent adds each dlopened object's
+        // functions so, and moving every traced function each time cost a Python start ~40
+        // dlopens × its 2,200 functions.
+        let bit: UInt16 = 1 << index
+        if !state.functions.values.contains(where: { $0.graphMask & bit != 0 }) { plan.graphUsersChanged = true }
         for target in targets {
           var function = current(target)
           if let model { function.model = model }
