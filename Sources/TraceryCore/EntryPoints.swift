@@ -23,6 +23,8 @@ public struct EntryPoints: Sendable {
   let functionStarts: [UInt64]
   /// The object's call frames (FDE ranges) that no function symbol covers.
   let unnamedFrames: [(address: UInt64, size: UInt64)]
+  /// Link-time start and end of each function range whose sweep reached its end, by start.
+  let swept: [(start: UInt64, end: UInt64)]
 
   public init(file: ELFFile, bias: UInt64) {
     // Sorted by address (`functionSymbols`), read once for the sweep and for the frames they cover.
@@ -40,6 +42,7 @@ public struct EntryPoints: Sendable {
     var targets: [UInt64] = []
     var starts: [UInt64] = (file.relativeAddends() + [file.entry]).filter(span.contains)
     var unswept = 0
+    var swept: [(start: UInt64, end: UInt64)] = []
     var previous: UInt64?
     for range in ranges where range.size > 0 && range.start != previous {
       previous = range.start
@@ -67,8 +70,9 @@ public struct EntryPoints: Sendable {
         }
         return true
       }
-      if !complete { unswept += 1 }
+      if complete { swept.append((range.start, range.start &+ range.size)) } else { unswept += 1 }
     }
+    self.swept = swept
     for description in frames.descriptions {
       guard let lsda = description.lsda else { continue }
       targets += file.landingPads(lsda: lsda, functionStart: description.start) ?? []
@@ -98,6 +102,15 @@ public struct EntryPoints: Sendable {
       let index = functionStarts.firstIndex(notBelow: frame.address) { $0 }
       return index < functionStarts.count && functionStarts[index] == frame.address
     }
+  }
+
+  /// Whether the sweep went through the whole function of `size` bytes at `entry` (runtime):
+  /// then every direct branch of it is in `targets`, and `first(in:)` answers for its own code
+  /// too (a second sweep of each function was a fifth of a relocating start).
+  func sweptWhole(_ entry: UInt64, size: Int) -> Bool {
+    let start = entry &- bias
+    let index = swept.firstIndex(notBelow: start) { $0.start }
+    return index < swept.count && swept[index].start == start && swept[index].end >= start &+ UInt64(size)
   }
 
   /// The first target in `range` (runtime addresses), if any.

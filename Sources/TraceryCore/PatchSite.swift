@@ -124,7 +124,15 @@ public struct PatchSite: Sendable, Hashable {
     // Only the branch's 5 bytes are overwritten: what must not be entered is their interior (a
     // moved instruction past them stays as it was, and a branch to it still finds it).
     let overwritten = UInt64(SiteBytes.length)
-    switch X86Relocator.branchesIntoMovedRange(of: code, at: entry, length: skip + SiteBytes.length) {
+    // Its own branches are among its object's entry points when their sweep read it whole: its
+    // code is swept again only to say whose branch it is (a second sweep of every function was
+    // a fifth of a relocating start).
+    let entered = entryPoints?.first(in: (address + 1)..<(address + overwritten))
+    let ownBranches =
+      entryPoints?.sweptWhole(entry, size: code.count) == true && entered == nil
+      ? []
+      : X86Relocator.branchesIntoMovedRange(of: code, at: entry, length: skip + SiteBytes.length)
+    switch ownBranches {
     case nil:
       throw PatchSiteError(
         reason: "its code cannot be read through to look for branches into its start", category: .unswept)
@@ -135,7 +143,7 @@ public struct PatchSite: Sendable, Hashable {
     default: break
     }
     // Code elsewhere in the object (a .cold part, another function) or an exception landing pad.
-    if let entryPoints, let target = entryPoints.first(in: (address + 1)..<(address + overwritten)) {
+    if let target = entered {
       throw PatchSiteError(
         reason: "its object's code (a branch, or a landing pad) enters the branch's 5 bytes at +\(target - entry)",
         category: .enteredFromElsewhere)
