@@ -89,6 +89,7 @@ enum Agent {
     // objects).
     relocatesLibraries = (program != nil && configuration.match != nil) || environment.nestLibraryCalls
     mainProgram = main
+    if environment.relocate || environment.nestLibraryCalls { keepEntryPoints(in: directory) }
     EventFile.helperThreadStarts = { _ = ctracery_swap_guard(1) }
     // Resolving the chosen sites below reads the same table.
     loadTracerSymbols()
@@ -259,6 +260,26 @@ enum Agent {
       if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
     }
     return keys
+  }
+
+  /// Keeps each object's entry points (the sweep of its code that relocation needs) beside the
+  /// trace's symbol files, by file identity (device, inode, size, modification time): a later
+  /// process of the same program reads them instead of decoding all its code again. Written
+  /// under a private name and renamed, like the symbol files; a file that does not read back
+  /// whole is swept again (`EntryPoints(encoded:bias:)`).
+  static func keepEntryPoints(in directory: String) {
+    @Sendable func file(_ path: String) -> String? {
+      SymbolFile.key(buildID: nil, identity: FileIdentity(path: path)).map { "\(directory)/symbols/\($0).entries" }
+    }
+    EntryPoints.persistence = (
+      load: { path in file(path).flatMap { Files.read($0) } },
+      store: { path, bytes in
+        guard let file = file(path), access(file, F_OK) != 0 else { return }
+        mkdir(directory + "/symbols", TraceFormat.directoryMode)
+        let temporary = "\(file).\(getpid())"
+        if Files.write(bytes, to: temporary) { rename(temporary, file) } else { unlink(temporary) }
+      }
+    )
   }
 
   /// Names the library-call stubs (`NAME@plt`) in a symbol file of their own, listed in the

@@ -123,10 +123,27 @@ public struct EntryPoints: Sendable {
   /// Entry points of loaded objects, built once per object (path and bias) on first use.
   static let cache = Mutex<[String: EntryPoints]>([:])
 
+  /// Where entry points outlive the process, by object path (nil: nowhere). The agent keeps
+  /// them beside a trace's symbol files, so that every later process of the same program skips
+  /// the sweep (decoding all of bash's code took ~8 ms of each traced bash's start). `load`
+  /// returns what `store` was given for the same file, or nil.
+  nonisolated(unsafe) public static var persistence:
+    (load: @Sendable (String) -> [UInt8]?, store: @Sendable (String, [UInt8]) -> Void)?
+
   static func of(path: String, bias: UInt64) -> EntryPoints? {
     if let known = cache.withLock({ $0["\(bias) \(path)"] }) { return known }
+    if let persisted = persisted(path: path, bias: bias) { return persisted }
     guard let file = try? ELFFile(path: path) else { return nil }
     return of(file: file, path: path, bias: bias)
+  }
+
+  /// The entry points `persistence` kept for the object at `path` (now cached here too), or nil.
+  static func persisted(path: String, bias: UInt64) -> EntryPoints? {
+    let key = "\(bias) \(path)"
+    if let known = cache.withLock({ $0[key] }) { return known }
+    guard let bytes = persistence?.load(path), let points = EntryPoints(encoded: bytes, bias: bias) else { return nil }
+    cache.withLock { $0[key] = points }
+    return points
   }
 
   /// `of(path:bias:)` with the object's file already read.
@@ -135,6 +152,59 @@ public struct EntryPoints: Sendable {
     if let known = cache.withLock({ $0[key] }) { return known }
     let points = EntryPoints(file: file, bias: bias)
     cache.withLock { $0[key] = points }
+    persistence?.store(path, points.encoded)
     return points
+  }
+
+  // MARK: - Kept in a file
+
+  /// "TRENTRY1", five counts (targets, function starts, unnamed frames, swept ranges, unswept),
+  /// then the arrays' words, little-endian: link-time addresses, so any bias reads them.
+  var encoded: [UInt8] {
+    var words: [UInt64] = [Self.magic, UInt64(targets.count), UInt64(functionStarts.count)]
+    words += [UInt64(unnamedFrames.count), UInt64(swept.count), UInt64(unswept)]
+    words += targets + functionStarts
+    for frame in unnamedFrames { words += [frame.address, frame.size] }
+    for range in swept { words += [range.start, range.end] }
+    return words.withUnsafeBytes { Array($0) }
+  }
+
+  static let magic: UInt64 = 0x3159_5254_4e45_5254  // "TRENTRY1"
+
+  /// Entry points from `encoded`'s bytes; nil when they are not whole (a corrupt or foreign
+  /// file is swept again, never trusted).
+  init?(encoded bytes: [UInt8], bias: UInt64) {
+    guard bytes.count >= 48, bytes.count % 8 == 0 else { return nil }
+    let words = bytes.withUnsafeBytes { raw in
+      (0..<(raw.count / 8)).map { raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self) }
+    }
+    guard words[0] == Self.magic else { return nil }
+    let counts = words[1...5].map { Int(clamping: $0) }
+    let (targetCount, startCount, frameCount, sweptCount) = (counts[0], counts[1], counts[2], counts[3])
+    guard targetCount < 1 << 28, startCount < 1 << 28, frameCount < 1 << 28, sweptCount < 1 << 28,
+      words.count == 6 + targetCount + startCount + 2 * frameCount + 2 * sweptCount
+    else { return nil }
+    var at = 6
+    func take(_ count: Int) -> ArraySlice<UInt64> {
+      defer { at += count }
+      return words[at..<(at + count)]
+    }
+    let targets = Array(take(targetCount))
+    let starts = Array(take(startCount))
+    let frames = take(2 * frameCount)
+    let swept = take(2 * sweptCount)
+    // Sorted, as the searches need them.
+    guard zip(targets, targets.dropFirst()).allSatisfy({ $0 < $1 }),
+      zip(starts, starts.dropFirst()).allSatisfy({ $0 <= $1 })
+    else { return nil }
+    self.targets = targets
+    self.functionStarts = starts
+    self.unnamedFrames = stride(from: frames.startIndex, to: frames.endIndex, by: 2).map {
+      (frames[$0], frames[$0 + 1])
+    }
+    self.swept = stride(from: swept.startIndex, to: swept.endIndex, by: 2).map { (swept[$0], swept[$0 + 1]) }
+    guard zip(self.swept, self.swept.dropFirst()).allSatisfy({ $0.start <= $1.start }) else { return nil }
+    self.unswept = counts[4]
+    self.bias = bias
   }
 }

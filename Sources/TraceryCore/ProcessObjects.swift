@@ -60,11 +60,14 @@ public enum ProcessObjects {
     for entry in list() where include(entry) {
       do {
         // Their code is in memory: files are read without it, but for the objects whose entry
-        // points are found in their code (`EntryPoints` decodes it).
-        let findsEntryPoints = unnamed(entry)
+        // points are found in their code (`EntryPoints` decodes it), unless a process before
+        // this one found them already (`EntryPoints.persistence`).
+        let known = unnamed(entry) ? EntryPoints.persisted(path: entry.path, bias: entry.bias) : nil
+        let findsEntryPoints = unnamed(entry) && known == nil
         let file = try findsEntryPoints ? ELFFile(path: entry.path) : ELFFile(pathWithoutCode: entry.path)
         let functions =
-          findsEntryPoints ? EntryPoints.of(file: file, path: entry.path, bias: entry.bias).unnamedFunctions : []
+          unnamed(entry)
+          ? (known ?? EntryPoints.of(file: file, path: entry.path, bias: entry.bias)).unnamedFunctions : []
         inputs.append(SymbolTable.Input(path: entry.path, bias: entry.bias, file: file, unnamed: functions))
       } catch {
         unreadable.append((entry.path, error))

@@ -168,6 +168,38 @@ import TraceryTestSupport
     #expect(tailCalled < counts.count / 2)
   }
 
+  /// A stripped program started twice in one trace (by a shell, itself stripped): its code is
+  /// swept for entry points once, by the first process, and kept beside the symbol files
+  /// (`symbols/*.entries`, one per program); the second process reads them and traces the same
+  /// functions in the same way.
+  @Test func aProgramStartedTwiceSweepsItsCodeOnce() throws {
+    let gzip = "/usr/bin/gzip"
+    try #require(FileManager.default.isExecutableFile(atPath: gzip))
+    let directory = try TestSupport.temporaryDirectory("record-twice")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let input = directory.appendingPathComponent("input.txt")
+    try CorpusTests.text(bytes: 50_000, seed: 7).write(to: input)
+    let trace = directory.appendingPathComponent("trace")
+    let command = "\(gzip) -c -n \(input.path) | wc -c; \(gzip) -c -n \(input.path) | wc -c"
+    let traced = try RecordCommandTests.record(trace, ["/bin/sh", "-c", command], options: ["--relocate"])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    let sizes = traced.stdout.split(separator: "\n")
+    #expect(sizes.count == 2 && sizes[0] == sizes[1], "\(traced.stdout)")
+    let kept = try FileManager.default.contentsOfDirectory(atPath: trace.appendingPathComponent("symbols").path)
+      .filter { $0.hasSuffix(".entries") }
+    // sh, gzip and wc: one file each, whatever the number of processes.
+    #expect(kept.count == 3, "\(kept)")
+    let processes = try FileManager.default.contentsOfDirectory(atPath: trace.path).filter { $0.hasPrefix("process-") }
+    let gzips = try processes.map { try String(contentsOfFile: trace.appendingPathComponent($0).path, encoding: .utf8) }
+      .filter { $0.contains("executable \(gzip)\n") }
+    #expect(gzips.count == 2)
+    func shapes(_ text: String) -> [Substring] {
+      text.split(separator: "\n").filter { $0.hasPrefix("traced-functions") || $0.hasPrefix("relocated-functions") }
+    }
+    #expect(
+      gzips.count == 2 && shapes(gzips[0]) == shapes(gzips[1]) && !shapes(gzips[0]).isEmpty, "\(gzips.map(shapes))")
+  }
+
   /// `--patch GLOB` with relocation reaches the libraries' functions too: the C library's
   /// `qsort` (and `qsort_r`, which it calls) are recorded around the program's comparison
   /// function, called as often as the program counts; so are a plugin's, `dlopen`ed later (and

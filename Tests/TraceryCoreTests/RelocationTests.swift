@@ -304,4 +304,24 @@ extension RelocationTests {
     #expect(
       result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "modes=7 wrong= uncounted= untraced=true")
   }
+
+  /// Entry points read back from their kept form (`EntryPoints.encoded`) answer as the sweep's
+  /// own; damaged bytes are refused (the object is swept again).
+  @Test func keptEntryPointsReadBackAsSwept() throws {
+    let libc = try ELFFile(path: "/lib/x86_64-linux-gnu/libc.so.6")
+    let swept = EntryPoints(file: libc, bias: 0x7000_0000_0000)
+    let bytes = swept.encoded
+    let read = try #require(EntryPoints(encoded: bytes, bias: 0x7000_0000_0000))
+    #expect(read.targets == swept.targets && read.functionStarts == swept.functionStarts)
+    #expect(read.unswept == swept.unswept && read.swept.count == swept.swept.count && !read.swept.isEmpty)
+    #expect(read.unnamedFunctions.map(\.address) == swept.unnamedFunctions.map(\.address))
+    for range in swept.swept.prefix(50) {
+      let entry = range.start + 0x7000_0000_0000
+      #expect(read.sweptWhole(entry, size: Int(range.end - range.start)))
+      #expect(read.first(in: entry..<(entry + 64)) == swept.first(in: entry..<(entry + 64)))
+    }
+    #expect(EntryPoints(encoded: Array(bytes.dropLast(8)), bias: 0) == nil)
+    #expect(EntryPoints(encoded: [0xff] + bytes.dropFirst(), bias: 0) == nil)
+    #expect(EntryPoints(encoded: [], bias: 0) == nil)
+  }
 }
