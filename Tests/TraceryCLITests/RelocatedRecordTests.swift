@@ -132,12 +132,8 @@ import TraceryTestSupport
   /// tail call: an entry Tracery records, which callgrind, knowing no functions of a stripped
   /// program, counts as a jump inside the caller; objdump lists those jumps).
   @Test func aStrippedDistributionProgramIsRecorded() throws {
-    let gzip = "/usr/bin/gzip"
-    try #require(FileManager.default.isExecutableFile(atPath: gzip))
-    let directory = try TestSupport.temporaryDirectory("record-stripped")
+    let (gzip, directory, input) = try Self.distributionGzip("record-stripped", bytes: 300_000, seed: 5)
     defer { try? FileManager.default.removeItem(at: directory) }
-    let input = directory.appendingPathComponent("input.txt")
-    try CorpusTests.text(bytes: 300_000, seed: 5).write(to: input)
     let untraced = try TestSupport.run(gzip, ["-9", "-c", "-n", input.path])
     let trace = directory.appendingPathComponent("trace")
     let traced = try RecordCommandTests.record(trace, [gzip, "-9", "-c", "-n", input.path], options: ["--relocate"])
@@ -168,17 +164,24 @@ import TraceryTestSupport
     #expect(tailCalled < counts.count / 2)
   }
 
+  /// Debian's gzip as it ships (stripped, no patch sites), a new directory and a text to
+  /// compress in it.
+  static func distributionGzip(_ name: String, bytes: Int, seed: UInt64) throws -> (String, URL, URL) {
+    let gzip = "/usr/bin/gzip"
+    try #require(FileManager.default.isExecutableFile(atPath: gzip))
+    let directory = try TestSupport.temporaryDirectory(name)
+    let input = directory.appendingPathComponent("input.txt")
+    try CorpusTests.text(bytes: bytes, seed: seed).write(to: input)
+    return (gzip, directory, input)
+  }
+
   /// A stripped program started twice in one trace (by a shell, itself stripped): its code is
   /// swept for entry points once, by the first process, and kept beside the symbol files
   /// (`symbols/*.entries`, one per program); the second process reads them and traces the same
   /// functions in the same way.
   @Test func aProgramStartedTwiceSweepsItsCodeOnce() throws {
-    let gzip = "/usr/bin/gzip"
-    try #require(FileManager.default.isExecutableFile(atPath: gzip))
-    let directory = try TestSupport.temporaryDirectory("record-twice")
+    let (gzip, directory, input) = try Self.distributionGzip("record-twice", bytes: 50_000, seed: 7)
     defer { try? FileManager.default.removeItem(at: directory) }
-    let input = directory.appendingPathComponent("input.txt")
-    try CorpusTests.text(bytes: 50_000, seed: 7).write(to: input)
     let trace = directory.appendingPathComponent("trace")
     let command = "\(gzip) -c -n \(input.path) | wc -c; \(gzip) -c -n \(input.path) | wc -c"
     let traced = try RecordCommandTests.record(trace, ["/bin/sh", "-c", command], options: ["--relocate"])
