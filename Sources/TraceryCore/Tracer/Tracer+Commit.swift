@@ -219,8 +219,7 @@ extension Tracer {
         // A user's first functions: every image is remade (images bake in their users' slots and
         // generations). More functions for a user that traces some already change no image
         // (theirs get the image of their new mask): the agent adds each dlopened object's
-        // functions so, and moving every traced function each time cost a Python start ~40
-        // dlopens × its 2,200 functions.
+        // functions so, and each add moved every function traced before to a new stub.
         let bit: UInt16 = 1 << index
         if !state.functions.values.contains(where: { $0.graphMask & bit != 0 }) { plan.graphUsersChanged = true }
         for target in targets {
