@@ -256,8 +256,7 @@ enum Agent {
       let path = "\(folder)/\(key).sym"
       guard access(path, F_OK) != 0 else { continue }
       let file = SymbolFile(path: object.path, buildID: buildID, identity: identity, sites: sites[index])
-      let temporary = "\(path).\(getpid())"
-      if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
+      Files.writeReplacing(Array(file.text.utf8), at: path)
     }
     return keys
   }
@@ -276,8 +275,7 @@ enum Agent {
       store: { path, bytes in
         guard let file = file(path), access(file, F_OK) != 0 else { return }
         mkdir(directory + "/symbols", TraceFormat.directoryMode)
-        let temporary = "\(file).\(getpid())"
-        if Files.write(bytes, to: temporary) { rename(temporary, file) } else { unlink(temporary) }
+        Files.writeReplacing(bytes, at: file)
       }
     )
   }
@@ -291,9 +289,7 @@ enum Agent {
     mkdir(folder, TraceFormat.directoryMode)
     let file = SymbolFile(
       path: "[library calls]", buildID: nil, identity: nil, sites: stubs.map { ($0.site, $0.name + "@plt") })
-    let path = "\(folder)/\(key).sym"
-    let temporary = "\(path).\(getpid())"
-    if Files.write(file.text, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
+    Files.writeReplacing(Array(file.text.utf8), at: "\(folder)/\(key).sym")
     objects.append(TracedProcess.Object(path: "[library calls]", bias: 0, buildID: nil, symbols: key))
   }
 

@@ -131,8 +131,8 @@ public struct EntryPoints: Sendable {
     (load: @Sendable (String) -> [UInt8]?, store: @Sendable (String, [UInt8]) -> Void)?
 
   static func of(path: String, bias: UInt64) -> EntryPoints? {
-    if let known = cache.withLock({ $0["\(bias) \(path)"] }) { return known }
-    if let persisted = persisted(path: path, bias: bias) { return persisted }
+    // (`persisted` answers from the cache first.)
+    if let known = persisted(path: path, bias: bias) { return known }
     guard let file = try? ELFFile(path: path) else { return nil }
     return of(file: file, path: path, bias: bias)
   }

@@ -199,6 +199,13 @@ public enum Files {
     return write(bytes, toDescriptor: fd)
   }
 
+  /// Writes `bytes` to `path` under a private name (PATH.PID) and renames it there, so that a
+  /// reader (another process of the trace) never sees half a file; nothing is left on failure.
+  public static func writeReplacing(_ bytes: [UInt8], at path: String) {
+    let temporary = "\(path).\(getpid())"
+    if write(bytes, to: temporary) { rename(temporary, path) } else { unlink(temporary) }
+  }
+
   /// Writes `bytes` in full at `fd`'s offset.
   ///
   /// (A file the caller has just created is best written through the descriptor that created

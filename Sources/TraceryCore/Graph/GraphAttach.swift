@@ -47,6 +47,13 @@ extension Tracer {
       let block = try? arena.allocate(
         near: first, size: run.count * GraphEmitter.stubSize, alignment: GraphEmitter.stubSize)
       var unused: [CodeArena.Block] = []
+      // A slot no stub is written to: int3s, released with the others after the run.
+      func giveBack(_ stub: CodeArena.Block?) {
+        guard let stub else { return }
+        UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!.initializeMemory(
+          as: UInt8.self, repeating: 0xcc, count: GraphEmitter.stubSize)
+        unused.append(stub)
+      }
       for (slot, index) in run.enumerated() {
         let target = targets[index]
         var function = TracedFunction(
@@ -62,11 +69,7 @@ extension Tracer {
           guard let (patch, copy) = try? relocatedCopy(of: target.patch) else {
             let error = AttachError.codeMemory("no room for the copy of its first instructions near it")
             failures.append(.init(function: target.name, address: target.function, outcome: .failed("\(error)")))
-            if let stub {
-              UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!.initializeMemory(
-                as: UInt8.self, repeating: 0xcc, count: GraphEmitter.stubSize)
-              unused.append(stub)
-            }
+            giveBack(stub)
             continue
           }
           function.patch = patch
@@ -96,11 +99,7 @@ extension Tracer {
         guard function.graphStub != nil, let request = patchRequest(from: function.original, for: function) else {
           // No block, or out of its reach: a stub of its own, as the general path makes. (The
           // slot is released after the run: the new stub may not land in it.)
-          if let stub {
-            UnsafeMutableRawPointer(bitPattern: UInt(stub.alias))!.initializeMemory(
-              as: UInt8.self, repeating: 0xcc, count: GraphEmitter.stubSize)
-            unused.append(stub)
-          }
+          giveBack(stub)
           do {
             (function.graphStub, function.graphImage) = try graphStub(for: function, body: nil, state: &state)
             guard let request = patchRequest(from: function.original, for: function) else {

@@ -178,8 +178,8 @@ struct GraphEmitter {
     return written ? bytes : nil
   }
 
-  /// `stub(at:...)`'s `stubSize` bytes, stored at `destination` (a first attach writes its runs of
-  /// stubs so, into one buffer); false, with nothing stored, when a target is out of reach.
+  /// `stub(at:...)`'s `stubSize` bytes, stored at `destination` (a first attach writes its stubs
+  /// so, in place in their block); false, with nothing stored, when a target is out of reach.
   static func writeStub(
     into destination: UnsafeMutableRawPointer, at base: UInt64, site: UInt64, body: UInt64, entry: UInt64,
     returnHandler: UInt64
@@ -191,8 +191,9 @@ struct GraphEmitter {
     func relative(_ target: UInt64, from end: Int) -> Int32? {
       Int32(exactly: Int64(bitPattern: target &- (base &+ UInt64(end))))
     }
-    guard let toEntry = relative(entry, from: 5), let toBody = relative(body, from: 12),
-      let toReturn = relative(returnHandler, from: 17), let toBodyUntraced = relative(body, from: 22)
+    let resume = Int(stubResumeOffset)
+    guard let toEntry = relative(entry, from: 5), let toBody = relative(body, from: resume),
+      let toReturn = relative(returnHandler, from: resume + 5), let toBodyUntraced = relative(body, from: 22)
     else { return false }
     func put(_ opcode: UInt8, _ displacement: Int32, at offset: Int) {
       destination.storeBytes(of: opcode, toByteOffset: offset, as: UInt8.self)
@@ -200,11 +201,11 @@ struct GraphEmitter {
     }
     put(0xe8, toEntry, at: 0)
     destination.storeBytes(of: 0x0a75, toByteOffset: 5, as: UInt16.self)  // jne +10
-    put(0xe8, toBody, at: 7)
-    put(0xe9, toReturn, at: 12)
-    put(0xe9, toBodyUntraced, at: 17)
+    put(0xe8, toBody, at: resume - 5)
+    put(0xe9, toReturn, at: resume)
+    put(0xe9, toBodyUntraced, at: resume + 5)
     destination.storeBytes(of: 0xcccc, toByteOffset: 22, as: UInt16.self)
-    destination.storeBytes(of: site.littleEndian, toByteOffset: 24, as: UInt64.self)
+    destination.storeBytes(of: site.littleEndian, toByteOffset: Int(stubSiteOffset), as: UInt64.self)
     return true
   }
 
