@@ -146,7 +146,12 @@ enum Agent {
     var addresses = sites + chosen.filter(relocatable.contains).map { table.functions[$0].address }
     // --libcall: the program's PLT calls, through stubs whose NOPs are sites like any other.
     if environment.libraryCalls, let main = ProcessObjects.list().first {
-      let stubs = (try? LibraryCalls.install(path: main.path, bias: main.bias, skip: Self.isSwiftAsync)) ?? []
+      // Functions traced anyway keep their slots (a slot holds the function's entry; its site is
+      // the entry or just after an endbr64).
+      let traced = Set(chosen.map { table.functions[$0].address })
+      let stubs =
+        (try? LibraryCalls.install(
+          path: main.path, bias: main.bias, skip: Self.isSwiftAsync, traced: traced.contains)) ?? []
       if attaching { libraryCallStubs = stubs }
       let glob = configuration.match.flatMap { try? Glob($0) }
       let chosenStubs = stubs.filter { stub in

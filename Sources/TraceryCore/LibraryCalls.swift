@@ -46,6 +46,10 @@ public enum LibraryCalls {
     "__fortify_fail", "__chk_fail", "err", "errx", "verr", "verrx",
     // Returns in two processes: the child's first event would close a call its parent's file opened.
     "fork", "_Fork",
+    // Ends an unwind: TraceryCore's interposer closes the unwound calls in it (`UnwindGuard`). A
+    // traced call of it would enter first, and its entry would drop them as stale, unclosed; and
+    // the interposer would take its live frame for one of them.
+    "__cxa_begin_catch",
   ]
 
   /// Swift concurrency's entry points that async code tail-calls and that continue elsewhere
@@ -60,9 +64,12 @@ public enum LibraryCalls {
 
   /// Points every PLT slot of the object at `path` (loaded at `bias`) at a stub, and returns the
   /// stubs (empty when it imports nothing through its PLT, or its slots are not bound yet).
-  /// `skip`: more names to leave alone (the agent's: Swift async functions, by demangled name).
+  /// `skip`: more names to leave alone (the agent's: Swift async functions, by demangled name);
+  /// `traced`: functions traced anyway (a patchable library's), whose slots are left alone too:
+  /// their calls would show twice, `f@plt() { f() }`.
   public static func install(
-    path: String, bias: UInt64, arena: CodeArena = .shared, skip: (String) -> Bool = { _ in false }
+    path: String, bias: UInt64, arena: CodeArena = .shared, skip: (String) -> Bool = { _ in false },
+    traced: (UInt64) -> Bool = { _ in false }
   ) throws -> [Stub] {
     let file = try ELFFile(path: path)
     let imports = try file.importSlots().filter {
@@ -77,7 +84,7 @@ public enum LibraryCalls {
       let slot = entry.slot &+ bias
       guard slot % 8 == 0, map.region(containing: slot)?.readable == true else { continue }
       let target = UnsafePointer<UInt64>(bitPattern: UInt(slot))!.pointee
-      guard target != 0, !objectRange.contains(target) else { continue }
+      guard target != 0, !objectRange.contains(target), !traced(target) else { continue }
       chosen.append((entry.name, slot, target))
     }
     guard !chosen.isEmpty else { return [] }

@@ -23,6 +23,7 @@ public enum Demangler {
   }
 
   public static func demangle(_ name: String) -> String {
+    if let called = calledThroughPLT(name) { return demangle(called) + plt }
     if name.hasPrefix("_Z"), let cxx {
       var status: Int32 = 0
       if let result = cxx(name, nil, nil, &status), status == 0 {
@@ -37,6 +38,14 @@ public enum Demangler {
       }
     }
     return name
+  }
+
+  /// A library call's name (`NAME@plt`, see `LibraryCalls`) is its function's, shown the same way.
+  static let plt = "@plt"
+
+  /// The function a library call's name names (mangled or already demangled).
+  private static func calledThroughPLT(_ name: String) -> String? {
+    name.hasSuffix(plt) ? String(name.dropLast(plt.count)) : nil
   }
 
   /// How reading commands show C++ and Swift names (uftrace's `--demangle`).
@@ -55,6 +64,7 @@ public enum Demangler {
   /// simple form (`ns::Stack::push` for `ns::Stack<int>::push(int const&)`); each once, in that
   /// order. Patterns (`-F`, `-N`, `-A`, `-R`, `--patch`, `list --match`) match any of them.
   public static func forms(_ symbol: String) -> [String] {
+    if let called = calledThroughPLT(symbol) { return forms(called).map { $0 + plt } }
     var result = [symbol]
     let demangled = demangle(symbol)
     if demangled != symbol { result.append(demangled) }
@@ -75,6 +85,7 @@ public enum Demangler {
 
   /// `symbol` as `style` shows it.
   public static func name(_ symbol: String, style: Style) -> String {
+    if style != .no, let called = calledThroughPLT(symbol) { return name(called, style: style) + plt }
     switch style {
     case .no: return symbol
     case .full: return demangle(symbol)

@@ -131,7 +131,10 @@ import TraceryTestSupport
         OptimizedProgramTests.tracery,
         // 1 MiB of events per thread: the busy threads make ~10 million calls a second; the rest
         // are dropped and counted, which keeps the readers quick.
-        ["record", "-p", String(running.pid), "--duration", "150ms", "--buffer-limit", "1", "-d", trace.path])
+        [
+          "record", "-p", String(running.pid), "--no-libcall", "--duration", "150ms", "--buffer-limit", "1", "-d",
+          trace.path,
+        ])
       try #require(recorded.status == 0, "cycle \(cycle): \(recorded.stderr)")
       #expect(recorded.stderr.contains("attached to process \(running.pid) (7 functions)"), "\(recorded.stderr)")
       let counts = try Self.calls(trace)

@@ -26,7 +26,7 @@ import TraceryTestSupport
       "\(replay.stdout)")
     // Without --libcall, none.
     let plain = directory.appendingPathComponent("plain")
-    _ = try RecordCommandTests.record(plain, [program])
+    _ = try RecordCommandTests.record(plain, [program], options: ["--no-libcall"])
     #expect(try RecordCommandTests.recordedCounts(plain).keys.allSatisfy { !$0.hasSuffix("@plt") })
   }
 

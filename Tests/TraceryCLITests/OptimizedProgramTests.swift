@@ -59,7 +59,8 @@ import TraceryTestSupport
       #expect(body?.contains("jmp") == true && body?.contains("<\(callee)>") == true, "\(caller) → \(callee)")
     }
     let trace = try Self.recordAsUntraced(program, in: directory)
-    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    // The program's own functions (its library calls, recorded by default, hidden).
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-N", "@plt$"])
     #expect(replay.status == 0 && replay.stderr.isEmpty, "\(replay.stderr)")
     let trees = RecordCommandTests.trees(replay.stdout)
     let main = [
@@ -120,7 +121,7 @@ import TraceryTestSupport
       Build(name: "clang++ -O2", compiler: "clang++", flags: ["-fomit-frame-pointer", "-fpatchable-function-entry=5"]),
       in: directory)
     let trace = try Self.recordAsUntraced(program, in: directory)
-    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-N", "@plt$"])
     #expect(replay.status == 0 && replay.stderr.isEmpty, "\(replay.stderr)")
     // Unwound calls close at the catch, with their times, as uftrace shows them.
     #expect(!replay.stdout.contains("no exit recorded"), "\(replay.stdout)")
@@ -164,7 +165,7 @@ extension OptimizedProgramTests {
       __attribute__((noinline)) int delta(int x) { return gamma2(x) * 2; }
       int main(void) { return delta(3) + zed(1) - 14; }
       """)
-    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-N", "@plt$"])
     #expect(replay.stderr.isEmpty, "\(replay.stderr)")
     #expect(
       RecordCommandTests.trees(replay.stdout).values.first == ["main() {", "  beta() {", "    alpha();", "  }", "}"],
@@ -195,7 +196,10 @@ extension OptimizedProgramTests {
         "-Wl,-rpath,$ORIGIN/lib", "-Wl,--enable-new-dtags",
       ], output: program)
     let trace = try Self.recordAsUntraced(program, in: directory)
-    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path])
+    // lib_entry is traced in its library: its PLT call is not shown as a library call too.
+    let all = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path]).stdout
+    #expect(all.contains("printf@plt();") && !all.contains("lib_entry@plt"), "\(all)")
+    let replay = try TestSupport.run(Self.tracery, ["replay", "-d", trace.path, "-N", "@plt$"])
     let expected = ["main() {", "  local() {", "    lib_entry() {", "      lib_leaf();", "    }", "  }", "}"]
     #expect(RecordCommandTests.trees(replay.stdout).values.first == expected, "\(replay.stdout)")
 
@@ -204,7 +208,7 @@ extension OptimizedProgramTests {
     #expect(try TestSupport.run(TestSupport.which("strip")!, [stripped]).status == 0)
     let strippedTrace = directory.appendingPathComponent("stripped-trace")
     #expect(try RecordCommandTests.record(strippedTrace, [stripped]).stdout == "10\n")
-    let anonymous = try TestSupport.run(Self.tracery, ["replay", "-d", strippedTrace.path])
+    let anonymous = try TestSupport.run(Self.tracery, ["replay", "-d", strippedTrace.path, "-N", "@plt$"])
     let lines = RecordCommandTests.trees(anonymous.stdout).values.first ?? []
     #expect(lines.count == 7 && lines[0].hasPrefix("stripped+0x") && lines[2] == "    lib_entry() {", "\(lines)")
 

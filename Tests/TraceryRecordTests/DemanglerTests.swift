@@ -66,4 +66,20 @@ import Testing
     #expect(try !NameMatcher("ns::Stack::pop", kind: .glob).matchesFunction(symbol))
     #expect(try NameMatcher("^ns::Stack::push$", kind: .regex).matchesFunction(Demangler.demangle(symbol)))
   }
+
+  /// A library call (`NAME@plt`) is shown and matched as its function is, with the suffix.
+  @Test func aLibraryCallIsNamedAsItsFunction() throws {
+    let call = "_ZNSt13runtime_errorC1EPKc@plt"
+    #expect(Demangler.name(call, style: .simple) == "std::runtime_error::runtime_error@plt")
+    #expect(Demangler.name(call, style: .full) == "std::runtime_error::runtime_error(char const*)@plt")
+    #expect(Demangler.name(call, style: .no) == call)
+    #expect(Demangler.name("printf@plt", style: .simple) == "printf@plt")
+    // Readers match the demangled names they hold.
+    let held = Demangler.demangle(call)
+    for pattern in ["std::runtime_error::runtime_error@plt", "std::runtime_error::runtime_error(char const*)@plt"] {
+      #expect(try NameMatcher(pattern, kind: .glob).matchesFunction(held), "\(pattern)")
+      #expect(try NameMatcher(pattern, kind: .glob).matchesFunction(call), "\(pattern)")
+    }
+    #expect(try !NameMatcher("std::runtime_error::runtime_error", kind: .glob).matchesFunction(held))
+  }
 }

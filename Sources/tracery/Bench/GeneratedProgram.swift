@@ -109,13 +109,25 @@ enum GeneratedProgram {
   }
 
   /// Entry events below `main` (depth 1 and deeper) in the event files of a directory the agent
-  /// wrote (every thread): the calls the benchmark programs count.
-  static func recordedEntries(in directory: String, minimumDepth: Int = 1) throws -> Int {
+  /// wrote (every thread): the calls the benchmark programs count. Library calls (`NAME@plt`,
+  /// recorded by default) are counted only when asked.
+  static func recordedEntries(in directory: String, minimumDepth: Int = 1, countingLibraryCalls: Bool = false) throws
+    -> Int
+  {
+    var libraryCalls = Set<UInt64>()
+    let symbols = directory + "/symbols"
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: symbols)) ?? []
+    where name.hasPrefix("libcalls-") && !countingLibraryCalls {
+      let text = try String(contentsOfFile: symbols + "/" + name, encoding: .utf8)
+      libraryCalls.formUnion(try SymbolFile(text: text).sites.map(\.site))
+    }
     var entries = 0
     for name in try FileManager.default.contentsOfDirectory(atPath: directory) where name.hasSuffix(".events") {
       guard let file = ThreadFile.open(path: directory + "/" + name, name: name).file else { continue }
       var cursor = EventCursor(file)
-      while let event = cursor.next() { if event.kind == .entry && event.depth >= minimumDepth { entries += 1 } }
+      while let event = cursor.next() {
+        if event.kind == .entry && event.depth >= minimumDepth && !libraryCalls.contains(event.site) { entries += 1 }
+      }
     }
     return entries
   }

@@ -19,9 +19,11 @@ import TraceryRecord
 ///   distinct functions, a call tree and deep chains, ~4.2 M calls) timed whole, start-up
 ///   included, untraced and recorded; ns per recorded call over the untraced run.
 ///   `program-floor`: its variant taking two time stamps per call inline (as `floor-timestamps`).
-/// - `libcall`, `libcall-uftrace`: 1,000,000 `strlen` calls through the PLT under `record
-///   --libcall` (entries checked against the program's count) and `uftrace record --force`,
-///   beside the same loop untraced.
+/// - `libcall`, `libcall-uftrace`: 1,000,000 `strlen` calls through the PLT recorded (entries
+///   checked against the program's count) and under `uftrace record --force`, beside the same
+///   loop untraced.
+///
+/// Every recorded run records library calls, as `tracery record` does by default (and uftrace).
 /// - `children-patchable`, `children-plain`: a parent that starts 50 children one after another
 ///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced.
 struct RecordBench {
@@ -36,6 +38,8 @@ struct RecordBench {
     ]
     var settings = AgentEnvironment(directory: traces)
     settings.relocate = relocate
+    // As `tracery record` runs a program by default: its library calls recorded too.
+    settings.libraryCalls = true
     settings.apply(to: &environment)
     return environment
   }
@@ -257,17 +261,14 @@ struct RecordBench {
   }
 
   /// `libcall`: a loop of 1,000,000 `strlen` calls through the PLT, timed by the program itself,
-  /// untraced and under `record --libcall` (every call recorded as `strlen@plt`; the trace's
+  /// untraced and recorded (every call recorded as `strlen@plt`; the trace's
   /// entries checked against the program's count).
   private func libraryCalls(_ report: BenchReport, agent: String, traces: String, directory: String) throws {
     let source = directory + "/libcall.c"
     let program = directory + "/libcall"
     try Self.libraryCallSource.write(toFile: source, atomically: true, encoding: .utf8)
     try GeneratedLibrary.clang(["-O2", "-fno-builtin", source, "-o", program], building: source)
-    var environment = Self.agentEnvironment(agent, traces)
-    var settings = AgentEnvironment(directory: traces)
-    settings.libraryCalls = true
-    settings.apply(to: &environment)
+    let environment = Self.agentEnvironment(agent, traces)
     var untraced: [Double] = []
     var traced: [Double] = []
     var calls = 0
@@ -280,7 +281,7 @@ struct RecordBench {
       calls = recorded.calls
       // Its strlen calls, two clock_gettime, a printf (all from main, untraced: depth 0) and
       // __cxa_finalize at exit.
-      let entries = try GeneratedProgram.recordedEntries(in: traces, minimumDepth: 0)
+      let entries = try GeneratedProgram.recordedEntries(in: traces, minimumDepth: 0, countingLibraryCalls: true)
       guard entries == calls + 4 else {
         throw UserError("the trace holds \(entries) entries but the program made \(calls + 4) library calls")
       }

@@ -44,11 +44,12 @@ struct RecordOptions: ParsableArguments {
 
   @Flag(
     name: .long,
+    inversion: .prefixedNo,
     help: """
-      Also record the program's calls to other objects through its PLT (printf, malloc, ...) as calls of \
-      NAME@plt, by pointing its GOT at stubs of ours (sets LD_BIND_NOW for the program).
+      Record the program's calls to other objects through its PLT (printf, malloc, ...) as calls of NAME@plt, \
+      by pointing its GOT at stubs of ours (sets LD_BIND_NOW for the program); on by default, as in uftrace.
       """)
-  var libcall = false
+  var libcall = true
 
   @Flag(
     name: [.customShort("l"), .customLong("nest-libcall")],
