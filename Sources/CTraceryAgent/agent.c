@@ -64,9 +64,17 @@ int sigprocmask(int how, const sigset_t *set, sigset_t *old) {
   return next(how, without_trap(how, set, &copy), old);
 }
 
+// In CTraceryShims (linked into the agent with TraceryCore).
+int ctracery_program_trap_action(const struct sigaction *action, struct sigaction *old);
+
+// The tracer's SIGTRAP handler stays in place once installed: the program's own SIGTRAP
+// disposition is kept beside it (`ctracery_program_trap_action`), and traps that are not the
+// tracer's go there. (LLVM-based programs install a crash handler for SIGTRAP at start; the int3
+// sites then reached it, and clang died at its first traced call through one.)
 int sigaction(int signal, const struct sigaction *action, struct sigaction *old) {
   static int (*next)(int, const struct sigaction *, struct sigaction *);
   if (next == NULL) next = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
+  if (signal == SIGTRAP && ctracery_program_trap_action(action, old)) return 0;
   struct sigaction copy;
   if (action != NULL && keeps_traps() && sigismember(&action->sa_mask, SIGTRAP)) {
     copy = *action;
@@ -74,6 +82,22 @@ int sigaction(int signal, const struct sigaction *action, struct sigaction *old)
     action = &copy;
   }
   return next(signal, action, old);
+}
+
+// glibc's `signal` sets the disposition without going through `sigaction`'s symbol.
+sighandler_t signal(int number, sighandler_t handler) {
+  static sighandler_t (*next)(int, sighandler_t);
+  if (next == NULL) next = (sighandler_t (*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+  if (number == SIGTRAP) {
+    struct sigaction action, old;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = handler;
+    action.sa_flags = SA_RESTART;  // glibc's signal: BSD semantics
+    if (ctracery_program_trap_action(&action, &old)) {
+      return (old.sa_flags & SA_SIGINFO) ? (sighandler_t)(void (*)(void))old.sa_sigaction : old.sa_handler;
+    }
+  }
+  return next(number, handler);
 }
 
 // ---- dlopen and dlclose ----------------------------------------------------------------------

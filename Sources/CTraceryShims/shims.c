@@ -92,8 +92,35 @@ static __thread uint8_t recursion_guard __attribute__((tls_model("initial-exec")
 
 static atomic_long handlers_in_flight;
 static _Atomic uint64_t traps_handled;
+// The program's SIGTRAP disposition (the one ours replaced, then whatever the program sets:
+// ctracery_program_trap_action), read and written under program_action_lock (a program may change
+// it while another thread traps).
 static struct sigaction previous_action;
+static atomic_flag program_action_lock = ATOMIC_FLAG_INIT;
 static atomic_int installed;
+// Set once ours is the kernel's disposition; cleared when a trap not ours gets the default action.
+static atomic_int in_place;
+
+static struct sigaction program_action(void) {
+  while (atomic_flag_test_and_set_explicit(&program_action_lock, memory_order_acquire)) {}
+  struct sigaction action = previous_action;
+  // One-shot (SA_RESETHAND): the program's handler runs once, then the default applies.
+  if (action.sa_flags & SA_RESETHAND) {
+    previous_action.sa_handler = SIG_DFL;
+    previous_action.sa_flags &= ~(SA_RESETHAND | SA_SIGINFO);
+  }
+  atomic_flag_clear_explicit(&program_action_lock, memory_order_release);
+  return action;
+}
+
+int ctracery_program_trap_action(const struct sigaction *action, struct sigaction *old) {
+  if (!atomic_load(&in_place)) return 0;
+  while (atomic_flag_test_and_set_explicit(&program_action_lock, memory_order_acquire)) {}
+  if (old) *old = previous_action;
+  if (action) previous_action = *action;
+  atomic_flag_clear_explicit(&program_action_lock, memory_order_release);
+  return 1;
+}
 
 // The first byte of every instruction the patcher writes: a trap at a site whose byte is now one
 // of these was ours, and the patch completed before the handler ran.
@@ -122,18 +149,25 @@ static void chain_to_previous(int sig, siginfo_t *info, void *context) {
     sigaddset(&snapshot, ctracery_snapshot_signal());
     pthread_sigmask(SIG_UNBLOCK, &snapshot, NULL);
   }
-  if (previous_action.sa_flags & SA_SIGINFO) {
-    if (previous_action.sa_sigaction) previous_action.sa_sigaction(sig, info, context);
-    return;
-  }
-  if (previous_action.sa_handler == SIG_IGN) return;
-  if (previous_action.sa_handler == SIG_DFL) {
-    // The default action for SIGTRAP terminates with a core dump: do exactly that.
+  struct sigaction action = program_action();
+  if (!(action.sa_flags & SA_SIGINFO) && action.sa_handler == SIG_IGN) return;
+  if (!(action.sa_flags & SA_SIGINFO) && action.sa_handler == SIG_DFL) {
+    // The default action for SIGTRAP terminates with a core dump: do exactly that (ours no longer
+    // in place, so that the agent's `signal` passes this through).
+    atomic_store(&in_place, 0);
     signal(SIGTRAP, SIG_DFL);
     raise(SIGTRAP);
     return;
   }
-  previous_action.sa_handler(sig);
+  // The program's handler runs with its own mask added, as the kernel would run it.
+  sigset_t mask;
+  pthread_sigmask(SIG_BLOCK, &action.sa_mask, &mask);
+  if (action.sa_flags & SA_SIGINFO) {
+    action.sa_sigaction(sig, info, context);
+  } else {
+    action.sa_handler(sig);
+  }
+  pthread_sigmask(SIG_SETMASK, &mask, NULL);
 }
 
 static void answer_snapshot_after_trap(ucontext_t *uc);
@@ -229,6 +263,7 @@ int ctracery_install_trap_handler(void) {
     atomic_store(&installed, 0);
     return -1;
   }
+  atomic_store(&in_place, 1);
   return 0;
 }
 

@@ -102,6 +102,25 @@ import TraceryTestSupport
     #expect(info.contains("1 through an int3"), "\(info)")
   }
 
+  /// A program's own SIGTRAP handler (LLVM-based programs install one at start: clang died at its
+  /// first call through an int3 site) is kept beside the tracer's: the program's traps reach it,
+  /// it reads back what it set, and the int3 sites still work.
+  @Test func aProgramsOwnTrapHandlerAndTheTrapSitesLiveSideBySide() throws {
+    let directory = try TestSupport.temporaryDirectory("record-own-trap")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program("ownstrap", flags: ["-O2"], in: directory)
+    let untraced = try TestSupport.run(program, [])
+    #expect(untraced.stdout == "traps 3 sum 499500 mine 1 1\n", "\(untraced.stdout)")
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["tiny"] == 1000 && counts["main"] == 1, "\(counts)")
+    let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("through an int3"), "\(info)")
+  }
+
   /// A Swift program built as it ships (`swiftc -O`; swiftc has no patchable-entry flag): its
   /// functions are recorded with Swift names, and it prints what it prints untraced (its three-
   /// word return, its thrown error, its task group). Its async functions are left out, and said.

@@ -99,6 +99,14 @@ struct ctracery_poke_table {
 
 /// Installs the SIGTRAP handler once (later calls do nothing). Returns 0 or -1 with errno.
 int ctracery_install_trap_handler(void);
+struct sigaction;
+/// Once the SIGTRAP handler is installed, the program's own SIGTRAP disposition is kept here
+/// instead of replacing it (the agent's `sigaction` and `signal` call this; LLVM's crash handler,
+/// for one, installs a SIGTRAP handler at start, and the int3 sites would then reach it): stores
+/// `action` (unless NULL) after copying the previous one to `old` (unless NULL), and returns 1.
+/// Traps that are not the tracer's go to that disposition. Returns 0 (nothing done) while the
+/// handler is not installed.
+int ctracery_program_trap_action(const struct sigaction *action, struct sigaction *old);
 /// Publishes `table` (NULL to unpublish), then advances the table generation.
 void ctracery_publish_pokes(const struct ctracery_poke_table *table);
 /// Publishes the trap table (NULL for none), then advances the table generation: the sites that
