@@ -71,7 +71,8 @@ public enum LibraryCalls {
     path: String, bias: UInt64, arena: CodeArena = .shared, skip: (String) -> Bool = { _ in false },
     traced: (UInt64) -> Bool = { _ in false }
   ) throws -> [Stub] {
-    let file = try ELFFile(path: path)
+    // Its relocations and dynamic symbols, not its code (clang's file is 140 MB, 130 of it code).
+    let file = try ELFFile(pathWithoutCode: path)
     let imports = try file.importSlots().filter {
       !skipped.contains($0.name) && !isSwiftConcurrency($0.name) && !skip($0.name)
     }
