@@ -45,6 +45,20 @@ void *__cxa_begin_catch(void *exception) {
   return forward(exception);
 }
 
+void ctracery_xsave_layout(uint64_t *components, uint32_t *size) {
+  *components = 0;
+  *size = 0;
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+  if (!(ecx & (1u << 27))) return;  // OSXSAVE: xsave and xgetbv usable
+  unsigned low, high;
+  __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+  // Leaf 13, subleaf 0: EBX is the save area's size for the components XCR0 enables.
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(13), "c"(0));
+  *components = ((uint64_t)high << 32) | low;
+  *size = ebx;
+}
+
 void ctracery_store_release(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 
 void ctracery_store_release_pairs(const uint64_t *pairs, size_t count) {

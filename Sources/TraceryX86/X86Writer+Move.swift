@@ -89,6 +89,21 @@ extension X86Writer {
     modRM(reg: source.number, memory: destination)
   }
 
+  /// `xsave64 [memory]`: the processor state components edx:eax selects into a 64-byte aligned
+  /// area whose header (bytes 512-575) is zero or a previous `xsave`'s.
+  public mutating func putXsave64(_ area: Memory) {
+    rex(w: true, b: baseExtended(area))
+    emit([0x0f, 0xae])
+    modRM(reg: 4, memory: area)
+  }
+
+  /// `xrstor64 [memory]`: the components edx:eax selects back from an `xsave64` area.
+  public mutating func putXrstor64(_ area: Memory) {
+    rex(w: true, b: baseExtended(area))
+    emit([0x0f, 0xae])
+    modRM(reg: 5, memory: area)
+  }
+
   /// `movdqu xmm, [memory]`.
   public mutating func putMovdqu(_ destination: XMMRegister, _ source: Memory) {
     emit(0xf3)

@@ -102,6 +102,23 @@ import TraceryTestSupport
     #expect(info.contains("1 through an int3"), "\(info)")
   }
 
+  /// 256-bit arguments and results keep their upper halves: the recorder's refill runs Swift and
+  /// libc code (AVX routines end in `vzeroupper`) between a caller and the body, and keeps the
+  /// whole vector state (`xsave`) around it, for functions with a patch site and relocated ones.
+  @Test(.enabled(if: hasAVX2), arguments: [["-fpatchable-function-entry=5"], []])
+  func wideVectorsSurviveTheRefill(flags: [String]) throws {
+    let directory = try TestSupport.temporaryDirectory("record-wide")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program("wide", flags: ["-O2", "-mavx2"] + flags, in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == "2000000 4000000 6000000 8000000\n")
+    #expect(try RecordCommandTests.recordedCounts(trace)["add"] == 2_000_000)
+  }
+
+  static let hasAVX2 = ((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "").contains(" avx2")
+
   /// A program's own SIGTRAP handler (LLVM-based programs install one at start: clang died at its
   /// first call through an int3 site) is kept beside the tracer's: the program's traps reach it,
   /// it reads back what it set, and the int3 sites still work.

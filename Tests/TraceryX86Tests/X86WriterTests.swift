@@ -152,6 +152,12 @@ let forms: [Form] = [
     name: "movaps xmm9, [rbp-0x40]", expected: [0x44, 0x0f, 0x28, 0x4d, 0xc0],
     disassembly: "movaps xmm9,XMMWORD PTR [rbp-0x40]"
   ) { $0.putMovaps(XMMRegister(9), Memory(.rbp, -0x40)) },
+  Form(name: "xsave64 [rsp]", expected: [0x48, 0x0f, 0xae, 0x24, 0x24], disassembly: "xsave64 [rsp]") {
+    $0.putXsave64(Memory(.rsp))
+  },
+  Form(name: "xrstor64 [r8+0x40]", expected: [0x49, 0x0f, 0xae, 0x68, 0x40], disassembly: "xrstor64 [r8+0x40]") {
+    $0.putXrstor64(Memory(.r8, 0x40))
+  },
   Form(
     name: "movdqu [rsp], xmm7", expected: [0xf3, 0x0f, 0x7f, 0x3c, 0x24], disassembly: "movdqu XMMWORD PTR [rsp],xmm7"
   ) { $0.putMovdqu(Memory(.rsp), XMMRegister(7)) },

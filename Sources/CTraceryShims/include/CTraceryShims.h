@@ -97,6 +97,11 @@ struct ctracery_poke_table {
   size_t count;
 };
 
+/// The processor state `xsave` saves in this process: the components the kernel enabled (XCR0;
+/// x87, SSE, AVX's upper halves, AVX-512's opmasks and upper registers) and the size of their
+/// save area. 0 and 0 when the processor or the kernel offers no `xsave`.
+void ctracery_xsave_layout(uint64_t *components, uint32_t *size);
+
 /// Installs the SIGTRAP handler once (later calls do nothing). Returns 0 or -1 with errno.
 int ctracery_install_trap_handler(void);
 struct sigaction;

@@ -107,8 +107,12 @@ enum ThreadField: Int32 {
 /// sites), which keep values in any register the callee is known not to touch: its image gives
 /// back every register but rsp and the flags, at the entry and at the return (r10 and r11 pushed
 /// first; around handlers every call-clobbered register, xmm8-15 included when they may use
-/// vector registers; around the refill call xmm8-15 too), and it aligns rsp itself before
-/// calling anything (`putAlignStack`: such a function may be called with rsp unaligned).
+/// vector registers), and it aligns rsp itself before calling anything (`putAlignStack`: such a
+/// function may be called with rsp unaligned). Around the recorder's refill and a thread's set-up,
+/// which run Swift and libc code, every image keeps the whole vector state (`xsave`: the upper
+/// halves of ymm/zmm arguments and results too; `putSlowCallSavingState`). Handlers' own calls
+/// save xmm registers only: a handler that uses AVX may clear the upper halves of a function's
+/// 256/512-bit arguments.
 ///
 /// Below the first frame lies a sentinel frame whose stack arguments are the highest address and
 /// whose depth is -1, so both searches end there.
@@ -578,6 +582,10 @@ struct GraphEmitter {
   /// rsi, rdi, r8-r11, xmm0-7; xmm8-15 too when the image preserves every register), with the
   /// guard held.
   private func putSlowCall(_ w: inout X86Writer, _ target: UInt64, rspAligned: Bool, guardHeld: Bool) throws {
+    if XState.current.size > 0 {
+      putSlowCallSavingState(&w, target, guardHeld: guardHeld)
+      return
+    }
     let vectors = (0..<(preservesAll ? 16 : 8)).map { XMMRegister(UInt8($0)) }
     // 9 words and 8 or 16 vectors: rsp 8 mod 16 after it; aligned at the call with 8 more when
     // it was aligned before (always, after aligning it).
@@ -601,6 +609,39 @@ struct GraphEmitter {
     } else {
       w.putAdd(.rsp, immediate: size)
     }
+  }
+
+  /// The refill's call with the whole vector state kept (`xsave`): the refill runs Swift and libc
+  /// code, whose AVX routines end in `vzeroupper`, and a traced function's 256- or 512-bit
+  /// arguments or result (ymm/zmm0-7) lost their upper halves when a refill came between the
+  /// caller and the body (an AVX2 program summed wrong under `record`). The call-clobbered
+  /// registers and rbx (which holds rsp from before the 64-byte alignment) below.
+  private func putSlowCallSavingState(_ w: inout X86Writer, _ target: UInt64, guardHeld: Bool) {
+    let saved = Self.callClobbered + [.rbx]
+    let size = Int32(saved.count * 8)
+    w.putSub(.rsp, immediate: size)
+    for (index, register) in saved.enumerated() { w.putMov(Memory(.rsp, 8 * Int32(index)), register) }
+    w.putMov(.rbx, .rsp)
+    w.putSub(.rsp, immediate: Int32(XState.current.size))
+    w.putAnd(.rsp, immediate: -64)
+    // The header must be zero for `xrstor` (only what `xsave` writes is ours).
+    w.putMov(.rax, immediate: 0)
+    for offset in stride(from: Int32(512), to: 576, by: 8) { w.putMov(Memory(.rsp, offset), .rax) }
+    func putComponents() {
+      w.putMov(.rax, immediate: XState.current.components & 0xffff_ffff)
+      w.putMov(.rdx, immediate: XState.current.components >> 32)
+    }
+    putComponents()
+    w.putXsave64(Memory(.rsp))
+    if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 1) }
+    w.putMov(.rax, immediate: target)
+    w.putCall(.rax)
+    if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 0) }
+    putComponents()
+    w.putXrstor64(Memory(.rsp))
+    w.putMov(.rsp, .rbx)
+    for (index, register) in saved.enumerated() { w.putMov(register, Memory(.rsp, 8 * Int32(index))) }
+    w.putAdd(.rsp, immediate: size)
   }
 
   // MARK: - Return handler
