@@ -25,6 +25,11 @@ public struct EntryPoints: Sendable {
   let unnamedFrames: [(address: UInt64, size: UInt64)]
   /// Link-time start and end of each function range whose sweep reached its end, by start.
   let swept: [(start: UInt64, end: UInt64)]
+  /// Link-time entries of the function symbols no call frame (FDE) describes, in an object that
+  /// has call frames; sorted. Compilers describe every function they emit; what they do not is
+  /// hand-written or generated code (node's 2,182 V8 builtins), which may be entered, left and
+  /// walked by its own conventions (V8's frames read their return addresses): not traced.
+  let unframed: [UInt64]
 
   public init(file: ELFFile, bias: UInt64) {
     // Sorted by address (`functionSymbols`), read once for the sweep and for the frames they cover.
@@ -87,11 +92,44 @@ public struct EntryPoints: Sendable {
     starts.sort()
     functionStarts = starts
     let sized = symbols.filter { $0.size > 0 }
+    unframed = Self.unframed(sized.map(\.value), frames: frames.descriptions, file: file)
     unnamedFrames = frames.descriptions.filter { frame in
       // Covered when a symbol's range overlaps the frame's.
       let index = sized.firstIndex(notBelow: frame.start + 1) { $0.value + $0.size }
       return !(index < sized.count && sized[index].value < frame.start + frame.size)
     }.map { ($0.start, $0.size) }
+  }
+
+  /// The entries of `functions` no frame describes, where that says the code is not a compiler's:
+  /// gcc and clang describe every function they emit (unwind tables are on by default on
+  /// x86-64), so in an object of theirs the functions without one come from elsewhere (node:
+  /// 2,182 of 65,605, V8's builtins; hand-written assembly without CFI). swiftc leaves leaf
+  /// functions without frames (half of a small program's), and code built without unwind tables
+  /// has none: no conclusion there (an object with Swift metadata, or with half its functions or
+  /// more undescribed, gets none).
+  static func unframed(_ functions: [UInt64], frames: [ELFFile.FrameDescription], file: ELFFile) -> [UInt64] {
+    guard !frames.isEmpty, !functions.isEmpty, !file.sections.contains(where: { $0.name.hasPrefix("swift5_") })
+    else { return [] }
+    let described = frames.map { (start: $0.start, end: $0.start &+ $0.size) }.sorted { $0.start < $1.start }
+    let lacking = functions.filter { lacksFrame($0, in: described) }
+    return lacking.count * 2 < functions.count ? lacking : []
+  }
+
+  /// Whether no frame of `frames` (sorted by start) covers `entry` or starts within its first 16
+  /// bytes (some hand-written functions' frames begin after an `endbr64` or a first instruction).
+  static func lacksFrame(_ entry: UInt64, in frames: [(start: UInt64, end: UInt64)]) -> Bool {
+    let next = frames.firstIndex(notBelow: entry &+ 1) { $0.start }
+    if next < frames.count, frames[next].start < entry &+ 16 { return false }
+    // The frames that start before it (a few: frames do not nest, but a zero-sized one may sit
+    // between a function's frame and a later entry inside it).
+    return !frames[max(0, next - 4)..<next].contains { $0.end > entry }
+  }
+
+  /// Whether the function at `entry` (runtime) is one no call frame describes (`unframed`).
+  func lacksFrame(_ entry: UInt64) -> Bool {
+    let start = entry &- bias
+    let index = unframed.firstIndex(notBelow: start) { $0 }
+    return index < unframed.count && unframed[index] == start
   }
 
   /// The functions of a stripped object that no symbol names: its call frames whose start is
@@ -158,33 +196,37 @@ public struct EntryPoints: Sendable {
 
   // MARK: - Kept in a file
 
-  /// "TRENTRY1", five counts (targets, function starts, unnamed frames, swept ranges, unswept),
-  /// then the arrays' words, little-endian: link-time addresses, so any bias reads them.
+  /// "TRENTRY2", six counts (targets, function starts, unnamed frames, swept ranges, unframed
+  /// functions, unswept), then the arrays' words, little-endian: link-time addresses, so any bias
+  /// reads them.
   var encoded: [UInt8] {
     var words: [UInt64] = [Self.magic, UInt64(targets.count), UInt64(functionStarts.count)]
-    words += [UInt64(unnamedFrames.count), UInt64(swept.count), UInt64(unswept)]
+    words += [UInt64(unnamedFrames.count), UInt64(swept.count), UInt64(unframed.count), UInt64(unswept)]
     words += targets + functionStarts
     for frame in unnamedFrames { words += [frame.address, frame.size] }
     for range in swept { words += [range.start, range.end] }
+    words += unframed
     return words.withUnsafeBytes { Array($0) }
   }
 
-  static let magic: UInt64 = 0x3159_5254_4e45_5254  // "TRENTRY1"
+  static let magic: UInt64 = 0x3259_5254_4e45_5254  // "TRENTRY2"
 
   /// Entry points from `encoded`'s bytes; nil when they are not whole (a corrupt or foreign
   /// file is swept again, never trusted).
   init?(encoded bytes: [UInt8], bias: UInt64) {
-    guard bytes.count >= 48, bytes.count % 8 == 0 else { return nil }
+    guard bytes.count >= 56, bytes.count % 8 == 0 else { return nil }
     let words = bytes.withUnsafeBytes { raw in
       (0..<(raw.count / 8)).map { raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self) }
     }
     guard words[0] == Self.magic else { return nil }
-    let counts = words[1...5].map { Int(clamping: $0) }
+    let counts = words[1...6].map { Int(clamping: $0) }
     let (targetCount, startCount, frameCount, sweptCount) = (counts[0], counts[1], counts[2], counts[3])
+    let unframedCount = counts[4]
     guard targetCount < 1 << 28, startCount < 1 << 28, frameCount < 1 << 28, sweptCount < 1 << 28,
-      words.count == 6 + targetCount + startCount + 2 * frameCount + 2 * sweptCount
+      unframedCount < 1 << 28,
+      words.count == 7 + targetCount + startCount + 2 * frameCount + 2 * sweptCount + unframedCount
     else { return nil }
-    var at = 6
+    var at = 7
     func take(_ count: Int) -> ArraySlice<UInt64> {
       defer { at += count }
       return words[at..<(at + count)]
@@ -193,10 +235,13 @@ public struct EntryPoints: Sendable {
     let starts = Array(take(startCount))
     let frames = take(2 * frameCount)
     let swept = take(2 * sweptCount)
+    let unframed = Array(take(unframedCount))
     // Sorted, as the searches need them.
     guard zip(targets, targets.dropFirst()).allSatisfy({ $0 < $1 }),
-      zip(starts, starts.dropFirst()).allSatisfy({ $0 <= $1 })
+      zip(starts, starts.dropFirst()).allSatisfy({ $0 <= $1 }),
+      zip(unframed, unframed.dropFirst()).allSatisfy({ $0 <= $1 })
     else { return nil }
+    self.unframed = unframed
     self.targets = targets
     self.functionStarts = starts
     self.unnamedFrames = stride(from: frames.startIndex, to: frames.endIndex, by: 2).map {
@@ -204,7 +249,7 @@ public struct EntryPoints: Sendable {
     }
     self.swept = stride(from: swept.startIndex, to: swept.endIndex, by: 2).map { (swept[$0], swept[$0 + 1]) }
     guard zip(self.swept, self.swept.dropFirst()).allSatisfy({ $0.start <= $1.start }) else { return nil }
-    self.unswept = counts[4]
+    self.unswept = counts[5]
     self.bias = bias
   }
 }

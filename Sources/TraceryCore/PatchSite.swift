@@ -190,6 +190,7 @@ public struct PatchSite: Sendable, Hashable {
     {
       return .nop
     }
+    if entryPoints?.lacksFrame(entry) == true { return .refused(.unframed) }
     do throws(PatchSiteError) {
       return .relocated(
         length: Int(try relocated(code: code, entry: entry, function: entry, entryPoints: entryPoints).length))
@@ -235,6 +236,9 @@ public struct PatchSiteError: Error, Sendable {
     case enteredFromElsewhere
     /// The sweep for such branches met bytes it could not decode.
     case unswept
+    /// No call frame describes it while its object has them (`EntryPoints.unframed`): neither
+    /// moved nor trapped, since its calls and returns may not be a function's.
+    case unframed
 
     public var description: String {
       switch self {
@@ -244,6 +248,7 @@ public struct PatchSiteError: Error, Sendable {
       case .branchedInto: "its code branches into its first bytes"
       case .enteredFromElsewhere: "its object's code or a landing pad enters its first bytes"
       case .unswept: "its code does not decode to its end"
+      case .unframed: "no call frame describes it (hand-written or generated code, such as a JIT's builtins)"
       }
     }
   }

@@ -119,6 +119,23 @@ import TraceryTestSupport
 
   static let hasAVX2 = ((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "").contains(" avx2")
 
+  /// A function no call frame describes, in an object whose compiled functions all have one, is
+  /// hand-written or generated code (node's V8 builtins: traced, node stopped at the graph's
+  /// `ud2`, their returns not a function's): neither relocated nor trapped, and said why.
+  @Test func aFunctionWithoutCallFrameIsLeftAlone() throws {
+    let directory = try TestSupport.temporaryDirectory("record-handmade")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program("handmade", flags: ["-O2"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program], options: ["--no-libcall"])
+    #expect(traced.status == 0 && traced.stdout == "42\n", "\(traced.stderr)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["compiled"] == 1 && counts["main"] == 1 && counts["handmade"] == nil, "\(counts)")
+    let listed = try TestSupport.run(OptimizedProgramTests.tracery, ["list", "--relocate", program]).stdout
+    let line = listed.split(separator: "\n").first { $0.hasSuffix(" handmade") } ?? ""
+    #expect(line.contains("no call frame describes it"), "\(listed)")
+  }
+
   /// A program's own SIGTRAP handler (LLVM-based programs install one at start: clang died at its
   /// first call through an int3 site) is kept beside the tracer's: the program's traps reach it,
   /// it reads back what it set, and the int3 sites still work.

@@ -30,14 +30,16 @@ import TraceryX86
     __attribute__((noinline)) long r_string(long a, long b) { char buffer[64]; snprintf(buffer, sizeof buffer, "%ld-%ld", a, b); return (long)strlen(buffer); }
     __attribute__((noinline)) long r_spin(long a, long b) { do { a = a * 3 + 1; } while (a < b); return a; }
     __attribute__((noinline)) long r_short(long a, long b) { return b; }
-    /* *p + 1, its load at +1: a thread can be stopped by a fault right after its push. */
-    __asm__(".globl r_parked\\n.type r_parked, @function\\nr_parked:\\n"
+    /* *p + 1, its load at +1: a thread can be stopped by a fault right after its push. (Written
+       as hand-written functions should be, with call frame information: without, the tracer
+       leaves them alone, EntryPoints.unframed.) */
+    __asm__(".globl r_parked\\n.type r_parked, @function\\nr_parked:\\n  .cfi_startproc\\n"
             "  push %rbp\\n  mov (%rdi), %rax\\n  pop %rbp\\n  add $1, %rax\\n  ret\\n"
-            ".size r_parked, .-r_parked\\n");
+            "  .cfi_endproc\\n.size r_parked, .-r_parked\\n");
     /* Its loop branches back into its first 5 bytes: it cannot be relocated (a trap site). */
-    __asm__(".globl r_backward\\n.type r_backward, @function\\nr_backward:\\n"
+    __asm__(".globl r_backward\\n.type r_backward, @function\\nr_backward:\\n  .cfi_startproc\\n"
             "  mov %rdi, %rax\\n1: add $1, %rax\\n  cmp %rsi, %rax\\n  jl 1b\\n  ret\\n"
-            ".size r_backward, .-r_backward\\n");
+            "  .cfi_endproc\\n.size r_backward, .-r_backward\\n");
     """
   static let functions = [
     "r_plain", "r_global", "r_branch", "r_loop", "r_call", "r_table", "r_stack", "r_recursive", "r_string",

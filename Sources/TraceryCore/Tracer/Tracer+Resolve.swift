@@ -176,11 +176,15 @@ extension Tracer {
         let size = Int(table.functions[index].size)
         var notRelocated = "relocation is off"
         if relocate {
+          let object = table.objects[table.functions[index].object]
+          let entryPoints = EntryPoints.of(path: object.path, bias: object.bias)
+          // Neither moved nor trapped: its calls and returns may not be a function's.
+          if entryPoints?.lacksFrame(address) == true {
+            throw .noPatchSite(function: label, reason: "\(error.reason); \(PatchSiteError.Category.unframed)")
+          }
           do {
-            let object = table.objects[table.functions[index].object]
             let patch = try PatchSite.relocated(
-              at: address, function: address, size: size,
-              entryPoints: EntryPoints.of(path: object.path, bias: object.bias))
+              at: address, function: address, size: size, entryPoints: entryPoints)
             return Target(patch: patch, name: label)
           } catch let refusal {
             notRelocated = refusal.reason

@@ -101,7 +101,9 @@ struct List: ParsableCommand {
           if all { output += "\(object.name) (\(object.path)): no patch sites\n\n" }
           continue
         }
-        let rows = patchable.filter { index in
+        // Functions that cannot be traced are listed too, with why (not counted as patchable).
+        let refused = planned.keys.filter { if case .refused = planned[$0]! { true } else { false } }
+        let rows = (patchable + refused).sorted().filter { index in
           glob.map { Demangler.anyForm(of: table.functions[index].name, matches: $0.matches) } ?? true
         }
         totalMatched += rows.count
@@ -124,7 +126,9 @@ struct List: ParsableCommand {
             (kind, recorded) = ("moved", "--relocate: \(length) bytes moved")
           case .trap(let why)?:
             (kind, recorded) = ("int3", "--relocate: \(why)")
-          case .nop?, .refused?:
+          case .refused(let why)?:
+            (kind, recorded) = ("refused", "--relocate: \(why)")
+          case .nop?:
             continue
           }
           if planned[index] != nil, let bytes = object.file.bytes(atAddress: function.address, count: 4),
