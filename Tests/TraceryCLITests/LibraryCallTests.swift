@@ -24,6 +24,16 @@ import TraceryTestSupport
       tree == ["main() {"] + measure + measure + measure
         + ["  malloc@plt();", "  snprintf@plt();", "  puts@plt();", "  free@plt();", "}"],
       "\(replay.stdout)")
+    // Two processes of the same program share one file of library-call names (its sites are
+    // offsets in the stubs' block, which each process's file places).
+    let twice = directory.appendingPathComponent("twice")
+    let both = try RecordCommandTests.record(twice, ["/bin/sh", "-c", "'\(program)'; '\(program)'"])
+    #expect(both.status == 0 && both.stdout == "14\n14\n", "\(both.stderr)")
+    let files = try FileManager.default.contentsOfDirectory(atPath: twice.appendingPathComponent("symbols").path)
+    let processes = try FileManager.default.contentsOfDirectory(atPath: twice.path).filter { $0.hasPrefix("process-") }
+    #expect(processes.count == 3 && files.filter { $0.hasPrefix("libcalls-") }.count == 2, "\(processes) \(files)")
+    let counts = try RecordCommandTests.recordedCounts(twice)
+    #expect(counts["snprintf@plt"] == 2 && counts["puts@plt"] == 2 && counts["measure"] == 6, "\(counts)")
     // Without --libcall, none.
     let plain = directory.appendingPathComponent("plain")
     _ = try RecordCommandTests.record(plain, [program], options: ["--no-libcall"])

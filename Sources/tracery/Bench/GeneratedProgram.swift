@@ -114,12 +114,17 @@ enum GeneratedProgram {
   static func recordedEntries(in directory: String, minimumDepth: Int = 1, countingLibraryCalls: Bool = false) throws
     -> Int
   {
+    // The stubs' sites: each process file's `[library calls]` object (its bias the stubs' block,
+    // its symbol file their offsets).
     var libraryCalls = Set<UInt64>()
-    let symbols = directory + "/symbols"
-    for name in (try? FileManager.default.contentsOfDirectory(atPath: symbols)) ?? []
-    where name.hasPrefix("libcalls-") && !countingLibraryCalls {
-      let text = try String(contentsOfFile: symbols + "/" + name, encoding: .utf8)
-      libraryCalls.formUnion(try SymbolFile(text: text).sites.map(\.site))
+    for name in try FileManager.default.contentsOfDirectory(atPath: directory)
+    where name.hasPrefix("process-") && !countingLibraryCalls {
+      let process = try TracedProcess(text: try String(contentsOfFile: directory + "/" + name, encoding: .utf8))
+      for object in process.objects where object.path == "[library calls]" {
+        guard let key = object.symbols else { continue }
+        let text = try String(contentsOfFile: "\(directory)/symbols/\(key).sym", encoding: .utf8)
+        libraryCalls.formUnion(try SymbolFile(text: text).sites.map { $0.site &+ object.bias })
+      }
     }
     var entries = 0
     for name in try FileManager.default.contentsOfDirectory(atPath: directory) where name.hasSuffix(".events") {
