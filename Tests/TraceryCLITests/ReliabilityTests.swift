@@ -54,6 +54,26 @@ import TraceryTestSupport
 
   /// A file-size limit (RLIMIT_FSIZE, 2 MB) too small for the trace: no SIGXFSZ, the program's
   /// output and status unchanged, the events that found no room counted and reported.
+  /// A program that closes every descriptor it did not open and then opens its own file (which
+  /// gets the number the recorder's file had) writes its file as untraced, and the recording
+  /// goes on, whole: the recorder checks its descriptor before each use and opens its file again
+  /// (the chunks' zeros and events went into the program's file).
+  @Test func aProgramThatClosesEveryDescriptorKeepsItsFileAndItsTrace() throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-closeall")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "closeall", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
+    let output = directory.appendingPathComponent("written")
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, output.path], options: ["--no-libcall"])
+    #expect(recorded.status == 0 && recorded.stdout == "2999999000000\n", "\(recorded.stderr)")
+    let expected = (0..<1000).map { "line \($0)\n" }.joined()
+    #expect(try String(contentsOf: output, encoding: .utf8) == expected)
+    #expect(try RecordCommandTests.recordedCounts(trace)["work"] == 2_000_000)
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("0 dropped") && info.contains("damaged         : none"), "\(info)")
+  }
+
   @Test func aFileSizeLimitDropsEventsNotTheProgram() throws {
     let directory = try TestSupport.temporaryDirectory("reliability-limit")
     let demo = try RecordCommandTests.build(
