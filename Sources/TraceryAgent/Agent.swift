@@ -577,6 +577,10 @@ enum Agent {
     } else if let chunk = file.nextChunk(leaving: state.pointee.event_cursor) {
       let start = UInt64(UInt(bitPattern: chunk.baseAddress))
       state.pointee.event_cursor = start + UInt64(ChunkSeal.size)
+      // A new chunk: the recorder's reservation in the old one is void, even where the new
+      // chunk's mapping follows the old one's and the cursor looks as if it stood
+      // (GraphEmitter's `putRecord`).
+      state.pointee.event_mark = 0
       if file.chunksTaken == 1 {
         state.pointee.event_end = start + UInt64(chunk.count / 2)
       } else {

@@ -251,6 +251,9 @@ public struct EventCursor {
 
   public var isOpen: Bool { source.isOpen }
 
+  /// The most zero bytes among events read as events abandoned (two entries' reservations).
+  static let abandoned = 32
+
   /// The next event (its values attached), or nil at the end.
   public mutating func next() -> Event? {
     if lastData == nil { lastData = dataEnd() }
@@ -269,6 +272,10 @@ public struct EventCursor {
         continue
       }
       switch step(at: offset, decoder: decoder, resumingFrom: damaged?.offset, eventsBefore: eventsBefore, end: end) {
+      case .zeros(let next) where damaged == nil && next - offset <= Self.abandoned:
+        // An event's bytes reserved and never written: a signal handler `siglongjmp`ed out of
+        // the code writing it (a handler interrupting handlers: a few). Not damage.
+        offset = next
       case .zeros(let next):
         begin(at: offset, "zeroed bytes among the events")
         offset = next

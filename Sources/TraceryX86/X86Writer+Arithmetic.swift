@@ -54,6 +54,15 @@ extension X86Writer {
     emit(0xc0 | source.low << 3 | destination.low)
   }
 
+  /// `xadd [memory], reg` (64-bit; no `lock`): memory += reg, reg = memory's old value, in one
+  /// instruction, so a signal handler on the same thread sees either both or neither.
+  public mutating func putXadd(_ memory: Memory, _ register: Register) {
+    segmentPrefix(memory)
+    rex(w: true, r: register.extended, b: baseExtended(memory))
+    emit([0x0f, 0xc1])
+    modRM(reg: register.low, memory: memory)
+  }
+
   /// `cmp byte [memory], imm8`.
   public mutating func putCmpByte(_ memory: Memory, immediate: UInt8) {
     putMemoryForm(0x80, reg: 7, memory: memory, wide: false, trailing: 1)
@@ -83,6 +92,9 @@ extension X86Writer {
 extension X86Writer {
   /// `rdtsc`: the time-stamp counter into edx:eax.
   public mutating func putRdtsc() { emit([0x0f, 0x31]) }
+
+  /// `syscall` (clobbers rcx and r11; the result in rax).
+  public mutating func putSyscall() { emit([0x0f, 0x05]) }
 
   /// `shl reg, imm8` (64-bit).
   public mutating func putShl(_ register: Register, immediate: UInt8) {

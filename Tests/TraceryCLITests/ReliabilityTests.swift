@@ -74,6 +74,29 @@ import TraceryTestSupport
     #expect(info.contains("0 dropped") && info.contains("damaged         : none"), "\(info)")
   }
 
+  /// Signal handlers that run traced calls and `siglongjmp` out of wherever they interrupted
+  /// the program (a traced call's entry or exit, the recorder's event, its refill): the program
+  /// runs as untraced and its trace reads whole. (Before: a handler's events landed where the
+  /// interrupted event then wrote its own, times went backwards, and abandoned refills crashed
+  /// about one run in four.) Several runs per shape: where a signal lands is chance.
+  @Test(arguments: [["-fpatchable-function-entry=5"], []])
+  func signalHandlersThatLongjmpLeaveProgramAndTraceWhole(flags: [String]) throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-alarms")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program("alarms", flags: ["-O2"] + flags, in: directory)
+    let runs = ProcessInfo.processInfo.environment["TRACERY_LONG_TESTS"] == "1" ? 60 : 6
+    for run in 0..<runs {
+      let trace = directory.appendingPathComponent("trace-\(run)")
+      let recorded = try RecordCommandTests.record(trace, [program], options: ["--no-libcall"])
+      #expect(recorded.status == 0 && recorded.stdout == "done 3000\n", "run \(run): \(recorded.stderr)")
+      let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+      #expect(info.contains("damaged         : none"), "run \(run): \(info)")
+      let counts = try RecordCommandTests.recordedCounts(trace)
+      #expect(counts["main"] == 1 && (counts["deep"] ?? 0) >= 3000, "run \(run): \(counts)")
+      try? FileManager.default.removeItem(at: trace)
+    }
+  }
+
   @Test func aFileSizeLimitDropsEventsNotTheProgram() throws {
     let directory = try TestSupport.temporaryDirectory("reliability-limit")
     let demo = try RecordCommandTests.build(

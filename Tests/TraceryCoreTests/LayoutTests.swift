@@ -1,4 +1,5 @@
 import CTracery
+import CTraceryShims
 import Testing
 import TraceryX86
 
@@ -23,6 +24,17 @@ import TraceryX86
     #expect(TrampolineEmitter.floatReturnOffset == offset(\tracery_call.float_return))
     // The timed handler's start time lives in the padding word.
     #expect(TrampolineEmitter.timerOffset == offset(\tracery_call.padding))
+  }
+
+  @Test func threadFieldsMatchCtraceryThread() {
+    let expected: [ThreadField: Int32] = [
+      .top: offset(\ctracery_thread.shadow_top), .limit: offset(\ctracery_thread.shadow_limit),
+      .cursor: offset(\ctracery_thread.event_cursor), .end: offset(\ctracery_thread.event_end),
+      .dropped: offset(\ctracery_thread.dropped), .overflowed: offset(\ctracery_thread.overflowed),
+      .stackLow: offset(\ctracery_thread.stack_low), .stackHigh: offset(\ctracery_thread.stack_high),
+      .mark: offset(\ctracery_thread.event_mark),
+    ]
+    for field in ThreadField.allCases { #expect(field.rawValue == expected[field], "\(field)") }
   }
 
   @Test func graphFrameMatchesTraceryGraphFrame() {

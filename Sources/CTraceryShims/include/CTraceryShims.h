@@ -201,6 +201,10 @@ struct ctracery_thread {
   /// for stale from there. 0 and UINT64_MAX when unknown.
   uint64_t stack_low;
   uint64_t stack_high;
+  /// The cursor as the recorder read it before taking an event's time: a signal handler that
+  /// recorded events between that and the event's reservation moved it (see GraphEmitter's
+  /// `putRecord`).
+  uint64_t event_mark;
 };
 long ctracery_thread_offset(void);
 struct ctracery_thread *ctracery_thread_state(void);

@@ -1,5 +1,10 @@
 import CTracery
+import CTraceryShims
 import TraceryX86
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// One graph user as a graph image sees it (see `GraphEmitter`).
 struct GraphUserCode: Equatable {
@@ -35,7 +40,7 @@ struct GraphUserCode: Equatable {
 }
 
 /// Offsets of `struct ctracery_thread` fields (CTraceryShims.h), added to the thread's TLS offset.
-enum ThreadField: Int32 {
+enum ThreadField: Int32, CaseIterable {
   case top = 0
   case limit = 8
   case cursor = 16
@@ -44,6 +49,7 @@ enum ThreadField: Int32 {
   case overflowed = 40
   case stackLow = 72
   case stackHigh = 80
+  case mark = 88
 }
 
 /// Generates the two routines of one function-graph image (the kernel's fgraph entry and
@@ -524,6 +530,17 @@ struct GraphEmitter {
   /// time bits are the previous event's: 24 bytes per call, and fewer bytes per call is fewer
   /// fresh pages, which cost more than the code that fills them. The refill leaves 8 bytes of
   /// each chunk out of `end`, so `cursor < end` means room for either kind.
+  ///
+  /// Signals: a handler may run traced calls, and record their events, anywhere in this code.
+  /// The event's bytes are reserved by one `xadd` on the cursor, so a handler's events never
+  /// land in them (read, written into, then moved, the cursor let a handler's events land where
+  /// the interrupted event then wrote its own: the file was damaged, and a program whose
+  /// handlers `siglongjmp` crashed). And the stream's times must not go backwards: the cursor is
+  /// marked before the time is taken, and when the reservation finds the mark moved, a handler
+  /// recorded in between, with later times, before this event's bytes: its time is taken again.
+  /// (A handler after the reservation writes after these bytes, with later times.) A reservation
+  /// that finds the chunk full leaves the cursor past `end`; the refill seals the chunk where its
+  /// room ended.
   /// Clobbers rax, rdx, r10; r11 survives (the refill stub saves it). Jumps to `skip` when no
   /// room could be found (the event is counted as dropped).
   private func putRecord(
@@ -537,8 +554,21 @@ struct GraphEmitter {
       w.putShl(.rdx, immediate: 32)
       w.putOr(.rax, .rdx)
     }
-    putTime(&w)
+    let size: UInt64 = kind == .entry ? 16 : 8
+    /// r10 = the reserved bytes (the cursor's old value), the cursor moved past them.
+    func putReserve(_ w: inout X86Writer) {
+      w.putMov(.r10, immediate: size)
+      w.putXadd(field(.cursor), .r10)
+    }
+    let retime = w.newLabel()
+    let checked = w.newLabel()
     w.putMov(.r10, field(.cursor))
+    w.putMov(field(.mark), .r10)
+    putTime(&w)
+    putReserve(&w)
+    w.putCmp(.r10, field(.mark))
+    w.putJcc(.notEqual, retime)
+    w.bind(checked)
     w.putCmp(.r10, field(.end))
     w.putJcc(.aboveOrEqual, full)
     w.bind(write)
@@ -550,26 +580,60 @@ struct GraphEmitter {
       w.putMov(Memory(.r10, 8), .rax)
       w.putOr(.rdx, Memory(.r11, Self.siteOffset))
       w.putMov(Memory(.r10, 0), .rdx)
-      w.putAdd(.r10, immediate: 16)
     } else {
       w.putShl(.rax, immediate: 16)
       w.putShr(.rax, immediate: 16)
       w.putOr(.rax, .rdx)
       w.putMov(Memory(.r10, 0), .rax)
-      w.putAdd(.r10, immediate: 8)
     }
-    w.putMov(field(.cursor), .r10)
+    cold.append { w in
+      // A handler recorded between the mark and the reservation: this event's bytes follow its
+      // events, so its time is taken now (exits too: the body returned before the handler ran,
+      // but its exit comes after the handler's in the stream).
+      w.bind(retime)
+      putTime(&w)
+      w.putJmp(checked)
+    }
     cold.append { [self] w in
+      let again = w.newLabel()
       w.bind(full)
+      // r10 (the reservation) survives the call.
       try self.putSlowCall(&w, refill, rspAligned: rspAligned, guardHeld: guardHeld)
       // An entry's time is taken again: the refill (a thread's first event creates its file) is
       // the tracer's time, not the call's. An exit keeps the time its body ended.
       if kind == .entry { putTime(&w) }
+      // The refill half way through a thread's first chunk only moves `end`: the reservation
+      // stands (the cursor is just past it, the mark unchanged), else the bytes stayed zero
+      // among the events. A new chunk clears the mark: its mapping may follow the old one's,
+      // and the cursor then looks just past the reservation (which then went over the new
+      // chunk's seal).
+      w.putCmp(.r10, self.field(.mark))
+      w.putJcc(.notEqual, again)
+      w.putLea(.rdx, Memory(.r10, Int32(size)))
+      w.putCmp(.rdx, self.field(.cursor))
+      w.putJcc(.notEqual, again)
+      w.putCmp(.r10, self.field(.end))
+      w.putJcc(.below, write)
+      // A new chunk (or none): bytes reserved in it as above, mark first, the time taken again
+      // (a handler may record once the refill has returned; an exit at a chunk's end shows the
+      // refill in its time).
+      let retimeAgain = w.newLabel()
+      let checkedAgain = w.newLabel()
+      w.bind(again)
       w.putMov(.r10, self.field(.cursor))
+      w.putMov(self.field(.mark), .r10)
+      putTime(&w)
+      putReserve(&w)
+      w.putCmp(.r10, self.field(.mark))
+      w.putJcc(.notEqual, retimeAgain)
+      w.bind(checkedAgain)
       w.putCmp(.r10, self.field(.end))
       w.putJcc(.below, write)
       w.putInc(self.field(.dropped))
       w.putJmp(skip)
+      w.bind(retimeAgain)
+      putTime(&w)
+      w.putJmp(checkedAgain)
     }
   }
 
@@ -587,19 +651,22 @@ struct GraphEmitter {
       return
     }
     let vectors = (0..<(preservesAll ? 16 : 8)).map { XMMRegister(UInt8($0)) }
-    // 9 words and 8 or 16 vectors: rsp 8 mod 16 after it; aligned at the call with 8 more when
-    // it was aligned before (always, after aligning it).
+    // 9 words, 8 or 16 vectors and two signal-mask words: rsp 8 mod 16 after it; aligned at the
+    // call with 8 more when it was aligned before (always, after aligning it).
     if preservesAll { putAlignStack(&w) }
-    let size = Int32(Self.callClobbered.count * 8 + vectors.count * 16) + (rspAligned || preservesAll ? 8 : 0)
+    let masks = Int32(Self.callClobbered.count * 8 + vectors.count * 16)
+    let size = masks + 16 + (rspAligned || preservesAll ? 8 : 0)
     w.putSub(.rsp, immediate: size)
     for (index, register) in Self.callClobbered.enumerated() {
       w.putMov(Memory(.rsp, 8 * Int32(index)), register)
     }
     putSaveVectors(&w, vectors, at: 72)
+    putBlockSignals(&w, at: masks)
     if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 1) }
     w.putMov(.rax, immediate: target)
     w.putCall(.rax)
     if !guardHeld { w.putMovByte(.fs(guardOffset), immediate: 0) }
+    putRestoreSignals(&w, at: masks)
     putLoadVectors(&w, vectors, at: 72)
     for (index, register) in Self.callClobbered.enumerated() {
       w.putMov(register, Memory(.rsp, 8 * Int32(index)))
@@ -618,9 +685,11 @@ struct GraphEmitter {
   /// registers and rbx (which holds rsp from before the 64-byte alignment) below.
   private func putSlowCallSavingState(_ w: inout X86Writer, _ target: UInt64, guardHeld: Bool) {
     let saved = Self.callClobbered + [.rbx]
-    let size = Int32(saved.count * 8)
+    let masks = Int32(saved.count * 8)
+    let size = masks + 16
     w.putSub(.rsp, immediate: size)
     for (index, register) in saved.enumerated() { w.putMov(Memory(.rsp, 8 * Int32(index)), register) }
+    putBlockSignals(&w, at: masks)
     w.putMov(.rbx, .rsp)
     w.putSub(.rsp, immediate: Int32(XState.current.size))
     w.putAnd(.rsp, immediate: -64)
@@ -640,9 +709,46 @@ struct GraphEmitter {
     putComponents()
     w.putXrstor64(Memory(.rsp))
     w.putMov(.rsp, .rbx)
+    putRestoreSignals(&w, at: masks)
     for (index, register) in saved.enumerated() { w.putMov(register, Memory(.rsp, 8 * Int32(index))) }
     w.putAdd(.rsp, immediate: size)
   }
+
+  /// Blocks the signals a program handles (all but the synchronous ones, which a fault raises,
+  /// and the reclaimer's snapshot signal) for the refill or set-up call, by a system call of its
+  /// own (a library's `sigprocmask` may be traced): the mask before at [rsp + offset], the one
+  /// blocked at [rsp + offset + 8]. A program's handler may `siglongjmp` out of wherever it
+  /// interrupted the program, which must not be the middle of the refill (Swift and libc code
+  /// holding locks: abandoned there, the program crashed later); it runs once the mask is back,
+  /// in generated code, which has then left nothing half done.
+  private func putBlockSignals(_ w: inout X86Writer, at offset: Int32) {
+    w.putMov(.rax, immediate: Self.handledSignals)
+    w.putMov(Memory(.rsp, offset + 8), .rax)
+    w.putMov(.rax, immediate: 14)  // rt_sigprocmask
+    w.putMov(.rdi, immediate: 0)  // SIG_BLOCK
+    w.putLea(.rsi, Memory(.rsp, offset + 8))
+    w.putLea(.rdx, Memory(.rsp, offset))
+    w.putMov(.r10, immediate: 8)
+    w.putSyscall()
+  }
+
+  /// Puts back the mask `putBlockSignals` kept at [rsp + offset]; a signal that came meanwhile
+  /// is delivered here.
+  private func putRestoreSignals(_ w: inout X86Writer, at offset: Int32) {
+    w.putMov(.rax, immediate: 14)  // rt_sigprocmask
+    w.putMov(.rdi, immediate: 2)  // SIG_SETMASK
+    w.putLea(.rsi, Memory(.rsp, offset))
+    w.putMov(.rdx, immediate: 0)
+    w.putMov(.r10, immediate: 8)
+    w.putSyscall()
+  }
+
+  /// Every signal but SIGILL, SIGTRAP, SIGBUS, SIGFPE, SIGSEGV, SIGSYS and the snapshot signal
+  /// (bit n - 1 for signal n).
+  static let handledSignals: UInt64 = {
+    let kept = [SIGILL, SIGTRAP, SIGBUS, SIGFPE, SIGSEGV, SIGSYS, ctracery_snapshot_signal()]
+    return kept.reduce(UInt64.max) { $0 & ~(1 << UInt64($1 - 1)) }
+  }()
 
   // MARK: - Return handler
 
