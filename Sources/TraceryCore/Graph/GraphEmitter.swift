@@ -643,8 +643,8 @@ struct GraphEmitter {
   private static let returnScratch: [Register] = [.rcx, .rsi, .rdi, .r8, .r9]
 
   /// Calls `void target(void)` preserving every register a C call may clobber (rax, rcx, rdx,
-  /// rsi, rdi, r8-r11, xmm0-7; xmm8-15 too when the image preserves every register), with the
-  /// guard held.
+  /// rsi, rdi, r8-r11, and the whole vector state with `xsave`, else xmm0-7, xmm8-15 too when the
+  /// image preserves every register), with the guard held and the program's signals blocked.
   private func putSlowCall(_ w: inout X86Writer, _ target: UInt64, rspAligned: Bool, guardHeld: Bool) throws {
     if XState.current.size > 0 {
       putSlowCallSavingState(&w, target, guardHeld: guardHeld)
