@@ -97,6 +97,24 @@ import TraceryTestSupport
     }
   }
 
+  /// A thread forks while others run traced calls: each child records its own calls in its own
+  /// file (it has only the forking thread), the parent's threads lose none.
+  @Test func childrenForkedFromAThreadWhileOthersRecord() throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-forkthreads")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "forkthreads", flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program], options: ["--no-libcall"])
+    #expect(recorded.status == 0 && recorded.stdout == "ok\n", "\(recorded.stderr)")
+    #expect(try RecordCommandTests.recordedCounts(trace)["work"] == 2 * 300_000 + 20 * 1000)
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.components(separatedBy: "# process ").count - 1 == 21, "\(info)")
+    #expect(info.contains("damaged         : none"), "\(info)")
+    let dropped = info.split(separator: "\n").filter { $0.contains(" dropped)") && !$0.contains(", 0 dropped)") }
+    #expect(dropped.isEmpty, "\(dropped)")
+  }
+
   @Test func aFileSizeLimitDropsEventsNotTheProgram() throws {
     let directory = try TestSupport.temporaryDirectory("reliability-limit")
     let demo = try RecordCommandTests.build(
