@@ -508,11 +508,7 @@ enum Agent {
     Files.write(Array(info.text.utf8), toDescriptor: fd)
   }
 
-  static func resolvedExecutable() -> String {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let count = readlink("/proc/thread-self/exe", &buffer, buffer.count - 1)
-    return count > 0 ? String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
-  }
+  static func resolvedExecutable() -> String { ProcessObjects.executableLink ?? "?" }
 
   /// In the child of a fork: the parent's files are not ours; start a session of our own.
   static func afterFork() {

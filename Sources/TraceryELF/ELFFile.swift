@@ -138,19 +138,14 @@ public struct ELFFile: Sendable {
       guard count <= size, offset <= size - count else { return false }
       return pread(fd, destination, Int(count), off_t(offset)) == Int(count)
     }
-    var header = [UInt8](repeating: 0, count: 64)
-    guard header.withUnsafeMutableBytes({ read(0, 64, into: $0.baseAddress!) }),
-      header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1
-    else { return nil }
+    // (Extended section numbering, e_shnum 0 or e_shstrndx 0xffff: read whole instead.)
+    guard let headers = headers(of: fd), !headers.table.isEmpty else { return nil }
+    let header = headers.header
+    var table = headers.table
     let bytes = ELFBytes(storage: header)
     let (programOffset, programCount) = (bytes.u64(32), Int(bytes.u16(56)))
-    let (sectionOffset, sectionCount) = (bytes.u64(40), Int(bytes.u16(60)))
-    guard bytes.u16(54) == 56, bytes.u16(58) == 64, sectionOffset != 0, sectionCount > 0, bytes.u16(62) < 0xff00
-    else { return nil }
-    var table = [UInt8](repeating: 0, count: sectionCount * 64)
-    guard table.withUnsafeMutableBytes({ read(sectionOffset, UInt64(sectionCount * 64), into: $0.baseAddress!) }) else {
-      return nil
-    }
+    let sectionCount = Int(bytes.u16(60))
+    guard bytes.u16(54) == 56, sectionCount > 0, bytes.u16(62) < 0xff00 else { return nil }
     // The layout: header, program headers, each kept section 8-aligned, the section table.
     func aligned(_ position: Int) -> Int { (position + 7) & ~7 }
     let programAt = 64
@@ -381,37 +376,15 @@ extension ELFFile {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return false }
     defer { close(fd) }
-    func read(_ offset: UInt64, _ count: Int) -> [UInt8]? {
-      guard count >= 0, count <= 1 << 26, offset <= UInt64(Int.max) else { return nil }
-      var buffer = [UInt8](repeating: 0, count: count)
-      let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
-      return got == count ? buffer : nil
-    }
-    func u16(_ bytes: [UInt8], _ at: Int) -> Int { Int(bytes[at]) | Int(bytes[at + 1]) << 8 }
-    func u32(_ bytes: [UInt8], _ at: Int) -> UInt64 { (0..<4).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * $1) } }
-    func u64(_ bytes: [UInt8], _ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * $1) } }
-    guard let header = read(0, 64), header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1 else {
-      return false
-    }
-    let tableOffset = u64(header, 40)
-    let entrySize = u16(header, 58)
-    var count = u16(header, 60)
-    var namesIndex = u16(header, 62)
-    guard tableOffset != 0, entrySize == 64 else { return tableOffset == 0 }
-    if count == 0 || namesIndex == 0xffff {
-      guard let first = read(tableOffset, 64) else { return false }
-      if count == 0 { count = Int(clamping: u64(first, 32)) }
-      if namesIndex == 0xffff { namesIndex = Int(u32(first, 40)) }
-    }
-    guard count > 0, count <= 1 << 20, namesIndex < count, let table = read(tableOffset, count * 64) else {
-      return false
-    }
-    let namesOffset = u64(table, namesIndex * 64 + 24)
-    let namesSize = u64(table, namesIndex * 64 + 32)
-    guard namesSize <= 1 << 24, let names = read(namesOffset, Int(namesSize)) else { return false }
+    guard let (_, table, count, namesIndex) = headers(of: fd) else { return false }
+    guard count > 0 else { return true }
+    let entries = ELFBytes(storage: table)
+    let namesOffset = entries.u64(namesIndex * 64 + 24)
+    let namesSize = entries.u64(namesIndex * 64 + 32)
+    guard namesSize <= 1 << 24, let names = readBytes(fd, namesOffset, Int(namesSize)) else { return false }
     return names.withUnsafeBufferPointer { all in
       for index in 0..<count {
-        let start = Int(u32(table, index * 64))
+        let start = Int(entries.u32(index * 64))
         guard start < all.count else { continue }
         var end = start
         while end < all.count && all[end] != 0 { end += 1 }
@@ -419,5 +392,37 @@ extension ELFFile {
       }
       return true
     }
+  }
+
+  /// `count` bytes at `offset` of `fd` (at most 64 MiB), or nil.
+  private static func readBytes(_ fd: Int32, _ offset: UInt64, _ count: Int) -> [UInt8]? {
+    guard count >= 0, count <= 1 << 26, offset <= UInt64(Int.max) else { return nil }
+    var buffer = [UInt8](repeating: 0, count: count)
+    let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+    return got == count ? buffer : nil
+  }
+
+  /// The ELF64 little-endian header of the file open at `fd` and its section table (extended
+  /// section numbering followed: the count and names' index from section 0), from the headers
+  /// alone; an empty table when the file has none. nil when they cannot be read.
+  static func headers(of fd: Int32) -> (header: [UInt8], table: [UInt8], count: Int, namesIndex: Int)? {
+    guard let header = readBytes(fd, 0, 64), header[0..<4] == [0x7f, 0x45, 0x4c, 0x46], header[4] == 2, header[5] == 1
+    else { return nil }
+    let fields = ELFBytes(storage: header)
+    let tableOffset = fields.u64(40)
+    var count = Int(fields.u16(60))
+    var namesIndex = Int(fields.u16(62))
+    guard tableOffset != 0 else { return (header, [], 0, 0) }
+    guard fields.u16(58) == 64 else { return nil }
+    if count == 0 || namesIndex == 0xffff {
+      guard let first = readBytes(fd, tableOffset, 64) else { return nil }
+      let section = ELFBytes(storage: first)
+      if count == 0 { count = Int(clamping: section.u64(32)) }
+      if namesIndex == 0xffff { namesIndex = Int(section.u32(40)) }
+    }
+    guard count > 0, count <= 1 << 20, namesIndex < count, let table = readBytes(fd, tableOffset, count * 64) else {
+      return nil
+    }
+    return (header, table, count, namesIndex)
   }
 }

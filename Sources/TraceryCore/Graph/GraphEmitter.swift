@@ -555,19 +555,20 @@ struct GraphEmitter {
       w.putOr(.rax, .rdx)
     }
     let size: UInt64 = kind == .entry ? 16 : 8
-    /// r10 = the reserved bytes (the cursor's old value), the cursor moved past them.
-    func putReserve(_ w: inout X86Writer) {
+    /// Mark, time (rax), reservation: r10 = the reserved bytes (the cursor's old value), the
+    /// cursor moved past them; to `retime` when a handler recorded in between.
+    func putReservation(_ w: inout X86Writer, retime: Label) {
+      w.putMov(.r10, field(.cursor))
+      w.putMov(field(.mark), .r10)
+      putTime(&w)
       w.putMov(.r10, immediate: size)
       w.putXadd(field(.cursor), .r10)
+      w.putCmp(.r10, field(.mark))
+      w.putJcc(.notEqual, retime)
     }
     let retime = w.newLabel()
     let checked = w.newLabel()
-    w.putMov(.r10, field(.cursor))
-    w.putMov(field(.mark), .r10)
-    putTime(&w)
-    putReserve(&w)
-    w.putCmp(.r10, field(.mark))
-    w.putJcc(.notEqual, retime)
+    putReservation(&w, retime: retime)
     w.bind(checked)
     w.putCmp(.r10, field(.end))
     w.putJcc(.aboveOrEqual, full)
@@ -620,12 +621,7 @@ struct GraphEmitter {
       let retimeAgain = w.newLabel()
       let checkedAgain = w.newLabel()
       w.bind(again)
-      w.putMov(.r10, self.field(.cursor))
-      w.putMov(self.field(.mark), .r10)
-      putTime(&w)
-      putReserve(&w)
-      w.putCmp(.r10, self.field(.mark))
-      w.putJcc(.notEqual, retimeAgain)
+      putReservation(&w, retime: retimeAgain)
       w.bind(checkedAgain)
       w.putCmp(.r10, self.field(.end))
       w.putJcc(.below, write)

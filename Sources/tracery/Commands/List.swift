@@ -102,8 +102,7 @@ struct List: ParsableCommand {
           continue
         }
         // Functions that cannot be traced are listed too, with why (not counted as patchable).
-        let refused = planned.keys.filter { if case .refused = planned[$0]! { true } else { false } }
-        let rows = (patchable + refused).sorted().filter { index in
+        let rows = (table.patchableFunctions + planned.keys).sorted().filter { index in
           glob.map { Demangler.anyForm(of: table.functions[index].name, matches: $0.matches) } ?? true
         }
         totalMatched += rows.count
