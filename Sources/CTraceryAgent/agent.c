@@ -6,6 +6,9 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdarg.h>
+#include <linux/seccomp.h>
+#include <sys/syscall.h>
 
 #include "CTraceryAgent.h"
 
@@ -160,3 +163,35 @@ void tracery_agent_set_next(void *open, void *close) {
 }
 uint64_t tracery_agent_dlopen_code(void) { return (uint64_t)(uintptr_t)agent_dlopen; }
 uint64_t tracery_agent_dlclose_code(void) { return (uint64_t)(uintptr_t)agent_dlclose; }
+
+// A seccomp filter may kill the process for a system call it does not list, and the agent makes
+// its own (chunks mapped and written, files sealed at exit): before a filter goes in, through
+// `prctl(PR_SET_SECCOMP)` or `syscall(SYS_seccomp)`, the agent stops making any
+// (`Agent.enterSandbox`). A filter installed by a raw system call instruction is not seen.
+#define TRACERY_PR_SET_SECCOMP 22
+
+int prctl(int option, ...) {
+  va_list list;
+  va_start(list, option);
+  unsigned long a2 = va_arg(list, unsigned long), a3 = va_arg(list, unsigned long);
+  unsigned long a4 = va_arg(list, unsigned long), a5 = va_arg(list, unsigned long);
+  va_end(list);
+  static int (*next)(int, ...);
+  if (next == NULL) next = (int (*)(int, ...))dlsym(RTLD_NEXT, "prctl");
+  if (option == TRACERY_PR_SET_SECCOMP) tracery_agent_sandboxing();
+  return next(option, a2, a3, a4, a5);
+}
+
+long syscall(long number, ...) {
+  va_list list;
+  va_start(list, number);
+  long a1 = va_arg(list, long), a2 = va_arg(list, long), a3 = va_arg(list, long);
+  long a4 = va_arg(list, long), a5 = va_arg(list, long), a6 = va_arg(list, long);
+  va_end(list);
+  static long (*next)(long, ...);
+  if (next == NULL) next = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+  if (number == SYS_seccomp && (a1 == SECCOMP_SET_MODE_STRICT || a1 == SECCOMP_SET_MODE_FILTER)) {
+    tracery_agent_sandboxing();
+  }
+  return next(number, a1, a2, a3, a4, a5, a6);
+}

@@ -448,6 +448,9 @@ static void answer_snapshot_after_trap(ucontext_t *uc) {
 
 int ctracery_snapshot_signal(void) { return SIGRTMAX - 1; }
 
+static uint8_t sandboxed;
+uint8_t *ctracery_sandboxed(void) { return &sandboxed; }
+
 void ctracery_publish_moves(const struct ctracery_move_table *table) {
   atomic_store_explicit(&published_moves, table, memory_order_seq_cst);
 }

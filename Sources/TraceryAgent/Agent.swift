@@ -528,11 +528,25 @@ enum Agent {
     guard enterRefill() else { return }
     defer { leaveRefill() }
     let state = ctracery_thread_state()!
+    if sandboxed {
+      // No system call: the current chunk is used to its end (its pages fault in), then events
+      // are dropped and counted; a thread without a file drops them uncounted.
+      guard state.pointee.owner > 1 else { return }
+      let file = ThreadRecording.of(state).file
+      if file.chunkEnd != 0, state.pointee.event_end < file.chunkEnd - 8 {
+        state.pointee.event_end = file.chunkEnd - 8
+      } else {
+        file.countDropped()
+      }
+      return
+    }
     if state.pointee.owner > 1, ThreadRecording.of(state).recording != Agent.recording {
       // A file of an earlier recording (`record -p` detached since; `forceRefills` sent this
       // thread here): closed by its own thread. Its last events were the exits of calls that
       // recording saw begin.
-      _ = ThreadRecording.take(state.pointee.owner).file.close(cursor: state.pointee.event_cursor)
+      let earlier = ThreadRecording.take(state.pointee.owner)
+      earlier.countOverflowed(state)
+      _ = earlier.file.close(cursor: state.pointee.event_cursor)
       state.pointee.owner = 0
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
@@ -549,7 +563,7 @@ enum Agent {
         state.pointee.owner = 1  // no file: this thread's events are dropped (counted in its state)
         return
       }
-      let owner = ThreadRecording(file: created, recording: Agent.recording)
+      let owner = ThreadRecording(file: created, recording: Agent.recording, overflowed: state.pointee.overflowed)
       state.pointee.owner = UInt64(UInt(bitPattern: Unmanaged.passRetained(owner).toOpaque()))
       pthread_setspecific(Agent.threadKey, UnsafeRawPointer(bitPattern: 1))
       // The process file lists its threads: a reader tells a deleted thread file from one
@@ -625,8 +639,13 @@ enum Agent {
       state.pointee.owner = 1
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
-      if owner > 1 {
+      if owner > 1, Agent.sandboxed {
         let thread = ThreadRecording.take(owner)
+        thread.countOverflowed(state)
+        thread.file.finishInPlace(cursor: cursor)
+      } else if owner > 1 {
+        let thread = ThreadRecording.take(owner)
+        thread.countOverflowed(state)
         let end = thread.file.close(cursor: cursor)
         // (A file of an earlier recording is not listed in this one's process file.)
         if thread.recording == Agent.recording { Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
@@ -637,6 +656,27 @@ enum Agent {
 }
 
 extension Agent {
+  /// Whether the program installed a seccomp filter (`enterSandbox`).
+  static var sandboxed: Bool { ctracery_sandboxed().pointee != 0 }
+
+  /// Just before the program installs a seccomp filter (`prctl(PR_SET_SECCOMP)` or the
+  /// `seccomp` system call through `syscall`: the agent's interposers; a filter installed by
+  /// other means is not seen): the filter may kill the process for any system call it does not
+  /// list (OpenSSH's and browsers' sandboxes do), and the agent's are not the program's. From
+  /// here on the agent makes none in this process: the process file says so now; refills and
+  /// set-ups are drawn from no more (each thread writes to the end of the chunk it has, then
+  /// its events are dropped and counted; threads not yet recording are not traced); the helper
+  /// is left idle; exits seal in place; objects loaded later are not traced. Refills in flight
+  /// and the helper's jobs finish first.
+  static func enterSandbox() {
+    guard !sandboxed else { return }
+    appendToProcessFile("sandboxed \(ctracery_gettid())")
+    stopRefills()
+    EventFile.quiesceHelper()
+    ctracery_sandboxed().pointee = 1
+    allowRefills()
+  }
+
   /// The process file of this session (set by `writeProcessInfo`).
   nonisolated(unsafe) static var processPath = ""
 
@@ -662,8 +702,19 @@ extension Agent {
     waitToEnterRefill()
     defer { leaveRefill() }
     let state = ctracery_thread_state()!
+    if sandboxed {
+      if state.pointee.owner > 1 {
+        let thread = ThreadRecording.of(state)
+        thread.countOverflowed(state)
+        thread.file.finishInPlace(cursor: state.pointee.event_cursor)
+        state.pointee.event_cursor = 0
+        state.pointee.event_end = 0
+      }
+      return
+    }
     if state.pointee.owner > 1 {
       let thread = ThreadRecording.of(state)
+      thread.countOverflowed(state)
       let end = thread.file.finish(cursor: state.pointee.event_cursor)
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
@@ -679,28 +730,48 @@ extension Agent {
 @_cdecl("tracery_agent_start")
 public func traceryAgentStart() { Agent.guarded { Agent.start() } }
 
+// (Sandboxed, objects loaded or unloaded later are left as they are: patching takes system calls.)
 @_cdecl("tracery_agent_loaded")
-public func traceryAgentLoaded() { Agent.guarded { Agent.loaded() } }
+public func traceryAgentLoaded() {
+  guard !Agent.sandboxed else { return }
+  Agent.guarded { Agent.loaded() }
+}
 
 @_cdecl("tracery_agent_unloading")
 public func traceryAgentUnloading(_ name: UnsafePointer<CChar>, _ bias: UInt) {
+  guard !Agent.sandboxed else { return }
   Agent.guarded { Agent.unloading(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias)) }
 }
 
 @_cdecl("tracery_agent_unloaded")
 public func traceryAgentUnloaded(_ name: UnsafePointer<CChar>, _ bias: UInt) {
+  guard !Agent.sandboxed else { return }
   Agent.guarded { Agent.unloaded(path: ProcessObjects.path(ofLoaded: String(cString: name)), bias: UInt64(bias)) }
 }
+
+@_cdecl("tracery_agent_sandboxing")
+public func traceryAgentSandboxing() { Agent.guarded { Agent.enterSandbox() } }
 
 /// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the
 /// recording it belongs to.
 final class ThreadRecording {
   let file: EventFile
   let recording: UInt64
+  /// The thread's count of calls its full shadow stack left untraced when the file began.
+  let overflowedBefore: UInt64
 
-  init(file: EventFile, recording: UInt64) {
+  init(file: EventFile, recording: UInt64, overflowed: UInt64) {
     self.file = file
     self.recording = recording
+    self.overflowedBefore = overflowed
+  }
+
+  /// Counts in the file's header, as dropped events (an entry and an exit each), the calls the
+  /// thread's full shadow stack left untraced (65,535 frames deep) since the file began: called
+  /// by the owning thread before its file is finished.
+  func countOverflowed(_ state: UnsafeMutablePointer<ctracery_thread>) {
+    let calls = state.pointee.overflowed &- overflowedBefore
+    if calls > 0, calls < 1 << 62 { file.countDropped(2 * calls) }
   }
 
   /// The owner of `state` (its owner word must hold one: > 1).

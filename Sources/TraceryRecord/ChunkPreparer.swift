@@ -29,6 +29,8 @@ final class ChunkPreparer: @unchecked Sendable {
   private var running = false
   /// The helper is sealing a chunk now (`drain` waits for it).
   private var retiring = false
+  /// The helper runs a job now (`quiesce` waits for it).
+  private var working = false
   private let idle: UnsafeMutablePointer<pthread_cond_t>
 
   private init() {
@@ -46,6 +48,7 @@ final class ChunkPreparer: @unchecked Sendable {
         preparer.queue = []
         preparer.running = false
         preparer.retiring = false
+        preparer.working = false
         pthread_mutex_unlock(preparer.mutex)
       })
   }
@@ -103,6 +106,15 @@ final class ChunkPreparer: @unchecked Sendable {
     for (address, size, length) in waiting { Self.retire(UnsafeMutableRawPointer(bitPattern: address)!, size, length) }
   }
 
+  /// Waits until the helper has run every job asked for and is waiting for the next: before the
+  /// program installs a seccomp filter, which may kill the process for the helper's system
+  /// calls (after it, nothing asks the helper for anything: `Agent.enterSandbox`).
+  func quiesce() {
+    pthread_mutex_lock(mutex)
+    while running && (!queue.isEmpty || working) { pthread_cond_wait(idle, mutex) }
+    pthread_mutex_unlock(mutex)
+  }
+
   private func serve() -> UnsafeMutableRawPointer? {
     EventFile.helperThreadStarts?()
     while true {
@@ -110,16 +122,18 @@ final class ChunkPreparer: @unchecked Sendable {
       while queue.isEmpty { pthread_cond_wait(wake, mutex) }
       let job = queue.removeFirst()
       if case .retire = job { retiring = true }
+      working = true
       pthread_mutex_unlock(mutex)
       switch job {
       case .prepare(let file, let index): file.prepare(index)
       case .retire(let address, let size, let length):
         Self.retire(UnsafeMutableRawPointer(bitPattern: address)!, size, length)
-        pthread_mutex_lock(mutex)
-        retiring = false
-        pthread_cond_broadcast(idle)
-        pthread_mutex_unlock(mutex)
       }
+      pthread_mutex_lock(mutex)
+      retiring = false
+      working = false
+      pthread_cond_broadcast(idle)
+      pthread_mutex_unlock(mutex)
     }
   }
 }

@@ -324,10 +324,10 @@ public final class EventFile: @unchecked Sendable {
     return body()
   }
 
-  /// One more event that found no room (kept in the header: every reader shows it).
-  public func countDropped() {
+  /// More events that found no room (kept in the header: every reader shows it).
+  public func countDropped(_ events: UInt64 = 1) {
     let dropped = header.load(fromByteOffset: TraceFormat.Header.dropped, as: UInt64.self)
-    header.storeBytes(of: dropped + 1, toByteOffset: TraceFormat.Header.dropped, as: UInt64.self)
+    header.storeBytes(of: dropped &+ events, toByteOffset: TraceFormat.Header.dropped, as: UInt64.self)
   }
 
   /// Seals the current chunk (its events end at `cursor`) on this thread, and takes no chunk
@@ -351,6 +351,18 @@ public final class EventFile: @unchecked Sendable {
 
   /// At process exit: seals the chunks other threads left that the helper has not sealed yet.
   public static func sealLeftChunks() { ChunkPreparer.shared.drain() }
+
+  /// Waits until the helper thread has done every job asked for (`ChunkPreparer.quiesce`).
+  public static func quiesceHelper() { ChunkPreparer.shared.quiesce() }
+
+  /// In a sandboxed process (no system call allowed: `Agent.enterSandbox`): seals the current
+  /// chunk (its events end at `cursor`) in place, leaving it mapped (the kernel writes a shared
+  /// mapping's pages back after the process is gone), and takes no chunk after it.
+  public func finishInPlace(cursor: UInt64) {
+    if let chunk { ChunkSeal.seal(chunk, length: sealedLength(cursor)) }
+    chunk = nil
+    finished = true
+  }
 
   /// `finish`es the file (events end at `cursor`) and gives it back: at thread exit.
   @discardableResult

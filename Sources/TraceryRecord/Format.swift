@@ -187,12 +187,13 @@ public struct Event: Sendable, Equatable {
       decoded: Decoded, size: Int
     )? {
       let event = EventWord(raw: word)
-      let depth = event.depth
       switch event.kind {
       case EventWord.entryKind:
         guard let timestamp = load(8) else { return nil }
+        let depth = depth(of: event, entry: true)
         return (.event(Event(timestamp: timestamp, site: event.low, depth: depth, kind: .entry)), 16)
       case EventWord.exitKind:
+        let depth = depth(of: event, entry: false)
         var timestamp = last & ~EventWord.lowMask | event.low
         if timestamp < last { timestamp &+= EventWord.lowMask + 1 }
         let site = depth < sites.count ? sites[depth] : 0
@@ -206,6 +207,21 @@ public struct Event: Sendable, Equatable {
       default:
         return nil
       }
+    }
+
+    /// The depth an entry or exit word stands for. Its field keeps the depth modulo 2^14, and
+    /// calls nest deeper than that (a recursion 100,000 deep): the depth is the one, among
+    /// those the field allows, nearest to the one the open entries lead to expect (an entry
+    /// opens at `openDepth`, an exit closes `openDepth - 1`). Shallower than 8,192, the field.
+    @inline(__always) public func depth(of event: EventWord, entry: Bool) -> Int {
+      let field = event.depth
+      let expected = sites.count - (entry ? 0 : 1)
+      let span = Int(EventWord.depthMask) + 1
+      guard expected >= span / 2 else { return field }
+      let depth = expected & ~(span - 1) | field
+      if depth - expected > span / 2 { return depth - span }
+      if expected - depth > span / 2 { return depth + span }
+      return depth
     }
 
     /// Takes an event `peek` returned. An entry deeper than the open ones (after damage) opens
@@ -304,6 +320,10 @@ public struct TracedProcess: Sendable, Equatable {
   /// Whether the process ran its exit (an `end` line): false for one killed, crashed, still
   /// running, or replaced by `exec`.
   public var ended = false
+  /// The thread that installed a seccomp filter (`sandboxed TID`, appended by the agent just
+  /// before): the agent made no system call after it, so each thread recorded to the end of the
+  /// chunk it had, dropped (and counted) the rest, and the exit wrote no `end`.
+  public var sandboxedBy: Int32?
 
   public init(
     session: String, pid: Int32, parent: Int32, executable: String, arguments: [String], ticksPerNanosecond: Double,
@@ -337,6 +357,7 @@ public struct TracedProcess: Sendable, Equatable {
     lines += objects.map(\.line)
     lines += threads.map { "thread \($0)" }
     lines += threadEnds.sorted { $0.key < $1.key }.map { "thread-end \($0.key) \($0.value)" }
+    if let sandboxedBy { lines.append("sandboxed \(sandboxedBy)") }
     if ended { lines.append("end") }
     // Not `joined(separator:)`: its unspecialized path looks up associated types by name at the
     // first call (~0.05 ms of every traced process's start, where the agent writes this).
@@ -419,6 +440,7 @@ public struct TracedProcess: Sendable, Equatable {
     trappedFunctions = fields["trapped-functions"].flatMap { Int($0) } ?? 0
     untracedFunctions = fields["untraced-functions"].flatMap { Int($0) } ?? 0
     asyncFunctions = fields["async-functions"].flatMap { Int($0) } ?? 0
+    sandboxedBy = fields["sandboxed"].flatMap { Int32($0) }
   }
 }
 

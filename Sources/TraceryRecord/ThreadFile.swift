@@ -403,18 +403,19 @@ public struct EventCursor {
   private func fastEvent(at offset: Int, end: Int) -> (Event, Int)? {
     let word = source.word(offset)
     let event = EventWord(raw: word)
-    let depth = event.depth
     let open = decoder.openDepth
     switch event.kind {
     case EventWord.entryKind where offset + 16 <= chunkLimit:
+      let depth = decoder.depth(of: event, entry: true)
       let timestamp = source.word(offset + 8)
       let site = event.low
       guard site != 0, site < 1 << 47, timestamp != 0, timestamp &+ Self.backwardsSlack >= decoder.last,
-        timestamp < decoder.last &+ Self.forwardWindow, gapsExpected || open >= Self.checkedDepth || depth <= open
+        timestamp < decoder.last &+ Self.forwardWindow, gapsExpected || depth <= open
       else { return nil }
       return (Event(timestamp: timestamp, site: site, depth: depth, kind: .entry), 16)
     case EventWord.exitKind:
-      guard gapsExpected || open >= Self.checkedDepth || depth < open else { return nil }
+      let depth = decoder.depth(of: event, entry: false)
+      guard gapsExpected || depth < open else { return nil }
       guard case .event(let event)? = decoder.peek(word, load: { _ in nil }, byteAt: { _ in nil })?.decoded else {
         return nil
       }
@@ -534,8 +535,6 @@ public struct EventCursor {
     self.damaged = nil
   }
 
-  /// Depths beyond this wrap (events keep the depth modulo 2^14): not checked there.
-  private static let checkedDepth = 0x3fff
   private static let backwardsSlack: UInt64 = 1 << 32
   private static let forwardWindow: UInt64 = 1 << 52
 
@@ -547,7 +546,7 @@ public struct EventCursor {
     let open = decoder.openDepth + (swallowed ?? 0)
     // A file's first events may close or nest in calls made before it began (a fork child's
     // inherited frames): no depth to check them against.
-    let checkDepth = !gapsExpected && open < checkedDepth && eventsBefore
+    let checkDepth = !gapsExpected && eventsBefore
     switch decoded {
     case .values:
       return swallowed == nil && eventsBefore

@@ -97,6 +97,59 @@ import TraceryTestSupport
     }
   }
 
+  /// A recursion deeper than an event's depth field (14 bits) reads back whole; one deeper than
+  /// the shadow stack (65,535 frames) records the calls it has room for and counts the others
+  /// as dropped events (an entry and an exit each). Before: the reader took the wrapped depth
+  /// for damage, and the calls past the shadow stack were lost without a count.
+  @Test(arguments: [20000, 70000])
+  func recursionDeeperThanTheDepthFieldAndTheShadowStack(depth: Int) throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-deep-\(depth)")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program("deep", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, String(depth)], options: ["--no-libcall"])
+    #expect(recorded.status == 0 && recorded.stdout == "\(depth) 10\n", "\(recorded.stderr)")
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("damaged         : none"), "\(info)")
+    let dropped = info.split(separator: "\n").compactMap { line -> Int? in
+      guard let range = line.range(of: #"(\d+) dropped\)"#, options: .regularExpression) else { return nil }
+      return Int(line[range].split(separator: " ")[0])
+    }.reduce(0, +)
+    let calls = depth + 1 + 11
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    if depth < 65_000 {
+      #expect(counts["down"] == calls && dropped == 0, "\(counts) \(info)")
+    } else {
+      #expect(dropped > 0 && (counts["down"] ?? 0) + dropped / 2 == calls, "\(counts) \(info)")
+    }
+  }
+
+  /// A program that sandboxes itself with a seccomp filter that kills the process for any
+  /// system call it does not list (the agent's mappings, writes and seals are not listed): it
+  /// runs as untraced, its threads' events up to the end of the chunks they had are in the trace
+  /// (whole), the rest are counted as dropped, and `info` says why. Both ways in: `prctl` on the
+  /// calling thread, and `syscall(SYS_seccomp)` with TSYNC while a worker thread records (and
+  /// then exits under the filter). Before: killed by SIGSYS at its next refill.
+  @Test(arguments: ["syscall", "prctl"])
+  func aProgramThatSandboxesItselfRunsAsUntraced(way: String) throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-sandboxed-\(way)")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "sandboxed", flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
+    for run in 0..<3 {
+      let trace = directory.appendingPathComponent("trace-\(run)")
+      let recorded = try RecordCommandTests.record(trace, [program, way], options: ["--no-libcall"])
+      #expect(recorded.status == 0, "run \(run): \(recorded.stderr)")
+      #expect(recorded.stdout == "before 1499500\nafter 134999850000\n", "run \(run): \(recorded.stdout)")
+      let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+      #expect(info.contains("damaged         : none") && info.contains("sandboxed: thread"), "run \(run): \(info)")
+      #expect(!info.contains(", 0 dropped)"), "run \(run): \(info)")
+      let counts = try RecordCommandTests.recordedCounts(trace)
+      #expect(counts["main"] == 1 && (counts["work"] ?? 0) >= 2 && (counts["leaf"] ?? 0) >= 1000, "\(counts)")
+      try? FileManager.default.removeItem(at: trace)
+    }
+  }
+
   /// A thread forks while others run traced calls: each child records its own calls in its own
   /// file (it has only the forking thread), the parent's threads lose none.
   @Test func childrenForkedFromAThreadWhileOthersRecord() throws {

@@ -9,6 +9,8 @@ void tracery_agent_loaded(void);
 /// Around a dlclose of the object at `path` loaded at `bias`.
 void tracery_agent_unloading(const char *path, unsigned long bias);
 void tracery_agent_unloaded(const char *path, unsigned long bias);
+/// Before the program installs a seccomp filter: the agent makes no system call after it.
+void tracery_agent_sandboxing(void);
 
 #include <stdint.h>
 /// `record -p`: while on, the dlopen/dlclose hooks run (preloaded, TRACERY_DIR says so); the

@@ -136,6 +136,11 @@ uint64_t ctracery_traps_handled(void);
 
 /// The signal used for snapshots: SIGRTMAX - 1.
 int ctracery_snapshot_signal(void);
+/// Set once the program installs a seccomp filter (the agent's `prctl`/`syscall` interposers):
+/// from then on Tracery makes no system call of its own in this process (the filter may kill
+/// the process for one it does not list). Generated code reads the byte at this address before
+/// it blocks signals around a refill or a thread's set-up.
+uint8_t *ctracery_sandboxed(void);
 /// The general-purpose registers a snapshot reports besides rip and rsp (rax ... r15 but rsp).
 #define CTRACERY_SNAPSHOT_REGISTERS 15
 /// Asks thread `tid` for its rip, rsp and other general-purpose registers (`registers`:

@@ -157,6 +157,11 @@ enum GraphThreads {
   static let setupThread: @convention(c) () -> Void = {
     let state = ctracery_thread_state()!
     guard state.pointee.shadow_top == 0 else { return }
+    // A sandboxed process (seccomp): no mapping may be asked for; the thread is never traced.
+    guard ctracery_sandboxed().pointee == 0 else {
+      state.pointee.shadow_top = 1
+      return
+    }
     _ = catchHookInstalled
     let size = GraphThreads.frames * (Int(GraphEmitter.frameSize) + 8)
     let memory = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -192,7 +197,10 @@ enum GraphThreads {
     state.pointee.shadow_top = 1
     state.pointee.shadow_limit = 0
     ctracery_unregister_shadow_thread(state)
-    if base != 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(state.pointee.shadow_size)) }
+    // (Sandboxed: kept mapped, no system call.)
+    if base != 0, ctracery_sandboxed().pointee == 0 {
+      munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(state.pointee.shadow_size))
+    }
     state.pointee.shadow_base = 0
   }
 

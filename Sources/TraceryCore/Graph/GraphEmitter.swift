@@ -717,7 +717,18 @@ struct GraphEmitter {
   /// interrupted the program, which must not be the middle of the refill (Swift and libc code
   /// holding locks: abandoned there, the program crashed later); it runs once the mask is back,
   /// in generated code, which has then left nothing half done.
+  /// In a sandboxed process (`ctracery_sandboxed`) no system call: the mask word at
+  /// [rsp + offset] is then all ones, which no real mask is (SIGKILL is never blocked), and
+  /// `putRestoreSignals` makes none either.
   private func putBlockSignals(_ w: inout X86Writer, at offset: Int32) {
+    let block = w.newLabel()
+    let done = w.newLabel()
+    w.putMov(.rax, immediate: UInt64(UInt(bitPattern: ctracery_sandboxed())))
+    w.putCmpByte(Memory(.rax, 0), immediate: 0)
+    w.putJcc(.equal, block)
+    w.putMov(Memory(.rsp, offset), immediate: -1)
+    w.putJmp(done)
+    w.bind(block)
     w.putMov(.rax, immediate: Self.handledSignals)
     w.putMov(Memory(.rsp, offset + 8), .rax)
     w.putMov(.rax, immediate: 14)  // rt_sigprocmask
@@ -726,17 +737,22 @@ struct GraphEmitter {
     w.putLea(.rdx, Memory(.rsp, offset))
     w.putMov(.r10, immediate: 8)
     w.putSyscall()
+    w.bind(done)
   }
 
   /// Puts back the mask `putBlockSignals` kept at [rsp + offset]; a signal that came meanwhile
-  /// is delivered here.
+  /// is delivered here. Nothing when none was blocked (the word is all ones).
   private func putRestoreSignals(_ w: inout X86Writer, at offset: Int32) {
+    let done = w.newLabel()
+    w.putCmp(Memory(.rsp, offset), immediate: -1)
+    w.putJcc(.equal, done)
     w.putMov(.rax, immediate: 14)  // rt_sigprocmask
     w.putMov(.rdi, immediate: 2)  // SIG_SETMASK
     w.putLea(.rsi, Memory(.rsp, offset))
     w.putMov(.rdx, immediate: 0)
     w.putMov(.r10, immediate: 8)
     w.putSyscall()
+    w.bind(done)
   }
 
   /// Every signal but SIGILL, SIGTRAP, SIGBUS, SIGFPE, SIGSEGV, SIGSYS and the snapshot signal

@@ -61,6 +61,11 @@ struct Info: ParsableCommand {
 
   static func ending(of process: TracedProcess, in trace: Trace) -> String {
     if process.ended { return "exit ran (the exiting thread's events sealed)" }
+    if let thread = process.sandboxedBy {
+      return
+        "sandboxed: thread \(thread) installed a seccomp filter, and the recorder made no system call after it "
+        + "(each thread wrote to the end of the chunk it had; later events dropped and counted)"
+    }
     let parts = process.session.split(separator: ".")
     if parts.count == 2, let generation = Int(parts[1]),
       trace.processes.contains(where: { $0.session == "\(parts[0]).\(generation + 1)" })

@@ -68,7 +68,7 @@ enum TraceReading {
     if dropped > 0 {
       FileHandle.standardError.write(
         Data(
-          "tracery: \(dropped) events were dropped (buffer limit, full disk or file-size limit); the trace is incomplete\n"
+          "tracery: \(dropped) events were dropped (buffer limit, full disk, file-size limit, seccomp sandbox or a recursion deeper than 65,535 calls); the trace is incomplete\n"
             .utf8))
     }
   }
