@@ -23,6 +23,8 @@ import TraceryRecord
 enum Agent {
   struct Configuration {
     let directory: String
+    /// The directory by a kept descriptor: files are made in it after a chroot too.
+    let traceDirectory: TraceDirectory
     let match: String?
     let depth: Int?
     let bufferLimit: Int
@@ -76,8 +78,10 @@ enum Agent {
       _ = message.withCString { write(2, $0, strlen($0)) }
       return
     }
+    guard let traceDirectory = TraceDirectory(path: directory) else { return }
     let configuration = Configuration(
-      directory: directory, match: environment.match, depth: environment.depth, bufferLimit: environment.bufferLimit)
+      directory: directory, traceDirectory: traceDirectory, match: environment.match, depth: environment.depth,
+      bufferLimit: environment.bufferLimit)
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
     // (Listing the loaded objects is start-up work a process that relocates nothing skips.)
@@ -476,18 +480,21 @@ enum Agent {
     guard let configuration else { return }
     let pid = getpid()
     var generation = 0
-    var path = ""
-    var fd: Int32 = -1
+    // (In a fork child: the parent's, inherited, is not this process's.)
+    processFile?.close()
+    processFile = nil
+    var created: CheckedFile?
     while true {
-      path = "\(configuration.directory)/process-\(pid).\(generation).info"
-      fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
-      if fd >= 0 { break }
+      // Kept open for the lines appended later (they land after a chroot or a privilege drop
+      // too), opened again (appending) when the program closed it.
+      created = configuration.traceDirectory.create(
+        "process-\(pid).\(generation).info", flags: O_WRONLY, reopenFlags: O_WRONLY | O_APPEND)
+      if created != nil { break }
       guard errno == EEXIST, generation < 1000 else { return }
       generation += 1
     }
-    defer { close(fd) }
+    guard let created else { return }
     session = "\(pid).\(generation)"
-    processPath = path
     let arguments =
       Files.read("/proc/thread-self/cmdline").map { bytes in
         bytes.split(separator: 0, omittingEmptySubsequences: false).dropLast().map {
@@ -505,7 +512,11 @@ enum Agent {
     info.trappedFunctions = trappedFunctions
     info.untracedFunctions = untracedFunctions
     info.asyncFunctions = leftOutAsync
-    Files.write(Array(info.text.utf8), toDescriptor: fd)
+    _ = created.withDescriptor { fd -> Bool in
+      Files.write(Array(info.text.utf8), toDescriptor: fd)
+      return fcntl(fd, F_SETFL, O_APPEND) == 0
+    }
+    processFile = created
   }
 
   static func resolvedExecutable() -> String { ProcessObjects.executableLink ?? "?" }
@@ -557,10 +568,12 @@ enum Agent {
       guard let configuration = Agent.configuration else { return }
       guard
         let created = EventFile(
-          path: "\(configuration.directory)/\(Agent.session)-\(ctracery_gettid()).events", pid: getpid(),
+          in: configuration.traceDirectory, name: "\(Agent.session)-\(ctracery_gettid()).events", pid: getpid(),
           tid: ctracery_gettid(), chunkSize: Configuration.chunkSize, limit: configuration.bufferLimit)
       else {
         state.pointee.owner = 1  // no file: this thread's events are dropped (counted in its state)
+        // (Readers say so: the program dropped its privileges, say, before this thread began.)
+        appendToProcessFile("thread-unrecorded \(ctracery_gettid())")
         return
       }
       let owner = ThreadRecording(file: created, recording: Agent.recording, overflowed: state.pointee.overflowed)
@@ -677,18 +690,15 @@ extension Agent {
     allowRefills()
   }
 
-  /// The process file of this session (set by `writeProcessInfo`).
-  nonisolated(unsafe) static var processPath = ""
+  /// The process file of this session (made by `writeProcessInfo`).
+  nonisolated(unsafe) static var processFile: CheckedFile?
 
   /// Appends one line to the process file (one write with O_APPEND: lines of several threads do
   /// not interleave).
   static func appendToProcessFile(_ line: String) {
-    guard !processPath.isEmpty else { return }
-    let fd = open(processPath, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
-    guard fd >= 0 else { return }
+    guard let processFile else { return }
     let text = line + "\n"
-    _ = text.withCString { write(fd, $0, strlen($0)) }
-    close(fd)
+    _ = processFile.withDescriptor { fd in text.withCString { write(fd, $0, strlen($0)) } }
   }
 
   /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the

@@ -121,11 +121,13 @@ extension Agent {
     LibraryCalls.uninstall(libraryCallStubs)
     libraryCallStubs = []
     stopRefills()
+    configuration?.traceDirectory.close()
     configuration = nil
     recording &+= 1
     EventFile.sealLeftChunks()
     appendToProcessFile("end")
-    processPath = ""
+    processFile?.close()
+    processFile = nil
     allowRefills()
     forceRefills()
     Tracer.shared.reclaim()

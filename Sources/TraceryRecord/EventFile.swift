@@ -15,29 +15,19 @@
 /// helper, which then unmaps it (`nextChunk`), or by the thread itself at its exit or the
 /// process's (`finish`, `close`).
 ///
-/// The file's descriptor is the program's as much as ours: a program may close every descriptor
-/// it did not open (`closefrom`, a loop up to the limit: daemons, OpenSSH) and open its own
-/// files, which then get our number. Before every use the descriptor is checked to still be this
-/// file (device and inode), else the file is opened again by its path; a descriptor that has
-/// become the program's is never written or closed. (Kept open, the zeros of the next chunk and
-/// then the chunk's events went into the program's own file.)
+/// The file's descriptor is the program's as much as ours (a program may close every descriptor
+/// it did not open and open its own files, which then get our number): it is a `CheckedFile`,
+/// checked before every use and opened again through the trace directory's kept descriptor.
+/// (Used unchecked, the zeros of the next chunk and then the chunk's events went into the
+/// program's own file.)
 ///
 /// Protocol: only the owning thread calls `nextChunk`, `prepareNext`, `countDropped`, `finish` and
 /// `close` (the agent calls them from the recorder's refill, with the recursion guard held, and
-/// at exit); only the helper calls `prepare`. `prepared` is shared by both, under `lock`; the
-/// descriptor under `fileLock`, held while it is used.
+/// at exit); only the helper calls `prepare`. `prepared` is shared by both, under `lock`.
 public final class EventFile: @unchecked Sendable {
   // @unchecked: the owning thread's fields are touched by it alone; `prepared` is under `lock`,
-  // `fd` under `fileLock`.
-  private var fd: Int32
-  private let path: String
-  private let device: UInt64
-  private let inode: UInt64
-  private let fileLock: UnsafeMutablePointer<pthread_mutex_t> = {
-    let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    pthread_mutex_init(lock, nil)
-    return lock
-  }()
+  // the descriptor guards itself.
+  private let file: CheckedFile
   private let header: UnsafeMutableRawPointer
   public let chunkSize: Int
   private let limit: Int
@@ -69,33 +59,29 @@ public final class EventFile: @unchecked Sendable {
   private var lastEnd = TraceFormat.headerSize
 
   deinit {
-    pthread_mutex_destroy(fileLock)
-    fileLock.deallocate()
     pthread_mutex_destroy(lock)
     lock.deallocate()
     pthread_mutex_destroy(writer)
     writer.deallocate()
   }
 
-  /// Creates the file and its header. nil when it cannot be created or mapped.
-  public init?(path: String, pid: Int32, tid: Int32, chunkSize: Int, limit: Int) {
+  /// Creates the file `name` in `directory` and its header. nil when it cannot be created or
+  /// mapped.
+  public init?(in directory: TraceDirectory, name: String, pid: Int32, tid: Int32, chunkSize: Int, limit: Int) {
     // A new file, never through a symbolic link, readable by its owner only (unless shared).
-    let created = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
-    guard created >= 0 else { return nil }
-    var status = stat()
-    guard fstat(created, &status) == 0, Self.fits(TraceFormat.headerSize),
-      ftruncate(created, off_t(TraceFormat.headerSize)) == 0,
-      let mapped = mmap(nil, TraceFormat.headerSize, PROT_READ | PROT_WRITE, MAP_SHARED, created, 0),
-      mapped != MAP_FAILED
-    else {
-      Glibc.close(created)
+    guard let file = directory.create(name, flags: O_RDWR, reopenFlags: O_RDWR) else { return nil }
+    let mapped = file.withDescriptor { fd -> UnsafeMutableRawPointer? in
+      guard Self.fits(TraceFormat.headerSize), ftruncate(fd, off_t(TraceFormat.headerSize)) == 0,
+        let mapped = mmap(nil, TraceFormat.headerSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0),
+        mapped != MAP_FAILED
+      else { return nil }
+      return mapped
+    }
+    guard let mapped else {
+      file.close()
       return nil
     }
-    fd = created
-    // Absolute, for opening it again after the program changed its directory.
-    self.path = path.hasPrefix("/") ? path : Self.workingDirectory() + "/" + path
-    device = UInt64(status.st_dev)
-    inode = UInt64(status.st_ino)
+    self.file = file
     header = mapped
     self.chunkSize = chunkSize
     self.limit = limit
@@ -243,49 +229,16 @@ public final class EventFile: @unchecked Sendable {
     let offset = TraceFormat.headerSize + index * chunkSize
     let written = min(written, chunkSize)
     guard Self.fits(offset + chunkSize) else { return nil }
-    return withFile { fd in
+    return file.withDescriptor { fd in
       // (Checked again before each 64 KiB of zeros: a long write is a long window.)
-      guard Self.writeZeros(at: offset, count: written, to: { self.isOurs(fd) ? fd : nil }),
+      guard Self.writeZeros(at: offset, count: written, to: { self.file.isOurs(fd) ? fd : nil }),
         written == chunkSize || posix_fallocate(fd, off_t(offset + written), off_t(chunkSize - written)) == 0,
-        self.isOurs(fd),
+        self.file.isOurs(fd),
         let mapped = mmap(nil, chunkSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset)),
         mapped != MAP_FAILED
       else { return nil }
       return mapped
     }
-  }
-
-  /// Runs `body` with a descriptor of this file (the kept one if it still is this file, else one
-  /// opened again by path), under `fileLock`. nil when the file cannot be opened again (the
-  /// program changed user or root, or the file was replaced): the caller drops events.
-  private func withFile<T>(_ body: (Int32) -> T?) -> T? {
-    pthread_mutex_lock(fileLock)
-    defer { pthread_mutex_unlock(fileLock) }
-    if fd < 0 || !isOurs(fd) {
-      // Not ours any more (closed by the program, perhaps its own file's number now): forgotten,
-      // never closed.
-      fd = -1
-      let opened = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
-      guard opened >= 0 else { return nil }
-      guard isOurs(opened) else {
-        Glibc.close(opened)
-        return nil
-      }
-      fd = opened
-    }
-    return body(fd)
-  }
-
-  /// Whether `fd` is this file.
-  private func isOurs(_ fd: Int32) -> Bool {
-    var status = stat()
-    return fstat(fd, &status) == 0 && UInt64(status.st_dev) == device && UInt64(status.st_ino) == inode
-  }
-
-  private static func workingDirectory() -> String {
-    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-    guard getcwd(&buffer, buffer.count) != nil else { return "." }
-    return String(cString: buffer)
   }
 
   /// 64 KiB of zeros for `writeZeros` (never written).
@@ -376,10 +329,7 @@ public final class EventFile: @unchecked Sendable {
     pthread_mutex_unlock(writer)
     for address in unused { munmap(UnsafeMutableRawPointer(bitPattern: address), chunkSize) }
     munmap(header, TraceFormat.headerSize)
-    pthread_mutex_lock(fileLock)
-    if fd >= 0, isOurs(fd) { Glibc.close(fd) }
-    fd = -1
-    pthread_mutex_unlock(fileLock)
+    file.close()
     return end
   }
 }

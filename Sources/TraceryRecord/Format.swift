@@ -314,6 +314,9 @@ public struct TracedProcess: Sendable, Equatable {
   /// The threads that made an event file, in order (`thread TID` lines, appended by the agent
   /// when each file is made).
   public var threads: [Int32] = []
+  /// Threads that could not make their event file (`thread-unrecorded TID`: after the program
+  /// dropped its privileges, say): their events are not in the trace.
+  public var unrecordedThreads: [Int32] = []
   /// Where each ended thread's events end in its file (`thread-end TID OFFSET`: appended when
   /// the thread exits, or for the thread that calls `exit`).
   public var threadEnds: [Int32: Int] = [:]
@@ -356,6 +359,7 @@ public struct TracedProcess: Sendable, Equatable {
     lines += arguments.map { "argument \(TextField.escape($0))" }
     lines += objects.map(\.line)
     lines += threads.map { "thread \($0)" }
+    lines += unrecordedThreads.map { "thread-unrecorded \($0)" }
     lines += threadEnds.sorted { $0.key < $1.key }.map { "thread-end \($0.key) \($0.value)" }
     if let sandboxedBy { lines.append("sandboxed \(sandboxedBy)") }
     if ended { lines.append("end") }
@@ -377,6 +381,7 @@ public struct TracedProcess: Sendable, Equatable {
     guard lines.first == "tracery-process 1" else { throw .corrupt("not a Tracery process file") }
     var threads: [Int32] = []
     var threadEnds: [Int32: Int] = [:]
+    var unrecorded: [Int32] = []
     var ended = false
     for line in lines.dropFirst() {
       if line == "end" {
@@ -391,6 +396,9 @@ public struct TracedProcess: Sendable, Equatable {
       case "thread":
         guard let tid = Int32(parts[1]) else { throw .corrupt("malformed thread line '\(line)'") }
         threads.append(tid)
+      case "thread-unrecorded":
+        guard let tid = Int32(parts[1]) else { throw .corrupt("malformed thread-unrecorded line '\(line)'") }
+        unrecorded.append(tid)
       case "thread-end":
         let items = parts[1].split(separator: " ")
         guard items.count == 2, let tid = Int32(items[0]), let end = Int(items[1]), end >= 0 else {
@@ -433,6 +441,7 @@ public struct TracedProcess: Sendable, Equatable {
       arguments: arguments, ticksPerNanosecond: rate, startTicks: start, startRealtimeNanoseconds: realtime,
       objects: objects, tracedFunctions: traced)
     self.threads = threads
+    self.unrecordedThreads = unrecorded
     self.threadEnds = threadEnds
     self.ended = ended
     // (Written only when not 0, and not by recorders before trace-any-function.)

@@ -150,6 +150,36 @@ import TraceryTestSupport
     }
   }
 
+  /// A daemon's habit: change root, perhaps drop privileges, then start threads. After a chroot
+  /// the threads' files are made through the trace directory's kept descriptor (all five
+  /// threads recorded); after a drop to nobody they cannot be made (the directory is root's,
+  /// 0700), and the process file, kept open, says which threads are missing. Either way the
+  /// process file's last lines (written after the change) land: `info` says the exit ran.
+  /// Before: the threads were missing without a word, and the process looked killed. (As root
+  /// only: chroot needs it.)
+  @Test(arguments: ["chroot", "drop"])
+  func aDaemonThatChangesRootAndUserKeepsItsTraceAccounted(mode: String) throws {
+    guard getuid() == 0 else { return }
+    let directory = try TestSupport.temporaryDirectory("reliability-chrooted-\(mode)")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "chrooted", flags: ["-O2", "-pthread", "-fpatchable-function-entry=5"], in: directory)
+    let jail = directory.appendingPathComponent("jail")
+    try FileManager.default.createDirectory(at: jail, withIntermediateDirectories: true)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, mode, jail.path], options: ["--no-libcall"])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout == "before 1499500\nafter 1499500 5998000\n", "\(recorded.stdout)")
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("exit ran") && info.contains("damaged         : none"), "\(info)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    if mode == "chroot" {
+      #expect(counts["work"] == 6 && !info.contains("unrecorded"), "\(counts) \(info)")
+    } else {
+      #expect(counts["work"] == 2 && info.contains("#   unrecorded: threads "), "\(counts) \(info)")
+    }
+  }
+
   /// A thread forks while others run traced calls: each child records its own calls in its own
   /// file (it has only the forking thread), the parent's threads lose none.
   @Test func childrenForkedFromAThreadWhileOthersRecord() throws {

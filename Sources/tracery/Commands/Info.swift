@@ -38,6 +38,12 @@ struct Info: ParsableCommand {
         processes += "#   ended     : \(Self.ending(of: process, in: trace))\n"
         processes +=
           "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
+        if !process.unrecordedThreads.isEmpty {
+          let list = process.unrecordedThreads.map(String.init).joined(separator: " ")
+          processes +=
+            "#   unrecorded: threads \(list) could not make their files (the program changed its user or root "
+            + "before they began): their events are not in the trace\n"
+        }
         for object in process.objects {
           processes +=
             "#   object    : \(object.path) build-id \(object.buildID ?? "-") at 0x\(String(object.bias, radix: 16))\n"
