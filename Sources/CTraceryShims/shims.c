@@ -517,3 +517,8 @@ uint64_t ctracery_rdtsc(void) {
   __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
   return ((uint64_t)high << 32) | low;
 }
+
+void *ctracery_object_base(const void *address) {
+  Dl_info info;
+  return dladdr(address, &info) != 0 ? info.dli_fbase : NULL;
+}

@@ -50,7 +50,18 @@ public enum LibraryCalls {
     // traced call of it would enter first, and its entry would drop them as stale, unclosed; and
     // the interposer would take its live frame for one of them.
     "__cxa_begin_catch",
+    // Take their caller from their return address, which a recorded call makes the stub's: the
+    // dynamic loader's (dlsym(RTLD_NEXT) found nothing), the profilers' counting hooks.
+    "dlsym", "dlvsym", "dlopen", "dlmopen", "mcount", "_mcount", "__fentry__",
   ]
+
+  /// A sanitizer's or profiler's runtime entry (`__asan_report_load8`, `__ubsan_handle_*`,
+  /// `__sanitizer_cov_trace_pc`): instrumentation the compiler added, not the program's calls;
+  /// several report or count by their return address.
+  static func isInstrumentation(_ name: String) -> Bool {
+    ["__asan_", "__ubsan_", "__tsan_", "__msan_", "__lsan_", "__hwasan_", "__sanitizer_", "__cyg_profile_func_"]
+      .contains { name.hasPrefix($0) }
+  }
 
   /// Swift concurrency's entry points that async code tail-calls and that continue elsewhere
   /// (`swift_task_switch`, a task group's `next`): left out like the async functions themselves.
@@ -74,7 +85,7 @@ public enum LibraryCalls {
     // Its relocations and dynamic symbols, not its code (clang's file is 140 MB, 130 of it code).
     let file = try ELFFile(pathWithoutCode: path)
     let imports = try file.importSlots().filter {
-      !skipped.contains($0.name) && !isSwiftConcurrency($0.name) && !skip($0.name)
+      !skipped.contains($0.name) && !isSwiftConcurrency($0.name) && !isInstrumentation($0.name) && !skip($0.name)
     }
     let map = MemoryMap.current()
     // A bound slot holds an address outside the object's own mappings (the resolver's path

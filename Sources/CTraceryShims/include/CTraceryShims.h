@@ -141,6 +141,9 @@ int ctracery_snapshot_signal(void);
 /// the process for one it does not list). Generated code reads the byte at this address before
 /// it blocks signals around a refill or a thread's set-up.
 uint8_t *ctracery_sandboxed(void);
+/// The load address of the object that holds `address` (`dladdr`'s `dli_fbase`: Glibc's module
+/// lacks `Dl_info`), or NULL.
+void *ctracery_object_base(const void *address);
 /// The general-purpose registers a snapshot reports besides rip and rsp (rax ... r15 but rsp).
 #define CTRACERY_SNAPSHOT_REGISTERS 15
 /// Asks thread `tid` for its rip, rsp and other general-purpose registers (`registers`:

@@ -246,6 +246,18 @@ enum GraphThreads {
     }
   }
 
+  /// Puts the graph's return address back into every slot `restoreReturnAddresses` gave its
+  /// real one, dropping no frame: after a walk that ends where it began (`backtrace`).
+  static func reinstateReturnAddresses() {
+    calls { bottom, saved in
+      defer { saved.pointee = 0 }
+      let call = bottom.pointee
+      guard saved.pointee != 0 else { return }
+      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(call.slot))!
+      if slot.pointee == call.return_address { slot.pointee = saved.pointee }
+    }
+  }
+
   /// After an unwind that ends in a catch in the function whose stack pointer is `stackPointer`:
   /// frames below it were unwound and are dropped (they get no exit, as for `longjmp`); frames
   /// above it (the catching function and its callers) get the graph's return address back, so
@@ -366,6 +378,10 @@ extension Tracer {
   public static func restoreReturnAddresses() {
     withCallerStackMarker { GraphThreads.restoreReturnAddresses(above: $0) }
   }
+
+  /// After a walk of this thread's stack that began after `restoreReturnAddresses` and left the
+  /// stack as it was (a backtrace): the graph's return addresses go back, every frame stays.
+  public static func reinstateReturnAddresses() { GraphThreads.reinstateReturnAddresses() }
 
   /// Called, on the catching thread, for each graph frame a caught C++ exception unwound (innermost
   /// first, just before the frame is dropped), with the recursion guard held: their users' exit

@@ -1,3 +1,5 @@
+import CTraceryShims
+
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -24,6 +26,31 @@ enum UnwindGuard {
   static let nextRaise: RaiseException? = next("_Unwind_RaiseException")
   static let nextForced: ForcedUnwind? = next("_Unwind_ForcedUnwind")
   static let nextRethrow: RaiseException? = next("_Unwind_Resume_or_Rethrow")
+  typealias Backtrace = @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>?, Int32) -> Int32
+  typealias UnwindBacktrace = @convention(c) (UnsafeMutableRawPointer?, UnsafeMutableRawPointer?) -> Int32
+  static let nextBacktrace: Backtrace? = next("backtrace")
+  static let nextUnwindBacktrace: UnwindBacktrace? = next("_Unwind_Backtrace")
+
+  /// The addresses this object (TraceryCore, linked into a program or the agent) is loaded at:
+  /// from its ELF header and program headers in memory (its base from `dladdr`, once).
+  static let ownExtent: Range<UInt> = {
+    let probe = unsafeBitCast(nextBacktraceProbe, to: UnsafeRawPointer.self)
+    guard let base = ctracery_object_base(probe) else { return 0..<0 }
+    let header = UnsafeRawPointer(base)
+    let programHeaders = Int(header.loadUnaligned(fromByteOffset: 32, as: UInt64.self))
+    let count = Int(header.loadUnaligned(fromByteOffset: 56, as: UInt16.self))
+    var end: UInt = 0
+    for index in 0..<count {
+      let entry = header + programHeaders + index * 56
+      guard entry.loadUnaligned(as: UInt32.self) == 1 else { continue }  // PT_LOAD
+      let address = UInt(entry.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
+      let size = UInt(entry.loadUnaligned(fromByteOffset: 40, as: UInt64.self))
+      end = max(end, address + size)
+    }
+    let start = UInt(bitPattern: base)
+    return start..<(start + end)
+  }()
+  private static let nextBacktraceProbe: @convention(c) () -> Void = {}
 
   static func next<T>(_ name: String) -> T? {
     // RTLD_NEXT: the definition after this library's in the lookup order (libgcc_s).
@@ -49,4 +76,40 @@ public func traceryUnwindForcedUnwind(
 ) -> Int32 {
   Tracer.restoreReturnAddresses()
   return UnwindGuard.nextForced?(exception, stop, argument) ?? 5
+}
+
+// MARK: - Backtraces through traced frames
+
+// `backtrace()` (a crash handler's, a logger's) and `_Unwind_Backtrace` (libbacktrace,
+// std::stacktrace) stopped at the first traced call's swapped return address: the walk runs with
+// the real ones in place, and the graph's go back after it (the stack is as it was: every frame
+// stays).
+
+@_cdecl("backtrace")
+public func traceryBacktrace(_ buffer: UnsafeMutablePointer<UnsafeMutableRawPointer?>?, _ size: Int32) -> Int32 {
+  guard let buffer, size > 0, let next = UnwindGuard.nextBacktrace else { return 0 }
+  Tracer.restoreReturnAddresses()
+  defer { Tracer.reinstateReturnAddresses() }
+  // The frames of this object (this interposer's, the agent's `__libc_start_main`) are left out:
+  // the caller sees what it sees untraced. A few more are asked for in their place.
+  let own = UnwindGuard.ownExtent
+  let capacity = Int(size) + 8
+  return withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer?.self, capacity: capacity) { frames in
+    let count = Int(next(frames.baseAddress, Int32(capacity)))
+    var kept = 0
+    for index in 0..<max(0, count) where kept < Int(size) {
+      let address = UInt(bitPattern: frames[index])
+      if own.contains(address) { continue }
+      buffer[kept] = frames[index]
+      kept += 1
+    }
+    return Int32(kept)
+  }
+}
+
+@_cdecl("_Unwind_Backtrace")
+public func traceryUnwindBacktrace(_ trace: UnsafeMutableRawPointer?, _ argument: UnsafeMutableRawPointer?) -> Int32 {
+  Tracer.restoreReturnAddresses()
+  defer { Tracer.reinstateReturnAddresses() }
+  return UnwindGuard.nextUnwindBacktrace?(trace, argument) ?? 5
 }

@@ -29,6 +29,11 @@ struct Recorder {
     environment["LD_PRELOAD"] = [agent, environment["LD_PRELOAD"]].compactMap { $0 }.filter { !$0.isEmpty }.joined(
       separator: ":")
     agentEnvironment(directory: absolute, relocate: relocate).apply(to: &environment)
+    // gcc's AddressSanitizer runtime (libasan.so) stops a program unless it comes first among
+    // the preloaded libraries; the agent must come first, and forwards what ASan intercepts too
+    // (sigaction, signal, dlopen).
+    environment["ASAN_OPTIONS"] = [environment["ASAN_OPTIONS"], "verify_asan_link_order=0"].compactMap { $0 }
+      .filter { !$0.isEmpty }.joined(separator: ":")
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
