@@ -170,6 +170,23 @@ import TraceryTestSupport
     #expect(actual.filter { !$0.key.hasSuffix("@plt") } == expected)
   }
 
+  /// A script (`#!/bin/sh`, and `#!/usr/bin/env sh` as pyenv's and npm's shims are) records as
+  /// its interpreter runs it, and the programs it starts: before, `record` refused it as "not an
+  /// ELF file".
+  @Test(arguments: ["/bin/sh", "/usr/bin/env sh"])
+  func aScriptRecordsAsItsInterpreterRunsIt(interpreter: String) throws {
+    let directory = try TestSupport.temporaryDirectory("record-script")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try Self.program("deep", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
+    let script = directory.appendingPathComponent("run.sh")
+    try "#!\(interpreter)\nexec \"\(program)\" 10\n".write(to: script, atomically: true, encoding: .utf8)
+    chmod(script.path, 0o755)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try Self.record(trace, [script.path], options: ["--no-libcall"])
+    #expect(recorded.status == 0 && recorded.stdout == "10 10\n", "\(recorded.stderr)")
+    #expect(try Self.recordedCounts(trace)["down"] == 22)
+  }
+
   @Test func exitStatusAndSignalsPassThroughAndAKilledProgramReplaysUpToTheKill() throws {
     let directory = try TestSupport.temporaryDirectory("record-kill")
     let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
@@ -380,8 +397,9 @@ import TraceryTestSupport
     let directory = try TestSupport.temporaryDirectory("record-bad")
     // Not a program (a script): said, not run. (A program without patch sites is recorded:
     // `RelocatedRecordTests`.)
-    let script = directory.appendingPathComponent("script.sh").path
-    try "#!/bin/sh\necho hi\n".write(toFile: script, atomically: true, encoding: .utf8)
+    // (A script records as its interpreter: this file is neither.)
+    let script = directory.appendingPathComponent("notes.txt").path
+    try "hi\n".write(toFile: script, atomically: true, encoding: .utf8)
     chmod(script, 0o755)
     let program = try Self.build([Self.programs.appendingPathComponent("killed.c").path], in: directory)
     let trace = directory.appendingPathComponent("trace")

@@ -203,4 +203,26 @@ enum ProgramLocator {
     }
     throw UserError("program not found: \(program) (not a path, and not in PATH)")
   }
+
+  /// The ELF program that runs `path`: itself, or for a script (`#!INTERPRETER [ARG]`, as the
+  /// kernel reads it: pyenv's and npm's shims, /usr/bin tools) its interpreter, through
+  /// `/usr/bin/env NAME` too, and through scripts run by scripts (at most four).
+  static func executable(behind path: String) throws -> String {
+    var current = path
+    for _ in 0..<4 {
+      guard let handle = FileHandle(forReadingAtPath: current) else { return current }
+      let head = handle.readData(ofLength: 256)
+      try? handle.close()
+      guard head.starts(with: Array("#!".utf8)) else { return current }
+      let line = String(decoding: head.dropFirst(2).prefix { $0 != 0x0a }, as: UTF8.self)
+      let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+      guard let interpreter = words.first else { throw UserError("\(current): a script without an interpreter") }
+      if interpreter.hasSuffix("/env"), let name = words.dropFirst().first(where: { !$0.hasPrefix("-") }) {
+        current = try locate(name)
+      } else {
+        current = try locate(interpreter)
+      }
+    }
+    return current
+  }
 }

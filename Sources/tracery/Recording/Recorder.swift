@@ -16,7 +16,8 @@ struct Recorder {
       throw UserError("no program given: tracery record [OPTIONS] -- PROGRAM [ARGS...]")
     }
     let path = try ProgramLocator.locate(program)
-    let relocate = try checkPatchSites(path)
+    // A script runs as its interpreter: that program is the one checked (and traced).
+    let relocate = try checkPatchSites(ProgramLocator.executable(behind: path))
     let agent = try Self.agentPath()
     let absolute = URL(fileURLWithPath: directory).standardizedFileURL.path
     // The files this process writes (info) take the trace's mode too (TraceFormat.fileMode).
