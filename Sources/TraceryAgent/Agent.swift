@@ -698,7 +698,7 @@ extension Agent {
   static func appendToProcessFile(_ line: String) {
     guard let processFile else { return }
     let text = line + "\n"
-    _ = processFile.withDescriptor { fd in text.withCString { write(fd, $0, strlen($0)) } }
+    _ = processFile.withDescriptor { fd in Files.write(Array(text.utf8), toDescriptor: fd) }
   }
 
   /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the

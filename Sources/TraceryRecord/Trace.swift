@@ -211,8 +211,16 @@ public enum Files {
   /// (A file the caller has just created is best written through the descriptor that created
   /// it: reopened with O_TRUNC, ext4 flushes it to disk at its close — the "replace by
   /// truncate" safeguard —, ~0.1 ms of every traced process's start.)
+  ///
+  /// Nothing is written past the process's file-size limit (RLIMIT_FSIZE): growing a file past
+  /// it raises SIGXFSZ, which kills by default, and a traced program may have lowered it
+  /// (OpenSSH's sandboxed child sets it to 0, then the agent appended a line and killed it).
   @discardableResult
   public static func write(_ bytes: [UInt8], toDescriptor fd: Int32) -> Bool {
+    var status = stat()
+    let appending = fcntl(fd, F_GETFL) & O_APPEND != 0
+    let start = appending ? (fstat(fd, &status) == 0 ? Int(status.st_size) : -1) : Int(lseek(fd, 0, SEEK_CUR))
+    guard start >= 0, EventFile.fits(start + bytes.count) else { return false }
     var written = 0
     while written < bytes.count {
       let count = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }

@@ -1,8 +1,10 @@
 // A program that sandboxes itself with seccomp, as OpenSSH's and browsers' sandboxes do: after
 // the filter, any system call it does not list kills the whole process. A worker thread records
 // while the filter goes in (TSYNC: every thread gets it), runs on, and exits under it.
-// Argument: "prctl" installs the filter on the calling thread alone through prctl; else
-// syscall(SYS_seccomp, ..., TSYNC).
+// Argument: "prctl" installs the filter on the calling thread alone through prctl; "sshd" too,
+// after lowering the file-size limit to 0 and the descriptor limit to 1, as OpenSSH's sandboxed
+// child does (a write that grows a file then raises SIGXFSZ); else syscall(SYS_seccomp, ...,
+// TSYNC).
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -12,6 +14,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -41,7 +44,8 @@ static void *worker(void *arg) {
 #define ALLOW(nr) BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1), BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)
 
 int main(int argc, char **argv) {
-  int viaPrctl = argc > 1 && strcmp(argv[1], "prctl") == 0;
+  int likeSshd = argc > 1 && strcmp(argv[1], "sshd") == 0;
+  int viaPrctl = likeSshd || (argc > 1 && strcmp(argv[1], "prctl") == 0);
   printf("before %ld\n", work(1000));
   fflush(stdout);
   pthread_t thread;
@@ -58,6 +62,10 @@ int main(int argc, char **argv) {
       BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
   };
   struct sock_fprog program = {sizeof(filter) / sizeof(filter[0]), filter};
+  if (likeSshd) {
+    struct rlimit none = {0, 0}, one = {1, 1};
+    if (setrlimit(RLIMIT_FSIZE, &none) != 0 || setrlimit(RLIMIT_NOFILE, &one) != 0) return 4;
+  }
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return 1;
   long installed = viaPrctl ? prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program)
                             : syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &program);
