@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <linux/seccomp.h>
 #include <sys/syscall.h>
+#include <unistd.h>
 
 #include "CTraceryAgent.h"
 
@@ -194,4 +195,39 @@ long syscall(long number, ...) {
     tracery_agent_sandboxing();
   }
   return next(number, a1, a2, a3, a4, a5, a6);
+}
+
+// A program running as root that drops to another user (daemons: memcached, Apache's workers)
+// can no longer make files in the trace directory (root's, 0700): before its effective user
+// changes, the agent makes spare event files its later threads take (`Agent.prepareSpareFiles`).
+static void dropping(uid_t effective) {
+  if (geteuid() == 0 && effective != 0 && effective != (uid_t)-1) tracery_agent_dropping();
+}
+
+int setuid(uid_t user) {
+  static int (*next)(uid_t);
+  if (next == NULL) next = (int (*)(uid_t))dlsym(RTLD_NEXT, "setuid");
+  dropping(user);
+  return next(user);
+}
+
+int seteuid(uid_t user) {
+  static int (*next)(uid_t);
+  if (next == NULL) next = (int (*)(uid_t))dlsym(RTLD_NEXT, "seteuid");
+  dropping(user);
+  return next(user);
+}
+
+int setreuid(uid_t real, uid_t effective) {
+  static int (*next)(uid_t, uid_t);
+  if (next == NULL) next = (int (*)(uid_t, uid_t))dlsym(RTLD_NEXT, "setreuid");
+  dropping(effective);
+  return next(real, effective);
+}
+
+int setresuid(uid_t real, uid_t effective, uid_t saved) {
+  static int (*next)(uid_t, uid_t, uid_t);
+  if (next == NULL) next = (int (*)(uid_t, uid_t, uid_t))dlsym(RTLD_NEXT, "setresuid");
+  dropping(effective);
+  return next(real, effective, saved);
 }

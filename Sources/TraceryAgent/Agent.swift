@@ -1,4 +1,5 @@
 import CTraceryShims
+import Synchronization
 import TraceryCore
 import TraceryELF
 import TraceryRecord
@@ -529,6 +530,8 @@ enum Agent {
     state.pointee.owner = 0
     state.pointee.event_cursor = 0
     state.pointee.event_end = 0
+    // (The parent's spare files name its session: not this process's.)
+    spareFiles.withLock { $0 = [] }
     writeProcessInfo()
   }
 
@@ -566,10 +569,12 @@ enum Agent {
     if state.pointee.owner == 0 {
       // Not recording (detached): nothing to write to; the event is dropped.
       guard let configuration = Agent.configuration else { return }
+      // (When the program has dropped its privileges: a spare file made before, if one is left.)
       guard
         let created = EventFile(
           in: configuration.traceDirectory, name: "\(Agent.session)-\(ctracery_gettid()).events", pid: getpid(),
           tid: ctracery_gettid(), chunkSize: Configuration.chunkSize, limit: configuration.bufferLimit)
+          ?? takeSpareFile()
       else {
         state.pointee.owner = 1  // no file: this thread's events are dropped (counted in its state)
         // (Readers say so: the program dropped its privileges, say, before this thread began.)
@@ -690,6 +695,39 @@ extension Agent {
     allowRefills()
   }
 
+  /// Event files made before the program dropped its privileges, for threads that begin after
+  /// (`prepareSpareFiles`), and how many were made in this process.
+  static let spareFiles = Mutex<[EventFile]>([])
+  nonisolated(unsafe) static var sparesMade = 0
+  static let spareCount = 16
+
+  /// Just before a program running as root changes its effective user to another (the agent's
+  /// `setuid`/`seteuid`/`setreuid`/`setresuid`): the trace directory is root's (0700), so threads
+  /// that begin after could make no file. `spareCount` files are made now
+  /// (`SESSION-spareN.events`, thread id 0 in the header); a thread that cannot make its own
+  /// takes one (`takeSpareFile`) and writes its id into it; readers skip those never taken.
+  static func prepareSpareFiles() {
+    guard let configuration, !sandboxed, sparesMade == 0 else { return }
+    var made: [EventFile] = []
+    for index in 0..<spareCount {
+      guard
+        let file = EventFile(
+          in: configuration.traceDirectory, name: "\(session)-spare\(index).events", pid: getpid(), tid: 0,
+          chunkSize: Configuration.chunkSize, limit: configuration.bufferLimit)
+      else { break }
+      made.append(file)
+    }
+    sparesMade = made.count
+    spareFiles.withLock { $0 = made }
+  }
+
+  /// A spare file for this thread (its id written in it), or nil when none is left.
+  static func takeSpareFile() -> EventFile? {
+    guard let file = spareFiles.withLock({ $0.popLast() }) else { return nil }
+    file.adopt(tid: ctracery_gettid())
+    return file
+  }
+
   /// The process file of this session (made by `writeProcessInfo`).
   nonisolated(unsafe) static var processFile: CheckedFile?
 
@@ -761,6 +799,9 @@ public func traceryAgentUnloaded(_ name: UnsafePointer<CChar>, _ bias: UInt) {
 
 @_cdecl("tracery_agent_sandboxing")
 public func traceryAgentSandboxing() { Agent.guarded { Agent.enterSandbox() } }
+
+@_cdecl("tracery_agent_dropping")
+public func traceryAgentDropping() { Agent.guarded { Agent.prepareSpareFiles() } }
 
 /// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the
 /// recording it belongs to.

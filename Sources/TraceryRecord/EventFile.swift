@@ -90,9 +90,15 @@ public final class EventFile: @unchecked Sendable {
     }
     header.storeBytes(of: TraceFormat.version, toByteOffset: TraceFormat.Header.version, as: UInt32.self)
     header.storeBytes(of: UInt32(bitPattern: pid), toByteOffset: TraceFormat.Header.pid, as: UInt32.self)
-    header.storeBytes(of: UInt32(bitPattern: tid), toByteOffset: TraceFormat.Header.tid, as: UInt32.self)
     header.storeBytes(of: UInt64(chunkSize), toByteOffset: TraceFormat.Header.chunkSize, as: UInt64.self)
-    // The thread's name (at most 15 bytes), for readers.
+    if tid != 0 { adopt(tid: tid) }
+  }
+
+  /// Names the thread that writes this file in its header: its id and (at most 15 bytes) its
+  /// name, for readers. A spare file (made with thread id 0, before the program dropped its
+  /// privileges: `Agent.prepareSpareFiles`) is adopted by the thread that takes it.
+  public func adopt(tid: Int32) {
+    header.storeBytes(of: UInt32(bitPattern: tid), toByteOffset: TraceFormat.Header.tid, as: UInt32.self)
     if let name = Files.readPrefix("/proc/thread-self/comm", count: 16) {
       for (index, byte) in name.prefix(while: { $0 != 0x0a }).prefix(15).enumerated() {
         header.storeBytes(of: byte, toByteOffset: TraceFormat.Header.name + index, as: UInt8.self)

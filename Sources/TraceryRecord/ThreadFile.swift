@@ -40,9 +40,13 @@ public struct ThreadFile: Sendable {
 
   /// Reads the name and header of `path`; nil and why when the file cannot be read as events.
   public static func open(path: String, name fileName: String) -> (file: ThreadFile?, damage: Damage?) {
-    // SESSION-TID.events, SESSION = PID.GENERATION
+    // SESSION-TID.events, SESSION = PID.GENERATION; or SESSION-spareN.events, a file made
+    // before the program dropped its privileges, whose thread id is in its header (0: never
+    // taken, skipped).
     let stem = fileName.dropLast(".events".count)
-    guard let dash = stem.lastIndex(of: "-"), let tid = Int32(stem[stem.index(after: dash)...]),
+    let dash = stem.lastIndex(of: "-")
+    let spare = dash.map { stem[stem.index(after: $0)...].hasPrefix("spare") } ?? false
+    guard let dash, var tid = spare ? 0 : Int32(stem[stem.index(after: dash)...]),
       let pid = Int32(stem[..<dash].split(separator: ".").first ?? "")
     else {
       return (nil, Damage(file: path, offset: 0, bytes: 0, reason: "not a thread file name (SESSION-TID.events)"))
@@ -75,6 +79,11 @@ public struct ThreadFile: Sendable {
     let chunkSize = Int(clamping: rawChunkSize)
     guard chunkSize >= 16, chunkSize % 8 == 0, chunkSize <= 1 << 40 else {
       return whole("bad chunk size \(rawChunkSize) in the header")
+    }
+    if spare {
+      tid = Int32(bitPattern: UInt32(header.load(TraceFormat.Header.tid, count: 4)))
+      // Never taken: no thread wrote it.
+      guard tid != 0 else { return (nil, nil) }
     }
     let name = header[(TraceFormat.Header.name)..<(TraceFormat.Header.name + 16)].prefix { $0 != 0 }
     let file = ThreadFile(

@@ -154,15 +154,16 @@ import TraceryTestSupport
     }
   }
 
-  /// A daemon's habit: change root, perhaps drop privileges, then start threads. After a chroot
-  /// the threads' files are made through the trace directory's kept descriptor (all five
-  /// threads recorded); after a drop to nobody they cannot be made (the directory is root's,
-  /// 0700), and the process file, kept open, says which threads are missing. Either way the
-  /// process file's last lines (written after the change) land: `info` says the exit ran.
-  /// Before: the threads were missing without a word, and the process looked killed. (As root
-  /// only: chroot needs it.)
-  @Test(arguments: ["chroot", "drop"])
-  func aDaemonThatChangesRootAndUserKeepsItsTraceAccounted(mode: String) throws {
+  /// A daemon's habit: change root, perhaps drop privileges, then start threads (memcached
+  /// does). After a chroot the threads' files are made through the trace directory's kept
+  /// descriptor; after a drop to nobody they cannot be made (the directory is root's, 0700), so
+  /// the agent made spare files just before the drop (16): of 20 threads, 16 are recorded in
+  /// spares and the process file, kept open, names the other 4; of 4, all are recorded and the
+  /// spares left are removed after the run. Either way its last lines land: `info`
+  /// says the exit ran. Before: the threads were missing without a word, and the process looked
+  /// killed. (As root only: chroot needs it.)
+  @Test(arguments: [("chroot", 4), ("drop", 4), ("drop", 20)])
+  func aDaemonThatChangesRootAndUserKeepsItsThreads(mode: String, threads: Int) throws {
     guard getuid() == 0 else { return }
     let directory = try TestSupport.temporaryDirectory("reliability-chrooted-\(mode)")
     defer { try? FileManager.default.removeItem(at: directory) }
@@ -171,16 +172,22 @@ import TraceryTestSupport
     let jail = directory.appendingPathComponent("jail")
     try FileManager.default.createDirectory(at: jail, withIntermediateDirectories: true)
     let trace = directory.appendingPathComponent("trace")
-    let recorded = try RecordCommandTests.record(trace, [program, mode, jail.path], options: ["--no-libcall"])
+    let recorded = try RecordCommandTests.record(
+      trace, [program, mode, jail.path, String(threads)], options: ["--no-libcall"])
     #expect(recorded.status == 0, "\(recorded.stderr)")
-    #expect(recorded.stdout == "before 1499500\nafter 1499500 5998000\n", "\(recorded.stdout)")
+    #expect(recorded.stdout == "before 1499500\nafter 1499500 \(threads * 1_499_500)\n", "\(recorded.stdout)")
     let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
     #expect(info.contains("exit ran") && info.contains("damaged         : none"), "\(info)")
     let counts = try RecordCommandTests.recordedCounts(trace)
+    let names = try FileManager.default.contentsOfDirectory(atPath: trace.path)
     if mode == "chroot" {
-      #expect(counts["work"] == 6 && !info.contains("unrecorded"), "\(counts) \(info)")
+      #expect(counts["work"] == 2 + threads && !info.contains("unrecorded"), "\(counts) \(info)")
     } else {
-      #expect(counts["work"] == 2 && info.contains("#   unrecorded: threads "), "\(counts) \(info)")
+      #expect(counts["work"] == 2 + min(threads, 16), "\(counts) \(info)")
+      let line = info.split(separator: "\n").first { $0.hasPrefix("#   unrecorded: threads ") } ?? ""
+      #expect(line.split(separator: " ").filter { Int($0) != nil }.count == max(0, threads - 16), "\(info)")
+      // The spares no thread took are removed after the run.
+      #expect(names.filter { $0.contains("-spare") }.count == min(threads, 16), "\(names)")
     }
   }
 

@@ -11,6 +11,9 @@ void tracery_agent_unloading(const char *path, unsigned long bias);
 void tracery_agent_unloaded(const char *path, unsigned long bias);
 /// Before the program installs a seccomp filter: the agent makes no system call after it.
 void tracery_agent_sandboxing(void);
+/// Before a program running as root changes its effective user: spare event files for its
+/// later threads.
+void tracery_agent_dropping(void);
 
 #include <stdint.h>
 /// `record -p`: while on, the dlopen/dlclose hooks run (preloaded, TRACERY_DIR says so); the

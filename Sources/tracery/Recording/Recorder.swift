@@ -93,7 +93,13 @@ struct Recorder {
     for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".events")
     {
       guard let pid = Int32(name.split(separator: ".").first ?? ""), kill(pid, 0) != 0, errno == ESRCH else { continue }
-      ThreadFile.trim(path: directory + "/" + name)
+      let path = directory + "/" + name
+      // A spare file no thread took (made before the program dropped its privileges) is removed.
+      if name.contains("-spare"), case (nil, nil) = ThreadFile.open(path: path, name: name) {
+        unlink(path)
+        continue
+      }
+      ThreadFile.trim(path: path)
     }
   }
 

@@ -1,7 +1,9 @@
 // A daemon's habit: change root (into argv[2], empty), optionally drop privileges (argv[1] ==
-// "drop": to nobody), then start worker threads that make traced calls. Run as root.
+// "drop": to nobody), then start worker threads (argv[3] of them, at most 64; 4 by default)
+// that make traced calls. Run as root.
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -28,10 +30,12 @@ int main(int argc, char **argv) {
     perror("setuid");
     return 1;
   }
-  pthread_t threads[4];
-  for (long i = 0; i < 4; i++) pthread_create(&threads[i], NULL, run, (void *)1000);
+  int count = argc > 3 ? atoi(argv[3]) : 4;
+  if (count < 1 || count > 64) return 2;
+  pthread_t threads[64];
+  for (int i = 0; i < count; i++) pthread_create(&threads[i], NULL, run, (void *)1000);
   long sum = 0;
-  for (int i = 0; i < 4; i++) {
+  for (int i = 0; i < count; i++) {
     void *result;
     pthread_join(threads[i], &result);
     sum += (long)result;
