@@ -530,8 +530,6 @@ enum Agent {
     state.pointee.owner = 0
     state.pointee.event_cursor = 0
     state.pointee.event_end = 0
-    // (The parent's spare files name its session: not this process's.)
-    spareFiles.withLock { $0 = [] }
     writeProcessInfo()
   }
 
@@ -696,9 +694,15 @@ extension Agent {
   }
 
   /// Event files made before the program dropped its privileges, for threads that begin after
-  /// (`prepareSpareFiles`), and how many were made in this process.
-  static let spareFiles = Mutex<[EventFile]>([])
-  nonisolated(unsafe) static var sparesMade = 0
+  /// (`prepareSpareFiles`). Protocol, without a lock (a fork child must not find one held by a
+  /// thread it does not have): `spareFiles` and `sparesOwner` are written by the thread that
+  /// changes the user (the program makes one such call at a time) before `sparesReady` is stored
+  /// (releasing); takers load `sparesReady` (acquiring) and claim an index with `sparesTaken`.
+  /// Spares belong to the process that made them: a fork child has others' (`sparesOwner`).
+  nonisolated(unsafe) static var spareFiles: [EventFile] = []
+  nonisolated(unsafe) static var sparesOwner: Int32 = 0
+  static let sparesReady = Atomic<Int>(0)
+  static let sparesTaken = Atomic<Int>(0)
   static let spareCount = 16
 
   /// Just before a program running as root changes its effective user to another (the agent's
@@ -707,7 +711,8 @@ extension Agent {
   /// (`SESSION-spareN.events`, thread id 0 in the header); a thread that cannot make its own
   /// takes one (`takeSpareFile`) and writes its id into it; readers skip those never taken.
   static func prepareSpareFiles() {
-    guard let configuration, !sandboxed, sparesMade == 0 else { return }
+    guard let configuration, !sandboxed, sparesOwner != getpid() else { return }
+    sparesReady.store(0, ordering: .releasing)
     var made: [EventFile] = []
     for index in 0..<spareCount {
       guard
@@ -717,13 +722,19 @@ extension Agent {
       else { break }
       made.append(file)
     }
-    sparesMade = made.count
-    spareFiles.withLock { $0 = made }
+    spareFiles = made
+    sparesOwner = getpid()
+    sparesTaken.store(0, ordering: .relaxed)
+    sparesReady.store(made.count, ordering: .releasing)
   }
 
   /// A spare file for this thread (its id written in it), or nil when none is left.
   static func takeSpareFile() -> EventFile? {
-    guard let file = spareFiles.withLock({ $0.popLast() }) else { return nil }
+    let ready = sparesReady.load(ordering: .acquiring)
+    guard ready > 0, sparesOwner == getpid() else { return nil }
+    let index = sparesTaken.add(1, ordering: .relaxed).oldValue
+    guard index < ready else { return nil }
+    let file = spareFiles[index]
     file.adopt(tid: ctracery_gettid())
     return file
   }
