@@ -218,9 +218,10 @@ public enum Files {
   @discardableResult
   public static func write(_ bytes: [UInt8], toDescriptor fd: Int32) -> Bool {
     var status = stat()
-    let appending = fcntl(fd, F_GETFL) & O_APPEND != 0
-    let start = appending ? (fstat(fd, &status) == 0 ? Int(status.st_size) : -1) : Int(lseek(fd, 0, SEEK_CUR))
-    guard start >= 0, EventFile.fits(start + bytes.count) else { return false }
+    if fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFREG {
+      let start = fcntl(fd, F_GETFL) & O_APPEND != 0 ? Int(status.st_size) : Int(lseek(fd, 0, SEEK_CUR))
+      guard start >= 0, EventFile.fits(start + bytes.count) else { return false }
+    }
     var written = 0
     while written < bytes.count {
       let count = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
