@@ -226,6 +226,23 @@ import TraceryTestSupport
     #expect(!report.contains("tracery-code"), "\(asan.stderr)")
   }
 
+  /// backtrace() from a destructor while an exception unwinds through it: the walk sees every
+  /// frame (the recorded library call to `backtrace` too), and the slots the unwinder restored
+  /// stay restored, so the catch is reached. (Putting the graph's return addresses back into
+  /// those would have stopped the unwind.)
+  @Test func aBacktraceInADestructorDuringAnUnwind() throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-dtorlog")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = directory.appendingPathComponent("dtorlog").path
+    try TestSupport.compile(
+      compiler: "g++", sources: [RecordCommandTests.programs.appendingPathComponent("dtorlog.cpp").path],
+      flags: ["-O2", "-fpatchable-function-entry=5"], output: program)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program])
+    #expect(recorded.status == 0 && recorded.stdout == "sum 6 caught 3\n", "\(recorded.stdout) \(recorded.stderr)")
+    #expect(try RecordCommandTests.recordedCounts(trace)["middle(int)"] == 6)
+  }
+
   /// A thread forks while others run traced calls: each child records its own calls in its own
   /// file (it has only the forking thread), the parent's threads lose none.
   @Test func childrenForkedFromAThreadWhileOthersRecord() throws {

@@ -246,15 +246,33 @@ enum GraphThreads {
     }
   }
 
-  /// Puts the graph's return address back into every slot `restoreReturnAddresses` gave its
-  /// real one, dropping no frame: after a walk that ends where it began (`backtrace`).
-  static func reinstateReturnAddresses() {
-    calls { bottom, saved in
-      defer { saved.pointee = 0 }
-      let call = bottom.pointee
-      guard saved.pointee != 0 else { return }
-      let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(call.slot))!
-      if slot.pointee == call.return_address { slot.pointee = saved.pointee }
+  /// Runs `walk` (a backtrace, which leaves the stack as it was) with the real return address in
+  /// every slot above `stackPointer`, then puts the graph's back into the slots this call
+  /// restored, dropping no frame. Slots an unwind under way restored (a destructor it runs is
+  /// calling `backtrace`) stay as the unwinder needs them.
+  static func withRealReturnAddresses<T>(above stackPointer: UInt64, _ walk: () -> T) -> T {
+    var count = 0
+    calls { _, _ in count += 1 }
+    guard count > 0 else { return walk() }
+    return withUnsafeTemporaryAllocation(of: Bool.self, capacity: count) { earlier in
+      var index = 0
+      calls { _, saved in
+        earlier[index] = saved.pointee != 0
+        index += 1
+      }
+      restoreReturnAddresses(above: stackPointer)
+      defer {
+        index = 0
+        calls { bottom, saved in
+          defer { index += 1 }
+          guard index < count, !earlier[index], saved.pointee != 0 else { return }
+          let call = bottom.pointee
+          let slot = UnsafeMutablePointer<UInt64>(bitPattern: UInt(call.slot))!
+          if slot.pointee == call.return_address { slot.pointee = saved.pointee }
+          saved.pointee = 0
+        }
+      }
+      return walk()
     }
   }
 
@@ -379,9 +397,12 @@ extension Tracer {
     withCallerStackMarker { GraphThreads.restoreReturnAddresses(above: $0) }
   }
 
-  /// After a walk of this thread's stack that began after `restoreReturnAddresses` and left the
-  /// stack as it was (a backtrace): the graph's return addresses go back, every frame stays.
-  public static func reinstateReturnAddresses() { GraphThreads.reinstateReturnAddresses() }
+  /// Runs `walk` (a backtrace: it leaves the stack as it was) with this thread's real return
+  /// addresses in place, then puts the graph's back (every frame stays); during an unwind (a
+  /// destructor's backtrace) the slots the unwinder restored stay as they are.
+  public static func withRealReturnAddresses<T>(_ walk: () -> T) -> T {
+    withCallerStackMarker { GraphThreads.withRealReturnAddresses(above: $0, walk) }
+  }
 
   /// Called, on the catching thread, for each graph frame a caught C++ exception unwound (innermost
   /// first, just before the frame is dropped), with the recursion guard held: their users' exit

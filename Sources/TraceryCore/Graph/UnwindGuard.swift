@@ -88,14 +88,12 @@ public func traceryUnwindForcedUnwind(
 @_cdecl("backtrace")
 public func traceryBacktrace(_ buffer: UnsafeMutablePointer<UnsafeMutableRawPointer?>?, _ size: Int32) -> Int32 {
   guard let buffer, size > 0, let next = UnwindGuard.nextBacktrace else { return 0 }
-  Tracer.restoreReturnAddresses()
-  defer { Tracer.reinstateReturnAddresses() }
   // The frames of this object (this interposer's, the agent's `__libc_start_main`) are left out:
   // the caller sees what it sees untraced. A few more are asked for in their place.
   let own = UnwindGuard.ownExtent
   let capacity = Int(size) + 8
   return withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer?.self, capacity: capacity) { frames in
-    let count = Int(next(frames.baseAddress, Int32(capacity)))
+    let count = Int(Tracer.withRealReturnAddresses { next(frames.baseAddress, Int32(capacity)) })
     var kept = 0
     for index in 0..<max(0, count) where kept < Int(size) {
       let address = UInt(bitPattern: frames[index])
@@ -109,7 +107,5 @@ public func traceryBacktrace(_ buffer: UnsafeMutablePointer<UnsafeMutableRawPoin
 
 @_cdecl("_Unwind_Backtrace")
 public func traceryUnwindBacktrace(_ trace: UnsafeMutableRawPointer?, _ argument: UnsafeMutableRawPointer?) -> Int32 {
-  Tracer.restoreReturnAddresses()
-  defer { Tracer.reinstateReturnAddresses() }
-  return UnwindGuard.nextUnwindBacktrace?(trace, argument) ?? 5
+  Tracer.withRealReturnAddresses { UnwindGuard.nextUnwindBacktrace?(trace, argument) ?? 5 }
 }
