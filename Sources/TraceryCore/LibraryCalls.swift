@@ -63,6 +63,11 @@ public enum LibraryCalls {
       .contains { name.hasPrefix($0) }
   }
 
+  /// A sanitizer runtime's entry that instrumented code calls (`__asan_init`, `__tsan_init`, …).
+  static func isSanitizerRuntime(_ name: String) -> Bool {
+    ["__asan_", "__tsan_", "__msan_", "__hwasan_"].contains { name.hasPrefix($0) }
+  }
+
   /// Swift concurrency's entry points that async code tail-calls and that continue elsewhere
   /// (`swift_task_switch`, a task group's `next`): left out like the async functions themselves.
   static func isSwiftConcurrency(_ name: String) -> Bool {
@@ -84,7 +89,13 @@ public enum LibraryCalls {
   ) throws -> [Stub] {
     // Its relocations and dynamic symbols, not its code (clang's file is 140 MB, 130 of it code).
     let file = try ELFFile(pathWithoutCode: path)
-    let imports = try file.importSlots().filter {
+    let all = try file.importSlots()
+    // An object built with a sanitizer that calls its runtime through the PLT (gcc's
+    // libasan.so): the runtime's interceptors take their stacks by frame pointers from the
+    // return addresses (an allocation's stack stopped at a recorded `malloc`), so its calls
+    // are left alone.
+    guard !all.contains(where: { isSanitizerRuntime($0.name) }) else { return [] }
+    let imports = all.filter {
       !skipped.contains($0.name) && !isSwiftConcurrency($0.name) && !isInstrumentation($0.name) && !skip($0.name)
     }
     let map = MemoryMap.current()
