@@ -51,7 +51,7 @@ public enum Demangler {
   /// How reading commands show C++ and Swift names (uftrace's `--demangle`).
   public enum Style: String, Sendable, CaseIterable {
     /// C++ names without parameters, template arguments or qualifiers: `ns::Stack::push`
-    /// (uftrace's default); Swift names in full.
+    /// (uftrace's default); Rust names without their hash; Swift names in full.
     case simple
     /// The whole demangled name: `ns::Stack<int>::push(int const&)`.
     case full
@@ -68,6 +68,8 @@ public enum Demangler {
     var result = [symbol]
     let demangled = demangle(symbol)
     if demangled != symbol { result.append(demangled) }
+    let hashless = withoutRustHash(demangled)
+    if hashless != demangled { result.append(hashless) }
     // Also for a name given already demangled (what readers hold).
     guard demangled.contains("(") || demangled.contains("<") else { return result }
     let base = withoutParameters(demangled)
@@ -91,8 +93,18 @@ public enum Demangler {
     case .full: return demangle(symbol)
     // Simple names are C++'s (what uftrace shows); a Swift name keeps its signature, whose
     // closures and `in` clauses the C++ rules would mangle.
-    case .simple: return symbol.hasPrefix("_Z") ? simplified(demangle(symbol)) : demangle(symbol)
+    case .simple: return symbol.hasPrefix("_Z") ? simplified(withoutRustHash(demangle(symbol))) : demangle(symbol)
     }
+  }
+
+  /// A Rust function's legacy symbol demangles with its hash as the last component
+  /// (`main::fib::h42af1a01a5cac11c`): the simple form leaves it out, as `rustfilt` does.
+  static func withoutRustHash(_ name: String) -> String {
+    let tail = name.utf8.suffix(19)
+    guard tail.count == 19, tail.starts(with: "::h".utf8),
+      tail.dropFirst(3).allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) })
+    else { return name }
+    return String(decoding: name.utf8.dropLast(19), as: UTF8.self)
   }
 
   /// A demangled name without its parameter list, template arguments and qualifiers. Operator

@@ -52,6 +52,14 @@ import Testing
     #expect(Demangler.name("_Z5afteri", style: .simple) == "after")
     // Swift names keep their signature (the Swift runtime's demangler is loaded here).
     #expect(Demangler.name("$s4main3fibyS2iF", style: .simple) == "main.fib(Swift.Int) -> Swift.Int")
+    // Rust's legacy symbols: the simple form without the hash (as rustfilt), which patterns match.
+    let rust = "_ZN4main3fib17h42af1a01a5cac11cE"
+    #expect(Demangler.name(rust, style: .full) == "main::fib::h42af1a01a5cac11c")
+    #expect(Demangler.name(rust, style: .simple) == "main::fib")
+    #expect(Demangler.name(rust + "@plt", style: .simple) == "main::fib@plt")
+    #expect(Demangler.forms(rust).contains("main::fib"))
+    // A C++ name that merely ends in an h-word keeps it.
+    #expect(Demangler.withoutRustHash("ns::h1234") == "ns::h1234")
   }
 
   /// Filters name a function in any of its forms, whatever the reader shows: the symbol, the full
