@@ -256,19 +256,28 @@ enum Agent {
       let file = table.objects[object].path.split(separator: "/").last.map(String.init) ?? "?"
       sites[object].append((link, "\(file)+0x\(String(link, radix: 16))"))
     }
-    let folder = directory + "/symbols"
-    mkdir(folder, TraceFormat.directoryMode)
     for (index, object) in table.objects.enumerated() where !sites[index].isEmpty {
       let identity = FileIdentity(path: object.path)
       let buildID = object.buildID.map(TracedProcess.Object.hex)
       guard let key = SymbolFile.key(buildID: buildID, identity: identity) else { continue }
       keys[index] = key
-      let path = "\(folder)/\(key).sym"
-      guard access(path, F_OK) != 0 else { continue }
-      let file = SymbolFile(path: object.path, buildID: buildID, identity: identity, sites: sites[index])
-      Files.writeReplacing(Array(file.text.utf8), at: path)
+      writeOnce("\(key).sym", in: directory) {
+        Array(SymbolFile(path: object.path, buildID: buildID, identity: identity, sites: sites[index]).text.utf8)
+      }
     }
     return keys
+  }
+
+  /// Writes `DIR/symbols/NAME` unless an earlier process of the trace did (the folder made if
+  /// need be): the bytes `make` gives, under a private name renamed into place, so a reader
+  /// never sees half a file. Symbol files, kept entry points and library-call names are each
+  /// written once per trace this way.
+  static func writeOnce(_ name: String, in directory: String, _ make: () -> [UInt8]) {
+    let folder = directory + "/symbols"
+    let path = "\(folder)/\(name)"
+    guard access(path, F_OK) != 0 else { return }
+    mkdir(folder, TraceFormat.directoryMode)
+    Files.writeReplacing(make(), at: path)
   }
 
   /// Keeps each object's entry points (the sweep of its code that relocation needs) beside the
@@ -277,15 +286,14 @@ enum Agent {
   /// under a private name and renamed, like the symbol files; a file that does not read back
   /// whole is swept again (`EntryPoints(encoded:bias:)`).
   static func keepEntryPoints(in directory: String) {
-    @Sendable func file(_ path: String) -> String? {
-      SymbolFile.key(buildID: nil, identity: FileIdentity(path: path)).map { "\(directory)/symbols/\($0).entries" }
+    @Sendable func name(_ path: String) -> String? {
+      SymbolFile.key(buildID: nil, identity: FileIdentity(path: path)).map { "\($0).entries" }
     }
     EntryPoints.persistence = (
-      load: { path in file(path).flatMap { Files.read($0) } },
+      load: { path in name(path).flatMap { Files.read("\(directory)/symbols/\($0)") } },
       store: { path, bytes in
-        guard let file = file(path), access(file, F_OK) != 0 else { return }
-        mkdir(directory + "/symbols", TraceFormat.directoryMode)
-        Files.writeReplacing(bytes, at: file)
+        guard let name = name(path) else { return }
+        writeOnce(name, in: directory) { bytes }
       }
     )
   }
@@ -303,12 +311,7 @@ enum Agent {
     // FNV-1a, 64 bits.
     let digest = text.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 }
     let key = "libcalls-" + String(digest, radix: 16)
-    let folder = directory + "/symbols"
-    let path = "\(folder)/\(key).sym"
-    if access(path, F_OK) != 0 {
-      mkdir(folder, TraceFormat.directoryMode)
-      Files.writeReplacing(text, at: path)
-    }
+    writeOnce("\(key).sym", in: directory) { text }
     objects.append(TracedProcess.Object(path: "[library calls]", bias: base, buildID: nil, symbols: key))
   }
 
@@ -655,17 +658,17 @@ enum Agent {
       state.pointee.owner = 1
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
-      if owner > 1, Agent.sandboxed {
-        let thread = ThreadRecording.take(owner)
-        thread.countOverflowed(state)
-        thread.file.finishInPlace(cursor: cursor)
-      } else if owner > 1 {
-        let thread = ThreadRecording.take(owner)
-        thread.countOverflowed(state)
-        let end = thread.file.close(cursor: cursor)
-        // (A file of an earlier recording is not listed in this one's process file.)
-        if thread.recording == Agent.recording { Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
+      guard owner > 1 else { return }
+      let thread = ThreadRecording.take(owner)
+      thread.countOverflowed(state)
+      // Sandboxed: sealed in place, no system call (the file stays mapped and open).
+      guard !Agent.sandboxed else {
+        thread.file.finish(cursor: cursor, unmapping: false)
+        return
       }
+      let end = thread.file.close(cursor: cursor)
+      // (A file of an earlier recording is not listed in this one's process file.)
+      if thread.recording == Agent.recording { Agent.appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
     }
     return key
   }()
@@ -761,24 +764,16 @@ extension Agent {
     waitToEnterRefill()
     defer { leaveRefill() }
     let state = ctracery_thread_state()!
-    if sandboxed {
-      if state.pointee.owner > 1 {
-        let thread = ThreadRecording.of(state)
-        thread.countOverflowed(state)
-        thread.file.finishInPlace(cursor: state.pointee.event_cursor)
-        state.pointee.event_cursor = 0
-        state.pointee.event_end = 0
-      }
-      return
-    }
+    // (Sandboxed: sealed in place and nothing else, no system call.)
     if state.pointee.owner > 1 {
       let thread = ThreadRecording.of(state)
       thread.countOverflowed(state)
-      let end = thread.file.finish(cursor: state.pointee.event_cursor)
+      let end = thread.file.finish(cursor: state.pointee.event_cursor, unmapping: !sandboxed)
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
-      if thread.recording == recording { appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
+      if !sandboxed, thread.recording == recording { appendToProcessFile("thread-end \(ctracery_gettid()) \(end)") }
     }
+    guard !sandboxed else { return }
     EventFile.sealLeftChunks()
     appendToProcessFile("end")
   }

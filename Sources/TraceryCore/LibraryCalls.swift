@@ -55,18 +55,16 @@ public enum LibraryCalls {
     "dlsym", "dlvsym", "dlopen", "dlmopen", "mcount", "_mcount", "__fentry__",
   ]
 
+  /// A sanitizer runtime's entry that instrumented code calls (`__asan_init`, `__tsan_init`, …).
+  static func isSanitizerRuntime(_ name: String) -> Bool { sanitizerRuntimes.contains { name.hasPrefix($0) } }
+  private static let sanitizerRuntimes = ["__asan_", "__tsan_", "__msan_", "__hwasan_"]
+
   /// A sanitizer's or profiler's runtime entry (`__asan_report_load8`, `__ubsan_handle_*`,
   /// `__sanitizer_cov_trace_pc`): instrumentation the compiler added, not the program's calls;
   /// several report or count by their return address.
-  static func isInstrumentation(_ name: String) -> Bool {
-    ["__asan_", "__ubsan_", "__tsan_", "__msan_", "__lsan_", "__hwasan_", "__sanitizer_", "__cyg_profile_func_"]
-      .contains { name.hasPrefix($0) }
-  }
-
-  /// A sanitizer runtime's entry that instrumented code calls (`__asan_init`, `__tsan_init`, …).
-  static func isSanitizerRuntime(_ name: String) -> Bool {
-    ["__asan_", "__tsan_", "__msan_", "__hwasan_"].contains { name.hasPrefix($0) }
-  }
+  static func isInstrumentation(_ name: String) -> Bool { instrumentation.contains { name.hasPrefix($0) } }
+  private static let instrumentation =
+    sanitizerRuntimes + ["__ubsan_", "__lsan_", "__sanitizer_", "__cyg_profile_func_"]
 
   /// Swift concurrency's entry points that async code tail-calls and that continue elsewhere
   /// (`swift_task_switch`, a task group's `next`): left out like the async functions themselves.

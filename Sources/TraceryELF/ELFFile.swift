@@ -149,16 +149,7 @@ public struct ELFFile: Sendable {
     let sectionCount = Int(bytes.u16(60))
     guard bytes.u16(54) == 56, sectionCount > 0, bytes.u16(62) < 0xff00 else { return nil }
     // The section names: data sections are left out by name.
-    let namesIndex = Int(bytes.u16(62))
-    let names: [UInt8] = table.withUnsafeBytes { entries in
-      guard namesIndex < sectionCount else { return [] }
-      let offset = entries.loadUnaligned(fromByteOffset: namesIndex * 64 + 24, as: UInt64.self)
-      let length = entries.loadUnaligned(fromByteOffset: namesIndex * 64 + 32, as: UInt64.self)
-      guard length <= 1 << 20 else { return [] }
-      var names = [UInt8](repeating: 0, count: Int(length))
-      let got = names.withUnsafeMutableBytes { read(offset, length, into: $0.baseAddress!) }
-      return got ? names : []
-    }
+    let names = sectionNames(fd, table: table, namesIndex: headers.namesIndex, limit: 1 << 20) ?? []
     func isData(_ nameOffset: Int) -> Bool {
       guard nameOffset < names.count else { return false }
       let name = names[nameOffset...].prefix { $0 != 0 }
@@ -398,9 +389,7 @@ extension ELFFile {
     guard let (_, table, count, namesIndex) = headers(of: fd) else { return false }
     guard count > 0 else { return true }
     let entries = ELFBytes(storage: table)
-    let namesOffset = entries.u64(namesIndex * 64 + 24)
-    let namesSize = entries.u64(namesIndex * 64 + 32)
-    guard namesSize <= 1 << 24, let names = readBytes(fd, namesOffset, Int(namesSize)) else { return false }
+    guard let names = sectionNames(fd, table: table, namesIndex: namesIndex, limit: 1 << 24) else { return false }
     return names.withUnsafeBufferPointer { all in
       for index in 0..<count {
         let start = Int(entries.u32(index * 64))
@@ -411,6 +400,17 @@ extension ELFFile {
       }
       return true
     }
+  }
+
+  /// The section-name string table (`.shstrtab`) of the file open at `fd`: section `namesIndex`
+  /// of the section table `table` (`headers(of:)`); nil when it is larger than `limit` or cannot
+  /// be read.
+  private static func sectionNames(_ fd: Int32, table: [UInt8], namesIndex: Int, limit: UInt64) -> [UInt8]? {
+    let entries = ELFBytes(storage: table)
+    guard (namesIndex + 1) * 64 <= table.count else { return nil }
+    let size = entries.u64(namesIndex * 64 + 32)
+    guard size <= limit else { return nil }
+    return readBytes(fd, entries.u64(namesIndex * 64 + 24), Int(size))
   }
 
   /// `count` bytes at `offset` of `fd` (at most 64 MiB), or nil.

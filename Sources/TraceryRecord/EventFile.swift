@@ -292,12 +292,14 @@ public final class EventFile: @unchecked Sendable {
   /// Seals the current chunk (its events end at `cursor`) on this thread, and takes no chunk
   /// after it: later events are dropped and counted. At process exit, for the exiting thread:
   /// the seal must be on disk before the process is gone, and events after it would break it.
-  /// Returns the file offset where the events end.
+  /// `unmapping` false: the chunk stays mapped (a sandboxed process makes no system call,
+  /// `Agent.enterSandbox`; the kernel writes a shared mapping's pages back after the process is
+  /// gone). Returns the file offset where the events end.
   @discardableResult
-  public func finish(cursor: UInt64) -> Int {
+  public func finish(cursor: UInt64, unmapping: Bool = true) -> Int {
     if let chunk {
       ChunkSeal.seal(chunk, length: sealedLength(cursor))
-      munmap(chunk, chunkSize)
+      if unmapping { munmap(chunk, chunkSize) }
       self.chunk = nil
     }
     finished = true
@@ -313,15 +315,6 @@ public final class EventFile: @unchecked Sendable {
 
   /// Waits until the helper thread has done every job asked for (`ChunkPreparer.quiesce`).
   public static func quiesceHelper() { ChunkPreparer.shared.quiesce() }
-
-  /// In a sandboxed process (no system call allowed: `Agent.enterSandbox`): seals the current
-  /// chunk (its events end at `cursor`) in place, leaving it mapped (the kernel writes a shared
-  /// mapping's pages back after the process is gone), and takes no chunk after it.
-  public func finishInPlace(cursor: UInt64) {
-    if let chunk { ChunkSeal.seal(chunk, length: sealedLength(cursor)) }
-    chunk = nil
-    finished = true
-  }
 
   /// `finish`es the file (events end at `cursor`) and gives it back: at thread exit.
   @discardableResult

@@ -22,10 +22,10 @@ import TraceryRecord
 /// - `libcall`, `libcall-uftrace`: 1,000,000 `strlen` calls through the PLT recorded (entries
 ///   checked against the program's count) and under `uftrace record --force`, beside the same
 ///   loop untraced.
-///
-/// Every recorded run records library calls, as `tracery record` does by default (and uftrace).
 /// - `children-patchable`, `children-plain`: a parent that starts 50 children one after another
 ///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced.
+///
+/// Every recorded run records library calls, as `tracery record` does by default (and uftrace).
 struct RecordBench {
   let runs: Int
   let cacheDirectory: String

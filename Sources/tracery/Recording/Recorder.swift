@@ -27,14 +27,14 @@ struct Recorder {
     guard Files.write(info.text, to: absolute + "/info") else { throw UserError("cannot write \(absolute)/info") }
 
     var environment = Foundation.ProcessInfo.processInfo.environment
-    environment["LD_PRELOAD"] = [agent, environment["LD_PRELOAD"]].compactMap { $0 }.filter { !$0.isEmpty }.joined(
-      separator: ":")
+    // Colon-separated lists, without empty parts.
+    func list(_ parts: String?...) -> String { parts.compactMap { $0 }.filter { !$0.isEmpty }.joined(separator: ":") }
+    environment["LD_PRELOAD"] = list(agent, environment["LD_PRELOAD"])
     agentEnvironment(directory: absolute, relocate: relocate).apply(to: &environment)
     // gcc's AddressSanitizer runtime (libasan.so) stops a program unless it comes first among
     // the preloaded libraries; the agent must come first, and forwards what ASan intercepts too
     // (sigaction, signal, dlopen).
-    environment["ASAN_OPTIONS"] = [environment["ASAN_OPTIONS"], "verify_asan_link_order=0"].compactMap { $0 }
-      .filter { !$0.isEmpty }.joined(separator: ":")
+    environment["ASAN_OPTIONS"] = list(environment["ASAN_OPTIONS"], "verify_asan_link_order=0")
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
