@@ -2,6 +2,7 @@
 #include "CTraceryShims.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <link.h>
 #include <linux/membarrier.h>
 #include <pthread.h>
@@ -416,11 +417,63 @@ static void answer_snapshot(ucontext_t *uc, int on_alternate_stack) {
   atomic_store_explicit(&snapshot_done, 1, memory_order_release);
 }
 
+static _Atomic uint64_t calls_restarted;
+static uint8_t sandboxed;
+
+// A snapshot signal that reaches a thread as it enters (or sleeps in) a system call the kernel
+// does not restart after a handler, even with SA_RESTART — nanosleep, clock_nanosleep, poll,
+// ppoll, select, pselect6, epoll_wait, epoll_pwait(2), pause, rt_sigtimedwait — makes that call
+// fail with EINTR, which the program would see although nothing of its own happened. The
+// reclaimer signals only threads it saw running, but one can enter such a call before the
+// signal lands. So the handler puts the call back: rip on the `syscall` instruction again and
+// rax its number, which the kernel has overwritten with -EINTR, read from the `mov $NR, %eax`
+// that precedes it (how Glibc, musl and compilers' inline system calls set it; any other shape
+// is left alone). Arguments are in registers the kernel preserves. A relative timeout starts
+// again whole (the sleep is longer, never shorter). Our signal is nearly always the cause: a
+// program's handler run at the same return (its signal's number is lower, so it is delivered
+// first) leaves our frame showing that handler, not the system call. The exception: a
+// program's handler that blocks our signal (sa_mask full) and runs just as our request lands;
+// our handler then runs as it returns, and its EINTR is put back too. That needs the thread to
+// enter the call in the microseconds between the reclaimer's look and its signal *and* the
+// program's signal then, where without the restart every entry in that window saw EINTR.
+static void restart_interrupted_call(ucontext_t *uc) {
+  greg_t *registers = uc->uc_mcontext.gregs;
+  if (registers[REG_RAX] != -EINTR || sandboxed) return;
+  uint8_t code[7];
+  uint64_t rip = (uint64_t)registers[REG_RIP];
+  if (ctracery_read_memory(code, (const void *)(rip - sizeof code), sizeof code) != (long)sizeof code) return;
+  if (code[0] != 0xb8 || code[5] != 0x0f || code[6] != 0x05) return;
+  uint32_t number;
+  memcpy(&number, &code[1], sizeof number);
+  switch (number) {
+  case SYS_nanosleep:
+  case SYS_clock_nanosleep:
+  case SYS_poll:
+  case SYS_ppoll:
+  case SYS_select:
+  case SYS_pselect6:
+  case SYS_epoll_wait:
+  case SYS_epoll_pwait:
+  case 441: // SYS_epoll_pwait2 (newer than Glibc 2.36's headers)
+  case SYS_pause:
+  case SYS_rt_sigtimedwait:
+    registers[REG_RAX] = (greg_t)number;
+    registers[REG_RIP] = (greg_t)(rip - 2);
+    atomic_fetch_add_explicit(&calls_restarted, 1, memory_order_relaxed);
+    break;
+  default:
+    break;
+  }
+}
+
+uint64_t ctracery_calls_restarted(void) { return atomic_load_explicit(&calls_restarted, memory_order_relaxed); }
+
 static void snapshot_handler(int sig, siginfo_t *info, void *context) {
   (void)sig;
   (void)info;
   uint8_t guard = recursion_guard;
   recursion_guard = 1;
+  restart_interrupted_call(context);
   // A late signal from an earlier, timed-out request finds no request, or another tid's.
   if (atomic_load_explicit(&snapshot_tid, memory_order_acquire) == (int)syscall(SYS_gettid)) {
     // Interrupted inside a signal handler running on its alternate stack: the stack it
@@ -448,7 +501,6 @@ static void answer_snapshot_after_trap(ucontext_t *uc) {
 
 int ctracery_snapshot_signal(void) { return SIGRTMAX - 1; }
 
-static uint8_t sandboxed;
 uint8_t *ctracery_sandboxed(void) { return &sandboxed; }
 
 void ctracery_publish_moves(const struct ctracery_move_table *table) {

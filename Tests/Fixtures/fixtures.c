@@ -1,8 +1,15 @@
 #include "fixtures.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define TRACED __attribute__((patchable_function_entry(5, 0), noinline, used))
 
@@ -275,3 +282,48 @@ __asm__(".text\n.p2align 4\n.globl tracery_fixture_short\n.type tracery_fixture_
 __asm__(".text\n.p2align 4\n.globl tracery_fixture_short_other\n.type tracery_fixture_short_other, @function\n"
         "tracery_fixture_short_other:\n  mov %rdi, %rax\n  ret\n"
         ".size tracery_fixture_short_other, .-tracery_fixture_short_other\n");
+
+int tracery_fixture_sleep_in(int call, int milliseconds, int *error) {
+  sigset_t none;
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, NULL);
+  int result = -1;
+  errno = 0;
+  switch (call) {
+  case 0: {
+    struct timespec wait = {milliseconds / 1000, (long)(milliseconds % 1000) * 1000000};
+    result = nanosleep(&wait, NULL);
+    break;
+  }
+  case 1:
+    result = poll(NULL, 0, milliseconds);
+    break;
+  case 2: {
+    int epoll = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event event;
+    result = epoll_wait(epoll, &event, 1, milliseconds);
+    int saved = errno;
+    close(epoll);
+    errno = saved;
+    break;
+  }
+  case 3: {
+    struct timeval wait = {milliseconds / 1000, (long)(milliseconds % 1000) * 1000};
+    result = select(0, NULL, NULL, NULL, &wait);
+    break;
+  }
+  }
+  *error = errno;
+  return result;
+}
+
+static void program_signal_handler(int signal) { (void)signal; }
+
+int tracery_fixture_send_program_signal(int tid) {
+  struct sigaction action = {0};
+  action.sa_handler = program_signal_handler;
+  action.sa_flags = SA_RESTART;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGRTMIN + 3, &action, NULL);
+  return (int)syscall(SYS_tgkill, getpid(), tid, SIGRTMIN + 3);
+}

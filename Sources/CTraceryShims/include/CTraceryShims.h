@@ -168,6 +168,8 @@ struct ctracery_move_table {
 void ctracery_publish_moves(const struct ctracery_move_table *table);
 /// Threads moved so far (for tests).
 uint64_t ctracery_threads_moved(void);
+/// System calls a snapshot signal interrupted and the handler put back (see shims.c), so far.
+uint64_t ctracery_calls_restarted(void);
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread state that generated code reads and writes at a fixed %fs offset.

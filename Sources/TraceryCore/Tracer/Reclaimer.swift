@@ -190,6 +190,16 @@ struct Reclaimer {
     let reason: String
   }
 
+  /// How many times a pass looks (200 µs apart) for a running thread to block in a system call
+  /// before it signals it. A signal handler run while a thread sleeps in `nanosleep`, `poll`,
+  /// `epoll_wait` or `select` makes that call fail with EINTR even with SA_RESTART, and a thread
+  /// seen running between two such sleeps is often inside the next one before the signal lands
+  /// (`record -p --libcall` on running.c's sleeper showed it). A thread that sleeps most of the
+  /// time is nearly always seen blocked on a later look; a busy one costs the pass ~0.6 ms.
+  /// This narrows the window; it cannot close it (a handler cannot restart a call whose number
+  /// the kernel has overwritten).
+  static let runningLooks = 4
+
   /// The indices of `ranges` some thread references, or why a thread could not be inspected.
   static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<Set<Int>, Obstacle> {
     let map = MemoryMap.current()
@@ -224,7 +234,40 @@ struct Reclaimer {
     // This thread, from its caller's frames up: a handler, or a traced function, may be
     // detaching from inside a trampoline.
     guard scanStack(from: callerStack) else { return .failure(Obstacle(reason: "own stack not found")) }
+    func scan(_ tid: Int32, rip: UInt64, rsp: UInt64, others: [UInt64]) -> Obstacle? {
+      check(rip)
+      for value in others { check(value) }
+      guard scanStack(from: rsp) else {
+        return Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping")
+      }
+      return nil
+    }
+    // Threads blocked in a system call first, then those seen running, looked at again a few
+    // times before any is signalled (`runningLooks`).
+    var running: [Int32] = []
     for tid in threadIDs() where tid != me {
+      guard let blocked = blockedRegisters(of: tid) else {
+        running.append(tid)
+        continue
+      }
+      if let obstacle = scan(tid, rip: blocked.rip, rsp: blocked.rsp, others: []) { return .failure(obstacle) }
+    }
+    for _ in 1..<runningLooks where !running.isEmpty {
+      usleep(200)
+      var still: [Int32] = []
+      for tid in running {
+        guard let blocked = blockedRegisters(of: tid) else {
+          still.append(tid)
+          continue
+        }
+        if let obstacle = scan(tid, rip: blocked.rip, rsp: blocked.rsp, others: []) { return .failure(obstacle) }
+      }
+      running = still
+    }
+    // Those that can be signalled before those polled for ~100 ms (they block the signal): a
+    // thread that makes the pass fail (on its alternate stack) is found without the wait.
+    let blocking = running.filter { blocksSnapshotSignal($0) }
+    for tid in running.filter({ !blocking.contains($0) }) + blocking {
       guard let (rip, rsp, others, onAlternateStack) = registers(of: tid) else {
         // Exited meanwhile: nothing to scan. Otherwise we cannot tell: keep everything.
         if access("/proc/self/task/\(tid)", F_OK) != 0 { continue }
@@ -233,11 +276,7 @@ struct Reclaimer {
       if onAlternateStack {
         return .failure(Obstacle(reason: "thread \(tid) is running a signal handler on its alternate stack"))
       }
-      check(rip)
-      for value in others { check(value) }
-      guard scanStack(from: rsp) else {
-        return .failure(Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping"))
-      }
+      if let obstacle = scan(tid, rip: rip, rsp: rsp, others: others) { return .failure(obstacle) }
     }
     guard scanShadowStacks(check) else {
       return .failure(Obstacle(reason: "more threads with a shadow stack than the registry holds"))
@@ -301,8 +340,11 @@ struct Reclaimer {
   /// stack it interrupted (which may hold returns into trampolines) is not the one rsp is on.
   static func registers(of tid: Int32) -> (rip: UInt64, rsp: UInt64, others: [UInt64], onAlternateStack: Bool)? {
     for _ in 0..<20 {
+      // The mask first: the look at procfs and the signal follow each other as closely as they
+      // can (see `runningLooks`).
+      let signal = !blocksSnapshotSignal(tid)
       if let blocked = blockedRegisters(of: tid) { return (blocked.rip, blocked.rsp, [], false) }
-      if let snapshot = snapshot(of: tid) { return snapshot }
+      if let snapshot = snapshot(of: tid, signal: signal) { return snapshot }
     }
     return nil
   }
@@ -311,8 +353,10 @@ struct Reclaimer {
   /// snapshot signal (20 ms to answer), else only if it is running the SIGTRAP handler, which
   /// blocks the signal for microseconds and answers as it ends (5 ms). (Read each time: a thread
   /// that traps at every call shows the signal blocked at nearly every look.)
-  static func snapshot(of tid: Int32) -> (rip: UInt64, rsp: UInt64, others: [UInt64], onAlternateStack: Bool)? {
-    let signal = !blocksSnapshotSignal(tid)
+  static func snapshot(
+    of tid: Int32, signal: Bool? = nil
+  ) -> (rip: UInt64, rsp: UInt64, others: [UInt64], onAlternateStack: Bool)? {
+    let signal = signal ?? !blocksSnapshotSignal(tid)
     var rip: UInt64 = 0
     var rsp: UInt64 = 0
     var others = [UInt64](repeating: 0, count: Int(CTRACERY_SNAPSHOT_REGISTERS))

@@ -13,6 +13,13 @@ void tracery_fixture_hammers_start(int count);
 /// Stops them; returns the calls made and stores the wrong results seen in `*wrong`.
 uint64_t tracery_fixture_hammers_stop(uint64_t *wrong);
 
+/// Sleeps `milliseconds` in one system call on this thread — 0 nanosleep, 1 poll, 2 epoll_wait,
+/// 3 select — with no signal blocked; returns its result and stores its errno in `*error`.
+int tracery_fixture_sleep_in(int call, int milliseconds, int *error);
+/// Sends thread `tid` the program's own signal, SIGRTMIN + 3, whose handler (installed here,
+/// SA_RESTART) does nothing.
+int tracery_fixture_send_program_signal(int tid);
+
 #endif
 
 // ---- Functions of every argument and return shape, for the trampoline tests ----
