@@ -194,6 +194,7 @@ long syscall(long number, ...) {
   if (number == SYS_seccomp && (a1 == SECCOMP_SET_MODE_STRICT || a1 == SECCOMP_SET_MODE_FILTER)) {
     tracery_agent_sandboxing();
   }
+  if (number == SYS_exit_group) tracery_agent_exiting();
   return next(number, a1, a2, a3, a4, a5, a6);
 }
 
@@ -230,4 +231,23 @@ int setresuid(uid_t real, uid_t effective, uid_t saved) {
   if (next == NULL) next = (int (*)(uid_t, uid_t, uid_t))dlsym(RTLD_NEXT, "setresuid");
   dropping(effective);
   return next(real, effective, saved);
+}
+
+// A program that leaves by `_exit` or `_Exit` (dash does; so do children after a fork, and a
+// vfork child whose exec failed) runs no atexit handler: the agent seals its chunks and writes
+// its last lines first (`Agent.exiting`), then the process ends as `_exit` ends it. No `dlsym` of
+// the real one: a vfork child must not take the loader's lock, which a thread of its parent may
+// hold. (Calls inside libc, such as exit's own, do not come through here.)
+static __attribute__((noreturn)) void exit_group_now(int status) {
+  for (;;) __asm__ volatile("syscall" : : "a"(SYS_exit_group), "D"(status) : "rcx", "r11", "memory");
+}
+
+void _exit(int status) {
+  tracery_agent_exiting();
+  exit_group_now(status);
+}
+
+void _Exit(int status) {
+  tracery_agent_exiting();
+  exit_group_now(status);
 }

@@ -479,10 +479,15 @@ enum Agent {
     }
   }
 
+  /// The pid `writeProcessInfo` last named a session for (this process's, unless it is a vfork
+  /// child running in its parent's memory).
+  nonisolated(unsafe) static var sessionPid: pid_t = 0
+
   /// Claims a new session name (`PID.N`, N counting this pid's images) and writes its process file.
   static func writeProcessInfo() {
     guard let configuration else { return }
     let pid = getpid()
+    sessionPid = pid
     var generation = 0
     // (In a fork child: the parent's, inherited, is not this process's.)
     processFile?.close()
@@ -753,12 +758,26 @@ extension Agent {
     _ = processFile.withDescriptor { fd in Files.write(Array(text.utf8), toDescriptor: fd) }
   }
 
+  nonisolated(unsafe) static var exited = false
+
+  /// The process leaves without `exit` (the `_exit` interposer): what `atExit` does, unless this
+  /// is a vfork child (another pid than the session's) sharing its parent's memory, whose exit
+  /// must leave the parent's state as it is. Sandboxed, nothing (its chunks stay open, as when
+  /// killed): telling a vfork child apart takes a system call the filter may not allow.
+  static func exiting() {
+    guard configuration != nil, !sandboxed, sessionPid == getpid() else { return }
+    atExit()
+  }
+
   /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the
   /// helper has not sealed yet, and writes `thread-end` and `end` in the process file, so that
   /// readers can check what was written and know the process was not killed. The exiting thread
   /// records nothing after this (its later events are dropped, not counted); threads still running
   /// keep their last chunk open (readers check its events one by one).
   static let atExit: @convention(c) () -> Void = {
+    // Once: a program's atexit handler may end the process by `_exit` before this one runs.
+    guard !exited else { return }
+    exited = true
     let guardHeld = ctracery_swap_guard(1)
     defer { _ = ctracery_swap_guard(guardHeld) }
     waitToEnterRefill()
@@ -808,6 +827,9 @@ public func traceryAgentSandboxing() { Agent.guarded { Agent.enterSandbox() } }
 
 @_cdecl("tracery_agent_dropping")
 public func traceryAgentDropping() { Agent.guarded { Agent.prepareSpareFiles() } }
+
+@_cdecl("tracery_agent_exiting")
+public func traceryAgentExiting() { Agent.exiting() }
 
 /// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the
 /// recording it belongs to.

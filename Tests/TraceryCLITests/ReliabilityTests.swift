@@ -371,4 +371,24 @@ import TraceryTestSupport
     #expect(recorded.stderr.contains("no trace"), "\(recorded.stderr)")
     #expect(!FileManager.default.fileExists(atPath: trace.path))
   }
+
+  /// A process that leaves by `_exit` or `_Exit` (dash does) runs no atexit handler: its chunks
+  /// are sealed and its last lines written all the same, so `info` says its exit ran, as after
+  /// `exit`. A vfork child that `_exit`s at once, in its parent's memory, leaves the parent's
+  /// recording as it was: the calls after it are all recorded. Before: "without its exit
+  /// (killed, crashed or still running)".
+  @Test(arguments: ["exit", "_exit", "_Exit"])
+  func aProcessThatLeavesWithoutExitIsSealed(way: String) throws {
+    let directory = try TestSupport.temporaryDirectory("reliability-quickexit\(way)")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "quickexit", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(trace, [program, way])
+    #expect(recorded.status == 3 && recorded.stdout == "7498507\n", "\(recorded.stdout) \(recorded.stderr)")
+    let info = try TestSupport.run(Self.tracery, ["info", "-d", trace.path]).stdout
+    #expect(info.contains("exit ran") && info.contains("damaged         : none"), "\(info)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["work"] == 2 && counts["leaf"] == 3000, "\(counts)")
+  }
 }
