@@ -16,11 +16,16 @@ __attribute__((aligned(64))) long tracery_bench_loop(long iterations) {
 // rsp; lea) are relocated, and the copy jumps back to the rest.
 __attribute__((aligned(64), noinline)) long tracery_bench_plain_target(long x) { return x + 1; }
 
-// 4 bytes (`mov rax, rdi; ret`): too short to relocate, traced through an int3. (In assembly:
-// this target is built with frame pointers, whose push and mov would make room to relocate.)
+// 4 bytes (`mov rax, rdi; ret`) and another function right after them, no padding between:
+// too short to relocate, traced through an int3. (In assembly: this target is built with frame
+// pointers, whose push and mov would make room to relocate; and a short function followed by
+// padding moves whole.)
 __asm__(".text\n.p2align 6\n.globl tracery_bench_short_target\n.type tracery_bench_short_target, @function\n"
         "tracery_bench_short_target:\n  mov %rdi, %rax\n  ret\n"
-        ".size tracery_bench_short_target, .-tracery_bench_short_target\n");
+        ".size tracery_bench_short_target, .-tracery_bench_short_target\n"
+        ".globl tracery_bench_short_neighbour\n.type tracery_bench_short_neighbour, @function\n"
+        "tracery_bench_short_neighbour:\n  mov %rdi, %rax\n  ret\n"
+        ".size tracery_bench_short_neighbour, .-tracery_bench_short_neighbour\n");
 
 __attribute__((aligned(64))) long tracery_bench_loop_calling(long (*function)(long), long iterations) {
   long (*volatile target)(long) = function;

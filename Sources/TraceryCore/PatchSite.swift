@@ -94,21 +94,28 @@ public struct PatchSite: Sendable, Hashable {
   /// `size` is the function's size from its symbol, for the sweep that looks for branches into
   /// the moved bytes.
   /// `entryPoints`: its object's (nil: only the function's own code is swept).
-  static func relocated(at entry: UInt64, function: UInt64, size: Int, entryPoints: EntryPoints?)
+  /// `span`: the bytes from `entry` that may be read, at least `size` (a function shorter than
+  /// the branch: up to where the next function starts; see `relocated(code:size:...)`).
+  static func relocated(at entry: UInt64, function: UInt64, size: Int, span: Int? = nil, entryPoints: EntryPoints?)
     throws(PatchSiteError) -> PatchSite
   {
-    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: size)
-    return try relocated(code: code, entry: entry, function: function, entryPoints: entryPoints)
+    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entry)), count: max(size, span ?? 0))
+    return try relocated(code: code, size: size, entry: entry, function: function, entryPoints: entryPoints)
   }
 
-  /// `relocated(at:function:size:entryPoints:)` decided on `code`, the function's bytes (its
-  /// whole size) wherever they are (mapped at `entry`, or read from its file).
+  /// `relocated(at:function:size:entryPoints:)` decided on `code`, the function's bytes wherever
+  /// they are (mapped at `entry`, or read from its file). `size`: the function's, when `code`
+  /// goes on past it (nil: `code` is the function). A function shorter than the branch is
+  /// relocated whole when its last instruction (`ret`, a tail `jmp`) is followed by padding in
+  /// `code` (`X86Relocator.isPadding`): `code` must then end where the next function starts, so
+  /// that the branch takes no byte of another function.
   static func relocated(
-    code: UnsafeRawBufferPointer, entry: UInt64, function: UInt64, entryPoints: EntryPoints?
+    code: UnsafeRawBufferPointer, size: Int? = nil, entry: UInt64, function: UInt64, entryPoints: EntryPoints?
   ) throws(PatchSiteError) -> PatchSite {
     let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
     let address = entry + UInt64(skip)
-    guard code.count - skip >= SiteBytes.length else {
+    let size = min(size ?? code.count, code.count)
+    guard size > skip, code.count - skip >= SiteBytes.length else {
       throw PatchSiteError(reason: "shorter than the 5-byte branch", category: .short)
     }
     // Where the copy goes is not known yet: a trial at the site itself sizes the move.
@@ -117,7 +124,12 @@ public struct PatchSite: Sendable, Hashable {
     switch Result(catching: { () throws(X86Relocator.Refusal) in
       try X86Relocator.relocate(body, at: address, to: address)
     }) {
-    case .success(let relocation): length = relocation.length
+    case .success(let relocation):
+      // Past the function's end only padding may be taken (the function moved whole).
+      guard relocation.movedEnd <= size - skip else {
+        throw PatchSiteError(reason: "shorter than the 5-byte branch, and no padding follows it", category: .short)
+      }
+      length = relocation.length
     case .failure(let refusal):
       throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)", category: .unmovable(refusal))
     }
@@ -129,9 +141,10 @@ public struct PatchSite: Sendable, Hashable {
     // a fifth of a relocating start).
     let entered = entryPoints?.first(in: (address + 1)..<(address + overwritten))
     let ownBranches =
-      entryPoints?.sweptWhole(entry, size: code.count) == true && entered == nil
+      entryPoints?.sweptWhole(entry, size: size) == true && entered == nil
       ? []
-      : X86Relocator.branchesIntoMovedRange(of: code, at: entry, length: skip + SiteBytes.length)
+      : X86Relocator.branchesIntoMovedRange(
+        of: UnsafeRawBufferPointer(rebasing: code[..<size]), at: entry, length: skip + SiteBytes.length)
     switch ownBranches {
     case nil:
       throw PatchSiteError(
@@ -173,6 +186,14 @@ public struct PatchSite: Sendable, Hashable {
     }
   }
 
+  /// How many bytes from `address` a survey of a function of `size` bytes reads: for one
+  /// shorter than the branch (and an `endbr64`), on to `next` (where the next function starts,
+  /// nil if none is known), at most 24 bytes past its end; else `size`.
+  public static func surveySpan(size: UInt64, to next: UInt64?, from address: UInt64) -> Int {
+    guard size < UInt64(SiteBytes.length + X86Instruction.endbr64.count) else { return Int(size) }
+    return Int(min(size + 24, next.map { $0 &- address } ?? .max))
+  }
+
   private static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {
     code.count >= X86Instruction.endbr64.count
       && code.prefix(X86Instruction.endbr64.count).elementsEqual(
@@ -183,7 +204,11 @@ public struct PatchSite: Sendable, Hashable {
   /// prologue relocation on and only this thread running: at its NOP, by relocating its first
   /// instructions, by a trap on its first instruction (with why it is not relocated), or not
   /// at all (why). For coverage surveys (`tracery bench relocate`) of objects not loaded.
-  public static func survey(code: UnsafeRawBufferPointer, entry: UInt64, entryPoints: EntryPoints? = nil) -> Survey {
+  /// `size`: the function's, when `code` goes on to where the next function starts (for
+  /// functions shorter than the branch; see `relocated(code:size:...)`).
+  public static func survey(
+    code: UnsafeRawBufferPointer, size: Int? = nil, entry: UInt64, entryPoints: EntryPoints? = nil
+  ) -> Survey {
     let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
     if code.count >= skip + SiteBytes.length,
       case .nop5 = X86Instruction.SiteShape(bytes: Array(code[skip..<skip + SiteBytes.length]), at: entry)
@@ -193,10 +218,13 @@ public struct PatchSite: Sendable, Hashable {
     if entryPoints?.lacksFrame(entry) == true { return .refused(.unframed) }
     do throws(PatchSiteError) {
       return .relocated(
-        length: Int(try relocated(code: code, entry: entry, function: entry, entryPoints: entryPoints).length))
+        length: Int(
+          try relocated(code: code, size: size, entry: entry, function: entry, entryPoints: entryPoints).length))
     } catch let notRelocated {
       do throws(PatchSiteError) {
-        _ = try trap(code: code, entry: entry, function: entry)
+        _ = try trap(
+          code: UnsafeRawBufferPointer(rebasing: code[..<min(size ?? code.count, code.count)]), entry: entry,
+          function: entry)
         return .trap(notRelocated.category)
       } catch {
         return .refused(error.category)

@@ -211,7 +211,8 @@ public final class TextPatcher: Sendable {
       }
       guard written else { return report }
       report.coreSyncs = 3
-      for site in accepted where SiteBytes(reading: site.address) != site.replacement {
+      for site in accepted where SiteBytes(reading: site.address).raw & site.owned != site.replacement.raw & site.owned
+      {
         report.outcomes[site.request] = .failed("read-back after patching does not match")
       }
       state.statistics.batches += 1
@@ -277,6 +278,9 @@ public final class TextPatcher: Sendable {
     let request: Int
     let address: UInt64
     let replacement: SiteBytes
+    /// The bytes the request changes (`SiteBytes.changed(to:)`): the only ones it writes and
+    /// reads back.
+    let owned: UInt64
     let kind: ctracery_poke_kind
     /// Where a trapping thread goes when the new bytes are no branch: the original code's
     /// resume address, or a trap site's target (`PatchRequest.trapTarget`).
@@ -362,16 +366,17 @@ public final class TextPatcher: Sendable {
         continue
       }
       let current = SiteBytes(reading: request.site)
-      if current == replacement {
+      let owned = expected.changed(to: replacement)
+      if current.raw & owned == replacement.raw & owned {
         outcomes[index] = .skipped("already holds \(Self.hex(request.replacement))")
-      } else if current != expected {
+      } else if current.raw & owned != expected.raw & owned {
         outcomes[index] = .failed(
           "site 0x\(String(request.site, radix: 16)) holds \(Self.hex(current.bytes)), expected \(Self.hex(request.expected))"
         )
       } else {
         accepted.append(
           AcceptedSite(
-            request: index, address: request.site, replacement: replacement, kind: kind,
+            request: index, address: request.site, replacement: replacement, owned: owned, kind: kind,
             resume: request.trapTarget != 0 ? request.trapTarget : request.resume))
       }
     }
@@ -484,7 +489,9 @@ public final class TextPatcher: Sendable {
     // Step 5.
     for site in sites {
       let pointer = Self.pointer(site.address)
-      for offset in 1..<5 { pointer[offset] = site.replacement.byte(offset) }
+      for offset in 1..<5 where site.owned >> (8 * UInt64(offset)) & 0xff != 0 {
+        pointer[offset] = site.replacement.byte(offset)
+      }
     }
     CoreSync.syncAllCores()
     // Step 6.
@@ -715,6 +722,17 @@ struct SiteBytes: Equatable, Sendable {
   }
 
   func byte(_ index: Int) -> UInt8 { UInt8(truncatingIfNeeded: raw >> (8 * UInt64(index))) }
+
+  /// A mask of the bytes a request from these bytes to `replacement` owns: the first (it carries
+  /// the int3 while the batch runs) and every other that differs. A trap site (`int3` and its own
+  /// next 4 bytes) owns its first byte only, so it may end less than 5 bytes before another
+  /// function whose own site changes in the same batch (a 4-byte function right before the
+  /// next): its request neither writes nor checks that function's bytes.
+  func changed(to replacement: SiteBytes) -> UInt64 {
+    var mask: UInt64 = 0xff
+    for index in 1..<5 where byte(index) != replacement.byte(index) { mask |= 0xff << (8 * UInt64(index)) }
+    return mask
+  }
 
   var bytes: [UInt8] { (0..<5).map(byte) }
 

@@ -13,7 +13,9 @@
 ///
 /// Refused, with the instruction's offset: what the decoder does not know (system
 /// instructions, ...), and before the last instruction moved: indirect branches,
-/// `ret`/`ud2`/`int3`/`hlt` (the function is shorter than the branch), `syscall` (a thread would
+/// `ret`/`ud2`/`int3`/`hlt` (the function is shorter than the branch) unless only padding
+/// follows it up to the minimum (then the copy ends with it, and the relocation covers the
+/// minimum), `syscall` (a thread would
 /// stop right after it, inside the moved range); anywhere: `loop`/`jrcxz` (no rel32 form), and
 /// any target out of rel32 reach of the copy. With `minimum` 1 (the first instruction alone, for
 /// an `int3` site) only those last refusals remain.
@@ -69,6 +71,10 @@ public enum X86Relocator {
     public let length: Int
     /// One per moved instruction, in order: where a thread stopped in the original range goes.
     public let boundaries: [Boundary]
+    /// Where the moved instructions end: `length`, or less when padding after a function's
+    /// last instruction makes up the rest (the copy ends with that instruction; its `jmp` back
+    /// is never reached).
+    public let movedEnd: Int
   }
 
   /// The relocation of the code at `address` (its bytes from there on: `code`, at least 15 past
@@ -79,6 +85,7 @@ public enum X86Relocator {
     // Decode the range first: branch targets among the moved instructions need their copies.
     var moved: [(offset: Int, instruction: X86Decoder.Instruction)] = []
     var offset = 0
+    var movedEnd: Int?
     while offset < minimum {
       let rest = UnsafeRawBufferPointer(rebasing: code[offset..<min(code.count, offset + 15)])
       guard let instruction = X86Decoder.decode(rest, at: address + UInt64(offset)) else {
@@ -89,6 +96,18 @@ public enum X86Relocator {
       // system call resumes after the moved range). Before the last, each would leave bytes that
       // the branch overwrites: code past the function's end, or a return into the moved range.
       if offset + instruction.length < minimum {
+        // A function shorter than the branch whose last instruction (`ret`, a tail `jmp`) is
+        // followed by padding: it moves whole, and the branch takes padding bytes past its end,
+        // which nothing runs unless a branch enters them (the caller checks that, and that no
+        // other function starts there).
+        var ends = instruction.flow == .end
+        if case .jump = instruction.flow { ends = true }
+        if ends, isPadding(code, from: offset + instruction.length, to: minimum, at: address) {
+          moved.append((offset, instruction))
+          movedEnd = offset + instruction.length
+          offset = minimum
+          break
+        }
         if instruction.flow == .end { throw .endsFunction(offset: offset) }
         if instruction.flow == .indirect { throw .indirectBranch(offset: offset) }
         if instruction.isSystemCall { throw .systemCall(offset: offset) }
@@ -154,7 +173,31 @@ public enum X86Relocator {
       }
     }
     bytes += try jmp(at: destination + UInt64(bytes.count), to: address + UInt64(length), offset: length)
-    return Relocation(bytes: bytes, length: length, boundaries: boundaries)
+    return Relocation(bytes: bytes, length: length, boundaries: boundaries, movedEnd: movedEnd ?? length)
+  }
+
+  /// Whether the bytes of `code` from `start` up to `end` belong to padding: `int3` bytes and
+  /// NOP instructions (`90`, `0f 1f /0`, with operand-size and segment prefixes), as compilers
+  /// and assemblers align the next function with; the last may run past `end`.
+  static func isPadding(_ code: UnsafeRawBufferPointer, from start: Int, to end: Int, at address: UInt64) -> Bool {
+    var offset = start
+    while offset < end {
+      guard offset < code.count else { return false }
+      if code[offset] == 0xcc {
+        offset += 1
+        continue
+      }
+      var opcode = offset
+      while opcode < code.count, [0x66, 0x2e, 0x3e, 0x26, 0x36, 0x64, 0x65].contains(code[opcode]) { opcode += 1 }
+      guard opcode < code.count,
+        code[opcode] == 0x90 || (opcode + 1 < code.count && code[opcode] == 0x0f && code[opcode + 1] == 0x1f),
+        let instruction = X86Decoder.decode(
+          UnsafeRawBufferPointer(rebasing: code[offset..<min(code.count, offset + 15)]), at: address + UInt64(offset)),
+        instruction.flow == .next
+      else { return false }
+      offset += instruction.length
+    }
+    return true
   }
 
   /// `lea rsp, [rsp - 8]; mov dword [rsp], low; mov dword [rsp + 4], high`: a 64-bit push that

@@ -175,14 +175,36 @@ import TraceryX86
     let inside: [UInt8] = [0x89, 0xf8, 0x83, 0xc0, 0x02, 0x83, 0xf8, 0x64, 0x7c, 0xf8, 0xc3]
     #expect(survey(inside) == .trap(.branchedInto))
     #expect(survey([0x48, 0x89, 0xf8, 0xc3]) == .trap(.short))
+    // The same 4 bytes followed by gcc's padding up to the next function move whole; followed at
+    // once by the next function, they trap.
+    let padding: [UInt8] = [0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0, 0x90]
+    let padded = ([0x48, 0x89, 0xf8, 0xc3] + padding).withUnsafeBytes { raw in
+      PatchSite.survey(code: raw, size: 4, entry: 0x40_1000)
+    }
+    #expect(padded == .relocated(length: 5))
+    let crowded = ([0x48, 0x89, 0xf8, 0xc3, 0x48, 0x8d, 0x47, 0x02, 0xc3] as [UInt8]).withUnsafeBytes { raw in
+      PatchSite.survey(code: UnsafeRawBufferPointer(rebasing: raw[0..<4]), size: 4, entry: 0x40_1000)
+    }
+    #expect(crowded == .trap(.short))
+  }
+
+  /// A request owns the bytes it changes and its first: a trap site's (`int3` and its own next
+  /// 4 bytes) only its first, so a function that starts within those 4 bytes may change in the
+  /// same batch.
+  @Test func aTrapSiteOwnsItsFirstByteOnly() {
+    let original = SiteBytes([0x48, 0x89, 0xf8, 0xc3, 0x48])!
+    #expect(original.changed(to: SiteBytes([0xcc, 0x89, 0xf8, 0xc3, 0x48])!) == 0xff)
+    #expect(original.changed(to: SiteBytes([0xe8, 0x89, 0, 0, 0x48])!) == 0x00_ff_ff_00_ff)
   }
 
   /// A thread that traps on a site being put back goes to its resume address, whatever it is.
   @Test func theTrapHandlerSendsThreadsToTheResumeAddress() {
     let nop = SiteBytes(raw: 0x0044_1f0f)
     let sites = [
-      TextPatcher.AcceptedSite(request: 0, address: 0x1000, replacement: nop, kind: CTRACERY_POKE_SKIP, resume: 0x1005),
-      TextPatcher.AcceptedSite(request: 1, address: 0x2000, replacement: nop, kind: CTRACERY_POKE_SKIP, resume: 0x9000),
+      TextPatcher.AcceptedSite(
+        request: 0, address: 0x1000, replacement: nop, owned: 0xff_ffff_ffff, kind: CTRACERY_POKE_SKIP, resume: 0x1005),
+      TextPatcher.AcceptedSite(
+        request: 1, address: 0x2000, replacement: nop, owned: 0xff_ffff_ffff, kind: CTRACERY_POKE_SKIP, resume: 0x9000),
     ]
     let table = PokeTable(sites)
     let pokes = table.header.pointee.pokes!

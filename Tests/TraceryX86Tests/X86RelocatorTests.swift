@@ -116,7 +116,7 @@ import Testing
 
   @Test func whatCannotMoveIsRefusedWithItsOffset() {
     let cases: [([UInt8], X86Relocator.Refusal)] = [
-      ([0x31, 0xc0, 0xc3], .endsFunction(offset: 2)),  // xor eax, eax; ret: 3 bytes
+      ([0x31, 0xc0, 0xc3, 0x48, 0x89, 0xf8], .endsFunction(offset: 2)),  // xor eax, eax; ret; then code
       ([0x90, 0xff, 0xe0, 0x90, 0x90], .indirectBranch(offset: 1)),  // nop; jmp rax; ...
       ([0x31, 0xc0, 0x0f, 0x05, 0x90], .systemCall(offset: 2)),  // xor eax, eax; syscall
       ([0x90, 0xe2, 0xfd, 0x90, 0x90], .loop(offset: 1)),
@@ -150,5 +150,32 @@ import Testing
     #expect(thunk.length == 6 && Array(thunk.bytes.prefix(2)) == [0xff, 0x25])
     #expect(Array(thunk.bytes[2..<6]) == rel32(Int64(target) - Int64(Self.copy + 6)))
     #expect(throws: X86Relocator.Refusal.loop(offset: 0)) { try relocate([0xe2, 0xfe], minimum: 1) }
+  }
+
+  /// A function shorter than the branch whose last instruction is followed by padding (NOPs as
+  /// gcc aligns with, or int3 bytes as lld fills with) moves whole: the copy ends with its
+  /// `ret` or tail `jmp`, the relocation covers the branch's 5 bytes, and only the moved
+  /// instructions are boundaries (nothing runs the padding).
+  @Test func aShortFunctionFollowedByPaddingMovesWhole() throws {
+    // xor eax, eax; ret; then gcc's `data16 cs nopw 0x0(%rax,%rax,1)`.
+    let nops: [UInt8] = [0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0]
+    let returning = try relocate([0x31, 0xc0, 0xc3] + nops)
+    #expect(returning.length == 5 && returning.movedEnd == 3)
+    #expect(returning.bytes == [0x31, 0xc0, 0xc3] + jumpBack(after: 3, length: 5))
+    #expect(returning.boundaries.map(\.original) == [0, 2] && returning.boundaries.map(\.copy) == [0, 2])
+    // ret; int3 ...: a one-byte function in int3 fill.
+    let one = try relocate([0xc3, 0xcc, 0xcc, 0xcc, 0xcc])
+    #expect(one.length == 5 && one.movedEnd == 1 && one.bytes.first == 0xc3)
+    // jmp rel8 (a tail call); nop; xchg ax, ax: the jump is re-encoded as rel32.
+    let tail = try relocate([0xeb, 0x10, 0x90, 0x66, 0x90])
+    let target = Int64(Self.address) + 2 + 0x10
+    #expect(tail.movedEnd == 2 && Array(tail.bytes.prefix(5)) == [0xe9] + rel32(target - Int64(Self.copy + 5)))
+    // Not padding: `pause` (f3 90), and a NOP that is a prefix of real code is not read as one.
+    #expect(throws: X86Relocator.Refusal.endsFunction(offset: 2)) { try relocate([0x31, 0xc0, 0xc3, 0xf3, 0x90]) }
+    #expect(throws: X86Relocator.Refusal.endsFunction(offset: 2)) {
+      try relocate([0x31, 0xc0, 0xc3, 0x66, 0x31, 0xc0])
+    }
+    let notPadding = [0x90, 0x55, 0x90].withUnsafeBytes { X86Relocator.isPadding($0, from: 0, to: 3, at: Self.address) }
+    #expect(!notPadding)
   }
 }

@@ -184,7 +184,8 @@ extension Tracer {
           }
           do {
             let patch = try PatchSite.relocated(
-              at: address, function: address, size: size, entryPoints: entryPoints)
+              at: address, function: address, size: size,
+              span: Tracer.paddingSpan(after: index, in: table, map: map, hint: &hint), entryPoints: entryPoints)
             return Target(patch: patch, name: label)
           } catch let refusal {
             notRelocated = refusal.reason
@@ -207,6 +208,19 @@ extension Tracer {
         }
       }
     }
+  }
+
+  /// For a function shorter than the branch (and an `endbr64`), the bytes from its entry that
+  /// its relocation may read (`PatchSite.surveySpan`: up to where the next function starts),
+  /// when they are all mapped executable; else nil.
+  private static func paddingSpan(after index: Int, in table: SymbolTable, map: MemoryMap, hint: inout Int) -> Int? {
+    let function = table.functions[index]
+    let next = table.functions[(index + 1)...].first { $0.address > function.address }?.address
+    let span = PatchSite.surveySpan(size: function.size, to: next, from: function.address)
+    guard span > function.size, map.isExecutable(function.address, count: UInt64(span), hint: &hint) else {
+      return nil
+    }
+    return span
   }
 
   func functions(of link: Link) -> [UInt64] {

@@ -39,11 +39,17 @@ struct RelocateBench {
 
   private func survey(_ name: String, path: String, _ report: BenchReport) throws {
     let file = try ELFFile(path: path)
-    let functions = try file.functionSymbols().compactMap { symbol -> ([UInt8], UInt64)? in
-      guard symbol.size > 0, let code = file.bytes(atAddress: symbol.value, count: Int(symbol.size)) else {
-        return nil
-      }
-      return (code, symbol.value)
+    let symbols = try file.functionSymbols()
+    let starts = Set(symbols.map(\.value)).sorted()
+    let functions = symbols.compactMap { symbol -> ([UInt8], Int, UInt64)? in
+      guard symbol.size > 0 else { return nil }
+      let next = starts.firstIndex { $0 > symbol.value }.map { starts[$0] }
+      let span = PatchSite.surveySpan(size: symbol.size, to: next, from: symbol.value)
+      guard
+        let code = file.bytes(atAddress: symbol.value, count: span)
+          ?? file.bytes(atAddress: symbol.value, count: Int(symbol.size))
+      else { return nil }
+      return (code, Int(symbol.size), symbol.value)
     }
     // The object's entry points (branch targets from every function, landing pads): once per
     // object, timed apart.
@@ -51,8 +57,8 @@ struct RelocateBench {
     let sweepTime = medianNanoseconds(runs: runs) { entryPoints = EntryPoints(file: file, bias: 0) }
     var outcomes: [PatchSite.Survey] = []
     let time = medianNanoseconds(runs: runs) {
-      outcomes = functions.map { code, address in
-        code.withUnsafeBytes { PatchSite.survey(code: $0, entry: address, entryPoints: entryPoints) }
+      outcomes = functions.map { code, size, address in
+        code.withUnsafeBytes { PatchSite.survey(code: $0, size: size, entry: address, entryPoints: entryPoints) }
       }
     }
     var nop = 0
@@ -62,9 +68,9 @@ struct RelocateBench {
     var large = 0
     var largeRelocated = 0
     var largeTraceable = 0
-    for ((code, _), outcome) in zip(functions, outcomes) {
+    for ((code, size, _), outcome) in zip(functions, outcomes) {
       // Room for the 5-byte branch (after an endbr64, which stays).
-      let isLarge = code.count - (code.starts(with: X86Instruction.endbr64) ? 4 : 0) >= 5
+      let isLarge = size - (code.starts(with: X86Instruction.endbr64) ? 4 : 0) >= 5
       if isLarge { large += 1 }
       switch outcome {
       case .nop:

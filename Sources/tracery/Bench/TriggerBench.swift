@@ -173,9 +173,10 @@ struct TriggerBench {
       } catch {
         throw UserError("cannot attach for \(test.name): \(error)")
       }
-      guard Tracer.shared.siteShapes[test.shape] == 1 else {
+      let shapes = Tracer.shared.siteShapes
+      guard shapes[test.shape] == 1 else {
         link.detach()
-        throw UserError("\(test.name): the function got another site shape (\(Tracer.shared.siteShapes))")
+        throw UserError("\(test.name): the function got another site shape (\(shapes))")
       }
       let traced = loop()
       link.detach()

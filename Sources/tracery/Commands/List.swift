@@ -84,9 +84,15 @@ struct List: ParsableCommand {
           for index in table.functions.indices
           where table.functions[index].site == nil && table.functions[index].size > 0 {
             let function = table.functions[index]
-            guard let code = object.file.bytes(atAddress: function.address, count: Int(function.size)) else { continue }
+            let span = PatchSite.surveySpan(
+              size: function.size, to: table.functions[(index + 1)...].first { $0.address > function.address }?.address,
+              from: function.address)
+            guard
+              let code = object.file.bytes(atAddress: function.address, count: span)
+                ?? object.file.bytes(atAddress: function.address, count: Int(function.size))
+            else { continue }
             planned[index] = code.withUnsafeBytes {
-              PatchSite.survey(code: $0, entry: function.address, entryPoints: entryPoints)
+              PatchSite.survey(code: $0, size: Int(function.size), entry: function.address, entryPoints: entryPoints)
             }
           }
         }
