@@ -273,15 +273,16 @@ void tracery_fixture_holder_stop(void) {
   pthread_join(holder_thread, 0);
 }
 
-// 4 bytes without a NOP: too short to relocate (a trap site when traced). In assembly: this file
-// is built with frame pointers, whose push and mov would make room to relocate.
-__asm__(".text\n.p2align 4\n.globl tracery_fixture_short\n.type tracery_fixture_short, @function\n"
-        "tracery_fixture_short:\n  mov %rdi, %rax\n  ret\n"
-        ".size tracery_fixture_short, .-tracery_fixture_short\n");
+// 4 bytes without a NOP, and another function right after them: too short to relocate (a trap
+// site when traced; followed by padding instead, it would move whole). In assembly: this file is
+// built with frame pointers, whose push and mov would make room to relocate.
+#define SHORT_FUNCTION(name)                                                                            \
+  __asm__(".text\n.p2align 4\n.globl " #name "\n.type " #name ", @function\n" #name ":\n  mov %rdi, %rax\n" \
+          "  ret\n.size " #name ", .-" #name "\n.globl " #name "_neighbour\n.type " #name "_neighbour, @function\n" #name \
+          "_neighbour:\n  mov %rdi, %rax\n  ret\n.size " #name "_neighbour, .-" #name "_neighbour\n")
+SHORT_FUNCTION(tracery_fixture_short);
 // The same, for a test that runs beside the one using the first (a site has one tracer).
-__asm__(".text\n.p2align 4\n.globl tracery_fixture_short_other\n.type tracery_fixture_short_other, @function\n"
-        "tracery_fixture_short_other:\n  mov %rdi, %rax\n  ret\n"
-        ".size tracery_fixture_short_other, .-tracery_fixture_short_other\n");
+SHORT_FUNCTION(tracery_fixture_short_other);
 
 int tracery_fixture_sleep_in(int call, int milliseconds, int *error) {
   sigset_t none;

@@ -29,7 +29,12 @@ import TraceryX86
     __attribute__((noinline)) long r_recursive(long a, long b) { return a <= 1 ? b : r_recursive(a - 1, b + a); }
     __attribute__((noinline)) long r_string(long a, long b) { char buffer[64]; snprintf(buffer, sizeof buffer, "%ld-%ld", a, b); return (long)strlen(buffer); }
     __attribute__((noinline)) long r_spin(long a, long b) { do { a = a * 3 + 1; } while (a < b); return a; }
-    __attribute__((noinline)) long r_short(long a, long b) { return b; }
+    /* 4 bytes with another function right after them: it cannot be relocated (a trap site;
+       followed by padding, as a compiler aligns the next function, it would move whole). */
+    __asm__(".globl r_short\\n.type r_short, @function\\nr_short:\\n  .cfi_startproc\\n"
+            "  mov %rsi, %rax\\n  ret\\n  .cfi_endproc\\n.size r_short, .-r_short\\n"
+            ".globl short_neighbour\\n.type short_neighbour, @function\\nshort_neighbour:\\n"
+            "  .cfi_startproc\\n  mov %rdi, %rax\\n  ret\\n  .cfi_endproc\\n.size short_neighbour, .-short_neighbour\\n");
     /* *p + 1, its load at +1: a thread can be stopped by a fault right after its push. (Written
        as hand-written functions should be, with call frame information: without, the tracer
        leaves them alone, EntryPoints.unframed.) */

@@ -65,7 +65,8 @@ final class CodeImage: @unchecked Sendable {
 ///
 /// Per thread (/proc/self/task): a thread blocked in a system call has its rip and rsp in
 /// /proc/self/task/TID/syscall and is not disturbed; any other thread gets a snapshot signal
-/// whose handler reports its registers. The stack is scanned from rsp to the end of its mapping. A thread
+/// whose handler reports its registers (after a few looks, `runningLooks`; a sleeping call the
+/// signal lands in anyway is put back by the handler, shims.c `restart_interrupted_call`). The stack is scanned from rsp to the end of its mapping. A thread
 /// that does not answer within 50 ms keeps everything busy (try again later). Reclaiming never
 /// waits on a sleeping thread.
 ///
