@@ -211,8 +211,7 @@ public final class TextPatcher: Sendable {
       }
       guard written else { return report }
       report.coreSyncs = 3
-      for site in accepted where SiteBytes(reading: site.address).raw & site.owned != site.replacement.raw & site.owned
-      {
+      for site in accepted where !SiteBytes(reading: site.address).matches(site.replacement, in: site.owned) {
         report.outcomes[site.request] = .failed("read-back after patching does not match")
       }
       state.statistics.batches += 1
@@ -278,10 +277,10 @@ public final class TextPatcher: Sendable {
     let request: Int
     let address: UInt64
     let replacement: SiteBytes
-    /// The bytes the request changes (`SiteBytes.changed(to:)`): the only ones it writes and
-    /// reads back.
-    let owned: UInt64
     let kind: ctracery_poke_kind
+    /// The bytes the request owns (`SiteBytes.changed(to:)`): the only ones it writes and reads
+    /// back. (Bit i for byte i: beside `kind`, it keeps the record at 40 bytes.)
+    let owned: UInt8
     /// Where a trapping thread goes when the new bytes are no branch: the original code's
     /// resume address, or a trap site's target (`PatchRequest.trapTarget`).
     let resume: UInt64
@@ -366,17 +365,19 @@ public final class TextPatcher: Sendable {
         continue
       }
       let current = SiteBytes(reading: request.site)
-      let owned = expected.changed(to: replacement)
-      if current.raw & owned == replacement.raw & owned {
+      // (A NOP or branch rewrite owns all 5 bytes, as it always did: only trap and relocated
+      // sites pay for the mask.)
+      let owned = request.isSpecial ? expected.changed(to: replacement) : SiteBytes.whole
+      if current.matches(replacement, in: owned) {
         outcomes[index] = .skipped("already holds \(Self.hex(request.replacement))")
-      } else if current.raw & owned != expected.raw & owned {
+      } else if !current.matches(expected, in: owned) {
         outcomes[index] = .failed(
           "site 0x\(String(request.site, radix: 16)) holds \(Self.hex(current.bytes)), expected \(Self.hex(request.expected))"
         )
       } else {
         accepted.append(
           AcceptedSite(
-            request: index, address: request.site, replacement: replacement, owned: owned, kind: kind,
+            request: index, address: request.site, replacement: replacement, kind: kind, owned: owned,
             resume: request.trapTarget != 0 ? request.trapTarget : request.resume))
       }
     }
@@ -489,8 +490,10 @@ public final class TextPatcher: Sendable {
     // Step 5.
     for site in sites {
       let pointer = Self.pointer(site.address)
-      for offset in 1..<5 where site.owned >> (8 * UInt64(offset)) & 0xff != 0 {
-        pointer[offset] = site.replacement.byte(offset)
+      if site.owned == SiteBytes.whole {
+        for offset in 1..<5 { pointer[offset] = site.replacement.byte(offset) }
+      } else {
+        for offset in 1..<5 where site.owned & (1 << offset) != 0 { pointer[offset] = site.replacement.byte(offset) }
       }
     }
     CoreSync.syncAllCores()
@@ -723,15 +726,30 @@ struct SiteBytes: Equatable, Sendable {
 
   func byte(_ index: Int) -> UInt8 { UInt8(truncatingIfNeeded: raw >> (8 * UInt64(index))) }
 
-  /// A mask of the bytes a request from these bytes to `replacement` owns: the first (it carries
+  /// The bytes a request from these bytes to `replacement` owns: the first (it carries
   /// the int3 while the batch runs) and every other that differs. A trap site (`int3` and its own
   /// next 4 bytes) owns its first byte only, so it may end less than 5 bytes before another
   /// function whose own site changes in the same batch (a 4-byte function right before the
   /// next): its request neither writes nor checks that function's bytes.
-  func changed(to replacement: SiteBytes) -> UInt64 {
-    var mask: UInt64 = 0xff
-    for index in 1..<5 where byte(index) != replacement.byte(index) { mask |= 0xff << (8 * UInt64(index)) }
-    return mask
+  /// Bit i set for byte i.
+  func changed(to replacement: SiteBytes) -> UInt8 {
+    var owned: UInt8 = 1
+    for index in 1..<5 where byte(index) != replacement.byte(index) { owned |= 1 << index }
+    return owned
+  }
+
+  /// All 5 bytes.
+  static var whole: UInt8 { 0x1f }
+
+  /// `owned` (bit i for byte i) as a mask of the bytes in `raw`.
+  static func mask(_ owned: UInt8) -> UInt64 {
+    (0..<5).reduce(0) { mask, index in owned & (1 << index) != 0 ? mask | 0xff << (8 * UInt64(index)) : mask }
+  }
+
+  /// Whether these bytes equal `other`'s in the bytes `owned` names.
+  @inline(__always)
+  func matches(_ other: SiteBytes, in owned: UInt8) -> Bool {
+    owned == Self.whole ? raw == other.raw : raw & Self.mask(owned) == other.raw & Self.mask(owned)
   }
 
   var bytes: [UInt8] { (0..<5).map(byte) }

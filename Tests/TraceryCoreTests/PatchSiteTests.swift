@@ -193,8 +193,9 @@ import TraceryX86
   /// same batch.
   @Test func aTrapSiteOwnsItsFirstByteOnly() {
     let original = SiteBytes([0x48, 0x89, 0xf8, 0xc3, 0x48])!
-    #expect(original.changed(to: SiteBytes([0xcc, 0x89, 0xf8, 0xc3, 0x48])!) == 0xff)
-    #expect(original.changed(to: SiteBytes([0xe8, 0x89, 0, 0, 0x48])!) == 0x00_ff_ff_00_ff)
+    #expect(original.changed(to: SiteBytes([0xcc, 0x89, 0xf8, 0xc3, 0x48])!) == 0b00001)
+    #expect(original.changed(to: SiteBytes([0xe8, 0x89, 0, 0, 0x48])!) == 0b01101)
+    #expect(SiteBytes.mask(0b01101) == 0x00_ff_ff_00_ff && SiteBytes.mask(SiteBytes.whole) == 0xff_ffff_ffff)
   }
 
   /// A thread that traps on a site being put back goes to its resume address, whatever it is.
@@ -202,9 +203,9 @@ import TraceryX86
     let nop = SiteBytes(raw: 0x0044_1f0f)
     let sites = [
       TextPatcher.AcceptedSite(
-        request: 0, address: 0x1000, replacement: nop, owned: 0xff_ffff_ffff, kind: CTRACERY_POKE_SKIP, resume: 0x1005),
+        request: 0, address: 0x1000, replacement: nop, kind: CTRACERY_POKE_SKIP, owned: SiteBytes.whole, resume: 0x1005),
       TextPatcher.AcceptedSite(
-        request: 1, address: 0x2000, replacement: nop, owned: 0xff_ffff_ffff, kind: CTRACERY_POKE_SKIP, resume: 0x9000),
+        request: 1, address: 0x2000, replacement: nop, kind: CTRACERY_POKE_SKIP, owned: SiteBytes.whole, resume: 0x9000),
     ]
     let table = PokeTable(sites)
     let pokes = table.header.pointee.pokes!
