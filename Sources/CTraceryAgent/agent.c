@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <linux/seccomp.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "CTraceryAgent.h"
@@ -183,6 +184,8 @@ int prctl(int option, ...) {
   return next(option, a2, a3, a4, a5);
 }
 
+static void exiting(void);
+
 long syscall(long number, ...) {
   va_list list;
   va_start(list, number);
@@ -194,7 +197,7 @@ long syscall(long number, ...) {
   if (number == SYS_seccomp && (a1 == SECCOMP_SET_MODE_STRICT || a1 == SECCOMP_SET_MODE_FILTER)) {
     tracery_agent_sandboxing();
   }
-  if (number == SYS_exit_group) tracery_agent_exiting();
+  if (number == SYS_exit_group) exiting();
   return next(number, a1, a2, a3, a4, a5, a6);
 }
 
@@ -238,16 +241,76 @@ int setresuid(uid_t real, uid_t effective, uid_t saved) {
 // its last lines first (`Agent.exiting`), then the process ends as `_exit` ends it. No `dlsym` of
 // the real one: a vfork child must not take the loader's lock, which a thread of its parent may
 // hold. (Calls inside libc, such as exit's own, do not come through here.)
+//
+// Not from a signal handler: `_exit` is the one way out a handler may take, and the sealing is
+// Swift that allocates; a handler that interrupted malloc (holding its lock) would hang there.
+// A handler's frame returns to the C library's signal trampoline (`sa_restorer`, read from the
+// kernel's action for SIGTRAP, whose handler the tracer installs through the C library): when
+// that address is among the words from here up the stack, or a traced call's real return
+// address (`Agent.exiting`: the graph's return code stands in for it on the stack), the process
+// leaves unsealed, as when killed (readers still read its events).
 static __attribute__((noreturn)) void exit_group_now(int status) {
   for (;;) __asm__ volatile("syscall" : : "a"(SYS_exit_group), "D"(status) : "rcx", "r11", "memory");
 }
 
+struct kernel_action {
+  void *handler;
+  unsigned long flags;
+  void *restorer;
+  unsigned long mask;
+};
+
+// A system call without the C library (its `syscall` is interposed above); -errno on failure.
+static long raw_syscall(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
+  long result;
+  register long r10 __asm__("r10") = a4;
+  register long r8 __asm__("r8") = a5;
+  register long r9 __asm__("r9") = a6;
+  __asm__ volatile("syscall"
+                   : "=a"(result)
+                   : "a"(number), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                   : "rcx", "r11", "memory");
+  return result;
+}
+
+static int in_signal_handler(uint64_t *restorer_found) {
+  struct kernel_action action = {0};
+  long got = raw_syscall(SYS_rt_sigaction, SIGTRAP, 0, (long)&action, 8, 0, 0);
+  if (got != 0 || action.restorer == NULL) return 1;  // cannot tell: as if in one
+  uint64_t restorer = (uint64_t)(uintptr_t)action.restorer;
+  long pid = raw_syscall(SYS_getpid, 0, 0, 0, 0, 0, 0);
+  uint64_t words[512];
+  uintptr_t at = (uintptr_t)__builtin_frame_address(0) & ~(uintptr_t)7;
+  // Up to 256 KiB of stack, read so that its end is no fault (process_vm_readv fails there).
+  for (int chunk = 0; chunk < 64; chunk++) {
+    struct iovec local = {words, sizeof words}, remote = {(void *)at, sizeof words};
+    long read = raw_syscall(SYS_process_vm_readv, pid, (long)&local, 1, (long)&remote, 1, 0);
+    if (read <= 0) break;
+    for (long index = 0; index < read / 8; index++) {
+      if (words[index] == restorer) return 1;
+    }
+    at += (uintptr_t)read;
+  }
+  // (Told only now: the caller's word for it is on the stack scanned.)
+  *restorer_found = restorer;
+  return 0;
+}
+
+// In CTraceryShims: set once the program installs a seccomp filter (then no system call of ours).
+uint8_t *ctracery_sandboxed(void);
+
+static void exiting(void) {
+  if (*ctracery_sandboxed()) return;
+  uint64_t restorer = 0;
+  if (!in_signal_handler(&restorer)) tracery_agent_exiting(restorer);
+}
+
 void _exit(int status) {
-  tracery_agent_exiting();
+  exiting();
   exit_group_now(status);
 }
 
 void _Exit(int status) {
-  tracery_agent_exiting();
+  exiting();
   exit_group_now(status);
 }

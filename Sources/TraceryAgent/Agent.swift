@@ -763,9 +763,12 @@ extension Agent {
   /// The process leaves without `exit` (the `_exit` interposer): what `atExit` does, unless this
   /// is a vfork child (another pid than the session's) sharing its parent's memory, whose exit
   /// must leave the parent's state as it is. Sandboxed, nothing (its chunks stay open, as when
-  /// killed): telling a vfork child apart takes a system call the filter may not allow.
-  static func exiting() {
-    guard configuration != nil, !sandboxed, sessionPid == getpid() else { return }
+  /// killed): telling a vfork child apart takes a system call the filter may not allow. Nor
+  /// inside a signal handler that a traced call runs in (a traced call returns to `restorer`,
+  /// the signal trampoline): the sealing allocates, and the handler may have interrupted malloc.
+  static func exiting(restorer: UInt64) {
+    guard configuration != nil, !sandboxed, sessionPid == getpid(), !Tracer.aTracedCallReturns(to: restorer)
+    else { return }
     atExit()
   }
 
@@ -829,7 +832,7 @@ public func traceryAgentSandboxing() { Agent.guarded { Agent.enterSandbox() } }
 public func traceryAgentDropping() { Agent.guarded { Agent.prepareSpareFiles() } }
 
 @_cdecl("tracery_agent_exiting")
-public func traceryAgentExiting() { Agent.exiting() }
+public func traceryAgentExiting(_ restorer: UInt64) { Agent.exiting(restorer: restorer) }
 
 /// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the
 /// recording it belongs to.

@@ -14,11 +14,11 @@ void tracery_agent_sandboxing(void);
 /// Before a program running as root changes its effective user: spare event files for its
 /// later threads.
 void tracery_agent_dropping(void);
-/// Before the process leaves without `exit` (`_exit`, `_Exit`, `syscall(SYS_exit_group)`): what
-/// the atexit handler does, unless this is a vfork child running in its parent's memory.
-void tracery_agent_exiting(void);
-
 #include <stdint.h>
+/// Before the process leaves without `exit` (`_exit`, `_Exit`, `syscall(SYS_exit_group)`) and not
+/// from a signal handler (whose frames return to `restorer`): what the atexit handler does,
+/// unless this is a vfork child running in its parent's memory.
+void tracery_agent_exiting(uint64_t restorer);
 /// `record -p`: while on, the dlopen/dlclose hooks run (preloaded, TRACERY_DIR says so); the
 /// functions the program's slots led to; the hooks' code, which those slots are pointed at.
 void tracery_agent_following_set(int on);

@@ -404,6 +404,22 @@ extension Tracer {
     withCallerStackMarker { GraphThreads.withRealReturnAddresses(above: $0, walk) }
   }
 
+  /// Whether one of this thread's traced calls returns to `address`: while the graph's return
+  /// code stands in for it on the stack, the real return address is in the call's shadow frame.
+  /// Allocates nothing and takes no lock (a signal handler may ask).
+  public static func aTracedCallReturns(to address: UInt64) -> Bool {
+    guard let state = ctracery_thread_state(), state.pointee.shadow_base != 0, state.pointee.shadow_top > 1 else {
+      return false
+    }
+    let size = UInt64(GraphEmitter.frameSize)
+    var frame = state.pointee.shadow_base + size
+    while frame < state.pointee.shadow_top {
+      if UnsafePointer<tracery_graph_frame>(bitPattern: UInt(frame))!.pointee.return_address == address { return true }
+      frame += size
+    }
+    return false
+  }
+
   /// Called, on the catching thread, for each graph frame a caught C++ exception unwound (innermost
   /// first, just before the frame is dropped), with the recursion guard held: their users' exit
   /// handlers are not (the calls did not return), but a recorder can close them here, at the time
