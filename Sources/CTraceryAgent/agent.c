@@ -273,7 +273,7 @@ static long raw_syscall(long number, long a1, long a2, long a3, long a4, long a5
   return result;
 }
 
-static int in_signal_handler(uint64_t *restorer_found) {
+int tracery_agent_in_signal_handler(uint64_t *restorer_found) {
   struct kernel_action action = {0};
   long got = raw_syscall(SYS_rt_sigaction, SIGTRAP, 0, (long)&action, 8, 0, 0);
   if (got != 0 || action.restorer == NULL) return 1;  // cannot tell: as if in one
@@ -302,7 +302,7 @@ uint8_t *ctracery_sandboxed(void);
 static void exiting(void) {
   if (*ctracery_sandboxed()) return;
   uint64_t restorer = 0;
-  if (!in_signal_handler(&restorer)) tracery_agent_exiting(restorer);
+  if (!tracery_agent_in_signal_handler(&restorer)) tracery_agent_exiting(restorer);
 }
 
 void _exit(int status) {

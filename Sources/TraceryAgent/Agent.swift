@@ -1,3 +1,4 @@
+import CTraceryAgent
 import CTraceryShims
 import Synchronization
 import TraceryCore
@@ -769,7 +770,14 @@ extension Agent {
   static func exiting(restorer: UInt64) {
     guard configuration != nil, !sandboxed, sessionPid == getpid(), !Tracer.aTracedCallReturns(to: restorer)
     else { return }
-    atExit()
+    sealAtExit()
+  }
+
+  /// Whether this thread runs a signal handler (`tracery_agent_in_signal_handler`, then the
+  /// traced calls' real return addresses).
+  static func inSignalHandler() -> Bool {
+    var restorer: UInt64 = 0
+    return tracery_agent_in_signal_handler(&restorer) != 0 || Tracer.aTracedCallReturns(to: restorer)
   }
 
   /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the
@@ -777,7 +785,17 @@ extension Agent {
   /// readers can check what was written and know the process was not killed. The exiting thread
   /// records nothing after this (its later events are dropped, not counted); threads still running
   /// keep their last chunk open (readers check its events one by one).
+  ///
+  /// Not when `exit` was called from a signal handler (common, though not async-signal-safe):
+  /// the sealing allocates, and the handler may have interrupted malloc, which the program's own
+  /// exit might not need; the process then ends unsealed, as when killed. (Sandboxed, no look:
+  /// it takes system calls.)
   static let atExit: @convention(c) () -> Void = {
+    guard sandboxed || !inSignalHandler() else { return }
+    sealAtExit()
+  }
+
+  static func sealAtExit() {
     // Once: a program's atexit handler may end the process by `_exit` before this one runs.
     guard !exited else { return }
     exited = true
