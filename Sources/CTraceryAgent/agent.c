@@ -245,7 +245,8 @@ int setresuid(uid_t real, uid_t effective, uid_t saved) {
 // Not from a signal handler: `_exit` is the one way out a handler may take, and the sealing is
 // Swift that allocates; a handler that interrupted malloc (holding its lock) would hang there.
 // A handler's frame returns to the C library's signal trampoline (`sa_restorer`, read from the
-// kernel's action for SIGTRAP, whose handler the tracer installs through the C library): when
+// kernel's action for SIGTRAP, whose handler the tracer installs through the C library, or for
+// any other signal when the tracer has not patched yet): when
 // that address is among the words from here up the stack, or a traced call's real return
 // address (`Agent.exiting`: the graph's return code stands in for it on the stack), the process
 // leaves unsealed, as when killed (readers still read its events).
@@ -273,11 +274,23 @@ static long raw_syscall(long number, long a1, long a2, long a3, long a4, long a5
   return result;
 }
 
+// The C library's signal trampoline: the restorer of SIGTRAP's action (the tracer's handler), else
+// of any signal's; 0 when no signal has a handler the C library installed (then none runs).
+static uint64_t signal_trampoline(void) {
+  for (int number = SIGTRAP, tried = 0; tried <= 64; number = ++tried) {
+    if (tried > 0 && (number == SIGTRAP || number == SIGKILL || number == SIGSTOP)) continue;
+    struct kernel_action action = {0};
+    if (raw_syscall(SYS_rt_sigaction, number, 0, (long)&action, 8, 0, 0) == 0 && action.restorer != NULL) {
+      return (uint64_t)(uintptr_t)action.restorer;
+    }
+  }
+  return 0;
+}
+
 int tracery_agent_in_signal_handler(uint64_t *restorer_found) {
-  struct kernel_action action = {0};
-  long got = raw_syscall(SYS_rt_sigaction, SIGTRAP, 0, (long)&action, 8, 0, 0);
-  if (got != 0 || action.restorer == NULL) return 1;  // cannot tell: as if in one
-  uint64_t restorer = (uint64_t)(uintptr_t)action.restorer;
+  uint64_t restorer = signal_trampoline();
+  *restorer_found = 0;
+  if (restorer == 0) return 0;
   long pid = raw_syscall(SYS_getpid, 0, 0, 0, 0, 0, 0);
   uint64_t words[512];
   uintptr_t at = (uintptr_t)__builtin_frame_address(0) & ~(uintptr_t)7;

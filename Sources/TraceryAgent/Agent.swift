@@ -768,7 +768,8 @@ extension Agent {
   /// inside a signal handler that a traced call runs in (a traced call returns to `restorer`,
   /// the signal trampoline): the sealing allocates, and the handler may have interrupted malloc.
   static func exiting(restorer: UInt64) {
-    guard configuration != nil, !sandboxed, sessionPid == getpid(), !Tracer.aTracedCallReturns(to: restorer)
+    guard configuration != nil, !sandboxed, sessionPid == getpid(),
+      restorer == 0 || !Tracer.aTracedCallReturns(to: restorer)
     else { return }
     sealAtExit()
   }
@@ -777,7 +778,7 @@ extension Agent {
   /// traced calls' real return addresses).
   static func inSignalHandler() -> Bool {
     var restorer: UInt64 = 0
-    return tracery_agent_in_signal_handler(&restorer) != 0 || Tracer.aTracedCallReturns(to: restorer)
+    return tracery_agent_in_signal_handler(&restorer) != 0 || (restorer != 0 && Tracer.aTracedCallReturns(to: restorer))
   }
 
   /// At exit (atexit, registered at start): seals the exiting thread's chunk and the chunks the

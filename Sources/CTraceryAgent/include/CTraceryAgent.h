@@ -19,10 +19,10 @@ void tracery_agent_dropping(void);
 /// from a signal handler (whose frames return to `restorer`): what the atexit handler does,
 /// unless this is a vfork child running in its parent's memory.
 void tracery_agent_exiting(uint64_t restorer);
-/// Whether this thread runs a signal handler: the C library's signal trampoline (`sa_restorer`,
-/// stored in `restorer` when found nowhere) is among the words from here up its stack (1 also
-/// when it cannot tell). A traced handler's return address is in its shadow frame instead
-/// (`Tracer.aTracedCallReturns`). Async-signal-safe; makes system calls.
+/// Whether this thread runs a signal handler: the C library's signal trampoline (`sa_restorer`;
+/// stored in `restorer` when it is found nowhere, 0 when no signal has a handler) is among the
+/// words from here up its stack. A traced handler's return address is in its shadow frame
+/// instead (`Tracer.aTracedCallReturns`). Async-signal-safe; makes system calls.
 int tracery_agent_in_signal_handler(uint64_t *restorer);
 /// `record -p`: while on, the dlopen/dlclose hooks run (preloaded, TRACERY_DIR says so); the
 /// functions the program's slots led to; the hooks' code, which those slots are pointed at.
