@@ -66,9 +66,9 @@ final class CodeImage: @unchecked Sendable {
 /// Per thread (/proc/self/task): a thread blocked in a system call has its rip and rsp in
 /// /proc/self/task/TID/syscall and is not disturbed; any other thread gets a snapshot signal
 /// whose handler reports its registers (after a few looks, `runningLooks`; a sleeping call the
-/// signal lands in anyway is put back by the handler, shims.c `restart_interrupted_call`). The stack is scanned from rsp to the end of its mapping. A thread
-/// that does not answer within 50 ms keeps everything busy (try again later). Reclaiming never
-/// waits on a sleeping thread.
+/// signal lands in anyway is put back by the handler, shims.c `restart_interrupted_call`). The
+/// stack is scanned from rsp to the end of its mapping. A thread that does not answer within
+/// 50 ms keeps everything busy (try again later). Reclaiming never waits on a sleeping thread.
 ///
 /// Function-graph frames can hold a return into a stub on a stack no thread is running on (a
 /// coroutine suspended inside a traced call): every thread's live shadow frames are read too
@@ -197,8 +197,8 @@ struct Reclaimer {
   /// seen running between two such sleeps is often inside the next one before the signal lands
   /// (`record -p --libcall` on running.c's sleeper showed it). A thread that sleeps most of the
   /// time is nearly always seen blocked on a later look; a busy one costs the pass ~0.6 ms.
-  /// This narrows the window; it cannot close it (a handler cannot restart a call whose number
-  /// the kernel has overwritten).
+  /// This narrows the window; a signal that lands in such a call anyway, the handler puts the
+  /// call back when it can tell which it was (shims.c `restart_interrupted_call`).
   static let runningLooks = 4
 
   /// The indices of `ranges` some thread references, or why a thread could not be inspected.
