@@ -52,7 +52,9 @@ import TraceryFixtures
       answer = ctracery_snapshot_thread(tid, &rip, &rsp, &others, 100, 1)
     }
     #expect(answer == 0, "the sleeping thread answered the snapshot")
-    #expect(result == 0 && milliseconds >= 300, "\(call): result \(result), errno \(error), \(milliseconds) ms")
+    // (Interrupted, a call returns after the ~20 ms it had slept; select restarts with the time it
+    // had left, so its whole sleep may round to 299 ms.)
+    #expect(result == 0 && milliseconds >= 250, "\(call): result \(result), errno \(error), \(milliseconds) ms")
     #expect(ctracery_calls_restarted() > restarted)
   }
 
