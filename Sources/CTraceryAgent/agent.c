@@ -248,8 +248,8 @@ int setresuid(uid_t real, uid_t effective, uid_t saved) {
 // kernel's action for SIGTRAP, whose handler the tracer installs through the C library, or for
 // any other signal when the tracer has not patched yet): when
 // that address is among the words from here up the stack, or a traced call's real return
-// address (`Agent.exiting`: the graph's return code stands in for it on the stack), the process
-// leaves unsealed, as when killed (readers still read its events).
+// address (`Agent.inSignalHandler`: the graph's return code stands in for it on the stack), the
+// process leaves unsealed, as when killed (readers still read its events).
 static __attribute__((noreturn)) void exit_group_now(int status) {
   for (;;) __asm__ volatile("syscall" : : "a"(SYS_exit_group), "D"(status) : "rcx", "r11", "memory");
 }
@@ -313,9 +313,7 @@ int tracery_agent_in_signal_handler(uint64_t *restorer_found) {
 uint8_t *ctracery_sandboxed(void);
 
 static void exiting(void) {
-  if (*ctracery_sandboxed()) return;
-  uint64_t restorer = 0;
-  if (!tracery_agent_in_signal_handler(&restorer)) tracery_agent_exiting(restorer);
+  if (!*ctracery_sandboxed()) tracery_agent_exiting();
 }
 
 void _exit(int status) {

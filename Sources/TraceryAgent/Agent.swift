@@ -765,12 +765,9 @@ extension Agent {
   /// is a vfork child (another pid than the session's) sharing its parent's memory, whose exit
   /// must leave the parent's state as it is. Sandboxed, nothing (its chunks stay open, as when
   /// killed): telling a vfork child apart takes a system call the filter may not allow. Nor
-  /// inside a signal handler that a traced call runs in (a traced call returns to `restorer`,
-  /// the signal trampoline): the sealing allocates, and the handler may have interrupted malloc.
-  static func exiting(restorer: UInt64) {
-    guard configuration != nil, !sandboxed, sessionPid == getpid(),
-      restorer == 0 || !Tracer.aTracedCallReturns(to: restorer)
-    else { return }
+  /// inside a signal handler, as `atExit`.
+  static func exiting() {
+    guard configuration != nil, !sandboxed, sessionPid == getpid(), !inSignalHandler() else { return }
     sealAtExit()
   }
 
@@ -851,7 +848,7 @@ public func traceryAgentSandboxing() { Agent.guarded { Agent.enterSandbox() } }
 public func traceryAgentDropping() { Agent.guarded { Agent.prepareSpareFiles() } }
 
 @_cdecl("tracery_agent_exiting")
-public func traceryAgentExiting(_ restorer: UInt64) { Agent.exiting(restorer: restorer) }
+public func traceryAgentExiting() { Agent.exiting() }
 
 /// A thread's event file (its `ctracery_thread.owner` word holds one, retained) and the
 /// recording it belongs to.

@@ -137,6 +137,12 @@ public struct SymbolTable: Sendable {
     }
   }
 
+  /// Where the next function after `functions[index]` starts (aliases at the same address
+  /// skipped), or nil for the last.
+  public func nextStart(after index: Int) -> UInt64? {
+    functions[(index + 1)...].first { $0.address > functions[index].address }?.address
+  }
+
   /// The function whose bytes contain `address`, or the one starting there.
   public func function(containing address: UInt64) -> Int? {
     var low = 0

@@ -15,10 +15,10 @@ void tracery_agent_sandboxing(void);
 /// later threads.
 void tracery_agent_dropping(void);
 #include <stdint.h>
-/// Before the process leaves without `exit` (`_exit`, `_Exit`, `syscall(SYS_exit_group)`) and not
-/// from a signal handler (whose frames return to `restorer`): what the atexit handler does,
-/// unless this is a vfork child running in its parent's memory.
-void tracery_agent_exiting(uint64_t restorer);
+/// Before the process leaves without `exit` (`_exit`, `_Exit`, `syscall(SYS_exit_group)`): what
+/// the atexit handler does, unless this is a vfork child running in its parent's memory or a
+/// signal handler runs.
+void tracery_agent_exiting(void);
 /// Whether this thread runs a signal handler: the C library's signal trampoline (`sa_restorer`;
 /// stored in `restorer` when it is found nowhere, 0 when no signal has a handler) is among the
 /// words from here up its stack. A traced handler's return address is in its shadow frame

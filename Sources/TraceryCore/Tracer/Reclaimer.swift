@@ -245,16 +245,9 @@ struct Reclaimer {
     }
     // Threads blocked in a system call first, then those seen running, looked at again a few
     // times before any is signalled (`runningLooks`).
-    var running: [Int32] = []
-    for tid in threadIDs() where tid != me {
-      guard let blocked = blockedRegisters(of: tid) else {
-        running.append(tid)
-        continue
-      }
-      if let obstacle = scan(tid, rip: blocked.rip, rsp: blocked.rsp, others: []) { return .failure(obstacle) }
-    }
-    for _ in 1..<runningLooks where !running.isEmpty {
-      usleep(200)
+    var running = threadIDs().filter { $0 != me }
+    for look in 0..<runningLooks where !running.isEmpty {
+      if look > 0 { usleep(200) }
       var still: [Int32] = []
       for tid in running {
         guard let blocked = blockedRegisters(of: tid) else {

@@ -233,8 +233,7 @@ extension Tracer {
   /// when they are all mapped executable; else nil.
   private static func paddingSpan(after index: Int, in table: SymbolTable, map: MemoryMap, hint: inout Int) -> Int? {
     let function = table.functions[index]
-    let next = table.functions[(index + 1)...].first { $0.address > function.address }?.address
-    let span = PatchSite.surveySpan(size: function.size, to: next, from: function.address)
+    let span = PatchSite.surveySpan(size: function.size, to: table.nextStart(after: index), from: function.address)
     guard span > function.size, map.isExecutable(function.address, count: UInt64(span), hint: &hint) else {
       return nil
     }

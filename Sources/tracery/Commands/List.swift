@@ -85,8 +85,7 @@ struct List: ParsableCommand {
           where table.functions[index].site == nil && table.functions[index].size > 0 {
             let function = table.functions[index]
             let span = PatchSite.surveySpan(
-              size: function.size, to: table.functions[(index + 1)...].first { $0.address > function.address }?.address,
-              from: function.address)
+              size: function.size, to: table.nextStart(after: index), from: function.address)
             guard
               let code = object.file.bytes(atAddress: function.address, count: span)
                 ?? object.file.bytes(atAddress: function.address, count: Int(function.size))
