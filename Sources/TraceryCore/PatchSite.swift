@@ -75,6 +75,14 @@ public struct PatchSite: Sendable, Hashable {
     }
   }
 
+  /// Whether the code at `entry` is a function's own (no 5-byte NOP there or after an
+  /// `endbr64`, and no 1-byte NOP that may begin gcc's sled): `at` would refuse it.
+  static func startsWithPlainCode(_ entry: UInt64) -> Bool {
+    let address = afterEndbr64(entry)
+    return !SiteBytes(reading: entry).isNop5 && !SiteBytes(reading: address).isNop5
+      && UnsafePointer<UInt8>(bitPattern: UInt(address))!.pointee != 0x90
+  }
+
   /// Whether the body starts right after the branch, so that a `call` at the site returns into
   /// it (what shared trampolines entered by `call` rely on).
   public var bodyFollowsBranch: Bool { resume == address + UInt64(SiteBytes.length) }
@@ -121,8 +129,9 @@ public struct PatchSite: Sendable, Hashable {
     // Where the copy goes is not known yet: a trial at the site itself sizes the move.
     let body = UnsafeRawBufferPointer(rebasing: code[skip...])
     let length: Int
+    var scratch: [UInt8] = []
     switch Result(catching: { () throws(X86Relocator.Refusal) in
-      try X86Relocator.relocate(body, at: address, to: address)
+      try X86Relocator.relocate(body, at: address, to: address, appendingTo: &scratch)
     }) {
     case .success(let relocation):
       // Past the function's end only padding may be taken (the function moved whole).

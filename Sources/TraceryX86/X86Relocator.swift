@@ -82,10 +82,116 @@ public enum X86Relocator {
   public static func relocate(
     _ code: UnsafeRawBufferPointer, at address: UInt64, to destination: UInt64, minimum: Int = 5
   ) throws(Refusal) -> Relocation {
-    // Decode the range first: branch targets among the moved instructions need their copies.
-    var moved: [(offset: Int, instruction: X86Decoder.Instruction)] = []
+    var bytes: [UInt8] = []
+    let relocation = try relocate(
+      code, at: address, to: destination, minimum: minimum, appendingTo: &bytes, boundaries: true)
+    return Relocation(
+      bytes: bytes, length: relocation.length, boundaries: relocation.boundaries, movedEnd: relocation.movedEnd)
+  }
+
+  /// `relocate(_:at:to:minimum:)`'s copy appended to `bytes` (its first byte is to land at
+  /// `destination`), without the boundaries: returns the `length` and `movedEnd` a `Relocation`
+  /// would have. (One buffer for many copies: attaching 50,000 relocated functions relocates
+  /// each twice, and arrays per copy were much of that time.)
+  public static func relocate(
+    _ code: UnsafeRawBufferPointer, at address: UInt64, to destination: UInt64, minimum: Int = 5,
+    appendingTo bytes: inout [UInt8]
+  ) throws(Refusal) -> (length: Int, movedEnd: Int) {
+    let relocation = try relocate(
+      code, at: address, to: destination, minimum: minimum, appendingTo: &bytes, boundaries: false)
+    return (relocation.length, relocation.movedEnd)
+  }
+
+  /// The moved instructions are decoded into stack memory (at most `minimum` of them: each is a
+  /// byte or more); `boundaries` are collected only when asked for.
+  private static func relocate(
+    _ code: UnsafeRawBufferPointer, at address: UInt64, to destination: UInt64, minimum: Int,
+    appendingTo bytes: inout [UInt8], boundaries collect: Bool
+  ) throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary]) {
+    try withUnsafeTemporaryAllocation(of: Moved.self, capacity: max(1, minimum)) {
+      moved throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary]) in
+      let (count, length, movedEnd) = try decode(code, at: address, minimum: minimum, into: moved)
+      let instructions = UnsafeMutableBufferPointer(rebasing: moved[..<count])
+      // Where each lands in the copy.
+      var at = 0
+      for index in instructions.indices {
+        instructions[index].copy = at
+        at += copySize(instructions[index].instruction)
+      }
+      // A target: outside the range as it is; inside, the copy of the instruction it starts.
+      func resolve(_ target: UInt64, from offset: Int) throws(Refusal) -> UInt64 {
+        guard target >= address && target < address + UInt64(length) else { return target }
+        guard let start = instructions.first(where: { UInt64($0.offset) == target - address }) else {
+          throw .intoMiddleOfInstruction(offset: offset)
+        }
+        return destination + UInt64(start.copy)
+      }
+      func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> Int32 {
+        guard let value = X86Writer.rel32(from: end, to: target) else { throw .outOfReach(offset: offset) }
+        return value
+      }
+      // Written in place (an array per instruction and per branch was most of the time).
+      let base = bytes.count
+      bytes.reserveCapacity(base + at + 5)
+      func putJmp(to target: UInt64, offset: Int) throws(Refusal) {
+        bytes.append(0xe9)
+        bytes.appendLE(try rel32(from: destination + UInt64(bytes.count - base + 4), to: target, offset: offset))
+      }
+      for entry in instructions {
+        let (offset, instruction) = (entry.offset, entry.instruction)
+        let here = destination + UInt64(entry.copy)
+        switch instruction.flow {
+        case .jump(let target):
+          try putJmp(to: try resolve(target, from: offset), offset: offset)
+        case .branch(let target):
+          bytes.append(0x0f)
+          bytes.append(0x80 | instruction.condition!)
+          bytes.appendLE(try rel32(from: here + 6, to: try resolve(target, from: offset), offset: offset))
+        case .call(let target):
+          Self.putPushImmediate64(address + UInt64(offset + instruction.length), into: &bytes)
+          try putJmp(to: try resolve(target, from: offset), offset: offset)
+        case .next, .end, .indirect:
+          let start = bytes.count
+          bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: code[offset..<offset + instruction.length]))
+          if let at = instruction.ripDisplacementOffset {
+            let raw = (0..<4).reduce(UInt32(0)) { $0 | UInt32(bytes[start + at + $1]) << (8 * $1) }
+            let target =
+              address + UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(Int32(bitPattern: raw)))
+            bytes.storeLE(
+              try rel32(from: here + UInt64(instruction.length), to: target, offset: offset), at: start + at)
+          }
+        }
+      }
+      try putJmp(to: address + UInt64(length), offset: length)
+      let boundaries = collect ? instructions.map { Boundary(original: $0.offset, copy: $0.copy) } : []
+      return (length, movedEnd, boundaries)
+    }
+  }
+
+  /// One moved instruction: where it starts in the original and in the copy.
+  private struct Moved {
+    var offset: Int
+    var instruction: X86Decoder.Instruction
+    var copy = 0
+  }
+
+  /// The copy's size of `instruction`.
+  private static func copySize(_ instruction: X86Decoder.Instruction) -> Int {
+    switch instruction.flow {
+    case .jump: 5
+    case .branch: 6
+    case .call: callSequenceSize
+    case .next, .end, .indirect: instruction.length
+    }
+  }
+
+  /// Decodes the instructions covering at least `minimum` bytes into `moved`: returns how many,
+  /// the bytes they cover, and where the moved instructions end.
+  private static func decode(
+    _ code: UnsafeRawBufferPointer, at address: UInt64, minimum: Int, into moved: UnsafeMutableBufferPointer<Moved>
+  ) throws(Refusal) -> (count: Int, length: Int, movedEnd: Int) {
+    var count = 0
     var offset = 0
-    var movedEnd: Int?
     while offset < minimum {
       let rest = UnsafeRawBufferPointer(rebasing: code[offset..<min(code.count, offset + 15)])
       guard let instruction = X86Decoder.decode(rest, at: address + UInt64(offset)) else {
@@ -103,77 +209,19 @@ public enum X86Relocator {
         var ends = instruction.flow == .end
         if case .jump = instruction.flow { ends = true }
         if ends, isPadding(code, from: offset + instruction.length, to: minimum, at: address) {
-          moved.append((offset, instruction))
-          movedEnd = offset + instruction.length
-          offset = minimum
-          break
+          moved.initializeElement(at: count, to: Moved(offset: offset, instruction: instruction))
+          return (count + 1, minimum, offset + instruction.length)
         }
         if instruction.flow == .end { throw .endsFunction(offset: offset) }
         if instruction.flow == .indirect { throw .indirectBranch(offset: offset) }
         if instruction.isSystemCall { throw .systemCall(offset: offset) }
       }
       if case .branch = instruction.flow, instruction.condition == nil { throw .loop(offset: offset) }
-      moved.append((offset, instruction))
+      moved.initializeElement(at: count, to: Moved(offset: offset, instruction: instruction))
+      count += 1
       offset += instruction.length
     }
-    let length = offset
-    // The copy's size of each instruction, hence where each lands.
-    func copySize(_ instruction: X86Decoder.Instruction) -> Int {
-      switch instruction.flow {
-      case .jump: 5
-      case .branch: 6
-      case .call: Self.callSequenceSize
-      case .next, .end, .indirect: instruction.length
-      }
-    }
-    var boundaries: [Boundary] = []
-    var at = 0
-    for (offset, instruction) in moved {
-      boundaries.append(Boundary(original: offset, copy: at))
-      at += copySize(instruction)
-    }
-    // A target: outside the range as it is; inside, the copy of the instruction it starts.
-    func resolve(_ target: UInt64, from offset: Int) throws(Refusal) -> UInt64 {
-      guard target >= address && target < address + UInt64(length) else { return target }
-      guard let boundary = boundaries.first(where: { UInt64($0.original) == target - address }) else {
-        throw .intoMiddleOfInstruction(offset: offset)
-      }
-      return destination + UInt64(boundary.copy)
-    }
-    func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> Int32 {
-      guard let value = X86Writer.rel32(from: end, to: target) else { throw .outOfReach(offset: offset) }
-      return value
-    }
-    func jmp(at here: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> [UInt8] {
-      guard let bytes = X86Instruction.jmp(at: here, to: target) else { throw .outOfReach(offset: offset) }
-      return bytes
-    }
-    var bytes: [UInt8] = []
-    for ((offset, instruction), boundary) in zip(moved, boundaries) {
-      let here = destination + UInt64(boundary.copy)
-      switch instruction.flow {
-      case .jump(let target):
-        bytes += try jmp(at: here, to: try resolve(target, from: offset), offset: offset)
-      case .branch(let target):
-        bytes += [0x0f, 0x80 | instruction.condition!]
-        bytes.appendLE(try rel32(from: here + 6, to: try resolve(target, from: offset), offset: offset))
-      case .call(let target):
-        bytes += Self.pushImmediate64(address + UInt64(offset + instruction.length))
-        let jmpAt = here + UInt64(Self.callSequenceSize - 5)
-        bytes += try jmp(at: jmpAt, to: try resolve(target, from: offset), offset: offset)
-      case .next, .end, .indirect:
-        var copied = Array(code[offset..<offset + instruction.length])
-        if let at = instruction.ripDisplacementOffset {
-          let raw = (0..<4).reduce(UInt32(0)) { $0 | UInt32(copied[at + $1]) << (8 * $1) }
-          let target =
-            address + UInt64(offset + instruction.length) &+ UInt64(bitPattern: Int64(Int32(bitPattern: raw)))
-          copied.storeLE(try rel32(from: here + UInt64(instruction.length), to: target, offset: offset), at: at)
-        }
-        bytes += copied
-      }
-    }
-    bytes += try jmp(at: destination + UInt64(bytes.count), to: address + UInt64(length), offset: length)
-    return Relocation(bytes: bytes, length: length, boundaries: boundaries, movedEnd: movedEnd ?? length)
+    return (count, offset, offset)
   }
 
   /// Whether the bytes of `code` from `start` up to `end` belong to padding: `int3` bytes and
@@ -204,12 +252,12 @@ public enum X86Relocator {
   /// leaves the flags alone, then the call's `jmp rel32`.
   static let callSequenceSize = 5 + 7 + 8 + 5
 
-  static func pushImmediate64(_ value: UInt64) -> [UInt8] {
-    var bytes: [UInt8] = [0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24]
+  /// `lea rsp, [rsp - 8]; mov dword [rsp], low; mov dword [rsp + 4], high` (flags untouched).
+  static func putPushImmediate64(_ value: UInt64, into bytes: inout [UInt8]) {
+    for byte: UInt8 in [0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24] { bytes.append(byte) }
     bytes.appendLE(UInt32(truncatingIfNeeded: value))
-    bytes += [0xc7, 0x44, 0x24, 0x04]
+    for byte: UInt8 in [0xc7, 0x44, 0x24, 0x04] { bytes.append(byte) }
     bytes.appendLE(UInt32(truncatingIfNeeded: value >> 32))
-    return bytes
   }
 }
 

@@ -20,6 +20,11 @@
 //     library's `clobber` handlers to leaf and fleaf through every kind of handler code
 //     (per-function entry, exit, modify-return; ops; multi-attach per function and global),
 //     calls mix and fmix under each, and prints one result line.
+//   tracery-testhost relocate-multi LIBRARY PREFIX
+//     loads LIBRARY (generated functions PREFIXn, built without NOPs, listed in PREFIXtable and
+//     counted in PREFIXcount); two threads call them all in a loop while one entry handler is
+//     attached to every one through the multi-attach global strategy (a bulk link of prologue
+//     stubs) and detached, 50 times; prints one result line.
 //   tracery-testhost relocate LIBRARY
 //     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
 //     an exit handler to all of them by relocating their prologues (or trap sites), calls each,
@@ -151,7 +156,14 @@ func registersTest(_ library: String) -> Never {
   let tracer = Tracer.shared
   tracer.relocatesPrologues = true
   let model = FunctionModel(integerArguments: 1, floatArguments: 1, stackArgumentWords: 0, returns: .unknown)
-  let modes = ["entry", "exit", "modify-return", "modify-return-skip", "ops", "multi", "multi-global"]
+  let modes = [
+    "entry", "exit", "modify-return", "modify-return-skip", "ops", "multi", "multi-global", "multi-global-joined",
+  ]
+  // Modes whose handler runs twice a call (two attachments).
+  let twice: Set = ["multi-global-joined"]
+  // The global strategy's functions join a bulk link through their prologue stubs: none is in
+  // the general bookkeeping until another attachment joins it.
+  var bulk = false
   /// Attaches `mode`'s handler to leaf and fleaf; returns its detach.
   func attach(_ mode: String) throws -> () -> Void {
     switch mode {
@@ -183,10 +195,20 @@ func registersTest(_ library: String) -> Never {
     case "multi":
       let link = try tracer.attachMulti(.exit(clobber), to: .addresses(leaves), model: model, strategy: .perFunction)
       return { _ = link.detach() }
-    default:
+    case "multi-global":
       let link = try tracer.attachMulti(
         .entry(clobber), to: .addresses(leaves), model: model, strategy: .global(.hash))
+      bulk = link.sites.count == 2 && tracer.siteShapes[.relocated] == nil
       return { _ = link.detach() }
+    default:
+      // Another attachment on functions of a bulk link: they leave it, keeping their copies.
+      let link = try tracer.attachMulti(
+        .entry(clobber), to: .addresses(leaves), model: model, strategy: .global(.automatic))
+      let other = try tracer.attach(.entry(clobber), to: .addresses(leaves))
+      return {
+        _ = other.detach()
+        _ = link.detach()
+      }
     }
   }
   var wrong: [String] = []
@@ -197,7 +219,7 @@ func registersTest(_ library: String) -> Never {
       let detach = try attach(name)
       let traced = results()
       if traced != expected { wrong.append(name) }
-      if clobbers.pointee - before != 100 * 13 + 20 * 14 { quiet.append(name) }
+      if clobbers.pointee - before != (twice.contains(name) ? 2 : 1) * (100 * 13 + 20 * 14) { quiet.append(name) }
       detach()
     }
   } catch {
@@ -206,7 +228,7 @@ func registersTest(_ library: String) -> Never {
   let untraced = results() == expected
   print(
     "modes=\(modes.count) wrong=\(wrong.joined(separator: ",")) uncounted=\(quiet.joined(separator: ",")) "
-      + "untraced=\(untraced)")
+      + "untraced=\(untraced) bulk=\(bulk)")
   exit(0)
 }
 
@@ -218,34 +240,105 @@ let liveCalls = Atomic<Int>(0)
 /// Two threads call r_plain (a * 3 + b; built without NOPs, with frame pointers: its first
 /// instruction is a 1-byte push) in a loop while an entry and an exit handler are attached by
 /// relocating its prologue and detached again, 200 times.
-func relocateLiveTest(_ library: String) -> Never {
-  guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_plain") else {
-    fail("dlopen: \(String(cString: dlerror()))")
-  }
-  // As a program starts: no signal blocked (the test runner that started us blocks some, and
-  // threads inherit the mask).
+/// As a program starts: no signal blocked (the test runner that started us blocks some, and
+/// threads inherit the mask).
+func unblockSignals() {
   var none = sigset_t()
   sigemptyset(&none)
   sigprocmask(SIG_SETMASK, &none, nil)
-  let function = unsafeBitCast(symbol, to: Function2.self)
-  liveFunction = function
-  let site = PatchSite.afterEndbr64(UInt64(UInt(bitPattern: symbol)))
-  let before = TextPatcher.read(site)
+}
+
+/// What each caller thread does for one `n`: how many results were wrong.
+nonisolated(unsafe) var callerPass: ((Int) -> Int)?
+
+/// Two threads running `pass(n)` for n = 0, 1, ... until `liveStop`, adding its wrong results
+/// to `liveWrong` and their passes to `liveCalls`.
+func startCallers(_ pass: @escaping (Int) -> Int) -> [pthread_t] {
+  callerPass = pass
   let worker: @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? = { _ in
     var n = 0
     while !liveStop.load(ordering: .relaxed) {
-      if liveFunction!(n, 1) != n &* 3 &+ 1 { liveWrong.add(1, ordering: .relaxed) }
+      let wrong = callerPass!(n)
+      if wrong != 0 { liveWrong.add(wrong, ordering: .relaxed) }
       n += 1
     }
     liveCalls.add(n, ordering: .relaxed)
     return nil
   }
-  var threads: [pthread_t] = []
-  for _ in 0..<2 {
+  return (0..<2).map { _ in
     var thread = pthread_t()
     pthread_create(&thread, nil, worker, nil)
-    threads.append(thread)
+    return thread
   }
+}
+
+nonisolated(unsafe) var multiFunctions: [Function] = []
+let multiGood = Atomic<Int>(0)
+let multiBad = Atomic<Int>(0)
+
+func relocateMultiTest(_ library: String, prefix: String) -> Never {
+  guard let handle = dlopen(library, RTLD_NOW) else { fail("dlopen: \(String(cString: dlerror()))") }
+  unblockSignals()
+  let count = dlsym(handle, "\(prefix)count")!.assumingMemoryBound(to: Int.self).pointee
+  let table = dlsym(handle, "\(prefix)table")!.assumingMemoryBound(to: Function.self)
+  multiFunctions = (0..<count).map { table[$0] }
+  let entries = multiFunctions.map { UInt64(UInt(bitPattern: unsafeBitCast($0, to: UnsafeRawPointer.self))) }
+  let original = entries.map { Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt($0)), count: 16)) }
+  let threads = startCallers { n in
+    multiFunctions.indices.count { multiFunctions[$0](n) != n &* ($0 % 97 + 3) &+ $0 }
+  }
+  let tracer = Tracer.shared
+  tracer.relocatesPrologues = true
+  // Each handler call must name its function's entry (its cookie).
+  let handler: EntryHandler = { call, cookie in
+    if call.pointee.function == cookie {
+      multiGood.add(1, ordering: .relaxed)
+    } else {
+      multiBad.add(1, ordering: .relaxed)
+    }
+  }
+  var joined = 0
+  // Cycles whose functions all joined the bulk link (a cycle that began while a thread was in a
+  // signal handler, its snapshot signal blocked, gives them int3 sites through the general path).
+  var bulk = 0
+  var restored = 0
+  let cycles = 50
+  do {
+    for _ in 0..<cycles {
+      let link = try tracer.attachMulti(
+        .entry(handler), to: .addresses(entries), cookie: { $0 }, strategy: .global(.automatic))
+      if link.sites.count == count { joined += 1 }
+      if tracer.siteShapes.isEmpty { bulk += 1 }
+      usleep(1_000)
+      link.detach()
+      if entries.indices.allSatisfy({
+        Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(entries[$0])), count: 16)) == original[$0]
+      }) {
+        restored += 1
+      }
+    }
+  } catch {
+    fail("\(error)")
+  }
+  liveStop.store(true, ordering: .relaxed)
+  for thread in threads { pthread_join(thread, nil) }
+  _ = tracer.reclaim()
+  print(
+    "joined=\(joined) bulk=\(bulk) restored=\(restored) wrong=\(liveWrong.load(ordering: .relaxed)) "
+      + "bad=\(multiBad.load(ordering: .relaxed)) called=\(multiGood.load(ordering: .relaxed) > 0)")
+  exit(0)
+}
+
+func relocateLiveTest(_ library: String) -> Never {
+  guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_plain") else {
+    fail("dlopen: \(String(cString: dlerror()))")
+  }
+  unblockSignals()
+  let function = unsafeBitCast(symbol, to: Function2.self)
+  liveFunction = function
+  let site = PatchSite.afterEndbr64(UInt64(UInt(bitPattern: symbol)))
+  let before = TextPatcher.read(site)
+  let threads = startCallers { n in liveFunction!(n, 1) != n &* 3 &+ 1 ? 1 : 0 }
   let tracer = Tracer.shared
   tracer.relocatesPrologues = true
   let model = FunctionModel(integerArguments: 2, stackArgumentWords: 0, returns: .integer)
@@ -284,9 +377,7 @@ nonisolated(unsafe) var parkedResult = 0
 /// push and waits in its SIGSEGV handler (the signal frame holds the function's second byte)
 /// while r_parked is attached by relocating its prologue; then it is released.
 func relocateParkedTest(_ library: String) -> Never {
-  var none = sigset_t()
-  sigemptyset(&none)
-  sigprocmask(SIG_SETMASK, &none, nil)
+  unblockSignals()
   guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_parked") else {
     fail("dlopen: \(String(cString: dlerror()))")
   }
@@ -339,6 +430,7 @@ if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
 if arguments.count == 3 && arguments[1] == "relocate-parked" { relocateParkedTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate-live" { relocateLiveTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate" { relocateTest(arguments[2]) }
+if arguments.count == 4 && arguments[1] == "relocate-multi" { relocateMultiTest(arguments[2], prefix: arguments[3]) }
 if arguments.count == 3 && arguments[1] == "registers" { registersTest(arguments[2]) }
 guard arguments.count == 5, arguments[1] == "sleds", let count = Int(arguments[4]) else {
   fail("usage: tracery-testhost sleds LIBRARY PREFIX COUNT")

@@ -203,12 +203,7 @@ extension RelocationTests {
     let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
     let result = try TestSupport.run(host, ["relocate-live", library])
     #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    let fields = Dictionary(
-      result.stdout.split(whereSeparator: \.isWhitespace).compactMap { field -> (String, String)? in
-        let parts = field.split(separator: "=")
-        return parts.count == 2 ? (String(parts[0]), String(parts[1])) : nil
-      }
-    ) { first, _ in first }
+    let fields = TestSupport.fields(of: result.stdout)
     #expect(fields["restored"] == "200" && fields["wrong"] == "0" && fields["called"] == "true", "\(result.stdout)")
     // A cycle whose relocation had to be abandoned (a thread caught inside the SIGTRAP handler
     // for its int3 every time it looked) traces the function through an int3 instead: rare.
@@ -286,7 +281,9 @@ extension RelocationTests {
   /// Handlers of every kind on functions built without patch sites whose gcc -O2 callers keep
   /// values in call-clobbered registers across the calls (`-fipa-ra`) and call them with rsp
   /// unaligned (`-fipa-stack-alignment`): per-function entry, exit and modify-return
-  /// trampolines, ops, multi-attach per function and through a global strategy. A handler that
+  /// trampolines, ops, multi-attach per function and through a global strategy (a bulk link's
+  /// prologue stubs and the global trampoline that keeps every register; then with a
+  /// per-function attachment joining, which takes them out of the link). A handler that
   /// sets every call-clobbered register changes nothing the callers compute, and none runs on
   /// an unaligned stack (before, the per-function trampolines kept only the model's registers:
   /// `mix` and `fmix` returned other values).
@@ -309,7 +306,8 @@ extension RelocationTests {
     let result = try TestSupport.run(host, ["registers", library])
     #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
     #expect(
-      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "modes=7 wrong= uncounted= untraced=true")
+      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        == "modes=8 wrong= uncounted= untraced=true bulk=true")
   }
 
   /// Entry points read back from their kept form (`EntryPoints.encoded`) answer as the sweep's

@@ -137,6 +137,16 @@ public enum TestSupport {
     try text.write(toFile: path, atomically: true, encoding: .utf8)
   }
 
+  /// The `key=value` fields of a result line (the first of each key).
+  public static func fields(of text: String) -> [String: String] {
+    Dictionary(
+      text.split(whereSeparator: \.isWhitespace).compactMap { field -> (String, String)? in
+        let parts = field.split(separator: "=")
+        return parts.count == 2 ? (String(parts[0]), String(parts[1])) : nil
+      }
+    ) { first, _ in first }
+  }
+
   /// The value generated function `index` returns for `x`.
   public static func generatedValue(index: Int, x: Int) -> Int { x * (index % 97 + 3) + index }
 

@@ -130,6 +130,8 @@ struct MultiKey: Equatable {
   let padding: Bool
   /// Entered from `MultiStub`s (`MultiEmitter.viaStub`), not from sites.
   let stub: Bool
+  /// Entered from `PrologueStub`s (`MultiEmitter.keepsEveryRegister`).
+  var keepsEveryRegister = false
 }
 
 extension Tracer.TracedFunction {
@@ -284,10 +286,19 @@ extension Tracer {
     state.reclaimer.retire(stub)
   }
 
+  /// Addresses general functions lead to that may lie in bulk links' stub blocks: the stubs their
+  /// sites jump to, and the relocated copies that functions which left a relocated bulk link go
+  /// on in (`PrologueStub`).
+  func usedStubAddresses(_ state: borrowing State) -> [UInt64] {
+    state.functions.values.compactMap(\.multiStub)
+      + state.functions.values.lazy.filter { $0.patch.shape == .relocated && $0.relocatedCopy == nil }.map(
+        \.patch.resume)
+  }
+
   /// Retires the stub blocks of detached bulk links that no general function jumps to now.
   func retireOrphanStubs(state: inout State) {
     guard !state.multi.orphanStubs.isEmpty else { return }
-    let used = state.functions.values.compactMap(\.multiStub)
+    let used = usedStubAddresses(state)
     var kept: [CodeImage] = []
     for stub in state.multi.orphanStubs {
       if used.contains(where: stub.block.range.contains) { kept.append(stub) } else { retireStub(stub, state: &state) }
@@ -306,6 +317,7 @@ extension Tracer {
       model: model, lookup: key.padding ? .padding : .hash(table: UInt64(UInt(bitPattern: state.multi.tableWord))),
       guardOffset: guardOffset)
     emitter.viaStub = key.stub
+    emitter.keepsEveryRegister = key.keepsEveryRegister
     // (Emitting again where it lands used to leak the block when it failed.)
     let (block, code) = try placeCode(near: site, slack: 16, emit: emitter.emit(at:), bytes: { $0 })
     let image = CodeImage(block: block, length: code.count)

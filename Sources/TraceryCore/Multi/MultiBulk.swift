@@ -33,6 +33,11 @@ struct BulkLink {
   /// Exit or modify-return links: each site jumps to its own `MultiStub`, in `stubBlocks`
   /// (one per ±2 GiB region, written once at attach, retired at detach).
   var viaStubs: Bool
+  /// Entry links of relocated functions (built without a patch site): each site jumps to its
+  /// own `PrologueStub` in `stubBlocks`, which holds the function's moved instructions; the
+  /// records are found by hash. `lengths` (parallel to `sites`) are the bytes each moved.
+  var relocated = false
+  var lengths: [UInt8] = []
   var stubBlocks: [CodeImage]
   /// The records, `recordWords` words each; `recordOffsets[i]` is the word offset
   /// of the record of `sites[i]` (records do not move when sites leave).
@@ -54,7 +59,38 @@ struct BulkLink {
   var strategy: MultiStrategy { .global(padding ? .padding : .hash) }
 
   /// The branch opcode of its sites: `jmp` to a stub, or `call` the trampoline.
-  var opcode: UInt8 { viaStubs ? 0xe9 : 0xe8 }
+  var opcode: UInt8 { viaStubs || relocated ? 0xe9 : 0xe8 }
+
+  /// Where the function at `index` goes on after its site: its moved instructions in its stub,
+  /// or the bytes after its NOP.
+  func resume(_ index: Int) -> UInt64 {
+    relocated ? entries[index] + UInt64(PrologueStub.copyOffset - PrologueStub.entryOffset) : sites[index] + 5
+  }
+
+  /// The patch site of the function at `index`: its NOP, or its relocated prologue whose copy
+  /// is in its stub.
+  func patch(_ index: Int) -> PatchSite {
+    guard relocated else { return .nop(at: sites[index], function: functions[index]) }
+    return PatchSite(
+      function: functions[index], address: sites[index], resume: resume(index), length: lengths[index],
+      shape: .relocated)
+  }
+
+  /// The request that patches the site at `index` (`attaching`) or puts its bytes back.
+  func request(_ index: Int, attaching: Bool) -> PatchRequest {
+    let original = SiteBytes(raw: originals[index])
+    let bytes = siteBytes(index)
+    guard relocated else {
+      return PatchRequest(
+        site: sites[index], expected: attaching ? original : bytes, replacement: attaching ? bytes : original)
+    }
+    // A thread stopped inside the bytes that move is moved into the copy first (the patcher's
+    // step 4½); one that reaches the site's int3 meanwhile goes on in the copy.
+    return PatchRequest(
+      site: sites[index], expected: attaching ? original : bytes, replacement: attaching ? bytes : original,
+      resume: resume(index), relocatedCopy: attaching ? resume(index) : 0,
+      relocatedLength: attaching ? lengths[index] : 0)
+  }
 
   /// The bytes of the site at `index` while it is attached.
   func siteBytes(_ index: Int) -> SiteBytes { SiteBytes.branch(opcode, at: sites[index], to: entries[index])! }
@@ -78,6 +114,7 @@ struct BulkLink {
     cookies = filtered(cookies)
     originals = filtered(originals)
     entries = filtered(entries)
+    if !lengths.isEmpty { lengths = filtered(lengths) }
     if !recordOffsets.isEmpty { recordOffsets = filtered(recordOffsets) }
   }
 }
@@ -86,7 +123,9 @@ extension Tracer {
   /// Attaches `handler` to those of `targets` nothing traces yet, as one bulk link, in one patch
   /// batch; returns the targets (indices) left for the general path (already traced, or without the
   /// padding `.padding` asks for) and the report of the bulk ones. Precondition: `lookup` comes
-  /// from a `.global` strategy.
+  /// from a `.global` strategy. Entry handlers on relocated functions (`PatchSite.Shape.relocated`)
+  /// join a second bulk link of the same id, through `PrologueStub`s (by hash: such functions
+  /// have no padding).
   ///
   /// One pass over the targets decides who joins and fills the link's arrays (at 50,000 targets
   /// every pass and every per-target allocation shows in the attach time).
@@ -107,6 +146,10 @@ extension Tracer {
     link.names.reserveCapacity(targets.count)
     link.cookies.reserveCapacity(targets.count)
     link.originals.reserveCapacity(targets.count)
+    var prologues = link
+    prologues.relocated = true
+    prologues.padding = false
+    var prologueTargets: [Int] = []
     var rest: [Int] = []
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
     var allPadded = true
@@ -118,12 +161,24 @@ extension Tracer {
       let target = targets[index]
       let site = target.site
       let original = SiteBytes(reading: site)
-      // Who may join: untraced, in no bulk link, each site once, a NOP at the site.
-      var joins = site != previous && original.isNop5
+      let relocates = kind == .entry && lookup != .padding && target.patch.shape == .relocated
+      // Who may join: untraced, in no bulk link, each site once, a NOP at the site (or a
+      // relocated entry-only one).
+      var joins = site != previous && (original.isNop5 || relocates)
       if joins && checkTraced {
         joins = state.functions[site] == nil && state.multi.bulkLink(containing: site) == nil
       }
       previous = site
+      if joins && relocates {
+        prologues.sites.append(site)
+        prologues.functions.append(target.function)
+        prologues.names.append(target.name)
+        prologues.cookies.append(cookies[index])
+        prologues.originals.append(original.raw)
+        prologues.lengths.append(target.patch.length)
+        prologueTargets.append(index)
+        continue
+      }
       if joins && lookup != .hash {
         var padded = site == target.function && ZeroedPadding.word(before: site) == ZeroedPadding.nops
         if site == target.function && !padded && ZeroedPadding.claim(before: site) {
@@ -153,8 +208,17 @@ extension Tracer {
     } else {
       ZeroedPadding.add(claimed)
     }
-    guard !link.sites.isEmpty else { return (rest, TransactionReport()) }
-    return (rest, try attachBulk(link, state: &state))
+    var report = TransactionReport()
+    if !link.sites.isEmpty { report = try attachBulk(link, state: &state) }
+    if !prologues.sites.isEmpty {
+      do {
+        report.append(contentsOf: try attachBulk(prologues, state: &state))
+      } catch {
+        // (No code memory near them, say: the general path tries each, and reports it.)
+        rest = (rest + prologueTargets).sorted()
+      }
+    }
+    return (rest, report)
   }
 
   /// Publishes `link`'s records, patches its sites, and keeps it (minus the sites that failed).
@@ -168,10 +232,10 @@ extension Tracer {
     // sites), and each site's stub when the link has them.
     let key = MultiKey(
       integerArguments: link.model.integerArguments, floats: link.model.floatArguments > 0, padding: padding,
-      stub: link.viaStubs)
+      stub: link.viaStubs, keepsEveryRegister: link.relocated)
     var unreachable: [Int] = []
     link.entries.reserveCapacity(link.sites.count)
-    if link.viaStubs {
+    if link.viaStubs || link.relocated {
       placeStubs(&link, key: key, unreachable: &unreachable, report: &report, state: &state)
     } else {
       var entry: UInt64 = 0
@@ -240,10 +304,7 @@ extension Tracer {
     }
 
     // One batch for every site.
-    let requests = link.sites.indices.map { index in
-      PatchRequest(
-        site: link.sites[index], expected: SiteBytes(raw: link.originals[index]), replacement: link.siteBytes(index))
-    }
+    let requests = link.sites.indices.map { link.request($0, attaching: true) }
     let outcomes = patcher.apply(requests, map: map)
     report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
     var failedIndices: [Int] = []
@@ -280,11 +341,13 @@ extension Tracer {
       leaving.sort()
       let link = state.multi.bulk[position]
       for index in leaving {
+        // A relocated function goes on in the copy in its stub (which is kept while a function
+        // leads into it: `Tracer.usedStubAddresses`).
         var function = TracedFunction(
-          patch: .nop(at: link.sites[index], function: link.functions[index]), name: link.names[index],
-          original: SiteBytes(raw: link.originals[index]), model: .unknown)
+          patch: link.patch(index), name: link.names[index], original: SiteBytes(raw: link.originals[index]),
+          model: .unknown)
         function.multi = [link.attachment(index)]
-        if link.viaStubs {
+        if link.viaStubs || link.relocated {
           function.multiStub = link.entries[index]
           function.multiEntry = MultiStub.trampoline(of: link.entries[index])
         } else {
@@ -297,14 +360,20 @@ extension Tracer {
     }
   }
 
-  /// Detaches bulk link `id` (one patch batch back to NOPs); false when it is not a bulk link.
+  /// Detaches bulk link `id` (one patch batch back to NOPs, or to the relocated functions' first
+  /// bytes, per link of that id); false when it is not a bulk link.
   func detachBulk(_ id: Int, state: inout State, report: inout TransactionReport, callerStack: UInt64) -> Bool {
-    guard let position = state.multi.bulk.firstIndex(where: { $0.id == id }) else { return false }
-    let link = state.multi.bulk.remove(at: position)
-    let requests = link.sites.indices.map { index in
-      PatchRequest(
-        site: link.sites[index], expected: link.siteBytes(index), replacement: SiteBytes(raw: link.originals[index]))
+    var found = false
+    while let position = state.multi.bulk.firstIndex(where: { $0.id == id }) {
+      detachBulk(at: position, state: &state, report: &report, callerStack: callerStack)
+      found = true
     }
+    return found
+  }
+
+  private func detachBulk(at position: Int, state: inout State, report: inout TransactionReport, callerStack: UInt64) {
+    let link = state.multi.bulk.remove(at: position)
+    let requests = link.sites.indices.map { link.request($0, attaching: false) }
     let outcomes = patcher.apply(requests)
     report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
     // Stubs: a site that could not be restored jumps to its stub for good (its block is never
@@ -313,7 +382,7 @@ extension Tracer {
     let stuck = link.sites.indices.filter { if case .failed = outcomes[$0] { true } else { false } }.map {
       link.entries[$0]
     }
-    let moved = state.functions.values.compactMap(\.multiStub)
+    let moved = usedStubAddresses(state)
     for stubs in link.stubBlocks {
       if stuck.contains(where: stubs.block.range.contains) { continue }
       if moved.contains(where: stubs.block.range.contains) {
@@ -347,7 +416,6 @@ extension Tracer {
       // it (retired with the next publish, which the detach makes).
       if link.padding { state.reclaimer.retire(records) } else { state.multi.detachedRecords.append(records.block) }
     }
-    return true
   }
 
   /// Whether no thread is inside a global trampoline or in a handler it called, or in a stub
@@ -364,9 +432,10 @@ extension Tracer {
     return true
   }
 
-  /// Gives each site of `link` a stub: blocks of stubs allocated near runs of sites (one block
-  /// while the sites stay within reach of it), each stub calling the link's global trampoline
-  /// near it. Sites with no stub (out of memory) are reported and listed in `unreachable`.
+  /// Gives each site of `link` a stub (`MultiStub`, or for a relocated link a `PrologueStub`):
+  /// blocks of stubs allocated near runs of sites (one block while the sites stay within reach
+  /// of it), each stub calling the link's global trampoline near it. Sites with no stub (out of
+  /// memory, a copy that cannot be made there) are reported and listed in `unreachable`.
   private func placeStubs(
     _ link: inout BulkLink, key: MultiKey, unreachable: inout [Int], report: inout TransactionReport,
     state: inout State
@@ -374,6 +443,9 @@ extension Tracer {
     var block: CodeArena.Block?
     var bytes: [UInt8] = []
     var trampoline: UInt64 = 0
+    let most = link.relocated ? PrologueStub.maximumSize : MultiStub.size
+    // Where a site's branch lands in its stub.
+    let entryOffset = UInt64(link.relocated ? PrologueStub.entryOffset : 0)
     func finish() {
       guard let allocated = block else { return }
       let full = arena.trim(allocated, to: bytes.count)
@@ -382,14 +454,25 @@ extension Tracer {
       block = nil
       bytes = []
     }
+    func fail(_ index: Int, _ reason: String) {
+      report.append(.init(function: link.names[index], address: link.functions[index], outcome: .failed(reason)))
+      unreachable.append(index)
+      link.entries.append(0)
+    }
     for (index, site) in link.sites.enumerated() {
+      if link.relocated {
+        bytes += repeatElement(
+          0xcc, count: (PrologueStub.alignment - bytes.count % PrologueStub.alignment) % PrologueStub.alignment)
+      }
       var stub = block.map { $0.address + UInt64(bytes.count) } ?? 0
-      if block == nil || bytes.count == block!.size || SiteBytes.branch(0xe9, at: site, to: stub) == nil {
+      if block == nil || bytes.count + most > block!.size
+        || SiteBytes.branch(0xe9, at: site, to: stub + entryOffset) == nil
+      {
         finish()
         do {
-          // Room for the rest of the sites; a block that stops reaching them is cut short
-          // (`finish` gives back what it did not use).
-          let fresh = try arena.allocate(near: site, size: MultiStub.size * (link.sites.count - index))
+          // Room for the rest of the sites (at most a few thousand stubs a block); a block that
+          // stops reaching them is cut short (`finish` gives back what it did not use).
+          let fresh = try arena.allocate(near: site, size: most * min(link.sites.count - index, 4096))
           do {
             trampoline = try globalTrampoline(key: key, model: link.model, near: fresh.address, state: &state)
           } catch {
@@ -399,27 +482,28 @@ extension Tracer {
           block = fresh
           stub = fresh.address
         } catch {
-          report.append(
-            .init(function: link.names[index], address: link.functions[index], outcome: .failed("\(error)")))
-          unreachable.append(index)
-          link.entries.append(0)
+          fail(index, "\(error)")
           continue
         }
       }
-      let patch = PatchSite.nop(at: site, function: link.functions[index])
-      guard let code = MultiStub.bytes(at: stub, patch: patch, trampoline: trampoline) else {
-        // The trampoline was placed near the block's start; far into a large block, place another.
+      let written =
+        link.relocated
+        ? PrologueStub.append(
+          to: &bytes, at: stub, function: link.functions[index], site: site, length: link.lengths[index],
+          trampoline: trampoline)
+        : MultiStub.bytes(at: stub, patch: .nop(at: site, function: link.functions[index]), trampoline: trampoline)
+          .map { bytes += $0 } != nil
+      guard written else {
+        // The trampoline was placed near the block's start; far into a large block, place another
+        // (and a relocated copy whose operands cannot reach from here stays untraced).
         finish()
-        report.append(
-          .init(
-            function: link.names[index], address: link.functions[index],
-            outcome: .failed("its stub cannot reach the global trampoline")))
-        unreachable.append(index)
-        link.entries.append(0)
+        fail(
+          index,
+          link.relocated
+            ? "its first instructions cannot be moved into its stub" : "its stub cannot reach the global trampoline")
         continue
       }
-      bytes += code
-      link.entries.append(stub)
+      link.entries.append(stub + entryOffset)
     }
     finish()
   }

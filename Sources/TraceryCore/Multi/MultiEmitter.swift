@@ -42,6 +42,11 @@ struct MultiEmitter {
   /// stub the site `call`s the trampoline and, with exit handlers, the trampoline returns past
   /// that call: the return stack buffer is off by one and returns mispredict (+10 ns a call).
   var viaStub = false
+  /// Entry handlers only, for relocated functions entered through a `PrologueStub` ([rsp] = its
+  /// copy, the function and the site in the stub's first words): every call-clobbered register is kept (the
+  /// frame aligned, as `TrampolineEmitter.preservesAll` does), and the trampoline returns into
+  /// the stub, where the function's moved instructions follow.
+  var keepsEveryRegister = false
 
   static let frame: Int32 = 304
   static let hazard: Int32 = 272
@@ -57,6 +62,7 @@ struct MultiEmitter {
   }
 
   func emit(at base: UInt64) throws -> [UInt8] {
+    if keepsEveryRegister { return try emitKeepingEveryRegister(at: base) }
     var w = X86Writer(base: base)
     let pass = w.newLabel()
     let intoBody = w.newLabel()
@@ -178,6 +184,65 @@ struct MultiEmitter {
     } else {
       w.putRet()
     }
+    return try w.finish()
+  }
+
+  /// The frame below the aligned rsp of `emitKeepingEveryRegister`: this trampoline's usual
+  /// frame, then the registers `TrampolineEmitter.putKeepAll` keeps.
+  static let keepingFrame: Int32 =
+    (frame + TrampolineEmitter.keepingFrameSize - TrampolineEmitter.frameSize + 15) / 16 * 16
+
+  /// The `keepsEveryRegister` form (entry handlers only):
+  ///
+  ///     if this thread is inside a handler: return into the stub
+  ///     push rbp; mov rbp, rsp; and rsp, -16; the frame: the class's arguments in a tracery_call,
+  ///     every other call-clobbered register below it
+  ///     site = the stub's site word; the record as `putLookup` finds it (none: restore and return)
+  ///     the record's entry handlers (the view's function: the stub's function word)
+  ///     restore every register, leave, return into the stub (the moved instructions)
+  private func emitKeepingEveryRegister(at base: UInt64) throws -> [UInt8] {
+    var w = X86Writer(base: base)
+    let pass = w.newLabel()
+    let restore = w.newLabel()
+    let handlersDone = w.newLabel()
+    let guardByte = Memory.fs(guardOffset)
+    // Where `putKeepAll` puts what it keeps: past this trampoline's own slots.
+    let kept = Self.frame - TrampolineEmitter.frameSize
+    w.putCmpByte(guardByte, immediate: 0)
+    w.putJcc(.notEqual, pass)
+    w.putPush(.rbp)
+    w.putMov(.rbp, .rsp)
+    w.putAnd(.rsp, immediate: -16)
+    w.putSub(.rsp, immediate: Self.keepingFrame)
+    TrampolineEmitter.putSaveArguments(&w, model)
+    TrampolineEmitter.putKeepAll(&w, frame: kept, beyond: model)
+    w.putMov(.r10, Memory(.rbp, 8))
+    w.putMov(.r10, Memory(.r10, Int32(PrologueStub.siteOffset - PrologueStub.copyOffset)))
+    try putLookup(&w, notFound: restore)
+    w.putMov(.r10, Memory(.rbp, 8))
+    w.putMov(.r10, Memory(.r10, Int32(PrologueStub.functionOffset - PrologueStub.copyOffset)))
+    TrampolineEmitter.putRegisterView(
+      &w, function: .register(.r10), returnAddress: Memory(.rbp, 16), stackArguments: Memory(.rbp, 24),
+      scratch: .r10)
+    w.putMovByte(guardByte, immediate: 1)
+    let several = w.newLabel()
+    w.putCmp(Memory(.r11, MultiRecord.shapeOffset), immediate: Int32(HandlerKind.entry.rawValue))
+    w.putJcc(.notEqual, several)
+    w.putMov(.rdi, .rsp)
+    w.putMov(.rsi, Memory(.r11, MultiRecord.pairsOffset + 8))
+    w.putCall(Memory(.r11, MultiRecord.pairsOffset))
+    w.putJmp(handlersDone)
+    w.bind(several)
+    putHandlers(
+      &w, count: MultiRecord.countOffset(.entry), first: { _ in MultiRecord.pairsOffset }, modifyReturn: false)
+    w.bind(handlersDone)
+    w.putMovByte(guardByte, immediate: 0)
+    w.bind(restore)
+    TrampolineEmitter.putRestoreAll(&w, frame: kept, beyond: model)
+    TrampolineEmitter.putRestoreArguments(&w, model)
+    w.putLeave()
+    w.bind(pass)
+    w.putRet()
     return try w.finish()
   }
 

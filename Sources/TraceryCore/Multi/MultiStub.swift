@@ -42,3 +42,53 @@ enum MultiStub {
     return UInt64(bitPattern: Int64(bitPattern: base) + Int64(displacement))
   }
 }
+
+/// The block a relocated function's site jumps to when an entry-only bulk link traces it (a
+/// function built without a patch site: its first instructions are moved here, and gcc's
+/// callers may keep values in any call-clobbered register across its call, `-fipa-ra`):
+///
+///     +0   FUNCTION             8 bytes: the function's entry (the handlers' `function`)
+///     +8   SITE                 8 bytes: its patch site (after an `endbr64`), the record's key
+///     +16  call TRAMPOLINE      the site's `jmp` lands here; the global trampoline keeping
+///                               every register (`MultiEmitter.keepsEveryRegister`): [rsp] =
+///                               stub + 21
+///     +21  the function's first instructions, relocated, and a `jmp` back after them: the
+///          trampoline returns here (its `ret` pairs with the stub's `call`; the body's `ret`
+///          with the caller's call)
+///
+/// Written whole before the site jumps here; never changed; retired with its link's block.
+enum PrologueStub {
+  static let functionOffset = 0
+  static let siteOffset = 8
+  static let entryOffset = 16
+  static let copyOffset = 21
+  /// Stubs start at multiples of this (the words aligned).
+  static let alignment = 8
+  /// The most bytes one stub takes: the words, the call, and the longest copy
+  /// (`Tracer.relocatedCopy`'s block).
+  static let maximumSize = copyOffset + 128
+
+  /// Appends to `bytes` the stub for the relocated site `site` of the function at `function` (its
+  /// first `length` bytes move), calling `trampoline`, its first byte to land at `address`; false
+  /// (and `bytes` as it was) when the copy cannot be made there or a branch is out of reach.
+  static func append(
+    to bytes: inout [UInt8], at address: UInt64, function: UInt64, site: UInt64, length: UInt8, trampoline: UInt64
+  ) -> Bool {
+    let start = bytes.count
+    // The same instructions as when the site was chosen: those covering its length (the
+    // patcher relocates them again with the same bytes to move threads into the copy).
+    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(length) + 15)
+    guard let call = X86Writer.rel32(from: address + UInt64(copyOffset), to: trampoline) else { return false }
+    withUnsafeBytes(of: function.littleEndian) { bytes.append(contentsOf: $0) }
+    withUnsafeBytes(of: site.littleEndian) { bytes.append(contentsOf: $0) }
+    bytes.append(0xe8)
+    withUnsafeBytes(of: call.littleEndian) { bytes.append(contentsOf: $0) }
+    do {
+      let moved = try X86Relocator.relocate(
+        code, at: site, to: address + UInt64(copyOffset), minimum: Int(length), appendingTo: &bytes)
+      if moved.length == Int(length) { return true }
+    } catch {}
+    bytes.removeSubrange(start...)
+    return false
+  }
+}

@@ -50,7 +50,7 @@ extension Tracer {
           result.append(Target(patch: .nop(at: address), name: name))
         } else {
           do {
-            result.append(try context.target(at: address, name: name, hint: &hint))
+            result.append(try context.target(at: address, name: name, index: previous, hint: &hint))
           } catch {
             let reason: String
             if case .noPatchSite(_, let why) = error { reason = why } else { reason = "\(error)" }
@@ -93,16 +93,20 @@ extension Tracer {
     result.reserveCapacity(chosen.count)
     var hint = 0
     for index in chosen {
-      let function = table.functions[index]
-      if function.site == nil {
+      // (Fields read in place: a copy of each function's entry, name and all, showed.)
+      guard let site = table.functions[index].site else {
         // Relocating: every function of the pattern, without a NOP site; those that cannot be
         // moved are left out (an attach reports what it could not attach only by address).
-        if let target = try? context.target(at: function.address, name: function.name, hint: &hint) {
+        if let target = try? context.target(
+          at: table.functions[index].address, name: table.functions[index].name, index: index, hint: &hint)
+        {
           result.append(target)
         }
         continue
       }
-      result.append(try context.target(at: function.site!, name: function.name, entry: function.address, hint: &hint))
+      result.append(
+        try context.target(
+          at: site, name: table.functions[index].name, entry: table.functions[index].address, hint: &hint))
     }
     guard !result.isEmpty else { throw .noFunctionMatches(what) }
     return result
@@ -152,10 +156,11 @@ extension Tracer {
     let objectEntryPoints = LastObjectEntryPoints()
 
     /// The site of the function at `address` (`PatchSite.at`), or the one it has already.
-    /// `hint`: see `MemoryMap.isExecutable(_:count:hint:)`.
-    func target(at address: UInt64, name: String?, entry: UInt64? = nil, hint: inout Int) throws(AttachError)
-      -> Target
-    {
+    /// `tableIndex`: its index in the symbol table, when the caller knows it. `hint`: see
+    /// `MemoryMap.isExecutable(_:count:hint:)`.
+    func target(
+      at address: UInt64, name: String?, entry: UInt64? = nil, index tableIndex: Int? = nil, hint: inout Int
+    ) throws(AttachError) -> Target {
       if !known.isEmpty, let known = known[address] { return known }
       for link in bulk {
         // A bulk function's site is its entry, or 4 bytes on (after endbr64).
@@ -163,27 +168,36 @@ extension Tracer {
           link.functions[index] == address
             || link.sites[index] == address
         {
-          return Target(
-            patch: .nop(at: link.sites[index], function: link.functions[index]), name: link.names[index])
+          return Target(patch: link.patch(index), name: link.names[index])
         }
       }
       let label = name ?? "0x\(String(address, radix: 16))"
       guard map.isExecutable(address, count: 9, hint: &hint) else {
         throw .noPatchSite(function: label, reason: "not in readable executable memory")
       }
-      do {
+      // Plain code (no NOP at its entry, nor after an endbr64, nor a sled) goes straight to the
+      // relocation below: the NOP site's refusal is made only when it is reported.
+      let plain = relocate && trap && PatchSite.startsWithPlainCode(address)
+      do throws(PatchSiteError) {
+        if plain { throw PatchSiteError(reason: "not a NOP site") }
         return Target(patch: try PatchSite.at(address, function: entry), name: label)
-      } catch {
-        guard trap, let table, let index = table.function(containing: address),
+      } catch let refusal {
+        // Why it has no NOP site, for a report.
+        func notNop() -> String {
+          guard plain else { return refusal.reason }
+          do { _ = try PatchSite.at(address) } catch { return error.reason }
+          return refusal.reason
+        }
+        guard trap, let table, let index = tableIndex ?? table.function(containing: address),
           table.functions[index].address == address, table.functions[index].size > 0
-        else { throw .noPatchSite(function: label, reason: error.reason) }
+        else { throw .noPatchSite(function: label, reason: notNop()) }
         let size = Int(table.functions[index].size)
         var notRelocated = "relocation is off"
         if relocate {
           let entryPoints = objectEntryPoints.of(table.functions[index].object, in: table)
           // Neither moved nor trapped: its calls and returns may not be a function's.
           if entryPoints?.lacksFrame(address) == true {
-            throw .noPatchSite(function: label, reason: "\(error.reason); \(PatchSiteError.Category.unframed)")
+            throw .noPatchSite(function: label, reason: "\(notNop()); \(PatchSiteError.Category.unframed)")
           }
           do {
             let patch = try PatchSite.relocated(
@@ -196,18 +210,18 @@ extension Tracer {
         }
         guard trapSites else {
           throw .noPatchSite(
-            function: label, reason: "\(error.reason); not relocated: \(notRelocated); int3 sites are off")
+            function: label, reason: "\(notNop()); not relocated: \(notRelocated); int3 sites are off")
         }
         if let trapSiteObjects, !trapSiteObjects.contains(table.objects[table.functions[index].object].path) {
           throw .noPatchSite(
             function: label,
-            reason: "\(error.reason); not relocated: \(notRelocated); no int3 sites in its object")
+            reason: "\(notNop()); not relocated: \(notRelocated); no int3 sites in its object")
         }
         do {
           return Target(patch: try PatchSite.trap(at: address, function: address, size: size), name: label)
         } catch let refusal {
           throw .noPatchSite(
-            function: label, reason: "\(error.reason); not relocated: \(notRelocated); \(refusal.reason)")
+            function: label, reason: "\(notNop()); not relocated: \(notRelocated); \(refusal.reason)")
         }
       }
     }

@@ -64,7 +64,10 @@ struct PatchBench {
       report.figure(name: "unpatch", n: size, nsPerItem: median(unpatchSamples) / Double(size))
     }
     try attachEvery(report, prefix: "tr_f", shape: .nop, name: "attach", detachName: "detach")
-    guard report.wants("attach-relocated") else { return }
+    guard
+      ["attach-relocated", "detach-relocated", "attach-multi-relocated", "detach-multi-relocated"].contains(
+        where: report.wants)
+    else { return }
     // 50,000 functions built without NOPs (another generated object, `tr_p*`), each traced
     // through its relocated prologue (this process has one thread).
     let plain = try GeneratedLibrary.path(
@@ -73,7 +76,58 @@ struct PatchBench {
     defer { dlclose(plainHandle) }
     Tracer.shared.relocatesPrologues = true
     defer { Tracer.shared.relocatesPrologues = false }
-    try attachEvery(report, prefix: "tr_p", shape: .relocated, name: "attach-relocated", detachName: "detach-relocated")
+    if report.wants("attach-relocated") || report.wants("detach-relocated") {
+      try attachEvery(
+        report, prefix: "tr_p", shape: .relocated, name: "attach-relocated", detachName: "detach-relocated")
+    }
+    try attachMultiRelocated(report, handle: plainHandle)
+  }
+
+  /// `attach-multi-relocated`/`detach-multi-relocated`: the same 50,000 relocated functions,
+  /// one entry handler through the multi-attach global strategy (a bulk link: each function's
+  /// first instructions moved into its prologue stub, the records found by hash). Each run then
+  /// calls every function once through the object's table: the handler must have counted
+  /// 50,000 calls and every function returned what it does untraced.
+  func attachMultiRelocated(_ report: BenchReport, handle: UnsafeMutableRawPointer) throws {
+    let tracer = Tracer.shared
+    let table = dlsym(handle, "tr_ptable")!.assumingMemoryBound(to: (@convention(c) (Int) -> Int).self)
+    let model = FunctionModel(integerArguments: 1)
+    let count = Self.functionCount
+    let expected = (0..<count).map { table[$0](7) }
+    let counter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+    defer { counter.deallocate() }
+    tracer.reloadSymbols()
+    // Loads the symbol table of the whole process once, outside the timing.
+    try tracer.attachMulti(
+      TriggerBench.countingHandlers[.entry]!, to: .name("tr_p0"), cookie: { _ in 0 }, model: model,
+      strategy: .global(.hash)
+    ).detach()
+    var attachSamples: [Double] = []
+    var detachSamples: [Double] = []
+    for _ in 0..<max(1, min(runs, 3)) {
+      var link: MultiLink?
+      counter.pointee = 0
+      let cookie = UInt64(UInt(bitPattern: counter))
+      attachSamples.append(
+        try time {
+          link = try tracer.attachMulti(
+            TriggerBench.countingHandlers[.entry]!, to: .glob("tr_p*"), cookie: { _ in cookie }, model: model,
+            strategy: .global(.hash))
+        })
+      guard let link, link.sites.count == count, tracer.siteShapes[.relocated] == nil else {
+        throw UserError(
+          "multi-attached to \(link?.sites.count ?? 0) functions (\(tracer.siteShapes[.relocated] ?? 0) "
+            + "relocated outside the bulk link), expected \(count) in it")
+      }
+      let wrong = (0..<count).filter { table[$0](7) != expected[$0] }.count
+      guard wrong == 0, counter.pointee == UInt64(count) else {
+        throw UserError("through the bulk link: \(wrong) wrong results, \(counter.pointee) handler calls of \(count)")
+      }
+      detachSamples.append(time { _ = link.detach() })
+      tracer.reclaim()
+    }
+    report.figure(name: "attach-multi-relocated", n: count, nsPerItem: median(attachSamples) / Double(count))
+    report.figure(name: "detach-multi-relocated", n: count, nsPerItem: median(detachSamples) / Double(count))
   }
 
   /// `attach`/`detach` (and `-relocated`): one entry handler attached to every generated function

@@ -192,5 +192,54 @@ struct TriggerBench {
       }
       report.figure(name: test.name, n: test.iterations, nsPerItem: traced, baseline: baseline)
     }
+    try multiRelocated(report)
+  }
+
+  /// `entry-multi-relocated`: `entry-c-relocated`'s function through the multi-attach global
+  /// strategy: a bulk link's prologue stub (the moved instructions) and the global trampoline
+  /// that keeps every register, its record found by hash.
+  private func multiRelocated(_ report: BenchReport) throws {
+    let name = "entry-multi-relocated"
+    guard report.wants(name) else { return }
+    let address = UInt64(
+      UInt(
+        bitPattern: unsafeBitCast(tracery_bench_plain_target as @convention(c) (Int) -> Int, to: UnsafeRawPointer.self))
+    )
+    let expected = Self.iterations * (Self.iterations - 1) / 2 + Self.iterations
+    let loop = {
+      var sum = 0
+      let time = medianNanoseconds(runs: runs) {
+        sum = tracery_bench_loop_calling(tracery_bench_plain_target, Self.iterations)
+      }
+      precondition(sum == expected, "the traced function returned a wrong value")
+      return time / Double(Self.iterations)
+    }
+    let model = FunctionModel(integerArguments: 1)
+    func attach(_ handler: Handler, cookie: UInt64) throws -> MultiLink {
+      let link = try Tracer.shared.attachMulti(
+        handler, to: .address(address), cookie: { _ in cookie }, model: model, strategy: .global(.hash))
+      // In the bulk link (no per-function state), not a per-function trampoline.
+      guard Tracer.shared.siteShapes.isEmpty, link.sites.count == 1 else {
+        link.detach()
+        throw UserError("\(name): the function did not join a bulk link (\(Tracer.shared.siteShapes))")
+      }
+      return link
+    }
+    _ = loop()
+    let baseline = loop()
+    let link = try attach(TriggerBench.cHandlers["entry"]!, cookie: 0)
+    let traced = loop()
+    link.detach()
+    try Self.proveEachCallRuns(
+      name, kinds: [.entry],
+      run: {
+        _ = tracery_bench_loop_calling(tracery_bench_plain_target, 1_000)
+        return 1_000
+      }
+    ) { handler, cookie in
+      let link = try attach(handler, cookie: cookie)
+      return { link.detach() }
+    }
+    report.figure(name: name, n: Self.iterations, nsPerItem: traced, baseline: baseline)
   }
 }
