@@ -412,12 +412,13 @@ final class ResultBox: @unchecked Sendable {
 /// Holds trampoline addresses scrambled, so that a conservative stack scan never mistakes a
 /// test's own bookkeeping for a thread inside a trampoline.
 extension Tracer {
-  /// Reclaims until nothing is retired, for at most 5 seconds (a thread of another test may be
-  /// running inside an image, or be slow to answer).
+  /// Reclaims until nothing is retired and no multi-attach padding waits for its NOPs, for at
+  /// most 5 seconds (a thread of another test may be running inside an image, or be slow to
+  /// answer).
   func reclaimAll() -> Bool {
     for _ in 0..<500 {
       reclaim()
-      if retiredTrampolines == 0 { return true }
+      if retiredTrampolines == 0 && state.withLock({ $0.multi.pendingNops.isEmpty }) { return true }
       usleep(10000)
     }
     return false
