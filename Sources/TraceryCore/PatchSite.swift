@@ -129,9 +129,8 @@ public struct PatchSite: Sendable, Hashable {
     // Where the copy goes is not known yet: a trial at the site itself sizes the move.
     let body = UnsafeRawBufferPointer(rebasing: code[skip...])
     let length: Int
-    var scratch: [UInt8] = []
     switch Result(catching: { () throws(X86Relocator.Refusal) in
-      try X86Relocator.relocate(body, at: address, to: address, appendingTo: &scratch)
+      try X86Relocator.check(body, at: address)
     }) {
     case .success(let relocation):
       // Past the function's end only padding may be taken (the function moved whole).
@@ -251,7 +250,8 @@ public struct PatchSite: Sendable, Hashable {
   /// `entry`, or right after the `endbr64` there (which indirect calls must still find): where a
   /// site is looked for, and where a relocated site's branch goes (what its events name).
   public static func afterEndbr64(_ entry: UInt64) -> UInt64 {
-    SiteBytes(reading: entry).bytes.prefix(4) == X86Instruction.endbr64[...] ? entry + 4 : entry
+    // f3 0f 1e fa, read as one word (no arrays: this runs per function of a large attach).
+    UnsafeRawPointer(bitPattern: UInt(entry))!.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3 ? entry + 4 : entry
   }
 
   /// This relocated or trap site with its copy at `copy`.

@@ -26,6 +26,9 @@ public struct Glob: Sendable, Equatable {
 
   public let pattern: String
   let tokens: [Token]
+  /// The first token's byte when it is a literal one: most names fail on it, before the
+  /// matcher runs (a glob is matched against every function of a process).
+  private let firstByte: UInt8?
 
   /// The literal name when the pattern has no wildcard (then a hash lookup replaces the scan).
   public var literal: String? {
@@ -93,6 +96,7 @@ public struct Glob: Sendable, Equatable {
       }
     }
     self.tokens = tokens
+    if case .byte(let byte) = tokens.first { firstByte = byte } else { firstByte = nil }
   }
 
   /// Whether `name` matches the whole pattern.
@@ -103,6 +107,7 @@ public struct Glob: Sendable, Equatable {
 
   /// Iterative matcher with one backtrack point (the last `*`): O(pattern × name) worst case.
   public func matches(utf8 name: UnsafeBufferPointer<UInt8>) -> Bool {
+    if let firstByte, name.first != firstByte { return false }
     var p = 0
     var n = 0
     var starToken = -1

@@ -102,11 +102,23 @@ public enum X86Relocator {
     return (relocation.length, relocation.movedEnd)
   }
 
+  /// What `relocate(_:at:to:minimum:)` would refuse, or the `length` and `movedEnd` of its copy,
+  /// without making it (a copy at the code itself, where every target is in reach: choosing
+  /// which functions to relocate).
+  public static func check(
+    _ code: UnsafeRawBufferPointer, at address: UInt64, minimum: Int = 5
+  ) throws(Refusal) -> (length: Int, movedEnd: Int) {
+    var none: [UInt8] = []
+    let relocation = try relocate(
+      code, at: address, to: address, minimum: minimum, appendingTo: &none, boundaries: false, emit: false)
+    return (relocation.length, relocation.movedEnd)
+  }
+
   /// The moved instructions are decoded into stack memory (at most `minimum` of them: each is a
   /// byte or more); `boundaries` are collected only when asked for.
   private static func relocate(
     _ code: UnsafeRawBufferPointer, at address: UInt64, to destination: UInt64, minimum: Int,
-    appendingTo bytes: inout [UInt8], boundaries collect: Bool
+    appendingTo bytes: inout [UInt8], boundaries collect: Bool, emit: Bool = true
   ) throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary]) {
     try withUnsafeTemporaryAllocation(of: Moved.self, capacity: max(1, minimum)) {
       moved throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary]) in
@@ -129,6 +141,16 @@ public enum X86Relocator {
       func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> Int32 {
         guard let value = X86Writer.rel32(from: end, to: target) else { throw .outOfReach(offset: offset) }
         return value
+      }
+      guard emit else {
+        // Only what the copy's branches would refuse: a target inside an instruction it moves.
+        for entry in instructions {
+          switch entry.instruction.flow {
+          case .jump(let target), .branch(let target), .call(let target): _ = try resolve(target, from: entry.offset)
+          case .next, .end, .indirect: break
+          }
+        }
+        return (length, movedEnd, [])
       }
       // Written in place (an array per instruction and per branch was most of the time).
       let base = bytes.count

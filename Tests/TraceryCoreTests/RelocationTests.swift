@@ -130,7 +130,8 @@ import TraceryX86
 
 extension RelocationTests {
   /// How much of a real, hand-tuned object the relocator can move: every function of the C
-  /// library (its bytes from the file, relocated on paper to an address 256 MiB away).
+  /// library (its bytes from the file, relocated on paper to an address 256 MiB away); and
+  /// `X86Relocator.check` (what the tracer decides with) answers as the relocation did.
   @Test func movesMostFunctionsOfTheCLibrary() throws {
     let path = try #require(TestSupport.cLibraryPath())
     let file = try ELFFile(path: path)
@@ -139,12 +140,24 @@ extension RelocationTests {
     var refusals: [String: Int] = [:]
     var branchedInto = 0
     var unswept = 0
+    var checkDisagrees: [String] = []
     for function in functions {
       guard let bytes = file.bytes(atAddress: function.value, count: 64) else { continue }
       let result = bytes.withUnsafeBytes { raw in
         Result { () throws(X86Relocator.Refusal) in
           try X86Relocator.relocate(raw, at: function.value, to: function.value + 0x1000_0000)
         }
+      }
+      // The check that chooses what to relocate (no copy made) says what the relocation did.
+      let checked = bytes.withUnsafeBytes { raw in
+        Result { () throws(X86Relocator.Refusal) in try X86Relocator.check(raw, at: function.value) }
+      }
+      switch (result, checked) {
+      case (.success(let relocation), .success(let check))
+      where relocation.length == check.length && relocation.movedEnd == check.movedEnd:
+        break
+      case (.failure(let refusal), .failure(let checkRefusal)) where "\(refusal)" == "\(checkRefusal)": break
+      default: checkDisagrees.append(function.name)
       }
       switch result {
       case .success(let relocation):
@@ -165,6 +178,7 @@ extension RelocationTests {
     // sweep of the function finds a branch into the moved range in 3 (pthread_rwlock_tryrdlock
     // and its alias, sem_trywait) and reads every other to its end.
     #expect(functions.count > 2_000)
+    #expect(checkDisagrees.isEmpty, "X86Relocator.check disagrees with relocate on \(checkDisagrees.prefix(5))")
     #expect(branchedInto <= functions.count / 100 && unswept == 0, "\(branchedInto) branched into, \(unswept) unswept")
     #expect(Double(moved) >= 0.99 * Double(functions.count), "moved \(moved) of \(functions.count): \(refusals)")
   }
