@@ -218,41 +218,59 @@ public final class EntryPoints: Sendable {
   /// file is swept again, never trusted).
   init?(encoded bytes: [UInt8], bias: UInt64) {
     guard bytes.count >= 56, bytes.count % 8 == 0 else { return nil }
-    // (One copy: x86-64 is little-endian, as the file is. Word by word was half of reading it.)
-    var words = [UInt64](repeating: 0, count: bytes.count / 8)
-    words.withUnsafeMutableBytes { destination in bytes.withUnsafeBytes { destination.copyMemory(from: $0) } }
-    guard words[0] == Self.magic else { return nil }
-    let counts = words[1...6].map { Int(clamping: $0) }
-    let (targetCount, startCount, frameCount, sweptCount) = (counts[0], counts[1], counts[2], counts[3])
-    let unframedCount = counts[4]
-    guard targetCount < 1 << 28, startCount < 1 << 28, frameCount < 1 << 28, sweptCount < 1 << 28,
-      unframedCount < 1 << 28,
-      words.count == 7 + targetCount + startCount + 2 * frameCount + 2 * sweptCount + unframedCount
-    else { return nil }
-    var at = 7
-    func take(_ count: Int) -> ArraySlice<UInt64> {
-      defer { at += count }
-      return words[at..<(at + count)]
+    // Each array copied once, straight from the bytes (x86-64 is little-endian, as the file is:
+    // word by word was half of reading it, and a copy of the whole as words another third).
+    let decoded = bytes.withUnsafeBytes { raw -> Decoded? in
+      func word(_ index: Int) -> UInt64 { raw.loadUnaligned(fromByteOffset: 8 * index, as: UInt64.self) }
+      guard word(0) == Self.magic else { return nil }
+      let counts = (1...6).map { Int(clamping: word($0)) }
+      let (targetCount, startCount, frameCount, sweptCount) = (counts[0], counts[1], counts[2], counts[3])
+      let unframedCount = counts[4]
+      guard targetCount < 1 << 28, startCount < 1 << 28, frameCount < 1 << 28, sweptCount < 1 << 28,
+        unframedCount < 1 << 28,
+        raw.count / 8 == 7 + targetCount + startCount + 2 * frameCount + 2 * sweptCount + unframedCount
+      else { return nil }
+      var at = 7
+      func take(_ count: Int) -> [UInt64] {
+        defer { at += count }
+        return [UInt64](unsafeUninitializedCapacity: count) { buffer, initialized in
+          UnsafeMutableRawBufferPointer(buffer).copyMemory(
+            from: UnsafeRawBufferPointer(rebasing: raw[(8 * at)..<(8 * (at + count))]))
+          initialized = count
+        }
+      }
+      func takePairs(_ count: Int) -> [(UInt64, UInt64)] {
+        defer { at += 2 * count }
+        return (0..<count).map { (word(at + 2 * $0), word(at + 2 * $0 + 1)) }
+      }
+      return Decoded(
+        targets: take(targetCount), starts: take(startCount), frames: takePairs(frameCount),
+        swept: takePairs(sweptCount), unframed: take(unframedCount), unswept: counts[5])
     }
-    let targets = Array(take(targetCount))
-    let starts = Array(take(startCount))
-    let frames = take(2 * frameCount)
-    let swept = take(2 * sweptCount)
-    let unframed = Array(take(unframedCount))
+    guard let decoded else { return nil }
     // Sorted, as the searches need them.
+    let (targets, starts, unframed) = (decoded.targets, decoded.starts, decoded.unframed)
     guard zip(targets, targets.dropFirst()).allSatisfy({ $0 < $1 }),
       zip(starts, starts.dropFirst()).allSatisfy({ $0 <= $1 }),
-      zip(unframed, unframed.dropFirst()).allSatisfy({ $0 <= $1 })
+      zip(unframed, unframed.dropFirst()).allSatisfy({ $0 <= $1 }),
+      zip(decoded.swept, decoded.swept.dropFirst()).allSatisfy({ $0.0 <= $1.0 })
     else { return nil }
     self.unframed = unframed
     self.targets = targets
     self.functionStarts = starts
-    self.unnamedFrames = stride(from: frames.startIndex, to: frames.endIndex, by: 2).map {
-      (frames[$0], frames[$0 + 1])
-    }
-    self.swept = stride(from: swept.startIndex, to: swept.endIndex, by: 2).map { (swept[$0], swept[$0 + 1]) }
-    guard zip(self.swept, self.swept.dropFirst()).allSatisfy({ $0.start <= $1.start }) else { return nil }
-    self.unswept = counts[5]
+    self.unnamedFrames = decoded.frames.map { (address: $0.0, size: $0.1) }
+    self.swept = decoded.swept.map { (start: $0.0, end: $0.1) }
+    self.unswept = decoded.unswept
     self.bias = bias
+  }
+
+  /// What `init?(encoded:bias:)` reads, before it checks the order.
+  private struct Decoded {
+    let targets: [UInt64]
+    let starts: [UInt64]
+    let frames: [(UInt64, UInt64)]
+    let swept: [(UInt64, UInt64)]
+    let unframed: [UInt64]
+    let unswept: Int
   }
 }

@@ -32,7 +32,16 @@ public struct SymbolTable: Sendable {
 
   /// The name of a function no symbol names: `FILE+0xADDRESS` (link-time address).
   public static func unnamedName(path: String, address: UInt64) -> String {
-    "\(path.split(separator: "/").last.map(String.init) ?? "?")+0x\(String(address, radix: 16))"
+    unnamedName(prefix: unnamedPrefix(path), address: address)
+  }
+
+  /// `FILE+` of `unnamedName` (made once per object: a stripped program names tens of thousands).
+  static func unnamedPrefix(_ path: String) -> String {
+    "\(path.split(separator: "/").last.map(String.init) ?? "?")+"
+  }
+
+  static func unnamedName(prefix: String, address: UInt64) -> String {
+    prefix + "0x" + String(address, radix: 16)
   }
 
   /// One function.
@@ -77,9 +86,10 @@ public struct SymbolTable: Sendable {
           siteSource: nil)
       }
       if !input.unnamed.isEmpty {
+        let prefix = Self.unnamedPrefix(input.path)
         own += input.unnamed.map {
           Function(
-            name: Self.unnamedName(path: input.path, address: $0.address), address: $0.address &+ input.bias,
+            name: Self.unnamedName(prefix: prefix, address: $0.address), address: $0.address &+ input.bias,
             size: $0.size, object: objectIndex, site: nil, siteSource: nil)
         }
         own.sort { $0.address < $1.address }

@@ -155,21 +155,31 @@ public enum Files {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
-    // Read straight into the result, sized by the file (files in /proc say 0: grow as needed).
+    // Read straight into uninitialized memory sized by the file (zeroing it first cost as much
+    // as the read: a traced cc1's 7.7 MB of kept entry points); files in /proc say 0: grow.
     var status = stat()
     let expected = fstat(fd, &status) == 0 ? max(Int(status.st_size), 0) : 0
-    var result = [UInt8](repeating: 0, count: max(expected + 1, 4096))
-    var filled = 0
+    var result: [UInt8] = []
+    var room = max(expected + 1, 4096)
     while true {
-      if filled == result.count { result += [UInt8](repeating: 0, count: result.count) }
-      let count = result.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + filled, $0.count - filled) }
-      if count < 0 && errno == EINTR { continue }
-      guard count >= 0 else { return nil }
-      if count == 0 {
-        result.removeLast(result.count - filled)
-        return result
+      var failed = false
+      var ended = false
+      let chunk = [UInt8](unsafeUninitializedCapacity: room) { buffer, count in
+        count = 0
+        while count < buffer.count {
+          let read = Glibc.read(fd, buffer.baseAddress! + count, buffer.count - count)
+          if read < 0 && errno == EINTR { continue }
+          guard read > 0 else {
+            (failed, ended) = (read < 0, true)
+            return
+          }
+          count += read
+        }
       }
-      filled += count
+      if failed { return nil }
+      if result.isEmpty { result = chunk } else { result += chunk }
+      if ended { return result }
+      room = max(result.count, 4096)
     }
   }
 
