@@ -139,10 +139,14 @@ public final class TextPatcher: Sendable {
     applyReporting(requests).outcomes
   }
 
-  /// `apply` with a memory map the caller read moments ago under the same lock (one read of
-  /// /proc/self/maps, ~0.2 ms, instead of two when words and sites change together).
-  func apply(_ requests: [PatchRequest], map: MemoryMap) -> [PatchOutcome] {
-    applyReporting(requests, map: map).outcomes
+  /// `apply` for the tracer: with a memory map the caller read moments ago under the same lock
+  /// (one read of /proc/self/maps, ~0.2 ms, instead of two when words and sites change
+  /// together), and its caller's stack marker (`withCallerStackMarker`): this thread is scanned
+  /// from there up when relocated sites need every thread out of their first bytes, so the
+  /// tracer's own bookkeeping (sites and their neighbours in its frames) is not taken for a
+  /// thread inside one.
+  func apply(_ requests: [PatchRequest], map: MemoryMap? = nil, callerStack: UInt64) -> [PatchOutcome] {
+    applyReporting(requests, map: map, callerStack: callerStack).outcomes
   }
 
   /// What one call of `applyReporting` did.
@@ -159,6 +163,12 @@ public final class TextPatcher: Sendable {
   public func applyReporting(_ requests: [PatchRequest]) -> BatchReport { applyReporting(requests, map: nil) }
 
   private func applyReporting(_ requests: [PatchRequest], map given: MemoryMap?) -> BatchReport {
+    // Step 4½ scans this thread from here up: the batch's own frames hold the sites' addresses
+    // and their neighbours (a spilled site + 1 made a relocation look entered).
+    withCallerStackMarker { callerStack in applyReporting(requests, map: given, callerStack: callerStack) }
+  }
+
+  private func applyReporting(_ requests: [PatchRequest], map given: MemoryMap?, callerStack: UInt64) -> BatchReport {
     state.withLock { state in
       var report = BatchReport(outcomes: [PatchOutcome](repeating: .patched, count: requests.count))
       guard !requests.isEmpty else { return report }
@@ -195,7 +205,9 @@ public final class TextPatcher: Sendable {
         var retired = state.retired
         state.retired = []
         defer { state.retired += retired }
-        let abandoned = step3to7Write(accepted, special: specials, requests: requests, retired: &retired) {
+        let abandoned = step3to7Write(
+          accepted, special: specials, requests: requests, retired: &retired, callerStack: callerStack
+        ) {
           abandoned in
           // Before the batch is unpublished (a late trap finds one table or the other): an
           // abandoned site got its own first byte back over an int3, so a thread that trapped
@@ -463,7 +475,7 @@ public final class TextPatcher: Sendable {
   /// the rest never changed.
   /// `special`: `Self.specials(all, requests)`.
   private func step3to7Write(
-    _ all: [AcceptedSite], special: [Int], requests: [PatchRequest], retired: inout [PokeTable],
+    _ all: [AcceptedSite], special: [Int], requests: [PatchRequest], retired: inout [PokeTable], callerStack: UInt64,
     beforeUnpublishing: ([Int: String]) -> Void
   ) -> [Int: String] {
     let table = PokeTable(all)
@@ -478,7 +490,8 @@ public final class TextPatcher: Sendable {
     let moving = special.filter { requests[all[$0].request].relocatedCopy != 0 }
     let abandoned =
       !moving.isEmpty && Reclaimer.threadIDs().count > 1
-      ? Self.moveThreadsOut(of: moving.map { (index: $0, request: requests[all[$0].request]) }) : [:]
+      ? Self.moveThreadsOut(
+        of: moving.map { (index: $0, request: requests[all[$0].request]) }, callerStack: callerStack) : [:]
     if !abandoned.isEmpty {
       // The request's expected bytes are what the site held before the batch.
       for index in abandoned.keys {
@@ -525,7 +538,10 @@ public final class TextPatcher: Sendable {
   /// signal frame's saved rip (a handler running on top of such a thread), a blocked thread,
   /// a register — makes its site abandoned, as does a thread that cannot be inspected.
   /// `moving`: each site's index in the batch and its request.
-  private static func moveThreadsOut(of moving: [(index: Int, request: PatchRequest)]) -> [Int: String] {
+  /// `callerStack`: this thread is scanned from there up (`withCallerStackMarker`).
+  private static func moveThreadsOut(
+    of moving: [(index: Int, request: PatchRequest)], callerStack: UInt64
+  ) -> [Int: String] {
     let flat = moving.flatMap { moves(of: $0.request) }
     let pairs = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, flat.count))
     pairs.initialize(from: flat, count: flat.count)
@@ -535,11 +551,11 @@ public final class TextPatcher: Sendable {
     let interiors = moving.map { ($0.request.site + 1)..<($0.request.site + UInt64(SiteBytes.length)) }
     // A thread inside the SIGTRAP handler for one of these int3s has the site + 1 in its signal
     // frame until the handler returns (in microseconds): look again a few times before giving up.
-    var outcome = withCallerStackMarker { marker in Reclaimer.busyRanges(interiors, callerStack: marker) }
+    var outcome = Reclaimer.busyRanges(interiors, callerStack: callerStack)
     for _ in 0..<5 {
       guard case .success(let busy) = outcome, !busy.isEmpty else { break }
       usleep(200)
-      outcome = withCallerStackMarker { marker in Reclaimer.busyRanges(interiors, callerStack: marker) }
+      outcome = Reclaimer.busyRanges(interiors, callerStack: callerStack)
     }
     ctracery_publish_moves(nil)
     if let (previousTable, previousPairs) = lastMoves {

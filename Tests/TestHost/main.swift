@@ -25,6 +25,10 @@
 //     counted in PREFIXcount); two threads call them all in a loop while one entry handler is
 //     attached to every one through the multi-attach global strategy (a bulk link of prologue
 //     stubs) and detached, 50 times; prints one result line.
+//   tracery-testhost relocate-parked[-multi] LIBRARY
+//     a thread faults inside r_parked's first bytes and waits in its SIGSEGV handler while an
+//     entry handler is attached to r_parked (by `attach`, or `attachMulti`'s global strategy);
+//     then it is released; prints one result line.
 //   tracery-testhost relocate LIBRARY
 //     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
 //     an exit handler to all of them by relocating their prologues (or trap sites), calls each,
@@ -376,7 +380,9 @@ nonisolated(unsafe) var parkedResult = 0
 /// A thread calls r_parked(page) on a page without access: it faults right after the function's
 /// push and waits in its SIGSEGV handler (the signal frame holds the function's second byte)
 /// while r_parked is attached by relocating its prologue; then it is released.
-func relocateParkedTest(_ library: String) -> Never {
+/// `multi`: the entry handler goes through the multi-attach global strategy (a bulk link, whose
+/// abandoned relocation is left to the general path).
+func relocateParkedTest(_ library: String, multi: Bool = false) -> Never {
   unblockSignals()
   guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_parked") else {
     fail("dlopen: \(String(cString: dlerror()))")
@@ -410,7 +416,15 @@ func relocateParkedTest(_ library: String) -> Never {
   tracer.relocatesPrologues = true
   let address = UInt64(UInt(bitPattern: symbol))
   do {
-    let link = try tracer.attach(.entry({ _, _ in entries += 1 }), to: .address(address))
+    let handler: EntryHandler = { _, _ in entries += 1 }
+    let detach: () -> Void
+    if multi {
+      let link = try tracer.attachMulti(.entry(handler), to: .address(address), strategy: .global(.automatic))
+      detach = { link.detach() }
+    } else {
+      let link = try tracer.attach(.entry(handler), to: .address(address))
+      detach = { link.detach() }
+    }
     let first = TextPatcher.read(PatchSite.afterEndbr64(address)).first
     parkedRelease.store(true, ordering: .relaxed)
     pthread_join(thread, nil)
@@ -418,7 +432,7 @@ func relocateParkedTest(_ library: String) -> Never {
     print(
       "parked=true site=\(first == 0xcc ? "int3" : first == 0xe9 ? "relocated" : "?") parkedResult=\(parkedResult) "
         + "laterResult=\(later) traced=\(entries >= 1)")
-    link.detach()
+    detach()
     exit(0)
   } catch {
     fail("\(error)")
@@ -428,6 +442,7 @@ func relocateParkedTest(_ library: String) -> Never {
 let arguments = CommandLine.arguments
 if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
 if arguments.count == 3 && arguments[1] == "relocate-parked" { relocateParkedTest(arguments[2]) }
+if arguments.count == 3 && arguments[1] == "relocate-parked-multi" { relocateParkedTest(arguments[2], multi: true) }
 if arguments.count == 3 && arguments[1] == "relocate-live" { relocateLiveTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate" { relocateTest(arguments[2]) }
 if arguments.count == 4 && arguments[1] == "relocate-multi" { relocateMultiTest(arguments[2], prefix: arguments[3]) }

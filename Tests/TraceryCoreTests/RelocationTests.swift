@@ -230,13 +230,16 @@ extension RelocationTests {
   /// after r_parked's 1-byte push and waits in its SIGSEGV handler, whose signal frame will
   /// resume it at the function's second byte. Relocating r_parked now is abandoned (the stack
   /// scan finds that address) and the function gets an int3 instead; released, the thread
-  /// finishes its call as untraced code would (42), and later calls are traced.
-  @Test func aThreadParkedInsideAPrologueContinuesCorrectly() throws {
+  /// finishes its call as untraced code would (42), and later calls are traced. The same through
+  /// the multi-attach global strategy: the bulk link leaves the abandoned relocation to the
+  /// general path (before, the function stayed untraced).
+  @Test(arguments: ["relocate-parked", "relocate-parked-multi"])
+  func aThreadParkedInsideAPrologueContinuesCorrectly(mode: String) throws {
     let directory = try TestSupport.temporaryDirectory("tracery-relocate-parked")
     defer { try? FileManager.default.removeItem(at: directory) }
     let library = try Self.library(compiler: "gcc", flags: ["-O2"], in: directory)
     let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
-    let result = try TestSupport.run(host, ["relocate-parked", library])
+    let result = try TestSupport.run(host, [mode, library])
     #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
     #expect(
       result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)

@@ -120,7 +120,7 @@ extension Tracer {
       }
       arena.release(contentsOf: unused)
     }
-    let outcomes = patcher.apply(requests)
+    let outcomes = patcher.apply(requests, callerStack: callerStack)
     var cleared: [(address: UInt64, value: UInt64)] = []
     var failed: [CodeArena.Block] = []
     var names: [String] = []

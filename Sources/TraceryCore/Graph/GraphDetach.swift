@@ -32,7 +32,7 @@ extension Tracer {
     state.graphUsers[user] = nil
     // Calls in flight keep their frames but are no longer given to this user's exit.
     GraphThreads.advanceGeneration(user)
-    let outcomes = patcher.apply(requests)
+    let outcomes = patcher.apply(requests, callerStack: callerStack)
     var gone = 0
     for (function, outcome) in zip(leaving, outcomes) {
       // A site that could not be put back keeps its stub (and its state, as the general path does).

@@ -131,7 +131,7 @@ extension Tracer {
   /// every pass and every per-target allocation shows in the attach time).
   func attachBulk(
     id: Int, kind: HandlerKind, handler: UInt64, model: FunctionModel, lookup: MultiLookup,
-    targets: [Target], cookies: [UInt64], state: inout State
+    targets: [Target], cookies: [UInt64], state: inout State, callerStack: UInt64
   ) throws(AttachError) -> (rest: [Int], report: TransactionReport) {
     // Targets usually come sorted by address (symbol-table order); sort only when they do not.
     let order: [Int]? =
@@ -209,10 +209,17 @@ extension Tracer {
       ZeroedPadding.add(claimed)
     }
     var report = TransactionReport()
-    if !link.sites.isEmpty { report = try attachBulk(link, state: &state) }
+    if !link.sites.isEmpty { report = try attachBulk(link, state: &state, callerStack: callerStack).report }
     if !prologues.sites.isEmpty {
       do {
-        report.append(contentsOf: try attachBulk(prologues, state: &state))
+        let (prologueReport, abandoned) = try attachBulk(prologues, state: &state, callerStack: callerStack)
+        report.append(contentsOf: prologueReport)
+        // Relocations abandoned (a thread was seen inside the bytes that move) are left to the
+        // general path, which retries them (an int3 site when they cannot move).
+        if !abandoned.isEmpty {
+          let target = Dictionary(uniqueKeysWithValues: zip(prologues.sites, prologueTargets))
+          rest = (rest + abandoned.compactMap { target[$0] }).sorted()
+        }
       } catch {
         // (No code memory near them, say: the general path tries each, and reports it.)
         rest = (rest + prologueTargets).sorted()
@@ -222,7 +229,11 @@ extension Tracer {
   }
 
   /// Publishes `link`'s records, patches its sites, and keeps it (minus the sites that failed).
-  private func attachBulk(_ newLink: BulkLink, state: inout State) throws(AttachError) -> TransactionReport {
+  /// Returns the report, and the sites of a relocated link whose relocation was abandoned (not in
+  /// the report: the caller retries them).
+  private func attachBulk(
+    _ newLink: BulkLink, state: inout State, callerStack: UInt64
+  ) throws(AttachError) -> (report: TransactionReport, abandoned: [UInt64]) {
     var link = newLink
     let padding = link.padding
     let kind = link.kind
@@ -256,7 +267,7 @@ extension Tracer {
     link.remove(unreachable)
     guard !link.sites.isEmpty else {
       for stubs in link.stubBlocks { arena.release(stubs.block) }
-      return report
+      return (report, [])
     }
 
     // One read of the memory map for the padding words and the sites (both under our lock).
@@ -305,11 +316,25 @@ extension Tracer {
 
     // One batch for every site.
     let requests = link.sites.indices.map { link.request($0, attaching: true) }
-    let outcomes = patcher.apply(requests, map: map)
-    report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
+    let outcomes = patcher.apply(requests, map: map, callerStack: callerStack)
     var failedIndices: [Int] = []
+    var abandoned: [Int] = []
     for (index, outcome) in outcomes.enumerated() {
-      if case .failed = outcome { failedIndices.append(index) }
+      guard case .failed(let reason) = outcome else { continue }
+      failedIndices.append(index)
+      // (Its stub stays in the link's block, retired with it: a thread that met the site's
+      // int3 meanwhile may be running its copy.)
+      if link.relocated && reason.hasPrefix(TextPatcher.abandoned) { abandoned.append(index) }
+    }
+    if abandoned.isEmpty {
+      report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
+    } else {
+      let retried = Set(abandoned)
+      let kept = link.sites.indices.filter { !retried.contains($0) }
+      report.append(
+        TransactionReport.Batch(
+          names: kept.map { link.names[$0] }, addresses: kept.map { link.functions[$0] },
+          outcomes: kept.map { outcomes[$0] }))
     }
     if !failedIndices.isEmpty {
       let position = state.multi.bulk.count - 1
@@ -320,7 +345,7 @@ extension Tracer {
       state.multi.bulk[position].remove(failedIndices)
       if !padding { _ = try? publishMultiTable(currentGlobalFunctions(state), state: &state) }
     }
-    return report
+    return (report, abandoned.map { link.sites[$0] })
   }
 
   /// The general functions a global trampoline serves now.
@@ -374,7 +399,7 @@ extension Tracer {
   private func detachBulk(at position: Int, state: inout State, report: inout TransactionReport, callerStack: UInt64) {
     let link = state.multi.bulk.remove(at: position)
     let requests = link.sites.indices.map { link.request($0, attaching: false) }
-    let outcomes = patcher.apply(requests)
+    let outcomes = patcher.apply(requests, callerStack: callerStack)
     report.append(TransactionReport.Batch(names: link.names, addresses: link.functions, outcomes: outcomes))
     // Stubs: a site that could not be restored jumps to its stub for good (its block is never
     // freed, as its padding keeps 0); a function that left the link for the general bookkeeping
