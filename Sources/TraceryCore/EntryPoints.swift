@@ -33,6 +33,11 @@ public final class EntryPoints: Sendable {
   /// hand-written or generated code (node's 2,182 V8 builtins), which may be entered, left and
   /// walked by its own conventions (V8's frames read their return addresses): not traced.
   let unframed: [UInt64]
+  /// Where the last `sweptWhole` and `first(in:)` answers were: functions are decided in address
+  /// order, so the next answer is a few elements on (two binary searches per function were a
+  /// tenth of deciding 50,000). Only a guess: any thread may move them; each search checks it.
+  private let sweptHint = Atomic<Int>(0)
+  private let targetHint = Atomic<Int>(0)
 
   public init(file: ELFFile, bias: UInt64) {
     // Sorted by address (`functionSymbols`), read once for the sweep and for the frames they cover.
@@ -150,13 +155,16 @@ public final class EntryPoints: Sendable {
   /// too (a second sweep of each function was a fifth of a relocating start).
   func sweptWhole(_ entry: UInt64, size: Int) -> Bool {
     let start = entry &- bias
-    let index = swept.firstIndex(notBelow: start) { $0.start }
+    let index = swept.firstIndex(notBelow: start, by: { $0.start }, from: sweptHint.load(ordering: .relaxed))
+    sweptHint.store(index, ordering: .relaxed)
     return index < swept.count && swept[index].start == start && swept[index].end >= start &+ UInt64(size)
   }
 
   /// The first target in `range` (runtime addresses), if any.
   public func first(in range: Range<UInt64>) -> UInt64? {
-    let index = targets.firstIndex(notBelow: range.lowerBound &- bias) { $0 }
+    let index = targets.firstIndex(
+      notBelow: range.lowerBound &- bias, by: { $0 }, from: targetHint.load(ordering: .relaxed))
+    targetHint.store(index, ordering: .relaxed)
     guard index < targets.count, targets[index] &+ bias < range.upperBound else { return nil }
     return targets[index] &+ bias
   }

@@ -231,3 +231,24 @@ import TraceryX86
         at: block.address + UInt64(MultiStub.bodyOffset)) == OpsFixture.f3)
   }
 }
+
+extension PatchSiteTests {
+  /// The searches that decide each function of an object in address order start from the last
+  /// answer (`firstIndex(notBelow:by:from:)`): from any hint, right or wrong, they answer as a
+  /// binary search of the whole does (sorted values with repeats, values between, before and
+  /// after them all).
+  @Test func aSearchFromAHintAnswersAsAWholeSearch() {
+    var generator = SystemRandomNumberGenerator()
+    for size in [0, 1, 2, 3, 7, 64, 1_000] {
+      let values = (0..<size).map { _ in UInt64.random(in: 0..<3 * UInt64(max(size, 1)), using: &generator) }.sorted()
+      for value in [0] + values + values.map { $0 + 1 } + [UInt64.max] {
+        let whole = values.firstIndex(notBelow: value) { $0 }
+        for hint in Set([0, 1, whole, whole + 1, size / 2, size, max(0, whole - 3)]) where hint <= size {
+          #expect(
+            values.firstIndex(notBelow: value, by: { $0 }, from: hint) == whole,
+            "size \(size) value \(value) hint \(hint)")
+        }
+      }
+    }
+  }
+}
