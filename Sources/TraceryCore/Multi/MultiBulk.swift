@@ -26,7 +26,8 @@ struct BulkLink {
   var functions: [UInt64]
   var names: [String]
   var cookies: [UInt64]
-  /// The 5-byte NOP each site held (packed `SiteBytes`): compilers use different ones.
+  /// The 5 bytes each site held (packed `SiteBytes`): its NOP (compilers use different ones), or
+  /// a relocated function's first bytes.
   var originals: [UInt64]
   /// Where each site branches: the global trampoline it calls, or (`viaStubs`) its stub.
   var entries: [UInt64]
