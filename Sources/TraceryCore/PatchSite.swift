@@ -59,28 +59,30 @@ public struct PatchSite: Sendable, Hashable {
 
   /// The site of the function at `entry` (a mapped, executable address), by what its code
   /// holds: a 5-byte NOP at the entry, or right after an `endbr64` there. Throws the reason
-  /// it has none.
+  /// it has none (`nopRefusal`).
   static func at(_ entry: UInt64, function: UInt64? = nil) throws(PatchSiteError) -> PatchSite {
-    // The common case first, without building byte arrays.
-    if SiteBytes(reading: entry).isNop5 { return .nop(at: entry, function: function ?? entry) }
-    let address = afterEndbr64(entry)
-    switch X86Instruction.SiteShape(bytes: TextPatcher.read(address), at: address) {
-    case .nop5:
-      return .nop(at: address, function: function ?? entry)
-    case .nopSled:
-      throw PatchSiteError(
-        reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)")
-    case let shape:
-      throw PatchSiteError(reason: "its entry holds \(shape), not a 5-byte NOP")
-    }
+    guard let site = nopSite(at: entry, function: function) else { throw nopRefusal(at: entry) }
+    return site
   }
 
-  /// Whether the code at `entry` is a function's own (no 5-byte NOP there or after an
-  /// `endbr64`, and no 1-byte NOP that may begin gcc's sled): `at` would refuse it.
-  static func startsWithPlainCode(_ entry: UInt64) -> Bool {
+  /// `at`'s site, or nil: no byte arrays and no error, as it runs per function of a large
+  /// attach, most of them without a NOP when relocating.
+  static func nopSite(at entry: UInt64, function: UInt64? = nil) -> PatchSite? {
+    if SiteBytes(reading: entry).isNop5 { return .nop(at: entry, function: function ?? entry) }
     let address = afterEndbr64(entry)
-    return !SiteBytes(reading: entry).isNop5 && !SiteBytes(reading: address).isNop5
-      && UnsafePointer<UInt8>(bitPattern: UInt(address))!.pointee != 0x90
+    return SiteBytes(reading: address).isNop5 ? .nop(at: address, function: function ?? entry) : nil
+  }
+
+  /// Why the function at `entry` has no NOP site (`nopSite` found none): made only when reported.
+  static func nopRefusal(at entry: UInt64) -> PatchSiteError {
+    let address = afterEndbr64(entry)
+    switch X86Instruction.SiteShape(bytes: TextPatcher.read(address), at: address) {
+    case .nopSled:
+      return PatchSiteError(
+        reason: "gcc's 5×1-byte NOP sled; convert it first (TextPatcher.convertSleds, one thread only)")
+    case let shape:
+      return PatchSiteError(reason: "its entry holds \(shape), not a 5-byte NOP")
+    }
   }
 
   /// Whether the body starts right after the branch, so that a `call` at the site returns into

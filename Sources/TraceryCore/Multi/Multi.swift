@@ -203,16 +203,13 @@ extension Tracer {
     var report = TransactionReport()
     if case .global(let lookup) = resolved {
       // Functions nothing traces yet join a bulk link: no per-function bookkeeping.
-      let attached = withCallerStackMarker { callerStack in
-        state.withLock { state in
-          Result { () throws(AttachError) in
-            try attachBulk(
-              id: id, kind: handler.kind, handler: handler.address, model: classModel, lookup: lookup,
-              targets: targets, cookies: cookies, state: &state, callerStack: callerStack)
-          }
+      (rest, report) = try withCallerStackMarker { callerStack throws(AttachError) in
+        try state.withLock { state throws(AttachError) in
+          try attachBulk(
+            id: id, kind: handler.kind, handler: handler.address, model: classModel, lookup: lookup,
+            targets: targets, cookies: cookies, state: &state, callerStack: callerStack)
         }
       }
-      (rest, report) = try attached.get()
     }
     if !rest.isEmpty {
       let attachments = rest.map { index in

@@ -387,9 +387,9 @@ struct Reclaimer {
 /// trampoline address exists in their call, so the reclaimer scans the calling thread from the
 /// marker up and never sees its own bookkeeping.
 @inline(never)
-func withCallerStackMarker<T>(_ body: (UInt64) -> T) -> T {
+func withCallerStackMarker<T, E: Error>(_ body: (UInt64) throws(E) -> T) throws(E) -> T {
   var marker: UInt64 = 0
-  return withUnsafeMutablePointer(to: &marker) { body(UInt64(UInt(bitPattern: $0))) }
+  return try withUnsafeMutablePointer(to: &marker) { pointer throws(E) in try body(UInt64(UInt(bitPattern: pointer))) }
 }
 
 /// An attachment's counters, read by `Link` and incremented by generated code: calls at +0,

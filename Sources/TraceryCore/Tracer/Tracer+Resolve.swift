@@ -175,54 +175,43 @@ extension Tracer {
       guard map.isExecutable(address, count: 9, hint: &hint) else {
         throw .noPatchSite(function: label, reason: "not in readable executable memory")
       }
-      // Plain code (no NOP at its entry, nor after an endbr64, nor a sled) goes straight to the
-      // relocation below: the NOP site's refusal is made only when it is reported.
-      let plain = relocate && trap && PatchSite.startsWithPlainCode(address)
-      do throws(PatchSiteError) {
-        if plain { throw PatchSiteError(reason: "not a NOP site") }
-        return Target(patch: try PatchSite.at(address, function: entry), name: label)
-      } catch let refusal {
-        // Why it has no NOP site, for a report.
-        func notNop() -> String {
-          guard plain else { return refusal.reason }
-          do { _ = try PatchSite.at(address) } catch { return error.reason }
-          return refusal.reason
-        }
-        guard trap, let table, let index = tableIndex ?? table.function(containing: address),
-          table.functions[index].address == address, table.functions[index].size > 0
-        else { throw .noPatchSite(function: label, reason: notNop()) }
-        let size = Int(table.functions[index].size)
-        var notRelocated = "relocation is off"
-        if relocate {
-          let entryPoints = objectEntryPoints.of(table.functions[index].object, in: table)
-          // Neither moved nor trapped: its calls and returns may not be a function's.
-          if entryPoints?.lacksFrame(address) == true {
-            throw .noPatchSite(function: label, reason: "\(notNop()); \(PatchSiteError.Category.unframed)")
-          }
-          do {
-            let patch = try PatchSite.relocated(
-              at: address, function: address, size: size,
-              span: Tracer.paddingSpan(after: index, in: table, map: map, hint: &hint), entryPoints: entryPoints)
-            return Target(patch: patch, name: label)
-          } catch let refusal {
-            notRelocated = refusal.reason
-          }
-        }
-        guard trapSites else {
-          throw .noPatchSite(
-            function: label, reason: "\(notNop()); not relocated: \(notRelocated); int3 sites are off")
-        }
-        if let trapSiteObjects, !trapSiteObjects.contains(table.objects[table.functions[index].object].path) {
-          throw .noPatchSite(
-            function: label,
-            reason: "\(notNop()); not relocated: \(notRelocated); no int3 sites in its object")
+      if let patch = PatchSite.nopSite(at: address, function: entry) { return Target(patch: patch, name: label) }
+      // Why it has no NOP site: made only when reported (most plain functions are relocated).
+      func notNop() -> String { PatchSite.nopRefusal(at: address).reason }
+      guard trap, let table, let index = tableIndex ?? table.function(containing: address),
+        table.functions[index].address == address, table.functions[index].size > 0
+      else { throw .noPatchSite(function: label, reason: notNop()) }
+      let size = Int(table.functions[index].size)
+      var notRelocated = "relocation is off"
+      if relocate {
+        let entryPoints = objectEntryPoints.of(table.functions[index].object, in: table)
+        // Neither moved nor trapped: its calls and returns may not be a function's.
+        if entryPoints?.lacksFrame(address) == true {
+          throw .noPatchSite(function: label, reason: "\(notNop()); \(PatchSiteError.Category.unframed)")
         }
         do {
-          return Target(patch: try PatchSite.trap(at: address, function: address, size: size), name: label)
+          let patch = try PatchSite.relocated(
+            at: address, function: address, size: size,
+            span: Tracer.paddingSpan(after: index, in: table, map: map, hint: &hint), entryPoints: entryPoints)
+          return Target(patch: patch, name: label)
         } catch let refusal {
-          throw .noPatchSite(
-            function: label, reason: "\(notNop()); not relocated: \(notRelocated); \(refusal.reason)")
+          notRelocated = refusal.reason
         }
+      }
+      guard trapSites else {
+        throw .noPatchSite(
+          function: label, reason: "\(notNop()); not relocated: \(notRelocated); int3 sites are off")
+      }
+      if let trapSiteObjects, !trapSiteObjects.contains(table.objects[table.functions[index].object].path) {
+        throw .noPatchSite(
+          function: label,
+          reason: "\(notNop()); not relocated: \(notRelocated); no int3 sites in its object")
+      }
+      do {
+        return Target(patch: try PatchSite.trap(at: address, function: address, size: size), name: label)
+      } catch let refusal {
+        throw .noPatchSite(
+          function: label, reason: "\(notNop()); not relocated: \(notRelocated); \(refusal.reason)")
       }
     }
   }

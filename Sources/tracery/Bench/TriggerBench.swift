@@ -145,14 +145,16 @@ struct TriggerBench {
   /// relocated prologue; `entry-c-trap`: on a 4-byte function, through an int3 (a signal a call:
   /// 20,000 calls); `entry-c-nop`: `entry-c`'s NOP target called by the same loop as these two,
   /// which is what to compare them with (`entry-c`'s own loop measures ~0.8 ns less traced: the
-  /// loops' code layout, not the site). Each checks the site shape it names, beside its own
-  /// untraced loop.
+  /// loops' code layout, not the site); `entry-multi-relocated`: the relocated body through the
+  /// multi-attach global strategy (`attachBulk`). Each checks how its function was traced, beside
+  /// its own untraced loop.
   private func withoutNops(_ report: BenchReport) throws {
     typealias Target = @convention(c) (Int) -> Int
-    let cases: [(name: String, function: Target, iterations: Int, shape: PatchSite.Shape, offset: Int)] = [
-      ("entry-c-relocated", tracery_bench_plain_target, Self.iterations, .relocated, 1),
-      ("entry-c-trap", tracery_bench_short_target, 20_000, .trap, 0),
-      ("entry-c-nop", tracery_bench_target, Self.iterations, .nop, 1),
+    let cases: [(name: String, function: Target, iterations: Int, offset: Int, attach: Attach)] = [
+      ("entry-c-relocated", tracery_bench_plain_target, Self.iterations, 1, Self.attachEntry(shape: .relocated)),
+      ("entry-c-trap", tracery_bench_short_target, 20_000, 0, Self.attachEntry(shape: .trap)),
+      ("entry-c-nop", tracery_bench_target, Self.iterations, 1, Self.attachEntry(shape: .nop)),
+      ("entry-multi-relocated", tracery_bench_plain_target, Self.iterations, 1, Self.attachBulk),
     ]
     Tracer.shared.relocatesPrologues = true
     defer { Tracer.shared.relocatesPrologues = false }
@@ -167,79 +169,55 @@ struct TriggerBench {
       }
       _ = loop()
       let baseline = loop()
-      let link: Link
+      let detach: () -> Void
       do {
-        link = try Tracer.shared.attach(TriggerBench.cHandlers["entry"]!, to: .address(address))
+        detach = try test.attach(TriggerBench.cHandlers["entry"]!, 0, address, test.name)
+      } catch let error as UserError {
+        throw error
       } catch {
         throw UserError("cannot attach for \(test.name): \(error)")
       }
-      let shapes = Tracer.shared.siteShapes
-      guard shapes[test.shape] == 1 else {
-        link.detach()
-        throw UserError("\(test.name): the function got another site shape (\(shapes))")
-      }
       let traced = loop()
-      link.detach()
+      detach()
       try Self.proveEachCallRuns(
         test.name, kinds: [.entry],
         run: {
           _ = tracery_bench_loop_calling(test.function, 1_000)
           return 1_000
         }
-      ) { handler, cookie in
-        let link = try Tracer.shared.attach(handler, to: .address(address), cookie: cookie)
-        return { link.detach() }
-      }
+      ) { handler, cookie in try test.attach(handler, cookie, address, test.name) }
       report.figure(name: test.name, n: test.iterations, nsPerItem: traced, baseline: baseline)
     }
-    try multiRelocated(report)
   }
 
-  /// `entry-multi-relocated`: `entry-c-relocated`'s function through the multi-attach global
-  /// strategy: a bulk link's prologue stub (the moved instructions) and the global trampoline
-  /// that keeps every register, its record found by hash.
-  private func multiRelocated(_ report: BenchReport) throws {
-    let name = "entry-multi-relocated"
-    guard report.wants(name) else { return }
-    let address = UInt64(
-      UInt(
-        bitPattern: unsafeBitCast(tracery_bench_plain_target as @convention(c) (Int) -> Int, to: UnsafeRawPointer.self))
-    )
-    let expected = Self.iterations * (Self.iterations - 1) / 2 + Self.iterations
-    let loop = {
-      var sum = 0
-      let time = medianNanoseconds(runs: runs) {
-        sum = tracery_bench_loop_calling(tracery_bench_plain_target, Self.iterations)
-      }
-      precondition(sum == expected, "the traced function returned a wrong value")
-      return time / Double(Self.iterations)
-    }
-    let model = FunctionModel(integerArguments: 1)
-    func attach(_ handler: Handler, cookie: UInt64) throws -> MultiLink {
-      let link = try Tracer.shared.attachMulti(
-        handler, to: .address(address), cookie: { _ in cookie }, model: model, strategy: .global(.hash))
-      // In the bulk link (no per-function state), not a per-function trampoline.
-      guard Tracer.shared.siteShapes.isEmpty, link.sites.count == 1 else {
+  /// Attaches a handler with a cookie to the function at an address, checking how it was
+  /// traced (the case's name for the error); returns its detach.
+  typealias Attach = (_ handler: Handler, _ cookie: UInt64, _ address: UInt64, _ name: String) throws -> () -> Void
+
+  /// A per-function trampoline; the function must get a site of `shape`.
+  static func attachEntry(shape: PatchSite.Shape) -> Attach {
+    { handler, cookie, address, name in
+      let link = try Tracer.shared.attach(handler, to: .address(address), cookie: cookie)
+      let shapes = Tracer.shared.siteShapes
+      guard shapes[shape] == 1 else {
         link.detach()
-        throw UserError("\(name): the function did not join a bulk link (\(Tracer.shared.siteShapes))")
+        throw UserError("\(name): the function got another site shape (\(shapes))")
       }
-      return link
-    }
-    _ = loop()
-    let baseline = loop()
-    let link = try attach(TriggerBench.cHandlers["entry"]!, cookie: 0)
-    let traced = loop()
-    link.detach()
-    try Self.proveEachCallRuns(
-      name, kinds: [.entry],
-      run: {
-        _ = tracery_bench_loop_calling(tracery_bench_plain_target, 1_000)
-        return 1_000
-      }
-    ) { handler, cookie in
-      let link = try attach(handler, cookie: cookie)
       return { link.detach() }
     }
-    report.figure(name: name, n: Self.iterations, nsPerItem: traced, baseline: baseline)
+  }
+
+  /// `entry-multi-relocated`: the multi-attach global strategy; the function must join a bulk
+  /// link (no per-function state): for a relocated function its prologue stub (the moved
+  /// instructions) and the global trampoline that keeps every register, the record by hash.
+  static func attachBulk(_ handler: Handler, cookie: UInt64, address: UInt64, name: String) throws -> () -> Void {
+    let link = try Tracer.shared.attachMulti(
+      handler, to: .address(address), cookie: { _ in cookie }, model: FunctionModel(integerArguments: 1),
+      strategy: .global(.hash))
+    guard Tracer.shared.siteShapes.isEmpty, link.sites.count == 1 else {
+      link.detach()
+      throw UserError("\(name): the function did not join a bulk link (\(Tracer.shared.siteShapes))")
+    }
+    return { link.detach() }
   }
 }
