@@ -5,8 +5,7 @@
 //     tracery record --relocate -- ./swiftdemo && tracery replay
 //
 // Generics, protocols with existential calls, closures, async/await on a few tasks, a thrown
-// error, a function returning three words (rax, rdx, rcx). Its async functions are left out of
-// the trace for now (`tracery info` counts them).
+// error, a function returning three words (rax, rdx, rcx).
 protocol Shape { func area() -> Double }
 struct Square: Shape { let side: Double; func area() -> Double { side * side } }
 struct Circle: Shape { let radius: Double; func area() -> Double { 3.0 * radius * radius } }

@@ -41,7 +41,6 @@ enum Agent {
   nonisolated(unsafe) static var relocatedFunctions = 0
   nonisolated(unsafe) static var trappedFunctions = 0
   nonisolated(unsafe) static var untracedFunctions = 0
-  nonisolated(unsafe) static var leftOutAsync = 0
   /// The program's GOT slots `record -p --libcall` pointed at stubs, put back at the detach.
   nonisolated(unsafe) static var libraryCallStubs: [LibraryCalls.Stub] = []
   nonisolated(unsafe) static var handlersRegistered = false
@@ -112,18 +111,12 @@ enum Agent {
         table.objects[$0].path == program
           || (relocatesLibraries && mayRelocate(libraryAt: table.objects[$0].path))
       })
-    var relocatable = Set(
+    let relocatable = Set(
       table.functions.indices.filter {
         relocatableObjects.contains(table.functions[$0].object) && table.functions[$0].site == nil
           && table.functions[$0].size > 0
           && (table.objects[table.functions[$0].object].path == program || !Self.leftUntraced(table.functions[$0].name))
       })
-    // Swift async functions (and their partial functions) are left out: they continue by tail
-    // calls to continuations that return on the executor's stack, which the function graph's
-    // shadow stack does not follow yet (the program stopped at its corrupt-shadow-stack ud2).
-    let asynchronous = relocatable.filter { Self.isSwiftAsync(table.functions[$0].name) }
-    relocatable.subtract(asynchronous)
-    leftOutAsync = asynchronous.count
     func site(_ index: Int) -> UInt64? {
       guard relocatable.contains(index) else { return table.functions[index].site }
       return PatchSite.afterEndbr64(table.functions[index].address)
@@ -157,7 +150,7 @@ enum Agent {
       let traced = Set(chosen.map { table.functions[$0].address })
       let stubs =
         (try? LibraryCalls.install(
-          path: main.path, bias: main.bias, skip: Self.isSwiftAsync, traced: traced.contains)) ?? []
+          path: main.path, bias: main.bias, traced: traced.contains)) ?? []
       if attaching { libraryCallStubs = stubs }
       let glob = configuration.match.flatMap { try? Glob($0) }
       let chosenStubs = stubs.filter { stub in
@@ -218,21 +211,6 @@ enum Agent {
       let functions = chosen.compactMap { index in site(index).map { (name: table.functions[index].name, site: $0) } }
       ValueRecorder.attach(specs, kind: environment.patternKind, functions: functions, depth: configuration.depth)
     }
-  }
-
-  /// Whether `name` is a Swift async function or one of its partial functions (by its demangled
-  /// form: "... async -> ...", "@callee_guaranteed @async () -> ..." (thunks), "(1) await resume
-  /// partial function for ...").
-  static func isSwiftAsync(_ name: String) -> Bool {
-    guard name.hasPrefix("$s") || name.hasPrefix("_$s") else { return false }
-    // Only names with one of these can demangle to an async form: the async effect (`Ya`),
-    // partial functions (`TQ`, `TY`), async function pointers (`Tu`), thunks and partial
-    // applications of async function types (`TR`, `TA`), outlined operations on async closures
-    // (`WO`) — checked against every Swift symbol of the toolchain's libraries. Demangling the
-    // rest (~20 µs each) was most of a --patch '*' over the Swift runtime.
-    guard ["Ya", "TQ", "TY", "Tu", "TR", "TA", "WO"].contains(where: name.contains) else { return false }
-    let demangled = Demangler.demangle(name)
-    return demangled.contains(" async") || demangled.contains("@async") || demangled.contains("partial function for")
   }
 
   /// Saves the names of each object's patchable functions in `DIR/symbols` (once per object and
@@ -347,15 +325,12 @@ enum Agent {
   }
 
   /// Whether `relocatesLibraries` may move functions of the object at `path`: any but the
-  /// program (its own functions follow --relocate), the agent itself, the dynamic loader (it runs before a thread's state
-  /// exists, and to bind the agent's own calls), the unwinder the agent wraps (libgcc_s), and
-  /// Swift's concurrency runtime (its executors switch tasks by tail calls into continuations,
-  /// which the function graph's shadow stack does not follow: the program stopped at the graph's
-  /// corrupt-shadow-stack `ud2`).
+  /// program (its own functions follow --relocate), the agent itself, the dynamic loader (it runs
+  /// before a thread's state exists, and to bind the agent's own calls), and the unwinder the
+  /// agent wraps (libgcc_s).
   static func mayRelocate(libraryAt path: String) -> Bool {
     let name = path.split(separator: "/").last.map(String.init) ?? path
     return path != mainProgram && path != agentPath && !name.hasPrefix("ld-linux") && !name.hasPrefix("libgcc_s.")
-      && !name.hasPrefix("libswift_Concurrency.")
   }
 
   /// The program's own file (the first loaded object).
@@ -428,8 +403,7 @@ enum Agent {
       guard freshObjects.contains(function.object) else { return nil }
       if let glob, !Demangler.anyForm(of: function.name, matches: glob.matches) { return nil }
       if let site = function.site { return (site, site) }
-      guard relocatesLibraries, function.size > 0, !leftUntraced(function.name), !isSwiftAsync(function.name)
-      else { return nil }
+      guard relocatesLibraries, function.size > 0, !leftUntraced(function.name) else { return nil }
       return (PatchSite.afterEndbr64(function.address), function.address)
     }
     let keys = symbolFiles(table, in: configuration.directory) { site($0)?.site }
@@ -521,7 +495,6 @@ enum Agent {
     info.relocatedFunctions = relocatedFunctions
     info.trappedFunctions = trappedFunctions
     info.untracedFunctions = untracedFunctions
-    info.asyncFunctions = leftOutAsync
     _ = created.withDescriptor { fd -> Bool in
       Files.write(Array(info.text.utf8), toDescriptor: fd)
       return fcntl(fd, F_SETFL, O_APPEND) == 0

@@ -25,8 +25,9 @@ import TraceryX86
 ///
 /// Left out: functions that do not return once to their caller on the same stack (`setjmp` and
 /// `vfork` return twice, `longjmp` and `exit` never, `__cxa_throw` unwinds, context switches),
-/// where a traced call frame would be wrong; `fork` (it returns in two processes); Swift
-/// concurrency's tail-called entry points and async functions.
+/// where a traced call frame would be wrong; `fork` (it returns in two processes). Swift's
+/// concurrency entry points and async functions are recorded like any call: they enter by tail
+/// calls and return with `ret 8` (the function graph follows both).
 public enum LibraryCalls {
   public struct Stub: Sendable, Equatable {
     /// The imported function's name.
@@ -66,24 +67,16 @@ public enum LibraryCalls {
   private static let instrumentation =
     sanitizerRuntimes + ["__ubsan_", "__lsan_", "__sanitizer_", "__cyg_profile_func_"]
 
-  /// Swift concurrency's entry points that async code tail-calls and that continue elsewhere
-  /// (`swift_task_switch`, a task group's `next`): left out like the async functions themselves.
-  static func isSwiftConcurrency(_ name: String) -> Bool {
-    name.hasPrefix("swift_task") || name.hasPrefix("swift_asyncLet") || name.hasPrefix("swift_continuation")
-  }
-
   /// The stub's size (a 5-byte NOP, a 6-byte `jmp [rip + disp32]`, padding) and its target
   /// word's.
   static let stubSize = 16
 
   /// Points every PLT slot of the object at `path` (loaded at `bias`) at a stub, and returns the
   /// stubs (empty when it imports nothing through its PLT, or its slots are not bound yet).
-  /// `skip`: more names to leave alone (the agent's: Swift async functions, by demangled name);
   /// `traced`: functions traced anyway (a patchable library's), whose slots are left alone too:
   /// their calls would show twice, `f@plt() { f() }`.
   public static func install(
-    path: String, bias: UInt64, arena: CodeArena = .shared, skip: (String) -> Bool = { _ in false },
-    traced: (UInt64) -> Bool = { _ in false }
+    path: String, bias: UInt64, arena: CodeArena = .shared, traced: (UInt64) -> Bool = { _ in false }
   ) throws -> [Stub] {
     // Its relocations and dynamic symbols, not its code (clang's file is 140 MB, 130 of it code).
     let file = try ELFFile(pathWithoutCode: path)
@@ -94,7 +87,7 @@ public enum LibraryCalls {
     // are left alone.
     guard !all.contains(where: { isSanitizerRuntime($0.name) }) else { return [] }
     let imports = all.filter {
-      !skipped.contains($0.name) && !isSwiftConcurrency($0.name) && !isInstrumentation($0.name) && !skip($0.name)
+      !skipped.contains($0.name) && !isInstrumentation($0.name)
     }
     let map = MemoryMap.current()
     // A bound slot holds an address outside the object's own mappings (the resolver's path

@@ -309,8 +309,6 @@ public struct TracedProcess: Sendable, Equatable {
   public var relocatedFunctions = 0
   public var trappedFunctions = 0
   public var untracedFunctions = 0
-  /// Swift async functions (and their partial functions) left out (`record --relocate`).
-  public var asyncFunctions = 0
   /// The threads that made an event file, in order (`thread TID` lines, appended by the agent
   /// when each file is made).
   public var threads: [Int32] = []
@@ -355,7 +353,6 @@ public struct TracedProcess: Sendable, Equatable {
     if relocatedFunctions > 0 { lines.append("relocated-functions \(relocatedFunctions)") }
     if trappedFunctions > 0 { lines.append("trapped-functions \(trappedFunctions)") }
     if untracedFunctions > 0 { lines.append("untraced-functions \(untracedFunctions)") }
-    if asyncFunctions > 0 { lines.append("async-functions \(asyncFunctions)") }
     lines += arguments.map { "argument \(TextField.escape($0))" }
     lines += objects.map(\.line)
     lines += threads.map { "thread \($0)" }
@@ -448,7 +445,6 @@ public struct TracedProcess: Sendable, Equatable {
     relocatedFunctions = fields["relocated-functions"].flatMap { Int($0) } ?? 0
     trappedFunctions = fields["trapped-functions"].flatMap { Int($0) } ?? 0
     untracedFunctions = fields["untraced-functions"].flatMap { Int($0) } ?? 0
-    asyncFunctions = fields["async-functions"].flatMap { Int($0) } ?? 0
     sandboxedBy = fields["sandboxed"].flatMap { Int32($0) }
   }
 }

@@ -37,6 +37,45 @@ TRACED long tracery_tail_longjmp(long x) {
   return tracery_tail_leaf(argument);
 }
 
+// Swift's async convention: each returns with `ret 8`; `run` takes 8 off rsp after its call.
+#define ASYNC __attribute__((swiftasynccall))
+#define CONTEXT __attribute__((swift_async_context))
+TRACED ASYNC void tracery_async_leaf(long *CONTEXT box) {
+  __asm__ volatile("" ::: "memory");
+  box[0] += 3;
+}
+TRACED ASYNC void tracery_async_mid(long *CONTEXT box) {
+  box[0] += 2;
+  __attribute__((musttail)) return tracery_async_leaf(box);
+}
+TRACED long tracery_async_run(long x) {
+  long box[1] = {x};
+  tracery_async_mid(box);
+  return box[0];
+}
+UNTRACED ASYNC void tracery_async_plain_leaf(long *CONTEXT box) {
+  long value = box[0];
+  __asm__ volatile("" : "+r"(value));
+  box[0] = value + 3;
+}
+UNTRACED ASYNC void tracery_async_plain_mid(long *CONTEXT box) {
+  long value = box[0];
+  __asm__ volatile("" : "+r"(value));
+  box[0] = value + 2;
+  __attribute__((musttail)) return tracery_async_plain_leaf(box);
+}
+UNTRACED long tracery_async_plain_run(long x) {
+  long box[1] = {x};
+  tracery_async_plain_mid(box);
+  __asm__ volatile("" ::: "memory");
+  return box[0];
+}
+const void *tracery_async_functions(int plain, const void **mid, const void **leaf) {
+  *mid = plain ? (const void *)tracery_async_plain_mid : (const void *)tracery_async_mid;
+  *leaf = plain ? (const void *)tracery_async_plain_leaf : (const void *)tracery_async_leaf;
+  return plain ? (const void *)tracery_async_plain_run : (const void *)tracery_async_run;
+}
+
 int tracery_tail_jumps(const void *from, const void *to, int length) {
   const unsigned char *code = from;
   for (int offset = 0; offset + 5 <= length; offset++) {

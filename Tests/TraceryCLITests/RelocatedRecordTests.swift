@@ -175,7 +175,10 @@ import TraceryTestSupport
 
   /// A Swift program built as it ships (`swiftc -O`; swiftc has no patchable-entry flag): its
   /// functions are recorded with Swift names, and it prints what it prints untraced (its three-
-  /// word return, its thrown error, its task group). Its async functions are left out, and said.
+  /// word return, its thrown error, its task group). Its async functions too: each of the four
+  /// tasks' `work` has its entry and its exit (async functions return with `ret 8`; before, the
+  /// program stopped at the graph's corrupt-shadow-stack `ud2`, and they were left out), and so
+  /// do its closures and the continuations they tail-call.
   @Test func aSwiftProgramIsRecordedWithSwiftNames() throws {
     let directory = try TestSupport.temporaryDirectory("record-swift")
     defer { try? FileManager.default.removeItem(at: directory) }
@@ -194,8 +197,51 @@ import TraceryTestSupport
     ] {
       #expect(counts[name] == count, "\(name): \(counts[name] ?? 0) (recorded: \(counts.keys.sorted()))")
     }
-    let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
-    #expect(info.contains("Swift async functions (not followed yet)"), "\(info)")
+    let work = "swiftdemo.work(Swift.Int) async -> Swift.Int"
+    #expect(counts[work] == 4, "\(counts.keys.sorted())")
+    let dump = try TestSupport.run(OptimizedProgramTests.tracery, ["dump", "-d", trace.path, "--demangle", "full"])
+    let exits = dump.stdout.split(separator: "\n").filter { $0.contains("[exit ]") }
+    #expect(exits.filter { $0.hasSuffix(" " + work) }.count == 4)
+    // The task group's closure and a continuation of it (a partial function), entered and left.
+    let parts = ["closure #2 (inout Swift.TaskGroup<Swift.Int>) async", "await resume partial function for closure #1"]
+    for part in parts {
+      #expect(counts.keys.contains { $0.contains(part) }, "\(part): \(counts.keys.sorted())")
+      #expect(exits.contains { $0.contains(part) }, "\(part)")
+    }
+  }
+
+  /// A Swift program that uses concurrency as programs do (Programs/asyncmix.swift: a task group,
+  /// an actor, continuations, an AsyncStream, `async let`, Task.sleep, thrown errors) prints what
+  /// it prints untraced, recorded with every function of every library it loads (`--patch '*'`:
+  /// the concurrency runtime's executors, task switches and continuations too), and its async
+  /// functions' entries and exits pair up: each of the 20 tasks' `viaContinuation` has both.
+  @Test func aSwiftConcurrencyProgramIsRecordedWithItsLibraries() throws {
+    let directory = try TestSupport.temporaryDirectory("record-swift-async")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = directory.appendingPathComponent("asyncmix").path
+    try TestSupport.compile(
+      compiler: "swiftc", sources: [RecordCommandTests.programs.appendingPathComponent("asyncmix.swift").path],
+      flags: ["-O", "-parse-as-library"], output: program)
+    let untraced = try TestSupport.run(program, [])
+    #expect(untraced.status == 0 && untraced.stdout == "total 560507 recurse 288598 count 20\n", "\(untraced.stdout)")
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program], options: ["--patch", "*"])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+    let dump = try TestSupport.run(OptimizedProgramTests.tracery, ["dump", "-d", trace.path, "--demangle", "full"])
+    // "TIMESTAMP TID [KIND ] depth D NAME": (kind, name).
+    let events = dump.stdout.split(separator: "\n").compactMap { line -> (String, String)? in
+      guard let close = line.range(of: "] depth "), let open = line.firstIndex(of: "[") else { return nil }
+      let rest = line[close.upperBound...]
+      guard let space = rest.firstIndex(of: " ") else { return nil }
+      let kind = line[line.index(after: open)..<close.lowerBound].trimmingCharacters(in: .whitespaces)
+      return (kind, String(rest[rest.index(after: space)...]))
+    }
+    let name = "asyncmix.viaContinuation(Swift.Int) async -> Swift.Int"
+    #expect(events.filter { $0 == ("entry", name) }.count == 20)
+    #expect(events.filter { $0 == ("exit", name) }.count == 20)
+    // The runtime's own functions were recorded (its task switch, by its symbol name).
+    #expect(events.contains { $0.1 == "swift_task_switch" }, "\(events.count) events")
   }
 
   /// A program exactly as Debian ships it: /usr/bin/gzip, stripped (no .symtab) and built without

@@ -93,6 +93,36 @@ extension PatchingTests {
       #expect(GraphThreads.depth == 0)
     }
 
+    /// Swift's async functions pop an 8-byte argument area with their return (`ret 8`): the
+    /// return reaches the graph 8 bytes above the frame's stack arguments, and still finds its
+    /// frame (before, no frame matched and the program stopped at the corrupt-stack `ud2`); a
+    /// tail call between two of them keeps both frames. With patch sites, and without (each
+    /// traced through its relocated prologue or an int3: the images that keep every register).
+    @Test(arguments: [false, true])
+    func swiftAsyncFunctionsReturnThroughTheGraph(withoutPatchSites: Bool) throws {
+      var mid: UnsafeRawPointer?
+      var leaf: UnsafeRawPointer?
+      let run = tracery_async_functions(withoutPatchSites ? 1 : 0, &mid, &leaf)
+      let functions = [run, mid, leaf].map { UInt64(UInt(bitPattern: $0)) }
+      #expect(TailFixture.jumps(functions[1], functions[2]))
+      let tracer = Tracer()
+      tracer.relocatesPrologues = withoutPatchSites
+      let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 5)
+      defer { link.detach() }
+      let call = withoutPatchSites ? tracery_async_plain_run : tracery_async_run
+      tracery_graph_events_reset()
+      #expect(call(5) == 10)
+      #expect(call(-1) == 4)
+      #expect(GraphThreads.depth == 0)
+      let events = TailFixture.events()
+      let sites = functions.map(PatchSite.afterEndbr64)
+      let once: [UInt64] = sites + sites.reversed()
+      #expect(events.map(\.kind) == [1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2])
+      #expect(events.map(\.depth) == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0])
+      #expect(events.map(\.site) == once + once)
+      #expect(events.filter { $0.kind == 2 && $0.depth == 0 }.map(\.value) == [10, 4])
+    }
+
     @Test func mutualRecursionThroughTailCalls() throws {
       let link = try tracer.attachGraph(
         .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit),

@@ -845,9 +845,12 @@ struct GraphEmitter {
     w.putRet()
     cold.append { [self] w in
       let deeper = w.newLabel()
+      let calleePopped = w.newLabel()
+      let searchPopped = w.newLabel()
+      let foundPopped = w.newLabel()
       w.bind(find)
       w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
-      w.putJcc(.equal, corrupt)
+      w.putJcc(.equal, calleePopped)
       w.putSub(.r11, immediate: Self.frameSize)
       compareStackArguments(&w)
       w.putJcc(.notEqual, find)
@@ -860,6 +863,33 @@ struct GraphEmitter {
         self.putRotate(&w, stackArguments: 0)
       }
       w.putJmp(found)
+      // No frame's stack arguments are rsp: the function may have popped 8 bytes with its
+      // return. Swift's async functions do (`swiftasynccc`/`swifttailcc`: the callee pops its
+      // 8-byte argument area, `ret 8`, and the executor that called it takes 8 off rsp after the
+      // call), so the return's frame is the topmost one whose stack arguments are rsp - 8. The
+      // real return address goes back 8 bytes above its slot, where our `ret` leaves rsp as the
+      // function's `ret 8` would have. Looked for only after the exact search failed, so a
+      // return that pops nothing is never taken for one that does.
+      w.bind(calleePopped)
+      if self.preservesAll {
+        w.putSub(.r10, immediate: 8)
+      } else {
+        w.putLea(.r10, Memory(.rsp, -8))
+      }
+      w.putMov(.r11, self.field(.top))
+      w.putSub(.r11, immediate: Self.frameSize)
+      w.bind(searchPopped)
+      w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
+      w.putJcc(.equal, foundPopped)
+      w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
+      w.putJcc(.equal, corrupt)
+      w.putSub(.r11, immediate: Self.frameSize)
+      w.putJmp(searchPopped)
+      w.bind(foundPopped)
+      w.putLea(.r10, Memory(.r11, Self.frameSize))
+      w.putCmp(.r10, self.field(.top))
+      w.putJcc(.equal, found)
+      w.putJmp(deeper)
       // No frame for this return (the sentinel, whose stack arguments are the highest address,
       // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
       // here, visibly, rather than return somewhere wrong.

@@ -32,9 +32,6 @@ struct Info: ParsableCommand {
         if process.untracedFunctions > 0 {
           processes += "#   untraced  : \(process.untracedFunctions) functions (no site could be made)\n"
         }
-        if process.asyncFunctions > 0 {
-          processes += "#   left out  : \(process.asyncFunctions) Swift async functions (not followed yet)\n"
-        }
         processes += "#   ended     : \(Self.ending(of: process, in: trace))\n"
         processes +=
           "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"

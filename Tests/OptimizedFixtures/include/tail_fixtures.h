@@ -26,6 +26,16 @@ long tracery_tail_longjmp(long x);
 long tracery_tail_jumper_mid(long x);
 long tracery_tail_jumper_leaf(long x);
 
+/// Swift's async calling convention (`swiftasynccall`, which clang compiles from C too): the
+/// context in r14, and every function pops an 8-byte argument area with its return (`ret 8`)
+/// while its caller takes 8 off rsp after the call. async_run(x) calls async_mid(box of x),
+/// which adds 2 and tail-calls async_leaf, which adds 3: x + 5. The `plain_` ones are the same
+/// without patch sites (traced by relocating their prologues, or an int3).
+long tracery_async_run(long x);
+long tracery_async_plain_run(long x);
+/// The async functions' addresses (their type is not one Swift can import).
+const void *tracery_async_functions(int plain, const void **mid, const void **leaf);
+
 /// C++: throw_top(v) = throw_mid(v + 1) = thrower(v + 2), tail calls; thrower(v) throws v
 /// when v > 100, else returns 7v.
 long tracery_tail_throw_top(long v);
