@@ -54,6 +54,14 @@ extension X86Writer {
     emit(0xc0 | source.low << 3 | destination.low)
   }
 
+  /// `test reg, simm32` (64-bit).
+  public mutating func putTest(_ register: Register, immediate: Int32) {
+    rex(w: true, r: false, b: register.extended)
+    emit(0xf7)
+    emit(0xc0 | register.low)
+    emit32(immediate)
+  }
+
   /// `xadd [memory], reg` (64-bit; no `lock`): memory += reg, reg = memory's old value, in one
   /// instruction, so a signal handler on the same thread sees either both or neither.
   public mutating func putXadd(_ memory: Memory, _ register: Register) {

@@ -17,6 +17,7 @@ import TraceryX86
     #expect(TrampolineEmitter.functionOffset == offset(\tracery_call.function))
     #expect(TrampolineEmitter.returnAddressOffset == offset(\tracery_call.return_address))
     #expect(TrampolineEmitter.stackArgumentsOffset == offset(\tracery_call.stack_arguments))
+    #expect(TrampolineEmitter.reservedOffset == offset(\tracery_call.reserved))
     #expect(TrampolineEmitter.argumentsOffset == offset(\tracery_call.arguments))
     #expect(TrampolineEmitter.raxOffset == offset(\tracery_call.rax))
     #expect(TrampolineEmitter.returnOffset == offset(\tracery_call.return_value))

@@ -123,6 +123,38 @@ extension PatchingTests {
       #expect(events.filter { $0.kind == 2 && $0.depth == 0 }.map(\.value) == [10, 4])
     }
 
+    /// Exit handlers on functions that return with `ret 8` (Swift's async convention): the
+    /// trampoline that calls the body finds rsp 8 higher after the call, and returns so that the
+    /// caller's stack is as the body's `ret 8` would leave it (before, the caller's rsp was 8 off
+    /// and it crashed). Per-function trampolines, with and without patch sites, and multi-attach.
+    @Test(arguments: [false, true])
+    func exitHandlersOnFunctionsThatPopTheirArgumentArea(withoutPatchSites: Bool) throws {
+      var mid: UnsafeRawPointer?
+      var leaf: UnsafeRawPointer?
+      _ = tracery_async_functions(withoutPatchSites ? 1 : 0, &mid, &leaf)
+      let functions = [mid, leaf].map { UInt64(UInt(bitPattern: $0)) }
+      let tracer = Tracer()
+      tracer.relocatesPrologues = withoutPatchSites
+      let call = withoutPatchSites ? tracery_async_plain_run : tracery_async_run
+      let model = FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer)
+      let exits = try tracer.attach(.exit(Handlers.exit), to: .addresses(functions), cookie: 5, model: model)
+      tracery_fixture_records_reset()
+      #expect(call(5) == 10)
+      #expect(call(7) == 12)
+      #expect(records().map(\.function) == [functions[1], functions[0], functions[1], functions[0]])
+      exits.detach()
+      guard !withoutPatchSites else { return }
+      for strategy in [MultiStrategy.global(.hash), .automatic] {
+        let multi = try tracer.attachMulti(
+          .exit(Handlers.exit), to: .addresses(functions), cookie: { $0 & 0xffff }, model: model, strategy: strategy)
+        tracery_fixture_records_reset()
+        #expect(call(5) == 10)
+        #expect(call(7) == 12)
+        #expect(records().count == 4)
+        multi.detach()
+      }
+    }
+
     @Test func mutualRecursionThroughTailCalls() throws {
       let link = try tracer.attachGraph(
         .handlers(entry: GraphFixture.countEntry, exit: GraphFixture.countExit),

@@ -133,6 +133,12 @@ let forms: [Form] = [
     $0.putXor32(.r10, .r10)
   },
   Form(name: "test rax, rax", expected: [0x48, 0x85, 0xc0], disassembly: "test rax,rax") { $0.putTest(.rax, .rax) },
+  Form(name: "test rsp, 8", expected: [0x48, 0xf7, 0xc4, 0x08, 0, 0, 0], disassembly: "test rsp,0x8") {
+    $0.putTest(.rsp, immediate: 8)
+  },
+  Form(name: "test r9, 8", expected: [0x49, 0xf7, 0xc1, 0x08, 0, 0, 0], disassembly: "test r9,0x8") {
+    $0.putTest(.r9, immediate: 8)
+  },
   Form(name: "lock inc [r11]", expected: [0xf0, 0x49, 0xff, 0x03], disassembly: "lock inc QWORD PTR [r11]") {
     $0.putInc(Memory(.r11), locked: true)
   },

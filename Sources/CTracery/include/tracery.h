@@ -16,7 +16,7 @@ extern "C" {
 ///        0  function           entry address of the traced function
 ///        8  return_address     where the function will return
 ///       16  stack_arguments    the caller's stack arguments (7th integer argument onwards)
-///       24  reserved
+///       24  reserved           Tracery's own (handlers leave it alone)
 ///       32  arguments[6]       rdi rsi rdx rcx r8 r9  (entry and modify-return handlers may change them)
 ///       80  rax                rax at entry (al = vector registers used, for a varargs call)
 ///       88  return_value[2]    rax rdx after the original (exit), or to return (modify-return)

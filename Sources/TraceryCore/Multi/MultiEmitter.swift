@@ -88,7 +88,11 @@ struct MultiEmitter {
       scratch: .r10)
     w.putMovByte(guardByte, immediate: 1)
     // The body of the function (through the stub's `jmp`, or the return address of the site's call),
-    // called with the arguments as the handlers left them and the guard clear.
+    // called with the arguments as the handlers left them and the guard clear. A body that
+    // returns with `ret 8` (Swift's async convention pops 8 bytes above its return address; the
+    // word is the caller's, and not written) leaves rsp 8 mod 16 (it was aligned at the call):
+    // rsp goes back to the frame, and the view's `reserved` word says so to the return.
+    var popped: [(fix: Label, back: Label)] = []
     func putCallBody() {
       w.putMovByte(guardByte, immediate: 0)
       TrampolineEmitter.putRestoreArguments(&w, model)
@@ -98,6 +102,12 @@ struct MultiEmitter {
       } else {
         w.putCall(Memory(.rsp, size))
       }
+      let fix = w.newLabel()
+      let back = w.newLabel()
+      w.putTest(.rsp, immediate: 8)
+      w.putJcc(.notEqual, fix)
+      w.bind(back)
+      popped.append((fix, back))
     }
     func putCallSingle() {
       w.putMov(.rdi, .rsp)
@@ -120,6 +130,8 @@ struct MultiEmitter {
     w.putAdd(.rsp, immediate: size)
     if viaStub { w.putJmp(pass) } else { w.putRet() }
     w.bind(notEntry)
+    // Not popped (yet): see `putCallBody`.
+    w.putMov(Memory(.rsp, TrampolineEmitter.reservedOffset), immediate: 0)
     let notExit = w.newLabel()
     putUnlessShape(.exit, jumpTo: notExit)
     putCallBody()
@@ -162,6 +174,9 @@ struct MultiEmitter {
     w.putMovByte(guardByte, immediate: 0)
     TrampolineEmitter.putLoadReturn(&w, model)
     w.bind(returnToCaller)
+    let poppedReturn = w.newLabel()
+    w.putCmp(Memory(.rsp, TrampolineEmitter.reservedOffset), immediate: 0)
+    w.putJcc(.notEqual, poppedReturn)
     if viaStub {
       // Back to the stub, whose `ret` returns to the real caller.
       w.putAdd(.rsp, immediate: size)
@@ -184,6 +199,17 @@ struct MultiEmitter {
     } else {
       w.putRet()
     }
+    // The body popped 8 bytes with its return: back to the frame, then straight to the real
+    // caller (past the stub's return, if any) with the same `ret 8`.
+    for (fix, back) in popped {
+      w.bind(fix)
+      w.putSub(.rsp, immediate: 8)
+      w.putMov(Memory(.rsp, TrampolineEmitter.reservedOffset), immediate: 8)
+      w.putJmp(back)
+    }
+    w.bind(poppedReturn)
+    w.putAdd(.rsp, immediate: size + 8)
+    w.putRet(popping: 8)
     return try w.finish()
   }
 

@@ -56,6 +56,8 @@ struct TrampolineEmitter {
   static let functionOffset: Int32 = 0
   static let returnAddressOffset: Int32 = 8
   static let stackArgumentsOffset: Int32 = 16
+  /// Tracery's own word (the multi-attach trampoline's "the body popped 8 bytes" flag).
+  static let reservedOffset: Int32 = 24
   static let argumentsOffset: Int32 = 32
   static let raxOffset: Int32 = 80
   static let returnOffset: Int32 = 88
@@ -275,6 +277,7 @@ struct TrampolineEmitter {
     let afterBody = w.newLabel()
     let exitDone = w.newLabel()
     let skipExit = w.newLabel()
+    let popped = w.newLabel()
 
     putFramePointerPrologue(&w)
     saveArguments(&w)
@@ -317,20 +320,8 @@ struct TrampolineEmitter {
       restoreArguments(&w, frame: stackBytes)
       try w.putCall(address: body)
       if stackBytes > 0 { w.putAdd(.rsp, immediate: stackBytes) }
-      if preservesAll { Self.putKeepAll(&w) }
-      saveReturn(&w)
-      w.bind(afterBody)
-      if !exits.isEmpty {
-        try putGuarded(&w, skip: skipExit) { w in
-          for call in exits { try putHandlerCall(&w, call) }
-        }
-      }
-      w.bind(exitDone)
-      if preservesAll { Self.putRestoreAll(&w) }
-      loadReturn(&w)
-      epilogueStart = w.bytes.count
-      w.putLeave()
-      w.putRet()
+      putJumpIfBodyPopped(&w, to: popped)
+      epilogueStart = try putAfterBody(&w, afterBody: afterBody, skipExit: skipExit, exitDone: exitDone, popping: 0)
     }
     let epilogueEnd = w.bytes.count
 
@@ -355,8 +346,62 @@ struct TrampolineEmitter {
       for call in exits { putSkipCount(&w, call) }
       w.putJmp(exitDone)
     }
+    // The body returned with `ret 8`: back to the tracery_call, and the same way out, but for
+    // the `ret 8` (the unwind table takes this copy's `leave` for the frame's: one instruction).
+    w.bind(popped)
+    w.putSub(.rsp, immediate: 8)
+    let skipPoppedExit = w.newLabel()
+    let poppedExitDone = w.newLabel()
+    _ = try putAfterBody(&w, afterBody: nil, skipExit: skipPoppedExit, exitDone: poppedExitDone, popping: 8)
+    if !exits.isEmpty {
+      w.bind(skipPoppedExit)
+      for call in exits { putSkipCount(&w, call) }
+      w.putJmp(poppedExitDone)
+    }
     w.putUd2()
     return Code(bytes: try w.finish(), frame: .framePointer(epilogueStart: epilogueStart, epilogueEnd: epilogueEnd))
+  }
+
+  /// Right after the body's call: jumps to `label` when the body returned with `ret 8`, popping
+  /// 8 bytes above its return address as well (Swift's async functions do: `swiftasynccc`, whose
+  /// callers take 8 off rsp after the call; the word is the caller's, and not written). rsp is
+  /// then 8 above the tracery_call. Exact either way: with every register kept, rsp was 16-byte aligned at the
+  /// call (`and rsp, -16`), so a popped return leaves it at 8 mod 16; otherwise the frame has a
+  /// fixed size below rbp (rbp is the body's to preserve). Flags only change.
+  private func putJumpIfBodyPopped(_ w: inout X86Writer, to label: Label) {
+    if preservesAll {
+      w.putTest(.rsp, immediate: 8)
+    } else {
+      // lea leaves the flags as the compare set them.
+      w.putLea(.rbp, Memory(.rbp, -Self.frameSize))
+      w.putCmp(.rbp, .rsp)
+      w.putLea(.rbp, Memory(.rbp, Self.frameSize))
+    }
+    w.putJcc(.notEqual, label)
+  }
+
+  /// After the body returned (rsp at the tracery_call): its results into the view, the exit
+  /// handlers, the results back, and the return to the caller, popping `popping` bytes above the
+  /// return address as the body did. `afterBody` (where a skipped body joins) is bound before the
+  /// exit handlers when given. Returns where the epilogue (`leave`) starts.
+  private func putAfterBody(
+    _ w: inout X86Writer, afterBody: Label?, skipExit: Label, exitDone: Label, popping: UInt16
+  ) throws -> Int {
+    if preservesAll { Self.putKeepAll(&w) }
+    saveReturn(&w)
+    if let afterBody { w.bind(afterBody) }
+    if !exits.isEmpty {
+      try putGuarded(&w, skip: skipExit) { w in
+        for call in exits { try putHandlerCall(&w, call) }
+      }
+    }
+    w.bind(exitDone)
+    if preservesAll { Self.putRestoreAll(&w) }
+    loadReturn(&w)
+    let epilogueStart = w.bytes.count
+    w.putLeave()
+    if popping > 0 { w.putRet(popping: popping) } else { w.putRet() }
+    return epilogueStart
   }
 
   /// The register view for this function (allocated near its site: within rel32 reach).
