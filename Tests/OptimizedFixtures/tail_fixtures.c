@@ -70,6 +70,57 @@ UNTRACED long tracery_async_plain_run(long x) {
   __asm__ volatile("" ::: "memory");
   return box[0];
 }
+// mover: an async function with two stack arguments (its caller leaves 24 bytes for it to
+// pop) that adds the first to the box and tail-calls plain_leaf (which pops 8) as Swift does:
+// the return address copied 16 bytes up, rsp after it, `jmp`.
+__asm__(".text\n"
+        ".globl tracery_async_mover\n"
+        ".type tracery_async_mover, @function\n"
+        "tracery_async_mover:\n"
+        "  mov (%rsp), %rax\n"
+        "  mov %rax, 16(%rsp)\n"
+        "  mov 8(%rsp), %rax\n"
+        "  add %rax, (%r14)\n"
+        "  add $16, %rsp\n"
+        "  jmp tracery_async_plain_leaf\n"
+        ".size tracery_async_mover, .-tracery_async_mover\n");
+
+// checked_call(x, callee, argument, popped): callee(box of x; argument, 0 on the stack) called as
+// Swift's executor calls an async function (rsp 16-byte aligned at the call, `popped` bytes of
+// stack arguments left for it to pop, rsp put back after it), with a live word of its own right
+// above them: -1 if the call changed it, else the box.
+__asm__(".text\n"
+        ".globl tracery_async_checked_call\n"
+        ".type tracery_async_checked_call, @function\n"
+        "tracery_async_checked_call:\n"
+        "  push %r14\n"
+        "  push %rbx\n"
+        "  mov %rcx, %rbx\n"
+        "  sub $24, %rsp\n"
+        "  mov %rdi, 8(%rsp)\n"
+        "  movabs $0x5a5a5a5a12345678, %rax\n"
+        "  mov %rax, (%rsp)\n"
+        "  lea 8(%rsp), %r14\n"
+        "  sub $32, %rsp\n"
+        "  mov %rdx, (%rsp)\n"
+        "  movq $0, 8(%rsp)\n"
+        "  call *%rsi\n"
+        "  add $32, %rsp\n"
+        "  sub %rbx, %rsp\n"
+        "  movabs $0x5a5a5a5a12345678, %rax\n"
+        "  cmp %rax, (%rsp)\n"
+        "  jne 1f\n"
+        "  mov 8(%rsp), %rax\n"
+        "  jmp 2f\n"
+        "1:\n"
+        "  mov $-1, %rax\n"
+        "2:\n"
+        "  add $24, %rsp\n"
+        "  pop %rbx\n"
+        "  pop %r14\n"
+        "  ret\n"
+        ".size tracery_async_checked_call, .-tracery_async_checked_call\n");
+
 const void *tracery_async_functions(int plain, const void **mid, const void **leaf) {
   *mid = plain ? (const void *)tracery_async_plain_mid : (const void *)tracery_async_mid;
   *leaf = plain ? (const void *)tracery_async_plain_leaf : (const void *)tracery_async_leaf;

@@ -244,6 +244,32 @@ import TraceryTestSupport
     #expect(events.contains { $0.1 == "swift_task_switch" }, "\(events.count) events")
   }
 
+  /// The toolchain's own SwiftPM (`swift package describe`: 250,000 functions, async
+  /// throughout, a manifest compiled by child processes) describes a package as it does
+  /// untraced. Its tail calls to callees with fewer stack arguments move the return address
+  /// (before, a frame was dropped as stale and the program stopped at the graph's
+  /// corrupt-shadow-stack `ud2`). Under TRACERY_LONG_TESTS only: with the debug agent the test
+  /// build uses, its start-up alone takes minutes (12 s in all with a release build).
+  @Test(.enabled(if: TestSupport.longTests)) func theSwiftPackageManagerDescribesAPackage() throws {
+    let swiftPackage = try #require(TestSupport.which("swift-package"), "the toolchain's swift-package")
+    let directory = try TestSupport.temporaryDirectory("record-swiftpm")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let package = directory.appendingPathComponent("hello")
+    let sources = package.appendingPathComponent("Sources/hello")
+    try FileManager.default.createDirectory(at: sources, withIntermediateDirectories: true)
+    try
+      "// swift-tools-version:5.9\nimport PackageDescription\nlet package = Package(name: \"hello\", targets: [.executableTarget(name: \"hello\")])\n"
+      .write(to: package.appendingPathComponent("Package.swift"), atomically: true, encoding: .utf8)
+    try "print(\"hi\")\n".write(to: sources.appendingPathComponent("main.swift"), atomically: true, encoding: .utf8)
+    let arguments = [swiftPackage, "--package-path", package.path, "describe"]
+    let untraced = try TestSupport.run(arguments[0], Array(arguments.dropFirst()))
+    #expect(untraced.status == 0 && untraced.stdout.contains("Name: hello"), "\(untraced.stdout)\(untraced.stderr)")
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, arguments)
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+  }
+
   /// A program exactly as Debian ships it: /usr/bin/gzip, stripped (no .symtab) and built without
   /// patch-site flags. Its functions come from its call frames (named `gzip+0xADDRESS`); it
   /// compresses as untraced, and every recorded function was entered as often as callgrind

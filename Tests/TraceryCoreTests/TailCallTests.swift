@@ -121,6 +121,39 @@ extension PatchingTests {
       #expect(events.map(\.depth) == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0])
       #expect(events.map(\.site) == once + once)
       #expect(events.filter { $0.kind == 2 && $0.depth == 0 }.map(\.value) == [10, 4])
+      // Called as the executor calls: the word above the return address is the caller's (before,
+      // the return wrote the real return address over it).
+      #expect(tracery_async_checked_call(5, mid, 0, 8) == 10)
+      #expect(GraphThreads.depth == 0)
+    }
+
+    /// A Swift tail call to a callee with fewer stack arguments copies the return address up and
+    /// jumps: the callee's entry sees its tail caller's frame with stack arguments below its own
+    /// and keeps it (its return address is that frame's stub), and its return hands its stack
+    /// arguments to that frame, so the caller's return (8 bytes popped) finds it (before, the
+    /// frame was dropped as stale, and its stub's return later found nothing: the toolchain's
+    /// `swift package describe` stopped at the corrupt-shadow-stack `ud2`). Without patch sites
+    /// (relocated or int3), and the C leaf with its NOP site too.
+    @Test func aTailCallThatMovesTheReturnAddressUpKeepsBothFrames() throws {
+      var mid: UnsafeRawPointer?
+      var leaf: UnsafeRawPointer?
+      _ = tracery_async_functions(1, &mid, &leaf)
+      let functions = [entryAddress(tracery_async_mover as @convention(c) () -> Void), UInt64(UInt(bitPattern: leaf))]
+      let mover = UnsafeRawPointer(bitPattern: UInt(functions[0]))
+      #expect(tracery_async_checked_call(5, mover, 2, 24) == 10)
+      let tracer = Tracer()
+      tracer.relocatesPrologues = true
+      let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 7)
+      defer { link.detach() }
+      tracery_graph_events_reset()
+      #expect(tracery_async_checked_call(5, mover, 2, 24) == 10)
+      #expect(tracery_async_checked_call(1, mover, 1, 24) == 5)
+      #expect(GraphThreads.depth == 0)
+      let events = TailFixture.events()
+      let sites = functions.map(PatchSite.afterEndbr64)
+      #expect(events.map(\.kind) == [1, 1, 2, 2, 1, 1, 2, 2])
+      #expect(events.map(\.depth) == [0, 1, 1, 0, 0, 1, 1, 0])
+      #expect(events.map(\.site) == [sites[0], sites[1], sites[1], sites[0], sites[0], sites[1], sites[1], sites[0]])
     }
 
     /// Exit handlers on functions that return with `ret 8` (Swift's async convention): the
@@ -142,6 +175,7 @@ extension PatchingTests {
       #expect(call(5) == 10)
       #expect(call(7) == 12)
       #expect(records().map(\.function) == [functions[1], functions[0], functions[1], functions[0]])
+      #expect(tracery_async_checked_call(5, mid, 0, 8) == 10)
       exits.detach()
       guard !withoutPatchSites else { return }
       for strategy in [MultiStrategy.global(.hash), .automatic] {
@@ -151,6 +185,7 @@ extension PatchingTests {
         #expect(call(5) == 10)
         #expect(call(7) == 12)
         #expect(records().count == 4)
+        #expect(tracery_async_checked_call(5, mid, 0, 8) == 10)
         multi.detach()
       }
     }

@@ -321,17 +321,23 @@ struct GraphEmitter {
     //       coroutine's call)
     //     tail call: the frame's body jumped to us (or   = A, and our return address   kept
     //       to untraced code that jumped to us)            is the frame's `resume`
+    //     a tail call that moved the return address up   < A, and our return address   kept
+    //       (Swift's tail calls to a callee with fewer     is the frame's `resume`
+    //       stack arguments copy it up and jump)
     //     longjmp / siglongjmp / an exception left it,   = A, another return address   dropped
     //       and the same caller calls again
-    //     longjmp / siglongjmp / an exception unwound    < A                           dropped
+    //     longjmp / siglongjmp / an exception unwound    < A, another return address   dropped
     //       past it
     //     a live caller (the ordinary case, no test)     > A                           kept
+    //
+    // A tail-called frame whose stack arguments differ from its tail caller's (the return address
+    // moved, either way) hands its own to the caller's frame when it returns into the caller's
+    // stub (`putReturnFound`), so the caller's return finds its frame there.
     //
     // A caught exception drops the unwound frames itself (`GraphThreads.restoreAfterCatch`); a
     // return whose frame is not on top moves it there (`putRotate`). The resume point is exact: a
     // stale frame's stub cannot be our return address unless its body is running, i.e. it is live.
     cold.append { [self] w in
-      let drop = w.newLabel()
       let keep = w.newLabel()
       w.bind(popStale)
       self.putJump(&w, to: push, unlessOnThreadStack: .r10)
@@ -339,13 +345,10 @@ struct GraphEmitter {
       w.putMov(.rax, Memory(.r11, Self.stackArgumentsOffset - frame))
       w.putCmp(.rax, self.field(.stackLow))
       w.putJcc(.below, keep)
-      w.putCmp(.rax, .r10)
-      w.putJcc(.notEqual, drop)
       // Our return address ([rsp+8] before the push) is where its body returns: a tail call.
       w.putMov(.rax, Memory(.rsp, pushes + 16))
       w.putCmp(.rax, Memory(.r11, Self.resumeOffset - frame))
       w.putJcc(.equal, keep)
-      w.bind(drop)
       w.putPop(.rax)
       w.putSub(.r11, immediate: frame)
       w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset - frame))
@@ -790,6 +793,92 @@ struct GraphEmitter {
     compareStackArguments(&w)
     w.putJcc(.notEqual, find)
     w.bind(found)
+    try putReturnFound(&w, popping: 0, cold: &cold)
+    // The same for a function that popped 8 bytes above its return address (`ret 8`, below).
+    let foundPopped = w.newLabel()
+    w.bind(foundPopped)
+    try putReturnFound(&w, popping: 8, cold: &cold)
+    cold.append { [self] w in
+      let deeper = w.newLabel()
+      let calleePopped = w.newLabel()
+      let searchPopped = w.newLabel()
+      let matchedPopped = w.newLabel()
+      let deeperPopped = w.newLabel()
+      w.bind(find)
+      w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
+      w.putJcc(.equal, calleePopped)
+      w.putSub(.r11, immediate: Self.frameSize)
+      compareStackArguments(&w)
+      w.putJcc(.notEqual, find)
+      w.bind(deeper)
+      self.putRotateThenJump(&w, to: found)
+      // No frame's stack arguments are rsp: the function may have popped 8 bytes with its
+      // return. Swift's async functions do (`swiftasynccc`/`swifttailcc`: the callee pops an
+      // 8-byte argument area, `ret 8`, and the executor that called it takes 8 off rsp after
+      // the call; the word is the caller's, and stays as it is), so the return's frame is the
+      // topmost one whose stack arguments are rsp - 8, and the return goes back with `ret 8`
+      // from the slot the call used. Looked for only after the exact search failed, so a return
+      // that pops nothing is never taken for one that does.
+      w.bind(calleePopped)
+      if self.preservesAll {
+        w.putSub(.r10, immediate: 8)
+      } else {
+        w.putLea(.r10, Memory(.rsp, -8))
+      }
+      w.putMov(.r11, self.field(.top))
+      w.putSub(.r11, immediate: Self.frameSize)
+      w.bind(searchPopped)
+      w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
+      w.putJcc(.equal, matchedPopped)
+      w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
+      w.putJcc(.equal, corrupt)
+      w.putSub(.r11, immediate: Self.frameSize)
+      w.putJmp(searchPopped)
+      w.bind(matchedPopped)
+      w.putLea(.r10, Memory(.r11, Self.frameSize))
+      w.putCmp(.r10, self.field(.top))
+      w.putJcc(.equal, foundPopped)
+      w.bind(deeperPopped)
+      self.putRotateThenJump(&w, to: foundPopped)
+      // No frame for this return (the sentinel, whose stack arguments are the highest address,
+      // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
+      // here, visibly, rather than return somewhere wrong.
+      w.bind(corrupt)
+      w.putUd2()
+    }
+  }
+
+  /// The return's frame (r11) lies below others: moved above them (`putRotate`), then on to
+  /// `label`.
+  private func putRotateThenJump(_ w: inout X86Writer, to label: Label) {
+    if preservesAll {
+      for register in Self.returnScratch { w.putPush(register) }
+      putRotate(&w, stackArguments: 24 + 8 * Int32(Self.returnScratch.count))
+      for register in Self.returnScratch.reversed() { w.putPop(register) }
+    } else {
+      putRotate(&w, stackArguments: 0)
+    }
+    w.putJmp(label)
+  }
+
+  /// The return's frame is r11, on top: its exits, pop it, return to the real return address.
+  /// `popping` 8: the function returned with `ret 8`, so rsp is 8 above the slot + 8; everything
+  /// here then runs 8 bytes lower (what the entry of the return handler pushed moves down), the
+  /// real return goes back into the slot the call used, and the return pops 8 bytes above it as
+  /// the function did: the word above the slot is the caller's, and never written.
+  private func putReturnFound(
+    _ w: inout X86Writer, popping: UInt16, cold: inout [(inout X86Writer) throws -> Void]
+  ) throws {
+    if popping > 0 {
+      w.putSub(.rsp, immediate: Int32(popping))
+      if preservesAll {
+        // Saved r11 and r10 down to [rsp] and [rsp + 8]; [rsp + 16] is then the slot.
+        w.putMov(.r10, Memory(.rsp, Int32(popping)))
+        w.putMov(Memory(.rsp, 0), .r10)
+        w.putMov(.r10, Memory(.rsp, Int32(popping) + 8))
+        w.putMov(Memory(.rsp, 8), .r10)
+      }
+    }
     // The real return address back into the slot: rsp = slot, 8 mod 16 (or 24 below it).
     w.putMov(.r10, Memory(.r11, Self.returnOffset))
     if preservesAll {
@@ -797,7 +886,6 @@ struct GraphEmitter {
     } else {
       w.putPush(.r10)
     }
-
     if hasHandlers {
       TrampolineEmitter.putSaveReturn(&w, model, base: .r11)
       // What the model's results leave out, when every register is preserved.
@@ -837,65 +925,22 @@ struct GraphEmitter {
       w.putPop(.rdx)
       w.putPop(.rax)
     }
+    // Returning into the stub of the frame below (its tail call), whose stack arguments are not
+    // ours: the tail call moved the return address (Swift's), and that frame's return comes
+    // where ours did. r10 is free here (restored below when every register is kept).
+    let sameStack = w.newLabel()
+    w.putMov(.r10, Memory(.r11, Self.returnOffset))
+    w.putCmp(.r10, Memory(.r11, Self.resumeOffset - Self.frameSize))
+    w.putJcc(.notEqual, sameStack)
+    w.putMov(.r10, Memory(.r11, Self.stackArgumentsOffset))
+    w.putMov(Memory(.r11, Self.stackArgumentsOffset - Self.frameSize), .r10)
+    w.bind(sameStack)
     w.putMov(field(.top), .r11)
     if preservesAll {
       w.putPop(.r11)
       w.putPop(.r10)
     }
-    w.putRet()
-    cold.append { [self] w in
-      let deeper = w.newLabel()
-      let calleePopped = w.newLabel()
-      let searchPopped = w.newLabel()
-      let foundPopped = w.newLabel()
-      w.bind(find)
-      w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
-      w.putJcc(.equal, calleePopped)
-      w.putSub(.r11, immediate: Self.frameSize)
-      compareStackArguments(&w)
-      w.putJcc(.notEqual, find)
-      w.bind(deeper)
-      if self.preservesAll {
-        for register in Self.returnScratch { w.putPush(register) }
-        self.putRotate(&w, stackArguments: 24 + 8 * Int32(Self.returnScratch.count))
-        for register in Self.returnScratch.reversed() { w.putPop(register) }
-      } else {
-        self.putRotate(&w, stackArguments: 0)
-      }
-      w.putJmp(found)
-      // No frame's stack arguments are rsp: the function may have popped 8 bytes with its
-      // return. Swift's async functions do (`swiftasynccc`/`swifttailcc`: the callee pops its
-      // 8-byte argument area, `ret 8`, and the executor that called it takes 8 off rsp after the
-      // call), so the return's frame is the topmost one whose stack arguments are rsp - 8. The
-      // real return address goes back 8 bytes above its slot, where our `ret` leaves rsp as the
-      // function's `ret 8` would have. Looked for only after the exact search failed, so a
-      // return that pops nothing is never taken for one that does.
-      w.bind(calleePopped)
-      if self.preservesAll {
-        w.putSub(.r10, immediate: 8)
-      } else {
-        w.putLea(.r10, Memory(.rsp, -8))
-      }
-      w.putMov(.r11, self.field(.top))
-      w.putSub(.r11, immediate: Self.frameSize)
-      w.bind(searchPopped)
-      w.putCmp(.r10, Memory(.r11, Self.stackArgumentsOffset))
-      w.putJcc(.equal, foundPopped)
-      w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
-      w.putJcc(.equal, corrupt)
-      w.putSub(.r11, immediate: Self.frameSize)
-      w.putJmp(searchPopped)
-      w.bind(foundPopped)
-      w.putLea(.r10, Memory(.r11, Self.frameSize))
-      w.putCmp(.r10, self.field(.top))
-      w.putJcc(.equal, found)
-      w.putJmp(deeper)
-      // No frame for this return (the sentinel, whose stack arguments are the highest address,
-      // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
-      // here, visibly, rather than return somewhere wrong.
-      w.bind(corrupt)
-      w.putUd2()
-    }
+    if popping > 0 { w.putRet(popping: popping) } else { w.putRet() }
   }
 
   /// The return's frame (r11) lies below others, which belong to other stacks (a coroutine

@@ -33,6 +33,15 @@ long tracery_tail_jumper_leaf(long x);
 /// without patch sites (traced by relocating their prologues, or an int3).
 long tracery_async_run(long x);
 long tracery_async_plain_run(long x);
+/// An async function with two stack arguments that adds the first to the box and tail-calls
+/// async_plain_leaf, moving the return address 16 bytes up as Swift does for a callee with fewer
+/// stack arguments (it pops 24 bytes in all).
+void tracery_async_mover(void);
+/// Calls `callee` (an async function) with a box of x in r14 and `argument`, 0 on the stack, as
+/// Swift's executor calls one that pops `popped` bytes above its return address (8 for
+/// async_mid, 24 for the mover), with a live word of its own right above them: the box after
+/// the call, or -1 if the call changed that word.
+long tracery_async_checked_call(long x, const void *callee, long argument, long popped);
 /// The async functions' addresses (their type is not one Swift can import).
 const void *tracery_async_functions(int plain, const void **mid, const void **leaf);
 
