@@ -130,7 +130,13 @@ import TraceryTestSupport
     try? FileManager.default.removeItem(at: home)
     let download = home.appendingPathComponent("download")
     try FileManager.default.createDirectory(at: download, withIntermediateDirectories: true)
-    let fetched = try shell("apt-get source --download-only -qq \(program.package) 2>&1", in: download)
+    // The newest version, else an older one the mirror still has (a mirror without the
+    // security archive's sources answered 404 for libzstd's update).
+    let package = program.package
+    let fetched = try shell(
+      "apt-get source --download-only -qq \(package) 2>&1 || { for version in $(apt-cache showsrc \(package)"
+        + " | sed -n 's/^Version: //p' | sort -rV); do rm -f ./*; apt-get source --download-only -qq"
+        + " \(package)=$version 2>&1 && exit 0; done; exit 1; }", in: download)
     guard fetched.status == 0 else {
       throw TestSupport.CompileError(
         description: "apt-get source \(program.package) failed (a deb-src entry is needed; .ci/run adds one):\n"
