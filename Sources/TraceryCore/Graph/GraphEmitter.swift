@@ -799,18 +799,16 @@ struct GraphEmitter {
     w.bind(foundPopped)
     try putReturnFound(&w, popping: 8, cold: &cold)
     cold.append { [self] w in
-      let deeper = w.newLabel()
       let calleePopped = w.newLabel()
       let searchPopped = w.newLabel()
       let matchedPopped = w.newLabel()
-      let deeperPopped = w.newLabel()
       w.bind(find)
       w.putCmp(Memory(.r11, Self.stackArgumentsOffset), immediate: -1)
       w.putJcc(.equal, calleePopped)
       w.putSub(.r11, immediate: Self.frameSize)
       compareStackArguments(&w)
       w.putJcc(.notEqual, find)
-      w.bind(deeper)
+      // Found below others.
       self.putRotateThenJump(&w, to: found)
       // No frame's stack arguments are rsp: the function may have popped 8 bytes with its
       // return. Swift's async functions do (`swiftasynccc`/`swifttailcc`: the callee pops an
@@ -838,7 +836,6 @@ struct GraphEmitter {
       w.putLea(.r10, Memory(.r11, Self.frameSize))
       w.putCmp(.r10, self.field(.top))
       w.putJcc(.equal, foundPopped)
-      w.bind(deeperPopped)
       self.putRotateThenJump(&w, to: foundPopped)
       // No frame for this return (the sentinel, whose stack arguments are the highest address,
       // was reached): the shadow stack is corrupt and the real return address is unknown. Stop
