@@ -85,6 +85,21 @@ __asm__(".text\n"
         "  jmp tracery_async_plain_leaf\n"
         ".size tracery_async_mover, .-tracery_async_mover\n");
 
+// grower: an async function without stack arguments that tail-calls the mover, which takes two:
+// the return address copied 16 bytes down, rsp with it, the arguments (2 and 0) above it, `jmp`
+// (Swift's tail call to a callee with more stack arguments); the mover moves it back up.
+__asm__(".text\n"
+        ".globl tracery_async_grower\n"
+        ".type tracery_async_grower, @function\n"
+        "tracery_async_grower:\n"
+        "  mov (%rsp), %rax\n"
+        "  mov %rax, -16(%rsp)\n"
+        "  sub $16, %rsp\n"
+        "  movq $2, 8(%rsp)\n"
+        "  movq $0, 16(%rsp)\n"
+        "  jmp tracery_async_mover\n"
+        ".size tracery_async_grower, .-tracery_async_grower\n");
+
 // checked_call(x, callee, argument, popped): callee(box of x; argument, 0 on the stack) called as
 // Swift's executor calls an async function (rsp 16-byte aligned at the call, `popped` bytes of
 // stack arguments left for it to pop, rsp put back after it), with a live word of its own right

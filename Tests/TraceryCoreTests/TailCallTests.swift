@@ -135,25 +135,45 @@ extension PatchingTests {
     /// `swift package describe` stopped at the corrupt-shadow-stack `ud2`). Without patch sites
     /// (relocated or int3), and the C leaf with its NOP site too.
     @Test func aTailCallThatMovesTheReturnAddressUpKeepsBothFrames() throws {
+      try Self.movedReturnAddresses(down: false)
+    }
+
+    /// The same the other way: a tail call to a callee with more stack arguments moves the
+    /// return address down (the callee's entry sees a live caller above it), and that callee's
+    /// tail call moves it back up; each return into a tail caller's stub hands it the stack
+    /// arguments the return came from.
+    @Test func aTailCallThatMovesTheReturnAddressDownKeepsEveryFrame() throws {
+      try Self.movedReturnAddresses(down: true)
+    }
+
+    static func movedReturnAddresses(down: Bool) throws {
       var mid: UnsafeRawPointer?
       var leaf: UnsafeRawPointer?
       _ = tracery_async_functions(1, &mid, &leaf)
-      let functions = [entryAddress(tracery_async_mover as @convention(c) () -> Void), UInt64(UInt(bitPattern: leaf))]
-      let mover = UnsafeRawPointer(bitPattern: UInt(functions[0]))
-      #expect(tracery_async_checked_call(5, mover, 2, 24) == 10)
+      typealias Asm = @convention(c) () -> Void
+      let first = down ? [tracery_async_grower as Asm, tracery_async_mover] : [tracery_async_mover as Asm]
+      let functions = first.map { entryAddress($0) } + [UInt64(UInt(bitPattern: leaf))]
+      let callee = UnsafeRawPointer(bitPattern: UInt(functions[0]))
+      // The mover takes an argument (2 here) and pops 24; the grower passes 2 itself and pops 8.
+      let (argument, popped) = down ? (0, 8) : (2, 24)
+      #expect(tracery_async_checked_call(5, callee, argument, popped) == 10)
       let tracer = Tracer()
       tracer.relocatesPrologues = true
       let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 7)
       defer { link.detach() }
       tracery_graph_events_reset()
-      #expect(tracery_async_checked_call(5, mover, 2, 24) == 10)
-      #expect(tracery_async_checked_call(1, mover, 1, 24) == 5)
+      #expect(tracery_async_checked_call(5, callee, argument, popped) == 10)
+      #expect(tracery_async_checked_call(1, callee, argument, popped) == 6)
       #expect(GraphThreads.depth == 0)
       let events = TailFixture.events()
       let sites = functions.map(PatchSite.afterEndbr64)
-      #expect(events.map(\.kind) == [1, 1, 2, 2, 1, 1, 2, 2])
-      #expect(events.map(\.depth) == [0, 1, 1, 0, 0, 1, 1, 0])
-      #expect(events.map(\.site) == [sites[0], sites[1], sites[1], sites[0], sites[0], sites[1], sites[1], sites[0]])
+      let once: [UInt64] = sites + sites.reversed()
+      let depths = Array(0..<functions.count)
+      let kinds =
+        Array(repeating: Int32(1), count: functions.count) + Array(repeating: Int32(2), count: functions.count)
+      #expect(events.map(\.kind) == kinds + kinds)
+      #expect(events.map(\.depth) == (depths + depths.reversed() + depths + depths.reversed()).map(UInt64.init))
+      #expect(events.map(\.site) == once + once)
     }
 
     /// Exit handlers on functions that return with `ret 8` (Swift's async convention): the

@@ -37,6 +37,9 @@ long tracery_async_plain_run(long x);
 /// async_plain_leaf, moving the return address 16 bytes up as Swift does for a callee with fewer
 /// stack arguments (it pops 24 bytes in all).
 void tracery_async_mover(void);
+/// An async function without stack arguments that tail-calls the mover with 2 and 0, moving the
+/// return address 16 bytes down (the mover moves it back up): x + 5, popping 8.
+void tracery_async_grower(void);
 /// Calls `callee` (an async function) with a box of x in r14 and `argument`, 0 on the stack, as
 /// Swift's executor calls one that pops `popped` bytes above its return address (8 for
 /// async_mid, 24 for the mover), with a live word of its own right above them: the box after
