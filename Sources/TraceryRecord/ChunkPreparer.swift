@@ -40,6 +40,7 @@ final class ChunkPreparer: @unchecked Sendable {
     pthread_mutex_init(mutex, nil)
     pthread_cond_init(wake, nil)
     pthread_cond_init(idle, nil)
+    Self.retire(Self.retirements([]))
     pthread_atfork(
       { pthread_mutex_lock(ChunkPreparer.shared.mutex) },
       { pthread_mutex_unlock(ChunkPreparer.shared.mutex) },
@@ -97,13 +98,25 @@ final class ChunkPreparer: @unchecked Sendable {
   /// helper, and waits for the one it may be sealing (else they would stay unsealed).
   func drain() {
     pthread_mutex_lock(mutex)
-    let waiting = queue.compactMap { job -> (UInt, Int, Int)? in
-      if case .retire(let address, let size, let length) = job { (address, size, length) } else { nil }
-    }
+    let waiting = Self.retirements(queue)
     queue.removeAll()
     while retiring { pthread_cond_wait(idle, mutex) }
     pthread_mutex_unlock(mutex)
-    for (address, size, length) in waiting { Self.retire(UnsafeMutableRawPointer(bitPattern: address)!, size, length) }
+    Self.retire(waiting)
+  }
+
+  /// The retire jobs among `jobs`, and retiring them: `drain`'s generic code, also run once
+  /// (with nothing) when the preparer is made. A forked child's first use of a generic
+  /// conformance looks its witness table up under a lock of the Swift runtime, which another
+  /// thread of the parent may have held at the fork: a child stopped in `_exit` for good there.
+  private static func retirements(_ jobs: [Job]) -> [(UInt, Int, Int)] {
+    jobs.compactMap { job in
+      if case .retire(let address, let size, let length) = job { (address, size, length) } else { nil }
+    }
+  }
+
+  private static func retire(_ chunks: [(UInt, Int, Int)]) {
+    for (address, size, length) in chunks { retire(UnsafeMutableRawPointer(bitPattern: address)!, size, length) }
   }
 
   /// Waits until the helper has run every job asked for and is waiting for the next: before the
