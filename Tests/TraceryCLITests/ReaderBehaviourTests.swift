@@ -119,10 +119,8 @@ import TraceryTestSupport
   /// function that declares it, a template's two instantiations, an overload pair.
   @Test func reportNeverMergesTwoFunctionsAndEveryNameFormSelects() throws {
     let directory = try TestSupport.temporaryDirectory("reader-cxx")
-    let program = directory.appendingPathComponent("cxxnames").path
-    try TestSupport.compile(
-      compiler: "clang++", sources: [RecordCommandTests.programs.appendingPathComponent("cxxnames.cpp").path],
-      flags: ["-O1", "-fpatchable-function-entry=5"], output: program)
+    let program = try RecordCommandTests.program(
+      "cxxnames", compiler: "clang++", flags: ["-O1", "-fpatchable-function-entry=5"], in: directory)
     let trace = directory.appendingPathComponent("trace")
     #expect(try RecordCommandTests.record(trace, [program], options: ["--no-libcall"]).stdout == "ok 6\n")
     let report = try run(["report", "-d", trace.path, "-s", "name"])

@@ -28,11 +28,14 @@ import TraceryTestSupport
     return output
   }
 
-  /// `Programs/NAME.c` built with `compiler` and exactly `flags` into `directory/NAME`.
+  /// `Programs/NAME.c` (`.cpp` for a C++ compiler, `.swift` for swiftc) built with `compiler` and
+  /// exactly `flags` into `directory/NAME`.
   static func program(_ name: String, compiler: String = "gcc", flags: [String], in directory: URL) throws -> String {
     let output = directory.appendingPathComponent(name).path
+    let suffix = compiler == "swiftc" ? "swift" : compiler.hasSuffix("++") ? "cpp" : "c"
     try TestSupport.compile(
-      compiler: compiler, sources: [programs.appendingPathComponent("\(name).c").path], flags: flags, output: output)
+      compiler: compiler, sources: [programs.appendingPathComponent("\(name).\(suffix)").path], flags: flags,
+      output: output)
     return output
   }
 

@@ -234,10 +234,8 @@ import TraceryTestSupport
   @Test func aBacktraceInADestructorDuringAnUnwind() throws {
     let directory = try TestSupport.temporaryDirectory("reliability-dtorlog")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let program = directory.appendingPathComponent("dtorlog").path
-    try TestSupport.compile(
-      compiler: "g++", sources: [RecordCommandTests.programs.appendingPathComponent("dtorlog.cpp").path],
-      flags: ["-O2", "-fpatchable-function-entry=5"], output: program)
+    let program = try RecordCommandTests.program(
+      "dtorlog", compiler: "g++", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
     let trace = directory.appendingPathComponent("trace")
     let recorded = try RecordCommandTests.record(trace, [program])
     #expect(recorded.status == 0 && recorded.stdout == "sum 6 caught 3\n", "\(recorded.stdout) \(recorded.stderr)")

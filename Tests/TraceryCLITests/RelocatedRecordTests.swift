@@ -218,10 +218,8 @@ import TraceryTestSupport
   @Test func aSwiftConcurrencyProgramIsRecordedWithItsLibraries() throws {
     let directory = try TestSupport.temporaryDirectory("record-swift-async")
     defer { try? FileManager.default.removeItem(at: directory) }
-    let program = directory.appendingPathComponent("asyncmix").path
-    try TestSupport.compile(
-      compiler: "swiftc", sources: [RecordCommandTests.programs.appendingPathComponent("asyncmix.swift").path],
-      flags: ["-O", "-parse-as-library"], output: program)
+    let program = try RecordCommandTests.program(
+      "asyncmix", compiler: "swiftc", flags: ["-O", "-parse-as-library"], in: directory)
     let untraced = try TestSupport.run(program, [])
     #expect(untraced.status == 0 && untraced.stdout == "total 560507 recurse 288598 count 20\n", "\(untraced.stdout)")
     let trace = directory.appendingPathComponent("trace")

@@ -35,6 +35,35 @@ enum TailFixture {
   static func events() -> [(kind: Int32, site: UInt64, depth: UInt64, value: Int)] {
     GraphFixture.events.map { ($0.kind, $0.site, $0.depth, Int(bitPattern: UInt($0.return_value))) }
   }
+
+  /// Expects `events` to be two runs of a chain through `functions` (each entered at the next
+  /// depth, then all left in reverse), named by their sites.
+  static func expectTwoChains(_ events: [(kind: Int32, site: UInt64, depth: UInt64, value: Int)], _ functions: [UInt64])
+  {
+    let sites = functions.map(PatchSite.afterEndbr64)
+    let kinds = Array(repeating: Int32(1), count: sites.count) + Array(repeating: Int32(2), count: sites.count)
+    let depths = (0..<UInt64(sites.count)).map { $0 }
+    #expect(events.map(\.kind) == kinds + kinds)
+    #expect(events.map(\.depth) == depths + depths.reversed() + depths + depths.reversed())
+    #expect(events.map(\.site) == sites + sites.reversed() + sites + sites.reversed())
+  }
+}
+
+/// The Swift async convention's C fixtures (tail_fixtures.h): run calls mid, which tail-calls
+/// leaf; with patch sites, or without (`plain`).
+struct AsyncFixture {
+  let run: TailFixture.Unary
+  /// run, mid, leaf.
+  let functions: [UInt64]
+  var mid: UnsafeRawPointer { UnsafeRawPointer(bitPattern: UInt(functions[1]))! }
+
+  init(plain: Bool) {
+    var mid: UnsafeRawPointer?
+    var leaf: UnsafeRawPointer?
+    let run = tracery_async_functions(plain ? 1 : 0, &mid, &leaf)
+    self.run = plain ? tracery_async_plain_run : tracery_async_run
+    functions = [run, mid, leaf].map { UInt64(UInt(bitPattern: $0)) }
+  }
 }
 
 extension PatchingTests {
@@ -100,30 +129,23 @@ extension PatchingTests {
     /// traced through its relocated prologue or an int3: the images that keep every register).
     @Test(arguments: [false, true])
     func swiftAsyncFunctionsReturnThroughTheGraph(withoutPatchSites: Bool) throws {
-      var mid: UnsafeRawPointer?
-      var leaf: UnsafeRawPointer?
-      let run = tracery_async_functions(withoutPatchSites ? 1 : 0, &mid, &leaf)
-      let functions = [run, mid, leaf].map { UInt64(UInt(bitPattern: $0)) }
+      let fixture = AsyncFixture(plain: withoutPatchSites)
+      let functions = fixture.functions
       #expect(TailFixture.jumps(functions[1], functions[2]))
       let tracer = Tracer()
       tracer.relocatesPrologues = withoutPatchSites
       let link = try GraphFixture.attachRecording(tracer, to: .addresses(functions), cookie: 5)
       defer { link.detach() }
-      let call = withoutPatchSites ? tracery_async_plain_run : tracery_async_run
       tracery_graph_events_reset()
-      #expect(call(5) == 10)
-      #expect(call(-1) == 4)
+      #expect(fixture.run(5) == 10)
+      #expect(fixture.run(-1) == 4)
       #expect(GraphThreads.depth == 0)
       let events = TailFixture.events()
-      let sites = functions.map(PatchSite.afterEndbr64)
-      let once: [UInt64] = sites + sites.reversed()
-      #expect(events.map(\.kind) == [1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2])
-      #expect(events.map(\.depth) == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0])
-      #expect(events.map(\.site) == once + once)
+      TailFixture.expectTwoChains(events, functions)
       #expect(events.filter { $0.kind == 2 && $0.depth == 0 }.map(\.value) == [10, 4])
       // Called as the executor calls: the word above the return address is the caller's (before,
       // the return wrote the real return address over it).
-      #expect(tracery_async_checked_call(5, mid, 0, 8) == 10)
+      #expect(tracery_async_checked_call(5, fixture.mid, 0, 8) == 10)
       #expect(GraphThreads.depth == 0)
     }
 
@@ -147,12 +169,9 @@ extension PatchingTests {
     }
 
     static func movedReturnAddresses(down: Bool) throws {
-      var mid: UnsafeRawPointer?
-      var leaf: UnsafeRawPointer?
-      _ = tracery_async_functions(1, &mid, &leaf)
       typealias Asm = @convention(c) () -> Void
       let first = down ? [tracery_async_grower as Asm, tracery_async_mover] : [tracery_async_mover as Asm]
-      let functions = first.map { entryAddress($0) } + [UInt64(UInt(bitPattern: leaf))]
+      let functions = first.map { entryAddress($0) } + [AsyncFixture(plain: true).functions[2]]
       let callee = UnsafeRawPointer(bitPattern: UInt(functions[0]))
       // The mover takes an argument (2 here) and pops 24; the grower passes 2 itself and pops 8.
       let (argument, popped) = down ? (0, 8) : (2, 24)
@@ -165,15 +184,7 @@ extension PatchingTests {
       #expect(tracery_async_checked_call(5, callee, argument, popped) == 10)
       #expect(tracery_async_checked_call(1, callee, argument, popped) == 6)
       #expect(GraphThreads.depth == 0)
-      let events = TailFixture.events()
-      let sites = functions.map(PatchSite.afterEndbr64)
-      let once: [UInt64] = sites + sites.reversed()
-      let depths = Array(0..<functions.count)
-      let kinds =
-        Array(repeating: Int32(1), count: functions.count) + Array(repeating: Int32(2), count: functions.count)
-      #expect(events.map(\.kind) == kinds + kinds)
-      #expect(events.map(\.depth) == (depths + depths.reversed() + depths + depths.reversed()).map(UInt64.init))
-      #expect(events.map(\.site) == once + once)
+      TailFixture.expectTwoChains(TailFixture.events(), functions)
     }
 
     /// Exit handlers on functions that return with `ret 8` (Swift's async convention): the
@@ -182,20 +193,18 @@ extension PatchingTests {
     /// and it crashed). Per-function trampolines, with and without patch sites, and multi-attach.
     @Test(arguments: [false, true])
     func exitHandlersOnFunctionsThatPopTheirArgumentArea(withoutPatchSites: Bool) throws {
-      var mid: UnsafeRawPointer?
-      var leaf: UnsafeRawPointer?
-      _ = tracery_async_functions(withoutPatchSites ? 1 : 0, &mid, &leaf)
-      let functions = [mid, leaf].map { UInt64(UInt(bitPattern: $0)) }
+      let fixture = AsyncFixture(plain: withoutPatchSites)
+      let functions = Array(fixture.functions.dropFirst())
       let tracer = Tracer()
       tracer.relocatesPrologues = withoutPatchSites
-      let call = withoutPatchSites ? tracery_async_plain_run : tracery_async_run
+      let call = fixture.run
       let model = FunctionModel(integerArguments: 1, stackArgumentWords: 0, returns: .integer)
       let exits = try tracer.attach(.exit(Handlers.exit), to: .addresses(functions), cookie: 5, model: model)
       tracery_fixture_records_reset()
       #expect(call(5) == 10)
       #expect(call(7) == 12)
       #expect(records().map(\.function) == [functions[1], functions[0], functions[1], functions[0]])
-      #expect(tracery_async_checked_call(5, mid, 0, 8) == 10)
+      #expect(tracery_async_checked_call(5, fixture.mid, 0, 8) == 10)
       exits.detach()
       guard !withoutPatchSites else { return }
       for strategy in [MultiStrategy.global(.hash), .automatic] {
@@ -205,7 +214,7 @@ extension PatchingTests {
         #expect(call(5) == 10)
         #expect(call(7) == 12)
         #expect(records().count == 4)
-        #expect(tracery_async_checked_call(5, mid, 0, 8) == 10)
+        #expect(tracery_async_checked_call(5, fixture.mid, 0, 8) == 10)
         multi.detach()
       }
     }

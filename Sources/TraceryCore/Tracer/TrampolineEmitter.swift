@@ -365,9 +365,9 @@ struct TrampolineEmitter {
   /// Right after the body's call: jumps to `label` when the body returned with `ret 8`, popping
   /// 8 bytes above its return address as well (Swift's async functions do: `swiftasynccc`, whose
   /// callers take 8 off rsp after the call; the word is the caller's, and not written). rsp is
-  /// then 8 above the tracery_call. Exact either way: with every register kept, rsp was 16-byte aligned at the
-  /// call (`and rsp, -16`), so a popped return leaves it at 8 mod 16; otherwise the frame has a
-  /// fixed size below rbp (rbp is the body's to preserve). Flags only change.
+  /// then 8 above the tracery_call. Exact either way: with every register kept, rsp was 16-byte
+  /// aligned at the call (`and rsp, -16`), so a popped return leaves it at 8 mod 16; otherwise
+  /// the frame has a fixed size below rbp (rbp is the body's to preserve). Flags only change.
   private func putJumpIfBodyPopped(_ w: inout X86Writer, to label: Label) {
     if preservesAll {
       w.putTest(.rsp, immediate: 8)
