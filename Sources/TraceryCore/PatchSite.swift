@@ -49,6 +49,18 @@ public struct PatchSite: Sendable, Hashable {
   /// How many bytes of the function's code at `address` the branch replaces (at least 5).
   public let length: UInt8
   public let shape: Shape
+  /// A relocated site whose moved instructions run unchanged anywhere (`X86Relocator.check`'s
+  /// `verbatim`): its copy is their bytes and a `jmp` back, made without decoding them again.
+  public let movesVerbatim: Bool
+
+  init(function: UInt64, address: UInt64, resume: UInt64, length: UInt8, shape: Shape, movesVerbatim: Bool = false) {
+    self.function = function
+    self.address = address
+    self.resume = resume
+    self.length = length
+    self.shape = shape
+    self.movesVerbatim = movesVerbatim
+  }
 
   /// A compiler's 5-byte NOP at `address`, in the function that starts at `function`.
   public static func nop(at address: UInt64, function: UInt64? = nil) -> PatchSite {
@@ -131,6 +143,7 @@ public struct PatchSite: Sendable, Hashable {
     // Where the copy goes is not known yet: a trial at the site itself sizes the move.
     let body = UnsafeRawBufferPointer(rebasing: code[skip...])
     let length: Int
+    let verbatim: Bool
     switch Result(catching: { () throws(X86Relocator.Refusal) in
       try X86Relocator.check(body, at: address)
     }) {
@@ -140,6 +153,7 @@ public struct PatchSite: Sendable, Hashable {
         throw PatchSiteError(reason: "shorter than the 5-byte branch, and no padding follows it", category: .short)
       }
       length = relocation.length
+      verbatim = relocation.verbatim
     case .failure(let refusal):
       throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)", category: .unmovable(refusal))
     }
@@ -171,7 +185,9 @@ public struct PatchSite: Sendable, Hashable {
         reason: "its object's code (a branch, or a landing pad) enters the branch's 5 bytes at +\(target - entry)",
         category: .enteredFromElsewhere)
     }
-    return PatchSite(function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated)
+    return PatchSite(
+      function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated,
+      movesVerbatim: verbatim)
   }
 
   /// The trap site of the function at `entry` (`size` bytes, at least one instruction after its
@@ -205,9 +221,8 @@ public struct PatchSite: Sendable, Hashable {
   }
 
   private static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {
-    code.count >= X86Instruction.endbr64.count
-      && code.prefix(X86Instruction.endbr64.count).elementsEqual(
-        X86Instruction.endbr64)
+    // f3 0f 1e fa, read as one word (`afterEndbr64`).
+    code.count >= X86Instruction.endbr64.count && code.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3
   }
 
   /// How Tracery would trace the function whose code is `code` (its whole size) at `entry`, with
@@ -258,7 +273,8 @@ public struct PatchSite: Sendable, Hashable {
 
   /// This relocated or trap site with its copy at `copy`.
   func withCopy(at copy: UInt64) -> PatchSite {
-    PatchSite(function: function, address: address, resume: copy, length: length, shape: shape)
+    PatchSite(
+      function: function, address: address, resume: copy, length: length, shape: shape, movesVerbatim: movesVerbatim)
   }
 }
 

@@ -16,8 +16,11 @@ public struct PatchRequest: Sendable, Equatable {
   /// Packed 5-byte forms, or nil when the given bytes were not 5 (step 1 then fails the request).
   let expectedBytes: SiteBytes?
   let replacementBytes: SiteBytes?
-  /// The bytes as given, kept only when either is not 5 bytes long.
-  let malformed: [[UInt8]]?
+  /// How many bytes were given of each (at most 255 said), for step 1's refusal. (Counts, not
+  /// the arrays: a request holds no reference, so a batch's arrays of 50,000 are copied and
+  /// freed without visiting each request.)
+  private let expectedCount: UInt8
+  private let replacementCount: UInt8
   /// A trap site's target, or a relocated prologue's copy (`relocatedLength` not 0): one word,
   /// the two never go together (a request stays a few words).
   private let special: UInt64
@@ -34,8 +37,14 @@ public struct PatchRequest: Sendable, Equatable {
   /// does not follow it (`resume` elsewhere). A batch without any does no per-site work for them.
   var isSpecial: Bool { special != 0 || resume != site + UInt64(SiteBytes.length) }
 
-  public var expected: [UInt8] { malformed?[0] ?? expectedBytes!.bytes }
-  public var replacement: [UInt8] { malformed?[1] ?? replacementBytes!.bytes }
+  /// The bytes the site must hold, and those it gets: empty for a request not given 5 of each.
+  public var expected: [UInt8] { expectedBytes?.bytes ?? [] }
+  public var replacement: [UInt8] { replacementBytes?.bytes ?? [] }
+  /// Why step 1 refuses a request not given 5 bytes of each (nil: it was).
+  var malformed: String? {
+    guard expectedBytes == nil || replacementBytes == nil else { return nil }
+    return "a patch site is 5 bytes; got \(expectedCount) → \(replacementCount)"
+  }
 
   /// A request for a NOP site (`PatchSite.nop`); `init(patch:expected:replacement:)` for others.
   public init(site: UInt64, expected: [UInt8], replacement: [UInt8]) {
@@ -47,7 +56,8 @@ public struct PatchRequest: Sendable, Equatable {
     resume = patch.resume
     expectedBytes = SiteBytes(expected)
     replacementBytes = SiteBytes(replacement)
-    malformed = expected.count == 5 && replacement.count == 5 ? nil : [expected, replacement]
+    expectedCount = UInt8(clamping: expected.count)
+    replacementCount = UInt8(clamping: replacement.count)
     special = 0
     relocatedLength = 0
   }
@@ -60,7 +70,8 @@ public struct PatchRequest: Sendable, Equatable {
     self.resume = resume ?? PatchSite.nop(at: site).resume
     expectedBytes = expected
     replacementBytes = replacement
-    malformed = nil
+    expectedCount = 5
+    replacementCount = 5
     precondition(trapTarget == 0 || relocatedLength == 0, "a site is a trap site or a relocated one")
     special = relocatedLength == 0 ? trapTarget : relocatedCopy
     self.relocatedLength = relocatedLength
@@ -356,8 +367,7 @@ public final class TextPatcher: Sendable {
     var hint = 0
     for (index, request) in requests.enumerated() {
       guard let expected = request.expectedBytes, let replacement = request.replacementBytes else {
-        outcomes[index] = .failed(
-          "a patch site is 5 bytes; got \(request.expected.count) → \(request.replacement.count)")
+        outcomes[index] = .failed(request.malformed ?? "")
         continue
       }
       // Back to the original code of a site whose body does not follow it (relocated, trap):
@@ -495,7 +505,7 @@ public final class TextPatcher: Sendable {
     if !abandoned.isEmpty {
       // The request's expected bytes are what the site held before the batch.
       for index in abandoned.keys {
-        Self.pointer(all[index].address).pointee = requests[all[index].request].expected[0]
+        Self.pointer(all[index].address).pointee = requests[all[index].request].expectedBytes!.byte(0)
       }
       CoreSync.syncAllCores()
     }
@@ -587,7 +597,7 @@ public final class TextPatcher: Sendable {
     let site = request.site
     var code = Array(
       UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(request.relocatedLength) + 15))
-    code[0] = request.expected[0]
+    code[0] = request.expectedBytes!.byte(0)
     let relocation = code.withUnsafeBytes { raw in
       try? X86Relocator.relocate(raw, at: site, to: request.relocatedCopy, minimum: Int(request.relocatedLength))
     }

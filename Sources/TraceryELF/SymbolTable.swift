@@ -71,6 +71,10 @@ public struct SymbolTable: Sendable {
   public let orphanSites: [(object: Int, address: UInt64)]
   private let firstByName: [String: Int32]
   private let nextWithSameName: [Int32]
+  /// Each function's `Glob.head(of:)` its name: a glob's literal start is compared here, in one
+  /// contiguous array, before any name is read (names lie all over the heap: reading each one's
+  /// first byte was most of matching `tr_p*` over a process's functions).
+  private let nameHeads: [UInt64]
 
   public init(_ inputs: [Input]) throws(ELFError) {
     var objects: [Object] = []
@@ -101,11 +105,17 @@ public struct SymbolTable: Sendable {
     var firstByName: [String: Int32] = [:]
     firstByName.reserveCapacity(functions.count)
     var next = [Int32](repeating: -1, count: functions.count)
+    var heads = [UInt64](repeating: 0, count: functions.count)
     // Walk backwards so each chain lists its functions in address order.
     for index in functions.indices.reversed() {
       let previous = firstByName.updateValue(Int32(index), forKey: functions[index].name)
       next[index] = previous ?? -1
+      let name = functions[index].name.utf8
+      heads[index] =
+        name.withContiguousStorageIfAvailable(Glob.head(of:))
+        ?? Array(name.prefix(8)).withUnsafeBufferPointer(Glob.head(of:))
     }
+    self.nameHeads = heads
     self.objects = objects
     self.functions = functions
     self.orphanSites = orphans
@@ -193,7 +203,12 @@ public struct SymbolTable: Sendable {
   public func functions(matching glob: Glob) -> [Int] {
     if let literal = glob.literal { return functions(named: literal) }
     var result: [Int] = []
-    for index in functions.indices {
+    let head = glob.head
+    for index in functions.indices where nameHeads[index] & head.mask == head.value {
+      if head.decides {
+        result.append(index)
+        continue
+      }
       // In place, without a copy of the name (a retain and release each: most of the scan).
       let matched =
         functions[index].name.utf8.withContiguousStorageIfAvailable { glob.matches(utf8: $0) }

@@ -84,6 +84,13 @@ import TraceryTestSupport
     #expect(table.functions(matching: try Glob("fib")) == [fibIndex])
     let parse = table.functions(matching: try Glob("parse_[a-z]*")).map { table.functions[$0].name }
     #expect(parse == ["parse_number"])
+    // The table's prefilter (each name's first 8 bytes) agrees with matching every name.
+    for pattern in ["p*", "parse_*", "parse_nu*", "parse_number*", "*ib", "f?b", "m*n", "[a-f]*", "_*", "zz*", "?*"] {
+      let glob = try Glob(pattern)
+      let every = table.functions.indices.filter { glob.matches(table.functions[$0].name) }
+      #expect(table.functions(matching: glob) == every, "\(pattern)")
+      #expect(pattern == "zz*" || !every.isEmpty, "\(pattern)")
+    }
   }
 }
 
@@ -95,6 +102,9 @@ import TraceryTestSupport
     ("[abc]x", "dx", false), ("[a-c]*", "cat", true), ("[!a-c]*", "cat", false), ("[^a-c]*", "dog", true),
     ("\\*", "*", true), ("\\*", "a", false), ("[]]", "]", true), ("f[-]g", "f-g", true), ("*_[0-9]", "x_7", true),
     ("tr_f1*", "tr_f10", true), ("tr_f1*", "tr_f2", false), ("*.cold", "foo.cold", true),
+    ("*.cold", ".col", false), ("ab*ba", "aba", false), ("ab*ba", "abba", true), ("a?a", "a", false),
+    ("a?a", "aba", true), ("x*[0-9]y", "x7y", true), ("x*[0-9]y", "xy", false), ("ab", "abc", false),
+    ("ab", "ab", true), ("a*", "b", false), ("*b", "ab", true), ("*b", "ba", false),
   ])
   func matches(pattern: String, name: String, expected: Bool) throws {
     #expect(try Glob(pattern).matches(name) == expected, "\(pattern) ~ \(name)")

@@ -36,9 +36,11 @@ struct BulkLink {
   var viaStubs: Bool
   /// Entry links of relocated functions (built without a patch site): each site jumps to its
   /// own `PrologueStub` in `stubBlocks`, which holds the function's moved instructions; the
-  /// records are found by hash. `lengths` (parallel to `sites`) are the bytes each moved.
+  /// records are found by hash. `lengths` (parallel to `sites`) are the bytes each moved, and
+  /// `verbatim` whether they move unchanged (`PatchSite.movesVerbatim`).
   var relocated = false
   var lengths: [UInt8] = []
+  var verbatim: [Bool] = []
   var stubBlocks: [CodeImage]
   /// The records, `recordWords` words each; `recordOffsets[i]` is the word offset
   /// of the record of `sites[i]` (records do not move when sites leave).
@@ -74,7 +76,7 @@ struct BulkLink {
     guard relocated else { return .nop(at: sites[index], function: functions[index]) }
     return PatchSite(
       function: functions[index], address: sites[index], resume: resume(index), length: lengths[index],
-      shape: .relocated)
+      shape: .relocated, movesVerbatim: verbatim[index])
   }
 
   /// The request that patches the site at `index` (`attaching`) or puts its bytes back.
@@ -116,6 +118,7 @@ struct BulkLink {
     originals = filtered(originals)
     entries = filtered(entries)
     if !lengths.isEmpty { lengths = filtered(lengths) }
+    if !verbatim.isEmpty { verbatim = filtered(verbatim) }
     if !recordOffsets.isEmpty { recordOffsets = filtered(recordOffsets) }
   }
 }
@@ -177,6 +180,7 @@ extension Tracer {
         prologues.cookies.append(cookies[index])
         prologues.originals.append(original.raw)
         prologues.lengths.append(target.patch.length)
+        prologues.verbatim.append(target.patch.movesVerbatim)
         prologueTargets.append(index)
         continue
       }
@@ -466,19 +470,16 @@ extension Tracer {
     _ link: inout BulkLink, key: MultiKey, unreachable: inout [Int], report: inout TransactionReport,
     state: inout State
   ) {
-    var block: CodeArena.Block?
-    var bytes: [UInt8] = []
+    var code: CodeArena.Block.Writer?
     var trampoline: UInt64 = 0
     let most = link.relocated ? PrologueStub.maximumSize : MultiStub.size
     // Where a site's branch lands in its stub.
     let entryOffset = UInt64(link.relocated ? PrologueStub.entryOffset : 0)
     func finish() {
-      guard let allocated = block else { return }
-      let full = arena.trim(allocated, to: bytes.count)
-      full.write(bytes)
-      link.stubBlocks.append(CodeImage(block: full, length: bytes.count))
-      block = nil
-      bytes = []
+      guard let written = code else { return }
+      let full = arena.trim(written.block, to: written.count)
+      link.stubBlocks.append(CodeImage(block: full, length: written.count))
+      code = nil
     }
     func fail(_ index: Int, _ reason: String) {
       report.append(.init(function: link.names[index], address: link.functions[index], outcome: .failed(reason)))
@@ -486,14 +487,10 @@ extension Tracer {
       link.entries.append(0)
     }
     for (index, site) in link.sites.enumerated() {
-      if link.relocated {
-        bytes += repeatElement(
-          0xcc, count: (PrologueStub.alignment - bytes.count % PrologueStub.alignment) % PrologueStub.alignment)
+      if link.relocated, code != nil {
+        while code!.count % PrologueStub.alignment != 0, code!.room > 0 { code!.put(0xcc) }
       }
-      var stub = block.map { $0.address + UInt64(bytes.count) } ?? 0
-      if block == nil || bytes.count + most > block!.size
-        || SiteBytes.branch(0xe9, at: site, to: stub + entryOffset) == nil
-      {
+      if code == nil || code!.room < most || SiteBytes.branch(0xe9, at: site, to: code!.address + entryOffset) == nil {
         finish()
         do {
           // Room for the rest of the sites (at most a few thousand stubs a block); a block that
@@ -505,20 +502,20 @@ extension Tracer {
             arena.release(fresh)
             throw error
           }
-          block = fresh
-          stub = fresh.address
+          code = CodeArena.Block.Writer(fresh)
         } catch {
           fail(index, "\(error)")
           continue
         }
       }
+      let stub = code!.address
       let written =
         link.relocated
-        ? PrologueStub.append(
-          to: &bytes, at: stub, function: link.functions[index], site: site, length: link.lengths[index],
-          trampoline: trampoline)
+        ? PrologueStub.write(
+          to: &code!, function: link.functions[index], site: site, length: link.lengths[index],
+          verbatim: link.verbatim[index], trampoline: trampoline)
         : MultiStub.bytes(at: stub, patch: .nop(at: site, function: link.functions[index]), trampoline: trampoline)
-          .map { bytes += $0 } != nil
+          .map { code!.put($0) } != nil
       guard written else {
         // The trampoline was placed near the block's start; far into a large block, place another
         // (and a relocated copy whose operands cannot reach from here stays untraced).

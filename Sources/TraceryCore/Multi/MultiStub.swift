@@ -68,27 +68,37 @@ enum PrologueStub {
   /// (`Tracer.relocatedCopy`'s block).
   static let maximumSize = copyOffset + 128
 
-  /// Appends to `bytes` the stub for the relocated site `site` of the function at `function` (its
-  /// first `length` bytes move), calling `trampoline`, its first byte to land at `address`; false
-  /// (and `bytes` as it was) when the copy cannot be made there or a branch is out of reach.
-  static func append(
-    to bytes: inout [UInt8], at address: UInt64, function: UInt64, site: UInt64, length: UInt8, trampoline: UInt64
+  /// Writes the stub for the relocated site `site` of the function at `function` (its first
+  /// `length` bytes move; `verbatim`: unchanged, `PatchSite.movesVerbatim`), calling
+  /// `trampoline`, at `code`'s next byte (`maximumSize` bytes of room); false (and nothing
+  /// written) when the copy cannot be made there or a branch is out of reach.
+  static func write(
+    to code: inout CodeArena.Block.Writer, function: UInt64, site: UInt64, length: UInt8, verbatim: Bool,
+    trampoline: UInt64
   ) -> Bool {
-    let start = bytes.count
+    let start = code.count
+    let copy = code.address + UInt64(copyOffset)
     // The same instructions as when the site was chosen: those covering its length (the
     // patcher relocates them again with the same bytes to move threads into the copy).
-    let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(length) + 15)
-    guard let call = X86Writer.rel32(from: address + UInt64(copyOffset), to: trampoline) else { return false }
-    withUnsafeBytes(of: function.littleEndian) { bytes.append(contentsOf: $0) }
-    withUnsafeBytes(of: site.littleEndian) { bytes.append(contentsOf: $0) }
-    bytes.append(0xe8)
-    withUnsafeBytes(of: call.littleEndian) { bytes.append(contentsOf: $0) }
-    do {
-      let moved = try X86Relocator.relocate(
-        code, at: site, to: address + UInt64(copyOffset), minimum: Int(length), appendingTo: &bytes)
-      if moved.length == Int(length) { return true }
-    } catch {}
-    bytes.removeSubrange(start...)
+    let moving = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(length) + 15)
+    guard let call = X86Writer.rel32(from: copy, to: trampoline) else { return false }
+    code.putLE(function)
+    code.putLE(site)
+    code.put(0xe8)
+    code.putLE(call)
+    if verbatim {
+      if X86Relocator.putVerbatim(moving, at: site, length: Int(length), to: copy, into: &code) { return true }
+    } else {
+      do {
+        var bytes: [UInt8] = []
+        let moved = try X86Relocator.relocate(moving, at: site, to: copy, minimum: Int(length), appendingTo: &bytes)
+        if moved.length == Int(length) {
+          code.put(bytes)
+          return true
+        }
+      } catch {}
+    }
+    code.count = start
     return false
   }
 }

@@ -1,3 +1,5 @@
+import TraceryX86
+
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -106,12 +108,12 @@ final class UnwindInfo: @unchecked Sendable {
     pad(&cie)
 
     var result: [UInt8] = []
-    result.appendLittleEndian(UInt32(cie.count))
+    result.appendLE(UInt32(cie.count))
     result += cie
     for entry in entries {
       let fde = self.fde(
         start: entry.start, length: entry.length, frame: entry.frame, ciePointer: UInt32(result.count + 4))
-      result.appendLittleEndian(UInt32(fde.count))
+      result.appendLE(UInt32(fde.count))
       result += fde
     }
     result += [0, 0, 0, 0]
@@ -121,13 +123,13 @@ final class UnwindInfo: @unchecked Sendable {
   /// One FDE body; `ciePointer` is the distance from its CIE-pointer field back to the CIE.
   private static func fde(start: UInt64, length: Int, frame: Frame, ciePointer: UInt32) -> [UInt8] {
     var fde: [UInt8] = []
-    fde.appendLittleEndian(ciePointer)
-    fde.appendLittleEndian(start)
-    fde.appendLittleEndian(UInt64(length))
+    fde.appendLE(ciePointer)
+    fde.appendLE(start)
+    fde.appendLE(UInt64(length))
     fde += [0]  // no augmentation data
     func advance(_ delta: Int) {
       fde += [DW_CFA_advance_loc2]
-      fde.appendLittleEndian(UInt16(delta))
+      fde.appendLE(UInt16(delta))
     }
     switch frame {
     case .framePointer(let epilogueStart, let epilogueEnd):
@@ -165,11 +167,5 @@ final class UnwindInfo: @unchecked Sendable {
   /// Pads a record body with DW_CFA_nop so that length field + body is a multiple of 8.
   private static func pad(_ body: inout [UInt8]) {
     while (body.count + 4) % 8 != 0 { body.append(0) }
-  }
-}
-
-extension Array where Element == UInt8 {
-  fileprivate mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
-    Swift.withUnsafeBytes(of: value.littleEndian) { append(contentsOf: $0) }
   }
 }

@@ -64,6 +64,9 @@ struct PatchBench {
       report.figure(name: "unpatch", n: size, nsPerItem: median(unpatchSamples) / Double(size))
     }
     try attachEvery(report, prefix: "tr_f", shape: .nop, name: "attach", detachName: "detach")
+    if report.wants("attach-multi") || report.wants("detach-multi") {
+      try attachMultiEvery(report, handle: handle, prefix: "tr_f", shape: .nop, name: "multi")
+    }
     guard
       ["attach-relocated", "detach-relocated", "attach-multi-relocated", "detach-multi-relocated"].contains(
         where: report.wants)
@@ -80,17 +83,22 @@ struct PatchBench {
       try attachEvery(
         report, prefix: "tr_p", shape: .relocated, name: "attach-relocated", detachName: "detach-relocated")
     }
-    try attachMultiRelocated(report, handle: plainHandle)
+    try attachMultiEvery(report, handle: plainHandle, prefix: "tr_p", shape: .relocated, name: "multi-relocated")
   }
 
-  /// `attach-multi-relocated`/`detach-multi-relocated`: the same 50,000 relocated functions,
-  /// one entry handler through the multi-attach global strategy (a bulk link: each function's
-  /// first instructions moved into its prologue stub, the records found by hash). Each run then
-  /// calls every function once through the object's table: the handler must have counted
-  /// 50,000 calls and every function returned what it does untraced.
-  func attachMultiRelocated(_ report: BenchReport, handle: UnsafeMutableRawPointer) throws {
+  /// `attach-multi`/`detach-multi` (`-relocated`): the 50,000 functions named `prefix*`, one
+  /// entry handler through the multi-attach global strategy, by one glob (a bulk link: the
+  /// records found by hash; relocated, each function's first instructions moved into its
+  /// prologue stub). The NOP-site figure is the relocated one's floor: the same resolve, link and
+  /// patch batch, without deciding, moving and stubbing prologues. Each run then calls every
+  /// function once through the object's table: the handler must have counted 50,000 calls and
+  /// every function returned what it does untraced.
+  func attachMultiEvery(
+    _ report: BenchReport, handle: UnsafeMutableRawPointer, prefix: String, shape: PatchSite.Shape, name: String
+  ) throws {
     let tracer = Tracer.shared
-    let table = dlsym(handle, "tr_ptable")!.assumingMemoryBound(to: (@convention(c) (Int) -> Int).self)
+    let symbol = prefix == "tr_f" ? "tr_table" : "tr_ptable"
+    let table = dlsym(handle, symbol)!.assumingMemoryBound(to: (@convention(c) (Int) -> Int).self)
     let model = FunctionModel(integerArguments: 1)
     let count = Self.functionCount
     let expected = (0..<count).map { table[$0](7) }
@@ -99,25 +107,30 @@ struct PatchBench {
     tracer.reloadSymbols()
     // Loads the symbol table of the whole process once, outside the timing.
     try tracer.attachMulti(
-      TriggerBench.countingHandlers[.entry]!, to: .name("tr_p0"), cookie: { _ in 0 }, model: model,
+      TriggerBench.countingHandlers[.entry]!, to: .name("\(prefix)0"), cookie: { _ in 0 }, model: model,
       strategy: .global(.hash)
     ).detach()
     var attachSamples: [Double] = []
     var detachSamples: [Double] = []
-    for _ in 0..<max(1, min(runs, 3)) {
+    for _ in 0..<max(1, runs) {
       var link: MultiLink?
       counter.pointee = 0
       let cookie = UInt64(UInt(bitPattern: counter))
       attachSamples.append(
         try time {
           link = try tracer.attachMulti(
-            TriggerBench.countingHandlers[.entry]!, to: .glob("tr_p*"), cookie: { _ in cookie }, model: model,
+            TriggerBench.countingHandlers[.entry]!, to: .glob("\(prefix)*"), cookie: { _ in cookie }, model: model,
             strategy: .global(.hash))
         })
-      guard let link, link.sites.count == count, tracer.siteShapes[.relocated] == nil else {
+      // Every function in the bulk link (none traced outside it), its site calling the global
+      // trampoline (a NOP site) or jumping to its prologue stub (relocated).
+      let opcode: UInt8 = shape == .nop ? 0xe8 : 0xe9
+      guard let link, link.sites.count == count, tracer.siteShapes.isEmpty,
+        link.sites.allSatisfy({ UnsafePointer<UInt8>(bitPattern: UInt($0))!.pointee == opcode })
+      else {
         throw UserError(
-          "multi-attached to \(link?.sites.count ?? 0) functions (\(tracer.siteShapes[.relocated] ?? 0) "
-            + "relocated outside the bulk link), expected \(count) in it")
+          "multi-attached to \(link?.sites.count ?? 0) functions (\(tracer.siteShapes) outside the bulk link), "
+            + "expected \(count) \(shape) sites in it")
       }
       let wrong = (0..<count).filter { table[$0](7) != expected[$0] }.count
       guard wrong == 0, counter.pointee == UInt64(count) else {
@@ -126,8 +139,8 @@ struct PatchBench {
       detachSamples.append(time { _ = link.detach() })
       tracer.reclaim()
     }
-    report.figure(name: "attach-multi-relocated", n: count, nsPerItem: median(attachSamples) / Double(count))
-    report.figure(name: "detach-multi-relocated", n: count, nsPerItem: median(detachSamples) / Double(count))
+    report.figure(name: "attach-\(name)", n: count, nsPerItem: median(attachSamples) / Double(count))
+    report.figure(name: "detach-\(name)", n: count, nsPerItem: median(detachSamples) / Double(count))
   }
 
   /// `attach`/`detach` (and `-relocated`): one entry handler attached to every generated function

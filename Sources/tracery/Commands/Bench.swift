@@ -12,7 +12,10 @@ struct Bench: ParsableCommand {
       (hash and padding), also with all 50,000 functions of a generated object attached (with the \
       attach and detach time and record bytes per function), each beside the untraced call measured just before.
         patch   time to patch and unpatch 1,000 / 10,000 / 50,000 live sites in one batch each, \
-      to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names.
+      to load the ELF and build the symbol table of 50,000 functions, and to match a glob over all names; \
+      to attach one entry handler to all 50,000 by one glob and detach it, per function (attach) and \
+      as one multi-attach bulk link (attach-multi), at their NOP sites and (-relocated) by moving the \
+      prologues of 50,000 functions built without NOPs.
         graph   ns per call of the same function with 1 and 3 function-graph users (entry+exit; one \
       user also with the function's model, and with handlers that promise no vector registers), an \
       entry-only and an entry+exit fprobe, one ops through its own trampoline, and 1, 2 and 10 ops through \
