@@ -333,6 +333,15 @@ extension Tracer {
     let block = try arena.allocate(near: patch.address, size: 128)
     do {
       let code = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(patch.address)), count: size)
+      if patch.movesVerbatim {
+        // Their bytes and a jump back, without decoding them again (a traced program's start
+        // relocates tens of thousands).
+        var copy = CodeArena.Block.Writer(block)
+        guard
+          X86Relocator.putVerbatim(code, at: patch.address, length: Int(patch.length), to: block.address, into: &copy)
+        else { throw AttachError.codeMemory("the relocated copy cannot jump back") }
+        return (patch.withCopy(at: block.address), CodeImage(block: block, length: copy.count))
+      }
       // The same instructions as when the site was chosen: those covering its length.
       let relocation = try X86Relocator.relocate(
         code, at: patch.address, to: block.address, minimum: Int(patch.length))
