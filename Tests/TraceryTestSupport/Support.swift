@@ -50,11 +50,21 @@ public enum TestSupport {
     public let stderr: String
   }
 
-  /// Runs `executable` with `arguments` and returns its status and output.
+  /// How long `run` lets a process (and what it started) run before it kills them all:
+  /// `TRACERY_TEST_TIMEOUT` seconds, else 15 minutes (the longest test, building the corpus
+  /// programs, takes ~3). A hung traced child (a deadlock at fork, say) then fails its test
+  /// instead of holding the whole suite until CI's limit.
+  public static let processTimeout: Double =
+    ProcessInfo.processInfo.environment["TRACERY_TEST_TIMEOUT"].flatMap(Double.init) ?? 900
+
+  /// Runs `executable` with `arguments` and returns its status and output. Past `timeout`
+  /// seconds the process and every process it started are killed (SIGKILL), and the result's
+  /// standard error says so.
   @discardableResult
-  public static func run(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws
-    -> ProcessResult
-  {
+  public static func run(
+    _ executable: String, _ arguments: [String], environment: [String: String]? = nil,
+    timeout: Double = processTimeout
+  ) throws -> ProcessResult {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -64,6 +74,8 @@ public enum TestSupport {
     process.standardOutput = out
     process.standardError = err
     try process.run()
+    // Killed with every descendant: a grandchild that hangs keeps the pipes open.
+    let watchdog = Watchdog(pid: process.processIdentifier, timeout: timeout)
     // Read both pipes fully before waiting, so a chatty child never blocks on a full pipe.
     let errData = LockedData()
     let errThread = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
@@ -71,9 +83,12 @@ public enum TestSupport {
     let outData = out.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
     while !errData.done { usleep(1000) }
+    let timedOut = watchdog.stop()
     return ProcessResult(
       status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-      stderr: String(decoding: errData.value, as: UTF8.self))
+      stderr: String(decoding: errData.value, as: UTF8.self)
+        + (timedOut
+          ? "\n[TestSupport.run: \(executable) ran past \(timeout) s; it and its descendants were killed]\n" : ""))
   }
 
   /// Runs `executable` with its standard output into `output` (a file path) and returns its
@@ -189,5 +204,64 @@ private final class LockedData: @unchecked Sendable {
     lock.lock()
     defer { lock.unlock() }
     return data
+  }
+}
+
+/// Kills a process and all its descendants once `timeout` seconds have passed, unless stopped
+/// first (`TestSupport.run`). Its thread polls ten times a second.
+private final class Watchdog: @unchecked Sendable {
+  // @unchecked: `stopped` and `fired` are touched under `lock` only.
+  private let lock = NSLock()
+  private var stopped = false
+  private var fired = false
+
+  init(pid: Int32, timeout: Double) {
+    let deadline = Date().addingTimeInterval(timeout)
+    Thread { [self] in
+      while true {
+        usleep(100_000)
+        lock.lock()
+        defer { lock.unlock() }
+        if stopped { return }
+        if Date() >= deadline {
+          fired = true
+          Self.killTree(pid)
+          return
+        }
+      }
+    }.start()
+  }
+
+  /// Stops watching; whether it had killed the process.
+  func stop() -> Bool {
+    lock.lock()
+    defer { lock.unlock() }
+    stopped = true
+    return fired
+  }
+
+  /// SIGKILL to `root` and every process descending from it, found through /proc (all of them
+  /// first: a process killed first would leave its children to init).
+  static func killTree(_ root: Int32) {
+    var parents: [Int32: Int32] = [:]
+    for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+      guard let pid = Int32(entry),
+        let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+        let close = stat.lastIndex(of: ")")
+      else { continue }
+      // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+      let fields = stat[stat.index(after: close)...].split(separator: " ")
+      if fields.count > 1, let parent = Int32(fields[1]) { parents[pid] = parent }
+    }
+    var tree: Set<Int32> = [root]
+    var grew = true
+    while grew {
+      grew = false
+      for (pid, parent) in parents where tree.contains(parent) && !tree.contains(pid) {
+        tree.insert(pid)
+        grew = true
+      }
+    }
+    for pid in tree { kill(pid, SIGKILL) }
   }
 }
