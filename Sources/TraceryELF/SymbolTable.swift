@@ -71,7 +71,7 @@ public struct SymbolTable: Sendable {
   public let orphanSites: [(object: Int, address: UInt64)]
   private let firstByName: [String: Int32]
   private let nextWithSameName: [Int32]
-  /// Each function's `Glob.head(of:)` its name: a glob's literal start is compared here, in one
+  /// `Glob.head(of:)` of each function's name: a glob's literal start is compared here, in one
   /// contiguous array, before any name is read (names lie all over the heap: reading each one's
   /// first byte was most of matching `tr_p*` over a process's functions).
   private let nameHeads: [UInt64]

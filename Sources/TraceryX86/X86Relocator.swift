@@ -105,7 +105,7 @@ public enum X86Relocator {
   /// What `relocate(_:at:to:minimum:)` would refuse, or the `length` and `movedEnd` of its copy,
   /// without making it (a copy at the code itself, where every target is in reach: choosing
   /// which functions to relocate). `verbatim`: the copy would be the moved bytes unchanged and
-  /// the `jmp` back (`appendVerbatim`): no moved instruction branches, calls or addresses
+  /// the `jmp` back (`putVerbatim`): no moved instruction branches, calls or addresses
   /// memory relative to rip, and no padding is taken.
   public static func check(
     _ code: UnsafeRawBufferPointer, at address: UInt64, minimum: Int = 5
