@@ -77,16 +77,27 @@ extension ELFFile {
     var table = sections.first { $0.type == ELFConstants.SHT_SYMTAB && $0.size > 0 }
     if table == nil { table = sections.first { $0.type == ELFConstants.SHT_DYNSYM } }
     guard let table else { return [] }
+    // In place, names compared only between symbols at one address: copies of the symbols (a
+    // filtered array, tuples of value and name in the sort's comparisons, the last one kept)
+    // retained each name again and again, a sixth of building a large program's symbol table.
     var functions = try symbols(in: table) { type, sectionIndex, value in
       Symbol.isDefinedFunction(type: type, sectionIndex: sectionIndex, value: value)
-    }.filter { !$0.name.isEmpty }
-    functions.sort { ($0.value, $0.name) < ($1.value, $1.name) }
-    var unique: [Symbol] = []
-    unique.reserveCapacity(functions.count)
-    for symbol in functions where unique.last.map({ $0.value != symbol.value || $0.name != symbol.name }) ?? true {
-      unique.append(symbol)
     }
-    return unique
+    functions.removeAll { $0.name.isEmpty }
+    functions.sort { $0.value != $1.value ? $0.value < $1.value : $0.name < $1.name }
+    // Each (address, name) once.
+    var kept = 0
+    for index in functions.indices {
+      if kept > 0, functions[kept - 1].value == functions[index].value,
+        functions[kept - 1].name == functions[index].name
+      {
+        continue
+      }
+      if kept != index { functions.swapAt(kept, index) }
+      kept += 1
+    }
+    functions.removeLast(functions.count - kept)
+    return functions
   }
 
   private func linkedStringTable(of section: Section) throws(ELFError) -> (start: Int, end: Int) {

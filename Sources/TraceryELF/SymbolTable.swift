@@ -99,7 +99,8 @@ public struct SymbolTable: Sendable {
         own.sort { $0.address < $1.address }
       }
       Self.attach(sites: sites, bias: input.bias, to: &own) { orphans.append((objectIndex, $0)) }
-      functions.append(contentsOf: own)
+      // (The first object's array is taken as it is: appending copies, a retain per name.)
+      if functions.isEmpty { functions = own } else { functions.append(contentsOf: own) }
     }
     functions.sort { $0.address < $1.address }
     var firstByName: [String: Int32] = [:]
@@ -108,12 +109,12 @@ public struct SymbolTable: Sendable {
     var heads = [UInt64](repeating: 0, count: functions.count)
     // Walk backwards so each chain lists its functions in address order.
     for index in functions.indices.reversed() {
-      let previous = firstByName.updateValue(Int32(index), forKey: functions[index].name)
+      let name = functions[index].name
+      let previous = firstByName.updateValue(Int32(index), forKey: name)
       next[index] = previous ?? -1
-      let name = functions[index].name.utf8
       heads[index] =
-        name.withContiguousStorageIfAvailable(Glob.head(of:))
-        ?? Array(name.prefix(8)).withUnsafeBufferPointer(Glob.head(of:))
+        name.utf8.withContiguousStorageIfAvailable(Glob.head(of:))
+        ?? Array(name.utf8.prefix(8)).withUnsafeBufferPointer(Glob.head(of:))
     }
     self.nameHeads = heads
     self.objects = objects
