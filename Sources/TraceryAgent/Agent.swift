@@ -96,6 +96,7 @@ enum Agent {
     mainProgram = main
     if environment.relocate || environment.nestLibraryCalls { keepEntryPoints(in: directory) }
     EventFile.helperThreadStarts = { _ = ctracery_swap_guard(1) }
+    EventFile.makePreparer()
     // Resolving the chosen sites below reads the same table.
     loadTracerSymbols()
     let table = Tracer.shared.symbols
@@ -508,6 +509,9 @@ enum Agent {
   static func afterFork() {
     let guardHeld = ctracery_swap_guard(1)
     defer { _ = ctracery_swap_guard(guardHeld) }
+    // Locks other threads of the parent may have held at the fork, before this child uses them.
+    configuration?.traceDirectory.forkedChild()
+    processFile?.forkedChild()
     let state = ctracery_thread_state()!
     state.pointee.owner = 0
     state.pointee.event_cursor = 0

@@ -72,6 +72,12 @@ public final class CheckedFile: @unchecked Sendable {
     return fstat(fd, &status) == 0 && UInt64(status.st_dev) == device && UInt64(status.st_ino) == inode
   }
 
+  /// In the child of a `fork`, before any other use there: the lock as if never taken. Another
+  /// thread of the parent may have held it at the fork (appending to the process file, making
+  /// its event file), and no thread of the child would ever release it (the forkthreads
+  /// reliability test's child hung in `close` so). Only the child's one thread runs then.
+  public func forkedChild() { pthread_mutex_init(lock, nil) }
+
   /// Closes the kept descriptor if it still is this file.
   public func close() {
     pthread_mutex_lock(lock)
@@ -97,6 +103,9 @@ public final class TraceDirectory: @unchecked Sendable {
     self.path = path
     self.directory = directory
   }
+
+  /// In the child of a `fork`: `CheckedFile.forkedChild`.
+  public func forkedChild() { directory.forkedChild() }
 
   /// `openat` of `name` in the directory; -1 when it cannot be reached or opened.
   public func open(_ name: String, _ flags: Int32, _ mode: mode_t = 0) -> Int32 {

@@ -310,6 +310,13 @@ public final class EventFile: @unchecked Sendable {
   /// thread's recursion guard: its calls are never the program's).
   nonisolated(unsafe) public static var helperThreadStarts: (() -> Void)?
 
+  /// Makes the chunk preparer now (its `fork` handlers registered with it), on the thread that
+  /// starts the agent, before the program's threads: made by the first thread to record, a
+  /// `fork` by another thread while that ran left the child waiting forever, at its exit, for an
+  /// initialization no thread of its finishes (`swift_once`: the forkthreads reliability test
+  /// hung in CI so).
+  public static func makePreparer() { _ = ChunkPreparer.shared }
+
   /// At process exit: seals the chunks other threads left that the helper has not sealed yet.
   public static func sealLeftChunks() { ChunkPreparer.shared.drain() }
 
