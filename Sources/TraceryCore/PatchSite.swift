@@ -214,10 +214,10 @@ public struct PatchSite: Sendable, Hashable {
 
   /// How many bytes from `address` a survey of a function of `size` bytes reads: for one
   /// shorter than the branch (and an `endbr64`), on to `next` (where the next function starts,
-  /// nil if none is known), at most 24 bytes past its end; else `size`.
-  public static func surveySpan(size: UInt64, to next: UInt64?, from address: UInt64) -> Int {
+  /// nil if none is known: looked for only then), at most 24 bytes past its end; else `size`.
+  public static func surveySpan(size: UInt64, to next: @autoclosure () -> UInt64?, from address: UInt64) -> Int {
     guard size < UInt64(SiteBytes.length + X86Instruction.endbr64.count) else { return Int(size) }
-    return Int(min(size + 24, next.map { $0 &- address } ?? .max))
+    return Int(min(size + 24, next().map { $0 &- address } ?? .max))
   }
 
   private static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {

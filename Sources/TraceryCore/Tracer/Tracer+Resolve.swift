@@ -236,8 +236,6 @@ extension Tracer {
   /// when they are all mapped executable; else nil.
   private static func paddingSpan(after index: Int, in table: SymbolTable, map: MemoryMap, hint: inout Int) -> Int? {
     let function = table.functions[index]
-    // (Most functions are long enough: no search for the next one.)
-    guard function.size < UInt64(SiteBytes.length + X86Instruction.endbr64.count) else { return nil }
     let span = PatchSite.surveySpan(size: function.size, to: table.nextStart(after: index), from: function.address)
     guard span > function.size, map.isExecutable(function.address, count: UInt64(span), hint: &hint) else {
       return nil
