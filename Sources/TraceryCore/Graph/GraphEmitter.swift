@@ -71,8 +71,11 @@ enum ThreadField: Int32, CaseIterable {
 ///
 /// Every `call` is paired with its `ret`, so the return-stack predictor stays right: the
 /// return handler's final `ret` goes to the real caller, which is what the caller's own `call`
-/// pushed on the predictor. (Swapping the return address in place, as the kernel does, made
-/// every traced return and every return above it mispredict: 30.8 ns per recorded call.)
+/// pushed on the predictor. (Swapping the return address in place, as the kernel does,
+/// mispredicts every traced return: built in C on the benchmark's generated program, the swap
+/// cost +13-15 ns a call where the stub's four taken branches cost +1-3 with 16 functions, and
+/// +15-16 against +18-20 with 2,000, whose branches no longer fit the branch target buffer:
+/// BENCHMARKS.md, session 19.)
 ///
 /// A shadow frame is `tracery_graph_frame` (336 bytes), which begins with the layout of a
 /// `tracery_call`: the handlers' `call` is the frame itself. The entry saves the argument

@@ -12,7 +12,10 @@ enum GeneratedProgram {
 
   /// `stamp(word)`: with TRACERY_FLOOR defined, what a recorded call's event costs at least
   /// (an `rdtsc`, two words into a small ring: no trampoline, no fresh pages); else nothing.
-  /// The benchmarks' C programs call it at each function's entry and before each return.
+  /// With TRACERY_FLOOR_BRANCHES too, two taken jumps follow, at their own addresses in every
+  /// copy (`stamp` is inlined): four a call, as many as a recorder's per-function code takes
+  /// (`Variant.floorBranches`). The benchmarks' C programs call it at each function's entry and
+  /// before each return.
   static let floorStamp = """
     #ifdef TRACERY_FLOOR
     static unsigned long ring[8192], position;
@@ -21,6 +24,9 @@ enum GeneratedProgram {
       __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
       ring[position++ & 8191] = word;
       ring[position++ & 8191] = (unsigned long)high << 32 | low;
+    #ifdef TRACERY_FLOOR_BRANCHES
+      __asm__ volatile("jmp 1f\\n.skip 8, 0xcc\\n1: jmp 2f\\n.skip 8, 0xcc\\n2:");
+    #endif
     }
     #else
     #define stamp(word) ((void)0)
@@ -80,23 +86,51 @@ enum GeneratedProgram {
     return text
   }
 
-  /// Builds the program into `directory` (once per source) and returns its path. `floor`: the
-  /// variant whose functions take the two time stamps of a recorded call themselves (inline
-  /// `rdtsc`, stored into a small ring), run untraced: the floor under any recorder that times
-  /// each call.
-  static func build(in directory: String, floor: Bool = false) throws -> String {
+  /// What `build` makes: the program, or a variant of it run untraced as a floor.
+  enum Variant: CaseIterable {
+    /// The program the tracers record.
+    case plain
+    /// Each function takes the two time stamps of a recorded call itself (inline `rdtsc`,
+    /// stored into a small ring): the floor under any recorder that times each call.
+    case floor
+    /// The floor, and four taken jumps per call besides, each at its own address in every
+    /// function: what the processor charges a program of this size for the branches of a
+    /// recorder's per-function code (a site's `jmp` to its stub, the stub's calls of the entry
+    /// and of the body, its `jmp` to the return code: `GraphEmitter`'s stub). The jumps go to
+    /// the next bytes but one, so they cost only their place in the branch predictor: ~1 ns a
+    /// call in a program of 16 functions, ~19 in this one (the bench's method, BENCHMARKS.md).
+    case floorBranches
+
+    var file: String {
+      switch self {
+      case .plain: "generated"
+      case .floor: "generated-floor"
+      case .floorBranches: "generated-floor-branches"
+      }
+    }
+
+    var flags: [String] {
+      switch self {
+      case .plain: []
+      case .floor: ["-DTRACERY_FLOOR"]
+      case .floorBranches: ["-DTRACERY_FLOOR", "-DTRACERY_FLOOR_BRANCHES"]
+      }
+    }
+  }
+
+  /// Builds the program's `variant` into `directory` (once per source) and returns its path.
+  static func build(in directory: String, variant: Variant = .plain) throws -> String {
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     let sourcePath = directory + "/generated.c"
-    let program = directory + (floor ? "/generated-floor" : "/generated")
+    let program = directory + "/" + variant.file
     let text = source
     if (try? String(contentsOfFile: sourcePath, encoding: .utf8)) != text {
       try text.write(toFile: sourcePath, atomically: true, encoding: .utf8)
-      for stale in ["/generated", "/generated-floor"] { try? FileManager.default.removeItem(atPath: directory + stale) }
+      for stale in Variant.allCases { try? FileManager.default.removeItem(atPath: directory + "/" + stale.file) }
     }
     if !FileManager.default.fileExists(atPath: program) {
       try GeneratedLibrary.clang(
-        ["-O2", "-fpatchable-function-entry=5"] + (floor ? ["-DTRACERY_FLOOR"] : []) + [sourcePath, "-o", program],
-        building: sourcePath)
+        ["-O2", "-fpatchable-function-entry=5"] + variant.flags + [sourcePath, "-o", program], building: sourcePath)
     }
     return program
   }

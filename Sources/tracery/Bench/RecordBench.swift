@@ -18,7 +18,10 @@ import TraceryRecord
 /// - `program-tracery`, `program-uftrace`: the generated program (`GeneratedProgram`: 2,200
 ///   distinct functions, a call tree and deep chains, ~4.2 M calls) timed whole, start-up
 ///   included, untraced and recorded; ns per recorded call over the untraced run.
-///   `program-floor`: its variant taking two time stamps per call inline (as `floor-timestamps`).
+///   `program-floor`: its variant taking two time stamps per call inline (as `floor-timestamps`);
+///   `program-floor-branches`: that variant with four taken jumps per call besides, at their own
+///   addresses in every function (`GeneratedProgram.Variant.floorBranches`): the floor under a
+///   recorder whose per-function code branches as Tracery's stubs do, in a program this size.
 /// - `libcall`, `libcall-uftrace`: 1,000,000 `strlen` calls through the PLT recorded (entries
 ///   checked against the program's count) and under `uftrace record --force`, beside the same
 ///   loop untraced.
@@ -160,10 +163,12 @@ struct RecordBench {
   /// The generated program, whole runs: untraced, recorded by the agent, recorded by uftrace.
   private func generatedProgram(_ report: BenchReport, uftrace: String?, agent: String, traces: String) throws {
     let program = try GeneratedProgram.build(in: cacheDirectory + "/generated")
-    let floorProgram = try GeneratedProgram.build(in: cacheDirectory + "/generated", floor: true)
+    let floorProgram = try GeneratedProgram.build(in: cacheDirectory + "/generated", variant: .floor)
+    let branchesProgram = try GeneratedProgram.build(in: cacheDirectory + "/generated", variant: .floorBranches)
     let arguments = ["16", "32"]
     var untraced: [Double] = []
     var floor: [Double] = []
+    var branches: [Double] = []
     var traced: [Double] = []
     var uftraced: [Double] = []
     var calls = 0
@@ -179,6 +184,12 @@ struct RecordBench {
         throw UserError("the generated program's floor variant failed or counted other calls: \(stamped.output)")
       }
       floor.append(stamped.seconds)
+      let branched = try MeasuredRun.run(branchesProgram, arguments)
+      guard branched.status == 0, GeneratedProgram.calls(in: branched.output) == calls else {
+        throw UserError(
+          "the generated program's floor-branches variant failed or counted other calls: \(branched.output)")
+      }
+      branches.append(branched.seconds)
       try? FileManager.default.removeItem(atPath: traces)
       try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
       let recorded = try MeasuredRun.run(
@@ -197,8 +208,11 @@ struct RecordBench {
       }
     }
     let baseline = median(untraced) * 1e9 / Double(calls)
-    for (name, samples) in [("program-floor", floor), ("program-tracery", traced), ("program-uftrace", uftraced)]
-    where !samples.isEmpty {
+    let figures = [
+      ("program-floor", floor), ("program-floor-branches", branches), ("program-tracery", traced),
+      ("program-uftrace", uftraced),
+    ]
+    for (name, samples) in figures where !samples.isEmpty {
       let perCall = median(samples) * 1e9 / Double(calls)
       report.figure(
         name: name, n: calls, nsPerItem: perCall, baseline: baseline,

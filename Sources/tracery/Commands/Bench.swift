@@ -23,7 +23,9 @@ struct Bench: ParsableCommand {
         record  ns per call of a recursive fib program untraced (the baseline), taking two time \
       stamps per call itself (the floor), recorded by the agent (every function; the trace's \
       entries checked against the program's count), and recorded by `uftrace record` when installed; a generated program of 2,200 functions (~4.2 M \
-      calls) timed whole, start-up included, untraced, recorded and under uftrace; and a parent \
+      calls) timed whole, start-up included, untraced, recorded and under uftrace, beside its floors \
+      (two time stamps per call inline; and with four taken jumps per call, the branches of a \
+      recorder's per-function code); and a parent \
       starting 50 children (patchable, and /bin/true), untraced and recorded: ms per child.
         read    replay, report and dump --chrome of a ~100 MB trace of the generated program: \
       seconds (ns per recorded call) and peak memory, beside uftrace's readers on its own trace of \
