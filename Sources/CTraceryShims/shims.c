@@ -356,6 +356,10 @@ long ctracery_shadow_threads(uint64_t *states, long capacity) {
   return count;
 }
 
+extern void *__libc_stack_end;
+
+uint64_t ctracery_libc_stack_end(void) { return (uint64_t)__libc_stack_end; }
+
 void ctracery_set_thread_stack(struct ctracery_thread *state) {
   state->stack_low = 0;
   state->stack_high = UINT64_MAX;

@@ -61,7 +61,9 @@ enum Agent {
 
   static func start() {
     guard let environment = AgentEnvironment.current() else { return }
-    start(environment, attaching: false)
+    // Before `main`: only this thread maps memory (a library's constructor may have started
+    // others; the reclaimer reads the map again for a thread whose stack it lacks).
+    Tracer.withMappingsFixed { start(environment, attaching: false) }
   }
 
   /// Attaches the recorder as `environment` asks. `attaching`: into a program that is already

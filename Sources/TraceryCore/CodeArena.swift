@@ -230,7 +230,7 @@ public final class CodeArena: Sendable {
     // Other threads may map memory between reading the map and mapping: retry a few times, the
     // first time with the last map read (`MemoryMap.recent`), then with fresh ones.
     for attempt in 0..<8 {
-      guard let hint = placement(near: near, size: UInt64(size), in: attempt == 0 ? .recent() : .current()) else {
+      guard let hint = placement(near: near, size: UInt64(size), in: attempt == 0 ? .recent() : .fresh()) else {
         if attempt == 0 { continue }
         break
       }
@@ -245,6 +245,10 @@ public final class CodeArena: Sendable {
       do {
         let alias = try System.mmap(
           at: nil, length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
+        MemoryMap.mapped([
+          .init(start: code, end: code + UInt64(size), readable: true, writable: false, executable: true),
+          .init(start: alias, end: alias + UInt64(size), readable: true, writable: true, executable: false),
+        ])
         return Slab(address: code, alias: alias, size: size, free: [(0, size)])
       } catch {
         System.munmap(code, size)
@@ -256,7 +260,7 @@ public final class CodeArena: Sendable {
 
   /// A page-aligned address for `size` bytes in the unmapped gap nearest to `near`, every byte
   /// within reach of it.
-  static func placement(near: UInt64, size: UInt64, in map: MemoryMap = .current()) -> UInt64? {
+  static func placement(near: UInt64, size: UInt64, in map: MemoryMap = .fresh()) -> UInt64? {
     let page = System.pageSize
     let low = near > reach ? System.pageEnd(near - reach) : page * 16
     let high = System.pageStart(min(near &+ reach, 0x7fff_ffff_f000) - size)

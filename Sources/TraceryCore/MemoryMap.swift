@@ -1,3 +1,4 @@
+import CTraceryShims
 import Synchronization
 
 /// The process's mappings as `/proc/self/maps` lists them, sorted by address. A snapshot: other
@@ -20,7 +21,17 @@ struct MemoryMap: Sendable {
   /// alternating. `isExecutable` runs once per site of a batch, so it searches this short list.
   private let executable: [UInt64]
 
+  /// The mappings now; inside `fixed(_:)`, on its thread, the one snapshot it took (with the
+  /// arena's slabs mapped since). For the patcher, the resolver, library calls and the
+  /// reclaimer's stack scan; the arena places its slabs by `recent` and `fresh`.
   static func current() -> MemoryMap {
+    let thread = ctracery_gettid()
+    let pinned = pin.withLock { pin in pin?.thread == thread ? pin?.map : nil }
+    return pinned ?? fresh()
+  }
+
+  /// The mappings now, read from `/proc` (~60 µs in a small traced process: 43 lines).
+  static func fresh() -> MemoryMap {
     let map = MemoryMap(parsing: System.readFile("/proc/thread-self/maps") ?? [])
     latest.withLock { $0 = map }
     return map
@@ -28,12 +39,40 @@ struct MemoryMap: Sendable {
 
   /// The last map any caller read (or a new one): for uses that a stale map cannot harm, such as
   /// choosing where to try a `MAP_FIXED_NOREPLACE` mapping (a miss is retried with a fresh map).
-  /// Each read costs ~30 µs in a small process: a traced process's start read three.
   static func recent() -> MemoryMap {
-    latest.withLock { $0 } ?? current()
+    latest.withLock { $0 } ?? fresh()
+  }
+
+  /// Runs `body` with one reading of the mappings, taken now, for every `current()` this thread
+  /// takes in it (a traced process's start read them three times: library calls, resolve, the
+  /// reclaimer's scan at the patch batch). Only where nothing else changes the mappings
+  /// meanwhile: no other thread runs (the agent's start, before `main`), and this one maps
+  /// nothing but the arena's slabs (`mapped` adds them) and changes protections only for the
+  /// span of a patch batch.
+  static func fixed<T>(_ body: () throws -> T) rethrows -> T {
+    let thread = ctracery_gettid()
+    let map = fresh()
+    pin.withLock { $0 = Pin(thread: thread, map: map) }
+    defer { pin.withLock { $0 = nil } }
+    return try body()
+  }
+
+  /// The arena mapped `regions` (a slab's code and its writable alias): a map `fixed` pinned
+  /// learns them, as a fresh reading would show them (whichever thread mapped them).
+  static func mapped(_ regions: [Region]) {
+    pin.withLock { pin in
+      guard let map = pin?.map else { return }
+      pin?.map = MemoryMap(regions: (map.regions + regions).sorted { $0.start < $1.start })
+    }
+  }
+
+  private struct Pin {
+    let thread: Int32
+    var map: MemoryMap
   }
 
   private static let latest = Mutex<MemoryMap?>(nil)
+  private static let pin = Mutex<Pin?>(nil)
 
   /// Parses the text of `/proc/PID/maps`: `start-end perms offset dev inode path` per line (only
   /// the range and permissions are kept). One pass over the bytes with no closures or captured
@@ -61,6 +100,11 @@ struct MemoryMap: Sendable {
       }
     }
     // The kernel lists mappings in address order.
+    self.init(regions: regions)
+  }
+
+  /// A map of `regions`, sorted by address and not overlapping.
+  private init(regions: [Region]) {
     self.regions = regions
     var executable: [UInt64] = []
     for region in regions where region.readable && region.executable {
@@ -100,6 +144,22 @@ struct MemoryMap: Sendable {
     }
     guard low > 0, address < regions[low - 1].end else { return nil }
     return regions[low - 1]
+  }
+
+  /// The main thread's stack as glibc's `pthread_getattr_np` computes it from `/proc/self/maps`
+  /// (nptl's pthread_getattr_np.c): it ends at the page after `stackEnd` (`__libc_stack_end`,
+  /// below the arguments and environment) and reaches down by the stack limit less what the
+  /// mapping holds above that page, page-aligned, no lower than the end of the mapping below.
+  /// nil when no mapping holds `stackEnd`.
+  func mainThreadStack(stackEnd: UInt64, limit: UInt64, pageSize: UInt64) -> (low: UInt64, high: UInt64)? {
+    guard let index = regions.firstIndex(where: { $0.start <= stackEnd && stackEnd < $0.end }) else { return nil }
+    let high = (stackEnd & ~(pageSize - 1)) + pageSize
+    let below = index > 0 ? regions[index - 1].end : 0
+    // Unsigned, as glibc's: a limit smaller than what lies above wraps, and the mapping below
+    // then bounds it.
+    var size = (limit &- (regions[index].end &- high)) & ~(pageSize - 1)
+    if size > high &- below { size = high &- below }
+    return (high - size, high)
   }
 
   /// Whether `[address, address + count)` is mapped executable and readable throughout.

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE
 #include "graph_fixtures.h"
 #include "fixtures.h"
 
@@ -441,4 +442,21 @@ long tracery_alt_spin_finish(void) {
   alt_spin_release = 1;
   pthread_join(alt_spin_thread_handle, 0);
   return alt_spin_result;
+}
+
+static pthread_t main_thread;
+
+__attribute__((constructor)) static void remember_main_thread(void) { main_thread = pthread_self(); }
+
+int tracery_main_thread_stack(uint64_t *low, uint64_t *high) {
+  pthread_attr_t attributes;
+  if (pthread_getattr_np(main_thread, &attributes) != 0) return -1;
+  void *address;
+  size_t size;
+  int result = pthread_attr_getstack(&attributes, &address, &size);
+  pthread_attr_destroy(&attributes);
+  if (result != 0) return -1;
+  *low = (uint64_t)address;
+  *high = (uint64_t)address + size;
+  return 0;
 }

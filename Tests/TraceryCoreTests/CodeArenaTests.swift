@@ -1,5 +1,7 @@
+import CTraceryShims
 import Foundation
 import Testing
+import TraceryFixtures
 import TraceryX86
 
 @testable import TraceryCore
@@ -24,6 +26,53 @@ import TraceryX86
     let region = try #require(map.region(containing: block.address))
     #expect(region.executable && !region.writable)
     #expect(!map.regions.contains { $0.writable && $0.executable })
+  }
+
+  /// Inside `MemoryMap.fixed` (the agent's start) every look at the mappings is the one
+  /// snapshot, and a slab the arena maps meanwhile is in it: a trap site's pad, patched in the
+  /// same start, lies in a new slab, and was refused as "not executable" before `mapped`.
+  @Test func aFixedMapIsOneReadingAndLearnsTheArenasSlabs() throws {
+    let near = try FixtureSites.sites()[0]
+    let arena = CodeArena()
+    try MemoryMap.fixed {
+      let before = MemoryMap.current()
+      let block = try arena.allocate(near: near, size: 64)
+      let after = MemoryMap.current()
+      #expect(!before.isExecutable(block.address, count: 64))
+      #expect(after.isExecutable(block.address, count: 64))
+      #expect(after.regions.count == before.regions.count + 2)
+      // A mapping made behind the pin's back is not seen: the map is not read again.
+      let page = mmap(nil, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+      defer { munmap(page, 4096) }
+      let address = UInt64(UInt(bitPattern: page))
+      #expect(!MemoryMap.current().isExecutable(address, count: 1))
+      #expect(MemoryMap.fresh().isExecutable(address, count: 1))
+    }
+    // Outside, each look reads again.
+    let block = try arena.allocate(near: near, size: 64)
+    #expect(MemoryMap.current().isExecutable(block.address, count: 64))
+  }
+
+  /// The main thread's stack bounds the graph takes from the last memory map read
+  /// (`GraphThreads.setMainThreadStack`, sparing glibc's own reading of /proc/self/maps) are
+  /// glibc's, as `pthread_getattr_np` gives them; also with a small stack limit, where the
+  /// mapping's part above `__libc_stack_end` comes off it.
+  @Test func theMainThreadsStackBoundsAreGlibcs() throws {
+    var limit = rlimit()
+    #expect(getrlimit(Int32(RLIMIT_STACK.rawValue), &limit) == 0)
+    for cap: rlim_t in [.max, 1 << 20] {
+      var changed = limit
+      changed.rlim_cur = min(limit.rlim_cur, cap)
+      #expect(setrlimit(Int32(RLIMIT_STACK.rawValue), &changed) == 0)
+      defer { _ = setrlimit(Int32(RLIMIT_STACK.rawValue), &limit) }
+      var low: UInt64 = 0
+      var high: UInt64 = 0
+      #expect(tracery_main_thread_stack(&low, &high) == 0)
+      let stack = try #require(
+        MemoryMap.fresh().mainThreadStack(
+          stackEnd: ctracery_libc_stack_end(), limit: UInt64(changed.rlim_cur), pageSize: System.pageSize))
+      #expect(stack.low == low && stack.high == high, "\(stack) against glibc's \(low)..<\(high)")
+    }
   }
 
   @Test func releasedSpaceIsReusedAndFarRequestsGetTheirOwnSlab() throws {

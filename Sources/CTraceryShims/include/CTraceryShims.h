@@ -228,6 +228,8 @@ long ctracery_shadow_threads(uint64_t *states, long capacity);
 /// Sets `stack_low` and `stack_high` to the calling thread's stack (pthread_getattr_np, a GNU
 /// function the Swift Glibc module does not show).
 void ctracery_set_thread_stack(struct ctracery_thread *state);
+/// glibc's `__libc_stack_end`: the main thread's stack top as the process started.
+uint64_t ctracery_libc_stack_end(void);
 
 #ifdef __cplusplus
 }

@@ -179,9 +179,32 @@ enum GraphThreads {
     // One frame short of the mapping's frames: room for the guard frame a rotating return
     // writes at top (`GraphEmitter.putRotate`).
     state.pointee.shadow_limit = base + UInt64((GraphThreads.frames - 1) * Int(GraphEmitter.frameSize))
-    ctracery_set_thread_stack(state)
+    if !setMainThreadStack(state) { ctracery_set_thread_stack(state) }
     ctracery_register_shadow_thread(state)
     pthread_setspecific(GraphThreads.key, UnsafeRawPointer(bitPattern: 1))
+  }
+
+  /// The main thread's stack bounds from the last memory map read (the agent's start read one),
+  /// as glibc would give them: its `pthread_getattr_np` reads `/proc/self/maps` for the main
+  /// thread (~60 µs of every traced process's start). The mapping that holds the stack does not
+  /// move, and the one below lies under the stack limit's gap. false (nothing set) on another
+  /// thread, or when this thread's stack pointer is not in that mapping (a forked child of
+  /// another thread; a program running `main` on a stack of its own).
+  static func setMainThreadStack(_ state: UnsafeMutablePointer<ctracery_thread>) -> Bool {
+    guard ctracery_gettid() == getpid() else { return false }
+    var limit = rlimit()
+    guard getrlimit(Int32(RLIMIT_STACK.rawValue), &limit) == 0 else { return false }
+    var here = 0
+    let stackPointer = withUnsafeMutablePointer(to: &here) { UInt64(UInt(bitPattern: $0)) }
+    let map = MemoryMap.recent()
+    guard
+      let stack = map.mainThreadStack(
+        stackEnd: ctracery_libc_stack_end(), limit: UInt64(limit.rlim_cur), pageSize: UInt64(System.pageSize)),
+      stackPointer >= stack.low, stackPointer < stack.high
+    else { return false }
+    state.pointee.stack_low = stack.low
+    state.pointee.stack_high = stack.high
+    return true
   }
 
   /// Whether `stackPointer` lies on this thread's own stack (not on an alternate signal stack).

@@ -203,7 +203,7 @@ struct Reclaimer {
 
   /// The indices of `ranges` some thread references, or why a thread could not be inspected.
   static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<Set<Int>, Obstacle> {
-    let map = MemoryMap.current()
+    var map = MemoryMap.current()
     var busy: Set<Int> = []
     // CodeImage blocks never overlap (the arena hands each byte out once): sorted by start, the
     // only candidate for a value is the last block starting at or below it. Thousands of
@@ -238,7 +238,13 @@ struct Reclaimer {
     func scan(_ tid: Int32, rip: UInt64, rsp: UInt64, others: [UInt64]) -> Obstacle? {
       check(rip)
       for value in others { check(value) }
-      guard scanStack(from: rsp) else {
+      var scanned = scanStack(from: rsp)
+      if !scanned {
+        // Its stack may be newer than a map `MemoryMap.fixed` pinned: read the map again.
+        map = .fresh()
+        scanned = scanStack(from: rsp)
+      }
+      guard scanned else {
         return Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping")
       }
       return nil

@@ -101,4 +101,7 @@ struct tracery_graph_seen tracery_graph_seen_now(void);
 /// a C function may: rax, rcx, rdx, rsi, rdi, r8-r11 and xmm0-7 (the entry wants the exit).
 int tracery_graph_entry_clobber(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
 void tracery_graph_exit_clobber(tracery_graph_frame *frame, uint64_t *data, tracery_call *call, uint64_t cookie);
+/// The main thread's stack as glibc's pthread_getattr_np gives it (the main thread is
+/// remembered by a constructor, before any test runs); 0 on success.
+int tracery_main_thread_stack(uint64_t *low, uint64_t *high);
 #endif
