@@ -187,7 +187,8 @@ enum GraphThreads {
   /// The main thread's stack bounds from the last memory map read (the agent's start read one),
   /// as glibc would give them: its `pthread_getattr_np` reads `/proc/self/maps` for the main
   /// thread (~60 µs of every traced process's start). The mapping that holds the stack does not
-  /// move, and the one below lies under the stack limit's gap. false (nothing set) on another
+  /// move, and the kernel places other mappings below the gap the stack limit keeps free, so
+  /// the mapping below it is the one the map saw. false (nothing set) on another
   /// thread, or when this thread's stack pointer is not in that mapping (a forked child of
   /// another thread; a program running `main` on a stack of its own).
   static func setMainThreadStack(_ state: UnsafeMutablePointer<ctracery_thread>) -> Bool {
