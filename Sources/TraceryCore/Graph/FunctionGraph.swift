@@ -188,13 +188,14 @@ enum GraphThreads {
   /// as glibc would give them: its `pthread_getattr_np` reads `/proc/self/maps` for the main
   /// thread (~60 µs of every traced process's start). The mapping that holds the stack does not
   /// move, and the kernel places other mappings below the gap the stack limit keeps free, so
-  /// the mapping below it is the one the map saw. false (nothing set) on another
-  /// thread, or when this thread's stack pointer is not in that mapping (a forked child of
-  /// another thread; a program running `main` on a stack of its own).
+  /// the mapping below it is the one the map saw. false (nothing set) on another thread, with
+  /// no stack limit (the kernel then maps upwards, towards the stack, and glibc's answer reaches
+  /// down to whatever was mapped last), or when this thread's stack pointer is not in that
+  /// mapping (a forked child of another thread; a program running `main` on a stack of its own).
   static func setMainThreadStack(_ state: UnsafeMutablePointer<ctracery_thread>) -> Bool {
     guard ctracery_gettid() == getpid() else { return false }
     var limit = rlimit()
-    guard getrlimit(Int32(RLIMIT_STACK.rawValue), &limit) == 0 else { return false }
+    guard getrlimit(Int32(RLIMIT_STACK.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return false }
     var here = 0
     let stackPointer = withUnsafeMutablePointer(to: &here) { UInt64(UInt(bitPattern: $0)) }
     let map = MemoryMap.recent()
