@@ -127,14 +127,23 @@ import TraceryTestSupport
     var resident: [Int] = []
     for cycle in 0..<Self.cycles {
       let trace = directory.appendingPathComponent("trace-\(cycle)")
-      let recorded = try TestSupport.run(
-        OptimizedProgramTests.tracery,
-        // 1 MiB of events per thread: the busy threads make ~10 million calls a second; the rest
-        // are dropped and counted, which keeps the readers quick.
-        [
-          "record", "-p", String(running.pid), "--no-libcall", "--duration", "150ms", "--buffer-limit", "1", "-d",
-          trace.path,
-        ])
+      func record() throws -> TestSupport.ProcessResult {
+        try? FileManager.default.removeItem(at: trace)
+        return try TestSupport.run(
+          OptimizedProgramTests.tracery,
+          // 1 MiB of events per thread: the busy threads make ~10 million calls a second; the
+          // rest are dropped and counted, which keeps the readers quick.
+          [
+            "record", "-p", String(running.pid), "--no-libcall", "--duration", "150ms", "--buffer-limit", "1", "-d",
+            trace.path,
+          ])
+      }
+      var recorded = try record()
+      // The patcher refuses to relocate a function while some thread holds an address inside its
+      // first 5 bytes (`TextPatcher.moveThreadsOut`): with gcc's sleds this happened in ~1 of 10
+      // runs of this test while the whole suite ran (session 19; which thread and value is not
+      // known yet). That refusal is safe; such a cycle is attached once more.
+      if recorded.stderr.contains("relocation abandoned: a thread holds an address") { recorded = try record() }
       try #require(recorded.status == 0, "cycle \(cycle): \(recorded.stderr)")
       #expect(recorded.stderr.contains("attached to process \(running.pid) (7 functions)"), "\(recorded.stderr)")
       let counts = try Self.calls(trace)
