@@ -25,8 +25,8 @@ struct MemoryMap: Sendable {
   /// arena's slabs mapped since). For the patcher, the resolver, library calls and the
   /// reclaimer's stack scan; the arena places its slabs by `recent` and `fresh`.
   static func current() -> MemoryMap {
-    let thread = ctracery_gettid()
-    let pinned = pin.withLock { pin in pin?.thread == thread ? pin?.map : nil }
+    // (The thread asked only while a map is pinned: `gettid` is a system call.)
+    let pinned = pin.withLock { pin in pin.flatMap { $0.thread == ctracery_gettid() ? $0.map : nil } }
     return pinned ?? fresh()
   }
 
@@ -135,7 +135,10 @@ struct MemoryMap: Sendable {
   }
 
   /// The region containing `address`.
-  func region(containing address: UInt64) -> Region? {
+  func region(containing address: UInt64) -> Region? { index(containing: address).map { regions[$0] } }
+
+  /// The index in `regions` of the region containing `address`.
+  private func index(containing address: UInt64) -> Int? {
     var low = 0
     var high = regions.count
     while low < high {
@@ -143,7 +146,7 @@ struct MemoryMap: Sendable {
       if regions[mid].start <= address { low = mid + 1 } else { high = mid }
     }
     guard low > 0, address < regions[low - 1].end else { return nil }
-    return regions[low - 1]
+    return low - 1
   }
 
   /// The main thread's stack as glibc's `pthread_getattr_np` computes it from `/proc/self/maps`
@@ -151,13 +154,13 @@ struct MemoryMap: Sendable {
   /// below the arguments and environment) and reaches down by the stack limit less what the
   /// mapping holds above that page, page-aligned, no lower than the end of the mapping below.
   /// nil when no mapping holds `stackEnd`.
-  func mainThreadStack(stackEnd: UInt64, limit: UInt64, pageSize: UInt64) -> (low: UInt64, high: UInt64)? {
-    guard let index = regions.firstIndex(where: { $0.start <= stackEnd && stackEnd < $0.end }) else { return nil }
-    let high = (stackEnd & ~(pageSize - 1)) + pageSize
+  func mainThreadStack(stackEnd: UInt64, limit: UInt64) -> (low: UInt64, high: UInt64)? {
+    guard let index = index(containing: stackEnd) else { return nil }
+    let high = System.pageStart(stackEnd) + System.pageSize
     let below = index > 0 ? regions[index - 1].end : 0
     // Unsigned, as glibc's: a limit smaller than what lies above wraps, and the mapping below
     // then bounds it.
-    var size = (limit &- (regions[index].end &- high)) & ~(pageSize - 1)
+    var size = System.pageStart(limit &- (regions[index].end &- high))
     if size > high &- below { size = high &- below }
     return (high - size, high)
   }

@@ -69,8 +69,7 @@ import TraceryX86
       var high: UInt64 = 0
       #expect(tracery_main_thread_stack(&low, &high) == 0)
       let stack = try #require(
-        MemoryMap.fresh().mainThreadStack(
-          stackEnd: ctracery_libc_stack_end(), limit: UInt64(changed.rlim_cur), pageSize: System.pageSize))
+        MemoryMap.fresh().mainThreadStack(stackEnd: ctracery_libc_stack_end(), limit: UInt64(changed.rlim_cur)))
       #expect(stack.low == low && stack.high == high, "\(stack) against glibc's \(low)..<\(high)")
     }
   }

@@ -200,8 +200,7 @@ enum GraphThreads {
     let stackPointer = withUnsafeMutablePointer(to: &here) { UInt64(UInt(bitPattern: $0)) }
     let map = MemoryMap.recent()
     guard
-      let stack = map.mainThreadStack(
-        stackEnd: ctracery_libc_stack_end(), limit: UInt64(limit.rlim_cur), pageSize: UInt64(System.pageSize)),
+      let stack = map.mainThreadStack(stackEnd: ctracery_libc_stack_end(), limit: UInt64(limit.rlim_cur)),
       stackPointer >= stack.low, stackPointer < stack.high
     else { return false }
     state.pointee.stack_low = stack.low
