@@ -172,6 +172,14 @@ struct RecordBench {
     var traced: [Double] = []
     var uftraced: [Double] = []
     var calls = 0
+    /// One run of a floor variant, which must make the program's calls.
+    func floorSeconds(_ path: String, _ variant: String) throws -> Double {
+      let run = try MeasuredRun.run(path, arguments)
+      guard run.status == 0, GeneratedProgram.calls(in: run.output) == calls else {
+        throw UserError("the generated program's \(variant) variant failed or counted other calls: \(run.output)")
+      }
+      return run.seconds
+    }
     for _ in 0..<runs {
       let plain = try MeasuredRun.run(program, arguments)
       guard plain.status == 0, let counted = GeneratedProgram.calls(in: plain.output) else {
@@ -179,17 +187,8 @@ struct RecordBench {
       }
       calls = counted
       untraced.append(plain.seconds)
-      let stamped = try MeasuredRun.run(floorProgram, arguments)
-      guard stamped.status == 0, GeneratedProgram.calls(in: stamped.output) == calls else {
-        throw UserError("the generated program's floor variant failed or counted other calls: \(stamped.output)")
-      }
-      floor.append(stamped.seconds)
-      let branched = try MeasuredRun.run(branchesProgram, arguments)
-      guard branched.status == 0, GeneratedProgram.calls(in: branched.output) == calls else {
-        throw UserError(
-          "the generated program's floor-branches variant failed or counted other calls: \(branched.output)")
-      }
-      branches.append(branched.seconds)
+      floor.append(try floorSeconds(floorProgram, "floor"))
+      branches.append(try floorSeconds(branchesProgram, "floor-branches"))
       try? FileManager.default.removeItem(atPath: traces)
       try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
       let recorded = try MeasuredRun.run(
