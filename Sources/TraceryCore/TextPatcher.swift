@@ -576,11 +576,8 @@ public final class TextPatcher: Sendable {
     switch outcome {
     case .success(let busy):
       return Dictionary(
-        uniqueKeysWithValues: busy.map {
-          (
-            moving[$0].index,
-            "\(abandoned): a thread holds an address inside its first 5 bytes (a signal frame, a register)"
-          )
+        uniqueKeysWithValues: busy.map { index, holder in
+          (moving[index].index, "\(abandoned): an address inside its first 5 bytes is held (\(holder))")
         })
     case .failure(let obstacle):
       return Dictionary(

@@ -320,7 +320,7 @@ extension PatchingTests {
       // covers) holds no address in it, not even a temporary: only the block's start, masked.
       let key: UInt64 = 0x5a5a_5a5a_5a5a_5a5a
       let masked = block.address ^ key
-      func scan() -> Result<Set<Int>, Reclaimer.Obstacle> {
+      func scan() -> Result<[Int: Reclaimer.Holder], Reclaimer.Obstacle> {
         withCallerStackMarker { marker in
           let start = (masked ^ key) + 8
           return Reclaimer.busyRanges([start..<(start + 8)], callerStack: marker)
@@ -335,7 +335,7 @@ extension PatchingTests {
         Issue.record("a thread could not be inspected: \(held) \(released)")
         return
       }
-      #expect(busy == [0] && free.isEmpty)
+      #expect(busy.keys.sorted() == [0] && busy[0]?.place == .register && free.isEmpty, "\(busy)")
     }
 
     @Test func typedErrors() throws {
@@ -440,7 +440,7 @@ final class AddressBox: @unchecked Sendable {
   }
 }
 
-extension Result<Set<Int>, Reclaimer.Obstacle> {
+extension Result<[Int: Reclaimer.Holder], Reclaimer.Obstacle> {
   /// nil when the scan could not inspect every thread.
   fileprivate var isBusy: Bool? { if case .success(let busy) = self { !busy.isEmpty } else { nil } }
 }

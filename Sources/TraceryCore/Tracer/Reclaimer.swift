@@ -145,7 +145,7 @@ struct Reclaimer {
     var busy: Set<Int>
     switch Self.busyRanges(ranges, callerStack: callerStack) {
     case .success(let found):
-      busy = Set(found.map { owners[$0] })
+      busy = Set(found.keys.map { owners[$0] })
       lastObstacle = nil
       backoff = Self.interval
     case .failure(let obstacle):
@@ -201,10 +201,41 @@ struct Reclaimer {
   /// call back when it can tell which it was (shims.c `restart_interrupted_call`).
   static let runningLooks = 4
 
-  /// The indices of `ranges` some thread references, or why a thread could not be inspected.
-  static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<Set<Int>, Obstacle> {
+  /// Where a thread was seen to reference a range: the first sighting, for the messages of
+  /// those that refuse because of it (a stack word may be a live frame's or a stale one left in
+  /// a slot no frame has written since: the scan cannot tell them apart).
+  struct Holder: CustomStringConvertible, Equatable {
+    enum Place: Equatable {
+      case instructionPointer
+      case register
+      /// `offset` bytes above the thread's stack pointer.
+      case stack(offset: UInt64)
+      /// A function-graph frame's return address or the slot it was taken from.
+      case shadowStack
+    }
+    /// The thread's id, or 0 for a shadow stack (its thread is not known there).
+    let thread: Int32
+    let place: Place
+    let value: UInt64
+
+    var description: String {
+      let at =
+        switch place {
+        case .instructionPointer: "rip"
+        case .register: "a register"
+        case .stack(let offset): "its stack at rsp+0x\(String(offset, radix: 16))"
+        case .shadowStack: "a function-graph frame"
+        }
+      let who = thread == 0 ? "a thread" : "thread \(thread)"
+      return "\(who) holds 0x\(String(value, radix: 16)) in \(at)"
+    }
+  }
+
+  /// The indices of `ranges` some thread references, each with where it was first seen, or why
+  /// a thread could not be inspected.
+  static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<[Int: Holder], Obstacle> {
     var map = MemoryMap.current()
-    var busy: Set<Int> = []
+    var busy: [Int: Holder] = [:]
     // CodeImage blocks never overlap (the arena hands each byte out once): sorted by start, the
     // only candidate for a value is the last block starting at or below it. Thousands of
     // retired graph stubs stay cheap to check.
@@ -212,7 +243,7 @@ struct Reclaimer {
     let starts = order.map { ranges[$0].lowerBound }
     let low = starts.first!
     let high = ranges.map(\.upperBound).max()!
-    func check(_ value: UInt64) {
+    func check(_ value: UInt64, _ holder: @autoclosure () -> Holder) {
       guard value >= low && value < high else { return }
       var lower = 0
       var upper = starts.count
@@ -220,13 +251,15 @@ struct Reclaimer {
         let middle = (lower + upper) / 2
         if starts[middle] <= value { lower = middle } else { upper = middle }
       }
-      if ranges[order[lower]].contains(value) { busy.insert(order[lower]) }
+      let index = order[lower]
+      if ranges[index].contains(value) && busy[index] == nil { busy[index] = holder() }
     }
-    func scanStack(from rsp: UInt64) -> Bool {
+    func scanStack(of tid: Int32, from rsp: UInt64) -> Bool {
       guard let region = map.region(containing: rsp), region.readable else { return false }
       var at = rsp & ~7
       while at + 8 <= region.end {
-        check(UnsafePointer<UInt64>(bitPattern: UInt(at))!.pointee)
+        let value = UnsafePointer<UInt64>(bitPattern: UInt(at))!.pointee
+        check(value, Holder(thread: tid, place: .stack(offset: at - rsp), value: value))
         at += 8
       }
       return true
@@ -234,15 +267,15 @@ struct Reclaimer {
     let me = ctracery_gettid()
     // This thread, from its caller's frames up: a handler, or a traced function, may be
     // detaching from inside a trampoline.
-    guard scanStack(from: callerStack) else { return .failure(Obstacle(reason: "own stack not found")) }
+    guard scanStack(of: me, from: callerStack) else { return .failure(Obstacle(reason: "own stack not found")) }
     func scan(_ tid: Int32, rip: UInt64, rsp: UInt64, others: [UInt64]) -> Obstacle? {
-      check(rip)
-      for value in others { check(value) }
-      var scanned = scanStack(from: rsp)
+      check(rip, Holder(thread: tid, place: .instructionPointer, value: rip))
+      for value in others { check(value, Holder(thread: tid, place: .register, value: value)) }
+      var scanned = scanStack(of: tid, from: rsp)
       if !scanned {
         // Its stack may be newer than a map `MemoryMap.fixed` pinned: read the map again.
         map = .fresh()
-        scanned = scanStack(from: rsp)
+        scanned = scanStack(of: tid, from: rsp)
       }
       guard scanned else {
         return Obstacle(reason: "thread \(tid): rsp 0x\(String(rsp, radix: 16)) is in no readable mapping")
@@ -278,7 +311,7 @@ struct Reclaimer {
       }
       if let obstacle = scan(tid, rip: rip, rsp: rsp, others: others) { return .failure(obstacle) }
     }
-    guard scanShadowStacks(check) else {
+    guard scanShadowStacks({ check($0, Holder(thread: 0, place: .shadowStack, value: $0)) }) else {
       return .failure(Obstacle(reason: "more threads with a shadow stack than the registry holds"))
     }
     return .success(busy)
