@@ -14,6 +14,37 @@
 
 #include "CTraceryAgent.h"
 
+// ---- The Swift runtime's command line ----------------------------------------------------------
+// The runtime's CommandLine.cpp (libswiftCore.a) finds argv from a static initializer that reads
+// /proc/self/maps and scans the stack: ~60 µs in every process the agent is preloaded into, for
+// `CommandLine.arguments`, which the agent never asks for. These two are all that object file
+// defines, so with them here the linker leaves it in the archive (hidden: a traced Swift program's
+// own runtime keeps its definitions). argv is the program's once `__libc_start_main` (below) has
+// seen it; empty before that, and in a process the agent was injected into (`record -p`).
+static int program_argc;
+static char **program_argv;
+static int override_argc = -1;
+static char **override_argv;
+
+__attribute__((visibility("hidden"))) char **_swift_stdlib_getUnsafeArgvArgc(int *count) {
+  static char *empty[] = {NULL};
+  if (override_argv != NULL) {
+    *count = override_argc;
+    return override_argv;
+  }
+  if (program_argv != NULL) {
+    *count = program_argc;
+    return program_argv;
+  }
+  *count = 0;
+  return empty;
+}
+
+__attribute__((visibility("hidden"))) void _swift_stdlib_overrideUnsafeArgvArgc(char **argv, int argc) {
+  override_argv = argv;
+  override_argc = argc;
+}
+
 typedef int (*tracery_main)(int, char **, char **);
 typedef int (*tracery_start_main)(tracery_main, int, char **, void (*)(void), void (*)(void), void (*)(void),
                                   void *);
@@ -28,6 +59,8 @@ int __libc_start_main(tracery_main main, int argc, char **argv, void (*init)(voi
                       void (*rtld_fini)(void), void *stack_end) {
   tracery_start_main next = (tracery_start_main)dlsym(RTLD_NEXT, "__libc_start_main");
   if (next == NULL) abort();
+  program_argc = argc;
+  program_argv = argv;
   tracery_agent_start();
   return next(main, argc, argv, init, fini, rtld_fini, stack_end);
 }
