@@ -27,6 +27,9 @@ import TraceryRecord
 ///   loop untraced.
 /// - `children-patchable`, `children-plain`: a parent that starts 50 children one after another
 ///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced.
+///   `children-agent-loaded`: the patchable children with the agent preloaded but not asked to
+///   record (no trace directory): what loading it costs (ld.so mapping and relocating it, its
+///   runtime's initializers), the part of a child's start no recording work can take back.
 ///
 /// Every recorded run records library calls, as `tracery record` does by default (and uftrace).
 struct RecordBench {
@@ -219,7 +222,7 @@ struct RecordBench {
     }
   }
 
-  /// A parent that starts 50 children one after another, untraced and recorded.
+  /// A parent that starts 50 children one after another, untraced, with the agent loaded only, and recorded.
   private func children(_ report: BenchReport, agent: String, traces: String, directory: String) throws {
     let spawner = directory + "/spawner"
     let spawnerSource = directory + "/spawner.c"
@@ -248,6 +251,19 @@ struct RecordBench {
     try GeneratedLibrary.clang(
       ["-O2", "-fpatchable-function-entry=5", childSource, "-o", child], building: childSource)
     let count = 50
+    if report.wants("children-agent-loaded") {
+      var untraced: [Double] = []
+      var loaded: [Double] = []
+      for _ in 0..<runs {
+        untraced.append(try MeasuredRun.run(spawner, [String(count), child]).seconds)
+        loaded.append(try MeasuredRun.run(spawner, [String(count), child], environment: ["LD_PRELOAD": agent]).seconds)
+      }
+      let perChild = median(untraced) * 1e9 / Double(count)
+      let loadedPerChild = median(loaded) * 1e9 / Double(count)
+      report.figure(
+        name: "children-agent-loaded", n: count, nsPerItem: loadedPerChild, baseline: perChild,
+        extra: ["overhead_ms_per_child": (loadedPerChild - perChild) / 1e6])
+    }
     for (name, target) in [("children-patchable", child), ("children-plain", "/bin/true")] {
       var untraced: [Double] = []
       var traced: [Double] = []

@@ -26,7 +26,8 @@ struct Bench: ParsableCommand {
       calls) timed whole, start-up included, untraced, recorded and under uftrace, beside its floors \
       (two time stamps per call inline; and with four taken jumps per call, the branches of a \
       recorder's per-function code); and a parent \
-      starting 50 children (patchable, and /bin/true), untraced and recorded: ms per child.
+      starting 50 children (patchable, and /bin/true), untraced and recorded: ms per child, and the \
+      patchable ones with the agent loaded but not recording (its load alone).
         read    replay, report and dump --chrome of a ~100 MB trace of the generated program: \
       seconds (ns per recorded call) and peak memory, beside uftrace's readers on its own trace of \
       the same run when installed (at most 3 runs each).
