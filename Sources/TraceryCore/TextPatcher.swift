@@ -211,8 +211,7 @@ public final class TextPatcher: Sendable {
         }
         guard !accepted.isEmpty else { return false }
         let specials = special ? Self.specials(accepted, requests) : []
-        let specialSites = specials.map { (site: accepted[$0], request: requests[accepted[$0].request]) }
-        publishTraps(specialSites, restored: false, state: &state)
+        publishTraps(specials, of: accepted, requests, restored: false, state: &state)
         var retired = state.retired
         state.retired = []
         defer { state.retired += retired }
@@ -224,7 +223,8 @@ public final class TextPatcher: Sendable {
           // abandoned site got its own first byte back over an int3, so a thread that trapped
           // there meanwhile re-executes it (a rewind entry, like a restored relocated site's).
           publishTraps(
-            specialSites, restored: true, state: &state, rewinding: Set(abandoned.keys.map { accepted[$0].address }))
+            specials, of: accepted, requests, restored: true, state: &state,
+            rewinding: Set(abandoned.keys.map { accepted[$0].address }))
         }
         for (index, reason) in abandoned {
           report.outcomes[accepted[index].request] = .failed(reason)
@@ -322,15 +322,20 @@ public final class TextPatcher: Sendable {
   /// rewind. (Marked before the batch, a thread that trapped on a trap site's int3 before it and
   /// reached its handler before step 4 would find neither its target nor its code.) Published
   /// at once when anything changed; the old table is retired like a batch's.
+  /// `specials`: indices in `accepted` (`Self.specials`). (Read in place: an array of the sites
+  /// and their requests, 50,000 of them in a bulk attach of relocated functions, cost ~1 ms of
+  /// it to build and walk twice, for tables such an attach leaves as they are.)
   private func publishTraps(
-    _ sites: [(site: AcceptedSite, request: PatchRequest)], restored: Bool, state: inout State,
+    _ specials: [Int], of accepted: [AcceptedSite], _ requests: [PatchRequest], restored: Bool, state: inout State,
     rewinding: Set<UInt64> = []
   ) {
     var changed = false
-    for (site, request) in sites {
+    for index in specials {
+      let site = accepted[index]
+      let trapTarget = requests[site.request].trapTarget
       let entry: ctracery_poke
-      if !restored && request.trapTarget != 0 {
-        entry = ctracery_poke(site: site.address, target: request.trapTarget, kind: UInt64(CTRACERY_POKE_JMP.rawValue))
+      if !restored && trapTarget != 0 {
+        entry = ctracery_poke(site: site.address, target: trapTarget, kind: UInt64(CTRACERY_POKE_JMP.rawValue))
       } else if restored
         && (rewinding.contains(site.address)
           || (site.kind == CTRACERY_POKE_SKIP && site.resume != site.address + UInt64(SiteBytes.length)))
