@@ -16,7 +16,8 @@
 
 // ---- The Swift runtime's command line ----------------------------------------------------------
 // The runtime's CommandLine.cpp (libswiftCore.a) finds argv from a static initializer that reads
-// /proc/self/maps and scans the stack: ~60 µs in every process the agent is preloaded into, for
+// /proc/self/maps and scans the stack, in every process the agent is preloaded into (a child's
+// start with the agent loaded: 1.87 -> 1.63 ms without it, session 20), for
 // `CommandLine.arguments`, which the agent never asks for. These two are all that object file
 // defines, so with them here the linker leaves it in the archive (hidden: a traced Swift program's
 // own runtime keeps its definitions). argv is the program's once `__libc_start_main` (below) has
