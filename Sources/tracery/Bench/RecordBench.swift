@@ -251,24 +251,26 @@ struct RecordBench {
     try GeneratedLibrary.clang(
       ["-O2", "-fpatchable-function-entry=5", childSource, "-o", child], building: childSource)
     let count = 50
-    if report.wants("children-agent-loaded") {
-      var untraced: [Double] = []
-      var loaded: [Double] = []
-      for _ in 0..<runs {
-        untraced.append(try MeasuredRun.run(spawner, [String(count), child]).seconds)
-        loaded.append(try MeasuredRun.run(spawner, [String(count), child], environment: ["LD_PRELOAD": agent]).seconds)
-      }
+    /// ms per child of `measured` runs over the `untraced` ones of the same rounds.
+    func figure(_ name: String, _ measured: [Double], over untraced: [Double]) {
       let perChild = median(untraced) * 1e9 / Double(count)
-      let loadedPerChild = median(loaded) * 1e9 / Double(count)
+      let measuredPerChild = median(measured) * 1e9 / Double(count)
       report.figure(
-        name: "children-agent-loaded", n: count, nsPerItem: loadedPerChild, baseline: perChild,
-        extra: ["overhead_ms_per_child": (loadedPerChild - perChild) / 1e6])
+        name: name, n: count, nsPerItem: measuredPerChild, baseline: perChild,
+        extra: ["overhead_ms_per_child": (measuredPerChild - perChild) / 1e6])
     }
     for (name, target) in [("children-patchable", child), ("children-plain", "/bin/true")] {
+      // The patchable children also with the agent loaded only, beside the same untraced runs.
+      let loads = target == child && report.wants("children-agent-loaded")
       var untraced: [Double] = []
+      var loaded: [Double] = []
       var traced: [Double] = []
       for _ in 0..<runs {
         untraced.append(try MeasuredRun.run(spawner, [String(count), target]).seconds)
+        if loads {
+          loaded.append(
+            try MeasuredRun.run(spawner, [String(count), target], environment: ["LD_PRELOAD": agent]).seconds)
+        }
         try? FileManager.default.removeItem(atPath: traces)
         try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
         traced.append(
@@ -281,11 +283,8 @@ struct RecordBench {
       guard processes.count == count + 1 else {
         throw UserError("\(processes.count) processes recorded, \(count + 1) started")
       }
-      let perChild = median(untraced) * 1e9 / Double(count)
-      let tracedPerChild = median(traced) * 1e9 / Double(count)
-      report.figure(
-        name: name, n: count, nsPerItem: tracedPerChild, baseline: perChild,
-        extra: ["overhead_ms_per_child": (tracedPerChild - perChild) / 1e6])
+      if loads { figure("children-agent-loaded", loaded, over: untraced) }
+      figure(name, traced, over: untraced)
     }
   }
 
