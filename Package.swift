@@ -48,7 +48,7 @@ let package = Package(
     // Dynamic exclusivity checks off: the readers' per-event loops touch class state and
     // captured variables millions of times, from one thread (measured: ~7% of a replay).
     .target(
-      name: "TraceryRecord", dependencies: ["CTracery"],
+      name: "TraceryRecord", dependencies: ["CTracery", "CTraceryShims"],
       swiftSettings: agentModule + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
     .target(name: "CTraceryAgent"),
     // ptrace for `record -p` (glibc's ptrace is variadic).

@@ -81,7 +81,7 @@ enum Agent {
       _ = message.withCString { write(2, $0, strlen($0)) }
       return
     }
-    guard let traceDirectory = TraceDirectory(path: directory) else { return }
+    guard let traceDirectory = TraceDirectory(path: directory, blankSlots: environment.blankSlots) else { return }
     let configuration = Configuration(
       directory: directory, traceDirectory: traceDirectory, match: environment.match, depth: environment.depth,
       bufferLimit: environment.bufferLimit)

@@ -18,6 +18,8 @@
 ///                            `NAME@plt` (record --libcall; the CLI also sets LD_BIND_NOW)
 ///     TRACERY_NEST_LIBCALL   1: the libraries' functions (those TRACERY_MATCH names, or all) are
 ///                            traced too, relocated (record -l/--nest-libcall)
+///     TRACERY_BLANKS         how many blank files `tracery record` keeps beside the directory,
+///                            for the agent to take rather than create its files (`BlankFiles`)
 ///
 /// (The counter's rate travels as TRACERY_TICKS_PER_NS, read by TraceryCore's
 /// `TimeStampCounter`.)
@@ -35,6 +37,7 @@ public struct AgentEnvironment: Sendable, Equatable {
   public var relocate = false
   public var libraryCalls = false
   public var nestLibraryCalls = false
+  public var blankSlots = 0
 
   public static let defaultBufferLimit = 2 << 30
 
@@ -56,6 +59,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     static let relocate = "TRACERY_RELOCATE"
     static let libraryCalls = "TRACERY_LIBCALL"
     static let nestLibraryCalls = "TRACERY_NEST_LIBCALL"
+    static let blankSlots = "TRACERY_BLANKS"
   }
 
   /// Sets (or clears) every variable in `environment`.
@@ -71,6 +75,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     environment[Key.relocate] = relocate ? "1" : nil
     environment[Key.libraryCalls] = libraryCalls ? "1" : nil
     environment[Key.nestLibraryCalls] = nestLibraryCalls ? "1" : nil
+    environment[Key.blankSlots] = blankSlots > 0 ? String(blankSlots) : nil
     // Library calls are followed through bound GOT slots: bind them all at load.
     if libraryCalls { environment["LD_BIND_NOW"] = "1" }
   }
@@ -117,6 +122,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     relocate = value(Key.relocate) == "1"
     libraryCalls = value(Key.libraryCalls) == "1"
     nestLibraryCalls = value(Key.nestLibraryCalls) == "1"
+    blankSlots = value(Key.blankSlots).flatMap { Int($0) }.map { min(max($0, 0), 100) } ?? 0
   }
 
   /// Whether this process was asked to keep traces readable by others (the CLI sets it for its

@@ -95,8 +95,15 @@ public final class TraceDirectory: @unchecked Sendable {
   public let path: String
   private let directory: CheckedFile
 
-  /// nil when `path` cannot be opened as a directory.
-  public init?(path: String) {
+  /// How many blank files (`BlankFiles`) a keeper keeps for the directory; 0: none.
+  public let blankSlots: Int
+  /// Where they are.
+  private let blanks: String
+
+  /// nil when `path` cannot be opened as a directory. `blankSlots`: what TRACERY_BLANKS says.
+  public init?(path: String, blankSlots: Int = 0) {
+    self.blankSlots = blankSlots
+    blanks = blankSlots > 0 ? BlankFiles.directory(for: path) : ""
     let flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
     let opened = Glibc.open(path, flags)
     guard opened >= 0, let directory = CheckedFile(opened, reopen: { Glibc.open(path, flags) }) else { return nil }
@@ -114,8 +121,18 @@ public final class TraceDirectory: @unchecked Sendable {
 
   /// Creates `name` (a new file, never through a symbolic link, `TraceFormat.fileMode`) and
   /// keeps it open with `flags`, opened again with `reopenFlags` (a `CheckedFile`).
+  /// A blank file is taken when there is one (`BlankFiles`); nil with errno EEXIST when `name`
+  /// exists.
   public func create(_ name: String, flags: Int32, reopenFlags: Int32) -> CheckedFile? {
-    let created = open(name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
+    var claimed: Int32?
+    if blankSlots > 0 {
+      claimed = directory.withDescriptor {
+        BlankFiles.claim(from: blanks, slots: blankSlots, into: $0, as: name, flags: flags)
+      }
+      if claimed == nil && errno == EEXIST { return nil }
+    }
+    let created =
+      claimed ?? open(name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
     guard created >= 0 else { return nil }
     return CheckedFile(created) { [self] in self.open(name, reopenFlags | O_NOFOLLOW | O_CLOEXEC) }
   }

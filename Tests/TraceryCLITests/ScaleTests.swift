@@ -21,6 +21,8 @@ import TraceryTestSupport
     #expect(recorded.stdout == "1000 children\n")
     let files = try FileManager.default.contentsOfDirectory(atPath: trace.path)
     #expect(files.filter { $0.hasSuffix(".events") }.count == 1001)
+    // The blank files kept for the children (`BlankFiles`) are gone with the recorder.
+    #expect(!FileManager.default.fileExists(atPath: BlankFiles.directory(for: trace.path)))
     // Trimmed to what each process wrote: no 1 MiB chunks left reserved.
     let sizes = try files.filter { $0.hasSuffix(".events") }.map {
       try FileManager.default.attributesOfItem(atPath: trace.appendingPathComponent($0).path)[.size] as? Int ?? 0

@@ -21,6 +21,9 @@ unsigned long ctracery_getauxval(unsigned long type);
 int ctracery_memfd_create(const char *name);
 /// gettid(2).
 int ctracery_gettid(void);
+/// renameat2(2) with RENAME_NOREPLACE (glibc declares neither for Swift): -1 with errno EEXIST
+/// when `to` exists, ENOENT when `from` does not.
+int ctracery_rename_noreplace(int from_directory, const char *from, int to_directory, const char *to);
 
 /// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
 /// pointer, before the exception is handed to it: the function graph puts its return addresses

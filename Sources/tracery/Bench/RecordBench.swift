@@ -30,6 +30,8 @@ import TraceryRecord
 ///   `children-agent-loaded`: the patchable children with the agent preloaded but not asked to
 ///   record (no trace directory): what loading it costs (ld.so mapping and relocating it, its
 ///   runtime's initializers), the part of a child's start no recording work can take back.
+///   Recorded children take blank files kept for them, as under `tracery record` (`BlankFiles`);
+///   `children-patchable-no-blanks`: each creating its files itself.
 ///
 /// Every recorded run records library calls, as `tracery record` does by default (and uftrace).
 struct RecordBench {
@@ -38,12 +40,15 @@ struct RecordBench {
 
   /// The agent preloaded, recording into `traces` as `tracery record` would ask it to (with the
   /// counter's rate measured once, here).
-  static func agentEnvironment(_ agent: String, _ traces: String, relocate: Bool = false) -> [String: String] {
+  static func agentEnvironment(_ agent: String, _ traces: String, relocate: Bool = false, blankSlots: Int = 0)
+    -> [String: String]
+  {
     var environment = [
       "LD_PRELOAD": agent, TimeStampCounter.environmentKey: String(TimeStampCounter.ticksPerNanosecond),
     ]
     var settings = AgentEnvironment(directory: traces)
     settings.relocate = relocate
+    settings.blankSlots = blankSlots
     // As `tracery record` runs a program by default: its library calls recorded too.
     settings.libraryCalls = true
     settings.apply(to: &environment)
@@ -262,28 +267,35 @@ struct RecordBench {
     for (name, target) in [("children-patchable", child), ("children-plain", "/bin/true")] {
       // The patchable children also with the agent loaded only, beside the same untraced runs.
       let loads = target == child && report.wants("children-agent-loaded")
+      let creates = target == child && report.wants("children-patchable-no-blanks")
       var untraced: [Double] = []
       var loaded: [Double] = []
+      var created: [Double] = []
       var traced: [Double] = []
+      /// One recorded run; `blanks`: with blank files kept for the children, as `tracery record` keeps them.
+      func recorded(blanks: Bool) throws -> Double {
+        try? FileManager.default.removeItem(atPath: traces)
+        try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
+        let keeper = blanks ? BlankFileKeeper(trace: traces) : nil
+        defer { keeper?.stop() }
+        let environment = Self.agentEnvironment(agent, traces, blankSlots: keeper?.slots ?? 0)
+        return try MeasuredRun.run(spawner, [String(count), target], environment: environment).seconds
+      }
       for _ in 0..<runs {
         untraced.append(try MeasuredRun.run(spawner, [String(count), target]).seconds)
         if loads {
           loaded.append(
             try MeasuredRun.run(spawner, [String(count), target], environment: ["LD_PRELOAD": agent]).seconds)
         }
-        try? FileManager.default.removeItem(atPath: traces)
-        try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
-        traced.append(
-          try MeasuredRun.run(
-            spawner, [String(count), target],
-            environment: Self.agentEnvironment(agent, traces)
-          ).seconds)
+        if creates { created.append(try recorded(blanks: false)) }
+        traced.append(try recorded(blanks: true))
       }
       let processes = try FileManager.default.contentsOfDirectory(atPath: traces).filter { $0.hasPrefix("process-") }
       guard processes.count == count + 1 else {
         throw UserError("\(processes.count) processes recorded, \(count + 1) started")
       }
       if loads { figure("children-agent-loaded", loaded, over: untraced) }
+      if creates { figure("children-patchable-no-blanks", created, over: untraced) }
       figure(name, traced, over: untraced)
     }
   }

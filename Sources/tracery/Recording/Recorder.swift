@@ -30,7 +30,11 @@ struct Recorder {
     // Colon-separated lists, without empty parts.
     func list(_ parts: String?...) -> String { parts.compactMap { $0 }.filter { !$0.isEmpty }.joined(separator: ":") }
     environment["LD_PRELOAD"] = list(agent, environment["LD_PRELOAD"])
-    agentEnvironment(directory: absolute, relocate: relocate).apply(to: &environment)
+    // Blank files for the program's processes to take rather than create (`BlankFiles`).
+    let keeper = BlankFileKeeper(trace: absolute)
+    var settings = agentEnvironment(directory: absolute, relocate: relocate)
+    settings.blankSlots = keeper?.slots ?? 0
+    settings.apply(to: &environment)
     // gcc's AddressSanitizer runtime (libasan.so) stops a program unless it comes first among
     // the preloaded libraries; the agent must come first, and forwards what ASan intercepts too
     // (sigaction, signal, dlopen).
@@ -40,7 +44,11 @@ struct Recorder {
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
     // Measured once here (10 ms) rather than in every process the program starts.
     environment[TimeStampCounter.environmentKey] = String(TimeStampCounter.ticksPerNanosecond)
-    let status = try Self.spawn(path: path, arguments: command, environment: environment)
+    let status: ProgramStatus
+    do {
+      defer { keeper?.stop() }
+      status = try Self.spawn(path: path, arguments: command, environment: environment)
+    }
     Self.trimEventFiles(in: absolute)
     let ending: String
     switch status {

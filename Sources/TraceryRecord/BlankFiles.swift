@@ -1,0 +1,205 @@
+import CTraceryShims
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Empty files made ahead by the long-lived `tracery record` process, for the traced processes
+/// to take instead of creating their own.
+///
+/// Why: every traced process creates two files before its `main` runs (its process file and its
+/// main thread's event file), and a file creation on this machine's ext4 costs 0.1-0.3 ms (the
+/// more files were deleted in the last seconds, the more: its inode allocator steps over recently
+/// freed inodes), up to ~0.6 ms of each child's start. Taking a blank is one rename (~30 µs in a
+/// fresh process); the keeper makes the next one on its own thread, off the child's path.
+/// (uftrace's children create no files at all: they hand their buffers to its recorder.)
+///
+/// Where: in a directory beside the trace directory, `.NAME.blanks` for a trace `NAME` (same
+/// filesystem, so a rename moves a blank into the trace). Not inside the trace: a program that
+/// deletes its own trace directory (`rm -rf`) would race with the keeper making blanks there,
+/// and fail to remove it.
+///
+/// Protocol: the keeper (one thread of `tracery record`) makes the blank directory (this user's,
+/// private) and `blank-00` … in it (`slots` of them, empty, `TraceFormat.fileMode`), and makes
+/// again the slots it finds gone. A traced process claims one (`TraceDirectory.create`): it
+/// opens the blank directory and checks it is its user's and writable by no other (as it checked
+/// the trace directory: a blank planted by another user could be a link to any file), renames a
+/// blank into the trace directory under the name it needs with RENAME_NOREPLACE, opens that name,
+/// and checks it got an empty regular file with one link. The rename is atomic (of two processes
+/// racing for one slot, the second finds it gone and tries the next), and the name is the
+/// process's own (its pid is in it), so what it opens is the file it took. A slot missing, the
+/// pool emptied by a burst, the keeper gone, another filesystem: the process creates its file as
+/// it would without a keeper. `stop` removes the blanks and their directory (a keeper killed
+/// before `stop` leaves them; the next `tracery record` of the same trace removes them).
+public enum BlankFiles {
+  /// The slots `tracery record` keeps: a process takes one per thread it starts (and its process
+  /// file), and the keeper makes them again within about a millisecond while processes take them,
+  /// so a few processes starting at once find theirs. Each costs the recorder a file creation (on
+  /// its own thread) and a removal at its end.
+  public static let defaultSlots = 8
+
+  /// How many slots a process tries before it creates its file itself.
+  static let attempts = 8
+
+  /// The blank directory for the trace directory `trace` (an absolute path).
+  public static func directory(for trace: String) -> String {
+    var parts = trace.split(separator: "/", omittingEmptySubsequences: false)
+    while parts.count > 1, parts.last == "" { parts.removeLast() }
+    let name = parts.popLast() ?? ""
+    return parts.joined(separator: "/") + "/." + name + ".blanks"
+  }
+
+  static func name(slot: Int) -> String { slot < 10 ? "blank-0\(slot)" : "blank-\(slot)" }
+
+  /// Slots tried by this process: consecutive from a start that differs between processes and
+  /// between one process's claims, so that concurrent processes mostly try different slots.
+  nonisolated(unsafe) private static var claims: UInt32 = 0
+
+  /// Renames a blank of `slots` in `blanks` (a path) to `name` in `directory` (a descriptor) and
+  /// opens it with `flags`. nil with errno EEXIST when `name` exists (no blank is taken then); nil
+  /// with another errno when no blank could be taken (the caller creates the file itself).
+  static func claim(from blanks: String, slots: Int, into directory: Int32, as name: String, flags: Int32) -> Int32? {
+    errno = ENOENT
+    guard slots > 0 else { return nil }
+    let source = open(blanks, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    guard source >= 0 else { return nil }
+    defer { close(source) }
+    var status = stat()
+    guard fstat(source, &status) == 0, status.st_uid == geteuid(), status.st_mode & 0o022 == 0 else {
+      errno = EPERM
+      return nil
+    }
+    let start = Int(UInt32(truncatingIfNeeded: getpid()) &* 2_654_435_761 &+ claims) % slots
+    claims &+= 1
+    for attempt in 0..<min(attempts, slots) {
+      let blank = Self.name(slot: (start + attempt) % slots)
+      guard ctracery_rename_noreplace(source, blank, directory, name) == 0 else {
+        if errno == ENOENT { continue }
+        return nil  // EEXIST: `name` is taken; EXDEV, EINVAL: not on this filesystem.
+      }
+      let fd = openat(directory, name, flags | O_NOFOLLOW | O_CLOEXEC)
+      guard fd >= 0, fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFREG, status.st_nlink == 1,
+        status.st_size == 0
+      else {
+        // Not a blank (or not ours to open): not kept under a name of the trace's.
+        if fd >= 0 { close(fd) }
+        unlinkat(directory, name, 0)
+        errno = EPERM
+        return nil
+      }
+      return fd
+    }
+    errno = ENOENT
+    return nil
+  }
+}
+
+/// Keeps the blank files of a trace (`BlankFiles`) while the program runs: one thread that looks
+/// for taken slots every millisecond while processes take them, less often (up to every 32 ms)
+/// while none does, and makes each taken slot again. A look costs one `openat` per slot (O_EXCL:
+/// a slot there fails, a slot gone is made), ~1-2 µs each.
+///
+/// (Not inotify, which would wake the keeper at each rename: closing its descriptor waits for the
+/// kernel to release its marks, an SRCU grace period, 5-16 ms here, added to every `tracery
+/// record`. Nor a message from each process: sending one cost it as much as the rename.)
+///
+/// Protocol: `init` makes the directory and starts the thread, which makes every slot (while the
+/// program starts: not on the recorder's path) and then looks; `stop` (once, from the thread that
+/// made the keeper) wakes it through a pipe, waits for it, and removes the blanks and their
+/// directory.
+public final class BlankFileKeeper: @unchecked Sendable {
+  // @unchecked: `made` belongs to the keeper's thread until `stop` joined it.
+  public let slots: Int
+  private let path: String
+  private let directory: Int32
+  /// A pipe: `stop` writes to it to wake the thread.
+  private var wake: [Int32] = [-1, -1]
+  private var thread = pthread_t()
+  private var stopped = false
+  /// Blanks made again after a process took one.
+  public private(set) var made = 0
+
+  /// Milliseconds between looks: the shortest while slots are being taken, doubling to the
+  /// longest while none is.
+  static let shortestInterval: Int32 = 1
+  static let longestInterval: Int32 = 32
+
+  /// Keeps blanks for the trace directory `trace` (an absolute path). nil when their directory
+  /// cannot be made, or is there and not this user's (the processes then create their files).
+  public init?(trace: String, slots: Int = BlankFiles.defaultSlots) {
+    self.slots = min(slots, 100)
+    path = BlankFiles.directory(for: trace)
+    // Left by a recorder that was killed: this user's own, emptied and used again.
+    if mkdir(path, 0o700) != 0 && errno == EEXIST { Self.empty(path) }
+    directory = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    var status = stat()
+    guard directory >= 0, fstat(directory, &status) == 0, status.st_uid == geteuid(), pipe(&wake) == 0,
+      fcntl(wake[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(wake[1], F_SETFD, FD_CLOEXEC) == 0
+    else {
+      closeDescriptors()
+      return nil
+    }
+    fchmod(directory, 0o700)
+    let started = pthread_create(
+      &thread, nil,
+      { context in
+        Unmanaged<BlankFileKeeper>.fromOpaque(context!).takeUnretainedValue().serve()
+        return nil
+      }, Unmanaged.passUnretained(self).toOpaque())
+    guard started == 0 else {
+      closeDescriptors()
+      rmdir(path)
+      return nil
+    }
+  }
+
+  deinit { stop() }
+
+  /// Stops making blanks and removes them and their directory.
+  public func stop() {
+    guard !stopped else { return }
+    stopped = true
+    var one: UInt8 = 1
+    _ = write(wake[1], &one, 1)
+    pthread_join(thread, nil)
+    closeDescriptors()
+    Self.empty(path)
+    rmdir(path)
+  }
+
+  /// Removes the blanks in `path` if it is a directory of this user's.
+  private static func empty(_ path: String) {
+    var status = stat()
+    guard lstat(path, &status) == 0, status.st_mode & S_IFMT == S_IFDIR, status.st_uid == geteuid() else { return }
+    for name in Files.list(path) ?? [] where name.hasPrefix("blank-") { unlink(path + "/" + name) }
+  }
+
+  /// Makes `slot` unless it is there; whether it was made.
+  private func make(_ slot: Int) -> Bool {
+    let fd = openat(
+      directory, BlankFiles.name(slot: slot), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+      TraceFormat.fileMode)
+    guard fd >= 0 else { return false }
+    close(fd)
+    return true
+  }
+
+  private func serve() {
+    for slot in 0..<slots { _ = make(slot) }
+    var woken = pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0)
+    var interval = Self.shortestInterval
+    while true {
+      let ready = poll(&woken, 1, interval)
+      if ready > 0 { return }
+      guard ready == 0 || errno == EINTR else { return }
+      var remade = 0
+      for slot in 0..<slots where make(slot) { remade += 1 }
+      made += remade
+      interval = remade > 0 ? Self.shortestInterval : min(interval * 2, Self.longestInterval)
+    }
+  }
+
+  private func closeDescriptors() {
+    for fd in [directory] + wake where fd >= 0 { close(fd) }
+  }
+}

@@ -1,0 +1,22 @@
+import Testing
+
+@testable import TraceryCore
+
+/// The counter's rate as `tracery record` passes it to every process: read by a plain decimal
+/// parse, to the value `Double(String)` reads (exactly up to 15 digits, within one unit in the
+/// last place beyond: two roundings).
+@Suite struct TimeStampCounterTests {
+  @Test func aRateWrittenByStringReadsBackAsItWas() {
+    #expect("2.45".withCString { TimeStampCounter.decimal($0) } == 2.45)
+    for rate in [2.45, 2.4500123456789, 1.0, 3.0e-3, 0.5, 1234.5678, 2.9999999999999996, 1.0 / 3.0] {
+      let text = String(rate)
+      let read = text.withCString { TimeStampCounter.decimal($0) } ?? 0
+      #expect(abs(read - rate) <= rate.ulp, "\(text): \(read)")
+    }
+    // Other forms: through Double(String), or nothing.
+    #expect("1e-3".withCString { TimeStampCounter.decimal($0) } == 1e-3)
+    #expect("".withCString { TimeStampCounter.decimal($0) } == nil)
+    #expect("2.4x".withCString { TimeStampCounter.decimal($0) } == nil)
+    #expect("1.2.3".withCString { TimeStampCounter.decimal($0) } == nil)
+  }
+}
