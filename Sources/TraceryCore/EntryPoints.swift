@@ -39,6 +39,21 @@ public final class EntryPoints: Sendable {
   private let sweptHint = Atomic<Int>(0)
   private let targetHint = Atomic<Int>(0)
 
+  /// The same entry points with hints of their own, for a thread deciding functions beside
+  /// another (`Halves`): sharing the hints, each thread's searches moved them away from the
+  /// other's, and their stores bounced the line between the cores.
+  func withOwnHints() -> EntryPoints { EntryPoints(sharing: self) }
+
+  private init(sharing other: EntryPoints) {
+    targets = other.targets
+    bias = other.bias
+    unswept = other.unswept
+    functionStarts = other.functionStarts
+    unnamedFrames = other.unnamedFrames
+    swept = other.swept
+    unframed = other.unframed
+  }
+
   public init(file: ELFFile, bias: UInt64) {
     // Sorted by address (`functionSymbols`), read once for the sweep and for the frames they cover.
     let symbols = (try? file.functionSymbols()) ?? []

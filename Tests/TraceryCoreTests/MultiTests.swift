@@ -279,7 +279,9 @@ extension PatchingTests {
     /// tracery-testhost (whose threads can all be moved out of a prologue; in this process the
     /// test runner's threads block the signal, and such functions get int3 sites instead): every
     /// one joins a bulk link through its `PrologueStub` (none enters the general bookkeeping) in
-    /// nearly every cycle, attached and detached 50 times while two threads call them all. Every call returns its own
+    /// nearly every cycle, attached and detached 50 times while two threads call them all; 5,000
+    /// of them, so that each attach decides their prologues in two halves at once (`Halves`).
+    /// Every call returns its own
     /// value, every handler call names its function's entry, and every detach puts the first
     /// bytes back.
     @Test func relocatedFunctionsJoinABulkLinkWhileTwoThreadsCall() throws {
@@ -287,7 +289,8 @@ extension PatchingTests {
       defer { try? FileManager.default.removeItem(at: directory) }
       let source = directory.appendingPathComponent("gen.c").path
       let library = directory.appendingPathComponent("libgen.so").path
-      try TestSupport.writeGeneratedFunctions(count: 2_000, prefix: "tr_q", to: source)
+      try TestSupport.writeGeneratedFunctions(count: 5_000, prefix: "tr_q", to: source)
+      #expect(5_000 >= Halves.minimum)
       try TestSupport.compile(
         compiler: "gcc", sources: [source], flags: ["-O2", "-fcf-protection=full", "-shared", "-fPIC"],
         output: library)
