@@ -2,9 +2,9 @@ import Testing
 
 @testable import TraceryCore
 
-/// The counter's rate as `tracery record` passes it to every process: read by a plain decimal
-/// parse, to the value `Double(String)` reads (exactly up to 15 digits, within one unit in the
-/// last place beyond: two roundings).
+/// The counter's rate as `tracery record` measures it and passes it to every process: read by a
+/// plain decimal parse, to the value `Double(String)` reads (exactly up to 15 digits, within one
+/// unit in the last place beyond: two roundings).
 @Suite struct TimeStampCounterTests {
   @Test func aRateWrittenByStringReadsBackAsItWas() {
     #expect("2.45".withCString { TimeStampCounter.decimal($0) } == 2.45)
@@ -18,5 +18,16 @@ import Testing
     #expect("".withCString { TimeStampCounter.decimal($0) } == nil)
     #expect("2.4x".withCString { TimeStampCounter.decimal($0) } == nil)
     #expect("1.2.3".withCString { TimeStampCounter.decimal($0) } == nil)
+  }
+
+  /// Two measurements of the rate, each across at least its span, agree (the clock and counter
+  /// pairs are taken at their narrowest: a preemption inside one does not count as time).
+  @Test func aCalibrationAcrossTheCallersWorkAgreesWithAnother() {
+    let started = System.monotonicNanoseconds()
+    let one = TimeStampCounter.Calibration()
+    let first = one.rate(over: 3_000_000)
+    #expect(System.monotonicNanoseconds() - started >= 3_000_000)
+    let second = TimeStampCounter.Calibration().rate(over: 3_000_000)
+    #expect(first > 0.01 && abs(first - second) / second < 1e-3, "\(first) \(second)")
   }
 }

@@ -10,6 +10,8 @@ struct Recorder {
   let filters: FilterOptions
 
   func run(directory: String) throws -> ProgramStatus {
+    // The counter's rate, measured across this start (`TimeStampCounter.Calibration`).
+    let calibration = TimeStampCounter.Calibration()
     var command = options.command
     if command.first == "--" { command.removeFirst() }
     guard let program = command.first else {
@@ -42,7 +44,11 @@ struct Recorder {
     // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
     // program's own crashes: the program should die of its signal as it does untraced.
     environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
-    // Measured once here (10 ms) rather than in every process the program starts.
+    // Measured once here rather than in every process the program starts (a rate already given
+    // to this process is passed on).
+    if getenv(TimeStampCounter.environmentKey) == nil {
+      setenv(TimeStampCounter.environmentKey, String(calibration.rate()), 1)
+    }
     environment[TimeStampCounter.environmentKey] = String(TimeStampCounter.ticksPerNanosecond)
     let status: ProgramStatus
     do {
