@@ -15,7 +15,8 @@ import CTraceryShims
 /// guard from its start (`ctracery_swap_guard`): in a traced process its calls into traced
 /// library functions are not recorded as the program's. It ends before `split` returns.
 enum Halves {
-  /// Below this, one thread does it all (a thread costs ~50-100 µs to start and join).
+  /// Below this, one thread does it all (starting and joining a thread, and joining the
+  /// results, would take much of what a short range saves).
   static let minimum = 4096
 
   /// `body` over `range` split in two (or whole: when short, when not `worthIt`, or when no
