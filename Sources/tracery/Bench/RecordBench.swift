@@ -257,12 +257,12 @@ struct RecordBench {
       ["-O2", "-fpatchable-function-entry=5", childSource, "-o", child], building: childSource)
     let count = 50
     /// ms per child of `measured` runs over the `untraced` ones of the same rounds.
-    func figure(_ name: String, _ measured: [Double], over untraced: [Double]) {
+    func figure(_ name: String, _ measured: [Double], over untraced: [Double], extra: [String: Double] = [:]) {
       let perChild = median(untraced) * 1e9 / Double(count)
       let measuredPerChild = median(measured) * 1e9 / Double(count)
       report.figure(
         name: name, n: count, nsPerItem: measuredPerChild, baseline: perChild,
-        extra: ["overhead_ms_per_child": (measuredPerChild - perChild) / 1e6])
+        extra: extra.merging(["overhead_ms_per_child": (measuredPerChild - perChild) / 1e6]) { $1 })
     }
     for (name, target) in [("children-patchable", child), ("children-plain", "/bin/true")] {
       // The patchable children also with the agent loaded only, beside the same untraced runs.
@@ -272,14 +272,21 @@ struct RecordBench {
       var loaded: [Double] = []
       var created: [Double] = []
       var traced: [Double] = []
+      // Blanks the keeper made again (taken by the children), per recorded run with blanks: what
+      // the figure says ran. (A child finding none left creates its file as without them.)
+      var remade: [Double] = []
       /// One recorded run; `blanks`: with blank files kept for the children, as `tracery record` keeps them.
       func recorded(blanks: Bool) throws -> Double {
         try? FileManager.default.removeItem(atPath: traces)
         try FileManager.default.createDirectory(atPath: traces, withIntermediateDirectories: true)
         let keeper = blanks ? BlankFileKeeper(trace: traces) : nil
-        defer { keeper?.stop() }
         let environment = Self.agentEnvironment(agent, traces, blankSlots: keeper?.slots ?? 0)
-        return try MeasuredRun.run(spawner, [String(count), target], environment: environment).seconds
+        let seconds = try MeasuredRun.run(spawner, [String(count), target], environment: environment).seconds
+        if let keeper {
+          keeper.stop()
+          remade.append(Double(keeper.made))
+        }
+        return seconds
       }
       for _ in 0..<runs {
         untraced.append(try MeasuredRun.run(spawner, [String(count), target]).seconds)
@@ -296,7 +303,7 @@ struct RecordBench {
       }
       if loads { figure("children-agent-loaded", loaded, over: untraced) }
       if creates { figure("children-patchable-no-blanks", created, over: untraced) }
-      figure(name, traced, over: untraced)
+      figure(name, traced, over: untraced, extra: ["blanks_made_again": median(remade)])
     }
   }
 
