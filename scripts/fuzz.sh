@@ -33,11 +33,14 @@ esac
 source_file="Fuzz/$(echo "${target:0:1}" | tr a-z A-Z)${target:1}.swift"
 [ "$target" = elf ] && source_file=Fuzz/ELF.swift
 binary="$work/fuzz-$target"
-# TraceryRecord imports the C header tracery.h (the event word's layout) as module CTracery.
+# TraceryRecord imports the C header tracery.h (the event word's layout) as module CTracery, and
+# CTraceryShims.h for an inline system call (nothing of shims.c is linked).
 mkdir -p "$work/include"
-printf 'module CTracery {\n  header "%s"\n  export *\n}\n' "$PWD/Sources/CTracery/include/tracery.h" \
+printf 'module CTracery {\n  header "%s"\n  export *\n}\nmodule CTraceryShims {\n  header "%s"\n  export *\n}\n' \
+  "$PWD/Sources/CTracery/include/tracery.h" "$PWD/Sources/CTraceryShims/include/CTraceryShims.h" \
   > "$work/include/module.modulemap"
-if [ ! -x "$binary" ] || [ -n "$(find "${sources[@]}" "$source_file" Sources/CTracery -newer "$binary" | head -1)" ]; then
+if [ ! -x "$binary" ] || [ -n "$(find "${sources[@]}" "$source_file" Sources/CTracery Sources/CTraceryShims/include \
+  -newer "$binary" | head -1)" ]; then
   echo "== building $binary"
   swiftc -sanitize=fuzzer,address -parse-as-library -O -enforce-exclusivity=unchecked -I "$work/include" \
     "${sources[@]}" "$source_file" -o "$binary" 2> "$work/build-$target.log" || {

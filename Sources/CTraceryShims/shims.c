@@ -9,7 +9,6 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
-#include <stdio.h>
 #include <string.h>
 #include <sys/auxv.h>
 #include <sys/mman.h>
@@ -28,10 +27,6 @@ unsigned long ctracery_getauxval(unsigned long type) { return getauxval(type); }
 int ctracery_memfd_create(const char *name) { return (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC); }
 
 int ctracery_gettid(void) { return (int)syscall(SYS_gettid); }
-
-int ctracery_rename_noreplace(int from_directory, const char *from, int to_directory, const char *to) {
-  return (int)syscall(SYS_renameat2, from_directory, from, to_directory, to, RENAME_NOREPLACE);
-}
 
 static _Atomic(ctracery_catch_hook) catch_hook;
 

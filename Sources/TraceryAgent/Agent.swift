@@ -69,6 +69,12 @@ enum Agent {
   /// Attaches the recorder as `environment` asks. `attaching`: into a program that is already
   /// running (`record -p`, `attach(settingsPath:)`), whose other threads run meanwhile.
   static func start(_ environment: AgentEnvironment, attaching: Bool) {
+    var environment = environment
+    // TRACERY_RELOCATE=auto: relocating when this process's program records no patch site.
+    if environment.relocateWithoutSites && !environment.relocate {
+      environment.relocate =
+        ProcessObjects.list().first.map { ELFFile.recordsPatchSites(path: $0.path) != true } ?? false
+    }
     let directory = environment.directory
     // Only into a directory of this user's, that is not a symbolic link: another user's (or one
     // others may write) could be made to receive, or redirect, what this program passes around.

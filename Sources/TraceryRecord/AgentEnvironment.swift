@@ -13,7 +13,9 @@
 ///     TRACERY_PATTERN_KIND   how their patterns match: regex (default) or glob
 ///     TRACERY_SHARED         1: trace files readable by others (record --shared)
 ///     TRACERY_RELOCATE       1: also the program's functions without patch sites, their first
-///                            instructions moved out of line (record --relocate)
+///                            instructions moved out of line (record --relocate); auto: so in
+///                            a process whose program records no patch site (`tracery record`
+///                            of such a program: its children that have sites use only them)
 ///     TRACERY_LIBCALL        1: the program's calls through its PLT are recorded as calls of
 ///                            `NAME@plt` (record --libcall; the CLI also sets LD_BIND_NOW)
 ///     TRACERY_NEST_LIBCALL   1: the libraries' functions (those TRACERY_MATCH names, or all) are
@@ -35,6 +37,8 @@ public struct AgentEnvironment: Sendable, Equatable {
   public var patternKind: NameMatcher.Kind = .regex
   public var shared = false
   public var relocate = false
+  /// TRACERY_RELOCATE=auto: `relocate` decided by each process, for its own program.
+  public var relocateWithoutSites = false
   public var libraryCalls = false
   public var nestLibraryCalls = false
   public var blankSlots = 0
@@ -72,7 +76,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     environment[Key.arguments] = lines.isEmpty ? nil : lines.joined(separator: "\n")
     environment[Key.patternKind] = patternKind.rawValue
     environment[Key.shared] = shared ? "1" : nil
-    environment[Key.relocate] = relocate ? "1" : nil
+    environment[Key.relocate] = relocate ? "1" : relocateWithoutSites ? "auto" : nil
     environment[Key.libraryCalls] = libraryCalls ? "1" : nil
     environment[Key.nestLibraryCalls] = nestLibraryCalls ? "1" : nil
     environment[Key.blankSlots] = blankSlots > 0 ? String(blankSlots) : nil
@@ -120,6 +124,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     patternKind = value(Key.patternKind).flatMap(NameMatcher.Kind.init(rawValue:)) ?? .regex
     shared = value(Key.shared) == "1"
     relocate = value(Key.relocate) == "1"
+    relocateWithoutSites = value(Key.relocate) == "auto"
     libraryCalls = value(Key.libraryCalls) == "1"
     nestLibraryCalls = value(Key.nestLibraryCalls) == "1"
     blankSlots = value(Key.blankSlots).flatMap { Int($0) }.map { min(max($0, 0), 100) } ?? 0

@@ -38,6 +38,56 @@ import TraceryTestSupport
     #expect(info.contains("relocate yes"), "\(info)")
   }
 
+  /// A program without patch sites is relocated, and so is any process it starts whose program
+  /// has none; a child that has sites is traced through them only, as it is when recorded itself
+  /// (before, it relocated its functions without a site too). Both record their calls.
+  @Test func eachProcessDecidesRelocationForItsOwnProgram() throws {
+    let directory = try TestSupport.temporaryDirectory("record-relocate-children")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let parent = directory.appendingPathComponent("parent.c").path
+    let child = directory.appendingPathComponent("child.c").path
+    try """
+    #include <spawn.h>
+    #include <sys/wait.h>
+    extern char **environ;
+    __attribute__((noinline)) int launch(char *path) {
+      pid_t pid;
+      char *argv[] = {path, 0};
+      int status = 0;
+      if (posix_spawn(&pid, path, 0, 0, argv, environ) != 0) return 1;
+      waitpid(pid, &status, 0);
+      return status;
+    }
+    int main(int argc, char **argv) { return argc > 1 ? launch(argv[1]) : 2; }
+    """.write(toFile: parent, atomically: true, encoding: .utf8)
+    try "__attribute__((noinline)) int work(int x) { return x + 1; }\nint main(void) { return work(-1); }\n".write(
+      toFile: child, atomically: true, encoding: .utf8)
+    try TestSupport.compile(
+      compiler: "gcc", sources: [parent], flags: ["-O2"], output: directory.appendingPathComponent("parent").path)
+    try TestSupport.compile(
+      compiler: "gcc", sources: [child], flags: ["-O2", "-fpatchable-function-entry=5"],
+      output: directory.appendingPathComponent("child").path)
+    let trace = directory.appendingPathComponent("trace")
+    let recorded = try RecordCommandTests.record(
+      trace, [directory.appendingPathComponent("parent").path, directory.appendingPathComponent("child").path])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    var relocated: [String: Int] = [:]
+    for name in try FileManager.default.contentsOfDirectory(atPath: trace.path) where name.hasPrefix("process-") {
+      let text = try String(contentsOf: trace.appendingPathComponent(name), encoding: .utf8)
+      let program = text.split(separator: "\n").first { $0.hasPrefix("executable ") }.map {
+        $0.split(separator: "/").last!
+      }
+      let count = text.split(separator: "\n").first { $0.hasPrefix("relocated-functions ") }.flatMap {
+        Int($0.split(separator: " ").last!)
+      }
+      // (No line: nothing was relocated.)
+      relocated[program.map(String.init) ?? "?"] = count ?? 0
+    }
+    #expect(relocated["child"] == 0 && (relocated["parent"] ?? 0) > 0, "\(relocated)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["launch"] == 1 && counts["work"] == 1, "\(counts)")
+  }
+
   /// gcc -O2 callers rely on more than the ABI promises of a callee built without patch sites
   /// (`registers.c`): -fipa-ra keeps their values in call-clobbered registers the callee does not
   /// touch, and -fipa-stack-alignment calls it with rsp not 16-byte aligned. Recorded, with and

@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -21,9 +23,12 @@ unsigned long ctracery_getauxval(unsigned long type);
 int ctracery_memfd_create(const char *name);
 /// gettid(2).
 int ctracery_gettid(void);
-/// renameat2(2) with RENAME_NOREPLACE (glibc declares neither for Swift): -1 with errno EEXIST
-/// when `to` exists, ENOENT when `from` does not.
-int ctracery_rename_noreplace(int from_directory, const char *from, int to_directory, const char *to);
+/// renameat2(2) with RENAME_NOREPLACE (1; glibc declares neither for Swift): -1 with errno
+/// EEXIST when `to` exists, ENOENT when `from` does not. Inline: TraceryRecord calls it, and its
+/// fuzzing build (scripts/fuzz.sh) compiles that module's sources with this header only.
+static inline int ctracery_rename_noreplace(int from_directory, const char *from, int to_directory, const char *to) {
+  return (int)syscall(SYS_renameat2, from_directory, from, to_directory, to, 1);
+}
 
 /// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
 /// pointer, before the exception is handed to it: the function graph puts its return addresses

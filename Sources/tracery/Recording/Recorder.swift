@@ -81,7 +81,11 @@ struct Recorder {
     environment.returnSpecs = options.returnSpecs
     environment.patternKind = NameMatcher.Kind(rawValue: filters.match) ?? .regex
     environment.shared = options.shared
-    environment.relocate = relocate ?? options.relocate
+    // A program without patch sites is relocated; each process it starts decides for its own
+    // program (a child with sites uses only them, as the program it starts would under its own
+    // `tracery record`).
+    environment.relocate = options.relocate
+    environment.relocateWithoutSites = !options.relocate && relocate == true
     environment.libraryCalls = options.libcall
     environment.nestLibraryCalls = options.nestLibcall
     return environment
