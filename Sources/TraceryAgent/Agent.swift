@@ -70,11 +70,6 @@ enum Agent {
   /// running (`record -p`, `attach(settingsPath:)`), whose other threads run meanwhile.
   static func start(_ environment: AgentEnvironment, attaching: Bool) {
     var environment = environment
-    // TRACERY_RELOCATE=auto: relocating when this process's program records no patch site.
-    if environment.relocateWithoutSites && !environment.relocate {
-      environment.relocate =
-        ProcessObjects.list().first.map { ELFFile.recordsPatchSites(path: $0.path) != true } ?? false
-    }
     let directory = environment.directory
     // Only into a directory of this user's, that is not a symbolic link: another user's (or one
     // others may write) could be made to receive, or redirect, what this program passes around.
@@ -94,7 +89,14 @@ enum Agent {
     self.configuration = configuration
     _ = TimeStampCounter.ticksPerNanosecond
     // (Listing the loaded objects is start-up work a process that relocates nothing skips.)
-    let main = environment.relocate || environment.nestLibraryCalls ? ProcessObjects.list().first?.path : nil
+    let listed =
+      environment.relocate || environment.relocateWithoutSites || environment.nestLibraryCalls
+      ? ProcessObjects.list().first?.path : nil
+    // TRACERY_RELOCATE=auto: relocating when this process's program records no patch site.
+    if environment.relocateWithoutSites && !environment.relocate {
+      environment.relocate = listed.map { ELFFile.recordsPatchSites(path: $0) != true } ?? false
+    }
+    let main = environment.relocate || environment.nestLibraryCalls ? listed : nil
     let program = environment.relocate ? main : nil
     relocatedProgram = program
     // --patch with relocation, or -l/--nest-libcall, reaches the libraries' functions too (those
@@ -327,7 +329,8 @@ enum Agent {
     let libraries = relocatesLibraries
     Tracer.shared.loadSymbols(
       including: {
-        ELFFile.recordsPatchSites(path: $0.path) == true || $0.path == program
+        // (The program relocated first: its section headers need not be read for the answer.)
+        $0.path == program || ELFFile.recordsPatchSites(path: $0.path) == true
           || (libraries && mayRelocate(libraryAt: $0.path))
       },
       unnamed: { $0.path == program })
