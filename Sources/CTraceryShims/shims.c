@@ -470,6 +470,27 @@ static void restart_interrupted_call(ucontext_t *uc) {
   }
 }
 
+// The kernel's struct sigaction on x86-64 (glibc's differs: its mask is 128 bytes, its fields
+// in another order, and its sigaction refuses the signals it reserves).
+struct kernel_sigaction {
+  uint64_t handler;
+  uint64_t flags;
+  uint64_t restorer;
+  uint64_t mask;
+};
+
+int ctracery_signal_restorers(uint64_t *out, int capacity) {
+  int count = 0;
+  for (int signal = 1; signal <= 64; signal++) {
+    struct kernel_sigaction action;
+    if (syscall(SYS_rt_sigaction, signal, NULL, &action, sizeof action.mask) != 0 || action.restorer == 0) continue;
+    int known = 0;
+    for (int index = 0; index < count; index++) known |= out[index] == action.restorer;
+    if (!known && count < capacity) out[count++] = action.restorer;
+  }
+  return count;
+}
+
 uint64_t ctracery_calls_restarted(void) { return atomic_load_explicit(&calls_restarted, memory_order_relaxed); }
 
 static void snapshot_handler(int sig, siginfo_t *info, void *context) {

@@ -566,11 +566,11 @@ public final class TextPatcher: Sendable {
     let interiors = moving.map { ($0.request.site + 1)..<($0.request.site + UInt64(SiteBytes.length)) }
     // A thread inside the SIGTRAP handler for one of these int3s has the site + 1 in its signal
     // frame until the handler returns (in microseconds): look again a few times before giving up.
-    var outcome = Reclaimer.busyRanges(interiors, callerStack: callerStack)
+    var outcome = Reclaimer.busyRanges(interiors, callerStack: callerStack, stackWords: .signalFrames)
     for _ in 0..<5 {
       guard case .success(let busy) = outcome, !busy.isEmpty else { break }
       usleep(200)
-      outcome = Reclaimer.busyRanges(interiors, callerStack: callerStack)
+      outcome = Reclaimer.busyRanges(interiors, callerStack: callerStack, stackWords: .signalFrames)
     }
     ctracery_publish_moves(nil)
     if let (previousTable, previousPairs) = lastMoves {

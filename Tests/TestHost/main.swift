@@ -29,6 +29,10 @@
 //     a thread faults inside r_parked's first bytes and waits in its SIGSEGV handler while an
 //     entry handler is attached to r_parked (by `attach`, or `attachMulti`'s global strategy);
 //     then it is released; prints one result line.
+//   tracery-testhost relocate-stale[-live] LIBRARY
+//     a thread blocks in `read` with words that point inside r_parked's first bytes on its stack,
+//     among them a signal frame's shape (a snapshot signal's, or with `-live` another signal's),
+//     while an entry handler is attached to r_parked; prints one result line.
 //   tracery-testhost relocate LIBRARY
 //     loads LIBRARY (functions r_* (long, long) -> long, built without NOPs), attaches an entry and
 //     an exit handler to all of them by relocating their prologues (or trap sites), calls each,
@@ -372,6 +376,82 @@ func relocateLiveTest(_ library: String) -> Never {
   exit(0)
 }
 
+nonisolated(unsafe) var staleSite: UInt64 = 0
+nonisolated(unsafe) var staleSignal: Int32 = 0
+nonisolated(unsafe) var stalePipe: [Int32] = [0, 0]
+let staleReady = Atomic<Bool>(false)
+let staleThread = Atomic<Int32>(0)
+
+/// A thread leaves words pointing inside r_parked's first 5 bytes on its stack — two bare ones
+/// and a signal frame's shape (the restorer every handler returns through, the saved rip, the
+/// signal number: `Reclaimer.SignalFrames`) — and blocks in `read` with them above its rsp while
+/// r_parked is attached by relocating its prologue. A snapshot signal's frame is a dead one (its
+/// handler answered and returned): the relocation goes ahead. With `live`, the frame names
+/// another signal, whose handler could still be running: the relocation is abandoned (an int3).
+func relocateStaleTest(_ library: String, live: Bool) -> Never {
+  unblockSignals()
+  guard let handle = dlopen(library, RTLD_NOW), let symbol = dlsym(handle, "r_parked") else {
+    fail("dlopen: \(String(cString: dlerror()))")
+  }
+  staleSite = UInt64(UInt(bitPattern: symbol))
+  staleSignal = live ? SIGUSR1 : ctracery_snapshot_signal()
+  guard pipe(&stalePipe) == 0 else { fail("pipe") }
+  let worker: @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? = { _ in
+    var restorer: UInt64 = 0
+    guard ctracery_signal_restorers(&restorer, 1) == 1 else { fail("no signal restorer") }
+    withUnsafeTemporaryAllocation(of: UInt64.self, capacity: 128) { words in
+      var local = 0
+      let distance = withUnsafeMutablePointer(to: &local) { Int(bitPattern: $0) - Int(bitPattern: words.baseAddress!) }
+      guard abs(distance) < 65536 else { fail("the words are not on the thread's stack") }
+      words.initialize(repeating: 0)
+      words[1] = staleSite + 1
+      words[2] = staleSite + 4
+      let base = UInt64(UInt(bitPattern: words.baseAddress!))
+      let frame = (base + 8 * 4 + 15) / 16 * 16 + 8
+      let at = Int(frame - base) / 8
+      words[at] = restorer
+      words[at + 22] = staleSite + 1
+      UnsafeMutableRawPointer(words.baseAddress! + at).storeBytes(of: staleSignal, toByteOffset: 312, as: Int32.self)
+      staleThread.store(ctracery_gettid(), ordering: .relaxed)
+      staleReady.store(true, ordering: .relaxed)
+      var byte: UInt8 = 0
+      _ = read(stalePipe[0], &byte, 1)
+      // The words stay live until here.
+      if words[1] != staleSite + 1 { fail("words changed") }
+    }
+    return nil
+  }
+  var thread = pthread_t()
+  pthread_create(&thread, nil, worker, nil)
+  while !staleReady.load(ordering: .relaxed) { sched_yield() }
+  // Blocked in `read` (system call 0; its registers then come from procfs, not a signal).
+  func blocked() -> Bool {
+    let descriptor = open("/proc/self/task/\(staleThread.load(ordering: .relaxed))/syscall", O_RDONLY)
+    guard descriptor >= 0 else { return false }
+    defer { close(descriptor) }
+    var text: [UInt8] = [0, 0]
+    return read(descriptor, &text, 2) == 2 && text == Array("0 ".utf8)
+  }
+  for _ in 0..<2000 where !blocked() { usleep(1000) }
+  let tracer = Tracer.shared
+  tracer.relocatesPrologues = true
+  do {
+    let link = try tracer.attach(.entry({ _, _ in entries += 1 }), to: .address(staleSite))
+    let first = TextPatcher.read(PatchSite.afterEndbr64(staleSite)).first
+    var byte: UInt8 = 1
+    _ = write(stalePipe[1], &byte, 1)
+    pthread_join(thread, nil)
+    typealias Parked = @convention(c) (UnsafeMutableRawPointer?) -> Int
+    var value = 41
+    let result = unsafeBitCast(symbol, to: Parked.self)(&value)
+    print("site=\(first == 0xcc ? "int3" : first == 0xe9 ? "relocated" : "?") result=\(result) traced=\(entries >= 1)")
+    link.detach()
+    exit(0)
+  } catch {
+    fail("\(error)")
+  }
+}
+
 nonisolated(unsafe) var parkedPage: UnsafeMutableRawPointer?
 let parkedFaulted = Atomic<Bool>(false)
 let parkedRelease = Atomic<Bool>(false)
@@ -441,6 +521,8 @@ func relocateParkedTest(_ library: String, multi: Bool = false) -> Never {
 
 let arguments = CommandLine.arguments
 if arguments.count == 2 && arguments[1] == "chain" { chainTest() }
+if arguments.count == 3 && arguments[1] == "relocate-stale" { relocateStaleTest(arguments[2], live: false) }
+if arguments.count == 3 && arguments[1] == "relocate-stale-live" { relocateStaleTest(arguments[2], live: true) }
 if arguments.count == 3 && arguments[1] == "relocate-parked" { relocateParkedTest(arguments[2]) }
 if arguments.count == 3 && arguments[1] == "relocate-parked-multi" { relocateParkedTest(arguments[2], multi: true) }
 if arguments.count == 3 && arguments[1] == "relocate-live" { relocateLiveTest(arguments[2]) }

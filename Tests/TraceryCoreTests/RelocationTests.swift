@@ -260,6 +260,25 @@ extension RelocationTests {
 }
 
 extension RelocationTests {
+  /// Words that point inside a prologue on a blocked thread's stack do not stop its relocation
+  /// unless they are a signal frame's saved rip (`Reclaimer.StackWords.signalFrames`): bare words
+  /// and a snapshot signal's frame (its handler has returned) are stale; another signal's frame
+  /// may be a handler still running, and the function is traced through an int3 instead.
+  @Test(arguments: [("relocate-stale", "relocated"), ("relocate-stale-live", "int3")])
+  func staleWordsInsideAPrologueDoNotStopItsRelocation(mode: String, site: String) throws {
+    let directory = try TestSupport.temporaryDirectory("tracery-relocate-stale")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let library = try Self.library(compiler: "gcc", flags: ["-O2"], in: directory)
+    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
+    let result = try TestSupport.run(host, [mode, library])
+    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    #expect(
+      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "site=\(site) result=42 traced=true",
+      "\(result.stdout)")
+  }
+}
+
+extension RelocationTests {
   /// The record tests' `registers.c` (its hazards: see there) in a library built as it ships,
   /// its static leaf functions' addresses exported, and a handler that sets every call-clobbered
   /// register to all ones and faults on an unaligned stack (an aligned `movaps` to its frame).

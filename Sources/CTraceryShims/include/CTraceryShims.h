@@ -178,6 +178,10 @@ void ctracery_publish_moves(const struct ctracery_move_table *table);
 uint64_t ctracery_threads_moved(void);
 /// System calls a snapshot signal interrupted and the handler put back (see shims.c), so far.
 uint64_t ctracery_calls_restarted(void);
+/// The distinct signal-return addresses (`sa_restorer`) of this process's signal actions, as the
+/// kernel holds them (every signal, those glibc reserves included), up to `capacity`; returns how
+/// many. The first word of every signal frame the kernel builds on x86-64 is one of them.
+int ctracery_signal_restorers(uint64_t *out, int capacity);
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread state that generated code reads and writes at a fixed %fs offset.

@@ -231,11 +231,28 @@ struct Reclaimer {
     }
   }
 
+  /// Which words of a thread's stack can reference a range.
+  enum StackWords {
+    /// Every word: code a thread may return or jump into (trampolines, stubs), whose addresses
+    /// live frames hold as return addresses and saved values.
+    case every
+    /// Only the saved rip of a signal frame that may still be live (`SignalFrames`): for the
+    /// inside of a prologue being relocated, where no return address points (a call among the
+    /// moved instructions is always the last), so only a thread a signal interrupted there will
+    /// come back to it. The conservative scan took stale words for holders: a snapshot signal's
+    /// frame left where a later frame never wrote (an attach test abandoned a relocation over
+    /// one found 0x15a8 bytes above a busy thread's rsp, about once in ten runs of the suite).
+    case signalFrames
+  }
+
   /// The indices of `ranges` some thread references, each with where it was first seen, or why
   /// a thread could not be inspected.
-  static func busyRanges(_ ranges: [Range<UInt64>], callerStack: UInt64) -> Result<[Int: Holder], Obstacle> {
+  static func busyRanges(
+    _ ranges: [Range<UInt64>], callerStack: UInt64, stackWords: StackWords = .every
+  ) -> Result<[Int: Holder], Obstacle> {
     var map = MemoryMap.current()
     var busy: [Int: Holder] = [:]
+    var frames = SignalFrames()
     // CodeImage blocks never overlap (the arena hands each byte out once): sorted by start, the
     // only candidate for a value is the last block starting at or below it. Thousands of
     // retired graph stubs stay cheap to check.
@@ -259,7 +276,9 @@ struct Reclaimer {
       var at = rsp & ~7
       while at + 8 <= region.end {
         let value = UnsafePointer<UInt64>(bitPattern: UInt(at))!.pointee
-        check(value, Holder(thread: tid, place: .stack(offset: at - rsp), value: value))
+        if value >= low && value < high && (stackWords == .every || frames.mayBeLive(savedRipAt: at, in: region)) {
+          check(value, Holder(thread: tid, place: .stack(offset: at - rsp), value: value))
+        }
         at += 8
       }
       return true
@@ -315,6 +334,36 @@ struct Reclaimer {
       return .failure(Obstacle(reason: "more threads with a shadow stack than the registry holds"))
     }
     return .success(busy)
+  }
+
+  /// Signal frames as the kernel builds them on x86-64 (`struct rt_sigframe`): at F the address
+  /// the handler returns to (a restorer of the process's signal actions; F + 8 is 16-byte
+  /// aligned), then the ucontext (the interrupted rip at F + 176), then the siginfo (si_signo
+  /// at F + 312). A word in such a frame's rip slot may be the frame of a handler still running.
+  /// Except a snapshot signal's: its handler answers and returns, one request at a time, and the
+  /// thread's rip it reported is checked (and moved) on its own; every such frame on a stack is
+  /// a dead one. Other signals' frames count whether or not their handler still runs (a
+  /// handler may unblock its own signal, so the mask cannot tell).
+  struct SignalFrames {
+    static let savedRip: UInt64 = 176
+    static let signalNumber: UInt64 = 312
+    /// Read on the first candidate (rare: most scans find no word in range at all).
+    private var restorers: Set<UInt64>?
+
+    mutating func mayBeLive(savedRipAt slot: UInt64, in region: MemoryMap.Region) -> Bool {
+      guard slot % 16 == 8, slot >= region.start + Self.savedRip,
+        slot - Self.savedRip + Self.signalNumber + 4 <= region.end
+      else { return false }
+      let frame = slot - Self.savedRip
+      let signal = UnsafePointer<Int32>(bitPattern: UInt(frame + Self.signalNumber))!.pointee
+      guard (1...64).contains(signal), signal != ctracery_snapshot_signal() else { return false }
+      if restorers == nil {
+        var found = [UInt64](repeating: 0, count: 64)
+        let count = ctracery_signal_restorers(&found, Int32(found.count))
+        restorers = Set(found.prefix(Int(count)))
+      }
+      return restorers!.contains(UnsafePointer<UInt64>(bitPattern: UInt(frame))!.pointee)
+    }
   }
 
   /// The return-address slots of every live function-graph frame of every thread, and the real
