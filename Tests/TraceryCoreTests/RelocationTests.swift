@@ -247,15 +247,20 @@ extension RelocationTests {
   /// general path (before, the function stayed untraced).
   @Test(arguments: ["relocate-parked", "relocate-parked-multi"])
   func aThreadParkedInsideAPrologueContinuesCorrectly(mode: String) throws {
-    let directory = try TestSupport.temporaryDirectory("tracery-relocate-parked")
+    let output = try Self.hostLine(mode)
+    #expect(output == "parked=true site=int3 parkedResult=42 laterResult=42 traced=true", "\(output)")
+  }
+
+  /// The test host's result line for `mode` on the relocation library (gcc -O2), or its whole
+  /// output when it failed.
+  static func hostLine(_ mode: String) throws -> String {
+    let directory = try TestSupport.temporaryDirectory("tracery-\(mode)")
     defer { try? FileManager.default.removeItem(at: directory) }
     let library = try Self.library(compiler: "gcc", flags: ["-O2"], in: directory)
     let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
     let result = try TestSupport.run(host, [mode, library])
-    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    #expect(
-      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        == "parked=true site=int3 parkedResult=42 laterResult=42 traced=true", "\(result.stdout)")
+    guard result.status == 0 else { return "status \(result.status): \(result.stdout)\(result.stderr)" }
+    return result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
   }
 }
 
@@ -266,15 +271,8 @@ extension RelocationTests {
   /// may be a handler still running, and the function is traced through an int3 instead.
   @Test(arguments: [("relocate-stale", "relocated"), ("relocate-stale-live", "int3")])
   func staleWordsInsideAPrologueDoNotStopItsRelocation(mode: String, site: String) throws {
-    let directory = try TestSupport.temporaryDirectory("tracery-relocate-stale")
-    defer { try? FileManager.default.removeItem(at: directory) }
-    let library = try Self.library(compiler: "gcc", flags: ["-O2"], in: directory)
-    let host = TestSupport.productsDirectory.appendingPathComponent("tracery-testhost").path
-    let result = try TestSupport.run(host, [mode, library])
-    #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    #expect(
-      result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "site=\(site) result=42 traced=true",
-      "\(result.stdout)")
+    let output = try Self.hostLine(mode)
+    #expect(output == "site=\(site) result=42 traced=true", "\(output)")
   }
 }
 
