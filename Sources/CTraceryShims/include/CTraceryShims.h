@@ -30,6 +30,10 @@ static inline int ctracery_rename_noreplace(int from_directory, const char *from
   return (int)syscall(SYS_renameat2, from_directory, from, to_directory, to, 1);
 }
 
+/// O_TMPFILE (020000000 | O_DIRECTORY), which Glibc's Swift module does not export: an unnamed
+/// file in a directory, made without holding that directory's lock.
+static const int ctracery_O_TMPFILE = 020000000 | 0200000;
+
 /// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
 /// pointer, before the exception is handed to it: the function graph puts its return addresses
 /// back into the frames that survived the unwind. Set once by TraceryCore.
