@@ -1,3 +1,4 @@
+import CTraceryShims
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -179,6 +180,30 @@ final class ByteWindow {
     return checksum.value
   }
 
+  /// The end of the file's last stretch of data, as its file system tells (SEEK_DATA/SEEK_HOLE):
+  /// what follows is a hole, or space reserved and never written, that reads as zeros. A thread
+  /// file grows by whole chunks and a short process writes a few KiB of its first: read
+  /// backwards, its 1 MiB of zeros cost `tracery record` ~0.8 ms a file at its end (the kernel
+  /// fills a page with zeros for each page of a hole read). `size` when the file system cannot say.
+  private func lastDataEnd(from offset: Int) -> Int {
+    if fd < 0 {
+      fd = open(path, O_RDONLY | O_CLOEXEC)
+      guard fd >= 0 else { return size }
+    }
+    var end = offset
+    var at = offset
+    while at < size {
+      let data = lseek(fd, off_t(at), ctracery_SEEK_DATA)
+      // ENXIO: no data after `at`; anything else: not known.
+      guard data >= 0 else { return errno == ENXIO ? end : size }
+      let hole = lseek(fd, data, ctracery_SEEK_HOLE)
+      guard hole > data else { return size }
+      end = Int(hole)
+      at = Int(hole)
+    }
+    return min(end, size)
+  }
+
   /// The offset of the first non-zero word in [from, to), if any.
   func firstNonZero(from: Int, to: Int) -> Int? {
     var at = from
@@ -190,9 +215,10 @@ final class ByteWindow {
   }
 
   /// The offset just past the last non-zero word (the header's size when there is none): what
-  /// follows is space the recorder never wrote. Reads backwards from the end.
+  /// follows is space the recorder never wrote. Reads backwards from the end of the file's last
+  /// data (`lastDataEnd`).
   func dataEnd(from headerSize: Int) -> Int {
-    var end = size / 8 * 8
+    var end = min(size, lastDataEnd(from: headerSize)) / 8 * 8
     while end > headerSize {
       let step = min(capacity, end - headerSize) / 8 * 8
       guard step > 0, cover(end - step, step) else { return end }

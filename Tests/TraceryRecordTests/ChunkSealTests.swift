@@ -1,3 +1,4 @@
+import CTraceryShims
 import Glibc
 import Testing
 
@@ -26,7 +27,9 @@ import Testing
 
   /// A format 3 file of `chunks` chunks, each sealed unless `unsealedLast`; the last chunk holds
   /// `lastCalls` calls and is cut after them (as `tracery record` trims a file).
-  static func file(chunks: Int, unsealedLast: Bool = false, lastCalls: Int = 21) -> [UInt8] {
+  static func file(
+    chunks: Int, unsealedLast: Bool = false, lastCalls: Int = 21, chunkSize: Int = chunkSize
+  ) -> [UInt8] {
     var bytes = [UInt8](repeating: 0, count: TraceFormat.headerSize)
     bytes.replaceSubrange(0..<8, with: TraceFormat.magic)
     func store(_ value: UInt64, at offset: Int, count: Int) {
@@ -73,6 +76,35 @@ import Testing
     #expect(Files.read(base + ".other")?.count == bytes.count)
     let cut = ThreadFile.trim(path: base + ".events")
     #expect(cut > 0 && Files.read(base + ".events")?.count == bytes.count - cut, "cut \(cut) of \(bytes.count)")
+  }
+
+  /// A file with holes (a chunk's tail never written, the room reserved past the last event) is
+  /// cut where the same bytes written whole are: the search for the last event skips the holes
+  /// (`ByteWindow.lastDataEnd`) and still finds events that follow one.
+  @Test func trimmingSkipsHolesAndCutsWhereTheWholeFileIsCut() throws {
+    let base = "/tmp/tracery-trim-holes-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+    defer { for name in [".dense.events", ".sparse.events"] { unlink(base + name) } }
+    let chunk = 64 << 10
+    let bytes = Self.file(chunks: 2, lastCalls: 3, chunkSize: chunk) + [UInt8](repeating: 0, count: 1 << 20)
+    #expect(Files.write(bytes, to: base + ".dense.events"))
+    let fd = open(base + ".sparse.events", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    try #require(fd >= 0 && ftruncate(fd, off_t(bytes.count)) == 0)
+    // Only the 4 KiB blocks holding a non-zero byte are written.
+    for block in stride(from: 0, to: bytes.count, by: 4096) {
+      let piece = bytes[block..<min(block + 4096, bytes.count)]
+      guard piece.contains(where: { $0 != 0 }) else { continue }
+      #expect(Array(piece).withUnsafeBytes { pwrite(fd, $0.baseAddress, piece.count, off_t(block)) } == piece.count)
+    }
+    let hole = lseek(fd, off_t(TraceFormat.headerSize), ctracery_SEEK_HOLE)
+    close(fd)
+    // The file system keeps the holes (else this test would not try what it says).
+    try #require(hole < off_t(TraceFormat.headerSize + chunk), "no hole in the first chunk's tail")
+    let dense = ThreadFile.trim(path: base + ".dense.events")
+    let sparse = ThreadFile.trim(path: base + ".sparse.events")
+    #expect(
+      dense >= (1 << 20) - 8 && sparse == dense,
+      "size \(bytes.count): cut \(sparse) of the sparse file, \(dense) of the dense one")
+    #expect(Self.read(Files.read(base + ".sparse.events") ?? []).events == Self.read(bytes).events)
   }
 
   @Test func sealedChunksReadWithoutDamage() {

@@ -34,6 +34,10 @@ static inline int ctracery_rename_noreplace(int from_directory, const char *from
 /// file in a directory, made without holding that directory's lock.
 static const int ctracery_O_TMPFILE = 020000000 | 0200000;
 
+/// lseek's SEEK_DATA and SEEK_HOLE, which Glibc's Swift module does not export.
+static const int ctracery_SEEK_DATA = 3;
+static const int ctracery_SEEK_HOLE = 4;
+
 /// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
 /// pointer, before the exception is handed to it: the function graph puts its return addresses
 /// back into the frames that survived the unwind. Set once by TraceryCore.
