@@ -42,11 +42,15 @@ public enum BlankFiles {
   static let attempts = 8
 
   /// The blank directory for the trace directory `trace` (an absolute path).
+  /// (On bytes: `split` and `joined` cost a traced process ~0.1 ms of the Swift runtime's
+  /// first-use work, looking up their generic types' metadata by mangled name.)
   public static func directory(for trace: String) -> String {
-    var parts = trace.split(separator: "/", omittingEmptySubsequences: false)
-    while parts.count > 1, parts.last == "" { parts.removeLast() }
-    let name = parts.popLast() ?? ""
-    return parts.joined(separator: "/") + "/." + name + ".blanks"
+    var path = Array(trace.utf8)
+    while path.count > 1, path.last == UInt8(ascii: "/") { path.removeLast() }
+    let slash = path.lastIndex(of: UInt8(ascii: "/"))
+    let parent = slash.map { String(decoding: path[..<$0], as: UTF8.self) } ?? ""
+    let name = String(decoding: path[(slash.map { $0 + 1 } ?? 0)...], as: UTF8.self)
+    return parent + "/." + name + ".blanks"
   }
 
   static func name(slot: Int) -> String { slot < 10 ? "blank-0\(slot)" : "blank-\(slot)" }

@@ -68,7 +68,7 @@ extension Tracer {
         }
         return (result, refusals)
       }
-      let result = Halves.joined(&halves, \.targets)
+      let result = Halves.joined(&halves) { Halves.taken(&$0.targets) }
       for half in halves { refused.append(contentsOf: half.refused) }
       guard !result.isEmpty else { throw .noFunctionMatches("any of \(addresses.count) addresses") }
       return result
@@ -131,8 +131,8 @@ extension Tracer {
       return (result, nil)
     }
     // The first function that has no site, in order, as when one thread went through them all.
-    if let error = halves.lazy.compactMap(\.error).first { throw error }
-    let result = Halves.joined(&halves, \.targets)
+    if let error = halves.lazy.compactMap({ $0.error }).first { throw error }
+    let result = Halves.joined(&halves) { Halves.taken(&$0.targets) }
     guard !result.isEmpty else { throw .noFunctionMatches(what) }
     return result
   }
