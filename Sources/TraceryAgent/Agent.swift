@@ -30,7 +30,7 @@ enum Agent {
     let match: String?
     let depth: Int?
     let bufferLimit: Int
-    static let chunkSize = 1 << 20
+    static let chunkSize = EventFile.standardChunkSize
   }
 
   nonisolated(unsafe) static var configuration: Configuration?

@@ -20,12 +20,13 @@ import CTraceryShims
 /// and fail to remove it.
 ///
 /// Protocol: the keeper (one thread of `tracery record`) makes the blank directory (this user's,
-/// private) and `blank-00` … in it (`slots` of them, empty, `TraceFormat.fileMode`), and makes
-/// again the slots it finds gone. A traced process claims one (`TraceDirectory.create`): it
+/// private) and in it `blank-00` … (`slots` of them, empty, `TraceFormat.fileMode`) and as many
+/// `events-00` … (`Kind.events`: a thread's event file ready for its first chunk), and makes again
+/// the slots it finds gone. A traced process claims one (`TraceDirectory.create`): it
 /// opens the blank directory and checks it is its user's and writable by no other (as it checked
 /// the trace directory: a blank planted by another user could be a link to any file), renames a
 /// blank into the trace directory under the name it needs with RENAME_NOREPLACE, opens that name,
-/// and checks it got an empty regular file with one link. The rename is atomic (of two processes
+/// and checks it got a regular file with one link and its kind's size (`Kind.size`). The rename is atomic (of two processes
 /// racing for one slot, the second finds it gone and tries the next), and the name is the
 /// process's own (its pid is in it), so what it opens is the file it took. A slot missing, the
 /// pool emptied by a burst, the keeper gone, another filesystem: the process creates its file as
@@ -53,7 +54,24 @@ public enum BlankFiles {
     return parent + "/." + name + ".blanks"
   }
 
-  static func name(slot: Int) -> String { slot < 10 ? "blank-0\(slot)" : "blank-\(slot)" }
+  /// What a blank is for.
+  public enum Kind: Sendable {
+    /// An empty file: a process file, or a thread's event file of another chunk size.
+    case empty
+    /// A thread's event file made ready for its first chunk (`EventFile.standardChunkSize`):
+    /// the header and that chunk reserved, the header and the chunk's first
+    /// `EventFile.firstPages` written as zeros (`EventFile.prepareBlank`). Writing those zeros
+    /// and reserving the rest cost each thread's first event ~0.2 ms (this machine, slow level).
+    case events
+
+    var prefix: String { self == .empty ? "blank-" : "events-" }
+    /// The size a blank of this kind has when it is one.
+    var size: Int { self == .empty ? 0 : TraceFormat.headerSize + EventFile.standardChunkSize }
+  }
+
+  static func name(slot: Int, kind: Kind = .empty) -> String {
+    kind.prefix + (slot < 10 ? "0\(slot)" : "\(slot)")
+  }
 
   /// Slots tried by this process: consecutive from a start that differs between processes and
   /// between one process's claims, so that concurrent processes mostly try different slots.
@@ -62,7 +80,9 @@ public enum BlankFiles {
   /// Renames a blank of `slots` in `blanks` (a path) to `name` in `directory` (a descriptor) and
   /// opens it with `flags`. nil with errno EEXIST when `name` exists (no blank is taken then); nil
   /// with another errno when no blank could be taken (the caller creates the file itself).
-  static func claim(from blanks: String, slots: Int, into directory: Int32, as name: String, flags: Int32) -> Int32? {
+  static func claim(
+    from blanks: String, slots: Int, into directory: Int32, as name: String, flags: Int32, kind: Kind = .empty
+  ) -> Int32? {
     errno = ENOENT
     guard slots > 0 else { return nil }
     let source = open(blanks, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -76,14 +96,14 @@ public enum BlankFiles {
     let start = Int(UInt32(truncatingIfNeeded: getpid()) &* 2_654_435_761 &+ claims) % slots
     claims &+= 1
     for attempt in 0..<min(attempts, slots) {
-      let blank = Self.name(slot: (start + attempt) % slots)
+      let blank = Self.name(slot: (start + attempt) % slots, kind: kind)
       guard ctracery_rename_noreplace(source, blank, directory, name) == 0 else {
         if errno == ENOENT { continue }
         return nil  // EEXIST: `name` is taken; EXDEV, EINVAL: not on this filesystem.
       }
       let fd = openat(directory, name, flags | O_NOFOLLOW | O_CLOEXEC)
       guard fd >= 0, fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFREG, status.st_nlink == 1,
-        status.st_size == 0
+        status.st_size == kind.size
       else {
         // Not a blank (or not ours to open): not kept under a name of the trace's.
         if fd >= 0 { close(fd) }
@@ -181,29 +201,38 @@ public final class BlankFileKeeper: @unchecked Sendable {
   private static func empty(_ path: String) {
     var status = stat()
     guard lstat(path, &status) == 0, status.st_mode & S_IFMT == S_IFDIR, status.st_uid == geteuid() else { return }
-    for name in Files.list(path) ?? [] where name.hasPrefix("blank-") { unlink(path + "/" + name) }
+    for name in Files.list(path) ?? []
+    where name.hasPrefix(BlankFiles.Kind.empty.prefix) || name.hasPrefix(BlankFiles.Kind.events.prefix) {
+      unlink(path + "/" + name)
+    }
   }
 
-  /// Makes `slot` unless it is there; whether it was made. (A slot taken between the look and
-  /// the link stays taken: the link fails, the unnamed file goes, the next look makes it.)
-  private func make(_ slot: Int) -> Bool {
-    let name = BlankFiles.name(slot: slot)
+  /// Makes `slot` of `kind` unless it is there; whether it was made. (A slot taken between the
+  /// look and the link stays taken: the link fails, the unnamed file goes, the next look makes
+  /// it.)
+  private func make(_ slot: Int, _ kind: BlankFiles.Kind) -> Bool {
+    let name = BlankFiles.name(slot: slot, kind: kind)
     guard faccessat(directory, name, F_OK, AT_SYMLINK_NOFOLLOW) != 0, errno == ENOENT else { return false }
     // (The mode is narrowed by the umask, as a named creation's is.)
-    let fd = openat(directory, ".", ctracery_O_TMPFILE | O_WRONLY | O_CLOEXEC, TraceFormat.fileMode)
+    let fd = openat(directory, ".", ctracery_O_TMPFILE | O_RDWR | O_CLOEXEC, TraceFormat.fileMode)
     if fd >= 0 {
       defer { close(fd) }
+      guard kind == .empty || EventFile.prepareBlank(fd) else { return false }
       if linkat(AT_FDCWD, "/proc/self/fd/\(fd)", directory, name, AT_SYMLINK_FOLLOW) == 0 { return true }
       if errno == EEXIST { return false }
     }
-    // A file system without unnamed files, or no /proc: made by name (holding the lock).
+    // A file system without unnamed files, or no /proc: made by name (holding the lock); no
+    // events blanks there (one would be seen by name before it is ready).
+    guard kind == .empty else { return false }
     let named = openat(directory, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, TraceFormat.fileMode)
     if named >= 0 { close(named) }
     return named >= 0
   }
 
   private func serve() {
-    for slot in 0..<slots { _ = make(slot) }
+    for slot in 0..<slots {
+      for kind in [BlankFiles.Kind.empty, .events] { _ = make(slot, kind) }
+    }
     var woken = pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0)
     var interval = Self.shortestInterval
     while true {
@@ -211,7 +240,9 @@ public final class BlankFileKeeper: @unchecked Sendable {
       if ready > 0 { return }
       guard ready == 0 || errno == EINTR else { return }
       var remade = 0
-      for slot in 0..<slots where make(slot) { remade += 1 }
+      for slot in 0..<slots {
+        for kind in [BlankFiles.Kind.empty, .events] where make(slot, kind) { remade += 1 }
+      }
       made += remade
       interval = remade > 0 ? Self.shortestInterval : min(interval * 2, Self.longestInterval)
     }

@@ -121,13 +121,15 @@ public final class TraceDirectory: @unchecked Sendable {
 
   /// Creates `name` (a new file, never through a symbolic link, `TraceFormat.fileMode`) and
   /// keeps it open with `flags`, opened again with `reopenFlags` (a `CheckedFile`).
-  /// A blank file is taken when there is one (`BlankFiles`); nil with errno EEXIST when `name`
-  /// exists.
-  public func create(_ name: String, flags: Int32, reopenFlags: Int32) -> CheckedFile? {
+  /// A blank file of `kind` is taken when there is one (`BlankFiles`); nil with errno EEXIST
+  /// when `name` exists.
+  public func create(
+    _ name: String, flags: Int32, reopenFlags: Int32, kind: BlankFiles.Kind = .empty
+  ) -> CheckedFile? {
     var claimed: Int32?
     if blankSlots > 0 {
       claimed = directory.withDescriptor {
-        BlankFiles.claim(from: blanks, slots: blankSlots, into: $0, as: name, flags: flags)
+        BlankFiles.claim(from: blanks, slots: blankSlots, into: $0, as: name, flags: flags, kind: kind)
       }
       if claimed == nil && errno == EEXIST { return nil }
     }

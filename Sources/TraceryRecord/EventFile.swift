@@ -32,6 +32,9 @@ public final class EventFile: @unchecked Sendable {
   public let chunkSize: Int
   private let limit: Int
   private var chunks = 0
+  /// The file is an events blank (`BlankFiles.Kind.events`): its first chunk is reserved and
+  /// begins with zeros written, as `map` would make it.
+  private let firstChunkReady: Bool
   private var chunk: UnsafeMutableRawPointer?
   private let lock: UnsafeMutablePointer<pthread_mutex_t> = {
     let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
@@ -69,9 +72,13 @@ public final class EventFile: @unchecked Sendable {
   /// mapped.
   public init?(in directory: TraceDirectory, name: String, pid: Int32, tid: Int32, chunkSize: Int, limit: Int) {
     // A new file, never through a symbolic link, readable by its owner only (unless shared).
-    guard let file = directory.create(name, flags: O_RDWR, reopenFlags: O_RDWR) else { return nil }
+    let kind: BlankFiles.Kind = chunkSize == Self.standardChunkSize ? .events : .empty
+    guard let file = directory.create(name, flags: O_RDWR, reopenFlags: O_RDWR, kind: kind) else { return nil }
+    var ready = false
     let mapped = file.withDescriptor { fd -> UnsafeMutableRawPointer? in
-      guard Self.fits(TraceFormat.headerSize), ftruncate(fd, off_t(TraceFormat.headerSize)) == 0,
+      var status = stat()
+      ready = kind == .events && fstat(fd, &status) == 0 && status.st_size == kind.size
+      guard Self.fits(TraceFormat.headerSize), ready || ftruncate(fd, off_t(TraceFormat.headerSize)) == 0,
         let mapped = mmap(nil, TraceFormat.headerSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0),
         mapped != MAP_FAILED
       else { return nil }
@@ -81,6 +88,7 @@ public final class EventFile: @unchecked Sendable {
       file.close()
       return nil
     }
+    firstChunkReady = ready
     self.file = file
     header = mapped
     self.chunkSize = chunkSize
@@ -124,7 +132,10 @@ public final class EventFile: @unchecked Sendable {
     // the first recorded call would otherwise show as its own). The rest of the chunk faults in
     // as it fills: the whole chunk would cost every thread's start ~0.45 ms.
     let first = chunks == 0 ? Self.firstPages : 0
-    guard let mapped = takePrepared(chunks) ?? map(chunks, writing: first).map({ Self.populate($0, first) }) else {
+    guard
+      let mapped = takePrepared(chunks)
+        ?? map(chunks, writing: first, ready: chunks == 0 && firstChunkReady).map({ Self.populate($0, first) })
+    else {
       return nil
     }
     chunk = mapped
@@ -220,6 +231,19 @@ public final class EventFile: @unchecked Sendable {
   /// Bytes of a thread's first chunk faulted in before its first event.
   static let firstPages = 64 << 10
 
+  /// The agent's chunk size: what events blanks are made ready for (`BlankFiles.Kind.events`).
+  public static let standardChunkSize = 1 << 20
+
+  /// Makes the new, empty file `fd` an events blank: its header and first chunk as `init` and
+  /// `map` make them for a chunk of `standardChunkSize` (run by the blank keeper, off the
+  /// traced threads' paths). Whether it could.
+  static func prepareBlank(_ fd: Int32) -> Bool {
+    let written = TraceFormat.headerSize + firstPages
+    let size = BlankFiles.Kind.events.size
+    return writeZeros(at: 0, count: written, to: { fd })
+      && posix_fallocate(fd, off_t(written), off_t(size - written)) == 0
+  }
+
   /// Maps chunk `index`, its first `written` bytes written as zeros first (then faulted in by
   /// `populate`), the rest reserved.
   ///
@@ -231,14 +255,16 @@ public final class EventFile: @unchecked Sendable {
   /// (ENOSPC: no chunk, events dropped and counted), not as SIGBUS later. Growing past the
   /// process's file-size limit would raise SIGXFSZ, which kills the program by default: that
   /// limit is checked first.
-  private func map(_ index: Int, writing written: Int) -> UnsafeMutableRawPointer? {
+  /// `ready`: the chunk is so already (an events blank's first).
+  private func map(_ index: Int, writing written: Int, ready: Bool = false) -> UnsafeMutableRawPointer? {
     let offset = TraceFormat.headerSize + index * chunkSize
     let written = min(written, chunkSize)
     guard Self.fits(offset + chunkSize) else { return nil }
     return file.withDescriptor { fd in
       // (Checked again before each 64 KiB of zeros: a long write is a long window.)
-      guard Self.writeZeros(at: offset, count: written, to: { self.file.isOurs(fd) ? fd : nil }),
-        written == chunkSize || posix_fallocate(fd, off_t(offset + written), off_t(chunkSize - written)) == 0,
+      guard ready || Self.writeZeros(at: offset, count: written, to: { self.file.isOurs(fd) ? fd : nil }),
+        ready || written == chunkSize
+          || posix_fallocate(fd, off_t(offset + written), off_t(chunkSize - written)) == 0,
         self.file.isOurs(fd),
         let mapped = mmap(nil, chunkSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset)),
         mapped != MAP_FAILED

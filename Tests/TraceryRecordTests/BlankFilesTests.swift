@@ -90,6 +90,42 @@ import Testing
     #expect(lstat(made, &status) == 0 && status.st_mode & 0o777 == TraceFormat.fileMode)
   }
 
+  /// The keeper also keeps events blanks (`BlankFiles.Kind.events`): a thread's event file of
+  /// the agent's chunk size takes one, its first chunk already reserved and begun with zeros,
+  /// so that mapping it writes and reserves nothing more; an event file of another chunk size
+  /// takes an empty blank, as a process file does.
+  @Test func anEventFileTakesABlankMadeReadyForItsFirstChunk() throws {
+    let (base, path, blanks) = Self.trace("event-blanks", blanks: false)
+    defer { Self.remove(base) }
+    let keeper = try #require(BlankFileKeeper(trace: path, slots: 2))
+    defer { keeper.stop() }
+    func ready(_ slot: Int) -> String { blanks + "/" + BlankFiles.name(slot: slot, kind: .events) }
+    Self.wait { Self.inode(ready(1)) != nil && Self.blanks(in: blanks, slots: 2).count == 2 }
+    let size = TraceFormat.headerSize + EventFile.standardChunkSize
+    var status = stat()
+    #expect(lstat(ready(0), &status) == 0 && status.st_size == size && Int(status.st_blocks) * 512 >= size)
+    let readyInodes = Set([0, 1].compactMap { Self.inode(ready($0)) })
+    let emptyInodes = Set([0, 1].compactMap { Self.inode(blanks + "/" + BlankFiles.name(slot: $0)) })
+    #expect(readyInodes.count == 2 && emptyInodes.count == 2)
+
+    let directory = try #require(TraceDirectory(path: path, blankSlots: 2))
+    let file = try #require(
+      EventFile(
+        in: directory, name: "7.0-7.events", pid: 7, tid: 7, chunkSize: EventFile.standardChunkSize, limit: 4 << 20))
+    #expect(readyInodes.contains(Self.inode(path + "/7.0-7.events") ?? 0))
+    let chunk = try #require(file.nextChunk(leaving: 0))
+    chunk.storeBytes(of: 0x1234, toByteOffset: 64, as: UInt64.self)
+    #expect(lstat(path + "/7.0-7.events", &status) == 0 && status.st_size == size)
+    let header = Files.read(path + "/7.0-7.events").map { Array($0.prefix(8)) }
+    #expect(header == TraceFormat.magic)
+    _ = file.close(cursor: UInt64(UInt(bitPattern: chunk.baseAddress!)) + 72)
+
+    let small = try #require(
+      EventFile(in: directory, name: "7.0-8.events", pid: 7, tid: 8, chunkSize: 64 << 10, limit: 4 << 20))
+    #expect(emptyInodes.contains(Self.inode(path + "/7.0-8.events") ?? 0))
+    _ = small.close(cursor: 0)
+  }
+
   @Test func aBlankThatIsNotOneIsNeverTaken() throws {
     let (base, path, blanks) = Self.trace("not-blanks")
     defer { Self.remove(base) }
