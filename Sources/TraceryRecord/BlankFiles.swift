@@ -26,9 +26,9 @@ import CTraceryShims
 /// opens the blank directory and checks it is its user's and writable by no other (as it checked
 /// the trace directory: a blank planted by another user could be a link to any file), renames a
 /// blank into the trace directory under the name it needs with RENAME_NOREPLACE, opens that name,
-/// and checks it got a regular file with one link and its kind's size (`Kind.size`). The rename is atomic (of two processes
-/// racing for one slot, the second finds it gone and tries the next), and the name is the
-/// process's own (its pid is in it), so what it opens is the file it took. A slot missing, the
+/// and checks it got a regular file with one link and its kind's size (`Kind.size`). The rename
+/// is atomic (of two processes racing for one slot, the second finds it gone and tries the next),
+/// and the name is the process's own (its pid is in it), so what it opens is the file it took. A slot missing, the
 /// pool emptied by a burst, the keeper gone, another filesystem: the process creates its file as
 /// it would without a keeper. `stop` removes the blanks and their directory (a keeper killed
 /// before `stop` leaves them; the next `tracery record` of the same trace removes them).
@@ -148,6 +148,12 @@ public final class BlankFileKeeper: @unchecked Sendable {
   private var stopped = false
   /// Blanks made again after a process took one.
   public private(set) var made = 0
+  /// Events blanks kept (`BlankFiles.Kind.events`): few at first, twice as many after a look
+  /// finds them all taken, up to `slots`. Each costs its making and its removal at the end
+  /// (~0.1 ms: its written pages and reserved blocks freed), which a program of one process would
+  /// pay for all `slots` (+0.9 ms a `tracery record` of a short program with 8).
+  private var eventSlots: Int
+  static let firstEventSlots = 2
 
   /// Milliseconds between looks: the shortest while slots are being taken, doubling to the
   /// longest while none is.
@@ -158,6 +164,7 @@ public final class BlankFileKeeper: @unchecked Sendable {
   /// cannot be made, or is there and not this user's (the processes then create their files).
   public init?(trace: String, slots: Int = BlankFiles.defaultSlots) {
     self.slots = min(slots, 100)
+    eventSlots = min(self.slots, Self.firstEventSlots)
     path = BlankFiles.directory(for: trace)
     // Left by a recorder that was killed: this user's own, emptied and used again.
     if mkdir(path, 0o700) != 0 && errno == EEXIST { Self.empty(path) }
@@ -229,9 +236,22 @@ public final class BlankFileKeeper: @unchecked Sendable {
     return named >= 0
   }
 
+  /// Whether `stop` asked the thread to end (a look at the pipe that does not wait).
+  private func stopAsked() -> Bool {
+    var woken = pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0)
+    return poll(&woken, 1, 0) != 0
+  }
+
   private func serve() {
+    // The first ones one by one, until `stop` asks: a short program's `tracery record` ended
+    // waiting for all of them (a creation takes up to a millisecond on this machine's ext4).
     for slot in 0..<slots {
-      for kind in [BlankFiles.Kind.empty, .events] { _ = make(slot, kind) }
+      guard !stopAsked() else { return }
+      _ = make(slot, .empty)
+    }
+    for slot in 0..<eventSlots {
+      guard !stopAsked() else { return }
+      _ = make(slot, .events)
     }
     var woken = pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0)
     var interval = Self.shortestInterval
@@ -240,9 +260,16 @@ public final class BlankFileKeeper: @unchecked Sendable {
       if ready > 0 { return }
       guard ready == 0 || errno == EINTR else { return }
       var remade = 0
-      for slot in 0..<slots {
-        for kind in [BlankFiles.Kind.empty, .events] where make(slot, kind) { remade += 1 }
+      for slot in 0..<slots where make(slot, .empty) { remade += 1 }
+      var events = 0
+      for slot in 0..<eventSlots where make(slot, .events) { events += 1 }
+      if events == eventSlots && eventSlots < slots {
+        // All taken since the last look: more next time (new slots, not counted as made again).
+        let kept = eventSlots
+        eventSlots = min(slots, eventSlots * 2)
+        for slot in kept..<eventSlots { _ = make(slot, .events) }
       }
+      remade += events
       made += remade
       interval = remade > 0 ? Self.shortestInterval : min(interval * 2, Self.longestInterval)
     }
