@@ -93,8 +93,10 @@ enum Agent {
       environment.relocate || environment.relocateWithoutSites || environment.nestLibraryCalls
       ? ProcessObjects.list().first?.path : nil
     // TRACERY_RELOCATE=auto: relocating when this process's program records no patch site.
-    if environment.relocateWithoutSites && !environment.relocate {
-      environment.relocate = listed.map { ELFFile.recordsPatchSites(path: $0) != true } ?? false
+    if environment.relocateWithoutSites && !environment.relocate, let listed {
+      let records = ELFFile.recordsPatchSites(path: listed) == true
+      programRecordsSites = (listed, records)
+      environment.relocate = !records
     }
     let main = environment.relocate || environment.nestLibraryCalls ? listed : nil
     let program = environment.relocate ? main : nil
@@ -321,6 +323,17 @@ enum Agent {
   /// The program, when its functions without a site are traced too (--relocate).
   nonisolated(unsafe) static var relocatedProgram: String?
 
+  /// Whether the program records patch sites, when the start asked (TRACERY_RELOCATE=auto).
+  /// Set before the tracer's table is first loaded, like `relocatedProgram`.
+  nonisolated(unsafe) static var programRecordsSites: (path: String, records: Bool)?
+
+  /// Whether the object at `path` records patch sites (its section headers read, except for a
+  /// program the start already asked about).
+  static func recordsPatchSites(_ path: String) -> Bool {
+    if let known = programRecordsSites, known.path == path { return known.records }
+    return ELFFile.recordsPatchSites(path: path) == true
+  }
+
   /// The tracer's table: the objects that record patch sites only (read from their section
   /// headers first), and the program itself with --relocate (a stripped program's functions then
   /// come from its call frames). At start, and again when `dlopen` or `dlclose` change the set.
@@ -330,7 +343,7 @@ enum Agent {
     Tracer.shared.loadSymbols(
       including: {
         // (The program relocated first: its section headers need not be read for the answer.)
-        $0.path == program || ELFFile.recordsPatchSites(path: $0.path) == true
+        $0.path == program || recordsPatchSites($0.path)
           || (libraries && mayRelocate(libraryAt: $0.path))
       },
       unnamed: { $0.path == program })
@@ -398,7 +411,7 @@ enum Agent {
     let known = Set(objects.map { objectKey($0.path, $0.bias) })
     let fresh = ProcessObjects.list().filter {
       !known.contains(objectKey($0.path, $0.bias))
-        && (ELFFile.recordsPatchSites(path: $0.path) == true || (relocatesLibraries && mayRelocate(libraryAt: $0.path)))
+        && (recordsPatchSites($0.path) || (relocatesLibraries && mayRelocate(libraryAt: $0.path)))
     }
     guard !fresh.isEmpty else { return }
     // The tracer's table must name the new functions too: reloaded, it is also where they are read.

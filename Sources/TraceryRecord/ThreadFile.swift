@@ -136,12 +136,14 @@ final class ByteWindow {
     return refill(offset, count)
   }
 
+  /// Whether the file is open (opened now if it was not).
+  private func opened() -> Bool {
+    if fd < 0 { fd = open(path, O_RDONLY | O_CLOEXEC) }
+    return fd >= 0
+  }
+
   private func refill(_ offset: Int, _ count: Int) -> Bool {
-    guard offset >= 0, count <= capacity, offset + count <= size else { return false }
-    if fd < 0 {
-      fd = open(path, O_RDONLY | O_CLOEXEC)
-      guard fd >= 0 else { return false }
-    }
+    guard offset >= 0, count <= capacity, offset + count <= size, opened() else { return false }
     if window == nil { window = .allocate(byteCount: capacity, alignment: 8) }
     let length = min(capacity, size - offset)
     let got = pread(fd, window, length, off_t(offset))
@@ -186,10 +188,7 @@ final class ByteWindow {
   /// backwards, its 1 MiB of zeros cost `tracery record` ~0.8 ms a file at its end (the kernel
   /// fills a page with zeros for each page of a hole read). `size` when the file system cannot say.
   private func lastDataEnd(from offset: Int) -> Int {
-    if fd < 0 {
-      fd = open(path, O_RDONLY | O_CLOEXEC)
-      guard fd >= 0 else { return size }
-    }
+    guard opened() else { return size }
     var end = offset
     var at = offset
     while at < size {
