@@ -527,7 +527,12 @@ enum Agent {
     processFile = created
   }
 
-  static func resolvedExecutable() -> String { ProcessObjects.executableLink ?? "?" }
+  /// The program's exe link as it reads (" (deleted)" after a deleted file's path); in the start,
+  /// the program's path the start already read, unless that was the link itself (deleted).
+  static func resolvedExecutable() -> String {
+    let program = ProcessObjects.path(ofLoaded: "")
+    return program.hasPrefix("/proc/") ? ProcessObjects.executableLink ?? "?" : program
+  }
 
   /// In the child of a fork: the parent's files are not ours; start a session of our own.
   static func afterFork() {

@@ -24,10 +24,10 @@ public enum ProcessObjects {
     if name.isEmpty {
       // (A deleted program's link reads "PATH (deleted)": realpath then fails and the link
       // itself, which still opens the file, is the path.)
-      return executableLink.flatMap {
-        $0.hasPrefix("/") && !$0.hasSuffix(" (deleted)") ? $0 : nil
+      return MemoryMap.programPath {
+        executableLink.flatMap { $0.hasPrefix("/") && !$0.hasSuffix(" (deleted)") ? $0 : nil }
+          ?? System.resolvedPath("/proc/thread-self/exe")
       }
-        ?? System.resolvedPath("/proc/thread-self/exe")
     }
     return name.hasPrefix("/") || !name.contains("/") ? name : System.resolvedPath(name)
   }

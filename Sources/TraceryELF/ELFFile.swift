@@ -61,10 +61,14 @@ public struct ELFFile: Sendable {
   /// traced process, 60% of it code; gcc's cc1 has 20 MB of code and 7.5 MB of `.rodata`,
   /// read twice a process. Small files are read whole.
   public init(pathWithoutCode path: String) throws(ELFError) {
-    if let compact = Self.readFileWithoutCode(path) {
+    // One open either way (a small program's file was opened twice, and the ELF read once more
+    // by the library calls: each open here is ~5 µs of every traced process's start).
+    let (fd, size) = try Self.openRegular(path)
+    defer { close(fd) }
+    if let compact = Self.compactImage(of: fd, size: size) {
       try self.init(bytes: compact)
     } else {
-      try self.init(bytes: try Self.readFile(path))
+      try self.init(bytes: try Self.readWhole(fd, size: size, path: path))
     }
   }
 
@@ -134,8 +138,14 @@ public struct ELFFile: Sendable {
     guard fd >= 0 else { return nil }
     defer { close(fd) }
     var status = stat()
-    guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG, status.st_size >= 1 << 18 else { return nil }
-    let size = UInt64(status.st_size)
+    guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else { return nil }
+    return compactImage(of: fd, size: status.st_size)
+  }
+
+  /// `readFileWithoutCode` of the open regular file `fd` of `size` bytes.
+  private static func compactImage(of fd: Int32, size fileSize: off_t) -> [UInt8]? {
+    guard fileSize >= 1 << 18 else { return nil }
+    let size = UInt64(fileSize)
     func read(_ offset: UInt64, _ count: UInt64, into destination: UnsafeMutableRawPointer) -> Bool {
       guard count <= size, offset <= size - count else { return false }
       return pread(fd, destination, Int(count), off_t(offset)) == Int(count)
@@ -211,16 +221,34 @@ public struct ELFFile: Sendable {
   }
 
   static func readFile(_ path: String) throws(ELFError) -> [UInt8] {
+    let (fd, size) = try openRegular(path)
+    defer { close(fd) }
+    return try readWhole(fd, size: size, path: path)
+  }
+
+  /// A descriptor of the regular file at `path` (the caller closes it), and its size.
+  private static func openRegular(_ path: String) throws(ELFError) -> (fd: Int32, size: off_t) {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { throw .unreadable(path: path, errno: errno) }
-    defer { close(fd) }
     var status = stat()
-    guard fstat(fd, &status) == 0 else { throw .unreadable(path: path, errno: errno) }
-    guard (status.st_mode & S_IFMT) == S_IFREG else { throw .unreadable(path: path, errno: EISDIR) }
-    var result = [UInt8](repeating: 0, count: Int(status.st_size))
+    guard fstat(fd, &status) == 0 else {
+      let error = errno
+      close(fd)
+      throw .unreadable(path: path, errno: error)
+    }
+    guard (status.st_mode & S_IFMT) == S_IFREG else {
+      close(fd)
+      throw .unreadable(path: path, errno: EISDIR)
+    }
+    return (fd, status.st_size)
+  }
+
+  /// The `size` bytes of the open file `fd` (fewer if it ends sooner), read from its start.
+  private static func readWhole(_ fd: Int32, size: off_t, path: String) throws(ELFError) -> [UInt8] {
+    var result = [UInt8](repeating: 0, count: Int(size))
     var done = 0
     while done < result.count {
-      let got = result.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, $0.count - done) }
+      let got = result.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
       if got < 0 {
         if errno == EINTR { continue }
         throw .unreadable(path: path, errno: errno)

@@ -93,7 +93,10 @@ public enum BlankFiles {
       errno = EPERM
       return nil
     }
-    let start = Int(UInt32(truncatingIfNeeded: getpid()) &* 2_654_435_761 &+ claims) % slots
+    // (Events blanks start in the slots the keeper fills first — it keeps a few and adds more as
+    // they are taken — rather than tripping over missing ones: a failed rename is ~4 µs.)
+    let spread = kind == .events ? min(slots, BlankFileKeeper.firstEventSlots) : slots
+    let start = Int(UInt32(truncatingIfNeeded: getpid()) &* 2_654_435_761 &+ claims) % spread
     claims &+= 1
     for attempt in 0..<min(attempts, slots) {
       let blank = Self.name(slot: (start + attempt) % slots, kind: kind)
