@@ -127,14 +127,18 @@ public final class EventFile: @unchecked Sendable {
       self.chunk = nil
     }
     guard !finished, hasRoom(for: chunks) else { return nil }
-    // The first chunk's first 64 KiB are written and faulted in here, before the thread's first
-    // event takes its time (~46 µs; a fault in a fresh file costs ~210 µs on ext4 here, which
-    // the first recorded call would otherwise show as its own). The rest of the chunk faults in
-    // as it fills: the whole chunk would cost every thread's start ~0.45 ms.
+    // The first chunk's first 64 KiB are written here (or were, in an events blank), before the
+    // thread's first event takes its time: a fault in a fresh file's unwritten extent costs ~210
+    // µs on ext4 here, which the first recorded call would otherwise show as its own; in written
+    // pages ~2 µs. Its first `firstPopulated` bytes are faulted in now, the rest as the thread
+    // fills them: all 64 KiB cost every thread's start ~45 µs, and a short process's thread
+    // (a compiler's child, a shell command) writes one or two pages.
     let first = chunks == 0 ? Self.firstPages : 0
     guard
       let mapped = takePrepared(chunks)
-        ?? map(chunks, writing: first, ready: chunks == 0 && firstChunkReady).map({ Self.populate($0, first) })
+        ?? map(chunks, writing: first, ready: chunks == 0 && firstChunkReady).map({
+          Self.populate($0, min(first, Self.firstPopulated))
+        })
     else {
       return nil
     }
@@ -228,8 +232,12 @@ public final class EventFile: @unchecked Sendable {
     return UInt64(size) <= UInt64(limit.rlim_cur)
   }
 
-  /// Bytes of a thread's first chunk faulted in before its first event.
+  /// Bytes of a thread's first chunk written (as zeros) before its first event.
   static let firstPages = 64 << 10
+
+  /// Bytes of a thread's first chunk faulted in before its first event (measured here, a fresh
+  /// process's `MADV_POPULATE_WRITE` of an events blank's pages: 2 pages 17.5 µs, 16 pages 44).
+  static let firstPopulated = 8 << 10
 
   /// The agent's chunk size: what events blanks are made ready for (`BlankFiles.Kind.events`).
   public static let standardChunkSize = 1 << 20
