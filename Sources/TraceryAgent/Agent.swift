@@ -527,12 +527,7 @@ enum Agent {
     processFile = created
   }
 
-  /// The program's exe link as it reads (" (deleted)" after a deleted file's path); in the start,
-  /// the program's path the start already read, unless that was the link itself (deleted).
-  static func resolvedExecutable() -> String {
-    let program = ProcessObjects.path(ofLoaded: "")
-    return program.hasPrefix("/proc/") ? ProcessObjects.executableLink ?? "?" : program
-  }
+  static func resolvedExecutable() -> String { ProcessObjects.executableLink ?? "?" }
 
   /// In the child of a fork: the parent's files are not ours; start a session of our own.
   static func afterFork() {

@@ -67,21 +67,22 @@ struct MemoryMap: Sendable {
   }
 
   /// Inside `fixed(_:)`, on its thread: `read()`'s answer the first time, kept for the rest of the
-  /// span (the program's path: a traced process's start read its exe link four times, ~5 µs
-  /// each). Elsewhere `read()` each time: outside a start, the program's file may have been
-  /// deleted or replaced since (its link then says so).
-  static func programPath(_ read: () -> String) -> String {
+  /// span (the program's exe link: a traced process's start read it four times, ~5 µs each).
+  /// Elsewhere `read()` each time: outside a start, the program's file may have been deleted or
+  /// replaced since (its link then says so).
+  static func programLink(_ read: () -> String?) -> String? {
     let thread = ctracery_gettid()
-    if let known = pin.withLock({ $0.flatMap { $0.thread == thread ? $0.program : nil } }) { return known }
-    let path = read()
-    pin.withLock { pin in if pin?.thread == thread { pin?.program = path } }
-    return path
+    if let known = pin.withLock({ $0.flatMap { $0.thread == thread ? $0.programLink : nil } }) { return known }
+    let link = read()
+    pin.withLock { pin in if pin?.thread == thread { pin?.programLink = .some(link) } }
+    return link
   }
 
   private struct Pin {
     let thread: Int32
     var map: MemoryMap
-    var program: String? = nil
+    /// `programLink`'s answer once read (which may be nil: no link to read).
+    var programLink: String?? = nil
   }
 
   private static let latest = Mutex<MemoryMap?>(nil)

@@ -13,9 +13,12 @@ public enum ProcessObjects {
     public let bias: UInt64
   }
 
-  /// Where /proc/thread-self/exe points (one readlink): the program's path, with " (deleted)"
-  /// after it when its file was deleted; nil when it cannot be read.
-  public static var executableLink: String? { System.linkTarget("/proc/thread-self/exe") }
+  /// Where /proc/thread-self/exe points (one readlink, once in the agent's start:
+  /// `MemoryMap.programLink`): the program's path, with " (deleted)" after it when its file was
+  /// deleted; nil when it cannot be read.
+  public static var executableLink: String? {
+    MemoryMap.programLink { System.linkTarget("/proc/thread-self/exe") }
+  }
 
   /// The file of a loaded object, from the name the loader keeps (`link_map.l_name`): empty for
   /// the program; as it was given to `dlopen`, so `./plugin.so` is relative (to the directory then
@@ -24,10 +27,10 @@ public enum ProcessObjects {
     if name.isEmpty {
       // (A deleted program's link reads "PATH (deleted)": realpath then fails and the link
       // itself, which still opens the file, is the path.)
-      return MemoryMap.programPath {
-        executableLink.flatMap { $0.hasPrefix("/") && !$0.hasSuffix(" (deleted)") ? $0 : nil }
-          ?? System.resolvedPath("/proc/thread-self/exe")
+      return executableLink.flatMap {
+        $0.hasPrefix("/") && !$0.hasSuffix(" (deleted)") ? $0 : nil
       }
+        ?? System.resolvedPath("/proc/thread-self/exe")
     }
     return name.hasPrefix("/") || !name.contains("/") ? name : System.resolvedPath(name)
   }

@@ -134,12 +134,9 @@ public struct ELFFile: Sendable {
   /// headers with their new offsets. nil when the file is small, or unusual enough that the
   /// whole file should be read (and judged) instead.
   static func readFileWithoutCode(_ path: String) -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
+    guard let (fd, size) = try? openRegular(path) else { return nil }
     defer { close(fd) }
-    var status = stat()
-    guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else { return nil }
-    return compactImage(of: fd, size: status.st_size)
+    return compactImage(of: fd, size: size)
   }
 
   /// `readFileWithoutCode` of the open regular file `fd` of `size` bytes.
