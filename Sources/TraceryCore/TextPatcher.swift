@@ -258,7 +258,7 @@ public final class TextPatcher: Sendable {
       let map = given ?? MemoryMap.current()
       var failed: [UInt64] = []
       let sorted =
-        words.isAscending(strictly: false, by: \.address) ? words : words.sorted { $0.address < $1.address }
+        words.isAscending(strictly: false, by: { $0.address }) ? words : words.sorted { $0.address < $1.address }
       var start = 0
       while start < sorted.count {
         let address = sorted[start].address
@@ -410,7 +410,7 @@ public final class TextPatcher: Sendable {
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
     // sites every fresh array is megabytes of page faults).
-    if accepted.isAscending(strictly: true, by: \.address) {
+    if accepted.isAscending(strictly: true, by: { $0.address }) {
       return accepted
     }
     accepted.sort { $0.address < $1.address }

@@ -24,14 +24,30 @@ public enum X86Decoder {
   public struct Instruction: Equatable, Sendable {
     public let length: Int
     public let flow: Flow
+    /// (Small fields stored plainly, not as optionals: the relocator copies each decoded
+    /// instruction, and the optionals' odd-sized layout made that copy wait on the stores that
+    /// built it.)
+    private let ripOffset: Int8
+    private let conditionCode: UInt8
+    /// `syscall`: a thread can stop right after it, blocked in the kernel.
+    public let isSystemCall: Bool
+
+    init(
+      length: Int, flow: Flow, ripDisplacementOffset: Int? = nil, condition: UInt8? = nil, isSystemCall: Bool = false
+    ) {
+      self.length = length
+      self.flow = flow
+      ripOffset = Int8(ripDisplacementOffset ?? -1)
+      conditionCode = condition ?? 0xff
+      self.isSystemCall = isSystemCall
+    }
+
     /// Where its RIP-relative 32-bit displacement starts (bytes into the instruction), when it
     /// has a `[rip + disp32]` operand.
-    public var ripDisplacementOffset: Int? = nil
+    public var ripDisplacementOffset: Int? { ripOffset < 0 ? nil : Int(ripOffset) }
     /// The condition (0-15, as `jcc` numbers them) of a conditional branch that has a rel32 form;
     /// nil for every other instruction, and for `loop`/`jrcxz` (rel8 only).
-    public var condition: UInt8? = nil
-    /// `syscall`: a thread can stop right after it, blocked in the kernel.
-    public var isSystemCall = false
+    public var condition: UInt8? { conditionCode == 0xff ? nil : conditionCode }
   }
 
   /// The instruction at `address`, whose bytes (up to 15 of them, fewer at the end of the
@@ -43,6 +59,8 @@ public enum X86Decoder {
 
   private struct Reader {
     let bytes: UnsafeRawBufferPointer
+    /// How far it may read: the bytes, at most 15 (the longest instruction).
+    let limit: Int
     var index = 0
     var operandSize16 = false
     var addressSize32 = false
@@ -53,10 +71,13 @@ public enum X86Decoder {
     var systemCall = false
     var rexSeen = false
 
-    init(bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
+    init(bytes: UnsafeRawBufferPointer) {
+      self.bytes = bytes
+      limit = min(bytes.count, 15)
+    }
 
-    mutating func next() -> UInt8? {
-      guard index < bytes.count, index < 15 else { return nil }
+    @inline(__always) mutating func next() -> UInt8? {
+      guard index < limit else { return nil }
       defer { index += 1 }
       return bytes[index]
     }
@@ -66,7 +87,7 @@ public enum X86Decoder {
     }
 
     /// Consumes a ModRM byte and its SIB and displacement; returns the ModRM's `reg` field.
-    mutating func modRM(mustBeMemory: Bool = false) -> UInt8? {
+    @inline(__always) mutating func modRM(mustBeMemory: Bool = false) -> UInt8? {
       guard let modrm = next() else { return nil }
       let mod = modrm >> 6
       let rm = modrm & 7
@@ -85,8 +106,8 @@ public enum X86Decoder {
       return (modrm >> 3) & 7
     }
 
-    mutating func skip(_ count: Int) -> Bool {
-      guard index + count <= bytes.count, index + count <= 15 else { return false }
+    @inline(__always) mutating func skip(_ count: Int) -> Bool {
+      guard index + count <= limit else { return false }
       index += count
       return true
     }
@@ -213,7 +234,12 @@ public enum X86Decoder {
 
     /// Opcodes of the 0F map that take an 8-bit immediate after their ModRM operand (pshufd and
     /// the shifts by an immediate, cmpps, pinsrw, pextrw, shufps), in every encoding.
-    static let immediateInMap1: Set<UInt8> = [0x70, 0x71, 0x72, 0x73, 0xc2, 0xc4, 0xc5, 0xc6]
+    static func immediateInMap1(_ opcode: UInt8) -> Bool {
+      switch opcode {
+      case 0x70...0x73, 0xc2, 0xc4...0xc6: true
+      default: false
+      }
+    }
 
     /// A VEX- or EVEX-encoded instruction's rest, after its opcode: a ModRM operand (but
     /// vzeroupper/vzeroall), and an 8-bit immediate in the 0F3A map and for `immediateInMap1`.
@@ -222,7 +248,7 @@ public enum X86Decoder {
       case 1:
         if opcode == 0x77 { return finished(.next) }
         guard modRM() != nil else { return nil }
-        return !Self.immediateInMap1.contains(opcode) || skip(1) ? finished(.next) : nil
+        return !Self.immediateInMap1(opcode) || skip(1) ? finished(.next) : nil
       case 2, 5, 6:
         return modRM() == nil ? nil : finished(.next)
       case 3:
@@ -232,7 +258,7 @@ public enum X86Decoder {
       }
     }
 
-    func finished(_ flow: Flow) -> Instruction {
+    @inline(__always) func finished(_ flow: Flow) -> Instruction {
       Instruction(
         length: index, flow: flow, ripDisplacementOffset: ripDisplacement, condition: condition,
         isSystemCall: systemCall)

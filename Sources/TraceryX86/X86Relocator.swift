@@ -110,10 +110,29 @@ public enum X86Relocator {
   public static func check(
     _ code: UnsafeRawBufferPointer, at address: UInt64, minimum: Int = 5
   ) throws(Refusal) -> (length: Int, movedEnd: Int, verbatim: Bool) {
-    var none: [UInt8] = []
-    let relocation = try relocate(
-      code, at: address, to: address, minimum: minimum, appendingTo: &none, boundaries: false, emit: false)
-    return (relocation.length, relocation.movedEnd, relocation.verbatim)
+    // (Apart from `relocate`: no copy is made, so no array and no copy offsets; this runs per
+    // function of a large relocating attach.)
+    try withUnsafeTemporaryAllocation(of: Moved.self, capacity: max(1, minimum)) {
+      moved throws(Refusal) -> (length: Int, movedEnd: Int, verbatim: Bool) in
+      let (count, length, movedEnd) = try decode(code, at: address, minimum: minimum, into: moved)
+      let instructions = UnsafeMutableBufferPointer(rebasing: moved[..<count])
+      // Only what the copy's branches would refuse: a target inside an instruction it moves.
+      var verbatim = movedEnd == length
+      for entry in instructions {
+        switch entry.instruction.flow {
+        case .jump(let target), .branch(let target), .call(let target):
+          if target >= address && target < address + UInt64(length),
+            !instructions.contains(where: { UInt64($0.offset) == target - address })
+          {
+            throw .intoMiddleOfInstruction(offset: entry.offset)
+          }
+          verbatim = false
+        case .next, .end, .indirect:
+          if entry.instruction.ripDisplacementOffset != nil { verbatim = false }
+        }
+      }
+      return (length, movedEnd, verbatim)
+    }
   }
 
   /// The copy `relocate(_:at:to:minimum:appendingTo:)` makes of `length` bytes at `address` that
@@ -137,10 +156,10 @@ public enum X86Relocator {
   /// byte or more); `boundaries` are collected only when asked for.
   private static func relocate(
     _ code: UnsafeRawBufferPointer, at address: UInt64, to destination: UInt64, minimum: Int,
-    appendingTo bytes: inout [UInt8], boundaries collect: Bool, emit: Bool = true
-  ) throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary], verbatim: Bool) {
+    appendingTo bytes: inout [UInt8], boundaries collect: Bool
+  ) throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary]) {
     try withUnsafeTemporaryAllocation(of: Moved.self, capacity: max(1, minimum)) {
-      moved throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary], verbatim: Bool) in
+      moved throws(Refusal) -> (length: Int, movedEnd: Int, boundaries: [Boundary]) in
       let (count, length, movedEnd) = try decode(code, at: address, minimum: minimum, into: moved)
       let instructions = UnsafeMutableBufferPointer(rebasing: moved[..<count])
       // Where each lands in the copy.
@@ -160,20 +179,6 @@ public enum X86Relocator {
       func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> Int32 {
         guard let value = X86Writer.rel32(from: end, to: target) else { throw .outOfReach(offset: offset) }
         return value
-      }
-      guard emit else {
-        // Only what the copy's branches would refuse: a target inside an instruction it moves.
-        var verbatim = movedEnd == length
-        for entry in instructions {
-          switch entry.instruction.flow {
-          case .jump(let target), .branch(let target), .call(let target):
-            _ = try resolve(target, from: entry.offset)
-            verbatim = false
-          case .next, .end, .indirect:
-            if entry.instruction.ripDisplacementOffset != nil { verbatim = false }
-          }
-        }
-        return (length, movedEnd, [], verbatim)
       }
       // Written in place (an array per instruction and per branch was most of the time).
       let base = bytes.count
@@ -209,7 +214,7 @@ public enum X86Relocator {
       }
       try putJmp(to: address + UInt64(length), offset: length)
       let boundaries = collect ? instructions.map { Boundary(original: $0.offset, copy: $0.copy) } : []
-      return (length, movedEnd, boundaries, false)
+      return (length, movedEnd, boundaries)
     }
   }
 

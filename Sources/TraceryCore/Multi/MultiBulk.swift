@@ -139,7 +139,7 @@ extension Tracer {
   ) throws(AttachError) -> (rest: [Int], report: TransactionReport) {
     // Targets usually come sorted by address (symbol-table order); sort only when they do not.
     let order: [Int]? =
-      targets.isAscending(strictly: true, by: \.site)
+      targets.isAscending(strictly: true, by: { $0.site })
       ? nil : targets.indices.sorted { targets[$0].site < targets[$1].site }
     var link = BulkLink(
       id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, sites: [], functions: [],
