@@ -1,21 +1,38 @@
 import CTraceryShims
+import Synchronization
 import Testing
 
 @testable import TraceryCore
 
-/// Long resolutions run in two halves at once (`Halves`): the results come back whole and in
-/// order, the second half from another thread, which holds the recursion guard; a short range
-/// stays on the caller's thread.
+/// Long resolutions are shared by two threads (`Halves`): each takes the next piece until none is
+/// left; the results come back whole and in order, one per piece; pieces the other thread ran
+/// ran with the recursion guard held; a short range stays on the caller's thread.
 @Suite struct HalvesTests {
-  @Test func aLongRangeIsDoneInTwoHalvesOnTwoThreads() {
+  @Test func aLongRangeIsSharedByTwoThreadsInPieces() {
     let me = ctracery_gettid()
-    let halves = Halves.split(0..<10_000) { range in
-      (items: Array(range), thread: ctracery_gettid(), guarded: ctracery_guard_value())
+    let count = 5 * Halves.piece + 7
+    // The caller's first piece waits (up to 5 s) until the other thread has taken one: both
+    // threads then surely take part, whatever the scheduler does.
+    let helperStarted = Atomic<Bool>(false)
+    let pieces = Halves.split(0..<count) { range in
+      let thread = ctracery_gettid()
+      if thread != me {
+        helperStarted.store(true, ordering: .releasing)
+      } else if range.lowerBound == 0 {
+        var waited = 0
+        while !helperStarted.load(ordering: .acquiring) && waited < 5_000 {
+          usleep(1000)
+          waited += 1
+        }
+      }
+      return (items: Array(range), thread: thread, guarded: ctracery_guard_value())
     }
-    #expect(halves.count == 2)
-    #expect(halves.flatMap(\.items) == Array(0..<10_000))
-    #expect(halves[0].thread == me && halves[1].thread != me)
-    #expect(halves[1].guarded == 1)
+    #expect(pieces.count == 6)
+    #expect(pieces.flatMap(\.items) == Array(0..<count))
+    #expect(pieces.dropLast().allSatisfy { $0.items.count == Halves.piece })
+    let threads = Set(pieces.map(\.thread))
+    #expect(threads.count == 2 && threads.contains(me))
+    #expect(pieces.filter { $0.thread != me }.allSatisfy { $0.guarded == 1 })
     let short = Halves.split(5..<(5 + Halves.minimum - 1)) { range in (Array(range), ctracery_gettid()) }
     #expect(short.count == 1 && short[0].0 == Array(5..<(5 + Halves.minimum - 1)) && short[0].1 == me)
   }

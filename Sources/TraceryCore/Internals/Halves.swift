@@ -1,16 +1,21 @@
 import CTraceryShims
+import Synchronization
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-/// Work over a long range done in two halves at once: the second on a thread made for it, the
-/// first on the caller's, which then waits for the other. For resolving a large selection (50,000
-/// functions' prologues decided took ~8.6 ms on one core; the machines this runs on have two or
-/// more). No Dispatch or Swift concurrency: the agent links neither (every traced process would
-/// load them).
+/// Work over a long range shared by two threads: the caller's and one made for it, each taking
+/// the next piece (`piece` items) from a shared counter until none is left; the caller then waits
+/// for the other. For resolving a large selection (50,000 functions' prologues decided took
+/// ~7 ms on one core; the machines this runs on have two or more). No Dispatch or Swift
+/// concurrency: the agent links neither (every traced process would load them).
 ///
-/// Protocol: `body` runs on both threads at once, each over its own half, and must share only
+/// Pieces, not two fixed halves: on this project's machine (a VM) one of the two vCPUs often runs
+/// at half speed while both are busy (the relocation check alone: 37 ns a function on each, or
+/// 37 and 66, from run to run), and the faster thread then waited for the slower one's half.
+///
+/// Protocol: `body` runs on both threads at once, each over its own pieces, and must share only
 /// what it reads; what it writes goes into its result. The helper thread holds the recursion
 /// guard from its start (`ctracery_swap_guard`): in a traced process its calls into traced
 /// library functions are not recorded as the program's. It ends before `split` returns.
@@ -19,17 +24,21 @@ enum Halves {
   /// results, would take much of what a short range saves).
   static let minimum = 4096
 
-  /// `body` over `range` split in two (or whole: when short, when not `worthIt`, or when no
-  /// thread can be made): the results in order. `worthIt`: the work per item is dear enough
-  /// (deciding a relocation, ~170 ns); split, 50,000 NOP sites (~20 ns each) took longer than on
-  /// one thread (joining the halves' results copies one of them).
+  /// Items a thread takes at a time: a few dozen pieces for 50,000 functions, each worth far
+  /// more than taking it (an atomic add) and the per-piece start of `body`.
+  static let piece = 2048
+
+  /// `body` over `range` in pieces shared by two threads (or whole, on this thread: when short,
+  /// when not `worthIt`, or when no thread can be made): the results in order, one per piece.
+  /// `worthIt`: the work per item is dear enough (deciding a relocation, ~130 ns); split,
+  /// 50,000 NOP sites (~20 ns each) took longer than on one thread (joining the pieces' results
+  /// copies them).
   static func split<Result>(_ range: Range<Int>, if worthIt: Bool = true, _ body: (Range<Int>) -> Result) -> [Result] {
     guard worthIt, range.count >= minimum else { return [body(range)] }
-    let middle = range.lowerBound + range.count / 2
     return withoutActuallyEscaping(body) { body in
-      let second = Work(range: middle..<range.upperBound, body: body)
+      let work = Work(range: range, body: body)
       var thread = pthread_t()
-      let context = Unmanaged.passRetained(second).toOpaque()
+      let context = Unmanaged.passRetained(work).toOpaque()
       guard
         pthread_create(
           &thread, nil,
@@ -43,9 +52,9 @@ enum Halves {
         Unmanaged<Work<Result>>.fromOpaque(context).release()
         return [body(range)]
       }
-      let first = body(range.lowerBound..<middle)
+      work.run()
       pthread_join(thread, nil)
-      return [first, second.result!]
+      return work.results()
     }
   }
 
@@ -68,18 +77,39 @@ enum Halves {
 
   private protocol Runnable: AnyObject { func run() }
 
-  /// The second half: its range, the body, and (once the thread ran) the result.
+  /// The range, the body, the counter both threads take pieces from, and each piece's result.
   private final class Work<Result>: Runnable, @unchecked Sendable {
-    // @unchecked: `result` is written by the helper thread only, and read after it was joined.
+    // @unchecked: each slot of `slots` is written by the one thread that took its piece (the
+    // counter hands each out once), and all are read after the helper was joined.
     let range: Range<Int>
     let body: (Range<Int>) -> Result
-    var result: Result?
+    let count: Int
+    let next = Atomic<Int>(0)
+    let slots: UnsafeMutablePointer<Result?>
 
     init(range: Range<Int>, body: @escaping (Range<Int>) -> Result) {
       self.range = range
       self.body = body
+      count = (range.count + Halves.piece - 1) / Halves.piece
+      slots = .allocate(capacity: count)
+      slots.initialize(repeating: nil, count: count)
     }
 
-    func run() { result = body(range) }
+    deinit {
+      slots.deinitialize(count: count)
+      slots.deallocate()
+    }
+
+    func run() {
+      while true {
+        let index = next.wrappingAdd(1, ordering: .relaxed).oldValue
+        guard index < count else { return }
+        let start = range.lowerBound + index * Halves.piece
+        slots[index] = body(start..<min(range.upperBound, start + Halves.piece))
+      }
+    }
+
+    /// Every piece's result, in order (after both threads ran).
+    func results() -> [Result] { (0..<count).map { slots[$0].take()! } }
   }
 }

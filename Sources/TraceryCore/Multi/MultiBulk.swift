@@ -141,18 +141,29 @@ extension Tracer {
     let order: [Int]? =
       targets.isAscending(strictly: true, by: { $0.site })
       ? nil : targets.indices.sorted { targets[$0].site < targets[$1].site }
-    var link = BulkLink(
-      id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, sites: [], functions: [],
-      names: [], cookies: [], originals: [], entries: [], viaStubs: kind != .entry, stubBlocks: [], records: nil,
-      recordOffsets: [])
-    link.sites.reserveCapacity(targets.count)
-    link.functions.reserveCapacity(targets.count)
-    link.names.reserveCapacity(targets.count)
-    link.cookies.reserveCapacity(targets.count)
-    link.originals.reserveCapacity(targets.count)
-    var prologues = link
-    prologues.relocated = true
-    prologues.padding = false
+    // Relocated functions join only entry links found by hash.
+    let mayRelocate = kind == .entry && lookup != .padding
+    func emptyLink(relocated: Bool) -> BulkLink {
+      var link = BulkLink(
+        id: id, kind: kind, handler: handler, model: model, padding: !relocated && lookup != .hash, sites: [],
+        functions: [], names: [], cookies: [], originals: [], entries: [], viaStubs: kind != .entry, stubBlocks: [],
+        records: nil, recordOffsets: [])
+      link.relocated = relocated
+      // Room for every target in each link that may take them (untouched room costs no memory).
+      guard !relocated || mayRelocate else { return link }
+      link.sites.reserveCapacity(targets.count)
+      link.functions.reserveCapacity(targets.count)
+      link.names.reserveCapacity(targets.count)
+      link.cookies.reserveCapacity(targets.count)
+      link.originals.reserveCapacity(targets.count)
+      if relocated {
+        link.lengths.reserveCapacity(targets.count)
+        link.verbatim.reserveCapacity(targets.count)
+      }
+      return link
+    }
+    var link = emptyLink(relocated: false)
+    var prologues = emptyLink(relocated: true)
     var prologueTargets: [Int] = []
     var rest: [Int] = []
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
@@ -160,49 +171,53 @@ extension Tracer {
     // Zeroed padding words this pass took (`ZeroedPadding`): handed back unless used.
     var claimed: [UInt64] = []
     var previous: UInt64 = 0
-    for position in targets.indices {
-      let index = order?[position] ?? position
-      let target = targets[index]
-      let site = target.site
-      let original = SiteBytes(reading: site)
-      let relocates = kind == .entry && lookup != .padding && target.patch.shape == .relocated
-      // Who may join: untraced, in no bulk link, each site once, a NOP at the site (or a
-      // relocated entry-only one).
-      var joins = site != previous && (original.isNop5 || relocates)
-      if joins && checkTraced {
-        joins = state.functions[site] == nil && state.multi.bulkLink(containing: site) == nil
-      }
-      previous = site
-      if joins && relocates {
-        prologues.sites.append(site)
-        prologues.functions.append(target.function)
-        prologues.names.append(target.name)
-        prologues.cookies.append(cookies[index])
-        prologues.originals.append(original.raw)
-        prologues.lengths.append(target.patch.length)
-        prologues.verbatim.append(target.patch.movesVerbatim)
-        prologueTargets.append(index)
-        continue
-      }
-      if joins && lookup != .hash {
-        var padded = site == target.function && ZeroedPadding.word(before: site) == ZeroedPadding.nops
-        if site == target.function && !padded && ZeroedPadding.claim(before: site) {
-          padded = true
-          claimed.append(site - 8)
+    // Each target's fields read in place (a copy of each `Target`, name and all, was a quarter
+    // of this pass at 50,000).
+    targets.withUnsafeBufferPointer { targets in
+      for position in targets.indices {
+        let index = order?[position] ?? position
+        let site = targets[index].site
+        let original = SiteBytes(reading: site)
+        let relocates = mayRelocate && targets[index].patch.shape == .relocated
+        // Who may join: untraced, in no bulk link, each site once, a NOP at the site (or a
+        // relocated entry-only one).
+        var joins = site != previous && (original.isNop5 || relocates)
+        if joins && checkTraced {
+          joins = state.functions[site] == nil && state.multi.bulkLink(containing: site) == nil
         }
-        // `.padding` without padding: the general path reports it.
-        if lookup == .padding && !padded { joins = false }
-        allPadded = allPadded && padded
+        previous = site
+        if joins && relocates {
+          prologues.sites.append(site)
+          prologues.functions.append(targets[index].function)
+          prologues.names.append(targets[index].name)
+          prologues.cookies.append(cookies[index])
+          prologues.originals.append(original.raw)
+          prologues.lengths.append(targets[index].patch.length)
+          prologues.verbatim.append(targets[index].patch.movesVerbatim)
+          prologueTargets.append(index)
+          continue
+        }
+        let function = targets[index].function
+        if joins && lookup != .hash {
+          var padded = site == function && ZeroedPadding.word(before: site) == ZeroedPadding.nops
+          if site == function && !padded && ZeroedPadding.claim(before: site) {
+            padded = true
+            claimed.append(site - 8)
+          }
+          // `.padding` without padding: the general path reports it.
+          if lookup == .padding && !padded { joins = false }
+          allPadded = allPadded && padded
+        }
+        guard joins else {
+          rest.append(index)
+          continue
+        }
+        link.sites.append(site)
+        link.functions.append(function)
+        link.names.append(targets[index].name)
+        link.cookies.append(cookies[index])
+        link.originals.append(original.raw)
       }
-      guard joins else {
-        rest.append(index)
-        continue
-      }
-      link.sites.append(site)
-      link.functions.append(target.function)
-      link.names.append(target.name)
-      link.cookies.append(cookies[index])
-      link.originals.append(original.raw)
     }
     link.padding = lookup == .padding || (lookup == .automatic && allPadded)
     if link.padding {

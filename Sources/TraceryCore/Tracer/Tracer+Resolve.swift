@@ -35,8 +35,9 @@ extension Tracer {
     case .addresses(let addresses):
       let table = symbols
       let plain = context.known.isEmpty && context.bulk.isEmpty
-      // In two halves at once when long and relocating (`Halves`): a relocating start of a large
-      // program decides tens of thousands.
+      // By two threads at once when long and relocating (`Halves`): a relocating start of a
+      // large program decides tens of thousands. (Each piece but the first has a context of its
+      // own: `forAnotherThread`.)
       var halves = Halves.split(addresses.indices, if: context.relocate) {
         range -> (targets: [Target], refused: TransactionReport) in
         let context = range.lowerBound == 0 ? context : context.forAnotherThread()
@@ -100,8 +101,8 @@ extension Tracer {
     let table = symbols
     let chosen = select(table).filter { table.functions[$0].site != nil || context.trap }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
-    // In two halves at once when long and relocating (`Halves`): deciding 50,000 relocations
-    // took ~8.6 ms.
+    // By two threads at once when long and relocating (`Halves`): deciding 50,000 relocations
+    // took ~7 ms on one.
     var halves = Halves.split(chosen.indices, if: context.relocate) {
       range -> (targets: [Target], error: AttachError?) in
       let context = range.lowerBound == 0 ? context : context.forAnotherThread()
@@ -255,7 +256,7 @@ extension Tracer {
     private var object = -1
     private var points: EntryPoints?
     /// Whether its entry points keep search hints of their own (`EntryPoints.withOwnHints`): for
-    /// the second thread of a resolve in halves.
+    /// the pieces of a resolve shared by two threads (`Halves`) but the first.
     private let ownHints: Bool
 
     init(ownHints: Bool = false) { self.ownHints = ownHints }
