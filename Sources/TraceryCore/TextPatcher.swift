@@ -190,8 +190,8 @@ public final class TextPatcher: Sendable {
       }
       let map = given ?? MemoryMap.current()
       // Step 1.
-      var special = false
-      var accepted = step1Verify(requests, map: map, outcomes: &report.outcomes, special: &special)
+      var kinds = SpecialKinds()
+      var accepted = step1Verify(requests, map: map, outcomes: &report.outcomes, kinds: &kinds)
       guard !accepted.isEmpty else { return report }
       // Step 2: the pages of the sites writable; steps 3-7 while they are; step 8 (their
       // protection back) when `withWritablePages` returns.
@@ -210,21 +210,26 @@ public final class TextPatcher: Sendable {
           accepted = kept
         }
         guard !accepted.isEmpty else { return false }
-        let specials = special ? Self.specials(accepted, requests) : []
-        publishTraps(specials, of: accepted, requests, restored: false, state: &state)
+        // (Each pass over the specials only when the batch holds its kind: a bulk attach of
+        // 50,000 relocated functions has nothing for the trap table, and three passes over all
+        // of them for it were a quarter of its batch.)
+        let specials = kinds.trapTargets || kinds.restoresMovedCode ? Self.specials(accepted, requests) : []
+        if kinds.trapTargets { publishTraps(specials, of: accepted, requests, restored: false, state: &state) }
         var retired = state.retired
         state.retired = []
         defer { state.retired += retired }
         let abandoned = step3to7Write(
-          accepted, special: specials, requests: requests, retired: &retired, callerStack: callerStack
+          accepted, relocating: kinds.relocatedCopies, requests: requests, retired: &retired,
+          callerStack: callerStack
         ) {
           abandoned in
           // Before the batch is unpublished (a late trap finds one table or the other): an
           // abandoned site got its own first byte back over an int3, so a thread that trapped
           // there meanwhile re-executes it (a rewind entry, like a restored relocated site's).
+          guard kinds.restoresMovedCode || !abandoned.isEmpty else { return }
           publishTraps(
-            specials, of: accepted, requests, restored: true, state: &state,
-            rewinding: Set(abandoned.keys.map { accepted[$0].address }))
+            kinds.restoresMovedCode ? specials : abandoned.keys.sorted(), of: accepted, requests, restored: true,
+            state: &state, rewinding: Set(abandoned.keys.map { accepted[$0].address }))
         }
         for (index, reason) in abandoned {
           report.outcomes[accepted[index].request] = .failed(reason)
@@ -309,6 +314,17 @@ public final class TextPatcher: Sendable {
     let resume: UInt64
   }
 
+  /// What step 1 saw of the requests that are more than a NOP/branch rewrite (`isSpecial`), so
+  /// that a batch without a kind makes no pass over its sites for it.
+  struct SpecialKinds {
+    /// Trap sites made: their trap table entries go in before step 3.
+    var trapTargets = false
+    /// Moved code put back (a relocated or trap site restored): rewind entries after step 6.
+    var restoresMovedCode = false
+    /// Relocated prologues installed: step 4½ when other threads run.
+    var relocatedCopies = false
+  }
+
   /// The accepted sites (indices) that are more than a NOP/branch rewrite: trap sites, and
   /// relocated prologues installed or put back. Usually none: a batch of plain sites then does
   /// nothing more per site than before trap and relocated sites existed.
@@ -363,9 +379,9 @@ public final class TextPatcher: Sendable {
   }
 
   /// Step 1: the requests to carry out, sorted by site; outcomes for the others.
-  /// `special`: set when some request `isSpecial`.
+  /// `kinds`: which kinds of special request it accepted.
   private func step1Verify(
-    _ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome], special: inout Bool
+    _ requests: [PatchRequest], map: MemoryMap, outcomes: inout [PatchOutcome], kinds: inout SpecialKinds
   ) -> [AcceptedSite] {
     var accepted: [AcceptedSite] = []
     accepted.reserveCapacity(requests.count)
@@ -379,7 +395,6 @@ public final class TextPatcher: Sendable {
       // any bytes; a thread that traps on them meanwhile runs their copy (`resume`). To a trap
       // site: `int3` and the site's own bytes; a thread that traps meanwhile goes to its target.
       let restoresMovedCode = request.resume != request.site + UInt64(SiteBytes.length)
-      if request.isSpecial { special = true }
       let kind =
         request.trapTarget != 0
         ? CTRACERY_POKE_JMP : replacement.pokeKind ?? (restoresMovedCode ? CTRACERY_POKE_SKIP : nil)
@@ -406,6 +421,9 @@ public final class TextPatcher: Sendable {
           AcceptedSite(
             request: index, address: request.site, replacement: replacement, kind: kind, owned: owned,
             resume: request.trapTarget != 0 ? request.trapTarget : request.resume))
+        if request.trapTarget != 0 { kinds.trapTargets = true }
+        if kind == CTRACERY_POKE_SKIP && restoresMovedCode { kinds.restoresMovedCode = true }
+        if request.relocatedCopy != 0 { kinds.relocatedCopies = true }
       }
     }
     // Batches usually come sorted without repeats: then no sort and no second array (at 50,000
@@ -488,10 +506,10 @@ public final class TextPatcher: Sendable {
   /// Steps 3-7 on sites already verified, sorted by address, on writable pages.
   /// Returns the sites (by index) abandoned after step 4, with why: their first byte is back and
   /// the rest never changed.
-  /// `special`: `Self.specials(all, requests)`.
+  /// `relocating`: some request installs a relocated prologue (`SpecialKinds.relocatedCopies`).
   private func step3to7Write(
-    _ all: [AcceptedSite], special: [Int], requests: [PatchRequest], retired: inout [PokeTable], callerStack: UInt64,
-    beforeUnpublishing: ([Int: String]) -> Void
+    _ all: [AcceptedSite], relocating: Bool, requests: [PatchRequest], retired: inout [PokeTable],
+    callerStack: UInt64, beforeUnpublishing: ([Int: String]) -> Void
   ) -> [Int: String] {
     let table = PokeTable(all)
     // Step 3. Publishing is sequentially consistent, and the writes below follow an opaque call,
@@ -502,9 +520,11 @@ public final class TextPatcher: Sendable {
     CoreSync.syncAllCores()
     // Step 4½: no thread may stay inside a prologue whose bytes 1-4 change (relocated sites).
     // (Threads that start from here on cannot be inside: every site's first byte is int3 now.)
-    let moving = special.filter { requests[all[$0].request].relocatedCopy != 0 }
+    let moving =
+      relocating && Reclaimer.threadIDs().count > 1
+      ? all.indices.filter { requests[all[$0].request].relocatedCopy != 0 } : []
     let abandoned =
-      !moving.isEmpty && Reclaimer.threadIDs().count > 1
+      !moving.isEmpty
       ? Self.moveThreadsOut(
         of: moving.map { (index: $0, request: requests[all[$0].request]) }, callerStack: callerStack) : [:]
     if !abandoned.isEmpty {
