@@ -36,4 +36,20 @@ import Testing
     let short = Halves.split(5..<(5 + Halves.minimum - 1)) { range in (Array(range), ctracery_gettid()) }
     #expect(short.count == 1 && short[0].0 == Array(5..<(5 + Halves.minimum - 1)) && short[0].1 == me)
   }
+
+  /// `joined` moves every piece's elements into one array, in order; a piece's `Output` keeps
+  /// (and frees) only what was not moved.
+  @Test func piecesOutputsAreMovedIntoOneArrayInOrder() {
+    let count = 3 * Halves.piece + 5
+    let pieces = Halves.split(0..<count) { range in
+      let output = Halves.Output<String>(capacity: range.count)
+      // Every third item left out, as a resolve leaves out what it refuses; heap strings, so a
+      // lost or doubled element would show as a wrong value or a crash.
+      for item in range where item % 3 != 0 { output.append(String(repeating: "x", count: 20) + "\(item)") }
+      return output
+    }
+    let joined = Halves.joined(pieces) { $0 }
+    #expect(joined == (0..<count).filter { $0 % 3 != 0 }.map { String(repeating: "x", count: 20) + "\($0)" })
+    #expect(pieces.allSatisfy { $0.count == 0 })
+  }
 }

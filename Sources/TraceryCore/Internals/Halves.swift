@@ -58,21 +58,50 @@ enum Halves {
     }
   }
 
-  /// The arrays `take` moves out of `results` (`taken`), in order, as one: the first taken
-  /// over rather than copied. (A closure, not a key path: a key path's first use costs every
-  /// traced process ~70 µs of the Swift runtime instantiating it from its pattern.)
-  static func joined<Result, Element>(_ results: inout [Result], _ take: (inout Result) -> [Element]) -> [Element] {
-    guard !results.isEmpty else { return [] }
-    var joined = take(&results[0])
-    for index in results.indices.dropFirst() { joined.append(contentsOf: take(&results[index])) }
-    return joined
+  /// The elements of every piece's `Output` (`output`), in order, as one array: moved, not
+  /// copied. (Copying a piece's array into the whole, then releasing it, went through the element
+  /// type's witnesses twice an element: ~16 ns each, 0.8 ms of joining 50,000 targets.)
+  static func joined<Result, Element>(_ results: [Result], _ output: (Result) -> Output<Element>) -> [Element] {
+    let parts = results.map(output)
+    let total = parts.reduce(0) { $0 + $1.count }
+    return [Element](unsafeUninitializedCapacity: total) { buffer, initialized in
+      for part in parts { initialized += part.move(to: buffer.baseAddress! + initialized) }
+    }
   }
 
-  /// `array`'s elements, leaving it empty.
-  static func taken<Element>(_ array: inout [Element]) -> [Element] {
-    var taken: [Element] = []
-    swap(&taken, &array)
-    return taken
+  /// What one piece produces, in memory of its own, so that `joined` can move it into the whole.
+  /// Made and filled by the piece's thread, moved out after both threads ran.
+  /// Invariant: `elements[0..<count]` are initialized, the rest of `capacity` is not; what is
+  /// still there when it goes is deinitialized then.
+  final class Output<Element> {
+    private let elements: UnsafeMutablePointer<Element>
+    private let capacity: Int
+    private(set) var count = 0
+
+    /// Room for `capacity` elements: a piece's items, each adding at most one.
+    init(capacity: Int) {
+      self.capacity = capacity
+      elements = .allocate(capacity: max(1, capacity))
+    }
+
+    deinit {
+      elements.deinitialize(count: count)
+      elements.deallocate()
+    }
+
+    func append(_ element: Element) {
+      precondition(count < capacity, "a piece added more elements than it has items")
+      (elements + count).initialize(to: element)
+      count += 1
+    }
+
+    /// Moves every element to `destination` (uninitialized), leaving none; returns how many.
+    fileprivate func move(to destination: UnsafeMutablePointer<Element>) -> Int {
+      let moved = count
+      destination.moveInitialize(from: elements, count: moved)
+      count = 0
+      return moved
+    }
   }
 
   private protocol Runnable: AnyObject { func run() }

@@ -38,12 +38,11 @@ extension Tracer {
       // By two threads at once when long and relocating (`Halves`): a relocating start of a
       // large program decides tens of thousands. (Each piece but the first has a context of its
       // own: `forAnotherThread`.)
-      var halves = Halves.split(addresses.indices, if: context.relocate) {
-        range -> (targets: [Target], refused: TransactionReport) in
+      let halves = Halves.split(addresses.indices, if: context.relocate) {
+        range -> (targets: Halves.Output<Target>, refused: TransactionReport) in
         let context = range.lowerBound == 0 ? context : context.forAnotherThread()
-        var result: [Target] = []
+        let result = Halves.Output<Target>(capacity: range.count)
         var refusals = TransactionReport()
-        result.reserveCapacity(range.count)
         var previous: Int?
         var hint = 0
         for address in addresses[range] {
@@ -69,7 +68,7 @@ extension Tracer {
         }
         return (result, refusals)
       }
-      let result = Halves.joined(&halves) { Halves.taken(&$0.targets) }
+      let result = Halves.joined(halves) { $0.targets }
       for half in halves { refused.append(contentsOf: half.refused) }
       guard !result.isEmpty else { throw .noFunctionMatches("any of \(addresses.count) addresses") }
       return result
@@ -99,15 +98,14 @@ extension Tracer {
     matching what: String, _ context: ResolveContext, _ select: (SymbolTable) -> [Int]
   ) throws(AttachError) -> [Target] {
     let table = symbols
-    let chosen = select(table).filter { table.functions[$0].site != nil || context.trap }
+    let chosen = context.trap ? select(table) : select(table).filter { table.functions[$0].site != nil }
     guard !chosen.isEmpty else { throw .noFunctionMatches(what) }
     // By two threads at once when long and relocating (`Halves`): deciding 50,000 relocations
     // took ~7 ms on one.
-    var halves = Halves.split(chosen.indices, if: context.relocate) {
-      range -> (targets: [Target], error: AttachError?) in
+    let halves = Halves.split(chosen.indices, if: context.relocate) {
+      range -> (targets: Halves.Output<Target>, error: AttachError?) in
       let context = range.lowerBound == 0 ? context : context.forAnotherThread()
-      var result: [Target] = []
-      result.reserveCapacity(range.count)
+      let result = Halves.Output<Target>(capacity: range.count)
       var hint = 0
       for index in chosen[range] {
         // (Fields read in place: a copy of each function's entry, name and all, showed.)
@@ -133,7 +131,7 @@ extension Tracer {
     }
     // The first function that has no site, in order, as when one thread went through them all.
     if let error = halves.lazy.compactMap({ $0.error }).first { throw error }
-    let result = Halves.joined(&halves) { Halves.taken(&$0.targets) }
+    let result = Halves.joined(halves) { $0.targets }
     guard !result.isEmpty else { throw .noFunctionMatches(what) }
     return result
   }
