@@ -134,7 +134,7 @@ public struct PatchSite: Sendable, Hashable {
   static func relocated(
     code: UnsafeRawBufferPointer, size: Int? = nil, entry: UInt64, function: UInt64, entryPoints: EntryPoints?
   ) throws(PatchSiteError) -> PatchSite {
-    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64Length : 0
     let address = entry + UInt64(skip)
     let size = min(size ?? code.count, code.count)
     guard size > skip, code.count - skip >= SiteBytes.length else {
@@ -199,7 +199,7 @@ public struct PatchSite: Sendable, Hashable {
 
   /// `trap(at:function:size:)` decided on the function's bytes.
   static func trap(code: UnsafeRawBufferPointer, entry: UInt64, function: UInt64) throws(PatchSiteError) -> PatchSite {
-    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64Length : 0
     let address = entry + UInt64(skip)
     guard code.count > skip else { throw PatchSiteError(reason: "no instruction after its endbr64", category: .short) }
     switch Result(catching: { () throws(X86Relocator.Refusal) in
@@ -216,13 +216,13 @@ public struct PatchSite: Sendable, Hashable {
   /// shorter than the branch (and an `endbr64`), on to `next` (where the next function starts,
   /// nil if none is known: looked for only then), at most 24 bytes past its end; else `size`.
   public static func surveySpan(size: UInt64, to next: @autoclosure () -> UInt64?, from address: UInt64) -> Int {
-    guard size < UInt64(SiteBytes.length + X86Instruction.endbr64.count) else { return Int(size) }
+    guard size < UInt64(SiteBytes.length + X86Instruction.endbr64Length) else { return Int(size) }
     return Int(min(size + 24, next().map { $0 &- address } ?? .max))
   }
 
   private static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {
     // f3 0f 1e fa, read as one word (`afterEndbr64`).
-    code.count >= X86Instruction.endbr64.count && code.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3
+    code.count >= X86Instruction.endbr64Length && code.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3
   }
 
   /// How Tracery would trace the function whose code is `code` (its whole size) at `entry`, with
@@ -234,7 +234,7 @@ public struct PatchSite: Sendable, Hashable {
   public static func survey(
     code: UnsafeRawBufferPointer, size: Int? = nil, entry: UInt64, entryPoints: EntryPoints? = nil
   ) -> Survey {
-    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64.count : 0
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64Length : 0
     if code.count >= skip + SiteBytes.length,
       case .nop5 = X86Instruction.SiteShape(bytes: Array(code[skip..<skip + SiteBytes.length]), at: entry)
     {

@@ -150,7 +150,7 @@ public enum X86Decoder {
         guard let byte = next() else { return nil }
         opcode = byte
       }
-      func done(_ flow: Flow = .next) -> Instruction { finished(flow) }
+      @inline(__always) func done(_ flow: Flow = .next) -> Instruction { finished(flow) }
       func target(_ displacement: Int64) -> UInt64 { address &+ UInt64(index) &+ UInt64(bitPattern: displacement) }
 
       if opcode == 0x0f { return twoByte(at: address) }
@@ -266,7 +266,7 @@ public enum X86Decoder {
 
     mutating func twoByte(at address: UInt64) -> Instruction? {
       guard let opcode = next() else { return nil }
-      func done(_ flow: Flow = .next) -> Instruction { finished(flow) }
+      @inline(__always) func done(_ flow: Flow = .next) -> Instruction { finished(flow) }
       switch opcode {
       case 0x05:
         systemCall = true

@@ -19,6 +19,8 @@ public enum X86Instruction {
 
   /// `endbr64`, which precedes a patch site in code built with `-fcf-protection`.
   public static let endbr64: [UInt8] = [0xf3, 0x0f, 0x1e, 0xfa]
+  /// Its length, a constant where code runs per function (the array is a lazily made global).
+  @inlinable public static var endbr64Length: Int { 4 }
 
   /// `call rel32` at `site` to `target`, or nil when out of reach.
   public static func call(at site: UInt64, to target: UInt64) -> [UInt8]? {

@@ -273,11 +273,10 @@ extension Tracer {
   /// its relocation may read (`PatchSite.surveySpan`: up to where the next function starts),
   /// when they are all mapped executable; else nil.
   private static func paddingSpan(after index: Int, in table: SymbolTable, map: MemoryMap, hint: inout Int) -> Int? {
-    let function = table.functions[index]
-    let span = PatchSite.surveySpan(size: function.size, to: table.nextStart(after: index), from: function.address)
-    guard span > function.size, map.isExecutable(function.address, count: UInt64(span), hint: &hint) else {
-      return nil
-    }
+    // (Fields read in place: a copy of the function's entry per function showed.)
+    let (address, size) = (table.functions[index].address, table.functions[index].size)
+    let span = PatchSite.surveySpan(size: size, to: table.nextStart(after: index), from: address)
+    guard span > size, map.isExecutable(address, count: UInt64(span), hint: &hint) else { return nil }
     return span
   }
 
