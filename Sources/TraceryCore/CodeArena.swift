@@ -87,6 +87,10 @@ public final class CodeArena: Sendable {
       }
 
       mutating func put(_ bytes: [UInt8]) { bytes.withUnsafeBytes { put($0) } }
+
+      /// `count` bytes that `body` writes in place, all of them (one reservation for a small
+      /// record, where puts of a few bytes each cost more than the bytes).
+      mutating func write(count: Int, _ body: (UnsafeMutableRawPointer) -> Void) { body(reserve(count)) }
     }
 
     /// Whether a rel32 branch at any address in `range` can reach every byte of the block.

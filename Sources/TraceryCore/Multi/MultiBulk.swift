@@ -503,7 +503,9 @@ extension Tracer {
     }
     for (index, site) in link.sites.enumerated() {
       if link.relocated, code != nil {
-        while code!.count % PrologueStub.alignment != 0, code!.room > 0 { code!.put(0xcc) }
+        let padding = min(
+          code!.room, (PrologueStub.alignment - code!.count % PrologueStub.alignment) % PrologueStub.alignment)
+        code!.write(count: padding) { $0.initializeMemory(as: UInt8.self, repeating: 0xcc, count: padding) }
       }
       if code == nil || code!.room < most || SiteBytes.branch(0xe9, at: site, to: code!.address + entryOffset) == nil {
         finish()
