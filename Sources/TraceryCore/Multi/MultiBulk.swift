@@ -149,18 +149,21 @@ extension Tracer {
         functions: [], names: [], cookies: [], originals: [], entries: [], viaStubs: kind != .entry, stubBlocks: [],
         records: nil, recordOffsets: [])
       link.relocated = relocated
-      // Room for every target in each link that may take them (untouched room costs no memory).
-      guard !relocated || mayRelocate else { return link }
-      link.sites.reserveCapacity(targets.count)
-      link.functions.reserveCapacity(targets.count)
-      link.names.reserveCapacity(targets.count)
-      link.cookies.reserveCapacity(targets.count)
-      link.originals.reserveCapacity(targets.count)
-      if relocated {
-        link.lengths.reserveCapacity(targets.count)
-        link.verbatim.reserveCapacity(targets.count)
-      }
       return link
+    }
+    /// Room in `link` for the targets from `position` on, made when its first one joins (the
+    /// arrays grown one append at a time were copied over and over at 50,000).
+    func reserve(_ link: inout BulkLink, from position: Int) {
+      let count = targets.count - position
+      link.sites.reserveCapacity(count)
+      link.functions.reserveCapacity(count)
+      link.names.reserveCapacity(count)
+      link.cookies.reserveCapacity(count)
+      link.originals.reserveCapacity(count)
+      if link.relocated {
+        link.lengths.reserveCapacity(count)
+        link.verbatim.reserveCapacity(count)
+      }
     }
     var link = emptyLink(relocated: false)
     var prologues = emptyLink(relocated: true)
@@ -187,6 +190,7 @@ extension Tracer {
         }
         previous = site
         if joins && relocates {
+          if prologues.sites.isEmpty { reserve(&prologues, from: position) }
           prologues.sites.append(site)
           prologues.functions.append(targets[index].function)
           prologues.names.append(targets[index].name)
@@ -212,6 +216,7 @@ extension Tracer {
           rest.append(index)
           continue
         }
+        if link.sites.isEmpty { reserve(&link, from: position) }
         link.sites.append(site)
         link.functions.append(function)
         link.names.append(targets[index].name)
