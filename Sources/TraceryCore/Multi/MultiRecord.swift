@@ -33,7 +33,14 @@ enum MultiRecord {
   /// Writes the record of one handler at `words` (a bulk link's, 50,000 times in an attach: no
   /// array).
   static func write(_ words: UnsafeMutablePointer<UInt64>, kind: HandlerKind, handler: UInt64, cookie: UInt64) {
-    write(words, handlers: CollectionOfOne((kind: kind, handler: handler, cookie: cookie)))
+    // The general `write`'s record, written directly (its loop over the kinds, through the
+    // lazily made `HandlerKind.order`, was most of writing 50,000 records).
+    words[Int(shapeOffset) / 8] = UInt64(kind.rawValue)
+    words[Int(countOffset(.entry)) / 8] = kind == .entry ? 1 : 0
+    words[Int(countOffset(.modifyReturn)) / 8] = kind == .modifyReturn ? 1 : 0
+    words[Int(countOffset(.exit)) / 8] = kind == .exit ? 1 : 0
+    words[headerWords] = handler
+    words[headerWords + 1] = cookie
   }
 
   /// Writes the record of `handlers` (any order: grouped by kind here) at `words`; returns its
