@@ -125,7 +125,14 @@ echo "== fuzzing $target: $runs runs"
 # Inputs that once crashed seed every run too (libFuzzer adds new inputs to the first directory only).
 regressions=()
 [ -d "Fuzz/Regressions/$target" ] && regressions=("Fuzz/Regressions/$target")
+# The fuzzer's own status fails the run (a crash, a leak, a timeout). (Under pipefail, reading
+# PIPESTATUS after `|| true` read true's: a crash the events fuzzer found passed CI.)
+status=0
 "$binary" "$corpus" "${regressions[@]}" -runs="$runs" -seed=1 -max_len=65536 -timeout=10 -rss_limit_mb=1024 \
   -artifact_prefix="$work/crash-$target-" -print_final_stats=1 "$@" 2>&1 |
-  grep -E "^(stat::|Done|INFO: (Loaded|seed)|==[0-9]+==ERROR|SUMMARY|artifact_prefix)|Test unit written|DEDUP|Slowest" || true
-test "${PIPESTATUS[0]}" -eq 0
+  { grep -E "^(stat::|Done|INFO: (Loaded|seed)|==[0-9]+==ERROR|SUMMARY|artifact_prefix)|Test unit written|DEDUP|Slowest" || true; } ||
+  status=$?
+if [ "$status" -ne 0 ]; then
+  echo "fuzzing $target failed (status $status): the input is in $work/crash-$target-*" >&2
+  exit 1
+fi

@@ -166,13 +166,28 @@ public struct Event: Sendable, Equatable {
   public struct Decoder {
     /// The counter of the last event taken (0: none yet).
     public private(set) var last: UInt64 = 0
-    /// The sites of the open entries by depth (0: unknown, after damage).
-    private var sites: [UInt64] = []
+    /// The open entries whose events were taken, shallowest first: depth and site. The depths
+    /// between two of them (an entry deeper than the open ones, after damage) are open with
+    /// unknown sites and take no room: a damaged or crafted file that jumps to a great depth
+    /// costs nothing (it took a placeholder word per depth between).
+    private var open: [(depth: Int, site: UInt64)] = []
 
     public init() {}
 
     /// Entries open now (as the events taken say).
-    public var openDepth: Int { sites.count }
+    public private(set) var openDepth = 0
+
+    /// The site of the open entry at `depth`, 0 when unknown.
+    private func site(atDepth depth: Int) -> UInt64 {
+      // Nearly always the deepest; else a binary search (depths ascend).
+      if let last = open.last, last.depth == depth { return last.site }
+      var (low, high) = (0, open.count)
+      while low < high {
+        let middle = (low + high) / 2
+        if open[middle].depth < depth { low = middle + 1 } else { high = middle }
+      }
+      return low < open.count && open[low].depth == depth ? open[low].site : 0
+    }
 
     public enum Decoded {
       case event(Event)
@@ -196,8 +211,7 @@ public struct Event: Sendable, Equatable {
         let depth = depth(of: event, entry: false)
         var timestamp = last & ~EventWord.lowMask | event.low
         if timestamp < last { timestamp &+= EventWord.lowMask + 1 }
-        let site = depth < sites.count ? sites[depth] : 0
-        return (.event(Event(timestamp: timestamp, site: site, depth: depth, kind: .exit)), 8)
+        return (.event(Event(timestamp: timestamp, site: site(atDepth: depth), depth: depth, kind: .exit)), 8)
       case EventWord.dataKind:
         let payload = Int(word & 0xffff_ffff)
         guard payload % 8 == 0,
@@ -215,7 +229,7 @@ public struct Event: Sendable, Equatable {
     /// opens at `openDepth`, an exit closes `openDepth - 1`). Shallower than 8,192, the field.
     @inline(__always) public func depth(of event: EventWord, entry: Bool) -> Int {
       let field = event.depth
-      let expected = sites.count - (entry ? 0 : 1)
+      let expected = openDepth - (entry ? 0 : 1)
       let span = Int(EventWord.depthMask) + 1
       guard expected >= span / 2 else { return field }
       let depth = expected & ~(span - 1) | field
@@ -229,10 +243,13 @@ public struct Event: Sendable, Equatable {
     public mutating func accept(_ decoded: Decoded) {
       guard case .event(let event) = decoded else { return }
       last = event.timestamp
-      if sites.count > event.depth { sites.removeLast(sites.count - event.depth) }
+      if openDepth > event.depth {
+        while let deepest = open.last, deepest.depth >= event.depth { open.removeLast() }
+        openDepth = event.depth
+      }
       if event.kind == .entry {
-        while sites.count < event.depth { sites.append(0) }
-        sites.append(event.site)
+        open.append((event.depth, event.site))
+        openDepth = event.depth + 1
       }
     }
 
