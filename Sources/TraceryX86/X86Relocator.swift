@@ -121,11 +121,7 @@ public enum X86Relocator {
       for entry in instructions {
         switch entry.instruction.flow {
         case .jump(let target), .branch(let target), .call(let target):
-          if target >= address && target < address + UInt64(length),
-            !instructions.contains(where: { UInt64($0.offset) == target - address })
-          {
-            throw .intoMiddleOfInstruction(offset: entry.offset)
-          }
+          _ = try movedInstruction(at: target, in: instructions, address: address, length: length, from: entry.offset)
           verbatim = false
         case .next, .end, .indirect:
           if entry.instruction.ripDisplacementOffset != nil { verbatim = false }
@@ -146,9 +142,12 @@ public enum X86Relocator {
     guard let back = X86Writer.rel32(from: destination + UInt64(length + 5), to: address + UInt64(length)) else {
       return false
     }
-    sink.put(UnsafeRawBufferPointer(rebasing: code[..<length]))
-    sink.put(0xe9)
-    sink.putLE(back)
+    // In one piece (a put of a few bytes at a time was most of writing 50,000 prologue stubs).
+    sink.write(count: length + 5) { copy in
+      copy.copyMemory(from: code.baseAddress!, byteCount: length)
+      copy.storeBytes(of: 0xe9, toByteOffset: length, as: UInt8.self)
+      copy.storeBytes(of: back.littleEndian, toByteOffset: length + 1, as: Int32.self)
+    }
     return true
   }
 
@@ -170,10 +169,10 @@ public enum X86Relocator {
       }
       // A target: outside the range as it is; inside, the copy of the instruction it starts.
       func resolve(_ target: UInt64, from offset: Int) throws(Refusal) -> UInt64 {
-        guard target >= address && target < address + UInt64(length) else { return target }
-        guard let start = instructions.first(where: { UInt64($0.offset) == target - address }) else {
-          throw .intoMiddleOfInstruction(offset: offset)
-        }
+        guard
+          let start = try movedInstruction(
+            at: target, in: instructions, address: address, length: length, from: offset)
+        else { return target }
         return destination + UInt64(start.copy)
       }
       func rel32(from end: UInt64, to target: UInt64, offset: Int) throws(Refusal) -> Int32 {
@@ -216,6 +215,20 @@ public enum X86Relocator {
       let boundaries = collect ? instructions.map { Boundary(original: $0.offset, copy: $0.copy) } : []
       return (length, movedEnd, boundaries)
     }
+  }
+
+  /// The moved instruction a branch (at `offset`) to `target` lands on; nil when `target` lies
+  /// outside the `length` bytes moved from `address`. A target inside them but not at an
+  /// instruction's start is refused: its copy would have nowhere to branch.
+  private static func movedInstruction(
+    at target: UInt64, in instructions: UnsafeMutableBufferPointer<Moved>, address: UInt64, length: Int,
+    from offset: Int
+  ) throws(Refusal) -> Moved? {
+    guard target >= address && target < address + UInt64(length) else { return nil }
+    guard let start = instructions.first(where: { UInt64($0.offset) == target - address }) else {
+      throw .intoMiddleOfInstruction(offset: offset)
+    }
+    return start
   }
 
   /// One moved instruction: where it starts in the original and in the copy.

@@ -168,6 +168,9 @@ public struct X86Writer: Sendable {
 public protocol CodeSink {
   mutating func put(_ byte: UInt8)
   mutating func put(_ bytes: UnsafeRawBufferPointer)
+  /// `count` bytes that `body` writes in place, all of them: one reservation for a small
+  /// record, where puts of a few bytes each cost more than the bytes.
+  mutating func write(count: Int, _ body: (UnsafeMutableRawPointer) -> Void)
 }
 
 extension CodeSink {
@@ -186,6 +189,12 @@ extension Array: CodeSink where Element == UInt8 {
   @inlinable public mutating func put(_ bytes: UnsafeRawBufferPointer) {
     guard let base = bytes.baseAddress, !bytes.isEmpty else { return }
     append(contentsOf: UnsafeBufferPointer(start: base.assumingMemoryBound(to: UInt8.self), count: bytes.count))
+  }
+
+  @inlinable public mutating func write(count: Int, _ body: (UnsafeMutableRawPointer) -> Void) {
+    let start = self.count
+    append(contentsOf: repeatElement(0, count: count))
+    withUnsafeMutableBytes { body($0.baseAddress! + start) }
   }
 
   @inlinable public mutating func appendLE<T: FixedWidthInteger>(_ value: T) { putLE(value) }

@@ -82,26 +82,19 @@ enum PrologueStub {
     // patcher relocates them again with the same bytes to move threads into the copy).
     let moving = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(site)), count: Int(length) + 15)
     guard let call = X86Writer.rel32(from: copy, to: trampoline) else { return false }
-    if verbatim {
-      // The stub in one piece (`X86Relocator.putVerbatim`'s copy: the bytes, then `jmp` back):
-      // a put of a few bytes at a time was most of writing 50,000 stubs.
-      let moved = Int(length)
-      guard let back = X86Writer.rel32(from: copy + UInt64(moved + 5), to: site + UInt64(moved)) else { return false }
-      code.write(count: copyOffset + moved + 5) { stub in
-        stub.storeBytes(of: function.littleEndian, toByteOffset: functionOffset, as: UInt64.self)
-        stub.storeBytes(of: site.littleEndian, toByteOffset: siteOffset, as: UInt64.self)
-        stub.storeBytes(of: 0xe8, toByteOffset: entryOffset, as: UInt8.self)
-        stub.storeBytes(of: call.littleEndian, toByteOffset: entryOffset + 1, as: Int32.self)
-        (stub + copyOffset).copyMemory(from: moving.baseAddress!, byteCount: moved)
-        stub.storeBytes(of: 0xe9, toByteOffset: copyOffset + moved, as: UInt8.self)
-        stub.storeBytes(of: back.littleEndian, toByteOffset: copyOffset + moved + 1, as: Int32.self)
-      }
-      return true
+    // The words and the call in one piece (puts of a few bytes each were most of writing
+    // 50,000 stubs).
+    code.write(count: copyOffset) { stub in
+      stub.storeBytes(of: function.littleEndian, toByteOffset: functionOffset, as: UInt64.self)
+      stub.storeBytes(of: site.littleEndian, toByteOffset: siteOffset, as: UInt64.self)
+      stub.storeBytes(of: 0xe8, toByteOffset: entryOffset, as: UInt8.self)
+      stub.storeBytes(of: call.littleEndian, toByteOffset: entryOffset + 1, as: Int32.self)
     }
-    code.putLE(function)
-    code.putLE(site)
-    code.put(0xe8)
-    code.putLE(call)
+    if verbatim {
+      if X86Relocator.putVerbatim(moving, at: site, length: Int(length), to: copy, into: &code) { return true }
+      code.count = start
+      return false
+    }
     do {
       var bytes: [UInt8] = []
       let moved = try X86Relocator.relocate(moving, at: site, to: copy, minimum: Int(length), appendingTo: &bytes)
