@@ -60,7 +60,8 @@ let package = Package(
     // libstdc++.so cost every C program ~0.2 ms more. Its symbols stay private (--exclude-libs);
     // the one it shares a name with, `__cxa_begin_catch`, is the shims' interposer, linked first
     // and kept (--allow-multiple-definition; gold then rejected the archive's probe notes, lld
-    // does not).
+    // does not). Relative relocations packed (DT_RELR, glibc 2.36): the loader reads 4 KB of them
+    // in each process instead of 500 KB.
     .target(
       name: "TraceryAgent",
       dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"],
@@ -68,7 +69,7 @@ let package = Package(
       linkerSettings: [
         .unsafeFlags([
           "-static-stdlib", "-use-ld=lld", "-LSources/CTraceryAgent/link", "-Xlinker", "--allow-multiple-definition",
-          "-Xlinker", "--exclude-libs=ALL",
+          "-Xlinker", "--exclude-libs=ALL", "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs",
         ])
       ]),
     // A release build links the Swift runtime and Foundation in (as the agent does): loading and

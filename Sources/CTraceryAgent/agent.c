@@ -46,6 +46,57 @@ __attribute__((visibility("hidden"))) void _swift_stdlib_overrideUnsafeArgvArgc(
   override_argc = argc;
 }
 
+// ---- The Swift runtime's backtracer ------------------------------------------------------------
+// The runtime's Backtrace.cpp (libswiftCore.a) has a static initializer that, in every process the
+// agent is preloaded into, looks for the `swift-backtrace` program beside the runtime (dladdr of
+// itself, then paths probed in the file system) to install crash handlers with it (a traced
+// program's crash is its own business, not the agent's runtime's; and the handlers would be found
+// only if someone put that program beside the agent). The object file is pulled in by these two
+// symbols: defined here (hidden), the linker leaves it, the crash handler and the runtime's path
+// finder in the archive. Errors.cpp reads the settings' `enabled` (the 32-bit word at offset 4; 0
+// is not `On`, so a fatal error prints its own backtrace as its flags say); the size is the
+// archive's definition's (0x58 bytes). Idle children with the agent loaded: see BENCHMARKS.md,
+// session 25.
+__attribute__((visibility("hidden"), aligned(8))) unsigned char _swift_backtraceSettings[0x58];
+
+__attribute__((visibility("hidden"))) _Bool _swift_backtrace_isThunkFunction(const char *name) {
+  (void)name;
+  return 0;
+}
+
+// ---- The unwinder, only when the program has one -----------------------------------------------
+// The C++ library linked in (its exception personality) calls these ten of libgcc_s's functions,
+// which made libgcc_s a dependency of the agent: loaded into every C program (~0.1 ms a process:
+// its constructor probes the CPU with `cpuid`, a VM exit here). They run only while an exception
+// unwinds through the agent's own C++ frames, which needs an unwinder to be loaded: libgcc_s of
+// a C++ program (found next in the lookup order), or the agent's own throw, whose
+// `_Unwind_RaiseException` (UnwindGuard.swift) forwards to the same next definition. Hidden, so
+// they forward the agent's calls only and never stand in for the program's unwinder.
+#define TRACERY_UNWIND_FORWARD(ret, name, params, args)                              \
+  __attribute__((visibility("hidden"))) ret name params {                           \
+    static ret(*next) params;                                                        \
+    if (next == NULL) next = (ret(*) params)dlsym(RTLD_NEXT, #name);                 \
+    if (next == NULL) abort();                                                       \
+    return next args;                                                                \
+  }
+TRACERY_UNWIND_FORWARD(void, _Unwind_DeleteException, (void *exception), (exception))
+TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetDataRelBase, (void *context), (context))
+TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetIP, (void *context), (context))
+TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetIPInfo, (void *context, int *before), (context, before))
+TRACERY_UNWIND_FORWARD(void *, _Unwind_GetLanguageSpecificData, (void *context), (context))
+TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetRegionStart, (void *context), (context))
+TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetTextRelBase, (void *context), (context))
+TRACERY_UNWIND_FORWARD(void, _Unwind_SetGR, (void *context, int index, uintptr_t value), (context, index, value))
+TRACERY_UNWIND_FORWARD(void, _Unwind_SetIP, (void *context, uintptr_t value), (context, value))
+
+__attribute__((visibility("hidden"), noreturn)) void _Unwind_Resume(void *exception) {
+  static void (*next)(void *);
+  if (next == NULL) next = (void (*)(void *))dlsym(RTLD_NEXT, "_Unwind_Resume");
+  if (next == NULL) abort();
+  next(exception);
+  abort();
+}
+
 typedef int (*tracery_main)(int, char **, char **);
 typedef int (*tracery_start_main)(tracery_main, int, char **, void (*)(void), void (*)(void), void (*)(void),
                                   void *);
