@@ -60,6 +60,12 @@ void ctracery_xsave_layout(uint64_t *components, uint32_t *size) {
   *size = ebx;
 }
 
+uint64_t ctracery_xcr0(void) {
+  unsigned low, high;
+  __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+  return ((uint64_t)high << 32) | low;
+}
+
 void ctracery_store_release(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 
 void ctracery_store_release_pairs(const uint64_t *pairs, size_t count) {

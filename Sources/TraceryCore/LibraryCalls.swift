@@ -39,22 +39,32 @@ public enum LibraryCalls {
     public let target: UInt64
   }
 
-  static let skipped: Set<String> = [
-    "__libc_start_main", "exit", "_exit", "_Exit", "quick_exit", "abort", "longjmp", "_longjmp", "siglongjmp",
-    "__longjmp_chk", "setjmp", "_setjmp", "sigsetjmp", "__sigsetjmp", "vfork", "clone", "clone3", "__cxa_throw",
-    "__cxa_rethrow", "_Unwind_Resume", "_Unwind_RaiseException", "_Unwind_ForcedUnwind", "getcontext",
-    "setcontext", "swapcontext", "makecontext", "pthread_exit", "__stack_chk_fail", "__assert_fail",
-    "__fortify_fail", "__chk_fail", "err", "errx", "verr", "verrx",
+  /// Whether calls of `name` are left out (above). A switch, not a `Set`: built at first use in
+  /// every traced process, the set's hashing was ~1% of a child's start.
+  static func isSkipped(_ name: String) -> Bool {
+    switch name {
+    case "__libc_start_main", "exit", "_exit", "_Exit", "quick_exit", "abort", "longjmp", "_longjmp", "siglongjmp",
+      "__longjmp_chk", "setjmp", "_setjmp", "sigsetjmp", "__sigsetjmp", "vfork", "clone", "clone3", "__cxa_throw",
+      "__cxa_rethrow", "_Unwind_Resume", "_Unwind_RaiseException", "_Unwind_ForcedUnwind", "getcontext",
+      "setcontext", "swapcontext", "makecontext", "pthread_exit", "__stack_chk_fail", "__assert_fail",
+      "__fortify_fail", "__chk_fail", "err", "errx", "verr", "verrx":
+      return true
     // Returns in two processes: the child's first event would close a call its parent's file opened.
-    "fork", "_Fork",
+    case "fork", "_Fork":
+      return true
     // Ends an unwind: TraceryCore's interposer closes the unwound calls in it (`UnwindGuard`). A
     // traced call of it would enter first, and its entry would drop them as stale, unclosed; and
     // the interposer would take its live frame for one of them.
-    "__cxa_begin_catch",
+    case "__cxa_begin_catch":
+      return true
     // Take their caller from their return address, which a recorded call makes the stub's: the
     // dynamic loader's (dlsym(RTLD_NEXT) found nothing), the profilers' counting hooks.
-    "dlsym", "dlvsym", "dlopen", "dlmopen", "mcount", "_mcount", "__fentry__",
-  ]
+    case "dlsym", "dlvsym", "dlopen", "dlmopen", "mcount", "_mcount", "__fentry__":
+      return true
+    default:
+      return false
+    }
+  }
 
   /// A sanitizer runtime's entry that instrumented code calls (`__asan_init`, `__tsan_init`, …).
   static func isSanitizerRuntime(_ name: String) -> Bool { sanitizerRuntimes.contains { name.hasPrefix($0) } }
@@ -87,7 +97,7 @@ public enum LibraryCalls {
     // are left alone.
     guard !all.contains(where: { isSanitizerRuntime($0.name) }) else { return [] }
     let imports = all.filter {
-      !skipped.contains($0.name) && !isInstrumentation($0.name)
+      !isSkipped($0.name) && !isInstrumentation($0.name)
     }
     let map = MemoryMap.current()
     // A bound slot holds an address outside the object's own mappings (the resolver's path

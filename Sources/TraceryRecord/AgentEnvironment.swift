@@ -24,7 +24,7 @@
 ///                            for the agent to take rather than create its files (`BlankFiles`)
 ///
 /// (The counter's rate travels as TRACERY_TICKS_PER_NS, read by TraceryCore's
-/// `TimeStampCounter`.)
+/// `TimeStampCounter`, and the xsave layout as TRACERY_XSAVE, read by its `XState`.)
 public struct AgentEnvironment: Sendable, Equatable {
   public var directory: String
   public var match: String?

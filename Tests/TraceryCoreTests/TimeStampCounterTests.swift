@@ -31,3 +31,21 @@ import Testing
     #expect(first > 0.01 && abs(first - second) / second < 1e-3, "\(first) \(second)")
   }
 }
+
+/// The xsave layout as `tracery record` passes it to every process (`XState.environmentKey`):
+/// taken only when it is the process's own, else the processor is asked again.
+@Suite struct XStateTests {
+  @Test func aLayoutIsTakenFromTheEnvironmentOnlyWhenItIsThisProcesss() throws {
+    let own = XState.current
+    try #require(own.size > 0, "no xsave on this machine")
+    let given = try #require(XState(environment: XState.environmentValue))
+    #expect(given.components == own.components && given.size == own.size)
+    // Other components than the kernel enabled, a size no xsave has, none, or not two numbers.
+    for text in [
+      "\(own.components ^ 4) \(own.size)", "\(own.components) 64", "\(own.components) 100000", "\(own.components) 0",
+      "\(own.components)", "x \(own.size)", "",
+    ] {
+      #expect(XState(environment: text) == nil, "\(text)")
+    }
+  }
+}

@@ -117,6 +117,9 @@ struct ctracery_poke_table {
 /// x87, SSE, AVX's upper halves, AVX-512's opmasks and upper registers) and the size of their
 /// save area. 0 and 0 when the processor or the kernel offers no `xsave`.
 void ctracery_xsave_layout(uint64_t *components, uint32_t *size);
+/// XCR0, the state components the kernel enabled for `xsave` (`xgetbv` 0; only where OSXSAVE is
+/// set, as `ctracery_xsave_layout` found when it gave a size).
+uint64_t ctracery_xcr0(void);
 
 /// Installs the SIGTRAP handler once (later calls do nothing). Returns 0 or -1 with errno.
 int ctracery_install_trap_handler(void);

@@ -26,7 +26,8 @@ import TraceryRecord
 ///   checked against the program's count) and under `uftrace record --force`, beside the same
 ///   loop untraced.
 /// - `children-patchable`, `children-plain`: a parent that starts 50 children one after another
-///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced.
+///   (a patchable program, and /bin/true), untraced and recorded: ms per child over untraced
+///   (the median of each round's difference, the round's runs back to back).
 ///   `children-agent-loaded`: the patchable children with the agent preloaded but not asked to
 ///   record (no trace directory): what loading it costs (ld.so mapping and relocating it, its
 ///   runtime's initializers), the part of a child's start no recording work can take back.
@@ -45,6 +46,7 @@ struct RecordBench {
   {
     var environment = [
       "LD_PRELOAD": agent, TimeStampCounter.environmentKey: String(TimeStampCounter.ticksPerNanosecond),
+      XState.environmentKey: XState.environmentValue,
     ]
     var settings = AgentEnvironment(directory: traces)
     settings.relocate = relocate
@@ -256,13 +258,17 @@ struct RecordBench {
     try GeneratedLibrary.clang(
       ["-O2", "-fpatchable-function-entry=5", childSource, "-o", child], building: childSource)
     let count = 50
-    /// ms per child of `measured` runs over the `untraced` ones of the same rounds.
+    /// ms per child of `measured` runs over the `untraced` ones of the same rounds. The overhead
+    /// is the median of each round's difference: the machine's speed swings by up to 2× within
+    /// minutes, and the difference of two medians moved by more than a change's worth between
+    /// runs; the runs of one round follow each other.
     func figure(_ name: String, _ measured: [Double], over untraced: [Double], extra: [String: Double] = [:]) {
       let perChild = median(untraced) * 1e9 / Double(count)
       let measuredPerChild = median(measured) * 1e9 / Double(count)
+      let overhead = median(zip(measured, untraced).map { $0 - $1 }) * 1e9 / Double(count)
       report.figure(
         name: name, n: count, nsPerItem: measuredPerChild, baseline: perChild,
-        extra: extra.merging(["overhead_ms_per_child": (measuredPerChild - perChild) / 1e6]) { $1 })
+        extra: extra.merging(["overhead_ms_per_child": overhead / 1e6]) { $1 })
     }
     for (name, target) in [("children-patchable", child), ("children-plain", "/bin/true")] {
       // The patchable children also with the agent loaded only, beside the same untraced runs.

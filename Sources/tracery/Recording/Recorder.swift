@@ -41,15 +41,15 @@ struct Recorder {
     // the preloaded libraries; the agent must come first, and forwards what ASan intercepts too
     // (sigaction, signal, dlopen).
     environment["ASAN_OPTIONS"] = list(environment["ASAN_OPTIONS"], "verify_asan_link_order=0")
-    // The agent links the Swift runtime, whose crash backtracer would otherwise catch the
-    // program's own crashes: the program should die of its signal as it does untraced.
-    environment["SWIFT_BACKTRACE"] = environment["SWIFT_BACKTRACE"] ?? "enable=no"
+    // (SWIFT_BACKTRACE is left as the user set it: the agent's Swift runtime is linked without
+    // its crash backtracer (agent.c), so a traced Swift program's own backtracer acts as untraced.)
     // Measured once here rather than in every process the program starts (a rate already given
     // to this process is passed on).
     if getenv(TimeStampCounter.environmentKey) == nil {
       setenv(TimeStampCounter.environmentKey, String(calibration.rate()), 1)
     }
     environment[TimeStampCounter.environmentKey] = String(TimeStampCounter.ticksPerNanosecond)
+    environment[XState.environmentKey] = XState.environmentValue
     let status: ProgramStatus
     do {
       defer { keeper?.stop() }
