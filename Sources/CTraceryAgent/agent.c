@@ -68,14 +68,17 @@ __attribute__((visibility("hidden"))) _Bool _swift_backtrace_isThunkFunction(con
 // The C++ library linked in (its exception personality) calls these ten of libgcc_s's functions,
 // which made libgcc_s a dependency of the agent: loaded into every C program (~0.1 ms a process:
 // its constructor probes the CPU with `cpuid`, a VM exit here). They run only while an exception
-// unwinds through the agent's own C++ frames, which needs an unwinder to be loaded: libgcc_s of
-// a C++ program (found next in the lookup order), or the agent's own throw, whose
-// `_Unwind_RaiseException` (UnwindGuard.swift) forwards to the same next definition. Hidden, so
-// they forward the agent's calls only and never stand in for the program's unwinder.
+// unwinds through the agent's own C++ frames, which needs an unwinder to be loaded: a C++
+// program's or library's libgcc_s, or, for the agent's own throw where there is none, the one its
+// `_Unwind_RaiseException` (UnwindGuard.swift) loads; found by `ctracery_next_symbol` as that
+// does. Hidden, so they forward the agent's calls only and never stand in for the program's
+// unwinder.
+enum ctracery_symbol_home { CTRACERY_IN_UNWINDER = 0, CTRACERY_IN_CXX_RUNTIME = 1 };  // CTraceryShims.h
+void *ctracery_next_symbol(const char *name, enum ctracery_symbol_home home);
 #define TRACERY_UNWIND_FORWARD(ret, name, params, args)                              \
   __attribute__((visibility("hidden"))) ret name params {                           \
     static ret(*next) params;                                                        \
-    if (next == NULL) next = (ret(*) params)dlsym(RTLD_NEXT, #name);                 \
+    if (next == NULL) next = (ret(*) params)ctracery_next_symbol(#name, CTRACERY_IN_UNWINDER); \
     if (next == NULL) abort();                                                       \
     return next args;                                                                \
   }
@@ -91,7 +94,7 @@ TRACERY_UNWIND_FORWARD(void, _Unwind_SetIP, (void *context, uintptr_t value), (c
 
 __attribute__((visibility("hidden"), noreturn)) void _Unwind_Resume(void *exception) {
   static void (*next)(void *);
-  if (next == NULL) next = (void (*)(void *))dlsym(RTLD_NEXT, "_Unwind_Resume");
+  if (next == NULL) next = (void (*)(void *))ctracery_next_symbol("_Unwind_Resume", CTRACERY_IN_UNWINDER);
   if (next == NULL) abort();
   next(exception);
   abort();

@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/auxv.h>
 #include <sys/mman.h>
@@ -32,13 +33,32 @@ static _Atomic(ctracery_catch_hook) catch_hook;
 
 void ctracery_set_catch_hook(ctracery_catch_hook hook) { atomic_store(&catch_hook, hook); }
 
+void *ctracery_next_symbol(const char *name, enum ctracery_symbol_home home) {
+  static const char *const unwinders[] = {"libgcc_s.so.1", "libunwind.so.1", NULL};
+  static const char *const runtimes[] = {"libstdc++.so.6", "libc++abi.so.1", "libc++.so.1", NULL};
+  const char *const *libraries = home == CTRACERY_IN_UNWINDER ? unwinders : runtimes;
+  void *found = dlsym(RTLD_NEXT, name);
+  // First among those loaded (RTLD_NOLOAD), then, for the unwinder, loading it.
+  int passes = home == CTRACERY_IN_UNWINDER ? 2 : 1;
+  for (int pass = 0; found == NULL && pass < passes; pass++) {
+    for (const char *const *library = libraries; found == NULL && *library != NULL; library++) {
+      void *handle = dlopen(*library, RTLD_LAZY | (pass == 0 ? RTLD_NOLOAD : 0));
+      if (handle != NULL) found = dlsym(handle, name);
+    }
+  }
+  return found;
+}
+
 // Interposes libstdc++'s __cxa_begin_catch (a program exporting this definition, or the preloaded
 // agent, comes first in the lookup order). Written in C for the caller's exact stack pointer.
 void *__cxa_begin_catch(void *exception) {
   static void *(*_Atomic next)(void *);
   void *(*forward)(void *) = atomic_load(&next);
   if (!forward) {
-    forward = (void *(*)(void *))dlsym(RTLD_NEXT, "__cxa_begin_catch");
+    // (A C++ library a C program opened with RTLD_LOCAL brings its runtime out of the global
+    // scope, where RTLD_NEXT looks: its catch came here and called nothing.)
+    forward = (void *(*)(void *))ctracery_next_symbol("__cxa_begin_catch", CTRACERY_IN_CXX_RUNTIME);
+    if (!forward) abort();
     atomic_store(&next, forward);
   }
   ctracery_catch_hook hook = atomic_load(&catch_hook);

@@ -32,4 +32,28 @@ import TraceryTestSupport
         counts["call_plugin"] == 6 && counts["plugin_work"] == 6 && counts["plugin_helper"] == 12, "\(path): \(counts)")
     }
   }
+
+  /// A C program opens a C++ plugin (RTLD_LOCAL, as interpreters open their extensions) whose
+  /// every call throws through a traced frame and catches: the plugin's C++ runtime and unwinder
+  /// are not in the global scope, where the agent's `__cxa_begin_catch` and `_Unwind_*`
+  /// interposers first looked for what they forward to (the catch called address 0 and the
+  /// program died of SIGSEGV). Recorded, it prints what it prints untraced, and its calls are
+  /// recorded (the thrower's without an exit).
+  @Test func aCxxPluginOfACProgramThrowsAndCatches() throws {
+    let directory = try TestSupport.temporaryDirectory("record-cxx-plugin")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let plugin = directory.appendingPathComponent("libcxxplugin.so").path
+    try TestSupport.compile(
+      compiler: "g++", sources: [RecordCommandTests.programs.appendingPathComponent("cxxplugin.cpp").path],
+      flags: ["-O2", "-fpatchable-function-entry=5", "-shared", "-fPIC"], output: plugin)
+    let host = try RecordCommandTests.program("dlhost", compiler: "gcc", flags: ["-O2", "-ldl"], in: directory)
+    let untraced = try TestSupport.run(host, [plugin])
+    #expect(untraced.status == 0 && untraced.stdout == "90\n", "\(untraced.stderr)")
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [host, plugin])
+    #expect(traced.status == 0, "\(traced.stderr)")
+    #expect(traced.stdout == "90\n")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["plugin_work"] == 6, "\(counts)")
+  }
 }

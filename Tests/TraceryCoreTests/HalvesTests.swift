@@ -11,18 +11,19 @@ import Testing
   @Test func aLongRangeIsSharedByTwoThreadsInPieces() {
     let me = ctracery_gettid()
     let count = 5 * Halves.piece + 7
-    // The caller's first piece waits (up to 5 s) until the other thread has taken one: both
-    // threads then surely take part, whatever the scheduler does.
+    // The caller's pieces wait (up to 60 s in all) until the other thread has taken one: both
+    // threads then surely take part, whatever the scheduler does. (Waiting in its first piece
+    // only, 5 s, was not enough under the whole suite in CI: the other thread had not run yet.)
     let helperStarted = Atomic<Bool>(false)
+    let waited = Atomic<Int>(0)
     let pieces = Halves.split(0..<count) { range in
       let thread = ctracery_gettid()
       if thread != me {
         helperStarted.store(true, ordering: .releasing)
-      } else if range.lowerBound == 0 {
-        var waited = 0
-        while !helperStarted.load(ordering: .acquiring) && waited < 5_000 {
+      } else {
+        while !helperStarted.load(ordering: .acquiring) && waited.load(ordering: .relaxed) < 60_000 {
           usleep(1000)
-          waited += 1
+          waited.add(1, ordering: .relaxed)
         }
       }
       return (items: Array(range), thread: thread, guarded: ctracery_guard_value())

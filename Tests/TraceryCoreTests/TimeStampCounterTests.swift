@@ -35,7 +35,7 @@ import Testing
 /// The xsave layout as `tracery record` passes it to every process (`XState.environmentKey`):
 /// taken only when it is the process's own, else the processor is asked again.
 @Suite struct XStateTests {
-  @Test func aLayoutIsTakenFromTheEnvironmentOnlyWhenItIsThisProcesss() throws {
+  @Test func theEnvironmentsLayoutIsTakenOnlyWhenTheProcessorHasIt() throws {
     let own = XState.current
     try #require(own.size > 0, "no xsave on this machine")
     let given = try #require(XState(environment: XState.environmentValue))

@@ -38,6 +38,16 @@ static const int ctracery_O_TMPFILE = 020000000 | 0200000;
 static const int ctracery_SEEK_DATA = 3;
 static const int ctracery_SEEK_HOLE = 4;
 
+/// Where `ctracery_next_symbol` looks beyond the global scope: the unwinder (libgcc_s, LLVM's
+/// libunwind; loaded when none is), or the C++ runtime (libstdc++, libc++abi, libc++).
+enum ctracery_symbol_home { CTRACERY_IN_UNWINDER = 0, CTRACERY_IN_CXX_RUNTIME = 1 };
+/// The definition of `name` after this object's in the lookup order (`dlsym(RTLD_NEXT)`); else the
+/// one in the first library of `home` already loaded: a library a program opened with RTLD_LOCAL
+/// keeps its dependencies out of the global scope, where RTLD_NEXT looks (a C program's C++
+/// plugin: its libstdc++ and libgcc_s); else, for the unwinder, in the first one that loads now
+/// (an exception thrown inside the agent where no unwinder is loaded). NULL if none has it.
+void *ctracery_next_symbol(const char *name, enum ctracery_symbol_home home);
+
 /// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
 /// pointer, before the exception is handed to it: the function graph puts its return addresses
 /// back into the frames that survived the unwind. Set once by TraceryCore.

@@ -52,9 +52,12 @@ enum UnwindGuard {
   }()
   private static let nextBacktraceProbe: @convention(c) () -> Void = {}
 
+  /// The unwinder's `name` (`_Unwind_…`), or another library's (`backtrace`): the definition after
+  /// this library's in the lookup order, else in an unwinder loaded outside the global scope (a
+  /// C program's C++ plugin opened with RTLD_LOCAL) or, for an exception thrown where none is
+  /// loaded (inside the agent), loaded now (`ctracery_next_symbol`).
   static func next<T>(_ name: String) -> T? {
-    // RTLD_NEXT: the definition after this library's in the lookup order (libgcc_s).
-    dlsym(UnsafeMutableRawPointer(bitPattern: -1), name).map { unsafeBitCast($0, to: T.self) }
+    ctracery_next_symbol(name, CTRACERY_IN_UNWINDER).map { unsafeBitCast($0, to: T.self) }
   }
 }
 

@@ -34,7 +34,9 @@ public struct XState: Sendable {
     self.size = size
   }
 
-  /// `environmentValue`'s layout, if it is this process's.
+  /// `environmentValue`'s layout, if it is this process's. (`xgetbv` runs only for a size above
+  /// 0, which `tracery record` passes only where the processor has `xsave`; set by hand on one
+  /// without it, it would fault.)
   init?(environment text: String) {
     let fields = text.split(separator: " ")
     guard fields.count == 2, let components = UInt64(fields[0]), let size = Int(fields[1]) else { return nil }
