@@ -50,7 +50,7 @@ let package = Package(
     .target(
       name: "TraceryRecord", dependencies: ["CTracery", "CTraceryShims"],
       swiftSettings: agentModule + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
-    .target(name: "CTraceryAgent"),
+    .target(name: "CTraceryAgent", dependencies: ["CTraceryShims"]),
     // ptrace for `record -p` (glibc's ptrace is variadic).
     .target(name: "CTraceryInject"),
     // The agent carries its own Swift runtime, kept private: loading libswiftCore.so and its

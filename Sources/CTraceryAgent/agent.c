@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "CTraceryAgent.h"
+#include "CTraceryShims.h"
 
 // ---- The Swift runtime's command line ----------------------------------------------------------
 // The runtime's CommandLine.cpp (libswiftCore.a) finds argv from a static initializer that reads
@@ -73,8 +74,6 @@ __attribute__((visibility("hidden"))) _Bool _swift_backtrace_isThunkFunction(con
 // `_Unwind_RaiseException` (UnwindGuard.swift) loads; found by `ctracery_next_symbol` as that
 // does. Hidden, so they forward the agent's calls only and never stand in for the program's
 // unwinder.
-enum ctracery_symbol_home { CTRACERY_IN_UNWINDER = 0, CTRACERY_IN_CXX_RUNTIME = 1 };  // CTraceryShims.h
-void *ctracery_next_symbol(const char *name, enum ctracery_symbol_home home);
 #define TRACERY_UNWIND_FORWARD(ret, name, params, args)                              \
   __attribute__((visibility("hidden"))) ret name params {                           \
     static ret(*next) params;                                                        \
@@ -156,9 +155,6 @@ int sigprocmask(int how, const sigset_t *set, sigset_t *old) {
   sigset_t copy;
   return next(how, without_trap(how, set, &copy), old);
 }
-
-// In CTraceryShims (linked into the agent with TraceryCore).
-int ctracery_program_trap_action(const struct sigaction *action, struct sigaction *old);
 
 // The tracer's SIGTRAP handler stays in place once installed: the program's own SIGTRAP
 // disposition is kept beside it (`ctracery_program_trap_action`), and traps that are not the
