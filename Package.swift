@@ -61,7 +61,8 @@ let package = Package(
     // the one it shares a name with, `__cxa_begin_catch`, is the shims' interposer, linked first
     // and kept (--allow-multiple-definition; gold then rejected the archive's probe notes, lld
     // does not). Relative relocations packed (DT_RELR, glibc 2.36): the loader reads 4 KB of them
-    // in each process instead of 500 KB.
+    // in each process instead of 500 KB. Not libm: `link/libm.so` names it AS_NEEDED, and the
+    // agent defines what the standard library names of it (CTraceryAgent's libm.c).
     .target(
       name: "TraceryAgent",
       dependencies: ["TraceryCore", "TraceryRecord", "CTraceryAgent", "CTraceryShims"],

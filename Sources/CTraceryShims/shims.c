@@ -36,10 +36,11 @@ void ctracery_set_catch_hook(ctracery_catch_hook hook) { atomic_store(&catch_hoo
 void *ctracery_next_symbol(const char *name, enum ctracery_symbol_home home) {
   static const char *const unwinders[] = {"libgcc_s.so.1", "libunwind.so.1", NULL};
   static const char *const runtimes[] = {"libstdc++.so.6", "libc++abi.so.1", "libc++.so.1", NULL};
-  const char *const *libraries = home == CTRACERY_IN_UNWINDER ? unwinders : runtimes;
+  static const char *const math[] = {"libm.so.6", NULL};
+  const char *const *libraries = home == CTRACERY_IN_UNWINDER ? unwinders : home == CTRACERY_IN_LIBM ? math : runtimes;
   void *found = dlsym(RTLD_NEXT, name);
-  // First among those loaded (RTLD_NOLOAD), then, for the unwinder, loading it.
-  int passes = home == CTRACERY_IN_UNWINDER ? 2 : 1;
+  // First among those loaded (RTLD_NOLOAD), then, for the unwinder and libm, loading it.
+  int passes = home == CTRACERY_IN_CXX_RUNTIME ? 1 : 2;
   for (int pass = 0; found == NULL && pass < passes; pass++) {
     for (const char *const *library = libraries; found == NULL && *library != NULL; library++) {
       void *handle = dlopen(*library, RTLD_LAZY | (pass == 0 ? RTLD_NOLOAD : 0));

@@ -59,7 +59,8 @@ import TraceryTestSupport
       line.split(separator: "[").last?.split(separator: "]").first.map(String.init)
     }
     #expect(!needed.isEmpty)
-    #expect(Set(needed).isSubset(of: ["libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2"]), "\(needed)")
+    // Not libm either: the agent defines what the Swift standard library names of it (libm.c).
+    #expect(Set(needed).isSubset(of: ["libc.so.6", "ld-linux-x86-64.so.2"]), "\(needed)")
     #expect(dynamic.stdout.contains("(RELR)") && !dynamic.stdout.contains("(RELACOUNT)"), "\(dynamic.stdout)")
     let symbols = try TestSupport.run("/usr/bin/nm", [agent])
     #expect(symbols.status == 0 && symbols.stdout.contains("tracery_agent_start"))
@@ -69,6 +70,21 @@ import TraceryTestSupport
     ] {
       #expect(!symbols.stdout.contains(unwanted), "the agent links \(unwanted)")
     }
+  }
+
+  /// Nor does the agent load libm at its start (it would if its code called a libm function it
+  /// only forwards, libm.c): a recorded C program without libm finds none mapped.
+  @Test func aRecordedProgramWithoutLibmGetsNone() throws {
+    let directory = try TestSupport.temporaryDirectory("scale-libm")
+    let program = try RecordCommandTests.build(
+      [RecordCommandTests.programs.appendingPathComponent("withoutlibm.c").path], in: directory)
+    let untraced = try TestSupport.run(program, [])
+    #expect(untraced.stdout == "libm absent 42\n", "\(untraced.stdout)")
+    let recorded = try RecordCommandTests.record(directory.appendingPathComponent("trace"), [program])
+    #expect(recorded.status == 0, "\(recorded.stderr)")
+    #expect(recorded.stdout == "libm absent 42\n", "\(recorded.stdout)")
+    let counts = try RecordCommandTests.recordedCounts(directory.appendingPathComponent("trace"))
+    #expect(counts["twice"] == 1, "\(counts)")
   }
 
   /// A trace laid out by hand, larger than the readers' memory limit (72 MB; 640 MB with

@@ -39,14 +39,45 @@ static const int ctracery_SEEK_DATA = 3;
 static const int ctracery_SEEK_HOLE = 4;
 
 /// Where `ctracery_next_symbol` looks beyond the global scope: the unwinder (libgcc_s, LLVM's
-/// libunwind; loaded when none is), or the C++ runtime (libstdc++, libc++abi, libc++).
-enum ctracery_symbol_home { CTRACERY_IN_UNWINDER = 0, CTRACERY_IN_CXX_RUNTIME = 1 };
+/// libunwind; loaded when none is), the C++ runtime (libstdc++, libc++abi, libc++), or libm
+/// (loaded when not yet).
+enum ctracery_symbol_home { CTRACERY_IN_UNWINDER = 0, CTRACERY_IN_CXX_RUNTIME = 1, CTRACERY_IN_LIBM = 2 };
 /// The definition of `name` after this object's in the lookup order (`dlsym(RTLD_NEXT)`); else the
 /// one in the first library of `home` already loaded: a library a program opened with RTLD_LOCAL
 /// keeps its dependencies out of the global scope, where RTLD_NEXT looks (a C program's C++
-/// plugin: its libstdc++ and libgcc_s); else, for the unwinder, in the first one that loads now
-/// (an exception thrown inside the agent where no unwinder is loaded). NULL if none has it.
+/// plugin: its libstdc++ and libgcc_s); else, for the unwinder and libm, in the first one that
+/// loads now (an exception thrown inside the agent where no unwinder is loaded; the agent's first
+/// call of a libm function in a program without libm). NULL if none has it.
 void *ctracery_next_symbol(const char *name, enum ctracery_symbol_home home);
+
+/// libm's rounding (ceil, floor, trunc, round; double and float) without libm, for the agent's
+/// own definitions of them (CTraceryAgent's libm.c: the agent does not load libm). The integer
+/// conversion truncates exactly where a fraction can exist (|x| below 2^52, 2^23 for float;
+/// above, every value is whole); the sign is put back so that -0.5 rounds up to -0.0 as libm
+/// does. Rounding to nearest takes halves away from zero (`round`); `x - trunc(x)` is exact.
+enum ctracery_rounding { CTRACERY_ROUND_UP, CTRACERY_ROUND_DOWN, CTRACERY_ROUND_TOWARD_ZERO, CTRACERY_ROUND_NEAREST };
+static inline double ctracery_round_double(double x, enum ctracery_rounding rounding) {
+  if (!(__builtin_fabs(x) < 0x1p52)) return x;  // whole, infinite or NaN
+  double whole = (double)(long long)x;
+  switch (rounding) {
+    case CTRACERY_ROUND_UP: whole += whole < x ? 1.0 : 0.0; break;
+    case CTRACERY_ROUND_DOWN: whole -= whole > x ? 1.0 : 0.0; break;
+    case CTRACERY_ROUND_TOWARD_ZERO: break;
+    case CTRACERY_ROUND_NEAREST: whole += __builtin_fabs(x - whole) >= 0.5 ? __builtin_copysign(1.0, x) : 0.0; break;
+  }
+  return __builtin_copysign(whole, x);
+}
+static inline float ctracery_round_float(float x, enum ctracery_rounding rounding) {
+  if (!(__builtin_fabsf(x) < 0x1p23f)) return x;
+  float whole = (float)(int)x;
+  switch (rounding) {
+    case CTRACERY_ROUND_UP: whole += whole < x ? 1.0f : 0.0f; break;
+    case CTRACERY_ROUND_DOWN: whole -= whole > x ? 1.0f : 0.0f; break;
+    case CTRACERY_ROUND_TOWARD_ZERO: break;
+    case CTRACERY_ROUND_NEAREST: whole += __builtin_fabsf(x - whole) >= 0.5f ? __builtin_copysignf(1.0f, x) : 0.0f; break;
+  }
+  return __builtin_copysignf(whole, x);
+}
 
 /// Called by the `__cxa_begin_catch` interposer (shims.c) with the catching function's stack
 /// pointer, before the exception is handed to it: the function graph puts its return addresses
