@@ -4,6 +4,10 @@ import Testing
 
 @testable import TraceryCore
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// Long resolutions are shared by two threads (`Halves`): each takes the next piece until none is
 /// left; the results come back whole and in order, one per piece; pieces the other thread ran
 /// ran with the recursion guard held; a short range stays on the caller's thread.
@@ -11,20 +15,19 @@ import Testing
   @Test func aLongRangeIsSharedByTwoThreadsInPieces() {
     let me = ctracery_gettid()
     let count = 5 * Halves.piece + 7
-    // The caller's pieces wait (up to 60 s in all) until the other thread has taken one: both
-    // threads then surely take part, whatever the scheduler does. (Waiting in its first piece
-    // only, 5 s, was not enough under the whole suite in CI: the other thread had not run yet.)
+    // The caller's pieces wait (up to 60 s in all, by the clock) until the other thread has taken
+    // one: both threads then surely take part, whatever the scheduler does. (Waiting in its first
+    // piece only, 5 s, was not enough under the whole suite in CI: the other thread had not run
+    // yet. Counting 1 ms sleeps was not either: other suites' snapshot signals cut them short, and
+    // 60,000 of them once passed in 12 s.)
     let helperStarted = Atomic<Bool>(false)
-    let waited = Atomic<Int>(0)
+    let deadline = Self.now() + 60
     let pieces = Halves.split(0..<count) { range in
       let thread = ctracery_gettid()
       if thread != me {
         helperStarted.store(true, ordering: .releasing)
       } else {
-        while !helperStarted.load(ordering: .acquiring) && waited.load(ordering: .relaxed) < 60_000 {
-          usleep(1000)
-          waited.add(1, ordering: .relaxed)
-        }
+        while !helperStarted.load(ordering: .acquiring) && Self.now() < deadline { usleep(1000) }
       }
       return (items: Array(range), thread: thread, guarded: ctracery_guard_value())
     }
@@ -36,6 +39,13 @@ import Testing
     #expect(pieces.filter { $0.thread != me }.allSatisfy { $0.guarded == 1 })
     let short = Halves.split(5..<(5 + Halves.minimum - 1)) { range in (Array(range), ctracery_gettid()) }
     #expect(short.count == 1 && short[0].0 == Array(5..<(5 + Halves.minimum - 1)) && short[0].1 == me)
+  }
+
+  /// Seconds on the monotonic clock.
+  static func now() -> Double {
+    var time = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &time)
+    return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
   }
 
   /// `joined` moves every piece's elements into one array, in order; a piece's `Output` keeps
