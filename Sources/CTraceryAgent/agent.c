@@ -14,6 +14,7 @@
 
 #include "CTraceryAgent.h"
 #include "CTraceryShims.h"
+#include "forward.h"
 
 // ---- The Swift runtime's command line ----------------------------------------------------------
 // The runtime's CommandLine.cpp (libswiftCore.a) finds argv from a static initializer that reads
@@ -72,15 +73,9 @@ __attribute__((visibility("hidden"))) _Bool _swift_backtrace_isThunkFunction(con
 // unwinds through the agent's own C++ frames, which needs an unwinder to be loaded: a C++
 // program's or library's libgcc_s, or, for the agent's own throw where there is none, the one its
 // `_Unwind_RaiseException` (UnwindGuard.swift) loads; found by `ctracery_next_symbol` as that
-// does. Hidden, so they forward the agent's calls only and never stand in for the program's
-// unwinder.
-#define TRACERY_UNWIND_FORWARD(ret, name, params, args)                              \
-  __attribute__((visibility("hidden"))) ret name params {                           \
-    static ret(*next) params;                                                        \
-    if (next == NULL) next = (ret(*) params)ctracery_next_symbol(#name, CTRACERY_IN_UNWINDER); \
-    if (next == NULL) abort();                                                       \
-    return next args;                                                                \
-  }
+// does (`TRACERY_FORWARD`, forward.h). Hidden, so they forward the agent's calls only and never
+// stand in for the program's unwinder.
+#define TRACERY_UNWIND_FORWARD(ret, name, params, args) TRACERY_FORWARD(CTRACERY_IN_UNWINDER, ret, name, params, args)
 TRACERY_UNWIND_FORWARD(void, _Unwind_DeleteException, (void *exception), (exception))
 TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetDataRelBase, (void *context), (context))
 TRACERY_UNWIND_FORWARD(uintptr_t, _Unwind_GetIP, (void *context), (context))

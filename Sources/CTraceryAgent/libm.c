@@ -11,10 +11,8 @@
 // A new libm name in a later standard library links libm again: ScaleTests'
 // `theAgentCarriesOnlyWhatItsStartNeeds` fails then; add it here.
 
-#include <stdatomic.h>
-#include <stdlib.h>
-
 #include "CTraceryShims.h"
+#include "forward.h"
 
 #define TRACERY_LIBM_ROUNDING(name, type, rounding) \
   __attribute__((visibility("hidden"))) type name(type x) { return ctracery_round_##type(x, rounding); }
@@ -27,18 +25,7 @@ TRACERY_LIBM_ROUNDING(floorf, float, CTRACERY_ROUND_DOWN)
 TRACERY_LIBM_ROUNDING(truncf, float, CTRACERY_ROUND_TOWARD_ZERO)
 TRACERY_LIBM_ROUNDING(roundf, float, CTRACERY_ROUND_NEAREST)
 
-// (Relaxed: every thread that looks finds the same address.)
-#define TRACERY_LIBM_FORWARD(ret, name, params, args)                                          \
-  __attribute__((visibility("hidden"))) ret name params {                                     \
-    static ret(*_Atomic next) params;                                                          \
-    ret(*forward) params = atomic_load_explicit(&next, memory_order_relaxed);                  \
-    if (forward == NULL) {                                                                     \
-      forward = (ret(*) params)ctracery_next_symbol(#name, CTRACERY_IN_LIBM);                  \
-      if (forward == NULL) abort();                                                            \
-      atomic_store_explicit(&next, forward, memory_order_relaxed);                             \
-    }                                                                                          \
-    return forward args;                                                                       \
-  }
+#define TRACERY_LIBM_FORWARD(ret, name, params, args) TRACERY_FORWARD(CTRACERY_IN_LIBM, ret, name, params, args)
 #define TRACERY_LIBM_1(type, name) TRACERY_LIBM_FORWARD(type, name, (type x), (x))
 #define TRACERY_LIBM_2(type, name) TRACERY_LIBM_FORWARD(type, name, (type x, type y), (x, y))
 #define TRACERY_LIBM_3(type, name) TRACERY_LIBM_FORWARD(type, name, (type x, type y, type z), (x, y, z))

@@ -1,12 +1,9 @@
 import CTraceryShims
+import Foundation
 import Synchronization
 import Testing
 
 @testable import TraceryCore
-
-#if canImport(Glibc)
-  import Glibc
-#endif
 
 /// Long resolutions are shared by two threads (`Halves`): each takes the next piece until none is
 /// left; the results come back whole and in order, one per piece; pieces the other thread ran
@@ -21,13 +18,13 @@ import Testing
     // yet. Counting 1 ms sleeps was not either: other suites' snapshot signals cut them short, and
     // 60,000 of them once passed in 12 s.)
     let helperStarted = Atomic<Bool>(false)
-    let deadline = Self.now() + 60
+    let deadline = Date().addingTimeInterval(60)
     let pieces = Halves.split(0..<count) { range in
       let thread = ctracery_gettid()
       if thread != me {
         helperStarted.store(true, ordering: .releasing)
       } else {
-        while !helperStarted.load(ordering: .acquiring) && Self.now() < deadline { usleep(1000) }
+        while !helperStarted.load(ordering: .acquiring) && Date() < deadline { usleep(1000) }
       }
       return (items: Array(range), thread: thread, guarded: ctracery_guard_value())
     }
@@ -50,13 +47,6 @@ import Testing
     #expect(pieces.filter { $0.thread != me }.allSatisfy { $0.guarded == 1 })
     let short = Halves.split(5..<(5 + Halves.minimum - 1)) { range in (Array(range), ctracery_gettid()) }
     #expect(short.count == 1 && short[0].0 == Array(5..<(5 + Halves.minimum - 1)) && short[0].1 == me)
-  }
-
-  /// Seconds on the monotonic clock.
-  static func now() -> Double {
-    var time = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &time)
-    return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
   }
 
   /// `joined` moves every piece's elements into one array, in order; a piece's `Output` keeps
