@@ -99,13 +99,17 @@ import TraceryX86
   /// taken there would show the thread inside the site's first bytes, and a relocation under way
   /// would give up on them (seen: `record -p` on gcc's NOP sleds dropped the hottest functions).
   /// The handler holds the snapshot signal off and answers as it ends: every look finds the
-  /// thread where it resumes, never inside the site.
+  /// thread where it resumes, never inside the site's moved instruction.
   @Test func aThreadInTheTrapHandlerIsSeenWhereItResumes() throws {
     let tracer = Tracer()
     tracer.relocatesPrologues = true
     let function: @convention(c) (Int) -> Int = tracery_fixture_short_other
     let address = UInt64(UInt(bitPattern: unsafeBitCast(function, to: UnsafeRawPointer.self)))
     let site = PatchSite.afterEndbr64(address)
+    // Its first instruction (`mov %rdi, %rax`, 3 bytes) moves; its copy jumps back to the `ret`
+    // after it, where a look may find the thread: only the moved instruction's inside counts.
+    let moved = try PatchSite.trap(at: address, function: address, size: 4).length
+    try #require(moved == 3)
     let link = try tracer.attach(.entry({ _, _ in }), to: .address(address))
     defer { link.detach() }
     try #require(SiteBytes(reading: site).byte(0) == 0xcc)
@@ -128,7 +132,7 @@ import TraceryX86
     defer { stop.store(true, ordering: .relaxed) }
     while callerID.load(ordering: .relaxed) == 0 { usleep(100) }
     let tid = callerID.load(ordering: .relaxed)
-    let inside = (site + 1)..<(site + 5)
+    let inside = (site + 1)..<(site + UInt64(moved))
     let trapsBefore = TrapStatistics.handled
     var seenInside = 0
     var unanswered = 0
