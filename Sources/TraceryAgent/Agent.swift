@@ -204,6 +204,12 @@ enum Agent {
     // preloaded): no int3 sites there; what cannot be relocated stays untraced.
     Tracer.shared.usesTrapSites = !attaching
     Tracer.shared.trapSiteObjects = relocatesLibraries ? Set(program.map { [$0] } ?? []) : nil
+    // A JIT's code (anonymous memory; V8's builtins in node's own text) walks its frames and dies
+    // on a return address that is not its code's: calls from it stay untraced (`KnownCode`).
+    // The builtins are found by the relocating start's entry points (a program with patch
+    // sites is not swept for them).
+    Tracer.shared.traceGraphCallsOnlyFromKnownCode(
+      excludingForeignRunOf: program, first: UInt64(ctracery_getauxval(9)))  // 9: AT_ENTRY
     do {
       recorder = try Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
@@ -405,6 +411,8 @@ enum Agent {
   /// now on (their constructors, which ran inside `dlopen`, are not), named like the others (a
   /// symbol file, an `object` line appended to the process file).
   static func loaded() {
+    // The new object's code is known from now on (before its functions are traced).
+    Tracer.shared.refreshKnownCode()
     guard let configuration, recorder != nil || !objects.isEmpty else { return }
     pthread_mutex_lock(loadLock)
     defer { pthread_mutex_unlock(loadLock) }
@@ -465,6 +473,7 @@ enum Agent {
   /// After that `dlclose`: an object still loaded (its handle was counted more than once) is
   /// traced again; one gone is forgotten (another object may be loaded at its address later).
   static func unloaded(path: String, bias: UInt64) {
+    Tracer.shared.refreshKnownCode()
     guard let recorder else { return }
     pthread_mutex_lock(loadLock)
     defer { pthread_mutex_unlock(loadLock) }

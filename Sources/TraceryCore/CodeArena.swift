@@ -199,6 +199,11 @@ public final class CodeArena: Sendable {
     }
   }
 
+  /// Every slab's code, in the order they were mapped (slabs are never unmapped).
+  var slabRanges: [Range<UInt64>] {
+    slabs.withLock { $0.map { $0.address..<($0.address + UInt64($0.size)) } }
+  }
+
   /// Bytes currently handed out, for tests and statistics.
   public var bytesInUse: Int {
     slabs.withLock { slabs in slabs.reduce(0) { $0 + $1.size - $1.free.reduce(0) { $0 + $1.length } } }
@@ -250,7 +255,7 @@ public final class CodeArena: Sendable {
         let alias = try System.mmap(
           at: nil, length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
         MemoryMap.mapped([
-          .init(start: code, end: code + UInt64(size), readable: true, writable: false, executable: true),
+          .init(start: code, end: code + UInt64(size), readable: true, writable: false, executable: true, named: true),
           .init(start: alias, end: alias + UInt64(size), readable: true, writable: true, executable: false),
         ])
         return Slab(address: code, alias: alias, size: size, free: [(0, size)])

@@ -10,6 +10,10 @@ struct MemoryMap: Sendable {
     let readable: Bool
     let writable: Bool
     let executable: Bool
+    /// Mapped from a file or named by the kernel (`[vdso]`): an object's code, or the arena's
+    /// (its memfd). Anonymous executable memory (a JIT's code, `[anon:...]` included) is not.
+    /// Read only for executable regions (others: false).
+    var named = false
 
     var protection: Int32 {
       (readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0)
@@ -104,10 +108,11 @@ struct MemoryMap: Sendable {
         let end = Self.hex(bytes, &at)
         let perms = at + 1
         if dash < count, bytes[dash] == 0x2d, perms + 3 <= count {  // '-'
+          let executable = bytes[perms + 2] == 0x78
           regions.append(
             Region(
               start: start, end: end, readable: bytes[perms] == 0x72, writable: bytes[perms + 1] == 0x77,
-              executable: bytes[perms + 2] == 0x78))
+              executable: executable, named: executable && Self.hasPath(bytes, from: perms + 4)))
         }
         while at < count && bytes[at] != 0x0a { at += 1 }  // to the end of the line
         at += 1
@@ -130,6 +135,24 @@ struct MemoryMap: Sendable {
     }
     self.executable = executable
   }
+
+  /// Whether the line whose fields after the permissions start at `at` (offset, device, inode)
+  /// goes on to a path that is not an anonymous mapping's name (`[anon:...]`).
+  private static func hasPath(_ bytes: UnsafeBufferPointer<UInt8>, from at: Int) -> Bool {
+    var at = at
+    for _ in 0..<4 {
+      while at < bytes.count && bytes[at] == 0x20 { at += 1 }
+      if at >= bytes.count || bytes[at] == 0x0a { return false }
+      if bytes[at] == 0x2f || bytes[at] == 0x5b {  // '/' or '[', where the path starts
+        let name = anonymousName
+        return !(at + name.count <= bytes.count && (0..<name.count).allSatisfy { bytes[at + $0] == name[$0] })
+      }
+      while at < bytes.count && bytes[at] != 0x20 && bytes[at] != 0x0a { at += 1 }
+    }
+    return false
+  }
+
+  private static let anonymousName: [UInt8] = Array("[anon:".utf8)
 
   /// Lower-case hex digits at `at`, advancing past them.
   private static func hex(_ bytes: UnsafeBufferPointer<UInt8>, _ at: inout Int) -> UInt64 {

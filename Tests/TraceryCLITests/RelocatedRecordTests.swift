@@ -478,4 +478,27 @@ import TraceryTestSupport
       #expect(traced > 2_000, "\(name): \(line)")
     }
   }
+
+  /// Code Tracery does not know — a page of anonymous memory (a JIT's compiled code) and, in a
+  /// program without patch sites, 64 KiB of its text that no call frame describes (V8's
+  /// builtins in node) — calls a traced function, which checks that its return address is
+  /// where its caller put it (V8 reads its frames' return addresses, and node died under
+  /// `tracery record` before this). Those calls are left untraced; the program's own are
+  /// recorded. The patchable build is not swept for builtins, so it runs the page only.
+  @Test(arguments: [[], ["-fpatchable-function-entry=5"]])
+  func callsFromAJitsCodeKeepTheirReturnAddresses(flags: [String]) throws {
+    let directory = try TestSupport.temporaryDirectory("record-foreign")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program("foreigncallers", flags: ["-O2"] + flags, in: directory)
+    let arguments = flags.isEmpty ? [] : ["page-only"]
+    let untraced = try TestSupport.run(program, arguments)
+    #expect(untraced.status == 0 && untraced.stdout.contains("wrong 0"), "\(untraced.stdout)")
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program] + arguments)
+    #expect(traced.status == 0, "\(traced.stdout) \(traced.stderr)")
+    #expect(traced.stdout == untraced.stdout)
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["checked"] == 3, "\(counts)")
+    #expect(counts["main"] == 1, "\(counts)")
+  }
 }

@@ -513,9 +513,11 @@ extension Tracer {
     let users = (0..<16).compactMap { index in
       mask & (1 << index) != 0 ? state.graphUsers[index]?.code(index: index) : nil
     }
+    let known = knownCode(state: state)
     let emitter = GraphEmitter(
       users: users, functionModel: model, preservesAll: preservesAll, guardOffset: guardOffset,
-      threadOffset: Int32(ctracery_thread_offset()), setupThread: GraphThreads.setupAddress)
+      threadOffset: Int32(ctracery_thread_offset()), setupThread: GraphThreads.setupAddress,
+      knownCode: known.word, knownFast: known.fast)
     let (block, code) = try placeCode(
       near: stub, slack: 16 * users.count, emit: emitter.emit(at:), bytes: \.bytes)
     let image = GraphImage(

@@ -120,6 +120,7 @@ extension Tracer {
       }
       arena.release(contentsOf: unused)
     }
+    publishKnownCodeIfSlabsChanged(state: &state)
     let outcomes = patcher.apply(requests, callerStack: callerStack)
     var cleared: [(address: UInt64, value: UInt64)] = []
     var failed: [CodeArena.Block] = []

@@ -152,6 +152,12 @@ struct GraphEmitter {
   let threadOffset: Int32
   /// `void setup(void)`: sets up this thread's shadow stack.
   let setupThread: UInt64
+  /// The address of the word holding the known-code table (`KnownCode`): calls from elsewhere
+  /// are not traced. 0: every call is, and the entry does not look.
+  var knownCode: UInt64 = 0
+  /// Known code the entry checks first, with immediates (the program's text): a call from it
+  /// looks at no table. Empty: the table only.
+  var knownFast: Range<UInt64> = 0..<0
 
   var hasHandlers: Bool { users.contains { if case .handlers = $0.kind { true } else { false } } }
 
@@ -238,6 +244,47 @@ struct GraphEmitter {
 
   // MARK: - Entry
 
+  /// Goes to `unknown` unless the caller's return address lies in known code: `knownFast`,
+  /// compared inline (one load from the stack, a subtraction and a compare), else a range of the
+  /// known-code table (`KnownCode`, never empty), scanned out of line; no table yet: known.
+  /// Uses r10 and r11 (free here) and the flags.
+  private func putKnownCaller(
+    _ w: inout X86Writer, returnAddress: Memory, unknown: Label, cold: inout [(inout X86Writer) throws -> Void]
+  ) {
+    let known = w.newLabel()
+    let table = w.newLabel()
+    if let size = Int32(exactly: knownFast.count), size > 0 {
+      w.putMov(.r10, returnAddress)
+      w.putMov(.r11, immediate: knownFast.lowerBound)
+      w.putSub(.r10, .r11)
+      w.putCmp(.r10, immediate: size)
+      w.putJcc(.aboveOrEqual, table)
+    } else {
+      w.putJmp(table)
+    }
+    cold.append { [knownCode] w in
+      let scan = w.newLabel()
+      let next = w.newLabel()
+      w.bind(table)
+      w.putMov(.r11, immediate: knownCode)
+      w.putMov(.r11, Memory(.r11, 0))
+      w.putTest(.r11, .r11)
+      w.putJcc(.equal, known)
+      w.putMov(.r10, returnAddress)
+      w.bind(scan)
+      w.putCmp(.r10, Memory(.r11, 0))
+      w.putJcc(.below, next)
+      w.putCmp(.r10, Memory(.r11, 8))
+      w.putJcc(.below, known)
+      w.bind(next)
+      w.putAdd(.r11, immediate: 16)
+      w.putCmp(Memory(.r11, 8), immediate: 0)
+      w.putJcc(.notEqual, scan)
+      w.putJmp(unknown)
+    }
+    w.bind(known)
+  }
+
   private func emitEntry(
     _ w: inout X86Writer, cold: inout [(inout X86Writer) throws -> Void]
   ) throws {
@@ -257,6 +304,9 @@ struct GraphEmitter {
     }
     w.putCmpByte(.fs(guardOffset), immediate: 0)
     w.putJcc(.notEqual, done)
+    if knownCode != 0 {
+      putKnownCaller(&w, returnAddress: Memory(.rsp, pushes + 8), unknown: done, cold: &cold)
+    }
     w.bind(retry)
     w.putMov(.r11, field(.top))
     w.putCmp(.r11, field(.limit))

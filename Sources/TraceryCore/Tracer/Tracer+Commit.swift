@@ -89,6 +89,7 @@ extension Tracer {
       self.plan(operations, into: &plan, state: &state, callerStack: callerStack)
       buildImages(&plan, state: &state)
       publishMultiRecords(&plan, state: &state)
+      publishKnownCodeIfSlabsChanged(state: &state)
       let outcomes = patcher.apply(plan.requests, callerStack: callerStack)
       settle(&plan, outcomes: outcomes, state: &state, callerStack: callerStack)
       return plan.report

@@ -169,6 +169,8 @@ public final class Tracer: Sendable {
     var relocatesPrologues = false
     var usesTrapSites = true
     var trapSiteObjects: Set<String>?
+    /// Set when graph calls are traced only from known code (`KnownCode`).
+    var knownCode: KnownCode?
   }
 
   enum Operation {
