@@ -10,9 +10,10 @@ struct MemoryMap: Sendable {
     let readable: Bool
     let writable: Bool
     let executable: Bool
-    /// Mapped from a file or named by the kernel (`[vdso]`): an object's code, or the arena's
-    /// (its memfd). Anonymous executable memory (a JIT's code, `[anon:...]` included) is not.
-    /// Read only for executable regions (others: false).
+    /// Mapped from a file or named by the kernel (`[vdso]`): an object's code. Anonymous
+    /// executable memory (a JIT's code) is not, nor a memfd's (a JIT's double-mapped code, as
+    /// .NET's; the arena's slabs are known to it) or a name given to anonymous memory
+    /// (`[anon:...]`). Read only for executable regions (others: false).
     var named = false
 
     var protection: Int32 {
@@ -137,15 +138,17 @@ struct MemoryMap: Sendable {
   }
 
   /// Whether the line whose fields after the permissions start at `at` (offset, device, inode)
-  /// goes on to a path that is not an anonymous mapping's name (`[anon:...]`).
+  /// goes on to a path that is not an anonymous mapping's name (`[anon:...]`) or a memfd's.
   private static func hasPath(_ bytes: UnsafeBufferPointer<UInt8>, from at: Int) -> Bool {
     var at = at
     for _ in 0..<4 {
       while at < bytes.count && bytes[at] == 0x20 { at += 1 }
       if at >= bytes.count || bytes[at] == 0x0a { return false }
       if bytes[at] == 0x2f || bytes[at] == 0x5b {  // '/' or '[', where the path starts
-        let name = anonymousName
-        return !(at + name.count <= bytes.count && (0..<name.count).allSatisfy { bytes[at + $0] == name[$0] })
+        func starts(with name: [UInt8]) -> Bool {
+          at + name.count <= bytes.count && (0..<name.count).allSatisfy { bytes[at + $0] == name[$0] }
+        }
+        return !starts(with: anonymousName) && !starts(with: memfdName)
       }
       while at < bytes.count && bytes[at] != 0x20 && bytes[at] != 0x0a { at += 1 }
     }
@@ -153,6 +156,7 @@ struct MemoryMap: Sendable {
   }
 
   private static let anonymousName: [UInt8] = Array("[anon:".utf8)
+  private static let memfdName: [UInt8] = Array("/memfd:".utf8)
 
   /// Lower-case hex digits at `at`, advancing past them.
   private static func hex(_ bytes: UnsafeBufferPointer<UInt8>, _ at: inout Int) -> UInt64 {

@@ -20,13 +20,14 @@ import TraceryFixtures
       "4000-5000 r-xp 00000000 00:00 0 ",
       "6000-7000 r-xp 00000000 00:00 0                          [anon:v8 code]",
       "7000-8000 r-xp 00000000 00:00 0                          [vdso]",
-      "9000-a000 r-xp 00000000 00:01 7                          /memfd:tracery (deleted)",
+      "9000-a000 r-xp 00000000 00:01 7                          /memfd:doublemapper (deleted)",
+      "a000-b000 r-xp 00000000 08:01 9                          /tmp/memfd:not one",
       "b000-c000 rwxp 00000000 00:00 0",
     ].joined(separator: "\n")
     let map = MemoryMap(parsing: Array((text + "\n").utf8))
-    #expect(map.regions.count == 7)
-    #expect(map.regions.map(\.named) == [true, false, false, false, true, true, false])
-    #expect(KnownCode.objects(in: map) == [0x1000..<0x2000, 0x7000..<0x8000, 0x9000..<0xa000])
+    #expect(map.regions.count == 8)
+    #expect(map.regions.map(\.named) == [true, false, false, false, true, false, true, false])
+    #expect(KnownCode.objects(in: map) == [0x1000..<0x2000, 0x7000..<0x8000, 0xa000..<0xb000])
   }
 
   @Test func rangesAreMergedCutAndTheProgramsFirst() {

@@ -7,11 +7,12 @@ import TraceryELF
 /// uftrace issue 1035), so a call from code that is not known is left untraced, its return
 /// address as the caller pushed it.
 ///
-/// Known: every executable mapping with a name (an object's text, the vDSO, the arena's memfd
-/// slabs), but `excluded` (a JIT's code inside the program's file: V8's embedded builtins, which
-/// no call frame describes, `Tracer.foreignRun`); not known: anonymous executable memory (a
-/// JIT's code). The graph entry (`GraphEmitter`, when given the table's word) compares the
-/// caller's return address with each range, the program's text first.
+/// Known: every executable mapping with a name (an object's text, the vDSO) and the arena's
+/// slabs (memfds, not known otherwise: a JIT may double-map its code so), but `excluded` (a
+/// JIT's code inside the program's file: V8's embedded builtins, which no call frame
+/// describes, `Tracer.foreignRun`); not known: anonymous executable memory (a JIT's code). The
+/// graph entry (`GraphEmitter`, when given the table's word) compares the caller's return
+/// address with the program's text inline (`fast`), then with each range of the table.
 ///
 /// Layout of a table: [low, high) pairs of words, then a (0, 0) pair; published whole by a
 /// release store of its address into `word` (never changed in place). A table lives in an arena
