@@ -205,11 +205,13 @@ enum Agent {
     Tracer.shared.usesTrapSites = !attaching
     Tracer.shared.trapSiteObjects = relocatesLibraries ? Set(program.map { [$0] } ?? []) : nil
     // A JIT's code (anonymous memory; V8's builtins in node's own text) walks its frames and dies
-    // on a return address that is not its code's: calls from it stay untraced (`KnownCode`).
-    // The builtins are found by the relocating start's entry points (a program with patch
-    // sites is not swept for them).
-    Tracer.shared.traceGraphCallsOnlyFromKnownCode(
-      excludingForeignRunOf: program, first: UInt64(ctracery_getauxval(9)))  // 9: AT_ENTRY
+    // on a return address that is not its code's: calls from it stay untraced (`KnownCode`),
+    // unless asked for (--jit-calls). The builtins are found by the relocating start's entry
+    // points (a program with patch sites is not swept for them).
+    if !environment.jitCalls {
+      Tracer.shared.traceGraphCallsOnlyFromKnownCode(
+        excludingForeignRunOf: program, first: UInt64(ctracery_getauxval(9)))  // 9: AT_ENTRY
+    }
     do {
       recorder = try Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)

@@ -20,6 +20,9 @@
 ///                            `NAME@plt` (record --libcall; the CLI also sets LD_BIND_NOW)
 ///     TRACERY_NEST_LIBCALL   1: the libraries' functions (those TRACERY_MATCH names, or all) are
 ///                            traced too, relocated (record -l/--nest-libcall)
+///     TRACERY_JIT_CALLS      1: calls from code in no loaded object (a JIT's) are traced too
+///                            (record --jit-calls; by default they are left untraced: V8 and
+///                            HotSpot walk their frames' return addresses)
 ///     TRACERY_BLANKS         how many blank files `tracery record` keeps beside the directory,
 ///                            for the agent to take rather than create its files (`BlankFiles`)
 ///
@@ -41,6 +44,7 @@ public struct AgentEnvironment: Sendable, Equatable {
   public var relocateWithoutSites = false
   public var libraryCalls = false
   public var nestLibraryCalls = false
+  public var jitCalls = false
   public var blankSlots = 0
 
   public static let defaultBufferLimit = 2 << 30
@@ -63,6 +67,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     static let relocate = "TRACERY_RELOCATE"
     static let libraryCalls = "TRACERY_LIBCALL"
     static let nestLibraryCalls = "TRACERY_NEST_LIBCALL"
+    static let jitCalls = "TRACERY_JIT_CALLS"
     static let blankSlots = "TRACERY_BLANKS"
   }
 
@@ -79,6 +84,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     environment[Key.relocate] = relocate ? "1" : relocateWithoutSites ? "auto" : nil
     environment[Key.libraryCalls] = libraryCalls ? "1" : nil
     environment[Key.nestLibraryCalls] = nestLibraryCalls ? "1" : nil
+    environment[Key.jitCalls] = jitCalls ? "1" : nil
     environment[Key.blankSlots] = blankSlots > 0 ? String(blankSlots) : nil
     // Library calls are followed through bound GOT slots: bind them all at load.
     if libraryCalls { environment["LD_BIND_NOW"] = "1" }
@@ -127,6 +133,7 @@ public struct AgentEnvironment: Sendable, Equatable {
     relocateWithoutSites = value(Key.relocate) == "auto"
     libraryCalls = value(Key.libraryCalls) == "1"
     nestLibraryCalls = value(Key.nestLibraryCalls) == "1"
+    jitCalls = value(Key.jitCalls) == "1"
     blankSlots = value(Key.blankSlots).flatMap { Int($0) }.map { min(max($0, 0), 100) } ?? 0
   }
 

@@ -501,4 +501,19 @@ import TraceryTestSupport
     #expect(counts["checked"] == 3, "\(counts)")
     #expect(counts["main"] == 1, "\(counts)")
   }
+
+  /// `--jit-calls`: the anonymous page's calls are traced too (the program then sees a return
+  /// address that is not its caller's, and says so), and the trace's info says it was asked.
+  @Test func jitCallsAreTracedWhenAsked() throws {
+    let directory = try TestSupport.temporaryDirectory("record-jit-calls")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let program = try RecordCommandTests.program(
+      "foreigncallers", flags: ["-O2", "-fpatchable-function-entry=5"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [program, "page-only"], options: ["--jit-calls"])
+    #expect(traced.status == 1 && traced.stdout.contains("calls 8 wrong 5"), "\(traced.stdout) \(traced.stderr)")
+    #expect(try RecordCommandTests.recordedCounts(trace)["checked"] == 8)
+    let info = try String(contentsOf: trace.appendingPathComponent("info"), encoding: .utf8)
+    #expect(info.contains("jit-calls yes"), "\(info)")
+  }
 }

@@ -51,7 +51,9 @@ extension PatchingTests {
     @Test(arguments: ["test program", "libc"])
     func callsFromAnonymousCodeAreLeftUntraced(_ inline: String) throws {
       let tracer = Tracer()
-      let libc = UInt64(UInt(bitPattern: try #require(dlsym(UnsafeMutableRawPointer(bitPattern: 0), "getpid"))))
+      let symbol: UnsafeMutableRawPointer? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "getpid")
+      let found = try #require(symbol)
+      let libc = UInt64(UInt(bitPattern: found))
       let first = inline == "libc" ? libc : GraphFixture.leaf
       tracer.traceGraphCallsOnlyFromKnownCode(excluding: nil, first: first)
       let link = try tracer.attachGraph(

@@ -59,6 +59,15 @@ struct RecordOptions: ParsableArguments {
       """)
   var nestLibcall = false
 
+  @Flag(
+    name: .long,
+    help: """
+      Also trace calls from code that is in no loaded object's text (a JIT's compiled code, and V8's builtins in \
+      node). Off by default: V8 (node) and HotSpot (java) read their frames' return addresses and crash when one \
+      is taken; other JITs' calls into traced functions are then recorded too (LuaJIT's).
+      """)
+  var jitCalls = false
+
   @Option(
     name: [.customShort("p"), .customLong("pid")],
     help: "Attach to this running process instead of starting a program; detach on Ctrl-C or after --duration.")

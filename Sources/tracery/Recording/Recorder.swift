@@ -88,6 +88,7 @@ struct Recorder {
     environment.relocateWithoutSites = !options.relocate && relocate == true
     environment.libraryCalls = options.libcall
     environment.nestLibraryCalls = options.nestLibcall
+    environment.jitCalls = options.jitCalls
     return environment
   }
 
@@ -99,6 +100,7 @@ struct Recorder {
     if relocate ?? options.relocate { info.add("relocate", "yes") }
     if options.libcall { info.add("libcall", "yes") }
     if options.nestLibcall { info.add("nest-libcall", "yes") }
+    if options.jitCalls { info.add("jit-calls", "yes") }
     for spec in options.argumentSpecs { info.add("argument", spec) }
     for spec in options.returnSpecs { info.add("retval", spec) }
     return info
