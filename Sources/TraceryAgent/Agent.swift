@@ -197,21 +197,16 @@ enum Agent {
         writeProcessInfo()
       }
     }
-    guard !addresses.isEmpty else { return }
+    // (Set up even when nothing is traced yet: -l --patch may name only what `dlopen` loads later.)
     Tracer.unwoundHandler = Agent.unwound
     Tracer.shared.relocatesPrologues = environment.relocate || movesSleds || relocatesLibraries
     // In a running program a thread may block SIGTRAP (the agent keeps it deliverable only when
     // preloaded): no int3 sites there; what cannot be relocated stays untraced.
     Tracer.shared.usesTrapSites = !attaching
     Tracer.shared.trapSiteObjects = relocatesLibraries ? Set(program.map { [$0] } ?? []) : nil
-    // A JIT's code (anonymous memory; V8's builtins in node's own text) walks its frames and dies
-    // on a return address that is not its code's: calls from it stay untraced (`KnownCode`),
-    // unless asked for (--jit-calls). The builtins are found by the relocating start's entry
-    // points (a program with patch sites is not swept for them).
-    if !environment.jitCalls {
-      Tracer.shared.traceGraphCallsOnlyFromKnownCode(
-        excludingForeignRunOf: program, first: UInt64(ctracery_getauxval(9)))  // 9: AT_ENTRY
-    }
+    tracesJitCalls = environment.jitCalls
+    guard !addresses.isEmpty else { return }
+    traceOnlyFromKnownCode()
     do {
       recorder = try Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
@@ -408,6 +403,19 @@ enum Agent {
   /// -l/--nest-libcall): see `start`.
   nonisolated(unsafe) static var relocatesLibraries = false
 
+  /// --jit-calls: calls from a JIT's code are traced too (`traceOnlyFromKnownCode` does nothing).
+  nonisolated(unsafe) static var tracesJitCalls = false
+
+  /// Before the recorder's first attach: a JIT's code (anonymous memory; V8's builtins in node's
+  /// own text) walks its frames and dies on a return address that is not its code's, so calls
+  /// from it stay untraced (`KnownCode`), unless asked for (--jit-calls). The builtins are found
+  /// by the relocating start's entry points (a program with patch sites is not swept for them).
+  static func traceOnlyFromKnownCode() {
+    guard !tracesJitCalls else { return }
+    Tracer.shared.traceGraphCallsOnlyFromKnownCode(
+      excludingForeignRunOf: relocatedProgram, first: UInt64(ctracery_getauxval(9)))  // 9: AT_ENTRY
+  }
+
   /// After a `dlopen` that succeeded (CTraceryAgent interposes it), before it returns to the
   /// program: objects loaded since the agent last looked that record patch sites are traced from
   /// now on (their constructors, which ran inside `dlopen`, are not), named like the others (a
@@ -457,6 +465,7 @@ enum Agent {
     if let recorder {
       _ = try? recorder.add(.addresses(addresses))
     } else {
+      traceOnlyFromKnownCode()
       recorder = try? Tracer.shared.attachGraph(
         .recorder(refill: Agent.refill), to: .addresses(addresses), depthLimit: configuration.depth)
     }

@@ -56,4 +56,31 @@ import TraceryTestSupport
     let counts = try RecordCommandTests.recordedCounts(trace)
     #expect(counts["plugin_work"] == 6, "\(counts)")
   }
+
+  /// `-l --patch GLOB` where only a library the program loads later has what the glob names
+  /// (java's libjvm, loaded by its launcher): not refused at the start (it says so), and the
+  /// plugin's functions, built without patch sites, are recorded from its load on.
+  @Test func aGlobForALibraryLoadedLaterIsNotRefused() throws {
+    let directory = try TestSupport.temporaryDirectory("record-dlopen-glob")
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let plugin = directory.appendingPathComponent("libplugin.so").path
+    try TestSupport.compile(
+      compiler: "gcc", sources: [RecordCommandTests.programs.appendingPathComponent("plugin.c").path],
+      flags: ["-O2", "-shared", "-fPIC"], output: plugin)
+    let host = try RecordCommandTests.program("dlhost", compiler: "gcc", flags: ["-O2", "-ldl"], in: directory)
+    let trace = directory.appendingPathComponent("trace")
+    let traced = try RecordCommandTests.record(trace, [host, plugin], options: ["-l", "--patch", "plugin_*"])
+    #expect(traced.status == 0 && traced.stdout == "90\n", "\(traced.stderr)")
+    #expect(traced.stderr.contains("no function matches 'plugin_*' yet"), "\(traced.stderr)")
+    let counts = try RecordCommandTests.recordedCounts(trace)
+    #expect(counts["plugin_work"] == 6, "\(counts)")
+    // A program with patch sites, without -l: nothing reaches a library's functions without
+    // sites, and a glob that matches nothing stays an error.
+    let patchable = try RecordCommandTests.program(
+      "dlhost", compiler: "gcc", flags: ["-O2", "-ldl", "-fpatchable-function-entry=5"], in: directory)
+    let refused = try RecordCommandTests.record(
+      directory.appendingPathComponent("t2"), [patchable, plugin], options: ["--patch", "plugin_*"])
+    #expect(
+      refused.status != 0 && refused.stderr.contains("no patchable function matches 'plugin_*'"), "\(refused.stderr)")
+  }
 }

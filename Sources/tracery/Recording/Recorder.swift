@@ -191,7 +191,16 @@ struct Recorder {
     }
     guard patchable > 0 else { throw UserError("\(path) has no function to trace (no symbols, no call frames)") }
     if let pattern = options.patch, matching == 0 {
-      throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
+      // Where the libraries' functions are reached (-l, or --patch with relocation), a library
+      // the program loads later may hold them (java's libjvm, `dlopen`ed by its launcher): said,
+      // not refused.
+      guard (relocate && options.patch != nil) || options.nestLibcall else {
+        throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
+      }
+      FileHandle.standardError.write(
+        Data(
+          ("tracery: no function matches '\(pattern)' yet (\(patchable) functions in \(path) and its libraries); "
+            + "libraries it loads later are searched too\n").utf8))
     }
     if let index = specMatches.firstIndex(of: 0) {
       let option = index < options.argumentSpecs.count ? "-A" : "-R"
