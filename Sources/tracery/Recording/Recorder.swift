@@ -194,7 +194,7 @@ struct Recorder {
       // Where the libraries' functions are reached (-l, or --patch with relocation), a library
       // the program loads later may hold them (java's libjvm, `dlopen`ed by its launcher): said,
       // not refused.
-      guard (relocate && options.patch != nil) || options.nestLibcall else {
+      guard relocate || options.nestLibcall else {
         throw UserError("no patchable function matches '\(pattern)' (\(patchable) patchable functions)")
       }
       FileHandle.standardError.write(
