@@ -1,3 +1,4 @@
+import CTraceryShims
 import Synchronization
 import TraceryX86
 
@@ -164,6 +165,21 @@ public final class CodeArena: Sendable {
     let offset = UInt64(kept)
     release(Block(address: block.address + offset, size: block.size - kept, alias: block.alias + offset))
     return Block(address: block.address, size: kept, alias: block.alias)
+  }
+
+  /// Stores each value into the 8-byte aligned word at its address (inside a block of this
+  /// arena) through the writable alias, one release store each: for the few data words that
+  /// live code reads while they change (`MultiStub`'s record word). Precondition: every address
+  /// lies in a block handed out and not released.
+  func storeWords(_ words: [(address: UInt64, value: UInt64)]) {
+    guard !words.isEmpty else { return }
+    slabs.withLock { slabs in
+      for (address, value) in words {
+        precondition(address % 8 == 0, "a live word must be aligned")
+        let slab = slabs.first { address >= $0.address && address - $0.address < UInt64($0.size) }!
+        ctracery_store_release(UnsafeMutablePointer(bitPattern: UInt(slab.alias + (address - slab.address)))!, value)
+      }
+    }
   }
 
   /// Returns `block` to the arena. Precondition: no thread is inside it or can return into it

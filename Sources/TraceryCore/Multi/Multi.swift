@@ -158,6 +158,14 @@ extension Tracer.TracedFunction {
     !multi.isEmpty && multi.allSatisfy { $0.strategy != .global(.hash) } && hasPadding
   }
 
+  /// The address of the record word of the `MultiStub` it jumps to, when its stub calls one of
+  /// `trampolines` (`Tracer.recordStubTrampolines`); nil for a function with no such stub (or
+  /// whose stub is a `PrologueStub`, whose trampoline keeps every register).
+  func recordStub(_ trampolines: Set<UInt64>) -> UInt64? {
+    guard let stub = multiStub, let entry = multiEntry, trampolines.contains(entry) else { return nil }
+    return stub + UInt64(MultiStub.recordOffset)
+  }
+
   /// Eight NOP bytes (or a record pointer of ours) before an entry that is the site itself.
   var hasPadding: Bool {
     guard site == function, let word = ZeroedPadding.word(before: site) else { return false }
@@ -364,6 +372,14 @@ extension Tracer {
       words[3 + 2 * slot] = record
     }
     var paddingPointers: [(address: UInt64, value: UInt64)] = []
+    // Stubs' record words (`MultiStub`): every stub a current function jumps to, 0 unless its
+    // function keeps a record in this table (a commit may be replacing it; a thread may read
+    // its word until the stub is freed, so no word may point into the table retired below).
+    let recordStubs = recordStubTrampolines(state)
+    var stubWords: [UInt64: UInt64] = [:]
+    for function in state.functions.values {
+      if let stub = function.recordStub(recordStubs) { stubWords[stub] = 0 }
+    }
     var at = header
     for function in functions {
       let record = block.address + UInt64(8 * at)
@@ -371,6 +387,7 @@ extension Tracer {
         paddingPointers.append((function.site - 8, record))
       } else {
         insert(function.site, record: record)
+        if let stub = function.recordStub(recordStubs) { stubWords[stub] = record }
       }
       at += MultiRecord.write(
         words + at, handlers: function.multi.map { (kind: $0.kind, handler: $0.handler, cookie: $0.cookie) })
@@ -386,10 +403,18 @@ extension Tracer {
       words[1] = UInt64(mask)
     }
     ctracery_store_release(state.multi.tableWord, hashedCount == 0 ? 0 : block.address)
+    arena.storeWords(stubWords.map { ($0.key, $0.value) })
     let failed = patcher.writeWords(paddingPointers)
     retireMultiTable(state: &state)
     state.multi.table = CodeImage(block: block, length: 8 * (header + recordWords))
     return Set(failed.map { $0 + 8 })
+  }
+
+  /// The global trampolines that read a `MultiStub`'s record word: hash-mode, entered from stubs.
+  func recordStubTrampolines(_ state: borrowing State) -> Set<UInt64> {
+    Set(
+      state.multi.trampolines.lazy.filter { $0.key.stub && !$0.key.padding && !$0.key.keepsEveryRegister }.map(
+        \.image.block.address))
   }
 
   /// Retires the current table, with the records of hash-mode bulk links detached since it was

@@ -312,6 +312,13 @@ extension Tracer {
       link.recordOffsets.append(Int32(offset))
     }
     link.records = CodeImage(block: block, length: 8 * words)
+    if link.viaStubs && !padding {
+      // Each stub leads its trampoline straight to its record (`MultiStub.recordOffset`).
+      arena.storeWords(
+        link.sites.indices.map {
+          (link.entries[$0] + UInt64(MultiStub.recordOffset), block.address + UInt64(8 * link.recordOffsets[$0]))
+        })
+    }
     if padding {
       var pointers: [(address: UInt64, value: UInt64)] = []
       pointers.reserveCapacity(link.sites.count)
@@ -460,6 +467,21 @@ extension Tracer {
         ZeroedPadding.add(restored + kept)
         state.multi.pendingNops.formUnion(restored)
       }
+    }
+    if link.viaStubs && !link.padding {
+      // The stubs' record words lead into the records retired below: 0 now (a thread still in a
+      // stub then looks its record up, and finds none). A stub a general function jumps to holds
+      // that function's record (the publish of the commit that took it out of the link wrote it).
+      let used = Set(moved)
+      var words: [(address: UInt64, value: UInt64)] = []
+      for stubs in link.stubBlocks {
+        for stub in stride(
+          from: stubs.block.address, to: stubs.block.address + UInt64(stubs.length), by: MultiStub.size)
+        where !used.contains(stub) {
+          words.append((stub + UInt64(MultiStub.recordOffset), 0))
+        }
+      }
+      arena.storeWords(words)
     }
     if let records = link.records {
       // Padding readers hold the record itself; hash readers may hold the table that leads to

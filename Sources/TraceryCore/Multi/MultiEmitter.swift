@@ -8,8 +8,9 @@ import TraceryX86
 ///
 ///     if this thread is inside a handler: return into the body
 ///     save the class's argument registers into a tracery_call
-///     record = padding: [site - 8]; hash: probe the current table for site (none: return into
-///              the body). The record (or the table while probing) is kept at [rsp+272]: a
+///     record = padding: [site - 8]; hash: the stub's record word when entered from a
+///              `MultiStub` and it is not 0, else probe the current table for site (none:
+///              return into the body). The record (or the table while probing) is kept at [rsp+272]: a
 ///              hazard the reclaimer's stack scan sees; before that store it is in r11, which
 ///              the reclaimer's snapshot of the thread's registers sees
 ///     one handler alone (the record's shape): its kind's path below without loops; else entry
@@ -74,14 +75,21 @@ struct MultiEmitter {
     w.putSub(.rsp, immediate: size)
     TrampolineEmitter.putSaveArguments(&w, model)
     w.putMov(.r10, Memory(.rsp, size))
-    if viaStub {
+    if viaStub, case .hash = lookup {
+      // The stub's record word: no lookup unless it is 0. The site from the stub either way.
+      w.putMov(.r11, Memory(.r10, MultiStub.recordOffset - MultiStub.returnOffset))
+      w.putMovsxd(.rax, Memory(.r10, MultiStub.siteOffset - MultiStub.returnOffset))
+      w.putAdd(.r10, .rax)
+      try putLookup(&w, notFound: intoBody, recordInR11: true)
+    } else if viaStub {
       w.putMovsxd(.r11, Memory(.r10, MultiStub.siteOffset - MultiStub.returnOffset))
       w.putAdd(.r10, .r11)
+      try putLookup(&w, notFound: intoBody)
     } else {
       // The site's `call` (5 bytes) returns right after it.
       w.putSub(.r10, immediate: Int32(SiteBytes.length))
+      try putLookup(&w, notFound: intoBody)
     }
-    try putLookup(&w, notFound: intoBody)
     // The register view: function = site, return address, stack arguments.
     TrampolineEmitter.putRegisterView(
       &w, function: .register(.r10), returnAddress: Memory(.rsp, size + 8), stackArguments: Memory(.rsp, size + 16),
@@ -332,7 +340,8 @@ struct MultiEmitter {
 
   /// r10 = site on entry and exit; r11 = the record (hazard at [rsp+272]), or jumps to
   /// `notFound`. Clobbers rax, rcx, rdx, rsi, rdi (saved or not arguments of the class).
-  private func putLookup(_ w: inout X86Writer, notFound: Label) throws {
+  /// `recordInR11` (hash only): r11 holds a record read from a `MultiStub`, or 0 to look it up.
+  private func putLookup(_ w: inout X86Writer, notFound: Label, recordInR11: Bool = false) throws {
     switch lookup {
     case .padding:
       // No re-check after the hazard store: until the store, the reclaimer's snapshot sees the
@@ -344,6 +353,13 @@ struct MultiEmitter {
     case .hash(let table):
       let probe = w.newLabel()
       let found = w.newLabel()
+      let known = w.newLabel()
+      if recordInR11 {
+        // As the padding's pointer: in r11, then in the hazard slot.
+        w.putMov(Memory(.rsp, Self.hazard), .r11)
+        w.putTest(.r11, .r11)
+        w.putJcc(.notEqual, known)
+      }
       w.putMov(.rax, immediate: table)
       // The table in r11, then in the hazard slot (no re-check: see the padding case).
       w.putMov(.r11, Memory(.rax))
@@ -371,6 +387,7 @@ struct MultiEmitter {
       // only with a table that led to it: the hazard moves from the table to the record.
       w.putMov(.r11, Memory(.rsi, 24))
       w.putMov(Memory(.rsp, Self.hazard), .r11)
+      w.bind(known)
     }
   }
 }

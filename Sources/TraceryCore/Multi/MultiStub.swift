@@ -1,6 +1,6 @@
 import TraceryX86
 
-/// The 16 bytes a function with multi-attach exit or modify-return handlers on a global
+/// The 24 bytes a function with multi-attach exit or modify-return handlers on a global
 /// trampoline goes through (its site `jmp`s here), so that its calls and returns pair up:
 ///
 ///     +0   call TRAMPOLINE      the global trampoline (`MultiEmitter.viaStub`): [rsp] = stub + 5
@@ -10,14 +10,22 @@ import TraceryX86
 ///     +11  int3
 ///     +12  SITE - (stub + 5)    the function's patch site as a 32-bit offset from [rsp]: the
 ///                               trampoline's key for the function's record
+///     +16  RECORD               8 bytes: the function's record (`MultiRecord`) for a hash-mode
+///                               trampoline, which then needs no lookup; 0: look it up by site
 ///
-/// Written whole before the site jumps here; never changed; retired (freed once no thread can be
-/// inside, i.e. hold stub + 5 as a return address) when the site leaves it.
+/// The code and the site are written whole before the site jumps here and never changed. The
+/// record word is the one field that changes (`Tracer.publishMultiTable`, bulk links at attach
+/// and detach), by one aligned 8-byte store, as padding record pointers are: it always holds 0
+/// or a record no retired block holds, so that a thread reading it late (already inside the
+/// stub) never reaches freed memory; a reader holds what it read in r11, then in the trampoline's
+/// hazard slot, as with padding. Retired (freed once no thread can be inside, i.e. hold stub + 5
+/// as a return address) when the site leaves it.
 enum MultiStub {
-  static let size = 16
+  static let size = 24
   static let returnOffset: Int32 = 5
   static let bodyOffset: Int32 = 6
   static let siteOffset: Int32 = 12
+  static let recordOffset: Int32 = 16
 
   /// The stub at `address` for `patch`, calling `trampoline`; nil when one of them is out of
   /// rel32 reach.
@@ -27,6 +35,7 @@ enum MultiStub {
       let site = Int32(exactly: Int64(bitPattern: patch.address &- (address + UInt64(returnOffset))))
     else { return nil }
     return call + [0xc3] + body + [0xcc] + withUnsafeBytes(of: site.littleEndian) { Array($0) }
+      + [UInt8](repeating: 0, count: 8)
   }
 
   /// The trampoline the stub at `address` calls.
