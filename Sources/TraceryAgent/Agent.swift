@@ -587,7 +587,7 @@ enum Agent {
       // thread here): closed by its own thread. Its last events were the exits of calls that
       // recording saw begin.
       let earlier = ThreadRecording.take(state.pointee.owner)
-      earlier.countOverflowed(state)
+      earlier.countUntraced(state)
       _ = earlier.file.close(cursor: state.pointee.event_cursor)
       state.pointee.owner = 0
       state.pointee.event_cursor = 0
@@ -609,7 +609,7 @@ enum Agent {
         appendToProcessFile("thread-unrecorded \(ctracery_gettid())")
         return
       }
-      let owner = ThreadRecording(file: created, recording: Agent.recording, overflowed: state.pointee.overflowed)
+      let owner = ThreadRecording(file: created, recording: Agent.recording, state: state)
       state.pointee.owner = UInt64(UInt(bitPattern: Unmanaged.passRetained(owner).toOpaque()))
       pthread_setspecific(Agent.threadKey, UnsafeRawPointer(bitPattern: 1))
       // The process file lists its threads: a reader tells a deleted thread file from one
@@ -687,7 +687,7 @@ enum Agent {
       state.pointee.event_end = 0
       guard owner > 1 else { return }
       let thread = ThreadRecording.take(owner)
-      thread.countOverflowed(state)
+      thread.countUntraced(state)
       // Sandboxed: sealed in place, no system call (the file stays mapped and open).
       guard !Agent.sandboxed else {
         thread.file.finish(cursor: cursor, unmapping: false)
@@ -826,7 +826,7 @@ extension Agent {
     // (Sandboxed: sealed in place and nothing else, no system call.)
     if state.pointee.owner > 1 {
       let thread = ThreadRecording.of(state)
-      thread.countOverflowed(state)
+      thread.countUntraced(state)
       let end = thread.file.finish(cursor: state.pointee.event_cursor, unmapping: !sandboxed)
       state.pointee.event_cursor = 0
       state.pointee.event_end = 0
@@ -876,21 +876,26 @@ public func traceryAgentExiting() { Agent.exiting() }
 final class ThreadRecording {
   let file: EventFile
   let recording: UInt64
-  /// The thread's count of calls its full shadow stack left untraced when the file began.
+  /// The thread's counts, when the file began, of calls its full shadow stack left untraced and
+  /// of calls from unknown code (`ctracery_thread.foreign_calls`).
   let overflowedBefore: UInt64
+  let foreignBefore: UInt64
 
-  init(file: EventFile, recording: UInt64, overflowed: UInt64) {
+  init(file: EventFile, recording: UInt64, state: UnsafeMutablePointer<ctracery_thread>) {
     self.file = file
     self.recording = recording
-    self.overflowedBefore = overflowed
+    self.overflowedBefore = state.pointee.overflowed
+    self.foreignBefore = state.pointee.foreign_calls
   }
 
-  /// Counts in the file's header, as dropped events (an entry and an exit each), the calls the
-  /// thread's full shadow stack left untraced (65,535 frames deep) since the file began: called
-  /// by the owning thread before its file is finished.
-  func countOverflowed(_ state: UnsafeMutablePointer<ctracery_thread>) {
+  /// Counts in the file's header the calls the thread left untraced since the file began: those
+  /// its full shadow stack refused (65,535 frames deep), as dropped events (an entry and an exit
+  /// each), and those from unknown code (a JIT's), which the recording does not ask for (`record
+  /// --jit-calls` does). Called by the owning thread before its file is finished.
+  func countUntraced(_ state: UnsafeMutablePointer<ctracery_thread>) {
     let calls = state.pointee.overflowed &- overflowedBefore
     if calls > 0, calls < 1 << 62 { file.countDropped(2 * calls) }
+    file.setForeignCalls(state.pointee.foreign_calls &- foreignBefore)
   }
 
   /// The owner of `state` (its owner word must hold one: > 1).

@@ -323,6 +323,12 @@ public final class EventFile: @unchecked Sendable {
     header.storeBytes(of: dropped &+ events, toByteOffset: TraceFormat.Header.dropped, as: UInt64.self)
   }
 
+  /// The calls its thread left untraced because their caller was in no known code (kept in the
+  /// header, as `countDropped`'s events are).
+  public func setForeignCalls(_ calls: UInt64) {
+    header.storeBytes(of: calls, toByteOffset: TraceFormat.Header.foreignCalls, as: UInt64.self)
+  }
+
   /// Seals the current chunk (its events end at `cursor`) on this thread, and takes no chunk
   /// after it: later events are dropped and counted. At process exit, for the exiting thread:
   /// the seal must be on disk before the process is gone, and events after it would break it.

@@ -35,6 +35,9 @@ public enum TraceFormat {
     public static let tid = 16  // u32
     public static let chunkSize = 24  // u64
     public static let dropped = 32  // u64: events that found no room
+    /// u64: calls left untraced because their caller was in no known code (a JIT's; 0 in files
+    /// of earlier versions, whose header page was zeros there)
+    public static let foreignCalls = 40
     public static let name = 64  // 16 bytes: the thread's name when it started recording (NUL-padded)
   }
 }

@@ -38,6 +38,9 @@ public struct ThreadFile: Sendable {
   /// not say (the thread was running when writing stopped, or an older trace). Bytes past it
   /// were not written by the recorder.
   public var writtenEnd: Int?
+  /// Calls left untraced because their caller was in no known code (a JIT's code), as the
+  /// thread counted them up to the end of its file (0 when it ended without writing it).
+  public var foreignCalls: UInt64 = 0
 
   /// Reads the name and header of `path`; nil and why when the file cannot be read as events.
   public static func open(path: String, name fileName: String) -> (file: ThreadFile?, damage: Damage?) {
@@ -87,9 +90,10 @@ public struct ThreadFile: Sendable {
       guard tid != 0 else { return (nil, nil) }
     }
     let name = header[(TraceFormat.Header.name)..<(TraceFormat.Header.name + 16)].prefix { $0 != 0 }
-    let file = ThreadFile(
+    var file = ThreadFile(
       path: path, session: session, pid: pid, tid: tid, name: String(decoding: name, as: UTF8.self),
       dropped: header.load(TraceFormat.Header.dropped), chunkSize: chunkSize, size: size, sealed: version >= 3)
+    file.foreignCalls = header.load(TraceFormat.Header.foreignCalls)
     return (file, nil)
   }
 }

@@ -500,6 +500,10 @@ import TraceryTestSupport
     let counts = try RecordCommandTests.recordedCounts(trace)
     #expect(counts["checked"] == 3, "\(counts)")
     #expect(counts["main"] == 1, "\(counts)")
+    // The calls left untraced are counted, and `info` says how many.
+    let calls = try #require(untraced.stdout.split(separator: " ").dropFirst().first.flatMap { Int($0) })
+    let info = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
+    #expect(calls > 3 && info.contains("jit calls : \(calls - 3) calls from a JIT's code left untraced"), "\(info)")
   }
 
   /// `--jit-calls`: the anonymous page's calls are traced too (the program then sees a return
@@ -513,6 +517,8 @@ import TraceryTestSupport
     let traced = try RecordCommandTests.record(trace, [program, "page-only"], options: ["--jit-calls"])
     #expect(traced.status == 1 && traced.stdout.contains("calls 8 wrong 5"), "\(traced.stdout) \(traced.stderr)")
     #expect(try RecordCommandTests.recordedCounts(trace)["checked"] == 8)
+    let summary = try TestSupport.run(OptimizedProgramTests.tracery, ["info", "-d", trace.path]).stdout
+    #expect(!summary.contains("jit calls"), "\(summary)")
     let info = try String(contentsOf: trace.appendingPathComponent("info"), encoding: .utf8)
     #expect(info.contains("jit-calls yes"), "\(info)")
   }

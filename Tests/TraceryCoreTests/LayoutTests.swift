@@ -33,7 +33,7 @@ import TraceryX86
       .cursor: offset(\ctracery_thread.event_cursor), .end: offset(\ctracery_thread.event_end),
       .dropped: offset(\ctracery_thread.dropped), .overflowed: offset(\ctracery_thread.overflowed),
       .stackLow: offset(\ctracery_thread.stack_low), .stackHigh: offset(\ctracery_thread.stack_high),
-      .mark: offset(\ctracery_thread.event_mark),
+      .mark: offset(\ctracery_thread.event_mark), .foreignCalls: offset(\ctracery_thread.foreign_calls),
     ]
     for field in ThreadField.allCases { #expect(field.rawValue == expected[field], "\(field)") }
   }

@@ -279,6 +279,9 @@ struct ctracery_thread {
   /// recorded events between that and the event's reservation moved it (see GraphEmitter's
   /// `putRecord`).
   uint64_t event_mark;
+  /// Calls the function graph left untraced because their caller's return address lay in no
+  /// known code (`KnownCode`: a JIT's code), counted by the graph entry's cold path.
+  uint64_t foreign_calls;
 };
 long ctracery_thread_offset(void);
 struct ctracery_thread *ctracery_thread_state(void);

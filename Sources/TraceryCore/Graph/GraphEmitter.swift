@@ -50,6 +50,7 @@ enum ThreadField: Int32, CaseIterable {
   case stackLow = 72
   case stackHigh = 80
   case mark = 88
+  case foreignCalls = 96
 }
 
 /// Generates the two routines of one function-graph image (the kernel's fgraph entry and
@@ -247,7 +248,8 @@ struct GraphEmitter {
   /// Goes to `unknown` unless the caller's return address lies in known code: `knownFast`,
   /// compared inline (one load from the stack, a subtraction and a compare), else a range of the
   /// known-code table (`KnownCode`, never empty), scanned out of line; no table yet: known.
-  /// Uses r10 and r11 (free here) and the flags.
+  /// Unknown callers are counted in the thread's `foreign_calls`. Uses r10 and r11 (free here)
+  /// and the flags.
   private func putKnownCaller(
     _ w: inout X86Writer, returnAddress: Memory, unknown: Label, cold: inout [(inout X86Writer) throws -> Void]
   ) {
@@ -262,7 +264,7 @@ struct GraphEmitter {
     } else {
       w.putJmp(table)
     }
-    cold.append { [knownCode] w in
+    cold.append { [knownCode, self] w in
       let scan = w.newLabel()
       let next = w.newLabel()
       w.bind(table)
@@ -280,6 +282,8 @@ struct GraphEmitter {
       w.putAdd(.r11, immediate: 16)
       w.putCmp(Memory(.r11, 8), immediate: 0)
       w.putJcc(.notEqual, scan)
+      // Counted, so that readers can say how many calls were left untraced this way.
+      w.putInc(self.field(.foreignCalls))
       w.putJmp(unknown)
     }
     w.bind(known)

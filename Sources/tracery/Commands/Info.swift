@@ -35,6 +35,12 @@ struct Info: ParsableCommand {
         processes += "#   ended     : \(Self.ending(of: process, in: trace))\n"
         processes +=
           "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
+        let foreign = threads.reduce(0) { $0 + $1.foreignCalls }
+        if foreign > 0 {
+          processes +=
+            "#   jit calls : \(foreign) calls from a JIT's code left untraced "
+            + "(record --jit-calls records them)\n"
+        }
         if !process.unrecordedThreads.isEmpty {
           let list = process.unrecordedThreads.map(String.init).joined(separator: " ")
           processes +=
