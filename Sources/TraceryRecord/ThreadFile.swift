@@ -98,6 +98,17 @@ public struct ThreadFile: Sendable {
   }
 }
 
+extension [ThreadFile] {
+  /// The sum of a header count over the files, saturating at `UInt64.max`: the counts are what
+  /// the files' headers say, and a damaged header may say anything (an overflowing sum trapped).
+  public func total(_ count: (ThreadFile) -> UInt64) -> UInt64 {
+    reduce(0) { sum, file in
+      let (total, overflow) = sum.addingReportingOverflow(count(file))
+      return overflow ? .max : total
+    }
+  }
+}
+
 /// Reads a file through one window of at most `capacity` bytes (`pread`), moved as reads ask:
 /// memory stays bounded whatever the file's size. `release()` gives the descriptor and the
 /// window back; the next read takes them again.

@@ -28,7 +28,7 @@ public struct Trace: Sendable {
   /// bad or missing process file). Damage inside events is found as they are read.
   public let damage: [Damage]
 
-  public var droppedEvents: UInt64 { threads.reduce(0) { $0 + $1.dropped } }
+  public var droppedEvents: UInt64 { threads.total { $0.dropped } }
 
   /// Opens the directory. Throws only when it is not a trace at all (no directory, no info
   /// file); a damaged, missing or unreadable part is skipped and listed in `damage`.

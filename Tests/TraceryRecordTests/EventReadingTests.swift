@@ -115,6 +115,22 @@ import Testing
     #expect(damage.first?.reason == "the file ends inside an event")
   }
 
+  /// Header counts are whatever a file says: summed over a trace's threads they saturate (two
+  /// damaged headers' sum trapped `info` and every reader that says how many events were dropped).
+  @Test func headerCountsSumWithoutOverflow() throws {
+    var bytes = header(chunkSize: Self.chunkSize)
+    for offset in [TraceFormat.Header.dropped, TraceFormat.Header.foreignCalls] {
+      bytes.replaceSubrange(offset..<(offset + 8), with: [UInt8](repeating: 0xff, count: 8))
+    }
+    let path = "/tmp/tracery-record-test-\(getpid())-\(UInt32.random(in: 0 ... .max))-42.0-43.events"
+    #expect(Files.write(bytes, to: path))
+    defer { unlink(path) }
+    let file = try #require(ThreadFile.open(path: path, name: "42.0-43.events").file)
+    #expect(file.dropped == .max && file.foreignCalls == .max)
+    #expect([file, file].total { $0.dropped } == .max && [file, file, file].total { $0.foreignCalls } == .max)
+    #expect([file].total { _ in 7 } + [ThreadFile]().total { $0.dropped } == 7)
+  }
+
   @Test func aBadChunkSizeOrHeaderLosesTheFileAndSaysWhy() {
     #expect(
       readWithDamage(header(chunkSize: 12) + [1, 2, 3]).damage.first?.reason == "bad chunk size 12 in the header")

@@ -34,8 +34,8 @@ struct Info: ParsableCommand {
         }
         processes += "#   ended     : \(Self.ending(of: process, in: trace))\n"
         processes +=
-          "#   threads   : \(threads.count) (\(events) events, \(threads.reduce(0) { $0 + $1.dropped }) dropped)\n"
-        let foreign = threads.reduce(0) { $0 + $1.foreignCalls }
+          "#   threads   : \(threads.count) (\(events) events, \(threads.total { $0.dropped }) dropped)\n"
+        let foreign = threads.total { $0.foreignCalls }
         if foreign > 0 {
           processes +=
             "#   jit calls : \(foreign) calls from a JIT's code left untraced "
