@@ -20,9 +20,10 @@
 ///                            `NAME@plt` (record --libcall; the CLI also sets LD_BIND_NOW)
 ///     TRACERY_NEST_LIBCALL   1: the libraries' functions (those TRACERY_MATCH names, or all) are
 ///                            traced too, relocated (record -l/--nest-libcall)
-///     TRACERY_JIT_CALLS      1: calls from code in no loaded object (a JIT's) are traced too
-///                            (record --jit-calls; by default they are left untraced: V8 and
-///                            HotSpot walk their frames' return addresses)
+///     TRACERY_JIT_CALLS      1: calls from a JIT's code (anonymous memory, V8's builtins in
+///                            node's text: `KnownCode`) are traced too (record --jit-calls; by
+///                            default they are left untraced, and counted: V8 and HotSpot walk
+///                            their frames' return addresses)
 ///     TRACERY_BLANKS         how many blank files `tracery record` keeps beside the directory,
 ///                            for the agent to take rather than create its files (`BlankFiles`)
 ///
