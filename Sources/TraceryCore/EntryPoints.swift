@@ -28,6 +28,9 @@ public final class EntryPoints: Sendable {
   let unnamedFrames: [(address: UInt64, size: UInt64)]
   /// Link-time start and end of each function range whose sweep reached its end, by start.
   let swept: [(start: UInt64, end: UInt64)]
+  /// How each function of `swept` (parallel to it) would be relocated, as the sweep decided it
+  /// from the file (`DecidedPrologue`); empty only when read from a file that kept none.
+  let prologues: [DecidedPrologue]
   /// Link-time entries of the function symbols no call frame (FDE) describes, in an object that
   /// has call frames; sorted. Compilers describe every function they emit; what they do not is
   /// hand-written or generated code (node's 2,182 V8 builtins), which may be entered, left and
@@ -51,6 +54,7 @@ public final class EntryPoints: Sendable {
     functionStarts = other.functionStarts
     unnamedFrames = other.unnamedFrames
     swept = other.swept
+    prologues = other.prologues
     unframed = other.unframed
   }
 
@@ -71,6 +75,7 @@ public final class EntryPoints: Sendable {
     var starts: [UInt64] = (file.relativeAddends() + [file.entry]).filter(span.contains)
     var unswept = 0
     var swept: [(start: UInt64, end: UInt64)] = []
+    var prologues: [DecidedPrologue] = []
     var previous: UInt64?
     for range in ranges where range.size > 0 && range.start != previous {
       previous = range.start
@@ -98,7 +103,12 @@ public final class EntryPoints: Sendable {
         }
         return true
       }
-      if complete { swept.append((range.start, range.start &+ range.size)) } else { unswept += 1 }
+      if complete {
+        swept.append((range.start, range.start &+ range.size))
+        prologues.append(code.withUnsafeBytes { DecidedPrologue(code: $0, at: range.start) })
+      } else {
+        unswept += 1
+      }
     }
     self.swept = swept
     for description in frames.descriptions {
@@ -110,6 +120,7 @@ public final class EntryPoints: Sendable {
     unique.reserveCapacity(targets.count)
     for target in targets where unique.last != target { unique.append(target) }
     self.targets = unique
+    self.prologues = DecidedPrologue.unentered(prologues, of: swept, targets: unique)
     self.bias = bias
     self.unswept = unswept
     starts.sort()
@@ -175,6 +186,22 @@ public final class EntryPoints: Sendable {
     return index < swept.count && swept[index].start == start && swept[index].end >= start &+ UInt64(size)
   }
 
+  /// The relocated site of the function of `size` bytes at `entry` (runtime) as the sweep
+  /// decided it (`prologues`), when its code in memory still begins with the bytes the decision
+  /// read; else nil (decide it from memory: `PatchSite.relocated`). Deciding 50,000 functions
+  /// again at each attach decoded what the sweep had decoded already.
+  func decidedSite(_ entry: UInt64, size: Int) -> PatchSite? {
+    let start = entry &- bias
+    let index = swept.firstIndex(notBelow: start, by: { $0.start }, from: sweptHint.load(ordering: .relaxed))
+    sweptHint.store(index, ordering: .relaxed)
+    // Swept through `size` bytes: every branch of its own code is among `targets` (as
+    // `sweptWhole` says for `PatchSite.relocated`).
+    guard index < prologues.count, swept[index].start == start, swept[index].end >= start &+ UInt64(size) else {
+      return nil
+    }
+    return prologues[index].site(at: entry, size: size)
+  }
+
   /// The first target in `range` (runtime addresses), if any.
   public func first(in range: Range<UInt64>) -> UInt64? {
     let index = targets.firstIndex(
@@ -222,38 +249,42 @@ public final class EntryPoints: Sendable {
 
   // MARK: - Kept in a file
 
-  /// "TRENTRY2", six counts (targets, function starts, unnamed frames, swept ranges, unframed
-  /// functions, unswept), then the arrays' words, little-endian: link-time addresses, so any bias
-  /// reads them.
+  /// "TRENTRY3", seven counts (targets, function starts, unnamed frames, swept ranges, unframed
+  /// functions, unswept, decided prologues: 0 or as many as swept ranges), then the arrays'
+  /// words, little-endian: link-time addresses, so any bias reads them; each decided prologue
+  /// three words (`DecidedPrologue.words`).
   var encoded: [UInt8] {
     var words: [UInt64] = [Self.magic, UInt64(targets.count), UInt64(functionStarts.count)]
     words += [UInt64(unnamedFrames.count), UInt64(swept.count), UInt64(unframed.count), UInt64(unswept)]
+    words.append(UInt64(prologues.count))
     words += targets + functionStarts
     for frame in unnamedFrames { words += [frame.address, frame.size] }
     for range in swept { words += [range.start, range.end] }
     words += unframed
+    for prologue in prologues { words += prologue.words }
     return words.withUnsafeBytes { Array($0) }
   }
 
-  static let magic: UInt64 = 0x3259_5254_4e45_5254  // "TRENTRY2"
+  static let magic: UInt64 = 0x3359_5254_4e45_5254  // "TRENTRY3"
 
   /// Entry points from `encoded`'s bytes; nil when they are not whole (a corrupt or foreign
   /// file is swept again, never trusted).
   init?(encoded bytes: [UInt8], bias: UInt64) {
-    guard bytes.count >= 56, bytes.count % 8 == 0 else { return nil }
+    guard bytes.count >= 64, bytes.count % 8 == 0 else { return nil }
     // Each array copied once, straight from the bytes (x86-64 is little-endian, as the file is:
     // word by word was half of reading it, and a copy of the whole as words another third).
     let decoded = bytes.withUnsafeBytes { raw -> Decoded? in
       func word(_ index: Int) -> UInt64 { raw.loadUnaligned(fromByteOffset: 8 * index, as: UInt64.self) }
       guard word(0) == Self.magic else { return nil }
-      let counts = (1...6).map { Int(clamping: word($0)) }
+      let counts = (1...7).map { Int(clamping: word($0)) }
       let (targetCount, startCount, frameCount, sweptCount) = (counts[0], counts[1], counts[2], counts[3])
-      let unframedCount = counts[4]
+      let (unframedCount, prologueCount) = (counts[4], counts[6])
       guard targetCount < 1 << 28, startCount < 1 << 28, frameCount < 1 << 28, sweptCount < 1 << 28,
-        unframedCount < 1 << 28,
-        raw.count / 8 == 7 + targetCount + startCount + 2 * frameCount + 2 * sweptCount + unframedCount
+        unframedCount < 1 << 28, prologueCount == 0 || prologueCount == sweptCount,
+        raw.count / 8
+          == 8 + targetCount + startCount + 2 * frameCount + 2 * sweptCount + unframedCount + 3 * prologueCount
       else { return nil }
-      var at = 7
+      var at = 8
       func take(_ count: Int) -> [UInt64] {
         defer { at += count }
         return [UInt64](unsafeUninitializedCapacity: count) { buffer, initialized in
@@ -266,9 +297,18 @@ public final class EntryPoints: Sendable {
         defer { at += 2 * count }
         return (0..<count).map { (word(at + 2 * $0), word(at + 2 * $0 + 1)) }
       }
+      let (targets, starts, frames) = (take(targetCount), take(startCount), takePairs(frameCount))
+      let (swept, unframed) = (takePairs(sweptCount), take(unframedCount))
+      var prologues: [DecidedPrologue] = []
+      prologues.reserveCapacity(prologueCount)
+      for _ in 0..<prologueCount {
+        guard let prologue = DecidedPrologue(words: (word(at), word(at + 1), word(at + 2))) else { return nil }
+        prologues.append(prologue)
+        at += 3
+      }
       return Decoded(
-        targets: take(targetCount), starts: take(startCount), frames: takePairs(frameCount),
-        swept: takePairs(sweptCount), unframed: take(unframedCount), unswept: counts[5])
+        targets: targets, starts: starts, frames: frames, swept: swept, unframed: unframed, prologues: prologues,
+        unswept: counts[5])
     }
     guard let decoded else { return nil }
     // Sorted, as the searches need them.
@@ -283,6 +323,7 @@ public final class EntryPoints: Sendable {
     self.functionStarts = starts
     self.unnamedFrames = decoded.frames.map { (address: $0.0, size: $0.1) }
     self.swept = decoded.swept.map { (start: $0.0, end: $0.1) }
+    self.prologues = decoded.prologues
     self.unswept = decoded.unswept
     self.bias = bias
   }
@@ -294,6 +335,7 @@ public final class EntryPoints: Sendable {
     let frames: [(UInt64, UInt64)]
     let swept: [(UInt64, UInt64)]
     let unframed: [UInt64]
+    let prologues: [DecidedPrologue]
     let unswept: Int
   }
 }

@@ -134,29 +134,10 @@ public struct PatchSite: Sendable, Hashable {
   static func relocated(
     code: UnsafeRawBufferPointer, size: Int? = nil, entry: UInt64, function: UInt64, entryPoints: EntryPoints?
   ) throws(PatchSiteError) -> PatchSite {
-    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64Length : 0
+    let move = try prologueMove(code: code, size: size, entry: entry)
+    let (skip, length) = (move.skip, move.length)
     let address = entry + UInt64(skip)
     let size = min(size ?? code.count, code.count)
-    guard size > skip, code.count - skip >= SiteBytes.length else {
-      throw PatchSiteError(reason: "shorter than the 5-byte branch", category: .short)
-    }
-    // Where the copy goes is not known yet: a trial at the site itself sizes the move.
-    let body = UnsafeRawBufferPointer(rebasing: code[skip...])
-    let length: Int
-    let verbatim: Bool
-    switch Result(catching: { () throws(X86Relocator.Refusal) in
-      try X86Relocator.check(body, at: address)
-    }) {
-    case .success(let relocation):
-      // Past the function's end only padding may be taken (the function moved whole).
-      guard relocation.movedEnd <= size - skip else {
-        throw PatchSiteError(reason: "shorter than the 5-byte branch, and no padding follows it", category: .short)
-      }
-      length = relocation.length
-      verbatim = relocation.verbatim
-    case .failure(let refusal):
-      throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)", category: .unmovable(refusal))
-    }
     // Only the branch's 5 bytes are overwritten: what must not be entered is their interior (a
     // moved instruction past them stays as it was, and a branch to it still finds it).
     let overwritten = UInt64(SiteBytes.length)
@@ -187,7 +168,35 @@ public struct PatchSite: Sendable, Hashable {
     }
     return PatchSite(
       function: function, address: address, resume: 0, length: UInt8(length), shape: .relocated,
-      movesVerbatim: verbatim)
+      movesVerbatim: move.verbatim)
+  }
+
+  /// What `relocated(code:size:entry:...)` moves, before it looks for branches into the branch's
+  /// bytes: the `endbr64` it skips, the whole instructions' `length` (`movedEnd`: where they end,
+  /// before `length` when a short function moves whole and padding fills the rest), and whether
+  /// they move unchanged (`movesVerbatim`). It reads only those bytes (and the padding).
+  static func prologueMove(code: UnsafeRawBufferPointer, size: Int? = nil, entry: UInt64) throws(PatchSiteError) -> (
+    skip: Int, length: Int, movedEnd: Int, verbatim: Bool
+  ) {
+    let skip = startsWithEndbr64(code) ? X86Instruction.endbr64Length : 0
+    let size = min(size ?? code.count, code.count)
+    guard size > skip, code.count - skip >= SiteBytes.length else {
+      throw PatchSiteError(reason: "shorter than the 5-byte branch", category: .short)
+    }
+    // Where the copy goes is not known yet: a trial at the site itself sizes the move.
+    let body = UnsafeRawBufferPointer(rebasing: code[skip...])
+    switch Result(catching: { () throws(X86Relocator.Refusal) in
+      try X86Relocator.check(body, at: entry + UInt64(skip))
+    }) {
+    case .success(let relocation):
+      // Past the function's end only padding may be taken (the function moved whole).
+      guard relocation.movedEnd <= size - skip else {
+        throw PatchSiteError(reason: "shorter than the 5-byte branch, and no padding follows it", category: .short)
+      }
+      return (skip, relocation.length, relocation.movedEnd, relocation.verbatim)
+    case .failure(let refusal):
+      throw PatchSiteError(reason: "its first instructions cannot be moved: \(refusal)", category: .unmovable(refusal))
+    }
   }
 
   /// The trap site of the function at `entry` (`size` bytes, at least one instruction after its

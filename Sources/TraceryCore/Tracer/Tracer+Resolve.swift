@@ -221,6 +221,7 @@ extension Tracer {
         if entryPoints?.lacksFrame(address) == true {
           throw .noPatchSite(function: label, reason: "\(notNop()); \(PatchSiteError.Category.unframed)")
         }
+        if let patch = entryPoints?.decidedSite(address, size: size) { return Target(patch: patch, name: label) }
         do {
           let patch = try PatchSite.relocated(
             at: address, function: address, size: size,
