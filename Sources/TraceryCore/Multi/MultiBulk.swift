@@ -138,36 +138,15 @@ extension Tracer {
     targets: [Target], cookies: [UInt64], state: inout State, callerStack: UInt64
   ) throws(AttachError) -> (rest: [Int], report: TransactionReport) {
     // Targets usually come sorted by address (symbol-table order); sort only when they do not.
+    // (Through the buffer: the array's elements were each copied, name and all, to be compared.)
     let order: [Int]? =
-      targets.isAscending(strictly: true, by: { $0.site })
+      targets.withUnsafeBufferPointer { $0.isAscending(strictly: true, by: { $0.site }) }
       ? nil : targets.indices.sorted { targets[$0].site < targets[$1].site }
     // Relocated functions join only entry links found by hash.
     let mayRelocate = kind == .entry && lookup != .padding
-    func emptyLink(relocated: Bool) -> BulkLink {
-      var link = BulkLink(
-        id: id, kind: kind, handler: handler, model: model, padding: !relocated && lookup != .hash, sites: [],
-        functions: [], names: [], cookies: [], originals: [], entries: [], viaStubs: kind != .entry, stubBlocks: [],
-        records: nil, recordOffsets: [])
-      link.relocated = relocated
-      return link
-    }
-    /// Room in `link` for the targets from `position` on, made when its first one joins (the
-    /// arrays grown one append at a time were copied over and over at 50,000).
-    func reserve(_ link: inout BulkLink, from position: Int) {
-      let count = targets.count - position
-      link.sites.reserveCapacity(count)
-      link.functions.reserveCapacity(count)
-      link.names.reserveCapacity(count)
-      link.cookies.reserveCapacity(count)
-      link.originals.reserveCapacity(count)
-      if link.relocated {
-        link.lengths.reserveCapacity(count)
-        link.verbatim.reserveCapacity(count)
-      }
-    }
-    var link = emptyLink(relocated: false)
-    var prologues = emptyLink(relocated: true)
-    var prologueTargets: [Int] = []
+    // Each link's arrays as columns filled in one pass (appends to seven arrays of a link per
+    // target, each checking its array's uniqueness and room, were most of this pass at 50,000).
+    let joining = (link: BulkColumns(capacity: targets.count), prologues: BulkColumns(capacity: targets.count))
     var rest: [Int] = []
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
     var allPadded = true
@@ -190,15 +169,9 @@ extension Tracer {
         }
         previous = site
         if joins && relocates {
-          if prologues.sites.isEmpty { reserve(&prologues, from: position) }
-          prologues.sites.append(site)
-          prologues.functions.append(targets[index].function)
-          prologues.names.append(targets[index].name)
-          prologues.cookies.append(cookies[index])
-          prologues.originals.append(original.raw)
-          prologues.lengths.append(targets[index].patch.length)
-          prologues.verbatim.append(targets[index].patch.movesVerbatim)
-          prologueTargets.append(index)
+          joining.prologues.append(
+            index, site: site, function: targets[index].function, name: targets[index].name, cookie: cookies[index],
+            original: original.raw, length: targets[index].patch.length, verbatim: targets[index].patch.movesVerbatim)
           continue
         }
         let function = targets[index].function
@@ -216,14 +189,16 @@ extension Tracer {
           rest.append(index)
           continue
         }
-        if link.sites.isEmpty { reserve(&link, from: position) }
-        link.sites.append(site)
-        link.functions.append(function)
-        link.names.append(targets[index].name)
-        link.cookies.append(cookies[index])
-        link.originals.append(original.raw)
+        joining.link.append(
+          index, site: site, function: function, name: targets[index].name, cookie: cookies[index],
+          original: original.raw, length: 0, verbatim: false)
       }
     }
+    var link = joining.link.link(
+      id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, relocated: false)
+    let prologues = joining.prologues.link(
+      id: id, kind: kind, handler: handler, model: model, padding: false, relocated: true)
+    let prologueTargets = joining.prologues.targetIndices
     link.padding = lookup == .padding || (lookup == .automatic && allPadded)
     if link.padding {
       for address in claimed { state.multi.pendingNops.remove(address) }
@@ -585,6 +560,91 @@ extension Tracer {
     let pending = ZeroedPadding.claim(all: state.multi.pendingNops.sorted())
     _ = patcher.writeWords(pending.map { ($0, ZeroedPadding.nops) })
     state.multi.pendingNops = []
+  }
+}
+
+/// A bulk link's arrays while one pass over the targets decides who joins: rows appended into
+/// columns of a fixed capacity (one target adds at most one row), then copied into arrays.
+/// Invariant: rows `0..<count` of every column are initialized, the rest not, but for `names`:
+/// rows `0..<namesHeld` (`link` moves them out). Only `names` holds references.
+private final class BulkColumns {
+  private let capacity: Int
+  private var count = 0
+  private var namesHeld = 0
+  private let targets: UnsafeMutablePointer<Int>
+  private let sites: UnsafeMutablePointer<UInt64>
+  private let functions: UnsafeMutablePointer<UInt64>
+  private let names: UnsafeMutablePointer<String>
+  private let cookies: UnsafeMutablePointer<UInt64>
+  private let originals: UnsafeMutablePointer<UInt64>
+  private let lengths: UnsafeMutablePointer<UInt8>
+  private let verbatim: UnsafeMutablePointer<Bool>
+
+  init(capacity: Int) {
+    self.capacity = capacity
+    let rows = max(1, capacity)
+    (targets, names) = (.allocate(capacity: rows), .allocate(capacity: rows))
+    (sites, functions, cookies, originals) = (
+      .allocate(capacity: rows), .allocate(capacity: rows), .allocate(capacity: rows), .allocate(capacity: rows)
+    )
+    (lengths, verbatim) = (.allocate(capacity: rows), .allocate(capacity: rows))
+  }
+
+  deinit {
+    names.deinitialize(count: namesHeld)
+    names.deallocate()
+    targets.deallocate()
+    for column in [sites, functions, cookies, originals] { column.deallocate() }
+    lengths.deallocate()
+    verbatim.deallocate()
+  }
+
+  /// The row of target `index`.
+  func append(
+    _ index: Int, site: UInt64, function: UInt64, name: String, cookie: UInt64, original: UInt64, length: UInt8,
+    verbatim moves: Bool
+  ) {
+    precondition(count < capacity, "more rows than targets")
+    targets[count] = index
+    sites[count] = site
+    functions[count] = function
+    precondition(namesHeld == count, "a row appended after its link was made")
+    (names + count).initialize(to: name)
+    namesHeld += 1
+    cookies[count] = cookie
+    originals[count] = original
+    lengths[count] = length
+    verbatim[count] = moves
+    count += 1
+  }
+
+  var targetIndices: [Int] { Array(UnsafeBufferPointer(start: targets, count: count)) }
+
+  /// A link of these rows (`relocated`: with their lengths and verbatim flags), their names moved
+  /// into it (a copy of each, and then its release, showed). Once only.
+  func link(
+    id: Int, kind: HandlerKind, handler: UInt64, model: FunctionModel, padding: Bool, relocated: Bool
+  ) -> BulkLink {
+    func array<T>(_ column: UnsafeMutablePointer<T>) -> [T] { Array(UnsafeBufferPointer(start: column, count: count)) }
+    var link = BulkLink(
+      id: id, kind: kind, handler: handler, model: model, padding: padding, sites: array(sites),
+      functions: array(functions), names: movedNames(), cookies: array(cookies), originals: array(originals),
+      entries: [], viaStubs: kind != .entry, stubBlocks: [], records: nil, recordOffsets: [])
+    if relocated {
+      link.relocated = true
+      link.lengths = array(lengths)
+      link.verbatim = array(verbatim)
+    }
+    return link
+  }
+
+  private func movedNames() -> [String] {
+    precondition(namesHeld == count, "the names were moved already")
+    namesHeld = 0
+    return [String](unsafeUninitializedCapacity: count) { buffer, initialized in
+      if let base = buffer.baseAddress { base.moveInitialize(from: names, count: count) }
+      initialized = count
+    }
   }
 }
 
