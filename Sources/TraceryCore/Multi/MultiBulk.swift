@@ -564,7 +564,8 @@ extension Tracer {
 }
 
 /// A bulk link's arrays while one pass over the targets decides who joins: rows appended into
-/// columns of a fixed capacity (one target adds at most one row), then copied into arrays.
+/// columns of a fixed capacity (one target adds at most one row), then made into arrays (the
+/// names moved, the rest copied).
 /// Invariant: rows `0..<count` of every column are initialized, the rest not, but for `names`:
 /// rows `0..<namesHeld` (`link` moves them out). Only `names` holds references.
 private final class BulkColumns {
