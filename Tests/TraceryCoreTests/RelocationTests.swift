@@ -456,8 +456,8 @@ extension RelocationTests {
     var read = 0
     for round in 0..<200 {
       var damaged = bytes
-      // Counts and the first words most of the time (where a wrong value says the most), then
-      // anywhere; some also cut short by up to 24 bytes.
+      // Every other copy in the counts and first words (where a wrong value says the most), the
+      // rest anywhere; some also cut short by up to 24 bytes.
       let at = round % 2 == 0 ? next(64) : next(damaged.count)
       damaged[at] = UInt8(truncatingIfNeeded: next(256))
       if round % 10 == 9 { damaged.removeLast(8 * next(4)) }
