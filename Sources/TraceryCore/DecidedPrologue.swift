@@ -65,7 +65,7 @@ struct DecidedPrologue: Sendable {
     let zeroed = withUnsafeBytes(of: (words.0, words.1)) { bytes in
       guard count <= 16 else { return false }
       let tail = bytes[count...].allSatisfy { $0 == 0 }
-      return tail && (skip == 0 || bytes.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3)
+      return tail && (skip == 0 || PatchSite.startsWithEndbr64(bytes))
     }
     guard length >= UInt64(SiteBytes.length), zeroed else { return nil }
     self.init(head: (words.0, words.1), skip: UInt8(skip), length: UInt8(length), verbatim: verbatim == 1)

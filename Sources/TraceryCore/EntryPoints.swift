@@ -179,11 +179,18 @@ public final class EntryPoints: Sendable {
   /// Whether the sweep went through the whole function of `size` bytes at `entry` (runtime):
   /// then every direct branch of it is in `targets`, and `first(in:)` answers for its own code
   /// too (a second sweep of each function was a fifth of a relocating start).
-  func sweptWhole(_ entry: UInt64, size: Int) -> Bool {
+  func sweptWhole(_ entry: UInt64, size: Int) -> Bool { sweptIndex(entry, size: size) != nil }
+
+  /// The index in `swept` of the function of `size` bytes at `entry` (runtime) when its sweep
+  /// went through all of it (`sweptWhole`), else nil.
+  private func sweptIndex(_ entry: UInt64, size: Int) -> Int? {
     let start = entry &- bias
     let index = swept.firstIndex(notBelow: start, by: { $0.start }, from: sweptHint.load(ordering: .relaxed))
     sweptHint.store(index, ordering: .relaxed)
-    return index < swept.count && swept[index].start == start && swept[index].end >= start &+ UInt64(size)
+    guard index < swept.count, swept[index].start == start, swept[index].end >= start &+ UInt64(size) else {
+      return nil
+    }
+    return index
   }
 
   /// The relocated site of the function of `size` bytes at `entry` (runtime) as the sweep
@@ -191,14 +198,9 @@ public final class EntryPoints: Sendable {
   /// read; else nil (decide it from memory: `PatchSite.relocated`). Deciding 50,000 functions
   /// again at each attach decoded what the sweep had decoded already.
   func decidedSite(_ entry: UInt64, size: Int) -> PatchSite? {
-    let start = entry &- bias
-    let index = swept.firstIndex(notBelow: start, by: { $0.start }, from: sweptHint.load(ordering: .relaxed))
-    sweptHint.store(index, ordering: .relaxed)
     // Swept through `size` bytes: every branch of its own code is among `targets` (as
     // `sweptWhole` says for `PatchSite.relocated`).
-    guard index < prologues.count, swept[index].start == start, swept[index].end >= start &+ UInt64(size) else {
-      return nil
-    }
+    guard let index = sweptIndex(entry, size: size), index < prologues.count else { return nil }
     return prologues[index].site(at: entry, size: size)
   }
 

@@ -229,7 +229,8 @@ public struct PatchSite: Sendable, Hashable {
     return Int(min(size + 24, next().map { $0 &- address } ?? .max))
   }
 
-  private static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {
+  /// Whether `code` begins with an `endbr64` (which stays where it is: indirect calls land on it).
+  static func startsWithEndbr64(_ code: UnsafeRawBufferPointer) -> Bool {
     // f3 0f 1e fa, read as one word (`afterEndbr64`).
     code.count >= X86Instruction.endbr64Length && code.loadUnaligned(as: UInt32.self) == 0xfa1e_0ff3
   }

@@ -146,7 +146,9 @@ extension Tracer {
     let mayRelocate = kind == .entry && lookup != .padding
     // Each link's arrays as columns filled in one pass (appends to seven arrays of a link per
     // target, each checking its array's uniqueness and room, were most of this pass at 50,000).
-    let joining = (link: BulkColumns(capacity: targets.count), prologues: BulkColumns(capacity: targets.count))
+    let joining = (
+      link: BulkColumns(capacity: targets.count), prologues: BulkColumns(capacity: mayRelocate ? targets.count : 0)
+    )
     var rest: [Int] = []
     let checkTraced = !state.functions.isEmpty || !state.multi.bulk.isEmpty
     var allPadded = true
@@ -194,12 +196,12 @@ extension Tracer {
           original: original.raw, length: 0, verbatim: false)
       }
     }
-    var link = joining.link.link(
-      id: id, kind: kind, handler: handler, model: model, padding: lookup != .hash, relocated: false)
+    let link = joining.link.link(
+      id: id, kind: kind, handler: handler, model: model,
+      padding: lookup == .padding || (lookup == .automatic && allPadded), relocated: false)
     let prologues = joining.prologues.link(
       id: id, kind: kind, handler: handler, model: model, padding: false, relocated: true)
     let prologueTargets = joining.prologues.targetIndices
-    link.padding = lookup == .padding || (lookup == .automatic && allPadded)
     if link.padding {
       for address in claimed { state.multi.pendingNops.remove(address) }
       // A `.padding` target refused above may have had its word claimed: not joining, it goes back.
